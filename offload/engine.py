@@ -1,0 +1,151 @@
+"""The generation loop: chunked prefill of each prompt, then batched decode until every row stops.
+
+There is one loop. ``LLM.generate`` drains it, ``LLM.stream`` forwards its text deltas.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from .attention import AttentionBackend, ForwardBatch
+from .errors import InvalidRequestError
+from .model import Transformer
+from .sampling import Sampler, SamplingParams
+from .tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+@dataclass
+class RequestOutput:
+    """The result of one prompt."""
+
+    prompt: str | None
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None  # "stop" (EOS or stop string) or "length"
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class GenerationStats:
+    rows: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    decode_steps: int = 0
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """Tokens per second of decode; each row's first token comes from prefill and is not counted."""
+        decoded = self.generated_tokens - self.rows
+        return decoded / self.decode_seconds if self.decode_seconds else 0.0
+
+
+class Engine:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, backend: AttentionBackend,
+                 prefill_chunk_size: int = 512):
+        if prefill_chunk_size <= 0:
+            raise InvalidRequestError(f"prefill_chunk_size must be positive, got {prefill_chunk_size}")
+        self.model, self.tokenizer, self.backend = model, tokenizer, backend
+        self.prefill_chunk_size = prefill_chunk_size
+        self.stats = GenerationStats()
+
+    @property
+    def max_context(self) -> int:
+        return self.model.args.max_position_embeddings
+
+    def check_prompt(self, ids: list[int]) -> None:
+        if not ids:
+            raise InvalidRequestError("the prompt is empty: give at least one token of text")
+        if len(ids) >= self.max_context:
+            raise InvalidRequestError(
+                f"the prompt has {len(ids)} tokens but the model supports at most {self.max_context} "
+                f"(max_position_embeddings), including generated tokens: shorten the prompt")
+        bad = [t for t in ids if not 0 <= t < self.model.args.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary (0..{self.model.args.vocab_size - 1})")
+
+    def prefill(self, row: int, ids: list[int], all_logits: bool = False) -> torch.Tensor:
+        """Run the prompt through the model in chunks, filling cache row ``row``.
+
+        Returns logits [V] of the last position, or [T, V] for every position with ``all_logits``.
+        """
+        device = self.model.device
+        chunks = []
+        for start in range(0, len(ids), self.prefill_chunk_size):
+            piece = ids[start:start + self.prefill_chunk_size]
+            tokens = torch.tensor([piece], device=device)  # [1, T]
+            batch = ForwardBatch.prefill(row, start, len(piece), device)
+            chunks.append(self.model(tokens, batch, self.backend, all_logits=all_logits)[0])  # [T or 1, V]
+        return torch.cat(chunks) if all_logits else chunks[-1][-1]
+
+    def run(self, prompts: list[list[int]], params: list[SamplingParams],
+            texts: list[str | None] | None = None) -> Iterator[list[tuple[RequestOutput, str]]]:
+        """Generate for every prompt; yields, after each step, (output, new text) for rows that grew."""
+        for ids in prompts:
+            self.check_prompt(ids)
+        outputs = [RequestOutput(prompt=(texts or [None] * len(prompts))[i], prompt_token_ids=list(ids))
+                   for i, ids in enumerate(prompts)]
+        budgets = [min(p.max_new_tokens, self.max_context - len(ids)) for ids, p in zip(prompts, params)]
+        capacity = max(len(ids) + n for ids, n in zip(prompts, budgets))
+        self.backend.allocate(len(prompts), capacity)
+        sampler = Sampler(params, self.model.device)
+        detok = [IncrementalDetokenizer(self.tokenizer, ids) for ids in prompts]
+        stats = self.stats = GenerationStats(rows=len(prompts), prompt_tokens=sum(len(p) for p in prompts))
+
+        t0 = time.perf_counter()
+        logits = torch.stack([self.prefill(row, ids) for row, ids in enumerate(prompts)])  # [B, V]
+        next_tokens = sampler(logits)  # the .tolist() inside synchronises, so the timing is honest
+        stats.prefill_seconds = time.perf_counter() - t0
+        lengths = [len(ids) for ids in prompts]
+
+        t0 = time.perf_counter()
+        while True:
+            deltas = []
+            for b, out in enumerate(outputs):
+                if not out.finished:
+                    delta = self._append(out, next_tokens[b], detok[b], params[b], budgets[b])
+                    deltas.append((out, delta))
+            stats.generated_tokens += len(deltas)
+            yield deltas
+            if all(out.finished for out in outputs):
+                break
+            # Finished rows keep decoding their last token (ignored) so the batch stays rectangular.
+            tokens = torch.tensor([[t] for t in next_tokens], device=self.model.device)  # [B, 1]
+            batch = ForwardBatch.decode(lengths, self.model.device)
+            logits = self.model(tokens, batch, self.backend)[:, -1]  # [B, V]
+            lengths = batch.end_lengths
+            next_tokens = sampler(logits)
+            stats.decode_steps += 1
+        stats.decode_seconds = time.perf_counter() - t0
+
+    def _append(self, out: RequestOutput, token: int, detok: IncrementalDetokenizer, p: SamplingParams,
+                budget: int) -> str:
+        if token in self.tokenizer.eos_token_ids and not p.ignore_eos:
+            out.finish_reason = "stop"
+            return ""
+        out.token_ids.append(token)
+        delta = detok.push(token)
+        out.text += delta
+        for stop in p.stop:
+            cut = out.text.find(stop, max(0, len(out.text) - len(delta) - len(stop)))
+            if cut >= 0:
+                delta = delta[:max(0, len(delta) - (len(out.text) - cut))]
+                out.text = out.text[:cut]
+                out.finish_reason = "stop"
+                return delta
+        if len(out.token_ids) >= budget:
+            out.finish_reason = "length"
+        return delta

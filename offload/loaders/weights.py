@@ -1,0 +1,104 @@
+"""Copies checkpoint tensors, named the Hugging Face way, into the model's fused parameters.
+
+Both loaders (safetensors folders and GGUF files) translate names to the Hugging Face scheme
+and call :meth:`WeightAssembler.put` one tensor at a time, so at most one source tensor is
+held beside the model while loading.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from ..errors import ModelLoadError
+from ..model import Transformer
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+class WeightAssembler:
+    def __init__(self, model: Transformer, source: str):
+        self.model, self.args, self.source = model, model.args, source
+        self.loaded: set[str] = set()
+
+    def _target(self, name: str) -> tuple[torch.Tensor, str] | None:
+        """The parameter slice that checkpoint tensor ``name`` fills, and its coverage key."""
+        a, m = self.args, self.model
+        if name == "model.embed_tokens.weight":
+            return m.embed, name
+        if name == "model.norm.weight":
+            return m.norm.weight, name
+        if name == "lm_head.weight":
+            # A tied checkpoint may still store the head: it is the embedding, so skip it.
+            return (None if a.tie_word_embeddings else (m.lm_head, name))
+        match = _LAYER.match(name)
+        if not match:
+            return None
+        i, rest = int(match.group(1)), match.group(2)
+        if i >= a.num_layers:
+            raise ModelLoadError(f"{self.source}: tensor {name} names layer {i}, but the config has "
+                                 f"{a.num_layers} layers")
+        layer = m.layers[i]
+        q, kv, inter = a.q_size, a.kv_size, a.intermediate_size
+        qkv_rows = {"q_proj": (0, q), "k_proj": (q, q + kv), "v_proj": (q + kv, q + 2 * kv)}
+        if rest == "input_layernorm.weight":
+            return layer.attn_norm.weight, name
+        if rest == "post_attention_layernorm.weight":
+            return layer.ffn_norm.weight, name
+        if rest == "self_attn.o_proj.weight":
+            return layer.attn.wo, name
+        if rest in ("self_attn.q_norm.weight", "self_attn.k_norm.weight") and a.qk_norm:
+            norm = layer.attn.q_norm if rest.startswith("self_attn.q") else layer.attn.k_norm
+            return norm.weight, name
+        proj = re.match(r"self_attn\.([qkv]_proj)\.(weight|bias)$", rest)
+        if proj:
+            lo, hi = qkv_rows[proj.group(1)]
+            if proj.group(2) == "bias":
+                if layer.attn.bqkv is None:
+                    raise ModelLoadError(f"{self.source}: checkpoint has {name} but the config has no "
+                                         f"attention bias")
+                return layer.attn.bqkv[lo:hi], name
+            return layer.attn.wqkv[lo:hi], name
+        if rest == "mlp.gate_proj.weight":
+            return layer.mlp.w_gate_up[:inter], name
+        if rest == "mlp.up_proj.weight":
+            return layer.mlp.w_gate_up[inter:], name
+        if rest == "mlp.down_proj.weight":
+            return layer.mlp.w_down, name
+        return None
+
+    def put(self, name: str, tensor: torch.Tensor) -> None:
+        target = self._target(name)
+        if target is None or target[0] is None:
+            return  # tensors we do not use (rotary caches, a tied head)
+        dest, key = target
+        if tuple(dest.shape) != tuple(tensor.shape):
+            raise ModelLoadError(f"{self.source}: tensor {name} has shape {tuple(tensor.shape)}, but the "
+                                 f"config implies {tuple(dest.shape)}; config and weights do not match")
+        with torch.no_grad():
+            dest.copy_(tensor)
+        self.loaded.add(key)
+
+    def expected(self) -> set[str]:
+        a = self.args
+        names = {"model.embed_tokens.weight", "model.norm.weight"}
+        if not a.tie_word_embeddings:
+            names.add("lm_head.weight")
+        per_layer = ["input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.o_proj.weight",
+                     "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+                     "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"]
+        if a.attention_bias:
+            per_layer += ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"]
+        if a.qk_norm:
+            per_layer += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"]
+        for i in range(a.num_layers):
+            names.update(f"model.layers.{i}.{p}" for p in per_layer)
+        return names
+
+    def finish(self) -> None:
+        missing = sorted(self.expected() - self.loaded)
+        if missing:
+            shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+            raise ModelLoadError(f"{self.source}: checkpoint is missing tensors: {shown}; the download is "
+                                 f"incomplete or the config does not match the weights")

@@ -1,0 +1,114 @@
+"""A Llama-family decoder in plain torch: Llama 2/3.x, Mistral, Qwen2/2.5 (QKV bias), Qwen3 (q/k norm).
+
+Weights are stored fused where that saves kernel launches (q|k|v in one matrix, gate|up in one
+matrix). Attention goes through an :class:`~offload.attention.AttentionBackend`, the seam that
+sparse and offloaded attention replace.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import AttentionBackend, ForwardBatch
+from .config import ModelArgs
+from .rope import RotaryEmbedding
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, device, dtype):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32, scale in the compute dtype (the reference implementation's order).
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def _param(shape: tuple[int, ...], device, dtype) -> nn.Parameter:
+    return nn.Parameter(torch.empty(shape, device=device, dtype=dtype), requires_grad=False)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, device, dtype):
+        super().__init__()
+        self.args = args
+        self.wqkv = _param((args.q_size + 2 * args.kv_size, args.hidden_size), device, dtype)
+        self.bqkv = _param((args.q_size + 2 * args.kv_size,), device, dtype) if args.attention_bias else None
+        self.wo = _param((args.hidden_size, args.q_size), device, dtype)
+        if args.qk_norm:
+            self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps, device, dtype)
+            self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps, device, dtype)
+
+    def forward(self, x: torch.Tensor, layer: int, cos: torch.Tensor, sin: torch.Tensor,
+                batch: ForwardBatch, backend: AttentionBackend) -> torch.Tensor:
+        a = self.args
+        B, T, _ = x.shape
+        qkv = F.linear(x, self.wqkv, self.bqkv)  # [B, T, (H + 2 Hkv) D]
+        q, k, v = qkv.split((a.q_size, a.kv_size, a.kv_size), dim=-1)
+        q = q.view(B, T, a.num_heads, a.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = k.view(B, T, a.num_kv_heads, a.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        v = v.view(B, T, a.num_kv_heads, a.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        if a.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = RotaryEmbedding.apply(q, cos, sin)  # [B, H, T, D]
+        k = RotaryEmbedding.apply(k, cos, sin)  # [B, Hkv, T, D]
+        out = backend.forward(layer, q, k, v, batch)  # [B, H, T, D]
+        out = out.transpose(1, 2).reshape(B, T, a.q_size)  # [B, T, H D]
+        return F.linear(out, self.wo)  # [B, T, hidden]
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs, device, dtype):
+        super().__init__()
+        self.intermediate = args.intermediate_size
+        self.w_gate_up = _param((2 * args.intermediate_size, args.hidden_size), device, dtype)
+        self.w_down = _param((args.hidden_size, args.intermediate_size), device, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, self.w_gate_up).split(self.intermediate, dim=-1)  # [B, T, I] each
+        return F.linear(F.silu(gate) * up, self.w_down)  # [B, T, hidden]
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, device, dtype):
+        super().__init__()
+        self.attn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps, device, dtype)
+        self.attn = Attention(args, device, dtype)
+        self.ffn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps, device, dtype)
+        self.mlp = MLP(args, device, dtype)
+
+    def forward(self, x, layer, cos, sin, batch, backend):
+        h = x + self.attn(self.attn_norm(x), layer, cos, sin, batch, backend)  # [B, T, hidden]
+        return h + self.mlp(self.ffn_norm(h))  # [B, T, hidden]
+
+
+class Transformer(nn.Module):
+    """The decoder. ``forward`` runs one prefill chunk or one decode step."""
+
+    def __init__(self, args: ModelArgs, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.args, self.device, self.dtype = args, torch.device(device), dtype
+        self.embed = _param((args.vocab_size, args.hidden_size), device, dtype)
+        self.layers = nn.ModuleList(DecoderLayer(args, device, dtype) for _ in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, device, dtype)
+        self.lm_head = self.embed if args.tie_word_embeddings else _param(
+            (args.vocab_size, args.hidden_size), device, dtype)
+        self.rope = RotaryEmbedding(args, self.device)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, batch: ForwardBatch, backend: AttentionBackend,
+                all_logits: bool = False) -> torch.Tensor:
+        """tokens [B, T] -> logits [B, T, V] (all positions) or [B, 1, V] (last position), fp32."""
+        x = F.embedding(tokens, self.embed)  # [B, T, hidden]
+        cos, sin = self.rope.cos_sin(batch.positions, self.dtype)  # [B, 1, T, D]
+        backend.begin(batch)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, i, cos, sin, batch, backend)
+        backend.end(batch)
+        if not all_logits:
+            x = x[:, -1:]  # [B, 1, hidden]: prefill needs only the last position's logits
+        return F.linear(self.norm(x), self.lm_head).float()  # [B, T or 1, V]

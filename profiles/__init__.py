@@ -1,0 +1,1 @@
+"""offload.profiles: bandwidth profiles, decode-step breakdowns and benchmarks."""

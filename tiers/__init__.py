@@ -1,0 +1,1 @@
+"""offload.tiers: placement of weights and KV across GPU, host memory and disk."""
