@@ -32,9 +32,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="prompt tokens per prefill step (bounds the attention score matrix)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Reports a bad flag in one line, like every other input error."""
+
+    def error(self, message: str):
+        self.exit(2, f"offload: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="offload", description="Long-context LLM inference with offloading.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="offload", description="Long-context LLM inference with offloading.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     g = sub.add_parser("generate", help="generate text from a prompt")
     g.add_argument("prompt", nargs="?", help="the prompt; '-' or nothing reads standard input")
     g.add_argument("--file", "-f", help="read the prompt from this file")
