@@ -1,0 +1,202 @@
+"""GGUF loading for every quantization type we promise, on tiny Llama files written here.
+
+Each file is written like llama.cpp's converter writes one (q/k rows permuted for its RoPE layout,
+metadata, a byte-level BPE vocabulary). Checks: (1) the weights we load equal an independent
+dequantization of the stored bytes written from the ggml block layouts, and (2) our logits equal
+transformers' loading the same file.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from offload import LLM
+
+from conftest import make_tiny_model
+
+QTYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K"]
+QK_K = 256
+
+
+def _f16(raw: np.ndarray) -> np.ndarray:
+    return raw.copy().view(np.float16).astype(np.float32)
+
+
+def reference_dequant(data: np.ndarray, qtype: str, rows: int, cols: int) -> np.ndarray:
+    """ggml's dequantize_row_* for one tensor, from the block structs in ggml-common.h."""
+    raw = np.ascontiguousarray(data).view(np.uint8).reshape(rows, -1)
+    if qtype == "F32":
+        return raw.view(np.float32).reshape(rows, cols)
+    if qtype == "F16":
+        return raw.view(np.float16).astype(np.float32).reshape(rows, cols)
+    if qtype == "BF16":
+        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(rows, cols)
+    if qtype in ("Q8_0", "Q4_0", "Q4_1"):
+        block = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}[qtype]
+        b = raw.reshape(-1, block)
+        d = _f16(b[:, 0:2])  # [nb, 1]
+        if qtype == "Q8_0":
+            return (d * b[:, 2:].view(np.int8).astype(np.float32)).reshape(rows, cols)
+        qs = b[:, 2:] if qtype == "Q4_0" else b[:, 4:]  # [nb, 16]
+        q = np.concatenate([qs & 0xF, qs >> 4], axis=1).astype(np.float32)  # [nb, 32]
+        if qtype == "Q4_0":
+            return (d * (q - 8)).reshape(rows, cols)
+        return (d * q + _f16(b[:, 2:4])).reshape(rows, cols)
+    if qtype == "Q4_K":
+        b = raw.reshape(-1, 144)
+        d, dmin, sc, qs = _f16(b[:, 0:2]), _f16(b[:, 2:4]), b[:, 4:16].astype(np.int32), b[:, 16:]
+        scales, mins = np.zeros((len(b), 8)), np.zeros((len(b), 8))
+        for j in range(8):  # get_scale_min_k4
+            if j < 4:
+                scales[:, j], mins[:, j] = sc[:, j] & 63, sc[:, j + 4] & 63
+            else:
+                scales[:, j] = (sc[:, j + 4] & 0xF) | ((sc[:, j - 4] >> 6) << 4)
+                mins[:, j] = (sc[:, j + 4] >> 4) | ((sc[:, j] >> 6) << 4)
+        out = np.zeros((len(b), QK_K), np.float32)
+        for chunk in range(4):  # 64 values per chunk: low nibbles, then high nibbles
+            q = qs[:, 32 * chunk:32 * chunk + 32]
+            for half, vals in enumerate((q & 0xF, q >> 4)):
+                j = 2 * chunk + half
+                out[:, 64 * chunk + 32 * half:64 * chunk + 32 * half + 32] = (
+                    d * scales[:, j:j + 1] * vals - dmin * mins[:, j:j + 1])
+        return out.reshape(rows, cols)
+    if qtype == "Q6_K":
+        b = raw.reshape(-1, 210)
+        ql, qh = b[:, :128].astype(np.int32), b[:, 128:192].astype(np.int32)
+        sc, d = b[:, 192:208].view(np.int8).astype(np.float32), _f16(b[:, 208:210])
+        out = np.zeros((len(b), QK_K), np.float32)
+        for n in range(2):  # two halves of 128 values
+            l_ = ql[:, 64 * n:64 * n + 64]
+            h = qh[:, 32 * n:32 * n + 32]
+            s = sc[:, 8 * n:8 * n + 8]
+            q1 = (l_[:, :32] & 0xF) | (((h >> 0) & 3) << 4)
+            q2 = (l_[:, 32:] & 0xF) | (((h >> 2) & 3) << 4)
+            q3 = (l_[:, :32] >> 4) | (((h >> 4) & 3) << 4)
+            q4 = (l_[:, 32:] >> 4) | (((h >> 6) & 3) << 4)
+            for k, q in enumerate((q1, q2, q3, q4)):
+                scale = np.repeat(s[:, [2 * k, 2 * k + 1]], 16, axis=1)  # is = l / 16
+                out[:, 128 * n + 32 * k:128 * n + 32 * k + 32] = d * scale * (q - 32)
+        return out.reshape(rows, cols)
+    raise ValueError(qtype)
+
+
+def _random_k_blocks(rows: int, cols: int, qtype: str, rng: np.random.Generator) -> np.ndarray:
+    """Valid K-quant bytes (the gguf library cannot quantize K types): random codes, small scales."""
+    nb = rows * cols // QK_K
+    if qtype == "Q4_K":
+        b = rng.integers(0, 256, (nb, 144), dtype=np.uint8)
+        b[:, 0:2] = np.full((nb, 1), 2e-3, np.float16).view(np.uint8)  # d
+        b[:, 2:4] = np.full((nb, 1), 1e-2, np.float16).view(np.uint8)  # dmin
+    else:
+        b = rng.integers(0, 256, (nb, 210), dtype=np.uint8)
+        b[:, 192:208] = rng.integers(-8, 9, (nb, 16)).astype(np.int8).view(np.uint8)
+        b[:, 208:210] = np.full((nb, 1), 4e-3, np.float16).view(np.uint8)
+    return b.reshape(rows, -1)
+
+
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp convert_hf_to_gguf.py's permute of q/k rows."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf(path, hf_model, qtype: str, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Write ``hf_model`` as a llama GGUF with 2-D weights in ``qtype``; returns the stored bytes by name."""
+    import gguf
+    from tokenizers import pre_tokenizers
+
+    cfg = hf_model.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(10000.0)
+    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokens = ["<unk>", "<s>", "</s>"] + alphabet + ["Ġt", "he"]
+    tokens += [f"<extra_{i}>" for i in range(cfg.vocab_size - len(tokens))]
+    w.add_token_list(tokens)
+    w.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
+    w.add_token_merges(["Ġ t", "h e"])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    per_layer = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+                 "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                 "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                 "mlp.down_proj": "ffn_down"}
+    stored = {}
+    for hf_name, tensor in hf_model.state_dict().items():
+        if hf_name in names:
+            name = names[hf_name]
+        else:
+            _, _, i, *rest = hf_name.split(".")
+            name = f"blk.{i}.{per_layer['.'.join(rest[:-1])]}.weight"
+        data = tensor.float().numpy()
+        if name.endswith("attn_q.weight"):
+            data = _permute(data, cfg.num_attention_heads)
+        elif name.endswith("attn_k.weight"):
+            data = _permute(data, cfg.num_key_value_heads)
+        if data.ndim == 1 or qtype == "F32":
+            w.add_tensor(name, np.ascontiguousarray(data))
+            stored[name] = (np.ascontiguousarray(data), "F32")
+            continue
+        gtype = gguf.GGMLQuantizationType[qtype]
+        if qtype in ("Q4_K", "Q6_K"):
+            raw = _random_k_blocks(*data.shape, qtype, rng)
+        else:
+            raw = gguf.quants.quantize(data, gtype)
+        w.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=gtype)
+        stored[name] = (raw, qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return stored
+
+
+@pytest.fixture(scope="module")
+def hf_256(tmp_path_factory):
+    # Row lengths of 256 so that K-quant blocks fit; untied head so output.weight is exercised.
+    return make_tiny_model(tmp_path_factory.mktemp("hf256"), "llama", seed=7, hidden_size=256,
+                           intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, vocab_size=300,
+                           initializer_range=0.05)
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_gguf_quant_type(qtype, hf_256, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    path = tmp_path / f"tiny-{qtype}.gguf"
+    stored = write_gguf(path, hf_256, qtype, np.random.default_rng(0))
+    llm = LLM(path, device="cpu", dtype="float32")
+    cfg = hf_256.config
+
+    # (1) weights: un-permuted rows of q, plain k/v/gate/down, against the independent dequantization.
+    layer = llm.model.layers[1]
+    q_size, kv_size = cfg.hidden_size, cfg.hidden_size // cfg.num_attention_heads * cfg.num_key_value_heads
+    raw, kind = stored["blk.1.attn_q.weight"]  # stored permuted: permuting ours back must give the bytes
+    np.testing.assert_array_equal(_permute(layer.attn.wqkv[:q_size].numpy(), cfg.num_attention_heads),
+                                  reference_dequant(raw, kind, q_size, cfg.hidden_size))
+    raw, kind = stored["blk.1.attn_v.weight"]
+    np.testing.assert_array_equal(layer.attn.wqkv[q_size + kv_size:].numpy(),
+                                  reference_dequant(raw, kind, kv_size, cfg.hidden_size))
+    raw, kind = stored["blk.1.ffn_down.weight"]
+    np.testing.assert_array_equal(layer.mlp.w_down.numpy(),
+                                  reference_dequant(raw, kind, cfg.hidden_size, cfg.intermediate_size))
+
+    # (2) logits against transformers on the same file.
+    ref_model = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32)
+    ids = torch.randint(3, cfg.vocab_size, (1, 48), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = ref_model(ids).logits[0]
+    ours = llm.logits(ids[0].tolist())
+    assert (ours - ref).abs().max().item() < 1e-4
