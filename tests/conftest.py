@@ -7,8 +7,15 @@ import json
 import warnings
 from pathlib import Path
 
+import os
+
 import pytest
 import torch
+
+# Kernel tests run the Triton kernels under the interpreter where no GPU is usable. Triton reads
+# this at import, so it is set before any test module imports offload.kernels' Triton module.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 warnings.filterwarnings("ignore", category=UserWarning)
 

@@ -1,0 +1,137 @@
+"""Public sparse decode-attention operations, dispatched at run time to Triton or plain torch.
+
+``backend="auto"`` takes the Triton kernel when the tensors live on a CUDA device and Triton
+imports, and the torch reference otherwise (the CPU path). ``backend="triton"`` on CPU runs the
+kernels under Triton's interpreter, which needs TRITON_INTERPRET=1 set before the kernel module is
+first imported (the tests do this). :func:`last_backend` tells which one ran.
+
+Arguments are checked before launch: shapes, dtypes, devices and unit stride in the head dim.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..errors import OffloadError
+from . import reference
+
+_last_backend = {"name": None}
+
+
+def last_backend() -> str | None:
+    """The backend ("triton" or "torch") that served the most recent call."""
+    return _last_backend["name"]
+
+
+def _triton_module():
+    try:
+        from . import triton_attention
+    except ImportError as e:  # pragma: no cover - triton is a Linux dependency
+        raise OffloadError(f"the Triton kernels need triton (pip install triton==3.7.1): {e}") from None
+    return triton_attention
+
+
+def resolve_backend(device: torch.device, backend: str = "auto") -> str:
+    if backend not in ("auto", "triton", "torch"):
+        raise OffloadError(f"unknown kernel backend '{backend}': use auto, triton or torch")
+    if backend == "auto":
+        if device.type != "cuda":
+            return "torch"
+        try:
+            _triton_module()
+        except OffloadError:
+            return "torch"
+        return "triton"
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise OffloadError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before offload.kernels "
+                           "is imported; use backend='torch' (the CPU path) otherwise")
+    return backend
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+def _check_common(q, selected, num_selected, num_kv_heads):
+    _check(q.dim() == 3, f"q must be [B, H, D], got {tuple(q.shape)}")
+    B, H, D = q.shape
+    _check(H % num_kv_heads == 0, f"{H} query heads are not a multiple of {num_kv_heads} KV heads")
+    _check(D % 16 == 0 and D & (D - 1) == 0, f"head_dim must be a power of two >= 16, got {D}")
+    _check(selected.dim() == 3 and tuple(selected.shape[:2]) == (B, num_kv_heads),
+           f"selected must be [B, Hkv, S] = [{B}, {num_kv_heads}, S], got {tuple(selected.shape)}")
+    _check(selected.dtype in (torch.int32, torch.int64), f"selected must be int32/int64, got {selected.dtype}")
+    _check(tuple(num_selected.shape) == (B, num_kv_heads), f"num_selected must be [B, Hkv], got "
+                                                             f"{tuple(num_selected.shape)}")
+    _check(q.stride(-1) == 1 and selected.stride(-1) == 1, "q and selected need unit stride in the last dim")
+
+
+def gather_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, selected: torch.Tensor,
+                     num_selected: torch.Tensor, seq_lens: torch.Tensor, *, scale: float, sink: int = 0,
+                     window: int = 0, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode attention over the dense part (``sink`` first + ``window`` last tokens) plus the
+    selected token ids of each KV head. Returns (out [B, H, D], lse [B, H] fp32).
+    See :mod:`offload.kernels.reference` for the exact contract."""
+    _check(k_cache.dim() == 4 and k_cache.shape == v_cache.shape, "k_cache and v_cache must be equal [B, Hkv, N, D]")
+    B, Hkv, N, D = k_cache.shape
+    _check_common(q, selected, num_selected, Hkv)
+    _check(q.shape[0] == B and q.shape[2] == D, f"q {tuple(q.shape)} does not match the cache {tuple(k_cache.shape)}")
+    _check(tuple(seq_lens.shape) == (B,), f"seq_lens must be [B], got {tuple(seq_lens.shape)}")
+    _check(k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "k_cache/v_cache need unit stride in head_dim")
+    _check(q.dtype == k_cache.dtype == v_cache.dtype, "q, k_cache and v_cache must share a dtype")
+    _check(sink >= 0 and window >= 0, "sink and window must be >= 0")
+    name = resolve_backend(q.device, backend)
+    _last_backend["name"] = name
+    if name == "torch":
+        return reference.gather_attention_ref(q, k_cache, v_cache, selected, num_selected, seq_lens, scale,
+                                              sink, window)
+    return _triton_module().gather_attention(q, k_cache, v_cache, selected, num_selected, seq_lens, scale,
+                                             sink, window)
+
+
+def shadowkv_attention(q: torch.Tensor, u: torch.Tensor, sv: torch.Tensor, v_selected: torch.Tensor,
+                       selected: torch.Tensor, num_selected: torch.Tensor, inv_freq: torch.Tensor, *,
+                       scale: float, attention_scaling: float = 1.0,
+                       backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over selected tokens whose keys are rebuilt from low-rank pre-RoPE factors
+    (u [B, N, R] @ sv [B, R, Hkv*D]) and rotated at their positions in-kernel; values come from
+    v_selected [B, Hkv, S, D] in selection order. Returns (out [B, H, D], lse [B, H])."""
+    B, H, D = q.shape
+    _check(v_selected.dim() == 4, f"v_selected must be [B, Hkv, S, D], got {tuple(v_selected.shape)}")
+    Hkv = v_selected.shape[1]
+    _check_common(q, selected, num_selected, Hkv)
+    _check(tuple(v_selected.shape) == (B, Hkv, selected.shape[2], D),
+           f"v_selected must be [B, Hkv, S, D] = {(B, Hkv, selected.shape[2], D)}, got {tuple(v_selected.shape)}")
+    _check(u.dim() == 3 and u.shape[0] == B, f"u must be [B, N, R], got {tuple(u.shape)}")
+    _check(tuple(sv.shape) == (B, u.shape[2], Hkv * D), f"sv must be [B, R, Hkv*D] = {(B, u.shape[2], Hkv * D)}, "
+                                                        f"got {tuple(sv.shape)}")
+    _check(tuple(inv_freq.shape) == (D // 2,) and inv_freq.dtype == torch.float32, "inv_freq must be fp32 [D/2]")
+    _check(u.stride(-1) == 1 and sv.stride(-1) == 1 and v_selected.stride(-1) == 1,
+           "u, sv and v_selected need unit stride in the last dim")
+    name = resolve_backend(q.device, backend)
+    _last_backend["name"] = name
+    if name == "torch":
+        return reference.shadowkv_attention_ref(q, u, sv, v_selected, selected, num_selected, inv_freq, scale,
+                                                attention_scaling)
+    return _triton_module().shadowkv_attention(q, u, sv, v_selected, selected, num_selected, inv_freq, scale,
+                                               attention_scaling)
+
+
+def merge_attention(outs: torch.Tensor | list[torch.Tensor], lses: torch.Tensor | list[torch.Tensor], *,
+                    backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge partial results over disjoint key sets: outs [P, B, H, D] and lses [P, B, H] (or lists,
+    e.g. one part computed on the CPU) into the exact softmax over their union."""
+    if isinstance(outs, (list, tuple)):
+        device = outs[0].device
+        outs = torch.stack([o.to(device) for o in outs])
+        lses = torch.stack([torch.as_tensor(x).to(device, torch.float32) for x in lses])
+    _check(outs.dim() == 4 and lses.shape == outs.shape[:3], f"outs [P, B, H, D] and lses [P, B, H] do not match: "
+                                                             f"{tuple(outs.shape)} vs {tuple(lses.shape)}")
+    _check(outs.stride(-1) == 1, "outs need unit stride in the last dim")
+    name = resolve_backend(outs.device, backend)
+    _last_backend["name"] = name
+    if name == "torch":
+        return reference.merge_attention_ref(outs, lses)
+    return _triton_module().merge_attention(outs, lses.float())

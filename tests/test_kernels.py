@@ -1,0 +1,228 @@
+"""Every kernel against its plain-torch reference over a grid, and the references against dense attention.
+
+On CPU the Triton kernels run under TRITON_INTERPRET=1 (set in conftest) in fp32; on a GPU the
+same tests run the compiled kernels in fp32 and bf16. Outputs are poisoned with NaN first.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from offload.kernels import (dense_attention_ref, gather_attention, gather_attention_ref, merge_attention,
+                             merge_attention_ref, shadowkv_attention, shadowkv_attention_ref)
+from offload.kernels.reference import dense_token_ids
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+DTYPES = [torch.float32, torch.bfloat16] if CUDA else [torch.float32]
+TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    from offload.kernels import triton_attention
+
+    monkeypatch.setattr(triton_attention, "POISON", True)
+
+
+def _selection(seq_lens, Hkv, S, sink, window, gen, full=False):
+    """Random distinct ids outside the dense part, padded to S; returns (selected, num_selected)."""
+    B = len(seq_lens)
+    selected = torch.zeros(B, Hkv, S, dtype=torch.int32)
+    counts = torch.zeros(B, Hkv, dtype=torch.int32)
+    for b, n in enumerate(seq_lens.tolist()):
+        dense_ids, valid = dense_token_ids(torch.tensor([n]), sink, window)
+        dense = set(dense_ids[0][valid[0]].tolist())
+        pool = torch.tensor([t for t in range(n) if t not in dense], dtype=torch.int32)
+        for h in range(Hkv):
+            take = len(pool) if full else min(S, len(pool), int(torch.randint(0, S + 1, (1,), generator=gen)))
+            take = min(take, S)
+            perm = pool[torch.randperm(len(pool), generator=gen)[:take]]
+            selected[b, h, :take] = perm
+            counts[b, h] = take
+    return selected.to(DEVICE), counts.to(DEVICE)
+
+
+def _close(a, b, dtype):
+    assert not torch.isnan(a).any(), "unwritten (NaN-poisoned) or NaN output"
+    err = (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
+    assert err < TOL[dtype] * max(1.0, b.float().abs().max().item()), err
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 4, 7])
+@pytest.mark.parametrize("budget", [0, 16, 37])
+def test_gather_attention_kernel_matches_reference(dtype, head_dim, group, budget):
+    gen = torch.Generator().manual_seed(head_dim * 100 + group * 10 + budget)
+    B, Hkv, N = 2, 2, 160
+    H = Hkv * group
+    seq_lens = torch.tensor([N, 97])
+    sink, window = 4, 16
+    q = torch.randn(B, H, head_dim, generator=gen).to(DEVICE, dtype)
+    k = torch.randn(B, Hkv, N, head_dim, generator=gen).to(DEVICE, dtype)
+    v = torch.randn(B, Hkv, N, head_dim, generator=gen).to(DEVICE, dtype)
+    selected, counts = _selection(seq_lens, Hkv, max(budget, 1), sink, window, gen)
+    if budget == 0:
+        counts.zero_()
+    args = (q, k, v, selected, counts, seq_lens.to(DEVICE))
+    scale = 1 / math.sqrt(head_dim)
+    out, lse = gather_attention(*args, scale=scale, sink=sink, window=window, backend="triton")
+    ref_out, ref_lse = gather_attention_ref(*args, scale, sink, window)
+    _close(out, ref_out, dtype)
+    _close(lse, ref_lse, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_empty_selection_and_no_dense_part(dtype):
+    q = torch.randn(1, 4, 64).to(DEVICE, dtype)
+    k = torch.randn(1, 1, 32, 64).to(DEVICE, dtype)
+    sel = torch.zeros(1, 1, 8, dtype=torch.int32, device=DEVICE)
+    counts = torch.zeros(1, 1, dtype=torch.int32, device=DEVICE)
+    out, lse = gather_attention(q, k, k, sel, counts, torch.tensor([32], device=DEVICE), scale=0.125,
+                                backend="triton")
+    assert torch.all(out == 0) and torch.all(torch.isneginf(lse))
+    ref_out, ref_lse = gather_attention_ref(q, k, k, sel, counts, torch.tensor([32], device=DEVICE), 0.125)
+    assert torch.all(ref_out == 0) and torch.all(torch.isneginf(ref_lse))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("group", [1, 4])
+def test_full_selection_equals_dense(backend, group):
+    gen = torch.Generator().manual_seed(5)
+    B, Hkv, N, D = 2, 2, 90, 64
+    seq_lens = torch.tensor([N, 61])
+    q = torch.randn(B, Hkv * group, D, generator=gen).to(DEVICE)
+    k = torch.randn(B, Hkv, N, D, generator=gen).to(DEVICE)
+    v = torch.randn(B, Hkv, N, D, generator=gen).to(DEVICE)
+    selected, counts = _selection(seq_lens, Hkv, N, 4, 8, gen, full=True)
+    out, lse = gather_attention(q, k, v, selected, counts, seq_lens.to(DEVICE), scale=D ** -0.5, sink=4, window=8,
+                                backend=backend)
+    dense_out, dense_lse = dense_attention_ref(q, k, v, seq_lens.to(DEVICE), D ** -0.5)
+    _close(out, dense_out, torch.float32)
+    _close(lse, dense_lse, torch.float32)
+
+
+def test_reference_equals_dense_attention_restricted_to_ids():
+    """The reference is exact: attention over the listed ids computed the long way round."""
+    gen = torch.Generator().manual_seed(9)
+    B, Hkv, G, N, D = 1, 2, 3, 200, 64
+    q = torch.randn(B, Hkv * G, D, generator=gen)
+    k = torch.randn(B, Hkv, N, D, generator=gen)
+    v = torch.randn(B, Hkv, N, D, generator=gen)
+    seq_lens = torch.tensor([N])
+    selected, counts = _selection(seq_lens, Hkv, 30, 4, 8, gen)
+    out, lse = gather_attention_ref(q, k, v, selected, counts, seq_lens, 0.125, 4, 8)
+    dense_ids, valid = dense_token_ids(seq_lens, 4, 8)
+    for h in range(Hkv):
+        ids = torch.cat([dense_ids[0][valid[0]], selected[0, h, :counts[0, h]].long()])
+        for g in range(G):
+            scores = (k[0, h, ids] @ q[0, h * G + g]) * 0.125
+            torch.testing.assert_close(lse[0, h * G + g], torch.logsumexp(scores, 0))
+            torch.testing.assert_close(out[0, h * G + g], torch.softmax(scores, 0) @ v[0, h, ids])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 4, 7])
+@pytest.mark.parametrize("budget", [16, 37])
+def test_shadowkv_kernel_matches_reference(dtype, head_dim, group, budget):
+    gen = torch.Generator().manual_seed(head_dim + group + budget)
+    B, Hkv, R = 2, 2, 24
+    N = 131072  # positions up to the end of a 128K context: RoPE at its extremes
+    H = Hkv * group
+    q = torch.randn(B, H, head_dim, generator=gen).to(DEVICE, dtype)
+    u = (torch.randn(B, N, R, generator=gen) / math.sqrt(R)).to(DEVICE, dtype)
+    sv = torch.randn(B, R, Hkv * head_dim, generator=gen).to(DEVICE, dtype)
+    v_sel = torch.randn(B, Hkv, budget, head_dim, generator=gen).to(DEVICE, dtype)
+    selected = torch.cat([torch.randint(N - 64, N, (B, Hkv, budget // 2), generator=gen),
+                          torch.randint(0, N, (B, Hkv, budget - budget // 2), generator=gen)], -1).int().to(DEVICE)
+    counts = torch.tensor([[budget, budget - 5], [0, budget]], dtype=torch.int32, device=DEVICE)
+    from offload.config import preset
+    from offload.rope import rope_frequencies
+
+    inv_freq, scaling = rope_frequencies(preset("llama-3.1-8b").replace(head_dim=head_dim))
+    args = (q, u, sv, v_sel, selected, counts, inv_freq.to(DEVICE))
+    out, lse = shadowkv_attention(*args, scale=head_dim ** -0.5, attention_scaling=scaling, backend="triton")
+    ref_out, ref_lse = shadowkv_attention_ref(*args, head_dim ** -0.5, scaling)
+    _close(out, ref_out, dtype)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    _close(lse[finite], ref_lse[finite], dtype)
+
+
+def test_shadowkv_reference_equals_attention_over_rebuilt_keys():
+    """Keys rebuilt from exact factors of real keys give the same attention as the keys themselves."""
+    from offload.kernels import rope_rotate
+
+    gen = torch.Generator().manual_seed(3)
+    B, Hkv, G, N, D = 1, 2, 2, 300, 64
+    keys_pre = torch.randn(B, N, Hkv * D, generator=gen, dtype=torch.float64)
+    U, S_, Vh = torch.linalg.svd(keys_pre[0], full_matrices=False)  # exact, full rank
+    u, sv = (U * S_)[None].float(), Vh[None].float()
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
+    keys = rope_rotate(keys_pre.float().view(B, N, Hkv, D).transpose(1, 2), torch.arange(N), inv_freq)
+    values = torch.randn(B, Hkv, N, D, generator=gen)
+    q = torch.randn(B, Hkv * G, D, generator=gen)
+    selected = torch.randperm(N, generator=gen)[:40].int().view(1, 1, 40).repeat(1, Hkv, 1)
+    counts = torch.full((1, Hkv), 40, dtype=torch.int32)
+    v_sel = torch.gather(values, 2, selected.long()[..., None].expand(-1, -1, -1, D))
+    out, lse = shadowkv_attention_ref(q, u, sv, v_sel, selected, counts, inv_freq, D ** -0.5)
+    ref_out, ref_lse = gather_attention_ref(q, keys, values, selected, counts, torch.tensor([N]), D ** -0.5)
+    torch.testing.assert_close(out, ref_out, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("parts", [2, 3, 5])
+def test_merge_equals_attention_over_the_union(backend, parts):
+    gen = torch.Generator().manual_seed(parts)
+    B, Hkv, G, N, D = 2, 2, 4, 120, 64
+    q = torch.randn(B, Hkv * G, D, generator=gen).to(DEVICE)
+    k = torch.randn(B, Hkv, N, D, generator=gen).to(DEVICE)
+    v = torch.randn(B, Hkv, N, D, generator=gen).to(DEVICE)
+    seq_lens = torch.full((B,), N, device=DEVICE)
+    perm = torch.randperm(N, generator=gen)
+    chunks = list(torch.tensor_split(perm, parts)) + [perm[:0]]  # an empty part (lse = -inf) must not disturb
+    outs, lses = [], []
+    for c in chunks:
+        sel = c.int().view(1, 1, -1).repeat(B, Hkv, 1).to(DEVICE)
+        if sel.shape[-1] == 0:
+            sel = torch.zeros(B, Hkv, 1, dtype=torch.int32, device=DEVICE)
+        counts = torch.full((B, Hkv), len(c), dtype=torch.int32, device=DEVICE)
+        o, l_ = gather_attention_ref(q, k, v, sel, counts, seq_lens, 0.125)
+        part_device = torch.device("cpu") if len(outs) == 0 else DEVICE  # one part computed on the CPU
+        outs.append(o.to(part_device))
+        lses.append(l_.to(part_device))
+    out, lse = merge_attention(outs, lses, backend=backend)
+    ref_out, ref_lse = dense_attention_ref(q, k, v, seq_lens, 0.125)
+    _close(out, ref_out, torch.float32)
+    _close(lse, ref_lse, torch.float32)
+    mo, ml = merge_attention_ref(torch.stack([o.to(DEVICE) for o in outs]), torch.stack([x.to(DEVICE) for x in lses]))
+    _close(mo, ref_out, torch.float32)
+
+
+def test_bad_shapes_are_rejected_before_launch():
+    q = torch.randn(1, 6, 64)
+    k = torch.randn(1, 4, 32, 64)
+    sel = torch.zeros(1, 4, 8, dtype=torch.int32)
+    counts = torch.zeros(1, 4, dtype=torch.int32)
+    with pytest.raises(ValueError, match="multiple"):
+        gather_attention(q, k, k, sel, counts, torch.tensor([32]), scale=0.1)
+    with pytest.raises(ValueError, match="int32"):
+        gather_attention(torch.randn(1, 8, 64), k, k, sel.float(), counts, torch.tensor([32]), scale=0.1)
+    with pytest.raises(ValueError, match="selected must be"):
+        gather_attention(torch.randn(1, 8, 64), k, k, sel[:, :2], counts, torch.tensor([32]), scale=0.1)
+
+
+def test_auto_backend_on_cpu_is_torch():
+    from offload.kernels import last_backend
+
+    q = torch.randn(1, 4, 64)
+    k = torch.randn(1, 2, 16, 64)
+    gather_attention(q, k, k, torch.zeros(1, 2, 1, dtype=torch.int32), torch.zeros(1, 2, dtype=torch.int32),
+                     torch.tensor([16]), scale=0.125, sink=2, window=4)
+    assert last_backend() == "torch"
