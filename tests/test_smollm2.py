@@ -98,7 +98,14 @@ def test_batch_of_different_lengths(smollm):
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
     batched = smollm.generate(prompts, params)
     for prompt, out in zip(prompts, batched):
-        assert out.token_ids == smollm.generate(prompt, params)[0].token_ids
+        single = smollm.generate(prompt, params)[0]
+        if out.token_ids != single.token_ids:
+            # Batched and single runs use different GEMM shapes, so fp32 sums differ in the last bits;
+            # they may only part ways where the two candidates' logits are a near-tie.
+            i = next(i for i, (a, b) in enumerate(zip(out.token_ids, single.token_ids)) if a != b)
+            logits = smollm.logits(single.prompt_token_ids + single.token_ids[:i])[-1]
+            margin = (logits[single.token_ids[i]] - logits[out.token_ids[i]]).abs().item()
+            assert margin < 1e-3, (prompt, i, margin)
     assert "Paris" in batched[0].text
 
 
