@@ -50,12 +50,22 @@ class LLM:
     """
 
     def __init__(self, model: str | Path | None = None, *, device: str | None = "auto", dtype: str | None = "auto",
-                 prefill_chunk_size: int = 512, verbose: bool = False, progress: bool = False):
+                 prefill_chunk_size: int = 512, kv_policy: str = "dense", kv_budget: float = 0.02,
+                 sink: int = 4, window: int = 64, dense_layers: int = 2, telemetry: bool = False,
+                 verbose: bool = False, progress: bool = False):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.model, self.tokenizer, self.path = load_model(model, self.device, self.dtype, progress=progress)
         self.args = self.model.args
-        self.backend = DenseAttention(self.args, self.device, self.dtype)
+        self.kv_policy = kv_policy
+        if kv_policy == "dense" and not telemetry:
+            self.backend = DenseAttention(self.args, self.device, self.dtype)
+        else:
+            from .indexes import SelectionConfig
+            from .indexes.backend import SparseAttention
+
+            config = SelectionConfig(budget=kv_budget, sink=sink, window=window, dense_layers=dense_layers)
+            self.backend = SparseAttention(self.args, self.device, self.dtype, kv_policy, config, telemetry)
         self.engine = Engine(self.model, self.tokenizer, self.backend, prefill_chunk_size)
         if verbose:
             print(self.describe(), file=sys.stderr)
@@ -64,7 +74,13 @@ class LLM:
         a = self.args
         return (f"offload: {self.path.name} ({a.architecture}, {a.param_count() / 1e6:.0f}M params, "
                 f"{a.num_layers} layers, {a.num_heads}/{a.num_kv_heads} heads) on {self.device.type}, "
-                f"{str(self.dtype).removeprefix('torch.')}, attention: dense")
+                f"{str(self.dtype).removeprefix('torch.')}, attention: "
+                f"{self.backend.describe() if hasattr(self.backend, 'describe') else 'dense'}")
+
+    @property
+    def telemetry(self):
+        """Recall, attention mass and output error per layer (``telemetry=True``), else None."""
+        return getattr(self.backend, "telemetry", None)
 
     @property
     def stats(self) -> GenerationStats:

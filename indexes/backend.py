@@ -1,0 +1,80 @@
+"""Sparse decode attention: the attention seam with a KV selection policy in the decode loop.
+
+Prefill is exact (dense). At the first decode step of a sequence, each sparse layer builds its
+index over the prompt's keys; every step the index picks the tokens each KV head attends besides
+the sinks and the recent window, and :func:`offload.kernels.gather_attention` (Triton on GPU,
+torch reference on CPU) attends to exactly those. The first ``dense_layers`` layers stay dense.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from offload.attention import DenseAttention, ForwardBatch
+from offload.config import ModelArgs
+from offload.kernels import gather_attention
+
+from .base import KVIndex, Selection, SelectionConfig, make_index
+from .telemetry import Telemetry
+
+
+class SparseAttention(DenseAttention):
+    def __init__(self, args: ModelArgs, device: torch.device, dtype: torch.dtype, policy: str,
+                 config: SelectionConfig, telemetry: bool = False, kernel_backend: str = "auto"):
+        super().__init__(args, device, dtype)
+        make_index(policy, args.num_heads, args.num_kv_heads, args.head_dim, args.softmax_scale, config)  # validate
+        self.policy, self.config, self.kernel_backend = policy, config, kernel_backend
+        self.indexes: dict[tuple[int, int], KVIndex] = {}  # (row, layer) -> index
+        self.telemetry = Telemetry() if telemetry else None
+        self._seq_lens: torch.Tensor | None = None
+
+    def allocate(self, batch_size: int, capacity: int) -> None:
+        super().allocate(batch_size, capacity)
+        self.indexes.clear()  # a new batch of sequences
+
+    def index(self, row: int, layer: int) -> KVIndex:
+        return self.indexes[(row, layer)]
+
+    def begin(self, batch: ForwardBatch) -> None:
+        super().begin(batch)
+        if not batch.is_decode:
+            return
+        a = self.args
+        for row, n in zip(batch.rows, batch.start_lengths):
+            for layer in range(self.config.dense_layers, a.num_layers):
+                if (row, layer) not in self.indexes:
+                    idx = make_index(self.policy, a.num_heads, a.num_kv_heads, a.head_dim, a.softmax_scale,
+                                     self.config)
+                    idx.build(self.cache.k[layer, row], n)
+                    self.indexes[(row, layer)] = idx
+        self._seq_lens = torch.tensor(batch.end_lengths, device=self.cache.device, dtype=torch.int32)  # [B]
+
+    def forward(self, layer, q, k, v, batch):
+        if not batch.is_decode or layer < self.config.dense_layers:
+            return super().forward(layer, q, k, v, batch)
+        self.cache.write(layer, k, v, batch)
+        B, H, _, D = q.shape
+        selections: list[Selection] = []
+        for row, n in zip(batch.rows, batch.end_lengths):
+            idx = self.indexes[(row, layer)]
+            idx.extend(n)
+            selections.append(idx.search(q[row, :, 0], self.config.budget_tokens(n)))
+        width = max(s.ids.shape[-1] for s in selections)
+        selected = torch.zeros(B, self.args.num_kv_heads, width, dtype=torch.int32, device=q.device)  # [B, Hkv, S]
+        for b, s in enumerate(selections):
+            selected[b, :, :s.ids.shape[-1]] = s.ids
+        counts = torch.stack([s.counts for s in selections])  # [B, Hkv]
+        out, _ = gather_attention(q[:, :, 0], self.cache.k[layer], self.cache.v[layer], selected, counts,
+                                  self._seq_lens, scale=self.args.softmax_scale, sink=self.config.sink,
+                                  window=self.config.window, backend=self.kernel_backend)  # [B, H, D]
+        if self.telemetry is not None:
+            for b, (row, n) in enumerate(zip(batch.rows, batch.end_lengths)):
+                self.telemetry.observe(layer, q[row, :, 0], self.cache.k[layer, row], self.cache.v[layer, row], n,
+                                       selections[b], out[b], self.config, self.args.softmax_scale)
+        return out.view(B, H, 1, D)
+
+    def describe(self) -> str:
+        c = self.config
+        budget = f"{c.budget:.1%} of context" if c.budget < 1 else f"{int(c.budget)} tokens"
+        return (f"kv_policy {self.policy}: {budget} + {c.sink} sinks + {c.window} recent, "
+                f"layers 0..{c.dense_layers - 1} dense")

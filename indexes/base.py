@@ -1,0 +1,120 @@
+"""The KV selection interface shared by every policy, and the selection budget.
+
+An index serves one layer of one sequence, for all KV heads of that layer. It is built once the
+prompt is in the cache, extended as decode appends tokens, and asked each step for the token ids
+each KV head should attend besides the always-dense part (``sink`` first and ``window`` last
+tokens). Selected ids lie in the candidate range [sink, n - window), so nothing is counted twice;
+the kernel (``offload.kernels.gather_attention``) merges dense part and selection exactly.
+
+Grouped-query attention: one selection per KV head, serving its G query heads (the kernel then
+reads each selected K/V row once for the whole group). Policies score a key for the group by the
+group's combined attention to it (the exact twin sums the G heads' true softmax probabilities,
+which maximises the attention mass the selection captures); see docs in each policy.
+
+Shapes: H query heads, Hkv KV heads, G = H / Hkv, N cache capacity, n tokens cached, D head_dim.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from offload.errors import OffloadError
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    """How many tokens a step attends: ``budget`` (a fraction of the context if < 1, else a token
+    count) selected by the index, plus ``sink`` first and ``window`` most recent tokens, always."""
+
+    budget: float = 0.02
+    sink: int = 4
+    window: int = 64
+    dense_layers: int = 2  # the first layers attend broadly; they stay dense
+
+    def __post_init__(self) -> None:
+        if not self.budget > 0:
+            raise OffloadError(f"kv_budget must be positive (a fraction < 1 or a token count), got {self.budget}")
+        if self.sink < 0 or self.window < 0 or self.dense_layers < 0:
+            raise OffloadError("sink, window and dense_layers must be >= 0")
+
+    def budget_tokens(self, context: int) -> int:
+        return int(math.ceil(self.budget * context)) if self.budget < 1 else int(self.budget)
+
+    def candidate_range(self, n: int) -> tuple[int, int]:
+        """Token ids [lo, hi) an index may select from, for a sequence of n tokens."""
+        lo = min(self.sink, n)
+        return lo, max(lo, n - self.window)
+
+
+@dataclass
+class Selection:
+    ids: torch.Tensor  # [Hkv, S] int32, valid in the first counts[h] entries
+    counts: torch.Tensor  # [Hkv] int32
+
+
+class KVIndex(ABC):
+    """One layer's selection policy for one sequence. Subclasses set ``name``."""
+
+    name = "base"
+    uses_prefill_queries = False  # query-aware indexes ask the backend to keep prefill queries
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, config: SelectionConfig):
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.group = num_heads // num_kv_heads
+        self.scale, self.config = scale, config
+        self.keys: torch.Tensor | None = None  # [Hkv, N, D] view of the layer's cache row
+        self.n = 0
+
+    def build(self, keys: torch.Tensor, n: int, queries: torch.Tensor | None = None) -> None:
+        """keys [Hkv, N, D]: the cache storage (post-RoPE), of which the first n are the prompt."""
+        self.keys, self.n = keys, n
+
+    def extend(self, n: int) -> None:
+        """The cache now holds n tokens (decode appended n - self.n)."""
+        self.n = n
+
+    @abstractmethod
+    def search(self, q: torch.Tensor, budget: int) -> Selection:
+        """q [H, D] (post-RoPE) -> up to ``budget`` token ids per KV head in the candidate range."""
+
+    def nbytes(self) -> int:
+        """Memory the index keeps beyond the KV cache."""
+        return 0
+
+    # ---------------------------------------------------------------- helpers for subclasses
+    def empty(self, device: torch.device) -> Selection:
+        return Selection(torch.zeros(self.num_kv_heads, 1, dtype=torch.int32, device=device),
+                         torch.zeros(self.num_kv_heads, dtype=torch.int32, device=device))
+
+    def top_by_score(self, scores: torch.Tensor, lo: int, budget: int) -> Selection:
+        """scores [Hkv, M] for candidates lo..lo+M-1 -> the ``budget`` best ids per head (sorted)."""
+        m = scores.shape[-1]
+        k = min(budget, m)
+        if k <= 0:
+            return self.empty(scores.device)
+        top = torch.topk(scores, k, dim=-1).indices  # [Hkv, k]
+        ids = (top.sort(dim=-1).values + lo).to(torch.int32)  # sorted ids read memory in order
+        return Selection(ids, torch.full((self.num_kv_heads,), k, dtype=torch.int32, device=scores.device))
+
+
+_REGISTRY: dict[str, type[KVIndex]] = {}
+
+
+def register(cls: type[KVIndex]) -> type[KVIndex]:
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def policy_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def make_index(policy: str, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+               config: SelectionConfig) -> KVIndex:
+    if policy not in _REGISTRY:
+        raise OffloadError(f"unknown kv_policy '{policy}': choose one of {', '.join(policy_names())}")
+    return _REGISTRY[policy](num_heads, num_kv_heads, head_dim, scale, config)

@@ -1,0 +1,113 @@
+"""Baseline policies: dense (everything), exact top-k (the oracle), streaming (sinks + window), Quest."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import KVIndex, Selection, SelectionConfig, register
+
+
+@register
+class DenseIndex(KVIndex):
+    """Selects every candidate: with the dense part, the step attends to all tokens."""
+
+    name = "dense"
+
+    def search(self, q: torch.Tensor, budget: int) -> Selection:
+        lo, hi = self.config.candidate_range(self.n)
+        if hi <= lo:
+            return self.empty(q.device)
+        ids = torch.arange(lo, hi, dtype=torch.int32, device=q.device).expand(self.num_kv_heads, -1).contiguous()
+        return Selection(ids, torch.full((self.num_kv_heads,), hi - lo, dtype=torch.int32, device=q.device))
+
+
+def group_attention_mass(q: torch.Tensor, keys: torch.Tensor, n: int, scale: float, group: int) -> torch.Tensor:
+    """The true attention each key receives from its query group: [Hkv, n], summed over G heads.
+
+    q [H, D], keys [Hkv, N, D]. Probabilities are normalised over all n keys, per query head.
+    """
+    Hkv, _, D = keys.shape
+    qg = q.view(Hkv, group, D)  # [Hkv, G, D]
+    scores = torch.matmul(qg, keys[:, :n].transpose(-1, -2)).float() * scale  # [Hkv, G, n]
+    return torch.softmax(scores, dim=-1).sum(dim=1)  # [Hkv, n]
+
+
+@register
+class ExactTopK(KVIndex):
+    """The exact twin: the candidates with the most true attention mass (summed over the group).
+
+    Scores every key each step, so it is the yardstick for recall, mass and output error, not a
+    fast path.
+    """
+
+    name = "exact"
+
+    def search(self, q: torch.Tensor, budget: int) -> Selection:
+        lo, hi = self.config.candidate_range(self.n)
+        if hi <= lo:
+            return self.empty(q.device)
+        mass = group_attention_mass(q, self.keys, self.n, self.scale, self.group)  # [Hkv, n]
+        return self.top_by_score(mass[:, lo:hi], lo, budget)
+
+
+@register
+class StreamingIndex(KVIndex):
+    """StreamingLLM: attention sinks and the recent window only; selects nothing."""
+
+    name = "streaming"
+
+    def search(self, q: torch.Tensor, budget: int) -> Selection:
+        return self.empty(q.device)
+
+
+@register
+class QuestIndex(KVIndex):
+    """Quest (Tang et al., 2024): pages of keys with per-channel min/max; a page's score is the
+    upper bound sum_d max(q_d min_d, q_d max_d) of q.k over its keys, maximised over the query
+    group; whole pages are selected, best first, until the budget is spent."""
+
+    name = "quest"
+    page_size = 16
+
+    def build(self, keys: torch.Tensor, n: int, queries: torch.Tensor | None = None) -> None:
+        super().build(keys, n, queries)
+        Hkv, N, D = keys.shape
+        pages = (N + self.page_size - 1) // self.page_size
+        self.page_min = torch.empty(Hkv, pages, D, dtype=torch.float32, device=keys.device)  # [Hkv, P, D]
+        self.page_max = torch.empty(Hkv, pages, D, dtype=torch.float32, device=keys.device)  # [Hkv, P, D]
+        self._update_pages(0, n)
+
+    def _update_pages(self, start: int, end: int) -> None:
+        ps = self.page_size
+        for p in range(start // ps, (end + ps - 1) // ps):
+            block = self.keys[:, p * ps:min((p + 1) * ps, end)].float()  # [Hkv, <=ps, D]
+            self.page_min[:, p] = block.amin(dim=1)
+            self.page_max[:, p] = block.amax(dim=1)
+
+    def extend(self, n: int) -> None:
+        old = self.n
+        super().extend(n)
+        self._update_pages(old - old % self.page_size, n)
+
+    def nbytes(self) -> int:
+        return 2 * self.page_min.numel() * 4
+
+    def search(self, q: torch.Tensor, budget: int) -> Selection:
+        lo, hi = self.config.candidate_range(self.n)
+        if hi <= lo:
+            return self.empty(q.device)
+        ps = self.page_size
+        first, last = lo // ps, (hi - 1) // ps + 1  # pages overlapping the candidates
+        qg = q.float().view(self.num_kv_heads, self.group, 1, -1)  # [Hkv, G, 1, D]
+        bound = torch.maximum(qg * self.page_min[:, None, first:last], qg * self.page_max[:, None, first:last])
+        page_score = bound.sum(-1).amax(dim=1)  # [Hkv, pages]
+        n_pages = min(page_score.shape[-1], max(1, -(-budget // ps)))
+        pages = torch.topk(page_score, n_pages, dim=-1).indices + first  # [Hkv, n_pages]
+        ids = (pages[..., None] * ps + torch.arange(ps, device=q.device)).flatten(1)  # [Hkv, n_pages * ps]
+        ids = ids.sort(dim=-1).values
+        keep = (ids >= lo) & (ids < hi)  # pages at the edges overlap the dense part
+        counts = keep.sum(-1).to(torch.int32)  # [Hkv]
+        # Move the valid ids to the front of each row (stable: stays sorted).
+        order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)
+        ids = torch.gather(ids, 1, order).to(torch.int32)
+        return Selection(ids.contiguous(), counts)
