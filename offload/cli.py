@@ -30,6 +30,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
     p.add_argument("--prefill-chunk-size", type=_positive_int, default=512,
                    help="prompt tokens per prefill step (bounds the attention score matrix)")
+    p.add_argument("--kv-policy", default="dense",
+                   help="KV selection per decode step: dense (exact), exact, streaming, quest")
+    p.add_argument("--kv-budget", type=float, default=0.02,
+                   help="selected tokens per step: a fraction of the context (< 1) or a count")
+    p.add_argument("--sink", type=int, default=4, help="first tokens always attended")
+    p.add_argument("--window", type=int, default=64, help="most recent tokens always attended")
+    p.add_argument("--dense-layers", type=int, default=2, help="first layers kept dense")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -93,7 +100,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                             top_p=args.top_p, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
     t0 = time.perf_counter()
     llm = LLM(args.model, device=args.device, dtype=args.dtype, prefill_chunk_size=args.prefill_chunk_size,
-              verbose=args.verbose or args.stats)
+              kv_policy=args.kv_policy, kv_budget=args.kv_budget, sink=args.sink, window=args.window,
+              dense_layers=args.dense_layers, verbose=args.verbose or args.stats)
     load_s = time.perf_counter() - t0
     for piece in llm.stream(prompt, params, chat=args.chat):
         sys.stdout.write(piece)
