@@ -14,23 +14,29 @@ from offload.attention import DenseAttention, ForwardBatch
 from offload.config import ModelArgs
 from offload.kernels import gather_attention
 
-from .base import KVIndex, Selection, SelectionConfig, make_index
+from .base import KVIndex, Selection, SelectionConfig, make_index, policy_class
 from .telemetry import Telemetry
+
+# Query-aware indexes learn from the prompt's queries; every QUERY_STRIDE-th position is kept
+# (neighbouring queries are near-duplicates), which bounds the memory they take during prefill.
+QUERY_STRIDE = 4
 
 
 class SparseAttention(DenseAttention):
     def __init__(self, args: ModelArgs, device: torch.device, dtype: torch.dtype, policy: str,
                  config: SelectionConfig, telemetry: bool = False, kernel_backend: str = "auto"):
         super().__init__(args, device, dtype)
-        make_index(policy, args.num_heads, args.num_kv_heads, args.head_dim, args.softmax_scale, config)  # validate
         self.policy, self.config, self.kernel_backend = policy, config, kernel_backend
         self.indexes: dict[tuple[int, int], KVIndex] = {}  # (row, layer) -> index
+        self.keep_queries = policy_class(policy).uses_prefill_queries
+        self.prefill_queries: dict[tuple[int, int], list[torch.Tensor]] = {}  # (row, layer) -> [H, Tq, D] chunks
         self.telemetry = Telemetry() if telemetry else None
         self._seq_lens: torch.Tensor | None = None
 
     def allocate(self, batch_size: int, capacity: int) -> None:
         super().allocate(batch_size, capacity)
         self.indexes.clear()  # a new batch of sequences
+        self.prefill_queries.clear()
 
     def index(self, row: int, layer: int) -> KVIndex:
         return self.indexes[(row, layer)]
@@ -45,12 +51,18 @@ class SparseAttention(DenseAttention):
                 if (row, layer) not in self.indexes:
                     idx = make_index(self.policy, a.num_heads, a.num_kv_heads, a.head_dim, a.softmax_scale,
                                      self.config)
-                    idx.build(self.cache.k[layer, row], n)
+                    chunks = self.prefill_queries.pop((row, layer), None)
+                    queries = torch.cat(chunks, dim=1) if chunks else None  # [H, Nq, D]
+                    idx.build(self.cache.k[layer, row], n, queries)
                     self.indexes[(row, layer)] = idx
         self._seq_lens = torch.tensor(batch.end_lengths, device=self.cache.device, dtype=torch.int32)  # [B]
 
     def forward(self, layer, q, k, v, batch):
         if not batch.is_decode or layer < self.config.dense_layers:
+            if self.keep_queries and not batch.is_decode and layer >= self.config.dense_layers:
+                start = batch.start_lengths[0]
+                keep = q[0, :, (-start) % QUERY_STRIDE::QUERY_STRIDE]  # [H, Tq, D] positions % stride == 0
+                self.prefill_queries.setdefault((batch.rows[0], layer), []).append(keep.clone())
             return super().forward(layer, q, k, v, batch)
         self.cache.write(layer, k, v, batch)
         B, H, _, D = q.shape

@@ -113,8 +113,12 @@ def policy_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def make_index(policy: str, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
-               config: SelectionConfig) -> KVIndex:
+def policy_class(policy: str) -> type[KVIndex]:
     if policy not in _REGISTRY:
         raise OffloadError(f"unknown kv_policy '{policy}': choose one of {', '.join(policy_names())}")
-    return _REGISTRY[policy](num_heads, num_kv_heads, head_dim, scale, config)
+    return _REGISTRY[policy]
+
+
+def make_index(policy: str, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+               config: SelectionConfig) -> KVIndex:
+    return policy_class(policy)(num_heads, num_kv_heads, head_dim, scale, config)

@@ -1,0 +1,111 @@
+"""RetrievalAttention (Liu et al., 2024): a query-aware graph over the keys, searched on the CPU.
+
+Decode queries are out of distribution for an ANN index built over keys alone: the keys a query
+attends to are often not each other's nearest neighbours. Following RetrievalAttention, the graph
+is built from the prefill queries' true top-k keys and projected onto the keys (RoarGraph style):
+a query's best key (its pivot) is linked with the query's other top keys, both ways, so that a
+search that reaches one key a query likes reaches the rest. The decode query then walks the
+graph greedily (beam search, numba, parallel over KV heads), scoring only the keys it visits.
+
+Knobs: ``effort`` (beam width ef = effort x budget: higher finds more of the true top-k and scores
+more keys), ``build_topk`` (neighbours per prefill query), ``max_degree``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .base import KVIndex, Selection, register
+from .graph_search import search_heads
+
+
+def query_key_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, block: int = 2048) -> torch.Tensor:
+    """queries [M, D], keys [n, D] -> ids [M, k] of each query's highest inner products."""
+    out = []
+    for i in range(0, queries.shape[0], block):
+        scores = queries[i:i + block].float() @ keys.float().T  # [Mb, n]
+        out.append(torch.topk(scores, min(k, keys.shape[0]), dim=-1).indices)
+    return torch.cat(out)
+
+
+def project_to_key_graph(top: np.ndarray, n: int, max_degree: int) -> tuple[np.ndarray, np.ndarray]:
+    """top [M, K] query neighbour lists -> CSR (indptr [n + 1], indices) of the key graph.
+
+    Pivot (column 0) <-> every other key in the list; duplicate edges are merged and each node
+    keeps its ``max_degree`` most often proposed neighbours.
+    """
+    pivot = np.repeat(top[:, :1], top.shape[1] - 1, axis=1).ravel()
+    other = top[:, 1:].ravel()
+    src = np.concatenate([pivot, other]).astype(np.int64)
+    dst = np.concatenate([other, pivot]).astype(np.int64)
+    pairs, freq = np.unique(src * n + dst, return_counts=True)
+    src, dst = pairs // n, pairs % n
+    order = np.lexsort((-freq, src))  # by node, most frequent first
+    src, dst = src[order], dst[order]
+    starts = np.searchsorted(src, np.arange(n))
+    rank = np.arange(len(src)) - starts[src]
+    keep = rank < max_degree
+    src, dst = src[keep], dst[keep]
+    indptr = np.zeros(n + 1, np.int64)
+    np.add.at(indptr, src + 1, 1)
+    return np.cumsum(indptr), dst.astype(np.int32)
+
+
+@register
+class RetrievalIndex(KVIndex):
+    name = "retrieval"
+    uses_prefill_queries = True
+    build_topk = 32
+    max_degree = 32
+    num_entries = 32
+    effort = 1.0  # ef = effort x budget
+
+    def build(self, keys: torch.Tensor, n: int, queries: torch.Tensor | None = None) -> None:
+        super().build(keys, n, queries)
+        if queries is None or queries.shape[1] == 0:
+            queries = keys[:, :n].repeat_interleave(self.group, dim=0)  # no prefill queries: a plain key graph
+        Hkv, G = self.num_kv_heads, self.group
+        graphs, entries = [], []
+        for h in range(Hkv):
+            qh = queries[h * G:(h + 1) * G].reshape(-1, queries.shape[-1])  # [G * Nq, D]
+            top = query_key_topk(qh, keys[h, :n], self.build_topk).numpy()  # [G * Nq, K]
+            graphs.append(project_to_key_graph(top, n, self.max_degree))
+            hubs = np.bincount(top.ravel(), minlength=n).argsort()[::-1][:self.num_entries // 2]
+            recent = top[-(self.num_entries - len(hubs)):, 0]  # latest queries resemble decode queries
+            entries.append(np.unique(np.concatenate([hubs, recent])))
+        width = max(len(g[1]) for g in graphs)
+        self.indptr = np.stack([g[0] for g in graphs])  # [Hkv, n + 1]
+        self.indices = np.zeros((Hkv, max(width, 1)), np.int32)  # [Hkv, E] padded
+        for h, (_, idx) in enumerate(graphs):
+            self.indices[h, :len(idx)] = idx
+        m = max(len(e) for e in entries)
+        self.entries = np.full((Hkv, m), -1, np.int64)  # [Hkv, M], -1 padded
+        for h, e in enumerate(entries):
+            self.entries[h, :len(e)] = e
+        self.last_scored = 0.0
+
+    def nbytes(self) -> int:
+        return self.indptr.nbytes + self.indices.nbytes + self.entries.nbytes
+
+    def search(self, q: torch.Tensor, budget: int) -> Selection:
+        lo, hi = self.config.candidate_range(self.n)
+        if hi <= lo:
+            return self.empty(q.device)
+        if budget >= hi - lo:  # the budget covers every candidate: no search needed
+            ids = torch.arange(lo, hi, dtype=torch.int32).expand(self.num_kv_heads, -1).contiguous()
+            self.last_scored = float(hi - lo)
+            return Selection(ids, torch.full((self.num_kv_heads,), hi - lo, dtype=torch.int32))
+        keys = self.keys
+        is_bf16 = keys.dtype == torch.bfloat16
+        keys_np = keys.view(torch.int16).numpy().view(np.uint16) if is_bf16 else keys.float().numpy()
+        dummy = np.zeros((1, 1, 1), np.float32 if is_bf16 else np.uint16)
+        qg = q.float().view(self.num_kv_heads, self.group, -1).numpy()  # [Hkv, G, D]
+        ef = max(budget, int(self.effort * budget))
+        out_ids = np.zeros((self.num_kv_heads, budget), np.int64)
+        counts = np.zeros(self.num_kv_heads, np.int64)
+        scored = np.zeros(self.num_kv_heads, np.int64)
+        search_heads(dummy if is_bf16 else keys_np, keys_np if is_bf16 else dummy, is_bf16, self.indptr,
+                     self.indices, self.entries, qg, lo, hi, self.n, ef, budget, out_ids, counts, scored)
+        self.last_scored = float(scored.mean())
+        return Selection(torch.from_numpy(out_ids.astype(np.int32)), torch.from_numpy(counts.astype(np.int32)))
