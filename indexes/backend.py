@@ -82,7 +82,8 @@ class SparseAttention(DenseAttention):
         if self.telemetry is not None:
             for b, (row, n) in enumerate(zip(batch.rows, batch.end_lengths)):
                 self.telemetry.observe(layer, q[row, :, 0], self.cache.k[layer, row], self.cache.v[layer, row], n,
-                                       selections[b], out[b], self.config, self.args.softmax_scale)
+                                       selections[b], out[b], self.config, self.args.softmax_scale,
+                                       self.config.budget_tokens(n))
         return out.view(B, H, 1, D)
 
     def describe(self) -> str:

@@ -22,8 +22,11 @@ class Telemetry:
         self.records: dict[int, list[dict[str, float]]] = defaultdict(list)
 
     def observe(self, layer: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, n: int,
-                selection: Selection, out: torch.Tensor, config: SelectionConfig, scale: float) -> None:
-        """q [H, D]; keys/values [Hkv, N, D] (n valid); out [H, D] the sparse attention output."""
+                selection: Selection, out: torch.Tensor, config: SelectionConfig, scale: float, budget: int) -> None:
+        """q [H, D]; keys/values [Hkv, N, D] (n valid); out [H, D] the sparse attention output.
+
+        Recall@budget: the share of the exact twin's ``budget`` best candidates that were selected
+        (a policy that selects nothing scores 0)."""
         Hkv, _, D = keys.shape
         G = q.shape[0] // Hkv
         qg = q.view(Hkv, G, D)
@@ -40,8 +43,8 @@ class Telemetry:
         for h, c in enumerate(counts):
             chosen = selection.ids[h, :c].long()
             attended[h, chosen] = True
-            if c and hi > lo:
-                best = torch.topk(mass[h, lo:hi], min(c, hi - lo)).indices + lo
+            if hi > lo:
+                best = torch.topk(mass[h, lo:hi], min(budget, hi - lo)).indices + lo
                 exact_hits += len(set(best.tolist()) & set(chosen.tolist()))
                 total += len(best)
         captured = (probs * attended[:, None]).sum(-1).mean().item()

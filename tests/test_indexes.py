@@ -120,6 +120,7 @@ def test_policies_on_real_text(smollm_path):
     assert retrieval["recall"] > 0.6
     assert scored < 0.35  # keys scored per search, as a fraction of the context
     assert exact["output_error"] < streaming["output_error"]
+    assert streaming["recall"] == 0.0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
