@@ -28,20 +28,25 @@ def main(argv=None) -> int:
     p.add_argument("--window", type=int, default=64)
     p.add_argument("--dense-layers", type=int, default=2)
     p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--effort", type=float, default=None, help="retrieval beam width as a multiple of the budget")
+    p.add_argument("--efforts", type=float, nargs="+", default=[None],
+                   help="search widths (x budget) for retrieval, keygraph and hnsw; one row per value")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
     from offload import LLM, SamplingParams
-    from offload.indexes.retrieval import RetrievalIndex
+    from offload.indexes.base import policy_class
 
-    if args.effort is not None:
-        RetrievalIndex.effort = args.effort
     rows = []
-    print("| context | policy | attention mass | recall@budget | output rel. error | keys scored / context |")
-    print("|---|---|---|---|---|---|")
+    print("| context | policy | effort | attention mass | recall@budget | output rel. error | keys scored / context |")
+    print("|---|---|---|---|---|---|---|")
+    runs = [(p, e) for p in args.policies for e in (args.efforts if p in ("retrieval", "keygraph", "hnsw")
+                                                   else [None])]
     for ctx in args.contexts:
-        for policy in args.policies:
+        for policy, effort in runs:
+            cls = policy_class(policy)
+            default_effort = getattr(cls, "effort", None)
+            if effort is not None:
+                cls.effort = effort
             llm = LLM(args.model, kv_policy=policy, kv_budget=args.budget, sink=args.sink, window=args.window,
                       dense_layers=args.dense_layers, telemetry=True)
             ids = _real_text_ids(llm.tokenizer, ctx)
@@ -49,13 +54,17 @@ def main(argv=None) -> int:
             llm.generate([ids], SamplingParams(max_new_tokens=args.steps, ignore_eos=True))
             s = llm.telemetry.summary()
             scored = [ix.last_scored / ix.n for ix in llm.backend.indexes.values() if hasattr(ix, "last_scored")]
-            rows.append({"context": ctx, "policy": policy, "mass": s["mass"], "recall": s["recall"],
+            if effort is not None:
+                cls.effort = default_effort
+            rows.append({"context": ctx, "policy": policy, "effort": effort or default_effort, "mass": s["mass"],
+                         "recall": s["recall"],
                          "output_error": s["output_error"],
                          "scored_fraction": sum(scored) / len(scored) if scored else None,
                          "seconds": time.perf_counter() - t0})
             r = rows[-1]
             frac = "-" if r["scored_fraction"] is None else f"{r['scored_fraction']:.3f}"
-            print(f"| {ctx} | {policy} | {r['mass']:.3f} | {r['recall']:.3f} | {r['output_error']:.3f} | {frac} |",
+            eff = "-" if r["effort"] is None else f"{r['effort']:g}"
+            print(f"| {ctx} | {policy} | {eff} | {r['mass']:.3f} | {r['recall']:.3f} | {r['output_error']:.3f} | {frac} |",
                   flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=2))

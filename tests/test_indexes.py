@@ -158,3 +158,19 @@ def test_graph_projection_links_pivots_both_ways():
     assert nbrs[2] == {5} and nbrs[1] == {5, 0} and nbrs[4] == {0}
     indptr, indices = project_to_key_graph(top, 6, max_degree=1)
     assert indices[indptr[5]:indptr[6]].tolist() == [2]  # the most often proposed neighbour survives
+
+
+def test_passkey_4k_retrieval_matches_dense_and_streaming_fails(smollm_path):
+    """A number hidden at 10/50/90% of 4K tokens: at a 2% budget, RetrievalAttention answers as dense
+    attention does, and sinks + window alone (streaming) cannot, so the test discriminates."""
+    from offload.profiles.passkey import passkey_prompt
+
+    answers = {}
+    for policy in ("dense", "retrieval", "streaming"):
+        llm = LLM(smollm_path, kv_policy=policy, kv_budget=0.02)
+        answers[policy] = [llm.generate([passkey_prompt(llm.tokenizer, 4000, depth)],
+                                        SamplingParams(max_new_tokens=6))[0].text.strip()
+                           for depth in (0.1, 0.5, 0.9)]
+    assert all(a.startswith("68213") for a in answers["dense"]), answers
+    assert answers["retrieval"] == answers["dense"], answers
+    assert not any(a.startswith("68213") for a in answers["streaming"]), answers

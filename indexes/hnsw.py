@@ -1,0 +1,71 @@
+"""Plain approximate nearest-neighbour baselines over the keys, for comparison with RetrievalAttention.
+
+``hnsw``: hnswlib's HNSW graph over each KV head's keys (inner-product space), queried with each
+query head of the group; the union is re-scored exactly (max over the group) and the best
+``budget`` kept. ``keygraph``: the same graph construction and numba search as ``retrieval`` but
+built from the keys themselves instead of the prompt's queries, so the two can be compared at an
+equal number of scored keys.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .base import KVIndex, Selection, register
+from .retrieval import RetrievalIndex
+
+
+@register
+class KeyGraphIndex(RetrievalIndex):
+    name = "keygraph"
+    uses_prefill_queries = False  # build() falls back to the keys as their own queries
+
+
+@register
+class HNSWIndex(KVIndex):
+    name = "hnsw"
+    M = 16
+    ef_construction = 100
+    effort = 1.0  # ef = effort x budget (at least the number of results asked for)
+
+    def build(self, keys: torch.Tensor, n: int, queries: torch.Tensor | None = None) -> None:
+        import hnswlib
+
+        super().build(keys, n, queries)
+        D = keys.shape[-1]
+        self.graphs = []
+        for h in range(self.num_kv_heads):
+            graph = hnswlib.Index(space="ip", dim=D)
+            graph.init_index(max_elements=keys.shape[1], ef_construction=self.ef_construction, M=self.M)
+            graph.set_num_threads(1)
+            graph.add_items(keys[h, :n].float().numpy(), np.arange(n))
+            self.graphs.append(graph)
+
+    def extend(self, n: int) -> None:
+        old = self.n
+        super().extend(n)
+        if n > old:
+            for h, graph in enumerate(self.graphs):
+                graph.add_items(self.keys[h, old:n].float().numpy(), np.arange(old, n))
+
+    def search(self, q: torch.Tensor, budget: int) -> Selection:
+        lo, hi = self.config.candidate_range(self.n)
+        if hi <= lo:
+            return self.empty(q.device)
+        k = min(self.n, budget + (self.n - hi) + lo)  # over-fetch: the dense part may come back too
+        qg = q.float().view(self.num_kv_heads, self.group, -1)  # [Hkv, G, D]
+        ids = torch.zeros(self.num_kv_heads, budget, dtype=torch.int32)
+        counts = torch.zeros(self.num_kv_heads, dtype=torch.int32)
+        for h, graph in enumerate(self.graphs):
+            graph.set_ef(max(k, int(self.effort * budget)))
+            labels, _ = graph.knn_query(qg[h].numpy(), k=k)  # [G, k]
+            cand = np.unique(labels)
+            cand = torch.from_numpy(cand[(cand >= lo) & (cand < hi)].astype(np.int64))
+            if len(cand) == 0:
+                continue
+            scores = (qg[h] @ self.keys[h, cand].float().T).amax(0)  # [C]
+            best = cand[torch.topk(scores, min(budget, len(cand))).indices].sort().values
+            ids[h, :len(best)] = best.to(torch.int32)
+            counts[h] = len(best)
+        return Selection(ids, counts)
