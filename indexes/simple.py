@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import KVIndex, Selection, SelectionConfig, register
+from .base import KVIndex, Selection, register
 
 
 @register

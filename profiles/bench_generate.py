@@ -10,13 +10,14 @@ context). Each figure is the median of ``--repeats`` runs. Writes JSON and print
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
+
+from offload.fileio import write_json_atomic
 
 
 def _real_text_ids(tokenizer, n: int) -> list[int]:
@@ -139,7 +140,7 @@ def main(argv=None) -> int:
             line += f" {results['transformers'][r]:.1f} |"
         print(line)
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
+        write_json_atomic(args.out, results)
     return 0
 
 

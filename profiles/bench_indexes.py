@@ -11,11 +11,11 @@ the telemetry means over all sparse layers and steps. CPU.
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 from .bench_generate import _real_text_ids
+
+from offload.fileio import write_json_atomic
 
 
 def main(argv=None) -> int:
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
             print(f"| {ctx} | {policy} | {eff} | {r['mass']:.3f} | {r['recall']:.3f} | {r['output_error']:.3f} | {frac} |",
                   flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=2))
+        write_json_atomic(args.out, {"settings": vars(args), "rows": rows})
     return 0
 
 

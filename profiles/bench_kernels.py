@@ -17,14 +17,14 @@ against SDPA.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from offload.fileio import write_json_atomic
 
 
 def _cpu_time(fn, repeats: int) -> float:
@@ -160,7 +160,7 @@ def main(argv=None) -> int:
         if key in results:
             print(f"{key}: {results[key]:.3g}")
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
+        write_json_atomic(args.out, results)
     return 0
 
 

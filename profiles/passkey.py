@@ -9,9 +9,9 @@ sentences of the passkey test (Mohtashami & Jaggi, 2023), so only the needle car
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
+
+from offload.fileio import write_json_atomic
 
 HEAD = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
         "I will quiz you about the important information there.\n")
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
                 print(f"| {ctx} | {depth:.0%} | {policy} | {out.text.strip()!r} | {'yes' if ok else 'no'} |",
                       flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=2))
+        write_json_atomic(args.out, {"settings": vars(args), "rows": rows})
     return 0
 
 
