@@ -13,6 +13,7 @@ import torch
 from offload.attention import DenseAttention, ForwardBatch
 from offload.config import ModelArgs
 from offload.kernels import gather_attention
+from offload.rope import rope_frequencies
 
 from .base import KVIndex, Selection, SelectionConfig, make_index, policy_class
 from .telemetry import Telemetry
@@ -31,6 +32,8 @@ class SparseAttention(DenseAttention):
         self.keep_queries = policy_class(policy).uses_prefill_queries
         self.prefill_queries: dict[tuple[int, int], list[torch.Tensor]] = {}  # (row, layer) -> [H, Tq, D] chunks
         self.telemetry = Telemetry() if telemetry else None
+        inv_freq, scaling = rope_frequencies(args)
+        self.rope = (inv_freq.to(device), scaling)
         self._seq_lens: torch.Tensor | None = None
 
     def allocate(self, batch_size: int, capacity: int) -> None:
@@ -53,6 +56,7 @@ class SparseAttention(DenseAttention):
                                      self.config)
                     chunks = self.prefill_queries.pop((row, layer), None)
                     queries = torch.cat(chunks, dim=1) if chunks else None  # [H, Nq, D]
+                    idx.rope = self.rope
                     idx.build(self.cache.k[layer, row], n, queries)
                     self.indexes[(row, layer)] = idx
         self._seq_lens = torch.tensor(batch.end_lengths, device=self.cache.device, dtype=torch.int32)  # [B]
@@ -71,6 +75,14 @@ class SparseAttention(DenseAttention):
             idx = self.indexes[(row, layer)]
             idx.extend(n)
             selections.append(idx.search(q[row, :, 0], self.config.budget_tokens(n)))
+        first = self.indexes[(batch.rows[0], layer)]
+        if first.attend is not None:  # the policy attends itself (e.g. ShadowKV's rebuilt keys)
+            outs = [self.indexes[(row, layer)].attend(q[row, :, 0], self.cache.k[layer, row], self.cache.v[layer, row],
+                                                      n, sel, self.kernel_backend)[0]
+                    for row, n, sel in zip(batch.rows, batch.end_lengths, selections)]
+            out = torch.stack(outs)  # [B, H, D]
+            self._observe(layer, q, batch, selections, out)
+            return out.view(B, H, 1, D)
         width = max(s.ids.shape[-1] for s in selections)
         selected = torch.zeros(B, self.args.num_kv_heads, width, dtype=torch.int32, device=q.device)  # [B, Hkv, S]
         for b, s in enumerate(selections):
@@ -79,12 +91,22 @@ class SparseAttention(DenseAttention):
         out, _ = gather_attention(q[:, :, 0], self.cache.k[layer], self.cache.v[layer], selected, counts,
                                   self._seq_lens, scale=self.args.softmax_scale, sink=self.config.sink,
                                   window=self.config.window, backend=self.kernel_backend)  # [B, H, D]
-        if self.telemetry is not None:
-            for b, (row, n) in enumerate(zip(batch.rows, batch.end_lengths)):
-                self.telemetry.observe(layer, q[row, :, 0], self.cache.k[layer, row], self.cache.v[layer, row], n,
-                                       selections[b], out[b], self.config, self.args.softmax_scale,
-                                       self.config.budget_tokens(n))
+        self._observe(layer, q, batch, selections, out)
         return out.view(B, H, 1, D)
+
+    def _observe(self, layer: int, q: torch.Tensor, batch: ForwardBatch, selections: list[Selection],
+                 out: torch.Tensor) -> None:
+        if self.telemetry is None:
+            return
+        for b, (row, n) in enumerate(zip(batch.rows, batch.end_lengths)):
+            idx = self.indexes[(row, layer)]
+            sel = selections[b]
+            extra = getattr(idx, "exact_ids", None)  # tokens a policy attends besides its selection
+            if extra is not None and extra.shape[-1]:
+                ids = torch.cat([sel.ids[:, :int(sel.counts.max())], extra], dim=-1)
+                sel = Selection(ids, sel.counts + extra.shape[-1])
+            self.telemetry.observe(layer, q[row, :, 0], self.cache.k[layer, row], self.cache.v[layer, row], n,
+                                   sel, out[b], self.config, self.args.softmax_scale, self.config.budget_tokens(n))
 
     def describe(self) -> str:
         c = self.config

@@ -68,6 +68,7 @@ class KVIndex(ABC):
         self.scale, self.config = scale, config
         self.keys: torch.Tensor | None = None  # [Hkv, N, D] view of the layer's cache row
         self.n = 0
+        self.rope: tuple[torch.Tensor, float] | None = None  # (inv_freq [D/2], scaling), set by the backend
 
     def build(self, keys: torch.Tensor, n: int, queries: torch.Tensor | None = None) -> None:
         """keys [Hkv, N, D]: the cache storage (post-RoPE), of which the first n are the prompt."""
@@ -84,6 +85,11 @@ class KVIndex(ABC):
     def nbytes(self) -> int:
         """Memory the index keeps beyond the KV cache."""
         return 0
+
+    # A policy with its own attention (ShadowKV rebuilds keys) defines
+    # attend(q [H, D], keys, values [Hkv, N, D], n, selection, backend) -> (out [H, D], lse [H]);
+    # otherwise the backend attends over the selection with exact gather attention.
+    attend = None
 
     # ---------------------------------------------------------------- helpers for subclasses
     def empty(self, device: torch.device) -> Selection:

@@ -24,7 +24,10 @@ def teacher_forced_logits(llm: LLM, ids: list[int], prompt_len: int) -> torch.Te
 
 
 @pytest.mark.parametrize("policy", policy_names())
-def test_full_budget_equals_dense(tiny_models, policy):
+def test_full_budget_equals_dense(tiny_models, policy, monkeypatch):
+    from offload.indexes.shadowkv import ShadowKVIndex
+
+    monkeypatch.setattr(ShadowKVIndex, "energy", 1.0)  # full rank: rebuilt keys are the keys
     folder, hf = tiny_models["qwen2"]
     ids = torch.randint(3, hf.config.vocab_size, (PROMPT + STEPS,), generator=torch.Generator().manual_seed(0)).tolist()
     dense = teacher_forced_logits(LLM(folder), ids, PROMPT)
@@ -161,16 +164,44 @@ def test_graph_projection_links_pivots_both_ways():
 
 
 def test_passkey_4k_retrieval_matches_dense_and_streaming_fails(smollm_path):
-    """A number hidden at 10/50/90% of 4K tokens: at a 2% budget, RetrievalAttention answers as dense
-    attention does, and sinks + window alone (streaming) cannot, so the test discriminates."""
+    """A number hidden at 10/50/90% of 4K tokens: at a 2% budget, RetrievalAttention and ShadowKV
+    answer as dense attention does, and sinks + window alone (streaming) cannot, so the test
+    discriminates."""
     from offload.profiles.passkey import passkey_prompt
 
     answers = {}
-    for policy in ("dense", "retrieval", "streaming"):
+    for policy in ("dense", "retrieval", "shadowkv", "streaming"):
         llm = LLM(smollm_path, kv_policy=policy, kv_budget=0.02)
         answers[policy] = [llm.generate([passkey_prompt(llm.tokenizer, 4000, depth)],
                                         SamplingParams(max_new_tokens=6))[0].text.strip()
                            for depth in (0.1, 0.5, 0.9)]
     assert all(a.startswith("68213") for a in answers["dense"]), answers
     assert answers["retrieval"] == answers["dense"], answers
+    assert answers["shadowkv"] == answers["dense"], answers
     assert not any(a.startswith("68213") for a in answers["streaming"]), answers
+
+
+def test_shadowkv_rank_from_spectrum_and_exact_rebuild_at_full_rank():
+    """Keys rebuilt from the factors (rotated back at their positions) equal the cached keys at full
+    rank; at a lower energy the rank drops and compression is reported."""
+    from offload.indexes.shadowkv import ShadowKVIndex
+    from offload.kernels import rope_rotate
+
+    torch.manual_seed(0)
+    Hkv, G, N, D = 2, 2, 256, 32
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
+    pre = torch.randn(N, 4) @ torch.randn(4, Hkv * D) + 0.01 * torch.randn(N, Hkv * D)  # nearly rank 4
+    keys = rope_rotate(pre.view(N, Hkv, D).transpose(0, 1), torch.arange(N), inv_freq)  # [Hkv, N, D]
+    for energy, expect_full in ((1.0, True), (0.99, False)):
+        idx = make_index("shadowkv", Hkv * G, Hkv, D, D ** -0.5, SelectionConfig(budget=32, sink=4, window=8))
+        assert isinstance(idx, ShadowKVIndex)
+        idx.energy = energy
+        idx.rope = (inv_freq, 1.0)
+        idx.build(keys, N)
+        rebuilt = (idx.u @ idx.sv).view(N, Hkv, D).transpose(0, 1)  # pre-RoPE
+        rebuilt = rope_rotate(rebuilt, torch.arange(N), inv_freq)
+        if expect_full:
+            torch.testing.assert_close(rebuilt, keys, atol=1e-4, rtol=1e-4)
+        else:
+            assert idx.rank == 4 and idx.compression == Hkv * D / 4
+            assert (rebuilt - keys).norm() / keys.norm() < 0.05
