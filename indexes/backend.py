@@ -41,9 +41,6 @@ class SparseAttention(DenseAttention):
         self.indexes.clear()  # a new batch of sequences
         self.prefill_queries.clear()
 
-    def index(self, row: int, layer: int) -> KVIndex:
-        return self.indexes[(row, layer)]
-
     def begin(self, batch: ForwardBatch) -> None:
         super().begin(batch)
         if not batch.is_decode:

@@ -96,6 +96,13 @@ class KVIndex(ABC):
         return Selection(torch.zeros(self.num_kv_heads, 1, dtype=torch.int32, device=device),
                          torch.zeros(self.num_kv_heads, dtype=torch.int32, device=device))
 
+    def all_candidates(self, lo: int, hi: int, device: torch.device) -> Selection:
+        """Every candidate id in [lo, hi) for every KV head: the selection of a budget that covers all."""
+        if hi <= lo:
+            return self.empty(device)
+        ids = torch.arange(lo, hi, dtype=torch.int32, device=device).expand(self.num_kv_heads, -1).contiguous()
+        return Selection(ids, torch.full((self.num_kv_heads,), hi - lo, dtype=torch.int32, device=device))
+
     def top_by_score(self, scores: torch.Tensor, lo: int, budget: int) -> Selection:
         """scores [Hkv, M] for candidates lo..lo+M-1 -> the ``budget`` best ids per head (sorted)."""
         m = scores.shape[-1]

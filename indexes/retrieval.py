@@ -93,9 +93,8 @@ class RetrievalIndex(KVIndex):
         if hi <= lo:
             return self.empty(q.device)
         if budget >= hi - lo:  # the budget covers every candidate: no search needed
-            ids = torch.arange(lo, hi, dtype=torch.int32).expand(self.num_kv_heads, -1).contiguous()
             self.last_scored = float(hi - lo)
-            return Selection(ids, torch.full((self.num_kv_heads,), hi - lo, dtype=torch.int32))
+            return self.all_candidates(lo, hi, q.device)
         keys = self.keys
         is_bf16 = keys.dtype == torch.bfloat16
         keys_np = keys.view(torch.int16).numpy().view(np.uint16) if is_bf16 else keys.float().numpy()

@@ -14,11 +14,7 @@ class DenseIndex(KVIndex):
     name = "dense"
 
     def search(self, q: torch.Tensor, budget: int) -> Selection:
-        lo, hi = self.config.candidate_range(self.n)
-        if hi <= lo:
-            return self.empty(q.device)
-        ids = torch.arange(lo, hi, dtype=torch.int32, device=q.device).expand(self.num_kv_heads, -1).contiguous()
-        return Selection(ids, torch.full((self.num_kv_heads,), hi - lo, dtype=torch.int32, device=q.device))
+        return self.all_candidates(*self.config.candidate_range(self.n), q.device)
 
 
 def group_attention_mass(q: torch.Tensor, keys: torch.Tensor, n: int, scale: float, group: int) -> torch.Tensor:

@@ -14,7 +14,6 @@ import torch
 from offload.kernels.reference import dense_token_ids
 
 from .base import Selection, SelectionConfig
-from .simple import group_attention_mass
 
 
 class Telemetry:
@@ -38,7 +37,7 @@ class Telemetry:
         attended[:, ids[0][valid[0]]] = True
         counts = selection.counts.tolist()
         exact_hits, total = 0, 0
-        mass = group_attention_mass(q, keys, n, scale, G)  # [Hkv, n]
+        mass = probs.sum(dim=1)  # [Hkv, n] the group's attention to each key
         lo, hi = config.candidate_range(n)
         for h, c in enumerate(counts):
             chosen = selection.ids[h, :c].long()

@@ -64,8 +64,9 @@ def gather_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     ids = torch.cat([dense_ids[:, None].expand(B, Hkv, -1), selected.to(torch.int64)], dim=-1)  # [B, Hkv, M]
     sel_valid = torch.arange(S, device=q.device) < num_selected[..., None]  # [B, Hkv, S]
     valid = torch.cat([dense_valid[:, None].expand(B, Hkv, -1), sel_valid], dim=-1)  # [B, Hkv, M]
-    keys = gather_rows(k_cache, torch.where(valid, ids, 0))  # [B, Hkv, M, D]
-    values = gather_rows(v_cache, torch.where(valid, ids, 0))  # [B, Hkv, M, D]
+    ids = torch.where(valid, ids, 0)  # invalid slots read token 0, then are masked out
+    keys = gather_rows(k_cache, ids)  # [B, Hkv, M, D]
+    values = gather_rows(v_cache, ids)  # [B, Hkv, M, D]
     return _attend_listed(q, keys, values, valid, scale)
 
 
