@@ -25,13 +25,18 @@ QUERY_STRIDE = 4
 
 class SparseAttention(DenseAttention):
     def __init__(self, args: ModelArgs, device: torch.device, dtype: torch.dtype, policy: str,
-                 config: SelectionConfig, telemetry: bool = False, kernel_backend: str = "auto"):
+                 config: SelectionConfig, telemetry: bool = False, kernel_backend: str = "auto",
+                 sentence_end_ids: frozenset[int] = frozenset()):
         super().__init__(args, device, dtype)
         self.policy, self.config, self.kernel_backend = policy, config, kernel_backend
         self.indexes: dict[tuple[int, int], KVIndex] = {}  # (row, layer) -> index
         self.keep_queries = policy_class(policy).uses_prefill_queries
         self.prefill_queries: dict[tuple[int, int], list[torch.Tensor]] = {}  # (row, layer) -> [H, Tq, D] chunks
         self.telemetry = Telemetry() if telemetry else None
+        # Text-aware indexes (SentenceKV) see each row's token ids and which ids end a sentence.
+        self.keep_tokens = getattr(policy_class(policy), "uses_token_ids", False)
+        self.sentence_end_ids = sentence_end_ids
+        self.row_tokens: dict[int, list[int]] = {}
         inv_freq, scaling = rope_frequencies(args)
         self.rope = (inv_freq.to(device), scaling)
         self._seq_lens: torch.Tensor | None = None
@@ -40,9 +45,17 @@ class SparseAttention(DenseAttention):
         super().allocate(batch_size, capacity)
         self.indexes.clear()  # a new batch of sequences
         self.prefill_queries.clear()
+        self.row_tokens.clear()
 
     def begin(self, batch: ForwardBatch) -> None:
         super().begin(batch)
+        if self.keep_tokens:
+            if batch.token_ids is None:
+                raise ValueError(f"kv_policy '{self.policy}' needs the token ids in every ForwardBatch")
+            for row, start, ids in zip(batch.rows, batch.start_lengths, batch.token_ids):
+                tokens = self.row_tokens.setdefault(row, [])
+                del tokens[start:]  # a row prefilled again from an earlier point
+                tokens.extend(ids)
         if not batch.is_decode:
             return
         a = self.args
@@ -54,6 +67,8 @@ class SparseAttention(DenseAttention):
                     chunks = self.prefill_queries.pop((row, layer), None)
                     queries = torch.cat(chunks, dim=1) if chunks else None  # [H, Nq, D]
                     idx.rope = self.rope
+                    if self.keep_tokens:
+                        idx.token_ids, idx.sentence_end_ids = self.row_tokens[row], self.sentence_end_ids
                     idx.build(self.cache.k[layer, row], n, queries)
                     self.indexes[(row, layer)] = idx
         self._seq_lens = torch.tensor(batch.end_lengths, device=self.cache.device, dtype=torch.int32)  # [B]

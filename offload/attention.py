@@ -38,6 +38,7 @@ class ForwardBatch:
     start_lengths: list[int]  # cache length of each row before this call
     num_new: int  # T
     is_decode: bool  # one token for every cache row (else: a prefill chunk of one row)
+    token_ids: list[list[int]] | None = None  # host copy of the tokens per row, for text-aware indexes
 
     @property
     def row_index(self) -> torch.Tensor:
@@ -48,15 +49,18 @@ class ForwardBatch:
         return [s + self.num_new for s in self.start_lengths]
 
     @classmethod
-    def prefill(cls, row: int, start: int, num_tokens: int, device: torch.device) -> "ForwardBatch":
+    def prefill(cls, row: int, start: int, num_tokens: int, device: torch.device,
+                token_ids: list[int] | None = None) -> "ForwardBatch":
         positions = torch.arange(start, start + num_tokens, device=device)[None]  # [1, T]
-        return cls(rows=[row], positions=positions, start_lengths=[start], num_new=num_tokens, is_decode=False)
+        return cls(rows=[row], positions=positions, start_lengths=[start], num_new=num_tokens, is_decode=False,
+                   token_ids=None if token_ids is None else [list(token_ids)])
 
     @classmethod
-    def decode(cls, lengths: list[int], device: torch.device) -> "ForwardBatch":
+    def decode(cls, lengths: list[int], device: torch.device,
+               token_ids: list[int] | None = None) -> "ForwardBatch":
         positions = torch.tensor(lengths, device=device, dtype=torch.int64)[:, None]  # [B, 1]
         return cls(rows=list(range(len(lengths))), positions=positions, start_lengths=list(lengths), num_new=1,
-                   is_decode=True)
+                   is_decode=True, token_ids=None if token_ids is None else [[t] for t in token_ids])
 
 
 class AttentionBackend(ABC):

@@ -87,7 +87,7 @@ class Engine:
         for start in range(0, len(ids), self.prefill_chunk_size):
             piece = ids[start:start + self.prefill_chunk_size]
             tokens = torch.tensor([piece], device=device)  # [1, T]
-            batch = ForwardBatch.prefill(row, start, len(piece), device)
+            batch = ForwardBatch.prefill(row, start, len(piece), device, piece)
             chunks.append(self.model(tokens, batch, self.backend, all_logits=all_logits)[0])  # [T or 1, V]
         return torch.cat(chunks) if all_logits else chunks[-1][-1]
 
@@ -124,7 +124,7 @@ class Engine:
                 break
             # Finished rows keep decoding their last token (ignored) so the batch stays rectangular.
             tokens = torch.tensor([[t] for t in next_tokens], device=self.model.device)  # [B, 1]
-            batch = ForwardBatch.decode(lengths, self.model.device)
+            batch = ForwardBatch.decode(lengths, self.model.device, next_tokens)
             logits = self.model(tokens, batch, self.backend)[:, -1]  # [B, V]
             lengths = batch.end_lengths
             next_tokens = sampler(logits)

@@ -65,7 +65,12 @@ class LLM:
             from .indexes.backend import SparseAttention
 
             config = SelectionConfig(budget=kv_budget, sink=sink, window=window, dense_layers=dense_layers)
-            self.backend = SparseAttention(self.args, self.device, self.dtype, kv_policy, config, telemetry)
+            from .indexes.base import policy_class
+
+            ends = self.tokenizer.sentence_end_ids() if getattr(policy_class(kv_policy), "uses_token_ids", False) \
+                else frozenset()
+            self.backend = SparseAttention(self.args, self.device, self.dtype, kv_policy, config, telemetry,
+                                           sentence_end_ids=ends)
         self.engine = Engine(self.model, self.tokenizer, self.backend, prefill_chunk_size)
         if verbose:
             print(self.describe(), file=sys.stderr)

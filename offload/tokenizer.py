@@ -61,6 +61,22 @@ class Tokenizer:
     def token_text(self, token_id: int) -> str:
         return self.backend.id_to_token(token_id) or ""
 
+    def sentence_end_ids(self) -> frozenset[int]:
+        """Token ids that end a sentence: their text ends in . ! ? (maybe followed by closing quotes or
+        brackets and spaces) or holds a line break; special tokens (BOS/EOS, chat markers) too.
+        Decoding each id alone is how the model's own tokenizer says what text a token is."""
+        if "sentence_end_ids" not in self.extra:
+            enders, closers = ".!?", "\"')]}\u201d\u2019 \t"
+            special = set(self.eos_token_ids) | ({self.bos_token_id} if self.bos_token_id is not None else set())
+            ids = set()
+            for i in range(self.vocab_size):
+                text = self.backend.decode([i], skip_special_tokens=False)
+                tail = text.rstrip(closers)
+                if "\n" in text or (tail and tail[-1] in enders) or i in special:
+                    ids.add(i)
+            self.extra["sentence_end_ids"] = frozenset(ids)
+        return self.extra["sentence_end_ids"]
+
     @classmethod
     def from_hf_folder(cls, folder: Path, eos_token_ids: tuple[int, ...] = ()) -> "Tokenizer":
         path = folder / "tokenizer.json"

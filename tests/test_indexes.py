@@ -19,7 +19,7 @@ def teacher_forced_logits(llm: LLM, ids: list[int], prompt_len: int) -> torch.Te
     llm.backend.allocate(1, len(ids))
     out = [llm.engine.prefill(0, ids[:prompt_len])]
     for n in range(prompt_len, len(ids) - 1):
-        out.append(llm.model(torch.tensor([[ids[n]]]), ForwardBatch.decode([n], llm.device), llm.backend)[0, -1])
+        out.append(llm.model(torch.tensor([[ids[n]]]), ForwardBatch.decode([n], llm.device, [ids[n]]), llm.backend)[0, -1])
     return torch.stack(out)
 
 
@@ -107,7 +107,7 @@ def test_policies_on_real_text(smollm_path):
     keys; Quest beats sinks + window alone; every figure is a real probability."""
     llm_ids = None
     results, scored = {}, None
-    for policy in ("exact", "retrieval", "quest", "streaming"):
+    for policy in ("exact", "retrieval", "quest", "streaming", "sentence"):
         llm = LLM(smollm_path, kv_policy=policy, kv_budget=0.02, telemetry=True)
         if llm_ids is None:
             llm_ids = llm.tokenizer.encode(shakespeare())[:2000]
@@ -124,6 +124,7 @@ def test_policies_on_real_text(smollm_path):
     assert scored < 0.35  # keys scored per search, as a fraction of the context
     assert exact["output_error"] < streaming["output_error"]
     assert streaming["recall"] == 0.0
+    assert streaming["mass"] + 0.05 < results["sentence"]["mass"] <= exact["mass"] + 1e-6  # whole sentences pay
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -205,3 +206,37 @@ def test_shadowkv_rank_from_spectrum_and_exact_rebuild_at_full_rank():
         else:
             assert idx.rank == 4 and idx.compression == Hkv * D / 4
             assert (rebuilt - keys).norm() / keys.norm() < 0.05
+
+
+def test_sentence_index_selects_whole_sentences():
+    """Segmentation at sentence-ending tokens (and every max_sentence tokens), running means for
+    the sentence vectors, whole sentences chosen best first, decode tokens joining sentences."""
+    from offload.indexes.sentence import SentenceIndex
+
+    torch.manual_seed(0)
+    D, n = 16, 60
+    tokens = [1] * n
+    for end in (9, 19, 39):  # sentences [0,10) [10,20) [20,40)->split at max_sentence [40,60)->split
+        tokens[end] = 0
+    keys = torch.randn(2, 80, D)  # [Hkv, N, D]
+    cfg = SelectionConfig(budget=12, sink=0, window=0)
+    idx = SentenceIndex(4, 2, D, D ** -0.5, cfg)
+    idx.token_ids, idx.sentence_end_ids = tokens, frozenset({0})
+    idx.build(keys, n)
+    starts = idx.starts[:idx.num_sentences].tolist()
+    assert starts == [0, 10, 20, 36, 40, 56]
+    assert torch.allclose(idx.sums[:, 2] / 16, keys[:, 20:36].mean(dim=1), atol=1e-6)
+    # A query aligned with sentence [10, 20)'s keys picks that sentence whole (10 tokens <= 12).
+    q = keys[:, 10:20].mean(dim=1).repeat_interleave(2, dim=0) * 50  # [H, D]
+    sel = idx.search(q, 12)
+    for h in range(2):
+        chosen = sel.ids[h, :sel.counts[h]].tolist()
+        assert set(range(10, 20)) <= set(chosen) and len(chosen) <= 12
+        for s, e in zip(starts, starts[1:] + [n]):  # never a part of a sentence
+            part = set(range(s, e)) & set(chosen)
+            assert not part or part == set(range(s, e))
+    tokens += [1, 0, 1]  # decode: the open sentence [56,60) grows to 62, then a new one starts at 62
+    idx.extend(63)
+    assert idx.starts[:idx.num_sentences].tolist() == starts + [62]
+    assert idx.lengths[5].item() == 6
+    assert torch.allclose(idx.sums[:, 5] / 6, keys[:, 56:62].mean(dim=1), atol=1e-6)
