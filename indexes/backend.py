@@ -58,20 +58,42 @@ class SparseAttention(DenseAttention):
                 tokens.extend(ids)
         if not batch.is_decode:
             return
-        a = self.args
         for row, n in zip(batch.rows, batch.start_lengths):
-            for layer in range(self.config.dense_layers, a.num_layers):
-                if (row, layer) not in self.indexes:
-                    idx = make_index(self.policy, a.num_heads, a.num_kv_heads, a.head_dim, a.softmax_scale,
-                                     self.config)
-                    chunks = self.prefill_queries.pop((row, layer), None)
-                    queries = torch.cat(chunks, dim=1) if chunks else None  # [H, Nq, D]
-                    idx.rope = self.rope
-                    if self.keep_tokens:
-                        idx.token_ids, idx.sentence_end_ids = self.row_tokens[row], self.sentence_end_ids
-                    idx.build(self.cache.k[layer, row], n, queries)
-                    self.indexes[(row, layer)] = idx
+            self.build_indexes(row, n)
         self._seq_lens = torch.tensor(batch.end_lengths, device=self.cache.device, dtype=torch.int32)  # [B]
+
+    def build_indexes(self, row: int, n: int) -> None:
+        """Build every sparse layer's index of cache row ``row`` over its first n tokens (once)."""
+        a = self.args
+        for layer in range(self.config.dense_layers, a.num_layers):
+            if (row, layer) not in self.indexes:
+                idx = self._new_index(row)
+                chunks = self.prefill_queries.pop((row, layer), None)
+                queries = torch.cat(chunks, dim=1) if chunks else None  # [H, Nq, D]
+                idx.build(self.cache.k[layer, row], n, queries)
+                self.indexes[(row, layer)] = idx
+
+    def _new_index(self, row: int) -> KVIndex:
+        a = self.args
+        idx = make_index(self.policy, a.num_heads, a.num_kv_heads, a.head_dim, a.softmax_scale, self.config)
+        idx.rope = self.rope
+        if self.keep_tokens:
+            idx.token_ids, idx.sentence_end_ids = self.row_tokens[row], self.sentence_end_ids
+        return idx
+
+    def index_states(self, row: int) -> dict[int, tuple[dict, dict[str, torch.Tensor]]]:
+        """What each layer's index of ``row`` learned, for a prompt cache: layer -> (scalars, tensors)."""
+        return {layer: idx.state() for (r, layer), idx in sorted(self.indexes.items()) if r == row}
+
+    def restore_row(self, row: int, token_ids: list[int], k: torch.Tensor, v: torch.Tensor,
+                    index_states: dict[int, tuple[dict, dict[str, torch.Tensor]]] | None = None) -> None:
+        super().restore_row(row, token_ids, k, v)
+        if self.keep_tokens:
+            self.row_tokens[row] = list(token_ids)
+        for layer, (scalars, tensors) in (index_states or {}).items():
+            idx = self._new_index(row)
+            idx.restore(self.cache.k[layer, row], scalars, tensors)
+            self.indexes[(row, layer)] = idx
 
     def forward(self, layer, q, k, v, batch):
         if not batch.is_decode or layer < self.config.dense_layers:

@@ -20,6 +20,7 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from offload.errors import OffloadError
@@ -90,6 +91,44 @@ class KVIndex(ABC):
     # attend(q [H, D], keys, values [Hkv, N, D], n, selection, backend) -> (out [H, D], lse [H]);
     # otherwise the backend attends over the selection with exact gather attention.
     attend = None
+
+    # ---------------------------------------------------------------- persistence
+    # What an index learned is its instance attributes besides what the backend wires in.
+    _NOT_STATE = frozenset({"num_heads", "num_kv_heads", "head_dim", "group", "scale", "config", "keys", "rope",
+                            "token_ids", "sentence_end_ids"})
+    persistable = True  # an index holding foreign objects (hnswlib graphs) sets False
+
+    def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """(scalars, tensors) that :meth:`restore` takes back: numpy arrays travel as tensors."""
+        if not self.persistable:
+            raise OffloadError(f"the '{self.name}' index cannot be saved (it holds library objects); "
+                               "use retrieval, shadowkv, sentence, quest or streaming for prompt caching")
+        scalars, tensors = {}, {}
+        for key, value in vars(self).items():
+            if key in self._NOT_STATE:
+                continue
+            if isinstance(value, torch.Tensor):
+                tensors[key] = value
+            elif isinstance(value, np.ndarray):
+                tensors[key] = torch.from_numpy(np.ascontiguousarray(value))
+                scalars[key] = "__numpy__"
+            elif value is None or isinstance(value, (bool, int, float, str)):
+                scalars[key] = value
+            else:
+                raise OffloadError(f"index '{self.name}' attribute '{key}' ({type(value).__name__}) cannot be saved")
+        return scalars, tensors
+
+    def restore(self, keys: torch.Tensor, scalars: dict, tensors: dict[str, torch.Tensor]) -> None:
+        """Take back a saved state over ``keys`` (the reloaded cache row)."""
+        self.keys = keys
+        for key, value in scalars.items():
+            if value != "__numpy__":
+                setattr(self, key, value)
+        for key, t in tensors.items():
+            setattr(self, key, t.numpy() if scalars.get(key) == "__numpy__" else t.to(keys.device))
+        missing = {k for k in ("n",) if k not in scalars}
+        if missing:
+            raise OffloadError(f"saved '{self.name}' index state lacks {sorted(missing)}: the prompt cache is corrupt")
 
     # ---------------------------------------------------------------- helpers for subclasses
     def empty(self, device: torch.device) -> Selection:

@@ -25,6 +25,7 @@ class KeyGraphIndex(RetrievalIndex):
 @register
 class HNSWIndex(KVIndex):
     name = "hnsw"
+    persistable = False
     M = 16
     ef_construction = 100
     effort = 1.0  # ef = effort x budget (at least the number of results asked for)

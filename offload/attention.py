@@ -165,6 +165,13 @@ class DenseAttention(AttentionBackend):
     def allocate(self, batch_size: int, capacity: int) -> None:
         self.cache.allocate(batch_size, capacity)
 
+    def restore_row(self, row: int, token_ids: list[int], k: torch.Tensor, v: torch.Tensor,
+                    index_states: dict | None = None) -> None:
+        """Put a saved prefix back: k, v [L, Hkv, n, D] become cache row ``row``'s first n tokens."""
+        n = k.shape[2]
+        self.cache.k[:, row, :, :n] = k
+        self.cache.v[:, row, :, :n] = v
+
     def begin(self, batch: ForwardBatch) -> None:
         # Masks are built once per model call and shared by all layers.
         if batch.is_decode:

@@ -14,6 +14,7 @@ import torch
 from .attention import AttentionBackend, ForwardBatch
 from .errors import InvalidRequestError
 from .model import Transformer
+from .prompt_cache import CachedPrompt
 from .sampling import Sampler, SamplingParams
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -77,14 +78,15 @@ class Engine:
         if bad:
             raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary (0..{self.model.args.vocab_size - 1})")
 
-    def prefill(self, row: int, ids: list[int], all_logits: bool = False) -> torch.Tensor:
-        """Run the prompt through the model in chunks, filling cache row ``row``.
+    def prefill(self, row: int, ids: list[int], all_logits: bool = False, begin: int = 0) -> torch.Tensor:
+        """Run the prompt through the model in chunks, filling cache row ``row`` (from token ``begin``:
+        the tokens before it are already cached).
 
         Returns logits [V] of the last position, or [T, V] for every position with ``all_logits``.
         """
         device = self.model.device
         chunks = []
-        for start in range(0, len(ids), self.prefill_chunk_size):
+        for start in range(begin, len(ids), self.prefill_chunk_size):
             piece = ids[start:start + self.prefill_chunk_size]
             tokens = torch.tensor([piece], device=device)  # [1, T]
             batch = ForwardBatch.prefill(row, start, len(piece), device, piece)
@@ -92,8 +94,12 @@ class Engine:
         return torch.cat(chunks) if all_logits else chunks[-1][-1]
 
     def run(self, prompts: list[list[int]], params: list[SamplingParams],
-            texts: list[str | None] | None = None) -> Iterator[list[tuple[RequestOutput, str]]]:
-        """Generate for every prompt; yields, after each step, (output, new text) for rows that grew."""
+            texts: list[str | None] | None = None,
+            cached: dict[int, CachedPrompt] | None = None) -> Iterator[list[tuple[RequestOutput, str]]]:
+        """Generate for every prompt; yields, after each step, (output, new text) for rows that grew.
+
+        ``cached`` maps a row to a saved prefix of its prompt (a prompt cache): its KV and indexes
+        are restored and only the tokens after it are prefilled."""
         for ids in prompts:
             self.check_prompt(ids)
         outputs = [RequestOutput(prompt=(texts or [None] * len(prompts))[i], prompt_token_ids=list(ids))
@@ -106,7 +112,8 @@ class Engine:
         stats = self.stats = GenerationStats(rows=len(prompts), prompt_tokens=sum(len(p) for p in prompts))
 
         t0 = time.perf_counter()
-        logits = torch.stack([self.prefill(row, ids) for row, ids in enumerate(prompts)])  # [B, V]
+        logits = torch.stack([self._prefill_row(row, ids, (cached or {}).get(row))
+                              for row, ids in enumerate(prompts)])  # [B, V]
         next_tokens = sampler(logits)  # the .tolist() inside synchronises, so the timing is honest
         stats.prefill_seconds = time.perf_counter() - t0
         lengths = [len(ids) for ids in prompts]
@@ -130,6 +137,16 @@ class Engine:
             next_tokens = sampler(logits)
             stats.decode_steps += 1
         stats.decode_seconds = time.perf_counter() - t0
+
+    def _prefill_row(self, row: int, ids: list[int], prefix: CachedPrompt | None) -> torch.Tensor:
+        if prefix is None:
+            return self.prefill(row, ids)
+        n = len(prefix.token_ids)
+        if ids[:n] != prefix.token_ids:
+            raise InvalidRequestError("the prompt does not start with the cached prompt: use the prompt the cache "
+                                      "was saved for (optionally followed by more text)")
+        self.backend.restore_row(row, ids, prefix.k, prefix.v, prefix.index_states)
+        return self.prefill(row, ids, begin=n) if len(ids) > n else prefix.logits
 
     def _append(self, out: RequestOutput, token: int, detok: IncrementalDetokenizer, p: SamplingParams,
                 budget: int) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator, Sequence, Union
 
@@ -12,6 +13,7 @@ from .attention import DenseAttention
 from .engine import Engine, GenerationStats, RequestOutput
 from .errors import InvalidRequestError, OffloadError
 from .loaders import load_model
+from .prompt_cache import CachedPrompt, load_prompt_cache, model_fingerprint, save_prompt_cache
 from .sampling import SamplingParams
 
 Prompt = Union[str, Sequence[int], Sequence[dict]]
@@ -118,23 +120,58 @@ class LLM:
             raise InvalidRequestError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
         return [e[0] for e in encoded], params, [e[1] for e in encoded]
 
+    # ------------------------------------------------------------------ prompt caching
+    def _cache_settings(self) -> dict:
+        config = getattr(self.backend, "config", None)
+        return {"kv_policy": self.kv_policy, "selection": None if config is None else asdict(config)}
+
+    @torch.inference_mode()
+    def save_prompt(self, prompt: Prompt, path: str | Path, *, chat: bool = False) -> Path:
+        """Prefill ``prompt``, build its KV indexes and save both to ``path`` (one verified store
+        file, written atomically). ``generate(..., prompt_cache=path)`` then skips that work for any
+        prompt that starts with this one."""
+        (ids,), _, _ = self._prepare(prompt, None, chat)
+        self.engine.check_prompt(ids)
+        self.backend.allocate(1, len(ids))
+        logits = self.engine.prefill(0, ids)  # [V]
+        states = {}
+        if hasattr(self.backend, "build_indexes"):
+            self.backend.build_indexes(0, len(ids))
+            states = self.backend.index_states(0)
+        n = len(ids)
+        cache = self.backend.cache
+        return save_prompt_cache(path, fingerprint=model_fingerprint(self.args, self.path), dtype=self.dtype,
+                                 policy=self.kv_policy, settings=self._cache_settings(), token_ids=ids,
+                                 k=cache.k[:, 0, :, :n], v=cache.v[:, 0, :, :n], logits=logits,
+                                 index_states=states)
+
+    def _load_prompt_cache(self, path: str | Path | None, num_prompts: int) -> dict[int, CachedPrompt] | None:
+        if path is None:
+            return None
+        if num_prompts != 1:
+            raise InvalidRequestError("prompt_cache serves one prompt at a time; call generate once per prompt")
+        return {0: load_prompt_cache(path, fingerprint=model_fingerprint(self.args, self.path), dtype=self.dtype,
+                                     policy=self.kv_policy, settings=self._cache_settings(), device=self.device)}
+
     def generate(self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | list[SamplingParams] | None
-                 = None, *, chat: bool = False) -> list[RequestOutput]:
-        """Generate for one prompt or a batch of prompts of any lengths. Returns one output per prompt."""
+                 = None, *, chat: bool = False, prompt_cache: str | Path | None = None) -> list[RequestOutput]:
+        """Generate for one prompt or a batch of prompts of any lengths. Returns one output per prompt.
+
+        ``prompt_cache``: a file from :meth:`save_prompt` whose prompt starts this one's."""
         ids, params, texts = self._prepare(prompts, sampling_params, chat)
         outputs: list[RequestOutput] = []
-        for step in self.engine.run(ids, params, texts):
+        for step in self.engine.run(ids, params, texts, self._load_prompt_cache(prompt_cache, len(ids))):
             if not outputs:  # the first step carries every row, in prompt order
                 outputs = [out for out, _ in step]
         return outputs
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None, *,
-               chat: bool = False) -> Iterator[str]:
+               chat: bool = False, prompt_cache: str | Path | None = None) -> Iterator[str]:
         """Yield the text of one prompt's continuation piece by piece as tokens are produced."""
         ids, params, texts = self._prepare(prompt, sampling_params, chat)
         if len(ids) != 1:
             raise InvalidRequestError("stream() takes one prompt; use generate() for a batch")
-        for step in self.engine.run(ids, params, texts):
+        for step in self.engine.run(ids, params, texts, self._load_prompt_cache(prompt_cache, 1)):
             for _, delta in step:
                 if delta:
                     yield delta
