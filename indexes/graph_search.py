@@ -11,7 +11,7 @@ import numpy as np
 from numba import njit, prange
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", fastmath=True)
 def _score_f32(keys, node, qg):
     """max over the group's queries of q . k, keys [N, D] float32, qg [G, D]."""
     best = -np.inf
@@ -24,7 +24,7 @@ def _score_f32(keys, node, qg):
     return best
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", fastmath=True)
 def _score_bf16(keys, node, qg):
     """keys [N, D] uint16 holding bfloat16 bits."""
     best = -np.inf
@@ -41,21 +41,65 @@ def _score_bf16(keys, node, qg):
     return best
 
 
-@njit(cache=True)
-def _beam_search(keys, is_bf16, indptr, indices, entries, qg, lo, hi, n_tokens, ef, topk, out_ids, visited):
-    """Best-first search; returns (number of results written, number of keys scored).
+@njit(cache=True, inline="always")
+def _heap_push(sc, ids, size, score, node):
+    """Push (score, node) on the min-heap held in sc/ids[:size]; returns the new size."""
+    i = size
+    sc[i], ids[i] = score, node
+    while i > 0:
+        parent = (i - 1) >> 1
+        if sc[parent] <= sc[i]:
+            break
+        sc[parent], sc[i] = sc[i], sc[parent]
+        ids[parent], ids[i] = ids[i], ids[parent]
+        i = parent
+    return size + 1
 
-    Neighbours of a node: its graph edges (prompt tokens) and its sequence neighbours node - 1 and
-    node + 1, which keep every token, decode tokens included, reachable without graph updates.
+
+@njit(cache=True, inline="always")
+def _heap_sift_down(sc, ids, size):
+    """Restore the min-heap property after the root was replaced."""
+    i = 0
+    while True:
+        left = 2 * i + 1
+        if left >= size:
+            break
+        child = left
+        if left + 1 < size and sc[left + 1] < sc[left]:
+            child = left + 1
+        if sc[i] <= sc[child]:
+            break
+        sc[child], sc[i] = sc[i], sc[child]
+        ids[child], ids[i] = ids[i], ids[child]
+        i = child
+
+
+@njit(cache=True, inline="always")
+def _heap_pop(sc, ids, size):
+    """Remove the root of the min-heap; returns the new size."""
+    size -= 1
+    sc[0], ids[0] = sc[size], ids[size]
+    _heap_sift_down(sc, ids, size)
+    return size
+
+
+@njit(cache=True, fastmath=True)
+def _beam_search(keys, is_bf16, indptr, indices, entries, qg, lo, hi, n_tokens, ef, topk, out_ids, visited):
+    """Best-first search (HNSW's search-layer on one graph); returns (results written, keys scored).
+
+    Two binary heaps: the frontier (a max-heap, stored negated) and the ef best selectable results
+    (a min-heap whose root is the worst kept). The search stops when the best frontier node is
+    worse than the worst result; a neighbour worse than the worst result is not queued. Neighbours
+    of a node: its graph edges (prompt tokens) and its sequence neighbours node - 1 and node + 1,
+    which keep every token, decode tokens included, reachable without graph updates.
     """
     n_scored = 0
-    cap = ef + 1
-    # results: a bounded set kept as arrays (ef is small); candidates: a simple array-backed frontier
-    res_ids = np.empty(cap, np.int64)
-    res_sc = np.empty(cap, np.float64)
+    res_sc = np.empty(ef + 1, np.float64)
+    res_ids = np.empty(ef + 1, np.int64)
     n_res = 0
-    cand_ids = np.empty(n_tokens + entries.shape[0] + 1, np.int64)
-    cand_sc = np.empty(n_tokens + entries.shape[0] + 1, np.float64)
+    cap = n_tokens + entries.shape[0] + 1
+    cand_sc = np.empty(cap, np.float64)  # negated scores: the root is the best candidate
+    cand_ids = np.empty(cap, np.int64)
     n_cand = 0
     for e in entries:
         if e < 0 or visited[e]:
@@ -63,39 +107,19 @@ def _beam_search(keys, is_bf16, indptr, indices, entries, qg, lo, hi, n_tokens, 
         visited[e] = True
         s = _score_bf16(keys, e, qg) if is_bf16 else _score_f32(keys, e, qg)
         n_scored += 1
-        cand_ids[n_cand] = e
-        cand_sc[n_cand] = s
-        n_cand += 1
+        n_cand = _heap_push(cand_sc, cand_ids, n_cand, -s, e)
+    n_graph = indptr.shape[0] - 1
     while n_cand > 0:
-        # pop the best candidate
-        b = 0
-        for i in range(1, n_cand):
-            if cand_sc[i] > cand_sc[b]:
-                b = i
-        node, s = cand_ids[b], cand_sc[b]
-        n_cand -= 1
-        cand_ids[b], cand_sc[b] = cand_ids[n_cand], cand_sc[n_cand]
-        # the worst kept result
-        if n_res >= ef:
-            w = 0
-            for i in range(1, n_res):
-                if res_sc[i] < res_sc[w]:
-                    w = i
-            if s < res_sc[w]:
-                break  # no candidate can improve the results
-        # keep node if it is a selectable candidate
+        s, node = -cand_sc[0], cand_ids[0]
+        n_cand = _heap_pop(cand_sc, cand_ids, n_cand)
+        if n_res >= ef and s < res_sc[0]:
+            break  # no frontier node can improve the results
         if lo <= node < hi:
             if n_res < ef:
-                res_ids[n_res], res_sc[n_res] = node, s
-                n_res += 1
-            else:
-                w = 0
-                for i in range(1, n_res):
-                    if res_sc[i] < res_sc[w]:
-                        w = i
-                if s > res_sc[w]:
-                    res_ids[w], res_sc[w] = node, s
-        n_graph = indptr.shape[0] - 1
+                n_res = _heap_push(res_sc, res_ids, n_res, s, node)
+            elif s > res_sc[0]:
+                res_sc[0], res_ids[0] = s, node
+                _heap_sift_down(res_sc, res_ids, n_res)
         start = indptr[node] if node < n_graph else 0
         stop = indptr[node + 1] if node < n_graph else 0
         for j in range(start, stop + 2):
@@ -110,8 +134,8 @@ def _beam_search(keys, is_bf16, indptr, indices, entries, qg, lo, hi, n_tokens, 
             visited[nb] = True
             sc = _score_bf16(keys, nb, qg) if is_bf16 else _score_f32(keys, nb, qg)
             n_scored += 1
-            cand_ids[n_cand], cand_sc[n_cand] = nb, sc
-            n_cand += 1
+            if n_res < ef or sc > res_sc[0]:
+                n_cand = _heap_push(cand_sc, cand_ids, n_cand, -sc, nb)
     # top-k of the results, ids ascending
     order = np.argsort(-res_sc[:n_res])
     k = min(topk, n_res)
@@ -121,7 +145,7 @@ def _beam_search(keys, is_bf16, indptr, indices, entries, qg, lo, hi, n_tokens, 
     return k, n_scored
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, fastmath=True)
 def search_heads(keys_f32, keys_u16, is_bf16, indptr, indices, entries, queries, lo, hi, n_tokens, ef, topk,
                  out_ids, out_counts, out_scored):
     """Search every KV head in parallel.

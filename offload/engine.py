@@ -56,16 +56,17 @@ class GenerationStats:
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, backend: AttentionBackend,
-                 prefill_chunk_size: int = 512):
+                 prefill_chunk_size: int = 512, max_context: int | None = None):
         if prefill_chunk_size <= 0:
             raise InvalidRequestError(f"prefill_chunk_size must be positive, got {prefill_chunk_size}")
         self.model, self.tokenizer, self.backend = model, tokenizer, backend
         self.prefill_chunk_size = prefill_chunk_size
+        self._max_context = max_context
         self.stats = GenerationStats()
 
     @property
     def max_context(self) -> int:
-        return self.model.args.max_position_embeddings
+        return self._max_context or self.model.args.max_position_embeddings
 
     def check_prompt(self, ids: list[int]) -> None:
         if not ids:
@@ -73,7 +74,7 @@ class Engine:
         if len(ids) >= self.max_context:
             raise InvalidRequestError(
                 f"the prompt has {len(ids)} tokens but the model supports at most {self.max_context} "
-                f"(max_position_embeddings), including generated tokens: shorten the prompt")
+                f"(max_position_embeddings; max_context overrides it), including generated tokens: shorten the prompt")
         bad = [t for t in ids if not 0 <= t < self.model.args.vocab_size]
         if bad:
             raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary (0..{self.model.args.vocab_size - 1})")

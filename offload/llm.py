@@ -54,7 +54,7 @@ class LLM:
     def __init__(self, model: str | Path | None = None, *, device: str | None = "auto", dtype: str | None = "auto",
                  prefill_chunk_size: int = 512, kv_policy: str = "dense", kv_budget: float = 0.02,
                  sink: int = 4, window: int = 64, dense_layers: int = 2, telemetry: bool = False,
-                 verbose: bool = False, progress: bool = False):
+                 max_context: int | None = None, verbose: bool = False, progress: bool = False):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.model, self.tokenizer, self.path = load_model(model, self.device, self.dtype, progress=progress)
@@ -73,7 +73,14 @@ class LLM:
                 else frozenset()
             self.backend = SparseAttention(self.args, self.device, self.dtype, kv_policy, config, telemetry,
                                            sentence_end_ids=ends)
-        self.engine = Engine(self.model, self.tokenizer, self.backend, prefill_chunk_size)
+        if max_context is not None:
+            if max_context <= 0:
+                raise OffloadError(f"max_context must be positive, got {max_context}")
+            if max_context > self.args.max_position_embeddings:
+                print(f"offload: max_context {max_context} is beyond the {self.args.max_position_embeddings} positions "
+                      "this model was trained for: fine for measuring speed and index behaviour, but expect "
+                      "output quality to degrade", file=sys.stderr)
+        self.engine = Engine(self.model, self.tokenizer, self.backend, prefill_chunk_size, max_context)
         if verbose:
             print(self.describe(), file=sys.stderr)
 

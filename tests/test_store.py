@@ -1,6 +1,5 @@
 """The disk tier's store: bit-exact round trips, checksums, atomic replacement, direct I/O."""
 
-import os
 
 import pytest
 import torch

@@ -1,0 +1,178 @@
+"""Decode speed and selection quality of every KV policy against context length, in one run.
+
+For each context: the prompt (real text) is prefilled once and every policy decodes from that same
+KV cache, so all policies see the same keys and the figures are comparable. Per policy: index
+build time, decode ms/token (median of ``--steps`` greedy steps, no telemetry), then
+``--telemetry-steps`` more steps with telemetry (attention mass, recall@budget, output error vs
+exact attention, keys scored per search), and the index's memory. Writes JSON, a Markdown table
+and a plot of ms/token against context per policy.
+
+Contexts beyond the model's trained positions (SmolLM2: 8,192) are allowed here for speed and
+index measurements; they are flagged in the output.
+
+    python -m offload.profiles.bench_context --contexts 4096 8192 16384 32768 \\
+        --policies dense retrieval shadowkv quest streaming sentence --out bench_context.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+from tqdm import tqdm
+
+from offload.attention import DenseAttention, ForwardBatch
+from offload.fileio import write_json_atomic
+
+from .bench_generate import _real_text_ids
+
+
+def prefill_shared(llm, ids: list[int], capacity: int, config):
+    """Prefill once with a backend that keeps what every policy needs (prefill queries, token ids)."""
+    from offload.indexes.backend import SparseAttention
+
+    shared = SparseAttention(llm.args, llm.device, llm.dtype, "retrieval", config,
+                             sentence_end_ids=llm.tokenizer.sentence_end_ids())
+    shared.keep_tokens = True
+    shared.allocate(1, capacity)
+    llm.engine.backend = shared
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        logits = llm.engine.prefill(0, ids)  # [V]
+    return shared, logits, time.perf_counter() - t0
+
+
+def backend_for(policy: str, llm, shared, config):
+    from offload.indexes.backend import SparseAttention
+
+    if policy == "dense":
+        backend = DenseAttention(llm.args, llm.device, llm.dtype)
+    else:
+        backend = SparseAttention(llm.args, llm.device, llm.dtype, policy, config,
+                                  sentence_end_ids=shared.sentence_end_ids)
+        backend.prefill_queries = {key: list(chunks) for key, chunks in shared.prefill_queries.items()}
+        backend.row_tokens = {row: list(t) for row, t in shared.row_tokens.items()}
+    backend.cache = shared.cache  # the same KV for every policy
+    return backend
+
+
+@torch.inference_mode()
+def decode(llm, backend, n: int, token: int, steps: int) -> tuple[list[float], int, int]:
+    """``steps`` greedy steps from context n: (seconds per step, next token, new context)."""
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        batch = ForwardBatch.decode([n], llm.device, [token])
+        logits = llm.model(torch.tensor([[token]], device=llm.device), batch, backend)[0, -1]  # [V]
+        token = int(logits.argmax())
+        times.append(time.perf_counter() - t0)
+        n += 1
+    return times, token, n
+
+
+def run_context(llm, ctx: int, policies: list[str], config, steps: int, telemetry_steps: int) -> list[dict]:
+    from offload.indexes.telemetry import Telemetry
+
+    ids = _real_text_ids(llm.tokenizer, ctx)
+    shared, logits, prefill_s = prefill_shared(llm, ids, ctx + steps + telemetry_steps + 1, config)
+    first = int(logits.argmax())
+    rows = []
+    for policy in policies:
+        backend = backend_for(policy, llm, shared, config)
+        t0 = time.perf_counter()
+        if policy != "dense":
+            backend.build_indexes(0, ctx)
+        build_s = time.perf_counter() - t0
+        times, token, n = decode(llm, backend, ctx, first, steps)
+        row = {"context": ctx, "policy": policy, "prefill_s": prefill_s, "prefill_tok_s": ctx / prefill_s,
+               "build_s": build_s, "decode_ms": 1e3 * statistics.median(times),
+               "decode_ms_runs": [1e3 * t for t in times],
+               "beyond_trained_context": ctx > llm.args.max_position_embeddings}
+        if policy != "dense":
+            row["index_bytes"] = sum(ix.nbytes() for ix in backend.indexes.values())
+            if telemetry_steps:
+                backend.telemetry = Telemetry()
+                decode(llm, backend, n, token, telemetry_steps)
+                s = backend.telemetry.summary()
+                row.update(mass=s["mass"], recall=s["recall"], output_error=s["output_error"])
+            scored = [ix.last_scored / ix.n for ix in backend.indexes.values() if hasattr(ix, "last_scored")]
+            row["scored_fraction"] = sum(scored) / len(scored) if scored else None
+        rows.append(row)
+        del backend
+    return rows
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for policy in dict.fromkeys(r["policy"] for r in rows):
+        pts = sorted((r["context"], r["decode_ms"]) for r in rows if r["policy"] == policy)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=policy)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("decode ms/token (median)")
+    ax.set_title("Decode latency vs context")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--contexts", type=int, nargs="+", default=[4096, 8192])
+    p.add_argument("--policies", nargs="+", default=["dense", "retrieval", "shadowkv", "quest", "streaming",
+                                                       "sentence"])
+    p.add_argument("--budget", type=float, default=0.02)
+    p.add_argument("--sink", type=int, default=4)
+    p.add_argument("--window", type=int, default=64)
+    p.add_argument("--dense-layers", type=int, default=2)
+    p.add_argument("--steps", type=int, default=8, help="timed decode steps per policy (median reported)")
+    p.add_argument("--telemetry-steps", type=int, default=2)
+    p.add_argument("--prefill-chunk", type=int, default=1024)
+    p.add_argument("--out", default=None, help="JSON path; the plot goes next to it (.png)")
+    args = p.parse_args(argv)
+
+    from offload import LLM
+    from offload.indexes import SelectionConfig
+
+    llm = LLM(args.model, dtype=args.dtype, prefill_chunk_size=args.prefill_chunk,
+              max_context=max(max(args.contexts) + args.steps + args.telemetry_steps + 2, 1))
+    config = SelectionConfig(budget=args.budget, sink=args.sink, window=args.window, dense_layers=args.dense_layers)
+    print(f"# {llm.path.name}, {llm.device.type}, {str(llm.dtype).removeprefix('torch.')}, "
+          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    print("| context | policy | decode ms/token | vs dense | build s | mass | recall | out. err | scored | index MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    rows = []
+    for ctx in tqdm(args.contexts, desc="contexts", disable=None):
+        ctx_rows = run_context(llm, ctx, args.policies, config, args.steps, args.telemetry_steps)
+        dense = next((r["decode_ms"] for r in ctx_rows if r["policy"] == "dense"), None)
+        for r in ctx_rows:
+            r["speedup_vs_dense"] = dense / r["decode_ms"] if dense else None
+            fmt = lambda k, f: "-" if r.get(k) is None else format(r[k], f)  # noqa: E731
+            flag = "*" if r["beyond_trained_context"] else ""
+            print(f"| {ctx}{flag} | {r['policy']} | {r['decode_ms']:.1f} | {fmt('speedup_vs_dense', '.1f')}x | "
+                  f"{r['build_s']:.1f} | {fmt('mass', '.3f')} | {fmt('recall', '.3f')} | {fmt('output_error', '.3f')} | "
+                  f"{fmt('scored_fraction', '.3f')} | {r.get('index_bytes', 0) / 2**20:.1f} |", flush=True)
+        rows += ctx_rows
+        if args.out:  # write as we go: a long run keeps what it measured
+            write_json_atomic(args.out, {"settings": vars(args), "machine": platform.platform(),
+                                         "threads": torch.get_num_threads(), "rows": rows})
+    if args.out:
+        plot(rows, str(args.out).removesuffix(".json") + ".png")
+    print("* beyond the model's trained context")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
