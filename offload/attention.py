@@ -104,8 +104,10 @@ class KVCache:
         self.k = self.v = None  # free the old cache before allocating the new one
         a = self.args
         shape = (a.num_layers, batch_size, a.num_kv_heads, capacity, a.head_dim)
-        self.k = torch.empty(shape, device=self.device, dtype=self.dtype)  # [L, B, Hkv, N, D]
-        self.v = torch.empty(shape, device=self.device, dtype=self.dtype)  # [L, B, Hkv, N, D]
+        # Zeroed, not empty: rows of a batch are masked beyond their length, and a masked weight
+        # of 0 times uninitialised memory that happens to hold NaN would still be NaN.
+        self.k = torch.zeros(shape, device=self.device, dtype=self.dtype)  # [L, B, Hkv, N, D]
+        self.v = torch.zeros(shape, device=self.device, dtype=self.dtype)  # [L, B, Hkv, N, D]
 
     def nbytes(self) -> int:
         return 0 if self.k is None else 2 * self.k.numel() * self.k.element_size()

@@ -54,10 +54,24 @@ class LLM:
     def __init__(self, model: str | Path | None = None, *, device: str | None = "auto", dtype: str | None = "auto",
                  prefill_chunk_size: int = 512, kv_policy: str = "dense", kv_budget: float = 0.02,
                  sink: int = 4, window: int = 64, dense_layers: int = 2, telemetry: bool = False,
-                 max_context: int | None = None, verbose: bool = False, progress: bool = False):
+                 max_context: int | None = None, gpu_memory: str | int | None = None,
+                 cpu_memory: str | int | None = None, disk_dir: str | Path | None = None,
+                 profile: str | Path | None = None, io_backend: str = "auto", verbose: bool = False,
+                 progress: bool = False):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        self.model, self.tokenizer, self.path = load_model(model, self.device, self.dtype, progress=progress)
+        self.placement = self.streamer = None
+        if gpu_memory is not None or cpu_memory is not None or disk_dir is not None:
+            from .tiers.runtime import load_offloaded
+
+            loaded = load_offloaded(model, self.device, self.dtype, context=max_context, kv_policy=kv_policy,
+                                    kv_budget=kv_budget, sink=sink, window=window, gpu_memory=gpu_memory,
+                                    cpu_memory=cpu_memory, disk_dir=disk_dir, profile=profile,
+                                    io_backend=io_backend, progress=progress, verbose=verbose)
+            self.model, self.tokenizer, self.path = loaded.model, loaded.tokenizer, loaded.path
+            self.placement, self.streamer = loaded.placement, loaded.streamer
+        else:
+            self.model, self.tokenizer, self.path = load_model(model, self.device, self.dtype, progress=progress)
         self.args = self.model.args
         self.kv_policy = kv_policy
         if kv_policy == "dense" and not telemetry:
@@ -90,6 +104,22 @@ class LLM:
                 f"{a.num_layers} layers, {a.num_heads}/{a.num_kv_heads} heads) on {self.device.type}, "
                 f"{str(self.dtype).removeprefix('torch.')}, attention: "
                 f"{self.backend.describe() if hasattr(self.backend, 'describe') else 'dense'}")
+
+    def close(self) -> None:
+        """Stop the prefetch thread and close the weight store (streamed layers only)."""
+        if self.streamer is not None:
+            self.streamer.close()
+            self.streamer = None
+
+    def tier_report(self) -> dict:
+        """What each tier holds as placed, and the disk bytes read per generated token so far."""
+        if self.placement is None:
+            return {"placement": None}
+        tokens = max(1, self.stats.decode_steps)
+        read = self.streamer.bytes_read if self.streamer is not None else 0
+        return {"placement": self.placement.tier_bytes(), "disk_bytes_read": read,
+                "disk_bytes_per_decode_step": read / tokens if self.stats.decode_steps else None,
+                "layer_loads": self.streamer.loads if self.streamer is not None else 0}
 
     @property
     def telemetry(self):

@@ -89,11 +89,17 @@ class DecoderLayer(nn.Module):
 class Transformer(nn.Module):
     """The decoder. ``forward`` runs one prefill chunk or one decode step."""
 
-    def __init__(self, args: ModelArgs, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(self, args: ModelArgs, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 offloaded: frozenset[int] = frozenset()):
         super().__init__()
         self.args, self.device, self.dtype = args, torch.device(device), dtype
+        # Layers whose weights live in another tier have no storage here (meta tensors): a
+        # LayerStreamer (offload.tiers) lends them a device buffer for the time they compute.
+        self.offloaded = frozenset(offloaded)
+        self.streamer = None
         self.embed = _param((args.vocab_size, args.hidden_size), device, dtype)
-        self.layers = nn.ModuleList(DecoderLayer(args, device, dtype) for _ in range(args.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(args, "meta" if i in self.offloaded else device, dtype)
+                                    for i in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, device, dtype)
         self.lm_head = self.embed if args.tie_word_embeddings else _param(
             (args.vocab_size, args.hidden_size), device, dtype)
@@ -107,7 +113,12 @@ class Transformer(nn.Module):
         cos, sin = self.rope.cos_sin(batch.positions, self.dtype)  # [B, 1, T, D]
         backend.begin(batch)
         for i, layer in enumerate(self.layers):
+            streamed = i in self.offloaded
+            if streamed:  # load (already in flight), compute, release
+                layer = self.streamer.acquire(i)
             x = layer(x, i, cos, sin, batch, backend)
+            if streamed:
+                self.streamer.release(i)
         backend.end(batch)
         if not all_logits:
             x = x[:, -1:]  # [B, 1, hidden]: prefill needs only the last position's logits

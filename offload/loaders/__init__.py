@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import ModelArgs
 from ..errors import ModelLoadError
 from ..model import Transformer
 from ..tokenizer import Tokenizer
@@ -52,17 +53,35 @@ def resolve_model_path(model: str | Path | None) -> Path:
     return path
 
 
+def read_model_args(model: str | Path | None) -> tuple[ModelArgs, Path]:
+    """The architecture of a model without reading its weights (for planning)."""
+    path = resolve_model_path(model)
+    if path.is_dir():
+        from .hf import read_config
+
+        return read_config(path), path
+    if path.suffix.lower() == ".gguf":
+        from .gguf import _fields, _open, args_from_gguf
+
+        reader = _open(path)
+        return args_from_gguf(_fields(reader), {t.name for t in reader.tensors}, reader, str(path)), path
+    raise ModelLoadError(f"{path}: not a model; pass a Hugging Face folder or a .gguf file")
+
+
 def load_model(model: str | Path | None, device: torch.device, dtype: torch.dtype,
-               progress: bool = True) -> tuple[Transformer, Tokenizer, Path]:
-    """Load weights and tokenizer from a folder or GGUF file (None: the default model)."""
+               progress: bool = True, offloaded: frozenset[int] = frozenset(),
+               spill=None) -> tuple[Transformer, Tokenizer, Path]:
+    """Load weights and tokenizer from a folder or GGUF file (None: the default model).
+
+    Layers in ``offloaded`` are not kept: their weights go to ``spill`` (a store on disk)."""
     from .gguf import load_gguf
     from .hf import load_hf_folder
 
     path = resolve_model_path(model)
     if path.is_dir():
-        model_obj, tokenizer = load_hf_folder(path, device, dtype, progress)
+        model_obj, tokenizer = load_hf_folder(path, device, dtype, progress, offloaded, spill)
     elif path.suffix.lower() == ".gguf":
-        model_obj, tokenizer = load_gguf(path, device, dtype, progress)
+        model_obj, tokenizer = load_gguf(path, device, dtype, progress, offloaded, spill)
     else:
         raise ModelLoadError(f"{path}: not a model; pass a Hugging Face folder or a .gguf file")
     return model_obj, tokenizer, path

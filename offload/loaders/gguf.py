@@ -223,8 +223,26 @@ def build_tokenizer(reader, meta: dict[str, Any], source: str) -> Tokenizer:
                      eos_token=tokens[eos_ids[0]] if eos_ids else "")
 
 
+DEQUANT_ROWS = 4096  # rows per block when dequantizing a large tensor
+
+
+def _dequantize(data: np.ndarray, t, path: Path) -> np.ndarray:
+    import gguf
+
+    try:
+        array = gguf.quants.dequantize(data, t.tensor_type)
+    except NotImplementedError:
+        raise UnsupportedModelError(f"{path}: tensor {t.name} has quantization type {t.tensor_type.name}, "
+                                    f"which the gguf library cannot dequantize") from None
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    if not array.flags.writeable:  # F32 tensors are read-only views of the memory map
+        array = array.copy()
+    return array
+
+
 def load_gguf(path: Path, device: torch.device, dtype: torch.dtype,
-              progress: bool = True) -> tuple[Transformer, Tokenizer]:
+              progress: bool = True, offloaded: frozenset[int] = frozenset(),
+              spill=None) -> tuple[Transformer, Tokenizer]:
     import gguf
 
     reader = _open(path)
@@ -232,22 +250,22 @@ def load_gguf(path: Path, device: torch.device, dtype: torch.dtype,
     names = {t.name for t in reader.tensors}
     args = args_from_gguf(meta, names, reader, str(path))
     tokenizer = build_tokenizer(reader, meta, str(path))
-    model = Transformer(args, device=device, dtype=dtype)
-    assembler = WeightAssembler(model, str(path))
+    model = Transformer(args, device=device, dtype=dtype, offloaded=offloaded)
+    assembler = WeightAssembler(model, str(path), spill)
     permute = args.architecture == "llama"  # qwen files keep the NeoX (rotate-half) layout
     for t in tqdm(reader.tensors, desc="dequantizing", unit="tensor", disable=not progress or None):
         name = _hf_name(t.name)
         if name is None:
             continue
-        try:
-            array = gguf.quants.dequantize(t.data, t.tensor_type)
-        except NotImplementedError:
-            raise UnsupportedModelError(f"{path}: tensor {t.name} has quantization type {t.tensor_type.name}, "
-                                        f"which the gguf library cannot dequantize") from None
-        array = np.ascontiguousarray(array, dtype=np.float32)
-        if not array.flags.writeable:  # F32 tensors are read-only views of the memory map
-            array = array.copy()
-        tensor = torch.from_numpy(array)
+        is_qk = name.endswith(("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias"))
+        data = t.data
+        if data.ndim == 2 and data.shape[0] > DEQUANT_ROWS and not (permute and is_qk):
+            # Large tensors (the embedding) are dequantized in row blocks straight into place.
+            for r0 in range(0, data.shape[0], DEQUANT_ROWS):
+                block = _dequantize(data[r0:r0 + DEQUANT_ROWS], t, path)  # [rows, cols] fp32
+                assembler.put(name, torch.from_numpy(block), rows=(r0, r0 + block.shape[0]))
+            continue
+        tensor = torch.from_numpy(_dequantize(data, t, path))
         if tensor.dim() == 2 and tensor.shape[0] == 1 and name.endswith(("norm.weight", "bias")):
             tensor = tensor[0]
         if permute and name.endswith(("q_proj.weight", "q_proj.bias")):

@@ -12,15 +12,24 @@ import re
 import torch
 
 from ..errors import ModelLoadError
-from ..model import Transformer
+from torch import nn
+
+from ..model import DecoderLayer, Transformer
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
 class WeightAssembler:
-    def __init__(self, model: Transformer, source: str):
+    """``spill`` (offload.tiers.streaming.WeightSpill) receives the layers the model keeps off the
+    device: each is assembled in a host-memory staging layer, handed over once complete, and
+    dropped, so no more than a layer or two of them is ever held."""
+
+    def __init__(self, model: Transformer, source: str, spill=None):
         self.model, self.args, self.source = model, model.args, source
         self.loaded: set[str] = set()
+        self.spill = spill
+        self._staged: dict[int, tuple[nn.Module, set[str]]] = {}  # layer -> (staging layer, names still due)
+        self._meta_layers: dict[int, nn.Module] = {}
 
     def _target(self, name: str) -> tuple[torch.Tensor, str] | None:
         """The parameter slice that checkpoint tensor ``name`` fills, and its coverage key."""
@@ -68,17 +77,46 @@ class WeightAssembler:
             return layer.mlp.w_down, name
         return None
 
-    def put(self, name: str, tensor: torch.Tensor) -> None:
+    def _stage(self, name: str) -> int | None:
+        """For a tensor of an off-device layer: make sure its staging layer is in place."""
+        match = _LAYER.match(name)
+        if not match or int(match.group(1)) not in self.model.offloaded:
+            return None
+        i = int(match.group(1))
+        if i not in self._staged:
+            if self.spill is None:
+                raise ModelLoadError(f"layer {i} is placed off the device but no store receives its weights")
+            self._meta_layers[i] = self.model.layers[i]
+            self.model.layers[i] = DecoderLayer(self.args, "cpu", self.model.dtype)
+            due = {n for n in self.expected() if n.startswith(f"model.layers.{i}.")}
+            self._staged[i] = (self.model.layers[i], due)
+        return i
+
+    def put(self, name: str, tensor: torch.Tensor, rows: tuple[int, int] | None = None) -> None:
+        """Copy checkpoint tensor ``name`` into its parameter; ``rows`` = (start, end) copies a block
+        of rows (large tensors arrive in pieces so that no second full-size copy is ever held)."""
+        staged = self._stage(name)
         target = self._target(name)
         if target is None or target[0] is None:
             return  # tensors we do not use (rotary caches, a tied head)
         dest, key = target
+        full = dest
+        if rows is not None:
+            dest = dest[rows[0]:rows[1]]
         if tuple(dest.shape) != tuple(tensor.shape):
             raise ModelLoadError(f"{self.source}: tensor {name} has shape {tuple(tensor.shape)}, but the "
                                  f"config implies {tuple(dest.shape)}; config and weights do not match")
         with torch.no_grad():
             dest.copy_(tensor)
+        if rows is not None and rows[1] < full.shape[0]:
+            return  # more rows to come
         self.loaded.add(key)
+        if staged is not None:
+            module, due = self._staged[staged]
+            due.discard(key)
+            if not due:  # the layer is complete: to the store, and its host copy goes
+                self.spill.put_layer(staged, module)
+                self.model.layers[staged] = self._meta_layers.pop(staged)
 
     def expected(self) -> set[str]:
         a = self.args

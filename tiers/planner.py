@@ -1,0 +1,250 @@
+"""Placement: which tier holds each layer's weights, the KV cache and the index, and what a decode
+step should cost there.
+
+The planner takes the model's tensor inventory (from :class:`ModelArgs`: nothing is read from a
+checkpoint, so presets plan models that are not downloaded), the KV bytes at the target context,
+the KV policy in use, the budgets, and a :class:`BandwidthProfile` (the JSON that
+``offload profile`` writes; documented defaults when none exists). It returns a frozen
+:class:`Placement`: printable as a table, saved as JSON, and checked against the budgets before
+any work is done.
+
+Tiers: ``device`` (the GPU, or on a CPU-only machine the host memory the model computes from),
+``host`` (pinned CPU memory; only when the device is a GPU) and ``disk`` (a store directory).
+Preference order for layer weights: device, then host, then disk; two streaming slots (double
+buffers, one layer each) are reserved on the device whenever any layer streams.
+
+Decode-step model (memory bound, as decode is): a resident layer costs its bytes over the
+device's memory bandwidth; a streamed layer costs the larger of that and its transfer
+(prefetched one layer ahead, so transfer and compute overlap, FlexGen style); attention costs
+the KV bytes it reads (all of it for dense, sinks + window + budget for sparse policies) plus
+the index search for the keys it scores.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from offload.config import ModelArgs
+from offload.errors import OffloadError
+from offload.fileio import write_json_atomic
+
+from .budget import BudgetError, format_size
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+RUNTIME_RESERVE = 64 << 20  # activations, logits, small buffers of one decode step
+
+
+@dataclass(frozen=True)
+class BandwidthProfile:
+    """Bandwidths (GB/s) and rates the planner uses. Defaults are conservative guesses for a
+    desktop with a PCIe 4 GPU and an NVMe SSD; ``offload profile`` measures the real ones."""
+
+    host_read_gbs: float = 10.0  # CPU streaming read (GEMV over weights in host memory)
+    device_read_gbs: float = 10.0  # the compute device's memory (= host on a CPU-only machine)
+    h2d_pinned_gbs: float = 20.0
+    h2d_pageable_gbs: float = 8.0
+    disk_read_gbs: float = 1.5  # cold, O_DIRECT
+    index_keys_per_s: float = 3e6  # graph-search keys scored per second (all heads of a layer)
+    scored_fraction: float = 0.10  # keys a retrieval search scores per step, fraction of context
+    source: str = "defaults"
+
+    @classmethod
+    def load(cls, path: str | Path | None) -> "BandwidthProfile":
+        """Read the ``planner`` section of a profile JSON; missing figures keep their defaults."""
+        if path is None:
+            return cls()
+        path = Path(path)
+        if not path.is_file():
+            raise OffloadError(f"bandwidth profile {path} not found: run `offload profile --out {path}` first")
+        try:
+            doc = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise OffloadError(f"bandwidth profile {path} is not valid JSON ({e}); run `offload profile` again")
+        section = doc.get("planner", doc)
+        known = {f.name for f in fields(cls)} - {"source"}
+        return cls(**{k: float(v) for k, v in section.items() if k in known}, source=str(path))
+
+
+@dataclass(frozen=True)
+class Placement:
+    model: str
+    device: str  # "cuda" or "cpu"
+    dtype: str
+    context: int
+    kv_policy: str
+    layer_tiers: tuple[str, ...]  # per layer: device | host | disk
+    layer_bytes: int
+    fixed_device_bytes: int  # embeddings, head, final norm, runtime reserve
+    slot_bytes: int  # streaming double buffers on the device
+    kv_tiers: dict  # tier -> bytes of KV
+    index_tiers: dict  # tier -> bytes of index structures
+    budgets: dict  # tier -> bytes (None: unlimited)
+    predicted_step_ms: float
+    step_breakdown_ms: dict
+    profile_source: str
+    bytes_per_token: dict = field(default_factory=dict)  # tier -> bytes moved per decode step
+
+    @property
+    def streamed_layers(self) -> list[int]:
+        return [i for i, t in enumerate(self.layer_tiers) if t != "device"]
+
+    def tier_bytes(self) -> dict[str, int]:
+        out = {"device": self.fixed_device_bytes + self.slot_bytes, "host": 0, "disk": 0}
+        for t in self.layer_tiers:
+            out[t] += self.layer_bytes
+        for d in (self.kv_tiers, self.index_tiers):
+            for t, b in d.items():
+                out[t] += b
+        return out
+
+    def table(self) -> str:
+        """A human-readable summary of where everything lives and what a step should cost."""
+        tiers = self.tier_bytes()
+        counts = {t: self.layer_tiers.count(t) for t in ("device", "host", "disk")}
+        lines = [f"placement: {self.model}, {self.dtype} on {self.device}, context {self.context:,}, "
+                 f"kv_policy {self.kv_policy}",
+                 "| tier | budget | placed | layers (weights) | KV | index |",
+                 "|---|---|---|---|---|---|"]
+        for t in ("device", "host", "disk"):
+            if t == "host" and self.device == "cpu":
+                continue
+            budget = self.budgets.get(t)
+            lines.append(f"| {t} | {'-' if budget is None else format_size(budget)} | {format_size(tiers[t])} | "
+                         f"{counts[t]} | {format_size(self.kv_tiers.get(t, 0))} | "
+                         f"{format_size(self.index_tiers.get(t, 0))} |")
+        parts = ", ".join(f"{k} {v:.1f}" for k, v in self.step_breakdown_ms.items())
+        moved = ", ".join(f"{k} {format_size(v)}" for k, v in self.bytes_per_token.items() if v)
+        lines.append(f"predicted decode step: {self.predicted_step_ms:.1f} ms ({parts}); "
+                     f"moved per token: {moved or 'nothing'}; profile: {self.profile_source}")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        write_json_atomic(path, self.to_json())
+
+
+def index_bytes(args: ModelArgs, policy: str, context: int, dtype_bytes: int) -> int:
+    """Memory of a policy's index structures over ``context`` tokens, all layers (estimates from
+    each structure's layout; the built indexes report their exact size through ``nbytes``)."""
+    L, Hkv, D = args.num_layers, args.num_kv_heads, args.head_dim
+    per_layer = {
+        "retrieval": Hkv * context * (32 * 4 + 8),  # key graph: max_degree int32 ids + CSR offsets
+        "keygraph": Hkv * context * (32 * 4 + 8),
+        "quest": Hkv * (context // 16 + 1) * D * 4 * 2,  # per-page min and max
+        "sentence": Hkv * (context // 12 + 1) * D * 4,  # one vector per ~12-token sentence
+        "shadowkv": context * 160 * dtype_bytes + Hkv * (context // 8) * D * 4,  # U factors + landmarks
+    }.get(policy, 0)
+    return L * per_layer
+
+
+def plan(args: ModelArgs, *, model: str, context: int, device: str = "cpu", dtype: str = "float32",
+         kv_policy: str = "dense", kv_budget: float = 0.02, sink: int = 4, window: int = 64,
+         gpu_memory: int | None = None, cpu_memory: int | None = None, disk_dir: str | None = None,
+         profile: BandwidthProfile | None = None) -> Placement:
+    """Place weights, KV and index under the budgets (bytes; None = unlimited)."""
+    if dtype not in DTYPE_BYTES:
+        raise OffloadError(f"unknown dtype '{dtype}': use one of {', '.join(DTYPE_BYTES)}")
+    if context <= 0:
+        raise OffloadError(f"context must be positive, got {context}")
+    profile = profile or BandwidthProfile()
+    b = DTYPE_BYTES[dtype]
+    on_gpu = device == "cuda"
+    layer_bytes = args.layer_param_count() * b
+    embed = args.vocab_size * args.hidden_size * b
+    fixed = embed * (1 if args.tie_word_embeddings else 2) + args.hidden_size * b + RUNTIME_RESERVE
+    kv_total = args.kv_bytes_per_token(b) * context
+    sparse = kv_policy not in ("dense",)
+    budget_tokens = int(kv_budget * context) if kv_budget < 1 else int(kv_budget)
+    attended = min(context, budget_tokens + sink + window) if sparse else context
+    idx_bytes = index_bytes(args, kv_policy, context, b) if sparse else 0
+    device_budget = gpu_memory if on_gpu else cpu_memory
+    host_budget = cpu_memory if on_gpu else None
+
+    # KV and index first: they decide what room is left for weights.
+    kv_tiers: dict[str, int] = {}
+    index_tiers: dict[str, int] = {}
+    if on_gpu and sparse:
+        # The GPU keeps the attended working set; the full KV and the CPU-side index live on the host.
+        kv_tiers = {"device": args.kv_bytes_per_token(b) * attended, "host": kv_total}
+        index_tiers = {"host": idx_bytes}
+    else:
+        kv_tiers = {"device": kv_total}
+        if sparse:
+            index_tiers = {"device": idx_bytes}
+    device_left = None if device_budget is None else device_budget - fixed - sum(
+        v for t, v in kv_tiers.items() if t == "device") - index_tiers.get("device", 0)
+    host_left = None if host_budget is None else host_budget - kv_tiers.get("host", 0) - index_tiers.get("host", 0)
+    if device_left is not None and device_left < 0:
+        raise BudgetError(f"{'gpu' if on_gpu else 'cpu'}_memory {format_size(device_budget)} is too small for the "
+                          f"embeddings, KV cache ({format_size(kv_tiers.get('device', 0))}) and index at context "
+                          f"{context:,}: the smallest budget that works is "
+                          f"{format_size(device_budget - device_left + 2 * layer_bytes)}"
+                          + ("" if sparse else "; a sparse kv_policy (e.g. retrieval) needs far less"))
+    if host_left is not None and host_left < 0:
+        raise BudgetError(f"cpu_memory {format_size(host_budget)} is too small for the offloaded KV and index "
+                          f"({format_size(host_budget - host_left)}): the smallest budget that works is "
+                          f"{format_size(host_budget - host_left)}")
+
+    L = args.num_layers
+    tiers = ["device"] * L
+    slot_bytes = 0
+    if device_left is not None and device_left < L * layer_bytes:
+        slot_bytes = 2 * layer_bytes  # double buffers for streamed layers
+        resident = max(0, (device_left - slot_bytes) // layer_bytes)
+        if device_left < slot_bytes:
+            raise BudgetError(f"{'gpu' if on_gpu else 'cpu'}_memory {format_size(device_budget)} cannot hold two "
+                              f"streaming buffers of one layer each ({format_size(slot_bytes)}) beside the "
+                              f"embeddings, KV and index: the smallest budget that works is "
+                              f"{format_size(device_budget - device_left + slot_bytes)}")
+        rest = L - resident
+        on_host = 0
+        if on_gpu:
+            on_host = rest if host_left is None else min(rest, max(0, host_left) // layer_bytes)
+        on_disk = rest - on_host
+        if on_disk and disk_dir is None:
+            where = "gpu_memory and cpu_memory" if on_gpu else "cpu_memory"
+            raise BudgetError(f"{on_disk} layers ({format_size(on_disk * layer_bytes)}) fit in neither {where}: "
+                              f"give disk_dir=... to stream them from disk, or raise the budget")
+        # Resident layers first (the earliest), then host, then disk: a fixed order streams in sequence.
+        tiers = ["device"] * resident + ["host"] * on_host + ["disk"] * on_disk
+
+    # Predicted decode step.
+    dev_bw = profile.device_read_gbs * 1e9
+    link = profile.h2d_pinned_gbs * 1e9
+    disk = profile.disk_read_gbs * 1e9
+    weights_ms = transfer_ms = 0.0
+    moved = {"host": 0, "disk": 0}
+    for t in tiers:
+        compute = layer_bytes / dev_bw
+        fetch = 0.0
+        if t == "host":
+            fetch = layer_bytes / link
+        elif t == "disk":
+            fetch = layer_bytes / disk + (layer_bytes / link if on_gpu else 0.0)
+        if t != "device":
+            moved[t] += layer_bytes
+        weights_ms += 1e3 * compute
+        transfer_ms += 1e3 * max(0.0, fetch - compute)  # what the prefetch cannot hide
+    kv_read = args.kv_bytes_per_token(b) * attended
+    attention_ms = 1e3 * kv_read / dev_bw
+    fetch_kv_ms = 0.0
+    if on_gpu and sparse:  # selected KV rows cross the link every step
+        sel_bytes = args.kv_bytes_per_token(b) * min(budget_tokens, context)
+        fetch_kv_ms = 1e3 * sel_bytes / (profile.h2d_pageable_gbs * 1e9)
+        moved["host"] += sel_bytes
+    search_ms = 0.0
+    if kv_policy in ("retrieval", "keygraph", "hnsw"):
+        search_ms = 1e3 * L * profile.scored_fraction * context * args.num_kv_heads / profile.index_keys_per_s
+    head_ms = 1e3 * fixed / dev_bw
+    breakdown = {"weights": weights_ms, "weight_transfer": transfer_ms, "attention": attention_ms,
+                 "kv_fetch": fetch_kv_ms, "index_search": search_ms, "embed_head": head_ms}
+    return Placement(model=model, device=device, dtype=dtype, context=context, kv_policy=kv_policy,
+                     layer_tiers=tuple(tiers), layer_bytes=layer_bytes, fixed_device_bytes=fixed,
+                     slot_bytes=slot_bytes, kv_tiers=kv_tiers, index_tiers=index_tiers,
+                     budgets={"device": device_budget, "host": host_budget, "disk": None},
+                     predicted_step_ms=sum(breakdown.values()), step_breakdown_ms=breakdown,
+                     profile_source=profile.source, bytes_per_token=moved)

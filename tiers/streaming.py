@@ -1,0 +1,162 @@
+"""Streaming layer weights from the host or disk tier, one layer ahead of compute.
+
+Every streamed layer goes through the same lifecycle: **load** (a reader thread fills one of two
+device-resident buffer layers, the double buffers, from the store or from pinned host memory),
+**compute** (the model runs the buffer layer as layer i) and **release** (the buffer is handed
+to the next streamed layer, whose load starts at once). Buffers are allocated once and reused,
+never reallocated per step. On a GPU the copy runs on a side stream with an event the compute
+stream waits on; on the CPU a reader thread does the aligned direct reads while the main thread
+computes (the read and checksum release the GIL).
+
+:class:`WeightSpill` is the loader's side: tensors of layers placed off the device are assembled
+one layer at a time in host memory and written into one store file (atomically, checksummed),
+which is reused on the next run when it matches the model.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from offload.errors import OffloadError
+
+from .io import StoreReader
+from .store import StoreWriter, read_header
+
+
+def layer_tensor_name(layer: int, param: str) -> str:
+    return f"layers.{layer}.{param}"
+
+
+class WeightSpill:
+    """Receives the weights of off-device layers during loading and writes them to a store."""
+
+    def __init__(self, path: Path, layers: list[int], fingerprint: str, dtype: torch.dtype):
+        self.path, self.layers, self.fingerprint, self.dtype = Path(path), sorted(layers), fingerprint, dtype
+        self.reusable = self._matches_existing()
+        self._writer: StoreWriter | None = None
+        self.written: set[int] = set()
+
+    def _matches_existing(self) -> bool:
+        if not self.path.is_file():
+            return False
+        try:
+            meta, entries = read_header(self.path)
+        except OffloadError:
+            return False  # a damaged store is rebuilt from the checkpoint
+        return (meta.get("fingerprint") == self.fingerprint and meta.get("dtype") == str(self.dtype)
+                and set(self.layers) <= set(meta.get("layers", [])))
+
+    def begin(self) -> None:
+        if not self.reusable:
+            self._writer = StoreWriter(self.path, metadata={"fingerprint": self.fingerprint, "dtype": str(self.dtype),
+                                                            "layers": self.layers}).__enter__()
+
+    def put_layer(self, layer: int, module: torch.nn.Module) -> None:
+        """All of ``layer``'s tensors are assembled in ``module`` (host memory): write them out."""
+        if self._writer is not None:
+            for name, p in module.named_parameters():
+                self._writer.add(layer_tensor_name(layer, name), p.detach())
+        self.written.add(layer)
+
+    def finish(self, ok: bool = True) -> None:
+        if self._writer is not None:
+            if ok and self.written != set(self.layers):
+                missing = sorted(set(self.layers) - self.written)
+                self._writer.__exit__(OffloadError, None, None)
+                raise OffloadError(f"layers {missing} never completed while loading: the checkpoint is incomplete")
+            self._writer.__exit__(None if ok else OffloadError, None, None)
+            self._writer = None
+
+
+class LayerStreamer:
+    """Double-buffered streaming of the layers in ``layers`` (each: load, compute, release)."""
+
+    def __init__(self, make_layer, layers: list[int], store: StoreReader | None, device: torch.device,
+                 host_layers: dict[int, torch.nn.Module] | None = None, slots: int = 2):
+        if not layers:
+            raise OffloadError("LayerStreamer needs at least one streamed layer")
+        self.layers = sorted(layers)
+        self.position = {layer: j for j, layer in enumerate(self.layers)}
+        self.store, self.device = store, torch.device(device)
+        self.host_layers = host_layers or {}  # layer -> module in (pinned) host memory
+        self.slots = [make_layer() for _ in range(min(slots, len(self.layers)))]  # the double buffers
+        self._names = [name for name, _ in self.slots[0].named_parameters()]
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offload-prefetch")
+        self._cuda = self.device.type == "cuda"
+        self._stream = torch.cuda.Stream(self.device) if self._cuda else None
+        self._pending: dict[int, Future] = {}  # slot -> load in flight
+        self._holds: dict[int, int] = {}  # slot -> layer loaded (or loading)
+        self._lock = threading.Lock()
+        self.loads = 0
+        for j in range(len(self.slots)):
+            self._start(self.layers[j])
+
+    @property
+    def slot_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for s in self.slots for p in s.parameters())
+
+    @property
+    def bytes_read(self) -> int:
+        return self.store.bytes_read if self.store is not None else 0
+
+    def _slot_of(self, layer: int) -> int:
+        return self.position[layer] % len(self.slots)
+
+    def _start(self, layer: int) -> None:
+        slot = self._slot_of(layer)
+        self._holds[slot] = layer
+        self._pending[slot] = self._pool.submit(self._load, layer, self.slots[slot])
+
+    def _load(self, layer: int, module: torch.nn.Module):
+        params = dict(module.named_parameters())
+        event = None
+        if layer in self.host_layers:  # host tier: copy from pinned memory
+            src = dict(self.host_layers[layer].named_parameters())
+            with torch.cuda.stream(self._stream) if self._cuda else _nullcontext():
+                for name in self._names:
+                    params[name].data.copy_(src[name].data, non_blocking=True)
+                if self._cuda:
+                    event = torch.cuda.Event()
+                    event.record(self._stream)
+        else:  # disk tier: verified direct reads
+            for name in self._names:
+                self.store.read(layer_tensor_name(layer, name), out=params[name].data)
+        self.loads += 1
+        return event
+
+    def acquire(self, layer: int) -> torch.nn.Module:
+        """Wait until ``layer``'s weights are in its buffer; return the buffer layer to compute with."""
+        slot = self._slot_of(layer)
+        if self._holds.get(slot) != layer:  # out of order (e.g. a new step began early): load now
+            self._pending[slot].result()
+            self._start(layer)
+        event = self._pending[slot].result()
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
+        return self.slots[slot]
+
+    def release(self, layer: int) -> None:
+        """Compute on ``layer`` is done: its buffer starts loading the next streamed layer."""
+        if len(self.slots) == len(self.layers):
+            return  # every streamed layer has its own buffer: nothing to reload
+        if self._cuda:  # the buffer is reused only after the kernels reading it have run
+            torch.cuda.current_stream(self.device).synchronize()
+        nxt = self.layers[(self.position[layer] + len(self.slots)) % len(self.layers)]
+        self._start(nxt)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        if self.store is not None:
+            self.store.close()
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
