@@ -1,4 +1,4 @@
-"""Command line: ``offload generate``.
+"""Command line: ``offload generate`` and ``offload plan``.
 
 Errors caused by input print one line (``offload: error: ...``) and exit with status 2.
 """
@@ -31,12 +31,23 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-chunk-size", type=_positive_int, default=512,
                    help="prompt tokens per prefill step (bounds the attention score matrix)")
     p.add_argument("--kv-policy", default="dense",
-                   help="KV selection per decode step: dense (exact), exact, streaming, quest")
+                   help="KV selection per decode step: dense (exact), exact, streaming, quest, retrieval, "
+                        "shadowkv, sentence")
     p.add_argument("--kv-budget", type=float, default=0.02,
                    help="selected tokens per step: a fraction of the context (< 1) or a count")
     p.add_argument("--sink", type=int, default=4, help="first tokens always attended")
     p.add_argument("--window", type=int, default=64, help="most recent tokens always attended")
     p.add_argument("--dense-layers", type=int, default=2, help="first layers kept dense")
+    _add_budget_args(p)
+
+
+def _add_budget_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gpu-memory", default=None, help="GPU budget, e.g. 24GiB, or auto (90%% of free)")
+    p.add_argument("--cpu-memory", default=None, help="host memory budget, e.g. 32GiB, or auto")
+    p.add_argument("--disk-dir", default=None, help="directory for weights that fit in no memory budget")
+    p.add_argument("--profile", default=None, help="bandwidth profile JSON from `offload profile`")
+    p.add_argument("--max-context", type=_positive_int, default=None,
+                   help="longest sequence to plan for (default: the model's maximum)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -63,7 +74,49 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--stats", action="store_true", help="print prefill/decode tokens/s and peak memory to stderr")
     g.add_argument("--verbose", "-v", action="store_true", help="print the model, device and dtype to stderr")
+    pl = sub.add_parser("plan", help="print where weights, KV and index would live, and the predicted step time")
+    pl.add_argument("--model", "-m", default=None,
+                    help="a preset (llama-3.1-8b, qwen2.5-7b, mistral-7b, ...), a Hugging Face folder or a .gguf file")
+    pl.add_argument("--context", type=_positive_int, required=True, help="tokens of context to plan for")
+    pl.add_argument("--device", default="auto", help="auto, cpu or cuda (planning works on any machine)")
+    pl.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on cuda, fp32 on cpu)")
+    pl.add_argument("--kv-policy", default="dense")
+    pl.add_argument("--kv-budget", type=float, default=0.02)
+    pl.add_argument("--sink", type=int, default=4)
+    pl.add_argument("--window", type=int, default=64)
+    pl.add_argument("--json", default=None, help="also save the placement as JSON here")
+    _add_budget_args(pl)
     return parser
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .config import preset, preset_names
+    from .tiers.budget import free_host_memory, resolve_budget
+    from .tiers.planner import BandwidthProfile, plan
+
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.model in preset_names():
+        model_args, name = preset(args.model), args.model
+    else:
+        from .loaders import read_model_args
+
+        model_args, path = read_model_args(args.model)
+        name = path.name
+    dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
+    gpu = resolve_budget(args.gpu_memory, "gpu_memory", free_host_memory) if device == "cuda" else None
+    cpu = resolve_budget(args.cpu_memory, "cpu_memory", free_host_memory)
+    placement = plan(model_args, model=name, context=args.context, device=device, dtype=dtype,
+                     kv_policy=args.kv_policy, kv_budget=args.kv_budget, sink=args.sink, window=args.window,
+                     gpu_memory=gpu, cpu_memory=cpu, disk_dir=args.disk_dir,
+                     profile=BandwidthProfile.load(args.profile))
+    print(placement.table())
+    if args.json:
+        placement.save(args.json)
+    return 0
 
 
 def _read_prompt(args: argparse.Namespace) -> str:
@@ -101,7 +154,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     llm = LLM(args.model, device=args.device, dtype=args.dtype, prefill_chunk_size=args.prefill_chunk_size,
               kv_policy=args.kv_policy, kv_budget=args.kv_budget, sink=args.sink, window=args.window,
-              dense_layers=args.dense_layers, verbose=args.verbose or args.stats)
+              dense_layers=args.dense_layers, verbose=args.verbose or args.stats, gpu_memory=args.gpu_memory,
+              cpu_memory=args.cpu_memory, disk_dir=args.disk_dir, profile=args.profile,
+              max_context=args.max_context)
     load_s = time.perf_counter() - t0
     for piece in llm.stream(prompt, params, chat=args.chat):
         sys.stdout.write(piece)
@@ -112,6 +167,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"load {load_s:.2f} s | prefill {s.prompt_tokens} tokens, {s.prefill_tokens_per_second:.1f} tok/s | "
               f"decode {s.generated_tokens} tokens, {s.decode_tokens_per_second:.1f} tok/s | "
               f"{_peak_memory_line(llm.device)}", file=sys.stderr)
+        report = llm.tier_report()
+        if report.get("disk_bytes_per_pass"):
+            print(f"disk: {report['disk_bytes_per_pass'] / 2**20:.1f} MiB read per forward pass "
+                  f"({report['disk_mode']})", file=sys.stderr)
+    llm.close()
     return 0
 
 
@@ -119,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return {"generate": cmd_generate}[args.command](args)
+        return {"generate": cmd_generate, "plan": cmd_plan}[args.command](args)
     except OffloadError as e:
         print(f"offload: error: {e}", file=sys.stderr)
         return 2

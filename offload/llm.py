@@ -115,11 +115,14 @@ class LLM:
         """What each tier holds as placed, and the disk bytes read per generated token so far."""
         if self.placement is None:
             return {"placement": None}
-        tokens = max(1, self.stats.decode_steps)
-        read = self.streamer.bytes_read if self.streamer is not None else 0
-        return {"placement": self.placement.tier_bytes(), "disk_bytes_read": read,
-                "disk_bytes_per_decode_step": read / tokens if self.stats.decode_steps else None,
-                "layer_loads": self.streamer.loads if self.streamer is not None else 0}
+        st = self.streamer
+        read = st.bytes_read if st is not None else 0
+        passes = st.passes if st is not None else 0
+        return {"placement": self.placement.tier_bytes(), "disk_bytes_read": read, "forward_passes": passes,
+                # each forward pass (a decode step or a prefill chunk) streams every off-device layer once
+                "disk_bytes_per_pass": read / passes if passes else None,
+                "disk_mode": st.store.mode if st is not None and st.store is not None else None,
+                "layer_loads": st.loads if st is not None else 0}
 
     @property
     def telemetry(self):

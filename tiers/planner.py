@@ -41,8 +41,8 @@ class BandwidthProfile:
     """Bandwidths (GB/s) and rates the planner uses. Defaults are conservative guesses for a
     desktop with a PCIe 4 GPU and an NVMe SSD; ``offload profile`` measures the real ones."""
 
-    host_read_gbs: float = 10.0  # CPU streaming read (GEMV over weights in host memory)
-    device_read_gbs: float = 10.0  # the compute device's memory (= host on a CPU-only machine)
+    host_read_gbs: float = 10.0  # CPU streaming read: what a CPU-only decode step is bound by
+    gpu_read_gbs: float = 900.0  # GPU memory (HBM/GDDR) read
     h2d_pinned_gbs: float = 20.0
     h2d_pageable_gbs: float = 8.0
     disk_read_gbs: float = 1.5  # cold, O_DIRECT
@@ -213,7 +213,7 @@ def plan(args: ModelArgs, *, model: str, context: int, device: str = "cpu", dtyp
         tiers = ["device"] * resident + ["host"] * on_host + ["disk"] * on_disk
 
     # Predicted decode step.
-    dev_bw = profile.device_read_gbs * 1e9
+    dev_bw = (profile.gpu_read_gbs if on_gpu else profile.host_read_gbs) * 1e9
     link = profile.h2d_pinned_gbs * 1e9
     disk = profile.disk_read_gbs * 1e9
     weights_ms = transfer_ms = 0.0

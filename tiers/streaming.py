@@ -92,6 +92,7 @@ class LayerStreamer:
         self._holds: dict[int, int] = {}  # slot -> layer loaded (or loading)
         self._lock = threading.Lock()
         self.loads = 0
+        self.passes = 0  # forward passes that streamed the layers (decode steps + prefill chunks)
         for j in range(len(self.slots)):
             self._start(self.layers[j])
 
@@ -131,6 +132,8 @@ class LayerStreamer:
     def acquire(self, layer: int) -> torch.nn.Module:
         """Wait until ``layer``'s weights are in its buffer; return the buffer layer to compute with."""
         slot = self._slot_of(layer)
+        if layer == self.layers[0]:
+            self.passes += 1
         if self._holds.get(slot) != layer:  # out of order (e.g. a new step began early): load now
             self._pending[slot].result()
             self._start(layer)

@@ -30,6 +30,7 @@ class WeightAssembler:
         self.spill = spill
         self._staged: dict[int, tuple[nn.Module, set[str]]] = {}  # layer -> (staging layer, names still due)
         self._meta_layers: dict[int, nn.Module] = {}
+        self._spilled: set[int] = set()
 
     def _target(self, name: str) -> tuple[torch.Tensor, str] | None:
         """The parameter slice that checkpoint tensor ``name`` fills, and its coverage key."""
@@ -83,6 +84,8 @@ class WeightAssembler:
         if not match or int(match.group(1)) not in self.model.offloaded:
             return None
         i = int(match.group(1))
+        if i in self._spilled:
+            raise ModelLoadError(f"{self.source}: tensor {name} arrives after layer {i} was complete (a duplicate)")
         if i not in self._staged:
             if self.spill is None:
                 raise ModelLoadError(f"layer {i} is placed off the device but no store receives its weights")
@@ -95,11 +98,11 @@ class WeightAssembler:
     def put(self, name: str, tensor: torch.Tensor, rows: tuple[int, int] | None = None) -> None:
         """Copy checkpoint tensor ``name`` into its parameter; ``rows`` = (start, end) copies a block
         of rows (large tensors arrive in pieces so that no second full-size copy is ever held)."""
-        staged = self._stage(name)
         target = self._target(name)
         if target is None or target[0] is None:
             return  # tensors we do not use (rotary caches, a tied head)
-        dest, key = target
+        staged = self._stage(name)
+        dest, key = self._target(name) if staged is not None else target  # the staging layer's slice
         full = dest
         if rows is not None:
             dest = dest[rows[0]:rows[1]]
@@ -117,6 +120,8 @@ class WeightAssembler:
             if not due:  # the layer is complete: to the store, and its host copy goes
                 self.spill.put_layer(staged, module)
                 self.model.layers[staged] = self._meta_layers.pop(staged)
+                del self._staged[staged]
+                self._spilled.add(staged)
 
     def expected(self) -> set[str]:
         a = self.args

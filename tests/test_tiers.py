@@ -1,0 +1,160 @@
+"""Tiers: budgets, the planner, streaming layers from disk (bit-exact), and the edge mode under a budget."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from offload import LLM, SamplingParams
+from offload.config import preset
+from offload.tiers import planner as planner_mod
+from offload.tiers.budget import BudgetError, TierAccount, parse_size
+from offload.tiers.planner import BandwidthProfile, plan
+
+GREEDY = SamplingParams(max_new_tokens=8, ignore_eos=True)
+
+
+def test_parse_size():
+    assert parse_size("24GiB") == 24 * 2**30
+    assert parse_size("1.5 GB") == 1_500_000_000
+    assert parse_size("512MiB") == 512 * 2**20
+    assert parse_size(1234) == 1234
+    with pytest.raises(Exception, match="cannot read cpu_memory '24 parsecs'"):
+        parse_size("24 parsecs", "cpu_memory")
+
+
+def test_account_names_budget_need_and_smallest_budget():
+    acct = TierAccount("cpu", budget=100)
+    acct.charge("weights", 60)
+    with pytest.raises(BudgetError, match=r"cpu budget 100 B is too small: kv needs 50 B .* smallest cpu budget that works here is 110 B"):
+        acct.charge("kv", 50)
+    acct.charge("kv", 40)
+    acct.release("weights")
+    assert acct.used == 40 and acct.peak == 100
+
+
+def test_plan_llama_8b_at_128k_on_24gib_without_a_gpu():
+    args = preset("llama-3.1-8b")
+    sparse = plan(args, model="llama-3.1-8b", context=131072, device="cuda", dtype="bfloat16", kv_policy="retrieval",
+                  gpu_memory=24 * 2**30, cpu_memory=64 * 2**30)
+    assert sparse.layer_tiers == ("device",) * 32  # the KV moved to the host frees room for every layer
+    assert sparse.kv_tiers["host"] == args.kv_bytes_per_token(2) * 131072 == 16 * 2**30
+    assert sparse.tier_bytes()["device"] <= 24 * 2**30
+    dense = plan(args, model="llama-3.1-8b", context=131072, device="cuda", dtype="bfloat16", kv_policy="dense",
+                 gpu_memory=24 * 2**30, cpu_memory=64 * 2**30)
+    assert 0 < dense.layer_tiers.count("device") < 32 and "host" in dense.layer_tiers  # dense KV crowds out layers
+    assert dense.tier_bytes()["device"] <= 24 * 2**30
+    assert dense.predicted_step_ms > sparse.step_breakdown_ms["weights"]
+    assert "| device | 24.00 GiB |" in dense.table()
+    with pytest.raises(BudgetError, match="smallest budget that works is"):
+        plan(args, model="m", context=131072, device="cuda", dtype="bfloat16", kv_policy="dense",
+             gpu_memory=8 * 2**30, cpu_memory=64 * 2**30)
+    with pytest.raises(BudgetError, match="give disk_dir"):
+        plan(args, model="m", context=8192, device="cuda", dtype="bfloat16", gpu_memory=4 * 2**30,
+             cpu_memory=4 * 2**30)
+
+
+def test_profile_feeds_the_planner(tmp_path):
+    args = preset("mistral-7b")
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps({"planner": {"disk_read_gbs": 0.5, "host_read_gbs": 20.0}}))
+    prof = BandwidthProfile.load(path)
+    assert prof.disk_read_gbs == 0.5 and prof.source == str(path)
+    kw = dict(model="m", context=4096, device="cpu", dtype="bfloat16", cpu_memory=6 * 2**30, disk_dir=str(tmp_path))
+    slow, fast = plan(args, profile=prof, **kw), plan(args, profile=BandwidthProfile(), **kw)
+    assert "disk" in slow.layer_tiers and slow.predicted_step_ms > fast.predicted_step_ms
+    slow.save(tmp_path / "placement.json")
+    assert json.loads((tmp_path / "placement.json").read_text())["layer_tiers"] == list(slow.layer_tiers)
+
+
+def test_cli_plan_for_a_preset_on_this_machine(capsys):
+    from offload.cli import main
+
+    assert main(["plan", "--model", "qwen2.5-7b", "--context", "131072", "--gpu-memory", "24GiB",
+                 "--cpu-memory", "64GiB", "--device", "cuda", "--kv-policy", "retrieval"]) == 0
+    out = capsys.readouterr().out
+    assert "qwen2.5-7b" in out and "predicted decode step" in out
+    assert main(["plan", "--model", "qwen2.5-7b", "--context", "131072", "--gpu-memory", "2GiB", "--device", "cuda"]) == 2
+    assert "too small" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_layers_streamed_from_disk_are_bit_identical(tmp_path, monkeypatch, family):
+    """Off-device layers go through the store and the double buffers; logits are bit-identical."""
+    from conftest import make_tiny_model
+
+    monkeypatch.setattr(planner_mod, "RUNTIME_RESERVE", 0)
+    folder = tmp_path / "model"
+    hf = make_tiny_model(folder, family, seed=3, num_hidden_layers=5)
+    ids = torch.randint(3, hf.config.vocab_size, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    resident = LLM(folder)
+    args = resident.args
+    layer = args.layer_param_count() * 4
+    fixed = args.vocab_size * args.hidden_size * 4 * (1 if args.tie_word_embeddings else 2) + args.hidden_size * 4
+    kv = args.kv_bytes_per_token(4) * 64
+    budget = fixed + kv + 3 * layer + layer // 2  # two streaming buffers + one resident layer
+    streamed = LLM(folder, cpu_memory=budget, disk_dir=tmp_path / "store", max_context=64)
+    assert streamed.placement.layer_tiers.count("disk") == args.num_layers - 1
+    assert torch.equal(streamed.logits(ids), resident.logits(ids))
+    assert streamed.generate([ids], GREEDY)[0].token_ids == resident.generate([ids], GREEDY)[0].token_ids
+    report = streamed.tier_report()
+    assert report["disk_mode"] == "O_DIRECT"
+    assert report["disk_bytes_per_pass"] >= (args.num_layers - 1) * layer  # every off-device layer, every pass
+    assert report["layer_loads"] >= report["forward_passes"] * (args.num_layers - 1)  # buffers were reused
+    again = LLM(folder, cpu_memory=budget, disk_dir=tmp_path / "store", max_context=64)  # reuses the verified store
+    assert torch.equal(again.logits(ids), resident.logits(ids))
+    streamed.close()
+    again.close()
+
+
+EDGE_SCRIPT = r"""
+import json, sys
+from offload.tiers.budget import MemorySampler, rss_anon, release_freed_memory
+release_freed_memory()
+from offload import LLM, SamplingParams
+from offload.loaders import read_model_args
+base = rss_anon()
+with MemorySampler() as reader:  # the checkpoint reader and tokenizer: the runtime's fixed overhead
+    args, _ = read_model_args(None)
+del args
+release_freed_memory()
+weights = LLM(max_context=256).args.param_count() * 4 if sys.argv[1] == "resident" else None
+mode, budget, disk = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+release_freed_memory()
+base = rss_anon()
+with MemorySampler() as run:
+    kw = {} if mode == "resident" else dict(cpu_memory=budget, disk_dir=disk)
+    llm = LLM(max_context=256, **kw)
+    with MemorySampler() as gen:
+        out = llm.generate(["The capital of France is"], SamplingParams(max_new_tokens=8, ignore_eos=True))
+report = llm.tier_report() if mode != "resident" else {}
+print(json.dumps({"tokens": out[0].token_ids, "peak": run.peak - base, "gen_peak": gen.peak - base,
+                  "reader": reader.peak - reader.baseline, "weights": weights,
+                  "tiers": report.get("placement"), "disk_per_pass": report.get("disk_bytes_per_pass"),
+                  "mode": report.get("disk_mode")}))
+"""
+
+
+def _run_edge(mode, budget, disk):
+    out = subprocess.run([sys.executable, "-c", EDGE_SCRIPT, mode, str(budget), str(disk)], capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_edge_mode_half_the_weights_in_memory(smollm_path, tmp_path):
+    """Default model, CPU only: cpu_memory = 50% of the fp32 weights, the rest streamed from disk.
+    Greedy output equals the all-resident run; the process's private resident memory stays under
+    the budget plus the runtime's fixed overhead (the GGUF reader and tokenizer, measured here)."""
+    resident = _run_edge("resident", 0, tmp_path)
+    budget = resident["weights"] // 2
+    edge = _run_edge("edge", budget, tmp_path)
+    assert edge["tokens"] == resident["tokens"]
+    assert edge["tiers"]["disk"] > 0.4 * resident["weights"]
+    assert edge["mode"] == "O_DIRECT"
+    assert edge["disk_per_pass"] >= edge["tiers"]["disk"]
+    assert edge["peak"] <= budget + edge["reader"], edge
+    assert edge["gen_peak"] <= budget, edge  # generating: under the budget itself
+    assert resident["peak"] > budget + edge["reader"]  # the measurement can tell the two apart
