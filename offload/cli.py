@@ -1,4 +1,4 @@
-"""Command line: ``offload generate`` and ``offload plan``.
+"""Command line: ``offload generate``, ``offload plan`` and ``offload profile``.
 
 Errors caused by input print one line (``offload: error: ...``) and exit with status 2.
 """
@@ -86,7 +86,19 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--window", type=int, default=64)
     pl.add_argument("--json", default=None, help="also save the placement as JSON here")
     _add_budget_args(pl)
+    pr = sub.add_parser("profile", help="measure this machine's bandwidths (JSON + PNG) for the planner")
+    pr.add_argument("--quick", action="store_true", help="small sizes, few repeats: under a minute")
+    pr.add_argument("--out", default="profile.json")
+    pr.add_argument("--disk-dir", default=None, help="directory on the disk to measure (default: next to --out)")
     return parser
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from .profiles.bandwidth import main as profile_main
+
+    argv = (["--quick"] if args.quick else []) + ["--out", args.out] + (
+        ["--disk-dir", args.disk_dir] if args.disk_dir else [])
+    return profile_main(argv)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -179,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return {"generate": cmd_generate, "plan": cmd_plan}[args.command](args)
+        return {"generate": cmd_generate, "plan": cmd_plan, "profile": cmd_profile}[args.command](args)
     except OffloadError as e:
         print(f"offload: error: {e}", file=sys.stderr)
         return 2

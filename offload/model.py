@@ -109,7 +109,7 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, batch: ForwardBatch, backend: AttentionBackend,
                 all_logits: bool = False) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, V] (all positions) or [B, 1, V] (last position), fp32."""
-        x = F.embedding(tokens, self.embed)  # [B, T, hidden]
+        x = self.embed_tokens(tokens)  # [B, T, hidden]
         cos, sin = self.rope.cos_sin(batch.positions, self.dtype)  # [B, 1, T, D]
         backend.begin(batch)
         for i, layer in enumerate(self.layers):
@@ -122,4 +122,11 @@ class Transformer(nn.Module):
         backend.end(batch)
         if not all_logits:
             x = x[:, -1:]  # [B, 1, hidden]: prefill needs only the last position's logits
-        return F.linear(self.norm(x), self.lm_head).float()  # [B, T or 1, V]
+        return self.head(x)  # [B, T or 1, V]
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.embedding(tokens, self.embed)  # [B, T, hidden]
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head: x [B, T, hidden] -> fp32 logits [B, T, V]."""
+        return F.linear(self.norm(x), self.lm_head).float()

@@ -1,0 +1,76 @@
+"""The bandwidth profile: quick, honest (cross-checked host figure, cold disk reads), consumed by the planner."""
+
+import json
+import time
+
+import pytest
+
+from offload.tiers.planner import BandwidthProfile, plan
+
+
+@pytest.fixture(scope="module")
+def quick_profile(tmp_path_factory):
+    from offload.cli import main
+
+    out = tmp_path_factory.mktemp("profile") / "profile.json"
+    t0 = time.perf_counter()
+    assert main(["profile", "--quick", "--out", str(out)]) == 0
+    return out, time.perf_counter() - t0
+
+
+def test_quick_profile_under_a_minute_with_json_and_plot(quick_profile):
+    out, seconds = quick_profile
+    assert seconds < 60
+    doc = json.loads(out.read_text())
+    png = out.with_suffix(".png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert doc["machine"]["cores_logical"] >= 1 and doc["machine"]["disk"]["filesystem"]
+    for key in ("host_copy", "host_gemv_fp32", "disk_seq_direct", "disk_rand_direct", "disk_write_fsync",
+                "index_search"):
+        assert doc["measurements"][key], key
+    row = doc["measurements"]["disk_seq_direct"][0]
+    assert row["p10_gbs"] <= row["median_gbs"] <= row["p90_gbs"] and len(row["runs_gbs"]) >= 3
+
+
+def test_host_copy_agrees_with_an_independent_numpy_copy(quick_profile):
+    m = json.loads(quick_profile[0].read_text())["measurements"]
+    ours, numpy_copy = m["host_copy"][0]["median_gbs"], m["host_copy_numpy"][0]["median_gbs"]
+    assert abs(ours - numpy_copy) / numpy_copy < 0.25, (ours, numpy_copy)
+
+
+def test_disk_figure_is_cold(quick_profile):
+    """A read of a just-written file through O_DIRECT (or with its pages dropped) is not served at
+    page-cache speed: the same file read warm is several times faster."""
+    m = json.loads(quick_profile[0].read_text())["measurements"]
+    warm = {r["size"]: r["median_gbs"] for r in m["disk_seq_warm"]}
+    for label in ("disk_seq_direct", "disk_seq_dropped"):
+        cold = {r["size"]: r["median_gbs"] for r in m[label]}
+        for size, gbs in warm.items():
+            assert cold[size] < 0.6 * gbs, (label, size, cold[size], gbs)
+
+
+def test_planner_reads_the_profile(quick_profile):
+    from offload.config import preset
+
+    prof = BandwidthProfile.load(quick_profile[0])
+    doc = json.loads(quick_profile[0].read_text())
+    assert prof.disk_read_gbs == pytest.approx(doc["planner"]["disk_read_gbs"])
+    assert prof.host_read_gbs == pytest.approx(doc["planner"]["host_read_gbs"])
+    p = plan(preset("smollm2-135m"), model="smollm2", context=4096, profile=prof)
+    assert p.profile_source == str(quick_profile[0])
+    layer_ms = p.layer_bytes * 30 / (prof.host_read_gbs * 1e9) * 1e3
+    assert p.step_breakdown_ms["weights"] == pytest.approx(layer_ms)
+
+
+def test_decode_step_breakdown_accounts_for_the_step_and_matches_the_planner(quick_profile, smollm_path, tmp_path):
+    """Default model, 4K context, CPU: the phases account for >= 90% of the measured step, and the
+    planner's prediction from the profile measured in this run is within 30% of it."""
+    from offload.profiles.breakdown import main, run
+
+    result = run(smollm_path, context=4096, steps=6, profile=str(quick_profile[0]))
+    m = result["measured"]
+    assert m["accounted_fraction"] >= 0.90, m
+    assert m["phases_ms"]["attention"] > 0 and m["phases_ms"]["mlp"] > 0 and len(m["per_layer_ms"]) == 30
+    assert abs(result["prediction_error"]) <= 0.30, result
+    assert main(["--context", "256", "--steps", "2", "--out", str(tmp_path / "b.json")]) == 0
+    assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
