@@ -170,7 +170,7 @@ def gpu_transfers(sizes: list[int], repeats: int) -> dict:
                          ("d2h_pageable", lambda: pageable.copy_(d_a)),
                          ("d2d", lambda: d_b.copy_(d_a))):
             out[name].append({"size": size, **timed(run(fn), size, repeats)})
-        del pinned, pageable, d_a, d_b
+        pinned = pageable = d_a = d_b = None  # free before the next size is allocated
     return out
 
 

@@ -209,7 +209,7 @@ def main(argv=None) -> int:
     write_json_atomic(args.out, result)
     plot(result, Path(args.out).with_suffix(".png"))
     m = result["measured"]
-    print(f"| phase | ms/step (median) |\n|---|---|")
+    print("| phase | ms/step (median) |\n|---|---|")
     for k, v in m["phases_ms"].items():
         print(f"| {k} | {v:.2f} |")
     print(f"measured step {m['step_ms']:.1f} ms, phases account for {m['accounted_fraction']:.1%}; "
