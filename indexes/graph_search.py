@@ -25,10 +25,9 @@ def _score_f32(keys, node, qg):
 
 
 @njit(cache=True, inline="always", fastmath=True)
-def _score_bf16(keys, node, qg):
-    """keys [N, D] uint16 holding bfloat16 bits."""
+def _score_bf16(keys, node, qg, row):
+    """keys [N, D] uint16 holding bfloat16 bits; ``row`` a [D] uint32 scratch (no allocation per key)."""
     best = -np.inf
-    row = np.empty(qg.shape[1], np.uint32)
     for d in range(qg.shape[1]):
         row[d] = np.uint32(keys[node, d]) << np.uint32(16)
     kf = row.view(np.float32)
@@ -94,6 +93,7 @@ def _beam_search(keys, is_bf16, indptr, indices, entries, qg, lo, hi, n_tokens, 
     which keep every token, decode tokens included, reachable without graph updates.
     """
     n_scored = 0
+    row = np.empty(qg.shape[1], np.uint32)  # bf16 widening scratch, reused for every key
     res_sc = np.empty(ef + 1, np.float64)
     res_ids = np.empty(ef + 1, np.int64)
     n_res = 0
@@ -105,7 +105,7 @@ def _beam_search(keys, is_bf16, indptr, indices, entries, qg, lo, hi, n_tokens, 
         if e < 0 or visited[e]:
             continue
         visited[e] = True
-        s = _score_bf16(keys, e, qg) if is_bf16 else _score_f32(keys, e, qg)
+        s = _score_bf16(keys, e, qg, row) if is_bf16 else _score_f32(keys, e, qg)
         n_scored += 1
         n_cand = _heap_push(cand_sc, cand_ids, n_cand, -s, e)
     n_graph = indptr.shape[0] - 1
@@ -132,7 +132,7 @@ def _beam_search(keys, is_bf16, indptr, indices, entries, qg, lo, hi, n_tokens, 
             if nb < 0 or nb >= n_tokens or visited[nb]:
                 continue
             visited[nb] = True
-            sc = _score_bf16(keys, nb, qg) if is_bf16 else _score_f32(keys, nb, qg)
+            sc = _score_bf16(keys, nb, qg, row) if is_bf16 else _score_f32(keys, nb, qg)
             n_scored += 1
             if n_res < ef or sc > res_sc[0]:
                 n_cand = _heap_push(cand_sc, cand_ids, n_cand, -sc, nb)

@@ -56,7 +56,8 @@ class LLM:
                  sink: int = 4, window: int = 64, dense_layers: int = 2, telemetry: bool = False,
                  max_context: int | None = None, gpu_memory: str | int | None = None,
                  cpu_memory: str | int | None = None, disk_dir: str | Path | None = None,
-                 profile: str | Path | None = None, io_backend: str = "auto", verbose: bool = False,
+                 profile: str | Path | None = None, io_backend: str = "auto", flash=None,
+                 flash_calibration: str | Sequence[int] | None = None, verbose: bool = False,
                  progress: bool = False):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -95,6 +96,9 @@ class LLM:
                       "this model was trained for: fine for measuring speed and index behaviour, but expect "
                       "output quality to degrade", file=sys.stderr)
         self.engine = Engine(self.model, self.tokenizer, self.backend, prefill_chunk_size, max_context)
+        self.flash_info = None
+        if flash is not None:  # FFN up/down projections on flash ("LLM in a flash"): offload.tiers.flash
+            self._enable_flash(flash, disk_dir, flash_calibration)
         if verbose:
             print(self.describe(), file=sys.stderr)
 
@@ -104,6 +108,17 @@ class LLM:
                 f"{a.num_layers} layers, {a.num_heads}/{a.num_kv_heads} heads) on {self.device.type}, "
                 f"{str(self.dtype).removeprefix('torch.')}, attention: "
                 f"{self.backend.describe() if hasattr(self.backend, 'describe') else 'dense'}")
+
+    def _enable_flash(self, config, disk_dir, calibration) -> None:
+        from .tiers.flash import enable_flash
+
+        if disk_dir is None:
+            raise OffloadError("flash FFN windowing keeps up/down projections on disk: give disk_dir=...")
+        if calibration is None:
+            raise OffloadError("flash FFN windowing calibrates its activation thresholds on real text: give "
+                               "flash_calibration='...' (a few hundred tokens of text like your prompts)")
+        ids = self.tokenizer.encode(calibration) if isinstance(calibration, str) else list(calibration)
+        self.flash_info = enable_flash(self, disk_dir, config, ids[:config.calibration_tokens])
 
     def close(self) -> None:
         """Stop the prefetch thread and close the weight store (streamed layers only)."""

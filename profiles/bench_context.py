@@ -73,14 +73,24 @@ def decode(llm, backend, n: int, token: int, steps: int) -> tuple[list[float], i
     return times, token, n
 
 
-def run_context(llm, ctx: int, policies: list[str], config, steps: int, telemetry_steps: int) -> list[dict]:
+SEARCHED = ("retrieval", "keygraph", "hnsw")  # policies with a search-effort knob
+
+
+def run_context(llm, ctx: int, policies: list[str], config, steps: int, telemetry_steps: int,
+                efforts: list[float | None] = (None,)) -> list[dict]:
+    from offload.indexes.base import policy_class
     from offload.indexes.telemetry import Telemetry
 
     ids = _real_text_ids(llm.tokenizer, ctx)
     shared, logits, prefill_s = prefill_shared(llm, ids, ctx + steps + telemetry_steps + 1, config)
     first = int(logits.argmax())
     rows = []
-    for policy in policies:
+    runs = [(p, e) for p in policies for e in (efforts if p in SEARCHED else [None])]
+    for policy, effort in runs:
+        cls = policy_class(policy) if policy != "dense" else None
+        default_effort = getattr(cls, "effort", None)
+        if effort is not None:
+            cls.effort = effort
         backend = backend_for(policy, llm, shared, config)
         t0 = time.perf_counter()
         if policy != "dense":
@@ -100,6 +110,9 @@ def run_context(llm, ctx: int, policies: list[str], config, steps: int, telemetr
                 row.update(mass=s["mass"], recall=s["recall"], output_error=s["output_error"])
             scored = [ix.last_scored / ix.n for ix in backend.indexes.values() if hasattr(ix, "last_scored")]
             row["scored_fraction"] = sum(scored) / len(scored) if scored else None
+        row["effort"] = effort if effort is not None else default_effort
+        if effort is not None:
+            cls.effort = default_effort
         rows.append(row)
         del backend
     return rows
@@ -140,6 +153,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=8, help="timed decode steps per policy (median reported)")
     p.add_argument("--telemetry-steps", type=int, default=2)
     p.add_argument("--prefill-chunk", type=int, default=1024)
+    p.add_argument("--efforts", type=float, nargs="+", default=[None],
+                   help="search widths (x budget) for retrieval, keygraph and hnsw; one row per value")
     p.add_argument("--out", default=None, help="JSON path; the plot goes next to it (.png)")
     args = p.parse_args(argv)
 
@@ -151,17 +166,18 @@ def main(argv=None) -> int:
     config = SelectionConfig(budget=args.budget, sink=args.sink, window=args.window, dense_layers=args.dense_layers)
     print(f"# {llm.path.name}, {llm.device.type}, {str(llm.dtype).removeprefix('torch.')}, "
           f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
-    print("| context | policy | decode ms/token | vs dense | build s | mass | recall | out. err | scored | index MB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| context | policy | effort | decode ms/token | vs dense | build s | mass | recall | out. err | scored | "
+          "index MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for ctx in tqdm(args.contexts, desc="contexts", disable=None):
-        ctx_rows = run_context(llm, ctx, args.policies, config, args.steps, args.telemetry_steps)
+        ctx_rows = run_context(llm, ctx, args.policies, config, args.steps, args.telemetry_steps, args.efforts)
         dense = next((r["decode_ms"] for r in ctx_rows if r["policy"] == "dense"), None)
         for r in ctx_rows:
             r["speedup_vs_dense"] = dense / r["decode_ms"] if dense else None
             fmt = lambda k, f: "-" if r.get(k) is None else format(r[k], f)  # noqa: E731
             flag = "*" if r["beyond_trained_context"] else ""
-            print(f"| {ctx}{flag} | {r['policy']} | {r['decode_ms']:.1f} | {fmt('speedup_vs_dense', '.1f')}x | "
+            print(f"| {ctx}{flag} | {r['policy']} | {fmt('effort', 'g')} | {r['decode_ms']:.1f} | {fmt('speedup_vs_dense', '.1f')}x | "
                   f"{r['build_s']:.1f} | {fmt('mass', '.3f')} | {fmt('recall', '.3f')} | {fmt('output_error', '.3f')} | "
                   f"{fmt('scored_fraction', '.3f')} | {r.get('index_bytes', 0) / 2**20:.1f} |", flush=True)
         rows += ctx_rows
