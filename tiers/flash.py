@@ -37,6 +37,7 @@ class FlashConfig:
     window: int = 4  # tokens whose active neurons stay resident
     cache_fraction: float = 0.6  # resident bundle cache, as a fraction of the layer's neurons
     calibration_tokens: int = 512
+    full_read_runs: int = 64  # more scattered runs than this per layer: one sequential read instead
 
     def __post_init__(self) -> None:
         if not 0 <= self.sparsity < 1:
@@ -118,10 +119,17 @@ class FlashMLP(nn.Module):
         self.elem = gate.element_size()
 
     def _read_rows(self, ids: np.ndarray) -> torch.Tensor:
-        """Bundles of the sorted neuron ids, adjacent runs coalesced into one verified read each."""
-        out = torch.empty(len(ids), self.bundle_elems, dtype=self.gate.dtype)  # [k, P]
+        """Bundles of the sorted neuron ids, adjacent runs coalesced into one verified read each.
+
+        Many scattered runs cost more in request overhead than one sequential read of the layer, so
+        past ``config.full_read_runs`` runs the whole layer is read and the rows are taken from it."""
         row_bytes = self.bundle_elems * self.elem
         starts = np.flatnonzero(np.diff(ids, prepend=-2) != 1)  # run starts
+        if len(starts) > self.config.full_read_runs:
+            layer = self.reader.read(self.name)  # [I, P]
+            self.bytes_read += layer.numel() * self.elem
+            return layer[torch.from_numpy(ids)]
+        out = torch.empty(len(ids), self.bundle_elems, dtype=self.gate.dtype)  # [k, P]
         ends = np.append(starts[1:], len(ids))
         for s, e in zip(starts, ends):
             first = int(ids[s])
