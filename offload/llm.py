@@ -57,7 +57,8 @@ class LLM:
                  max_context: int | None = None, gpu_memory: str | int | None = None,
                  cpu_memory: str | int | None = None, disk_dir: str | Path | None = None,
                  profile: str | Path | None = None, io_backend: str = "auto", flash=None,
-                 flash_calibration: str | Sequence[int] | None = None, verbose: bool = False,
+                 flash_calibration: str | Sequence[int] | None = None, rope_scaling: dict | None = None,
+                 verbose: bool = False,
                  progress: bool = False):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -73,6 +74,8 @@ class LLM:
             self.placement, self.streamer = loaded.placement, loaded.streamer
         else:
             self.model, self.tokenizer, self.path = load_model(model, self.device, self.dtype, progress=progress)
+        if rope_scaling is not None:
+            self._extend_context(rope_scaling, max_context)
         self.args = self.model.args
         self.kv_policy = kv_policy
         if kv_policy == "dense" and not telemetry:
@@ -108,6 +111,18 @@ class LLM:
                 f"{a.num_layers} layers, {a.num_heads}/{a.num_kv_heads} heads) on {self.device.type}, "
                 f"{str(self.dtype).removeprefix('torch.')}, attention: "
                 f"{self.backend.describe() if hasattr(self.backend, 'describe') else 'dense'}")
+
+    def _extend_context(self, rope_scaling: dict, max_context: int | None) -> None:
+        """Replace the model's RoPE scaling (context extension, e.g. {"type": "yarn", "factor": 4,
+        "original_max_position_embeddings": 8192}), before any attention backend is built."""
+        from .config import RopeScaling
+        from .rope import RotaryEmbedding
+
+        args = self.model.args
+        scaling = RopeScaling.from_hf(rope_scaling)
+        longest = max(args.max_position_embeddings, max_context or 0)
+        self.model.args = args.replace(rope_scaling=scaling, max_position_embeddings=longest)
+        self.model.rope = RotaryEmbedding(self.model.args, self.device)
 
     def _enable_flash(self, config, disk_dir, calibration) -> None:
         from .tiers.flash import enable_flash

@@ -153,6 +153,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=8, help="timed decode steps per policy (median reported)")
     p.add_argument("--telemetry-steps", type=int, default=2)
     p.add_argument("--prefill-chunk", type=int, default=1024)
+    p.add_argument("--extend", choices=["none", "yarn"], default="none",
+                   help="contexts beyond the trained length: plain RoPE positions, or YaRN with factor "
+                        "longest context / trained length (training-free context extension)")
     p.add_argument("--efforts", type=float, nargs="+", default=[None],
                    help="search widths (x budget) for retrieval, keygraph and hnsw; one row per value")
     p.add_argument("--out", default=None, help="JSON path; the plot goes next to it (.png)")
@@ -161,11 +164,20 @@ def main(argv=None) -> int:
     from offload import LLM
     from offload.indexes import SelectionConfig
 
-    llm = LLM(args.model, dtype=args.dtype, prefill_chunk_size=args.prefill_chunk,
-              max_context=max(max(args.contexts) + args.steps + args.telemetry_steps + 2, 1))
+    from offload.loaders import read_model_args
+
+    longest = max(args.contexts) + args.steps + args.telemetry_steps + 2
+    rope_scaling = None
+    if args.extend == "yarn":
+        trained = read_model_args(args.model)[0].max_position_embeddings
+        rope_scaling = {"type": "yarn", "factor": max(1.0, longest / trained),
+                        "original_max_position_embeddings": trained}
+    llm = LLM(args.model, dtype=args.dtype, prefill_chunk_size=args.prefill_chunk, max_context=longest,
+              rope_scaling=rope_scaling)
     config = SelectionConfig(budget=args.budget, sink=args.sink, window=args.window, dense_layers=args.dense_layers)
     print(f"# {llm.path.name}, {llm.device.type}, {str(llm.dtype).removeprefix('torch.')}, "
-          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
+          f"rope scaling {rope_scaling or 'as trained'}")
     print("| context | policy | effort | decode ms/token | vs dense | build s | mass | recall | out. err | scored | "
           "index MB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -176,7 +188,7 @@ def main(argv=None) -> int:
         for r in ctx_rows:
             r["speedup_vs_dense"] = dense / r["decode_ms"] if dense else None
             fmt = lambda k, f: "-" if r.get(k) is None else format(r[k], f)  # noqa: E731
-            flag = "*" if r["beyond_trained_context"] else ""
+            flag = "*" if r["beyond_trained_context"] and rope_scaling is None else ""
             print(f"| {ctx}{flag} | {r['policy']} | {fmt('effort', 'g')} | {r['decode_ms']:.1f} | {fmt('speedup_vs_dense', '.1f')}x | "
                   f"{r['build_s']:.1f} | {fmt('mass', '.3f')} | {fmt('recall', '.3f')} | {fmt('output_error', '.3f')} | "
                   f"{fmt('scored_fraction', '.3f')} | {r.get('index_bytes', 0) / 2**20:.1f} |", flush=True)
