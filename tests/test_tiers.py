@@ -87,7 +87,7 @@ def test_layers_streamed_from_disk_are_bit_identical(tmp_path, monkeypatch, fami
 
     monkeypatch.setattr(planner_mod, "RUNTIME_RESERVE", 0)
     folder = tmp_path / "model"
-    hf = make_tiny_model(folder, family, seed=3, num_hidden_layers=5)
+    hf = make_tiny_model(folder, family, seed=3, num_hidden_layers=6)  # 5 streamed: an odd cycle
     ids = torch.randint(3, hf.config.vocab_size, (40,), generator=torch.Generator().manual_seed(0)).tolist()
     resident = LLM(folder)
     args = resident.args
@@ -102,7 +102,10 @@ def test_layers_streamed_from_disk_are_bit_identical(tmp_path, monkeypatch, fami
     report = streamed.tier_report()
     assert report["disk_mode"] == "O_DIRECT"
     assert report["disk_bytes_per_pass"] >= (args.num_layers - 1) * layer  # every off-device layer, every pass
-    assert report["layer_loads"] >= report["forward_passes"] * (args.num_layers - 1)  # buffers were reused
+    streamed_layers = args.num_layers - 1
+    # each pass loads every streamed layer once, plus the two buffers prefetched for the next pass
+    assert report["forward_passes"] * streamed_layers <= report["layer_loads"] <= (
+        report["forward_passes"] * streamed_layers + 2)
     again = LLM(folder, cpu_memory=budget, disk_dir=tmp_path / "store", max_context=64)  # reuses the verified store
     assert torch.equal(again.logits(ids), resident.logits(ids))
     streamed.close()

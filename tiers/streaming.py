@@ -94,7 +94,8 @@ class LayerStreamer:
         self.loads = 0
         self.passes = 0  # forward passes that streamed the layers (decode steps + prefill chunks)
         for j in range(len(self.slots)):
-            self._start(self.layers[j])
+            self._start(self.layers[j], j)
+        self._next = len(self.slots) % len(self.layers)  # the next layer to prefetch, cyclically
 
     @property
     def slot_bytes(self) -> int:
@@ -104,11 +105,7 @@ class LayerStreamer:
     def bytes_read(self) -> int:
         return self.store.bytes_read if self.store is not None else 0
 
-    def _slot_of(self, layer: int) -> int:
-        return self.position[layer] % len(self.slots)
-
-    def _start(self, layer: int) -> None:
-        slot = self._slot_of(layer)
+    def _start(self, layer: int, slot: int) -> None:
         self._holds[slot] = layer
         self._pending[slot] = self._pool.submit(self._load, layer, self.slots[slot])
 
@@ -131,12 +128,14 @@ class LayerStreamer:
 
     def acquire(self, layer: int) -> torch.nn.Module:
         """Wait until ``layer``'s weights are in its buffer; return the buffer layer to compute with."""
-        slot = self._slot_of(layer)
         if layer == self.layers[0]:
             self.passes += 1
-        if self._holds.get(slot) != layer:  # out of order (e.g. a new step began early): load now
+        slot = next((j for j, held in self._holds.items() if held == layer), None)
+        if slot is None:  # out of the usual order (a pass stopped early): load it now
+            slot = 0
             self._pending[slot].result()
-            self._start(layer)
+            self._start(layer, slot)
+            self._next = (self.position[layer] + 1) % len(self.layers)
         event = self._pending[slot].result()
         if event is not None:
             torch.cuda.current_stream(self.device).wait_event(event)
@@ -148,8 +147,9 @@ class LayerStreamer:
             return  # every streamed layer has its own buffer: nothing to reload
         if self._cuda:  # the buffer is reused only after the kernels reading it have run
             torch.cuda.current_stream(self.device).synchronize()
-        nxt = self.layers[(self.position[layer] + len(self.slots)) % len(self.layers)]
-        self._start(nxt)
+        slot = next(j for j, held in self._holds.items() if held == layer)
+        self._start(self.layers[self._next], slot)
+        self._next = (self._next + 1) % len(self.layers)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
