@@ -58,8 +58,12 @@ class HNSWIndex(KVIndex):
         qg = q.float().view(self.num_kv_heads, self.group, -1)  # [Hkv, G, D]
         ids = torch.zeros(self.num_kv_heads, budget, dtype=torch.int32)
         counts = torch.zeros(self.num_kv_heads, dtype=torch.int32)
+        ef = max(k, int(self.effort * budget))
+        # hnswlib does not count its distance computations; each of the G queries scores at least
+        # the ef candidates it keeps, so G x ef is a lower bound on the keys scored per KV head.
+        self.last_scored = float(self.group * ef)
         for h, graph in enumerate(self.graphs):
-            graph.set_ef(max(k, int(self.effort * budget)))
+            graph.set_ef(ef)
             labels, _ = graph.knn_query(qg[h].numpy(), k=k)  # [G, k]
             cand = np.unique(labels)
             cand = torch.from_numpy(cand[(cand >= lo) & (cand < hi)].astype(np.int64))
