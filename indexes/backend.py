@@ -69,6 +69,8 @@ class SparseAttention(DenseAttention):
             if (row, layer) not in self.indexes:
                 idx = self._new_index(row)
                 chunks = self.prefill_queries.pop((row, layer), None)
+                if not idx.uses_prefill_queries:
+                    chunks = None  # a key-only index is built from the keys alone
                 queries = torch.cat(chunks, dim=1) if chunks else None  # [H, Nq, D]
                 idx.build(self.cache.k[layer, row], n, queries)
                 self.indexes[(row, layer)] = idx
