@@ -10,7 +10,8 @@ Measures, each figure the median (with p10/p90 and every run) of repeated timing
   look like); kvikio reads when CUDA and kvikio are present;
 - GPU, when one is usable: host-to-device and device-to-host for pinned and pageable memory from 4 KiB
   to 1 GiB, and device-to-device;
-- index search: keys scored per second by the retrieval graph search at a few context sizes.
+- index search: keys scored per second by the retrieval graph search at a few context sizes;
+- the runtime's fixed cost per decoder layer in a decode step (a narrow model, bytes negligible).
 
 Machine facts (CPU, cores, memory, disk device and filesystem; GPU name, driver, memory and PCIe link
 through nvidia-ml-py where a driver exists) go with the figures. The ``planner`` section holds the
@@ -58,25 +59,83 @@ def timed(fn, nbytes: int, repeats: int, warmup: int = 1) -> dict:
 
 # ---------------------------------------------------------------------------------------- host
 def host_copy(nbytes: int, repeats: int) -> dict:
+    """torch copy of a large buffer, all intra-op threads: bytes copied per second."""
     src = torch.ones(nbytes // 4, dtype=torch.float32)  # [n]
     dst = torch.empty_like(src)
     return timed(lambda: dst.copy_(src), nbytes, repeats)
 
 
-def numpy_copy(nbytes: int, repeats: int) -> dict:
-    """An independent host copy figure (numpy, not torch), to cross-check :func:`host_copy`."""
-    src = np.ones(nbytes // 4, np.float32)
-    dst = np.empty_like(src)
-    return timed(lambda: np.copyto(dst, src), nbytes, repeats)
+def paired_copy(nbytes: int, repeats: int) -> tuple[dict, dict]:
+    """torch on one thread and an independent numpy copy (one thread), runs interleaved so that
+    drift on a shared machine affects both alike: the cross-check of the host copy figure."""
+    a = torch.ones(nbytes // 4, dtype=torch.float32)  # [n]
+    b = torch.empty_like(a)
+    src, dst = np.ones(nbytes // 4, np.float32), np.empty(nbytes // 4, np.float32)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        b.copy_(a)
+        np.copyto(dst, src)
+        ours, theirs = [], []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            b.copy_(a)
+            t1 = time.perf_counter()
+            np.copyto(dst, src)
+            t2 = time.perf_counter()
+            ours.append(nbytes / (t1 - t0) / 1e9)
+            theirs.append(nbytes / (t2 - t1) / 1e9)
+    finally:
+        torch.set_num_threads(before)
+    return summarize(ours), summarize(theirs)
 
 
-def host_gemv(nbytes: int, repeats: int, dtype: torch.dtype = torch.float32) -> dict:
-    """Weight bytes read per second by a decode-shaped matrix-vector product."""
-    cols = 2048
-    rows = max(1, nbytes // (cols * torch.finfo(dtype).bits // 8))
-    w = torch.randn(rows, cols).to(dtype)  # [rows, cols]
+def host_gemv(matrix_bytes: int, repeats: int, dtype: torch.dtype = torch.float32,
+              total_bytes: int = 96 * MIB) -> dict:
+    """Weight bytes read per second by decode-shaped matrix-vector products over matrices of
+    ``matrix_bytes`` each, cycling through enough of them (``total_bytes``) that caches do not
+    serve them: what a decode step over a layer's weight matrices of that size achieves."""
+    elem = torch.finfo(dtype).bits // 8
+    cols = 512 if matrix_bytes <= 4 * MIB else 2048
+    rows = max(1, matrix_bytes // (cols * elem))
+    count = max(2, total_bytes // (rows * cols * elem))
+    mats = [torch.randn(rows, cols).to(dtype) for _ in range(count)]  # count x [rows, cols]
     x = torch.randn(1, cols).to(dtype)  # [1, cols]
-    return timed(lambda: torch.nn.functional.linear(x, w), w.numel() * w.element_size(), repeats)
+
+    def run():
+        for w in mats:
+            torch.nn.functional.linear(x, w)
+    return timed(run, count * rows * cols * elem, repeats)
+
+
+@torch.inference_mode()
+def layer_overhead(repeats: int) -> dict:
+    """Fixed cost of one decoder layer in a decode step, apart from the bytes it reads: a narrow
+    model (hidden 64) whose weights and KV are negligible, timed per layer. This is the runtime's
+    per-operation dispatch cost, which a bytes-over-bandwidth model alone would miss."""
+    from offload.attention import DenseAttention, ForwardBatch
+    from offload.config import ModelArgs
+    from offload.model import Transformer
+
+    layers = 8
+    args = ModelArgs(architecture="llama", vocab_size=128, hidden_size=64, intermediate_size=128,
+                     num_layers=layers, num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=256,
+                     rms_norm_eps=1e-5, rope_theta=10000.0)
+    model = Transformer(args)
+    g = torch.Generator().manual_seed(0)
+    for p in model.parameters():
+        p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    backend = DenseAttention(args, model.device, model.dtype)
+    backend.allocate(1, 64)
+    model(torch.zeros(1, 16, dtype=torch.long), ForwardBatch.prefill(0, 0, 16, model.device), backend)
+    runs = []
+    for r in range(repeats + 2):
+        n = 16 + r
+        t0 = time.perf_counter()
+        model(torch.zeros(1, 1, dtype=torch.long), ForwardBatch.decode([n], model.device), backend)
+        runs.append(1e3 * (time.perf_counter() - t0) / layers)
+    runs = runs[2:]
+    return {"median_ms": statistics.median(runs), "runs_ms": runs}
 
 
 # ---------------------------------------------------------------------------------------- disk
@@ -239,10 +298,14 @@ def run_profile(quick: bool, disk_dir: Path, progress: bool = True) -> dict:
     result: dict = {"quick": quick, "machine": machine_facts(disk_dir), "measurements": {}}
     m = result["measurements"]
 
-    m["host_copy"] = [{"size": host_size, **host_copy(host_size, repeats)}]
-    m["host_copy_numpy"] = [{"size": host_size, **numpy_copy(host_size, repeats)}]
-    m["host_gemv_fp32"] = [{"size": host_size, **host_gemv(host_size, repeats)}]
-    m["host_gemv_bf16"] = [{"size": host_size, **host_gemv(host_size, repeats, torch.bfloat16)}]
+    m["host_copy"] = [{"size": host_size, **host_copy(host_size, repeats)}]  # all torch threads
+    one_thread, numpy_fig = paired_copy(host_size, 2 * repeats + 1)
+    m["host_copy_1thread"] = [{"size": host_size, **one_thread}]
+    m["host_copy_numpy"] = [{"size": host_size, **numpy_fig}]
+    gemv_sizes = [1 * MIB, 4 * MIB, 16 * MIB] + ([] if quick else [64 * MIB])
+    m["host_gemv_fp32"] = [{"size": b, **host_gemv(b, repeats)} for b in gemv_sizes]
+    m["host_gemv_bf16"] = [{"size": b, **host_gemv(b, repeats, torch.bfloat16)} for b in gemv_sizes]
+    m["layer_overhead"] = layer_overhead(3 * repeats)
     bar.update(1)
 
     disk_dir.mkdir(parents=True, exist_ok=True)
@@ -277,9 +340,12 @@ def run_profile(quick: bool, disk_dir: Path, progress: bool = True) -> dict:
 
     best_direct = max(r["median_gbs"] for r in m["disk_seq_direct"])
     result["planner"] = {
-        "host_read_gbs": m["host_gemv_fp32"][0]["median_gbs"],
+        "host_read_gbs": max(r["median_gbs"] for r in m["host_gemv_fp32"]),
+        "gemv_curve_fp32": [[r["size"], r["median_gbs"]] for r in m["host_gemv_fp32"]],
+        "gemv_curve_bf16": [[r["size"], r["median_gbs"]] for r in m["host_gemv_bf16"]],
         "disk_read_gbs": best_direct,
         "index_keys_per_s": m["index_search"][-1]["keys_per_s"],
+        "layer_overhead_ms": m["layer_overhead"]["median_ms"],
         "disk_block_bytes": max(m["disk_seq_direct"], key=lambda r: r["median_gbs"])["block"],
     }
     if "h2d_pinned" in m:
@@ -319,7 +385,7 @@ def plot(result: dict, path: Path) -> None:
     for k in series:
         pts = sorted((r["size"], r["median_gbs"]) for r in m[k])
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=k)
-    for k in ("host_copy", "host_gemv_fp32"):
+    for k in ("host_copy",):
         ax.axhline(m[k][0]["median_gbs"], linestyle="--", linewidth=1, label=f"{k} ({m[k][0]['size'] >> 20} MiB)")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")

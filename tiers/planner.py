@@ -13,8 +13,8 @@ Tiers: ``device`` (the GPU, or on a CPU-only machine the host memory the model c
 Preference order for layer weights: device, then host, then disk; two streaming slots (double
 buffers, one layer each) are reserved on the device whenever any layer streams.
 
-Decode-step model (memory bound, as decode is): a resident layer costs its bytes over the
-device's memory bandwidth; a streamed layer costs the larger of that and its transfer
+Decode-step model (memory bound, as decode is, plus the runtime's measured fixed cost per layer):
+a resident layer costs its bytes over the device's memory bandwidth; a streamed layer costs the larger of that and its transfer
 (prefetched one layer ahead, so transfer and compute overlap, FlexGen style); attention costs
 the KV bytes it reads (all of it for dense, sinks + window + budget for sparse policies) plus
 the index search for the keys it scores.
@@ -23,6 +23,7 @@ the index search for the keys it scores.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -48,7 +49,25 @@ class BandwidthProfile:
     disk_read_gbs: float = 1.5  # cold, O_DIRECT
     index_keys_per_s: float = 3e6  # graph-search keys scored per second (all heads of a layer)
     scored_fraction: float = 0.10  # keys a retrieval search scores per step, fraction of context
+    layer_overhead_ms: float = 0.5  # fixed cost of one decoder layer per step (op dispatch), measured
+    # Matrix-vector bandwidth by matrix size, [[bytes, GB/s], ...] per dtype: small matrices run
+    # below the streaming bandwidth. Empty: host_read_gbs for every size.
+    gemv_curve_fp32: tuple = ()
+    gemv_curve_bf16: tuple = ()
     source: str = "defaults"
+
+    def host_gemv_gbs(self, matrix_bytes: float, dtype: str) -> float:
+        """CPU matrix-vector bandwidth for matrices of ``matrix_bytes`` (log-size interpolation)."""
+        curve = sorted(self.gemv_curve_bf16 if dtype in ("bfloat16", "float16") else self.gemv_curve_fp32)
+        if not curve:
+            return self.host_read_gbs
+        if matrix_bytes <= curve[0][0]:
+            return curve[0][1]
+        for (s0, g0), (s1, g1) in zip(curve, curve[1:]):
+            if matrix_bytes <= s1:
+                t = math.log(matrix_bytes / s0) / math.log(s1 / s0)
+                return g0 + t * (g1 - g0)
+        return curve[-1][1]
 
     @classmethod
     def load(cls, path: str | Path | None) -> "BandwidthProfile":
@@ -64,7 +83,9 @@ class BandwidthProfile:
             raise OffloadError(f"bandwidth profile {path} is not valid JSON ({e}); run `offload profile` again")
         section = doc.get("planner", doc)
         known = {f.name for f in fields(cls)} - {"source"}
-        return cls(**{k: float(v) for k, v in section.items() if k in known}, source=str(path))
+        values = {k: (tuple(tuple(p) for p in v) if isinstance(v, list) else float(v))
+                  for k, v in section.items() if k in known}
+        return cls(**values, source=str(path))
 
 
 @dataclass(frozen=True)
@@ -213,7 +234,11 @@ def plan(args: ModelArgs, *, model: str, context: int, device: str = "cpu", dtyp
         tiers = ["device"] * resident + ["host"] * on_host + ["disk"] * on_disk
 
     # Predicted decode step.
-    dev_bw = (profile.gpu_read_gbs if on_gpu else profile.host_read_gbs) * 1e9
+    # Decode reads each weight matrix once; on the CPU the achieved bandwidth depends on its size.
+    matrices = [args.hidden_size * (args.q_size + 2 * args.kv_size), args.q_size * args.hidden_size,
+                2 * args.intermediate_size * args.hidden_size, args.intermediate_size * args.hidden_size]
+    typical = b * sum(matrices) / len(matrices)
+    dev_bw = (profile.gpu_read_gbs if on_gpu else profile.host_gemv_gbs(typical, dtype)) * 1e9
     link = profile.h2d_pinned_gbs * 1e9
     disk = profile.disk_read_gbs * 1e9
     weights_ms = transfer_ms = 0.0
@@ -239,9 +264,10 @@ def plan(args: ModelArgs, *, model: str, context: int, device: str = "cpu", dtyp
     search_ms = 0.0
     if kv_policy in ("retrieval", "keygraph", "hnsw"):
         search_ms = 1e3 * L * profile.scored_fraction * context * args.num_kv_heads / profile.index_keys_per_s
-    head_ms = 1e3 * fixed / dev_bw
+    head_ms = 1e3 * (fixed - RUNTIME_RESERVE) / dev_bw
     breakdown = {"weights": weights_ms, "weight_transfer": transfer_ms, "attention": attention_ms,
-                 "kv_fetch": fetch_kv_ms, "index_search": search_ms, "embed_head": head_ms}
+                 "kv_fetch": fetch_kv_ms, "index_search": search_ms, "embed_head": head_ms,
+                 "layer_overhead": L * profile.layer_overhead_ms}
     return Placement(model=model, device=device, dtype=dtype, context=context, kv_policy=kv_policy,
                      layer_tiers=tuple(tiers), layer_bytes=layer_bytes, fixed_device_bytes=fixed,
                      slot_bytes=slot_bytes, kv_tiers=kv_tiers, index_tiers=index_tiers,
