@@ -133,8 +133,8 @@ class FlashMLP(nn.Module):
         ends = np.append(starts[1:], len(ids))
         for s, e in zip(starts, ends):
             first = int(ids[s])
-            raw = self.reader.read_bytes(self.name, first * row_bytes, (first + e - s) * row_bytes)
-            out[s:e] = raw.view(self.gate.dtype).view(e - s, self.bundle_elems)
+            self.reader.read_bytes(self.name, first * row_bytes, (first + e - s) * row_bytes,
+                                   out=out[s:e].view(-1).view(torch.uint8))  # straight into place
             self.bytes_read += (e - s) * row_bytes
         return out
 

@@ -136,9 +136,11 @@ class StoreReader:
         self.bytes_read += length
         return buf[offset - start:offset - start + nbytes]
 
-    def read_bytes(self, name: str, start: int = 0, end: int | None = None) -> torch.Tensor:
+    def read_bytes(self, name: str, start: int = 0, end: int | None = None,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
         """Bytes [start, end) of tensor ``name`` as uint8 on ``self.device``, verified; ``start``
-        must sit on an extent boundary so that every byte read is covered by a whole checksum."""
+        must sit on an extent boundary so that every byte read is covered by a whole checksum.
+        ``out`` (uint8, end - start bytes) receives them without an intermediate tensor."""
         e = self.entry(name)
         end = e.nbytes if end is None else end
         if start % e.extent or not 0 <= start <= end <= e.nbytes:
@@ -154,7 +156,8 @@ class StoreReader:
                     raise CorruptStoreError(
                         f"{self.path}: checksum mismatch in tensor '{name}' extent {i} (bytes {lo}..{hi}): "
                         "the store is corrupt; rebuild it from the source weights")
-            out = torch.empty(end - start, dtype=torch.uint8, device=self.device)  # [nbytes]
+            if out is None:
+                out = torch.empty(end - start, dtype=torch.uint8, device=self.device)  # [nbytes]
             out.copy_(torch.from_numpy(data[:end - start]))
         return out
 
@@ -173,13 +176,16 @@ class StoreReader:
     def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         """The whole tensor ``name`` (verified), into ``out`` when given (reused buffers)."""
         e = self.entry(name)
-        raw = self.read_bytes(name)
-        t = raw.view(e.torch_dtype).view(e.shape) if e.nbytes else torch.empty(e.shape, dtype=e.torch_dtype,
-                                                                               device=self.device)
         if out is None:
-            return t
-        if out.shape != t.shape or out.dtype != t.dtype:
-            raise OffloadError(f"tensor '{name}' is {tuple(t.shape)} {t.dtype}, the buffer is "
+            raw = self.read_bytes(name)
+            return raw.view(e.torch_dtype).view(e.shape) if e.nbytes else torch.empty(
+                e.shape, dtype=e.torch_dtype, device=self.device)
+        if tuple(out.shape) != e.shape or out.dtype != e.torch_dtype:
+            raise OffloadError(f"tensor '{name}' is {e.shape} {e.dtype}, the buffer is "
                                f"{tuple(out.shape)} {out.dtype}")
-        out.copy_(t, non_blocking=True)
+        if e.nbytes:
+            if out.is_contiguous() and out.device == self.device and self.backend == "posix":
+                self.read_bytes(name, out=out.view(-1).view(torch.uint8))  # straight into the buffer
+            else:
+                out.copy_(self.read_bytes(name).view(e.torch_dtype).view(e.shape), non_blocking=True)
         return out
