@@ -57,8 +57,8 @@ class RetrievalIndex(KVIndex):
     name = "retrieval"
     uses_prefill_queries = True
     build_topk = 32
-    max_degree = 32
-    num_entries = 32
+    max_degree = 24
+    num_entries = 16
     effort = 1.0  # ef = effort x budget
 
     def build(self, keys: torch.Tensor, n: int, queries: torch.Tensor | None = None) -> None:
