@@ -88,3 +88,21 @@ def test_window_keeps_recent_neurons_resident_and_reads_less(tiny, tmp_path):
     assert read[0]["decode_bytes_per_step"] == pytest.approx(read[0]["active_neurons_per_step"] * per_bundle)
     assert read[4]["decode_bytes_per_step"] < 0.8 * read[0]["decode_bytes_per_step"]
     assert 0.2 < read[0]["active_neurons_per_step"] / read[0]["neurons"] < 0.8
+
+
+def test_windowed_decode_equals_the_sparse_model_in_one_pass(tiny, tmp_path):
+    """The window cache changes what is read, never what is computed: step-by-step decode through
+    the cache equals the same thresholded FFN applied to the whole sequence at once."""
+    from offload.attention import ForwardBatch
+
+    folder, hf = tiny
+    ids = _ids(hf, 40, 4)
+    llm = LLM(folder, disk_dir=tmp_path / "store", flash=FlashConfig(sparsity=0.5, window=2, cache_fraction=1.0),
+              flash_calibration=_ids(hf, 64, 1))
+    full = llm.logits(ids)  # [T, V], one pass
+    llm.backend.allocate(1, 48)
+    llm.engine.prefill(0, ids[:20])
+    for n in range(20, 39):
+        step = llm.model(torch.tensor([[ids[n]]]), ForwardBatch.decode([n], llm.device, [ids[n]]), llm.backend)
+        assert (step[0, -1] - full[n]).abs().max() < 1e-4
+    assert flash_stats(llm)["decode_bytes_per_step"] > 0
