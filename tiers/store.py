@@ -133,7 +133,7 @@ class StoreWriter:
         crcs = tuple(crc32(data[i:i + extent]) for i in range(0, len(data), extent))
         sums = tuple(weighted_sum32(_pad4(torch.from_numpy(data[i:i + extent]))) for i in range(0, len(data), extent))
         entry = TensorEntry(name, dtype, tuple(tensor.shape), self._pos, len(data), extent, crcs, sums)
-        self._file.write(data.tobytes() if not data.flags.c_contiguous else memoryview(data))
+        self._file.write(memoryview(data))  # tensor_bytes is contiguous: no copy
         padded = align_up(len(data))
         self._file.write(b"\0" * (padded - len(data)))
         self._pos += padded

@@ -15,7 +15,7 @@ which is reused on the next run when it matches the model.
 
 from __future__ import annotations
 
-import threading
+from contextlib import nullcontext
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -90,7 +90,6 @@ class LayerStreamer:
         self._stream = torch.cuda.Stream(self.device) if self._cuda else None
         self._pending: dict[int, Future] = {}  # slot -> load in flight
         self._holds: dict[int, int] = {}  # slot -> layer loaded (or loading)
-        self._lock = threading.Lock()
         self.loads = 0
         self.passes = 0  # forward passes that streamed the layers (decode steps + prefill chunks)
         for j in range(len(self.slots)):
@@ -114,7 +113,7 @@ class LayerStreamer:
         event = None
         if layer in self.host_layers:  # host tier: copy from pinned memory
             src = dict(self.host_layers[layer].named_parameters())
-            with torch.cuda.stream(self._stream) if self._cuda else _nullcontext():
+            with torch.cuda.stream(self._stream) if self._cuda else nullcontext():
                 for name in self._names:
                     params[name].data.copy_(src[name].data, non_blocking=True)
                 if self._cuda:
@@ -156,10 +155,3 @@ class LayerStreamer:
         if self.store is not None:
             self.store.close()
 
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
