@@ -30,9 +30,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
     p.add_argument("--prefill-chunk-size", type=_positive_int, default=512,
                    help="prompt tokens per prefill step (bounds the attention score matrix)")
+    p.add_argument("--load-format", default="auto", choices=("auto", "dummy"),
+                   help="dummy: the model's shape (a preset such as llama-3.1-8b, a config.json folder or a "
+                        "GGUF header) with seeded random weights, for speed runs; never for accuracy")
+    p.add_argument("--dummy-seed", type=int, default=0, help="seed of the dummy weights")
     p.add_argument("--kv-policy", default="dense",
-                   help="KV selection per decode step: dense (exact), exact, streaming, quest, retrieval, "
-                        "shadowkv, sentence")
+                   help="KV selection per decode step: auto (dense if the KV fits on the device, else "
+                        "retrieval), dense (exact), exact, streaming, quest, retrieval, shadowkv, sentence")
     p.add_argument("--kv-budget", type=float, default=0.02,
                    help="selected tokens per step: a fraction of the context (< 1) or a count")
     p.add_argument("--sink", type=int, default=4, help="first tokens always attended")
@@ -73,14 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--stats", action="store_true", help="print prefill/decode tokens/s and peak memory to stderr")
-    g.add_argument("--verbose", "-v", action="store_true", help="print the model, device and dtype to stderr")
+    g.add_argument("--quiet", "-q", action="store_true",
+                   help="do not print the model, placement and KV policy to stderr at start")
     pl = sub.add_parser("plan", help="print where weights, KV and index would live, and the predicted step time")
     pl.add_argument("--model", "-m", default=None,
                     help="a preset (llama-3.1-8b, qwen2.5-7b, mistral-7b, ...), a Hugging Face folder or a .gguf file")
     pl.add_argument("--context", type=_positive_int, required=True, help="tokens of context to plan for")
     pl.add_argument("--device", default="auto", help="auto, cpu or cuda (planning works on any machine)")
     pl.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on cuda, fp32 on cpu)")
-    pl.add_argument("--kv-policy", default="dense")
+    pl.add_argument("--kv-policy", default="dense",
+                    help="dense, auto (dense if the KV fits on the device, else retrieval), retrieval, ...")
     pl.add_argument("--kv-budget", type=float, default=0.02)
     pl.add_argument("--sink", type=int, default=4)
     pl.add_argument("--window", type=int, default=64)
@@ -121,8 +127,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
     gpu = resolve_budget(args.gpu_memory, "gpu_memory", free_host_memory) if device == "cuda" else None
     cpu = resolve_budget(args.cpu_memory, "cpu_memory", free_host_memory)
+    kv_policy = args.kv_policy
+    if kv_policy == "auto":
+        from .tiers.planner import choose_kv_policy
+
+        kv_policy, reason = choose_kv_policy(model_args, args.context, dtype, gpu if device == "cuda" else cpu)
+        print(f"kv_policy auto -> {kv_policy}: {reason}")
     placement = plan(model_args, model=name, context=args.context, device=device, dtype=dtype,
-                     kv_policy=args.kv_policy, kv_budget=args.kv_budget, sink=args.sink, window=args.window,
+                     kv_policy=kv_policy, kv_budget=args.kv_budget, sink=args.sink, window=args.window,
                      gpu_memory=gpu, cpu_memory=cpu, disk_dir=args.disk_dir,
                      profile=BandwidthProfile.load(args.profile))
     print(placement.table())
@@ -166,9 +178,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     llm = LLM(args.model, device=args.device, dtype=args.dtype, prefill_chunk_size=args.prefill_chunk_size,
               kv_policy=args.kv_policy, kv_budget=args.kv_budget, sink=args.sink, window=args.window,
-              dense_layers=args.dense_layers, verbose=args.verbose or args.stats, gpu_memory=args.gpu_memory,
+              dense_layers=args.dense_layers, verbose=not args.quiet, gpu_memory=args.gpu_memory,
               cpu_memory=args.cpu_memory, disk_dir=args.disk_dir, profile=args.profile,
-              max_context=args.max_context)
+              max_context=args.max_context, load_format=args.load_format, seed=args.dummy_seed)
     load_s = time.perf_counter() - t0
     for piece in llm.stream(prompt, params, chat=args.chat):
         sys.stdout.write(piece)

@@ -58,22 +58,28 @@ class LLM:
                  cpu_memory: str | int | None = None, disk_dir: str | Path | None = None,
                  profile: str | Path | None = None, io_backend: str = "auto", flash=None,
                  flash_calibration: str | Sequence[int] | None = None, rope_scaling: dict | None = None,
-                 verbose: bool = False,
-                 progress: bool = False):
+                 load_format: str = "auto", seed: int = 0, verbose: bool = True, progress: bool = False):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.placement = self.streamer = None
+        self.load_format, self.dummy_seed = load_format, (seed if load_format == "dummy" else None)
+        self.kv_policy_reason = None
+        if kv_policy == "auto":
+            kv_policy, self.kv_policy_reason = self._choose_policy(model, load_format, max_context, gpu_memory,
+                                                                   cpu_memory)
         if gpu_memory is not None or cpu_memory is not None or disk_dir is not None:
             from .tiers.runtime import load_offloaded
 
             loaded = load_offloaded(model, self.device, self.dtype, context=max_context, kv_policy=kv_policy,
                                     kv_budget=kv_budget, sink=sink, window=window, gpu_memory=gpu_memory,
                                     cpu_memory=cpu_memory, disk_dir=disk_dir, profile=profile,
-                                    io_backend=io_backend, progress=progress, verbose=verbose)
+                                    io_backend=io_backend, progress=progress, verbose=verbose,
+                                    load_format=load_format, seed=seed)
             self.model, self.tokenizer, self.path = loaded.model, loaded.tokenizer, loaded.path
             self.placement, self.streamer = loaded.placement, loaded.streamer
         else:
-            self.model, self.tokenizer, self.path = load_model(model, self.device, self.dtype, progress=progress)
+            self.model, self.tokenizer, self.path = load_model(model, self.device, self.dtype, progress=progress,
+                                                               load_format=load_format, seed=seed)
         if rope_scaling is not None:
             self._extend_context(rope_scaling, max_context)
         self.args = self.model.args
@@ -106,11 +112,37 @@ class LLM:
             print(self.describe(), file=sys.stderr)
 
     def describe(self) -> str:
+        """One line: model, device, dtype, where the weights live and the KV policy (and why)."""
         a = self.args
+        weights = "dummy weights (seed %d)" % self.dummy_seed if self.dummy_seed is not None else "weights"
+        if self.placement is not None:
+            tiers = self.placement.layer_tiers
+            where = ", ".join(f"{tiers.count(t)} on {t}" for t in ("device", "host", "disk") if t in tiers)
+            weights += f": layers {where}"
+        else:
+            weights += f": all {a.num_layers} layers on {self.device.type}"
+        attention = self.backend.describe() if hasattr(self.backend, "describe") else "kv_policy dense (exact)"
+        if self.kv_policy_reason:
+            attention += f" [auto: {self.kv_policy_reason}]"
         return (f"offload: {self.path.name} ({a.architecture}, {a.param_count() / 1e6:.0f}M params, "
                 f"{a.num_layers} layers, {a.num_heads}/{a.num_kv_heads} heads) on {self.device.type}, "
-                f"{str(self.dtype).removeprefix('torch.')}, attention: "
-                f"{self.backend.describe() if hasattr(self.backend, 'describe') else 'dense'}")
+                f"{str(self.dtype).removeprefix('torch.')}; {weights}; {attention}")
+
+    def _choose_policy(self, model, load_format: str, max_context: int | None, gpu_memory, cpu_memory
+                       ) -> tuple[str, str]:
+        """kv_policy="auto": dense when the model and its KV at the target context fit on the device."""
+        from .loaders import read_model_args
+        from .tiers.budget import free_device_memory, free_host_memory, resolve_budget
+        from .tiers.planner import choose_kv_policy
+
+        args, _ = read_model_args(model, load_format)
+        context = max_context or args.max_position_embeddings
+        if self.device.type == "cuda":
+            budget = resolve_budget(gpu_memory if gpu_memory is not None else "auto", "gpu_memory",
+                                    lambda: free_device_memory(self.device))
+        else:
+            budget = resolve_budget(cpu_memory if cpu_memory is not None else "auto", "cpu_memory", free_host_memory)
+        return choose_kv_policy(args, context, str(self.dtype).removeprefix("torch."), budget)
 
     def _extend_context(self, rope_scaling: dict, max_context: int | None) -> None:
         """Replace the model's RoPE scaling (context extension, e.g. {"type": "yarn", "factor": 4,
@@ -153,6 +185,11 @@ class LLM:
                 "disk_bytes_per_pass": read / passes if passes else None,
                 "disk_mode": st.store.mode if st is not None and st.store is not None else None,
                 "layer_loads": st.loads if st is not None else 0}
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies these weights (for prompt caches and weight stores)."""
+        return model_fingerprint(self.args, self.path, self.dummy_seed)
 
     @property
     def telemetry(self):
@@ -210,7 +247,7 @@ class LLM:
             states = self.backend.index_states(0)
         n = len(ids)
         cache = self.backend.cache
-        return save_prompt_cache(path, fingerprint=model_fingerprint(self.args, self.path), dtype=self.dtype,
+        return save_prompt_cache(path, fingerprint=self.fingerprint, dtype=self.dtype,
                                  policy=self.kv_policy, settings=self._cache_settings(), token_ids=ids,
                                  k=cache.k[:, 0, :, :n], v=cache.v[:, 0, :, :n], logits=logits,
                                  index_states=states)
@@ -220,7 +257,7 @@ class LLM:
             return None
         if num_prompts != 1:
             raise InvalidRequestError("prompt_cache serves one prompt at a time; call generate once per prompt")
-        return {0: load_prompt_cache(path, fingerprint=model_fingerprint(self.args, self.path), dtype=self.dtype,
+        return {0: load_prompt_cache(path, fingerprint=self.fingerprint, dtype=self.dtype,
                                      policy=self.kv_policy, settings=self._cache_settings(), device=self.device)}
 
     def generate(self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | list[SamplingParams] | None

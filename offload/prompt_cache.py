@@ -26,11 +26,15 @@ from .tiers.store import StoreWriter
 FORMAT = "offload-prompt-cache/1"
 
 
-def model_fingerprint(args: ModelArgs, path: Path) -> str:
-    """Identifies the weights: the architecture, plus the name and byte size of each weight file."""
+def model_fingerprint(args: ModelArgs, path: Path, dummy_seed: int | None = None) -> str:
+    """Identifies the weights: the architecture, plus the name and byte size of each weight file;
+    for dummy (random) weights the source's name and the seed instead."""
     path = Path(path)
-    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
-    doc = {"args": asdict(args), "files": [(f.name, f.stat().st_size) for f in files]}
+    if dummy_seed is not None:
+        doc = {"args": asdict(args), "dummy": [path.name, dummy_seed]}
+    else:
+        files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+        doc = {"args": asdict(args), "files": [(f.name, f.stat().st_size) for f in files]}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 

@@ -30,13 +30,15 @@ from offload.fileio import write_json_atomic
 from .bench_generate import _real_text_ids
 
 
-def prefill_shared(llm, ids: list[int], capacity: int, config):
-    """Prefill once with a backend that keeps what every policy needs (prefill queries, token ids)."""
+def prefill_shared(llm, ids: list[int], capacity: int, config, keep_queries: bool = True):
+    """Prefill once with a backend that keeps what every policy needs (prefill queries, token ids).
+    ``keep_queries=False`` when no query-aware policy follows (they take memory at long contexts)."""
     from offload.indexes.backend import SparseAttention
 
     shared = SparseAttention(llm.args, llm.device, llm.dtype, "retrieval", config,
                              sentence_end_ids=llm.tokenizer.sentence_end_ids())
     shared.keep_tokens = True
+    shared.keep_queries = keep_queries
     shared.allocate(1, capacity)
     llm.engine.backend = shared
     t0 = time.perf_counter()

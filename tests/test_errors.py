@@ -20,7 +20,9 @@ def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
     assert proc.returncode == 2, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    # the start-up banner (model, placement, policy) may come first; the error is one line
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("offload: ")
+             or line.startswith("offload: error:")]
     assert "Traceback" not in proc.stderr
     assert len(lines) == 1 and lines[0].startswith("offload: error:"), proc.stderr
     for needle in needles:

@@ -162,6 +162,26 @@ def index_bytes(args: ModelArgs, policy: str, context: int, dtype_bytes: int) ->
     return L * per_layer
 
 
+SPARSE_DEFAULT = "retrieval"  # what kv_policy="auto" picks when the KV does not fit on the device
+
+
+def choose_kv_policy(args: ModelArgs, context: int, dtype: str, device_budget: int | None) -> tuple[str, str]:
+    """``kv_policy="auto"``: dense (exact) attention when the whole model and the full KV at
+    ``context`` fit in the device budget; a retrieval policy otherwise, since then the KV would
+    have to cross a slower link every step. Returns (policy, the reason in words)."""
+    b = DTYPE_BYTES[dtype]
+    kv = args.kv_bytes_per_token(b) * context
+    weights = args.param_count() * b
+    if device_budget is None:
+        return "dense", "no device budget given"
+    need = kv + weights + RUNTIME_RESERVE
+    if need <= device_budget:
+        return "dense", (f"the KV at {context:,} tokens ({format_size(kv)}) fits on the device beside the weights "
+                         f"({format_size(need)} of {format_size(device_budget)})")
+    return SPARSE_DEFAULT, (f"the KV at {context:,} tokens ({format_size(kv)}) and the weights ({format_size(weights)}) "
+                            f"exceed the device budget {format_size(device_budget)}")
+
+
 def plan(args: ModelArgs, *, model: str, context: int, device: str = "cpu", dtype: str = "float32",
          kv_policy: str = "dense", kv_budget: float = 0.02, sink: int = 4, window: int = 64,
          gpu_memory: int | None = None, cpu_memory: int | None = None, disk_dir: str | None = None,

@@ -52,12 +52,12 @@ class _SpillRouter:
 def load_offloaded(model: str | Path | None, device: torch.device, dtype: torch.dtype, *, context: int | None,
                    kv_policy: str, kv_budget: float, sink: int, window: int, gpu_memory, cpu_memory,
                    disk_dir, profile: str | Path | None, io_backend: str = "auto", progress: bool = False,
-                   verbose: bool = False) -> OffloadedModel:
+                   verbose: bool = False, load_format: str = "auto", seed: int = 0) -> OffloadedModel:
     from offload.loaders import load_model, read_model_args
     from offload.model import DecoderLayer
     from offload.prompt_cache import model_fingerprint
 
-    args, path = read_model_args(model)
+    args, path = read_model_args(model, load_format)
     on_gpu = device.type == "cuda"
     gpu = resolve_budget(gpu_memory, "gpu_memory", lambda: free_device_memory(device)) if on_gpu else None
     cpu = resolve_budget(cpu_memory, "cpu_memory", free_host_memory)
@@ -72,7 +72,7 @@ def load_offloaded(model: str | Path | None, device: torch.device, dtype: torch.
         print(placement.table(), file=sys.stderr)
     streamed = placement.streamed_layers
     disk_layers = [i for i in streamed if placement.layer_tiers[i] == "disk"]
-    fingerprint = model_fingerprint(args, path)
+    fingerprint = model_fingerprint(args, path, seed if load_format == "dummy" else None)
     store_path = None
     disk_spill = None
     if disk_layers:
@@ -86,7 +86,8 @@ def load_offloaded(model: str | Path | None, device: torch.device, dtype: torch.
     release_freed_memory()
     ok = False
     try:
-        model_obj, tokenizer, path = load_model(model, device, dtype, progress=progress,
+        model_obj, tokenizer, path = load_model(model, device, dtype, progress=progress, load_format=load_format,
+                                                seed=seed,
                                                 offloaded=frozenset(streamed),
                                                 spill=_SpillRouter(placement.layer_tiers, disk_spill, host_spill))
         ok = True

