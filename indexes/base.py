@@ -35,10 +35,13 @@ class SelectionConfig:
     sink: int = 4
     window: int = 64
     dense_layers: int = 2  # the first layers attend broadly; they stay dense
+    effort: float | None = None  # search width of graph indexes (ef = effort x budget); None: their default
 
     def __post_init__(self) -> None:
         if not self.budget > 0:
             raise OffloadError(f"kv_budget must be positive (a fraction < 1 or a token count), got {self.budget}")
+        if self.effort is not None and not self.effort >= 1:
+            raise OffloadError(f"search effort must be >= 1 (beam width = effort x budget), got {self.effort}")
         if self.sink < 0 or self.window < 0 or self.dense_layers < 0:
             raise OffloadError("sink, window and dense_layers must be >= 0")
 
@@ -173,4 +176,7 @@ def policy_class(policy: str) -> type[KVIndex]:
 
 def make_index(policy: str, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
                config: SelectionConfig) -> KVIndex:
-    return policy_class(policy)(num_heads, num_kv_heads, head_dim, scale, config)
+    index = policy_class(policy)(num_heads, num_kv_heads, head_dim, scale, config)
+    if config.effort is not None and hasattr(index, "effort"):
+        index.effort = config.effort  # this index's own search width, the class default elsewhere
+    return index

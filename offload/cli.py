@@ -37,8 +37,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-policy", default="dense",
                    help="KV selection per decode step: auto (dense if the KV fits on the device, else "
                         "retrieval), dense (exact), exact, streaming, quest, retrieval, shadowkv, sentence")
-    p.add_argument("--kv-budget", type=float, default=0.02,
-                   help="selected tokens per step: a fraction of the context (< 1) or a count")
+    p.add_argument("--kv-budget", type=float, default=None,
+                   help="selected tokens per step: a fraction of the context (< 1) or a count (default: the "
+                        "tuned profile's, else 0.02)")
+    p.add_argument("--search-effort", type=float, default=None,
+                   help="graph search width (x budget) for retrieval (default: the tuned profile's, else 1)")
     p.add_argument("--sink", type=int, default=4, help="first tokens always attended")
     p.add_argument("--window", type=int, default=64, help="most recent tokens always attended")
     p.add_argument("--dense-layers", type=int, default=2, help="first layers kept dense")
@@ -96,7 +99,25 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--quick", action="store_true", help="small sizes, few repeats: under a minute")
     pr.add_argument("--out", default="profile.json")
     pr.add_argument("--disk-dir", default=None, help="directory on the disk to measure (default: next to --out)")
+    tu = sub.add_parser("tune", help="sweep read block, reader threads, prefetch depth, KV budget and search "
+                                     "effort on this machine; save the best into the profile")
+    tu.add_argument("--profile", default="profile.json")
+    tu.add_argument("--quick", action="store_true", help="a small grid: about a minute")
+    tu.add_argument("--disk-dir", default=None, help="directory on the disk that will hold stores")
+    tu.add_argument("--model", "-m", default=None)
+    tu.add_argument("--context", type=_positive_int, default=None)
+    tu.add_argument("--target-mass", type=float, default=0.9)
     return parser
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from .profiles.tune import main as tune_main
+
+    argv = ["--profile", args.profile, "--target-mass", str(args.target_mass)] + (["--quick"] if args.quick else [])
+    for flag, value in (("--disk-dir", args.disk_dir), ("--model", args.model), ("--context", args.context)):
+        if value is not None:
+            argv += [flag, str(value)]
+    return tune_main(argv)
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
@@ -180,7 +201,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
               kv_policy=args.kv_policy, kv_budget=args.kv_budget, sink=args.sink, window=args.window,
               dense_layers=args.dense_layers, verbose=not args.quiet, gpu_memory=args.gpu_memory,
               cpu_memory=args.cpu_memory, disk_dir=args.disk_dir, profile=args.profile,
-              max_context=args.max_context, load_format=args.load_format, seed=args.dummy_seed)
+              max_context=args.max_context, load_format=args.load_format, seed=args.dummy_seed,
+              search_effort=args.search_effort)
     load_s = time.perf_counter() - t0
     for piece in llm.stream(prompt, params, chat=args.chat):
         sys.stdout.write(piece)
@@ -203,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return {"generate": cmd_generate, "plan": cmd_plan, "profile": cmd_profile}[args.command](args)
+        return {"generate": cmd_generate, "plan": cmd_plan, "profile": cmd_profile,
+                "tune": cmd_tune}[args.command](args)
     except OffloadError as e:
         print(f"offload: error: {e}", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ from .loaders import load_model
 from .prompt_cache import CachedPrompt, load_prompt_cache, model_fingerprint, save_prompt_cache
 from .sampling import SamplingParams
 
+DEFAULT_KV_BUDGET = 0.02  # 2% of the context, plus sinks and the recent window
 Prompt = Union[str, Sequence[int], Sequence[dict]]
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -52,13 +53,19 @@ class LLM:
     """
 
     def __init__(self, model: str | Path | None = None, *, device: str | None = "auto", dtype: str | None = "auto",
-                 prefill_chunk_size: int = 512, kv_policy: str = "dense", kv_budget: float = 0.02,
+                 prefill_chunk_size: int = 512, kv_policy: str = "dense", kv_budget: float | None = None,
                  sink: int = 4, window: int = 64, dense_layers: int = 2, telemetry: bool = False,
                  max_context: int | None = None, gpu_memory: str | int | None = None,
                  cpu_memory: str | int | None = None, disk_dir: str | Path | None = None,
                  profile: str | Path | None = None, io_backend: str = "auto", flash=None,
                  flash_calibration: str | Sequence[int] | None = None, rope_scaling: dict | None = None,
-                 load_format: str = "auto", seed: int = 0, verbose: bool = True, progress: bool = False):
+                 load_format: str = "auto", seed: int = 0, search_effort: float | None = None,
+                 verbose: bool = True, progress: bool = False):
+        from .tiers.planner import Tuning
+
+        tuning = Tuning.load(profile)  # what `offload tune` chose on this machine, where not given here
+        kv_budget = kv_budget if kv_budget is not None else tuning.kv_budget or DEFAULT_KV_BUDGET
+        search_effort = search_effort if search_effort is not None else tuning.search_effort
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.placement = self.streamer = None
@@ -90,7 +97,8 @@ class LLM:
             from .indexes import SelectionConfig
             from .indexes.backend import SparseAttention
 
-            config = SelectionConfig(budget=kv_budget, sink=sink, window=window, dense_layers=dense_layers)
+            config = SelectionConfig(budget=kv_budget, sink=sink, window=window, dense_layers=dense_layers,
+                                     effort=search_effort)
             from .indexes.base import policy_class
 
             ends = self.tokenizer.sentence_end_ids() if getattr(policy_class(kv_policy), "uses_token_ids", False) \

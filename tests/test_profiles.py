@@ -5,6 +5,7 @@ import time
 
 import pytest
 
+from offload import SamplingParams
 from offload.tiers.planner import BandwidthProfile, plan
 
 
@@ -77,3 +78,46 @@ def test_decode_step_breakdown_accounts_for_the_step_and_matches_the_planner(qui
     assert abs(result["prediction_error"]) <= 0.30, result
     assert main(["--context", "256", "--steps", "2", "--out", str(tmp_path / "b.json")]) == 0
     assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_tune_writes_settings_that_the_runtime_and_planner_use(tmp_path, smollm_path):
+    """`offload tune --quick` sweeps the knobs on this machine and saves its choices in the profile;
+    a model loaded with that profile reads, streams and selects with them."""
+    from offload import LLM
+    from offload.cli import main
+    from offload.config import preset
+    from offload.tiers.planner import Tuning
+
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps({"planner": {"disk_read_gbs": 0.7}}))
+    assert main(["tune", "--quick", "--profile", str(profile)]) == 0
+    doc = json.loads(profile.read_text())
+    assert doc["planner"] == {"disk_read_gbs": 0.7}  # the rest of the profile is kept
+    tuned = doc["tuned"]
+    sweeps = tuned["sweeps"]
+    assert len(sweeps["reads"]) >= 4 and all(r["mode"] == "O_DIRECT" and r["median_gbs"] > 0 for r in sweeps["reads"])
+    best = max(r["median_gbs"] for r in sweeps["reads"])
+    chosen = next(r for r in sweeps["reads"] if (r["read_block"], r["reader_threads"]) ==
+                  (tuned["read_block"], tuned["reader_threads"]))
+    assert chosen["median_gbs"] >= 0.97 * best
+    assert {r["prefetch_slots"] for r in sweeps["prefetch"]} == {2, 3}
+    masses = {(r["kv_budget"], r["search_effort"]): r["mass"] for r in sweeps["selection"]}
+    assert masses[(tuned["kv_budget"], tuned["search_effort"])] >= max(
+        m for (b, _), m in masses.items() if b == tuned["kv_budget"]) - 0.01
+    assert (tmp_path / "profile-tune.png").stat().st_size > 10_000
+
+    # The runtime takes the tuned knobs from the profile: force visible ones to check each is used.
+    doc["tuned"].update(read_block=8 << 10, reader_threads=2, prefetch_slots=3, kv_budget=0.07, search_effort=1.5)
+    profile.write_text(json.dumps(doc))
+    t = Tuning.load(profile)
+    assert (t.read_block, t.reader_threads, t.prefetch_slots, t.kv_budget, t.search_effort) == (8192, 2, 3, 0.07, 1.5)
+    weights = preset("smollm2-135m").param_count() * 4
+    llm = LLM(smollm_path, cpu_memory=weights // 2, disk_dir=tmp_path / "store", max_context=128, profile=profile,
+              kv_policy="retrieval", verbose=False)
+    assert len(llm.streamer.slots) == 3 and llm.placement.slot_bytes == 3 * llm.placement.layer_bytes
+    assert (llm.streamer.store.read_block, llm.streamer.store.reader_threads) == (8192, 2)
+    assert llm.backend.config.budget == 0.07 and llm.backend.config.effort == 1.5
+    out = llm.generate("The capital of France is", SamplingParams(max_new_tokens=8))[0].text
+    assert "Paris" in out
+    assert llm.backend.indexes and all(ix.effort == 1.5 for ix in llm.backend.indexes.values())
+    llm.close()

@@ -4,6 +4,7 @@
 import pytest
 import torch
 
+from offload.errors import OffloadError
 from offload.tiers.io import StoreReader
 from offload.tiers.store import ALIGN, CorruptStoreError, StoreWriter, read_header, weighted_sum32, write_store
 
@@ -32,6 +33,18 @@ def test_round_trip_is_bit_exact(tmp_path, dtype):
         out = torch.empty_like(tensors["t2"])
         assert r.read("t2", out=out) is out and torch.equal(out, tensors["t2"])
         assert r.bytes_read % ALIGN == 0 and r.bytes_read > 0
+
+
+@pytest.mark.parametrize("block,threads", [(ALIGN, 1), (3 * ALIGN, 4), (64 * ALIGN, 2)])
+def test_block_reads_by_several_threads_are_bit_exact(tmp_path, block, threads):
+    """Reads split into blocks issued by several threads (the tuned setting) land every byte."""
+    tensors = {"odd": _tensor(torch.bfloat16, (37, 1031), 1), "small": _tensor(torch.int8, (5,), 2)}
+    path = write_store(tmp_path / "a.store", tensors, extent=4 * ALIGN)
+    with StoreReader(path, read_block=block, reader_threads=threads) as r:
+        for name, t in tensors.items():
+            assert torch.equal(r.read(name).view(torch.uint8), t.view(torch.uint8))
+    with pytest.raises(OffloadError, match="multiple of 4096"):
+        StoreReader(path, read_block=1000)
 
 
 def test_partial_reads_cover_whole_extents(tmp_path):

@@ -37,6 +37,17 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 RUNTIME_RESERVE = 64 << 20  # activations, logits, small buffers of one decode step
 
 
+def read_profile(path: str | Path) -> dict:
+    """A profile JSON written by ``offload profile`` (and ``offload tune``), with clear errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise OffloadError(f"bandwidth profile {path} not found: run `offload profile --out {path}` first")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise OffloadError(f"bandwidth profile {path} is not valid JSON ({e}); run `offload profile` again") from None
+
+
 @dataclass(frozen=True)
 class BandwidthProfile:
     """Bandwidths (GB/s) and rates the planner uses. Defaults are conservative guesses for a
@@ -74,18 +85,38 @@ class BandwidthProfile:
         """Read the ``planner`` section of a profile JSON; missing figures keep their defaults."""
         if path is None:
             return cls()
-        path = Path(path)
-        if not path.is_file():
-            raise OffloadError(f"bandwidth profile {path} not found: run `offload profile --out {path}` first")
-        try:
-            doc = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise OffloadError(f"bandwidth profile {path} is not valid JSON ({e}); run `offload profile` again")
+        doc = read_profile(path)
         section = doc.get("planner", doc)
         known = {f.name for f in fields(cls)} - {"source"}
         values = {k: (tuple(tuple(p) for p in v) if isinstance(v, list) else float(v))
                   for k, v in section.items() if k in known}
         return cls(**values, source=str(path))
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """Knobs that ``offload tune`` picks on this machine and saves in the profile's ``tuned`` section:
+    how disk reads are issued, how many layers stream ahead, and the KV selection's budget and
+    search effort. Defaults are what the runtime uses without a tuned profile."""
+
+    read_block: int = 0  # bytes per read request (0: one request per tensor)
+    reader_threads: int = 1  # requests in flight
+    prefetch_slots: int = 2  # device buffers for streamed layers (slots - 1 layers load ahead)
+    kv_budget: float | None = None  # None: the API's default
+    search_effort: float | None = None  # None: each graph index's default
+    source: str = "defaults"
+
+    def __post_init__(self) -> None:
+        if self.prefetch_slots < 2:
+            raise OffloadError(f"prefetch_slots must be >= 2 (one computing, one loading), got {self.prefetch_slots}")
+
+    @classmethod
+    def load(cls, path: str | Path | None) -> "Tuning":
+        if path is None:
+            return cls()
+        section = read_profile(path).get("tuned") or {}
+        known = {f.name for f in fields(cls)} - {"source"}
+        return cls(**{k: v for k, v in section.items() if k in known}, source=str(path)) if section else cls()
 
 
 @dataclass(frozen=True)
@@ -185,8 +216,9 @@ def choose_kv_policy(args: ModelArgs, context: int, dtype: str, device_budget: i
 def plan(args: ModelArgs, *, model: str, context: int, device: str = "cpu", dtype: str = "float32",
          kv_policy: str = "dense", kv_budget: float = 0.02, sink: int = 4, window: int = 64,
          gpu_memory: int | None = None, cpu_memory: int | None = None, disk_dir: str | None = None,
-         profile: BandwidthProfile | None = None) -> Placement:
-    """Place weights, KV and index under the budgets (bytes; None = unlimited)."""
+         profile: BandwidthProfile | None = None, prefetch_slots: int = 2) -> Placement:
+    """Place weights, KV and index under the budgets (bytes; None = unlimited). ``prefetch_slots``:
+    device buffers for streamed layers (2 = double buffering)."""
     if dtype not in DTYPE_BYTES:
         raise OffloadError(f"unknown dtype '{dtype}': use one of {', '.join(DTYPE_BYTES)}")
     if context <= 0:
@@ -223,7 +255,7 @@ def plan(args: ModelArgs, *, model: str, context: int, device: str = "cpu", dtyp
         raise BudgetError(f"{'gpu' if on_gpu else 'cpu'}_memory {format_size(device_budget)} is too small for the "
                           f"embeddings, KV cache ({format_size(kv_tiers.get('device', 0))}) and index at context "
                           f"{context:,}: the smallest budget that works is "
-                          f"{format_size(device_budget - device_left + 2 * layer_bytes)}"
+                          f"{format_size(device_budget - device_left + prefetch_slots * layer_bytes)}"
                           + ("" if sparse else "; a sparse kv_policy (e.g. retrieval) needs far less"))
     if host_left is not None and host_left < 0:
         raise BudgetError(f"cpu_memory {format_size(host_budget)} is too small for the offloaded KV and index "
@@ -234,11 +266,11 @@ def plan(args: ModelArgs, *, model: str, context: int, device: str = "cpu", dtyp
     tiers = ["device"] * L
     slot_bytes = 0
     if device_left is not None and device_left < L * layer_bytes:
-        slot_bytes = 2 * layer_bytes  # double buffers for streamed layers
+        slot_bytes = prefetch_slots * layer_bytes  # buffers for streamed layers
         resident = max(0, (device_left - slot_bytes) // layer_bytes)
         if device_left < slot_bytes:
-            raise BudgetError(f"{'gpu' if on_gpu else 'cpu'}_memory {format_size(device_budget)} cannot hold two "
-                              f"streaming buffers of one layer each ({format_size(slot_bytes)}) beside the "
+            raise BudgetError(f"{'gpu' if on_gpu else 'cpu'}_memory {format_size(device_budget)} cannot hold "
+                              f"{prefetch_slots} streaming buffers of one layer each ({format_size(slot_bytes)}) beside the "
                               f"embeddings, KV and index: the smallest budget that works is "
                               f"{format_size(device_budget - device_left + slot_bytes)}")
         rest = L - resident

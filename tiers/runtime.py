@@ -12,7 +12,7 @@ from offload.errors import OffloadError
 
 from .budget import free_device_memory, free_host_memory, release_freed_memory, resolve_budget
 from .io import StoreReader
-from .planner import BandwidthProfile, Placement, plan
+from .planner import BandwidthProfile, Placement, Tuning, plan
 from .streaming import LayerStreamer, WeightSpill
 
 
@@ -64,10 +64,11 @@ def load_offloaded(model: str | Path | None, device: torch.device, dtype: torch.
     if gpu_memory is not None and not on_gpu:
         print("offload: gpu_memory is ignored: no GPU is in use (device cpu)", file=sys.stderr)
     dtype_name = str(dtype).removeprefix("torch.")
+    tuning = Tuning.load(profile)
     placement = plan(args, model=path.name, context=context or args.max_position_embeddings, device=device.type,
                      dtype=dtype_name, kv_policy=kv_policy, kv_budget=kv_budget, sink=sink, window=window,
                      gpu_memory=gpu, cpu_memory=cpu, disk_dir=None if disk_dir is None else str(disk_dir),
-                     profile=BandwidthProfile.load(profile))
+                     profile=BandwidthProfile.load(profile), prefetch_slots=tuning.prefetch_slots)
     if verbose:
         print(placement.table(), file=sys.stderr)
     streamed = placement.streamed_layers
@@ -97,11 +98,12 @@ def load_offloaded(model: str | Path | None, device: torch.device, dtype: torch.
     release_freed_memory()  # the checkpoint reader's and the staging layers' memory
     streamer = None
     if streamed:
-        reader = StoreReader(store_path, device=device, io_backend=io_backend) if disk_layers else None
+        reader = StoreReader(store_path, device=device, io_backend=io_backend, read_block=tuning.read_block,
+                             reader_threads=tuning.reader_threads) if disk_layers else None
         if reader is not None and verbose:
             print(f"offload: disk reads via {reader.mode}", file=sys.stderr)
         streamer = LayerStreamer(lambda: DecoderLayer(args, device, dtype), streamed, reader, device,
-                                 host_layers=host_spill.modules)
+                                 host_layers=host_spill.modules, slots=tuning.prefetch_slots)
         model_obj.streamer = streamer
     if len(model_obj.offloaded) != len(streamed):
         raise OffloadError("internal: the model's offloaded layers differ from the placement")
