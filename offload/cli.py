@@ -214,6 +214,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
               f"decode {s.generated_tokens} tokens, {s.decode_tokens_per_second:.1f} tok/s | "
               f"{_peak_memory_line(llm.device)}", file=sys.stderr)
         report = llm.tier_report()
+        peak = report["peak"]
+        print(f"peak while generating: host {peak['host'] / 2**20:.0f} MiB private resident"
+              + (f", GPU {peak['device'] / 2**20:.0f} MiB allocated" if peak["device"] is not None else ""),
+              file=sys.stderr)
         if report.get("disk_bytes_per_pass"):
             print(f"disk: {report['disk_bytes_per_pass'] / 2**20:.1f} MiB read per forward pass "
                   f"({report['disk_mode']})", file=sys.stderr)

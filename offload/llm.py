@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -68,6 +69,7 @@ class LLM:
         search_effort = search_effort if search_effort is not None else tuning.search_effort
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
+        self._peaks: dict[str, int | None] = {"host": 0, "device": None}
         self.placement = self.streamer = None
         self.load_format, self.dummy_seed = load_format, (seed if load_format == "dummy" else None)
         self.kv_policy_reason = None
@@ -181,8 +183,27 @@ class LLM:
             self.streamer.close()
             self.streamer = None
 
+    @contextlib.contextmanager
+    def _measure_peaks(self):
+        """Sample the process's private resident memory while generating (psutil//proc, every 20 ms);
+        the GPU's peak comes from the driver's allocator statistics."""
+        from .tiers.budget import MemorySampler
+
+        with MemorySampler(interval=0.02) as sampler:
+            yield
+        self._peaks["host"] = max(self._peaks["host"], sampler.peak)
+        if self.device.type == "cuda":
+            self._peaks["device"] = max(self._peaks["device"] or 0, torch.cuda.max_memory_allocated(self.device))
+
     def tier_report(self) -> dict:
-        """What each tier holds as placed, and the disk bytes read per generated token so far."""
+        """What each tier holds as placed, the peaks measured while generating (``peak``: host =
+        the process's private resident bytes, device = the GPU allocator's peak, None on a CPU), and
+        the disk bytes read per forward pass so far."""
+        report = self._tier_report()
+        report["peak"] = dict(self._peaks)
+        return report
+
+    def _tier_report(self) -> dict:
         if self.placement is None:
             return {"placement": None}
         st = self.streamer
@@ -275,9 +296,10 @@ class LLM:
         ``prompt_cache``: a file from :meth:`save_prompt` whose prompt starts this one's."""
         ids, params, texts = self._prepare(prompts, sampling_params, chat)
         outputs: list[RequestOutput] = []
-        for step in self.engine.run(ids, params, texts, self._load_prompt_cache(prompt_cache, len(ids))):
-            if not outputs:  # the first step carries every row, in prompt order
-                outputs = [out for out, _ in step]
+        with self._measure_peaks():
+            for step in self.engine.run(ids, params, texts, self._load_prompt_cache(prompt_cache, len(ids))):
+                if not outputs:  # the first step carries every row, in prompt order
+                    outputs = [out for out, _ in step]
         return outputs
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None, *,
@@ -286,10 +308,11 @@ class LLM:
         ids, params, texts = self._prepare(prompt, sampling_params, chat)
         if len(ids) != 1:
             raise InvalidRequestError("stream() takes one prompt; use generate() for a batch")
-        for step in self.engine.run(ids, params, texts, self._load_prompt_cache(prompt_cache, 1)):
-            for _, delta in step:
-                if delta:
-                    yield delta
+        with self._measure_peaks():
+            for step in self.engine.run(ids, params, texts, self._load_prompt_cache(prompt_cache, 1)):
+                for _, delta in step:
+                    if delta:
+                        yield delta
 
     @torch.inference_mode()
     def logits(self, token_ids: Sequence[int]) -> torch.Tensor:
