@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from offload.attention import DenseAttention, ForwardBatch
+from offload.attention import DenseAttention, ForwardBatch, KVCache, attend
 from offload.config import ModelArgs
 from offload.kernels import gather_attention
+from offload.kernels.reference import dense_token_ids
 from offload.rope import rope_frequencies
 
 from .base import KVIndex, Selection, SelectionConfig, make_index, policy_class
@@ -26,8 +27,16 @@ QUERY_STRIDE = 4
 class SparseAttention(DenseAttention):
     def __init__(self, args: ModelArgs, device: torch.device, dtype: torch.dtype, policy: str,
                  config: SelectionConfig, telemetry: bool = False, kernel_backend: str = "auto",
-                 sentence_end_ids: frozenset[int] = frozenset()):
+                 sentence_end_ids: frozenset[int] = frozenset(), kv_offload: bool = False):
         super().__init__(args, device, dtype)
+        # kv_offload: the sparse layers' KV lives in host memory (pinned on a GPU), where the CPU-side
+        # indexes search it; each step only the sinks, the window and the selection cross to the
+        # device. The dense layers' KV stays on the device. Prefill fetches a layer's prefix per chunk.
+        self.kv_offload = kv_offload
+        self.host = torch.device("cpu")
+        if kv_offload:
+            self.cache = KVCache(args, device, dtype, [device if i < config.dense_layers else self.host
+                                                       for i in range(args.num_layers)])
         self.policy, self.config, self.kernel_backend = policy, config, kernel_backend
         self.indexes: dict[tuple[int, int], KVIndex] = {}  # (row, layer) -> index
         self.keep_queries = policy_class(policy).uses_prefill_queries
@@ -40,6 +49,7 @@ class SparseAttention(DenseAttention):
         inv_freq, scaling = rope_frequencies(args)
         self.rope = (inv_freq.to(device), scaling)
         self._seq_lens: torch.Tensor | None = None
+        self.bytes_fetched = 0  # KV bytes sent from the host tier to the device (kv_offload)
 
     def allocate(self, batch_size: int, capacity: int) -> None:
         super().allocate(batch_size, capacity)
@@ -72,7 +82,7 @@ class SparseAttention(DenseAttention):
                 if not idx.uses_prefill_queries:
                     chunks = None  # a key-only index is built from the keys alone
                 queries = torch.cat(chunks, dim=1) if chunks else None  # [H, Nq, D]
-                idx.build(self.cache.k[layer, row], n, queries)
+                idx.build(self.cache.k[layer][row], n, queries)
                 self.indexes[(row, layer)] = idx
 
     def _new_index(self, row: int) -> KVIndex:
@@ -94,7 +104,7 @@ class SparseAttention(DenseAttention):
             self.row_tokens[row] = list(token_ids)
         for layer, (scalars, tensors) in (index_states or {}).items():
             idx = self._new_index(row)
-            idx.restore(self.cache.k[layer, row], scalars, tensors)
+            idx.restore(self.cache.k[layer][row], scalars, tensors)
             self.indexes[(row, layer)] = idx
 
     def forward(self, layer, q, k, v, batch):
@@ -102,33 +112,66 @@ class SparseAttention(DenseAttention):
             if self.keep_queries and not batch.is_decode and layer >= self.config.dense_layers:
                 start = batch.start_lengths[0]
                 keep = q[0, :, (-start) % QUERY_STRIDE::QUERY_STRIDE]  # [H, Tq, D] positions % stride == 0
-                self.prefill_queries.setdefault((batch.rows[0], layer), []).append(keep.clone())
+                where = self.cache.k[layer].device  # kept beside the keys the index is built from
+                self.prefill_queries.setdefault((batch.rows[0], layer), []).append(keep.to(where, copy=True))
             return super().forward(layer, q, k, v, batch)
         self.cache.write(layer, k, v, batch)
         B, H, _, D = q.shape
+        kv_device = self.cache.k[layer].device
+        q_search = q[:, :, 0].to(kv_device)  # [B, H, D] where the keys and the index are
         selections: list[Selection] = []
         for row, n in zip(batch.rows, batch.end_lengths):
             idx = self.indexes[(row, layer)]
             idx.extend(n)
-            selections.append(idx.search(q[row, :, 0], self.config.budget_tokens(n)))
+            selections.append(idx.search(q_search[row], self.config.budget_tokens(n)))
         first = self.indexes[(batch.rows[0], layer)]
         if first.attend is not None:  # the policy attends itself (e.g. ShadowKV's rebuilt keys)
-            outs = [self.indexes[(row, layer)].attend(q[row, :, 0], self.cache.k[layer, row], self.cache.v[layer, row],
-                                                      n, sel, self.kernel_backend)[0]
+            outs = [self.indexes[(row, layer)].attend(q_search[row], self.cache.k[layer][row],
+                                                      self.cache.v[layer][row], n, sel, self.kernel_backend)[0]
                     for row, n, sel in zip(batch.rows, batch.end_lengths, selections)]
-            out = torch.stack(outs)  # [B, H, D]
-            self._observe(layer, q, batch, selections, out)
-            return out.view(B, H, 1, D)
-        width = max(s.ids.shape[-1] for s in selections)
-        selected = torch.zeros(B, self.args.num_kv_heads, width, dtype=torch.int32, device=q.device)  # [B, Hkv, S]
-        for b, s in enumerate(selections):
-            selected[b, :, :s.ids.shape[-1]] = s.ids
-        counts = torch.stack([s.counts for s in selections])  # [B, Hkv]
-        out, _ = gather_attention(q[:, :, 0], self.cache.k[layer], self.cache.v[layer], selected, counts,
-                                  self._seq_lens, scale=self.args.softmax_scale, sink=self.config.sink,
-                                  window=self.config.window, backend=self.kernel_backend)  # [B, H, D]
-        self._observe(layer, q, batch, selections, out)
+            out = torch.stack(outs).to(q.device)  # [B, H, D]
+        elif self.kv_offload:
+            out = self._attend_fetched(layer, q[:, :, 0], batch, selections)  # [B, H, D]
+        else:
+            width = max(s.ids.shape[-1] for s in selections)
+            selected = torch.zeros(B, self.args.num_kv_heads, width, dtype=torch.int32, device=q.device)  # [B, Hkv, S]
+            for b, s in enumerate(selections):
+                selected[b, :, :s.ids.shape[-1]] = s.ids
+            counts = torch.stack([s.counts for s in selections]).to(q.device)  # [B, Hkv]
+            out, _ = gather_attention(q[:, :, 0], self.cache.k[layer], self.cache.v[layer], selected, counts,
+                                      self._seq_lens, scale=self.args.softmax_scale, sink=self.config.sink,
+                                      window=self.config.window, backend=self.kernel_backend)  # [B, H, D]
+        self._observe(layer, q_search, batch, selections, out)
         return out.view(B, H, 1, D)
+
+    def _attend_fetched(self, layer: int, q: torch.Tensor, batch: ForwardBatch,
+                        selections: list[Selection]) -> torch.Tensor:
+        """Attention of q [B, H, D] over a layer whose KV is in the host tier: gather the sinks, the
+        window and each head's selection there, send only those rows to the device, attend exactly."""
+        a, c = self.args, self.config
+        B, Hkv, D = q.shape[0], a.num_kv_heads, a.head_dim
+        lengths = torch.tensor(batch.end_lengths)  # [B]
+        dense_ids, dense_valid = dense_token_ids(lengths, c.sink, c.window)  # [B, Nd] each
+        width = max(s.ids.shape[-1] for s in selections)
+        selected = torch.zeros(B, Hkv, width, dtype=torch.long)  # [B, Hkv, S]
+        counts = torch.zeros(B, Hkv, dtype=torch.long)  # [B, Hkv]
+        for b, s in enumerate(selections):
+            selected[b, :, :s.ids.shape[-1]] = s.ids.cpu()
+            counts[b] = s.counts.cpu()
+        ids = torch.cat([dense_ids[:, None].expand(B, Hkv, -1), selected], dim=-1)  # [B, Hkv, M]
+        valid = torch.cat([dense_valid[:, None].expand(B, Hkv, -1),
+                           torch.arange(width) < counts[..., None]], dim=-1)  # [B, Hkv, M]
+        gather = ids.clamp(min=0)[..., None].expand(-1, -1, -1, D)  # [B, Hkv, M, D]
+        k_rows = torch.gather(self.cache.k[layer], 2, gather)  # [B, Hkv, M, D] on the host
+        v_rows = torch.gather(self.cache.v[layer], 2, gather)  # [B, Hkv, M, D]
+        if q.device.type == "cuda":  # pinned staging, so the copies overlap with the device's work
+            k_rows, v_rows = k_rows.pin_memory(), v_rows.pin_memory()
+        k_rows = k_rows.to(q.device, non_blocking=True)
+        v_rows = v_rows.to(q.device, non_blocking=True)
+        visible = valid.to(q.device)[:, :, None, :]  # [B, Hkv, 1, M]
+        out = attend(q.view(B, Hkv, a.group_size, D), k_rows, v_rows, a.softmax_scale, visible)  # [B, Hkv, G, D]
+        self.bytes_fetched += 2 * k_rows.numel() * k_rows.element_size()
+        return out.reshape(B, a.num_heads, D)
 
     def _observe(self, layer: int, q: torch.Tensor, batch: ForwardBatch, selections: list[Selection],
                  out: torch.Tensor) -> None:
@@ -141,11 +184,13 @@ class SparseAttention(DenseAttention):
             if extra is not None and extra.shape[-1]:
                 ids = torch.cat([sel.ids[:, :int(sel.counts.max())], extra], dim=-1)
                 sel = Selection(ids, sel.counts + extra.shape[-1])
-            self.telemetry.observe(layer, q[row, :, 0], self.cache.k[layer, row], self.cache.v[layer, row], n,
-                                   sel, out[b], self.config, self.args.softmax_scale, self.config.budget_tokens(n))
+            keys = self.cache.k[layer][row]  # [Hkv, N, D]
+            self.telemetry.observe(layer, q[row], keys, self.cache.v[layer][row], n,
+                                   sel, out[b].to(keys.device), self.config, self.args.softmax_scale, self.config.budget_tokens(n))
 
     def describe(self) -> str:
         c = self.config
         budget = f"{c.budget:.1%} of context" if c.budget < 1 else f"{int(c.budget)} tokens"
         return (f"kv_policy {self.policy}: {budget} + {c.sink} sinks + {c.window} recent, "
-                f"layers 0..{c.dense_layers - 1} dense")
+                f"layers 0..{c.dense_layers - 1} dense"
+                + (", sparse layers' KV in host memory" if self.kv_offload else ""))

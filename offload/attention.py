@@ -83,50 +83,72 @@ class AttentionBackend(ABC):
 
 
 class KVCache:
-    """K and V for every layer, allocated once: [L, B, Hkv, capacity, D]. Updated in place."""
+    """K and V of every layer, allocated once: one [B, Hkv, capacity, D] tensor per layer, updated in
+    place. ``layer_devices`` puts some layers' KV in another tier (host memory, pinned when a GPU
+    computes): those layers' attention fetches what it needs from there."""
 
-    def __init__(self, args: ModelArgs, device: torch.device, dtype: torch.dtype):
+    def __init__(self, args: ModelArgs, device: torch.device, dtype: torch.dtype,
+                 layer_devices: list[torch.device] | None = None):
         self.args, self.device, self.dtype = args, device, dtype
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
+        self.layer_devices = list(layer_devices) if layer_devices is not None else [device] * args.num_layers
+        if len(self.layer_devices) != args.num_layers:
+            raise ValueError(f"layer_devices names {len(self.layer_devices)} layers, the model has {args.num_layers}")
+        self.k: list[torch.Tensor] | None = None  # per layer [B, Hkv, N, D]
+        self.v: list[torch.Tensor] | None = None
 
     @property
     def batch_size(self) -> int:
-        return 0 if self.k is None else self.k.shape[1]
+        return 0 if self.k is None else self.k[0].shape[0]
 
     @property
     def capacity(self) -> int:
-        return 0 if self.k is None else self.k.shape[3]
+        return 0 if self.k is None else self.k[0].shape[2]
 
     def allocate(self, batch_size: int, capacity: int) -> None:
         if self.k is not None and self.batch_size == batch_size and self.capacity >= capacity:
             return
         self.k = self.v = None  # free the old cache before allocating the new one
         a = self.args
-        shape = (a.num_layers, batch_size, a.num_kv_heads, capacity, a.head_dim)
+        shape = (batch_size, a.num_kv_heads, capacity, a.head_dim)
         # Zeroed, not empty: rows of a batch are masked beyond their length, and a masked weight
         # of 0 times uninitialised memory that happens to hold NaN would still be NaN.
-        self.k = torch.zeros(shape, device=self.device, dtype=self.dtype)  # [L, B, Hkv, N, D]
-        self.v = torch.zeros(shape, device=self.device, dtype=self.dtype)  # [L, B, Hkv, N, D]
+        self.k = [self._zeros(shape, dev) for dev in self.layer_devices]  # L x [B, Hkv, N, D]
+        self.v = [self._zeros(shape, dev) for dev in self.layer_devices]  # L x [B, Hkv, N, D]
 
-    def nbytes(self) -> int:
-        return 0 if self.k is None else 2 * self.k.numel() * self.k.element_size()
+    def _zeros(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        # Host-tier KV is pinned when a GPU computes, so that its copies to the GPU are asynchronous.
+        pin = device.type == "cpu" and self.device.type == "cuda"
+        return torch.zeros(shape, device=device, dtype=self.dtype, pin_memory=pin)
+
+    def nbytes(self, device_type: str | None = None) -> int:
+        """Bytes held (in the tier of ``device_type`` only, if given)."""
+        if self.k is None:
+            return 0
+        return sum(2 * k.numel() * k.element_size() for k in self.k if device_type in (None, k.device.type))
+
+    def prefix(self, row: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first n tokens of cache row ``row``, every layer, on the host: k, v [L, Hkv, n, D]."""
+        return (torch.stack([k[row, :, :n].cpu() for k in self.k]),
+                torch.stack([v[row, :, :n].cpu() for v in self.v]))
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> None:
-        """Put k, v [B, Hkv, T, D] at the batch's positions."""
+        """Put k, v [B, Hkv, T, D] at the batch's positions (into this layer's tier)."""
+        k_layer, v_layer = self.k[layer], self.v[layer]  # [B, Hkv, N, D]
         if batch.is_decode:
             if len(set(batch.start_lengths)) == 1:  # all rows at one position: a plain slice
                 n = batch.start_lengths[0]
-                self.k[layer, :, :, n] = k[:, :, 0]  # [B, Hkv, D]
-                self.v[layer, :, :, n] = v[:, :, 0]
+                k_layer[:, :, n] = k[:, :, 0]  # [B, Hkv, D]
+                v_layer[:, :, n] = v[:, :, 0]
                 return
             rows, pos = batch.row_index, batch.positions[:, 0]  # [B], [B]
-            self.k[layer][rows, :, pos] = k[:, :, 0]  # [B, Hkv, D]
-            self.v[layer][rows, :, pos] = v[:, :, 0]
+            if k_layer.device != rows.device:
+                rows, pos = rows.to(k_layer.device), pos.to(k_layer.device)
+            k_layer[rows, :, pos] = k[:, :, 0].to(k_layer.device)  # [B, Hkv, D]
+            v_layer[rows, :, pos] = v[:, :, 0].to(k_layer.device)
         else:
             row, start = batch.rows[0], batch.start_lengths[0]
-            self.k[layer, row, :, start:start + batch.num_new] = k[0]  # [Hkv, T, D]
-            self.v[layer, row, :, start:start + batch.num_new] = v[0]
+            k_layer[row, :, start:start + batch.num_new] = k[0]  # [Hkv, T, D]
+            v_layer[row, :, start:start + batch.num_new] = v[0]
 
 
 def scores_qk(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -188,8 +210,9 @@ class DenseAttention(AttentionBackend):
                     index_states: dict | None = None) -> None:
         """Put a saved prefix back: k, v [L, Hkv, n, D] become cache row ``row``'s first n tokens."""
         n = k.shape[2]
-        self.cache.k[:, row, :, :n] = k
-        self.cache.v[:, row, :, :n] = v
+        for layer in range(len(self.cache.k)):
+            self.cache.k[layer][row, :, :n] = k[layer]  # [Hkv, n, D]
+            self.cache.v[layer][row, :, :n] = v[layer]
 
     def begin(self, batch: ForwardBatch) -> None:
         # Masks are built once per model call and shared by all layers.
@@ -213,8 +236,10 @@ class DenseAttention(AttentionBackend):
         G = a.group_size
         if batch.is_decode:
             n = max(batch.end_lengths)
-            keys = self.cache.k[layer, :, :, :n]  # [B, Hkv, N, D]
-            values = self.cache.v[layer, :, :, :n]  # [B, Hkv, N, D]
+            keys = self.cache.k[layer][:, :, :n]  # [B, Hkv, N, D]
+            values = self.cache.v[layer][:, :, :n]  # [B, Hkv, N, D]
+            if keys.device != q.device:  # dense attention over a host-tier KV: all of it comes over
+                keys, values = keys.to(q.device, non_blocking=True), values.to(q.device, non_blocking=True)
             out = attend(q.view(B, a.num_kv_heads, G, D), keys, values, a.softmax_scale,
                          self._decode_mask)  # [B, Hkv, G, D]
             return out.view(B, H, 1, D)
@@ -223,8 +248,11 @@ class DenseAttention(AttentionBackend):
     def _prefill(self, layer: int, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         a = self.args
         row, n = batch.rows[0], batch.end_lengths[0]
-        keys = self.cache.k[layer, row:row + 1, :, :n]  # [1, Hkv, N, D]
-        values = self.cache.v[layer, row:row + 1, :, :n]  # [1, Hkv, N, D]
+        keys = self.cache.k[layer][row:row + 1, :, :n]  # [1, Hkv, N, D]
+        values = self.cache.v[layer][row:row + 1, :, :n]  # [1, Hkv, N, D]
+        if keys.device != q.device:  # KV in the host tier: this layer's prefix comes over for the chunk
+            keys = keys.to(q.device, non_blocking=True)
+            values = values.to(q.device, non_blocking=True)
         out = torch.empty_like(q)  # [1, H, T, D]
         # SDPA's fused CPU/GPU kernels are exact and several times faster than explicit matmuls
         # for a block of queries; query blocks bound the scores if it falls back to its math path.

@@ -61,7 +61,7 @@ class LLM:
                  profile: str | Path | None = None, io_backend: str = "auto", flash=None,
                  flash_calibration: str | Sequence[int] | None = None, rope_scaling: dict | None = None,
                  load_format: str = "auto", seed: int = 0, search_effort: float | None = None,
-                 verbose: bool = True, progress: bool = False):
+                 kv_offload: bool | None = None, verbose: bool = True, progress: bool = False):
         from .tiers.planner import Tuning
 
         tuning = Tuning.load(profile)  # what `offload tune` chose on this machine, where not given here
@@ -94,6 +94,9 @@ class LLM:
         self.args = self.model.args
         self.kv_policy = kv_policy
         if kv_policy == "dense" and not telemetry:
+            if kv_offload:
+                raise OffloadError("kv_offload keeps the KV in host memory and fetches a selection of it per step: "
+                                   "it needs a sparse kv_policy (e.g. retrieval), not dense")
             self.backend = DenseAttention(self.args, self.device, self.dtype)
         else:
             from .indexes import SelectionConfig
@@ -105,8 +108,10 @@ class LLM:
 
             ends = self.tokenizer.sentence_end_ids() if getattr(policy_class(kv_policy), "uses_token_ids", False) \
                 else frozenset()
+            if kv_offload is None:  # the placement puts the full KV on the host (a GPU with a sparse policy)
+                kv_offload = self.placement is not None and self.placement.kv_tiers.get("host", 0) > 0
             self.backend = SparseAttention(self.args, self.device, self.dtype, kv_policy, config, telemetry,
-                                           sentence_end_ids=ends)
+                                           sentence_end_ids=ends, kv_offload=kv_offload)
         if max_context is not None:
             if max_context <= 0:
                 raise OffloadError(f"max_context must be positive, got {max_context}")
@@ -274,11 +279,10 @@ class LLM:
         if hasattr(self.backend, "build_indexes"):
             self.backend.build_indexes(0, len(ids))
             states = self.backend.index_states(0)
-        n = len(ids)
-        cache = self.backend.cache
+        k, v = self.backend.cache.prefix(0, len(ids))  # [L, Hkv, n, D] each
         return save_prompt_cache(path, fingerprint=self.fingerprint, dtype=self.dtype,
                                  policy=self.kv_policy, settings=self._cache_settings(), token_ids=ids,
-                                 k=cache.k[:, 0, :, :n], v=cache.v[:, 0, :, :n], logits=logits,
+                                 k=k, v=v, logits=logits,
                                  index_states=states)
 
     def _load_prompt_cache(self, path: str | Path | None, num_prompts: int) -> dict[int, CachedPrompt] | None:

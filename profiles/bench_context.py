@@ -30,13 +30,13 @@ from offload.fileio import write_json_atomic
 from .bench_generate import _real_text_ids
 
 
-def prefill_shared(llm, ids: list[int], capacity: int, config, keep_queries: bool = True):
+def prefill_shared(llm, ids: list[int], capacity: int, config, keep_queries: bool = True, kv_offload: bool = False):
     """Prefill once with a backend that keeps what every policy needs (prefill queries, token ids).
     ``keep_queries=False`` when no query-aware policy follows (they take memory at long contexts)."""
     from offload.indexes.backend import SparseAttention
 
     shared = SparseAttention(llm.args, llm.device, llm.dtype, "retrieval", config,
-                             sentence_end_ids=llm.tokenizer.sentence_end_ids())
+                             sentence_end_ids=llm.tokenizer.sentence_end_ids(), kv_offload=kv_offload)
     shared.keep_tokens = True
     shared.keep_queries = keep_queries
     shared.allocate(1, capacity)
@@ -54,7 +54,7 @@ def backend_for(policy: str, llm, shared, config):
         backend = DenseAttention(llm.args, llm.device, llm.dtype)
     else:
         backend = SparseAttention(llm.args, llm.device, llm.dtype, policy, config,
-                                  sentence_end_ids=shared.sentence_end_ids)
+                                  sentence_end_ids=shared.sentence_end_ids, kv_offload=shared.kv_offload)
         backend.prefill_queries = {key: list(chunks) for key, chunks in shared.prefill_queries.items()}
         backend.row_tokens = {row: list(t) for row, t in shared.row_tokens.items()}
     backend.cache = shared.cache  # the same KV for every policy

@@ -65,7 +65,7 @@ def _query_aware(policy: str) -> bool:
     return policy != "dense" and policy_class(policy).uses_prefill_queries
 
 
-def latency_rows(llm, ctx: int, policies: list[str], config, steps: int) -> list[dict]:
+def latency_rows(llm, ctx: int, policies: list[str], config, steps: int, kv_offload: bool = False) -> list[dict]:
     """Prefill ``ctx`` tokens once; each policy decodes ``steps`` tokens from the same KV."""
     from offload.tiers.budget import MemorySampler, rss_anon
 
@@ -74,7 +74,8 @@ def latency_rows(llm, ctx: int, policies: list[str], config, steps: int) -> list
     _reset_gpu_peak(llm.device)
     with MemorySampler() as prefill_mem:
         shared, logits, prefill_s = prefill_shared(llm, ids, ctx + steps + 1, config,
-                                                   keep_queries=any(_query_aware(p) for p in policies))
+                                                   keep_queries=any(_query_aware(p) for p in policies),
+                                                   kv_offload=kv_offload)
     first = int(logits.argmax())
     rows = []
     for policy in policies:
@@ -95,7 +96,9 @@ def latency_rows(llm, ctx: int, policies: list[str], config, steps: int) -> list
             "context": ctx, "policy": policy, "prefill_tok_s": ctx / prefill_s, "prefill_s": prefill_s,
             "build_s": build_s, "decode_ms": 1e3 * statistics.median(times),
             "decode_ms_runs": [1e3 * t for t in times],
-            "kv_bytes": shared.cache.nbytes(), "index_bytes": index_bytes, "kv_read_per_token": kv_read,
+            "kv_bytes": shared.cache.nbytes(), "kv_bytes_host_tier": shared.cache.nbytes("cpu") if kv_offload else 0,
+            "kv_fetched_per_token": getattr(backend, "bytes_fetched", 0) / steps if kv_offload else None,
+            "index_bytes": index_bytes, "kv_read_per_token": kv_read,
             "weight_bytes_per_token": llm.args.param_count() * b,
             "peak_host_bytes": max(mem.peak, prefill_mem.peak), "peak_device_bytes": _gpu_peak(llm.device),
             "beyond_trained_context": ctx > llm.args.max_position_embeddings})
@@ -244,6 +247,9 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--gpu-memory", default=None,
                    help="cap on the process's GPU memory (torch.cuda.set_per_process_memory_fraction), e.g. 24GiB")
+    p.add_argument("--kv-offload", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep the sparse layers' KV in host memory (pinned) and fetch sinks + window + selection "
+                        "per step; default: on with a GPU, off on a CPU (where host memory is the device)")
     p.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384, 32768, 65536, 131072])
     p.add_argument("--policies", nargs="+", default=POLICIES)
     p.add_argument("--budget", type=float, default=0.02, help="KV budget of the latency runs")
@@ -278,6 +284,7 @@ def main(argv=None) -> int:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), device)
         cap_note = f", process capped at {args.gpu_memory} of GPU memory (set_per_process_memory_fraction)"
+    kv_offload = device.type == "cuda" if args.kv_offload is None else args.kv_offload
     if args.accuracy and args.load_format == "dummy":
         print("bench_long: accuracy is never measured on dummy weights: skipped", file=sys.stderr)
         args.accuracy = False
@@ -287,11 +294,12 @@ def main(argv=None) -> int:
     config = SelectionConfig(budget=args.budget, sink=args.sink, window=args.window, dense_layers=args.dense_layers)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    result = {"settings": vars(args), "machine": machine(llm) + cap_note, "model": llm.describe(),
+    result = {"settings": vars(args), "machine": machine(llm) + cap_note, "kv_offload": kv_offload,
+              "model": llm.describe() + ("; sparse layers' KV in host memory (kv_offload)" if kv_offload else ""),
               "latency": [], "accuracy": []}
     for ctx in tqdm(args.contexts, desc="contexts", disable=None):
         try:
-            result["latency"] += latency_rows(llm, ctx, args.policies, config, args.steps)
+            result["latency"] += latency_rows(llm, ctx, args.policies, config, args.steps, kv_offload)
         except torch.OutOfMemoryError as e:  # a context that does not fit under the cap is a result too
             result.setdefault("did_not_fit", []).append({"context": ctx, "error": str(e).splitlines()[0]})
             torch.cuda.empty_cache()
