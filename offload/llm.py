@@ -83,7 +83,7 @@ class LLM:
                                     kv_budget=kv_budget, sink=sink, window=window, gpu_memory=gpu_memory,
                                     cpu_memory=cpu_memory, disk_dir=disk_dir, profile=profile,
                                     io_backend=io_backend, progress=progress, verbose=verbose,
-                                    load_format=load_format, seed=seed)
+                                    load_format=load_format, seed=seed, dense_layers=dense_layers)
             self.model, self.tokenizer, self.path = loaded.model, loaded.tokenizer, loaded.path
             self.placement, self.streamer = loaded.placement, loaded.streamer
         else:

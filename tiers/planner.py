@@ -216,7 +216,7 @@ def choose_kv_policy(args: ModelArgs, context: int, dtype: str, device_budget: i
 def plan(args: ModelArgs, *, model: str, context: int, device: str = "cpu", dtype: str = "float32",
          kv_policy: str = "dense", kv_budget: float = 0.02, sink: int = 4, window: int = 64,
          gpu_memory: int | None = None, cpu_memory: int | None = None, disk_dir: str | None = None,
-         profile: BandwidthProfile | None = None, prefetch_slots: int = 2) -> Placement:
+         profile: BandwidthProfile | None = None, prefetch_slots: int = 2, dense_layers: int = 2) -> Placement:
     """Place weights, KV and index under the budgets (bytes; None = unlimited). ``prefetch_slots``:
     device buffers for streamed layers (2 = double buffering)."""
     if dtype not in DTYPE_BYTES:
@@ -241,8 +241,12 @@ def plan(args: ModelArgs, *, model: str, context: int, device: str = "cpu", dtyp
     kv_tiers: dict[str, int] = {}
     index_tiers: dict[str, int] = {}
     if on_gpu and sparse:
-        # The GPU keeps the attended working set; the full KV and the CPU-side index live on the host.
-        kv_tiers = {"device": args.kv_bytes_per_token(b) * attended, "host": kv_total}
+        # The GPU keeps the dense layers' KV and the sparse layers' attended working set; the sparse
+        # layers' full KV and the CPU-side index live on the host (kv_offload).
+        per_layer = args.kv_bytes_per_token(b) // args.num_layers  # one layer, one token
+        dense = min(dense_layers, args.num_layers)
+        kv_tiers = {"device": per_layer * (dense * context + (args.num_layers - dense) * attended),
+                    "host": per_layer * (args.num_layers - dense) * context}
         index_tiers = {"host": idx_bytes}
     else:
         kv_tiers = {"device": kv_total}

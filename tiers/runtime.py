@@ -52,7 +52,8 @@ class _SpillRouter:
 def load_offloaded(model: str | Path | None, device: torch.device, dtype: torch.dtype, *, context: int | None,
                    kv_policy: str, kv_budget: float, sink: int, window: int, gpu_memory, cpu_memory,
                    disk_dir, profile: str | Path | None, io_backend: str = "auto", progress: bool = False,
-                   verbose: bool = False, load_format: str = "auto", seed: int = 0) -> OffloadedModel:
+                   verbose: bool = False, load_format: str = "auto", seed: int = 0,
+                   dense_layers: int = 2) -> OffloadedModel:
     from offload.loaders import load_model, read_model_args
     from offload.model import DecoderLayer
     from offload.prompt_cache import model_fingerprint
@@ -68,7 +69,8 @@ def load_offloaded(model: str | Path | None, device: torch.device, dtype: torch.
     placement = plan(args, model=path.name, context=context or args.max_position_embeddings, device=device.type,
                      dtype=dtype_name, kv_policy=kv_policy, kv_budget=kv_budget, sink=sink, window=window,
                      gpu_memory=gpu, cpu_memory=cpu, disk_dir=None if disk_dir is None else str(disk_dir),
-                     profile=BandwidthProfile.load(profile), prefetch_slots=tuning.prefetch_slots)
+                     profile=BandwidthProfile.load(profile), prefetch_slots=tuning.prefetch_slots,
+                     dense_layers=dense_layers)
     if verbose:
         print(placement.table(), file=sys.stderr)
     streamed = placement.streamed_layers
