@@ -138,9 +138,14 @@ def run_tune(profile: Path, disk_dir: Path, model, quick: bool, context: int | N
     read = best_reads(reads)
     prefetch = sweep_prefetch(model, disk_dir, [2, 3], read, tokens=3 if quick else 12, profile=profile)
     slots = best_prefetch(prefetch)
-    ctx = context or (1024 if quick else 8192)
+    steps = 2 if quick else 4
+    if context is None:  # 8K, within the model's trained positions including the decode steps
+        from offload.loaders import read_model_args
+
+        context = min(1024 if quick else 8192, read_model_args(model)[0].max_position_embeddings - 2 * steps - 4)
+    ctx = context
     selection = sweep_selection(model, ctx, [0.02, 0.05, 0.1] if quick else [0.01, 0.02, 0.05],
-                                [1.0, 2.0] if quick else [1.0, 1.5, 2.0, 4.0], steps=2 if quick else 4)
+                                [1.0, 2.0] if quick else [1.0, 1.5, 2.0, 4.0], steps=steps)
     choice, reached = best_selection(selection, target_mass)
     return {"read_block": read["read_block"], "reader_threads": read["reader_threads"],
             "prefetch_slots": slots["prefetch_slots"], "kv_budget": choice["kv_budget"],
