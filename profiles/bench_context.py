@@ -75,6 +75,16 @@ def decode(llm, backend, n: int, token: int, steps: int) -> tuple[list[float], i
     return times, token, n
 
 
+def build_and_decode(llm, policy: str, shared, config, ctx: int, first: int, steps: int):
+    """A policy's backend over the shared KV: (backend, index build seconds, decode(...) result)."""
+    backend = backend_for(policy, llm, shared, config)
+    t0 = time.perf_counter()
+    if policy != "dense":
+        backend.build_indexes(0, ctx)
+    build_s = time.perf_counter() - t0
+    return backend, build_s, decode(llm, backend, ctx, first, steps)
+
+
 SEARCHED = ("retrieval", "keygraph", "hnsw")  # policies with a search-effort knob
 
 
@@ -93,12 +103,7 @@ def run_context(llm, ctx: int, policies: list[str], config, steps: int, telemetr
         default_effort = getattr(cls, "effort", None)
         if effort is not None:
             cls.effort = effort
-        backend = backend_for(policy, llm, shared, config)
-        t0 = time.perf_counter()
-        if policy != "dense":
-            backend.build_indexes(0, ctx)
-        build_s = time.perf_counter() - t0
-        times, token, n = decode(llm, backend, ctx, first, steps)
+        backend, build_s, (times, token, n) = build_and_decode(llm, policy, shared, config, ctx, first, steps)
         row = {"context": ctx, "policy": policy, "prefill_s": prefill_s, "prefill_tok_s": ctx / prefill_s,
                "build_s": build_s, "decode_ms": 1e3 * statistics.median(times),
                "decode_ms_runs": [1e3 * t for t in times],

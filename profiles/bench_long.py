@@ -34,7 +34,6 @@ import platform
 import shlex
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -42,7 +41,7 @@ from tqdm import tqdm
 
 from offload.fileio import write_json_atomic
 
-from .bench_context import backend_for, decode, prefill_shared
+from .bench_context import backend_for, build_and_decode, prefill_shared
 from .bench_generate import _real_text_ids
 from .passkey import passkey_prompt
 
@@ -67,7 +66,7 @@ def _query_aware(policy: str) -> bool:
 
 def latency_rows(llm, ctx: int, policies: list[str], config, steps: int, kv_offload: bool = False) -> list[dict]:
     """Prefill ``ctx`` tokens once; each policy decodes ``steps`` tokens from the same KV."""
-    from offload.tiers.budget import MemorySampler, rss_anon
+    from offload.tiers.budget import MemorySampler
 
     a, b = llm.args, llm.dtype.itemsize
     ids = _real_text_ids(llm.tokenizer, ctx)
@@ -81,12 +80,7 @@ def latency_rows(llm, ctx: int, policies: list[str], config, steps: int, kv_offl
     for policy in policies:
         _reset_gpu_peak(llm.device)
         with MemorySampler() as mem:
-            backend = backend_for(policy, llm, shared, config)
-            t0 = time.perf_counter()
-            if policy != "dense":
-                backend.build_indexes(0, ctx)
-            build_s = time.perf_counter() - t0
-            times, _, _ = decode(llm, backend, ctx, first, steps)
+            backend, build_s, (times, _, _) = build_and_decode(llm, policy, shared, config, ctx, first, steps)
         sparse_layers = 0 if policy == "dense" else a.num_layers - config.dense_layers
         attended = min(ctx, config.budget_tokens(ctx) + config.sink + config.window)
         kv_read = a.kv_bytes_per_token(b) // a.num_layers * (
@@ -179,7 +173,8 @@ def table(latency: list[dict], accuracy: list[dict]) -> str:
     if any(r["beyond_trained_context"] for r in latency):
         lines.append("\n\\* beyond the model's trained context: speed only")
     if accuracy:
-        lines += ["", "| context | policy | budget | passkey 10/50/90% | = dense | greedy agreement | teacher-forced | "
+        depths = "/".join(f"{float(d):.0%}" for d in accuracy[0]["passkey"]).replace("%", "") + "%"
+        lines += ["", f"| context | policy | budget | passkey {depths} | = dense | greedy agreement | teacher-forced | "
                       "first divergence |", "|---|---|---|---|---|---|---|---|"]
         for r in accuracy:
             keys = "/".join("ok" if v else "miss" for v in r["passkey"].values())
@@ -195,21 +190,10 @@ def plot(latency: list[dict], accuracy: list[dict], out_dir: Path) -> list[Path]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paths = []
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for policy in dict.fromkeys(r["policy"] for r in latency):
-        pts = sorted((r["context"], r["decode_ms"]) for r in latency if r["policy"] == policy)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=policy)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("context (tokens)")
-    ax.set_ylabel("decode ms/token (median)")
-    ax.set_title("Decode latency vs context")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    paths.append(out_dir / "latency.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    from .bench_context import plot as plot_latency
+
+    paths = [out_dir / "latency.png"]
+    plot_latency(latency, str(paths[0]))
     if accuracy:
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
         for policy in dict.fromkeys(r["policy"] for r in accuracy):

@@ -20,7 +20,6 @@ The choices go into the profile's ``tuned`` section (the rest of the file is kep
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import tempfile
