@@ -24,6 +24,33 @@ from .telemetry import Telemetry
 QUERY_STRIDE = 4
 
 
+class _Staging:
+    """Host buffers the fetched KV rows are gathered into, reused every step. On a GPU they are
+    pinned (asynchronous copies) and two alternate, each reused only after its last copy is done."""
+
+    def __init__(self, pinned: bool):
+        self.pinned = pinned
+        self.slots: list[torch.Tensor | None] = [None, None]  # flat buffers: K and V of one fetch
+        self.done: list = [None, None]  # CUDA event of each slot's last copy
+        self.turn = 0
+
+    def take(self, shape: torch.Size, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        n = shape.numel()
+        if self.done[self.turn] is not None:
+            self.done[self.turn].synchronize()  # its previous copy to the device has finished
+        buf = self.slots[self.turn]
+        if buf is None or buf.numel() < 2 * n or buf.dtype != dtype:
+            buf = self.slots[self.turn] = torch.empty(2 * n * 5 // 4, dtype=dtype, pin_memory=self.pinned)
+        return buf[:n].view(shape), buf[n:2 * n].view(shape)
+
+    def sent(self) -> None:
+        """The copies from the slot just taken are queued; the next fetch uses the other slot."""
+        if self.pinned:
+            self.done[self.turn] = torch.cuda.Event()
+            self.done[self.turn].record()
+        self.turn = 1 - self.turn
+
+
 class SparseAttention(DenseAttention):
     def __init__(self, args: ModelArgs, device: torch.device, dtype: torch.dtype, policy: str,
                  config: SelectionConfig, telemetry: bool = False, kernel_backend: str = "auto",
@@ -34,6 +61,7 @@ class SparseAttention(DenseAttention):
         # device. The dense layers' KV stays on the device. Prefill fetches a layer's prefix per chunk.
         self.kv_offload = kv_offload
         self.host = torch.device("cpu")
+        self._staging = _Staging(pinned=device.type == "cuda")
         if kv_offload:
             self.cache = KVCache(args, device, dtype, [device if i < config.dense_layers else self.host
                                                        for i in range(args.num_layers)])
@@ -162,12 +190,12 @@ class SparseAttention(DenseAttention):
         valid = torch.cat([dense_valid[:, None].expand(B, Hkv, -1),
                            torch.arange(width) < counts[..., None]], dim=-1)  # [B, Hkv, M]
         gather = ids.clamp(min=0)[..., None].expand(-1, -1, -1, D)  # [B, Hkv, M, D]
-        k_rows = torch.gather(self.cache.k[layer], 2, gather)  # [B, Hkv, M, D] on the host
-        v_rows = torch.gather(self.cache.v[layer], 2, gather)  # [B, Hkv, M, D]
-        if q.device.type == "cuda":  # pinned staging, so the copies overlap with the device's work
-            k_rows, v_rows = k_rows.pin_memory(), v_rows.pin_memory()
-        k_rows = k_rows.to(q.device, non_blocking=True)
-        v_rows = v_rows.to(q.device, non_blocking=True)
+        k_host, v_host = self._staging.take(gather.shape, self.cache.k[layer].dtype)  # [B, Hkv, M, D] each
+        torch.gather(self.cache.k[layer], 2, gather, out=k_host)
+        torch.gather(self.cache.v[layer], 2, gather, out=v_host)
+        k_rows = k_host.to(q.device, non_blocking=True)  # [B, Hkv, M, D]
+        v_rows = v_host.to(q.device, non_blocking=True)
+        self._staging.sent()
         visible = valid.to(q.device)[:, :, None, :]  # [B, Hkv, 1, M]
         out = attend(q.view(B, Hkv, a.group_size, D), k_rows, v_rows, a.softmax_scale, visible)  # [B, Hkv, G, D]
         self.bytes_fetched += 2 * k_rows.numel() * k_rows.element_size()

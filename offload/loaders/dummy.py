@@ -60,7 +60,7 @@ def load_dummy(args: ModelArgs, source: Path, device: torch.device, dtype: torch
     assembler = WeightAssembler(model, f"{source.name} (dummy weights)", spill)
     names = sorted(assembler.expected(), key=_load_order)
     for name in tqdm(names, desc="random weights", unit="tensor", disable=not progress or None):
-        dest = assembler._target(name)[0]
+        dest = assembler.target(name)
         # Generate where the tensor will live (fast on a GPU); meta (off-device) layers on the host.
         where = device if dest.device.type != "meta" else torch.device("cpu")
         assembler.put(name, _fill(tuple(dest.shape), name, seed, dtype, where))

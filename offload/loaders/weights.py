@@ -78,6 +78,12 @@ class WeightAssembler:
             return layer.mlp.w_down, name
         return None
 
+    def target(self, name: str) -> torch.Tensor | None:
+        """The parameter (slice) checkpoint tensor ``name`` fills, None if unused; a meta tensor for
+        a layer kept off the device (its shape is what a source must provide)."""
+        found = self._target(name)
+        return None if found is None else found[0]
+
     def _stage(self, name: str) -> int | None:
         """For a tensor of an off-device layer: make sure its staging layer is in place."""
         match = _LAYER.match(name)
