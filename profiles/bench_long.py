@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from offload.fileio import write_json_atomic
+from offload.fileio import write_bytes_atomic, write_json_atomic
 
 from .bench_context import backend_for, build_and_decode, prefill_shared
 from .bench_generate import _real_text_ids
@@ -296,7 +296,7 @@ def main(argv=None) -> int:
     text = table(result["latency"], result["accuracy"])
     for miss in result.get("did_not_fit", []):
         text += f"\n\ncontext {miss['context']:,} did not fit: {miss['error']}"
-    (out_dir / "table.md").write_text(text + "\n")
+    write_bytes_atomic(out_dir / "table.md", (text + "\n").encode())
     plots = plot(result["latency"], result["accuracy"], out_dir)
     print(text)
     print(f"wrote {out_dir / 'bench_long.json'}, {out_dir / 'table.md'}, " + ", ".join(map(str, plots)))
