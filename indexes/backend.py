@@ -99,6 +99,9 @@ class SparseAttention(DenseAttention):
         for row, n in zip(batch.rows, batch.start_lengths):
             self.build_indexes(row, n)
         self._seq_lens = torch.tensor(batch.end_lengths, device=self.cache.device, dtype=torch.int32)  # [B]
+        if self.kv_offload:  # the always-attended ids are the same for every layer of this step
+            self._dense_ids = dense_token_ids(torch.tensor(batch.end_lengths), self.config.sink,
+                                              self.config.window)  # ([B, Nd], [B, Nd])
 
     def build_indexes(self, row: int, n: int) -> None:
         """Build every sparse layer's index of cache row ``row`` over its first n tokens (once)."""
@@ -176,10 +179,9 @@ class SparseAttention(DenseAttention):
                         selections: list[Selection]) -> torch.Tensor:
         """Attention of q [B, H, D] over a layer whose KV is in the host tier: gather the sinks, the
         window and each head's selection there, send only those rows to the device, attend exactly."""
-        a, c = self.args, self.config
+        a = self.args
         B, Hkv, D = q.shape[0], a.num_kv_heads, a.head_dim
-        lengths = torch.tensor(batch.end_lengths)  # [B]
-        dense_ids, dense_valid = dense_token_ids(lengths, c.sink, c.window)  # [B, Nd] each
+        dense_ids, dense_valid = self._dense_ids  # [B, Nd] each, from begin()
         width = max(s.ids.shape[-1] for s in selections)
         selected = torch.zeros(B, Hkv, width, dtype=torch.long)  # [B, Hkv, S]
         counts = torch.zeros(B, Hkv, dtype=torch.long)  # [B, Hkv]

@@ -121,3 +121,16 @@ def test_tune_writes_settings_that_the_runtime_and_planner_use(tmp_path, smollm_
     assert "Paris" in out
     assert llm.backend.indexes and all(ix.effort == 1.5 for ix in llm.backend.indexes.values())
     llm.close()
+
+
+def test_a_bad_tuned_section_is_a_clear_error(tmp_path):
+    from offload.errors import OffloadError
+    from offload.tiers.planner import Tuning
+
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps({"tuned": {"read_block": "4MiB"}}))
+    with pytest.raises(OffloadError, match="run `offload tune` again"):
+        Tuning.load(path)
+    path.write_text(json.dumps({"tuned": {"prefetch_slots": 1}}))
+    with pytest.raises(OffloadError, match="prefetch_slots must be >= 2"):
+        Tuning.load(path)

@@ -107,6 +107,12 @@ class Tuning:
     source: str = "defaults"
 
     def __post_init__(self) -> None:
+        ints = (self.read_block, self.reader_threads, self.prefetch_slots)
+        nums = [v for v in (self.kv_budget, self.search_effort) if v is not None]
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in ints) or \
+                not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in nums):
+            raise OffloadError(f"the profile's tuned section has a non-numeric setting ({self.source}): run "
+                               f"`offload tune` again")
         if self.prefetch_slots < 2:
             raise OffloadError(f"prefetch_slots must be >= 2 (one computing, one loading), got {self.prefetch_slots}")
 
