@@ -9,6 +9,7 @@ import argparse
 import resource
 import sys
 import time
+from pathlib import Path
 
 from .errors import OffloadError
 
@@ -80,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--stats", action="store_true", help="print prefill/decode tokens/s and peak memory to stderr")
+    g.add_argument("--flash-sparsity", type=float, default=None,
+                   help="FFN up/down projections on flash (CPU edge mode, needs --disk-dir): the calibrated share "
+                        "of neurons skipped per token, e.g. 0.25; the bundle cache takes what --cpu-memory leaves")
+    g.add_argument("--flash-window", type=int, default=None,
+                   help="tokens a flash bundle stays cached after its last use (default: least recently used)")
+    g.add_argument("--flash-calibration", default=None,
+                   help="text file to calibrate the flash thresholds on (default: the prompt)")
     g.add_argument("--quiet", "-q", action="store_true",
                    help="do not print the model, placement and KV policy to stderr at start")
     pl = sub.add_parser("plan", help="print where weights, KV and index would live, and the predicted step time")
@@ -165,8 +173,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _read_prompt(args: argparse.Namespace) -> str:
-    from pathlib import Path
-
     if args.file:
         path = Path(args.file)
         if not path.is_file():
@@ -189,6 +195,24 @@ def _peak_memory_line(device) -> str:
     return line
 
 
+def _flash_args(args: argparse.Namespace, prompt: str) -> dict:
+    """LLM(flash=..., flash_calibration=...) from the --flash-* flags (nothing without them)."""
+    if args.flash_sparsity is None:
+        if args.flash_window is not None or args.flash_calibration is not None:
+            raise OffloadError("--flash-window and --flash-calibration need --flash-sparsity")
+        return {}
+    from .tiers.flash import FlashConfig
+
+    calibration = prompt
+    if args.flash_calibration is not None:
+        path = Path(args.flash_calibration)
+        if not path.is_file():
+            raise OffloadError(f"--flash-calibration {path} not found: give a text file like your prompts")
+        calibration = path.read_text(errors="replace")
+    return {"flash": FlashConfig(sparsity=args.flash_sparsity, window=args.flash_window),
+            "flash_calibration": calibration}
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from .llm import LLM
     from .sampling import SamplingParams
@@ -202,7 +226,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
               dense_layers=args.dense_layers, verbose=not args.quiet, gpu_memory=args.gpu_memory,
               cpu_memory=args.cpu_memory, disk_dir=args.disk_dir, profile=args.profile,
               max_context=args.max_context, load_format=args.load_format, seed=args.dummy_seed,
-              search_effort=args.search_effort)
+              search_effort=args.search_effort, **_flash_args(args, prompt))
     load_s = time.perf_counter() - t0
     for piece in llm.stream(prompt, params, chat=args.chat):
         sys.stdout.write(piece)
@@ -218,6 +242,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"peak while generating: host {peak['host'] / 2**20:.0f} MiB private resident"
               + (f", GPU {peak['device'] / 2**20:.0f} MiB allocated" if peak["device"] is not None else ""),
               file=sys.stderr)
+        if "flash" in report:
+            f = report["flash"]
+            print(f"flash: {f['decode_bytes_per_step'] / 2**20:.1f} MiB read per token in "
+                  f"{f['requests_per_step']:.0f} requests; {f['active_neurons_per_step'] / f['neurons']:.0%} of the "
+                  f"neurons active, {f['read_neurons_per_step'] / f['neurons']:.0%} read; "
+                  f"{f['cache_fraction']:.0%} cached", file=sys.stderr)
         if report.get("disk_bytes_per_pass"):
             print(f"disk: {report['disk_bytes_per_pass'] / 2**20:.1f} MiB read per forward pass "
                   f"({report['disk_mode']})", file=sys.stderr)

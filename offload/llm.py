@@ -76,7 +76,10 @@ class LLM:
         if kv_policy == "auto":
             kv_policy, self.kv_policy_reason = self._choose_policy(model, load_format, max_context, gpu_memory,
                                                                    cpu_memory)
-        if gpu_memory is not None or cpu_memory is not None or disk_dir is not None:
+        if flash is not None and self.device.type != "cpu":
+            raise OffloadError("flash FFN windowing is the CPU-only (edge) mode; on a GPU, stream whole layers "
+                               "(gpu_memory=..., cpu_memory=..., disk_dir=...) instead, or pass device='cpu'")
+        if flash is None and (gpu_memory is not None or cpu_memory is not None or disk_dir is not None):
             from .tiers.runtime import load_offloaded
 
             loaded = load_offloaded(model, self.device, self.dtype, context=max_context, kv_policy=kv_policy,
@@ -122,7 +125,7 @@ class LLM:
         self.engine = Engine(self.model, self.tokenizer, self.backend, prefill_chunk_size, max_context)
         self.flash_info = None
         if flash is not None:  # FFN up/down projections on flash ("LLM in a flash"): offload.tiers.flash
-            self._enable_flash(flash, disk_dir, flash_calibration)
+            self._enable_flash(flash, disk_dir, flash_calibration, cpu_memory, max_context)
         if verbose:
             print(self.describe(), file=sys.stderr)
 
@@ -136,6 +139,10 @@ class LLM:
             weights += f": layers {where}"
         else:
             weights += f": all {a.num_layers} layers on {self.device.type}"
+        if self.flash_info is not None:
+            f = self.flash_info
+            weights += (f", FFN up/down on flash (sparsity {f['sparsity']:g}, {f['cache_fraction']:.0%} of the "
+                        f"bundles cached, reads via {f['reader_mode']})")
         attention = self.backend.describe() if hasattr(self.backend, "describe") else "kv_policy dense (exact)"
         if self.kv_policy_reason:
             attention += f" [auto: {self.kv_policy_reason}]"
@@ -171,7 +178,10 @@ class LLM:
         self.model.args = args.replace(rope_scaling=scaling, max_position_embeddings=longest)
         self.model.rope = RotaryEmbedding(self.model.args, self.device)
 
-    def _enable_flash(self, config, disk_dir, calibration) -> None:
+    def _enable_flash(self, config, disk_dir, calibration, cpu_memory, max_context) -> None:
+        """Up/down projections to flash bundles; under ``cpu_memory`` the bundle cache takes what
+        the rest of the resident model leaves (offload.tiers.flash.size_cache)."""
+        from .tiers.budget import free_host_memory, resolve_budget
         from .tiers.flash import enable_flash
 
         if disk_dir is None:
@@ -180,7 +190,9 @@ class LLM:
             raise OffloadError("flash FFN windowing calibrates its activation thresholds on real text: give "
                                "flash_calibration='...' (a few hundred tokens of text like your prompts)")
         ids = self.tokenizer.encode(calibration) if isinstance(calibration, str) else list(calibration)
-        self.flash_info = enable_flash(self, disk_dir, config, ids[:config.calibration_tokens])
+        budget = None if cpu_memory is None else resolve_budget(cpu_memory, "cpu_memory", free_host_memory)
+        self.flash_info = enable_flash(self, disk_dir, config, ids[:config.calibration_tokens], cpu_budget=budget,
+                                       context=max_context)
 
     def close(self) -> None:
         """Stop the prefetch thread and close the weight store (streamed layers only)."""
@@ -206,6 +218,11 @@ class LLM:
         the disk bytes read per forward pass so far."""
         report = self._tier_report()
         report["peak"] = dict(self._peaks)
+        if self.flash_info is not None:  # FFN bundles on flash: what a decode step reads, what stays resident
+            from .tiers.flash import flash_stats
+
+            report["flash"] = {**flash_stats(self), "cache_fraction": self.flash_info["cache_fraction"],
+                               "accounted_resident_bytes": self.flash_info["resident_bytes"]}
         return report
 
     def _tier_report(self) -> dict:

@@ -3,7 +3,7 @@ from calibrated gate thresholds, and a sliding window of resident neurons.
 
 Bundling: neuron j of a layer's FFN is the j-th row of the up projection and the j-th column of the
 down projection; both are needed exactly when the neuron is active, so they are stored together as
-one 4 KiB-aligned extent (one read, one checksum). The gate projection stays resident: the active
+one extent padded to whole 512-byte sectors (one read, one checksum). The gate projection stays resident: the active
 neurons of each token come from the exact gate activations.
 
 Sparsity (training-free, in the spirit of CATS/TEAL): a neuron is active for a token when
@@ -28,22 +28,37 @@ from torch import nn
 from offload.errors import OffloadError
 
 from .io import StoreReader
-from .store import ALIGN, StoreWriter, align_up, read_header
+from .store import SECTOR, StoreWriter, align_up, read_header
 
 
 @dataclass(frozen=True)
 class FlashConfig:
-    sparsity: float = 0.5  # fraction of neurons below the threshold on calibration text
-    window: int = 4  # tokens whose active neurons stay resident
-    cache_fraction: float = 0.6  # resident bundle cache, as a fraction of the layer's neurons
+    sparsity: float = 0.25  # fraction of neurons below the threshold on calibration text
+    # Bundles stay resident while a token of the last ``window`` steps used them; None: until the
+    # cache needs their slot (least recently used first).
+    window: int | None = None
+    # Resident bundle cache as a fraction of each layer's neurons. None: what ``cpu_memory`` leaves
+    # after everything else resident (half the layer when no budget is given); 0: no cache, every
+    # active bundle is read at every step.
+    cache_fraction: float | None = None
     calibration_tokens: int = 512
-    full_read_runs: int = 64  # more scattered runs than this per layer: one sequential read instead
+    # Scattered reads are latency bound: on the project's virtio disk (BENCHMARKS.md) one O_DIRECT
+    # request costs ~60 us, as much as reading ~45 KB more in sequence. Hence: read through gaps
+    # of up to ``read_gap`` bundles (one request instead of two), and past ``full_read_runs``
+    # requests per layer read the whole layer in one (~9 ms for 7 MB at 0.8 GB/s, ~150 requests).
+    read_gap: int = 8
+    full_read_runs: int = 128
+    reader_threads: int = 4  # requests in flight: 4 was the best measured for 4-8 KiB reads
 
     def __post_init__(self) -> None:
         if not 0 <= self.sparsity < 1:
             raise OffloadError(f"flash sparsity must be in [0, 1), got {self.sparsity}")
-        if self.window < 0 or not 0 < self.cache_fraction <= 1:
-            raise OffloadError("flash window must be >= 0 and cache_fraction in (0, 1]")
+        if self.window is not None and self.window < 0:
+            raise OffloadError(f"flash window must be >= 0 tokens (or None), got {self.window}")
+        if self.cache_fraction is not None and not 0 <= self.cache_fraction <= 1:
+            raise OffloadError(f"flash cache_fraction must be in [0, 1] (or None), got {self.cache_fraction}")
+        if self.read_gap < 0 or self.full_read_runs < 1 or self.reader_threads < 1:
+            raise OffloadError("flash read_gap must be >= 0, full_read_runs and reader_threads >= 1")
 
 
 @torch.inference_mode()
@@ -78,11 +93,11 @@ def bundle_store_path(disk_dir: Path, stem: str, fingerprint: str, dtype: torch.
 
 
 def write_bundles(path: Path, model, thresholds: list[float], fingerprint: str) -> None:
-    """One tensor per layer: [I, P] rows = up row j ++ down column j, zero padded to 4 KiB."""
+    """One tensor per layer: [I, P] rows = up row j ++ down column j, zero padded to whole sectors."""
     a = model.args
     H, inter = a.hidden_size, a.intermediate_size
     elem = torch.finfo(model.dtype).bits // 8
-    padded = align_up(2 * H * elem) // elem
+    padded = bundle_elems_for(H, model.dtype)
     meta = {"fingerprint": fingerprint, "dtype": str(model.dtype), "thresholds": thresholds,
             "bundle_elems": padded, "layers": len(model.layers)}
     with StoreWriter(path, metadata=meta) as w:
@@ -96,112 +111,181 @@ def write_bundles(path: Path, model, thresholds: list[float], fingerprint: str) 
 
 
 class FlashMLP(nn.Module):
-    """A layer's FFN with the gate resident and up/down bundles read from flash on demand."""
+    """A layer's FFN with the gate resident and up/down bundles read from flash on demand.
+
+    Decode step: the exact gate activations pick the active neurons; those in the resident cache
+    are computed from it in place (one matrix product over the cache, inactive slots weighted 0),
+    the others are read into the shared staging buffer, computed from there, and then take the
+    cache slots of the least recently used bundles (never one the step used)."""
 
     def __init__(self, gate: torch.Tensor, reader: StoreReader, layer: int, threshold: float, hidden: int,
-                 config: FlashConfig, bundle_elems: int):
+                 config: FlashConfig, bundle_elems: int, cache_bundles: int, staging: torch.Tensor):
         super().__init__()
         self.gate = gate  # [I, H] resident
         self.reader, self.name, self.threshold, self.hidden = reader, f"ffn.{layer}", threshold, hidden
         self.config, self.bundle_elems = config, bundle_elems
         self.intermediate = gate.shape[0]
-        cap = max(1, int(config.cache_fraction * self.intermediate))
-        self.cache = torch.zeros(cap, bundle_elems, dtype=gate.dtype)  # [C, P] resident bundles
+        self.staging = staging  # [I, P], shared by all layers (they run one at a time)
+        self.cache = torch.zeros(cache_bundles, bundle_elems, dtype=gate.dtype)  # [C, P] resident bundles
         self.slot_of = np.full(self.intermediate, -1, np.int64)  # neuron -> cache slot
-        self.neuron_in = np.full(cap, -1, np.int64)  # slot -> neuron
-        self.last_used = np.full(cap, -(1 << 60), np.int64)  # slot -> step it was last active
+        self.neuron_in = np.full(cache_bundles, -1, np.int64)  # slot -> neuron
+        self.last_used = np.full(cache_bundles, -(1 << 60), np.int64)  # slot -> step it was last active
         self.step = 0
         self.bytes_read = 0  # all reads, prefill included
-        self.decode_steps = 0
-        self.decode_bytes = 0
-        self.active_total = 0
-        self.reads_total = 0
+        self.decode_steps = self.decode_bytes = self.active_total = self.reads_total = self.requests_total = 0
         self.elem = gate.element_size()
 
-    def _read_rows(self, ids: np.ndarray) -> torch.Tensor:
-        """Bundles of the sorted neuron ids, adjacent runs coalesced into one verified read each.
+    @property
+    def row_bytes(self) -> int:
+        return self.bundle_elems * self.elem
 
-        Many scattered runs cost more in request overhead than one sequential read of the layer, so
-        past ``config.full_read_runs`` runs the whole layer is read and the rows are taken from it."""
-        row_bytes = self.bundle_elems * self.elem
-        starts = np.flatnonzero(np.diff(ids, prepend=-2) != 1)  # run starts
-        if len(starts) > self.config.full_read_runs:
-            layer = self.reader.read(self.name)  # [I, P]
-            self.bytes_read += layer.numel() * self.elem
-            return layer[torch.from_numpy(ids)]
-        out = torch.empty(len(ids), self.bundle_elems, dtype=self.gate.dtype)  # [k, P]
-        ends = np.append(starts[1:], len(ids))
-        for s, e in zip(starts, ends):
-            first = int(ids[s])
-            self.reader.read_bytes(self.name, first * row_bytes, (first + e - s) * row_bytes,
-                                   out=out[s:e].view(-1).view(torch.uint8))  # straight into place
-            self.bytes_read += (e - s) * row_bytes
-        return out
+    def _plan_reads(self, ids: np.ndarray) -> list[tuple[int, int]] | None:
+        """Neuron runs [first, end) covering the sorted ``ids``, reading through gaps of at most
+        ``read_gap`` bundles; None when that is more requests than a sequential read of the layer costs."""
+        gap = np.diff(ids) - 1  # bundles skipped between consecutive ids
+        breaks = np.flatnonzero(gap > self.config.read_gap)
+        firsts = np.concatenate([[0], breaks + 1])  # positions in ids where runs start
+        lasts = np.concatenate([breaks, [len(ids) - 1]])
+        if len(firsts) > self.config.full_read_runs:
+            return None
+        return list(zip(ids[firsts].tolist(), (ids[lasts] + 1).tolist()))
+
+    def _read(self, ids: np.ndarray) -> torch.Tensor:
+        """Bundles of the sorted neuron ids, verified, as rows [k, P] of the staging buffer."""
+        runs = self._plan_reads(ids)
+        if runs is None:  # scattered over the whole layer: one sequential read, rows picked from it
+            self.reader.read(self.name, out=self.staging)
+            self.bytes_read += self.staging.numel() * self.elem
+            self.requests_total += 1
+            return self.staging[torch.from_numpy(ids)]
+        span = sum(end - first for first, end in runs)  # bundles read, gaps included
+        rows = self.staging[:span]  # [span, P]
+        self.reader.read_ranges(self.name, [(first * self.row_bytes, end * self.row_bytes) for first, end in runs],
+                                out=rows.view(-1).view(torch.uint8))
+        self.bytes_read += span * self.row_bytes
+        self.requests_total += len(runs)
+        if span == len(ids):
+            return rows
+        starts = np.cumsum([0] + [end - first for first, end in runs[:-1]])  # row of each run's first bundle
+        run_of = np.searchsorted(np.asarray([f for f, _ in runs]), ids, side="right") - 1
+        return rows[torch.from_numpy(starts[run_of] + ids - np.asarray([f for f, _ in runs])[run_of])]
+
+    def _admit(self, ids: np.ndarray, rows: torch.Tensor) -> None:
+        """Cache the bundles just read, in the slots idle longest (those outside the window first);
+        slots the current step used keep their bundles, so fewer may be admitted than were read."""
+        if not len(self.cache):
+            return
+        order = np.argsort(self.last_used, kind="stable")
+        free = order[self.last_used[order] < self.step][:len(ids)]  # [n] slots to reuse
+        if not len(free):
+            return
+        take = ids[:len(free)]
+        old = self.neuron_in[free]
+        self.slot_of[old[old >= 0]] = -1
+        self.cache[torch.from_numpy(free)] = rows[:len(free)]
+        self.slot_of[take] = free
+        self.neuron_in[free] = take
+        self.last_used[free] = self.step
 
     def _expire(self) -> None:
-        """Drop bundles no token of the last ``window`` steps used (the sliding window)."""
+        """Forget bundles no token of the last ``window`` steps used (the sliding window)."""
+        if self.config.window is None:
+            return
         expired = np.flatnonzero((self.neuron_in >= 0) & (self.last_used < self.step - self.config.window))
         self.slot_of[self.neuron_in[expired]] = -1
         self.neuron_in[expired] = -1
 
-    def _ensure_resident(self, ids: np.ndarray) -> np.ndarray:
-        """Cache slots holding neurons ``ids`` (reading the missing ones); returns slots [k]."""
-        self._expire()
-        missing = ids[self.slot_of[ids] < 0]
-        if len(missing):
-            # Free slots: never used, else those idle longest (outside the window first).
-            order = np.argsort(self.last_used, kind="stable")
-            protected = set(self.slot_of[ids][self.slot_of[ids] >= 0].tolist())
-            free = [s for s in order[:len(missing) + len(protected)] if s not in protected][:len(missing)]
-            if len(free) < len(missing):
-                raise OffloadError(f"flash cache of {len(self.cache)} bundles cannot hold {len(ids)} active neurons; "
-                                   "raise cache_fraction")
-            free = np.asarray(free, np.int64)
-            old = self.neuron_in[free]
-            self.slot_of[old[old >= 0]] = -1
-            before = self.bytes_read
-            self.cache[torch.from_numpy(free)] = self._read_rows(missing)
-            self.decode_bytes += self.bytes_read - before
-            self.slot_of[missing] = free
-            self.neuron_in[free] = missing
-            self.reads_total += len(missing)
-        slots = self.slot_of[ids]
-        self.last_used[slots] = self.step
-        return slots
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         H = self.hidden
         act = F.silu(F.linear(x, self.gate))  # [B, T, I]
-        mask = act.abs() > self.threshold  # [B, T, I]
+        coef = act * (act.abs() > self.threshold)  # [B, T, I] inactive neurons contribute 0
         self.step += 1
         if x.shape[1] > 1:  # prefill: every neuron is active for some token; read the whole layer once
-            bundles = self.reader.read(self.name)  # [I, P]
-            self.bytes_read += bundles.numel() * self.elem
-            up, down = bundles[:, :H], bundles[:, H:2 * H]  # [I, H] each
-            h = act * mask * F.linear(x, up)  # [B, T, I]
-            return torch.matmul(h, down)  # [B, T, H]
-        ids = np.flatnonzero(mask.any(dim=(0, 1)).numpy())  # [k] active for some row
+            self.reader.read(self.name, out=self.staging)
+            self.bytes_read += self.staging.numel() * self.elem
+            up, down = self.staging[:, :H], self.staging[:, H:2 * H]  # [I, H] each
+            return torch.matmul(coef * F.linear(x, up), down)  # [B, T, H]
+        ids = np.flatnonzero((coef != 0).any(dim=(0, 1)).numpy())  # [k] active for some row
         self.active_total += len(ids)
         self.decode_steps += 1
-        if len(ids) == 0:
-            return torch.zeros_like(x)
-        slots = torch.from_numpy(self._ensure_resident(ids))
-        rows = self.cache[slots]  # [k, P]
-        idx = torch.from_numpy(ids)
-        h = (act[..., idx] * mask[..., idx]) * F.linear(x, rows[:, :H])  # [B, 1, k]
-        return torch.matmul(h, rows[:, H:2 * H])  # [B, 1, H]
+        self._expire()
+        slots = self.slot_of[ids]
+        hit = slots >= 0
+        self.last_used[slots[hit]] = self.step
+        out = torch.zeros_like(x)  # [B, 1, H]
+        if hit.any():  # every cache slot at once; slots not active now weigh 0
+            valid = torch.from_numpy(self.neuron_in >= 0)  # [C]
+            slot_coef = coef[..., torch.from_numpy(self.neuron_in).clamp(min=0)] * valid  # [B, 1, C]
+            out += torch.matmul(slot_coef * F.linear(x, self.cache[:, :H]), self.cache[:, H:2 * H])
+        missing = ids[~hit]
+        if len(missing):
+            before = self.bytes_read
+            rows = self._read(missing)  # [m, P]
+            self.decode_bytes += self.bytes_read - before
+            self.reads_total += len(missing)
+            idx = torch.from_numpy(missing)
+            out += torch.matmul(coef[..., idx] * F.linear(x, rows[:, :H]), rows[:, H:2 * H])  # [B, 1, H]
+            self._admit(missing, rows)
+        return out
 
     def nbytes(self) -> int:
         return (self.gate.numel() + self.cache.numel()) * self.elem
 
 
-def enable_flash(llm, disk_dir: str | Path, config: FlashConfig, calibration_ids: list[int]) -> dict:
-    """Move every layer's up/down projections to flash bundles; keep gates resident."""
+def bundle_elems_for(hidden: int, dtype: torch.dtype) -> int:
+    """Elements of one bundle (up row ++ down column), padded to whole 512-byte sectors (the
+    O_DIRECT unit of most devices; on a 4 KiB-only device a read covers the pages around it)."""
+    elem = torch.finfo(dtype).bits // 8
+    return align_up(2 * hidden * elem, SECTOR) // elem
+
+
+def size_cache(args, dtype: torch.dtype, cpu_budget: int | None, context: int, config: FlashConfig) -> dict:
+    """How many bundles per layer the cache holds: ``config.cache_fraction``, or what ``cpu_budget``
+    leaves after everything that stays resident (every weight but the up/down projections, the KV
+    cache at ``context``, the staging and read buffers of one layer, the runtime's reserve).
+    Raises a BudgetError naming the smallest budget that works when nothing is left."""
+    from .budget import BudgetError, format_size
+    from .planner import RUNTIME_RESERVE
+
+    elem = torch.finfo(dtype).bits // 8
+    I, L = args.intermediate_size, args.num_layers
+    bundle = bundle_elems_for(args.hidden_size, dtype) * elem
+    on_flash = L * 2 * I * args.hidden_size * elem  # up + down, all layers
+    resident = (args.param_count() * elem - on_flash + args.kv_bytes_per_token(elem) * context
+                + 2 * I * bundle + RUNTIME_RESERVE)  # + staging and aligned read buffer
+    fraction = config.cache_fraction
+    if cpu_budget is not None:
+        room = max(0, cpu_budget - resident) / (L * I * bundle)
+        if fraction is None:
+            fraction = min(1.0, room)
+        if fraction > room or cpu_budget < resident:
+            need = resident + int(fraction * I) * L * bundle
+            raise BudgetError(
+                f"cpu_memory {format_size(cpu_budget)} is too small for flash FFN: the embeddings, attention and "
+                f"gate weights, the KV at context {context:,} and one layer's read buffers stay resident "
+                f"({format_size(resident)}), plus a bundle cache of {fraction:.0%} of the neurons: the smallest "
+                f"budget that works is {format_size(need)}; below it, drop flash= and stream whole layers "
+                f"(cpu_memory + disk_dir)")
+    if fraction is None:
+        fraction = 0.5
+    bundles = int(fraction * I)
+    return {"cache_bundles": bundles, "cache_fraction": bundles / I, "bundle_bytes": bundle,
+            "resident_bytes": resident + L * bundles * bundle, "flash_bytes": L * I * bundle}
+
+
+def enable_flash(llm, disk_dir: str | Path, config: FlashConfig, calibration_ids: list[int],
+                 cpu_budget: int | None = None, context: int | None = None) -> dict:
+    """Move every layer's up/down projections to flash bundles; keep gates resident; size the
+    bundle cache from ``cpu_budget`` (bytes) unless ``config.cache_fraction`` is given."""
     from offload.prompt_cache import model_fingerprint
 
     model = llm.model
     if model.offloaded:
         raise OffloadError("flash FFN windowing works on resident layers; do not combine it with layer streaming")
+    if model.device.type != "cpu":
+        raise OffloadError("flash FFN windowing is the CPU-only (edge) mode; on a GPU, stream whole layers "
+                           "(gpu_memory=..., cpu_memory=..., disk_dir=...) instead")
+    sizing = size_cache(llm.args, model.dtype, cpu_budget, context or llm.args.max_position_embeddings, config)
     fingerprint = model_fingerprint(llm.args, llm.path)
     path = bundle_store_path(Path(disk_dir), llm.path.stem, fingerprint, model.dtype, config.sparsity)
     meta = None
@@ -216,20 +300,28 @@ def enable_flash(llm, disk_dir: str | Path, config: FlashConfig, calibration_ids
         thresholds = calibrate_thresholds(model, calibration_ids, config.sparsity, llm.backend)
         write_bundles(path, model, thresholds, fingerprint)
         meta, _ = read_header(path)
-    reader = StoreReader(path, device="cpu")
+    reader = StoreReader(path, device="cpu", reader_threads=config.reader_threads)
     inter, H = llm.args.intermediate_size, llm.args.hidden_size
+    staging = torch.empty(inter, meta["bundle_elems"], dtype=model.dtype)  # [I, P] one layer's bundles
     for i, layer in enumerate(model.layers):
         gate = layer.mlp.w_gate_up[:inter].detach().clone()  # [I, H]
-        layer.mlp = FlashMLP(gate, reader, i, meta["thresholds"][i], H, config, meta["bundle_elems"])
-    return {"store": str(path), "thresholds": meta["thresholds"], "reader_mode": reader.mode,
-            "bundle_bytes": meta["bundle_elems"] * model.layers[0].mlp.elem}
+        layer.mlp = FlashMLP(gate, reader, i, meta["thresholds"][i], H, config, meta["bundle_elems"],
+                             sizing["cache_bundles"], staging)
+    from .budget import release_freed_memory
+
+    release_freed_memory()  # the resident up/down projections just dropped
+    return {"store": str(path), "thresholds": meta["thresholds"], "reader_mode": reader.mode, "sparsity": config.sparsity,
+            "bundle_bytes": meta["bundle_elems"] * model.layers[0].mlp.elem, **sizing}
 
 
 def flash_stats(llm) -> dict:
-    """Per decode step, summed over layers: active neurons, bytes read from flash; resident bytes."""
+    """Per decode step, summed over layers: active neurons, bundles and bytes read from flash, read
+    requests; resident bytes (gates and caches)."""
     layers = [m for m in (layer.mlp for layer in llm.model.layers) if isinstance(m, FlashMLP)]
     steps = max(1, layers[0].decode_steps) if layers else 1
     return {"decode_steps": steps, "decode_bytes_per_step": sum(m.decode_bytes for m in layers) / steps,
             "active_neurons_per_step": sum(m.active_total for m in layers) / steps,
+            "read_neurons_per_step": sum(m.reads_total for m in layers) / steps,
+            "requests_per_step": sum(m.requests_total for m in layers) / steps,
             "neurons": sum(m.intermediate for m in layers),
             "resident_bytes": sum(m.nbytes() for m in layers)}

@@ -23,7 +23,7 @@ import torch
 
 from offload.errors import OffloadError
 
-from .store import ALIGN, CorruptStoreError, TensorEntry, align_up, crc32, read_header, weighted_sum32
+from .store import ALIGN, SECTOR, CorruptStoreError, TensorEntry, align_up, crc32, read_header, weighted_sum32
 
 
 def kvikio_available() -> bool:
@@ -84,7 +84,7 @@ class StoreReader:
                                f"{read_block} and {reader_threads}")
         self.read_block, self.reader_threads = read_block, reader_threads
         self._readers = ThreadPoolExecutor(reader_threads, thread_name_prefix="offload-read") \
-            if reader_threads > 1 and read_block else None
+            if reader_threads > 1 else None
         self.path = Path(path)
         self.metadata, self.entries = read_header(self.path)
         self.device = torch.device(device)
@@ -102,6 +102,7 @@ class StoreReader:
                 self._fd = os.open(self.path, flags)
         else:
             self._fd = os.open(self.path, flags)
+        self.align = self._direct_alignment() if self.mode == "O_DIRECT" else SECTOR
         if self.backend == "kvikio":
             import kvikio
 
@@ -130,6 +131,16 @@ class StoreReader:
         except Exception:
             pass
 
+    def _direct_alignment(self) -> int:
+        """The O_DIRECT unit of this file's device: 512 bytes where a 512-byte read at a 512-byte
+        offset works (most SSDs and virtual disks), else a page."""
+        probe = self._buffer.reserve(2 * SECTOR)
+        try:
+            os.preadv(self._fd, [memoryview(probe[SECTOR:2 * SECTOR])], SECTOR)
+        except OSError:
+            return ALIGN
+        return SECTOR
+
     def entry(self, name: str) -> TensorEntry:
         if name not in self.entries:
             raise OffloadError(f"tensor '{name}' is not in store {self.path}")
@@ -138,10 +149,10 @@ class StoreReader:
     # ------------------------------------------------------------------ reads
     def _pread(self, offset: int, nbytes: int) -> np.ndarray:
         """Aligned read of bytes [offset, offset + nbytes) into the reusable buffer (a view of it)."""
-        start = offset - offset % ALIGN
-        length = align_up(offset + nbytes) - start
+        start = offset - offset % self.align
+        length = align_up(offset + nbytes, self.align) - start
         buf = self._buffer.reserve(length)[:length]
-        if self._readers is not None and length > self.read_block:
+        if self._readers is not None and self.read_block and length > self.read_block:
             # Blocks land in disjoint, aligned slices of one buffer; preadv releases the GIL.
             spans = [(lo, min(lo + self.read_block, length)) for lo in range(0, length, self.read_block)]
             got = sum(self._readers.map(lambda s: os.preadv(self._fd, [memoryview(buf[s[0]:s[1]])], start + s[0]),
@@ -181,6 +192,60 @@ class StoreReader:
             if out is None:
                 out = torch.empty(end - start, dtype=torch.uint8, device=self.device)  # [nbytes]
             out.copy_(torch.from_numpy(data[:end - start]))
+        return out
+
+    def read_ranges(self, name: str, ranges: list[tuple[int, int]], out: torch.Tensor) -> torch.Tensor:
+        """Byte ranges [(start, end), ...] of tensor ``name``, each starting on an extent boundary,
+        verified and packed in order into ``out`` (uint8 on the CPU, their total length).
+
+        Scattered reads (flash bundles) are bound by each request's latency, not by bandwidth, so
+        the ranges are issued together by the reader threads (several requests in flight), each
+        into its own aligned slice of one reusable buffer; ``zlib.crc32`` and ``preadv`` release the
+        GIL, so verification overlaps too."""
+        e = self.entry(name)
+        for start, end in ranges:
+            if start % e.extent or not 0 <= start < end <= e.nbytes:
+                raise OffloadError(f"read of '{name}' bytes [{start}, {end}) is not extent-aligned (extent {e.extent})")
+        if self.backend == "kvikio" or self.device.type != "cpu" or len(ranges) < 2:
+            pos = 0
+            for start, end in ranges:
+                self.read_bytes(name, start, end, out=out[pos:pos + end - start])
+                pos += end - start
+            return out
+        a = self.align
+        skips = [(e.offset + start) % a for start, _ in ranges]  # bytes before each range in its first block
+        spans = [align_up(e.offset + end, a) - (e.offset + start - skip) for (start, end), skip in zip(ranges, skips)]
+        at = np.concatenate([[0], np.cumsum(spans)]).tolist()  # where each request lands in the buffer
+        with self._lock:
+            buf = self._buffer.reserve(at[-1])
+
+            def one(k: int) -> str | None:
+                (start, end), skip = ranges[k], skips[k]
+                view = buf[at[k]:at[k] + spans[k]]
+                got = os.preadv(self._fd, [memoryview(view)], e.offset + start - skip)
+                if got < skip + end - start:
+                    return f"short read at byte {e.offset + start} (the file is truncated)"
+                for i, lo, hi in e.extent_ranges(start, end):
+                    if crc32(view[skip + lo - start:skip + hi - start]) != e.crcs[i]:
+                        return f"checksum mismatch in tensor '{name}' extent {i} (bytes {lo}..{hi})"
+                return None
+
+            problems = list(self._readers.map(one, range(len(ranges)))) if self._readers is not None else \
+                [one(k) for k in range(len(ranges))]
+            bad = next((p for p in problems if p), None)
+            if bad:
+                raise CorruptStoreError(f"{self.path}: {bad}: the store is corrupt; rebuild it from the source weights")
+            if self.mode == "buffered" and hasattr(os, "posix_fadvise"):
+                for (start, _), skip, span in zip(ranges, skips, spans):
+                    os.posix_fadvise(self._fd, e.offset + start - skip, span, os.POSIX_FADV_DONTNEED)
+            self.bytes_read += at[-1]
+            if not any(skips) and all(end - start == span for (start, end), span in zip(ranges, spans)):
+                out.copy_(torch.from_numpy(buf[:at[-1]]))  # block-aligned ranges: the buffer is already packed
+            else:
+                pos = 0
+                for k, (start, end) in enumerate(ranges):
+                    out[pos:pos + end - start].copy_(torch.from_numpy(buf[at[k] + skips[k]:at[k] + skips[k] + end - start]))
+                    pos += end - start
         return out
 
     def _read_kvikio(self, e: TensorEntry, ranges, start: int, span_end: int) -> torch.Tensor:

@@ -30,7 +30,8 @@ import torch
 
 from offload.errors import OffloadError
 
-ALIGN = 4096  # O_DIRECT needs offsets, lengths and buffers aligned to the logical block size
+ALIGN = 4096  # tensors start on page boundaries: O_DIRECT works on every device at this alignment
+SECTOR = 512  # the smallest O_DIRECT unit (a 512-byte logical block): the finest extent a tensor may have
 DEFAULT_EXTENT = 4 << 20  # streaming reads: several MiB per request
 MAGIC = b"OFFLDST1"
 TRAILER = struct.Struct("<8sQQI4x")  # magic, header offset, header length, header crc32
@@ -82,7 +83,7 @@ class TensorEntry:
     shape: tuple[int, ...]
     offset: int  # byte offset in the file, ALIGN-aligned
     nbytes: int
-    extent: int  # bytes per checksummed extent (a multiple of ALIGN)
+    extent: int  # bytes per checksummed extent (a multiple of SECTOR)
     crcs: tuple[int, ...]
     sums: tuple[int, ...]  # weighted_sum32 per extent (of the zero-padded, 4-byte-aligned extent)
 
@@ -119,16 +120,17 @@ class StoreWriter:
         return self
 
     def add(self, name: str, tensor: torch.Tensor, extent: int | None = None) -> TensorEntry:
-        """Append one tensor. ``extent`` (a multiple of 4 KiB) sets its checksum granularity: the
-        unit a partial read verifies (e.g. one FFN bundle)."""
+        """Append one tensor. ``extent`` (a multiple of 512 bytes) sets its checksum granularity: the
+        unit a partial read verifies (e.g. one FFN bundle, which then needs no padding to 4 KiB on a
+        device with 512-byte logical blocks)."""
         if name in self.entries:
             raise OffloadError(f"tensor '{name}' is already in the store")
         dtype = str(tensor.dtype).removeprefix("torch.")
         if dtype not in _DTYPES:
             raise OffloadError(f"tensor '{name}' has dtype {tensor.dtype}, which the store does not support")
         extent = extent or self.extent
-        if extent <= 0 or extent % ALIGN:
-            raise OffloadError(f"extent size must be a positive multiple of {ALIGN} bytes, got {extent}")
+        if extent <= 0 or extent % SECTOR:
+            raise OffloadError(f"extent size must be a positive multiple of {SECTOR} bytes, got {extent}")
         data = tensor_bytes(tensor)  # [nbytes] uint8
         crcs = tuple(crc32(data[i:i + extent]) for i in range(0, len(data), extent))
         sums = tuple(weighted_sum32(_pad4(torch.from_numpy(data[i:i + extent]))) for i in range(0, len(data), extent))
