@@ -7,15 +7,16 @@ the same ``O_DIRECT`` bundle reads:
   token (no cache: what "stream the FFN" costs without sparsity);
 - ``naive+cache``: the exact FFN with the bundle cache the budget allows (the stronger baseline:
   the same memory spent keeping part of every layer resident, the rest read every token);
-- ``flash``: calibrated sparsity (``--sparsity``) with the budget's bundle cache and ``--window``.
+- ``flash``: calibrated sparsity (``--sparsity``) with the budget's bundle cache, either holding
+  the most often active bundles (hot set) or as a sliding window (``--windows``).
 
 A budget below what the flash mode must keep resident (embeddings, attention and gate weights,
 KV, one layer's buffers) is reported with the runtime's own error. Perplexity is teacher forced
 on ``--eval-tokens`` of real English (a later passage of the same text than the calibration),
-once per sparsity (the cache never changes what is computed: tests/test_flash.py). Decode
-ms/token is the median over ``--decode-tokens`` greedy steps (each step's forward timed); peak
-host memory is the process's private resident memory sampled while generating. Writes JSON, a
-Markdown table and a PNG.
+once per sparsity (the cache never changes what is computed: tests/test_flash.py). Each run is
+a fresh process; decode ms/token is the median over ``--decode-tokens`` greedy steps (each
+step's forward timed); peak host memory is that process's private resident memory sampled while
+generating. Writes JSON, a Markdown table and a PNG.
 
     python -m offload.profiles.bench_flash --out runs/flash/bench_flash.json
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import gc
 import math
+import multiprocessing
 import statistics
 import tempfile
 import time
@@ -91,7 +93,8 @@ def main(argv=None) -> int:
     p.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.9],
                    help="cpu_memory as fractions of the model's weight bytes")
     p.add_argument("--sparsity", type=float, nargs="+", default=[0.25])
-    p.add_argument("--window", type=int, default=None, help="tokens a bundle stays resident (default: LRU)")
+    p.add_argument("--windows", type=int, nargs="*", default=[8],
+                   help="sliding windows to run besides the fixed hot set (tokens a bundle stays cached)")
     p.add_argument("--eval-tokens", type=int, default=4096)
     p.add_argument("--prompt", type=int, default=256)
     p.add_argument("--decode-tokens", type=int, default=16)
@@ -128,16 +131,18 @@ def main(argv=None) -> int:
             gc.collect()
             print(f"sparsity {s:g}: perplexity {ppl[s]:.3f} ({100 * (ppl[s] / dense_ppl - 1):+.2f}%)", flush=True)
         modes = [("naive", 0.0, None, 0.0)] + [("naive+cache", 0.0, None, None)] + \
-            [(f"flash s={s:g}", s, args.window, None) for s in args.sparsity]
+            [(f"flash s={s:g}" + (f" window {w}" if w is not None else " hot set"), s, w, None)
+             for s in args.sparsity for w in [None] + args.windows]
         for fraction in args.budgets:
             budget = int(fraction * weight_bytes)
             for name, sparsity, window, cache in modes:
                 row = {"budget_fraction": fraction, "budget_bytes": budget, "mode": name, "sparsity": sparsity,
                        "window": window, "ppl": ppl.get(sparsity, dense_ppl)}
                 config = FlashConfig(sparsity=sparsity, window=window, cache_fraction=cache)
-                try:
-                    row.update(run(args.model, args.dtype, disk, config, budget, calibration, prompt,
-                                   args.decode_tokens))
+                try:  # a fresh process per run: its peak memory is its own, not the previous runs' leftovers
+                    with multiprocessing.get_context("spawn").Pool(1) as pool:
+                        row.update(pool.apply(run, (args.model, args.dtype, disk, config, budget, calibration,
+                                                    prompt, args.decode_tokens)))
                     row["greedy_agreement"] = sum(a == b for a, b in zip(row.pop("tokens"), dense_tokens)) / len(
                         dense_tokens)
                 except OffloadError as e:

@@ -1,11 +1,15 @@
 """FFN weights on flash: row-column bundles, calibrated thresholds, windowed residency."""
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
 from offload import LLM
 from offload.tiers.flash import FlashConfig, FlashMLP, flash_stats
 from offload.tiers.io import StoreReader
+from offload.tiers.store import read_header
 
 
 def _ids(hf, n, seed):
@@ -31,8 +35,10 @@ def test_bundles_hold_up_rows_and_down_columns(tiny, tmp_path):
         for i in range(resident.args.num_layers):
             bundles = r.read(f"ffn.{i}")  # [I, P]
             H = resident.args.hidden_size
-            assert torch.equal(bundles[:, :H], resident.model.layers[i].mlp.w_gate_up[inter:])
-            assert torch.equal(bundles[:, H:2 * H], resident.model.layers[i].mlp.w_down.t())
+            order = torch.tensor(r.metadata["orders"][i])  # stored row -> neuron, a permutation
+            assert torch.equal(order.sort().values, torch.arange(inter))
+            assert torch.equal(bundles[:, :H], resident.model.layers[i].mlp.w_gate_up[inter:][order])
+            assert torch.equal(bundles[:, H:2 * H], resident.model.layers[i].mlp.w_down.t()[order])
             assert r.entry(f"ffn.{i}").extent % 512 == 0  # one sector-aligned extent per bundle
     assert all(isinstance(layer.mlp, FlashMLP) for layer in llm.model.layers)
 
@@ -50,6 +56,10 @@ def test_thresholds_give_the_calibrated_sparsity(tiny, tmp_path):
     act = torch.nn.functional.silu(x["in"] @ gate.t()).abs()  # [1, T, I]
     below = (act <= llm.flash_info["thresholds"][1]).float().mean().item()
     assert below == pytest.approx(0.6, abs=0.01)
+    # bundles are stored most-often-active first (what the cache starts with)
+    counts = (act[0] > llm.flash_info["thresholds"][1]).sum(0)  # [I]
+    stored = counts[torch.tensor(read_header(Path(llm.flash_info["store"]))[0]["orders"][1])]
+    assert torch.all(stored[:-1] >= stored[1:]) and stored[0] > stored[-1]
 
 
 def test_zero_sparsity_matches_the_dense_ffn(tiny, tmp_path):
@@ -126,6 +136,8 @@ def test_reads_are_exactly_the_missing_bundles(tiny, tmp_path):
     bundle = llm.flash_info["bundle_bytes"]
     assert stats["decode_bytes_per_step"] == pytest.approx(stats["read_neurons_per_step"] * bundle)
     assert 0 < stats["read_neurons_per_step"] < stats["active_neurons_per_step"]  # the cache served some
+    for layer in llm.model.layers:  # no window: the hot set (stored first) stays, nothing else joins it
+        assert np.array_equal(layer.mlp.neuron_in, np.arange(len(layer.mlp.cache)))
     naive = LLM(folder, disk_dir=tmp_path / "store", flash_calibration=_ids(hf, 64, 1),
                 flash=FlashConfig(sparsity=0.0, cache_fraction=0.0))
     naive.generate([_ids(hf, 16, 3)], SamplingParams(max_new_tokens=8, ignore_eos=True))

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from offload.errors import OffloadError
-from offload.tiers.io import StoreReader
+from offload.tiers.io import StoreReader, aligned_empty
 from offload.tiers.store import ALIGN, CorruptStoreError, StoreWriter, read_header, weighted_sum32, write_store
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int8]
@@ -57,12 +57,13 @@ def test_partial_reads_cover_whole_extents(tmp_path):
             r.read_bytes("x", 100, 200)
 
 
-@pytest.mark.parametrize("threads,align", [(1, 512), (4, 512), (4, 4096)])
-def test_scattered_ranges_are_packed_in_order_and_verified(tmp_path, threads, align):
+@pytest.mark.parametrize("threads,align,direct", [(1, 512, False), (4, 512, False), (4, 4096, False),
+                                                  (4, 512, True), (1, 4096, True)])
+def test_scattered_ranges_are_packed_in_order_and_verified(tmp_path, threads, align, direct):
     """read_ranges (flash bundles): many ranges in flight at once, packed in order, the tensor's
     last (short) extent included, with extents of 9 sectors (not whole pages), read at the device's
-    512-byte unit or, on a 4 KiB-only device, through the pages around them; a flipped byte in any
-    of them is a checksum error."""
+    512-byte unit or, on a 4 KiB-only device, through the pages around them, through a bounce
+    buffer or straight into an aligned one; a flipped byte is a checksum error."""
     ext = 9 * 512
     t = torch.arange(12 * ext // 4 + 100, dtype=torch.float32)  # 12 extents and a short 13th
     path = tmp_path / "r.store"
@@ -70,23 +71,28 @@ def test_scattered_ranges_are_packed_in_order_and_verified(tmp_path, threads, al
         w.add("x", t, extent=ext)
     raw = t.view(torch.uint8)
     ranges = [(6 * ext, 8 * ext), (0, ext), (12 * ext, raw.numel()), (3 * ext, 4 * ext)]
+    if direct:  # whole sectors into an aligned buffer: the reads land in it with no copy
+        ranges = [(6 * ext, 8 * ext), (0, ext), (3 * ext, 4 * ext)]
     with StoreReader(path, reader_threads=threads) as r:
         if r.mode == "O_DIRECT":
             assert r.align == 512  # this machine's disk; a 4 KiB-only device is forced below
         r.align = align
-        out = torch.empty(sum(e - s for s, e in ranges), dtype=torch.uint8)
+        total = sum(e - s for s, e in ranges)
+        out = aligned_empty((total,), torch.uint8) if direct else torch.empty(total + 1, dtype=torch.uint8)[1:]
         r.read_ranges("x", ranges, out)
         assert torch.equal(out, torch.cat([raw[s:e] for s, e in ranges]))
+        whole = aligned_empty((2 * ext,), torch.uint8) if direct else out[:2 * ext]
+        assert torch.equal(r.read_bytes("x", 2 * ext, 4 * ext, out=whole), raw[2 * ext:4 * ext])
         with pytest.raises(OffloadError, match="not extent-aligned"):
             r.read_ranges("x", [(0, 100), (100, ext)], torch.empty(ext, dtype=torch.uint8))
-    with open(path, "r+b") as f:  # flip one byte inside extent 12 (the last one)
-        f.seek(12 * ext + 5)
+    with open(path, "r+b") as f:  # flip one byte inside extent 7
+        f.seek(7 * ext + 5)
         b = f.read(1)
-        f.seek(12 * ext + 5)
+        f.seek(7 * ext + 5)
         f.write(bytes([b[0] ^ 0x01]))
     with StoreReader(path, reader_threads=threads) as r:
         r.align = align
-        with pytest.raises(CorruptStoreError, match="tensor 'x' extent 12"):
+        with pytest.raises(CorruptStoreError, match="tensor 'x' extent 7"):
             r.read_ranges("x", ranges, out)
 
 

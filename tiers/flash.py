@@ -9,10 +9,17 @@ neurons of each token come from the exact gate activations.
 Sparsity (training-free, in the spirit of CATS/TEAL): a neuron is active for a token when
 |silu(gate)| exceeds its layer's threshold; thresholds are calibrated offline on real text as the
 ``sparsity`` quantile of |silu(gate)| and saved with the bundles. Inactive neurons contribute 0.
+Bundles are stored most-often-active first (counted on the same text), and the cache starts with
+them: the neurons a step misses are then mostly the rarer ones, gathered in the back of the layer
+where few requests cover them.
 
-Windowing: bundles used by the last ``window`` tokens stay in a resident cache; each decode step
-reads only the active neurons not in it (adjacent ids coalesced into one read). With flash
-windowing off the model is untouched: output is bit-identical to the all-resident model.
+The resident cache of bundles is as large as the memory budget allows. By default it holds the
+most often active bundles for good (a hot set, as PowerInfer splits hot and cold neurons); with
+``window=W`` it is the "LLM in a flash" sliding window: bundles read join it, the least recently
+used make room, and those unused for W tokens are forgotten. Each decode step uses the cached
+active bundles in place and reads only the others (runs coalesced, small gaps read through, many
+requests in flight). The cache changes what is read, never what is computed. Without ``flash``
+the model is untouched.
 """
 
 from __future__ import annotations
@@ -27,15 +34,17 @@ from torch import nn
 
 from offload.errors import OffloadError
 
-from .io import StoreReader
+from .io import StoreReader, aligned_empty
 from .store import SECTOR, StoreWriter, align_up, read_header
 
 
 @dataclass(frozen=True)
 class FlashConfig:
     sparsity: float = 0.25  # fraction of neurons below the threshold on calibration text
-    # Bundles stay resident while a token of the last ``window`` steps used them; None: until the
-    # cache needs their slot (least recently used first).
+    # None: the cache holds the bundles most often active on the calibration text and keeps them
+    # (a fixed hot set, as PowerInfer does); the others are read when active. W: a sliding window
+    # ("LLM in a flash"): bundles read are cached too, those unused for W tokens are forgotten,
+    # the least recently used make room.
     window: int | None = None
     # Resident bundle cache as a fraction of each layer's neurons. None: what ``cpu_memory`` leaves
     # after everything else resident (half the layer when no budget is given); 0: no cache, every
@@ -62,8 +71,10 @@ class FlashConfig:
 
 
 @torch.inference_mode()
-def calibrate_thresholds(model, token_ids: list[int], sparsity: float, backend) -> list[float]:
-    """Per layer, the ``sparsity`` quantile of |silu(gate)| over the calibration tokens."""
+def calibrate(model, token_ids: list[int], sparsity: float, backend) -> tuple[list[float], list[list[int]]]:
+    """Per layer: the ``sparsity`` quantile of |silu(gate)| over the calibration tokens (the
+    threshold), and the neurons ordered by how often they exceed it, most often first (the order
+    bundles are stored in, so that the often-active ones sit together at the front)."""
     from offload.attention import ForwardBatch
 
     samples: dict[int, torch.Tensor] = {}
@@ -71,7 +82,7 @@ def calibrate_thresholds(model, token_ids: list[int], sparsity: float, backend) 
     for i, layer in enumerate(model.layers):
         def hook(module, args, i=i):
             gate = F.linear(args[0], module.w_gate_up[:module.intermediate])  # [B, T, I]
-            samples[i] = F.silu(gate.float()).abs().flatten()
+            samples[i] = F.silu(gate.float()).abs().reshape(-1, module.intermediate)  # [T, I]
         hooks.append(layer.mlp.register_forward_pre_hook(hook))
     try:
         backend.allocate(1, len(token_ids))
@@ -80,30 +91,35 @@ def calibrate_thresholds(model, token_ids: list[int], sparsity: float, backend) 
     finally:
         for h in hooks:
             h.remove()
-    out = []
+    thresholds, orders = [], []
     for i in range(len(model.layers)):
-        a = samples[i]
+        a = samples[i]  # [T, I]
         k = max(1, int(sparsity * a.numel()))
-        out.append(float(a.kthvalue(k).values) if sparsity > 0 else 0.0)
-    return out
+        threshold = float(a.flatten().kthvalue(k).values) if sparsity > 0 else 0.0
+        counts = (a > threshold).sum(0)  # [I] tokens each neuron was active for
+        thresholds.append(threshold)
+        orders.append(torch.sort(counts, descending=True, stable=True).indices.tolist())
+    return thresholds, orders
 
 
 def bundle_store_path(disk_dir: Path, stem: str, fingerprint: str, dtype: torch.dtype, sparsity: float) -> Path:
     return Path(disk_dir) / f"{stem}-{fingerprint[:12]}-{str(dtype).removeprefix('torch.')}-s{sparsity:g}.ffn"
 
 
-def write_bundles(path: Path, model, thresholds: list[float], fingerprint: str) -> None:
-    """One tensor per layer: [I, P] rows = up row j ++ down column j, zero padded to whole sectors."""
+def write_bundles(path: Path, model, thresholds: list[float], orders: list[list[int]], fingerprint: str) -> None:
+    """One tensor per layer: [I, P] row r = up row j ++ down column j of neuron j = order[r], zero
+    padded to whole sectors."""
     a = model.args
     H, inter = a.hidden_size, a.intermediate_size
     elem = torch.finfo(model.dtype).bits // 8
     padded = bundle_elems_for(H, model.dtype)
-    meta = {"fingerprint": fingerprint, "dtype": str(model.dtype), "thresholds": thresholds,
+    meta = {"fingerprint": fingerprint, "dtype": str(model.dtype), "thresholds": thresholds, "orders": orders,
             "bundle_elems": padded, "layers": len(model.layers)}
     with StoreWriter(path, metadata=meta) as w:
         for i, layer in enumerate(model.layers):
-            up = layer.mlp.w_gate_up[inter:]  # [I, H]
-            down = layer.mlp.w_down  # [H, I]
+            order = torch.tensor(orders[i])  # [I] stored row -> neuron
+            up = layer.mlp.w_gate_up[inter:][order]  # [I, H]
+            down = layer.mlp.w_down[:, order]  # [H, I]
             bundles = torch.zeros(inter, padded, dtype=model.dtype)  # [I, P]
             bundles[:, :H] = up
             bundles[:, H:2 * H] = down.t()
@@ -115,8 +131,8 @@ class FlashMLP(nn.Module):
 
     Decode step: the exact gate activations pick the active neurons; those in the resident cache
     are computed from it in place (one matrix product over the cache, inactive slots weighted 0),
-    the others are read into the shared staging buffer, computed from there, and then take the
-    cache slots of the least recently used bundles (never one the step used)."""
+    the others are read into the shared staging buffer and computed from there; with a window they
+    then take the cache slots of the least recently used bundles (never one the step used)."""
 
     def __init__(self, gate: torch.Tensor, reader: StoreReader, layer: int, threshold: float, hidden: int,
                  config: FlashConfig, bundle_elems: int, cache_bundles: int, staging: torch.Tensor):
@@ -126,7 +142,7 @@ class FlashMLP(nn.Module):
         self.config, self.bundle_elems = config, bundle_elems
         self.intermediate = gate.shape[0]
         self.staging = staging  # [I, P], shared by all layers (they run one at a time)
-        self.cache = torch.zeros(cache_bundles, bundle_elems, dtype=gate.dtype)  # [C, P] resident bundles
+        self.cache = aligned_empty((cache_bundles, bundle_elems), gate.dtype)  # [C, P] resident bundles (zeroed)
         self.slot_of = np.full(self.intermediate, -1, np.int64)  # neuron -> cache slot
         self.neuron_in = np.full(cache_bundles, -1, np.int64)  # slot -> neuron
         self.last_used = np.full(cache_bundles, -(1 << 60), np.int64)  # slot -> step it was last active
@@ -150,25 +166,23 @@ class FlashMLP(nn.Module):
             return None
         return list(zip(ids[firsts].tolist(), (ids[lasts] + 1).tolist()))
 
-    def _read(self, ids: np.ndarray) -> torch.Tensor:
-        """Bundles of the sorted neuron ids, verified, as rows [k, P] of the staging buffer."""
+    def _read(self, ids: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+        """Read the bundles of the sorted neuron ids (verified) into the staging buffer: the rows
+        read [n, P], gaps read through included, and the neuron of each row [n]. Rows are used
+        where they land (no gather): a row whose neuron was not asked for gets weight 0."""
         runs = self._plan_reads(ids)
-        if runs is None:  # scattered over the whole layer: one sequential read, rows picked from it
+        if runs is None:  # scattered over the whole layer: one sequential read
             self.reader.read(self.name, out=self.staging)
             self.bytes_read += self.staging.numel() * self.elem
             self.requests_total += 1
-            return self.staging[torch.from_numpy(ids)]
-        span = sum(end - first for first, end in runs)  # bundles read, gaps included
-        rows = self.staging[:span]  # [span, P]
+            return self.staging, np.arange(self.intermediate)
+        neurons = np.concatenate([np.arange(first, end) for first, end in runs])  # [n] row -> neuron
+        rows = self.staging[:len(neurons)]  # [n, P]
         self.reader.read_ranges(self.name, [(first * self.row_bytes, end * self.row_bytes) for first, end in runs],
                                 out=rows.view(-1).view(torch.uint8))
-        self.bytes_read += span * self.row_bytes
+        self.bytes_read += len(neurons) * self.row_bytes
         self.requests_total += len(runs)
-        if span == len(ids):
-            return rows
-        starts = np.cumsum([0] + [end - first for first, end in runs[:-1]])  # row of each run's first bundle
-        run_of = np.searchsorted(np.asarray([f for f, _ in runs]), ids, side="right") - 1
-        return rows[torch.from_numpy(starts[run_of] + ids - np.asarray([f for f, _ in runs])[run_of])]
+        return rows, neurons
 
     def _admit(self, ids: np.ndarray, rows: torch.Tensor) -> None:
         """Cache the bundles just read, in the slots idle longest (those outside the window first);
@@ -186,6 +200,17 @@ class FlashMLP(nn.Module):
         self.slot_of[take] = free
         self.neuron_in[free] = take
         self.last_used[free] = self.step
+
+    def preload(self) -> None:
+        """Fill the cache with the bundles most often active on the calibration text (stored first):
+        the first decode steps then read only what the calibration did not predict."""
+        n = len(self.cache)
+        if n:
+            self.reader.read_ranges(self.name, [(0, n * self.row_bytes)], out=self.cache.view(-1).view(torch.uint8))
+            self.bytes_read += n * self.row_bytes
+            self.slot_of[:n] = np.arange(n)
+            self.neuron_in[:] = np.arange(n)
+            self.last_used[:] = 0
 
     def _expire(self) -> None:
         """Forget bundles no token of the last ``window`` steps used (the sliding window)."""
@@ -220,12 +245,16 @@ class FlashMLP(nn.Module):
         missing = ids[~hit]
         if len(missing):
             before = self.bytes_read
-            rows = self._read(missing)  # [m, P]
+            rows, neurons = self._read(missing)  # [n, P], [n]
             self.decode_bytes += self.bytes_read - before
             self.reads_total += len(missing)
-            idx = torch.from_numpy(missing)
-            out += torch.matmul(coef[..., idx] * F.linear(x, rows[:, :H]), rows[:, H:2 * H])  # [B, 1, H]
-            self._admit(missing, rows)
+            wanted = np.zeros(self.intermediate, bool)
+            wanted[missing] = True
+            asked = wanted[neurons]  # [n] rows of missing neurons (the others: read-through gaps)
+            row_coef = coef[..., torch.from_numpy(neurons)] * torch.from_numpy(asked)  # [B, 1, n]
+            out += torch.matmul(row_coef * F.linear(x, rows[:, :H]), rows[:, H:2 * H])  # [B, 1, H]
+            if self.config.window is not None:  # sliding window: what was read joins the cache
+                self._admit(missing, rows[torch.from_numpy(np.flatnonzero(asked))])
         return out
 
     def nbytes(self) -> int:
@@ -297,16 +326,19 @@ def enable_flash(llm, disk_dir: str | Path, config: FlashConfig, calibration_ids
         if meta is not None and meta.get("fingerprint") != fingerprint:
             meta = None
     if meta is None:
-        thresholds = calibrate_thresholds(model, calibration_ids, config.sparsity, llm.backend)
-        write_bundles(path, model, thresholds, fingerprint)
+        thresholds, orders = calibrate(model, calibration_ids, config.sparsity, llm.backend)
+        write_bundles(path, model, thresholds, orders, fingerprint)
         meta, _ = read_header(path)
     reader = StoreReader(path, device="cpu", reader_threads=config.reader_threads)
     inter, H = llm.args.intermediate_size, llm.args.hidden_size
-    staging = torch.empty(inter, meta["bundle_elems"], dtype=model.dtype)  # [I, P] one layer's bundles
+    staging = aligned_empty((inter, meta["bundle_elems"]), model.dtype)  # [I, P] one layer's bundles
     for i, layer in enumerate(model.layers):
-        gate = layer.mlp.w_gate_up[:inter].detach().clone()  # [I, H]
+        # Neurons are numbered in stored order (most often active first); the FFN's output is a sum
+        # over neurons, so renumbering them changes nothing.
+        gate = layer.mlp.w_gate_up[:inter][torch.tensor(meta["orders"][i])].clone()  # [I, H]
         layer.mlp = FlashMLP(gate, reader, i, meta["thresholds"][i], H, config, meta["bundle_elems"],
                              sizing["cache_bundles"], staging)
+        layer.mlp.preload()
     from .budget import release_freed_memory
 
     release_freed_memory()  # the resident up/down projections just dropped

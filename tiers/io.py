@@ -15,6 +15,7 @@ from __future__ import annotations
 import mmap
 import os
 import threading
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import torch
 
 from offload.errors import OffloadError
 
-from .store import ALIGN, SECTOR, CorruptStoreError, TensorEntry, align_up, crc32, read_header, weighted_sum32
+from .store import ALIGN, SECTOR, CorruptStoreError, TensorEntry, align_up, read_header, weighted_sum32
 
 
 def kvikio_available() -> bool:
@@ -69,6 +70,33 @@ class AlignedBuffer:
     @property
     def capacity(self) -> int:
         return 0 if self._map is None else len(self._map)
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A page-aligned host tensor (anonymous mmap): O_DIRECT reads can land in it with no copy."""
+    nbytes = int(np.prod(shape)) * (torch.finfo(dtype).bits if dtype.is_floating_point else
+                                    torch.iinfo(dtype).bits) // 8
+    buf = np.frombuffer(mmap.mmap(-1, align_up(max(nbytes, 1))), np.uint8)  # the tensor keeps it alive
+    return torch.frombuffer(buf, dtype=torch.uint8)[:nbytes].view(dtype).view(shape)
+
+
+def _direct_target(out: torch.Tensor | None, align: int) -> np.ndarray | None:
+    """``out`` as a uint8 numpy view when an O_DIRECT read can land in it (CPU, contiguous, aligned)."""
+    if out is None or out.device.type != "cpu" or not out.is_contiguous() or out.data_ptr() % align:
+        return None
+    return out.view(-1).view(torch.uint8).numpy()
+
+
+def _first_bad_extent(e: TensorEntry, data: np.ndarray, start: int, end: int) -> int | None:
+    """The first extent of tensor bytes [start, end) (``start`` on an extent boundary; held in
+    ``data`` from its first byte) whose CRC-32 does not match, or None. A bundle store has a
+    thousand small extents per layer: the loop keeps its per-extent cost to one zlib call."""
+    view, extent, crcs = memoryview(data)[:min(end, e.nbytes) - start], e.extent, e.crcs
+    first = start // extent
+    for k, lo in enumerate(range(0, len(view), extent)):  # the last slice stops at the tensor's end
+        if zlib.crc32(view[lo:lo + extent]) != crcs[first + k]:
+            return first + k
+    return None
 
 
 class StoreReader:
@@ -178,30 +206,41 @@ class StoreReader:
         end = e.nbytes if end is None else end
         if start % e.extent or not 0 <= start <= end <= e.nbytes:
             raise OffloadError(f"read of '{name}' bytes [{start}, {end}) is not extent-aligned (extent {e.extent})")
-        ranges = e.extent_ranges(start, end)
-        span_end = ranges[-1][2] if ranges else start
+        span_end = min(-(-end // e.extent) * e.extent, e.nbytes) if end > start else start  # whole extents
         if self.backend == "kvikio":
-            return self._read_kvikio(e, ranges, start, span_end)[:end - start]
+            return self._read_kvikio(e, e.extent_ranges(start, end), start, span_end)[:end - start]
+        target = _direct_target(out, self.align) if self.mode == "O_DIRECT" else None
+        if target is not None and span_end == end and (e.offset + start) % self.align == 0 \
+                and (end - start) % self.align == 0:  # straight into the caller's aligned buffer
+            got = os.preadv(self._fd, [memoryview(target)], e.offset + start)
+            if got < end - start:
+                raise CorruptStoreError(f"{self.path}: short read at byte {e.offset + start} (the file is truncated)")
+            self.bytes_read += end - start
+            self._verify(e, target, start, end)
+            return out
         with self._lock:
             data = self._pread(e.offset + start, span_end - start)  # [span] uint8 view of the buffer
-            for i, lo, hi in ranges:
-                if crc32(data[lo - start:hi - start]) != e.crcs[i]:
-                    raise CorruptStoreError(
-                        f"{self.path}: checksum mismatch in tensor '{name}' extent {i} (bytes {lo}..{hi}): "
-                        "the store is corrupt; rebuild it from the source weights")
+            self._verify(e, data, start, span_end)
             if out is None:
                 out = torch.empty(end - start, dtype=torch.uint8, device=self.device)  # [nbytes]
             out.copy_(torch.from_numpy(data[:end - start]))
         return out
+
+    def _verify(self, e: TensorEntry, data: np.ndarray, start: int, end: int) -> None:
+        """Check the extents covering tensor bytes [start, end), held in ``data`` from its first byte."""
+        bad = _first_bad_extent(e, data, start, end)
+        if bad is not None:
+            raise CorruptStoreError(f"{self.path}: checksum mismatch in tensor '{e.name}' extent {bad}: the store "
+                                    "is corrupt; rebuild it from the source weights")
 
     def read_ranges(self, name: str, ranges: list[tuple[int, int]], out: torch.Tensor) -> torch.Tensor:
         """Byte ranges [(start, end), ...] of tensor ``name``, each starting on an extent boundary,
         verified and packed in order into ``out`` (uint8 on the CPU, their total length).
 
         Scattered reads (flash bundles) are bound by each request's latency, not by bandwidth, so
-        the ranges are issued together by the reader threads (several requests in flight), each
-        into its own aligned slice of one reusable buffer; ``zlib.crc32`` and ``preadv`` release the
-        GIL, so verification overlaps too."""
+        the ranges are issued together by the reader threads (several requests in flight, ``preadv``
+        releases the GIL), each into its own aligned slice of one reusable buffer, or straight into
+        ``out`` when it is aligned (:func:`aligned_empty`) and the ranges are whole blocks."""
         e = self.entry(name)
         for start, end in ranges:
             if start % e.extent or not 0 <= start < end <= e.nbytes:
@@ -216,37 +255,40 @@ class StoreReader:
         skips = [(e.offset + start) % a for start, _ in ranges]  # bytes before each range in its first block
         spans = [align_up(e.offset + end, a) - (e.offset + start - skip) for (start, end), skip in zip(ranges, skips)]
         at = np.concatenate([[0], np.cumsum(spans)]).tolist()  # where each request lands in the buffer
+        target = _direct_target(out, a) if self.mode == "O_DIRECT" else None
+        if target is not None and not any(skips) and all(end - start == span for (start, end), span in
+                                                          zip(ranges, spans)):
+            self._read_spans(e, ranges, skips, spans, at, target)  # whole blocks: straight into ``out``
+            return out
         with self._lock:
             buf = self._buffer.reserve(at[-1])
-
-            def one(k: int) -> str | None:
-                (start, end), skip = ranges[k], skips[k]
-                view = buf[at[k]:at[k] + spans[k]]
-                got = os.preadv(self._fd, [memoryview(view)], e.offset + start - skip)
-                if got < skip + end - start:
-                    return f"short read at byte {e.offset + start} (the file is truncated)"
-                for i, lo, hi in e.extent_ranges(start, end):
-                    if crc32(view[skip + lo - start:skip + hi - start]) != e.crcs[i]:
-                        return f"checksum mismatch in tensor '{name}' extent {i} (bytes {lo}..{hi})"
-                return None
-
-            problems = list(self._readers.map(one, range(len(ranges)))) if self._readers is not None else \
-                [one(k) for k in range(len(ranges))]
-            bad = next((p for p in problems if p), None)
-            if bad:
-                raise CorruptStoreError(f"{self.path}: {bad}: the store is corrupt; rebuild it from the source weights")
-            if self.mode == "buffered" and hasattr(os, "posix_fadvise"):
-                for (start, _), skip, span in zip(ranges, skips, spans):
-                    os.posix_fadvise(self._fd, e.offset + start - skip, span, os.POSIX_FADV_DONTNEED)
-            self.bytes_read += at[-1]
-            if not any(skips) and all(end - start == span for (start, end), span in zip(ranges, spans)):
-                out.copy_(torch.from_numpy(buf[:at[-1]]))  # block-aligned ranges: the buffer is already packed
-            else:
-                pos = 0
-                for k, (start, end) in enumerate(ranges):
-                    out[pos:pos + end - start].copy_(torch.from_numpy(buf[at[k] + skips[k]:at[k] + skips[k] + end - start]))
-                    pos += end - start
+            self._read_spans(e, ranges, skips, spans, at, buf)
+            pos = 0
+            for k, (start, end) in enumerate(ranges):
+                out[pos:pos + end - start].copy_(torch.from_numpy(buf[at[k] + skips[k]:at[k] + skips[k] + end - start]))
+                pos += end - start
         return out
+
+    def _read_spans(self, e: TensorEntry, ranges, skips, spans, at, buf: np.ndarray) -> None:
+        """Issue the aligned requests of ``read_ranges`` (in flight together) into ``buf`` and verify them."""
+        def one(k: int) -> str | None:
+            (start, end), skip = ranges[k], skips[k]
+            view = buf[at[k]:at[k] + spans[k]]
+            got = os.preadv(self._fd, [memoryview(view)], e.offset + start - skip)
+            if got < skip + end - start:
+                return f"short read at byte {e.offset + start} (the file is truncated)"
+            bad = _first_bad_extent(e, view[skip:], start, end)
+            return None if bad is None else f"checksum mismatch in tensor '{e.name}' extent {bad}"
+
+        problems = list(self._readers.map(one, range(len(ranges)))) if self._readers is not None else \
+            [one(k) for k in range(len(ranges))]
+        bad = next((p for p in problems if p), None)
+        if bad:
+            raise CorruptStoreError(f"{self.path}: {bad}: the store is corrupt; rebuild it from the source weights")
+        if self.mode == "buffered" and hasattr(os, "posix_fadvise"):
+            for (start, _), skip, span in zip(ranges, skips, spans):
+                os.posix_fadvise(self._fd, e.offset + start - skip, span, os.POSIX_FADV_DONTNEED)
+        self.bytes_read += at[-1]
 
     def _read_kvikio(self, e: TensorEntry, ranges, start: int, span_end: int) -> torch.Tensor:
         length = align_up(span_end - start, 4)
