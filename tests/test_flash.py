@@ -191,3 +191,18 @@ def test_cli_generate_with_flash_prints_what_it_read(tiny, tmp_path, capsys):
     assert "flash:" in err and "MiB read per token" in err
     assert main(["generate", "hi", "--model", str(folder), "--flash-window", "4"]) == 2
     assert "--flash-window and --flash-calibration need --flash-sparsity" in capsys.readouterr().err
+
+
+def test_store_is_reused_only_for_the_same_calibration(tiny, tmp_path):
+    """The bundle store (thresholds and order inside) is reused for the same weights and calibration
+    text, and rebuilt when the calibration text changes: thresholds always match their text."""
+    folder, hf = tiny
+    config = FlashConfig(sparsity=0.5)
+    first = LLM(folder, disk_dir=tmp_path / "store", flash=config, flash_calibration=_ids(hf, 64, 1))
+    store = Path(first.flash_info["store"])
+    written = store.stat().st_mtime_ns
+    again = LLM(folder, disk_dir=tmp_path / "store", flash=config, flash_calibration=_ids(hf, 64, 1))
+    assert store.stat().st_mtime_ns == written and again.flash_info["thresholds"] == first.flash_info["thresholds"]
+    other = LLM(folder, disk_dir=tmp_path / "store", flash=config, flash_calibration=_ids(hf, 64, 9))
+    assert other.flash_info["thresholds"] != first.flash_info["thresholds"]
+    assert read_header(store)[0]["thresholds"] == other.flash_info["thresholds"]

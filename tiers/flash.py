@@ -24,6 +24,7 @@ the model is untouched.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,14 +107,16 @@ def bundle_store_path(disk_dir: Path, stem: str, fingerprint: str, dtype: torch.
     return Path(disk_dir) / f"{stem}-{fingerprint[:12]}-{str(dtype).removeprefix('torch.')}-s{sparsity:g}.ffn"
 
 
-def write_bundles(path: Path, model, thresholds: list[float], orders: list[list[int]], fingerprint: str) -> None:
+def write_bundles(path: Path, model, thresholds: list[float], orders: list[list[int]], fingerprint: str,
+                  calibration: str) -> None:
     """One tensor per layer: [I, P] row r = up row j ++ down column j of neuron j = order[r], zero
     padded to whole sectors."""
     a = model.args
     H, inter = a.hidden_size, a.intermediate_size
     elem = torch.finfo(model.dtype).bits // 8
     padded = bundle_elems_for(H, model.dtype)
-    meta = {"fingerprint": fingerprint, "dtype": str(model.dtype), "thresholds": thresholds, "orders": orders,
+    meta = {"fingerprint": fingerprint, "calibration": calibration, "dtype": str(model.dtype),
+            "thresholds": thresholds, "orders": orders,
             "bundle_elems": padded, "layers": len(model.layers)}
     with StoreWriter(path, metadata=meta) as w:
         for i, layer in enumerate(model.layers):
@@ -316,6 +319,7 @@ def enable_flash(llm, disk_dir: str | Path, config: FlashConfig, calibration_ids
                            "(gpu_memory=..., cpu_memory=..., disk_dir=...) instead")
     sizing = size_cache(llm.args, model.dtype, cpu_budget, context or llm.args.max_position_embeddings, config)
     fingerprint = model_fingerprint(llm.args, llm.path)
+    calibration = hashlib.sha256(np.asarray(calibration_ids, np.int64).tobytes()).hexdigest()[:16]
     path = bundle_store_path(Path(disk_dir), llm.path.stem, fingerprint, model.dtype, config.sparsity)
     meta = None
     if path.is_file():
@@ -323,11 +327,13 @@ def enable_flash(llm, disk_dir: str | Path, config: FlashConfig, calibration_ids
             meta, _ = read_header(path)
         except OffloadError:
             meta = None
-        if meta is not None and meta.get("fingerprint") != fingerprint:
+        # Reused only for the same weights calibrated on the same text, in this version's layout.
+        if meta is not None and (meta.get("fingerprint"), meta.get("calibration"), "orders" in meta) != (
+                fingerprint, calibration, True):
             meta = None
     if meta is None:
         thresholds, orders = calibrate(model, calibration_ids, config.sparsity, llm.backend)
-        write_bundles(path, model, thresholds, orders, fingerprint)
+        write_bundles(path, model, thresholds, orders, fingerprint, calibration)
         meta, _ = read_header(path)
     reader = StoreReader(path, device="cpu", reader_threads=config.reader_threads)
     inter, H = llm.args.intermediate_size, llm.args.hidden_size
