@@ -94,9 +94,11 @@ class QuestIndex(KVIndex):
             return self.empty(q.device)
         ps = self.page_size
         first, last = lo // ps, (hi - 1) // ps + 1  # pages overlapping the candidates
-        qg = q.float().view(self.num_kv_heads, self.group, 1, -1)  # [Hkv, G, 1, D]
-        bound = torch.maximum(qg * self.page_min[:, None, first:last], qg * self.page_max[:, None, first:last])
-        page_score = bound.sum(-1).amax(dim=1)  # [Hkv, pages]
+        qg = q.float().view(self.num_kv_heads, self.group, -1)  # [Hkv, G, D]
+        # sum_d max(q_d min_d, q_d max_d) = max . q+ + min . q-: two matrix products, no [Hkv, G, P, D] temporaries
+        bound = torch.matmul(self.page_max[:, first:last], qg.clamp(min=0).transpose(1, 2)) + \
+            torch.matmul(self.page_min[:, first:last], qg.clamp(max=0).transpose(1, 2))  # [Hkv, pages, G]
+        page_score = bound.amax(dim=-1)  # [Hkv, pages]
         n_pages = min(page_score.shape[-1], max(1, -(-budget // ps)))
         pages = torch.topk(page_score, n_pages, dim=-1).indices + first  # [Hkv, n_pages]
         ids = (pages[..., None] * ps + torch.arange(ps, device=q.device)).flatten(1)  # [Hkv, n_pages * ps]

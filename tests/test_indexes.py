@@ -77,6 +77,8 @@ def test_quest_page_bound_is_an_upper_bound():
     sel = idx.search(q, 32)
     assert torch.all(sel.counts == 32)
     assert torch.all(sel.ids[:, :32].diff(dim=-1) > 0)  # sorted, distinct
+    best = torch.topk(bound.amax(1), 2, dim=-1).indices.sort(dim=-1).values  # [Hkv, 2] pages of the top bounds
+    assert torch.equal(sel.ids[:, :32:idx.page_size].long() // idx.page_size, best)  # the search picks exactly them
 
 
 def test_extend_keeps_quest_pages_current():
