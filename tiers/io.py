@@ -180,8 +180,14 @@ class StoreReader:
         start = offset - offset % self.align
         length = align_up(offset + nbytes, self.align) - start
         buf = self._buffer.reserve(length)[:length]
+        self._pread_into(buf, start)
+        return buf[offset - start:offset - start + nbytes]
+
+    def _pread_into(self, buf: np.ndarray, start: int) -> None:
+        """Fill the aligned ``buf`` from file byte ``start`` (aligned), in ``read_block`` requests
+        issued by the reader threads when tuned so (they land in disjoint slices; preadv releases the GIL)."""
+        length = len(buf)
         if self._readers is not None and self.read_block and length > self.read_block:
-            # Blocks land in disjoint, aligned slices of one buffer; preadv releases the GIL.
             spans = [(lo, min(lo + self.read_block, length)) for lo in range(0, length, self.read_block)]
             got = sum(self._readers.map(lambda s: os.preadv(self._fd, [memoryview(buf[s[0]:s[1]])], start + s[0]),
                                         spans))
@@ -195,7 +201,6 @@ class StoreReader:
         if self.mode == "buffered" and hasattr(os, "posix_fadvise"):
             os.posix_fadvise(self._fd, start, length, os.POSIX_FADV_DONTNEED)
         self.bytes_read += length
-        return buf[offset - start:offset - start + nbytes]
 
     def read_bytes(self, name: str, start: int = 0, end: int | None = None,
                    out: torch.Tensor | None = None) -> torch.Tensor:
@@ -212,10 +217,7 @@ class StoreReader:
         target = _direct_target(out, self.align) if self.mode == "O_DIRECT" else None
         if target is not None and span_end == end and (e.offset + start) % self.align == 0 \
                 and (end - start) % self.align == 0:  # straight into the caller's aligned buffer
-            got = os.preadv(self._fd, [memoryview(target)], e.offset + start)
-            if got < end - start:
-                raise CorruptStoreError(f"{self.path}: short read at byte {e.offset + start} (the file is truncated)")
-            self.bytes_read += end - start
+            self._pread_into(target, e.offset + start)
             self._verify(e, target, start, end)
             return out
         with self._lock:
