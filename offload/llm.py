@@ -46,6 +46,9 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return _DTYPES[dtype]
 
 
+MIN_FLASH_CALIBRATION = 128  # fewer calibration tokens than this: thresholds are a guess, say so
+
+
 class LLM:
     """Loads a model (Hugging Face folder, GGUF file, or the default SmolLM2) and generates text.
 
@@ -190,6 +193,10 @@ class LLM:
             raise OffloadError("flash FFN windowing calibrates its activation thresholds on real text: give "
                                "flash_calibration='...' (a few hundred tokens of text like your prompts)")
         ids = self.tokenizer.encode(calibration) if isinstance(calibration, str) else list(calibration)
+        if len(ids) < MIN_FLASH_CALIBRATION:
+            print(f"offload: flash thresholds calibrated on only {len(ids)} tokens: the sparsity they give on other "
+                  f"text is uncertain; calibrate on a few hundred tokens like your prompts (flash_calibration=..., "
+                  f"--flash-calibration FILE)", file=sys.stderr)
         budget = None if cpu_memory is None else resolve_budget(cpu_memory, "cpu_memory", free_host_memory)
         self.flash_info = enable_flash(self, disk_dir, config, ids[:config.calibration_tokens], cpu_budget=budget,
                                        context=max_context)

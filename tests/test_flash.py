@@ -182,13 +182,14 @@ def test_cli_generate_with_flash_prints_what_it_read(tiny, tmp_path, capsys):
     from offload.cli import main
 
     folder, hf = tiny
-    prompt = "the quick brown fox jumps over the lazy dog " * 4
+    prompt = "the quick brown fox jumps over the lazy dog " * 2
     assert main(["generate", prompt, "--model", str(folder), "-n", "6", "--ignore-eos", "--stats", "--quiet",
                  "--flash-sparsity", "0.25", "--disk-dir", str(tmp_path / "store")]) == 0
     out, err = capsys.readouterr()
     llm = LLM(folder, disk_dir=tmp_path / "store", flash=FlashConfig(sparsity=0.25), flash_calibration=prompt)
     assert out.strip() == llm.generate([prompt], SamplingParams(max_new_tokens=6, ignore_eos=True))[0].text.strip()
     assert "flash:" in err and "MiB read per token" in err
+    assert "calibrated on only" in err  # the prompt is short: the user is told to give more text
     assert main(["generate", "hi", "--model", str(folder), "--flash-window", "4"]) == 2
     assert "--flash-window and --flash-calibration need --flash-sparsity" in capsys.readouterr().err
 
