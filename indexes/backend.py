@@ -9,6 +9,7 @@ torch reference on CPU) attends to exactly those. The first ``dense_layers`` lay
 from __future__ import annotations
 
 import torch
+from tqdm import tqdm
 
 from offload.attention import DenseAttention, ForwardBatch, KVCache, attend
 from offload.config import ModelArgs
@@ -22,6 +23,7 @@ from .telemetry import Telemetry
 # Query-aware indexes learn from the prompt's queries; every QUERY_STRIDE-th position is kept
 # (neighbouring queries are near-duplicates), which bounds the memory they take during prefill.
 QUERY_STRIDE = 4
+PROGRESS_FROM_TOKENS = 16384  # index builds over prompts this long show a progress bar
 
 
 class _Staging:
@@ -56,6 +58,7 @@ class SparseAttention(DenseAttention):
                  config: SelectionConfig, telemetry: bool = False, kernel_backend: str = "auto",
                  sentence_end_ids: frozenset[int] = frozenset(), kv_offload: bool = False):
         super().__init__(args, device, dtype)
+        self.device = torch.device(device)  # where attention computes (index builds use it too)
         # kv_offload: the sparse layers' KV lives in host memory (pinned on a GPU), where the CPU-side
         # indexes search it; each step only the sinks, the window and the selection cross to the
         # device. The dense layers' KV stays on the device. Prefill fetches a layer's prefix per chunk.
@@ -106,7 +109,10 @@ class SparseAttention(DenseAttention):
     def build_indexes(self, row: int, n: int) -> None:
         """Build every sparse layer's index of cache row ``row`` over its first n tokens (once)."""
         a = self.args
-        for layer in range(self.config.dense_layers, a.num_layers):
+        layers = [layer for layer in range(self.config.dense_layers, a.num_layers) if (row, layer) not in self.indexes]
+        # a long prompt's index takes minutes on a CPU: show it
+        for layer in tqdm(layers, desc=f"{self.policy} index over {n:,} tokens ({self.device.type})", unit="layer",
+                          disable=n < PROGRESS_FROM_TOKENS or not layers, leave=False):
             if (row, layer) not in self.indexes:
                 idx = self._new_index(row)
                 chunks = self.prefill_queries.pop((row, layer), None)
@@ -120,6 +126,7 @@ class SparseAttention(DenseAttention):
         a = self.args
         idx = make_index(self.policy, a.num_heads, a.num_kv_heads, a.head_dim, a.softmax_scale, self.config)
         idx.rope = self.rope
+        idx.build_device = self.device
         if self.keep_tokens:
             idx.token_ids, idx.sentence_end_ids = self.row_tokens[row], self.sentence_end_ids
         return idx
@@ -223,4 +230,6 @@ class SparseAttention(DenseAttention):
         budget = f"{c.budget:.1%} of context" if c.budget < 1 else f"{int(c.budget)} tokens"
         return (f"kv_policy {self.policy}: {budget} + {c.sink} sinks + {c.window} recent, "
                 f"layers 0..{c.dense_layers - 1} dense"
-                + (", sparse layers' KV in host memory" if self.kv_offload else ""))
+                + (", sparse layers' KV in host memory" if self.kv_offload else "")
+                + (f", index build's query-key products on {self.device.type}"
+                   if policy_class(self.policy).uses_prefill_queries else ""))

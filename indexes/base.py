@@ -73,6 +73,9 @@ class KVIndex(ABC):
         self.keys: torch.Tensor | None = None  # [Hkv, N, D] view of the layer's cache row
         self.n = 0
         self.rope: tuple[torch.Tensor, float] | None = None  # (inv_freq [D/2], scaling), set by the backend
+        # Where a build's bulk arithmetic runs (the backend sets its compute device: the GPU, when
+        # the KV and the search live on the host); None: where the keys are.
+        self.build_device: torch.device | None = None
 
     def build(self, keys: torch.Tensor, n: int, queries: torch.Tensor | None = None) -> None:
         """keys [Hkv, N, D]: the cache storage (post-RoPE), of which the first n are the prompt."""

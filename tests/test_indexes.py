@@ -242,3 +242,16 @@ def test_sentence_index_selects_whole_sentences():
     assert idx.starts[:idx.num_sentences].tolist() == starts + [62]
     assert idx.lengths[5].item() == 6
     assert torch.allclose(idx.sums[:, 5] / 6, keys[:, 56:62].mean(dim=1), atol=1e-6)
+
+
+def test_query_key_topk_in_blocks_equals_brute_force(monkeypatch):
+    """The build's exact top-k is computed in bounded blocks (on the backend's device): any block
+    size gives the brute-force answer."""
+    import offload.indexes.retrieval as retrieval
+
+    torch.manual_seed(3)
+    q, k = torch.randn(700, 32, dtype=torch.bfloat16), torch.randn(500, 32, dtype=torch.bfloat16)
+    ref = torch.topk(q.float() @ k.float().T, 16, dim=-1).indices  # [700, 16]
+    for block_bytes in (64 * 500 * 4, 200 * 500 * 4, 1 << 30):  # 64 (the floor), 200, all queries per block
+        monkeypatch.setattr(retrieval, "SCORE_BLOCK_BYTES", block_bytes)
+        assert torch.equal(retrieval.query_key_topk(q, k, 16, torch.device("cpu")), ref)

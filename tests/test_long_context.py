@@ -108,6 +108,8 @@ def test_kv_in_the_host_tier_gives_the_same_tokens(tiny_models, policy):
     base = LLM(folder, **kw)
     moved = LLM(folder, kv_offload=True, **kw)
     assert moved.backend.kv_offload and "KV in host memory" in moved.describe()
+    # where a query-aware build computes is shown (the GPU when the model runs on one)
+    assert ("index build's query-key products on cpu" in moved.describe()) == (policy == "retrieval")
     assert moved.generate([ids], params)[0].token_ids == base.generate([ids], params)[0].token_ids
     if policy != "shadowkv":  # ShadowKV attends itself; the others go through the fetch
         assert moved.backend.bytes_fetched > 0
