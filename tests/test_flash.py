@@ -207,3 +207,42 @@ def test_store_is_reused_only_for_the_same_calibration(tiny, tmp_path):
     other = LLM(folder, disk_dir=tmp_path / "store", flash=config, flash_calibration=_ids(hf, 64, 9))
     assert other.flash_info["thresholds"] != first.flash_info["thresholds"]
     assert read_header(store)[0]["thresholds"] == other.flash_info["thresholds"]
+
+
+FLASH_SCRIPT = r"""
+import json, sys
+from offload.tiers.budget import MemorySampler, rss_anon, release_freed_memory
+release_freed_memory()
+from offload import LLM, SamplingParams
+from offload.tiers.flash import FlashConfig, flash_stats
+from offload.profiles.bench_generate import _real_text_ids
+budget, disk = int(sys.argv[1]), sys.argv[2]
+calibration = _real_text_ids(LLM(max_context=256, verbose=False).tokenizer, 256)
+release_freed_memory()
+base = rss_anon()
+llm = LLM(max_context=256, cpu_memory=budget, disk_dir=disk, flash=FlashConfig(sparsity=0.25),
+          flash_calibration=calibration, verbose=False)
+with MemorySampler() as gen:
+    out = llm.generate(["The capital of France is"], SamplingParams(max_new_tokens=8, ignore_eos=True))
+print(json.dumps({"text": llm.tokenizer.decode(out[0].token_ids), "gen_peak": gen.peak - base,
+                  "accounted": llm.flash_info["resident_bytes"], "cache": llm.flash_info["cache_fraction"],
+                  "read": flash_stats(llm)["decode_bytes_per_step"]}))
+"""
+
+
+def test_flash_on_the_default_model_stays_under_its_budget(smollm_path, tmp_path):
+    """Default model, fp32, cpu_memory 450 MiB (88% of the weights; flash needs 400 MiB resident):
+    while generating, the process's private memory beyond what it held before loading stays under
+    the budget, the bundle cache takes the rest of it, and the answer is still right."""
+    import json
+    import subprocess
+    import sys
+
+    budget = 450 << 20
+    out = subprocess.run([sys.executable, "-c", FLASH_SCRIPT, str(budget), str(tmp_path)], capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["gen_peak"] <= budget, r
+    assert budget - (4 << 20) <= r["accounted"] <= budget and 0.15 < r["cache"] < 0.3, r
+    assert r["read"] > 0 and "Paris" in r["text"], r
