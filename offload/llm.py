@@ -82,7 +82,13 @@ class LLM:
         if flash is not None and self.device.type != "cpu":
             raise OffloadError("flash FFN windowing is the CPU-only (edge) mode; on a GPU, stream whole layers "
                                "(gpu_memory=..., cpu_memory=..., disk_dir=...) instead, or pass device='cpu'")
-        if flash is None and (gpu_memory is not None or cpu_memory is not None or disk_dir is not None):
+        if flash is not None and cpu_memory is not None:
+            self._check_flash_budget(model, load_format, flash, cpu_memory, max_context)  # before loading anything
+        if (gpu_memory is not None or cpu_memory is not None or disk_dir is not None) and (
+                flash is None or cpu_memory is not None):
+            # with flash, a budget below the weights loads as edge mode first (layers streamed from
+            # disk, never the whole model in memory); enabling flash then makes every layer resident
+            # but for its FFN bundles
             from .tiers.runtime import load_offloaded
 
             loaded = load_offloaded(model, self.device, self.dtype, context=max_context, kv_policy=kv_policy,
@@ -180,6 +186,16 @@ class LLM:
         longest = max(args.max_position_embeddings, max_context or 0)
         self.model.args = args.replace(rope_scaling=scaling, max_position_embeddings=longest)
         self.model.rope = RotaryEmbedding(self.model.args, self.device)
+
+    def _check_flash_budget(self, model, load_format: str, config, cpu_memory, max_context: int | None) -> None:
+        """A budget too small for flash fails before the model is read (naming the smallest that works)."""
+        from .loaders import read_model_args
+        from .tiers.budget import free_host_memory, resolve_budget
+        from .tiers.flash import size_cache
+
+        args, _ = read_model_args(model, load_format)
+        size_cache(args, self.dtype, resolve_budget(cpu_memory, "cpu_memory", free_host_memory),
+                   max_context or args.max_position_embeddings, config)
 
     def _enable_flash(self, config, disk_dir, calibration, cpu_memory, max_context) -> None:
         """Up/down projections to flash bundles; under ``cpu_memory`` the bundle cache takes what

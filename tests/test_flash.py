@@ -246,3 +246,33 @@ def test_flash_on_the_default_model_stays_under_its_budget(smollm_path, tmp_path
     assert r["gen_peak"] <= budget, r
     assert budget - (4 << 20) <= r["accounted"] <= budget and 0.15 < r["cache"] < 0.3, r
     assert r["read"] > 0 and "Paris" in r["text"], r
+
+
+def test_a_budget_below_the_weights_streams_while_loading_then_runs_resident(tmp_path, monkeypatch):
+    """cpu_memory below the weights: the model loads with layers streamed from disk (never whole in
+    memory), is calibrated as it streams, and comes out resident but for its bundles, computing
+    exactly what the flash model loaded whole computes."""
+    import offload.tiers.planner as planner_mod
+    from offload.tiers.flash import size_cache
+
+    from conftest import make_tiny_model
+
+    monkeypatch.setattr(planner_mod, "RUNTIME_RESERVE", 0)
+    folder = tmp_path / "wide"  # an FFN-heavy model, as real ones are: its up/down are most of the weights
+    hf = make_tiny_model(folder, "llama", seed=6, num_hidden_layers=6, intermediate_size=1024)
+    calib, ids = _ids(hf, 64, 1), _ids(hf, 24, 2)
+    config = FlashConfig(sparsity=0.5, cache_fraction=0.25)
+    whole = LLM(folder, disk_dir=tmp_path / "a", flash=config, flash_calibration=calib, max_context=64)
+    need = size_cache(whole.args, torch.float32, None, 64, config)["resident_bytes"]
+    budget = need + 1024
+    assert budget < whole.args.param_count() * 4  # below the weights: the load has to stream
+    streamed = LLM(folder, disk_dir=tmp_path / "b", flash=config, flash_calibration=calib, max_context=64,
+                   cpu_memory=budget, verbose=False)
+    assert streamed.streamer is None and not streamed.model.offloaded and streamed.placement is None
+    assert streamed.flash_info["loaded_streaming"] > 0  # layers came from the layer store
+    assert streamed.flash_info["thresholds"] == whole.flash_info["thresholds"]
+    assert torch.allclose(streamed.logits(ids), whole.logits(ids), atol=1e-5)
+    from offload import SamplingParams
+
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    assert streamed.generate([ids], params)[0].token_ids == whole.generate([ids], params)[0].token_ids

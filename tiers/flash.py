@@ -71,19 +71,32 @@ class FlashConfig:
             raise OffloadError("flash read_gap must be >= 0, full_read_runs and reader_threads >= 1")
 
 
+def _computing_layers(model) -> list[nn.Module]:
+    """Every decoder layer module that runs: the resident layers and the streamer's buffers."""
+    layers = [layer for i, layer in enumerate(model.layers) if i not in model.offloaded]
+    return layers + (list(model.streamer.slots) if model.streamer is not None else [])
+
+
 @torch.inference_mode()
 def calibrate(model, token_ids: list[int], sparsity: float, backend) -> tuple[list[float], list[list[int]]]:
     """Per layer: the ``sparsity`` quantile of |silu(gate)| over the calibration tokens (the
     threshold), and the neurons ordered by how often they exceed it, most often first (the order
-    bundles are stored in, so that the often-active ones sit together at the front)."""
+    bundles are stored in, so that the often-active ones sit together at the front). Works on a
+    model whose layers stream from disk: hooks sit on the streamer's buffers too."""
     from offload.attention import ForwardBatch
 
-    samples: dict[int, torch.Tensor] = {}
+    found: dict[int, tuple[float, list[int]]] = {}
+    current = {}  # the layer index the decoder layer running now was called with
     hooks = []
-    for i, layer in enumerate(model.layers):
-        def hook(module, args, i=i):
+    for layer in _computing_layers(model):
+        hooks.append(layer.register_forward_pre_hook(lambda m, args: current.update(layer=args[1])))
+
+        def hook(module, args):
             gate = F.linear(args[0], module.w_gate_up[:module.intermediate])  # [B, T, I]
-            samples[i] = F.silu(gate.float()).abs().reshape(-1, module.intermediate)  # [T, I]
+            a = F.silu(gate.float()).abs().reshape(-1, module.intermediate)  # [T, I]
+            threshold = float(a.flatten().kthvalue(max(1, int(sparsity * a.numel()))).values) if sparsity > 0 else 0.0
+            counts = (a > threshold).sum(0)  # [I] tokens each neuron was active for
+            found[current["layer"]] = (threshold, torch.sort(counts, descending=True, stable=True).indices.tolist())
         hooks.append(layer.mlp.register_forward_pre_hook(hook))
     try:
         backend.allocate(1, len(token_ids))
@@ -92,15 +105,17 @@ def calibrate(model, token_ids: list[int], sparsity: float, backend) -> tuple[li
     finally:
         for h in hooks:
             h.remove()
-    thresholds, orders = [], []
-    for i in range(len(model.layers)):
-        a = samples[i]  # [T, I]
-        k = max(1, int(sparsity * a.numel()))
-        threshold = float(a.flatten().kthvalue(k).values) if sparsity > 0 else 0.0
-        counts = (a > threshold).sum(0)  # [I] tokens each neuron was active for
-        thresholds.append(threshold)
-        orders.append(torch.sort(counts, descending=True, stable=True).indices.tolist())
-    return thresholds, orders
+    return [found[i][0] for i in range(len(model.layers))], [found[i][1] for i in range(len(model.layers))]
+
+
+def _ffn_weights(model, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer i's w_gate_up [2I, H] and w_down [H, I]: resident, or read from the layer store."""
+    if i not in model.offloaded:
+        return model.layers[i].mlp.w_gate_up, model.layers[i].mlp.w_down
+    from .streaming import layer_tensor_name
+
+    store = model.streamer.store
+    return store.read(layer_tensor_name(i, "mlp.w_gate_up")), store.read(layer_tensor_name(i, "mlp.w_down"))
 
 
 def bundle_store_path(disk_dir: Path, stem: str, fingerprint: str, dtype: torch.dtype, sparsity: float) -> Path:
@@ -119,10 +134,11 @@ def write_bundles(path: Path, model, thresholds: list[float], orders: list[list[
             "thresholds": thresholds, "orders": orders,
             "bundle_elems": padded, "layers": len(model.layers)}
     with StoreWriter(path, metadata=meta) as w:
-        for i, layer in enumerate(model.layers):
+        for i in range(len(model.layers)):
+            w_gate_up, w_down = _ffn_weights(model, i)
             order = torch.tensor(orders[i])  # [I] stored row -> neuron
-            up = layer.mlp.w_gate_up[inter:][order]  # [I, H]
-            down = layer.mlp.w_down[:, order]  # [H, I]
+            up = w_gate_up[inter:][order]  # [I, H]
+            down = w_down[:, order]  # [H, I]
             bundles = torch.zeros(inter, padded, dtype=model.dtype)  # [I, P]
             bundles[:, :H] = up
             bundles[:, H:2 * H] = down.t()
@@ -305,15 +321,30 @@ def size_cache(args, dtype: torch.dtype, cpu_budget: int | None, context: int, c
             "resident_bytes": resident + L * bundles * bundle, "flash_bytes": L * I * bundle}
 
 
+def _resident_without_ffn(model, i: int) -> nn.Module:
+    """Streamed layer i made resident from the layer store: attention and norms read in, the
+    FFN left out (its up/down go to flash bundles, its gate comes with them)."""
+    from offload.model import DecoderLayer
+
+    from .streaming import layer_tensor_name
+
+    layer = DecoderLayer(model.args, "meta", model.dtype)
+    layer.mlp = nn.Module()  # replaced by a FlashMLP right after; no FFN storage here
+    layer.to_empty(device="cpu")
+    for name, p in layer.named_parameters():
+        model.streamer.store.read(layer_tensor_name(i, name), out=p.data)
+    return layer
+
+
 def enable_flash(llm, disk_dir: str | Path, config: FlashConfig, calibration_ids: list[int],
                  cpu_budget: int | None = None, context: int | None = None) -> dict:
     """Move every layer's up/down projections to flash bundles; keep gates resident; size the
-    bundle cache from ``cpu_budget`` (bytes) unless ``config.cache_fraction`` is given."""
+    bundle cache from ``cpu_budget`` (bytes) unless ``config.cache_fraction`` is given. A model
+    loaded with layers streamed from disk (a budget below the weights) is calibrated as it streams
+    and comes out resident but for the bundles, so loading never holds the whole model."""
     from offload.prompt_cache import model_fingerprint
 
     model = llm.model
-    if model.offloaded:
-        raise OffloadError("flash FFN windowing works on resident layers; do not combine it with layer streaming")
     if model.device.type != "cpu":
         raise OffloadError("flash FFN windowing is the CPU-only (edge) mode; on a GPU, stream whole layers "
                            "(gpu_memory=..., cpu_memory=..., disk_dir=...) instead")
@@ -338,18 +369,27 @@ def enable_flash(llm, disk_dir: str | Path, config: FlashConfig, calibration_ids
     reader = StoreReader(path, device="cpu", reader_threads=config.reader_threads)
     inter, H = llm.args.intermediate_size, llm.args.hidden_size
     staging = aligned_empty((inter, meta["bundle_elems"]), model.dtype)  # [I, P] one layer's bundles
-    for i, layer in enumerate(model.layers):
+    from .budget import release_freed_memory
+
+    # Resident layers first (dropping their up/down frees memory), then the streamed ones, which
+    # come back resident without their up/down: the budget holds throughout.
+    streamed = len(model.offloaded)
+    for i in sorted(range(len(model.layers)), key=lambda i: i in model.offloaded):
+        layer = model.layers[i] if i not in model.offloaded else _resident_without_ffn(model, i)
         # Neurons are numbered in stored order (most often active first); the FFN's output is a sum
         # over neurons, so renumbering them changes nothing.
-        gate = layer.mlp.w_gate_up[:inter][torch.tensor(meta["orders"][i])].clone()  # [I, H]
+        gate = _ffn_weights(model, i)[0][:inter][torch.tensor(meta["orders"][i])].clone()  # [I, H]
         layer.mlp = FlashMLP(gate, reader, i, meta["thresholds"][i], H, config, meta["bundle_elems"],
                              sizing["cache_bundles"], staging)
         layer.mlp.preload()
-    from .budget import release_freed_memory
-
-    release_freed_memory()  # the resident up/down projections just dropped
+        model.layers[i] = layer
+        release_freed_memory()  # the up/down projections just dropped
+    if model.streamer is not None:  # every layer is resident now (its FFN on flash): no more streaming
+        model.streamer.close()
+        model.streamer, model.offloaded = None, frozenset()
+        llm.streamer = llm.placement = None
     return {"store": str(path), "thresholds": meta["thresholds"], "reader_mode": reader.mode, "sparsity": config.sparsity,
-            "bundle_bytes": meta["bundle_elems"] * model.layers[0].mlp.elem, **sizing}
+            "bundle_bytes": meta["bundle_elems"] * model.layers[0].mlp.elem, "loaded_streaming": streamed, **sizing}
 
 
 def flash_stats(llm) -> dict:
