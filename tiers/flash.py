@@ -387,7 +387,8 @@ def enable_flash(llm, disk_dir: str | Path, config: FlashConfig, calibration_ids
     if model.streamer is not None:  # every layer is resident now (its FFN on flash): no more streaming
         model.streamer.close()
         model.streamer, model.offloaded = None, frozenset()
-        llm.streamer = llm.placement = None
+        llm.streamer = None
+    llm.placement = None  # the layer placement no longer describes the model: flash_info and tier_report do
     return {"store": str(path), "thresholds": meta["thresholds"], "reader_mode": reader.mode, "sparsity": config.sparsity,
             "bundle_bytes": meta["bundle_elems"] * model.layers[0].mlp.elem, "loaded_streaming": streamed, **sizing}
 
