@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FFN up/down projections on flash (CPU edge mode, needs --disk-dir): the calibrated share "
                         "of neurons skipped per token, e.g. 0.25; the bundle cache takes what --cpu-memory leaves")
     g.add_argument("--flash-window", type=int, default=None,
-                   help="tokens a flash bundle stays cached after its last use (default: least recently used)")
+                   help="make the flash cache a sliding window: bundles read are cached, forgotten after this many "
+                        "unused tokens (default: a fixed hot set of the most often active bundles)")
     g.add_argument("--flash-calibration", default=None,
                    help="text file to calibrate the flash thresholds on (default: the prompt)")
     g.add_argument("--quiet", "-q", action="store_true",
