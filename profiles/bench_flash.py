@@ -90,9 +90,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None)
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.9],
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.8, 0.9, 1.0, 1.1],
                    help="cpu_memory as fractions of the model's weight bytes")
-    p.add_argument("--sparsity", type=float, nargs="+", default=[0.25])
+    p.add_argument("--sparsity", type=float, nargs="+", default=[0.2, 0.25])
     p.add_argument("--windows", type=int, nargs="*", default=[8],
                    help="sliding windows to run besides the fixed hot set (tokens a bundle stays cached)")
     p.add_argument("--eval-tokens", type=int, default=4096)
