@@ -101,7 +101,7 @@ class KVIndex(ABC):
     # ---------------------------------------------------------------- persistence
     # What an index learned is its instance attributes besides what the backend wires in.
     _NOT_STATE = frozenset({"num_heads", "num_kv_heads", "head_dim", "group", "scale", "config", "keys", "rope",
-                            "token_ids", "sentence_end_ids"})
+                            "token_ids", "sentence_end_ids", "build_device"})  # set by the backend, not learned
     persistable = True  # an index holding foreign objects (hnswlib graphs) sets False
 
     def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
