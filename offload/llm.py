@@ -79,11 +79,9 @@ class LLM:
         if kv_policy == "auto":
             kv_policy, self.kv_policy_reason = self._choose_policy(model, load_format, max_context, gpu_memory,
                                                                    cpu_memory)
-        if flash is not None and self.device.type != "cpu":
-            raise OffloadError("flash FFN windowing is the CPU-only (edge) mode; on a GPU, stream whole layers "
-                               "(gpu_memory=..., cpu_memory=..., disk_dir=...) instead, or pass device='cpu'")
-        if flash is not None and cpu_memory is not None:
-            self._check_flash_budget(model, load_format, flash, cpu_memory, max_context)  # before loading anything
+        if flash is not None:  # bad flash settings fail before the model is read
+            cpu_memory = self._check_flash(model, load_format, flash, disk_dir, flash_calibration, cpu_memory,
+                                           max_context)
         if (gpu_memory is not None or cpu_memory is not None or disk_dir is not None) and (
                 flash is None or cpu_memory is not None):
             # with flash, a budget below the weights loads as edge mode first (layers streamed from
@@ -134,7 +132,7 @@ class LLM:
         self.engine = Engine(self.model, self.tokenizer, self.backend, prefill_chunk_size, max_context)
         self.flash_info = None
         if flash is not None:  # FFN up/down projections on flash ("LLM in a flash"): offload.tiers.flash
-            self._enable_flash(flash, disk_dir, flash_calibration, cpu_memory, max_context)
+            self._enable_flash(flash, disk_dir, flash_calibration, cpu_memory, max_context)  # cpu_memory: bytes
         if verbose:
             print(self.describe(), file=sys.stderr)
 
@@ -187,33 +185,40 @@ class LLM:
         self.model.args = args.replace(rope_scaling=scaling, max_position_embeddings=longest)
         self.model.rope = RotaryEmbedding(self.model.args, self.device)
 
-    def _check_flash_budget(self, model, load_format: str, config, cpu_memory, max_context: int | None) -> None:
-        """A budget too small for flash fails before the model is read (naming the smallest that works)."""
+    def _check_flash(self, model, load_format: str, config, disk_dir, calibration, cpu_memory,
+                     max_context: int | None) -> int | None:
+        """Flash settings checked before anything is loaded: a CPU device, a disk directory, a
+        calibration text, and a budget that fits (size_cache names the smallest that works).
+        Returns the budget in bytes (resolved once), or None."""
         from .loaders import read_model_args
         from .tiers.budget import free_host_memory, resolve_budget
         from .tiers.flash import size_cache
 
-        args, _ = read_model_args(model, load_format)
-        size_cache(args, self.dtype, resolve_budget(cpu_memory, "cpu_memory", free_host_memory),
-                   max_context or args.max_position_embeddings, config)
-
-    def _enable_flash(self, config, disk_dir, calibration, cpu_memory, max_context) -> None:
-        """Up/down projections to flash bundles; under ``cpu_memory`` the bundle cache takes what
-        the rest of the resident model leaves (offload.tiers.flash.size_cache)."""
-        from .tiers.budget import free_host_memory, resolve_budget
-        from .tiers.flash import enable_flash
-
+        if self.device.type != "cpu":
+            raise OffloadError("flash FFN windowing is the CPU-only (edge) mode; on a GPU, stream whole layers "
+                               "(gpu_memory=..., cpu_memory=..., disk_dir=...) instead, or pass device='cpu'")
         if disk_dir is None:
             raise OffloadError("flash FFN windowing keeps up/down projections on disk: give disk_dir=...")
         if calibration is None:
             raise OffloadError("flash FFN windowing calibrates its activation thresholds on real text: give "
                                "flash_calibration='...' (a few hundred tokens of text like your prompts)")
+        if cpu_memory is None:
+            return None
+        budget = resolve_budget(cpu_memory, "cpu_memory", free_host_memory)
+        args, _ = read_model_args(model, load_format)
+        size_cache(args, self.dtype, budget, max_context or args.max_position_embeddings, config)
+        return budget
+
+    def _enable_flash(self, config, disk_dir, calibration, budget: int | None, max_context) -> None:
+        """Up/down projections to flash bundles; under ``budget`` (bytes) the bundle cache takes what
+        the rest of the resident model leaves (offload.tiers.flash.size_cache)."""
+        from .tiers.flash import enable_flash
+
         ids = self.tokenizer.encode(calibration) if isinstance(calibration, str) else list(calibration)
         if len(ids) < MIN_FLASH_CALIBRATION:
             print(f"offload: flash thresholds calibrated on only {len(ids)} tokens: the sparsity they give on other "
                   f"text is uncertain; calibrate on a few hundred tokens like your prompts (flash_calibration=..., "
                   f"--flash-calibration FILE)", file=sys.stderr)
-        budget = None if cpu_memory is None else resolve_budget(cpu_memory, "cpu_memory", free_host_memory)
         self.flash_info = enable_flash(self, disk_dir, config, ids[:config.calibration_tokens], cpu_budget=budget,
                                        context=max_context)
 

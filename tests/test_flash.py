@@ -287,3 +287,15 @@ def test_a_budget_below_the_weights_streams_while_loading_then_runs_resident(tmp
 
     params = SamplingParams(max_new_tokens=8, ignore_eos=True)
     assert streamed.generate([ids], params)[0].token_ids == whole.generate([ids], params)[0].token_ids
+
+
+def test_bad_flash_settings_fail_before_loading(tmp_path):
+    """No disk directory, no calibration text: each is a one-line error naming the fix, raised
+    before the (here missing) checkpoint is even opened."""
+    from offload.errors import OffloadError
+
+    missing = tmp_path / "not-a-model"
+    with pytest.raises(OffloadError, match="give disk_dir"):
+        LLM(missing, flash=FlashConfig(), flash_calibration="some text")
+    with pytest.raises(OffloadError, match="give flash_calibration"):
+        LLM(missing, disk_dir=tmp_path, flash=FlashConfig())

@@ -118,6 +118,19 @@ def _ffn_weights(model, i: int) -> tuple[torch.Tensor, torch.Tensor]:
     return store.read(layer_tensor_name(i, "mlp.w_gate_up")), store.read(layer_tensor_name(i, "mlp.w_down"))
 
 
+def _gate_weight(model, i: int) -> torch.Tensor:
+    """Layer i's gate projection [I, H]: a view of the resident weights, or only its bytes (the
+    first I rows of w_gate_up) read from the layer store."""
+    inter, hidden = model.args.intermediate_size, model.args.hidden_size
+    if i not in model.offloaded:
+        return model.layers[i].mlp.w_gate_up[:inter]
+    from .streaming import layer_tensor_name
+
+    nbytes = inter * hidden * model.dtype.itemsize
+    raw = model.streamer.store.read_bytes(layer_tensor_name(i, "mlp.w_gate_up"), 0, nbytes)  # [nbytes] uint8
+    return raw.view(model.dtype).view(inter, hidden)
+
+
 def bundle_store_path(disk_dir: Path, stem: str, fingerprint: str, dtype: torch.dtype, sparsity: float) -> Path:
     return Path(disk_dir) / f"{stem}-{fingerprint[:12]}-{str(dtype).removeprefix('torch.')}-s{sparsity:g}.ffn"
 
@@ -378,7 +391,7 @@ def enable_flash(llm, disk_dir: str | Path, config: FlashConfig, calibration_ids
         layer = model.layers[i] if i not in model.offloaded else _resident_without_ffn(model, i)
         # Neurons are numbered in stored order (most often active first); the FFN's output is a sum
         # over neurons, so renumbering them changes nothing.
-        gate = _ffn_weights(model, i)[0][:inter][torch.tensor(meta["orders"][i])].clone()  # [I, H]
+        gate = _gate_weight(model, i)[torch.tensor(meta["orders"][i])]  # [I, H], a copy
         layer.mlp = FlashMLP(gate, reader, i, meta["thresholds"][i], H, config, meta["bundle_elems"],
                              sizing["cache_bundles"], staging)
         layer.mlp.preload()
