@@ -8,6 +8,8 @@ torch reference on CPU) attends to exactly those. The first ``dense_layers`` lay
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import torch
 from tqdm import tqdm
 
@@ -15,14 +17,10 @@ from offload.attention import DenseAttention, ForwardBatch, KVCache, attend
 from offload.config import ModelArgs
 from offload.kernels import gather_attention
 from offload.kernels.reference import dense_token_ids
-from offload.rope import rope_frequencies
 
-from .base import KVIndex, Selection, SelectionConfig, make_index, policy_class
+from .base import QUERY_STRIDE, IndexContext, KVIndex, Selection, SelectionConfig, make_index, policy_class
 from .telemetry import Telemetry
 
-# Query-aware indexes learn from the prompt's queries; every QUERY_STRIDE-th position is kept
-# (neighbouring queries are near-duplicates), which bounds the memory they take during prefill.
-QUERY_STRIDE = 4
 PROGRESS_FROM_TOKENS = 16384  # index builds over prompts this long show a progress bar
 
 
@@ -55,8 +53,8 @@ class _Staging:
 
 class SparseAttention(DenseAttention):
     def __init__(self, args: ModelArgs, device: torch.device, dtype: torch.dtype, policy: str,
-                 config: SelectionConfig, telemetry: bool = False, kernel_backend: str = "auto",
-                 sentence_end_ids: frozenset[int] = frozenset(), kv_offload: bool = False):
+                 config: SelectionConfig, ctx: IndexContext | None = None, telemetry: bool = False,
+                 kernel_backend: str = "auto", kv_offload: bool = False):
         super().__init__(args, device, dtype)
         self.device = torch.device(device)  # where attention computes (index builds use it too)
         # kv_offload: the sparse layers' KV lives in host memory (pinned on a GPU), where the CPU-side
@@ -70,15 +68,14 @@ class SparseAttention(DenseAttention):
                                                        for i in range(args.num_layers)])
         self.policy, self.config, self.kernel_backend = policy, config, kernel_backend
         self.indexes: dict[tuple[int, int], KVIndex] = {}  # (row, layer) -> index
-        self.keep_queries = policy_class(policy).uses_prefill_queries
+        self.policy_cls = policy_class(policy)
+        self.ctx = ctx if ctx is not None else IndexContext.for_model(args, device)
+        self.keep_queries = self.policy_cls.needs_prefill_queries
         self.prefill_queries: dict[tuple[int, int], list[torch.Tensor]] = {}  # (row, layer) -> [H, Tq, D] chunks
         self.telemetry = Telemetry() if telemetry else None
         # Text-aware indexes (SentenceKV) see each row's token ids and which ids end a sentence.
-        self.keep_tokens = getattr(policy_class(policy), "uses_token_ids", False)
-        self.sentence_end_ids = sentence_end_ids
+        self.keep_tokens = self.policy_cls.needs_token_ids
         self.row_tokens: dict[int, list[int]] = {}
-        inv_freq, scaling = rope_frequencies(args)
-        self.rope = (inv_freq.to(device), scaling)
         self._seq_lens: torch.Tensor | None = None
         self.bytes_fetched = 0  # KV bytes sent from the host tier to the device (kv_offload)
 
@@ -116,20 +113,17 @@ class SparseAttention(DenseAttention):
             if (row, layer) not in self.indexes:
                 idx = self._new_index(row)
                 chunks = self.prefill_queries.pop((row, layer), None)
-                if not idx.uses_prefill_queries:
+                if not idx.needs_prefill_queries:
                     chunks = None  # a key-only index is built from the keys alone
                 queries = torch.cat(chunks, dim=1) if chunks else None  # [H, Nq, D]
                 idx.build(self.cache.k[layer][row], n, queries)
                 self.indexes[(row, layer)] = idx
 
     def _new_index(self, row: int) -> KVIndex:
-        a = self.args
-        idx = make_index(self.policy, a.num_heads, a.num_kv_heads, a.head_dim, a.softmax_scale, self.config)
-        idx.rope = self.rope
-        idx.build_device = self.device
-        if self.keep_tokens:
-            idx.token_ids, idx.sentence_end_ids = self.row_tokens[row], self.sentence_end_ids
-        return idx
+        return make_index(self.policy, self.ctx, self.config, self.row_tokens[row] if self.keep_tokens else None)
+
+    def settings(self) -> dict:
+        return {"kv_policy": self.policy, "selection": asdict(self.config)}
 
     def index_states(self, row: int) -> dict[int, tuple[dict, dict[str, torch.Tensor]]]:
         """What each layer's index of ``row`` learned, for a prompt cache: layer -> (scalars, tensors)."""
@@ -217,7 +211,7 @@ class SparseAttention(DenseAttention):
         for b, (row, n) in enumerate(zip(batch.rows, batch.end_lengths)):
             idx = self.indexes[(row, layer)]
             sel = selections[b]
-            extra = getattr(idx, "exact_ids", None)  # tokens a policy attends besides its selection
+            extra = idx.extra_ids()  # tokens a policy attends besides its selection
             if extra is not None and extra.shape[-1]:
                 ids = torch.cat([sel.ids[:, :int(sel.counts.max())], extra], dim=-1)
                 sel = Selection(ids, sel.counts + extra.shape[-1])
@@ -232,4 +226,4 @@ class SparseAttention(DenseAttention):
                 f"layers 0..{c.dense_layers - 1} dense"
                 + (", sparse layers' KV in host memory" if self.kv_offload else "")
                 + (f", index build's query-key products on {self.device.type}"
-                   if policy_class(self.policy).uses_prefill_queries else ""))
+                   if self.policy_cls.needs_prefill_queries else ""))

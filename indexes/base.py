@@ -19,11 +19,21 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 
+from offload.config import ModelArgs
 from offload.errors import OffloadError
+from offload.rope import rope_frequencies
+from offload.tiers.planner import BandwidthProfile, SelectionCost
+
+# Query-aware indexes learn from the prompt's queries; every QUERY_STRIDE-th position is kept
+# (neighbouring queries are near-duplicates), which bounds the memory they take during prefill.
+QUERY_STRIDE = 4
+# What kv_policy="auto" picks when the KV does not fit on the device.
+AUTO_SPARSE_POLICY = "retrieval"
 
 
 @dataclass(frozen=True)
@@ -60,22 +70,79 @@ class Selection:
     counts: torch.Tensor  # [Hkv] int32
 
 
+@dataclass(frozen=True)
+class IndexContext:
+    """What every index of one model is built with: given at construction, never saved."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    scale: float
+    rope: tuple[torch.Tensor, float]  # (inv_freq [D/2], attention scaling): pre-RoPE policies undo it
+    build_device: torch.device  # where a build's bulk arithmetic runs (the GPU when one computes)
+    sentence_end_ids: frozenset[int] = frozenset()  # token ids that end a sentence (SentenceKV)
+
+    @classmethod
+    def for_model(cls, args: ModelArgs, device: torch.device,
+                  sentence_end_ids: frozenset[int] = frozenset()) -> "IndexContext":
+        inv_freq, scaling = rope_frequencies(args)
+        return cls(args.num_heads, args.num_kv_heads, args.head_dim, args.softmax_scale,
+                   (inv_freq.to(device), scaling), torch.device(device), frozenset(sentence_end_ids))
+
+
 class KVIndex(ABC):
-    """One layer's selection policy for one sequence. Subclasses set ``name``."""
+    """One layer's selection policy for one sequence. Subclasses set ``name`` and declare what
+    they need and learn in class attributes."""
 
-    name = "base"
-    uses_prefill_queries = False  # query-aware indexes ask the backend to keep prefill queries
+    name: ClassVar[str] = "base"
+    needs_prefill_queries: ClassVar[bool] = False  # the backend keeps the prompt's queries for build()
+    needs_token_ids: ClassVar[bool] = False  # the index reads the row's token ids (given at construction)
+    # The search walks the keys with numpy/numba on the CPU: on a GPU the backend keeps such a
+    # policy's KV in host memory (kv_offload), where the search reads it.
+    searches_on_host: ClassVar[bool] = False
+    persistable: ClassVar[bool] = True  # an index holding foreign objects (hnswlib graphs) sets False
+    learned: ClassVar[tuple[str, ...]] = ()  # attributes build() learns: what a prompt cache saves
+    effort: ClassVar[float | None] = None  # graph indexes: beam width = effort x budget
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, config: SelectionConfig):
-        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.group = num_heads // num_kv_heads
-        self.scale, self.config = scale, config
+    def __init__(self, ctx: IndexContext, config: SelectionConfig, token_ids: list[int] | None = None):
+        self.ctx, self.config = ctx, config
+        self.num_heads, self.num_kv_heads, self.head_dim = ctx.num_heads, ctx.num_kv_heads, ctx.head_dim
+        self.group = ctx.num_heads // ctx.num_kv_heads
+        self.scale = ctx.scale
+        self.token_ids = token_ids  # the row's tokens, grown by the backend as decode appends them
+        if config.effort is not None and self.effort is not None:
+            self.effort = config.effort  # this index's own search width, the class default elsewhere
         self.keys: torch.Tensor | None = None  # [Hkv, N, D] view of the layer's cache row
         self.n = 0
-        self.rope: tuple[torch.Tensor, float] | None = None  # (inv_freq [D/2], scaling), set by the backend
-        # Where a build's bulk arithmetic runs (the backend sets its compute device: the GPU, when
-        # the KV and the search live on the host); None: where the keys are.
-        self.build_device: torch.device | None = None
+        self.last_scored = 0.0  # keys scored by the last search, per KV head (telemetry)
+
+    @classmethod
+    def estimate_nbytes(cls, args: ModelArgs, context: int, dtype_bytes: int) -> int:
+        """Memory of this policy's index over ``context`` tokens, all layers (built indexes report
+        their exact size through :meth:`nbytes`)."""
+        return 0
+
+    @classmethod
+    def search_seconds(cls, args: ModelArgs, context: int, keys_per_s: float, scored_fraction: float) -> float:
+        """Host-side search time of one decode step, all layers (0: the search is a few device
+        products, counted with the attention)."""
+        return 0.0
+
+    @classmethod
+    def selection_cost(cls, args: ModelArgs, context: int, dtype_bytes: int, dense_layers: int,
+                       profile: BandwidthProfile) -> SelectionCost:
+        """What this policy adds to a placement of ``context`` tokens: its index, the prompt queries
+        it keeps until the build, and its host-side search per step (the planner asks, by class)."""
+        sparse_share = max(0, args.num_layers - dense_layers) / args.num_layers
+        queries = 0
+        if cls.needs_prefill_queries:  # every QUERY_STRIDE-th prompt query of every head, sparse layers
+            queries = int(sparse_share * args.num_layers) * args.num_heads * args.head_dim * \
+                (context // QUERY_STRIDE + 1) * dtype_bytes
+        return SelectionCost(
+            index_bytes=int(sparse_share * cls.estimate_nbytes(args, context, dtype_bytes)),
+            prefill_query_bytes=queries,
+            search_ms=1e3 * sparse_share * cls.search_seconds(args, context, profile.index_keys_per_s,
+                                                              profile.scored_fraction))
 
     def build(self, keys: torch.Tensor, n: int, queries: torch.Tensor | None = None) -> None:
         """keys [Hkv, N, D]: the cache storage (post-RoPE), of which the first n are the prompt."""
@@ -93,26 +160,25 @@ class KVIndex(ABC):
         """Memory the index keeps beyond the KV cache."""
         return 0
 
+    def extra_ids(self) -> torch.Tensor | None:
+        """Token ids [Hkv, E] the last step attended besides its selection (ShadowKV's outliers)."""
+        return None
+
     # A policy with its own attention (ShadowKV rebuilds keys) defines
     # attend(q [H, D], keys, values [Hkv, N, D], n, selection, backend) -> (out [H, D], lse [H]);
     # otherwise the backend attends over the selection with exact gather attention.
     attend = None
 
     # ---------------------------------------------------------------- persistence
-    # What an index learned is its instance attributes besides what the backend wires in.
-    _NOT_STATE = frozenset({"num_heads", "num_kv_heads", "head_dim", "group", "scale", "config", "keys", "rope",
-                            "token_ids", "sentence_end_ids", "build_device"})  # set by the backend, not learned
-    persistable = True  # an index holding foreign objects (hnswlib graphs) sets False
-
     def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
-        """(scalars, tensors) that :meth:`restore` takes back: numpy arrays travel as tensors."""
+        """(scalars, tensors) of what build() learned (``learned``), for :meth:`restore`."""
         if not self.persistable:
             raise OffloadError(f"the '{self.name}' index cannot be saved (it holds library objects); "
                                "use retrieval, shadowkv, sentence, quest or streaming for prompt caching")
-        scalars, tensors = {}, {}
-        for key, value in vars(self).items():
-            if key in self._NOT_STATE:
-                continue
+        scalars: dict = {"n": self.n}
+        tensors: dict[str, torch.Tensor] = {}
+        for key in self.learned:
+            value = getattr(self, key)
             if isinstance(value, torch.Tensor):
                 tensors[key] = value
             elif isinstance(value, np.ndarray):
@@ -126,15 +192,17 @@ class KVIndex(ABC):
 
     def restore(self, keys: torch.Tensor, scalars: dict, tensors: dict[str, torch.Tensor]) -> None:
         """Take back a saved state over ``keys`` (the reloaded cache row)."""
-        self.keys = keys
-        for key, value in scalars.items():
-            if value != "__numpy__":
-                setattr(self, key, value)
-        for key, t in tensors.items():
-            setattr(self, key, t.numpy() if scalars.get(key) == "__numpy__" else t.to(keys.device))
-        missing = {k for k in ("n",) if k not in scalars}
+        missing = sorted({"n", *self.learned} - set(scalars) - set(tensors))
         if missing:
-            raise OffloadError(f"saved '{self.name}' index state lacks {sorted(missing)}: the prompt cache is corrupt")
+            raise OffloadError(f"saved '{self.name}' index state lacks {missing}: the prompt cache is corrupt; "
+                               f"save it again with LLM.save_prompt")
+        self.keys = keys
+        for key in ("n", *self.learned):
+            if key in tensors:
+                t = tensors[key]
+                setattr(self, key, t.numpy() if scalars.get(key) == "__numpy__" else t.to(keys.device))
+            else:
+                setattr(self, key, scalars[key])
 
     # ---------------------------------------------------------------- helpers for subclasses
     def empty(self, device: torch.device) -> Selection:
@@ -177,9 +245,6 @@ def policy_class(policy: str) -> type[KVIndex]:
     return _REGISTRY[policy]
 
 
-def make_index(policy: str, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
-               config: SelectionConfig) -> KVIndex:
-    index = policy_class(policy)(num_heads, num_kv_heads, head_dim, scale, config)
-    if config.effort is not None and hasattr(index, "effort"):
-        index.effort = config.effort  # this index's own search width, the class default elsewhere
-    return index
+def make_index(policy: str, ctx: IndexContext, config: SelectionConfig,
+               token_ids: list[int] | None = None) -> KVIndex:
+    return policy_class(policy)(ctx, config, token_ids)

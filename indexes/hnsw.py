@@ -19,16 +19,26 @@ from .retrieval import RetrievalIndex
 @register
 class KeyGraphIndex(RetrievalIndex):
     name = "keygraph"
-    uses_prefill_queries = False  # build() falls back to the keys as their own queries
+    needs_prefill_queries = False  # build() falls back to the keys as their own queries
 
 
 @register
 class HNSWIndex(KVIndex):
     name = "hnsw"
     persistable = False
+    searches_on_host = True  # hnswlib searches host memory
     M = 16
     ef_construction = 100
     effort = 1.0  # ef = effort x budget (at least the number of results asked for)
+
+    @classmethod
+    def estimate_nbytes(cls, args, context: int, dtype_bytes: int) -> int:
+        # hnswlib: a copy of each fp32 key plus 2M int32 links per element on layer 0, every layer
+        return args.num_layers * args.num_kv_heads * context * (args.head_dim * 4 + 2 * cls.M * 4)
+
+    @classmethod
+    def search_seconds(cls, args, context: int, keys_per_s: float, scored_fraction: float) -> float:
+        return RetrievalIndex.search_seconds(args, context, keys_per_s, scored_fraction)
 
     def build(self, keys: torch.Tensor, n: int, queries: torch.Tensor | None = None) -> None:
         import hnswlib

@@ -70,11 +70,22 @@ def project_to_key_graph(top: np.ndarray, n: int, max_degree: int) -> tuple[np.n
 @register
 class RetrievalIndex(KVIndex):
     name = "retrieval"
-    uses_prefill_queries = True
+    needs_prefill_queries = True
+    searches_on_host = True  # numba walks the graph over host memory
+    learned = ("indptr", "indices", "entries")
     build_topk = 32
     max_degree = 24
     num_entries = 16
     effort = 1.0  # ef = effort x budget
+
+    @classmethod
+    def estimate_nbytes(cls, args, context: int, dtype_bytes: int) -> int:
+        # per KV head: max_degree int32 neighbour ids + an int64 CSR offset per key, every layer
+        return args.num_layers * args.num_kv_heads * context * (cls.max_degree * 4 + 8)
+
+    @classmethod
+    def search_seconds(cls, args, context: int, keys_per_s: float, scored_fraction: float) -> float:
+        return args.num_layers * scored_fraction * context * args.num_kv_heads / keys_per_s
 
     def build(self, keys: torch.Tensor, n: int, queries: torch.Tensor | None = None) -> None:
         super().build(keys, n, queries)
@@ -84,7 +95,7 @@ class RetrievalIndex(KVIndex):
         graphs, entries = [], []
         for h in range(Hkv):
             qh = queries[h * G:(h + 1) * G].reshape(-1, queries.shape[-1])  # [G * Nq, D]
-            top = query_key_topk(qh, keys[h, :n], self.build_topk, self.build_device).numpy()  # [G * Nq, K]
+            top = query_key_topk(qh, keys[h, :n], self.build_topk, self.ctx.build_device).numpy()  # [G * Nq, K]
             graphs.append(project_to_key_graph(top, n, self.max_degree))
             hubs = np.bincount(top.ravel(), minlength=n).argsort()[::-1][:self.num_entries // 2]
             recent = top[-(self.num_entries - len(hubs)):, 0]  # latest queries resemble decode queries
@@ -98,7 +109,6 @@ class RetrievalIndex(KVIndex):
         self.entries = np.full((Hkv, m), -1, np.int64)  # [Hkv, M], -1 padded
         for h, e in enumerate(entries):
             self.entries[h, :len(e)] = e
-        self.last_scored = 0.0
 
     def nbytes(self) -> int:
         return self.indptr.nbytes + self.indices.nbytes + self.entries.nbytes

@@ -24,21 +24,23 @@ from .base import KVIndex, Selection, register
 @register
 class SentenceIndex(KVIndex):
     name = "sentence"
-    uses_token_ids = True
+    needs_token_ids = True
+    searches_on_host = True  # the budget is filled sentence by sentence in numpy
+    learned = ("starts", "lengths", "sums", "num_sentences", "last_ended")
     max_sentence = 16
     max_misses = 32  # stop filling the budget after this many sentences in a row did not fit
 
-    # Set by the backend before build: the row's token ids so far (a list that grows with decode)
-    # and the ids that end a sentence.
-    token_ids: list[int] | None = None
-    sentence_end_ids: frozenset[int] = frozenset()
+    @classmethod
+    def estimate_nbytes(cls, args, context: int, dtype_bytes: int) -> int:
+        # one fp32 key sum per sentence (~12 tokens on English text) per KV head, every layer
+        return args.num_layers * args.num_kv_heads * (context // 12 + 1) * args.head_dim * 4
 
     def build(self, keys: torch.Tensor, n: int, queries: torch.Tensor | None = None) -> None:
         super().build(keys, n, queries)
         if self.token_ids is None or len(self.token_ids) < n:
-            raise ValueError("the sentence policy needs the token ids of the sequence (set by the backend)")
+            raise ValueError("the sentence policy needs the token ids of the sequence (given at construction)")
         Hkv, N, D = keys.shape
-        ends = torch.tensor([t in self.sentence_end_ids for t in self.token_ids[:n]], dtype=torch.bool)  # [n]
+        ends = torch.tensor([t in self.ctx.sentence_end_ids for t in self.token_ids[:n]], dtype=torch.bool)  # [n]
         # A new sentence starts after an ending token, and every max_sentence tokens within a run.
         flag = torch.zeros(n, dtype=torch.bool)  # [n]
         flag[0] = True
@@ -78,7 +80,7 @@ class SentenceIndex(KVIndex):
                 self.starts[s] = pos
             self.lengths[s] += 1
             self.sums[:, s] += self.keys[:, pos].float()  # [Hkv, D]
-            self.last_ended = self.token_ids[pos] in self.sentence_end_ids
+            self.last_ended = self.token_ids[pos] in self.ctx.sentence_end_ids
         super().extend(n)
 
     def nbytes(self) -> int:

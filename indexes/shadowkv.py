@@ -28,14 +28,21 @@ from .base import KVIndex, Selection, register
 @register
 class ShadowKVIndex(KVIndex):
     name = "shadowkv"
+    learned = ("rank", "compression", "u", "sv", "prompt_len", "first_chunk_token", "num_chunks", "landmarks",
+               "outliers")
     chunk = 8
     energy = 0.999
     max_rank = 160
     outlier_fraction = 0.01
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.exact_ids: torch.Tensor | None = None  # [Hkv, E] outliers and uncovered tokens of the last search
+        self.chunks_taken = 0  # chunks the last search selected (host-side: attend() reads no device count)
+
     def build(self, keys: torch.Tensor, n: int, queries: torch.Tensor | None = None) -> None:
         super().build(keys, n, queries)
-        inv_freq, scaling = self.rope
+        inv_freq, scaling = self.ctx.rope
         Hkv, _, D = keys.shape
         positions = torch.arange(n, device=keys.device)
         pre = rope_rotate(keys[:, :n].float(), -positions, inv_freq, 1.0 / scaling)  # [Hkv, n, D] pre-RoPE
@@ -62,6 +69,15 @@ class ShadowKVIndex(KVIndex):
         n_out = int(round(self.outlier_fraction * num_chunks))
         self.outliers = torch.topk(-cos.amin(-1), n_out, dim=-1).indices if n_out else torch.zeros(
             Hkv, 0, dtype=torch.long, device=keys.device)  # [Hkv, n_out] chunk numbers
+
+    @classmethod
+    def estimate_nbytes(cls, args, context: int, dtype_bytes: int) -> int:
+        # U factors (context x rank, in the KV dtype) + one fp32 landmark per chunk per KV head, every layer
+        per_layer = context * cls.max_rank * dtype_bytes + args.num_kv_heads * (context // cls.chunk) * args.head_dim * 4
+        return args.num_layers * per_layer
+
+    def extra_ids(self) -> torch.Tensor | None:
+        return self.exact_ids
 
     def nbytes(self) -> int:
         return (self.u.numel() + self.sv.numel()) * self.u.element_size() + self.landmarks.numel() * 4
@@ -108,7 +124,7 @@ class ShadowKVIndex(KVIndex):
         if self.chunks_taken == 0:
             return dense_out[0], dense_lse[0]
         v_sel = gather_rows(values[None], selection.ids[None])  # [1, Hkv, S, D] (fed from host memory)
-        inv_freq, scaling = self.rope
+        inv_freq, scaling = self.ctx.rope
         rec_out, rec_lse = shadowkv_attention(q[None], self.u[None], self.sv[None], v_sel, selection.ids[None],
                                               selection.counts[None], inv_freq, scale=self.scale,
                                               attention_scaling=scaling, backend=backend)

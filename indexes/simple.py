@@ -63,7 +63,13 @@ class QuestIndex(KVIndex):
     group; whole pages are selected, best first, until the budget is spent."""
 
     name = "quest"
+    learned = ("page_min", "page_max")
     page_size = 16
+
+    @classmethod
+    def estimate_nbytes(cls, args, context: int, dtype_bytes: int) -> int:
+        # fp32 per-channel min and max per page per KV head, every layer
+        return args.num_layers * args.num_kv_heads * (context // cls.page_size + 1) * args.head_dim * 4 * 2
 
     def build(self, keys: torch.Tensor, n: int, queries: torch.Tensor | None = None) -> None:
         super().build(keys, n, queries)

@@ -64,7 +64,11 @@ class ForwardBatch:
 
 
 class AttentionBackend(ABC):
-    """Per-layer KV storage and attention. One instance serves all layers of one model."""
+    """Per-layer KV storage and attention. One instance serves all layers of one model.
+
+    Everything the engine, the API and the prompt cache call is declared here."""
+
+    telemetry = None  # a sparse backend's per-layer recall/mass/error record (telemetry=True)
 
     @abstractmethod
     def allocate(self, batch_size: int, capacity: int) -> None:
@@ -80,6 +84,30 @@ class AttentionBackend(ABC):
 
     def end(self, batch: ForwardBatch) -> None:
         """Called once per model call after the last layer."""
+
+    @abstractmethod
+    def prefix(self, row: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first n cached tokens of ``row``, every layer, on the host: k, v [L, Hkv, n, D]."""
+
+    @abstractmethod
+    def restore_row(self, row: int, token_ids: list[int], k: torch.Tensor, v: torch.Tensor,
+                    index_states: dict | None = None) -> None:
+        """Put a saved prefix back as ``row``'s first tokens (k, v [L, Hkv, n, D]), with its index states."""
+
+    def build_indexes(self, row: int, n: int) -> None:
+        """Build whatever selection structures ``row``'s first n tokens need (none for dense)."""
+
+    def index_states(self, row: int) -> dict:
+        """What ``row``'s indexes learned, layer -> (scalars, tensors), for a prompt cache."""
+        return {}
+
+    @abstractmethod
+    def settings(self) -> dict:
+        """The KV policy and selection settings a prompt cache must match."""
+
+    @abstractmethod
+    def describe(self) -> str:
+        """The KV policy in words, for the start-up line."""
 
 
 class KVCache:
@@ -205,6 +233,15 @@ class DenseAttention(AttentionBackend):
 
     def allocate(self, batch_size: int, capacity: int) -> None:
         self.cache.allocate(batch_size, capacity)
+
+    def prefix(self, row: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cache.prefix(row, n)
+
+    def settings(self) -> dict:
+        return {"kv_policy": "dense", "selection": None}
+
+    def describe(self) -> str:
+        return "kv_policy dense (exact)"
 
     def restore_row(self, row: int, token_ids: list[int], k: torch.Tensor, v: torch.Tensor,
                     index_states: dict | None = None) -> None:

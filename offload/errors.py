@@ -20,3 +20,7 @@ class UnsupportedModelError(ModelLoadError):
 
 class InvalidRequestError(OffloadError):
     """A generation request is malformed (empty or too long prompt, bad sampling values)."""
+
+
+class NumericalError(OffloadError):
+    """The model's arithmetic broke down (NaN/inf logits): corrupt weights or a dtype that overflows."""

@@ -11,31 +11,23 @@ restores; a prompt that extends the cached one then prefills only its new tokens
 
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .config import ModelArgs
 from .errors import InvalidRequestError, OffloadError
+from .fingerprint import source_fingerprint
 from .tiers.io import StoreReader
-from .tiers.store import StoreWriter
+from .tiers.store import CorruptStoreError, StoreWriter
 
 FORMAT = "offload-prompt-cache/1"
 
 
 def model_fingerprint(args: ModelArgs, path: Path, dummy_seed: int | None = None) -> str:
-    """Identifies the weights: the architecture, plus the name and byte size of each weight file;
-    for dummy (random) weights the source's name and the seed instead."""
-    path = Path(path)
-    if dummy_seed is not None:
-        doc = {"args": asdict(args), "dummy": [path.name, dummy_seed]}
-    else:
-        files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
-        doc = {"args": asdict(args), "files": [(f.name, f.stat().st_size) for f in files]}
-    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    """Identifies the weights by their bytes: see :func:`offload.fingerprint.source_fingerprint`."""
+    return source_fingerprint(args, path, dummy_seed)
 
 
 @dataclass
@@ -70,20 +62,25 @@ def load_prompt_cache(path: str | Path, *, fingerprint: str, dtype: torch.dtype,
     path = Path(path)
     if not path.is_file():
         raise InvalidRequestError(f"prompt cache not found: {path} (make one with LLM.save_prompt)")
-    with StoreReader(path, device="cpu") as r:
-        meta = r.metadata
-        if meta.get("format") != FORMAT:
-            raise OffloadError(f"{path} is not a prompt cache of this version ({meta.get('format')})")
-        wanted = {"fingerprint": fingerprint, "dtype": str(dtype), "policy": policy, "settings": settings}
-        for key, value in wanted.items():
-            if meta.get(key) != value:
-                raise InvalidRequestError(
-                    f"prompt cache {path} was made with a different {key} ({meta.get(key)!r}, this model has "
-                    f"{value!r}): make it again with this model and settings")
-        k, v, logits = r.read("k").to(device), r.read("v").to(device), r.read("logits").to(device)
-        states = {}
-        for layer, scalars in meta["indexes"].items():
-            prefix = f"index/{layer}/"
-            tensors = {name[len(prefix):]: r.read(name) for name in r.entries if name.startswith(prefix)}
-            states[int(layer)] = (scalars, tensors)
+    try:
+        with StoreReader(path, device="cpu") as r:
+            meta = r.metadata
+            if meta.get("format") != FORMAT:
+                raise OffloadError(f"{path} is not a prompt cache of this version ({meta.get('format')})")
+            wanted = {"fingerprint": fingerprint, "dtype": str(dtype), "policy": policy, "settings": settings}
+            for key, value in wanted.items():
+                if meta.get(key) != value:
+                    raise InvalidRequestError(
+                        f"prompt cache {path} was made with a different {key} ({meta.get(key)!r}, this model has "
+                        f"{value!r}): make it again with this model and settings")
+            k, v, logits = r.read("k").to(device), r.read("v").to(device), r.read("logits").to(device)
+            states = {}
+            for layer, scalars in meta["indexes"].items():
+                prefix = f"index/{layer}/"
+                tensors = {name[len(prefix):]: r.read(name) for name in r.entries if name.startswith(prefix)}
+                states[int(layer)] = (scalars, tensors)
+    except CorruptStoreError as e:
+        # Unlike a weight store, a prompt cache cannot be rebuilt from the model: only its maker knows the prompt.
+        raise CorruptStoreError(path, e.reason or str(e), fix="save it again with LLM.save_prompt",
+                                what="prompt cache") from None
     return CachedPrompt(meta["token_ids"], k, v, logits, states)

@@ -2,11 +2,45 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from numbers import Integral, Real
+from typing import Any
 
 import torch
 
-from .errors import InvalidRequestError
+from .errors import InvalidRequestError, NumericalError
+
+# The seeds torch.Generator.manual_seed takes (it wraps negative ones); outside, it overflows.
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1
+
+
+def _is_int(value: Any) -> bool:
+    """An integer (Python or numpy), but not a bool: True as a token count is surely a mistake."""
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def _stop_strings(stop: Any) -> tuple[str, ...]:
+    """None -> (), one string -> (string,), an iterable of non-empty strings -> a tuple of them."""
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = (stop,)
+    elif isinstance(stop, (bytes, bytearray)) or not hasattr(stop, "__iter__"):
+        raise InvalidRequestError(f"stop must be a string or a list of strings, got {type(stop).__name__}: "
+                                  f"e.g. stop=['\\n\\n']")
+    stops = tuple(stop)
+    for s in stops:
+        if not isinstance(s, str):
+            raise InvalidRequestError(f"stop strings must be str, got {s!r} ({type(s).__name__}): "
+                                      f"e.g. stop=['\\n\\n']")
+        if not s:
+            raise InvalidRequestError("stop strings must be non-empty")
+    return stops
 
 
 @dataclass(frozen=True)
@@ -18,24 +52,41 @@ class SamplingParams:
     top_k: int = 0  # 0: no top-k cut
     top_p: float = 1.0  # 1: no nucleus cut
     seed: int | None = None
-    stop: tuple[str, ...] = ()
+    stop: tuple[str, ...] = ()  # also accepts None, one string, or any iterable of strings
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        else:
-            object.__setattr__(self, "stop", tuple(self.stop))
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
+        # Every field is checked here, so a bad value is one line now, not a torch error mid-generation.
+        fix = object.__setattr__  # frozen: normalise in place (numpy scalars -> Python numbers)
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens <= 0:
             raise InvalidRequestError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if not self.temperature >= 0:
-            raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise InvalidRequestError(f"top_k must be a non-negative integer, got {self.top_k!r}")
-        if not 0 < self.top_p <= 1:
-            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}")
-        if any(not s for s in self.stop):
-            raise InvalidRequestError("stop strings must be non-empty")
+        fix(self, "max_new_tokens", int(self.max_new_tokens))
+        if not _is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
+            raise InvalidRequestError(f"temperature must be a finite number >= 0 (0: greedy), "
+                                      f"got {self.temperature!r}")
+        fix(self, "temperature", float(self.temperature))
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise InvalidRequestError(f"top_k must be a non-negative integer (0: no top-k cut), got {self.top_k!r}")
+        fix(self, "top_k", int(self.top_k))
+        if not _is_real(self.top_p) or not 0 < self.top_p <= 1:  # NaN fails the comparison too
+            raise InvalidRequestError(f"top_p must be a number in (0, 1] (1: no nucleus cut), got {self.top_p!r}")
+        fix(self, "top_p", float(self.top_p))
+        if self.seed is not None:
+            if not _is_int(self.seed) or not SEED_MIN <= self.seed <= SEED_MAX:
+                raise InvalidRequestError(f"seed must be None or an integer in [-2**63, 2**64), got {self.seed!r}")
+            fix(self, "seed", int(self.seed))
+        fix(self, "stop", _stop_strings(self.stop))
+        if not isinstance(self.ignore_eos, bool):
+            raise InvalidRequestError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
+
+    @classmethod
+    def coerce(cls, obj: Any) -> "SamplingParams":
+        """``obj`` itself when it is a SamplingParams; anything else (a dict, kwargs, a number) is a
+        one-line error that shows how to build one."""
+        if isinstance(obj, cls):
+            return obj
+        raise InvalidRequestError(f"sampling_params must be a SamplingParams (or a list of them, one per prompt), "
+                                  f"got {type(obj).__name__}: use SamplingParams(max_new_tokens=...)")
 
     @property
     def greedy(self) -> bool:
@@ -47,6 +98,7 @@ class Sampler:
 
     def __init__(self, params: list[SamplingParams], device: torch.device):
         self.params = params
+        self.sampled = False
         self.generators: list[torch.Generator | None] = []
         for p in params:
             if p.greedy:
@@ -55,18 +107,41 @@ class Sampler:
             g = torch.Generator(device=device)
             g.manual_seed(p.seed) if p.seed is not None else g.seed()
             self.generators.append(g)
+            self.sampled = True
 
     def __call__(self, logits: torch.Tensor) -> list[int]:
-        """logits [B, V] fp32 -> one token id per row."""
+        """logits [B, V] fp32 -> one token id per row; NaN/inf logits raise :class:`NumericalError`."""
+        tokens, finite = self.pick(logits)
+        bad = [b for b, ok in enumerate(finite) if not ok]
+        if bad:
+            raise NumericalError(f"the model produced NaN/inf logits (prompt row {bad[0]}): the weights are likely "
+                                 f"corrupt or the dtype overflows (try dtype='float32')")
+        return tokens
+
+    def pick(self, logits: torch.Tensor) -> tuple[list[int], list[bool]]:
+        """logits [B, V] fp32 -> (one token id per row, whether each row's logits were all finite).
+
+        Both come back in one device-to-host read: the finiteness check costs one reduction and no
+        extra synchronisation. A row that is not finite gets a meaningless token; the caller decides
+        whether that row matters (a finished row's token is ignored) and raises if it does."""
+        finite = torch.isfinite(logits).all(dim=-1)  # [B] bool, one reduction
+        if self.sampled:
+            # NaN/inf would make multinomial fail inside torch (a device assert on CUDA); zeroed rows
+            # sample uniformly instead, and the caller sees the flag.
+            logits = torch.where(finite[:, None], logits, 0.0)  # [B, V]
         picked = logits.argmax(dim=-1)  # [B]
         for b, (p, g) in enumerate(zip(self.params, self.generators)):
             if g is not None:
                 picked[b] = self._sample(logits[b], p, g)
-        return picked.tolist()
+        flat = torch.cat([picked, finite.to(picked.dtype)]).tolist()  # [2B]: tokens, then flags; one sync
+        n = len(self.params)
+        return flat[:n], [bool(f) for f in flat[n:]]
 
     @staticmethod
     def _sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator) -> torch.Tensor:
-        scaled = logits / p.temperature  # [V]
+        # Shifted so the top logit is 0 first: a tiny temperature then sends the rest to -inf rather
+        # than overflowing the top one to inf (softmax is shift-invariant, so nothing else changes).
+        scaled = (logits - logits.max()) / p.temperature  # [V]
         if p.top_k:
             kth = torch.topk(scaled, min(p.top_k, scaled.numel())).values[-1]
             scaled = scaled.masked_fill(scaled < kth, float("-inf"))

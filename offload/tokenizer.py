@@ -32,6 +32,28 @@ def _render_template(template: str, **context: Any) -> str:
         raise InvalidRequestError(f"chat template failed to render: {e}") from None
 
 
+def _check_type(text: Any) -> None:
+    """Text, not None, a number or bytes: the Rust tokenizer answers those with a bare TypeError."""
+    if isinstance(text, (bytes, bytearray)):
+        raise InvalidRequestError(f"the prompt is {type(text).__name__}, not text: decode it first, "
+                                  f"e.g. data.decode('utf-8', errors='replace')")
+    if not isinstance(text, str):
+        raise InvalidRequestError(f"the prompt must be text (str), got {type(text).__name__}")
+
+
+def _check_encodable(text: str) -> None:
+    """A str can hold what UTF-8 cannot: lone surrogates, which is how Python keeps bytes that were not
+    UTF-8 (sys.argv, ``errors="surrogateescape"``); the tokenizer then says "TextInputSequence must be str"."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        what = (f"the byte 0x{code - 0xdc00:02x}, which is not UTF-8 (a binary file or another encoding?)"
+                if 0xdc80 <= code <= 0xdcff else f"a lone surrogate U+{code:04X}")
+        raise InvalidRequestError(f"the prompt is not valid text: character {e.start} is {what}: "
+                                  f"convert it to UTF-8 or read it with errors='replace'") from None
+
+
 @dataclass
 class Tokenizer:
     backend: HFTokenizer
@@ -47,7 +69,12 @@ class Tokenizer:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        _check_type(text)
+        try:
+            return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        except TypeError:
+            _check_encodable(text)  # checked only on failure: valid text pays nothing
+            raise
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from offload.errors import OffloadError
 from offload.fileio import write_json_atomic
 
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
@@ -399,20 +400,51 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+OUT_HELP = ("where to write the profile JSON (default: profile.json); an existing directory, or a path ending "
+            "in /, means DIR/profile.json; missing parent directories are created; the PNG plot goes beside it")
+
+
+def resolve_out(out: str | Path) -> Path:
+    """The JSON file ``--out`` names: DIR/profile.json for a directory (existing, or new if it ends in a
+    separator), else the path itself. Only resolves; :func:`writable_dir` creates and checks."""
+    text = str(out)
+    path = Path(text)
+    if path.is_dir() or text.endswith(("/", os.sep)):
+        return path / "profile.json"
+    return path
+
+
+def writable_dir(folder: Path, what: str) -> Path:
+    """Create ``folder`` (and its parents) and check a file can be written in it, before the minute of
+    measuring rather than after it; a failure is one line."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".offload-profile-"):
+            pass
+    except OSError as e:
+        raise OffloadError(f"cannot write the {what} in {folder}: {e.strerror or e}: "
+                           f"choose a writable location") from None
+    return folder
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes and few repeats: under a minute")
-    p.add_argument("--out", default="profile.json", help="JSON path; plots go next to it")
+    p.add_argument("--out", default="profile.json", help=OUT_HELP)
     p.add_argument("--disk-dir", default=None, help="directory on the disk to measure (default: next to --out)")
     args = p.parse_args(argv)
-    out = Path(args.out)
-    disk_dir = Path(args.disk_dir) if args.disk_dir else (out.parent if str(out.parent) else Path("."))
+    out = resolve_out(args.out)
+    writable_dir(out.parent, "profile (--out)")
+    disk_dir = writable_dir(Path(args.disk_dir), "disk test file (--disk-dir)") if args.disk_dir else out.parent
     t0 = time.perf_counter()
     result = run_profile(args.quick, disk_dir)
     result["seconds"] = time.perf_counter() - t0
-    write_json_atomic(out, result)
     png = out.with_suffix(".png")
-    plot(result, png)
+    try:
+        write_json_atomic(out, result)
+        plot(result, png)
+    except OSError as e:  # e.g. --out names a folder that appeared, or the disk filled, while measuring
+        raise OffloadError(f"cannot write {e.filename or out}: {e.strerror or e}: choose a writable --out") from None
     pl = result["planner"]
     print(f"host read {pl['host_read_gbs']:.1f} GB/s, disk cold read {pl['disk_read_gbs']:.2f} GB/s "
           f"(O_DIRECT, best block {pl['disk_block_bytes'] >> 10} KiB), index search {pl['index_keys_per_s']:.3g} keys/s; "

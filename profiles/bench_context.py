@@ -34,9 +34,10 @@ def prefill_shared(llm, ids: list[int], capacity: int, config, keep_queries: boo
     """Prefill once with a backend that keeps what every policy needs (prefill queries, token ids).
     ``keep_queries=False`` when no query-aware policy follows (they take memory at long contexts)."""
     from offload.indexes.backend import SparseAttention
+    from offload.indexes.base import IndexContext
 
-    shared = SparseAttention(llm.args, llm.device, llm.dtype, "retrieval", config,
-                             sentence_end_ids=llm.tokenizer.sentence_end_ids(), kv_offload=kv_offload)
+    ctx = IndexContext.for_model(llm.args, llm.device, llm.tokenizer.sentence_end_ids())
+    shared = SparseAttention(llm.args, llm.device, llm.dtype, "retrieval", config, ctx, kv_offload=kv_offload)
     shared.keep_tokens = True
     shared.keep_queries = keep_queries
     shared.allocate(1, capacity)
@@ -53,8 +54,8 @@ def backend_for(policy: str, llm, shared, config):
     if policy == "dense":
         backend = DenseAttention(llm.args, llm.device, llm.dtype)
     else:
-        backend = SparseAttention(llm.args, llm.device, llm.dtype, policy, config,
-                                  sentence_end_ids=shared.sentence_end_ids, kv_offload=shared.kv_offload)
+        backend = SparseAttention(llm.args, llm.device, llm.dtype, policy, config, shared.ctx,
+                                  kv_offload=shared.kv_offload)
         backend.prefill_queries = {key: list(chunks) for key, chunks in shared.prefill_queries.items()}
         backend.row_tokens = {row: list(t) for row, t in shared.row_tokens.items()}
     backend.cache = shared.cache  # the same KV for every policy

@@ -61,7 +61,7 @@ def _reset_gpu_peak(device: torch.device) -> None:
 def _query_aware(policy: str) -> bool:
     from offload.indexes.base import policy_class
 
-    return policy != "dense" and policy_class(policy).uses_prefill_queries
+    return policy != "dense" and policy_class(policy).needs_prefill_queries
 
 
 def latency_rows(llm, ctx: int, policies: list[str], config, steps: int, kv_offload: bool = False) -> list[dict]:
@@ -256,7 +256,7 @@ def main(argv=None) -> int:
     from offload import LLM
     from offload.errors import OffloadError
     from offload.indexes import SelectionConfig
-    from offload.llm import resolve_device
+    from offload.engine_config import resolve_device
     from offload.tiers.budget import parse_size
 
     device = resolve_device(args.device)

@@ -8,6 +8,7 @@ import torch
 from offload import LLM, SamplingParams
 from offload.attention import ForwardBatch
 from offload.indexes import SelectionConfig, make_index, policy_names
+from offload.indexes.base import IndexContext
 
 from conftest import shakespeare
 
@@ -61,11 +62,18 @@ def test_telemetry_of_dense_policy_is_perfect(tiny_models):
     assert set(s["per_layer"]) == set(range(hf.config.num_hidden_layers))
 
 
+def index_context(num_heads: int, num_kv_heads: int, head_dim: int, scale: float, inv_freq=None,
+                  sentence_end_ids=frozenset()) -> IndexContext:
+    inv_freq = inv_freq if inv_freq is not None else torch.ones(head_dim // 2)
+    return IndexContext(num_heads, num_kv_heads, head_dim, scale, (inv_freq, 1.0), torch.device("cpu"),
+                        frozenset(sentence_end_ids))
+
+
 def test_quest_page_bound_is_an_upper_bound():
     torch.manual_seed(0)
     Hkv, G, N, D = 2, 3, 200, 32
     keys = torch.randn(Hkv, N, D)
-    idx = make_index("quest", Hkv * G, Hkv, D, 1.0, SelectionConfig(budget=32, sink=0, window=0))
+    idx = make_index("quest", index_context(Hkv * G, Hkv, D, 1.0), SelectionConfig(budget=32, sink=0, window=0))
     idx.build(keys, N)
     q = torch.randn(Hkv * G, D)
     qg = q.view(Hkv, G, 1, D)
@@ -85,7 +93,7 @@ def test_extend_keeps_quest_pages_current():
     torch.manual_seed(1)
     keys = torch.zeros(1, 64, 16)
     keys[:, :20] = torch.randn(1, 20, 16)
-    idx = make_index("quest", 1, 1, 16, 1.0, SelectionConfig(budget=16, sink=0, window=0))
+    idx = make_index("quest", index_context(1, 1, 16, 1.0), SelectionConfig(budget=16, sink=0, window=0))
     idx.build(keys, 20)
     keys[:, 20:37] = torch.randn(1, 17, 16) * 5
     idx.extend(37)
@@ -139,7 +147,7 @@ def test_graph_search_with_full_effort_is_exact(dtype):
     Hkv, G, N, D, budget = 2, 3, 300, 32, 20
     keys = torch.randn(Hkv, N, D).to(dtype)
     queries = torch.randn(Hkv * G, 64, D).to(dtype)
-    idx = make_index("retrieval", Hkv * G, Hkv, D, 1.0, SelectionConfig(budget=budget, sink=4, window=8))
+    idx = make_index("retrieval", index_context(Hkv * G, Hkv, D, 1.0), SelectionConfig(budget=budget, sink=4, window=8))
     idx.effort = 100.0
     idx.build(keys, N, queries)
     q = torch.randn(Hkv * G, D).to(dtype)
@@ -196,10 +204,10 @@ def test_shadowkv_rank_from_spectrum_and_exact_rebuild_at_full_rank():
     pre = torch.randn(N, 4) @ torch.randn(4, Hkv * D) + 0.01 * torch.randn(N, Hkv * D)  # nearly rank 4
     keys = rope_rotate(pre.view(N, Hkv, D).transpose(0, 1), torch.arange(N), inv_freq)  # [Hkv, N, D]
     for energy, expect_full in ((1.0, True), (0.99, False)):
-        idx = make_index("shadowkv", Hkv * G, Hkv, D, D ** -0.5, SelectionConfig(budget=32, sink=4, window=8))
+        idx = make_index("shadowkv", index_context(Hkv * G, Hkv, D, D ** -0.5, inv_freq),
+                         SelectionConfig(budget=32, sink=4, window=8))
         assert isinstance(idx, ShadowKVIndex)
         idx.energy = energy
-        idx.rope = (inv_freq, 1.0)
         idx.build(keys, N)
         rebuilt = (idx.u @ idx.sv).view(N, Hkv, D).transpose(0, 1)  # pre-RoPE
         rebuilt = rope_rotate(rebuilt, torch.arange(N), inv_freq)
@@ -222,8 +230,7 @@ def test_sentence_index_selects_whole_sentences():
         tokens[end] = 0
     keys = torch.randn(2, 80, D)  # [Hkv, N, D]
     cfg = SelectionConfig(budget=12, sink=0, window=0)
-    idx = SentenceIndex(4, 2, D, D ** -0.5, cfg)
-    idx.token_ids, idx.sentence_end_ids = tokens, frozenset({0})
+    idx = SentenceIndex(index_context(4, 2, D, D ** -0.5, sentence_end_ids={0}), cfg, tokens)
     idx.build(keys, n)
     starts = idx.starts[:idx.num_sentences].tolist()
     assert starts == [0, 10, 20, 36, 40, 56]

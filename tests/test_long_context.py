@@ -9,7 +9,7 @@ from offload import LLM, SamplingParams
 from offload.config import preset
 from offload.errors import OffloadError
 from offload.tiers import planner as planner_mod
-from offload.tiers.planner import choose_kv_policy
+from offload.tiers.planner import kv_fits
 
 GREEDY = SamplingParams(max_new_tokens=6, ignore_eos=True)
 
@@ -73,10 +73,9 @@ def test_a_preset_without_dummy_names_the_fix():
 def test_auto_policy_is_dense_when_the_kv_fits_and_retrieval_otherwise():
     llama = preset("llama-3.1-8b")
     gib = 1 << 30
-    policy, reason = choose_kv_policy(llama, 131072, "bfloat16", 24 * gib)
-    assert policy == "retrieval" and "16.00 GiB" in reason  # 128K of KV beside 15 GiB of weights
-    assert choose_kv_policy(llama, 8192, "bfloat16", 24 * gib)[0] == "dense"  # 1 GiB of KV fits
-    assert choose_kv_policy(llama, 8192, "bfloat16", None)[0] == "dense"
+    fits, reason = kv_fits(llama, 131072, "bfloat16", 24 * gib)
+    assert not fits and "16.00 GiB" in reason  # 128K of KV beside 15 GiB of weights
+    assert kv_fits(llama, 8192, "bfloat16", 24 * gib)[0]  # 1 GiB of KV fits
 
 
 def test_auto_policy_in_the_api(smollm_path, tmp_path, capsys):

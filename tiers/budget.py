@@ -1,8 +1,9 @@
-"""Memory budgets ("24GiB", "auto") and the accounting that holds every tier to its budget.
+"""Memory budgets ("24GiB", "auto"), the disk tier's directory, and measuring what the process holds.
 
-A :class:`TierAccount` is charged before memory is taken; a charge that would exceed the budget
-fails with :class:`BudgetError`, which names the tier, the budget, what was asked for and the
-smallest budget that would work, before any work is done. Peaks are kept for the report. The
+Budgets are held by the planner (offload.tiers.planner) before anything is loaded: a placement
+that does not fit fails with :class:`BudgetError`, which names the tier, the budget and the
+smallest budget that would work. While generating, :class:`MemorySampler` measures what the
+process really holds, for the report and the tests that hold the budgets from outside. The
 process's real memory is read from the OS (``RssAnon``: private, anonymous resident memory; file
 pages of a memory-mapped checkpoint are the page cache's, not the process's) and, on a GPU, from
 the driver (``torch.cuda.max_memory_allocated``).
@@ -11,9 +12,11 @@ the driver (``torch.cuda.max_memory_allocated``).
 from __future__ import annotations
 
 import re
+import shutil
+import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from pathlib import Path
 
 from offload.errors import OffloadError
 
@@ -68,6 +71,24 @@ def resolve_budget(value: str | int | None, what: str, auto_bytes) -> int | None
     return parse_size(value, what)
 
 
+def check_disk_dir(path: Path, needed: int) -> None:
+    """The disk tier's directory, checked before anything is written to it: it is a directory (or
+    can be made one), writable, with room for the ``needed`` bytes the planner will put there."""
+    if path.exists() and not path.is_dir():
+        raise OffloadError(f"disk_dir {path} is a file, not a directory: give a directory for the disk tier")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".offload-probe-"):
+            pass
+    except OSError as e:
+        raise OffloadError(f"disk_dir {path} is not writable ({e.strerror or e}): give a directory you can "
+                           f"write to") from None
+    free = shutil.disk_usage(path).free
+    if needed > free:
+        raise BudgetError(f"disk_dir {path} has {format_size(free)} free but the disk tier needs "
+                          f"{format_size(needed)}: free space there or choose another directory")
+
+
 def rss_anon() -> int:
     """Private anonymous resident memory of this process (bytes), from /proc; RSS where absent."""
     try:
@@ -95,33 +116,6 @@ def release_freed_memory() -> None:
         libc.malloc_trim(0)
     except (OSError, AttributeError):
         pass
-
-
-@dataclass
-class TierAccount:
-    """What one tier holds, by label, against its budget (None: unlimited)."""
-
-    name: str
-    budget: int | None = None
-    held: dict[str, int] = field(default_factory=dict)
-    peak: int = 0
-
-    @property
-    def used(self) -> int:
-        return sum(self.held.values())
-
-    def charge(self, label: str, nbytes: int) -> None:
-        need = self.used - self.held.get(label, 0) + nbytes
-        if self.budget is not None and need > self.budget:
-            raise BudgetError(
-                f"{self.name} budget {format_size(self.budget)} is too small: {label} needs {format_size(nbytes)} "
-                f"on top of {format_size(self.used - self.held.get(label, 0))} already placed; the smallest "
-                f"{self.name} budget that works here is {format_size(need)}")
-        self.held[label] = nbytes
-        self.peak = max(self.peak, self.used)
-
-    def release(self, label: str) -> None:
-        self.held.pop(label, None)
 
 
 class MemorySampler:

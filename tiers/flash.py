@@ -349,22 +349,19 @@ def _resident_without_ffn(model, i: int) -> nn.Module:
     return layer
 
 
-def enable_flash(llm, disk_dir: str | Path, config: FlashConfig, calibration_ids: list[int],
-                 cpu_budget: int | None = None, context: int | None = None) -> dict:
-    """Move every layer's up/down projections to flash bundles; keep gates resident; size the
-    bundle cache from ``cpu_budget`` (bytes) unless ``config.cache_fraction`` is given. A model
-    loaded with layers streamed from disk (a budget below the weights) is calibrated as it streams
-    and comes out resident but for the bundles, so loading never holds the whole model."""
-    from offload.prompt_cache import model_fingerprint
-
-    model = llm.model
+def enable_flash(model, backend, *, source_stem: str, fingerprint: str, disk_dir: str | Path,
+                 config: FlashConfig, calibration_ids: list[int], sizing: dict) -> dict:
+    """Move every layer's up/down projections to flash bundles; keep gates resident; the bundle
+    cache holds ``sizing["cache_bundles"]`` per layer (:func:`size_cache`). A model loaded with
+    layers streamed from disk (a budget below the weights) is calibrated as it streams and comes
+    out resident but for the bundles, so loading never holds the whole model; its streamer is
+    closed. ``fingerprint`` identifies the weights by content (seed included for dummy weights).
+    Returns what the bundles hold and how they are read (the runtime's flash info)."""
     if model.device.type != "cpu":
         raise OffloadError("flash FFN windowing is the CPU-only (edge) mode; on a GPU, stream whole layers "
                            "(gpu_memory=..., cpu_memory=..., disk_dir=...) instead")
-    sizing = size_cache(llm.args, model.dtype, cpu_budget, context or llm.args.max_position_embeddings, config)
-    fingerprint = model_fingerprint(llm.args, llm.path)
     calibration = hashlib.sha256(np.asarray(calibration_ids, np.int64).tobytes()).hexdigest()[:16]
-    path = bundle_store_path(Path(disk_dir), llm.path.stem, fingerprint, model.dtype, config.sparsity)
+    path = bundle_store_path(Path(disk_dir), source_stem, fingerprint, model.dtype, config.sparsity)
     meta = None
     if path.is_file():
         try:
@@ -376,11 +373,11 @@ def enable_flash(llm, disk_dir: str | Path, config: FlashConfig, calibration_ids
                 fingerprint, calibration, True):
             meta = None
     if meta is None:
-        thresholds, orders = calibrate(model, calibration_ids, config.sparsity, llm.backend)
+        thresholds, orders = calibrate(model, calibration_ids, config.sparsity, backend)
         write_bundles(path, model, thresholds, orders, fingerprint, calibration)
         meta, _ = read_header(path)
     reader = StoreReader(path, device="cpu", reader_threads=config.reader_threads)
-    inter, H = llm.args.intermediate_size, llm.args.hidden_size
+    inter, H = model.args.intermediate_size, model.args.hidden_size
     staging = aligned_empty((inter, meta["bundle_elems"]), model.dtype)  # [I, P] one layer's bundles
     from .budget import release_freed_memory
 
@@ -400,16 +397,14 @@ def enable_flash(llm, disk_dir: str | Path, config: FlashConfig, calibration_ids
     if model.streamer is not None:  # every layer is resident now (its FFN on flash): no more streaming
         model.streamer.close()
         model.streamer, model.offloaded = None, frozenset()
-        llm.streamer = None
-    llm.placement = None  # the layer placement no longer describes the model: flash_info and tier_report do
     return {"store": str(path), "thresholds": meta["thresholds"], "reader_mode": reader.mode, "sparsity": config.sparsity,
             "bundle_bytes": meta["bundle_elems"] * model.layers[0].mlp.elem, "loaded_streaming": streamed, **sizing}
 
 
-def flash_stats(llm) -> dict:
+def flash_stats(model) -> dict:
     """Per decode step, summed over layers: active neurons, bundles and bytes read from flash, read
     requests; resident bytes (gates and caches)."""
-    layers = [m for m in (layer.mlp for layer in llm.model.layers) if isinstance(m, FlashMLP)]
+    layers = [m for m in (layer.mlp for layer in model.layers) if isinstance(m, FlashMLP)]
     steps = max(1, layers[0].decode_steps) if layers else 1
     return {"decode_steps": steps, "decode_bytes_per_step": sum(m.decode_bytes for m in layers) / steps,
             "active_neurons_per_step": sum(m.active_total for m in layers) / steps,

@@ -2,11 +2,13 @@
 
 ``io_backend``: "auto" picks kvikio when the target is a CUDA device and kvikio imports, else
 POSIX; "posix" forces POSIX; "kvikio" requires kvikio (an ImportError says what to install).
+kvikio that imports can still fail when it opens or reads a file (no GPUDirect driver, a
+filesystem cuFile refuses): the reader then says so once and carries on with POSIX reads.
 POSIX reads open the file with ``O_DIRECT`` and read into reusable page-aligned buffers, so the
 page cache neither serves repeated reads (hiding the disk's real cost) nor holds a copy of the
 data (taking memory the budget gave elsewhere). Where the filesystem refuses ``O_DIRECT``
 (tmpfs), reads are buffered and each range's pages are dropped after use
-(``posix_fadvise(DONTNEED)``); :attr:`StoreReader.mode` says which mode is in use.
+(``posix_fadvise(DONTNEED)``); :attr:`StoreReader.mode` says which mode is in effect.
 Every read verifies the checksums of the extents it covers.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import sys
 import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -35,8 +38,11 @@ def kvikio_available() -> bool:
     return True
 
 
+IO_BACKENDS = ("auto", "posix", "kvikio")
+
+
 def resolve_io_backend(io_backend: str, device: torch.device) -> str:
-    if io_backend not in ("auto", "posix", "kvikio"):
+    if io_backend not in IO_BACKENDS:
         raise OffloadError(f"unknown io_backend '{io_backend}': use auto, posix or kvikio")
     if io_backend == "kvikio":
         if not kvikio_available():
@@ -131,11 +137,31 @@ class StoreReader:
         else:
             self._fd = os.open(self.path, flags)
         self.align = self._direct_alignment() if self.mode == "O_DIRECT" else SECTOR
+        self._posix_mode = self.mode  # what a fallback from kvikio reads with
+        self._cufile = None
         if self.backend == "kvikio":
-            import kvikio
+            try:
+                import kvikio
 
-            self._cufile = kvikio.CuFile(str(self.path), "r")
-            self.mode = "kvikio"
+                self._cufile = kvikio.CuFile(str(self.path), "r")
+                self.mode = "kvikio"
+            except Exception as e:  # noqa: BLE001 - whatever cuFile raises, POSIX reads still work
+                self._fall_back_to_posix(e)
+
+    def _fall_back_to_posix(self, error: Exception) -> None:
+        """kvikio failed at run time: read with POSIX from now on (said once per reader)."""
+        with self._lock:  # two threads failing at once still fall back (and say so) once
+            if self.backend != "kvikio":
+                return
+            print(f"offload: kvikio read failed ({type(error).__name__}: {error}); falling back to POSIX reads",
+                  file=sys.stderr)
+            cufile, self._cufile = self._cufile, None
+            self.backend, self.mode = "posix", self._posix_mode
+        if cufile is not None:
+            try:
+                cufile.close()
+            except Exception:  # noqa: BLE001 - a broken handle may not close either
+                pass
 
     def close(self) -> None:
         if self._readers is not None:
@@ -144,8 +170,9 @@ class StoreReader:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        if self.backend == "kvikio":
+        if self._cufile is not None:
             self._cufile.close()
+            self._cufile = None
 
     def __enter__(self) -> "StoreReader":
         return self
@@ -197,7 +224,7 @@ class StoreReader:
         else:
             got = os.preadv(self._fd, [memoryview(buf)], start)
         if got < min(length, os.fstat(self._fd).st_size - start):
-            raise CorruptStoreError(f"{self.path}: short read at byte {start} (the file is truncated)")
+            raise CorruptStoreError(self.path, f"short read at byte {start}: the file is truncated")
         if self.mode == "buffered" and hasattr(os, "posix_fadvise"):
             os.posix_fadvise(self._fd, start, length, os.POSIX_FADV_DONTNEED)
         self.bytes_read += length
@@ -213,7 +240,9 @@ class StoreReader:
             raise OffloadError(f"read of '{name}' bytes [{start}, {end}) is not extent-aligned (extent {e.extent})")
         span_end = min(-(-end // e.extent) * e.extent, e.nbytes) if end > start else start  # whole extents
         if self.backend == "kvikio":
-            return self._read_kvikio(e, e.extent_ranges(start, end), start, span_end)[:end - start]
+            got = self._read_kvikio(e, e.extent_ranges(start, end), start, span_end)
+            if got is not None:
+                return got[:end - start]  # else kvikio failed: this read and the later ones go through POSIX
         target = _direct_target(out, self.align) if self.mode == "O_DIRECT" else None
         if target is not None and span_end == end and (e.offset + start) % self.align == 0 \
                 and (end - start) % self.align == 0:  # straight into the caller's aligned buffer
@@ -232,8 +261,7 @@ class StoreReader:
         """Check the extents covering tensor bytes [start, end), held in ``data`` from its first byte."""
         bad = _first_bad_extent(e, data, start, end)
         if bad is not None:
-            raise CorruptStoreError(f"{self.path}: checksum mismatch in tensor '{e.name}' extent {bad}: the store "
-                                    "is corrupt; rebuild it from the source weights")
+            raise CorruptStoreError(self.path, f"checksum mismatch in tensor '{e.name}' extent {bad}")
 
     def read_ranges(self, name: str, ranges: list[tuple[int, int]], out: torch.Tensor) -> torch.Tensor:
         """Byte ranges [(start, end), ...] of tensor ``name``, each starting on an extent boundary,
@@ -286,23 +314,40 @@ class StoreReader:
             [one(k) for k in range(len(ranges))]
         bad = next((p for p in problems if p), None)
         if bad:
-            raise CorruptStoreError(f"{self.path}: {bad}: the store is corrupt; rebuild it from the source weights")
+            raise CorruptStoreError(self.path, bad)
         if self.mode == "buffered" and hasattr(os, "posix_fadvise"):
             for (start, _), skip, span in zip(ranges, skips, spans):
                 os.posix_fadvise(self._fd, e.offset + start - skip, span, os.POSIX_FADV_DONTNEED)
         self.bytes_read += at[-1]
 
-    def _read_kvikio(self, e: TensorEntry, ranges, start: int, span_end: int) -> torch.Tensor:
+    def _read_kvikio(self, e: TensorEntry, ranges, start: int, span_end: int) -> torch.Tensor | None:
+        """Tensor bytes [start, span_end) read by cuFile into device memory and verified there;
+        None when cuFile failed (the reader has fallen back to POSIX)."""
         length = align_up(span_end - start, 4)
         out = torch.zeros(length, dtype=torch.uint8, device=self.device)  # [span] on the GPU
-        self._cufile.pread(out, span_end - start, e.offset + start).get()
+        try:
+            self._cufile.pread(out, span_end - start, e.offset + start).get()
+        except Exception as err:  # noqa: BLE001 - only cuFile's own failure is caught here
+            self._fall_back_to_posix(err)
+            return None
         self.bytes_read += span_end - start
         for i, lo, hi in ranges:
             piece = out[lo - start:align_up(hi - start, 4)]
             if weighted_sum32(piece) != e.sums[i]:
-                raise CorruptStoreError(f"{self.path}: checksum mismatch in tensor '{e.name}' extent {i}: "
-                                        "the store is corrupt; rebuild it from the source weights")
+                raise CorruptStoreError(self.path, f"checksum mismatch in tensor '{e.name}' extent {i}")
         return out
+
+    def verify(self, chunk: int = 16 << 20) -> None:
+        """Read every tensor and check every extent (CorruptStoreError at the first bad one), in
+        pieces of about ``chunk`` bytes (whole extents) through one reused buffer: a store about to
+        be reused is checked once, before anything depends on it."""
+        pieces = {e.name: max(1, chunk // e.extent) * e.extent for e in self.entries.values()}
+        buf = aligned_empty((max([min(e.nbytes, pieces[e.name]) for e in self.entries.values()], default=0),),
+                            torch.uint8)  # [largest piece]
+        for e in self.entries.values():
+            for lo in range(0, e.nbytes, pieces[e.name]):
+                hi = min(lo + pieces[e.name], e.nbytes)
+                self.read_bytes(e.name, lo, hi, out=buf[:hi - lo])
 
     def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         """The whole tensor ``name`` (verified), into ``out`` when given (reused buffers)."""

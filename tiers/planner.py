@@ -185,46 +185,39 @@ class Placement:
         write_json_atomic(path, self.to_json())
 
 
-def index_bytes(args: ModelArgs, policy: str, context: int, dtype_bytes: int) -> int:
-    """Memory of a policy's index structures over ``context`` tokens, all layers (estimates from
-    each structure's layout; the built indexes report their exact size through ``nbytes``)."""
-    L, Hkv, D = args.num_layers, args.num_kv_heads, args.head_dim
-    per_layer = {
-        "retrieval": Hkv * context * (32 * 4 + 8),  # key graph: max_degree int32 ids + CSR offsets
-        "keygraph": Hkv * context * (32 * 4 + 8),
-        "quest": Hkv * (context // 16 + 1) * D * 4 * 2,  # per-page min and max
-        "sentence": Hkv * (context // 12 + 1) * D * 4,  # one vector per ~12-token sentence
-        "shadowkv": context * 160 * dtype_bytes + Hkv * (context // 8) * D * 4,  # U factors + landmarks
-    }.get(policy, 0)
-    return L * per_layer
+@dataclass(frozen=True)
+class SelectionCost:
+    """What a KV selection policy adds to a placement, priced by the policy itself
+    (``KVIndex.selection_cost`` in offload.indexes): the planner knows no policy by name."""
+
+    index_bytes: int = 0  # index structures, all sparse layers
+    prefill_query_bytes: int = 0  # prompt queries a query-aware index keeps until it is built
+    search_ms: float = 0.0  # host-side search per decode step, all sparse layers
 
 
-SPARSE_DEFAULT = "retrieval"  # what kv_policy="auto" picks when the KV does not fit on the device
-
-
-def choose_kv_policy(args: ModelArgs, context: int, dtype: str, device_budget: int | None) -> tuple[str, str]:
-    """``kv_policy="auto"``: dense (exact) attention when the whole model and the full KV at
-    ``context`` fit in the device budget; a retrieval policy otherwise, since then the KV would
-    have to cross a slower link every step. Returns (policy, the reason in words)."""
+def kv_fits(args: ModelArgs, context: int, dtype: str, device_budget: int) -> tuple[bool, str]:
+    """Whether the whole model and its full KV at ``context`` fit in ``device_budget`` (what
+    ``kv_policy="auto"`` asks), with the reason in words."""
     b = DTYPE_BYTES[dtype]
     kv = args.kv_bytes_per_token(b) * context
     weights = args.param_count() * b
-    if device_budget is None:
-        return "dense", "no device budget given"
     need = kv + weights + RUNTIME_RESERVE
     if need <= device_budget:
-        return "dense", (f"the KV at {context:,} tokens ({format_size(kv)}) fits on the device beside the weights "
-                         f"({format_size(need)} of {format_size(device_budget)})")
-    return SPARSE_DEFAULT, (f"the KV at {context:,} tokens ({format_size(kv)}) and the weights ({format_size(weights)}) "
-                            f"exceed the device budget {format_size(device_budget)}")
+        return True, (f"the KV at {context:,} tokens ({format_size(kv)}) fits on the device beside the weights "
+                      f"({format_size(need)} of {format_size(device_budget)})")
+    return False, (f"the KV at {context:,} tokens ({format_size(kv)}) and the weights ({format_size(weights)}) "
+                   f"exceed the device budget {format_size(device_budget)}")
 
 
 def plan(args: ModelArgs, *, model: str, context: int, device: str = "cpu", dtype: str = "float32",
          kv_policy: str = "dense", kv_budget: float = 0.02, sink: int = 4, window: int = 64,
          gpu_memory: int | None = None, cpu_memory: int | None = None, disk_dir: str | None = None,
-         profile: BandwidthProfile | None = None, prefetch_slots: int = 2, dense_layers: int = 2) -> Placement:
+         profile: BandwidthProfile | None = None, prefetch_slots: int = 2, dense_layers: int = 2,
+         kv_on_host: bool | None = None, selection_cost: SelectionCost = SelectionCost()) -> Placement:
     """Place weights, KV and index under the budgets (bytes; None = unlimited). ``prefetch_slots``:
-    device buffers for streamed layers (2 = double buffering)."""
+    device buffers for streamed layers (2 = double buffering). ``kv_on_host``: the sparse layers'
+    full KV lives in host memory, only each step's selection crossing to the GPU (None: whenever a
+    GPU computes with a sparse policy)."""
     if dtype not in DTYPE_BYTES:
         raise OffloadError(f"unknown dtype '{dtype}': use one of {', '.join(DTYPE_BYTES)}")
     if context <= 0:
@@ -239,14 +232,16 @@ def plan(args: ModelArgs, *, model: str, context: int, device: str = "cpu", dtyp
     sparse = kv_policy not in ("dense",)
     budget_tokens = int(kv_budget * context) if kv_budget < 1 else int(kv_budget)
     attended = min(context, budget_tokens + sink + window) if sparse else context
-    idx_bytes = index_bytes(args, kv_policy, context, b) if sparse else 0
+    idx_bytes = selection_cost.index_bytes + selection_cost.prefill_query_bytes if sparse else 0
     device_budget = gpu_memory if on_gpu else cpu_memory
     host_budget = cpu_memory if on_gpu else None
 
     # KV and index first: they decide what room is left for weights.
     kv_tiers: dict[str, int] = {}
     index_tiers: dict[str, int] = {}
-    if on_gpu and sparse:
+    if kv_on_host is None:
+        kv_on_host = on_gpu and sparse
+    if kv_on_host:
         # The GPU keeps the dense layers' KV and the sparse layers' attended working set; the sparse
         # layers' full KV and the CPU-side index live on the host (kv_offload).
         per_layer = args.kv_bytes_per_token(b) // args.num_layers  # one layer, one token
@@ -316,16 +311,16 @@ def plan(args: ModelArgs, *, model: str, context: int, device: str = "cpu", dtyp
             moved[t] += layer_bytes
         weights_ms += 1e3 * compute
         transfer_ms += 1e3 * max(0.0, fetch - compute)  # what the prefetch cannot hide
-    kv_read = args.kv_bytes_per_token(b) * attended
+    dense_count = L if not sparse else min(dense_layers, L)  # dense layers read their whole KV
+    kv_read = args.kv_bytes_per_token(b) // L * (dense_count * context + (L - dense_count) * attended)
     attention_ms = 1e3 * kv_read / dev_bw
     fetch_kv_ms = 0.0
-    if on_gpu and sparse:  # selected KV rows cross the link every step
-        sel_bytes = args.kv_bytes_per_token(b) * min(budget_tokens, context)
-        fetch_kv_ms = 1e3 * sel_bytes / (profile.h2d_pageable_gbs * 1e9)
+    if kv_on_host:  # the selected rows of the sparse layers cross the link every step, from pinned staging
+        sparse_layers = args.num_layers - min(dense_layers, args.num_layers)
+        sel_bytes = args.kv_bytes_per_token(b) // args.num_layers * sparse_layers * attended
+        fetch_kv_ms = 1e3 * sel_bytes / link
         moved["host"] += sel_bytes
-    search_ms = 0.0
-    if kv_policy in ("retrieval", "keygraph", "hnsw"):
-        search_ms = 1e3 * L * profile.scored_fraction * context * args.num_kv_heads / profile.index_keys_per_s
+    search_ms = selection_cost.search_ms if sparse else 0.0
     head_ms = 1e3 * (fixed - RUNTIME_RESERVE) / dev_bw
     breakdown = {"weights": weights_ms, "weight_transfer": transfer_ms, "attention": attention_ms,
                  "kv_fetch": fetch_kv_ms, "index_search": search_ms, "embed_head": head_ms,

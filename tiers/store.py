@@ -8,18 +8,22 @@ Layout of one store file::
 The header lists every tensor (dtype, shape, offset, byte length, extent size and one crc32 per
 extent). Data is written first and the header last, so a writer streams tensors of any total
 size without holding them. Files are written atomically: into a temporary file in the same
-directory, fsync'd, renamed over the target, and the directory fsync'd; an interrupted write
-leaves the previous file intact. Every read verifies the checksums of the extents it touches.
+directory (``.<name>.tmp-<pid>``), fsync'd, renamed over the target, and the directory fsync'd;
+an interrupted write leaves the previous file intact, and the temporary file of a writer that was
+killed is removed by the next writer in that directory. Every read verifies the checksums of the
+extents it touches.
 
-Reads go through :class:`offload.tiers.io.DirectReader`: ``O_DIRECT`` into reusable aligned
+Reads go through :class:`offload.tiers.io.StoreReader`: ``O_DIRECT`` into reusable aligned
 buffers where the filesystem allows it (the page cache neither hides the disk's cost nor takes
 the memory budget), kvikio on a GPU when installed (see ``offload.tiers.io``).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import re
 import struct
 import zlib
 from dataclasses import dataclass
@@ -41,8 +45,61 @@ _DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.int32, torch.int64, torch.bool)}
 
 
+REBUILD_FIX = "delete it and run again (the next run rebuilds it)"
+
+
 class CorruptStoreError(OffloadError):
-    """A store file failed verification (bad trailer, header or extent checksum)."""
+    """A store file failed verification (bad trailer, header or extent checksum).
+
+    ``path`` and ``reason`` (what failed) let a caller that knows where the file came from say how
+    to replace it: a weight store is rebuilt from the model, a prompt cache must be saved again."""
+
+    def __init__(self, path, reason: str | None = None, fix: str = REBUILD_FIX, what: str = "store"):
+        if reason is None:  # a finished message (this is also how a pickled error is rebuilt)
+            self.path, self.reason = None, None
+            super().__init__(path)
+            return
+        self.path, self.reason = Path(path), reason
+        super().__init__(f"{what} {path} is corrupt ({reason}): {fix}")
+
+
+_TMP_NAME = re.compile(r"^\..+\.tmp-(\d+)$")  # StoreWriter's temporary files: .<name>.tmp-<pid>
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def remove_stale_temp_files(folder: Path) -> list[Path]:
+    """Remove the temporary files that killed writers left in ``folder`` (up to a whole store each).
+
+    A file is stale when the pid in its name is not a live process and no writer holds its lock:
+    the lock keeps a live writer's file even where its pid means another process here (a folder
+    shared between pid namespaces)."""
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        match = _TMP_NAME.match(name)
+        if not match or _pid_alive(int(match.group(1))):
+            continue
+        tmp = folder / name
+        try:
+            with open(tmp, "rb") as f:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                tmp.unlink()
+            removed.append(tmp)
+        except OSError:
+            pass  # in use, gone already or not ours to remove: cleaning up never stops a write
+    return removed
 
 
 def align_up(n: int, alignment: int = ALIGN) -> int:
@@ -109,6 +166,7 @@ class StoreWriter:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        remove_stale_temp_files(self.path.parent)
         self.extent = extent
         self.metadata = dict(metadata or {})
         self.entries: dict[str, TensorEntry] = {}
@@ -117,6 +175,7 @@ class StoreWriter:
 
     def __enter__(self) -> "StoreWriter":
         self._file = open(self.tmp, "wb")
+        fcntl.flock(self._file, fcntl.LOCK_EX)  # held until closed: the file is in use (remove_stale_temp_files)
         return self
 
     def add(self, name: str, tensor: torch.Tensor, extent: int | None = None) -> TensorEntry:
@@ -181,16 +240,16 @@ def read_header(path: Path) -> tuple[dict, dict[str, TensorEntry]]:
         raise OffloadError(f"store file not found: {path}")
     size = path.stat().st_size
     if size < TRAILER.size:
-        raise CorruptStoreError(f"{path} is too short to be a store ({size} bytes): it is truncated; write it again")
+        raise CorruptStoreError(path, f"too short to be a store ({size} bytes): truncated")
     with open(path, "rb") as f:
         f.seek(size - TRAILER.size)
         magic, offset, length, crc = TRAILER.unpack(f.read(TRAILER.size))
         if magic != MAGIC or offset + length + TRAILER.size != size:
-            raise CorruptStoreError(f"{path} has no valid store trailer (truncated or not a store); write it again")
+            raise CorruptStoreError(path, "no valid store trailer: truncated or not a store")
         f.seek(offset)
         header = f.read(length)
     if crc32(header) != crc:
-        raise CorruptStoreError(f"{path}: the header checksum does not match (the file is corrupt); write it again")
+        raise CorruptStoreError(path, "the header checksum does not match")
     doc = json.loads(header)
     entries = {}
     for t in doc["tensors"]:

@@ -10,11 +10,13 @@ computes (the read and checksum release the GIL).
 
 :class:`WeightSpill` is the loader's side: tensors of layers placed off the device are assembled
 one layer at a time in host memory and written into one store file (atomically, checksummed),
-which is reused on the next run when it matches the model.
+which is reused on the next run when it matches the model and every extent verifies; a store that
+fails verification is deleted and rebuilt from the model, since the loader reads the model anyway.
 """
 
 from __future__ import annotations
 
+import sys
 from contextlib import nullcontext
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -24,7 +26,7 @@ import torch
 from offload.errors import OffloadError
 
 from .io import StoreReader
-from .store import StoreWriter, read_header
+from .store import CorruptStoreError, StoreWriter, read_header
 
 
 def layer_tensor_name(layer: int, param: str) -> str:
@@ -41,14 +43,23 @@ class WeightSpill:
         self.written: set[int] = set()
 
     def _matches_existing(self) -> bool:
+        """Whether the store at ``path`` holds these weights intact: header and every extent verified.
+        A corrupt one is deleted here (before its replacement is written, which may need the space)."""
         if not self.path.is_file():
             return False
         try:
-            meta, entries = read_header(self.path)
-        except OffloadError:
-            return False  # a damaged store is rebuilt from the checkpoint
-        return (meta.get("fingerprint") == self.fingerprint and meta.get("dtype") == str(self.dtype)
-                and set(self.layers) <= set(meta.get("layers", [])))
+            meta, _ = read_header(self.path)
+            if not (meta.get("fingerprint") == self.fingerprint and meta.get("dtype") == str(self.dtype)
+                    and set(self.layers) <= set(meta.get("layers", []))):
+                return False  # another model's or placement's store: overwritten by the new one
+            with StoreReader(self.path, device="cpu", io_backend="posix") as reader:
+                reader.verify()  # one read of the store, once per load: a bad extent is caught here, not mid-generation
+        except CorruptStoreError as e:
+            print(f"offload: weight store {self.path} failed verification ({e.reason or e}); rebuilding it "
+                  "from the model", file=sys.stderr)
+            self.path.unlink(missing_ok=True)
+            return False
+        return True
 
     def begin(self) -> None:
         if not self.reusable:

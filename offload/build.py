@@ -1,0 +1,141 @@
+"""The one builder: a :class:`ResolvedConfig` in, a :class:`Runtime` out.
+
+Every way of loading a model is a branch here: resident (no budget), placed under budgets (layers
+streamed from host memory or a disk store), and flash FFN windowing on top of either. Nothing
+below this module imports the API class; nothing here decides an "auto" (that is
+:meth:`EngineConfig.resolve`).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .attention import AttentionBackend, DenseAttention
+from .engine import Engine
+from .engine_config import MIN_FLASH_CALIBRATION, ResolvedConfig
+from .indexes.backend import SparseAttention
+from .indexes.base import IndexContext, policy_class
+from .loaders import load_model
+from .model import Transformer
+from .prompt_cache import model_fingerprint
+from .rope import RotaryEmbedding
+from .tiers.flash import enable_flash, flash_stats
+from .tiers.planner import Placement
+from .tiers.runtime import load_offloaded
+from .tiers.streaming import LayerStreamer
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class Runtime:
+    """What a run computes with: the model, its tokenizer, the attention backend, the engine, and
+    the tiers in use. ``placement``: the layer placement in force (None when there is no budget,
+    or when flash made every layer resident); ``flash``: what the FFN bundles hold."""
+
+    resolved: ResolvedConfig
+    model: Transformer
+    tokenizer: Tokenizer
+    source: Path
+    fingerprint: str  # identifies the weights by content (prompt caches, weight and bundle stores)
+    backend: AttentionBackend
+    engine: Engine
+    placement: Placement | None
+    streamer: LayerStreamer | None
+    flash: dict | None
+
+    def describe(self) -> str:
+        """One line: model, device, dtype, where the weights live and the KV policy (and why)."""
+        r, a = self.resolved, self.model.args
+        seed = r.dummy_seed
+        weights = "weights" if seed is None else f"dummy weights (seed {seed})"
+        if self.placement is not None:
+            tiers = self.placement.layer_tiers
+            weights += ": layers " + ", ".join(f"{tiers.count(t)} on {t}" for t in ("device", "host", "disk")
+                                               if t in tiers)
+        else:
+            weights += f": all {a.num_layers} layers on {r.device.type}"
+        if self.flash is not None:
+            f = self.flash
+            weights += (f", FFN up/down on flash (sparsity {f['sparsity']:g}, {f['cache_fraction']:.0%} of the "
+                        f"bundles cached, reads via {f['reader_mode']})")
+        attention = self.backend.describe()
+        if r.kv_policy_reason:
+            attention += f" [auto: {r.kv_policy_reason}]"
+        return (f"offload: {self.source.name} ({a.architecture}, {a.param_count() / 1e6:.0f}M params, "
+                f"{a.num_layers} layers, {a.num_heads}/{a.num_kv_heads} heads) on {r.device.type}, "
+                f"{r.dtype_name}; {weights}; {attention}")
+
+    def tier_report(self) -> dict:
+        """What each tier holds as placed, and the disk bytes read per forward pass so far; with
+        flash, what a decode step reads and what stays resident."""
+        report: dict = {"placement": None}
+        if self.placement is not None:
+            st = self.streamer
+            read, passes = (st.bytes_read, st.passes) if st is not None else (0, 0)
+            report = {"placement": self.placement.tier_bytes(), "disk_bytes_read": read, "forward_passes": passes,
+                      # each forward pass (a decode step or a prefill chunk) streams every off-device layer once
+                      "disk_bytes_per_pass": read / passes if passes else None,
+                      "disk_mode": st.store.mode if st is not None and st.store is not None else None,
+                      "layer_loads": st.loads if st is not None else 0}
+        if self.flash is not None:
+            report["flash"] = {**flash_stats(self.model), "cache_fraction": self.flash["cache_fraction"],
+                               "accounted_resident_bytes": self.flash["resident_bytes"]}
+        return report
+
+    def close(self) -> None:
+        """Stop the prefetch thread and close the weight store (streamed layers only)."""
+        if self.streamer is not None:
+            self.streamer.close()
+            self.streamer = None
+
+
+def build_runtime(resolved: ResolvedConfig) -> Runtime:
+    config = resolved.config
+    fingerprint = model_fingerprint(resolved.args, resolved.source, resolved.dummy_seed)
+    streamer = placement = None
+    if config.budgeted:
+        if config.verbose:
+            print(resolved.placement.table(), file=sys.stderr)
+        loaded = load_offloaded(config.model, resolved.placement, device=resolved.device, dtype=resolved.dtype,
+                                fingerprint=fingerprint, disk_dir=config.disk_dir and Path(config.disk_dir),
+                                tuning=resolved.tuning, io_backend=config.io_backend, progress=config.progress,
+                                verbose=config.verbose, load_format=config.load_format, seed=config.seed)
+        model, tokenizer, source = loaded.model, loaded.tokenizer, loaded.path
+        placement, streamer = resolved.placement, loaded.streamer
+    else:
+        model, tokenizer, source = load_model(config.model, resolved.device, resolved.dtype, progress=config.progress,
+                                              load_format=config.load_format, seed=config.seed)
+    if config.rope_scaling is not None:  # context extension: before any attention backend is built
+        model.args = resolved.args
+        model.rope = RotaryEmbedding(model.args, resolved.device)
+    backend = build_backend(resolved, tokenizer)
+    engine = Engine(model, tokenizer, backend, config.prefill_chunk_size, config.max_context)
+    flash = None
+    if config.flash is not None:  # FFN up/down projections on flash ("LLM in a flash")
+        calibration = config.flash_calibration
+        ids = tokenizer.encode(calibration) if isinstance(calibration, str) else list(calibration)
+        if len(ids) < MIN_FLASH_CALIBRATION:
+            print(f"offload: flash thresholds calibrated on only {len(ids)} tokens: the sparsity they give on other "
+                  f"text is uncertain; calibrate on a few hundred tokens like your prompts (flash_calibration=..., "
+                  f"--flash-calibration FILE)", file=sys.stderr)
+        flash = enable_flash(model, backend, source_stem=source.stem, fingerprint=fingerprint,
+                             disk_dir=config.disk_dir, config=config.flash,
+                             calibration_ids=ids[:config.flash.calibration_tokens], sizing=resolved.flash_sizing)
+        # every layer is resident now but for its bundles: the layer placement no longer describes it
+        streamer = placement = None
+    return Runtime(resolved=resolved, model=model, tokenizer=tokenizer, source=source, fingerprint=fingerprint,
+                   backend=backend, engine=engine, placement=placement, streamer=streamer, flash=flash)
+
+
+def build_backend(resolved: ResolvedConfig, tokenizer: Tokenizer) -> AttentionBackend:
+    """Dense attention, or sparse attention with the resolved KV policy (telemetry needs the latter)."""
+    config, args = resolved.config, resolved.args
+    if resolved.kv_policy == "dense" and not config.telemetry:
+        return DenseAttention(args, resolved.device, resolved.dtype)
+    ends = tokenizer.sentence_end_ids() if policy_class(resolved.kv_policy).needs_token_ids else frozenset()
+    context = IndexContext.for_model(args, resolved.device, sentence_end_ids=ends)
+    return SparseAttention(args, resolved.device, resolved.dtype, resolved.kv_policy, resolved.selection,
+                           context, telemetry=config.telemetry, kv_offload=resolved.kv_offload)
+

@@ -1,0 +1,308 @@
+"""What the user asks for (:class:`EngineConfig`, "auto" allowed) and what the runtime runs
+(:class:`ResolvedConfig`, every "auto" decided).
+
+``EngineConfig`` is frozen and checks its own values on construction: nothing is read, so a bad
+value fails before any model is opened. :meth:`EngineConfig.resolve` is the only place where a
+setting is interpreted: device, dtype, the profile's tuned defaults, budget bytes, the KV policy,
+the placement under the budgets, the flash cache size, whether the sparse layers' KV lives on the
+host, and whether the model fits at all. ``LLM``, ``offload generate`` and ``offload plan`` all go
+through it, so ``plan`` prints the placement ``generate`` uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from .config import ModelArgs, RopeScaling
+from .errors import OffloadError
+from .indexes.base import AUTO_SPARSE_POLICY, SelectionConfig, policy_class, policy_names
+from .loaders import LOAD_FORMATS, read_model_args
+from .tiers.budget import check_disk_dir, free_device_memory, free_host_memory, parse_size, resolve_budget
+from .tiers.flash import FlashConfig, size_cache
+from .tiers.planner import DTYPE_BYTES, BandwidthProfile, Placement, Tuning, kv_fits, plan
+
+IO_BACKENDS = ("auto", "posix", "kvikio")
+DEFAULT_KV_BUDGET = 0.02  # 2% of the context, plus sinks and the recent window
+MIN_FLASH_CALIBRATION = 128  # fewer calibration tokens than this: thresholds are a guess, say so
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise OffloadError(message)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Every setting of a run, as the user gave it. ``LLM(model, **settings)`` and the CLI flags
+    build one; ``replace(**changes)`` makes a variant (unknown names are one clear error)."""
+
+    model: str | Path | None = None  # HF folder, .gguf file, preset name (dummy), None: the default model
+    device: str = "auto"  # auto: CUDA when usable, else the CPU
+    dtype: str = "auto"  # auto: bf16 on a GPU, fp32 on the CPU
+    load_format: str = "auto"  # dummy: the model's shape with seeded random weights (speed runs only)
+    seed: int = 0  # of the dummy weights
+    max_context: int | None = None  # longest sequence (prompt + generated); None: the model's maximum
+    prefill_chunk_size: int = 512  # prompt tokens per prefill step
+    rope_scaling: Mapping[str, Any] | None = None  # context extension, e.g. {"type": "yarn", "factor": 4, ...}
+    kv_policy: str = "dense"  # auto, or a name from offload.indexes.policy_names()
+    kv_budget: float | None = None  # a fraction of the context (< 1) or a token count; None: tuned or 2%
+    sink: int = 4
+    window: int = 64
+    dense_layers: int = 2
+    search_effort: float | None = None
+    kv_offload: bool | None = None  # None: wherever the placement or the policy's search needs it
+    telemetry: bool = False
+    gpu_memory: str | int | None = None  # "24GiB", bytes, "auto" (90% of free), None: no limit
+    cpu_memory: str | int | None = None
+    disk_dir: str | Path | None = None
+    profile: str | Path | None = None  # bandwidth profile JSON from `offload profile` / `offload tune`
+    io_backend: str = "auto"
+    flash: FlashConfig | None = None
+    flash_calibration: str | Sequence[int] | None = None
+    verbose: bool = True
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.model is None or isinstance(self.model, (str, os.PathLike)),
+               f"model must be a path (a Hugging Face folder or a .gguf file), a preset name or None, got "
+               f"{type(self.model).__name__} {self.model!r}")
+        _check(isinstance(self.device, (str, torch.device)), f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        _check(isinstance(self.dtype, torch.dtype) or self.dtype in ("auto", *DTYPES),
+               f"unknown dtype {self.dtype!r}: use one of auto, {', '.join(sorted(DTYPES))}")
+        _check(self.load_format in LOAD_FORMATS, f"unknown load_format {self.load_format!r}: use 'auto' (read the "
+               f"checkpoint) or 'dummy' (seeded random weights, for speed runs)")
+        _check(_is_int(self.seed), f"seed must be an integer, got {self.seed!r}")
+        _check(self.max_context is None or (_is_int(self.max_context) and self.max_context > 0),
+               f"max_context must be a positive integer, got {self.max_context!r}")
+        _check(_is_int(self.prefill_chunk_size) and self.prefill_chunk_size > 0,
+               f"prefill_chunk_size must be a positive integer, got {self.prefill_chunk_size!r}")
+        _check(self.rope_scaling is None or isinstance(self.rope_scaling, Mapping),
+               f"rope_scaling must be a dict such as {{'type': 'yarn', 'factor': 4}}, got {self.rope_scaling!r}")
+        _check(self.kv_policy in ("auto", *policy_names()),
+               f"unknown kv_policy {self.kv_policy!r}: choose auto or one of {', '.join(policy_names())}")
+        if self.kv_budget is not None:
+            b = self.kv_budget
+            _check(_is_number(b) and b > 0 and (b < 1 or float(b).is_integer()),
+                   f"kv_budget must be a fraction of the context in (0, 1) or a whole number of tokens >= 1, "
+                   f"got {b!r}")
+        for name in ("sink", "window", "dense_layers"):
+            value = getattr(self, name)
+            _check(_is_int(value) and value >= 0, f"{name} must be an integer >= 0, got {value!r}")
+        _check(self.search_effort is None or (_is_number(self.search_effort) and self.search_effort >= 1),
+               f"search_effort must be >= 1 (beam width = effort x budget), got {self.search_effort!r}")
+        for name in ("gpu_memory", "cpu_memory"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, str) and value.strip().lower() == "auto"):
+                parse_size(value, name)  # syntax now, bytes at resolve()
+        _check(self.disk_dir is None or isinstance(self.disk_dir, (str, os.PathLike)),
+               f"disk_dir must be a directory path, got {self.disk_dir!r}")
+        _check(self.io_backend in IO_BACKENDS, f"unknown io_backend {self.io_backend!r}: use {', '.join(IO_BACKENDS)}")
+        _check(self.flash is None or isinstance(self.flash, FlashConfig),
+               f"flash must be a FlashConfig(sparsity=...), got {type(self.flash).__name__}")
+
+    def replace(self, **changes: Any) -> "EngineConfig":
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise OffloadError(f"unknown setting {unknown[0]!r}: known settings are {', '.join(sorted(known))}")
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def budgeted(self) -> bool:
+        """Weights are placed under budgets (layers may stream). With flash and no cpu_memory the
+        model loads whole and only its FFN moves to flash."""
+        given = self.gpu_memory is not None or self.cpu_memory is not None or self.disk_dir is not None
+        return given and (self.flash is None or self.cpu_memory is not None)
+
+    # ------------------------------------------------------------------ resolution
+    def resolve(self, planning: bool = False) -> "ResolvedConfig":
+        """Decide every "auto", check what can be checked before loading, and place the model.
+        ``planning``: for ``offload plan``, which may plan a GPU machine from a machine without one."""
+        device = resolve_device(self.device, planning, self.gpu_memory)
+        dtype = self.dtype if isinstance(self.dtype, torch.dtype) else (
+            DTYPES[self.dtype] if self.dtype != "auto" else torch.bfloat16 if device.type == "cuda" else torch.float32)
+        dtype_name = str(dtype).removeprefix("torch.")
+        tuning, bandwidth = Tuning.load(self.profile), BandwidthProfile.load(self.profile)
+        args, source = read_model_args(self.model, self.load_format)
+        args = self._extended(args)
+        context = self.max_context or args.max_position_embeddings
+        _check(self.dense_layers <= args.num_layers, f"dense_layers {self.dense_layers} is more than the model's "
+               f"{args.num_layers} layers: give 0..{args.num_layers}")
+        on_gpu = device.type == "cuda"
+        gpu = resolve_budget(self.gpu_memory, "gpu_memory", lambda: _free_gpu(device)) if on_gpu else None
+        cpu = resolve_budget(self.cpu_memory, "cpu_memory", free_host_memory)
+        if self.gpu_memory is not None and not on_gpu:
+            print("offload: gpu_memory is ignored: no GPU is in use (device cpu)", file=sys.stderr)
+        kv_policy, reason = self.kv_policy, None
+        if kv_policy == "auto":  # dense when the model and its KV at the context fit on the device
+            budget = gpu if on_gpu else cpu
+            if budget is None:
+                budget = int(0.9 * (_free_gpu(device) if on_gpu else free_host_memory()))
+            fits, reason = kv_fits(args, context, dtype_name, budget)
+            kv_policy = "dense" if fits else AUTO_SPARSE_POLICY
+        selection = SelectionConfig(budget=self.kv_budget or tuning.kv_budget or DEFAULT_KV_BUDGET, sink=self.sink,
+                                    window=self.window, dense_layers=self.dense_layers,
+                                    effort=self.search_effort if self.search_effort is not None else tuning.search_effort)
+        policy = policy_class(kv_policy)
+        searches_on_host = policy.searches_on_host
+        flash_sizing = self._check_flash(args, device, dtype, cpu, context, planning)
+        placement = plan(args, model=source.name, context=context, device=device.type, dtype=dtype_name,
+                         kv_policy=kv_policy, kv_budget=selection.budget, sink=self.sink, window=self.window,
+                         gpu_memory=gpu if self.budgeted else None, cpu_memory=cpu if self.budgeted else None,
+                         disk_dir=None if self.disk_dir is None else str(self.disk_dir), profile=bandwidth,
+                         prefetch_slots=tuning.prefetch_slots, dense_layers=self.dense_layers,
+                         kv_on_host=on_gpu and kv_policy != "dense" and (self.kv_offload is not False),
+                         selection_cost=policy.selection_cost(args, context, DTYPE_BYTES[dtype_name],
+                                                              self.dense_layers, bandwidth))
+        kv_offload = self.kv_offload
+        if kv_offload is None:  # the full KV of sparse layers on the host when the placement put it there,
+            # and always on a GPU for a policy whose search runs on the host (graphs, sentences)
+            kv_offload = placement.kv_tiers.get("host", 0) > 0 or (on_gpu and searches_on_host)
+        _check(not (kv_offload and kv_policy == "dense"), "kv_offload keeps the KV in host memory and fetches a "
+               "selection of it per step: it needs a sparse kv_policy (e.g. retrieval), not dense")
+        _check(not (on_gpu and searches_on_host and not kv_offload),
+               f"kv_policy {kv_policy!r} searches its index on the host: on a GPU its KV must be in host memory "
+               f"(drop kv_offload=False)")
+        if self.disk_dir is not None and not planning:
+            needed = placement.tier_bytes()["disk"] + (flash_sizing or {}).get("flash_bytes", 0)
+            check_disk_dir(Path(self.disk_dir), needed)
+        if not planning and not self.budgeted:
+            _check_fits(args, source, device, dtype_name, placement)
+        if self.max_context is not None and self.max_context > args.max_position_embeddings and self.verbose:
+            print(f"offload: max_context {self.max_context} is beyond the {args.max_position_embeddings} positions "
+                  "this model was trained for: fine for measuring speed and index behaviour, but expect output "
+                  "quality to degrade", file=sys.stderr)
+        return ResolvedConfig(config=self, args=args, source=source, device=device, dtype=dtype, context=context,
+                              kv_policy=kv_policy, kv_policy_reason=reason, selection=selection,
+                              kv_offload=kv_offload, tuning=tuning, bandwidth=bandwidth, gpu_budget=gpu,
+                              cpu_budget=cpu, placement=placement, flash_sizing=flash_sizing)
+
+    def _extended(self, args: ModelArgs) -> ModelArgs:
+        """The model's hyper-parameters with the requested RoPE scaling (context extension)."""
+        if self.rope_scaling is None:
+            return args
+        longest = max(args.max_position_embeddings, self.max_context or 0)
+        return args.replace(rope_scaling=RopeScaling.from_hf(self.rope_scaling), max_position_embeddings=longest)
+
+    def _check_flash(self, args: ModelArgs, device: torch.device, dtype: torch.dtype, cpu: int | None,
+                     context: int, planning: bool) -> dict | None:
+        """Flash settings checked before anything is loaded; returns the bundle cache's sizing."""
+        if self.flash is None:
+            return None
+        _check(device.type == "cpu", "flash FFN windowing is the CPU-only (edge) mode; on a GPU, stream whole "
+               "layers (gpu_memory=..., cpu_memory=..., disk_dir=...) instead, or pass device='cpu'")
+        _check(self.disk_dir is not None, "flash FFN windowing keeps up/down projections on disk: give disk_dir=...")
+        _check(planning or self.flash_calibration is not None, "flash FFN windowing calibrates its activation "
+               "thresholds on real text: give flash_calibration='...' (a few hundred tokens of text like your prompts)")
+        return size_cache(args, dtype, cpu, context, self.flash)
+
+    @classmethod
+    def from_cli(cls, ns, *, prompt: str | None = None) -> "EngineConfig":
+        """The config of the shared model/budget flags of ``offload generate`` and ``offload plan``."""
+        flash = calibration = None
+        if ns.flash_sparsity is not None:
+            flash = FlashConfig(sparsity=ns.flash_sparsity, window=ns.flash_window)
+            calibration = prompt
+            if ns.flash_calibration is not None:
+                path = Path(ns.flash_calibration)
+                _check(path.is_file(), f"--flash-calibration {path} not found: give a text file like your prompts")
+                calibration = path.read_text(errors="replace")
+        else:
+            _check(ns.flash_window is None and ns.flash_calibration is None,
+                   "--flash-window and --flash-calibration need --flash-sparsity")
+        return cls(model=ns.model, device=ns.device, dtype=ns.dtype, load_format=ns.load_format, seed=ns.dummy_seed,
+                   max_context=ns.max_context, prefill_chunk_size=ns.prefill_chunk_size, kv_policy=ns.kv_policy,
+                   kv_budget=ns.kv_budget, sink=ns.sink, window=ns.window, dense_layers=ns.dense_layers,
+                   search_effort=ns.search_effort, gpu_memory=ns.gpu_memory, cpu_memory=ns.cpu_memory,
+                   disk_dir=ns.disk_dir, profile=ns.profile, flash=flash, flash_calibration=calibration,
+                   verbose=not ns.quiet)
+
+
+@dataclass(frozen=True)
+class ResolvedConfig:
+    """A run with every decision made: what the builder builds and ``offload plan`` prints."""
+
+    config: EngineConfig
+    args: ModelArgs  # with the requested RoPE scaling
+    source: Path  # the model file or folder (a preset's name for dummy presets)
+    device: torch.device
+    dtype: torch.dtype
+    context: int
+    kv_policy: str
+    kv_policy_reason: str | None  # why "auto" chose it
+    selection: SelectionConfig
+    kv_offload: bool  # the sparse layers' KV in host memory
+    tuning: Tuning
+    bandwidth: BandwidthProfile
+    gpu_budget: int | None
+    cpu_budget: int | None
+    placement: Placement  # all on the device when no budget is given
+    flash_sizing: dict | None
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    @property
+    def dummy_seed(self) -> int | None:
+        return self.config.seed if self.config.load_format == "dummy" else None
+
+
+def resolve_device(device: str | torch.device, planning: bool = False, gpu_memory=None) -> torch.device:
+    """"auto" takes CUDA when a GPU is usable, else the CPU. Checked at run time, never at import."""
+    usable = torch.cuda.is_available()
+    if str(device) == "auto":
+        if planning and gpu_memory is not None and not usable:
+            raise OffloadError("gpu_memory is a GPU budget but no GPU is usable here: pass --device cuda to plan for "
+                               "a GPU machine, or drop --gpu-memory")
+        return torch.device("cuda" if usable else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise OffloadError(f"unknown device {device!r}: use auto, cpu or cuda") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise OffloadError(f"unsupported device {device!r}: use auto, cpu or cuda")
+    if dev.type == "cuda" and not usable and not planning:
+        raise OffloadError(f"device '{device}' was requested but no CUDA GPU is usable here: use device='cpu' or 'auto'")
+    return dev
+
+
+def _free_gpu(device: torch.device) -> int:
+    if not torch.cuda.is_available():
+        raise OffloadError("gpu_memory='auto' measures the GPU's free memory, and no GPU is usable here: give a size "
+                           "such as 24GiB")
+    return free_device_memory(device)
+
+
+def _check_fits(args: ModelArgs, source: Path, device: torch.device, dtype_name: str, placement: Placement) -> None:
+    """Without budgets everything loads onto the device: say what to pass when it cannot fit,
+    before the allocator fails mid-load."""
+    need = placement.tier_bytes()["device"] - placement.kv_tiers.get("device", 0) - \
+        sum(placement.index_tiers.values())  # weights + reserve; the KV grows with the prompt
+    free = free_device_memory(device) if device.type == "cuda" else free_host_memory()
+    if need <= free:
+        return
+    from .tiers.budget import format_size
+
+    smaller = "" if DTYPE_BYTES[dtype_name] == 2 else f", or dtype='bfloat16' ({format_size(need // 2)})"
+    memory = "gpu_memory" if device.type == "cuda" else "cpu_memory"
+    raise OffloadError(f"{source.name} needs {format_size(need)} for its weights in {dtype_name} but only "
+                       f"{format_size(free)} of {device.type} memory is free: pass {memory}=... with disk_dir=... to "
+                       f"stream layers from disk{smaller}")
