@@ -216,8 +216,8 @@ class SparseAttention(DenseAttention):
                 ids = torch.cat([sel.ids[:, :int(sel.counts.max())], extra], dim=-1)
                 sel = Selection(ids, sel.counts + extra.shape[-1])
             keys = self.cache.k[layer][row]  # [Hkv, N, D]
-            self.telemetry.observe(layer, q[row], keys, self.cache.v[layer][row], n,
-                                   sel, out[b].to(keys.device), self.config, self.args.softmax_scale, self.config.budget_tokens(n))
+            self.telemetry.observe(layer, q[row], keys, self.cache.v[layer][row], n, sel, out[b].to(keys.device),
+                                   self.config, self.args.softmax_scale, self.config.budget_tokens(n))
 
     def describe(self) -> str:
         c = self.config

@@ -19,7 +19,6 @@ import torch
 from .base import KVIndex, Selection, register
 from .graph_search import search_heads
 
-
 SCORE_BLOCK_BYTES = 256 << 20  # one block of query-key scores: bounded at any context
 
 

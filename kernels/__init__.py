@@ -4,8 +4,13 @@ Importing this package imports neither Triton nor CUDA; the kernel module loads 
 """
 
 from .api import gather_attention, last_backend, merge_attention, resolve_backend, shadowkv_attention
-from .reference import (dense_attention_ref, gather_attention_ref, merge_attention_ref, rope_rotate,
-                        shadowkv_attention_ref)
+from .reference import (
+                        dense_attention_ref,
+                        gather_attention_ref,
+                        merge_attention_ref,
+                        rope_rotate,
+                        shadowkv_attention_ref,
+)
 
 __all__ = ["gather_attention", "shadowkv_attention", "merge_attention", "last_backend", "resolve_backend",
            "gather_attention_ref", "shadowkv_attention_ref", "merge_attention_ref", "dense_attention_ref",

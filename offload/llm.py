@@ -15,7 +15,7 @@ from typing import Iterator, Sequence, Union
 import torch
 
 from .build import Runtime, build_runtime
-from .engine import GenerationStats, RequestOutput
+from .engine import RequestOutput
 from .engine_config import EngineConfig
 from .errors import InvalidRequestError
 from .prompt_cache import CachedPrompt, load_prompt_cache, save_prompt_cache

@@ -171,7 +171,6 @@ def main(argv=None) -> int:
 
     from offload import LLM
     from offload.indexes import SelectionConfig
-
     from offload.loaders import read_model_args
 
     longest = max(args.contexts) + args.steps + args.telemetry_steps + 2
@@ -197,7 +196,8 @@ def main(argv=None) -> int:
             r["speedup_vs_dense"] = dense / r["decode_ms"] if dense else None
             fmt = lambda k, f: "-" if r.get(k) is None else format(r[k], f)  # noqa: E731
             flag = "*" if r["beyond_trained_context"] and rope_scaling is None else ""
-            print(f"| {ctx}{flag} | {r['policy']} | {fmt('effort', 'g')} | {r['decode_ms']:.1f} | {fmt('speedup_vs_dense', '.1f')}x | "
+            print(f"| {ctx}{flag} | {r['policy']} | {fmt('effort', 'g')} | {r['decode_ms']:.1f} | "
+                  f"{fmt('speedup_vs_dense', '.1f')}x | "
                   f"{r['build_s']:.1f} | {fmt('mass', '.3f')} | {fmt('recall', '.3f')} | {fmt('output_error', '.3f')} | "
                   f"{fmt('scored_fraction', '.3f')} | {r.get('index_bytes', 0) / 2**20:.1f} |", flush=True)
         rows += ctx_rows

@@ -71,7 +71,7 @@ def run(model, dtype: str, disk: str, config, budget: int | None, calibration, p
     llm = LLM(model, dtype=dtype, disk_dir=disk, flash=config, flash_calibration=calibration, cpu_memory=budget,
               max_context=len(prompt) + tokens + 1, verbose=False)
     ms, out = timed_decode(llm, prompt, tokens)
-    stats = flash_stats(llm)
+    stats = flash_stats(llm.model)
     info = llm.flash_info
     row = {"decode_ms": ms, "tokens_per_s": 1e3 / ms, "tokens": out,
            "flash_bytes_per_token": stats["decode_bytes_per_step"],

@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import time
 
-from .bench_generate import _real_text_ids
-
 from offload.fileio import write_json_atomic
+
+from .bench_generate import _real_text_ids
 
 
 def main(argv=None) -> int:

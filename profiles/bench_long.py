@@ -254,9 +254,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from offload import LLM
+    from offload.engine_config import resolve_device
     from offload.errors import OffloadError
     from offload.indexes import SelectionConfig
-    from offload.engine_config import resolve_device
     from offload.tiers.budget import parse_size
 
     device = resolve_device(args.device)

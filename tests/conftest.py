@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import json
+import os
+import sys
 import warnings
 from pathlib import Path
 
-import os
-
 import pytest
 import torch
+
+# `python -m pytest` puts the repository root on sys.path, where the top-level kernels/ folder
+# (installed as offload.kernels) would shadow the PyPI package `kernels` that transformers probes
+# for. The installed offload.* namespace is what the tests import, so the root comes off the path.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != _ROOT]
 
 # Kernel tests run the Triton kernels under the interpreter where no GPU is usable. Triton reads
 # this at import, so it is set before any test module imports offload.kernels' Triton module.

@@ -91,7 +91,7 @@ def test_window_keeps_recent_neurons_resident_and_reads_less(tiny, tmp_path):
         llm = LLM(folder, disk_dir=tmp_path / "store", flash=FlashConfig(sparsity=0.5, window=window),
                   flash_calibration=_ids(hf, 64, 1))
         out = llm.generate([prompt], SamplingParams(max_new_tokens=12, ignore_eos=True))
-        read[window] = flash_stats(llm)
+        read[window] = flash_stats(llm.model)
         assert len(out[0].token_ids) == 12
     # window 0 reads every active neuron every step; a window of 4 re-reads only new ones
     per_bundle = read[0]["decode_bytes_per_step"] / read[0]["active_neurons_per_step"]
@@ -117,7 +117,7 @@ def test_windowed_decode_equals_the_sparse_model_in_one_pass(tiny, tmp_path, cac
     for n in range(20, 39):
         step = llm.model(torch.tensor([[ids[n]]]), ForwardBatch.decode([n], llm.device, [ids[n]]), llm.backend)
         assert (step[0, -1] - full[n]).abs().max() < 1e-4
-    stats = flash_stats(llm)
+    stats = flash_stats(llm.model)
     assert stats["decode_bytes_per_step"] > 0
     if cache_fraction == 0:  # nothing resident: every active bundle is read at every step
         assert stats["read_neurons_per_step"] == stats["active_neurons_per_step"]
@@ -132,7 +132,7 @@ def test_reads_are_exactly_the_missing_bundles(tiny, tmp_path):
     llm = LLM(folder, disk_dir=tmp_path / "store", flash_calibration=_ids(hf, 64, 1),
               flash=FlashConfig(sparsity=0.5, cache_fraction=0.2, read_gap=0, full_read_runs=10_000))
     llm.generate([_ids(hf, 16, 3)], SamplingParams(max_new_tokens=8, ignore_eos=True))
-    stats = flash_stats(llm)
+    stats = flash_stats(llm.model)
     bundle = llm.flash_info["bundle_bytes"]
     assert stats["decode_bytes_per_step"] == pytest.approx(stats["read_neurons_per_step"] * bundle)
     assert 0 < stats["read_neurons_per_step"] < stats["active_neurons_per_step"]  # the cache served some
@@ -141,7 +141,7 @@ def test_reads_are_exactly_the_missing_bundles(tiny, tmp_path):
     naive = LLM(folder, disk_dir=tmp_path / "store", flash_calibration=_ids(hf, 64, 1),
                 flash=FlashConfig(sparsity=0.0, cache_fraction=0.0))
     naive.generate([_ids(hf, 16, 3)], SamplingParams(max_new_tokens=8, ignore_eos=True))
-    stats = flash_stats(naive)
+    stats = flash_stats(naive.model)
     layers = naive.args.num_layers
     assert stats["decode_bytes_per_step"] == layers * naive.args.intermediate_size * bundle
     assert stats["requests_per_step"] == layers
@@ -234,7 +234,7 @@ print(json.dumps({"text": llm.tokenizer.decode(out[0].token_ids), "gen_peak": ge
                   "load_peak": load.peak - base, "reader": reader.peak - reader.baseline,
                   "streamed": llm.flash_info["loaded_streaming"],
                   "accounted": llm.flash_info["resident_bytes"], "cache": llm.flash_info["cache_fraction"],
-                  "read": flash_stats(llm)["decode_bytes_per_step"]}))
+                  "read": flash_stats(llm.model)["decode_bytes_per_step"]}))
 """
 
 
@@ -263,10 +263,10 @@ def test_a_budget_below_the_weights_streams_while_loading_then_runs_resident(tmp
     """cpu_memory below the weights: the model loads with layers streamed from disk (never whole in
     memory), is calibrated as it streams, and comes out resident but for its bundles, computing
     exactly what the flash model loaded whole computes."""
+    from conftest import make_tiny_model
+
     import offload.tiers.planner as planner_mod
     from offload.tiers.flash import size_cache
-
-    from conftest import make_tiny_model
 
     monkeypatch.setattr(planner_mod, "RUNTIME_RESERVE", 0)
     folder = tmp_path / "wide"  # an FFN-heavy model, as real ones are: its up/down are most of the weights

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from offload import LLM
-
 from conftest import make_tiny_model
 from test_gguf_formats import write_gguf
+
+from offload import LLM
 
 TEXT = ("the theory there then they thee\n  hello world! 123 naïve café 日本 🚀 tail end "
         "the hat that the thin")

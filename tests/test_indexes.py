@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import shakespeare
 
 from offload import LLM, SamplingParams
 from offload.attention import ForwardBatch
 from offload.indexes import SelectionConfig, make_index, policy_names
 from offload.indexes.base import IndexContext
-
-from conftest import shakespeare
 
 PROMPT, STEPS = 60, 10
 

@@ -11,8 +11,15 @@ import math
 import pytest
 import torch
 
-from offload.kernels import (dense_attention_ref, gather_attention, gather_attention_ref, merge_attention,
-                             merge_attention_ref, shadowkv_attention, shadowkv_attention_ref)
+from offload.kernels import (
+    dense_attention_ref,
+    gather_attention,
+    gather_attention_ref,
+    merge_attention,
+    merge_attention_ref,
+    shadowkv_attention,
+    shadowkv_attention_ref,
+)
 from offload.kernels.reference import dense_token_ids
 
 CUDA = torch.cuda.is_available()

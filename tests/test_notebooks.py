@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # subprocesses and whole-model runs: minutes
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 

@@ -7,10 +7,9 @@ import sys
 
 import pytest
 import torch
+from conftest import shakespeare
 
 from offload import SamplingParams
-
-from conftest import shakespeare
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from offload.config import preset
 from offload.prompt_cache import load_prompt_cache, model_fingerprint, save_prompt_cache
 from offload.tiers import io as io_mod
 from offload.tiers.io import StoreReader
-from offload.tiers.store import ALIGN, CorruptStoreError, StoreWriter, read_header, write_store
+from offload.tiers.store import ALIGN, CorruptStoreError, read_header, write_store
 from offload.tiers.streaming import WeightSpill
 
 ARGS = preset("smollm2-135m")

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import FAMILIES
 from transformers import GenerationConfig
 
 from offload import LLM, SamplingParams
 from offload.attention import ForwardBatch
-
-from conftest import FAMILIES
 
 PROMPT_LEN, DECODE_STEPS = 40, 12
 

@@ -11,7 +11,6 @@ import functools
 
 import pytest
 import regex
-
 from conftest import shakespeare
 
 MIXED = (

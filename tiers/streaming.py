@@ -17,8 +17,8 @@ fails verification is deleted and rebuilt from the model, since the loader reads
 from __future__ import annotations
 
 import sys
-from contextlib import nullcontext
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch

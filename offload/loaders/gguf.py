@@ -243,7 +243,6 @@ def _dequantize(data: np.ndarray, t, path: Path) -> np.ndarray:
 def load_gguf(path: Path, device: torch.device, dtype: torch.dtype,
               progress: bool = True, offloaded: frozenset[int] = frozenset(),
               spill=None) -> tuple[Transformer, Tokenizer]:
-    import gguf
 
     reader = _open(path)
     meta = _fields(reader)

@@ -10,10 +10,9 @@ from __future__ import annotations
 import re
 
 import torch
-
-from ..errors import ModelLoadError
 from torch import nn
 
+from ..errors import ModelLoadError
 from ..model import DecoderLayer, Transformer
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
