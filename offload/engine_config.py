@@ -139,6 +139,7 @@ class EngineConfig:
         dtype = self.dtype if isinstance(self.dtype, torch.dtype) else (
             DTYPES[self.dtype] if self.dtype != "auto" else torch.bfloat16 if device.type == "cuda" else torch.float32)
         dtype_name = str(dtype).removeprefix("torch.")
+        self._check_flash(device, planning)  # before the model is opened
         tuning, bandwidth = Tuning.load(self.profile), BandwidthProfile.load(self.profile)
         args, source = read_model_args(self.model, self.load_format)
         args = self._extended(args)
@@ -162,7 +163,7 @@ class EngineConfig:
                                     effort=self.search_effort if self.search_effort is not None else tuning.search_effort)
         policy = policy_class(kv_policy)
         searches_on_host = policy.searches_on_host
-        flash_sizing = self._check_flash(args, device, dtype, cpu, context, planning)
+        flash_sizing = None if self.flash is None else size_cache(args, dtype, cpu, context, self.flash)
         placement = plan(args, model=source.name, context=context, device=device.type, dtype=dtype_name,
                          kv_policy=kv_policy, kv_budget=selection.budget, sink=self.sink, window=self.window,
                          gpu_memory=gpu if self.budgeted else None, cpu_memory=cpu if self.budgeted else None,
@@ -201,17 +202,15 @@ class EngineConfig:
         longest = max(args.max_position_embeddings, self.max_context or 0)
         return args.replace(rope_scaling=RopeScaling.from_hf(self.rope_scaling), max_position_embeddings=longest)
 
-    def _check_flash(self, args: ModelArgs, device: torch.device, dtype: torch.dtype, cpu: int | None,
-                     context: int, planning: bool) -> dict | None:
-        """Flash settings checked before anything is loaded; returns the bundle cache's sizing."""
+    def _check_flash(self, device: torch.device, planning: bool) -> None:
+        """Flash settings that need no model, checked before it is opened."""
         if self.flash is None:
-            return None
+            return
         _check(device.type == "cpu", "flash FFN windowing is the CPU-only (edge) mode; on a GPU, stream whole "
                "layers (gpu_memory=..., cpu_memory=..., disk_dir=...) instead, or pass device='cpu'")
         _check(self.disk_dir is not None, "flash FFN windowing keeps up/down projections on disk: give disk_dir=...")
         _check(planning or self.flash_calibration is not None, "flash FFN windowing calibrates its activation "
                "thresholds on real text: give flash_calibration='...' (a few hundred tokens of text like your prompts)")
-        return size_cache(args, dtype, cpu, context, self.flash)
 
     @classmethod
     def from_cli(cls, ns, *, prompt: str | None = None) -> "EngineConfig":

@@ -30,7 +30,7 @@ class LLM:
     """Loads a model (Hugging Face folder, GGUF file, or the default SmolLM2) and generates text.
 
     Settings are :class:`EngineConfig` fields, given as ``config=`` and/or keywords
-    (``LLM("model.gguf", kv_policy="retrieval", cpu_memory="8GiB")``).
+    (``LLM("model.gguf", kv_policy="auto", cpu_memory="8GiB")``).
 
     >>> llm = LLM()  # doctest: +SKIP
     >>> llm.generate(["The capital of France is"], SamplingParams(max_new_tokens=8))[0].text  # doctest: +SKIP

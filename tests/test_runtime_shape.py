@@ -27,7 +27,7 @@ def _resolved(command: str, flags: list[str]):
 @pytest.mark.parametrize("flags", [
     [],
     ["--cpu-memory", "450MiB", "--disk-dir", "{tmp}", "--max-context", "1024"],
-    ["--cpu-memory", "300MiB", "--disk-dir", "{tmp}", "--kv-policy", "auto", "--max-context", "4096"],
+    ["--cpu-memory", "900MiB", "--disk-dir", "{tmp}", "--kv-policy", "auto", "--max-context", "8192"],
     ["--cpu-memory", "auto", "--kv-policy", "quest", "--dense-layers", "4"],
     ["--kv-policy", "auto", "--max-context", "2048"],
 ])
@@ -82,7 +82,7 @@ def test_disk_dir_is_checked_before_anything_is_written(tmp_path, smollm_path):
     a_file = tmp_path / "file"
     a_file.write_text("x")
     with pytest.raises(OffloadError, match="is a file, not a directory"):
-        EngineConfig(model=smollm_path, cpu_memory="300MiB", disk_dir=a_file).resolve()
+        EngineConfig(model=smollm_path, cpu_memory="450MiB", max_context=256, disk_dir=a_file).resolve()
     with pytest.raises(OffloadError, match="is not writable"):
         check_disk_dir(Path("/proc/offload-disk-tier"), 0)
     with pytest.raises(BudgetError, match="free but the disk tier needs"):
