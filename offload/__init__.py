@@ -5,9 +5,10 @@ Importing this package touches no GPU: devices are chosen when a model is loaded
 
 from .config import ModelArgs, preset, preset_names
 from .engine import RequestOutput
+from .engine_config import EngineConfig
 from .errors import OffloadError
 from .llm import LLM
 from .sampling import SamplingParams
 
-__all__ = ["LLM", "SamplingParams", "ModelArgs", "RequestOutput", "OffloadError", "preset", "preset_names"]
+__all__ = ["EngineConfig", "LLM", "SamplingParams", "ModelArgs", "RequestOutput", "OffloadError", "preset", "preset_names"]
 __version__ = "0.1.0"

@@ -37,6 +37,7 @@ import torch
 
 from offload.errors import OffloadError
 from offload.fileio import write_json_atomic
+from offload.tiers.budget import ensure_writable_dir
 
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 
@@ -406,25 +407,12 @@ OUT_HELP = ("where to write the profile JSON (default: profile.json); an existin
 
 def resolve_out(out: str | Path) -> Path:
     """The JSON file ``--out`` names: DIR/profile.json for a directory (existing, or new if it ends in a
-    separator), else the path itself. Only resolves; :func:`writable_dir` creates and checks."""
+    separator), else the path itself. Only resolves; :func:`offload.tiers.budget.ensure_writable_dir` creates and checks."""
     text = str(out)
     path = Path(text)
     if path.is_dir() or text.endswith(("/", os.sep)):
         return path / "profile.json"
     return path
-
-
-def writable_dir(folder: Path, what: str) -> Path:
-    """Create ``folder`` (and its parents) and check a file can be written in it, before the minute of
-    measuring rather than after it; a failure is one line."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".offload-profile-"):
-            pass
-    except OSError as e:
-        raise OffloadError(f"cannot write the {what} in {folder}: {e.strerror or e}: "
-                           f"choose a writable location") from None
-    return folder
 
 
 def main(argv=None) -> int:
@@ -434,8 +422,8 @@ def main(argv=None) -> int:
     p.add_argument("--disk-dir", default=None, help="directory on the disk to measure (default: next to --out)")
     args = p.parse_args(argv)
     out = resolve_out(args.out)
-    writable_dir(out.parent, "profile (--out)")
-    disk_dir = writable_dir(Path(args.disk_dir), "disk test file (--disk-dir)") if args.disk_dir else out.parent
+    ensure_writable_dir(out.parent, "the folder of the profile (--out)")
+    disk_dir = ensure_writable_dir(Path(args.disk_dir), "--disk-dir") if args.disk_dir else out.parent
     t0 = time.perf_counter()
     result = run_profile(args.quick, disk_dir)
     result["seconds"] = time.perf_counter() - t0

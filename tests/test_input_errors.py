@@ -256,7 +256,7 @@ def test_profile_out_missing_parents_are_created(fake_profile, tmp_path):
 def test_profile_out_unwritable(fake_profile, tmp_path):
     bw, seen = fake_profile
     (tmp_path / "file").write_text("")
-    with pytest.raises(OffloadError, match="cannot write the profile .*file.*choose a writable location"):
+    with pytest.raises(OffloadError, match="folder of the profile .*file.*choose a writable location"):
         bw.main(["--quick", "--out", str(tmp_path / "file" / "sub" / "p.json")])
     assert "disk_dir" not in seen  # refused before measuring, not a minute later
 

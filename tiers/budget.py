@@ -71,18 +71,24 @@ def resolve_budget(value: str | int | None, what: str, auto_bytes) -> int | None
     return parse_size(value, what)
 
 
-def check_disk_dir(path: Path, needed: int) -> None:
-    """The disk tier's directory, checked before anything is written to it: it is a directory (or
-    can be made one), writable, with room for the ``needed`` bytes the planner will put there."""
+def ensure_writable_dir(path: Path, what: str) -> Path:
+    """Create ``path`` (and its parents) and check that a file can be written in it, before any
+    work that would write there; a failure is one line naming ``what`` the folder is for."""
     if path.exists() and not path.is_dir():
-        raise OffloadError(f"disk_dir {path} is a file, not a directory: give a directory for the disk tier")
+        raise OffloadError(f"{what} {path} is a file, not a directory: give a directory")
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".offload-probe-"):
             pass
     except OSError as e:
-        raise OffloadError(f"disk_dir {path} is not writable ({e.strerror or e}): give a directory you can "
-                           f"write to") from None
+        raise OffloadError(f"{what} {path} is not writable ({e.strerror or e}): choose a writable location") from None
+    return path
+
+
+def check_disk_dir(path: Path, needed: int) -> None:
+    """The disk tier's directory, checked before anything is written to it: it is a directory (or
+    can be made one), writable, with room for the ``needed`` bytes the planner will put there."""
+    ensure_writable_dir(path, "disk_dir")
     free = shutil.disk_usage(path).free
     if needed > free:
         raise BudgetError(f"disk_dir {path} has {format_size(free)} free but the disk tier needs "
