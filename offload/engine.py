@@ -14,10 +14,10 @@ from typing import Any, Iterator
 import torch
 
 from .attention import AttentionBackend, ForwardBatch
-from .errors import InvalidRequestError, NumericalError
+from .errors import InvalidRequestError
 from .model import Transformer
 from .prompt_cache import CachedPrompt
-from .sampling import Sampler, SamplingParams
+from .sampling import Sampler, SamplingParams, nan_logits_error
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
 
@@ -203,5 +203,4 @@ def _check_finite(finite: list[bool], outputs: list[RequestOutput], step: int) -
     keeps decoding only to keep the batch rectangular, so its logits do not matter."""
     for b, (ok, out) in enumerate(zip(finite, outputs)):
         if not ok and not out.finished:
-            raise NumericalError(f"the model produced NaN/inf logits at step {step} (prompt row {b}): the weights "
-                                 f"are likely corrupt or the dtype overflows (try dtype='float32')")
+            raise nan_logits_error(b, step)

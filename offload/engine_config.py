@@ -24,11 +24,11 @@ from .config import ModelArgs, RopeScaling
 from .errors import OffloadError
 from .indexes.base import AUTO_SPARSE_POLICY, SelectionConfig, policy_class, policy_names
 from .loaders import LOAD_FORMATS, read_model_args
-from .tiers.budget import check_disk_dir, free_device_memory, free_host_memory, parse_size, resolve_budget
+from .tiers.budget import check_disk_dir, format_size, free_device_memory, free_host_memory, parse_size, resolve_budget
 from .tiers.flash import FlashConfig, size_cache
+from .tiers.io import IO_BACKENDS
 from .tiers.planner import DTYPE_BYTES, BandwidthProfile, Placement, Tuning, kv_fits, plan
 
-IO_BACKENDS = ("auto", "posix", "kvikio")
 DEFAULT_KV_BUDGET = 0.02  # 2% of the context, plus sinks and the recent window
 MIN_FLASH_CALIBRATION = 128  # fewer calibration tokens than this: thresholds are a guess, say so
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -298,8 +298,6 @@ def _check_fits(args: ModelArgs, source: Path, device: torch.device, dtype_name:
     free = free_device_memory(device) if device.type == "cuda" else free_host_memory()
     if need <= free:
         return
-    from .tiers.budget import format_size
-
     smaller = "" if DTYPE_BYTES[dtype_name] == 2 else f", or dtype='bfloat16' ({format_size(need // 2)})"
     memory = "gpu_memory" if device.type == "cuda" else "cpu_memory"
     raise OffloadError(f"{source.name} needs {format_size(need)} for its weights in {dtype_name} but only "

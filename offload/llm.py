@@ -8,6 +8,7 @@ the reports. It decides nothing about placement or policies itself.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Iterator, Sequence, Union
@@ -108,14 +109,8 @@ class LLM:
             raise InvalidRequestError("no prompts given: pass a string, a list of token ids, chat messages, or a "
                                       "list of those")
         encoded = [self.encode_prompt(p, chat) for p in prompts]
-        params = sampling_params or SamplingParams()
-        params = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
-        if len(params) != len(prompts):
-            raise InvalidRequestError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
-        bad = next((p for p in params if not isinstance(p, SamplingParams)), None)
-        if bad is not None:
-            raise InvalidRequestError(f"sampling_params must be a SamplingParams (or a list of them, one per prompt), "
-                                      f"got {type(bad).__name__}: use SamplingParams(max_new_tokens=...)")
+        # one SamplingParams or one per prompt: Engine.run checks them (a dict is one clear line there)
+        params = SamplingParams() if sampling_params is None else sampling_params
         return [e[0] for e in encoded], params, [e[1] for e in encoded]
 
     # ------------------------------------------------------------------ generation
@@ -176,6 +171,8 @@ class LLM:
             return None
         if num_prompts != 1:
             raise InvalidRequestError("prompt_cache serves one prompt at a time; call generate once per prompt")
-        # Read into host memory: restore_row copies each layer into the tier its KV lives in.
-        return {0: load_prompt_cache(path, fingerprint=self.fingerprint, dtype=self.dtype, policy=self.kv_policy,
-                                     settings=self.backend.settings(), device=torch.device("cpu"))}
+        # Read into host memory: restore_row copies each layer into the tier its KV lives in (a whole
+        # 128K KV never lands on the GPU at once); only the logits go to the compute device.
+        cached = load_prompt_cache(path, fingerprint=self.fingerprint, dtype=self.dtype, policy=self.kv_policy,
+                                   settings=self.backend.settings(), device=torch.device("cpu"))
+        return {0: dataclasses.replace(cached, logits=cached.logits.to(self.device))}

@@ -43,6 +43,12 @@ def _stop_strings(stop: Any) -> tuple[str, ...]:
     return stops
 
 
+def nan_logits_error(row: int, step: int | None = None) -> NumericalError:
+    where = f"at step {step} " if step is not None else ""
+    return NumericalError(f"the model produced NaN/inf logits {where}(prompt row {row}): the weights are likely "
+                          f"corrupt or the dtype overflows (try dtype='float32')")
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens and when to stop. ``temperature=0`` is greedy decoding."""
@@ -114,8 +120,7 @@ class Sampler:
         tokens, finite = self.pick(logits)
         bad = [b for b, ok in enumerate(finite) if not ok]
         if bad:
-            raise NumericalError(f"the model produced NaN/inf logits (prompt row {bad[0]}): the weights are likely "
-                                 f"corrupt or the dtype overflows (try dtype='float32')")
+            raise nan_logits_error(bad[0])
         return tokens
 
     def pick(self, logits: torch.Tensor) -> tuple[list[int], list[bool]]:

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from offload.engine_config import DEFAULT_KV_BUDGET
 from offload.fileio import write_bytes_atomic, write_json_atomic
 
 from .bench_kernels import _gpu_time, copy_bandwidth
@@ -51,7 +52,7 @@ GIB, MIB = 1 << 30, 1 << 20
 LLAMA8B = dict(heads=32, kv_heads=8, head_dim=128)  # Llama-3.1-8B attention: 32 query heads over 8 KV heads
 LONG_CONTEXT = 131072
 SINK, WINDOW = 4, 64  # the runtime's defaults (LLM(sink=4, window=64))
-KV_BUDGET = 0.02  # the runtime's default selection: 2% of the context besides sinks and window
+KV_BUDGET = DEFAULT_KV_BUDGET  # the runtime's default selection: 2% of the context besides sinks and window
 SHADOWKV_RANK = 160  # rank of the pre-RoPE key factors, as bench_kernels
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}  # tests/test_kernels.py's, relative to max |reference|
 # (B, H, Hkv, D, N, S): a small batch of two with ragged selections, and one Llama-3.1-8B layer at 8K
