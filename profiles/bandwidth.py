@@ -254,6 +254,7 @@ def gpu_facts() -> dict:
 def index_search(sizes: list[int], repeats: int) -> list[dict]:
     """Keys scored per second by the retrieval graph search (3 KV heads, group 3, head_dim 64)."""
     from offload.indexes import SelectionConfig
+    from offload.indexes.base import IndexContext
     from offload.indexes.retrieval import RetrievalIndex
 
     out = []
@@ -262,7 +263,8 @@ def index_search(sizes: list[int], repeats: int) -> list[dict]:
         Hkv, G, D = 3, 3, 64
         keys = torch.randn(Hkv, n, D, generator=g)  # [Hkv, n, D]
         queries = torch.randn(Hkv * G, n // 8, D, generator=g)  # [H, Nq, D]
-        idx = RetrievalIndex(Hkv * G, Hkv, D, D ** -0.5, SelectionConfig())
+        ctx = IndexContext(Hkv * G, Hkv, D, D ** -0.5, (torch.ones(D // 2), 1.0), torch.device("cpu"))
+        idx = RetrievalIndex(ctx, SelectionConfig())
         idx.build(keys, n, queries)
         budget = max(1, int(0.02 * n))
         idx.search(queries[:, -1], budget)  # compile / warm
