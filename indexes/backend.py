@@ -4,6 +4,10 @@ Prefill is exact (dense). At the first decode step of a sequence, each sparse la
 index over the prompt's keys; every step the index picks the tokens each KV head attends besides
 the sinks and the recent window, and :func:`offload.kernels.gather_attention` (Triton on GPU,
 torch reference on CPU) attends to exactly those. The first ``dense_layers`` layers stay dense.
+The KV lives in a :class:`~offload.tiers.kv_store.KVStore`: with ``kv_offload`` the sparse layers'
+KV is in host memory and only the attended rows cross to the device, gathered by the store.
+A sliding-window model's row longer than its window attends exactly over the window instead
+(what the model sees is only those tokens; the selection must not reach beyond them).
 """
 
 from __future__ import annotations
@@ -13,59 +17,32 @@ from dataclasses import asdict
 import torch
 from tqdm import tqdm
 
-from offload.attention import DenseAttention, ForwardBatch, KVCache, attend
+from offload.attention import ForwardBatch, attend
 from offload.config import ModelArgs
 from offload.kernels import gather_attention
 from offload.kernels.reference import dense_token_ids
+from offload.tiers.kv_store import KVStore
 
 from .base import QUERY_STRIDE, IndexContext, KVIndex, Selection, SelectionConfig, make_index, policy_class
+from .dense import DenseAttention
 from .telemetry import Telemetry
 
 PROGRESS_FROM_TOKENS = 16384  # index builds over prompts this long show a progress bar
 
 
-class _Staging:
-    """Host buffers the fetched KV rows are gathered into, reused every step. On a GPU they are
-    pinned (asynchronous copies) and two alternate, each reused only after its last copy is done."""
-
-    def __init__(self, pinned: bool):
-        self.pinned = pinned
-        self.slots: list[torch.Tensor | None] = [None, None]  # flat buffers: K and V of one fetch
-        self.done: list = [None, None]  # CUDA event of each slot's last copy
-        self.turn = 0
-
-    def take(self, shape: torch.Size, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        n = shape.numel()
-        if self.done[self.turn] is not None:
-            self.done[self.turn].synchronize()  # its previous copy to the device has finished
-        buf = self.slots[self.turn]
-        if buf is None or buf.numel() < 2 * n or buf.dtype != dtype:
-            buf = self.slots[self.turn] = torch.empty(2 * n * 5 // 4, dtype=dtype, pin_memory=self.pinned)
-        return buf[:n].view(shape), buf[n:2 * n].view(shape)
-
-    def sent(self) -> None:
-        """The copies from the slot just taken are queued; the next fetch uses the other slot."""
-        if self.pinned:
-            self.done[self.turn] = torch.cuda.Event()
-            self.done[self.turn].record()
-        self.turn = 1 - self.turn
-
-
 class SparseAttention(DenseAttention):
     def __init__(self, args: ModelArgs, device: torch.device, dtype: torch.dtype, policy: str,
                  config: SelectionConfig, ctx: IndexContext | None = None, telemetry: bool = False,
-                 kernel_backend: str = "auto", kv_offload: bool = False):
-        super().__init__(args, device, dtype)
-        self.device = torch.device(device)  # where attention computes (index builds use it too)
+                 kernel_backend: str = "auto", kv_offload: bool = False, store: KVStore | None = None):
         # kv_offload: the sparse layers' KV lives in host memory (pinned on a GPU), where the CPU-side
         # indexes search it; each step only the sinks, the window and the selection cross to the
         # device. The dense layers' KV stays on the device. Prefill fetches a layer's prefix per chunk.
+        if store is None:
+            host_layers = range(config.dense_layers, args.num_layers) if kv_offload else ()
+            store = KVStore(args, device, dtype, host_layers=host_layers)
+        super().__init__(args, device, dtype, store)
+        self.device = torch.device(device)  # where attention computes (index builds use it too)
         self.kv_offload = kv_offload
-        self.host = torch.device("cpu")
-        self._staging = _Staging(pinned=device.type == "cuda")
-        if kv_offload:
-            self.cache = KVCache(args, device, dtype, [device if i < config.dense_layers else self.host
-                                                       for i in range(args.num_layers)])
         self.policy, self.config, self.kernel_backend = policy, config, kernel_backend
         self.indexes: dict[tuple[int, int], KVIndex] = {}  # (row, layer) -> index
         self.policy_cls = policy_class(policy)
@@ -77,7 +54,6 @@ class SparseAttention(DenseAttention):
         self.keep_tokens = self.policy_cls.needs_token_ids
         self.row_tokens: dict[int, list[int]] = {}
         self._seq_lens: torch.Tensor | None = None
-        self.bytes_fetched = 0  # KV bytes sent from the host tier to the device (kv_offload)
 
     def allocate(self, batch_size: int, capacity: int) -> None:
         super().allocate(batch_size, capacity)
@@ -96,9 +72,14 @@ class SparseAttention(DenseAttention):
                 tokens.extend(ids)
         if not batch.is_decode:
             return
-        for row, n in zip(batch.rows, batch.start_lengths):
-            self.build_indexes(row, n)
-        self._seq_lens = torch.tensor(batch.end_lengths, device=self.cache.device, dtype=torch.int32)  # [B]
+        # A sliding-window model's row longer than its window sees only the last `sliding_window`
+        # tokens: few enough to attend exactly, and a selection must not reach beyond them.
+        window = self.args.sliding_window
+        self._beyond_window = [window is not None and n > window for n in batch.end_lengths]
+        for row, n, beyond in zip(batch.rows, batch.start_lengths, self._beyond_window):
+            if not beyond:  # lengths only grow: a row beyond the window never needs its index
+                self.build_indexes(row, n)
+        self._seq_lens = torch.tensor(batch.end_lengths, device=self.kv.device, dtype=torch.int32)  # [B]
         if self.kv_offload:  # the always-attended ids are the same for every layer of this step
             self._dense_ids = dense_token_ids(torch.tensor(batch.end_lengths), self.config.sink,
                                               self.config.window)  # ([B, Nd], [B, Nd])
@@ -116,7 +97,7 @@ class SparseAttention(DenseAttention):
                 if not idx.needs_prefill_queries:
                     chunks = None  # a key-only index is built from the keys alone
                 queries = torch.cat(chunks, dim=1) if chunks else None  # [H, Nq, D]
-                idx.build(self.cache.k[layer][row], n, queries)
+                idx.build(self.kv.k[layer][row], n, queries)
                 self.indexes[(row, layer)] = idx
 
     def _new_index(self, row: int) -> KVIndex:
@@ -136,7 +117,7 @@ class SparseAttention(DenseAttention):
             self.row_tokens[row] = list(token_ids)
         for layer, (scalars, tensors) in (index_states or {}).items():
             idx = self._new_index(row)
-            idx.restore(self.cache.k[layer][row], scalars, tensors)
+            idx.restore(self.kv.k[layer][row], scalars, tensors)
             self.indexes[(row, layer)] = idx
 
     def forward(self, layer, q, k, v, batch):
@@ -144,23 +125,32 @@ class SparseAttention(DenseAttention):
             if self.keep_queries and not batch.is_decode and layer >= self.config.dense_layers:
                 start = batch.start_lengths[0]
                 keep = q[0, :, (-start) % QUERY_STRIDE::QUERY_STRIDE]  # [H, Tq, D] positions % stride == 0
-                where = self.cache.k[layer].device  # kept beside the keys the index is built from
+                where = self.kv.k[layer].device  # kept beside the keys the index is built from
                 self.prefill_queries.setdefault((batch.rows[0], layer), []).append(keep.to(where, copy=True))
             return super().forward(layer, q, k, v, batch)
-        self.cache.write(layer, k, v, batch)
+        self.kv.write(layer, k, v, batch)
         B, H, _, D = q.shape
-        kv_device = self.cache.k[layer].device
+        beyond = self._beyond_window  # [B] rows that attend exactly within the model's sliding window
+        if all(beyond):
+            return self._decode(layer, q, batch)
+        kv_device = self.kv.k[layer].device
         q_search = q[:, :, 0].to(kv_device)  # [B, H, D] where the keys and the index are
         selections: list[Selection] = []
-        for row, n in zip(batch.rows, batch.end_lengths):
+        for row, n, windowed in zip(batch.rows, batch.end_lengths, beyond):
+            if windowed:  # nothing selected: its sparse result is replaced by the exact one below
+                selections.append(Selection(torch.zeros(self.args.num_kv_heads, 0, dtype=torch.int32),
+                                            torch.zeros(self.args.num_kv_heads, dtype=torch.int32)))
+                continue
             idx = self.indexes[(row, layer)]
             idx.extend(n)
             selections.append(idx.search(q_search[row], self.config.budget_tokens(n)))
-        first = self.indexes[(batch.rows[0], layer)]
-        if first.attend is not None:  # the policy attends itself (e.g. ShadowKV's rebuilt keys)
-            outs = [self.indexes[(row, layer)].attend(q_search[row], self.cache.k[layer][row],
-                                                      self.cache.v[layer][row], n, sel, self.kernel_backend)[0]
-                    for row, n, sel in zip(batch.rows, batch.end_lengths, selections)]
+        sparse_row = beyond.index(False)
+        if self.indexes[(batch.rows[sparse_row], layer)].attend is not None:
+            # the policy attends itself (e.g. ShadowKV's rebuilt keys)
+            outs = [torch.zeros(H, D, dtype=q.dtype, device=kv_device) if windowed else
+                    self.indexes[(row, layer)].attend(q_search[row], self.kv.k[layer][row], self.kv.v[layer][row],
+                                                      n, sel, self.kernel_backend)[0]
+                    for row, n, sel, windowed in zip(batch.rows, batch.end_lengths, selections, beyond)]
             out = torch.stack(outs).to(q.device)  # [B, H, D]
         elif self.kv_offload:
             out = self._attend_fetched(layer, q[:, :, 0], batch, selections)  # [B, H, D]
@@ -170,10 +160,14 @@ class SparseAttention(DenseAttention):
             for b, s in enumerate(selections):
                 selected[b, :, :s.ids.shape[-1]] = s.ids
             counts = torch.stack([s.counts for s in selections]).to(q.device)  # [B, Hkv]
-            out, _ = gather_attention(q[:, :, 0], self.cache.k[layer], self.cache.v[layer], selected, counts,
+            out, _ = gather_attention(q[:, :, 0], self.kv.k[layer], self.kv.v[layer], selected, counts,
                                       self._seq_lens, scale=self.args.softmax_scale, sink=self.config.sink,
                                       window=self.config.window, backend=self.kernel_backend)  # [B, H, D]
-        self._observe(layer, q_search, batch, selections, out)
+        if any(beyond):  # a batch of rows on both sides of the window
+            exact = self._decode(layer, q, batch).view(B, H, D)
+            out = torch.where(torch.tensor(beyond, device=q.device)[:, None, None], exact, out)  # [B, H, D]
+        else:
+            self._observe(layer, q_search, batch, selections, out)
         return out.view(B, H, 1, D)
 
     def _attend_fetched(self, layer: int, q: torch.Tensor, batch: ForwardBatch,
@@ -192,16 +186,9 @@ class SparseAttention(DenseAttention):
         ids = torch.cat([dense_ids[:, None].expand(B, Hkv, -1), selected], dim=-1)  # [B, Hkv, M]
         valid = torch.cat([dense_valid[:, None].expand(B, Hkv, -1),
                            torch.arange(width) < counts[..., None]], dim=-1)  # [B, Hkv, M]
-        gather = ids.clamp(min=0)[..., None].expand(-1, -1, -1, D)  # [B, Hkv, M, D]
-        k_host, v_host = self._staging.take(gather.shape, self.cache.k[layer].dtype)  # [B, Hkv, M, D] each
-        torch.gather(self.cache.k[layer], 2, gather, out=k_host)
-        torch.gather(self.cache.v[layer], 2, gather, out=v_host)
-        k_rows = k_host.to(q.device, non_blocking=True)  # [B, Hkv, M, D]
-        v_rows = v_host.to(q.device, non_blocking=True)
-        self._staging.sent()
+        k_rows, v_rows = self.kv.gather(layer, ids)  # [B, Hkv, M, D] each, on the device
         visible = valid.to(q.device)[:, :, None, :]  # [B, Hkv, 1, M]
         out = attend(q.view(B, Hkv, a.group_size, D), k_rows, v_rows, a.softmax_scale, visible)  # [B, Hkv, G, D]
-        self.bytes_fetched += 2 * k_rows.numel() * k_rows.element_size()
         return out.reshape(B, a.num_heads, D)
 
     def _observe(self, layer: int, q: torch.Tensor, batch: ForwardBatch, selections: list[Selection],
@@ -215,8 +202,8 @@ class SparseAttention(DenseAttention):
             if extra is not None and extra.shape[-1]:
                 ids = torch.cat([sel.ids[:, :int(sel.counts.max())], extra], dim=-1)
                 sel = Selection(ids, sel.counts + extra.shape[-1])
-            keys = self.cache.k[layer][row]  # [Hkv, N, D]
-            self.telemetry.observe(layer, q[row], keys, self.cache.v[layer][row], n, sel, out[b].to(keys.device),
+            keys = self.kv.k[layer][row]  # [Hkv, N, D]
+            self.telemetry.observe(layer, q[row], keys, self.kv.v[layer][row], n, sel, out[b].to(keys.device),
                                    self.config, self.args.softmax_scale, self.config.budget_tokens(n))
 
     def describe(self) -> str:

@@ -2,8 +2,10 @@
 
 The model computes q, k, v (RoPE applied) and hands them to an :class:`AttentionBackend`
 together with the :class:`ForwardBatch` that says where the new tokens sit. The backend owns
-the KV storage. :class:`DenseAttention` keeps it in one preallocated cache and attends exactly;
-sparse and offloaded backends (indexes, tiers) implement the same two calls.
+the KV storage (a :class:`offload.tiers.kv_store.KVStore`); the backends themselves live above
+this module: :class:`offload.indexes.dense.DenseAttention` attends exactly,
+:class:`offload.indexes.backend.SparseAttention` over what a KV policy selects. This module holds
+what the model needs to call them, and the exact attention math they share.
 
 Shapes: B batch rows, H query heads, Hkv KV heads, G = H / Hkv, T new tokens, N cached tokens,
 D head_dim.
@@ -15,13 +17,6 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-
-from .config import ModelArgs
-
-# Upper bound on one block of attention scores (fp32) in chunked prefill: even where SDPA falls
-# back to its math kernel, a long prompt never materialises a score block larger than this.
-PREFILL_SCORE_BYTES = 256 * 1024 * 1024
 
 
 @dataclass
@@ -102,81 +97,21 @@ class AttentionBackend(ABC):
         return {}
 
     @abstractmethod
+    def kv_nbytes(self, device_type: str | None = None) -> int:
+        """KV bytes held (in the tier of ``device_type`` only: "cpu", "cuda"; all tiers if None)."""
+
+    @property
+    @abstractmethod
+    def kv_bytes_to_device(self) -> int:
+        """KV bytes copied from the host tier to the compute device so far."""
+
+    @abstractmethod
     def settings(self) -> dict:
         """The KV policy and selection settings a prompt cache must match."""
 
     @abstractmethod
     def describe(self) -> str:
         """The KV policy in words, for the start-up line."""
-
-
-class KVCache:
-    """K and V of every layer, allocated once: one [B, Hkv, capacity, D] tensor per layer, updated in
-    place. ``layer_devices`` puts some layers' KV in another tier (host memory, pinned when a GPU
-    computes): those layers' attention fetches what it needs from there."""
-
-    def __init__(self, args: ModelArgs, device: torch.device, dtype: torch.dtype,
-                 layer_devices: list[torch.device] | None = None):
-        self.args, self.device, self.dtype = args, device, dtype
-        self.layer_devices = list(layer_devices) if layer_devices is not None else [device] * args.num_layers
-        if len(self.layer_devices) != args.num_layers:
-            raise ValueError(f"layer_devices names {len(self.layer_devices)} layers, the model has {args.num_layers}")
-        self.k: list[torch.Tensor] | None = None  # per layer [B, Hkv, N, D]
-        self.v: list[torch.Tensor] | None = None
-
-    @property
-    def batch_size(self) -> int:
-        return 0 if self.k is None else self.k[0].shape[0]
-
-    @property
-    def capacity(self) -> int:
-        return 0 if self.k is None else self.k[0].shape[2]
-
-    def allocate(self, batch_size: int, capacity: int) -> None:
-        if self.k is not None and self.batch_size == batch_size and self.capacity >= capacity:
-            return
-        self.k = self.v = None  # free the old cache before allocating the new one
-        a = self.args
-        shape = (batch_size, a.num_kv_heads, capacity, a.head_dim)
-        # Zeroed, not empty: rows of a batch are masked beyond their length, and a masked weight
-        # of 0 times uninitialised memory that happens to hold NaN would still be NaN.
-        self.k = [self._zeros(shape, dev) for dev in self.layer_devices]  # L x [B, Hkv, N, D]
-        self.v = [self._zeros(shape, dev) for dev in self.layer_devices]  # L x [B, Hkv, N, D]
-
-    def _zeros(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-        # Host-tier KV is pinned when a GPU computes, so that its copies to the GPU are asynchronous.
-        pin = device.type == "cpu" and self.device.type == "cuda"
-        return torch.zeros(shape, device=device, dtype=self.dtype, pin_memory=pin)
-
-    def nbytes(self, device_type: str | None = None) -> int:
-        """Bytes held (in the tier of ``device_type`` only, if given)."""
-        if self.k is None:
-            return 0
-        return sum(2 * k.numel() * k.element_size() for k in self.k if device_type in (None, k.device.type))
-
-    def prefix(self, row: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first n tokens of cache row ``row``, every layer, on the host: k, v [L, Hkv, n, D]."""
-        return (torch.stack([k[row, :, :n].cpu() for k in self.k]),
-                torch.stack([v[row, :, :n].cpu() for v in self.v]))
-
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> None:
-        """Put k, v [B, Hkv, T, D] at the batch's positions (into this layer's tier)."""
-        k_layer, v_layer = self.k[layer], self.v[layer]  # [B, Hkv, N, D]
-        if batch.is_decode:
-            if len(set(batch.start_lengths)) == 1:  # all rows at one position: a plain slice
-                n = batch.start_lengths[0]
-                k_layer[:, :, n] = k[:, :, 0]  # [B, Hkv, D]
-                v_layer[:, :, n] = v[:, :, 0]
-                return
-            rows, pos = batch.row_index, batch.positions[:, 0]  # [B], [B]
-            if k_layer.device != rows.device:
-                rows, pos = rows.to(k_layer.device), pos.to(k_layer.device)
-            k_layer[rows, :, pos] = k[:, :, 0].to(k_layer.device)  # [B, Hkv, D]
-            v_layer[rows, :, pos] = v[:, :, 0].to(k_layer.device)
-        else:
-            row, start = batch.rows[0], batch.start_lengths[0]
-            k_layer[row, :, start:start + batch.num_new] = k[0]  # [Hkv, T, D]
-            v_layer[row, :, start:start + batch.num_new] = v[0]
 
 
 def scores_qk(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -220,82 +155,3 @@ def visible_keys(q_positions: torch.Tensor, num_keys: int, window: int | None) -
     if window is not None:
         visible &= keys > p - window
     return visible
-
-
-class DenseAttention(AttentionBackend):
-    """Exact attention over a preallocated, fully resident KV cache."""
-
-    def __init__(self, args: ModelArgs, device: torch.device, dtype: torch.dtype):
-        self.args = args
-        self.cache = KVCache(args, device, dtype)
-        self._decode_mask: torch.Tensor | None = None  # [B, 1, 1, N] bool, or None
-        self._prefill_masks: dict[int, torch.Tensor] = {}
-
-    def allocate(self, batch_size: int, capacity: int) -> None:
-        self.cache.allocate(batch_size, capacity)
-
-    def prefix(self, row: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.cache.prefix(row, n)
-
-    def settings(self) -> dict:
-        return {"kv_policy": "dense", "selection": None}
-
-    def describe(self) -> str:
-        return "kv_policy dense (exact)"
-
-    def restore_row(self, row: int, token_ids: list[int], k: torch.Tensor, v: torch.Tensor,
-                    index_states: dict | None = None) -> None:
-        """Put a saved prefix back: k, v [L, Hkv, n, D] become cache row ``row``'s first n tokens."""
-        n = k.shape[2]
-        for layer in range(len(self.cache.k)):
-            self.cache.k[layer][row, :, :n] = k[layer]  # [Hkv, n, D]
-            self.cache.v[layer][row, :, :n] = v[layer]
-
-    def begin(self, batch: ForwardBatch) -> None:
-        # Masks are built once per model call and shared by all layers.
-        if batch.is_decode:
-            n = max(batch.end_lengths)
-            uniform = len(set(batch.start_lengths)) == 1 and self.args.sliding_window is None
-            # Rows of equal length with no window see every cached key: no mask needed.
-            self._decode_mask = None if uniform else visible_keys(
-                batch.positions, n, self.args.sliding_window)[:, None]  # [B, 1, 1, N]
-        else:
-            n, T, H = batch.end_lengths[0], batch.num_new, self.args.num_heads
-            block = max(1, min(T, PREFILL_SCORE_BYTES // (4 * H * n)))
-            self._prefill_masks = {
-                t0: visible_keys(batch.positions[:, t0:t0 + block], n, self.args.sliding_window)[0]
-                for t0 in range(0, T, block)}  # {t0: [Tb, N] bool}
-
-    def forward(self, layer, q, k, v, batch):
-        self.cache.write(layer, k, v, batch)
-        a = self.args
-        B, H, T, D = q.shape
-        G = a.group_size
-        if batch.is_decode:
-            n = max(batch.end_lengths)
-            keys = self.cache.k[layer][:, :, :n]  # [B, Hkv, N, D]
-            values = self.cache.v[layer][:, :, :n]  # [B, Hkv, N, D]
-            if keys.device != q.device:  # dense attention over a host-tier KV: all of it comes over
-                keys, values = keys.to(q.device, non_blocking=True), values.to(q.device, non_blocking=True)
-            out = attend(q.view(B, a.num_kv_heads, G, D), keys, values, a.softmax_scale,
-                         self._decode_mask)  # [B, Hkv, G, D]
-            return out.view(B, H, 1, D)
-        return self._prefill(layer, q, batch)
-
-    def _prefill(self, layer: int, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        a = self.args
-        row, n = batch.rows[0], batch.end_lengths[0]
-        keys = self.cache.k[layer][row:row + 1, :, :n]  # [1, Hkv, N, D]
-        values = self.cache.v[layer][row:row + 1, :, :n]  # [1, Hkv, N, D]
-        if keys.device != q.device:  # KV in the host tier: this layer's prefix comes over for the chunk
-            keys = keys.to(q.device, non_blocking=True)
-            values = values.to(q.device, non_blocking=True)
-        out = torch.empty_like(q)  # [1, H, T, D]
-        # SDPA's fused CPU/GPU kernels are exact and several times faster than explicit matmuls
-        # for a block of queries; query blocks bound the scores if it falls back to its math path.
-        for t0, visible in self._prefill_masks.items():  # visible [Tb, N]
-            t1 = t0 + visible.shape[0]
-            out[:, :, t0:t1] = F.scaled_dot_product_attention(
-                q[:, :, t0:t1], keys, values, attn_mask=visible, scale=a.softmax_scale,
-                enable_gqa=True)  # [1, H, Tb, D]
-        return out

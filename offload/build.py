@@ -12,11 +12,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .attention import AttentionBackend, DenseAttention
+from .attention import AttentionBackend
 from .engine import Engine
 from .engine_config import MIN_FLASH_CALIBRATION, ResolvedConfig
 from .indexes.backend import SparseAttention
 from .indexes.base import IndexContext, policy_class
+from .indexes.dense import DenseAttention
 from .loaders import load_model
 from .model import Transformer
 from .prompt_cache import model_fingerprint

@@ -115,8 +115,9 @@ def layer_overhead(repeats: int) -> dict:
     """Fixed cost of one decoder layer in a decode step, apart from the bytes it reads: a narrow
     model (hidden 64) whose weights and KV are negligible, timed per layer. This is the runtime's
     per-operation dispatch cost, which a bytes-over-bandwidth model alone would miss."""
-    from offload.attention import DenseAttention, ForwardBatch
+    from offload.attention import ForwardBatch
     from offload.config import ModelArgs
+    from offload.indexes.dense import DenseAttention
     from offload.model import Transformer
 
     layers = 8

@@ -24,8 +24,9 @@ import time
 import torch
 from tqdm import tqdm
 
-from offload.attention import DenseAttention, ForwardBatch
+from offload.attention import ForwardBatch
 from offload.fileio import write_json_atomic
+from offload.indexes.dense import DenseAttention
 
 from .bench_generate import _real_text_ids
 
@@ -51,14 +52,12 @@ def prefill_shared(llm, ids: list[int], capacity: int, config, keep_queries: boo
 def backend_for(policy: str, llm, shared, config):
     from offload.indexes.backend import SparseAttention
 
-    if policy == "dense":
-        backend = DenseAttention(llm.args, llm.device, llm.dtype)
-    else:
-        backend = SparseAttention(llm.args, llm.device, llm.dtype, policy, config, shared.ctx,
-                                  kv_offload=shared.kv_offload)
-        backend.prefill_queries = {key: list(chunks) for key, chunks in shared.prefill_queries.items()}
-        backend.row_tokens = {row: list(t) for row, t in shared.row_tokens.items()}
-    backend.cache = shared.cache  # the same KV for every policy
+    if policy == "dense":  # the same KV for every policy: the shared backend's store
+        return DenseAttention(llm.args, llm.device, llm.dtype, store=shared.kv)
+    backend = SparseAttention(llm.args, llm.device, llm.dtype, policy, config, shared.ctx,
+                              kv_offload=shared.kv_offload, store=shared.kv)
+    backend.prefill_queries = {key: list(chunks) for key, chunks in shared.prefill_queries.items()}
+    backend.row_tokens = {row: list(t) for row, t in shared.row_tokens.items()}
     return backend
 
 

@@ -79,6 +79,7 @@ def latency_rows(llm, ctx: int, policies: list[str], config, steps: int, kv_offl
     rows = []
     for policy in policies:
         _reset_gpu_peak(llm.device)
+        fetched_before = shared.kv_bytes_to_device  # the policies share one KV store and its counter
         with MemorySampler() as mem:
             backend, build_s, (times, _, _) = build_and_decode(llm, policy, shared, config, ctx, first, steps)
         sparse_layers = 0 if policy == "dense" else a.num_layers - config.dense_layers
@@ -90,8 +91,8 @@ def latency_rows(llm, ctx: int, policies: list[str], config, steps: int, kv_offl
             "context": ctx, "policy": policy, "prefill_tok_s": ctx / prefill_s, "prefill_s": prefill_s,
             "build_s": build_s, "decode_ms": 1e3 * statistics.median(times),
             "decode_ms_runs": [1e3 * t for t in times],
-            "kv_bytes": shared.cache.nbytes(), "kv_bytes_host_tier": shared.cache.nbytes("cpu") if kv_offload else 0,
-            "kv_fetched_per_token": getattr(backend, "bytes_fetched", 0) / steps if kv_offload else None,
+            "kv_bytes": shared.kv_nbytes(), "kv_bytes_host_tier": shared.kv_nbytes("cpu") if kv_offload else 0,
+            "kv_fetched_per_token": (shared.kv_bytes_to_device - fetched_before) / steps if kv_offload else None,
             "index_bytes": index_bytes, "kv_read_per_token": kv_read,
             "weight_bytes_per_token": llm.args.param_count() * b,
             "peak_host_bytes": max(mem.peak, prefill_mem.peak), "peak_device_bytes": _gpu_peak(llm.device),

@@ -175,15 +175,12 @@ def plot(result: dict, path: Path) -> None:
 def run(model=None, context: int = 4096, steps: int = 8, kv_policy: str = "dense", dtype: str = "auto",
         profile: str | None = None, cpu_memory=None, gpu_memory=None, disk_dir=None) -> dict:
     from offload import LLM
-    from offload.tiers.planner import BandwidthProfile, plan
 
     llm = LLM(model, dtype=dtype, kv_policy=kv_policy, max_context=context + steps + 8, cpu_memory=cpu_memory,
-              gpu_memory=gpu_memory, disk_dir=disk_dir, profile=profile)
+              gpu_memory=gpu_memory, disk_dir=disk_dir, profile=profile, verbose=False)
     measured = measure(llm, context, steps)
-    prof = BandwidthProfile.load(profile)
-    placement = llm.placement or plan(llm.args, model=llm.path.name, context=context, device=llm.device.type,
-                                      dtype=str(llm.dtype).removeprefix("torch."), kv_policy=kv_policy,
-                                      profile=prof)
+    # the placement the runtime was resolved with (at its max_context: the steps measured sit just below it)
+    placement = llm.runtime.resolved.placement
     llm.close()
     return {"measured": measured,
             "predicted": {"step_ms": placement.predicted_step_ms, "breakdown_ms": placement.step_breakdown_ms,

@@ -322,7 +322,7 @@ def measure_decode(llm, context: int, report) -> dict:
             "prefill_tok_s": stats.prefill_tokens_per_second, "first_step_s": timer.decode[0],
             "decode_ms": 1e3 * statistics.median(steady), "decode_steps_timed": len(steady),
             "decode_ms_stats": 1e3 * stats.decode_seconds / max(stats.decode_steps, 1),
-            "kv_fetched_mib_per_step": getattr(llm.backend, "bytes_fetched", 0) / max(stats.decode_steps, 1) / MIB,
+            "kv_fetched_mib_per_step": llm.backend.kv_bytes_to_device / max(stats.decode_steps, 1) / MIB,
             "peak_device_gib": None if tiers["peak"]["device"] is None else tiers["peak"]["device"] / GIB,
             "peak_host_gib": tiers["peak"]["host"] / GIB}
 

@@ -265,3 +265,34 @@ def test_query_key_topk_in_blocks_equals_brute_force(monkeypatch):
     got = retrieval.query_key_topk(q.bfloat16(), k.bfloat16(), 16, torch.device("cpu"))
     same = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(got, ref)) / ref.numel()
     assert same > 0.9
+
+
+@pytest.mark.parametrize("policy,kv_offload", [("exact", False), ("quest", True), ("shadowkv", False)])
+def test_sliding_window_model_attends_within_its_window(tiny_models, policy, kv_offload):
+    """Mistral-style sliding window (24 here): a sparse policy must not reach keys the model cannot
+    see. Beyond the window the sparse layers attend exactly over it; the logits equal dense ones,
+    though the sinks and a small budget alone would differ."""
+    folder, hf = tiny_models["mistral"]
+    window = hf.config.sliding_window
+    ids = torch.randint(3, hf.config.vocab_size, (PROMPT + STEPS,), generator=torch.Generator().manual_seed(2)).tolist()
+    assert PROMPT > window
+    dense = teacher_forced_logits(LLM(folder), ids, PROMPT)
+    sparse_llm = LLM(folder, kv_policy=policy, kv_budget=2, sink=2, window=2, dense_layers=0, kv_offload=kv_offload)
+    sparse = teacher_forced_logits(sparse_llm, ids, PROMPT)
+    assert (sparse - dense).abs().max().item() < 1e-4
+    assert not sparse_llm.backend.indexes, "an index was built for rows that only attend within the window"
+
+
+def test_sliding_window_batch_across_the_window_equals_single_runs(tiny_models):
+    """A batch with one row inside the window (sparse selection) and one beyond it (exact within
+    the window), the short row crossing the window while it generates: each row as if alone."""
+    folder, hf = tiny_models["mistral"]
+    llm = LLM(folder, kv_policy="exact", kv_budget=2, sink=2, window=2, dense_layers=0)
+    prompts = [list(range(3, 13)), list(range(40, 90))]  # 10 and 50 tokens; the window is 24
+    params = SamplingParams(max_new_tokens=20, ignore_eos=True)
+    batched = [o.token_ids for o in llm.generate(prompts, params)]
+    single = [llm.generate([p], params)[0].token_ids for p in prompts]
+    assert batched == single
+    # the short row's first steps were sparse: dense attention gives other tokens there
+    dense = [o.token_ids for o in LLM(folder).generate(prompts[:1], params)]
+    assert llm.generate(prompts[:1], SamplingParams(max_new_tokens=14, ignore_eos=True))[0].token_ids != dense[0][:14]

@@ -111,7 +111,7 @@ def test_kv_in_the_host_tier_gives_the_same_tokens(tiny_models, policy):
     assert ("index build's query-key products on cpu" in moved.describe()) == (policy == "retrieval")
     assert moved.generate([ids], params)[0].token_ids == base.generate([ids], params)[0].token_ids
     if policy != "shadowkv":  # ShadowKV attends itself; the others go through the fetch
-        assert moved.backend.bytes_fetched > 0
+        assert moved.backend.kv_bytes_to_device > 0
     # the decode logits themselves agree to rounding
     for llm in (base, moved):
         llm.backend.allocate(1, 256)

@@ -73,7 +73,7 @@ def test_chunked_prefill_equals_one_shot(tiny_models, chunk):
 
 def test_long_prompt_prefill_blocks_scores(tiny_models, monkeypatch):
     """With a tiny score budget the prefill splits queries into many blocks and stays exact."""
-    import offload.attention as attention
+    import offload.indexes.dense as attention
 
     folder, hf = tiny_models["llama"]
     ids = _tokens(hf.config.vocab_size, 100, seed=5)

@@ -324,7 +324,12 @@ class StoreReader:
         """Tensor bytes [start, span_end) read by cuFile into device memory and verified there;
         None when cuFile failed (the reader has fallen back to POSIX)."""
         length = align_up(span_end - start, 4)
-        out = torch.zeros(length, dtype=torch.uint8, device=self.device)  # [span] on the GPU
+        out = torch.empty(length, dtype=torch.uint8, device=self.device)  # [span] on the GPU
+        out[span_end - start:].zero_()  # the checksum reads whole words: the pad is zero
+        # cuFile writes outside stream order: memory the allocator recycled on this stream must be
+        # done with (its queued kernels run) before the read lands in it
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
         try:
             self._cufile.pread(out, span_end - start, e.offset + start).get()
         except Exception as err:  # noqa: BLE001 - only cuFile's own failure is caught here
@@ -360,8 +365,9 @@ class StoreReader:
             raise OffloadError(f"tensor '{name}' is {e.shape} {e.dtype}, the buffer is "
                                f"{tuple(out.shape)} {out.dtype}")
         if e.nbytes:
-            if out.is_contiguous() and out.device == self.device and self.backend == "posix":
-                self.read_bytes(name, out=out.view(-1).view(torch.uint8))  # straight into the buffer
+            if out.is_contiguous() and out.device.type == "cpu" and self.backend == "posix":
+                # straight into a host buffer (a GPU streamer's pinned staging too): POSIX reads land in host memory
+                self.read_bytes(name, out=out.view(-1).view(torch.uint8))
             else:
                 out.copy_(self.read_bytes(name).view(e.torch_dtype).view(e.shape), non_blocking=True)
         return out

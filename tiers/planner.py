@@ -136,6 +136,7 @@ class Placement:
     layer_bytes: int
     fixed_device_bytes: int  # embeddings, head, final norm, runtime reserve
     slot_bytes: int  # streaming double buffers on the device
+    host_staging_bytes: int  # pinned host buffers disk layers pass through to a GPU (one layer per slot)
     kv_tiers: dict  # tier -> bytes of KV
     index_tiers: dict  # tier -> bytes of index structures
     budgets: dict  # tier -> bytes (None: unlimited)
@@ -149,7 +150,7 @@ class Placement:
         return [i for i, t in enumerate(self.layer_tiers) if t != "device"]
 
     def tier_bytes(self) -> dict[str, int]:
-        out = {"device": self.fixed_device_bytes + self.slot_bytes, "host": 0, "disk": 0}
+        out = {"device": self.fixed_device_bytes + self.slot_bytes, "host": self.host_staging_bytes, "disk": 0}
         for t in self.layer_tiers:
             out[t] += self.layer_bytes
         for d in (self.kv_tiers, self.index_tiers):
@@ -269,7 +270,7 @@ def plan(args: ModelArgs, *, model: str, context: int, device: str = "cpu", dtyp
 
     L = args.num_layers
     tiers = ["device"] * L
-    slot_bytes = 0
+    slot_bytes = host_staging = 0
     if device_left is not None and device_left < L * layer_bytes:
         slot_bytes = prefetch_slots * layer_bytes  # buffers for streamed layers
         resident = max(0, (device_left - slot_bytes) // layer_bytes)
@@ -282,6 +283,16 @@ def plan(args: ModelArgs, *, model: str, context: int, device: str = "cpu", dtyp
         on_host = 0
         if on_gpu:
             on_host = rest if host_left is None else min(rest, max(0, host_left) // layer_bytes)
+            if on_host < rest:  # disk layers reach the GPU through pinned host staging, one layer per slot
+                host_staging = prefetch_slots * layer_bytes
+                if host_left is not None:
+                    if host_left < host_staging:
+                        raise BudgetError(
+                            f"cpu_memory {format_size(host_budget)} cannot hold the {prefetch_slots} pinned staging "
+                            f"buffers ({format_size(host_staging)}) that disk layers pass through to the GPU beside "
+                            f"the offloaded KV and index: the smallest budget that works is "
+                            f"{format_size(host_budget - host_left + host_staging)}")
+                    on_host = min(rest, (host_left - host_staging) // layer_bytes)
         on_disk = rest - on_host
         if on_disk and disk_dir is None:
             where = "gpu_memory and cpu_memory" if on_gpu else "cpu_memory"
@@ -327,7 +338,7 @@ def plan(args: ModelArgs, *, model: str, context: int, device: str = "cpu", dtyp
                  "layer_overhead": L * profile.layer_overhead_ms}
     return Placement(model=model, device=device, dtype=dtype, context=context, kv_policy=kv_policy,
                      layer_tiers=tuple(tiers), layer_bytes=layer_bytes, fixed_device_bytes=fixed,
-                     slot_bytes=slot_bytes, kv_tiers=kv_tiers, index_tiers=index_tiers,
+                     slot_bytes=slot_bytes, host_staging_bytes=host_staging, kv_tiers=kv_tiers, index_tiers=index_tiers,
                      budgets={"device": device_budget, "host": host_budget, "disk": None},
                      predicted_step_ms=sum(breakdown.values()), step_breakdown_ms=breakdown,
                      profile_source=profile.source, bytes_per_token=moved)

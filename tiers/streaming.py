@@ -4,9 +4,12 @@ Every streamed layer goes through the same lifecycle: **load** (a reader thread 
 device-resident buffer layers, the double buffers, from the store or from pinned host memory),
 **compute** (the model runs the buffer layer as layer i) and **release** (the buffer is handed
 to the next streamed layer, whose load starts at once). Buffers are allocated once and reused,
-never reallocated per step. On a GPU the copy runs on a side stream with an event the compute
-stream waits on; on the CPU a reader thread does the aligned direct reads while the main thread
-computes (the read and checksum release the GIL).
+never reallocated per step. On a GPU the copies run on a side stream: a load waits (on the GPU,
+not the host) for an event the compute stream records at release, and the compute stream waits
+for the load's own event at acquire, so neither side stalls the other. A disk layer goes disk ->
+pinned host staging (one per buffer, verified there) -> device, the read of layer i+1 overlapping
+the compute of layer i; kvikio reads straight into device memory. On the CPU a reader thread does
+the aligned direct reads while the main thread computes (the read and checksum release the GIL).
 
 :class:`WeightSpill` is the loader's side: tensors of layers placed off the device are assembled
 one layer at a time in host memory and written into one store file (atomically, checksummed),
@@ -18,7 +21,6 @@ from __future__ import annotations
 
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -26,7 +28,7 @@ import torch
 from offload.errors import OffloadError
 
 from .io import StoreReader
-from .store import CorruptStoreError, StoreWriter, read_header
+from .store import ALIGN, CorruptStoreError, StoreWriter, align_up, read_header
 
 
 def layer_tensor_name(layer: int, param: str) -> str:
@@ -99,6 +101,11 @@ class LayerStreamer:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offload-prefetch")
         self._cuda = self.device.type == "cuda"
         self._stream = torch.cuda.Stream(self.device) if self._cuda else None
+        # GPU: pinned host staging per slot for disk reads; events of the compute stream's last use
+        # of each buffer (recorded at release) and of each staging buffer's last copy to the device.
+        self._staging = [self._pinned_views(slot) for slot in self.slots] if self._cuda and store is not None else []
+        self._freed: list = [None] * len(self.slots)
+        self._staged: list = [None] * len(self.slots)
         self._pending: dict[int, Future] = {}  # slot -> load in flight
         self._holds: dict[int, int] = {}  # slot -> layer loaded (or loading)
         self.loads = 0
@@ -107,9 +114,27 @@ class LayerStreamer:
             self._start(self.layers[j], j)
         self._next = len(self.slots) % len(self.layers)  # the next layer to prefetch, cyclically
 
+    @staticmethod
+    def _pinned_views(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """One pinned host buffer shaped like ``module``'s parameters, each at a page-aligned offset
+        (so that O_DIRECT reads land in it without a bounce copy): name -> view."""
+        params = list(module.named_parameters())
+        offsets, total = [], 0
+        for _, p in params:
+            offsets.append(total)
+            total = align_up(total + p.numel() * p.element_size(), ALIGN)
+        buf = torch.empty(total, dtype=torch.uint8, pin_memory=True)  # [bytes] page-aligned (cudaHostAlloc)
+        return {name: buf[at:at + p.numel() * p.element_size()].view(p.dtype).view(p.shape)
+                for (name, p), at in zip(params, offsets)}
+
     @property
     def slot_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for s in self.slots for p in s.parameters())
+
+    @property
+    def staging_bytes(self) -> int:
+        """Pinned host memory the disk layers pass through on their way to a GPU."""
+        return sum(t.numel() * t.element_size() for views in self._staging for t in views.values())
 
     @property
     def bytes_read(self) -> int:
@@ -117,24 +142,53 @@ class LayerStreamer:
 
     def _start(self, layer: int, slot: int) -> None:
         self._holds[slot] = layer
-        self._pending[slot] = self._pool.submit(self._load, layer, self.slots[slot])
+        self._pending[slot] = self._pool.submit(self._load, layer, slot)
 
-    def _load(self, layer: int, module: torch.nn.Module):
-        params = dict(module.named_parameters())
-        event = None
-        if layer in self.host_layers:  # host tier: copy from pinned memory
-            src = dict(self.host_layers[layer].named_parameters())
-            with torch.cuda.stream(self._stream) if self._cuda else nullcontext():
-                for name in self._names:
-                    params[name].data.copy_(src[name].data, non_blocking=True)
-                if self._cuda:
-                    event = torch.cuda.Event()
-                    event.record(self._stream)
-        else:  # disk tier: verified direct reads
+    def _load(self, layer: int, slot: int):
+        """Fill buffer ``slot`` with ``layer``'s weights (on the reader thread); on a GPU, return
+        the event of the side stream that marks them in place."""
+        params = dict(self.slots[slot].named_parameters())
+        if not self._cuda:  # CPU: verified direct reads into the buffer (released: compute is done)
             for name in self._names:
                 self.store.read(layer_tensor_name(layer, name), out=params[name].data)
+            self.loads += 1
+            return None
+        with torch.cuda.stream(self._stream):
+            if layer in self.host_layers:  # host tier: copy from pinned memory
+                src = dict(self.host_layers[layer].named_parameters())
+                self._after_release(slot)
+                for name in self._names:
+                    params[name].data.copy_(src[name].data, non_blocking=True)
+            elif self.store.backend == "kvikio":  # cuFile writes device memory outside stream order
+                if self._freed[slot] is not None:
+                    self._freed[slot].synchronize()  # so the buffer must be free now (waits on this thread only)
+                for name in self._names:
+                    self.store.read(layer_tensor_name(layer, name), out=params[name].data)
+            else:  # disk -> pinned staging (verified) -> device
+                staging = self._staging[slot]
+                if self._staged[slot] is not None:
+                    self._staged[slot].synchronize()  # the staging's previous copy to the device is done
+                for name in self._names:
+                    self.store.read(layer_tensor_name(layer, name), out=staging[name])
+                self._after_release(slot)
+                for name in self._names:
+                    params[name].data.copy_(staging[name], non_blocking=True)
+                self._staged[slot] = torch.cuda.Event()
+                self._staged[slot].record(self._stream)
+            loaded = torch.cuda.Event()
+            loaded.record(self._stream)
         self.loads += 1
-        return event
+        return loaded
+
+    def _after_release(self, slot: int) -> None:
+        """Order the side stream's writes into buffer ``slot`` after the compute that last read it."""
+        if self._freed[slot] is not None:
+            self._stream.wait_event(self._freed[slot])
+
+    def _mark_free(self, slot: int) -> None:
+        if self._cuda:  # kernels reading the buffer are queued, not done: the next load waits for this event
+            self._freed[slot] = torch.cuda.Event()
+            self._freed[slot].record(torch.cuda.current_stream(self.device))
 
     def acquire(self, layer: int) -> torch.nn.Module:
         """Wait until ``layer``'s weights are in its buffer; return the buffer layer to compute with."""
@@ -144,20 +198,21 @@ class LayerStreamer:
         if slot is None:  # out of the usual order (a pass stopped early): load it now
             slot = 0
             self._pending[slot].result()
+            self._mark_free(slot)
             self._start(layer, slot)
             self._next = (self.position[layer] + 1) % len(self.layers)
-        event = self._pending[slot].result()
-        if event is not None:
-            torch.cuda.current_stream(self.device).wait_event(event)
+        loaded = self._pending[slot].result()
+        if loaded is not None:
+            torch.cuda.current_stream(self.device).wait_event(loaded)  # a GPU-side wait: the host goes on
         return self.slots[slot]
 
     def release(self, layer: int) -> None:
-        """Compute on ``layer`` is done: its buffer starts loading the next streamed layer."""
+        """Compute on ``layer`` is queued: its buffer starts loading the next streamed layer (on a GPU,
+        the load's writes wait for that compute on the GPU; the host does not stall here)."""
         if len(self.slots) == len(self.layers):
             return  # every streamed layer has its own buffer: nothing to reload
-        if self._cuda:  # the buffer is reused only after the kernels reading it have run
-            torch.cuda.current_stream(self.device).synchronize()
         slot = next(j for j, held in self._holds.items() if held == layer)
+        self._mark_free(slot)
         self._start(self.layers[self._next], slot)
         self._next = (self._next + 1) % len(self.layers)
 
@@ -165,4 +220,3 @@ class LayerStreamer:
         self._pool.shutdown(wait=True)
         if self.store is not None:
             self.store.close()
-

@@ -1,0 +1,103 @@
+"""Exact attention on a :class:`~offload.tiers.kv_store.KVStore`: the dense backend, and the exact
+twin every KV policy is measured against. :class:`~offload.indexes.backend.SparseAttention`
+builds on it (prefill, dense layers and windowed layers are exact)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from offload.attention import AttentionBackend, ForwardBatch, attend, visible_keys
+from offload.config import ModelArgs
+from offload.tiers.kv_store import KVStore
+
+# Upper bound on one block of attention scores (fp32) in chunked prefill: even where SDPA falls
+# back to its math kernel, a long prompt never materialises a score block larger than this.
+PREFILL_SCORE_BYTES = 256 * 1024 * 1024
+
+
+class DenseAttention(AttentionBackend):
+    """Exact attention over every cached token (within the model's sliding window, if it has one).
+    ``store`` shares another backend's KV (benchmarks compare policies over one prefill)."""
+
+    def __init__(self, args: ModelArgs, device: torch.device, dtype: torch.dtype, store: KVStore | None = None):
+        self.args = args
+        self.kv = store if store is not None else KVStore(args, device, dtype)
+        self._decode_mask: torch.Tensor | None = None  # [B, 1, 1, N'] bool, or None
+        self._decode_start = 0  # first cached token any row of this decode step can see
+        self._prefill_masks: dict[int, torch.Tensor] = {}
+
+    def allocate(self, batch_size: int, capacity: int) -> None:
+        self.kv.allocate(batch_size, capacity)
+
+    def prefix(self, row: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.kv.prefix(row, n)
+
+    def kv_nbytes(self, device_type: str | None = None) -> int:
+        return self.kv.nbytes(device_type)
+
+    @property
+    def kv_bytes_to_device(self) -> int:
+        return self.kv.bytes_to_device
+
+    def settings(self) -> dict:
+        return {"kv_policy": "dense", "selection": None}
+
+    def describe(self) -> str:
+        return "kv_policy dense (exact)"
+
+    def restore_row(self, row: int, token_ids: list[int], k: torch.Tensor, v: torch.Tensor,
+                    index_states: dict | None = None) -> None:
+        """Put a saved prefix back: k, v [L, Hkv, n, D] become cache row ``row``'s first n tokens."""
+        self.kv.restore(row, k, v)
+
+    def begin(self, batch: ForwardBatch) -> None:
+        # Masks are built once per model call and shared by all layers.
+        window = self.args.sliding_window
+        if batch.is_decode:
+            n = max(batch.end_lengths)
+            if len(set(batch.start_lengths)) == 1:
+                # Rows of equal length see the same keys: the last `window` of them (or all), no mask;
+                # only those are read, so a sliding-window model's step reads at most `window` tokens.
+                self._decode_start = 0 if window is None else max(0, n - window)
+                self._decode_mask = None
+            else:
+                self._decode_start = 0
+                self._decode_mask = visible_keys(batch.positions, n, window)[:, None]  # [B, 1, 1, N]
+        else:
+            n, T, H = batch.end_lengths[0], batch.num_new, self.args.num_heads
+            block = max(1, min(T, PREFILL_SCORE_BYTES // (4 * H * n)))
+            self._prefill_masks = {
+                t0: visible_keys(batch.positions[:, t0:t0 + block], n, window)[0]
+                for t0 in range(0, T, block)}  # {t0: [Tb, N] bool}
+
+    def forward(self, layer, q, k, v, batch):
+        self.kv.write(layer, k, v, batch)
+        if batch.is_decode:
+            return self._decode(layer, q, batch)
+        return self._prefill(layer, q, batch)
+
+    def _decode(self, layer: int, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """Exact attention of one new token per row, q [B, H, 1, D], over the visible cached keys."""
+        a = self.args
+        B, H, _, D = q.shape
+        # a layer in the host tier: everything visible comes over (dense attention's price)
+        keys, values = self.kv.read(layer, slice(None), self._decode_start, max(batch.end_lengths))  # [B, Hkv, N', D]
+        out = attend(q.view(B, a.num_kv_heads, a.group_size, D), keys, values, a.softmax_scale,
+                     self._decode_mask)  # [B, Hkv, G, D]
+        return out.view(B, H, 1, D)
+
+    def _prefill(self, layer: int, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        a = self.args
+        row, n = batch.rows[0], batch.end_lengths[0]
+        # a layer in the host tier: its prefix comes over for each chunk
+        keys, values = self.kv.read(layer, slice(row, row + 1), 0, n)  # [1, Hkv, N, D]
+        out = torch.empty_like(q)  # [1, H, T, D]
+        # SDPA's fused CPU/GPU kernels are exact and several times faster than explicit matmuls
+        # for a block of queries; query blocks bound the scores if it falls back to its math path.
+        for t0, visible in self._prefill_masks.items():  # visible [Tb, N]
+            t1 = t0 + visible.shape[0]
+            out[:, :, t0:t1] = F.scaled_dot_product_attention(
+                q[:, :, t0:t1], keys, values, attn_mask=visible, scale=a.softmax_scale,
+                enable_gqa=True)  # [1, H, Tb, D]
+        return out
