@@ -133,7 +133,8 @@ class KVIndex(ABC):
                        profile: BandwidthProfile) -> SelectionCost:
         """What this policy adds to a placement of ``context`` tokens: its index, the prompt queries
         it keeps until the build, and its host-side search per step (the planner asks, by class)."""
-        sparse_share = max(0, args.num_layers - dense_layers) / args.num_layers
+        sparse_layers = max(0, args.num_layers - dense_layers)
+        sparse_share = sparse_layers / args.num_layers
         queries = 0
         if cls.needs_prefill_queries:  # every QUERY_STRIDE-th prompt query of every head, sparse layers
             queries = int(sparse_share * args.num_layers) * args.num_heads * args.head_dim * \
@@ -142,7 +143,8 @@ class KVIndex(ABC):
             index_bytes=int(sparse_share * cls.estimate_nbytes(args, context, dtype_bytes)),
             prefill_query_bytes=queries,
             search_ms=1e3 * sparse_share * cls.search_seconds(args, context, profile.index_keys_per_s,
-                                                              profile.scored_fraction))
+                                                              profile.scored_fraction)
+            + sparse_layers * profile.sparse_overhead_ms(cls.name))
 
     def build(self, keys: torch.Tensor, n: int, queries: torch.Tensor | None = None) -> None:
         """keys [Hkv, N, D]: the cache storage (post-RoPE), of which the first n are the prompt."""

@@ -170,6 +170,19 @@ def _read_prompt(args: argparse.Namespace) -> str:
     return _decode_prompt(sys.stdin.buffer.read(), "standard input")
 
 
+def _peak_vs_budget(peak: dict, cpu_budget: int | None) -> str:
+    """The host peak while generating, split into what the process held before the model (Python,
+    torch) and what the runtime added, which is what cpu_memory budgets."""
+    added = peak["host"] - peak["host_before_load"]
+    line = (f"peak while generating: host {peak['host'] / 2**20:.0f} MiB private resident = "
+            f"{peak['host_before_load'] / 2**20:.0f} MiB before loading (Python, torch) + {added / 2**20:.0f} MiB "
+            f"runtime")
+    if cpu_budget is not None:
+        verdict = "within" if added <= cpu_budget else "OVER"
+        line += f", {verdict} cpu_memory {cpu_budget / 2**20:.0f} MiB"
+    return line + (f"; GPU {peak['device'] / 2**20:.0f} MiB allocated" if peak["device"] is not None else "")
+
+
 def _peak_memory_line(device) -> str:
     import torch
 
@@ -203,9 +216,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
               f"{_peak_memory_line(llm.device)}", file=sys.stderr)
         report = llm.tier_report()
         peak = report["peak"]
-        print(f"peak while generating: host {peak['host'] / 2**20:.0f} MiB private resident"
-              + (f", GPU {peak['device'] / 2**20:.0f} MiB allocated" if peak["device"] is not None else ""),
-              file=sys.stderr)
+        print(_peak_vs_budget(peak, llm.runtime.resolved.cpu_budget), file=sys.stderr)
         if "flash" in report:
             f = report["flash"]
             print(f"flash: {f['decode_bytes_per_step'] / 2**20:.1f} MiB read per token in "

@@ -21,7 +21,7 @@ from .engine_config import EngineConfig
 from .errors import InvalidRequestError
 from .prompt_cache import CachedPrompt, load_prompt_cache, save_prompt_cache
 from .sampling import SamplingParams
-from .tiers.budget import MemorySampler
+from .tiers.budget import MemorySampler, rss_anon
 
 Prompt = Union[str, Sequence[int], Sequence[dict]]
 PEAK_SAMPLE_INTERVAL = 0.02  # seconds between samples of the process's memory while generating
@@ -43,8 +43,11 @@ class LLM:
         if model is not None:
             settings["model"] = model
         self.config = (config or EngineConfig()).replace(**settings)
+        # What the process held before the model: the interpreter, torch and the libraries. cpu_memory
+        # budgets what the runtime loads above it (weights, KV, indexes, buffers); reported beside the peaks.
+        baseline = rss_anon()
         self.runtime: Runtime = build_runtime(self.config.resolve())
-        self._peaks: dict[str, int | None] = {"host": 0, "device": None}
+        self._peaks: dict[str, int | None] = {"host": 0, "device": None, "host_before_load": baseline}
         if self.config.verbose:
             print(self.runtime.describe(), file=sys.stderr)
 
@@ -73,8 +76,8 @@ class LLM:
 
     def tier_report(self) -> dict:
         """What each tier holds as placed, the disk bytes read so far, and the peaks measured while
-        generating (``peak``: host = the process's private resident bytes, device = the GPU
-        allocator's peak, None on a CPU)."""
+        generating (``peak``: host = the process's private resident bytes, host_before_load = what it
+        held before the model was loaded, device = the GPU allocator's peak, None on a CPU)."""
         return {**self.runtime.tier_report(), "peak": dict(self._peaks)}
 
     @contextlib.contextmanager

@@ -30,6 +30,7 @@ import platform
 import statistics
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,13 @@ def host_copy(nbytes: int, repeats: int) -> dict:
     src = torch.ones(nbytes // 4, dtype=torch.float32)  # [n]
     dst = torch.empty_like(src)
     return timed(lambda: dst.copy_(src), nbytes, repeats)
+
+
+def checksum(nbytes: int, repeats: int) -> dict:
+    """CRC-32 of a host buffer, bytes per second: every weight read from a store is verified
+    extent by extent on the reader thread, after its read, so a streamed layer costs read + this."""
+    data = np.random.default_rng(0).integers(0, 256, nbytes, dtype=np.uint8)
+    return timed(lambda: zlib.crc32(data), nbytes, repeats)
 
 
 def paired_copy(nbytes: int, repeats: int) -> tuple[dict, dict]:
@@ -110,35 +118,81 @@ def host_gemv(matrix_bytes: int, repeats: int, dtype: torch.dtype = torch.float3
     return timed(run, count * rows * cols * elem, repeats)
 
 
-@torch.inference_mode()
-def layer_overhead(repeats: int) -> dict:
-    """Fixed cost of one decoder layer in a decode step, apart from the bytes it reads: a narrow
-    model (hidden 64) whose weights and KV are negligible, timed per layer. This is the runtime's
-    per-operation dispatch cost, which a bytes-over-bandwidth model alone would miss."""
-    from offload.attention import ForwardBatch
+# The narrow model the per-layer fixed costs are timed on: weights and KV negligible, so what is
+# left of a step is op dispatch. Its prompt is long enough that a sparse policy selects a subset.
+NARROW_LAYERS, NARROW_PROMPT = 8, 256
+
+
+def _narrow_model():
     from offload.config import ModelArgs
-    from offload.indexes.dense import DenseAttention
     from offload.model import Transformer
 
-    layers = 8
     args = ModelArgs(architecture="llama", vocab_size=128, hidden_size=64, intermediate_size=128,
-                     num_layers=layers, num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=256,
-                     rms_norm_eps=1e-5, rope_theta=10000.0)
+                     num_layers=NARROW_LAYERS, num_heads=4, num_kv_heads=2, head_dim=16,
+                     max_position_embeddings=2 * NARROW_PROMPT, rms_norm_eps=1e-5, rope_theta=10000.0)
     model = Transformer(args)
     g = torch.Generator().manual_seed(0)
     for p in model.parameters():
         p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    backend = DenseAttention(args, model.device, model.dtype)
-    backend.allocate(1, 64)
-    model(torch.zeros(1, 16, dtype=torch.long), ForwardBatch.prefill(0, 0, 16, model.device), backend)
-    runs = []
-    for r in range(repeats + 2):
-        n = 16 + r
+    return model
+
+
+class _NarrowRun:
+    """One backend on the narrow model: a NARROW_PROMPT-token prompt prefilled, then timed decode
+    steps (ms per layer), one at a time, so that several backends' steps can be interleaved."""
+
+    @torch.inference_mode()
+    def __init__(self, model, backend, steps: int):
+        from offload.attention import ForwardBatch
+
+        self.model, self.backend, self.n = model, backend, NARROW_PROMPT
+        ids = torch.arange(NARROW_PROMPT)[None] % model.args.vocab_size  # [1, T]
+        backend.allocate(1, NARROW_PROMPT + steps + 4)
+        model(ids, ForwardBatch.prefill(0, 0, NARROW_PROMPT, model.device, ids[0].tolist()), backend)
+        for _ in range(2):  # index builds and first touches, not timed
+            self.step()
+
+    @torch.inference_mode()
+    def step(self) -> float:
+        from offload.attention import ForwardBatch
+
         t0 = time.perf_counter()
-        model(torch.zeros(1, 1, dtype=torch.long), ForwardBatch.decode([n], model.device), backend)
-        runs.append(1e3 * (time.perf_counter() - t0) / layers)
-    runs = runs[2:]
+        self.model(torch.zeros(1, 1, dtype=torch.long), ForwardBatch.decode([self.n], self.model.device, [0]),
+                   self.backend)
+        self.n += 1
+        return 1e3 * (time.perf_counter() - t0) / NARROW_LAYERS
+
+
+def layer_overhead(repeats: int) -> dict:
+    """Fixed cost of one decoder layer in a decode step, apart from the bytes it reads: a narrow
+    model (hidden 64) whose weights and KV are negligible, timed per layer. This is the runtime's
+    per-operation dispatch cost, which a bytes-over-bandwidth model alone would miss."""
+    from offload.indexes.dense import DenseAttention
+
+    model = _narrow_model()
+    run = _NarrowRun(model, DenseAttention(model.args, model.device, model.dtype), repeats)
+    runs = [run.step() for _ in range(repeats)]
     return {"median_ms": statistics.median(runs), "runs_ms": runs}
+
+
+def sparse_layer_overhead(repeats: int) -> dict[str, dict]:
+    """Per KV policy: the fixed cost a sparse layer adds to a dense one per decode step (its search's
+    and the gather path's dispatch), on the narrow model: policy -> {median_ms, runs_ms}. Each
+    policy's step is timed right after a dense step and the difference kept, so that drift on a
+    shared machine cancels."""
+    from offload.indexes import SelectionConfig, policy_names
+    from offload.indexes.backend import SparseAttention
+    from offload.indexes.dense import DenseAttention
+
+    model = _narrow_model()
+    config = SelectionConfig(budget=16, sink=4, window=16, dense_layers=0)
+    out = {}
+    for policy in policy_names():
+        dense = _NarrowRun(model, DenseAttention(model.args, model.device, model.dtype), repeats)
+        sparse = _NarrowRun(model, SparseAttention(model.args, model.device, model.dtype, policy, config), repeats)
+        runs = [sparse.step() - dense.step() for _ in range(repeats)]
+        out[policy] = {"median_ms": max(0.0, statistics.median(runs)), "runs_ms": runs}
+    return out
 
 
 # ---------------------------------------------------------------------------------------- disk
@@ -311,6 +365,8 @@ def run_profile(quick: bool, disk_dir: Path, progress: bool = True) -> dict:
     m["host_gemv_fp32"] = [{"size": b, **host_gemv(b, repeats)} for b in gemv_sizes]
     m["host_gemv_bf16"] = [{"size": b, **host_gemv(b, repeats, torch.bfloat16)} for b in gemv_sizes]
     m["layer_overhead"] = layer_overhead(3 * repeats)
+    m["sparse_layer_overhead"] = sparse_layer_overhead(3 * repeats)
+    m["checksum"] = [{"size": host_size, **checksum(host_size, repeats)}]
     bar.update(1)
 
     disk_dir.mkdir(parents=True, exist_ok=True)
@@ -349,8 +405,10 @@ def run_profile(quick: bool, disk_dir: Path, progress: bool = True) -> dict:
         "gemv_curve_fp32": [[r["size"], r["median_gbs"]] for r in m["host_gemv_fp32"]],
         "gemv_curve_bf16": [[r["size"], r["median_gbs"]] for r in m["host_gemv_bf16"]],
         "disk_read_gbs": best_direct,
+        "verify_gbs": m["checksum"][0]["median_gbs"],
         "index_keys_per_s": m["index_search"][-1]["keys_per_s"],
         "layer_overhead_ms": m["layer_overhead"]["median_ms"],
+        "sparse_layer_overhead_ms": [[policy, r["median_ms"]] for policy, r in m["sparse_layer_overhead"].items()],
         "disk_block_bytes": max(m["disk_seq_direct"], key=lambda r: r["median_gbs"])["block"],
     }
     if "h2d_pinned" in m:

@@ -60,6 +60,10 @@ def test_planner_reads_the_profile(quick_profile):
     assert prof.disk_read_gbs == pytest.approx(doc["planner"]["disk_read_gbs"])
     assert prof.host_read_gbs == pytest.approx(doc["planner"]["host_read_gbs"])
     assert prof.layer_overhead_ms == pytest.approx(doc["planner"]["layer_overhead_ms"]) and prof.layer_overhead_ms > 0
+    measured = dict(doc["planner"]["sparse_layer_overhead_ms"])
+    assert set(measured) >= {"quest", "retrieval", "shadowkv"}
+    assert prof.sparse_overhead_ms("quest") == pytest.approx(measured["quest"])
+    assert prof.verify_gbs == pytest.approx(doc["planner"]["verify_gbs"]) and prof.verify_gbs > 0.1
     p = plan(preset("smollm2-135m"), model="smollm2", context=4096, profile=prof)
     assert p.profile_source == str(quick_profile[0])
     curve = [gbs for _, gbs in prof.gemv_curve_fp32]
@@ -87,6 +91,24 @@ def test_decode_step_breakdown_accounts_for_the_step_and_matches_the_planner(qui
     assert abs(result["prediction_error"]) <= 0.30, result
     assert main(["--context", "256", "--steps", "2", "--out", str(tmp_path / "b.json")]) == 0
     assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("policy", ["dense", "quest", "retrieval"])
+def test_planner_predicts_the_step_under_a_budget(quick_profile, smollm_path, policy):
+    """Default model, CPU, 2K context, a memory budget: the planner's predicted decode step (the
+    placement the runtime resolved, priced with this run's profile: weights, attention bytes, the
+    policy's search and its measured per-layer overhead) is within 30% of the measured step."""
+    from offload.profiles.breakdown import run
+
+    errors = []
+    for _ in range(3):  # best of three: the machine may be shared while the step is measured
+        result = run(smollm_path, context=2048, steps=6, kv_policy=policy, profile=str(quick_profile[0]),
+                     cpu_memory="2GB")
+        errors.append(result["prediction_error"])
+        if abs(errors[-1]) <= 0.30:
+            break
+    assert result["predicted"]["breakdown_ms"]["index_search"] > 0 or policy == "dense"
+    assert min(abs(e) for e in errors) <= 0.30, (policy, errors, result["predicted"], result["measured"]["step_ms"])
 
 
 def test_tune_writes_settings_that_the_runtime_and_planner_use(tmp_path, smollm_path):

@@ -157,3 +157,36 @@ def test_edge_mode_half_the_weights_in_memory(smollm_path, tmp_path):
     assert edge["peak"] <= budget + edge["reader"], edge
     assert edge["gen_peak"] <= budget, edge  # generating: under the budget itself
     assert resident["peak"] > budget + edge["reader"]  # the measurement can tell the two apart
+
+
+@pytest.mark.slow
+def test_edge_mode_stats_report_the_peak_against_the_budget(smollm_path, tmp_path):
+    """`offload generate --cpu-memory 230MB --max-context 256 --stats` in its own process: the peak it
+    reports splits into what Python and torch held before loading and what the runtime added, and
+    the runtime's share is within the budget (it was reported against the whole process before)."""
+    import re
+
+    out = subprocess.run([sys.executable, "-m", "offload.cli", "generate", "The capital of France is",
+                          "--max-new-tokens", "4", "--cpu-memory", "230MB", "--max-context", "256",
+                          "--disk-dir", str(tmp_path), "--stats"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    line = next(x for x in out.stderr.splitlines() if x.startswith("peak while generating"))
+    total, before, added, budget = map(int, re.search(
+        r"host (\d+) MiB private resident = (\d+) MiB before loading \(Python, torch\) \+ (-?\d+) MiB runtime, "
+        r"within cpu_memory (\d+) MiB", line).groups())
+    assert abs(total - before - added) <= 1 and 0 < added <= budget == 219, line
+
+
+def test_disk_layers_on_a_gpu_reserve_pinned_staging_in_the_host_budget():
+    """Disk layers reach a GPU through pinned host buffers (one layer per streaming slot): the
+    planner counts them in the host tier and names them when cpu_memory cannot hold them."""
+    args = preset("llama-3.1-8b")
+    kw = dict(model="m", context=8192, device="cuda", dtype="bfloat16", gpu_memory=6 * 2**30, disk_dir="/tmp")
+    p = plan(args, cpu_memory=8 * 2**30, **kw)
+    assert "disk" in p.layer_tiers and "host" in p.layer_tiers
+    assert p.host_staging_bytes == 2 * p.layer_bytes
+    assert p.tier_bytes()["host"] == p.layer_tiers.count("host") * p.layer_bytes + p.host_staging_bytes <= 8 * 2**30
+    resident = plan(args, cpu_memory=None, **kw)  # every streamed layer fits in host memory: no staging
+    assert resident.host_staging_bytes == 0 and "disk" not in resident.layer_tiers
+    with pytest.raises(BudgetError, match="pinned staging"):
+        plan(args, cpu_memory=p.layer_bytes, **kw)

@@ -58,9 +58,14 @@ class BandwidthProfile:
     h2d_pinned_gbs: float = 20.0
     h2d_pageable_gbs: float = 8.0
     disk_read_gbs: float = 1.5  # cold, O_DIRECT
+    verify_gbs: float = 2.0  # CRC-32 of what was read (one core), after each read: streamed disk layers pay both
     index_keys_per_s: float = 3e6  # graph-search keys scored per second (all heads of a layer)
     scored_fraction: float = 0.10  # keys a retrieval search scores per step, fraction of context
     layer_overhead_ms: float = 0.5  # fixed cost of one decoder layer per step (op dispatch), measured
+    # What a sparse layer adds to that per step (its search's and gather's dispatch), per KV policy:
+    # [[policy, ms], ...] as measured; a policy not measured is priced at the default.
+    sparse_layer_overhead_ms: tuple = ()
+    default_sparse_layer_overhead_ms: float = 0.5
     # Matrix-vector bandwidth by matrix size, [[bytes, GB/s], ...] per dtype: small matrices run
     # below the streaming bandwidth. Empty: host_read_gbs for every size.
     gemv_curve_fp32: tuple = ()
@@ -79,6 +84,10 @@ class BandwidthProfile:
                 t = math.log(matrix_bytes / s0) / math.log(s1 / s0)
                 return g0 + t * (g1 - g0)
         return curve[-1][1]
+
+    def sparse_overhead_ms(self, policy: str) -> float:
+        """The measured fixed cost a sparse layer of ``policy`` adds per decode step."""
+        return dict(self.sparse_layer_overhead_ms).get(policy, self.default_sparse_layer_overhead_ms)
 
     @classmethod
     def load(cls, path: str | Path | None) -> "BandwidthProfile":
@@ -308,7 +317,8 @@ def plan(args: ModelArgs, *, model: str, context: int, device: str = "cpu", dtyp
     typical = b * sum(matrices) / len(matrices)
     dev_bw = (profile.gpu_read_gbs if on_gpu else profile.host_gemv_gbs(typical, dtype)) * 1e9
     link = profile.h2d_pinned_gbs * 1e9
-    disk = profile.disk_read_gbs * 1e9
+    # a disk layer is read, then checked, on the reader thread: the two rates add in series
+    disk = 1e9 / (1 / profile.disk_read_gbs + 1 / profile.verify_gbs)
     weights_ms = transfer_ms = 0.0
     moved = {"host": 0, "disk": 0}
     for t in tiers:

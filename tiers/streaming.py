@@ -27,7 +27,7 @@ import torch
 
 from offload.errors import OffloadError
 
-from .io import StoreReader
+from .io import StoreReader, aligned_empty
 from .store import ALIGN, CorruptStoreError, StoreWriter, align_up, read_header
 
 
@@ -97,6 +97,10 @@ class LayerStreamer:
         self.store, self.device = store, torch.device(device)
         self.host_layers = host_layers or {}  # layer -> module in (pinned) host memory
         self.slots = [make_layer() for _ in range(min(slots, len(self.layers)))]  # the double buffers
+        if self.device.type == "cpu":  # page-aligned buffers: O_DIRECT reads land in them, no bounce copy
+            for slot in self.slots:
+                for p in slot.parameters():
+                    p.data = aligned_empty(tuple(p.shape), p.dtype)
         self._names = [name for name, _ in self.slots[0].named_parameters()]
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offload-prefetch")
         self._cuda = self.device.type == "cuda"
