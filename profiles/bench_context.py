@@ -17,6 +17,7 @@ index measurements; they are flagged in the output.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 import statistics
 import time
@@ -85,7 +86,11 @@ def build_and_decode(llm, policy: str, shared, config, ctx: int, first: int, ste
     return backend, build_s, decode(llm, backend, ctx, first, steps)
 
 
-SEARCHED = ("retrieval", "keygraph", "hnsw")  # policies with a search-effort knob
+def _has_effort(policy: str) -> bool:
+    """Whether ``policy`` has a search-effort knob (graph indexes), read from its class."""
+    from offload.indexes.base import policy_class
+
+    return policy != "dense" and policy_class(policy).effort is not None
 
 
 def run_context(llm, ctx: int, policies: list[str], config, steps: int, telemetry_steps: int,
@@ -97,13 +102,11 @@ def run_context(llm, ctx: int, policies: list[str], config, steps: int, telemetr
     shared, logits, prefill_s = prefill_shared(llm, ids, ctx + steps + telemetry_steps + 1, config)
     first = int(logits.argmax())
     rows = []
-    runs = [(p, e) for p in policies for e in (efforts if p in SEARCHED else [None])]
+    runs = [(p, e) for p in policies for e in (efforts if _has_effort(p) else [None])]
     for policy, effort in runs:
-        cls = policy_class(policy) if policy != "dense" else None
-        default_effort = getattr(cls, "effort", None)
-        if effort is not None:
-            cls.effort = effort
-        backend, build_s, (times, token, n) = build_and_decode(llm, policy, shared, config, ctx, first, steps)
+        default_effort = policy_class(policy).effort if policy != "dense" else None
+        run_config = dataclasses.replace(config, effort=effort) if effort is not None else config
+        backend, build_s, (times, token, n) = build_and_decode(llm, policy, shared, run_config, ctx, first, steps)
         row = {"context": ctx, "policy": policy, "prefill_s": prefill_s, "prefill_tok_s": ctx / prefill_s,
                "build_s": build_s, "decode_ms": 1e3 * statistics.median(times),
                "decode_ms_runs": [1e3 * t for t in times],
@@ -118,8 +121,6 @@ def run_context(llm, ctx: int, policies: list[str], config, steps: int, telemetr
             scored = [ix.last_scored / ix.n for ix in backend.indexes.values() if hasattr(ix, "last_scored")]
             row["scored_fraction"] = sum(scored) / len(scored) if scored else None
         row["effort"] = effort if effort is not None else default_effort
-        if effort is not None:
-            cls.effort = default_effort
         rows.append(row)
         del backend
     return rows

@@ -39,23 +39,17 @@ def main(argv=None) -> int:
     rows = []
     print("| context | policy | effort | attention mass | recall@budget | output rel. error | keys scored / context |")
     print("|---|---|---|---|---|---|---|")
-    runs = [(p, e) for p in args.policies for e in (args.efforts if p in ("retrieval", "keygraph", "hnsw")
-                                                   else [None])]
+    runs = [(p, e) for p in args.policies for e in (args.efforts if policy_class(p).effort is not None else [None])]
     for ctx in args.contexts:
         for policy, effort in runs:
-            cls = policy_class(policy)
-            default_effort = getattr(cls, "effort", None)
-            if effort is not None:
-                cls.effort = effort
+            default_effort = policy_class(policy).effort
             llm = LLM(args.model, kv_policy=policy, kv_budget=args.budget, sink=args.sink, window=args.window,
-                      dense_layers=args.dense_layers, telemetry=True)
+                      dense_layers=args.dense_layers, telemetry=True, search_effort=effort)
             ids = _real_text_ids(llm.tokenizer, ctx)
             t0 = time.perf_counter()
             llm.generate([ids], SamplingParams(max_new_tokens=args.steps, ignore_eos=True))
             s = llm.telemetry.summary()
             scored = [ix.last_scored / ix.n for ix in llm.backend.indexes.values() if hasattr(ix, "last_scored")]
-            if effort is not None:
-                cls.effort = default_effort
             rows.append({"context": ctx, "policy": policy, "effort": effort or default_effort, "mass": s["mass"],
                          "recall": s["recall"],
                          "output_error": s["output_error"],

@@ -74,6 +74,7 @@ def test_missing_shard(tiny_models, tmp_path):
         LLM(dst)
 
 
+@pytest.mark.slow
 def test_truncated_gguf(smollm_path, tmp_path):
     bad = tmp_path / "cut.gguf"
     with open(smollm_path, "rb") as f:

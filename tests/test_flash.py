@@ -238,6 +238,7 @@ print(json.dumps({"text": llm.tokenizer.decode(out[0].token_ids), "gen_peak": ge
 """
 
 
+@pytest.mark.slow
 def test_flash_on_the_default_model_stays_under_its_budget(smollm_path, tmp_path):
     """Default model, fp32, cpu_memory 450 MiB (88% of the weights; flash needs 400 MiB resident):
     while generating, the process's private memory beyond what it held before loading stays under

@@ -110,6 +110,7 @@ def test_unknown_policy_is_a_clear_error(tiny_models):
         LLM(folder, kv_policy="magic")
 
 
+@pytest.mark.slow
 def test_policies_on_real_text(smollm_path):
     """SmolLM2 on 2K tokens of Hamlet at a 2% budget: the exact twin captures the most attention
     mass; RetrievalAttention's graph search comes within 0.03 of it while scoring a fraction of the
@@ -173,6 +174,7 @@ def test_graph_projection_links_pivots_both_ways():
     assert indices[indptr[5]:indptr[6]].tolist() == [2]  # the most often proposed neighbour survives
 
 
+@pytest.mark.slow
 def test_passkey_4k_retrieval_matches_dense_and_streaming_fails(smollm_path):
     """A number hidden at 10/50/90% of 4K tokens: at a 2% budget, RetrievalAttention and ShadowKV
     answer as dense attention does, and sinks + window alone (streaming) cannot, so the test

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import shakespeare
 
 from offload import LLM, SamplingParams
 from offload.config import preset
@@ -78,6 +79,7 @@ def test_auto_policy_is_dense_when_the_kv_fits_and_retrieval_otherwise():
     assert kv_fits(llama, 8192, "bfloat16", 24 * gib)[0]  # 1 GiB of KV fits
 
 
+@pytest.mark.slow
 def test_auto_policy_in_the_api(smollm_path, tmp_path, capsys):
     fits = LLM(smollm_path, kv_policy="auto", max_context=256)
     assert fits.kv_policy == "dense"
@@ -91,9 +93,17 @@ def test_auto_policy_in_the_api(smollm_path, tmp_path, capsys):
     assert "| tier |" in err  # the placement table, printed once at start
     assert "kv_policy retrieval" in err and "exceed the device budget 450.00 MiB" in err
     assert "on disk" in err
-    out = tight.generate("The capital of France is", SamplingParams(max_new_tokens=4, ignore_eos=True))[0]
-    assert len(out.token_ids) == 4
+    # a prompt long enough that retrieval selects (600 tokens: budget 2% + sinks + window < 600); the
+    # layers streamed from disk and the KV policy give exactly what the resident model gives
+    prompt = tight.tokenizer.encode(shakespeare())[:600]
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    streamed = tight.generate([prompt], params)[0].token_ids
+    selected = tight.backend.config.budget_tokens(600) + tight.backend.config.sink + tight.backend.config.window
+    assert selected < 600 and len(tight.backend.indexes) == tight.args.num_layers - tight.backend.config.dense_layers
     tight.close()
+    resident = LLM(smollm_path, kv_policy="retrieval", max_context=8192, dtype="bfloat16", verbose=False)
+    assert resident.streamer is None and resident.backend.config == tight.backend.config
+    assert streamed == resident.generate([prompt], params)[0].token_ids
 
 
 @pytest.mark.parametrize("policy", ["retrieval", "quest", "shadowkv"])

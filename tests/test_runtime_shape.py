@@ -26,9 +26,10 @@ def _resolved(command: str, flags: list[str]):
 
 @pytest.mark.parametrize("flags", [
     [],
-    ["--cpu-memory", "450MiB", "--disk-dir", "{tmp}", "--max-context", "1024"],
-    ["--cpu-memory", "900MiB", "--disk-dir", "{tmp}", "--kv-policy", "auto", "--max-context", "8192"],
-    ["--cpu-memory", "auto", "--kv-policy", "quest", "--dense-layers", "4"],
+    pytest.param(["--cpu-memory", "450MiB", "--disk-dir", "{tmp}", "--max-context", "1024"], marks=pytest.mark.slow),
+    pytest.param(["--cpu-memory", "900MiB", "--disk-dir", "{tmp}", "--kv-policy", "auto", "--max-context", "8192"],
+                 marks=pytest.mark.slow),
+    pytest.param(["--cpu-memory", "auto", "--kv-policy", "quest", "--dense-layers", "4"], marks=pytest.mark.slow),
     ["--kv-policy", "auto", "--max-context", "2048"],
 ])
 def test_plan_and_generate_resolve_the_same_placement(flags, smollm_path, tmp_path):
@@ -42,6 +43,7 @@ def test_plan_and_generate_resolve_the_same_placement(flags, smollm_path, tmp_pa
         assert p == g
 
 
+@pytest.mark.slow
 def test_plan_prints_the_table_generate_prints(smollm_path, tmp_path, capsys):
     flags = ["--model", str(smollm_path), "--cpu-memory", "450MiB", "--disk-dir", str(tmp_path),
              "--max-context", "1024"]
@@ -90,6 +92,7 @@ def test_disk_dir_is_checked_before_anything_is_written(tmp_path, smollm_path):
     assert (tmp_path / "new").is_dir() and not list((tmp_path / "new").iterdir())  # the probe left nothing
 
 
+@pytest.mark.slow
 def test_host_searched_policies_keep_their_kv_on_the_host_on_a_gpu(smollm_path):
     """Retrieval walks its graph with numba over host memory: planned for a GPU, its KV is there."""
     base = EngineConfig(model=smollm_path, device="cuda", kv_policy="retrieval")

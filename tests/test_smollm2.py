@@ -19,6 +19,7 @@ def prompt_ids(smollm):
     return ids[:512]
 
 
+@pytest.mark.slow
 def test_logits_match_transformers_512_tokens(smollm, smollm_hf, prompt_ids):
     ours = smollm.logits(prompt_ids)  # [512, V]
     with torch.no_grad():
@@ -26,6 +27,7 @@ def test_logits_match_transformers_512_tokens(smollm, smollm_hf, prompt_ids):
     assert (ours - ref).abs().max().item() < 1e-3
 
 
+@pytest.mark.slow
 def test_chunked_prefill_matches_transformers(smollm, smollm_hf, prompt_ids):
     with torch.no_grad():
         ref = smollm_hf(torch.tensor([prompt_ids])).logits[0]
@@ -38,6 +40,7 @@ def test_chunked_prefill_matches_transformers(smollm, smollm_hf, prompt_ids):
     assert (ours - ref).abs().max().item() < 1e-3
 
 
+@pytest.mark.slow
 def test_greedy_64_tokens_identical_to_transformers(smollm, smollm_hf, prompt_ids):
     from transformers import GenerationConfig
 
@@ -49,6 +52,7 @@ def test_greedy_64_tokens_identical_to_transformers(smollm, smollm_hf, prompt_id
     assert out.token_ids == ref
 
 
+@pytest.mark.slow
 def test_cli_capital_of_france():
     proc = subprocess.run([sys.executable, "-m", "offload", "generate", "The capital of France is",
                            "--max-new-tokens", "8", "--stats"], capture_output=True, text=True, timeout=600)
@@ -57,6 +61,7 @@ def test_cli_capital_of_france():
     assert "decode" in proc.stderr and "tok/s" in proc.stderr
 
 
+@pytest.mark.slow
 def test_cli_reads_stdin():
     proc = subprocess.run([sys.executable, "-m", "offload", "generate", "--max-new-tokens", "4"],
                           input="The capital of France is", capture_output=True, text=True, timeout=600)

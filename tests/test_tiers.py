@@ -143,6 +143,7 @@ def _run_edge(mode, budget, disk):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_edge_mode_half_the_weights_in_memory(smollm_path, tmp_path):
     """Default model, CPU only: cpu_memory = 50% of the fp32 weights, the rest streamed from disk.
     Greedy output equals the all-resident run; the process's private resident memory stays under

@@ -85,12 +85,14 @@ def gguf_vocab(smollm_path):
     return tokens, merges, [t for t, k in zip(tokens, types) if k == 3]
 
 
+@pytest.mark.slow
 def test_matches_independent_bpe(smollm, gguf_vocab):
     text = _text()
     ours = smollm.tokenizer.encode(text)
     assert ours == reference_encode(text, *gguf_vocab)
 
 
+@pytest.mark.slow
 def test_matches_transformers_gguf_tokenizer(smollm, smollm_path):
     from transformers import AutoTokenizer
 
