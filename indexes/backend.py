@@ -79,6 +79,9 @@ class SparseAttention(DenseAttention):
         for row, n, beyond in zip(batch.rows, batch.start_lengths, self._beyond_window):
             if not beyond:  # lengths only grow: a row beyond the window never needs its index
                 self.build_indexes(row, n)
+            else:  # nor the prompt queries kept for its build
+                for layer in range(self.config.dense_layers, self.args.num_layers):
+                    self.prefill_queries.pop((row, layer), None)
         self._seq_lens = torch.tensor(batch.end_lengths, device=self.kv.device, dtype=torch.int32)  # [B]
         if self.kv_offload:  # the always-attended ids are the same for every layer of this step
             self._dense_ids = dense_token_ids(torch.tensor(batch.end_lengths), self.config.sink,
@@ -138,8 +141,8 @@ class SparseAttention(DenseAttention):
         selections: list[Selection] = []
         for row, n, windowed in zip(batch.rows, batch.end_lengths, beyond):
             if windowed:  # nothing selected: its sparse result is replaced by the exact one below
-                selections.append(Selection(torch.zeros(self.args.num_kv_heads, 0, dtype=torch.int32),
-                                            torch.zeros(self.args.num_kv_heads, dtype=torch.int32)))
+                selections.append(Selection(torch.zeros(self.args.num_kv_heads, 0, dtype=torch.int32, device=kv_device),
+                                            torch.zeros(self.args.num_kv_heads, dtype=torch.int32, device=kv_device)))
                 continue
             idx = self.indexes[(row, layer)]
             idx.extend(n)
@@ -159,7 +162,7 @@ class SparseAttention(DenseAttention):
             selected = torch.zeros(B, self.args.num_kv_heads, width, dtype=torch.int32, device=q.device)  # [B, Hkv, S]
             for b, s in enumerate(selections):
                 selected[b, :, :s.ids.shape[-1]] = s.ids
-            counts = torch.stack([s.counts for s in selections]).to(q.device)  # [B, Hkv]
+            counts = torch.stack([s.counts.to(q.device) for s in selections])  # [B, Hkv]
             out, _ = gather_attention(q[:, :, 0], self.kv.k[layer], self.kv.v[layer], selected, counts,
                                       self._seq_lens, scale=self.args.softmax_scale, sink=self.config.sink,
                                       window=self.config.window, backend=self.kernel_backend)  # [B, H, D]

@@ -61,9 +61,9 @@ class DenseAttention(AttentionBackend):
                 # only those are read, so a sliding-window model's step reads at most `window` tokens.
                 self._decode_start = 0 if window is None else max(0, n - window)
                 self._decode_mask = None
-            else:
-                self._decode_start = 0
-                self._decode_mask = visible_keys(batch.positions, n, window)[:, None]  # [B, 1, 1, N]
+            else:  # from the first key any row sees: a windowed model's shortest row bounds the read
+                self._decode_start = 0 if window is None else max(0, min(batch.end_lengths) - window)
+                self._decode_mask = visible_keys(batch.positions, n, window)[:, None, :, self._decode_start:]  # [B, 1, 1, N']
         else:
             n, T, H = batch.end_lengths[0], batch.num_new, self.args.num_heads
             block = max(1, min(T, PREFILL_SCORE_BYTES // (4 * H * n)))

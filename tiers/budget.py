@@ -109,6 +109,12 @@ def rss_anon() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
+def pinned_nbytes(nbytes: int) -> int:
+    """Host memory torch's pinned allocator takes for a request of ``nbytes``: it rounds each block
+    up to a power of two (CachingHostAllocator), so budgets count pinned buffers at that size."""
+    return 1 << max(0, int(nbytes) - 1).bit_length() if nbytes > 0 else 0
+
+
 def release_freed_memory() -> None:
     """Make freed memory leave the process: glibc keeps large freed blocks in its heap (its mmap
     threshold adapts upwards), which would count against a budget. Large allocations are made to

@@ -53,7 +53,7 @@ class _Staging:
     def sent(self) -> None:
         """The copies from the slot just taken are queued; the next fetch uses the other slot."""
         if self.pinned:
-            self.done[self.turn] = torch.cuda.Event()
+            self.done[self.turn] = torch.cuda.Event(blocking=True)  # waited on from the host: sleep, not spin
             self.done[self.turn].record()
         self.turn = 1 - self.turn
 

@@ -31,7 +31,7 @@ from offload.config import ModelArgs
 from offload.errors import OffloadError
 from offload.fileio import write_json_atomic
 
-from .budget import BudgetError, format_size
+from .budget import BudgetError, format_size, pinned_nbytes
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 RUNTIME_RESERVE = 64 << 20  # activations, logits, small buffers of one decode step
@@ -293,7 +293,7 @@ def plan(args: ModelArgs, *, model: str, context: int, device: str = "cpu", dtyp
         if on_gpu:
             on_host = rest if host_left is None else min(rest, max(0, host_left) // layer_bytes)
             if on_host < rest:  # disk layers reach the GPU through pinned host staging, one layer per slot
-                host_staging = prefetch_slots * layer_bytes
+                host_staging = prefetch_slots * pinned_nbytes(layer_bytes)  # as the pinned allocator rounds it
                 if host_left is not None:
                     if host_left < host_staging:
                         raise BudgetError(

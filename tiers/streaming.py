@@ -27,6 +27,7 @@ import torch
 
 from offload.errors import OffloadError
 
+from .budget import pinned_nbytes
 from .io import StoreReader, aligned_empty
 from .store import ALIGN, CorruptStoreError, StoreWriter, align_up, read_header
 
@@ -105,9 +106,10 @@ class LayerStreamer:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offload-prefetch")
         self._cuda = self.device.type == "cuda"
         self._stream = torch.cuda.Stream(self.device) if self._cuda else None
-        # GPU: pinned host staging per slot for disk reads; events of the compute stream's last use
-        # of each buffer (recorded at release) and of each staging buffer's last copy to the device.
-        self._staging = [self._pinned_views(slot) for slot in self.slots] if self._cuda and store is not None else []
+        # GPU: pinned host staging per slot for POSIX disk reads (allocated at its first use: kvikio
+        # reads need none); events of the compute stream's last use of each buffer (recorded at
+        # release) and of each staging buffer's last copy to the device.
+        self._staging: list[dict[str, torch.Tensor] | None] = [None] * len(self.slots)
         self._freed: list = [None] * len(self.slots)
         self._staged: list = [None] * len(self.slots)
         self._pending: dict[int, Future] = {}  # slot -> load in flight
@@ -137,8 +139,9 @@ class LayerStreamer:
 
     @property
     def staging_bytes(self) -> int:
-        """Pinned host memory the disk layers pass through on their way to a GPU."""
-        return sum(t.numel() * t.element_size() for views in self._staging for t in views.values())
+        """Pinned host memory the disk layers pass through on their way to a GPU, as reserved."""
+        return sum(pinned_nbytes(sum(align_up(t.numel() * t.element_size(), ALIGN) for t in views.values()))
+                   for views in self._staging if views is not None)
 
     @property
     def bytes_read(self) -> int:
@@ -169,6 +172,8 @@ class LayerStreamer:
                 for name in self._names:
                     self.store.read(layer_tensor_name(layer, name), out=params[name].data)
             else:  # disk -> pinned staging (verified) -> device
+                if self._staging[slot] is None:
+                    self._staging[slot] = self._pinned_views(self.slots[slot])
                 staging = self._staging[slot]
                 if self._staged[slot] is not None:
                     self._staged[slot].synchronize()  # the staging's previous copy to the device is done
@@ -177,7 +182,7 @@ class LayerStreamer:
                 self._after_release(slot)
                 for name in self._names:
                     params[name].data.copy_(staging[name], non_blocking=True)
-                self._staged[slot] = torch.cuda.Event()
+                self._staged[slot] = torch.cuda.Event(blocking=True)  # waited on by this thread: sleep, not spin
                 self._staged[slot].record(self._stream)
             loaded = torch.cuda.Event()
             loaded.record(self._stream)
@@ -191,7 +196,7 @@ class LayerStreamer:
 
     def _mark_free(self, slot: int) -> None:
         if self._cuda:  # kernels reading the buffer are queued, not done: the next load waits for this event
-            self._freed[slot] = torch.cuda.Event()
+            self._freed[slot] = torch.cuda.Event(blocking=True)
             self._freed[slot].record(torch.cuda.current_stream(self.device))
 
     def acquire(self, layer: int) -> torch.nn.Module:
@@ -199,12 +204,15 @@ class LayerStreamer:
         if layer == self.layers[0]:
             self.passes += 1
         slot = next((j for j, held in self._holds.items() if held == layer), None)
-        if slot is None:  # out of the usual order (a pass stopped early): load it now
+        if slot is None:  # out of the usual order (a pass stopped early): restart the pipeline from it
+            for j in range(len(self.slots)):
+                self._pending[j].result()
+                self._mark_free(j)
+            at = self.position[layer]
+            for j in range(len(self.slots)):  # every buffer again holds a distinct upcoming layer
+                self._start(self.layers[(at + j) % len(self.layers)], j)
+            self._next = (at + len(self.slots)) % len(self.layers)
             slot = 0
-            self._pending[slot].result()
-            self._mark_free(slot)
-            self._start(layer, slot)
-            self._next = (self.position[layer] + 1) % len(self.layers)
         loaded = self._pending[slot].result()
         if loaded is not None:
             torch.cuda.current_stream(self.device).wait_event(loaded)  # a GPU-side wait: the host goes on
