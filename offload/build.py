@@ -21,7 +21,9 @@ from .indexes.dense import DenseAttention
 from .loaders import load_model
 from .model import Transformer
 from .prompt_cache import model_fingerprint
+from .quant import INT4_GROUP
 from .rope import RotaryEmbedding
+from .tiers.budget import release_freed_memory
 from .tiers.flash import enable_flash, flash_stats
 from .tiers.planner import Placement
 from .tiers.runtime import load_offloaded
@@ -57,6 +59,9 @@ class Runtime:
                                                if t in tiers)
         else:
             weights += f": all {a.num_layers} layers on {r.device.type}"
+        if r.config.quantize:
+            weights += (f", projections {r.config.quantize} (groups of {INT4_GROUP}, {r.dtype_name} scale + zero); "
+                        f"embeddings, head and norms {r.dtype_name}")
         if self.flash is not None:
             f = self.flash
             weights += (f", FFN up/down on flash (sparsity {f['sparsity']:g}, {f['cache_fraction']:.0%} of the "
@@ -71,11 +76,13 @@ class Runtime:
     def tier_report(self) -> dict:
         """What each tier holds as placed, and the disk bytes read per forward pass so far; with
         flash, what a decode step reads and what stays resident."""
-        report: dict = {"placement": None}
+        resident = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.device.type != "meta")
+        report: dict = {"placement": None, "weights": {"format": self.resolved.config.quantize or self.resolved.dtype_name,
+                                                       "resident_bytes": resident}}
         if self.placement is not None:
             st = self.streamer
             read, passes = (st.bytes_read, st.passes) if st is not None else (0, 0)
-            report = {"placement": self.placement.tier_bytes(), "disk_bytes_read": read, "forward_passes": passes,
+            report |= {"placement": self.placement.tier_bytes(), "disk_bytes_read": read, "forward_passes": passes,
                       # each forward pass (a decode step or a prefill chunk) streams every off-device layer once
                       "disk_bytes_per_pass": read / passes if passes else None,
                       "disk_mode": st.store.mode if st is not None and st.store is not None else None,
@@ -108,6 +115,10 @@ def build_runtime(resolved: ResolvedConfig) -> Runtime:
     else:
         model, tokenizer, source = load_model(config.model, resolved.device, resolved.dtype, progress=config.progress,
                                               load_format=config.load_format, seed=config.seed)
+    if config.quantize:  # every layer is resident (resolve checked): its projections become int4 groups
+        for layer in model.layers:
+            layer.quantize_int4()
+        release_freed_memory()
     if config.rope_scaling is not None:  # context extension: before any attention backend is built
         model.args = resolved.args
         model.rope = RotaryEmbedding(model.args, resolved.device)

@@ -24,6 +24,7 @@ from .config import ModelArgs, RopeScaling
 from .errors import OffloadError
 from .indexes.base import AUTO_SPARSE_POLICY, SelectionConfig, policy_class, policy_names
 from .loaders import LOAD_FORMATS, read_model_args
+from .quant import INT4_GROUP, N_MULTIPLE, QUANTIZE_SCHEMES, int4_supported
 from .tiers.budget import check_disk_dir, format_size, free_device_memory, free_host_memory, parse_size, resolve_budget
 from .tiers.flash import FlashConfig, size_cache
 from .tiers.io import IO_BACKENDS
@@ -55,7 +56,8 @@ class EngineConfig:
 
     model: str | Path | None = None  # HF folder, .gguf file, preset name (dummy), None: the default model
     device: str = "auto"  # auto: CUDA when usable, else the CPU
-    dtype: str = "auto"  # auto: bf16 on a GPU, fp32 on the CPU
+    dtype: str = "auto"  # auto: bf16 on a GPU, fp32 on the CPU (bf16 with quantize)
+    quantize: str | None = None  # "int4": projection weights in int4 groups at run time (CPU); None: as loaded
     load_format: str = "auto"  # dummy: the model's shape with seeded random weights (speed runs only)
     seed: int = 0  # of the dummy weights
     max_context: int | None = None  # longest sequence (prompt + generated); None: the model's maximum
@@ -86,6 +88,8 @@ class EngineConfig:
         _check(isinstance(self.device, (str, torch.device)), f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         _check(isinstance(self.dtype, torch.dtype) or self.dtype in ("auto", *DTYPES),
                f"unknown dtype {self.dtype!r}: use one of auto, {', '.join(sorted(DTYPES))}")
+        _check(self.quantize is None or self.quantize in QUANTIZE_SCHEMES,
+               f"unknown quantize {self.quantize!r}: use one of {', '.join(QUANTIZE_SCHEMES)} or None")
         _check(self.load_format in LOAD_FORMATS, f"unknown load_format {self.load_format!r}: use 'auto' (read the "
                f"checkpoint) or 'dummy' (seeded random weights, for speed runs)")
         _check(_is_int(self.seed), f"seed must be an integer, got {self.seed!r}")
@@ -137,9 +141,11 @@ class EngineConfig:
         ``planning``: for ``offload plan``, which may plan a GPU machine from a machine without one."""
         device = resolve_device(self.device, planning, self.gpu_memory)
         dtype = self.dtype if isinstance(self.dtype, torch.dtype) else (
-            DTYPES[self.dtype] if self.dtype != "auto" else torch.bfloat16 if device.type == "cuda" else torch.float32)
+            DTYPES[self.dtype] if self.dtype != "auto" else
+            torch.bfloat16 if device.type == "cuda" or self.quantize else torch.float32)
         dtype_name = str(dtype).removeprefix("torch.")
         self._check_flash(device, planning)  # before the model is opened
+        self._check_quantize(device, dtype)
         tuning, bandwidth = Tuning.load(self.profile), BandwidthProfile.load(self.profile)
         args, source = read_model_args(self.model, self.load_format)
         args = self._extended(args)
@@ -186,6 +192,16 @@ class EngineConfig:
             check_disk_dir(Path(self.disk_dir), needed)
         if not planning and not self.budgeted:
             _check_fits(args, source, device, dtype_name, placement)
+        _check(not (self.quantize and placement.streamed_layers),
+               f"quantize={self.quantize!r} holds every layer in memory for now: the budgets stream "
+               f"{len(placement.streamed_layers)} layers; raise cpu_memory or drop quantize")
+        if self.quantize:
+            shapes = {(args.q_size + 2 * args.kv_size, args.hidden_size), (args.hidden_size, args.q_size),
+                      (2 * args.intermediate_size, args.hidden_size), (args.hidden_size, args.intermediate_size)}
+            bad = sorted(s for s in shapes if not int4_supported(*s))
+            if bad:
+                raise OffloadError(f"quantize='int4' needs projections whose outputs divide by {N_MULTIPLE} and "
+                                   f"inputs by {INT4_GROUP}; this model has {bad[0][0]} x {bad[0][1]}: drop quantize")
         if self.max_context is not None and self.max_context > args.max_position_embeddings and self.verbose:
             print(f"offload: max_context {self.max_context} is beyond the {args.max_position_embeddings} positions "
                   "this model was trained for: fine for measuring speed and index behaviour, but expect output "
@@ -194,6 +210,15 @@ class EngineConfig:
                               kv_policy=kv_policy, kv_policy_reason=reason, selection=selection,
                               kv_offload=kv_offload, tuning=tuning, bandwidth=bandwidth, gpu_budget=gpu,
                               cpu_budget=cpu, placement=placement, flash_sizing=flash_sizing)
+
+    def _check_quantize(self, device: torch.device, dtype: torch.dtype) -> None:
+        if not self.quantize:
+            return
+        _check(device.type == "cpu", f"quantize={self.quantize!r} runs on the CPU for now (torch's fused int4 kernel); "
+               "the GPU kernel comes next: use device='cpu' or drop quantize")
+        _check(dtype == torch.bfloat16, f"quantize={self.quantize!r} computes with bfloat16 activations (the fused "
+               f"kernel's fast path); got dtype {str(dtype).removeprefix('torch.')}: use dtype='bfloat16' or 'auto'")
+        _check(self.flash is None, f"quantize={self.quantize!r} and flash both rewrite the FFN weights: use one")
 
     def _extended(self, args: ModelArgs) -> ModelArgs:
         """The model's hyper-parameters with the requested RoPE scaling (context extension)."""
@@ -229,7 +254,7 @@ class EngineConfig:
         return cls(model=ns.model, device=ns.device, dtype=ns.dtype, load_format=ns.load_format, seed=ns.dummy_seed,
                    max_context=ns.max_context, prefill_chunk_size=ns.prefill_chunk_size, kv_policy=ns.kv_policy,
                    kv_budget=ns.kv_budget, sink=ns.sink, window=ns.window, dense_layers=ns.dense_layers,
-                   search_effort=ns.search_effort, gpu_memory=ns.gpu_memory, cpu_memory=ns.cpu_memory,
+                   search_effort=ns.search_effort, quantize=ns.quantize, gpu_memory=ns.gpu_memory, cpu_memory=ns.cpu_memory,
                    disk_dir=ns.disk_dir, profile=ns.profile, flash=flash, flash_calibration=calibration,
                    verbose=not ns.quiet)
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from .attention import AttentionBackend, ForwardBatch
 from .config import ModelArgs
+from .quant import Int4Weight, linear
 from .rope import RotaryEmbedding
 
 
@@ -47,7 +48,7 @@ class Attention(nn.Module):
                 batch: ForwardBatch, backend: AttentionBackend) -> torch.Tensor:
         a = self.args
         B, T, _ = x.shape
-        qkv = F.linear(x, self.wqkv, self.bqkv)  # [B, T, (H + 2 Hkv) D]
+        qkv = linear(x, self.wqkv, self.bqkv)  # [B, T, (H + 2 Hkv) D]
         q, k, v = qkv.split((a.q_size, a.kv_size, a.kv_size), dim=-1)
         q = q.view(B, T, a.num_heads, a.head_dim).transpose(1, 2)  # [B, H, T, D]
         k = k.view(B, T, a.num_kv_heads, a.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
@@ -58,7 +59,7 @@ class Attention(nn.Module):
         k = RotaryEmbedding.apply(k, cos, sin)  # [B, Hkv, T, D]
         out = backend.forward(layer, q, k, v, batch)  # [B, H, T, D]
         out = out.transpose(1, 2).reshape(B, T, a.q_size)  # [B, T, H D]
-        return F.linear(out, self.wo)  # [B, T, hidden]
+        return linear(out, self.wo)  # [B, T, hidden]
 
 
 class MLP(nn.Module):
@@ -69,8 +70,8 @@ class MLP(nn.Module):
         self.w_down = _param((args.hidden_size, args.intermediate_size), device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.w_gate_up).split(self.intermediate, dim=-1)  # [B, T, I] each
-        return F.linear(F.silu(gate) * up, self.w_down)  # [B, T, hidden]
+        gate, up = linear(x, self.w_gate_up).split(self.intermediate, dim=-1)  # [B, T, I] each
+        return linear(F.silu(gate) * up, self.w_down)  # [B, T, hidden]
 
 
 class DecoderLayer(nn.Module):
@@ -80,6 +81,15 @@ class DecoderLayer(nn.Module):
         self.attn = Attention(args, device, dtype)
         self.ffn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps, device, dtype)
         self.mlp = MLP(args, device, dtype)
+
+    def quantize_int4(self) -> None:
+        """Hold the four projection weights as int4 groups (fused CPU kernel); the norms and the
+        QKV bias stay in the compute dtype. Each dense weight is freed as its replacement lands."""
+        for owner, name in ((self.attn, "wqkv"), (self.attn, "wo"), (self.mlp, "w_gate_up"), (self.mlp, "w_down")):
+            dense = getattr(owner, name)
+            quantized = Int4Weight.from_float(dense.detach(), dense.dtype)
+            delattr(owner, name)  # a registered parameter gives way to the weight module
+            setattr(owner, name, quantized)
 
     def forward(self, x, layer, cos, sin, batch, backend):
         h = x + self.attn(self.attn_norm(x), layer, cos, sin, batch, backend)  # [B, T, hidden]

@@ -1,0 +1,115 @@
+"""int4 weights at run time: the fused CPU kernel against a plain-torch reference over a grid, the
+quantizer's error bound, a tiny model and the default model against their dense twins, bad settings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from offload import LLM, SamplingParams
+from offload.errors import OffloadError
+from offload.quant import INT4_MAX, INT4_MID, Int4Weight, dequantize_int4, quantize_int4
+
+
+def _reference(x: torch.Tensor, codes, scale, zero) -> torch.Tensor:
+    """Dequantize (scale and zero as the kernel holds them, bf16), then multiply in fp32."""
+    w = dequantize_int4(codes, scale.bfloat16().float(), zero.bfloat16().float())  # [N, K]
+    return x.float() @ w.t()
+
+
+@pytest.mark.parametrize("group", [32, 64])
+@pytest.mark.parametrize("n,k", [(16, 64), (128, 64), (256, 128), (960, 576), (576, 1536)])
+@pytest.mark.parametrize("m", [1, 3, 17])
+def test_int4_kernel_matches_the_reference(n, k, m, group):
+    g = torch.Generator().manual_seed(n * k + m)
+    w = torch.randn(n, k, generator=g) * 0.05
+    codes, scale, zero = quantize_int4(w, group)
+    weight = Int4Weight(n, k, torch.bfloat16, group)
+    weight.load_codes(codes, scale, zero)
+    x = torch.randn(m, k, generator=g).bfloat16()
+    out = weight(x)  # [m, n] bf16
+    ref = _reference(x, codes, scale, zero)
+    assert out.shape == (m, n) and out.dtype == torch.bfloat16
+    # bf16 output: a few units in the last place of the largest output
+    assert (out.float() - ref).abs().max().item() <= 2e-2 * ref.abs().max().item() + 1e-3
+    bias = torch.randn(n, generator=g).bfloat16()
+    assert torch.allclose(weight(x[None], bias)[0].float(), out.float() + bias.float(), atol=2e-2, rtol=2e-2)
+    # what the module holds, read back through the kernel, is the reference weight
+    assert torch.allclose(weight.dequantize().float(),
+                          dequantize_int4(codes, scale.bfloat16().float(), zero.bfloat16().float()), atol=1e-2, rtol=1e-2)
+    assert weight.nbytes == n * k // 2 + (k // group) * n * 2 * 2
+
+
+def test_quantizer_error_is_half_a_step_and_grid_values_are_exact():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 128, generator=g)
+    codes, scale, zero = quantize_int4(w)
+    assert codes.min() >= 0 and codes.max() <= INT4_MAX
+    err = (dequantize_int4(codes, scale, zero) - w).abs().reshape(32, -1, 32)  # [N, G, 32]
+    assert (err <= scale[..., None] / 2 + 1e-6).all()
+    # values already on a 4-bit grid whose ends are present (as in a GGUF Q4_1 block) come back exactly
+    q = torch.randint(0, 16, (16, 64), generator=g)
+    q[:, ::32] = 0
+    q[:, 1::32] = 15
+    d, m = torch.rand(16, 2, generator=g) + 0.1, torch.randn(16, 2, generator=g)
+    grid = q.float() * d.repeat_interleave(32, dim=1) + m.repeat_interleave(32, dim=1)
+    codes, scale, zero = quantize_int4(grid)
+    assert torch.equal(codes, q.to(torch.int32))
+    assert torch.allclose(dequantize_int4(codes, scale, zero), grid, atol=1e-5)
+    assert torch.allclose(zero - INT4_MID * scale, m, atol=1e-5)
+
+
+def test_tiny_model_int4_equals_its_dequantized_twin(tiny_models):
+    """The quantized model's logits equal a bf16 model holding the very weights the kernel sees
+    (dequantized), and stay close to the original weights' logits."""
+    folder, hf = tiny_models["llama"]
+    ids = torch.randint(3, hf.config.vocab_size, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    quantized = LLM(folder, quantize="int4", verbose=False)
+    assert quantized.dtype == torch.bfloat16 and "projections int4" in quantized.describe()
+    twin = LLM(folder, dtype="bfloat16", verbose=False)
+    original = twin.logits(ids)
+    with torch.no_grad():
+        for q_layer, t_layer in zip(quantized.model.layers, twin.model.layers):
+            t_layer.attn.wqkv.copy_(q_layer.attn.wqkv.dequantize())
+            t_layer.attn.wo.copy_(q_layer.attn.wo.dequantize())
+            t_layer.mlp.w_gate_up.copy_(q_layer.mlp.w_gate_up.dequantize())
+            t_layer.mlp.w_down.copy_(q_layer.mlp.w_down.dequantize())
+    got, ref = quantized.logits(ids), twin.logits(ids)
+    assert (got - ref).abs().max().item() <= 0.05 * ref.abs().max().item()
+    assert (got - original).abs().max().item() > 1e-3  # the weights did change (random weights: far apart)
+    report = quantized.tier_report()["weights"]
+    assert report["format"] == "int4" and report["resident_bytes"] < twin.tier_report()["weights"]["resident_bytes"]
+    out = quantized.generate([ids], SamplingParams(max_new_tokens=5, ignore_eos=True))[0]
+    assert len(out.token_ids) == 5
+
+
+def test_quantize_settings_are_checked_before_loading(tiny_models, tmp_path):
+    from offload import EngineConfig
+
+    folder, _ = tiny_models["llama"]
+    with pytest.raises(OffloadError, match="unknown quantize 'int3'"):
+        LLM(folder, quantize="int3")
+    with pytest.raises(OffloadError, match="bfloat16 activations"):
+        LLM(folder, quantize="int4", dtype="float32")
+    streamed = EngineConfig(model="smollm2-135m", load_format="dummy", quantize="int4", cpu_memory="300MiB", max_context=1024,
+                            disk_dir=tmp_path)
+    with pytest.raises(OffloadError, match="holds every layer in memory for now: the budgets stream"):
+        streamed.resolve(planning=True)
+
+
+@pytest.mark.slow
+def test_default_model_int4_agrees_with_bf16_on_real_text(smollm_path):
+    """SmolLM2 (Q4_1 GGUF) with int4 projections against the bf16 model: resident bytes less than
+    half, next-token agreement over real text, and the same greedy answer to a factual prompt."""
+    from conftest import shakespeare
+
+    quantized = LLM(smollm_path, quantize="int4", verbose=False)
+    dense = LLM(smollm_path, dtype="bfloat16", verbose=False)
+    assert quantized.tier_report()["weights"]["resident_bytes"] < 0.5 * dense.tier_report()["weights"]["resident_bytes"]
+    ids = quantized.tokenizer.encode(shakespeare())[:512]
+    picks = quantized.logits(ids).argmax(-1), dense.logits(ids).argmax(-1)  # [T] each
+    agreement = (picks[0] == picks[1]).float().mean().item()
+    assert agreement >= 0.85, agreement
+    params = SamplingParams(max_new_tokens=8)
+    prompt = "The capital of France is Paris. The capital of Germany is"
+    assert "Berlin" in quantized.generate([prompt], params)[0].text
