@@ -60,8 +60,8 @@ class Runtime:
         else:
             weights += f": all {a.num_layers} layers on {r.device.type}"
         if r.config.quantize:
-            weights += (f", projections {r.config.quantize} (groups of {INT4_GROUP}, {r.dtype_name} scale + zero); "
-                        f"embeddings, head and norms {r.dtype_name}")
+            weights += (f", projections {r.config.quantize} (groups of {INT4_GROUP}, {r.dtype_name} scale + zero), "
+                        f"embeddings and head int8 (a scale per row), norms {r.dtype_name}")
         if self.flash is not None:
             f = self.flash
             weights += (f", FFN up/down on flash (sparsity {f['sparsity']:g}, {f['cache_fraction']:.0%} of the "
@@ -118,6 +118,7 @@ def build_runtime(resolved: ResolvedConfig) -> Runtime:
     if config.quantize:  # every layer is resident (resolve checked): its projections become int4 groups
         for layer in model.layers:
             layer.quantize_int4()
+        model.quantize_int8_embeddings()
         release_freed_memory()
     if config.rope_scaling is not None:  # context extension: before any attention backend is built
         model.args = resolved.args

@@ -13,7 +13,7 @@ from torch import nn
 
 from .attention import AttentionBackend, ForwardBatch
 from .config import ModelArgs
-from .quant import Int4Weight, linear
+from .quant import Int4Weight, Int8Weight, embedding, linear
 from .rope import RotaryEmbedding
 
 
@@ -135,8 +135,17 @@ class Transformer(nn.Module):
         return self.head(x)  # [B, T or 1, V]
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        return F.embedding(tokens, self.embed)  # [B, T, hidden]
+        return embedding(tokens, self.embed)  # [B, T, hidden]
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head: x [B, T, hidden] -> fp32 logits [B, T, V]."""
-        return F.linear(self.norm(x), self.lm_head).float()
+        return linear(self.norm(x), self.lm_head).float()
+
+    def quantize_int8_embeddings(self) -> None:
+        """Hold the embedding table and the LM head in int8 (one table when they are tied): every
+        decode step reads the whole head, half the bytes of bf16."""
+        tied = self.lm_head is self.embed
+        embed = Int8Weight.from_float(self.embed.detach(), self.dtype)
+        head = embed if tied else Int8Weight.from_float(self.lm_head.detach(), self.dtype)
+        del self.embed, self.lm_head  # registered parameters give way to the weight modules
+        self.embed, self.lm_head = embed, head

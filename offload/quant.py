@@ -104,8 +104,57 @@ class Int4Weight(nn.Module):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group, self.scales_zeros).t()
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor | Int4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` for a dense weight, the fused kernel for an int4 one."""
-    if isinstance(weight, Int4Weight):
+INT8_MAX = 127
+
+
+class Int8Weight(nn.Module):
+    """A weight in int8 with one scale per output row (symmetric): W ~ codes * scale. For the
+    embedding table and the LM head (tied or not): lookups dequantize the rows they touch, the head
+    runs torch's fused int8 CPU kernel. 1 byte per weight against 2 in bf16."""
+
+    def __init__(self, out_features: int, in_features: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
+        super().__init__()
+        self.out_features, self.in_features = out_features, in_features
+        self.codes = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.int8, device=device),
+                                  requires_grad=False)  # [N, K]
+        self.scales = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)  # [N]
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor, dtype: torch.dtype) -> "Int8Weight":
+        N, K = w.shape
+        out = cls(N, K, dtype)
+        with torch.no_grad():
+            scale = w.float().abs().amax(dim=1).clamp(min=1e-12) / INT8_MAX  # [N]
+            out.codes.copy_(torch.round(w.float() / scale[:, None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8))
+            out.scales.copy_(scale)
+        return out
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, self.in_features).contiguous()  # [M, K]
+        out = torch.ops.aten._weight_int8pack_mm(flat, self.codes, self.scales)  # [M, N]
+        if bias is not None:
+            out = out + bias
+        return out.view(*lead, self.out_features)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids`` [...] dequantized: [..., K] in the compute dtype (an embedding lookup)."""
+        return self.codes[ids].to(self.scales.dtype) * self.scales[ids, None]
+
+    def dequantize(self) -> torch.Tensor:
+        return self.codes.to(self.scales.dtype) * self.scales[:, None]  # [N, K]
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor | Int4Weight | Int8Weight,
+           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` for a dense weight, the fused kernel for a quantized one."""
+    if isinstance(weight, (Int4Weight, Int8Weight)):
         return weight(x, bias)
     return F.linear(x, weight, bias)
+
+
+def embedding(ids: torch.Tensor, table: torch.Tensor | Int8Weight) -> torch.Tensor:
+    """``F.embedding`` for a dense table, a dequantizing lookup for an int8 one."""
+    if isinstance(table, Int8Weight):
+        return table.rows(ids)
+    return F.embedding(ids, table)
