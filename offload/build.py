@@ -102,6 +102,8 @@ class Runtime:
 def build_runtime(resolved: ResolvedConfig) -> Runtime:
     config = resolved.config
     fingerprint = model_fingerprint(resolved.args, resolved.source, resolved.dummy_seed)
+    if config.quantize:  # other weights than the file's: a prompt cache of the dense model must not match
+        fingerprint += f"+{config.quantize}"
     streamer = placement = None
     if config.budgeted:
         if config.verbose:

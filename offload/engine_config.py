@@ -139,7 +139,10 @@ class EngineConfig:
     def resolve(self, planning: bool = False) -> "ResolvedConfig":
         """Decide every "auto", check what can be checked before loading, and place the model.
         ``planning``: for ``offload plan``, which may plan a GPU machine from a machine without one."""
-        device = resolve_device(self.device, planning, self.gpu_memory)
+        if self.quantize and self.device == "auto":  # the int4 kernel is the CPU's for now
+            device = torch.device("cpu")
+        else:
+            device = resolve_device(self.device, planning, self.gpu_memory)
         dtype = self.dtype if isinstance(self.dtype, torch.dtype) else (
             DTYPES[self.dtype] if self.dtype != "auto" else
             torch.bfloat16 if device.type == "cuda" or self.quantize else torch.float32)

@@ -30,16 +30,28 @@ def int4_supported(out_features: int, in_features: int, group: int = INT4_GROUP)
     return out_features % N_MULTIPLE == 0 and in_features % group == 0 and in_features % 2 == 0
 
 
-def quantize_int4(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+# Rows quantized at a time: the fp32 temporaries of a large matrix (the embedding table) stay small.
+QUANTIZE_ROWS = 4096
+
+
+def quantize_int4(w: torch.Tensor, group: int = INT4_GROUP,
+                  dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Round-to-nearest asymmetric int4 per group of ``group`` input columns.
-    w [N, K] -> codes int32 [N, K] in 0..15, scale [N, G], zero [N, G] (fp32), with
+    w [N, K] -> codes int32 [N, K] in 0..15, scale [N, G], zero [N, G] (fp32 holding ``dtype``
+    values: the codes are chosen against the scale and zero the kernel will hold), with
     w ~ (codes - INT4_MID) * scale + zero."""
+    N, K = w.shape
+    parts = [_quantize_int4_rows(w[r:r + QUANTIZE_ROWS], group, dtype) for r in range(0, N, QUANTIZE_ROWS)]
+    return tuple(torch.cat(p) for p in zip(*parts))
+
+
+def _quantize_int4_rows(w: torch.Tensor, group: int, dtype: torch.dtype):
     N, K = w.shape
     groups = w.float().reshape(N, K // group, group)  # [N, G, group]
     lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)  # [N, G]
-    scale = (hi - lo).clamp(min=1e-12) / INT4_MAX  # [N, G]; a constant group keeps codes 0
-    codes = torch.round((groups - lo[..., None]) / scale[..., None]).clamp(0, INT4_MAX)  # [N, G, group]
-    zero = lo + INT4_MID * scale  # (q - 8) * scale + zero == q * scale + lo
+    scale = ((hi - lo).clamp(min=1e-12) / INT4_MAX).to(dtype).float()  # [N, G]; a constant group keeps codes 0
+    zero = (lo + INT4_MID * scale).to(dtype).float()  # (q - 8) * scale + zero == q * scale + lo
+    codes = torch.round((groups - zero[..., None]) / scale[..., None] + INT4_MID).clamp(0, INT4_MAX)  # [N, G, group]
     return codes.reshape(N, K).to(torch.int32), scale, zero
 
 
@@ -71,7 +83,7 @@ class Int4Weight(nn.Module):
     def from_float(cls, w: torch.Tensor, dtype: torch.dtype, group: int = INT4_GROUP) -> "Int4Weight":
         """Quantize w [N, K] (any float dtype, on the CPU)."""
         N, K = w.shape
-        codes, scale, zero = quantize_int4(w, group)
+        codes, scale, zero = quantize_int4(w, group, dtype)
         out = cls(N, K, dtype, group)
         out.load_codes(codes, scale, zero)
         return out
@@ -124,14 +136,18 @@ class Int8Weight(nn.Module):
         N, K = w.shape
         out = cls(N, K, dtype)
         with torch.no_grad():
-            scale = w.float().abs().amax(dim=1).clamp(min=1e-12) / INT8_MAX  # [N]
-            out.codes.copy_(torch.round(w.float() / scale[:, None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8))
-            out.scales.copy_(scale)
+            for r in range(0, N, QUANTIZE_ROWS):  # row blocks: small fp32 temporaries
+                rows = w[r:r + QUANTIZE_ROWS].float()  # [n, K]
+                scale = (rows.abs().amax(dim=1).clamp(min=1e-12) / INT8_MAX).to(dtype)  # [n], as the kernel holds it
+                out.codes[r:r + QUANTIZE_ROWS] = torch.round(rows / scale.float()[:, None]).clamp(-INT8_MAX, INT8_MAX)
+                out.scales[r:r + QUANTIZE_ROWS] = scale
         return out
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.in_features).contiguous()  # [M, K]
+        if flat.dtype != self.scales.dtype:
+            raise OffloadError(f"int8 weights hold {self.scales.dtype} scales; the activations are {flat.dtype}")
         out = torch.ops.aten._weight_int8pack_mm(flat, self.codes, self.scales)  # [M, N]
         if bias is not None:
             out = out + bias

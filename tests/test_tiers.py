@@ -178,6 +178,17 @@ def test_edge_mode_stats_report_the_peak_against_the_budget(smollm_path, tmp_pat
     assert abs(total - before - added) <= 1 and 0 < added <= budget == 219, line
 
 
+def test_peak_line_splits_the_process_and_flags_a_runtime_over_budget():
+    from offload.cli import _peak_vs_budget
+
+    mib = 2**20
+    peak = {"host": 300 * mib, "host_before_load": 170 * mib, "device": None}
+    assert _peak_vs_budget(peak, 200 * mib).endswith("170 MiB before loading (Python, torch) + 130 MiB runtime, "
+                                                     "within cpu_memory 200 MiB")
+    assert "+ 130 MiB runtime, OVER cpu_memory 100 MiB" in _peak_vs_budget(peak, 100 * mib)
+    assert _peak_vs_budget({**peak, "device": 5 * mib}, None).endswith("runtime; GPU 5 MiB allocated")
+
+
 def test_disk_layers_on_a_gpu_reserve_pinned_staging_in_the_host_budget():
     """Disk layers reach a GPU through pinned host buffers (one layer per streaming slot): the
     planner counts them in the host tier and names them when cpu_memory cannot hold them."""
