@@ -30,7 +30,7 @@ def _resolved(command: str, flags: list[str]):
     pytest.param(["--cpu-memory", "900MiB", "--disk-dir", "{tmp}", "--kv-policy", "auto", "--max-context", "8192"],
                  marks=pytest.mark.slow),
     pytest.param(["--cpu-memory", "auto", "--kv-policy", "quest", "--dense-layers", "4"], marks=pytest.mark.slow),
-    ["--kv-policy", "auto", "--max-context", "2048"],
+    pytest.param(["--kv-policy", "auto", "--max-context", "2048"], marks=pytest.mark.slow),
 ])
 def test_plan_and_generate_resolve_the_same_placement(flags, smollm_path, tmp_path):
     flags = ["--model", str(smollm_path)] + [f.replace("{tmp}", str(tmp_path)) for f in flags]

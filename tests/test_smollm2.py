@@ -69,6 +69,7 @@ def test_cli_reads_stdin():
     assert "Paris" in proc.stdout
 
 
+@pytest.mark.slow
 def test_stream_equals_generate(smollm):
     params = SamplingParams(max_new_tokens=40)
     text = smollm.generate("Once upon a time, in a small village,", params)[0].text
@@ -97,6 +98,7 @@ def test_chat_template_and_eos(smollm):
     assert "<|im_end|>" not in out.text
 
 
+@pytest.mark.slow
 def test_batch_of_different_lengths(smollm):
     prompts = ["The capital of France is", "Water boils at a temperature of", "One, two, three, four,"]
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
@@ -113,6 +115,7 @@ def test_batch_of_different_lengths(smollm):
     assert "Paris" in batched[0].text
 
 
+@pytest.mark.slow
 def test_seeded_sampling(smollm):
     p = SamplingParams(max_new_tokens=16, temperature=0.9, top_k=50, top_p=0.95, seed=1234, ignore_eos=True)
     a = smollm.generate("My favourite food is", p)[0].token_ids
