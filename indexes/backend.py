@@ -54,6 +54,10 @@ class SparseAttention(DenseAttention):
         self.keep_tokens = self.policy_cls.needs_token_ids
         self.row_tokens: dict[int, list[int]] = {}
         self._seq_lens: torch.Tensor | None = None
+        # per decode step, from begin(): rows beyond a sliding window, and (kv_offload) the sinks' and
+        # window's token ids every layer gathers
+        self._beyond_window: list[bool] = []
+        self._dense_ids: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def allocate(self, batch_size: int, capacity: int) -> None:
         super().allocate(batch_size, capacity)
