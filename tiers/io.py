@@ -66,9 +66,8 @@ class AlignedBuffer:
     def reserve(self, nbytes: int) -> np.ndarray:
         nbytes = align_up(max(nbytes, 1))
         if self._map is None or len(self._map) < nbytes:
-            if self._map is not None:
-                del self.array
-                self._map.close()
+            # the old map is not closed here: a reader thread may still hold a view of it (between
+            # its copy out and its return); it is unmapped when the last view goes
             self._map = mmap.mmap(-1, nbytes)
             self.array = np.frombuffer(self._map, np.uint8)  # [capacity]
         return self.array
