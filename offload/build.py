@@ -111,16 +111,15 @@ def build_runtime(resolved: ResolvedConfig) -> Runtime:
         loaded = load_offloaded(config.model, resolved.placement, device=resolved.device, dtype=resolved.dtype,
                                 fingerprint=fingerprint, disk_dir=config.disk_dir and Path(config.disk_dir),
                                 tuning=resolved.tuning, io_backend=config.io_backend, progress=config.progress,
-                                verbose=config.verbose, load_format=config.load_format, seed=config.seed)
+                                verbose=config.verbose, load_format=config.load_format, seed=config.seed,
+                                quantize=config.quantize)
         model, tokenizer, source = loaded.model, loaded.tokenizer, loaded.path
         placement, streamer = resolved.placement, loaded.streamer
     else:
         model, tokenizer, source = load_model(config.model, resolved.device, resolved.dtype, progress=config.progress,
-                                              load_format=config.load_format, seed=config.seed)
-    if config.quantize:  # every layer is resident (resolve checked): its projections become int4 groups
-        for layer in model.layers:
-            layer.quantize_int4()
-        model.quantize_int8_embeddings()
+                                              load_format=config.load_format, seed=config.seed,
+                                              quantize=config.quantize)
+    if config.quantize:  # the dense pages each layer gave up as it converted
         release_freed_memory()
     if config.rope_scaling is not None:  # context extension: before any attention backend is built
         model.args = resolved.args

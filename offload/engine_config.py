@@ -165,7 +165,7 @@ class EngineConfig:
             budget = gpu if on_gpu else cpu
             if budget is None:
                 budget = int(0.9 * (_free_gpu(device) if on_gpu else free_host_memory()))
-            fits, reason = kv_fits(args, context, dtype_name, budget)
+            fits, reason = kv_fits(args, context, dtype_name, budget, self.quantize)
             kv_policy = "dense" if fits else AUTO_SPARSE_POLICY
         selection = SelectionConfig(budget=self.kv_budget or tuning.kv_budget or DEFAULT_KV_BUDGET, sink=self.sink,
                                     window=self.window, dense_layers=self.dense_layers,
@@ -180,7 +180,8 @@ class EngineConfig:
                          prefetch_slots=tuning.prefetch_slots, dense_layers=self.dense_layers,
                          kv_on_host=on_gpu and kv_policy != "dense" and (self.kv_offload is not False),
                          selection_cost=policy.selection_cost(args, context, DTYPE_BYTES[dtype_name],
-                                                              self.dense_layers, bandwidth))
+                                                              self.dense_layers, bandwidth),
+                         quantize=self.quantize)
         kv_offload = self.kv_offload
         if kv_offload is None:  # the full KV of sparse layers on the host when the placement put it there,
             # and always on a GPU for a policy whose search runs on the host (graphs, sentences)
@@ -195,9 +196,6 @@ class EngineConfig:
             check_disk_dir(Path(self.disk_dir), needed)
         if not planning and not self.budgeted:
             _check_fits(args, source, device, dtype_name, placement)
-        _check(not (self.quantize and placement.streamed_layers),
-               f"quantize={self.quantize!r} holds every layer in memory for now: the budgets stream "
-               f"{len(placement.streamed_layers)} layers; raise cpu_memory or drop quantize")
         if self.quantize:
             shapes = {(args.q_size + 2 * args.kv_size, args.hidden_size), (args.hidden_size, args.q_size),
                       (2 * args.intermediate_size, args.hidden_size), (args.hidden_size, args.intermediate_size)}

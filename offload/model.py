@@ -33,13 +33,18 @@ def _param(shape: tuple[int, ...], device, dtype) -> nn.Parameter:
     return nn.Parameter(torch.empty(shape, device=device, dtype=dtype), requires_grad=False)
 
 
+def _weight(shape: tuple[int, int], device, dtype, quantize: str | None) -> nn.Parameter | Int4Weight:
+    """A projection weight [N, K]: dense, or an empty int4 one (a streaming buffer the store fills)."""
+    return Int4Weight(*shape, dtype, device=device) if quantize else _param(shape, device, dtype)
+
+
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, device, dtype):
+    def __init__(self, args: ModelArgs, device, dtype, quantize: str | None = None):
         super().__init__()
         self.args = args
-        self.wqkv = _param((args.q_size + 2 * args.kv_size, args.hidden_size), device, dtype)
+        self.wqkv = _weight((args.q_size + 2 * args.kv_size, args.hidden_size), device, dtype, quantize)
         self.bqkv = _param((args.q_size + 2 * args.kv_size,), device, dtype) if args.attention_bias else None
-        self.wo = _param((args.hidden_size, args.q_size), device, dtype)
+        self.wo = _weight((args.hidden_size, args.q_size), device, dtype, quantize)
         if args.qk_norm:
             self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps, device, dtype)
             self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps, device, dtype)
@@ -63,11 +68,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, args: ModelArgs, device, dtype):
+    def __init__(self, args: ModelArgs, device, dtype, quantize: str | None = None):
         super().__init__()
         self.intermediate = args.intermediate_size
-        self.w_gate_up = _param((2 * args.intermediate_size, args.hidden_size), device, dtype)
-        self.w_down = _param((args.hidden_size, args.intermediate_size), device, dtype)
+        self.w_gate_up = _weight((2 * args.intermediate_size, args.hidden_size), device, dtype, quantize)
+        self.w_down = _weight((args.hidden_size, args.intermediate_size), device, dtype, quantize)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = linear(x, self.w_gate_up).split(self.intermediate, dim=-1)  # [B, T, I] each
@@ -75,12 +80,15 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, device, dtype):
+    """``quantize``: "int4" builds the projections as empty int4 weights (a streaming buffer for
+    quantized layers); a layer loaded dense becomes int4 with :meth:`quantize_int4`."""
+
+    def __init__(self, args: ModelArgs, device, dtype, quantize: str | None = None):
         super().__init__()
         self.attn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps, device, dtype)
-        self.attn = Attention(args, device, dtype)
+        self.attn = Attention(args, device, dtype, quantize)
         self.ffn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps, device, dtype)
-        self.mlp = MLP(args, device, dtype)
+        self.mlp = MLP(args, device, dtype, quantize)
 
     def quantize_int4(self) -> None:
         """Hold the four projection weights as int4 groups (fused CPU kernel); the norms and the

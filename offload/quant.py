@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import ModelArgs
 from .errors import OffloadError
 
 INT4_GROUP = 32  # weights per scale/zero pair: GGUF's Q4_0 / Q4_1 / Q4_K sub-block size
@@ -28,6 +29,39 @@ QUANTIZE_SCHEMES = ("int4",)
 def int4_supported(out_features: int, in_features: int, group: int = INT4_GROUP) -> bool:
     """Whether the fused kernel takes a weight of this shape."""
     return out_features % N_MULTIPLE == 0 and in_features % group == 0 and in_features % 2 == 0
+
+
+def int4_nbytes(out_features: int, in_features: int, scale_bytes: int, group: int = INT4_GROUP) -> int:
+    """Bytes an :class:`Int4Weight` holds: packed codes and a scale + zero per group."""
+    return out_features * in_features // 2 + (in_features // group) * out_features * 2 * scale_bytes
+
+
+def int8_nbytes(out_features: int, in_features: int, scale_bytes: int) -> int:
+    """Bytes an :class:`Int8Weight` holds: codes and a scale per row."""
+    return out_features * in_features + out_features * scale_bytes
+
+
+def projection_shapes(args: ModelArgs) -> list[tuple[int, int]]:
+    """[N, K] of one decoder layer's four projection weights (q|k|v fused, o, gate|up fused, down)."""
+    return [(args.q_size + 2 * args.kv_size, args.hidden_size), (args.hidden_size, args.q_size),
+            (2 * args.intermediate_size, args.hidden_size), (args.hidden_size, args.intermediate_size)]
+
+
+def layer_nbytes(args: ModelArgs, dtype_bytes: int, quantize: str | None) -> int:
+    """Bytes one decoder layer holds: everything in the compute dtype, or (int4) its projections
+    in int4 groups beside norms and bias in the compute dtype. The planner places and streams these."""
+    if not quantize:
+        return args.layer_param_count() * dtype_bytes
+    shapes = projection_shapes(args)
+    rest = args.layer_param_count() - sum(n * k for n, k in shapes)  # norms, QKV bias
+    return sum(int4_nbytes(n, k, dtype_bytes) for n, k in shapes) + rest * dtype_bytes
+
+
+def embedding_nbytes(args: ModelArgs, dtype_bytes: int, quantize: str | None) -> int:
+    """Bytes of the embedding table and the LM head (one table when tied): int8 rows when quantized."""
+    one = (int8_nbytes(args.vocab_size, args.hidden_size, dtype_bytes) if quantize
+           else args.vocab_size * args.hidden_size * dtype_bytes)
+    return one * (1 if args.tie_word_embeddings else 2)
 
 
 # Rows quantized at a time: the fp32 temporaries of a large matrix (the embedding table) stay small.

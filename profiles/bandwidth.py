@@ -118,6 +118,26 @@ def host_gemv(matrix_bytes: int, repeats: int, dtype: torch.dtype = torch.float3
     return timed(run, count * rows * cols * elem, repeats)
 
 
+def host_gemv_int4(matrix_bytes: int, repeats: int, total_bytes: int = 96 * MIB) -> dict:
+    """As :func:`host_gemv` for int4 weights (group 32, bf16 scale + zero: torch's fused CPU
+    kernel the quantized path computes with), ``matrix_bytes`` counted as the int4 bytes held."""
+    from offload.quant import Int4Weight, int4_nbytes, int4_supported
+
+    cols = 512 if matrix_bytes <= 4 * MIB else 2048
+    per_row = int4_nbytes(1, cols, 2)
+    rows = max(16, matrix_bytes // per_row // 16 * 16)  # the kernel packs rows in sixteens
+    if not int4_supported(rows, cols):
+        raise ValueError(f"int4 gemv shape {rows} x {cols} is not supported")
+    count = max(2, total_bytes // (rows * per_row))
+    mats = [Int4Weight.from_float(torch.randn(rows, cols), torch.bfloat16) for _ in range(count)]
+    x = torch.randn(1, cols).to(torch.bfloat16)  # [1, cols]
+
+    def run():
+        for w in mats:
+            w(x)
+    return timed(run, count * rows * per_row, repeats)
+
+
 # The narrow model the per-layer fixed costs are timed on: weights and KV negligible, so what is
 # left of a step is op dispatch. Its prompt is long enough that a sparse policy selects a subset.
 NARROW_LAYERS, NARROW_PROMPT = 8, 256
@@ -364,6 +384,7 @@ def run_profile(quick: bool, disk_dir: Path, progress: bool = True) -> dict:
     gemv_sizes = [1 * MIB, 4 * MIB, 16 * MIB] + ([] if quick else [64 * MIB])
     m["host_gemv_fp32"] = [{"size": b, **host_gemv(b, repeats)} for b in gemv_sizes]
     m["host_gemv_bf16"] = [{"size": b, **host_gemv(b, repeats, torch.bfloat16)} for b in gemv_sizes]
+    m["host_gemv_int4"] = [{"size": b, **host_gemv_int4(b, repeats)} for b in gemv_sizes]
     m["layer_overhead"] = layer_overhead(3 * repeats)
     m["sparse_layer_overhead"] = sparse_layer_overhead(3 * repeats)
     m["checksum"] = [{"size": host_size, **checksum(host_size, repeats)}]
@@ -404,6 +425,7 @@ def run_profile(quick: bool, disk_dir: Path, progress: bool = True) -> dict:
         "host_read_gbs": max(r["median_gbs"] for r in m["host_gemv_fp32"]),
         "gemv_curve_fp32": [[r["size"], r["median_gbs"]] for r in m["host_gemv_fp32"]],
         "gemv_curve_bf16": [[r["size"], r["median_gbs"]] for r in m["host_gemv_bf16"]],
+        "gemv_curve_int4": [[r["size"], r["median_gbs"]] for r in m["host_gemv_int4"]],
         "disk_read_gbs": best_direct,
         "verify_gbs": m["checksum"][0]["median_gbs"],
         "index_keys_per_s": m["index_search"][-1]["keys_per_s"],

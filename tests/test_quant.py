@@ -129,10 +129,66 @@ def test_quantize_settings_are_checked_before_loading(tiny_models, tmp_path):
         preset.replace(device="cuda").resolve(planning=True)
     with pytest.raises(OffloadError, match="both rewrite the FFN weights"):
         preset.replace(flash=FlashConfig(sparsity=0.5), disk_dir=tmp_path).resolve(planning=True)
-    streamed = EngineConfig(model="smollm2-135m", load_format="dummy", quantize="int4", cpu_memory="300MiB", max_context=1024,
-                            disk_dir=tmp_path)
-    with pytest.raises(OffloadError, match="holds every layer in memory for now: the budgets stream"):
-        streamed.resolve(planning=True)
+
+
+def test_planner_places_int4_bytes():
+    """Under one budget the int4 model keeps about three times as many layers resident, and every
+    byte the placement counts is an int4 byte (layers) or an int8 byte (embeddings)."""
+    from offload import EngineConfig
+    from offload.quant import embedding_nbytes, layer_nbytes
+
+    config = EngineConfig(model="smollm2-135m", load_format="dummy", dtype="bfloat16", cpu_memory="180MiB",
+                          max_context=1024, disk_dir="/tmp")
+    dense, quantized = config.resolve(planning=True).placement, config.replace(quantize="int4").resolve(
+        planning=True).placement
+    args = config.resolve(planning=True).args
+    assert quantized.layer_bytes == layer_nbytes(args, 2, "int4") < 0.35 * dense.layer_bytes
+    assert quantized.fixed_device_bytes - dense.fixed_device_bytes == \
+        embedding_nbytes(args, 2, "int4") - embedding_nbytes(args, 2, None)
+    resident = [p.layer_tiers.count("device") for p in (dense, quantized)]
+    assert resident[1] >= 2.5 * max(resident[0], 1), resident
+    assert "int4 projections" in quantized.table()
+
+
+def test_int4_layers_stream_from_disk_as_int4(tmp_path):
+    """Layers placed on disk are stored and read as int4: the store holds int4 bytes, each forward
+    pass reads exactly the streamed layers' int4 bytes, and the logits equal the resident int4
+    model's (the same codes, computed by the same kernel)."""
+    from conftest import make_tiny_model
+
+    from offload.quant import layer_nbytes
+    from offload.tiers.store import align_up, read_header
+
+    folder = tmp_path / "model"
+    hf = make_tiny_model(folder, "qwen2", seed=5, num_hidden_layers=5)  # QKV bias: a streamed dense tensor
+    ids = torch.randint(3, hf.config.vocab_size, (40,), generator=torch.Generator().manual_seed(2)).tolist()
+    resident = LLM(folder, quantize="int4", verbose=False)
+    args = resident.args
+    layer = layer_nbytes(args, 2, "int4")
+    whole = resident.config.replace(max_context=64).resolve().placement.tier_bytes()["device"]
+    budget = whole - (args.num_layers - 3) * layer  # two streaming buffers and one resident layer
+    tmp_path = tmp_path / "stores"
+    tmp_path.mkdir()
+    streamed = LLM(folder, quantize="int4", cpu_memory=budget, disk_dir=tmp_path, max_context=64, verbose=False)
+    placement = streamed.runtime.placement
+    on_disk = placement.layer_tiers.count("disk")
+    assert 0 < on_disk < args.num_layers and placement.layer_bytes == layer
+    got, ref = streamed.logits(ids), resident.logits(ids)
+    assert torch.equal(got, ref)
+    store = next(tmp_path.glob("*-int4.weights"))
+    _, entries = read_header(store)
+    assert sum(e.nbytes for e in entries.values()) == on_disk * layer  # int4 codes, scales, zeros, norms
+    report = streamed.tier_report()
+    assert report["disk_bytes_per_pass"] >= on_disk * layer
+    # each load reads one layer's int4 tensors and nothing else (each tensor padded to a page in the store)
+    per_layer = sum(align_up(e.nbytes) for e in entries.values()) // on_disk
+    assert report["disk_bytes_read"] == report["layer_loads"] * per_layer
+    # the dense model's store of the same file is another file: neither overwrites the other
+    dense = resident.config.replace(quantize=None, max_context=64)
+    dense_layer = args.layer_param_count() * 2
+    LLM(config=dense.replace(cpu_memory=dense.resolve().placement.tier_bytes()["device"] - 2 * dense_layer,
+                      disk_dir=tmp_path))
+    assert len(list(tmp_path.glob("*.weights"))) == 2
 
 
 @pytest.mark.slow

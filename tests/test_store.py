@@ -122,6 +122,36 @@ def test_scattered_ranges_are_packed_in_order_and_verified(tmp_path, threads, al
             r.read_ranges("x", ranges, out)
 
 
+def test_back_to_back_tensors_load_in_one_verified_read(tmp_path):
+    """A streamed layer's tensors lie back to back in the store: ``read_span`` reads them in one
+    request into one aligned block (each at its store offset), verifies every extent, and refuses
+    tensors that are not back to back."""
+    tensors = {"a": _tensor(torch.bfloat16, (3, 1000), 1), "b": _tensor(torch.int8, (77,), 2),
+               "c": _tensor(torch.float32, (2048,), 3), "d": _tensor(torch.float32, (5,), 4)}
+    path = write_store(tmp_path / "s.store", tensors, extent=ALIGN)
+    with StoreReader(path) as r:
+        base, length, at = r.span_of(["a", "b", "c"])
+        assert base == r.entry("a").offset and length == r.entry("c").offset + 2 * ALIGN - base
+        block = aligned_empty((length,), torch.uint8)  # [span]
+        before = r.bytes_read
+        r.read_span(["a", "b", "c"], out=block)
+        assert r.bytes_read - before == length  # one span, no per-tensor rounding on top
+        for name in "abc":
+            t = tensors[name]
+            got = block[at[name]:at[name] + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+            assert torch.equal(got, t)
+        assert r.span_of(["a", "c"]) is None  # "b" lies between them
+        with pytest.raises(OffloadError, match="not back to back"):
+            r.read_span(["a", "c"], out=block)
+    with open(path, "r+b") as f:  # flip one byte of "c"
+        f.seek(StoreReader(path).entry("c").offset + ALIGN + 3)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0x04]))
+    with StoreReader(path) as r, pytest.raises(CorruptStoreError, match="tensor 'c' extent 1"):
+        r.read_span(["a", "b", "c"], out=block)
+
+
 def test_flipped_byte_is_a_clear_checksum_error(tmp_path):
     t = torch.randn(3000)
     path = write_store(tmp_path / "c.store", {"w": t}, extent=ALIGN)

@@ -256,6 +256,40 @@ class StoreReader:
             out.copy_(torch.from_numpy(data[:end - start]))
         return out
 
+    def span_of(self, names: list[str]) -> tuple[int, int, dict[str, int]] | None:
+        """(first byte, bytes, name -> offset within) of tensors ``names`` when they lie back to back
+        in the file (each aligned, nothing between them), else None: a span one request can read."""
+        entries = sorted((self.entry(n) for n in names), key=lambda e: e.offset)
+        base, pos = entries[0].offset, entries[0].offset
+        for e in entries:
+            if e.offset != pos:
+                return None
+            pos = align_up(e.offset + e.nbytes)
+        return base, pos - base, {e.name: e.offset - base for e in entries}
+
+    def read_span(self, names: list[str], out: torch.Tensor) -> torch.Tensor:
+        """Tensors ``names`` (back to back in the file: :meth:`span_of`) in one request into ``out``
+        (uint8 host memory, page-aligned, the span's length), each landing at its offset within the
+        span, every extent verified. A decode step streaming layers reads each in one request
+        instead of one per tensor (ten per quantized layer), which per-request latency dominates."""
+        span = self.span_of(names)
+        if span is None:
+            raise OffloadError(f"tensors {names[:2]}... are not back to back in {self.path}")
+        base, length, at = span
+        if out.dtype != torch.uint8 or out.numel() != length:
+            raise OffloadError(f"read_span needs a uint8 buffer of {length} bytes, got {out.numel()} {out.dtype}")
+        target = _direct_target(out, self.align) if self.backend == "posix" else None
+        if target is None:
+            for name in names:  # kvikio, or a buffer not aligned for O_DIRECT: tensor by tensor
+                e = self.entry(name)
+                self.read_bytes(name, out=out[at[name]:at[name] + e.nbytes])
+            return out
+        self._pread_into(target, base)
+        for name in names:
+            e = self.entry(name)
+            self._verify(e, target[at[name]:], 0, e.nbytes)
+        return out
+
     def _verify(self, e: TensorEntry, data: np.ndarray, start: int, end: int) -> None:
         """Check the extents covering tensor bytes [start, end), held in ``data`` from its first byte."""
         bad = _first_bad_extent(e, data, start, end)

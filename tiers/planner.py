@@ -30,6 +30,7 @@ from pathlib import Path
 from offload.config import ModelArgs
 from offload.errors import OffloadError
 from offload.fileio import write_json_atomic
+from offload.quant import embedding_nbytes, int4_nbytes, layer_nbytes, projection_shapes
 
 from .budget import BudgetError, format_size, pinned_nbytes
 
@@ -70,11 +71,15 @@ class BandwidthProfile:
     # below the streaming bandwidth. Empty: host_read_gbs for every size.
     gemv_curve_fp32: tuple = ()
     gemv_curve_bf16: tuple = ()
+    gemv_curve_int4: tuple = ()  # bytes as held by int4 weights (codes, scales and zeros)
     source: str = "defaults"
 
     def host_gemv_gbs(self, matrix_bytes: float, dtype: str) -> float:
-        """CPU matrix-vector bandwidth for matrices of ``matrix_bytes`` (log-size interpolation)."""
-        curve = sorted(self.gemv_curve_bf16 if dtype in ("bfloat16", "float16") else self.gemv_curve_fp32)
+        """CPU matrix-vector bandwidth for matrices of ``matrix_bytes`` (log-size interpolation).
+        ``dtype``: a compute dtype's name, or "int4" for quantized weights (bf16 when not measured)."""
+        curves = {"int4": self.gemv_curve_int4 or self.gemv_curve_bf16, "bfloat16": self.gemv_curve_bf16,
+                  "float16": self.gemv_curve_bf16}
+        curve = sorted(curves.get(dtype, self.gemv_curve_fp32))
         if not curve:
             return self.host_read_gbs
         if matrix_bytes <= curve[0][0]:
@@ -153,6 +158,7 @@ class Placement:
     step_breakdown_ms: dict
     profile_source: str
     bytes_per_token: dict = field(default_factory=dict)  # tier -> bytes moved per decode step
+    quantize: str | None = None  # "int4": layers hold int4 projections (layer_bytes counts those)
 
     @property
     def streamed_layers(self) -> list[int]:
@@ -171,7 +177,8 @@ class Placement:
         """A human-readable summary of where everything lives and what a step should cost."""
         tiers = self.tier_bytes()
         counts = {t: self.layer_tiers.count(t) for t in ("device", "host", "disk")}
-        lines = [f"placement: {self.model}, {self.dtype} on {self.device}, context {self.context:,}, "
+        held = self.dtype + (f" ({self.quantize} projections, int8 embeddings)" if self.quantize else "")
+        lines = [f"placement: {self.model}, {held} on {self.device}, context {self.context:,}, "
                  f"kv_policy {self.kv_policy}",
                  "| tier | budget | placed | layers (weights) | KV | index |",
                  "|---|---|---|---|---|---|"]
@@ -205,12 +212,14 @@ class SelectionCost:
     search_ms: float = 0.0  # host-side search per decode step, all sparse layers
 
 
-def kv_fits(args: ModelArgs, context: int, dtype: str, device_budget: int) -> tuple[bool, str]:
+def kv_fits(args: ModelArgs, context: int, dtype: str, device_budget: int,
+            quantize: str | None = None) -> tuple[bool, str]:
     """Whether the whole model and its full KV at ``context`` fit in ``device_budget`` (what
     ``kv_policy="auto"`` asks), with the reason in words."""
     b = DTYPE_BYTES[dtype]
     kv = args.kv_bytes_per_token(b) * context
-    weights = args.param_count() * b
+    weights = (args.num_layers * layer_nbytes(args, b, quantize) + embedding_nbytes(args, b, quantize)
+               + args.hidden_size * b)
     need = kv + weights + RUNTIME_RESERVE
     if need <= device_budget:
         return True, (f"the KV at {context:,} tokens ({format_size(kv)}) fits on the device beside the weights "
@@ -223,11 +232,13 @@ def plan(args: ModelArgs, *, model: str, context: int, device: str = "cpu", dtyp
          kv_policy: str = "dense", kv_budget: float = 0.02, sink: int = 4, window: int = 64,
          gpu_memory: int | None = None, cpu_memory: int | None = None, disk_dir: str | None = None,
          profile: BandwidthProfile | None = None, prefetch_slots: int = 2, dense_layers: int = 2,
-         kv_on_host: bool | None = None, selection_cost: SelectionCost = SelectionCost()) -> Placement:
+         kv_on_host: bool | None = None, selection_cost: SelectionCost = SelectionCost(),
+         quantize: str | None = None) -> Placement:
     """Place weights, KV and index under the budgets (bytes; None = unlimited). ``prefetch_slots``:
     device buffers for streamed layers (2 = double buffering). ``kv_on_host``: the sparse layers'
     full KV lives in host memory, only each step's selection crossing to the GPU (None: whenever a
-    GPU computes with a sparse policy)."""
+    GPU computes with a sparse policy). ``quantize``: layers, their stores and buffers hold int4
+    projections, the embeddings int8 (the bytes placed, streamed and read are those)."""
     if dtype not in DTYPE_BYTES:
         raise OffloadError(f"unknown dtype '{dtype}': use one of {', '.join(DTYPE_BYTES)}")
     if context <= 0:
@@ -235,9 +246,8 @@ def plan(args: ModelArgs, *, model: str, context: int, device: str = "cpu", dtyp
     profile = profile or BandwidthProfile()
     b = DTYPE_BYTES[dtype]
     on_gpu = device == "cuda"
-    layer_bytes = args.layer_param_count() * b
-    embed = args.vocab_size * args.hidden_size * b
-    fixed = embed * (1 if args.tie_word_embeddings else 2) + args.hidden_size * b + RUNTIME_RESERVE
+    layer_bytes = layer_nbytes(args, b, quantize)
+    fixed = embedding_nbytes(args, b, quantize) + args.hidden_size * b + RUNTIME_RESERVE
     kv_total = args.kv_bytes_per_token(b) * context
     sparse = kv_policy not in ("dense",)
     budget_tokens = int(kv_budget * context) if kv_budget < 1 else int(kv_budget)
@@ -312,10 +322,9 @@ def plan(args: ModelArgs, *, model: str, context: int, device: str = "cpu", dtyp
 
     # Predicted decode step.
     # Decode reads each weight matrix once; on the CPU the achieved bandwidth depends on its size.
-    matrices = [args.hidden_size * (args.q_size + 2 * args.kv_size), args.q_size * args.hidden_size,
-                2 * args.intermediate_size * args.hidden_size, args.intermediate_size * args.hidden_size]
-    typical = b * sum(matrices) / len(matrices)
-    dev_bw = (profile.gpu_read_gbs if on_gpu else profile.host_gemv_gbs(typical, dtype)) * 1e9
+    matrices = [int4_nbytes(n, k, b) if quantize else n * k * b for n, k in projection_shapes(args)]
+    typical = sum(matrices) / len(matrices)
+    dev_bw = (profile.gpu_read_gbs if on_gpu else profile.host_gemv_gbs(typical, quantize or dtype)) * 1e9
     link = profile.h2d_pinned_gbs * 1e9
     # a disk layer is read, then checked, on the reader thread: the two rates add in series
     disk = 1e9 / (1 / profile.disk_read_gbs + 1 / profile.verify_gbs)
@@ -351,4 +360,4 @@ def plan(args: ModelArgs, *, model: str, context: int, device: str = "cpu", dtyp
                      slot_bytes=slot_bytes, host_staging_bytes=host_staging, kv_tiers=kv_tiers, index_tiers=index_tiers,
                      budgets={"device": device_budget, "host": host_budget, "disk": None},
                      predicted_step_ms=sum(breakdown.values()), step_breakdown_ms=breakdown,
-                     profile_source=profile.source, bytes_per_token=moved)
+                     profile_source=profile.source, bytes_per_token=moved, quantize=quantize)

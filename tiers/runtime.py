@@ -52,10 +52,11 @@ class _SpillRouter:
 def load_offloaded(model: str | Path | None, placement: Placement, *, device: torch.device, dtype: torch.dtype,
                    fingerprint: str, disk_dir: Path | None, tuning: Tuning, io_backend: str = "auto",
                    progress: bool = False, verbose: bool = False, load_format: str = "auto",
-                   seed: int = 0) -> OffloadedModel:
+                   seed: int = 0, quantize: str | None = None) -> OffloadedModel:
     """Load ``model`` as ``placement`` says: device layers resident, host layers in (pinned) host
     memory, disk layers spilled to a weight store in ``disk_dir`` (reused when it holds these
-    weights: ``fingerprint`` identifies them by content), and a streamer for the off-device ones."""
+    weights: ``fingerprint`` identifies them by content), and a streamer for the off-device ones.
+    ``quantize``: layers are quantized as they load, so the store and the buffers hold int4."""
     from offload.loaders import load_model
     from offload.model import DecoderLayer
 
@@ -64,7 +65,8 @@ def load_offloaded(model: str | Path | None, placement: Placement, *, device: to
     store_path = None
     disk_spill = None
     if disk_layers:
-        store_path = Path(disk_dir) / f"{Path(placement.model).stem}-{fingerprint[:12]}-{placement.dtype}.weights"
+        held = placement.dtype + (f"-{quantize}" if quantize else "")  # a dense and an int4 store live side by side
+        store_path = Path(disk_dir) / f"{Path(placement.model).stem}-{fingerprint[:12]}-{held}.weights"
         disk_spill = WeightSpill(store_path, disk_layers, fingerprint, dtype)
         disk_spill.begin()
         if verbose:
@@ -76,7 +78,7 @@ def load_offloaded(model: str | Path | None, placement: Placement, *, device: to
     ok = False
     try:
         model_obj, tokenizer, path = load_model(model, device, dtype, progress=progress, load_format=load_format,
-                                                seed=seed, offloaded=frozenset(streamed),
+                                                seed=seed, offloaded=frozenset(streamed), quantize=quantize,
                                                 spill=_SpillRouter(placement.layer_tiers, disk_spill, host_spill))
         ok = True
     finally:
@@ -90,7 +92,7 @@ def load_offloaded(model: str | Path | None, placement: Placement, *, device: to
         if reader is not None and verbose:
             print(f"offload: disk reads via {reader.mode}", file=sys.stderr)
         args = model_obj.args
-        streamer = LayerStreamer(lambda: DecoderLayer(args, device, dtype), streamed, reader, device,
+        streamer = LayerStreamer(lambda: DecoderLayer(args, device, dtype, quantize), streamed, reader, device,
                                  host_layers=host_spill.modules, slots=tuning.prefetch_slots)
         model_obj.streamer = streamer
     if len(model_obj.offloaded) != len(streamed):

@@ -98,18 +98,28 @@ class LayerStreamer:
         self.store, self.device = store, torch.device(device)
         self.host_layers = host_layers or {}  # layer -> module in (pinned) host memory
         self.slots = [make_layer() for _ in range(min(slots, len(self.layers)))]  # the double buffers
-        if self.device.type == "cpu":  # page-aligned buffers: O_DIRECT reads land in them, no bounce copy
-            for slot in self.slots:
-                for p in slot.parameters():
-                    p.data = aligned_empty(tuple(p.shape), p.dtype)
         self._names = [name for name, _ in self.slots[0].named_parameters()]
+        self._span = self._store_span()
+        # CPU: each buffer layer's tensors are views of one page-aligned block laid out as a layer is
+        # in the store, so a disk layer lands in one O_DIRECT read, no bounce copy
+        self._blocks: list[torch.Tensor | None] = [None] * len(self.slots)
+        if self.device.type == "cpu":
+            for j, slot in enumerate(self.slots):
+                if self._span is not None:
+                    self._blocks[j] = aligned_empty((self._span[0],), torch.uint8)  # [span bytes]
+                    views = self._views(self._blocks[j], slot)
+                    for name, p in slot.named_parameters():
+                        p.data = views[name]
+                else:
+                    for p in slot.parameters():
+                        p.data = aligned_empty(tuple(p.shape), p.dtype)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offload-prefetch")
         self._cuda = self.device.type == "cuda"
         self._stream = torch.cuda.Stream(self.device) if self._cuda else None
         # GPU: pinned host staging per slot for POSIX disk reads (allocated at its first use: kvikio
         # reads need none); events of the compute stream's last use of each buffer (recorded at
         # release) and of each staging buffer's last copy to the device.
-        self._staging: list[dict[str, torch.Tensor] | None] = [None] * len(self.slots)
+        self._staging: list[tuple[torch.Tensor, dict[str, torch.Tensor]] | None] = [None] * len(self.slots)
         self._freed: list = [None] * len(self.slots)
         self._staged: list = [None] * len(self.slots)
         self._pending: dict[int, Future] = {}  # slot -> load in flight
@@ -120,18 +130,46 @@ class LayerStreamer:
             self._start(self.layers[j], j)
         self._next = len(self.slots) % len(self.layers)  # the next layer to prefetch, cyclically
 
-    @staticmethod
-    def _pinned_views(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """One pinned host buffer shaped like ``module``'s parameters, each at a page-aligned offset
-        (so that O_DIRECT reads land in it without a bounce copy): name -> view."""
+    def _store_span(self) -> tuple[int, dict[str, int]] | None:
+        """(bytes, parameter -> offset) of the layout every disk layer has in the store when each
+        layer's tensors lie back to back there, the same way: a layer then loads in one read."""
+        if self.store is None:
+            return None
+        layouts = set()
+        for layer in self.layers:
+            if layer in self.host_layers:
+                continue
+            span = self.store.span_of([layer_tensor_name(layer, n) for n in self._names])
+            if span is None:
+                return None
+            _, length, at = span
+            layouts.add((length, tuple(sorted((n, at[layer_tensor_name(layer, n)]) for n in self._names))))
+        if len(layouts) != 1:
+            return None
+        length, at = layouts.pop()
+        return length, dict(at)
+
+    def _views(self, block: torch.Tensor, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """``module``'s parameters as views of ``block`` (uint8) at their offsets in the store layout."""
+        at = self._span[1]
+        return {name: block[at[name]:at[name] + p.numel() * p.element_size()].view(p.dtype).view(p.shape)
+                for name, p in module.named_parameters()}
+
+    def _pinned_views(self, module: torch.nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One pinned host block shaped like ``module``'s parameters, each at a page-aligned offset
+        (so that O_DIRECT reads land in it without a bounce copy; as the store lays a layer out when
+        it can, for one read per layer): (block, name -> view)."""
+        if self._span is not None:
+            block = torch.empty(self._span[0], dtype=torch.uint8, pin_memory=True)  # [span] (cudaHostAlloc)
+            return block, self._views(block, module)
         params = list(module.named_parameters())
         offsets, total = [], 0
         for _, p in params:
             offsets.append(total)
             total = align_up(total + p.numel() * p.element_size(), ALIGN)
-        buf = torch.empty(total, dtype=torch.uint8, pin_memory=True)  # [bytes] page-aligned (cudaHostAlloc)
-        return {name: buf[at:at + p.numel() * p.element_size()].view(p.dtype).view(p.shape)
-                for (name, p), at in zip(params, offsets)}
+        block = torch.empty(total, dtype=torch.uint8, pin_memory=True)  # [bytes] page-aligned (cudaHostAlloc)
+        return block, {name: block[at:at + p.numel() * p.element_size()].view(p.dtype).view(p.shape)
+                       for (name, p), at in zip(params, offsets)}
 
     @property
     def slot_bytes(self) -> int:
@@ -140,8 +178,16 @@ class LayerStreamer:
     @property
     def staging_bytes(self) -> int:
         """Pinned host memory the disk layers pass through on their way to a GPU, as reserved."""
-        return sum(pinned_nbytes(sum(align_up(t.numel() * t.element_size(), ALIGN) for t in views.values()))
-                   for views in self._staging if views is not None)
+        return sum(pinned_nbytes(block.numel()) for block, _ in filter(None, self._staging))
+
+    def _read_layer(self, layer: int, block: torch.Tensor | None, views: dict[str, torch.Tensor]) -> None:
+        """``layer``'s tensors from the store: in one read into ``block`` when the layout allows it."""
+        names = [layer_tensor_name(layer, n) for n in self._names]
+        if block is not None and self._span is not None:
+            self.store.read_span(names, out=block)
+            return
+        for name, store_name in zip(self._names, names):
+            self.store.read(store_name, out=views[name])
 
     @property
     def bytes_read(self) -> int:
@@ -156,8 +202,7 @@ class LayerStreamer:
         the event of the side stream that marks them in place."""
         params = dict(self.slots[slot].named_parameters())
         if not self._cuda:  # CPU: verified direct reads into the buffer (released: compute is done)
-            for name in self._names:
-                self.store.read(layer_tensor_name(layer, name), out=params[name].data)
+            self._read_layer(layer, self._blocks[slot], {name: p.data for name, p in params.items()})
             self.loads += 1
             return None
         with torch.cuda.stream(self._stream):
@@ -174,11 +219,10 @@ class LayerStreamer:
             else:  # disk -> pinned staging (verified) -> device
                 if self._staging[slot] is None:
                     self._staging[slot] = self._pinned_views(self.slots[slot])
-                staging = self._staging[slot]
+                block, staging = self._staging[slot]
                 if self._staged[slot] is not None:
                     self._staged[slot].synchronize()  # the staging's previous copy to the device is done
-                for name in self._names:
-                    self.store.read(layer_tensor_name(layer, name), out=staging[name])
+                self._read_layer(layer, block, staging)
                 self._after_release(slot)
                 for name in self._names:
                     params[name].data.copy_(staging[name], non_blocking=True)

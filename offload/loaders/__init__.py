@@ -91,10 +91,14 @@ def read_model_args(model: str | Path | None, load_format: str = "auto") -> tupl
 
 def load_model(model: str | Path | None, device: torch.device, dtype: torch.dtype,
                progress: bool = True, offloaded: frozenset[int] = frozenset(),
-               spill=None, load_format: str = "auto", seed: int = 0) -> tuple[Transformer, Tokenizer, Path]:
+               spill=None, load_format: str = "auto", seed: int = 0,
+               quantize: str | None = None) -> tuple[Transformer, Tokenizer, Path]:
     """Load weights and tokenizer from a folder or GGUF file (None: the default model).
 
     Layers in ``offloaded`` are not kept: their weights go to ``spill`` (a store on disk).
+    ``quantize="int4"``: each layer's projections become int4 groups as soon as the layer is
+    complete (before it is spilled), the embeddings and head int8 at the end: the dense form of no
+    more than a layer or two is held at a time.
     ``load_format="dummy"``: the model's shape (a preset, config.json or GGUF header) with seeded
     random weights; no checkpoint is read."""
     from .gguf import load_gguf
@@ -104,14 +108,14 @@ def load_model(model: str | Path | None, device: torch.device, dtype: torch.dtyp
         from .dummy import load_dummy
 
         args, source = read_model_args(model, "dummy")
-        model_obj, tokenizer = load_dummy(args, source, device, dtype, seed, progress, offloaded, spill)
+        model_obj, tokenizer = load_dummy(args, source, device, dtype, seed, progress, offloaded, spill, quantize)
         return model_obj, tokenizer, source
     _check_load_format(load_format)
     path = resolve_model_path(model)
     if path.is_dir():
-        model_obj, tokenizer = load_hf_folder(path, device, dtype, progress, offloaded, spill)
+        model_obj, tokenizer = load_hf_folder(path, device, dtype, progress, offloaded, spill, quantize)
     elif path.suffix.lower() == ".gguf":
-        model_obj, tokenizer = load_gguf(path, device, dtype, progress, offloaded, spill)
+        model_obj, tokenizer = load_gguf(path, device, dtype, progress, offloaded, spill, quantize)
     else:
         raise ModelLoadError(f"{path}: not a model; pass a Hugging Face folder or a .gguf file")
     return model_obj, tokenizer, path

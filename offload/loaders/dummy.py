@@ -51,13 +51,13 @@ def _fill(shape: tuple[int, ...], name: str, seed: int, dtype: torch.dtype, devi
 
 def load_dummy(args: ModelArgs, source: Path, device: torch.device, dtype: torch.dtype, seed: int = 0,
                progress: bool = True, offloaded: frozenset[int] = frozenset(),
-               spill=None) -> tuple[Transformer, Tokenizer]:
+               spill=None, quantize: str | None = None) -> tuple[Transformer, Tokenizer]:
     """Build ``args`` with random weights. ``source``: the config folder (its tokenizer.json is used
     when present) or the preset's name."""
     tokenizer = (Tokenizer.from_hf_folder(source, eos_token_ids=args.eos_token_ids)
                  if source.is_dir() and (source / "tokenizer.json").is_file() else byte_tokenizer(args))
     model = Transformer(args, device=device, dtype=dtype, offloaded=offloaded)
-    assembler = WeightAssembler(model, f"{source.name} (dummy weights)", spill)
+    assembler = WeightAssembler(model, f"{source.name} (dummy weights)", spill, quantize)
     names = sorted(assembler.expected(), key=_load_order)
     for name in tqdm(names, desc="random weights", unit="tensor", disable=not progress or None):
         dest = assembler.target(name)

@@ -242,7 +242,7 @@ def _dequantize(data: np.ndarray, t, path: Path) -> np.ndarray:
 
 def load_gguf(path: Path, device: torch.device, dtype: torch.dtype,
               progress: bool = True, offloaded: frozenset[int] = frozenset(),
-              spill=None) -> tuple[Transformer, Tokenizer]:
+              spill=None, quantize: str | None = None) -> tuple[Transformer, Tokenizer]:
 
     reader = _open(path)
     meta = _fields(reader)
@@ -250,7 +250,7 @@ def load_gguf(path: Path, device: torch.device, dtype: torch.dtype,
     args = args_from_gguf(meta, names, reader, str(path))
     tokenizer = build_tokenizer(reader, meta, str(path))
     model = Transformer(args, device=device, dtype=dtype, offloaded=offloaded)
-    assembler = WeightAssembler(model, str(path), spill)
+    assembler = WeightAssembler(model, str(path), spill, quantize)
     permute = args.architecture == "llama"  # qwen files keep the NeoX (rotate-half) layout
     for t in tqdm(reader.tensors, desc="dequantizing", unit="tensor", disable=not progress or None):
         name = _hf_name(t.name)

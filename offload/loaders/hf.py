@@ -65,14 +65,14 @@ def safetensors_files(folder: Path) -> list[Path]:
 
 def load_hf_folder(folder: Path, device: torch.device, dtype: torch.dtype,
                    progress: bool = True, offloaded: frozenset[int] = frozenset(),
-                   spill=None) -> tuple[Transformer, Tokenizer]:
+                   spill=None, quantize: str | None = None) -> tuple[Transformer, Tokenizer]:
     from safetensors import SafetensorError, safe_open
 
     args = read_config(folder)
     tokenizer = Tokenizer.from_hf_folder(folder, eos_token_ids=args.eos_token_ids)
     files = safetensors_files(folder)
     model = Transformer(args, device=device, dtype=dtype, offloaded=offloaded)
-    assembler = WeightAssembler(model, str(folder), spill)
+    assembler = WeightAssembler(model, str(folder), spill, quantize)
     bar = tqdm(total=len(files), desc="loading weights", unit="file", disable=not progress or None)
     for path in files:
         try:

@@ -21,15 +21,18 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 class WeightAssembler:
     """``spill`` (offload.tiers.streaming.WeightSpill) receives the layers the model keeps off the
     device: each is assembled in a host-memory staging layer, handed over once complete, and
-    dropped, so no more than a layer or two of them is ever held."""
+    dropped, so no more than a layer or two of them is ever held. ``quantize="int4"``: every layer
+    is quantized the moment its last tensor lands (before a spill, so stores hold int4), the
+    embeddings at :meth:`finish`; a resident layer's dense pages are freed as it converts."""
 
-    def __init__(self, model: Transformer, source: str, spill=None):
+    def __init__(self, model: Transformer, source: str, spill=None, quantize: str | None = None):
         self.model, self.args, self.source = model, model.args, source
         self.loaded: set[str] = set()
-        self.spill = spill
+        self.spill, self.quantize = spill, quantize
         self._staged: dict[int, tuple[nn.Module, set[str]]] = {}  # layer -> (staging layer, names still due)
         self._meta_layers: dict[int, nn.Module] = {}
         self._spilled: set[int] = set()
+        self._due: dict[int, set[str]] = {}  # resident layer -> names still due (quantize only)
 
     def _target(self, name: str) -> tuple[torch.Tensor, str] | None:
         """The parameter slice that checkpoint tensor ``name`` fills, and its coverage key."""
@@ -119,14 +122,32 @@ class WeightAssembler:
         if rows is not None and rows[1] < full.shape[0]:
             return  # more rows to come
         self.loaded.add(key)
+        if staged is None and self.quantize:
+            self._resident_done(key)
         if staged is not None:
             module, due = self._staged[staged]
             due.discard(key)
             if not due:  # the layer is complete: to the store, and its host copy goes
+                if self.quantize:
+                    module.quantize_int4()
                 self.spill.put_layer(staged, module)
                 self.model.layers[staged] = self._meta_layers.pop(staged)
                 del self._staged[staged]
                 self._spilled.add(staged)
+
+    def _resident_done(self, key: str) -> None:
+        """A resident layer's tensor has landed: quantize the layer once it is complete."""
+        match = _LAYER.match(key)
+        if not match:
+            return
+        i = int(match.group(1))
+        if i not in self._due:
+            self._due[i] = {n for n in self.expected() if n.startswith(f"model.layers.{i}.")} - self.loaded
+        due = self._due[i]
+        due.discard(key)
+        if not due:
+            self.model.layers[i].quantize_int4()
+            del self._due[i]
 
     def expected(self) -> set[str]:
         a = self.args
@@ -150,3 +171,5 @@ class WeightAssembler:
             shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
             raise ModelLoadError(f"{self.source}: checkpoint is missing tensors: {shown}; the download is "
                                  f"incomplete or the config does not match the weights")
+        if self.quantize:
+            self.model.quantize_int8_embeddings()
