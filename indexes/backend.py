@@ -87,7 +87,7 @@ class SparseAttention(DenseAttention):
                 for layer in range(self.config.dense_layers, self.args.num_layers):
                     self.prefill_queries.pop((row, layer), None)
         self._seq_lens = torch.tensor(batch.end_lengths, device=self.kv.device, dtype=torch.int32)  # [B]
-        if self.kv_offload:  # the always-attended ids are the same for every layer of this step
+        if self.kv_offload or self.kv.quantized:  # the always-attended ids, the same for every layer this step
             self._dense_ids = dense_token_ids(torch.tensor(batch.end_lengths), self.config.sink,
                                               self.config.window)  # ([B, Nd], [B, Nd])
 
@@ -104,7 +104,7 @@ class SparseAttention(DenseAttention):
                 if not idx.needs_prefill_queries:
                     chunks = None  # a key-only index is built from the keys alone
                 queries = torch.cat(chunks, dim=1) if chunks else None  # [H, Nq, D]
-                idx.build(self.kv.k[layer][row], n, queries)
+                idx.build(self.kv.rows(layer, row)[0], n, queries)
                 self.indexes[(row, layer)] = idx
 
     def _new_index(self, row: int) -> KVIndex:
@@ -124,7 +124,7 @@ class SparseAttention(DenseAttention):
             self.row_tokens[row] = list(token_ids)
         for layer, (scalars, tensors) in (index_states or {}).items():
             idx = self._new_index(row)
-            idx.restore(self.kv.k[layer][row], scalars, tensors)
+            idx.restore(self.kv.rows(layer, row)[0], scalars, tensors)
             self.indexes[(row, layer)] = idx
 
     def forward(self, layer, q, k, v, batch):
@@ -155,11 +155,11 @@ class SparseAttention(DenseAttention):
         if self.indexes[(batch.rows[sparse_row], layer)].attend is not None:
             # the policy attends itself (e.g. ShadowKV's rebuilt keys)
             outs = [torch.zeros(H, D, dtype=q.dtype, device=kv_device) if windowed else
-                    self.indexes[(row, layer)].attend(q_search[row], self.kv.k[layer][row], self.kv.v[layer][row],
-                                                      n, sel, self.kernel_backend)[0]
+                    self.indexes[(row, layer)].attend(q_search[row], *self.kv.rows(layer, row), n, sel,
+                                                      self.kernel_backend)[0]
                     for row, n, sel, windowed in zip(batch.rows, batch.end_lengths, selections, beyond)]
             out = torch.stack(outs).to(q.device)  # [B, H, D]
-        elif self.kv_offload:
+        elif self.kv_offload or self.kv.quantized:  # only the attended rows leave the store (dequantized)
             out = self._attend_fetched(layer, q[:, :, 0], batch, selections)  # [B, H, D]
         else:
             width = max(s.ids.shape[-1] for s in selections)
@@ -179,8 +179,9 @@ class SparseAttention(DenseAttention):
 
     def _attend_fetched(self, layer: int, q: torch.Tensor, batch: ForwardBatch,
                         selections: list[Selection]) -> torch.Tensor:
-        """Attention of q [B, H, D] over a layer whose KV is in the host tier: gather the sinks, the
-        window and each head's selection there, send only those rows to the device, attend exactly."""
+        """Attention of q [B, H, D] over a layer whose KV is in the host tier, or quantized: gather
+        the sinks, the window and each head's selection where the KV lives, send (and dequantize)
+        only those rows, attend exactly."""
         a = self.args
         B, Hkv, D = q.shape[0], a.num_kv_heads, a.head_dim
         dense_ids, dense_valid = self._dense_ids  # [B, Nd] each, from begin()
@@ -209,8 +210,8 @@ class SparseAttention(DenseAttention):
             if extra is not None and extra.shape[-1]:
                 ids = torch.cat([sel.ids[:, :int(sel.counts.max())], extra], dim=-1)
                 sel = Selection(ids, sel.counts + extra.shape[-1])
-            keys = self.kv.k[layer][row]  # [Hkv, N, D]
-            self.telemetry.observe(layer, q[row], keys, self.kv.v[layer][row], n, sel, out[b].to(keys.device),
+            keys, values = self.kv.rows(layer, row)  # [Hkv, N, D] each
+            self.telemetry.observe(layer, q[row], keys, values, n, sel, out[b].to(keys.device),
                                    self.config, self.args.softmax_scale, self.config.budget_tokens(n))
 
     def describe(self) -> str:

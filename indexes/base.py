@@ -27,6 +27,7 @@ import torch
 from offload.config import ModelArgs
 from offload.errors import OffloadError
 from offload.rope import rope_frequencies
+from offload.tiers.kv_store import KVRows
 from offload.tiers.planner import BandwidthProfile, SelectionCost
 
 # Query-aware indexes learn from the prompt's queries; every QUERY_STRIDE-th position is kept
@@ -112,7 +113,7 @@ class KVIndex(ABC):
         self.token_ids = token_ids  # the row's tokens, grown by the backend as decode appends them
         if config.effort is not None and self.effort is not None:
             self.effort = config.effort  # this index's own search width, the class default elsewhere
-        self.keys: torch.Tensor | None = None  # [Hkv, N, D] view of the layer's cache row
+        self.keys: KVRows | None = None  # [Hkv, N, D] the layer's cache row, read in place
         self.n = 0
         self.last_scored = 0.0  # keys scored by the last search, per KV head (telemetry)
 
@@ -146,9 +147,10 @@ class KVIndex(ABC):
                                                               profile.scored_fraction)
             + sparse_layers * profile.sparse_overhead_ms(cls.name))
 
-    def build(self, keys: torch.Tensor, n: int, queries: torch.Tensor | None = None) -> None:
-        """keys [Hkv, N, D]: the cache storage (post-RoPE), of which the first n are the prompt."""
-        self.keys, self.n = keys, n
+    def build(self, keys: KVRows | torch.Tensor, n: int, queries: torch.Tensor | None = None) -> None:
+        """keys [Hkv, N, D]: the cache storage (post-RoPE), of which the first n are the prompt (a
+        tensor is the compute-dtype cache itself; a quantized cache comes as :class:`KVRows`)."""
+        self.keys, self.n = _rows(keys), n
 
     def extend(self, n: int) -> None:
         """The cache now holds n tokens (decode appended n - self.n)."""
@@ -192,13 +194,13 @@ class KVIndex(ABC):
                 raise OffloadError(f"index '{self.name}' attribute '{key}' ({type(value).__name__}) cannot be saved")
         return scalars, tensors
 
-    def restore(self, keys: torch.Tensor, scalars: dict, tensors: dict[str, torch.Tensor]) -> None:
+    def restore(self, keys: KVRows | torch.Tensor, scalars: dict, tensors: dict[str, torch.Tensor]) -> None:
         """Take back a saved state over ``keys`` (the reloaded cache row)."""
         missing = sorted({"n", *self.learned} - set(scalars) - set(tensors))
         if missing:
             raise OffloadError(f"saved '{self.name}' index state lacks {missing}: the prompt cache is corrupt; "
                                f"save it again with LLM.save_prompt")
-        self.keys = keys
+        self.keys = _rows(keys)
         for key in ("n", *self.learned):
             if key in tensors:
                 t = tensors[key]
@@ -250,3 +252,8 @@ def policy_class(policy: str) -> type[KVIndex]:
 def make_index(policy: str, ctx: IndexContext, config: SelectionConfig,
                token_ids: list[int] | None = None) -> KVIndex:
     return policy_class(policy)(ctx, config, token_ids)
+
+
+def _rows(keys: KVRows | torch.Tensor) -> KVRows:
+    """The keys an index reads: a cache tensor becomes rows read in place."""
+    return keys if isinstance(keys, KVRows) else KVRows(keys)

@@ -1,8 +1,10 @@
 """Numba kernels for the query-aware key graph: greedy beam search by inner product.
 
 Keys are read in place from the KV cache. numba has no float16/bfloat16, so 16-bit caches are
-passed as uint16 views and widened in-kernel (bf16 -> fp32 is a 16-bit shift). One call searches
-every KV head of a layer in parallel (prange over heads); no Python loop runs per visited node.
+passed as uint16 views and widened in-kernel (bf16 -> fp32 is a 16-bit shift); an int8 cache is
+scored on its codes and each key's scale (q . (c s) = s (q . c)), so only visited keys are read.
+One call searches every KV head of a layer in parallel (prange over heads); no Python loop runs
+per visited node.
 """
 
 from __future__ import annotations
@@ -22,6 +24,31 @@ def _score_f32(keys, node, qg):
         if s > best:
             best = s
     return best
+
+
+KEYS_F32, KEYS_BF16, KEYS_INT8 = 0, 1, 2  # how a search reads its keys
+
+
+@njit(cache=True, inline="always", fastmath=True)
+def _score_int8(keys, scales, node, qg):
+    """keys [N, D] int8 codes, scales [N] float32 (positive): max over the group of q . (codes * scale)."""
+    best = -np.inf
+    for g in range(qg.shape[0]):
+        s = 0.0
+        for d in range(qg.shape[1]):
+            s += qg[g, d] * keys[node, d]
+        if s > best:
+            best = s
+    return best * scales[node]
+
+
+@njit(cache=True, inline="always", fastmath=True)
+def _score(keys, mode, scales, node, qg, row):
+    if mode == KEYS_BF16:
+        return _score_bf16(keys, node, qg, row)
+    if mode == KEYS_INT8:
+        return _score_int8(keys, scales, node, qg)
+    return _score_f32(keys, node, qg)
 
 
 @njit(cache=True, inline="always", fastmath=True)
@@ -83,7 +110,7 @@ def _heap_pop(sc, ids, size):
 
 
 @njit(cache=True, fastmath=True)
-def _beam_search(keys, is_bf16, indptr, indices, entries, qg, lo, hi, n_tokens, ef, topk, out_ids, visited):
+def _beam_search(keys, mode, scales, indptr, indices, entries, qg, lo, hi, n_tokens, ef, topk, out_ids, visited):
     """Best-first search (HNSW's search-layer on one graph); returns (results written, keys scored).
 
     Two binary heaps: the frontier (a max-heap, stored negated) and the ef best selectable results
@@ -105,7 +132,7 @@ def _beam_search(keys, is_bf16, indptr, indices, entries, qg, lo, hi, n_tokens, 
         if e < 0 or visited[e]:
             continue
         visited[e] = True
-        s = _score_bf16(keys, e, qg, row) if is_bf16 else _score_f32(keys, e, qg)
+        s = _score(keys, mode, scales, e, qg, row)
         n_scored += 1
         n_cand = _heap_push(cand_sc, cand_ids, n_cand, -s, e)
     n_graph = indptr.shape[0] - 1
@@ -132,7 +159,7 @@ def _beam_search(keys, is_bf16, indptr, indices, entries, qg, lo, hi, n_tokens, 
             if nb < 0 or nb >= n_tokens or visited[nb]:
                 continue
             visited[nb] = True
-            sc = _score_bf16(keys, nb, qg, row) if is_bf16 else _score_f32(keys, nb, qg)
+            sc = _score(keys, mode, scales, nb, qg, row)
             n_scored += 1
             if n_res < ef or sc > res_sc[0]:
                 n_cand = _heap_push(cand_sc, cand_ids, n_cand, -sc, nb)
@@ -146,21 +173,25 @@ def _beam_search(keys, is_bf16, indptr, indices, entries, qg, lo, hi, n_tokens, 
 
 
 @njit(cache=True, parallel=True, fastmath=True)
-def search_heads(keys_f32, keys_u16, is_bf16, indptr, indices, entries, queries, lo, hi, n_tokens, ef, topk,
-                 out_ids, out_counts, out_scored):
+def search_heads(keys_f32, keys_u16, keys_i8, scales, mode, indptr, indices, entries, queries, lo, hi, n_tokens,
+                 ef, topk, out_ids, out_counts, out_scored):
     """Search every KV head in parallel.
 
-    keys_*: [Hkv, N, D] (one of them used), indptr [Hkv, N + 1], indices [Hkv, E], entries [Hkv, M],
-    queries [Hkv, G, D] float32 (pre-scaled), outputs [Hkv, topk], [Hkv], [Hkv].
+    keys_*: [Hkv, N, D] (the one ``mode`` names is used: KEYS_F32, KEYS_BF16 as uint16 bits, or
+    KEYS_INT8 codes with ``scales`` [Hkv, N] float32), indptr [Hkv, N + 1], indices [Hkv, E],
+    entries [Hkv, M], queries [Hkv, G, D] float32 (pre-scaled), outputs [Hkv, topk], [Hkv], [Hkv].
     """
     Hkv = queries.shape[0]
     for h in prange(Hkv):
         visited = np.zeros(n_tokens, np.bool_)
-        if is_bf16:
-            k, scored = _beam_search(keys_u16[h], True, indptr[h], indices[h], entries[h], queries[h], lo, hi,
-                                     n_tokens, ef, topk, out_ids[h], visited)
+        if mode == KEYS_BF16:
+            k, scored = _beam_search(keys_u16[h], mode, scales[h], indptr[h], indices[h], entries[h], queries[h],
+                                     lo, hi, n_tokens, ef, topk, out_ids[h], visited)
+        elif mode == KEYS_INT8:
+            k, scored = _beam_search(keys_i8[h], mode, scales[h], indptr[h], indices[h], entries[h], queries[h],
+                                     lo, hi, n_tokens, ef, topk, out_ids[h], visited)
         else:
-            k, scored = _beam_search(keys_f32[h], False, indptr[h], indices[h], entries[h], queries[h], lo, hi,
-                                     n_tokens, ef, topk, out_ids[h], visited)
+            k, scored = _beam_search(keys_f32[h], mode, scales[h], indptr[h], indices[h], entries[h], queries[h],
+                                     lo, hi, n_tokens, ef, topk, out_ids[h], visited)
         out_counts[h] = k
         out_scored[h] = scored

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .base import KVIndex, Selection, register
-from .graph_search import search_heads
+from .graph_search import KEYS_BF16, KEYS_F32, KEYS_INT8, search_heads
 
 SCORE_BLOCK_BYTES = 256 << 20  # one block of query-key scores: bounded at any context
 
@@ -119,16 +119,22 @@ class RetrievalIndex(KVIndex):
         if budget >= hi - lo:  # the budget covers every candidate: no search needed
             self.last_scored = float(hi - lo)
             return self.all_candidates(lo, hi, q.device)
-        keys = self.keys
-        is_bf16 = keys.dtype == torch.bfloat16
-        keys_np = keys.view(torch.int16).numpy().view(np.uint16) if is_bf16 else keys.float().numpy()
-        dummy = np.zeros((1, 1, 1), np.float32 if is_bf16 else np.uint16)
+        keys = self.keys  # KVRows: read in place, as the cache holds them
+        f32, u16, i8 = np.zeros((1, 1, 1), np.float32), np.zeros((1, 1, 1), np.uint16), np.zeros((1, 1, 1), np.int8)
+        scales = np.zeros((self.num_kv_heads, 1), np.float32)  # a row per head: each head's search indexes it
+        if keys.quantized:
+            mode, i8 = KEYS_INT8, keys.data.numpy()  # [Hkv, N, D] codes
+            scales = keys.scale[..., 0].float().numpy()  # [Hkv, N]
+        elif keys.dtype == torch.bfloat16:
+            mode, u16 = KEYS_BF16, keys.data.view(torch.int16).numpy().view(np.uint16)
+        else:
+            mode, f32 = KEYS_F32, keys.data.float().numpy()
         qg = q.float().view(self.num_kv_heads, self.group, -1).numpy()  # [Hkv, G, D]
         ef = max(budget, int(self.effort * budget))
         out_ids = np.zeros((self.num_kv_heads, budget), np.int64)
         counts = np.zeros(self.num_kv_heads, np.int64)
         scored = np.zeros(self.num_kv_heads, np.int64)
-        search_heads(dummy if is_bf16 else keys_np, keys_np if is_bf16 else dummy, is_bf16, self.indptr,
-                     self.indices, self.entries, qg, lo, hi, self.n, ef, budget, out_ids, counts, scored)
+        search_heads(f32, u16, i8, scales, mode, self.indptr, self.indices, self.entries, qg, lo, hi, self.n, ef,
+                     budget, out_ids, counts, scored)
         self.last_scored = float(scored.mean())
         return Selection(torch.from_numpy(out_ids.astype(np.int32)), torch.from_numpy(counts.astype(np.int32)))

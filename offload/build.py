@@ -25,6 +25,7 @@ from .quant import INT4_GROUP
 from .rope import RotaryEmbedding
 from .tiers.budget import release_freed_memory
 from .tiers.flash import enable_flash, flash_stats
+from .tiers.kv_store import KVStore
 from .tiers.planner import Placement
 from .tiers.runtime import load_offloaded
 from .tiers.streaming import LayerStreamer
@@ -67,6 +68,8 @@ class Runtime:
             weights += (f", FFN up/down on flash (sparsity {f['sparsity']:g}, {f['cache_fraction']:.0%} of the "
                         f"bundles cached, reads via {f['reader_mode']})")
         attention = self.backend.describe()
+        if r.config.kv_dtype:
+            attention += f", KV {r.config.kv_dtype} (a {r.dtype_name} scale per token and KV head)"
         if r.kv_policy_reason:
             attention += f" [auto: {r.kv_policy_reason}]"
         return (f"offload: {self.source.name} ({a.architecture}, {a.param_count() / 1e6:.0f}M params, "
@@ -146,10 +149,13 @@ def build_runtime(resolved: ResolvedConfig) -> Runtime:
 def build_backend(resolved: ResolvedConfig, tokenizer: Tokenizer) -> AttentionBackend:
     """Dense attention, or sparse attention with the resolved KV policy (telemetry needs the latter)."""
     config, args = resolved.config, resolved.args
+    # the sparse layers' KV in host memory with kv_offload (only selections cross to the device)
+    host_layers = range(resolved.selection.dense_layers, args.num_layers) if resolved.kv_offload else ()
+    store = KVStore(args, resolved.device, resolved.dtype, host_layers=host_layers, kv_dtype=config.kv_dtype)
     if resolved.kv_policy == "dense" and not config.telemetry:
-        return DenseAttention(args, resolved.device, resolved.dtype)
+        return DenseAttention(args, resolved.device, resolved.dtype, store=store)
     ends = tokenizer.sentence_end_ids() if policy_class(resolved.kv_policy).needs_token_ids else frozenset()
     context = IndexContext.for_model(args, resolved.device, sentence_end_ids=ends)
     return SparseAttention(args, resolved.device, resolved.dtype, resolved.kv_policy, resolved.selection,
-                           context, telemetry=config.telemetry, kv_offload=resolved.kv_offload)
+                           context, telemetry=config.telemetry, kv_offload=resolved.kv_offload, store=store)
 

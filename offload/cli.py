@@ -35,6 +35,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     """The flags every command that builds a model shares: `generate` and `plan` read them into one
     EngineConfig, so `plan` prints the placement `generate` uses."""
     from .quant import QUANTIZE_SCHEMES
+    from .tiers.kv_store import KV_DTYPES
 
     p.add_argument("--model", "-m", default=None,
                    help="Hugging Face folder, .gguf file, or a preset name with --load-format dummy (default: "
@@ -45,6 +46,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=QUANTIZE_SCHEMES, default=None,
                    help="hold the projection weights as int4 groups of 32 at run time (CPU, fused kernel; 3.2x fewer "
                    "bytes per token than bf16)")
+    p.add_argument("--kv-dtype", choices=KV_DTYPES, default=None,
+                   help="hold the KV cache as int8 codes with a scale per token and KV head (half the bytes of bf16 "
+                   "in every tier; default: the compute dtype)")
     p.add_argument("--prefill-chunk-size", type=_positive_int, default=512,
                    help="prompt tokens per prefill step (bounds the attention score matrix)")
     p.add_argument("--load-format", default="auto", choices=("auto", "dummy"),

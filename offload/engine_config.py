@@ -28,6 +28,7 @@ from .quant import INT4_GROUP, N_MULTIPLE, QUANTIZE_SCHEMES, int4_supported
 from .tiers.budget import check_disk_dir, format_size, free_device_memory, free_host_memory, parse_size, resolve_budget
 from .tiers.flash import FlashConfig, size_cache
 from .tiers.io import IO_BACKENDS
+from .tiers.kv_store import KV_DTYPES
 from .tiers.planner import DTYPE_BYTES, BandwidthProfile, Placement, Tuning, kv_fits, plan
 
 DEFAULT_KV_BUDGET = 0.02  # 2% of the context, plus sinks and the recent window
@@ -63,6 +64,7 @@ class EngineConfig:
     max_context: int | None = None  # longest sequence (prompt + generated); None: the model's maximum
     prefill_chunk_size: int = 512  # prompt tokens per prefill step
     rope_scaling: Mapping[str, Any] | None = None  # context extension, e.g. {"type": "yarn", "factor": 4, ...}
+    kv_dtype: str | None = None  # "int8": K and V as int8 codes + a scale per token and KV head; None: the dtype
     kv_policy: str = "dense"  # auto, or a name from offload.indexes.policy_names()
     kv_budget: float | None = None  # a fraction of the context (< 1) or a token count; None: tuned or 2%
     sink: int = 4
@@ -90,6 +92,8 @@ class EngineConfig:
                f"unknown dtype {self.dtype!r}: use one of auto, {', '.join(sorted(DTYPES))}")
         _check(self.quantize is None or self.quantize in QUANTIZE_SCHEMES,
                f"unknown quantize {self.quantize!r}: use one of {', '.join(QUANTIZE_SCHEMES)} or None")
+        _check(self.kv_dtype is None or self.kv_dtype in KV_DTYPES,
+               f"unknown kv_dtype {self.kv_dtype!r}: use one of {', '.join(KV_DTYPES)} or None (the compute dtype)")
         _check(self.load_format in LOAD_FORMATS, f"unknown load_format {self.load_format!r}: use 'auto' (read the "
                f"checkpoint) or 'dummy' (seeded random weights, for speed runs)")
         _check(_is_int(self.seed), f"seed must be an integer, got {self.seed!r}")
@@ -165,7 +169,7 @@ class EngineConfig:
             budget = gpu if on_gpu else cpu
             if budget is None:
                 budget = int(0.9 * (_free_gpu(device) if on_gpu else free_host_memory()))
-            fits, reason = kv_fits(args, context, dtype_name, budget, self.quantize)
+            fits, reason = kv_fits(args, context, dtype_name, budget, self.quantize, self.kv_dtype)
             kv_policy = "dense" if fits else AUTO_SPARSE_POLICY
         selection = SelectionConfig(budget=self.kv_budget or tuning.kv_budget or DEFAULT_KV_BUDGET, sink=self.sink,
                                     window=self.window, dense_layers=self.dense_layers,
@@ -181,7 +185,7 @@ class EngineConfig:
                          kv_on_host=on_gpu and kv_policy != "dense" and (self.kv_offload is not False),
                          selection_cost=policy.selection_cost(args, context, DTYPE_BYTES[dtype_name],
                                                               self.dense_layers, bandwidth),
-                         quantize=self.quantize)
+                         quantize=self.quantize, kv_dtype=self.kv_dtype)
         kv_offload = self.kv_offload
         if kv_offload is None:  # the full KV of sparse layers on the host when the placement put it there,
             # and always on a GPU for a policy whose search runs on the host (graphs, sentences)
@@ -255,7 +259,8 @@ class EngineConfig:
         return cls(model=ns.model, device=ns.device, dtype=ns.dtype, load_format=ns.load_format, seed=ns.dummy_seed,
                    max_context=ns.max_context, prefill_chunk_size=ns.prefill_chunk_size, kv_policy=ns.kv_policy,
                    kv_budget=ns.kv_budget, sink=ns.sink, window=ns.window, dense_layers=ns.dense_layers,
-                   search_effort=ns.search_effort, quantize=ns.quantize, gpu_memory=ns.gpu_memory, cpu_memory=ns.cpu_memory,
+                   search_effort=ns.search_effort, quantize=ns.quantize, kv_dtype=ns.kv_dtype,
+                   gpu_memory=ns.gpu_memory, cpu_memory=ns.cpu_memory,
                    disk_dir=ns.disk_dir, profile=ns.profile, flash=flash, flash_calibration=calibration,
                    verbose=not ns.quiet)
 

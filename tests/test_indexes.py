@@ -137,19 +137,26 @@ def test_policies_on_real_text(smollm_path):
     assert streaming["mass"] + 0.05 < results["sentence"]["mass"] <= exact["mass"] + 1e-6  # whole sentences pay
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "int8"])
 def test_graph_search_with_full_effort_is_exact(dtype):
     """The key graph plus sequence edges is connected, so a beam as wide as the context visits every
-    candidate and must return the exact top-k by max-over-group inner product (fp32 and bf16 keys)."""
+    candidate and must return the exact top-k by max-over-group inner product (fp32 and bf16 keys,
+    and int8 keys scored on their codes and scales against the keys they stand for)."""
     from offload.indexes.retrieval import RetrievalIndex
+    from offload.tiers.kv_store import KVRows, quantize_kv
 
     torch.manual_seed(0)
     Hkv, G, N, D, budget = 2, 3, 300, 32, 20
-    keys = torch.randn(Hkv, N, D).to(dtype)
+    keys = torch.randn(Hkv, N, D).to(torch.float32 if dtype == "int8" else dtype)
+    rows = KVRows(keys)
+    if dtype == "int8":
+        rows = KVRows(*quantize_kv(keys, torch.float32))  # codes [Hkv, N, D], scales [Hkv, N, 1]
+        keys = rows[:, :]  # the keys the codes stand for
+        dtype = torch.float32
     queries = torch.randn(Hkv * G, 64, D).to(dtype)
     idx = make_index("retrieval", index_context(Hkv * G, Hkv, D, 1.0), SelectionConfig(budget=budget, sink=4, window=8))
     idx.effort = 100.0
-    idx.build(keys, N, queries)
+    idx.build(rows, N, queries)
     q = torch.randn(Hkv * G, D).to(dtype)
     sel = idx.search(q, budget)
     scores = torch.einsum("hgd,hnd->hgn", q.float().view(Hkv, G, D), keys.float()).amax(1)  # [Hkv, N]

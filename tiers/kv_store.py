@@ -12,6 +12,12 @@ that its copies are asynchronous). Attention backends never move KV themselves; 
   prompt cache, each layer into its own tier.
 
 ``bytes_to_device`` counts every KV byte that crossed from the host tier to the device.
+
+``kv_dtype="int8"`` holds K and V as int8 codes with one scale per token and KV head (symmetric,
+absmax / 127, the scale in the compute dtype): 1 + 2/D bytes per element in bf16 instead of 2, in
+every tier. Codes cross to the device as codes (half the bytes) and are dequantized there; a
+gather dequantizes only the rows it sends. Readers get compute-dtype tensors either way.
+
 Shapes: B rows, Hkv KV heads, N tokens (capacity), D head_dim, M gathered rows per head.
 """
 
@@ -25,9 +31,63 @@ from offload.attention import ForwardBatch
 from offload.config import ModelArgs
 
 HOST = torch.device("cpu")
+KV_DTYPES = ("int8",)  # beside None: the compute dtype
+KV_INT8_MAX = 127
+
+
+def kv_bytes_per_token(args: ModelArgs, dtype_bytes: int, kv_dtype: str | None) -> int:
+    """Bytes of K and V for one token across all layers, as the store holds them."""
+    if kv_dtype is None:
+        return args.kv_bytes_per_token(dtype_bytes)
+    return 2 * args.num_layers * args.num_kv_heads * (args.head_dim + dtype_bytes)  # codes + a scale per head
+
+
+def quantize_kv(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., D] -> int8 codes [..., D] and scales [..., 1] (``dtype``): x ~ codes * scale."""
+    scale = (x.float().abs().amax(dim=-1, keepdim=True) / KV_INT8_MAX).clamp(min=1e-8).to(dtype)  # [..., 1]
+    codes = torch.round(x.float() / scale.float()).clamp(-KV_INT8_MAX, KV_INT8_MAX).to(torch.int8)  # [..., D]
+    return codes, scale
+
+
+def dequantize_kv(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """codes [..., D] int8, scale [..., 1] -> [..., D] in the scale's dtype."""
+    return codes.to(scale.dtype) * scale
 # Staging buffers grow with headroom, so that a selection a little wider than the last one
 # (budgets grow with the context) reuses the buffer instead of reallocating pinned memory.
 STAGING_HEADROOM = 1.25
+
+
+class KVRows:
+    """One cache row of one layer's keys (or values) [Hkv, N, D], as the store holds them, read in
+    the compute dtype: ``rows[index]`` (any index that leaves D whole) is a view of the cache when
+    it is not quantized, and dequantizes only the rows it names when it is. Indexes hold one of
+    these rather than a tensor, so that a search scoring 3% of the keys dequantizes 3% of them."""
+
+    def __init__(self, data: torch.Tensor, scale: torch.Tensor | None = None):
+        self.data = data  # [Hkv, N, D] (compute dtype, or int8 codes)
+        self.scale = scale  # [Hkv, N, 1] in the compute dtype, or None
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.data.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype rows are read in (the compute dtype)."""
+        return self.data.dtype if self.scale is None else self.scale.dtype
+
+    @property
+    def quantized(self) -> bool:
+        return self.scale is not None
+
+    def __getitem__(self, index) -> torch.Tensor:
+        if self.scale is None:
+            return self.data[index]
+        return dequantize_kv(self.data[index], self.scale[index])
 
 
 class _Staging:
@@ -60,18 +120,26 @@ class _Staging:
 
 class KVStore:
     """K and V of every layer: one [B, Hkv, capacity, D] tensor per layer and kind, in the layer's
-    tier. ``host_layers`` are kept in host memory; the others on ``device``."""
+    tier. ``host_layers`` are kept in host memory; the others on ``device``. ``kv_dtype="int8"``:
+    ``k``/``v`` hold int8 codes and ``k_scale``/``v_scale`` [B, Hkv, capacity, 1] their scales."""
 
     def __init__(self, args: ModelArgs, device: torch.device, dtype: torch.dtype,
-                 host_layers: Iterable[int] = ()):
+                 host_layers: Iterable[int] = (), kv_dtype: str | None = None):
         self.args, self.device, self.dtype = args, torch.device(device), dtype
-        host_layers = frozenset(host_layers)
+        if kv_dtype is not None and kv_dtype not in KV_DTYPES:
+            raise ValueError(f"unknown kv_dtype {kv_dtype!r}: use one of {', '.join(KV_DTYPES)} or None")
+        self.kv_dtype = kv_dtype
+        self.quantized = kv_dtype == "int8"
+        host_layers = self.host_layers = frozenset(host_layers)
         if not host_layers <= set(range(args.num_layers)):
             raise ValueError(f"host_layers {sorted(host_layers)} name layers beyond the model's {args.num_layers}")
         self.layer_devices = [HOST if i in host_layers else self.device for i in range(args.num_layers)]
-        self.k: list[torch.Tensor] | None = None  # per layer [B, Hkv, N, D]
+        self.k: list[torch.Tensor] | None = None  # per layer [B, Hkv, N, D] (codes when quantized)
         self.v: list[torch.Tensor] | None = None
+        self.k_scale: list[torch.Tensor] | None = None  # quantized: per layer [B, Hkv, N, 1]
+        self.v_scale: list[torch.Tensor] | None = None
         self._staging = _Staging(pinned=self.device.type == "cuda")
+        self._scale_staging = _Staging(pinned=self.device.type == "cuda")
         self.bytes_to_device = 0  # KV bytes copied from the host tier to the device
 
     @property
@@ -89,77 +157,129 @@ class KVStore:
     def allocate(self, batch_size: int, capacity: int) -> None:
         if self.k is not None and self.batch_size == batch_size and self.capacity >= capacity:
             return
-        self.k = self.v = None  # free the old cache before allocating the new one
+        self.k = self.v = self.k_scale = self.v_scale = None  # free the old cache before allocating the new one
         a = self.args
         shape = (batch_size, a.num_kv_heads, capacity, a.head_dim)
+        held = torch.int8 if self.quantized else self.dtype
         # Zeroed, not empty: rows of a batch are masked beyond their length, and a masked weight
         # of 0 times uninitialised memory that happens to hold NaN would still be NaN.
-        self.k = [self._zeros(shape, dev) for dev in self.layer_devices]  # L x [B, Hkv, N, D]
-        self.v = [self._zeros(shape, dev) for dev in self.layer_devices]  # L x [B, Hkv, N, D]
+        self.k = [self._zeros(shape, dev, held) for dev in self.layer_devices]  # L x [B, Hkv, N, D]
+        self.v = [self._zeros(shape, dev, held) for dev in self.layer_devices]  # L x [B, Hkv, N, D]
+        if self.quantized:
+            self.k_scale = [self._zeros(shape[:3] + (1,), dev, self.dtype) for dev in self.layer_devices]  # [B, Hkv, N, 1]
+            self.v_scale = [self._zeros(shape[:3] + (1,), dev, self.dtype) for dev in self.layer_devices]
 
-    def _zeros(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    def _zeros(self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         # Host-tier KV is pinned when a GPU computes, so that its copies to the GPU are asynchronous.
         pin = device.type == "cpu" and self.device.type == "cuda"
-        return torch.zeros(shape, device=device, dtype=self.dtype, pin_memory=pin)
+        return torch.zeros(shape, device=device, dtype=dtype, pin_memory=pin)
+
+    def _parts(self, layer: int) -> list[torch.Tensor]:
+        """What ``layer`` holds: [k, v], or [k codes, v codes, k scales, v scales]."""
+        if self.quantized:
+            return [self.k[layer], self.v[layer], self.k_scale[layer], self.v_scale[layer]]
+        return [self.k[layer], self.v[layer]]
 
     def nbytes(self, device_type: str | None = None) -> int:
         """Bytes held (in the tier of ``device_type`` only, if given)."""
         if self.k is None:
             return 0
-        return sum(2 * k.numel() * k.element_size() for k in self.k if device_type in (None, k.device.type))
+        return sum(t.numel() * t.element_size() for layer in range(self.args.num_layers)
+                   for t in self._parts(layer) if device_type in (None, t.device.type))
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> None:
         """Put k, v [B, Hkv, T, D] at the batch's positions (into this layer's tier)."""
-        k_layer, v_layer = self.k[layer], self.v[layer]  # [B, Hkv, N, D]
+        new = [k, v]  # [B, Hkv, T, D] each
+        if self.quantized:
+            (kc, ks), (vc, vs) = quantize_kv(k, self.dtype), quantize_kv(v, self.dtype)
+            new = [kc, vc, ks, vs]  # codes [B, Hkv, T, D], scales [B, Hkv, T, 1]
         if batch.is_decode:
             if len(set(batch.start_lengths)) == 1:  # all rows at one position: a plain slice
                 n = batch.start_lengths[0]
-                k_layer[:, :, n] = k[:, :, 0]  # [B, Hkv, D]
-                v_layer[:, :, n] = v[:, :, 0]
+                for dest, src in zip(self._parts(layer), new):
+                    dest[:, :, n] = src[:, :, 0]  # [B, Hkv, D or 1]
                 return
             rows, pos = batch.row_index, batch.positions[:, 0]  # [B], [B]
-            if k_layer.device != rows.device:
-                rows, pos = rows.to(k_layer.device), pos.to(k_layer.device)
-            k_layer[rows, :, pos] = k[:, :, 0].to(k_layer.device)  # [B, Hkv, D]
-            v_layer[rows, :, pos] = v[:, :, 0].to(k_layer.device)
+            where = self.k[layer].device
+            if where != rows.device:
+                rows, pos = rows.to(where), pos.to(where)
+            for dest, src in zip(self._parts(layer), new):
+                dest[rows, :, pos] = src[:, :, 0].to(where)  # [B, Hkv, D or 1]
         else:
             row, start = batch.rows[0], batch.start_lengths[0]
-            k_layer[row, :, start:start + batch.num_new] = k[0]  # [Hkv, T, D]
-            v_layer[row, :, start:start + batch.num_new] = v[0]
+            for dest, src in zip(self._parts(layer), new):
+                dest[row, :, start:start + batch.num_new] = src[0]  # [Hkv, T, D or 1]
 
     def read(self, layer: int, rows: slice, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens start..end-1 of cache rows ``rows`` of ``layer``, on the compute device: k, v
-        [B', Hkv, end-start, D]. Views when the layer is on the device; copies from the host tier."""
-        keys = self.k[layer][rows, :, start:end]  # [B', Hkv, n, D]
-        values = self.v[layer][rows, :, start:end]
-        if self.on_device(layer):
-            return keys, values
-        self.bytes_to_device += 2 * keys.numel() * keys.element_size()
-        return keys.to(self.device, non_blocking=True), values.to(self.device, non_blocking=True)
+        [B', Hkv, end-start, D] in the compute dtype. Views when the layer is on the device and not
+        quantized; copies from the host tier (codes cross, then are dequantized on the device)."""
+        parts = [t[rows, :, start:end] for t in self._parts(layer)]  # [B', Hkv, n, D or 1] each
+        if not self.on_device(layer):
+            self.bytes_to_device += sum(t.numel() * t.element_size() for t in parts)
+            parts = [t.to(self.device, non_blocking=True) for t in parts]
+        if self.quantized:
+            return dequantize_kv(parts[0], parts[2]), dequantize_kv(parts[1], parts[3])
+        return parts[0], parts[1]
+
+    def rows(self, layer: int, row: int) -> tuple[KVRows, KVRows]:
+        """Keys and values of cache row ``row`` of ``layer`` where the layer lives, read through
+        :class:`KVRows` (indexes, a policy's own attention, telemetry)."""
+        if self.quantized:
+            return (KVRows(self.k[layer][row], self.k_scale[layer][row]),
+                    KVRows(self.v[layer][row], self.v_scale[layer][row]))
+        return KVRows(self.k[layer][row]), KVRows(self.v[layer][row])
 
     def gather(self, layer: int, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows ``ids`` [B, Hkv, M] (token positions, per head; negative = padding, read as 0) of a
-        host-tier ``layer``, gathered in host memory and sent to the device: k, v [B, Hkv, M, D]."""
+        """Rows ``ids`` [B, Hkv, M] (token positions, per head; negative = padding, read as 0) of
+        ``layer`` on the device: k, v [B, Hkv, M, D] in the compute dtype. A host-tier layer's rows
+        are gathered in host memory and sent (quantized: their codes and scales cross, then are
+        dequantized); a device-tier layer's are gathered in place (quantized KV's sparse path)."""
+        if layer not in self.host_layers:
+            index = ids.to(self.device).clamp(min=0)[..., None]  # [B, Hkv, M, 1]
+            full = index.expand(-1, -1, -1, self.args.head_dim)  # [B, Hkv, M, D]
+            k, v = torch.gather(self.k[layer], 2, full), torch.gather(self.v[layer], 2, full)
+            if not self.quantized:
+                return k, v
+            return (dequantize_kv(k, torch.gather(self.k_scale[layer], 2, index)),
+                    dequantize_kv(v, torch.gather(self.v_scale[layer], 2, index)))
         D = self.args.head_dim
-        gather = ids.clamp(min=0)[..., None].expand(-1, -1, -1, D)  # [B, Hkv, M, D]
-        k_host, v_host = self._staging.take(gather.shape, self.dtype)  # [B, Hkv, M, D] each
-        torch.gather(self.k[layer], 2, gather, out=k_host)
-        torch.gather(self.v[layer], 2, gather, out=v_host)
-        k_rows = k_host.to(self.device, non_blocking=True)  # [B, Hkv, M, D]
-        v_rows = v_host.to(self.device, non_blocking=True)
-        self._staging.sent()
-        self.bytes_to_device += 2 * k_rows.numel() * k_rows.element_size()
-        return k_rows, v_rows
+        index = ids.clamp(min=0)[..., None]  # [B, Hkv, M, 1]
+        rows = self._gathered(self._staging, [self.k[layer], self.v[layer]], index.expand(-1, -1, -1, D))
+        if not self.quantized:
+            return rows[0], rows[1]
+        scales = self._gathered(self._scale_staging, [self.k_scale[layer], self.v_scale[layer]], index)
+        return dequantize_kv(rows[0], scales[0]), dequantize_kv(rows[1], scales[1])
+
+    def _gathered(self, staging: _Staging, sources: list[torch.Tensor], index: torch.Tensor) -> list[torch.Tensor]:
+        """torch.gather of each source along tokens into ``staging``'s buffers, sent to the device."""
+        hosts = staging.take(index.shape, sources[0].dtype)  # [B, Hkv, M, D or 1] each
+        for src, out in zip(sources, hosts):
+            torch.gather(src, 2, index, out=out)
+        sent = [h.to(self.device, non_blocking=True) for h in hosts]
+        staging.sent()
+        self.bytes_to_device += sum(t.numel() * t.element_size() for t in sent)
+        return sent
 
     def prefix(self, row: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first n tokens of cache row ``row``, every layer, on the host: k, v [L, Hkv, n, D]."""
-        return (torch.stack([k[row, :, :n].cpu() for k in self.k]),
-                torch.stack([v[row, :, :n].cpu() for v in self.v]))
+        """The first n tokens of cache row ``row``, every layer, on the host, in the compute dtype:
+        k, v [L, Hkv, n, D]."""
+        ks, vs = [], []
+        for layer in range(self.args.num_layers):
+            parts = [t[row, :, :n].cpu() for t in self._parts(layer)]  # [Hkv, n, D or 1] each
+            ks.append(dequantize_kv(parts[0], parts[2]) if self.quantized else parts[0])
+            vs.append(dequantize_kv(parts[1], parts[3]) if self.quantized else parts[1])
+        return torch.stack(ks), torch.stack(vs)
 
     def restore(self, row: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Put a saved prefix k, v [L, Hkv, n, D] (on the host) back as row ``row``'s first n tokens,
-        each layer into its own tier: only the device-tier layers cross to the device."""
+        each layer into its own tier (quantized as the store holds them): only the device-tier layers
+        cross to the device."""
         n = k.shape[2]
         for layer in range(self.args.num_layers):
-            self.k[layer][row, :, :n] = k[layer]  # [Hkv, n, D]
-            self.v[layer][row, :, :n] = v[layer]
+            new = [k[layer], v[layer]]  # [Hkv, n, D]
+            if self.quantized:
+                (kc, ks), (vc, vs) = quantize_kv(k[layer], self.dtype), quantize_kv(v[layer], self.dtype)
+                new = [kc, vc, ks, vs]
+            for dest, src in zip(self._parts(layer), new):
+                dest[row, :, :n] = src

@@ -33,6 +33,7 @@ from offload.fileio import write_json_atomic
 from offload.quant import embedding_nbytes, int4_nbytes, layer_nbytes, projection_shapes
 
 from .budget import BudgetError, format_size, pinned_nbytes
+from .kv_store import kv_bytes_per_token
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 RUNTIME_RESERVE = 64 << 20  # activations, logits, small buffers of one decode step
@@ -159,6 +160,7 @@ class Placement:
     profile_source: str
     bytes_per_token: dict = field(default_factory=dict)  # tier -> bytes moved per decode step
     quantize: str | None = None  # "int4": layers hold int4 projections (layer_bytes counts those)
+    kv_dtype: str | None = None  # "int8": the KV bytes counted are int8 codes and scales
 
     @property
     def streamed_layers(self) -> list[int]:
@@ -177,7 +179,8 @@ class Placement:
         """A human-readable summary of where everything lives and what a step should cost."""
         tiers = self.tier_bytes()
         counts = {t: self.layer_tiers.count(t) for t in ("device", "host", "disk")}
-        held = self.dtype + (f" ({self.quantize} projections, int8 embeddings)" if self.quantize else "")
+        held = self.dtype + (f" ({self.quantize} projections, int8 embeddings)" if self.quantize else "") + (
+            f", KV {self.kv_dtype}" if self.kv_dtype else "")
         lines = [f"placement: {self.model}, {held} on {self.device}, context {self.context:,}, "
                  f"kv_policy {self.kv_policy}",
                  "| tier | budget | placed | layers (weights) | KV | index |",
@@ -213,11 +216,11 @@ class SelectionCost:
 
 
 def kv_fits(args: ModelArgs, context: int, dtype: str, device_budget: int,
-            quantize: str | None = None) -> tuple[bool, str]:
+            quantize: str | None = None, kv_dtype: str | None = None) -> tuple[bool, str]:
     """Whether the whole model and its full KV at ``context`` fit in ``device_budget`` (what
     ``kv_policy="auto"`` asks), with the reason in words."""
     b = DTYPE_BYTES[dtype]
-    kv = args.kv_bytes_per_token(b) * context
+    kv = kv_bytes_per_token(args, b, kv_dtype) * context
     weights = (args.num_layers * layer_nbytes(args, b, quantize) + embedding_nbytes(args, b, quantize)
                + args.hidden_size * b)
     need = kv + weights + RUNTIME_RESERVE
@@ -233,22 +236,24 @@ def plan(args: ModelArgs, *, model: str, context: int, device: str = "cpu", dtyp
          gpu_memory: int | None = None, cpu_memory: int | None = None, disk_dir: str | None = None,
          profile: BandwidthProfile | None = None, prefetch_slots: int = 2, dense_layers: int = 2,
          kv_on_host: bool | None = None, selection_cost: SelectionCost = SelectionCost(),
-         quantize: str | None = None) -> Placement:
+         quantize: str | None = None, kv_dtype: str | None = None) -> Placement:
     """Place weights, KV and index under the budgets (bytes; None = unlimited). ``prefetch_slots``:
     device buffers for streamed layers (2 = double buffering). ``kv_on_host``: the sparse layers'
     full KV lives in host memory, only each step's selection crossing to the GPU (None: whenever a
     GPU computes with a sparse policy). ``quantize``: layers, their stores and buffers hold int4
-    projections, the embeddings int8 (the bytes placed, streamed and read are those)."""
+    projections, the embeddings int8 (the bytes placed, streamed and read are those). ``kv_dtype``:
+    "int8" KV (codes and a scale per token and KV head), in every tier."""
     if dtype not in DTYPE_BYTES:
         raise OffloadError(f"unknown dtype '{dtype}': use one of {', '.join(DTYPE_BYTES)}")
     if context <= 0:
         raise OffloadError(f"context must be positive, got {context}")
     profile = profile or BandwidthProfile()
     b = DTYPE_BYTES[dtype]
+    kv_token = kv_bytes_per_token(args, b, kv_dtype)  # all layers, as the KV store holds them
     on_gpu = device == "cuda"
     layer_bytes = layer_nbytes(args, b, quantize)
     fixed = embedding_nbytes(args, b, quantize) + args.hidden_size * b + RUNTIME_RESERVE
-    kv_total = args.kv_bytes_per_token(b) * context
+    kv_total = kv_token * context
     sparse = kv_policy not in ("dense",)
     budget_tokens = int(kv_budget * context) if kv_budget < 1 else int(kv_budget)
     attended = min(context, budget_tokens + sink + window) if sparse else context
@@ -264,7 +269,7 @@ def plan(args: ModelArgs, *, model: str, context: int, device: str = "cpu", dtyp
     if kv_on_host:
         # The GPU keeps the dense layers' KV and the sparse layers' attended working set; the sparse
         # layers' full KV and the CPU-side index live on the host (kv_offload).
-        per_layer = args.kv_bytes_per_token(b) // args.num_layers  # one layer, one token
+        per_layer = kv_token // args.num_layers  # one layer, one token
         dense = min(dense_layers, args.num_layers)
         kv_tiers = {"device": per_layer * (dense * context + (args.num_layers - dense) * attended),
                     "host": per_layer * (args.num_layers - dense) * context}
@@ -342,12 +347,12 @@ def plan(args: ModelArgs, *, model: str, context: int, device: str = "cpu", dtyp
         weights_ms += 1e3 * compute
         transfer_ms += 1e3 * max(0.0, fetch - compute)  # what the prefetch cannot hide
     dense_count = L if not sparse else min(dense_layers, L)  # dense layers read their whole KV
-    kv_read = args.kv_bytes_per_token(b) // L * (dense_count * context + (L - dense_count) * attended)
+    kv_read = kv_token // L * (dense_count * context + (L - dense_count) * attended)
     attention_ms = 1e3 * kv_read / dev_bw
     fetch_kv_ms = 0.0
     if kv_on_host:  # the selected rows of the sparse layers cross the link every step, from pinned staging
         sparse_layers = args.num_layers - min(dense_layers, args.num_layers)
-        sel_bytes = args.kv_bytes_per_token(b) // args.num_layers * sparse_layers * attended
+        sel_bytes = kv_token // args.num_layers * sparse_layers * attended
         fetch_kv_ms = 1e3 * sel_bytes / link
         moved["host"] += sel_bytes
     search_ms = selection_cost.search_ms if sparse else 0.0
@@ -360,4 +365,4 @@ def plan(args: ModelArgs, *, model: str, context: int, device: str = "cpu", dtyp
                      slot_bytes=slot_bytes, host_staging_bytes=host_staging, kv_tiers=kv_tiers, index_tiers=index_tiers,
                      budgets={"device": device_budget, "host": host_budget, "disk": None},
                      predicted_step_ms=sum(breakdown.values()), step_breakdown_ms=breakdown,
-                     profile_source=profile.source, bytes_per_token=moved, quantize=quantize)
+                     profile_source=profile.source, bytes_per_token=moved, quantize=quantize, kv_dtype=kv_dtype)

@@ -1,0 +1,163 @@
+"""int8 KV cache: the quantizer's error bound, the store's reads, gathers and prompt-cache prefixes
+in each tier against a reference (dequantize, then read), the bytes it holds and sends, index
+reads through KVRows, tiny models with every policy against their unquantized-KV twins, the
+planner's bytes, bad settings, and the default model's perplexity."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from offload import LLM, SamplingParams
+from offload.attention import ForwardBatch
+from offload.config import ModelArgs
+from offload.errors import OffloadError
+from offload.tiers.kv_store import KV_INT8_MAX, KVRows, KVStore, dequantize_kv, kv_bytes_per_token, quantize_kv
+
+ARGS = ModelArgs(architecture="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=3,
+                 num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=128, rms_norm_eps=1e-5,
+                 rope_theta=10000.0)
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantizer_error_is_half_a_step_per_token_and_head(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, 3, 50, 64, generator=g) * torch.rand(2, 3, 50, 1, generator=g) * 4).to(dtype)
+    codes, scale = quantize_kv(x, dtype)  # [.., D] int8, [.., 1]
+    assert codes.dtype == torch.int8 and scale.shape == (2, 3, 50, 1) and scale.dtype == dtype
+    assert codes.abs().max() == KV_INT8_MAX  # the largest element of each vector sets its scale
+    err = (dequantize_kv(codes, scale).float() - x.float()).abs()
+    # half a step, plus the compute dtype's rounding of the dequantized value
+    assert (err <= scale.float() / 2 + x.float().abs() * (2 ** -8 if dtype == torch.bfloat16 else 1e-6) + 1e-6).all()
+    zero = torch.zeros(1, 8, dtype=dtype)
+    assert torch.equal(dequantize_kv(*quantize_kv(zero, dtype)), zero)  # an all-zero vector stays zero, no NaN
+
+
+def _filled(quantized: bool, host_layers=()) -> tuple[KVStore, torch.Tensor, torch.Tensor]:
+    store = KVStore(ARGS, CPU, torch.float32, host_layers=host_layers, kv_dtype="int8" if quantized else None)
+    store.allocate(2, 32)
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(ARGS.num_layers, 2, 2, 20, 8, generator=g)  # [L, B, Hkv, T, D]
+    v = torch.randn(ARGS.num_layers, 2, 2, 20, 8, generator=g)
+    for row in range(2):
+        batch = ForwardBatch.prefill(row, 0, 20, CPU)
+        for layer in range(ARGS.num_layers):
+            store.write(layer, k[layer, row:row + 1], v[layer, row:row + 1], batch)
+    return store, k, v
+
+
+def _as_host_tier(store: KVStore, host_layers, monkeypatch) -> None:
+    """On a CPU the host tier is the compute device: make the store treat ``host_layers`` as another
+    tier (the GPU's path: staging buffers, bytes counted as they cross; ``.to`` is a no-op here)."""
+    monkeypatch.setattr(store, "on_device", lambda layer: layer not in host_layers)
+
+
+@pytest.mark.parametrize("host_layers", [(), (1, 2)])
+def test_int8_store_reads_gathers_and_prefixes_match_the_reference(host_layers, monkeypatch):
+    """Every way out of the store returns the dequantized codes of the rows asked for: read
+    (dense attention), gather (sparse paths: only the named rows), rows (indexes), prefix."""
+    store, k, v = _filled(True, host_layers)
+    _as_host_tier(store, host_layers, monkeypatch)
+    ref_k = dequantize_kv(*quantize_kv(k, torch.float32))  # [L, B, Hkv, T, D]
+    ref_v = dequantize_kv(*quantize_kv(v, torch.float32))
+    assert (ref_k - k).abs().max() <= k.abs().max() / KV_INT8_MAX  # the reference is close to the original
+    keys, values = store.read(2, slice(0, 1), 5, 20)  # [1, Hkv, 15, D]
+    assert torch.equal(keys[0], ref_k[2, 0, :, 5:20]) and torch.equal(values[0], ref_v[2, 0, :, 5:20])
+    ids = torch.tensor([[[0, 3, 19, -1], [2, 2, 5, 1]]] * 2)  # [B, Hkv, M]; -1 is padding
+    for layer in range(ARGS.num_layers):
+        k_rows, v_rows = store.gather(layer, ids)  # [B, Hkv, M, D]
+        for b in range(2):
+            for h in range(2):
+                assert torch.equal(k_rows[b, h], ref_k[layer, b, h, ids[b, h].clamp(min=0)])
+                assert torch.equal(v_rows[b, h], ref_v[layer, b, h, ids[b, h].clamp(min=0)])
+    rows_k, rows_v = store.rows(1, 1)  # KVRows [Hkv, N, D]
+    assert rows_k.quantized and rows_k.dtype == torch.float32 and rows_k.shape == (2, 32, 8)
+    assert torch.equal(rows_k[1, torch.tensor([4, 0])], ref_k[1, 1, 1, [4, 0]])
+    assert torch.equal(rows_v[:, 3], ref_v[1, 1, :, 3])
+    pk, pv = store.prefix(1, 20)  # [L, Hkv, n, D] in the compute dtype
+    assert torch.equal(pk, ref_k[:, 1]) and torch.equal(pv, ref_v[:, 1])
+    again = KVStore(ARGS, CPU, torch.float32, host_layers=host_layers, kv_dtype="int8")
+    again.allocate(1, 32)
+    again.restore(0, pk, pv)  # requantizing dequantized codes gives them back
+    assert all(torch.equal(again.k[layer][0, :, :20], store.k[layer][1, :, :20]) for layer in range(ARGS.num_layers))
+    assert all(torch.equal(again.v_scale[layer][0, :, :20], store.v_scale[layer][1, :, :20])
+               for layer in range(ARGS.num_layers))
+
+
+def test_int8_store_holds_and_sends_codes_and_scales(monkeypatch):
+    """Bytes held are int8 codes plus one scale per token and KV head (the planner's formula), and
+    what crosses from the host tier is the codes and scales of the rows sent."""
+    dense, _, _ = _filled(False, host_layers=(1, 2))
+    quantized, _, _ = _filled(True, host_layers=(1, 2))
+    for store in (dense, quantized):
+        _as_host_tier(store, (1, 2), monkeypatch)
+    per_token = kv_bytes_per_token(ARGS, 4, "int8")
+    assert quantized.nbytes() == 2 * 32 * per_token  # B = 2 rows of capacity 32
+    assert per_token == 2 * ARGS.num_layers * ARGS.num_kv_heads * (ARGS.head_dim + 4)
+    assert quantized.nbytes("cpu") == quantized.nbytes() and dense.nbytes() == 2 * 32 * ARGS.kv_bytes_per_token(4)
+    ids = torch.tensor([[[0, 3, 19], [2, 2, 5]]] * 2)  # [B, Hkv, M]
+    for store in (dense, quantized):
+        store.read(1, slice(0, 2), 0, 20)
+        store.gather(2, ids)
+    rows = 2 * 2 * 20 + 2 * 2 * 3  # (B, Hkv, tokens) read + gathered, K and V each
+    assert dense.bytes_to_device == 2 * rows * 8 * 4
+    assert quantized.bytes_to_device == 2 * rows * (8 + 4)
+
+
+def test_kvrows_reads_compute_dtype_views_when_not_quantized():
+    data = torch.randn(2, 10, 8)
+    rows = KVRows(data)
+    assert not rows.quantized and rows[:, 2:5].data_ptr() == data[:, 2:5].data_ptr()
+
+
+@pytest.mark.parametrize("policy,extra", [("dense", {}), ("quest", {}), ("retrieval", {}),
+                                          ("retrieval", {"kv_offload": True}), ("shadowkv", {})])
+def test_tiny_model_int8_kv_logits_match_the_unquantized_cache(tiny_models, policy, extra):
+    """Each decode step's logits with an int8 KV are within a small tolerance of the same policy over
+    the compute-dtype KV (teacher-forced on the same tokens), and the store holds about a third of
+    the fp32 bytes."""
+    folder, hf = tiny_models["llama"]
+    ids = torch.randint(3, hf.config.vocab_size, (160,), generator=torch.Generator().manual_seed(4)).tolist()
+    kw = dict(verbose=False, dtype="float32", max_context=256, **extra)
+    if policy != "dense":
+        kw |= dict(kv_policy=policy, kv_budget=48, dense_layers=1)
+    ref, quantized = LLM(folder, **kw), LLM(folder, kv_dtype="int8", **kw)
+    out = ref.generate([ids], SamplingParams(max_new_tokens=8, ignore_eos=True))[0].token_ids
+    steps = [quantized.logits(ids + out[:i])[-1] for i in (0, 4, 8)], [ref.logits(ids + out[:i])[-1] for i in (0, 4, 8)]
+    for got, want in zip(*steps):
+        assert torch.isfinite(got).all()
+        assert (got - want).abs().max().item() <= 0.05 * want.abs().max().item()
+    assert "KV int8" in quantized.describe()
+    held, dense = quantized.runtime.backend.kv_nbytes(), ref.runtime.backend.kv_nbytes()
+    a = quantized.args
+    assert held * a.kv_bytes_per_token(4) == dense * kv_bytes_per_token(a, 4, "int8") and held < 0.35 * dense
+
+
+def test_int8_kv_settings_and_planner_bytes():
+    from offload import EngineConfig
+
+    with pytest.raises(OffloadError, match="unknown kv_dtype 'int4'"):
+        EngineConfig(kv_dtype="int4")
+    config = EngineConfig(model="llama-3.1-8b", load_format="dummy", device="cpu", dtype="bfloat16",
+                          max_context=32768)
+    dense, quantized = (config.resolve(planning=True).placement,
+                        config.replace(kv_dtype="int8").resolve(planning=True).placement)
+    args = config.resolve(planning=True).args
+    assert quantized.kv_tiers["device"] == kv_bytes_per_token(args, 2, "int8") * 32768
+    assert 0.5 < quantized.kv_tiers["device"] / dense.kv_tiers["device"] < 0.52  # D = 128: 1 + 2/128 bytes of 2
+    assert "KV int8" in quantized.table()
+
+
+@pytest.mark.slow
+def test_default_model_int8_kv_perplexity_within_half_a_percent(smollm_path):
+    """Perplexity over 2,048 tokens of real text with an int8 KV is within 0.5% of the fp32 KV's."""
+    from conftest import shakespeare
+
+    results = {}
+    for kv in (None, "int8"):
+        llm = LLM(smollm_path, dtype="float32", kv_dtype=kv, max_context=2100, verbose=False)
+        ids = llm.tokenizer.encode(shakespeare())[:2049]
+        logits = llm.logits(ids[:-1]).float()  # [T, V]
+        results[kv] = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:])).exp().item()
+    assert abs(results["int8"] / results[None] - 1) <= 0.005, results
