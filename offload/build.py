@@ -80,8 +80,14 @@ class Runtime:
         """What each tier holds as placed, and the disk bytes read per forward pass so far; with
         flash, what a decode step reads and what stays resident."""
         resident = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.device.type != "meta")
-        report: dict = {"placement": None, "weights": {"format": self.resolved.config.quantize or self.resolved.dtype_name,
-                                                       "resident_bytes": resident}}
+        r = self.resolved
+        on_gpu = r.device.type == "cuda"
+        report: dict = {"placement": None, "weights": {"format": r.config.quantize or r.dtype_name,
+                                                       "resident_bytes": resident},
+                        # the KV as allocated now (it grows to the longest batch's context)
+                        "kv": {"format": r.config.kv_dtype or r.dtype_name,
+                               "device_bytes": self.backend.kv_nbytes(r.device.type),
+                               "host_bytes": self.backend.kv_nbytes("cpu") if on_gpu else 0}}
         if self.placement is not None:
             st = self.streamer
             read, passes = (st.bytes_read, st.passes) if st is not None else (0, 0)

@@ -4,6 +4,7 @@ A policy passes when its greedy answer equals dense attention's. Filler is the c
 sentences of the passkey test (Mohtashami & Jaggi, 2023), so only the needle carries information.
 
     python -m offload.profiles.passkey --contexts 4000 6000 --policies dense retrieval quest streaming
+    python -m offload.profiles.passkey --contexts 8000 --policies dense retrieval quest --kv-dtype int8
 """
 
 from __future__ import annotations
@@ -40,25 +41,27 @@ def main(argv=None) -> int:
     p.add_argument("--policies", nargs="+", default=["dense", "retrieval", "quest", "streaming"])
     p.add_argument("--budget", type=float, default=0.02)
     p.add_argument("--key", default="68213")
+    p.add_argument("--kv-dtype", default=None, choices=("int8",), help="quantized KV cache (default: the dtype)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
     from offload import LLM, SamplingParams
 
     rows = []
-    print("| context | depth | policy | answer | correct |")
-    print("|---|---|---|---|---|")
+    kv = args.kv_dtype or "dtype"
+    print("| context | depth | policy | KV | answer | correct |")
+    print("|---|---|---|---|---|---|")
     for policy in args.policies:
-        llm = LLM(args.model, kv_policy=policy, kv_budget=args.budget)
+        llm = LLM(args.model, kv_policy=policy, kv_budget=args.budget, kv_dtype=args.kv_dtype)
         for ctx in args.contexts:
             for depth in args.depths:
                 t0 = time.perf_counter()
                 out = llm.generate([passkey_prompt(llm.tokenizer, ctx, depth, args.key)],
                                    SamplingParams(max_new_tokens=6))[0]
                 ok = out.text.strip().startswith(args.key)
-                rows.append({"policy": policy, "context": ctx, "depth": depth, "answer": out.text, "correct": ok,
-                             "seconds": time.perf_counter() - t0})
-                print(f"| {ctx} | {depth:.0%} | {policy} | {out.text.strip()!r} | {'yes' if ok else 'no'} |",
+                rows.append({"policy": policy, "context": ctx, "depth": depth, "kv_dtype": args.kv_dtype,
+                             "answer": out.text, "correct": ok, "seconds": time.perf_counter() - t0})
+                print(f"| {ctx} | {depth:.0%} | {policy} | {kv} | {out.text.strip()!r} | {'yes' if ok else 'no'} |",
                       flush=True)
     if args.out:
         write_json_atomic(args.out, {"settings": vars(args), "rows": rows})

@@ -129,7 +129,9 @@ def test_tiny_model_int8_kv_logits_match_the_unquantized_cache(tiny_models, poli
         assert torch.isfinite(got).all()
         assert (got - want).abs().max().item() <= 0.05 * want.abs().max().item()
     assert "KV int8" in quantized.describe()
-    held, dense = quantized.runtime.backend.kv_nbytes(), ref.runtime.backend.kv_nbytes()
+    report = quantized.tier_report()["kv"]
+    held, dense = report["device_bytes"], ref.tier_report()["kv"]["device_bytes"]
+    assert report["format"] == "int8" and held == quantized.runtime.backend.kv_nbytes() > 0
     a = quantized.args
     assert held * a.kv_bytes_per_token(4) == dense * kv_bytes_per_token(a, 4, "int8") and held < 0.35 * dense
 
