@@ -82,7 +82,8 @@ class DenseAttention(AttentionBackend):
         a = self.args
         B, H, _, D = q.shape
         # a layer in the host tier: everything visible comes over (dense attention's price)
-        keys, values = self.kv.read(layer, slice(None), self._decode_start, max(batch.end_lengths))  # [B, Hkv, N', D]
+        keys, values = self.kv.read(layer, slice(None), self._decode_start, max(batch.end_lengths),
+                                    self.kv.attend_dtype)  # [B, Hkv, N', D]
         out = attend(q.view(B, a.num_kv_heads, a.group_size, D), keys, values, a.softmax_scale,
                      self._decode_mask)  # [B, Hkv, G, D]
         return out.view(B, H, 1, D)

@@ -136,14 +136,16 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     """Exact grouped-query attention with fp32 softmax.
 
     q [B, Hkv, G*T, D], k/v [B, Hkv, N, D], visible bool, broadcastable to [B, Hkv, G*T, N].
-    Explicit matmuls in the compute dtype: for decode they are several times faster than SDPA
-    on CPU in bf16, and GQA needs no repeat of K/V.
+    Explicit matmuls in the KV's dtype (a dequantized KV may be wider than q; the result is in
+    q's dtype): for decode they are several times faster than SDPA on CPU in bf16, and GQA needs
+    no repeat of K/V.
     """
-    scores = scores_qk(q, k).float() * scale  # [B, Hkv, G*T, N]
+    out_dtype = q.dtype
+    scores = scores_qk(q.to(k.dtype), k).float() * scale  # [B, Hkv, G*T, N]
     if visible is not None:
         scores.masked_fill_(~visible, float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(v.dtype)  # [B, Hkv, G*T, N]
-    return torch.matmul(probs, v)  # [B, Hkv, G*T, D]
+    return torch.matmul(probs, v).to(out_dtype)  # [B, Hkv, G*T, D]
 
 
 def visible_keys(q_positions: torch.Tensor, num_keys: int, window: int | None) -> torch.Tensor:

@@ -111,29 +111,35 @@ def test_kvrows_reads_compute_dtype_views_when_not_quantized():
     assert not rows.quantized and rows[:, 2:5].data_ptr() == data[:, 2:5].data_ptr()
 
 
-@pytest.mark.parametrize("policy,extra", [("dense", {}), ("quest", {}), ("retrieval", {}),
-                                          ("retrieval", {"kv_offload": True}), ("shadowkv", {})])
+@pytest.mark.parametrize("policy,extra", [("dense", {}), ("dense", {"dtype": "bfloat16"}), ("quest", {}),
+                                          ("retrieval", {}), ("retrieval", {"kv_offload": True}),
+                                          ("retrieval", {"dtype": "bfloat16"}), ("shadowkv", {})])
 def test_tiny_model_int8_kv_logits_match_the_unquantized_cache(tiny_models, policy, extra):
     """Each decode step's logits with an int8 KV are within a small tolerance of the same policy over
-    the compute-dtype KV (teacher-forced on the same tokens), and the store holds about a third of
-    the fp32 bytes."""
+    an fp32 KV (teacher-forced on the same tokens); in bf16 (where the CPU attends the dequantized
+    KV in fp32) no further from the fp32 run than the unquantized bf16 run is, give or take. The
+    store holds what the planner's formula says: about a third of the fp32 bytes."""
     folder, hf = tiny_models["llama"]
     ids = torch.randint(3, hf.config.vocab_size, (160,), generator=torch.Generator().manual_seed(4)).tolist()
-    kw = dict(verbose=False, dtype="float32", max_context=256, **extra)
+    kw = dict(verbose=False, dtype="float32", max_context=256) | extra
     if policy != "dense":
         kw |= dict(kv_policy=policy, kv_budget=48, dense_layers=1)
-    ref, quantized = LLM(folder, **kw), LLM(folder, kv_dtype="int8", **kw)
+    ref = LLM(folder, **(kw | {"dtype": "float32"}))
+    quantized, twin = LLM(folder, kv_dtype="int8", **kw), LLM(folder, **kw)
     out = ref.generate([ids], SamplingParams(max_new_tokens=8, ignore_eos=True))[0].token_ids
-    steps = [quantized.logits(ids + out[:i])[-1] for i in (0, 4, 8)], [ref.logits(ids + out[:i])[-1] for i in (0, 4, 8)]
-    for got, want in zip(*steps):
+    for i in (0, 4, 8):
+        want = ref.logits(ids + out[:i])[-1]
+        got, unquantized = quantized.logits(ids + out[:i])[-1], twin.logits(ids + out[:i])[-1]
         assert torch.isfinite(got).all()
-        assert (got - want).abs().max().item() <= 0.05 * want.abs().max().item()
+        bound = 0.05 * want.abs().max().item() + 2 * (unquantized - want).abs().max().item()
+        assert (got - want).abs().max().item() <= bound
     assert "KV int8" in quantized.describe()
     report = quantized.tier_report()["kv"]
-    held, dense = report["device_bytes"], ref.tier_report()["kv"]["device_bytes"]
+    held, dense = report["device_bytes"], twin.tier_report()["kv"]["device_bytes"]
     assert report["format"] == "int8" and held == quantized.runtime.backend.kv_nbytes() > 0
-    a = quantized.args
-    assert held * a.kv_bytes_per_token(4) == dense * kv_bytes_per_token(a, 4, "int8") and held < 0.35 * dense
+    a, b = quantized.args, quantized.dtype.itemsize
+    assert held * a.kv_bytes_per_token(b) == dense * kv_bytes_per_token(a, b, "int8")
+    assert held < (0.35 if b == 4 else 0.63) * dense
 
 
 def test_int8_kv_settings_and_planner_bytes():

@@ -49,9 +49,10 @@ def quantize_kv(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torc
     return codes, scale
 
 
-def dequantize_kv(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """codes [..., D] int8, scale [..., 1] -> [..., D] in the scale's dtype."""
-    return codes.to(scale.dtype) * scale
+def dequantize_kv(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """codes [..., D] int8, scale [..., 1] -> [..., D] in ``dtype`` (default: the scale's)."""
+    dtype = dtype or scale.dtype
+    return codes.to(dtype) * scale.to(dtype)
 # Staging buffers grow with headroom, so that a selection a little wider than the last one
 # (budgets grow with the context) reuses the buffer instead of reallocating pinned memory.
 STAGING_HEADROOM = 1.25
@@ -130,6 +131,10 @@ class KVStore:
             raise ValueError(f"unknown kv_dtype {kv_dtype!r}: use one of {', '.join(KV_DTYPES)} or None")
         self.kv_dtype = kv_dtype
         self.quantized = kv_dtype == "int8"
+        # What decode attention reads a quantized KV in: dequantizing costs the same into fp32 as into
+        # bf16, and on a CPU fp32 products of this shape run several times faster than bf16 ones
+        # (BENCHMARKS.md, int8 KV); a GPU keeps the compute dtype.
+        self.attend_dtype = torch.float32 if self.quantized and self.device.type == "cpu" else dtype
         host_layers = self.host_layers = frozenset(host_layers)
         if not host_layers <= set(range(args.num_layers)):
             raise ValueError(f"host_layers {sorted(host_layers)} name layers beyond the model's {args.num_layers}")
@@ -210,16 +215,18 @@ class KVStore:
             for dest, src in zip(self._parts(layer), new):
                 dest[row, :, start:start + batch.num_new] = src[0]  # [Hkv, T, D or 1]
 
-    def read(self, layer: int, rows: slice, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def read(self, layer: int, rows: slice, start: int, end: int,
+             dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens start..end-1 of cache rows ``rows`` of ``layer``, on the compute device: k, v
-        [B', Hkv, end-start, D] in the compute dtype. Views when the layer is on the device and not
-        quantized; copies from the host tier (codes cross, then are dequantized on the device)."""
+        [B', Hkv, end-start, D] in the compute dtype (a quantized KV: in ``dtype`` when given). Views
+        when the layer is on the device and not quantized; copies from the host tier (codes cross,
+        then are dequantized on the device)."""
         parts = [t[rows, :, start:end] for t in self._parts(layer)]  # [B', Hkv, n, D or 1] each
         if not self.on_device(layer):
             self.bytes_to_device += sum(t.numel() * t.element_size() for t in parts)
             parts = [t.to(self.device, non_blocking=True) for t in parts]
         if self.quantized:
-            return dequantize_kv(parts[0], parts[2]), dequantize_kv(parts[1], parts[3])
+            return dequantize_kv(parts[0], parts[2], dtype), dequantize_kv(parts[1], parts[3], dtype)
         return parts[0], parts[1]
 
     def rows(self, layer: int, row: int) -> tuple[KVRows, KVRows]:
@@ -232,7 +239,7 @@ class KVStore:
 
     def gather(self, layer: int, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows ``ids`` [B, Hkv, M] (token positions, per head; negative = padding, read as 0) of
-        ``layer`` on the device: k, v [B, Hkv, M, D] in the compute dtype. A host-tier layer's rows
+        ``layer`` on the device: k, v [B, Hkv, M, D] (a quantized KV: in ``attend_dtype``). A host-tier layer's rows
         are gathered in host memory and sent (quantized: their codes and scales cross, then are
         dequantized); a device-tier layer's are gathered in place (quantized KV's sparse path)."""
         if layer not in self.host_layers:
@@ -241,15 +248,15 @@ class KVStore:
             k, v = torch.gather(self.k[layer], 2, full), torch.gather(self.v[layer], 2, full)
             if not self.quantized:
                 return k, v
-            return (dequantize_kv(k, torch.gather(self.k_scale[layer], 2, index)),
-                    dequantize_kv(v, torch.gather(self.v_scale[layer], 2, index)))
+            return (dequantize_kv(k, torch.gather(self.k_scale[layer], 2, index), self.attend_dtype),
+                    dequantize_kv(v, torch.gather(self.v_scale[layer], 2, index), self.attend_dtype))
         D = self.args.head_dim
         index = ids.clamp(min=0)[..., None]  # [B, Hkv, M, 1]
         rows = self._gathered(self._staging, [self.k[layer], self.v[layer]], index.expand(-1, -1, -1, D))
         if not self.quantized:
             return rows[0], rows[1]
         scales = self._gathered(self._scale_staging, [self.k_scale[layer], self.v_scale[layer]], index)
-        return dequantize_kv(rows[0], scales[0]), dequantize_kv(rows[1], scales[1])
+        return dequantize_kv(rows[0], scales[0], self.attend_dtype), dequantize_kv(rows[1], scales[1], self.attend_dtype)
 
     def _gathered(self, staging: _Staging, sources: list[torch.Tensor], index: torch.Tensor) -> list[torch.Tensor]:
         """torch.gather of each source along tokens into ``staging``'s buffers, sent to the device."""
