@@ -32,14 +32,7 @@ KEYS_F32, KEYS_BF16, KEYS_INT8 = 0, 1, 2  # how a search reads its keys
 @njit(cache=True, inline="always", fastmath=True)
 def _score_int8(keys, scales, node, qg):
     """keys [N, D] int8 codes, scales [N] float32 (positive): max over the group of q . (codes * scale)."""
-    best = -np.inf
-    for g in range(qg.shape[0]):
-        s = 0.0
-        for d in range(qg.shape[1]):
-            s += qg[g, d] * keys[node, d]
-        if s > best:
-            best = s
-    return best * scales[node]
+    return _score_f32(keys, node, qg) * scales[node]
 
 
 @njit(cache=True, inline="always", fastmath=True)

@@ -7,17 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_kv_store import ARGS, CPU, _filled
 
 from offload import LLM, SamplingParams
-from offload.attention import ForwardBatch
-from offload.config import ModelArgs
 from offload.errors import OffloadError
 from offload.tiers.kv_store import KV_INT8_MAX, KVRows, KVStore, dequantize_kv, kv_bytes_per_token, quantize_kv
-
-ARGS = ModelArgs(architecture="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=3,
-                 num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=128, rms_norm_eps=1e-5,
-                 rope_theta=10000.0)
-CPU = torch.device("cpu")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -34,19 +28,6 @@ def test_quantizer_error_is_half_a_step_per_token_and_head(dtype):
     assert torch.equal(dequantize_kv(*quantize_kv(zero, dtype)), zero)  # an all-zero vector stays zero, no NaN
 
 
-def _filled(quantized: bool, host_layers=()) -> tuple[KVStore, torch.Tensor, torch.Tensor]:
-    store = KVStore(ARGS, CPU, torch.float32, host_layers=host_layers, kv_dtype="int8" if quantized else None)
-    store.allocate(2, 32)
-    g = torch.Generator().manual_seed(0)
-    k = torch.randn(ARGS.num_layers, 2, 2, 20, 8, generator=g)  # [L, B, Hkv, T, D]
-    v = torch.randn(ARGS.num_layers, 2, 2, 20, 8, generator=g)
-    for row in range(2):
-        batch = ForwardBatch.prefill(row, 0, 20, CPU)
-        for layer in range(ARGS.num_layers):
-            store.write(layer, k[layer, row:row + 1], v[layer, row:row + 1], batch)
-    return store, k, v
-
-
 def _as_host_tier(store: KVStore, host_layers, monkeypatch) -> None:
     """On a CPU the host tier is the compute device: make the store treat ``host_layers`` as another
     tier (the GPU's path: staging buffers, bytes counted as they cross; ``.to`` is a no-op here)."""
@@ -57,7 +38,7 @@ def _as_host_tier(store: KVStore, host_layers, monkeypatch) -> None:
 def test_int8_store_reads_gathers_and_prefixes_match_the_reference(host_layers, monkeypatch):
     """Every way out of the store returns the dequantized codes of the rows asked for: read
     (dense attention), gather (sparse paths: only the named rows), rows (indexes), prefix."""
-    store, k, v = _filled(True, host_layers)
+    store, k, v = _filled(host_layers, "int8")
     _as_host_tier(store, host_layers, monkeypatch)
     ref_k = dequantize_kv(*quantize_kv(k, torch.float32))  # [L, B, Hkv, T, D]
     ref_v = dequantize_kv(*quantize_kv(v, torch.float32))
@@ -88,8 +69,8 @@ def test_int8_store_reads_gathers_and_prefixes_match_the_reference(host_layers, 
 def test_int8_store_holds_and_sends_codes_and_scales(monkeypatch):
     """Bytes held are int8 codes plus one scale per token and KV head (the planner's formula), and
     what crosses from the host tier is the codes and scales of the rows sent."""
-    dense, _, _ = _filled(False, host_layers=(1, 2))
-    quantized, _, _ = _filled(True, host_layers=(1, 2))
+    dense, _, _ = _filled(host_layers=(1, 2))
+    quantized, _, _ = _filled(host_layers=(1, 2), kv_dtype="int8")
     for store in (dense, quantized):
         _as_host_tier(store, (1, 2), monkeypatch)
     per_token = kv_bytes_per_token(ARGS, 4, "int8")

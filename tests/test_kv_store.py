@@ -16,8 +16,8 @@ ARGS = ModelArgs(architecture="llama", vocab_size=64, hidden_size=32, intermedia
 CPU = torch.device("cpu")
 
 
-def _filled(host_layers=()) -> tuple[KVStore, torch.Tensor, torch.Tensor]:
-    store = KVStore(ARGS, CPU, torch.float32, host_layers=host_layers)
+def _filled(host_layers=(), kv_dtype=None) -> tuple[KVStore, torch.Tensor, torch.Tensor]:
+    store = KVStore(ARGS, CPU, torch.float32, host_layers=host_layers, kv_dtype=kv_dtype)
     store.allocate(2, 32)
     g = torch.Generator().manual_seed(0)
     k = torch.randn(ARGS.num_layers, 2, 2, 20, 8, generator=g)  # [L, B, Hkv, T, D]
