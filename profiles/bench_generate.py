@@ -5,6 +5,7 @@ Measures prefill tokens/s at a given prompt length and decode tokens/s at given 
 context). Each figure is the median of ``--repeats`` runs. Writes JSON and prints a Markdown table.
 
     python -m offload.profiles.bench_generate --prefill 2048 --contexts 512 4096 --out bench.json
+    python -m offload.profiles.bench_generate --dtype bfloat16 --quantize int4 --kv-dtype int8 --no-transformers
 """
 
 from __future__ import annotations
@@ -103,6 +104,8 @@ def main(argv=None) -> int:
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", default="float32", help="compute dtype for both runtimes (float32, bfloat16)")
+    p.add_argument("--quantize", default=None, choices=("int4",), help="offload's weights at run time")
+    p.add_argument("--kv-dtype", default=None, choices=("int8",), help="offload's KV cache (default: the dtype)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers comparison")
     p.add_argument("--out", default=None, help="write the results as JSON here")
@@ -112,7 +115,8 @@ def main(argv=None) -> int:
 
     from offload import LLM
 
-    llm = LLM(args.model, dtype=args.dtype, progress=False)
+    llm = LLM(args.model, dtype=args.dtype, quantize=args.quantize, kv_dtype=args.kv_dtype, progress=False,
+              max_context=max(args.contexts + [args.prefill]) + args.decode_tokens)
     ids = _real_text_ids(llm.tokenizer, args.prefill)
     print(llm.describe())
     results = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
