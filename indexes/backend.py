@@ -88,8 +88,8 @@ class SparseAttention(DenseAttention):
                     self.prefill_queries.pop((row, layer), None)
         self._seq_lens = torch.tensor(batch.end_lengths, device=self.kv.device, dtype=torch.int32)  # [B]
         if self.kv_offload or self.kv.quantized:  # the always-attended ids, the same for every layer this step
-            self._dense_ids = dense_token_ids(torch.tensor(batch.end_lengths), self.config.sink,
-                                              self.config.window)  # ([B, Nd], [B, Nd])
+            lengths = torch.tensor(batch.end_lengths, device="cpu" if self.kv_offload else self.kv.device)  # [B]
+            self._dense_ids = dense_token_ids(lengths, self.config.sink, self.config.window)  # ([B, Nd], [B, Nd])
 
     def build_indexes(self, row: int, n: int) -> None:
         """Build every sparse layer's index of cache row ``row`` over its first n tokens (once)."""
@@ -111,7 +111,7 @@ class SparseAttention(DenseAttention):
         return make_index(self.policy, self.ctx, self.config, self.row_tokens[row] if self.keep_tokens else None)
 
     def settings(self) -> dict:
-        return {"kv_policy": self.policy, "selection": asdict(self.config)}
+        return {"kv_policy": self.policy, "selection": asdict(self.config), "kv_dtype": self.kv.kv_dtype}
 
     def index_states(self, row: int) -> dict[int, tuple[dict, dict[str, torch.Tensor]]]:
         """What each layer's index of ``row`` learned, for a prompt cache: layer -> (scalars, tensors)."""
@@ -184,16 +184,17 @@ class SparseAttention(DenseAttention):
         only those rows, attend exactly."""
         a = self.args
         B, Hkv, D = q.shape[0], a.num_kv_heads, a.head_dim
-        dense_ids, dense_valid = self._dense_ids  # [B, Nd] each, from begin()
+        where = self.kv.k[layer].device  # ids are built where the KV is: no host round trip on a GPU
+        dense_ids, dense_valid = (t.to(where) for t in self._dense_ids)  # [B, Nd] each, from begin()
         width = max(s.ids.shape[-1] for s in selections)
-        selected = torch.zeros(B, Hkv, width, dtype=torch.long)  # [B, Hkv, S]
-        counts = torch.zeros(B, Hkv, dtype=torch.long)  # [B, Hkv]
+        selected = torch.zeros(B, Hkv, width, dtype=torch.long, device=where)  # [B, Hkv, S]
+        counts = torch.zeros(B, Hkv, dtype=torch.long, device=where)  # [B, Hkv]
         for b, s in enumerate(selections):
-            selected[b, :, :s.ids.shape[-1]] = s.ids.cpu()
-            counts[b] = s.counts.cpu()
+            selected[b, :, :s.ids.shape[-1]] = s.ids.to(where)
+            counts[b] = s.counts.to(where)
         ids = torch.cat([dense_ids[:, None].expand(B, Hkv, -1), selected], dim=-1)  # [B, Hkv, M]
         valid = torch.cat([dense_valid[:, None].expand(B, Hkv, -1),
-                           torch.arange(width) < counts[..., None]], dim=-1)  # [B, Hkv, M]
+                           torch.arange(width, device=where) < counts[..., None]], dim=-1)  # [B, Hkv, M]
         k_rows, v_rows = self.kv.gather(layer, ids)  # [B, Hkv, M, D] each, on the device
         visible = valid.to(q.device)[:, :, None, :]  # [B, Hkv, 1, M]
         out = attend(q.view(B, Hkv, a.group_size, D), k_rows, v_rows, a.softmax_scale, visible)  # [B, Hkv, G, D]

@@ -41,7 +41,7 @@ class DenseAttention(AttentionBackend):
         return self.kv.bytes_to_device
 
     def settings(self) -> dict:
-        return {"kv_policy": "dense", "selection": None}
+        return {"kv_policy": "dense", "selection": None, "kv_dtype": self.kv.kv_dtype}
 
     def describe(self) -> str:
         return "kv_policy dense (exact)"

@@ -149,11 +149,22 @@ class Transformer(nn.Module):
         """Final norm and LM head: x [B, T, hidden] -> fp32 logits [B, T, V]."""
         return linear(self.norm(x), self.lm_head).float()
 
-    def quantize_int8_embeddings(self) -> None:
-        """Hold the embedding table and the LM head in int8 (one table when they are tied): every
-        decode step reads the whole head, half the bytes of bf16."""
-        tied = self.lm_head is self.embed
-        embed = Int8Weight.from_float(self.embed.detach(), self.dtype)
-        head = embed if tied else Int8Weight.from_float(self.lm_head.detach(), self.dtype)
-        del self.embed, self.lm_head  # registered parameters give way to the weight modules
-        self.embed, self.lm_head = embed, head
+    def quantize_int8_table(self, which: str) -> None:
+        """Hold the embedding table (``which="embed"``) or the LM head (``"lm_head"``) in int8: every
+        decode step reads the whole head, half the bytes of bf16. A tied head is the embedding
+        table: converting it converts both. The loader converts each table as it lands, so the
+        dense form of only one is held beside the int8 ones."""
+        if which == "embed":
+            tied = self.lm_head is self.embed
+            table = Int8Weight.from_float(self.embed.detach(), self.dtype)
+            del self.embed  # a registered parameter gives way to the weight module
+            self.embed = table
+            if tied:
+                del self.lm_head
+                self.lm_head = table
+        elif which == "lm_head":
+            table = Int8Weight.from_float(self.lm_head.detach(), self.dtype)
+            del self.lm_head
+            self.lm_head = table
+        else:
+            raise ValueError(f"quantize_int8_table takes 'embed' or 'lm_head', got {which!r}")

@@ -64,8 +64,11 @@ def embedding_nbytes(args: ModelArgs, dtype_bytes: int, quantize: str | None) ->
     return one * (1 if args.tie_word_embeddings else 2)
 
 
-# Rows quantized at a time: the fp32 temporaries of a large matrix (the embedding table) stay small.
+# Rows quantized at a time: the fp32 and int32 temporaries of a large matrix stay small. The CPU
+# packer lays rows out in tiles of PACK_TILE_ROWS: blocks of whole tiles pack as the whole matrix does.
 QUANTIZE_ROWS = 4096
+PACK_TILE_ROWS = 32
+assert QUANTIZE_ROWS % PACK_TILE_ROWS == 0
 
 
 def quantize_int4(w: torch.Tensor, group: int = INT4_GROUP,
@@ -117,16 +120,19 @@ class Int4Weight(nn.Module):
     def from_float(cls, w: torch.Tensor, dtype: torch.dtype, group: int = INT4_GROUP) -> "Int4Weight":
         """Quantize w [N, K] (any float dtype, on the CPU)."""
         N, K = w.shape
-        codes, scale, zero = quantize_int4(w, group, dtype)
         out = cls(N, K, dtype, group)
-        out.load_codes(codes, scale, zero)
+        for r in range(0, N, QUANTIZE_ROWS):  # row blocks of whole packing tiles: small temporaries
+            out.load_codes(*_quantize_int4_rows(w[r:r + QUANTIZE_ROWS], group, dtype), first_row=r)
         return out
 
-    def load_codes(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
-        """Fill from codes int32 [N, K] and scale/zero [N, G]."""
+    def load_codes(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, first_row: int = 0) -> None:
+        """Fill rows first_row.. (a multiple of PACK_TILE_ROWS) from codes int32 [n, K] and scale/zero [n, G]."""
+        if first_row % PACK_TILE_ROWS:
+            raise ValueError(f"int4 rows are packed in tiles of {PACK_TILE_ROWS}: first_row {first_row} is inside one")
+        rows = slice(first_row, first_row + codes.shape[0])
         with torch.no_grad():
-            self.packed.copy_(torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1))
-            self.scales_zeros.copy_(torch.stack([scale.t(), zero.t()], dim=-1))  # [G, N, 2]
+            self.packed[rows].copy_(torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1))
+            self.scales_zeros[:, rows].copy_(torch.stack([scale.t(), zero.t()], dim=-1))  # [G, n, 2]
 
     @property
     def nbytes(self) -> int:

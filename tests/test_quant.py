@@ -56,6 +56,21 @@ def test_int8_head_and_lookup_match_the_reference(n, k):
     assert torch.allclose(embedding(ids, weight).float(), ref_w[ids], atol=1e-2, rtol=1e-2)
 
 
+def test_int4_packs_in_row_blocks_as_a_whole_matrix_does():
+    """Quantizing a tall matrix in row blocks (small temporaries) packs exactly as one call over the
+    whole matrix: the packer's tiles of 32 rows never straddle a block."""
+    from offload.quant import QUANTIZE_ROWS
+
+    w = torch.randn(QUANTIZE_ROWS + 48, 64, generator=torch.Generator().manual_seed(3))  # a ragged last block
+    codes, scale, zero = quantize_int4(w, dtype=torch.bfloat16)
+    whole = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    blocked = Int4Weight.from_float(w, torch.bfloat16)
+    assert torch.equal(blocked.packed, whole)
+    assert torch.equal(blocked.scales_zeros, torch.stack([scale.t(), zero.t()], dim=-1).bfloat16())
+    with pytest.raises(ValueError, match="tiles of 32"):
+        blocked.load_codes(codes[:16], scale[:16], zero[:16], first_row=16)
+
+
 def test_quantizer_error_is_half_a_step_and_grid_values_are_exact():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(32, 128, generator=g)

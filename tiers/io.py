@@ -282,7 +282,10 @@ class StoreReader:
         if target is None:
             for name in names:  # kvikio, or a buffer not aligned for O_DIRECT: tensor by tensor
                 e = self.entry(name)
-                self.read_bytes(name, out=out[at[name]:at[name] + e.nbytes])
+                piece = out[at[name]:at[name] + e.nbytes]
+                got = self.read_bytes(name, out=piece)  # kvikio returns device memory of its own
+                if got is not piece:
+                    piece.copy_(got)
             return out
         self._pread_into(target, base)
         for name in names:

@@ -269,13 +269,14 @@ class KVStore:
         return sent
 
     def prefix(self, row: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first n tokens of cache row ``row``, every layer, on the host, in the compute dtype:
-        k, v [L, Hkv, n, D]."""
+        """The first n tokens of cache row ``row``, every layer, on the host: k, v [L, Hkv, n, D] in
+        the compute dtype (quantized: in fp32, where codes times scales are exact, so that
+        :meth:`restore` gives back the very codes and scales)."""
         ks, vs = [], []
         for layer in range(self.args.num_layers):
             parts = [t[row, :, :n].cpu() for t in self._parts(layer)]  # [Hkv, n, D or 1] each
-            ks.append(dequantize_kv(parts[0], parts[2]) if self.quantized else parts[0])
-            vs.append(dequantize_kv(parts[1], parts[3]) if self.quantized else parts[1])
+            ks.append(dequantize_kv(parts[0], parts[2], torch.float32) if self.quantized else parts[0])
+            vs.append(dequantize_kv(parts[1], parts[3], torch.float32) if self.quantized else parts[1])
         return torch.stack(ks), torch.stack(vs)
 
     def restore(self, row: int, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -33,6 +33,7 @@ class WeightAssembler:
         self._meta_layers: dict[int, nn.Module] = {}
         self._spilled: set[int] = set()
         self._due: dict[int, set[str]] = {}  # resident layer -> names still due (quantize only)
+        self._quantized: set[int] = set()  # resident layers already converted (no tensor may follow)
 
     def _target(self, name: str) -> tuple[torch.Tensor, str] | None:
         """The parameter slice that checkpoint tensor ``name`` fills, and its coverage key."""
@@ -106,6 +107,10 @@ class WeightAssembler:
     def put(self, name: str, tensor: torch.Tensor, rows: tuple[int, int] | None = None) -> None:
         """Copy checkpoint tensor ``name`` into its parameter; ``rows`` = (start, end) copies a block
         of rows (large tensors arrive in pieces so that no second full-size copy is ever held)."""
+        match = _LAYER.match(name)
+        if match and int(match.group(1)) in self._quantized:
+            raise ModelLoadError(f"{self.source}: tensor {name} arrives after layer {match.group(1)} was complete "
+                                 "(a duplicate)")
         target = self._target(name)
         if target is None or target[0] is None:
             return  # tensors we do not use (rotary caches, a tied head)
@@ -123,7 +128,10 @@ class WeightAssembler:
             return  # more rows to come
         self.loaded.add(key)
         if staged is None and self.quantize:
-            self._resident_done(key)
+            if key in ("model.embed_tokens.weight", "lm_head.weight"):  # as it lands: one dense table at a time
+                self.model.quantize_int8_table("embed" if key == "model.embed_tokens.weight" else "lm_head")
+            else:
+                self._resident_done(key)
         if staged is not None:
             module, due = self._staged[staged]
             due.discard(key)
@@ -148,6 +156,7 @@ class WeightAssembler:
         if not due:
             self.model.layers[i].quantize_int4()
             del self._due[i]
+            self._quantized.add(i)
 
     def expected(self) -> set[str]:
         a = self.args
@@ -171,5 +180,4 @@ class WeightAssembler:
             shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
             raise ModelLoadError(f"{self.source}: checkpoint is missing tensors: {shown}; the download is "
                                  f"incomplete or the config does not match the weights")
-        if self.quantize:
-            self.model.quantize_int8_embeddings()
+
