@@ -7,13 +7,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from offload.attention import AttentionBackend, ForwardBatch, attend, visible_keys
+from offload.attention import AttentionBackend, ForwardBatch, OnlineSoftmax, attend, visible_keys
 from offload.config import ModelArgs
 from offload.tiers.kv_store import KVStore
 
 # Upper bound on one block of attention scores (fp32) in chunked prefill: even where SDPA falls
 # back to its math kernel, a long prompt never materialises a score block larger than this.
 PREFILL_SCORE_BYTES = 256 * 1024 * 1024
+# Tokens of a quantized KV dequantized at a time in decode: the working copy of one layer stays at
+# a block (fp32 K and V of 8,192 tokens: 64 MiB for 8 KV heads of 128) however long the context.
+DECODE_BLOCK_TOKENS = 8192
 
 
 class DenseAttention(AttentionBackend):
@@ -81,11 +84,19 @@ class DenseAttention(AttentionBackend):
         """Exact attention of one new token per row, q [B, H, 1, D], over the visible cached keys."""
         a = self.args
         B, H, _, D = q.shape
+        qg = q.view(B, a.num_kv_heads, a.group_size, D)  # [B, Hkv, G, D]
+        start, end = self._decode_start, max(batch.end_lengths)
+        if self.kv.quantized and end - start > DECODE_BLOCK_TOKENS:  # dequantize a block at a time
+            acc = OnlineSoftmax(qg, a.softmax_scale)
+            for lo in range(start, end, DECODE_BLOCK_TOKENS):
+                hi = min(end, lo + DECODE_BLOCK_TOKENS)
+                keys, values = self.kv.read(layer, slice(None), lo, hi, self.kv.attend_dtype)  # [B, Hkv, n, D]
+                mask = None if self._decode_mask is None else self._decode_mask[..., lo - start:hi - start]
+                acc.add(keys, values, mask)
+            return acc.result().view(B, H, 1, D)
         # a layer in the host tier: everything visible comes over (dense attention's price)
-        keys, values = self.kv.read(layer, slice(None), self._decode_start, max(batch.end_lengths),
-                                    self.kv.attend_dtype)  # [B, Hkv, N', D]
-        out = attend(q.view(B, a.num_kv_heads, a.group_size, D), keys, values, a.softmax_scale,
-                     self._decode_mask)  # [B, Hkv, G, D]
+        keys, values = self.kv.read(layer, slice(None), start, end, self.kv.attend_dtype)  # [B, Hkv, N', D]
+        out = attend(qg, keys, values, a.softmax_scale, self._decode_mask)  # [B, Hkv, G, D]
         return out.view(B, H, 1, D)
 
     def _prefill(self, layer: int, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:

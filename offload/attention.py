@@ -148,6 +148,35 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     return torch.matmul(probs, v).to(out_dtype)  # [B, Hkv, G*T, D]
 
 
+class OnlineSoftmax:
+    """Exact attention accumulated over blocks of keys (flash-attention's running max and sum), so
+    that a long quantized KV is dequantized a block at a time, never whole. q [B, Hkv, M, D]; each
+    :meth:`add` takes k/v [B, Hkv, n, D] and ``visible`` broadcastable to [B, Hkv, M, n] (or None);
+    :meth:`result` is [B, Hkv, M, D] in q's dtype. A query that sees no key at all gets zeros."""
+
+    def __init__(self, q: torch.Tensor, scale: float):
+        self.q, self.scale = q, scale
+        shape = q.shape[:3] + (1,)
+        self.running_max = torch.full(shape, float("-inf"), device=q.device)  # [B, Hkv, M, 1] fp32
+        self.running_sum = torch.zeros(shape, device=q.device)  # [B, Hkv, M, 1]
+        self.acc = torch.zeros(q.shape, device=q.device)  # [B, Hkv, M, D] fp32
+
+    def add(self, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None) -> None:
+        scores = scores_qk(self.q.to(k.dtype), k).float() * self.scale  # [B, Hkv, M, n]
+        if visible is not None:
+            scores.masked_fill_(~visible, float("-inf"))
+        new_max = torch.maximum(self.running_max, scores.amax(dim=-1, keepdim=True))  # [B, Hkv, M, 1]
+        safe = torch.where(torch.isfinite(new_max), new_max, 0.0)  # a row with nothing visible yet
+        probs = torch.exp(scores - safe)  # [B, Hkv, M, n]; masked -> 0
+        rescale = torch.exp(self.running_max - safe)  # old terms under the new max (-inf -> 0)
+        self.running_sum = self.running_sum * rescale + probs.sum(dim=-1, keepdim=True)
+        self.acc = self.acc * rescale + torch.matmul(probs.to(v.dtype), v).float()  # [B, Hkv, M, D]
+        self.running_max = new_max
+
+    def result(self) -> torch.Tensor:
+        return (self.acc / self.running_sum.clamp(min=1e-30)).to(self.q.dtype)  # [B, Hkv, M, D]
+
+
 def visible_keys(q_positions: torch.Tensor, num_keys: int, window: int | None) -> torch.Tensor:
     """Bool [B, T, N]: key j is visible to the query at position p iff j <= p
     (and p - j < window for sliding-window models)."""

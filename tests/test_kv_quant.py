@@ -123,6 +123,49 @@ def test_tiny_model_int8_kv_logits_match_the_unquantized_cache(tiny_models, poli
     assert held < (0.35 if b == 4 else 0.63) * dense
 
 
+def test_online_softmax_over_blocks_equals_attention_over_all_keys():
+    """Blocks of keys merged by running max and sum give exact attention, masks included (a row
+    that sees nothing in a block, or whose first block is fully masked)."""
+    from offload.attention import OnlineSoftmax, attend
+
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 3, 4, 16, generator=g)  # [B, Hkv, G, D]
+    k, v = torch.randn(2, 3, 50, 16, generator=g), torch.randn(2, 3, 50, 16, generator=g)  # [B, Hkv, N, D]
+    visible = torch.ones(2, 1, 1, 50, dtype=torch.bool)
+    visible[1, ..., :20] = False  # row 1 sees only keys 20..49: its first block is fully masked
+    visible[0, ..., 37:] = False  # row 0 sees only keys 0..36
+    want = attend(q, k, v, 0.25, visible)
+    acc = OnlineSoftmax(q, 0.25)
+    for lo in range(0, 50, 16):
+        acc.add(k[:, :, lo:lo + 16], v[:, :, lo:lo + 16], visible[..., lo:lo + 16])
+    assert torch.allclose(acc.result(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_long_quantized_decode_attends_in_blocks_exactly(tiny_models, monkeypatch):
+    """Past DECODE_BLOCK_TOKENS a quantized KV is dequantized a block at a time: the logits equal
+    the single-block path's."""
+    import offload.indexes.dense as dense
+
+    folder, hf = tiny_models["llama"]
+    ids = torch.randint(3, hf.config.vocab_size, (100,), generator=torch.Generator().manual_seed(8)).tolist()
+    llm = LLM(folder, dtype="float32", kv_dtype="int8", verbose=False)
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    whole = llm.generate([ids, ids[:70]], params)  # rows of two lengths: a mask
+    monkeypatch.setattr(dense, "DECODE_BLOCK_TOKENS", 16)
+    blocked = llm.generate([ids, ids[:70]], params)
+    assert [o.token_ids for o in blocked] == [o.token_ids for o in whole]
+    from offload.attention import ForwardBatch
+
+    steps = []
+    for block in (16, 8192):  # one decode step's logits, blocked and whole
+        monkeypatch.setattr(dense, "DECODE_BLOCK_TOKENS", block)
+        llm.backend.allocate(1, 256)
+        llm.engine.prefill(0, ids)
+        with torch.inference_mode():
+            steps.append(llm.model(torch.tensor([[7]]), ForwardBatch.decode([len(ids)], llm.device, [7]), llm.backend))
+    assert torch.allclose(steps[0], steps[1], atol=1e-4, rtol=1e-4)
+
+
 def test_int8_kv_prompt_cache_round_trips_exactly(tiny_models, tmp_path):
     """A prompt cache of an int8 KV (bf16 scales) restores the very codes and scales: generating from
     it equals generating from the prompt; a cache of the other KV format is refused."""
