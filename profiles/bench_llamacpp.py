@@ -1,0 +1,151 @@
+"""offload beside llama.cpp on the same GGUF, the same real text, contexts and threads, in one run (CPU).
+
+llama.cpp runs through ``llama-cpp-python`` (an optional benchmark dependency: it builds from
+source in about 10 minutes on a 2-core box, so it is never installed by CI). Both runtimes get
+the very same token ids (offload's tokenizer reads the GGUF's vocabulary), prefill the prompt,
+then take greedy decode steps one token at a time; each step is timed on its own and the table
+quotes the median step. offload runs in each weight/KV format given by ``--configs``.
+
+    pip install llama-cpp-python==0.3.36
+    python -m offload.profiles.bench_llamacpp --contexts 512 4096 --threads 2 --out runs/llamacpp.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+
+from offload.fileio import write_json_atomic
+
+# name -> LLM settings of each offload configuration measured
+CONFIGS = {
+    "fp32": {"dtype": "float32"},
+    "bf16": {"dtype": "bfloat16"},
+    "int4": {"quantize": "int4"},
+    "int4 + kv int8": {"quantize": "int4", "kv_dtype": "int8"},
+}
+
+
+def _timed_steps(step, first_token: int, steps: int) -> tuple[list[float], list[int]]:
+    """Run ``step(token) -> next token`` ``steps`` times from ``first_token``: (seconds per step, tokens)."""
+    times, tokens, token = [], [], first_token
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        token = step(token)
+        times.append(time.perf_counter() - t0)
+        tokens.append(token)
+    return times, tokens
+
+
+def bench_llamacpp(path: str, prompts: dict[int, list[int]], steps: int, threads: int) -> dict:
+    import numpy as np
+    from llama_cpp import Llama
+
+    longest = max(len(p) for p in prompts.values()) + steps + 1
+    llm = Llama(model_path=path, n_ctx=longest, n_threads=threads, n_threads_batch=threads, n_batch=512,
+                verbose=False)
+
+    def step(token: int) -> int:
+        llm.eval([token])
+        return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+
+    out = {}
+    llm.eval(next(iter(prompts.values()))[:16])  # warm-up: first-call costs are not the runtime's speed
+    llm.reset()
+    for ctx, ids in prompts.items():
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(ids)
+        prefill = time.perf_counter() - t0
+        first = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        times, tokens = _timed_steps(step, first, steps)
+        out[ctx] = {"prefill_tok_s": len(ids) / prefill, "decode_ms": 1e3 * statistics.median(times),
+                    "tokens": [first] + tokens}
+    return out
+
+
+def bench_offload(path: str, settings: dict, prompts: dict[int, list[int]], steps: int) -> dict:
+    from offload import LLM
+    from offload.attention import ForwardBatch
+
+    longest = max(len(p) for p in prompts.values()) + steps + 1
+    llm = LLM(path, max_context=longest, verbose=False, **settings)
+    out = {"weights": llm.tier_report()["weights"], "kv_format": llm.tier_report()["kv"]["format"]}
+    llm.logits(next(iter(prompts.values()))[:16])  # warm-up: first-call costs are not the runtime's speed
+    for ctx, ids in prompts.items():
+        llm.backend.allocate(1, longest)
+        t0 = time.perf_counter()
+        logits = llm.engine.prefill(0, ids)  # [V]
+        prefill = time.perf_counter() - t0
+        first = int(logits.argmax())
+        position = [len(ids)]
+
+        def step(token: int) -> int:
+            batch = ForwardBatch.decode(position, llm.device, [token])
+            with torch.inference_mode():
+                logits = llm.model(torch.tensor([[token]], device=llm.device), batch, llm.backend)  # [1, 1, V]
+            position[0] += 1
+            return int(logits[0, -1].argmax())
+
+        times, tokens = _timed_steps(step, first, steps)
+        out[ctx] = {"prefill_tok_s": len(ids) / prefill, "decode_ms": 1e3 * statistics.median(times),
+                    "tokens": [first] + tokens, "kv_bytes": llm.backend.kv_nbytes()}
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="a GGUF file (default: SmolLM2-135M-Instruct Q4_1)")
+    p.add_argument("--contexts", type=int, nargs="+", default=[512, 4096])
+    p.add_argument("--decode-steps", type=int, default=32)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from offload.loaders import resolve_model_path
+    from offload.profiles.bench_generate import _real_text_ids
+
+    path = resolve_model_path(args.model)
+    if path.suffix.lower() != ".gguf":
+        p.error(f"{path} is not a GGUF file: llama.cpp reads GGUF")
+    from offload import LLM
+
+    tokenizer = LLM(path, max_context=64, verbose=False, dtype="float32").tokenizer  # the GGUF's vocabulary
+    prompts = {ctx: _real_text_ids(tokenizer, ctx) for ctx in args.contexts}
+    results = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
+                           "torch": torch.__version__, "threads": args.threads},
+               "model": path.name, "settings": vars(args), "runs": {}}
+    try:
+        results["runs"]["llama.cpp"] = bench_llamacpp(str(path), prompts, args.decode_steps, args.threads)
+    except ImportError:
+        print("llama-cpp-python is not installed (pip install llama-cpp-python==0.3.36): offload alone",
+              flush=True)
+    for name in args.configs:
+        results["runs"][f"offload {name}"] = bench_offload(str(path), CONFIGS[name], prompts, args.decode_steps)
+        print(f"measured offload {name}", flush=True)
+    runs = results["runs"]
+    print("| metric | " + " | ".join(runs) + " |")
+    print("|---|" + "---|" * len(runs))
+    for ctx in args.contexts:
+        print(f"| decode ms/token @{ctx} | " + " | ".join(f"{r[ctx]['decode_ms']:.1f}" for r in runs.values()) + " |")
+    for ctx in args.contexts:
+        print(f"| prefill tok/s @{ctx} | " + " | ".join(f"{r[ctx]['prefill_tok_s']:.0f}" for r in runs.values()) + " |")
+    if "llama.cpp" in runs:  # greedy agreement with llama.cpp over the decode steps (same weights, other kernels)
+        ref = runs["llama.cpp"]
+        for ctx in args.contexts:
+            print(f"| greedy tokens = llama.cpp's @{ctx} | " + " | ".join(
+                f"{sum(a == b for a, b in zip(r[ctx]['tokens'], ref[ctx]['tokens']))}/{len(ref[ctx]['tokens'])}"
+                for r in runs.values()) + " |")
+    if args.out:
+        write_json_atomic(args.out, results)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
