@@ -13,11 +13,18 @@ quotes the median step. offload runs in each weight/KV format given by ``--confi
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
+import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import torch
+from tqdm import tqdm
 
 from offload.fileio import write_json_atomic
 
@@ -49,9 +56,15 @@ def bench_llamacpp(path: str, prompts: dict[int, list[int]], steps: int, threads
     llm = Llama(model_path=path, n_ctx=longest, n_threads=threads, n_threads_batch=threads, n_batch=512,
                 verbose=False)
 
+    vocab = llm.n_vocab()
+
+    def last_pick() -> int:
+        # logits of the last evaluated token (Llama.eval keeps no scores unless logits_all)
+        return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,))))
+
     def step(token: int) -> int:
         llm.eval([token])
-        return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        return last_pick()
 
     out = {}
     llm.eval(next(iter(prompts.values()))[:16])  # warm-up: first-call costs are not the runtime's speed
@@ -61,7 +74,7 @@ def bench_llamacpp(path: str, prompts: dict[int, list[int]], steps: int, threads
         t0 = time.perf_counter()
         llm.eval(ids)
         prefill = time.perf_counter() - t0
-        first = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        first = last_pick()
         times, tokens = _timed_steps(step, first, steps)
         out[ctx] = {"prefill_tok_s": len(ids) / prefill, "decode_ms": 1e3 * statistics.median(times),
                     "tokens": [first] + tokens}
@@ -97,6 +110,19 @@ def bench_offload(path: str, settings: dict, prompts: dict[int, list[int]], step
     return out
 
 
+def _run_one(name: str, path, prompts: dict[int, list[int]], steps: int, threads: int) -> dict:
+    """One runtime's figures, and this process's peak resident memory (VmHWM: it starts afresh at
+    exec, where ru_maxrss would carry the forking parent's)."""
+    if name == "llama.cpp":
+        out = bench_llamacpp(str(path), prompts, steps, threads)
+    else:
+        out = bench_offload(str(path), CONFIGS[name.removeprefix("offload ")], prompts, steps)
+    with open("/proc/self/status") as f:
+        hwm = next(line for line in f if line.startswith("VmHWM:"))
+    out["peak_rss_mib"] = int(hwm.split()[1]) / 1024
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="a GGUF file (default: SmolLM2-135M-Instruct Q4_1)")
@@ -104,31 +130,48 @@ def main(argv=None) -> int:
     p.add_argument("--decode-steps", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: measure one runtime, print JSON
+    p.add_argument("--prompts", default=None, help=argparse.SUPPRESS)  # internal: the token ids, as JSON
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
+    from offload import LLM
     from offload.loaders import resolve_model_path
     from offload.profiles.bench_generate import _real_text_ids
 
     path = resolve_model_path(args.model)
     if path.suffix.lower() != ".gguf":
         p.error(f"{path} is not a GGUF file: llama.cpp reads GGUF")
-    from offload import LLM
-
+    if args.one is not None:  # the parent's token ids: loading a tokenizer here would count in the peak
+        with open(args.prompts) as f:
+            prompts = {int(k): v for k, v in json.load(f).items()}
+        print(json.dumps(_run_one(args.one, path, prompts, args.decode_steps, args.threads)))
+        return 0
     tokenizer = LLM(path, max_context=64, verbose=False, dtype="float32").tokenizer  # the GGUF's vocabulary
     prompts = {ctx: _real_text_ids(tokenizer, ctx) for ctx in args.contexts}
+    prompts_file = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
+    with prompts_file:
+        json.dump(prompts, prompts_file)
+
     results = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                            "torch": torch.__version__, "threads": args.threads},
                "model": path.name, "settings": vars(args), "runs": {}}
-    try:
-        results["runs"]["llama.cpp"] = bench_llamacpp(str(path), prompts, args.decode_steps, args.threads)
-    except ImportError:
-        print("llama-cpp-python is not installed (pip install llama-cpp-python==0.3.36): offload alone",
-              flush=True)
-    for name in args.configs:
-        results["runs"][f"offload {name}"] = bench_offload(str(path), CONFIGS[name], prompts, args.decode_steps)
-        print(f"measured offload {name}", flush=True)
+    names = (["llama.cpp"] if importlib.util.find_spec("llama_cpp") else []) + [f"offload {c}" for c in args.configs]
+    if "llama.cpp" not in names:
+        print("llama-cpp-python is not installed (pip install llama-cpp-python==0.3.36): offload alone", flush=True)
+    for name in tqdm(names, desc="runtimes", unit="run"):
+        # each runtime in its own process: no thread pool of one spins beside the other's, and the
+        # peak resident memory is that runtime's alone
+        cmd = [sys.executable, "-m", "offload.profiles.bench_llamacpp", "--one", name, "--model", str(path),
+               "--decode-steps", str(args.decode_steps), "--threads", str(args.threads),
+               "--contexts", *map(str, args.contexts), "--prompts", prompts_file.name]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"{name} failed:\n{done.stderr[-2000:]}")
+        run = json.loads(done.stdout.strip().splitlines()[-1])
+        results["runs"][name] = {int(k) if k.isdigit() else k: v for k, v in run.items()}
+    os.unlink(prompts_file.name)
     runs = results["runs"]
     print("| metric | " + " | ".join(runs) + " |")
     print("|---|" + "---|" * len(runs))
@@ -136,6 +179,7 @@ def main(argv=None) -> int:
         print(f"| decode ms/token @{ctx} | " + " | ".join(f"{r[ctx]['decode_ms']:.1f}" for r in runs.values()) + " |")
     for ctx in args.contexts:
         print(f"| prefill tok/s @{ctx} | " + " | ".join(f"{r[ctx]['prefill_tok_s']:.0f}" for r in runs.values()) + " |")
+    print("| peak RSS MiB | " + " | ".join(f"{r['peak_rss_mib']:.0f}" for r in runs.values()) + " |")
     if "llama.cpp" in runs:  # greedy agreement with llama.cpp over the decode steps (same weights, other kernels)
         ref = runs["llama.cpp"]
         for ctx in args.contexts:

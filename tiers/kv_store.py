@@ -56,6 +56,9 @@ def dequantize_kv(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype |
 # Staging buffers grow with headroom, so that a selection a little wider than the last one
 # (budgets grow with the context) reuses the buffer instead of reallocating pinned memory.
 STAGING_HEADROOM = 1.25
+# Reads of a quantized KV up to this many tokens dequantize into reused buffers (decode's
+# DECODE_BLOCK_TOKENS blocks fit); longer ones (a long prefill's prefix) get a fresh tensor.
+SCRATCH_TOKENS = 8192
 
 
 class KVRows:
@@ -145,6 +148,7 @@ class KVStore:
         self.v_scale: list[torch.Tensor] | None = None
         self._staging = _Staging(pinned=self.device.type == "cuda")
         self._scale_staging = _Staging(pinned=self.device.type == "cuda")
+        self._scratch: list[torch.Tensor | None] = [None, None]  # reused dequantized K and V of a decode read
         self.bytes_to_device = 0  # KV bytes copied from the host tier to the device
 
     @property
@@ -226,8 +230,24 @@ class KVStore:
             self.bytes_to_device += sum(t.numel() * t.element_size() for t in parts)
             parts = [t.to(self.device, non_blocking=True) for t in parts]
         if self.quantized:
-            return dequantize_kv(parts[0], parts[2], dtype), dequantize_kv(parts[1], parts[3], dtype)
+            return self._dequantized(parts[0], parts[2], dtype, 0), self._dequantized(parts[1], parts[3], dtype, 1)
         return parts[0], parts[1]
+
+    def _dequantized(self, codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype | None,
+                     which: int) -> torch.Tensor:
+        """codes [..., D] times scale [..., 1]; a read of at most SCRATCH_TOKENS tokens (a decode
+        step's, or one block of it) lands in a reused buffer, valid until the next read: a fresh
+        multi-MiB tensor per layer per step would be mapped and page-faulted anew each time."""
+        dtype = dtype or self.dtype
+        if codes.shape[-2] > SCRATCH_TOKENS:
+            return dequantize_kv(codes, scale, dtype)
+        buf = self._scratch[which]
+        if buf is None or buf.numel() < codes.numel() or buf.dtype != dtype or buf.device != codes.device:
+            buf = self._scratch[which] = torch.empty(int(codes.numel() * STAGING_HEADROOM), dtype=dtype,
+                                                     device=codes.device)
+        out = buf[:codes.numel()].view(codes.shape)  # [..., D]
+        out.copy_(codes)
+        return out.mul_(scale)
 
     def rows(self, layer: int, row: int) -> tuple[KVRows, KVRows]:
         """Keys and values of cache row ``row`` of ``layer`` where the layer lives, read through
