@@ -9,14 +9,11 @@ import torch.nn.functional as F
 
 from offload.attention import AttentionBackend, ForwardBatch, OnlineSoftmax, attend, visible_keys
 from offload.config import ModelArgs
-from offload.tiers.kv_store import KVStore
+from offload.tiers.kv_store import DECODE_BLOCK_TOKENS, KVStore
 
 # Upper bound on one block of attention scores (fp32) in chunked prefill: even where SDPA falls
 # back to its math kernel, a long prompt never materialises a score block larger than this.
 PREFILL_SCORE_BYTES = 256 * 1024 * 1024
-# Tokens of a quantized KV dequantized at a time in decode: the working copy of one layer stays at
-# a block (fp32 K and V of 8,192 tokens: 64 MiB for 8 KV heads of 128) however long the context.
-DECODE_BLOCK_TOKENS = 8192
 
 
 class DenseAttention(AttentionBackend):

@@ -15,18 +15,13 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-
-import torch
-from tqdm import tqdm
-
-from offload.fileio import write_json_atomic
+from pathlib import Path
 
 # name -> LLM settings of each offload configuration measured
 CONFIGS = {
@@ -82,6 +77,8 @@ def bench_llamacpp(path: str, prompts: dict[int, list[int]], steps: int, threads
 
 
 def bench_offload(path: str, settings: dict, prompts: dict[int, list[int]], steps: int) -> dict:
+    import torch
+
     from offload import LLM
     from offload.attention import ForwardBatch
 
@@ -106,7 +103,7 @@ def bench_offload(path: str, settings: dict, prompts: dict[int, list[int]], step
 
         times, tokens = _timed_steps(step, first, steps)
         out[ctx] = {"prefill_tok_s": len(ids) / prefill, "decode_ms": 1e3 * statistics.median(times),
-                    "tokens": [first] + tokens, "kv_bytes": llm.backend.kv_nbytes()}
+                    "tokens": [first] + tokens, "kv_bytes_allocated": llm.backend.kv_nbytes()}
     return out
 
 
@@ -116,6 +113,9 @@ def _run_one(name: str, path, prompts: dict[int, list[int]], steps: int, threads
     if name == "llama.cpp":
         out = bench_llamacpp(str(path), prompts, steps, threads)
     else:
+        import torch
+
+        torch.set_num_threads(threads)
         out = bench_offload(str(path), CONFIGS[name.removeprefix("offload ")], prompts, steps)
     with open("/proc/self/status") as f:
         hwm = next(line for line in f if line.startswith("VmHWM:"))
@@ -134,44 +134,45 @@ def main(argv=None) -> int:
     p.add_argument("--prompts", default=None, help=argparse.SUPPRESS)  # internal: the token ids, as JSON
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    if args.one is not None:  # a child: the parent's token ids (a tokenizer loaded here would count in the peak)
+        prompts = {int(k): v for k, v in json.loads(Path(args.prompts).read_text()).items()}
+        print(json.dumps(_run_one(args.one, Path(args.model), prompts, args.decode_steps, args.threads)))
+        return 0
+
+    import torch
+    from tqdm import tqdm
 
     from offload import LLM
     from offload.loaders import resolve_model_path
     from offload.profiles.bench_generate import _real_text_ids
 
+    torch.set_num_threads(args.threads)
     path = resolve_model_path(args.model)
     if path.suffix.lower() != ".gguf":
         p.error(f"{path} is not a GGUF file: llama.cpp reads GGUF")
-    if args.one is not None:  # the parent's token ids: loading a tokenizer here would count in the peak
-        with open(args.prompts) as f:
-            prompts = {int(k): v for k, v in json.load(f).items()}
-        print(json.dumps(_run_one(args.one, path, prompts, args.decode_steps, args.threads)))
-        return 0
     tokenizer = LLM(path, max_context=64, verbose=False, dtype="float32").tokenizer  # the GGUF's vocabulary
     prompts = {ctx: _real_text_ids(tokenizer, ctx) for ctx in args.contexts}
-    prompts_file = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
-    with prompts_file:
-        json.dump(prompts, prompts_file)
-
     results = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                            "torch": torch.__version__, "threads": args.threads},
                "model": path.name, "settings": vars(args), "runs": {}}
     names = (["llama.cpp"] if importlib.util.find_spec("llama_cpp") else []) + [f"offload {c}" for c in args.configs]
     if "llama.cpp" not in names:
         print("llama-cpp-python is not installed (pip install llama-cpp-python==0.3.36): offload alone", flush=True)
-    for name in tqdm(names, desc="runtimes", unit="run"):
-        # each runtime in its own process: no thread pool of one spins beside the other's, and the
-        # peak resident memory is that runtime's alone
-        cmd = [sys.executable, "-m", "offload.profiles.bench_llamacpp", "--one", name, "--model", str(path),
-               "--decode-steps", str(args.decode_steps), "--threads", str(args.threads),
-               "--contexts", *map(str, args.contexts), "--prompts", prompts_file.name]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise SystemExit(f"{name} failed:\n{done.stderr[-2000:]}")
-        run = json.loads(done.stdout.strip().splitlines()[-1])
-        results["runs"][name] = {int(k) if k.isdigit() else k: v for k, v in run.items()}
-    os.unlink(prompts_file.name)
+    with tempfile.TemporaryDirectory(prefix="offload-bench-") as tmp:
+        prompts_file = Path(tmp) / "prompts.json"
+        prompts_file.write_text(json.dumps(prompts))
+        for name in tqdm(names, desc="runtimes", unit="run"):
+            # each runtime in its own process: no thread pool of one spins beside the other's, and the
+            # peak resident memory is that runtime's alone. llama.cpp's child runs this file as a script,
+            # so that neither torch nor offload is imported there (they would count in its peak).
+            entry = [__file__] if name == "llama.cpp" else ["-m", "offload.profiles.bench_llamacpp"]
+            cmd = [sys.executable, *entry, "--one", name, "--model", str(path), "--decode-steps",
+                   str(args.decode_steps), "--threads", str(args.threads), "--prompts", str(prompts_file)]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise SystemExit(f"{name} failed:\n{done.stderr[-2000:]}")
+            run = json.loads(done.stdout.strip().splitlines()[-1])
+            results["runs"][name] = {int(k) if k.isdigit() else k: v for k, v in run.items()}
     runs = results["runs"]
     print("| metric | " + " | ".join(runs) + " |")
     print("|---|" + "---|" * len(runs))
@@ -187,6 +188,8 @@ def main(argv=None) -> int:
                 f"{sum(a == b for a, b in zip(r[ctx]['tokens'], ref[ctx]['tokens']))}/{len(ref[ctx]['tokens'])}"
                 for r in runs.values()) + " |")
     if args.out:
+        from offload.fileio import write_json_atomic
+
         write_json_atomic(args.out, results)
     return 0
 

@@ -56,9 +56,11 @@ def dequantize_kv(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype |
 # Staging buffers grow with headroom, so that a selection a little wider than the last one
 # (budgets grow with the context) reuses the buffer instead of reallocating pinned memory.
 STAGING_HEADROOM = 1.25
-# Reads of a quantized KV up to this many tokens dequantize into reused buffers (decode's
-# DECODE_BLOCK_TOKENS blocks fit); longer ones (a long prefill's prefix) get a fresh tensor.
-SCRATCH_TOKENS = 8192
+# Tokens of a quantized KV dequantized at a time in decode (offload.indexes.dense): the working copy
+# of one layer stays at a block (fp32 K and V of 8,192 tokens: 64 MiB for 8 KV heads of 128) however
+# long the context. Reads up to a block land in reused buffers; longer ones (a long prefill's
+# prefix) get a fresh tensor.
+DECODE_BLOCK_TOKENS = 8192
 
 
 class KVRows:
@@ -167,6 +169,7 @@ class KVStore:
         if self.k is not None and self.batch_size == batch_size and self.capacity >= capacity:
             return
         self.k = self.v = self.k_scale = self.v_scale = None  # free the old cache before allocating the new one
+        self._scratch = [None, None]
         a = self.args
         shape = (batch_size, a.num_kv_heads, capacity, a.head_dim)
         held = torch.int8 if self.quantized else self.dtype
@@ -235,11 +238,11 @@ class KVStore:
 
     def _dequantized(self, codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype | None,
                      which: int) -> torch.Tensor:
-        """codes [..., D] times scale [..., 1]; a read of at most SCRATCH_TOKENS tokens (a decode
+        """codes [..., D] times scale [..., 1]; a read of at most DECODE_BLOCK_TOKENS tokens (a decode
         step's, or one block of it) lands in a reused buffer, valid until the next read: a fresh
         multi-MiB tensor per layer per step would be mapped and page-faulted anew each time."""
         dtype = dtype or self.dtype
-        if codes.shape[-2] > SCRATCH_TOKENS:
+        if codes.shape[-2] > DECODE_BLOCK_TOKENS:
             return dequantize_kv(codes, scale, dtype)
         buf = self._scratch[which]
         if buf is None or buf.numel() < codes.numel() or buf.dtype != dtype or buf.device != codes.device:
