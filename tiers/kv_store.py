@@ -262,27 +262,25 @@ class KVStore:
 
     def gather(self, layer: int, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows ``ids`` [B, Hkv, M] (token positions, per head; negative = padding, read as 0) of
-        ``layer`` on the device: k, v [B, Hkv, M, D] (a quantized KV: in ``attend_dtype``). A host-tier layer's rows
-        are gathered in host memory and sent (quantized: their codes and scales cross, then are
-        dequantized); a device-tier layer's are gathered in place (quantized KV's sparse path)."""
-        if layer not in self.host_layers:
-            index = ids.to(self.device).clamp(min=0)[..., None]  # [B, Hkv, M, 1]
-            full = index.expand(-1, -1, -1, self.args.head_dim)  # [B, Hkv, M, D]
-            k, v = torch.gather(self.k[layer], 2, full), torch.gather(self.v[layer], 2, full)
-            if not self.quantized:
-                return k, v
-            return (dequantize_kv(k, torch.gather(self.k_scale[layer], 2, index), self.attend_dtype),
-                    dequantize_kv(v, torch.gather(self.v_scale[layer], 2, index), self.attend_dtype))
-        D = self.args.head_dim
-        index = ids.clamp(min=0)[..., None]  # [B, Hkv, M, 1]
-        rows = self._gathered(self._staging, [self.k[layer], self.v[layer]], index.expand(-1, -1, -1, D))
+        ``layer`` on the device: k, v [B, Hkv, M, D] (a quantized KV: in ``attend_dtype``). A
+        host-tier layer's rows are gathered in host memory and sent (quantized: their codes and
+        scales cross, then are dequantized); a device-tier layer's are gathered in place (the
+        quantized KV's sparse path)."""
+        host = layer in self.host_layers
+        index = ids.to(self.k[layer].device).clamp(min=0)[..., None]  # [B, Hkv, M, 1]
+        rows = self._gathered(self._staging if host else None, [self.k[layer], self.v[layer]],
+                              index.expand(-1, -1, -1, self.args.head_dim))  # [B, Hkv, M, D] each
         if not self.quantized:
             return rows[0], rows[1]
-        scales = self._gathered(self._scale_staging, [self.k_scale[layer], self.v_scale[layer]], index)
+        scales = self._gathered(self._scale_staging if host else None, [self.k_scale[layer], self.v_scale[layer]],
+                                index)  # [B, Hkv, M, 1] each
         return dequantize_kv(rows[0], scales[0], self.attend_dtype), dequantize_kv(rows[1], scales[1], self.attend_dtype)
 
-    def _gathered(self, staging: _Staging, sources: list[torch.Tensor], index: torch.Tensor) -> list[torch.Tensor]:
-        """torch.gather of each source along tokens into ``staging``'s buffers, sent to the device."""
+    def _gathered(self, staging: _Staging | None, sources: list[torch.Tensor], index: torch.Tensor) -> list[torch.Tensor]:
+        """torch.gather of each source along tokens: in place (``staging`` None), or into
+        ``staging``'s host buffers and sent to the device (counted in ``bytes_to_device``)."""
+        if staging is None:
+            return [torch.gather(src, 2, index) for src in sources]
         hosts = staging.take(index.shape, sources[0].dtype)  # [B, Hkv, M, D or 1] each
         for src, out in zip(sources, hosts):
             torch.gather(src, 2, index, out=out)

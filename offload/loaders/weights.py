@@ -22,8 +22,8 @@ class WeightAssembler:
     """``spill`` (offload.tiers.streaming.WeightSpill) receives the layers the model keeps off the
     device: each is assembled in a host-memory staging layer, handed over once complete, and
     dropped, so no more than a layer or two of them is ever held. ``quantize="int4"``: every layer
-    is quantized the moment its last tensor lands (before a spill, so stores hold int4), the
-    embeddings at :meth:`finish`; a resident layer's dense pages are freed as it converts."""
+    is quantized the moment its last tensor lands (before a spill, so stores hold int4), and the
+    embedding table and LM head each as it lands; a resident layer's dense pages are freed as it converts."""
 
     def __init__(self, model: Transformer, source: str, spill=None, quantize: str | None = None):
         self.model, self.args, self.source = model, model.args, source
@@ -180,4 +180,3 @@ class WeightAssembler:
             shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
             raise ModelLoadError(f"{self.source}: checkpoint is missing tensors: {shown}; the download is "
                                  f"incomplete or the config does not match the weights")
-
