@@ -9,11 +9,15 @@ import torch.nn.functional as F
 
 from offload.attention import AttentionBackend, ForwardBatch, OnlineSoftmax, attend, visible_keys
 from offload.config import ModelArgs
+from offload.kernels import int8_kv_attention
 from offload.tiers.kv_store import DECODE_BLOCK_TOKENS, KVStore
 
 # Upper bound on one block of attention scores (fp32) in chunked prefill: even where SDPA falls
 # back to its math kernel, a long prompt never materialises a score block larger than this.
 PREFILL_SCORE_BYTES = 256 * 1024 * 1024
+# Devices whose int8 KV decode reads the codes in a fused kernel (offload.kernels.int8_kv_attention:
+# numba on CPU, 1.5x faster decode at 4K on the default model); elsewhere blocks are dequantized.
+FUSED_INT8_DEVICES = ("cpu",)
 
 
 class DenseAttention(AttentionBackend):
@@ -83,6 +87,13 @@ class DenseAttention(AttentionBackend):
         B, H, _, D = q.shape
         qg = q.view(B, a.num_kv_heads, a.group_size, D)  # [B, Hkv, G, D]
         start, end = self._decode_start, max(batch.end_lengths)
+        if self.kv.quantized and self.kv.device.type in FUSED_INT8_DEVICES:  # scores straight from the codes
+            hi = batch.end_lengths if self._decode_mask is not None else [end] * B
+            lo = [start] * B if self._decode_mask is None else [
+                0 if a.sliding_window is None else max(0, n - a.sliding_window) for n in hi]
+            out, _ = int8_kv_attention(q.view(B, H, D), *self.kv.int8_cache(layer, B), lo, hi,
+                                       scale=a.softmax_scale)  # [B, H, D]
+            return out.view(B, H, 1, D)
         if self.kv.quantized and end - start > DECODE_BLOCK_TOKENS:  # dequantize a block at a time
             acc = OnlineSoftmax(qg, a.softmax_scale)
             for lo in range(start, end, DECODE_BLOCK_TOKENS):

@@ -3,15 +3,24 @@
 Importing this package imports neither Triton nor CUDA; the kernel module loads on first use.
 """
 
-from .api import gather_attention, last_backend, merge_attention, resolve_backend, shadowkv_attention
+from .api import (
+    gather_attention,
+    int8_kv_attention,
+    last_backend,
+    merge_attention,
+    resolve_backend,
+    shadowkv_attention,
+)
 from .reference import (
                         dense_attention_ref,
                         gather_attention_ref,
+                        int8_kv_attention_ref,
                         merge_attention_ref,
                         rope_rotate,
                         shadowkv_attention_ref,
 )
 
-__all__ = ["gather_attention", "shadowkv_attention", "merge_attention", "last_backend", "resolve_backend",
+__all__ = ["gather_attention", "int8_kv_attention", "int8_kv_attention_ref",
+           "shadowkv_attention", "merge_attention", "last_backend", "resolve_backend",
            "gather_attention_ref", "shadowkv_attention_ref", "merge_attention_ref", "dense_attention_ref",
            "rope_rotate"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 
 from ..errors import OffloadError
@@ -135,3 +136,49 @@ def merge_attention(outs: torch.Tensor | list[torch.Tensor], lses: torch.Tensor 
     if name == "torch":
         return reference.merge_attention_ref(outs, lses)
     return _triton_module().merge_attention(outs, lses.float())
+
+
+def int8_kv_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor, v_codes: torch.Tensor,
+                      v_scale: torch.Tensor, lo: list[int], hi: list[int], *, scale: float,
+                      backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode attention of q [B, H, D] over an int8 KV cache without dequantizing it into a copy:
+    codes [B, Hkv, N, D] int8 and scales [B, Hkv, N] (any float dtype), row b seeing tokens
+    lo[b]..hi[b]-1 (host ints). Pass the whole cache, not a slice of it: lo/hi bound the read, and
+    the kernel is compiled for contiguous arrays (a strided view is copied first).
+    Returns (out [B, H, D] in q's dtype, lse [B, H] fp32).
+
+    ``backend="auto"``: the fused numba kernel (:mod:`offload.kernels.cpu_int8`) for CPU tensors,
+    the torch reference (dequantize, then attend) elsewhere; "numba" or "torch" force one.
+    Called once per layer per decode step: the checks build no message unless one fails."""
+    if backend not in ("auto", "numba", "torch"):
+        raise OffloadError(f"unknown int8 KV attention backend '{backend}': use auto, numba or torch")
+    B, Hkv, N, D = k_codes.shape
+    H = q.shape[1]
+    if not (q.dim() == 3 and q.shape[0] == B and q.shape[2] == D and H % Hkv == 0 and v_codes.shape == k_codes.shape
+            and k_scale.shape == v_scale.shape == k_codes.shape[:3]):
+        raise ValueError(f"int8 KV attention needs q [B, H, D], codes [B, Hkv, N, D] and scales [B, Hkv, N]; got "
+                         f"{tuple(q.shape)}, {tuple(k_codes.shape)} / {tuple(v_codes.shape)}, "
+                         f"{tuple(k_scale.shape)} / {tuple(v_scale.shape)}")
+    if k_codes.dtype != torch.int8 or v_codes.dtype != torch.int8:
+        raise ValueError(f"the KV codes must be int8, got {k_codes.dtype} / {v_codes.dtype}")
+    if len(lo) != B or len(hi) != B or not all(0 <= a < b <= N for a, b in zip(lo, hi)):
+        raise ValueError(f"lo/hi must be {B} visible ranges with 0 <= lo < hi <= {N}, got {list(lo)} / {list(hi)}")
+    name = ("numba" if q.device.type == "cpu" else "torch") if backend == "auto" else backend
+    _last_backend["name"] = name
+    if name == "torch":
+        bounds = torch.tensor([list(lo), list(hi)], device=q.device)  # [2, B]
+        return reference.int8_kv_attention_ref(q, k_codes, k_scale, v_codes, v_scale, bounds[0], bounds[1], scale)
+    if q.device.type != "cpu":
+        raise ValueError("the numba int8 KV kernel runs on CPU tensors")
+    from . import cpu_int8  # numba compiles (or loads from its cache) on first use
+
+    qg = q.float().contiguous().view(B, Hkv, H // Hkv, D)  # [B, Hkv, G, D] fp32
+    out = torch.empty(B, Hkv, H // Hkv, D)  # [B, Hkv, G, D] fp32
+    lse = torch.empty(B, Hkv, H // Hkv)  # [B, Hkv, G]
+    threads = torch.get_num_threads()
+    cpu_int8.set_threads(threads)
+    arrays = [t.contiguous().numpy() for t in (k_codes, k_scale.float(), v_codes, v_scale.float())]
+    split = cpu_int8.split_tokens(max(b - a for a, b in zip(lo, hi)), B * Hkv, threads)
+    cpu_int8.int8_decode_attention(qg.numpy(), *arrays[:2], *arrays[2:], np.asarray(lo, np.int64),
+                                   np.asarray(hi, np.int64), split, float(scale), out.numpy(), lse.numpy())
+    return out.view(B, H, D).to(q.dtype), lse.view(B, H)

@@ -233,3 +233,48 @@ def test_auto_backend_on_cpu_is_torch():
     gather_attention(q, k, k, torch.zeros(1, 2, 1, dtype=torch.int32), torch.zeros(1, 2, dtype=torch.int32),
                      torch.tensor([16]), scale=0.125, sink=2, window=4)
     assert last_backend() == "torch"
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,H,Hkv,D,cap", [(1, 9, 3, 64, 700), (2, 8, 8, 128, 300), (3, 32, 8, 64, 1100)])
+def test_int8_kv_kernel_matches_the_dequantizing_reference(scale_dtype, B, H, Hkv, D, cap):
+    """The fused CPU kernel (scores from codes x scale, never a dequantized copy) against the torch
+    reference over shapes, scale dtypes and visible ranges of unequal rows, long enough to be split
+    across tasks and merged; the log-sum-exp too. It reads only lo..hi: poisoned codes outside it
+    change nothing."""
+    from offload.kernels import int8_kv_attention, int8_kv_attention_ref, last_backend
+    from offload.tiers.kv_store import quantize_kv
+
+    g = torch.Generator().manual_seed(B * 100 + H)
+    kc, ks = quantize_kv(torch.randn(B, Hkv, cap, D, generator=g), scale_dtype)  # [B, Hkv, N, D], [B, Hkv, N, 1]
+    vc, vs = quantize_kv(torch.randn(B, Hkv, cap, D, generator=g), scale_dtype)
+    q = torch.randn(B, H, D, generator=g) * 2  # [B, H, D]
+    lo = [0, 5, 37][:B]
+    hi = [cap - 3, cap // 2, 40][:B]
+    want, want_lse = int8_kv_attention_ref(q, kc, ks[..., 0], vc, vs[..., 0], torch.tensor(lo), torch.tensor(hi),
+                                           D ** -0.5)
+    for b in range(B):  # what no row sees may hold anything
+        kc[b, :, :lo[b]], kc[b, :, hi[b]:], ks[b, :, hi[b]:] = 127, 127, float("nan")
+    got, lse = int8_kv_attention(q, kc, ks[..., 0], vc, vs[..., 0], lo, hi, scale=D ** -0.5)
+    assert last_backend() == "numba"
+    assert got.shape == (B, H, D) and lse.shape == (B, H)
+    assert torch.allclose(got, want, atol=2e-5, rtol=2e-5)
+    assert torch.allclose(lse, want_lse, atol=2e-5, rtol=2e-5)
+    got_bf16, _ = int8_kv_attention(q.bfloat16(), kc, ks[..., 0], vc, vs[..., 0], lo, hi, scale=D ** -0.5)
+    assert got_bf16.dtype == torch.bfloat16 and torch.allclose(got_bf16.float(), want, atol=2e-2, rtol=2e-2)
+
+
+def test_int8_kv_kernel_rejects_bad_input_in_one_line():
+    from offload.kernels import int8_kv_attention
+
+    kc = torch.zeros(1, 2, 10, 16, dtype=torch.int8)
+    ks = torch.ones(1, 2, 10)
+    q = torch.zeros(1, 4, 16)
+    with pytest.raises(ValueError, match="visible ranges"):
+        int8_kv_attention(q, kc, ks, kc, ks, [3], [3], scale=1.0)
+    with pytest.raises(ValueError, match="visible ranges"):
+        int8_kv_attention(q, kc, ks, kc, ks, [0], [11], scale=1.0)
+    with pytest.raises(ValueError, match="codes must be int8"):
+        int8_kv_attention(q, kc.float(), ks, kc, ks, [0], [5], scale=1.0)
+    with pytest.raises(ValueError, match="needs q"):
+        int8_kv_attention(torch.zeros(1, 3, 16), kc, ks, kc, ks, [0], [5], scale=1.0)

@@ -141,29 +141,30 @@ def test_online_softmax_over_blocks_equals_attention_over_all_keys():
     assert torch.allclose(acc.result(), want, atol=1e-5, rtol=1e-5)
 
 
-def test_long_quantized_decode_attends_in_blocks_exactly(tiny_models, monkeypatch):
-    """Past DECODE_BLOCK_TOKENS a quantized KV is dequantized a block at a time: the logits equal
-    the single-block path's."""
+@pytest.mark.parametrize("family", ["llama", "mistral"])  # mistral: a sliding window of 24
+def test_long_quantized_decode_attends_in_blocks_exactly(tiny_models, monkeypatch, family):
+    """Past DECODE_BLOCK_TOKENS a quantized KV is dequantized a block at a time (devices without the
+    fused kernel): the tokens and logits equal the single-block path's and the CPU's fused kernel's,
+    for rows of unequal lengths (a mask) and a sliding-window model."""
     import offload.indexes.dense as dense
+    from offload.attention import ForwardBatch
 
-    folder, hf = tiny_models["llama"]
+    folder, hf = tiny_models[family]
     ids = torch.randint(3, hf.config.vocab_size, (100,), generator=torch.Generator().manual_seed(8)).tolist()
     llm = LLM(folder, dtype="float32", kv_dtype="int8", verbose=False)
     params = SamplingParams(max_new_tokens=6, ignore_eos=True)
-    whole = llm.generate([ids, ids[:70]], params)  # rows of two lengths: a mask
-    monkeypatch.setattr(dense, "DECODE_BLOCK_TOKENS", 16)
-    blocked = llm.generate([ids, ids[:70]], params)
-    assert [o.token_ids for o in blocked] == [o.token_ids for o in whole]
-    from offload.attention import ForwardBatch
-
-    steps = []
-    for block in (16, 8192):  # one decode step's logits, blocked and whole
+    tokens, steps = [], []
+    for fused, block in (((), 8192), ((), 16), (("cpu",), 8192)):  # whole, blocked, fused kernel
+        monkeypatch.setattr(dense, "FUSED_INT8_DEVICES", fused)
         monkeypatch.setattr(dense, "DECODE_BLOCK_TOKENS", block)
-        llm.backend.allocate(1, 256)
+        tokens.append([o.token_ids for o in llm.generate([ids, ids[:70]], params)])  # rows of two lengths: a mask
+        llm.backend.allocate(1, 256)  # one decode step's logits
         llm.engine.prefill(0, ids)
         with torch.inference_mode():
             steps.append(llm.model(torch.tensor([[7]]), ForwardBatch.decode([len(ids)], llm.device, [7]), llm.backend))
+    assert tokens[0] == tokens[1] == tokens[2]
     assert torch.allclose(steps[0], steps[1], atol=1e-4, rtol=1e-4)
+    assert torch.allclose(steps[0], steps[2], atol=1e-4, rtol=1e-4)
 
 
 def test_int8_kv_prompt_cache_round_trips_exactly(tiny_models, tmp_path):
