@@ -127,6 +127,25 @@ class SparseAttention(DenseAttention):
             idx.restore(self.kv.rows(layer, row)[0], scalars, tensors)
             self.indexes[(row, layer)] = idx
 
+    def move_row(self, src: int, dst: int, token_ids: list[int]) -> None:
+        """The KV moves in place; each index is rebuilt on the new row from its saved state (an
+        index reads its keys where they lie), and the prompt queries kept for a build move along."""
+        states = self.index_states(src)
+        super().move_row(src, dst, token_ids)
+        for key in [key for key in self.indexes if key[0] in (src, dst)]:
+            del self.indexes[key]
+        for key in [key for key in self.prefill_queries if key[0] == dst]:
+            del self.prefill_queries[key]
+        for (row, layer) in [key for key in self.prefill_queries if key[0] == src]:
+            self.prefill_queries[(dst, layer)] = self.prefill_queries.pop((row, layer))
+        self.row_tokens.pop(src, None)
+        if self.keep_tokens:
+            self.row_tokens[dst] = list(token_ids)
+        for layer, (scalars, tensors) in states.items():
+            idx = self._new_index(dst)
+            idx.restore(self.kv.rows(layer, dst)[0], scalars, tensors)
+            self.indexes[(dst, layer)] = idx
+
     def forward(self, layer, q, k, v, batch):
         if not batch.is_decode or layer < self.config.dense_layers:
             if self.keep_queries and not batch.is_decode and layer >= self.config.dense_layers:
@@ -167,7 +186,7 @@ class SparseAttention(DenseAttention):
             for b, s in enumerate(selections):
                 selected[b, :, :s.ids.shape[-1]] = s.ids
             counts = torch.stack([s.counts.to(q.device) for s in selections])  # [B, Hkv]
-            out, _ = gather_attention(q[:, :, 0], self.kv.k[layer], self.kv.v[layer], selected, counts,
+            out, _ = gather_attention(q[:, :, 0], self.kv.k[layer][:B], self.kv.v[layer][:B], selected, counts,
                                       self._seq_lens, scale=self.args.softmax_scale, sink=self.config.sink,
                                       window=self.config.window, backend=self.kernel_backend)  # [B, H, D]
         if any(beyond):  # a batch of rows on both sides of the window

@@ -55,6 +55,9 @@ class DenseAttention(AttentionBackend):
         """Put a saved prefix back: k, v [L, Hkv, n, D] become cache row ``row``'s first n tokens."""
         self.kv.restore(row, k, v)
 
+    def move_row(self, src: int, dst: int, token_ids: list[int]) -> None:
+        self.kv.move_row(src, dst, len(token_ids))
+
     def begin(self, batch: ForwardBatch) -> None:
         # Masks are built once per model call and shared by all layers.
         window = self.args.sliding_window
@@ -98,12 +101,12 @@ class DenseAttention(AttentionBackend):
             acc = OnlineSoftmax(qg, a.softmax_scale)
             for lo in range(start, end, DECODE_BLOCK_TOKENS):
                 hi = min(end, lo + DECODE_BLOCK_TOKENS)
-                keys, values = self.kv.read(layer, slice(None), lo, hi, self.kv.attend_dtype)  # [B, Hkv, n, D]
+                keys, values = self.kv.read(layer, slice(0, B), lo, hi, self.kv.attend_dtype)  # [B, Hkv, n, D]
                 mask = None if self._decode_mask is None else self._decode_mask[..., lo - start:hi - start]
                 acc.add(keys, values, mask)
             return acc.result().view(B, H, 1, D)
         # a layer in the host tier: everything visible comes over (dense attention's price)
-        keys, values = self.kv.read(layer, slice(None), start, end, self.kv.attend_dtype)  # [B, Hkv, N', D]
+        keys, values = self.kv.read(layer, slice(0, B), start, end, self.kv.attend_dtype)  # [B, Hkv, N', D]
         out = attend(qg, keys, values, a.softmax_scale, self._decode_mask)  # [B, Hkv, G, D]
         return out.view(B, H, 1, D)
 

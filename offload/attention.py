@@ -89,6 +89,12 @@ class AttentionBackend(ABC):
                     index_states: dict | None = None) -> None:
         """Put a saved prefix back as ``row``'s first tokens (k, v [L, Hkv, n, D]), with its index states."""
 
+    @abstractmethod
+    def move_row(self, src: int, dst: int, token_ids: list[int]) -> None:
+        """Make cache row ``dst`` what row ``src`` is (its cached ``token_ids``, KV and index states);
+        ``src`` is then free. Decode runs over rows 0..B-1, so a server that retires a request moves
+        its last row into the gap."""
+
     def build_indexes(self, row: int, n: int) -> None:
         """Build whatever selection structures ``row``'s first n tokens need (none for dense)."""
 

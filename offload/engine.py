@@ -133,7 +133,7 @@ class Engine:
             deltas = []
             for b, out in enumerate(outputs):
                 if not out.finished:
-                    delta = self._append(out, next_tokens[b], detok[b], params[b], budgets[b])
+                    delta = self.append_token(out, next_tokens[b], detok[b], params[b], budgets[b])
                     deltas.append((out, delta))
             stats.generated_tokens += len(deltas)
             yield deltas
@@ -159,8 +159,10 @@ class Engine:
         self.backend.restore_row(row, ids, prefix.k, prefix.v, prefix.index_states)
         return self.prefill(row, ids, begin=n) if len(ids) > n else prefix.logits
 
-    def _append(self, out: RequestOutput, token: int, detok: IncrementalDetokenizer, p: SamplingParams,
-                budget: int) -> str:
+    def append_token(self, out: RequestOutput, token: int, detok: IncrementalDetokenizer, p: SamplingParams,
+                     budget: int) -> str:
+        """Add a picked token to ``out`` (EOS, stop strings and the token budget end it); returns the
+        new text, a stop string cut off."""
         if token in self.tokenizer.eos_token_ids and not p.ignore_eos:
             out.finish_reason = "stop"
             return ""

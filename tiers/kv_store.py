@@ -207,9 +207,9 @@ class KVStore:
             new = [kc, vc, ks, vs]  # codes [B, Hkv, T, D], scales [B, Hkv, T, 1]
         if batch.is_decode:
             if len(set(batch.start_lengths)) == 1:  # all rows at one position: a plain slice
-                n = batch.start_lengths[0]
+                n, B = batch.start_lengths[0], len(batch.rows)  # rows 0..B-1 (a server's cache has more)
                 for dest, src in zip(self._parts(layer), new):
-                    dest[:, :, n] = src[:, :, 0]  # [B, Hkv, D or 1]
+                    dest[:B, :, n] = src[:, :, 0]  # [B, Hkv, D or 1]
                 return
             rows, pos = batch.row_index, batch.positions[:, 0]  # [B], [B]
             where = self.k[layer].device
@@ -295,6 +295,13 @@ class KVStore:
         staging.sent()
         self.bytes_to_device += sum(t.numel() * t.element_size() for t in sent)
         return sent
+
+    def move_row(self, src: int, dst: int, n: int) -> None:
+        """Copy the first n tokens of cache row ``src`` into row ``dst``, in place in each tier (codes
+        and scales as held: exact). A server keeps its rows in flight at 0..B-1 this way."""
+        for layer in range(self.args.num_layers):
+            for part in self._parts(layer):
+                part[dst, :, :n] = part[src, :, :n]
 
     def prefix(self, row: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The first n tokens of cache row ``row``, every layer, on the host: k, v [L, Hkv, n, D] in
