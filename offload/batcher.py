@@ -133,6 +133,11 @@ class ContinuousBatcher:
             self._thread.join()
 
     @property
+    def alive(self) -> bool:
+        """Whether the engine thread runs (a server answers /health with it)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
     def queued(self) -> int:
         return len(self.queue)
 

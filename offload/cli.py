@@ -1,4 +1,4 @@
-"""Command line: ``offload generate``, ``offload plan`` and ``offload profile``.
+"""Command line: ``offload generate``, ``serve``, ``plan``, ``profile`` and ``tune``.
 
 Errors caused by input print one line (``offload: error: ...``) and exit with status 2.
 """
@@ -105,6 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--stats", action="store_true", help="print prefill/decode tokens/s and peak memory to stderr")
+    sv = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API (continuous batching)")
+    _add_model_args(sv)
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-rows", type=_positive_int, default=8, help="requests decoding at once (default 8)")
+    sv.add_argument("--max-queue", type=int, default=64, help="requests waiting for a row before 429 (default 64)")
+    sv.add_argument("--kv-memory", default=None,
+                    help="KV bytes for the rows in flight (e.g. 4GiB): fewer rows of --max-context tokens if smaller")
+    sv.add_argument("--served-model-name", default=None, help="the model id clients send (default: the file name)")
     pl = sub.add_parser("plan", help="print where weights, KV and index would live, and the predicted step time "
                                      "(the same flags as generate give the same placement)")
     _add_model_args(pl)
@@ -240,12 +249,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .engine_config import EngineConfig
+    from .llm import LLM
+    from .tiers.budget import parse_size
+
+    try:
+        from .server import ServeConfig, serve
+    except ImportError as e:
+        raise OffloadError(f"offload serve needs FastAPI and uvicorn: pip install 'offload[serve]' ({e})") from None
+
+    config = EngineConfig.from_cli(args)
+    serve_config = ServeConfig(host=args.host, port=args.port, max_rows=args.max_rows, max_queue=args.max_queue,
+                               kv_memory=None if args.kv_memory is None else parse_size(args.kv_memory),
+                               model_name=args.served_model_name)
+    serve(LLM(config=config), serve_config)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return {"generate": cmd_generate, "plan": cmd_plan, "profile": cmd_profile,
-                "tune": cmd_tune}[args.command](args)
+        return {"generate": cmd_generate, "plan": cmd_plan, "profile": cmd_profile, "tune": cmd_tune,
+                "serve": cmd_serve}[args.command](args)
     except OffloadError as e:
         print(f"offload: error: {e}", file=sys.stderr)
         return 2
