@@ -180,6 +180,12 @@ class OffloadServer:
             raise BadRequest(f"n must be 1 (one choice per request), got {n!r}", param="n")
         if not isinstance(body.get("stream", False), bool):
             raise BadRequest(f"stream must be true or false, got {body.get('stream')!r}", param="stream")
+        if body.get("stream_options") is None:  # absent or null: no options
+            body["stream_options"] = {}
+        options = body["stream_options"]
+        if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+            raise BadRequest(f"stream_options must be an object like {{\"include_usage\": true}}, got {options!r}",
+                             param="stream_options")
         max_tokens = next((body[k] for k in max_tokens_keys if body.get(k) is not None), default_max_tokens)
         if max_tokens is None:  # chat: up to the context, as OpenAI's default
             max_tokens = self.llm.engine.max_context
@@ -218,7 +224,7 @@ class OffloadServer:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         frame = _Frame(rid, self.model_name, int(time.time()), chat)
         if body.get("stream", False):
-            usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            usage = body["stream_options"].get("include_usage", False)
             return StreamingResponse(self._events(request, updates, frame, len(ids), usage),
                                      media_type="text/event-stream")
         pieces, reason, generated = [], None, 0

@@ -194,6 +194,7 @@ def test_bad_requests_get_4xx_json_errors_and_the_server_lives_on(server):
         (chat, {**ok, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
         (chat, {**ok, "stream": "yes"}, "stream"),
         (chat, {**ok, "presence_penalty": 1.0}, "presence_penalty"),
+        (chat, {**ok, "stream": True, "stream_options": [1]}, "stream_options"),
         (text, {"model": model}, "prompt"),  # missing prompt
         (text, {"model": model, "prompt": "word " * 2000}, "tokens"),  # over the context
         (text, {"model": model, "prompt": [1, 2, 10 ** 9]}, "vocabulary"),  # token id outside the vocabulary
