@@ -127,18 +127,23 @@ class SparseAttention(DenseAttention):
             idx.restore(self.kv.rows(layer, row)[0], scalars, tensors)
             self.indexes[(row, layer)] = idx
 
+    def release_row(self, row: int) -> None:
+        for key in [key for key in self.indexes if key[0] == row]:
+            del self.indexes[key]
+        for key in [key for key in self.prefill_queries if key[0] == row]:
+            del self.prefill_queries[key]
+        self.row_tokens.pop(row, None)
+
     def move_row(self, src: int, dst: int, token_ids: list[int]) -> None:
         """The KV moves in place; each index is rebuilt on the new row from its saved state (an
         index reads its keys where they lie), and the prompt queries kept for a build move along."""
         states = self.index_states(src)
+        queries = {layer: self.prefill_queries.pop((row, layer))
+                   for (row, layer) in [key for key in self.prefill_queries if key[0] == src]}
         super().move_row(src, dst, token_ids)
-        for key in [key for key in self.indexes if key[0] in (src, dst)]:
-            del self.indexes[key]
-        for key in [key for key in self.prefill_queries if key[0] == dst]:
-            del self.prefill_queries[key]
-        for (row, layer) in [key for key in self.prefill_queries if key[0] == src]:
-            self.prefill_queries[(dst, layer)] = self.prefill_queries.pop((row, layer))
-        self.row_tokens.pop(src, None)
+        self.release_row(src)
+        self.release_row(dst)
+        self.prefill_queries.update({(dst, layer): q for layer, q in queries.items()})
         if self.keep_tokens:
             self.row_tokens[dst] = list(token_ids)
         for layer, (scalars, tensors) in states.items():

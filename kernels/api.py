@@ -173,11 +173,13 @@ def int8_kv_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Ten
     from . import cpu_int8  # numba compiles (or loads from its cache) on first use
 
     qg = q.float().contiguous().view(B, Hkv, H // Hkv, D)  # [B, Hkv, G, D] fp32
-    out = torch.empty(B, Hkv, H // Hkv, D)  # [B, Hkv, G, D] fp32
-    lse = torch.empty(B, Hkv, H // Hkv)  # [B, Hkv, G]
+    out = torch.empty(B, Hkv, H // Hkv, D, dtype=torch.float32)  # [B, Hkv, G, D]
+    lse = torch.empty(B, Hkv, H // Hkv, dtype=torch.float32)  # [B, Hkv, G]
     threads = torch.get_num_threads()
     cpu_int8.set_threads(threads)
-    arrays = [t.contiguous().numpy() for t in (k_codes, k_scale.float(), v_codes, v_scale.float())]
+    seen = max(hi)  # scales past the furthest visible token are never read: not converted either
+    scales = [s[:, :, :seen].float().contiguous() for s in (k_scale, v_scale)]  # [B, Hkv, N'] fp32
+    arrays = [t.numpy() for t in (k_codes.contiguous(), scales[0], v_codes.contiguous(), scales[1])]
     split = cpu_int8.split_tokens(max(b - a for a, b in zip(lo, hi)), B * Hkv, threads)
     cpu_int8.int8_decode_attention(qg.numpy(), *arrays[:2], *arrays[2:], np.asarray(lo, np.int64),
                                    np.asarray(hi, np.int64), split, float(scale), out.numpy(), lse.numpy())

@@ -23,6 +23,8 @@ from numba import njit, prange
 # that one row and a few KV heads spread over the cores.
 MIN_SPLIT_TOKENS = 256
 TASKS_PER_THREAD = 4
+# Below any score: the running max of a split before its first key (finite, as fastmath assumes).
+NO_SCORE = np.float32(-3.0e38)
 
 
 @njit(cache=True, parallel=True, fastmath=True)
@@ -37,7 +39,7 @@ def int8_decode_attention(q, k_codes, k_scale, v_codes, v_scale, lo, hi, split, 
         longest = max(longest, hi[b] - lo[b])
     S = (longest + split - 1) // split
     part_acc = np.zeros((B, Hkv, S, G, D), np.float32)
-    part_max = np.full((B, Hkv, S, G), -np.inf, np.float32)
+    part_max = np.full((B, Hkv, S, G), NO_SCORE, np.float32)
     part_sum = np.zeros((B, Hkv, S, G), np.float32)
     for task in prange(B * Hkv * S):
         b = task // (Hkv * S)
@@ -75,7 +77,7 @@ def int8_decode_attention(q, k_codes, k_scale, v_codes, v_scale, lo, hi, split, 
     for b in range(B):  # merge the splits: exact, by their running max
         for h in range(Hkv):
             for g in range(G):
-                m = -np.inf
+                m = NO_SCORE
                 for s in range(S):
                     m = max(m, part_max[b, h, s, g])
                 total = np.float32(0.0)

@@ -89,6 +89,10 @@ class AttentionBackend(ABC):
                     index_states: dict | None = None) -> None:
         """Put a saved prefix back as ``row``'s first tokens (k, v [L, Hkv, n, D]), with its index states."""
 
+    def release_row(self, row: int) -> None:
+        """Forget what cache row ``row`` held beyond its KV (indexes, kept queries, tokens): the row
+        is free, and the next sequence prefilled into it must build its own."""
+
     @abstractmethod
     def move_row(self, src: int, dst: int, token_ids: list[int]) -> None:
         """Make cache row ``dst`` what row ``src`` is (its cached ``token_ids``, KV and index states);

@@ -84,12 +84,17 @@ class BatcherStats:
     prefill_seconds: float = 0.0
     index_build_seconds: float = 0.0
     decode_seconds: float = 0.0
-    recent: deque = field(default_factory=deque, repr=False)  # (time, tokens) of recent steps
+    recent: deque = field(default_factory=deque, repr=False)  # times of the tokens of the last RATE_WINDOW_S
+
+    def count_token(self, now: float) -> None:
+        """On the engine thread: one more token; tokens older than the window are dropped here."""
+        self.recent.append(now)
+        while now - self.recent[0] > RATE_WINDOW_S:
+            self.recent.popleft()
 
     def tokens_per_second(self, now: float) -> float:
-        while self.recent and now - self.recent[0][0] > RATE_WINDOW_S:
-            self.recent.popleft()
-        return sum(n for _, n in self.recent) / RATE_WINDOW_S
+        """From any thread (a snapshot: list() of a deque runs without releasing the GIL)."""
+        return sum(1 for t in list(self.recent) if now - t <= RATE_WINDOW_S) / RATE_WINDOW_S
 
 
 class ContinuousBatcher:
@@ -115,6 +120,8 @@ class ContinuousBatcher:
         raise QueueFull."""
         self.engine.check_prompt(request.prompt_ids)
         with self._wake:
+            if self._stopping:
+                raise QueueFull("the server is stopping")
             if len(self.queue) >= self.max_queue + self.max_rows - len(self.rows):
                 self.stats.requests_rejected += 1
                 raise QueueFull(f"{len(self.rows)} requests in flight and {len(self.queue)} queued: retry later")
@@ -155,8 +162,13 @@ class ContinuousBatcher:
                     break
             self.step()
         for row in self.rows:  # a stopping server tells whoever still waits
-            self._finish(row, "cancelled")
+            if not row.output.finished:
+                self._finish(row, "cancelled")
         self.rows.clear()
+        with self._wake:
+            waiting, self.queue = list(self.queue), deque()
+        for request in waiting:
+            request.emit("", RequestOutput(request.prompt, request.prompt_ids, finish_reason="cancelled"))
 
     @torch.inference_mode()
     def step(self) -> None:
@@ -164,13 +176,16 @@ class ContinuousBatcher:
         try:
             self._retire()
             self._admit()
+            self._retire()  # a request may end at its first token (EOS, a stop string, max_tokens=1)
             if self.rows:
                 self._decode()
         except Exception as e:  # noqa: BLE001 - a server outlives a failed step: its rows end with the error
             message = f"{type(e).__name__}: {e}"
-            for row in self.rows:
-                row.request.error = message
-                self._finish(row, "error")
+            for b, row in enumerate(self.rows):
+                self.engine.backend.release_row(b)
+                if not row.output.finished:
+                    row.request.error = message
+                    self._finish(row, "error")
             self.rows.clear()
 
     def _retire(self) -> None:
@@ -181,13 +196,15 @@ class ContinuousBatcher:
         while b < len(self.rows):
             while self.rows and self.rows[-1].output.finished:
                 self.rows.pop()
+                self.engine.backend.release_row(len(self.rows))
             if b >= len(self.rows) or not self.rows[b].output.finished:
                 b += 1
                 continue
-            last = self.rows.pop()  # unfinished: it takes the freed place, so rows stay 0..B-1
+            last = self.rows[-1]  # unfinished: it takes the freed place, so rows stay 0..B-1
             cached = (last.output.prompt_token_ids + last.output.token_ids)[:last.length]
-            self.engine.backend.move_row(len(self.rows), b, cached)
+            self.engine.backend.move_row(len(self.rows) - 1, b, cached)  # (releases both rows' old state)
             self.rows[b] = last
+            self.rows.pop()  # after the move: were it to fail, `last` is still here to be told
             b += 1
 
     def _admit(self) -> None:
@@ -200,7 +217,17 @@ class ContinuousBatcher:
                 request.emit("", RequestOutput(request.prompt, request.prompt_ids, finish_reason="cancelled"))
                 self.stats.requests_cancelled += 1
                 continue
-            self._prefill(request)
+            try:
+                self._prefill(request)
+            except Exception as e:  # noqa: BLE001 - this request fails alone (e.g. memory for its prompt)
+                request.error = f"{type(e).__name__}: {e}"
+                if self.rows and self.rows[-1].request is request:
+                    row = self.rows.pop()
+                    self.engine.backend.release_row(len(self.rows))
+                    self._finish(row, "error")
+                else:
+                    self.stats.requests_failed += 1
+                    request.emit("", RequestOutput(request.prompt, request.prompt_ids, finish_reason="error"))
 
     def _prefill(self, request: Request) -> None:
         ids, p, engine = request.prompt_ids, request.params, self.engine
@@ -208,6 +235,7 @@ class ContinuousBatcher:
                    IncrementalDetokenizer(engine.tokenizer, ids), Sampler([p], self.device),
                    budget=min(p.max_new_tokens, engine.max_context - len(ids)), length=len(ids))
         b = len(self.rows)
+        engine.backend.release_row(b)  # nothing of an earlier sequence in this row may survive
         self.rows.append(row)
         self.stats.requests_admitted += 1
         self.stats.prompt_tokens += len(ids)
@@ -234,6 +262,7 @@ class ContinuousBatcher:
     def _take(self, row: _Row, logits: torch.Tensor) -> None:
         """Pick the row's next token from logits [1, V] and pass on its text."""
         (token,), (finite,) = row.sampler.pick(logits)
+        row.next_token = token
         if not finite:
             row.request.error = "the model produced NaN/inf logits: the weights are likely corrupt or the dtype overflows"
             self._finish(row, "error")
@@ -245,8 +274,7 @@ class ContinuousBatcher:
         delta = self.engine.append_token(row.output, token, row.detok, row.request.params, row.budget)
         if len(row.output.token_ids) > before:  # EOS is not a generated token
             self.stats.generated_tokens += 1
-            self.stats.recent.append((now, 1))
-        row.next_token = token
+            self.stats.count_token(now)
         if row.output.finished:
             self._finish(row, row.output.finish_reason, delta)
         elif delta:

@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException
 
 from .batcher import ContinuousBatcher, QueueFull, Request
 from .engine import RequestOutput
-from .errors import InvalidRequestError
+from .errors import InvalidRequestError, OffloadError
 from .llm import LLM
 from .sampling import SamplingParams
 from .tiers.kv_store import kv_bytes_per_token
@@ -129,6 +129,11 @@ class OffloadServer:
             return JSONResponse(BadRequest(str(e.detail), status=e.status_code, kind=kind).body(),
                                 status_code=e.status_code)
 
+        @app.exception_handler(Exception)
+        async def server_error(_, e: Exception):  # a bug of ours: a JSON 500, never a traceback to the client
+            return JSONResponse(BadRequest(f"internal error: {type(e).__name__}: {e}", status=500,
+                                           kind="server_error").body(), status_code=500)
+
         @app.exception_handler(RequestValidationError)
         async def validation_error(_, e: RequestValidationError):
             return JSONResponse(BadRequest(f"invalid request: {e.errors()[:1]}").body(), status_code=400)
@@ -153,7 +158,7 @@ class OffloadServer:
             messages = _messages(body.get("messages"))
             params = self._params(body, default_max_tokens=None, max_tokens_keys=("max_completion_tokens",
                                                                                    "max_tokens"))
-            ids, _ = self.llm.encode_prompt(messages, chat=True)
+            ids, _ = self._encode(messages, chat=True)
             return await self._respond(http, body, ids, None, params, chat=True)
 
         @app.post("/v1/completions")
@@ -162,13 +167,25 @@ class OffloadServer:
             prompt = _prompt(body.get("prompt"))
             params = self._params(body, default_max_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS,
                                   max_tokens_keys=("max_tokens",))
-            ids, text = self.llm.encode_prompt(prompt)
+            ids, text = self._encode(prompt, chat=False)
             return await self._respond(http, body, ids, text, params, chat=False)
 
         return app
 
     # ------------------------------------------------------------------ requests
+    def _encode(self, prompt, chat: bool) -> tuple[list[int], str | None]:
+        """Token ids of a prompt or conversation; what the tokenizer or chat template refuses (a lone
+        surrogate, roles a template does not allow, no template) is the client's 400."""
+        try:
+            return self.llm.encode_prompt(prompt, chat=chat)
+        except (OffloadError, ValueError, TypeError, UnicodeError) as e:
+            raise BadRequest(f"cannot encode the {'messages' if chat else 'prompt'}: {e}",
+                             param="messages" if chat else "prompt") from None
+
     def _params(self, body: dict, default_max_tokens: int | None, max_tokens_keys: tuple[str, ...]) -> SamplingParams:
+        for key in ("temperature", "top_p", "n", "stop", "seed", "top_k", "max_tokens", "max_completion_tokens"):
+            if key in body and body[key] is None:  # JSON null: the default, as OpenAI reads it
+                del body[key]
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise BadRequest("'model' is required: the id from GET /v1/models", param="model")

@@ -5,6 +5,7 @@ limits, cancellation, rows moved as requests retire, against static-batch genera
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -199,9 +200,12 @@ def test_bad_requests_get_4xx_json_errors_and_the_server_lives_on(server):
         (text, {"model": model, "prompt": "word " * 2000}, "tokens"),  # over the context
         (text, {"model": model, "prompt": [1, 2, 10 ** 9]}, "vocabulary"),  # token id outside the vocabulary
         (text, {"model": model, "prompt": "hi", "seed": "x"}, "seed"),
+        (text, {"model": model, "prompt": "caf\ud800"}, "lone surrogate"),  # not text
+        (chat, {**ok, "messages": [{"role": "user", "content": "\ud800"}]}, "lone surrogate"),
     ]
-    for url, body, needle in cases:
-        r = httpx.post(url, json=body, timeout=60)
+    for url, body, needle in cases:  # json.dumps escapes a lone surrogate, as JSON allows
+        r = httpx.post(url, content=json.dumps(body).encode(), headers={"content-type": "application/json"},
+                       timeout=60)
         assert 400 <= r.status_code < 500, (body, r.status_code, r.text)
         error = r.json()["error"]
         assert needle in error["message"] and error["type"], (body, error)
@@ -212,6 +216,9 @@ def test_bad_requests_get_4xx_json_errors_and_the_server_lives_on(server):
     assert r.status_code == 404 and "error" in r.json()
     assert httpx.get(f"{server}/health").json() == {"status": "ok"}
     assert _client(server).completions.create(model=model, prompt="Hello", max_tokens=2, temperature=0).choices
+    r = httpx.post(text, json={"model": model, "prompt": "Hello", "max_tokens": 1, "temperature": None,
+                               "top_p": None, "n": None, "stop": None}, timeout=60)  # null = the default
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 1
 
 
 # ---------------------------------------------------------------------- the batcher, in-process
@@ -252,6 +259,43 @@ def test_batcher_admits_and_retires_and_matches_generate(tiny_models, policy):
     assert batcher.stats.generated_tokens == sum(len(w) for w in want)
     # no padding: every row a step decodes yields a token (each request's first comes from its prefill)
     assert sum(widths) == sum(len(w) for w in want) - len(prompts)
+
+
+def test_a_reused_row_builds_its_own_index(tiny_models):
+    """One row, requests one after another: each one's index is built over its own prompt, never
+    inherited from the request that used the row before (a stale Quest index would select pages of
+    the old keys); the outputs equal one-prompt generate's."""
+    folder, hf = tiny_models["llama"]
+    llm = LLM(folder, verbose=False, dtype="float32", max_context=256, kv_policy="quest", kv_budget=16,
+              dense_layers=1, sink=4, window=8)
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(3, hf.config.vocab_size, (n,), generator=g).tolist() for n in (200, 120, 160)]
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    want = [llm.generate([p], params)[0].token_ids for p in prompts]
+    batcher = ContinuousBatcher(llm.engine, max_rows=1, max_queue=4)
+    results: dict[int, object] = {}
+    for i, p in enumerate(prompts):
+        batcher.submit(Request(p, params, _collect(results, i)))
+    while len(results) < len(prompts):
+        batcher.step()
+        for (row, layer), idx in llm.backend.indexes.items():
+            assert idx.n <= batcher.rows[row].length if row < batcher.in_flight else False, (row, layer)
+    assert [results[i].token_ids for i in range(len(prompts))] == want
+
+
+def test_a_request_that_ends_at_its_first_token_is_not_decoded_again(tiny_models):
+    folder, _ = tiny_models["llama"]
+    llm = LLM(folder, verbose=False, dtype="float32", max_context=128)
+    batcher = ContinuousBatcher(llm.engine, max_rows=2, max_queue=4)
+    finals: list[tuple[int, object]] = []
+    params = [SamplingParams(max_new_tokens=1, ignore_eos=True), SamplingParams(max_new_tokens=4, ignore_eos=True)]
+    for i, p in enumerate(params):
+        batcher.submit(Request([5, 6, 7 + i], p, lambda d, out, i=i: finals.append((i, out)) if out.finished else None))
+    while len(finals) < 2:
+        batcher.step()
+    batcher.step()
+    assert sorted((i, len(out.token_ids)) for i, out in finals) == [(0, 1), (1, 4)]  # one final emit each
+    assert batcher.stats.requests_finished == 2 and batcher.stats.generated_tokens == 5
 
 
 def test_batcher_queue_limit_cancellation_and_bad_prompts(tiny_models):
