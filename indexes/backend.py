@@ -48,6 +48,7 @@ class SparseAttention(DenseAttention):
         self.policy_cls = policy_class(policy)
         self.ctx = ctx if ctx is not None else IndexContext.for_model(args, device)
         self.keep_queries = self.policy_cls.needs_prefill_queries
+        self.rows_movable = self.policy_cls.persistable
         self.prefill_queries: dict[tuple[int, int], list[torch.Tensor]] = {}  # (row, layer) -> [H, Tq, D] chunks
         self.telemetry = Telemetry() if telemetry else None
         # Text-aware indexes (SentenceKV) see each row's token ids and which ids end a sentence.

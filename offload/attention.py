@@ -64,6 +64,7 @@ class AttentionBackend(ABC):
     Everything the engine, the API and the prompt cache call is declared here."""
 
     telemetry = None  # a sparse backend's per-layer recall/mass/error record (telemetry=True)
+    rows_movable = True  # move_row works (a policy whose index cannot be saved cannot move rows)
 
     @abstractmethod
     def allocate(self, batch_size: int, capacity: int) -> None:

@@ -89,9 +89,9 @@ class OffloadServer:
     """The HTTP face of one :class:`LLM`: build it, then ``run()`` (or mount ``app`` elsewhere)."""
 
     def __init__(self, llm: LLM, config: ServeConfig | None = None):
-        if llm.backend.settings()["kv_policy"] == "hnsw":
-            raise InvalidRequestError("kv_policy 'hnsw' cannot move a row's index between cache rows (hnswlib "
-                                      "graphs are not saved): serve with retrieval, quest, shadowkv, sentence or dense")
+        if not llm.backend.rows_movable:
+            raise InvalidRequestError(f"kv_policy {llm.kv_policy} cannot move a row's index between cache rows (its "
+                                      "index cannot be saved): serve with another policy")
         self.llm, self.config = llm, config or ServeConfig()
         self.model_name = self.config.model_name or llm.path.name
         self.rows = rows_for_budget(llm, self.config)
