@@ -12,7 +12,7 @@ A sliding-window model's row longer than its window attends exactly over the win
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import torch
 from tqdm import tqdm
@@ -24,10 +24,21 @@ from offload.kernels.reference import dense_token_ids
 from offload.tiers.kv_store import KVStore
 
 from .base import QUERY_STRIDE, IndexContext, KVIndex, Selection, SelectionConfig, make_index, policy_class
-from .dense import DenseAttention
+from .dense import DenseAttention, DensePlan
 from .telemetry import Telemetry
 
 PROGRESS_FROM_TOKENS = 16384  # index builds over prompts this long show a progress bar
+
+
+@dataclass
+class SparsePlan(DensePlan):
+    """Per decode step, from :meth:`SparseAttention.begin`: rows beyond a sliding window, the rows'
+    lengths on the KV device, and (kv_offload / a quantized KV) the sinks' and window's token ids
+    every layer gathers."""
+
+    beyond_window: list[bool] | None = None
+    seq_lens: torch.Tensor | None = None  # [B] int32
+    dense_ids: tuple[torch.Tensor, torch.Tensor] | None = None  # ([B, Nd], [B, Nd])
 
 
 class SparseAttention(DenseAttention):
@@ -54,11 +65,6 @@ class SparseAttention(DenseAttention):
         # Text-aware indexes (SentenceKV) see each row's token ids and which ids end a sentence.
         self.keep_tokens = self.policy_cls.needs_token_ids
         self.row_tokens: dict[int, list[int]] = {}
-        self._seq_lens: torch.Tensor | None = None
-        # per decode step, from begin(): rows beyond a sliding window, and (kv_offload) the sinks' and
-        # window's token ids every layer gathers
-        self._beyond_window: list[bool] = []
-        self._dense_ids: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def allocate(self, batch_size: int, capacity: int) -> None:
         super().allocate(batch_size, capacity)
@@ -80,17 +86,21 @@ class SparseAttention(DenseAttention):
         # A sliding-window model's row longer than its window sees only the last `sliding_window`
         # tokens: few enough to attend exactly, and a selection must not reach beyond them.
         window = self.args.sliding_window
-        self._beyond_window = [window is not None and n > window for n in batch.end_lengths]
-        for row, n, beyond in zip(batch.rows, batch.start_lengths, self._beyond_window):
+        plan: SparsePlan = batch.plan
+        plan.beyond_window = [window is not None and n > window for n in batch.end_lengths]
+        for row, n, beyond in zip(batch.rows, batch.start_lengths, plan.beyond_window):
             if not beyond:  # lengths only grow: a row beyond the window never needs its index
                 self.build_indexes(row, n)
             else:  # nor the prompt queries kept for its build
                 for layer in range(self.config.dense_layers, self.args.num_layers):
                     self.prefill_queries.pop((row, layer), None)
-        self._seq_lens = torch.tensor(batch.end_lengths, device=self.kv.device, dtype=torch.int32)  # [B]
+        plan.seq_lens = torch.tensor(batch.end_lengths, device=self.kv.device, dtype=torch.int32)  # [B]
         if self.kv_offload or self.kv.quantized:  # the always-attended ids, the same for every layer this step
             lengths = torch.tensor(batch.end_lengths, device="cpu" if self.kv_offload else self.kv.device)  # [B]
-            self._dense_ids = dense_token_ids(lengths, self.config.sink, self.config.window)  # ([B, Nd], [B, Nd])
+            plan.dense_ids = dense_token_ids(lengths, self.config.sink, self.config.window)  # ([B, Nd], [B, Nd])
+
+    def new_plan(self) -> SparsePlan:
+        return SparsePlan()
 
     def build_indexes(self, row: int, n: int) -> None:
         """Build every sparse layer's index of cache row ``row`` over its first n tokens (once)."""
@@ -162,7 +172,7 @@ class SparseAttention(DenseAttention):
             return super().forward(layer, q, k, v, batch)
         self.kv.write(layer, k, v, batch)
         B, H, _, D = q.shape
-        beyond = self._beyond_window  # [B] rows that attend exactly within the model's sliding window
+        beyond = batch.plan.beyond_window  # [B] rows that attend exactly within the model's sliding window
         if all(beyond):
             return self._decode(layer, q, batch)
         kv_device = self.kv.k[layer].device
@@ -193,7 +203,7 @@ class SparseAttention(DenseAttention):
                 selected[b, :, :s.ids.shape[-1]] = s.ids
             counts = torch.stack([s.counts.to(q.device) for s in selections])  # [B, Hkv]
             out, _ = gather_attention(q[:, :, 0], self.kv.k[layer][:B], self.kv.v[layer][:B], selected, counts,
-                                      self._seq_lens, scale=self.args.softmax_scale, sink=self.config.sink,
+                                      batch.plan.seq_lens, scale=self.args.softmax_scale, sink=self.config.sink,
                                       window=self.config.window, backend=self.kernel_backend)  # [B, H, D]
         if any(beyond):  # a batch of rows on both sides of the window
             exact = self._decode(layer, q, batch).view(B, H, D)
@@ -210,7 +220,7 @@ class SparseAttention(DenseAttention):
         a = self.args
         B, Hkv, D = q.shape[0], a.num_kv_heads, a.head_dim
         where = self.kv.k[layer].device  # ids are built where the KV is: no host round trip on a GPU
-        dense_ids, dense_valid = (t.to(where) for t in self._dense_ids)  # [B, Nd] each, from begin()
+        dense_ids, dense_valid = (t.to(where) for t in batch.plan.dense_ids)  # [B, Nd] each, from begin()
         width = max(s.ids.shape[-1] for s in selections)
         selected = torch.zeros(B, Hkv, width, dtype=torch.long, device=where)  # [B, Hkv, S]
         counts = torch.zeros(B, Hkv, dtype=torch.long, device=where)  # [B, Hkv]

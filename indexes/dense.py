@@ -4,6 +4,8 @@ builds on it (prefill, dense layers and windowed layers are exact)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 
@@ -20,6 +22,15 @@ PREFILL_SCORE_BYTES = 256 * 1024 * 1024
 FUSED_INT8_DEVICES = ("cpu",)
 
 
+@dataclass
+class DensePlan:
+    """What :meth:`DenseAttention.begin` works out once per call, for every layer (``batch.plan``)."""
+
+    decode_start: int = 0  # first cached token any row of this decode step can see
+    decode_mask: torch.Tensor | None = None  # [B, 1, 1, N'] bool, or None (every row sees the same keys)
+    prefill_masks: dict[int, torch.Tensor] = field(default_factory=dict)  # {t0: [Tb, N] bool}
+
+
 class DenseAttention(AttentionBackend):
     """Exact attention over every cached token (within the model's sliding window, if it has one).
     ``store`` shares another backend's KV (benchmarks compare policies over one prefill)."""
@@ -27,9 +38,6 @@ class DenseAttention(AttentionBackend):
     def __init__(self, args: ModelArgs, device: torch.device, dtype: torch.dtype, store: KVStore | None = None):
         self.args = args
         self.kv = store if store is not None else KVStore(args, device, dtype)
-        self._decode_mask: torch.Tensor | None = None  # [B, 1, 1, N'] bool, or None
-        self._decode_start = 0  # first cached token any row of this decode step can see
-        self._prefill_masks: dict[int, torch.Tensor] = {}
 
     def allocate(self, batch_size: int, capacity: int) -> None:
         self.kv.allocate(batch_size, capacity)
@@ -60,23 +68,26 @@ class DenseAttention(AttentionBackend):
 
     def begin(self, batch: ForwardBatch) -> None:
         # Masks are built once per model call and shared by all layers.
+        batch.plan = plan = self.new_plan()
         window = self.args.sliding_window
         if batch.is_decode:
             n = max(batch.end_lengths)
             if len(set(batch.start_lengths)) == 1:
                 # Rows of equal length see the same keys: the last `window` of them (or all), no mask;
                 # only those are read, so a sliding-window model's step reads at most `window` tokens.
-                self._decode_start = 0 if window is None else max(0, n - window)
-                self._decode_mask = None
+                plan.decode_start = 0 if window is None else max(0, n - window)
             else:  # from the first key any row sees: a windowed model's shortest row bounds the read
-                self._decode_start = 0 if window is None else max(0, min(batch.end_lengths) - window)
-                self._decode_mask = visible_keys(batch.positions, n, window)[:, None, :, self._decode_start:]  # [B, 1, 1, N']
+                plan.decode_start = 0 if window is None else max(0, min(batch.end_lengths) - window)
+                plan.decode_mask = visible_keys(batch.positions, n, window)[:, None, :, plan.decode_start:]  # [B, 1, 1, N']
         else:
             n, T, H = batch.end_lengths[0], batch.num_new, self.args.num_heads
             block = max(1, min(T, PREFILL_SCORE_BYTES // (4 * H * n)))
-            self._prefill_masks = {
+            plan.prefill_masks = {
                 t0: visible_keys(batch.positions[:, t0:t0 + block], n, window)[0]
                 for t0 in range(0, T, block)}  # {t0: [Tb, N] bool}
+
+    def new_plan(self) -> DensePlan:
+        return DensePlan()
 
     def forward(self, layer, q, k, v, batch):
         self.kv.write(layer, k, v, batch)
@@ -89,10 +100,11 @@ class DenseAttention(AttentionBackend):
         a = self.args
         B, H, _, D = q.shape
         qg = q.view(B, a.num_kv_heads, a.group_size, D)  # [B, Hkv, G, D]
-        start, end = self._decode_start, max(batch.end_lengths)
+        plan: DensePlan = batch.plan
+        start, end, decode_mask = plan.decode_start, max(batch.end_lengths), plan.decode_mask
         if self.kv.quantized and self.kv.device.type in FUSED_INT8_DEVICES:  # scores straight from the codes
-            hi = batch.end_lengths if self._decode_mask is not None else [end] * B
-            lo = [start] * B if self._decode_mask is None else [
+            hi = batch.end_lengths if decode_mask is not None else [end] * B
+            lo = [start] * B if decode_mask is None else [
                 0 if a.sliding_window is None else max(0, n - a.sliding_window) for n in hi]
             out, _ = int8_kv_attention(q.view(B, H, D), *self.kv.int8_cache(layer, B), lo, hi,
                                        scale=a.softmax_scale)  # [B, H, D]
@@ -102,12 +114,12 @@ class DenseAttention(AttentionBackend):
             for lo in range(start, end, DECODE_BLOCK_TOKENS):
                 hi = min(end, lo + DECODE_BLOCK_TOKENS)
                 keys, values = self.kv.read(layer, slice(0, B), lo, hi, self.kv.attend_dtype)  # [B, Hkv, n, D]
-                mask = None if self._decode_mask is None else self._decode_mask[..., lo - start:hi - start]
+                mask = None if decode_mask is None else decode_mask[..., lo - start:hi - start]
                 acc.add(keys, values, mask)
             return acc.result().view(B, H, 1, D)
         # a layer in the host tier: everything visible comes over (dense attention's price)
         keys, values = self.kv.read(layer, slice(0, B), start, end, self.kv.attend_dtype)  # [B, Hkv, N', D]
-        out = attend(qg, keys, values, a.softmax_scale, self._decode_mask)  # [B, Hkv, G, D]
+        out = attend(qg, keys, values, a.softmax_scale, decode_mask)  # [B, Hkv, G, D]
         return out.view(B, H, 1, D)
 
     def _prefill(self, layer: int, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
@@ -118,7 +130,7 @@ class DenseAttention(AttentionBackend):
         out = torch.empty_like(q)  # [1, H, T, D]
         # SDPA's fused CPU/GPU kernels are exact and several times faster than explicit matmuls
         # for a block of queries; query blocks bound the scores if it falls back to its math path.
-        for t0, visible in self._prefill_masks.items():  # visible [Tb, N]
+        for t0, visible in batch.plan.prefill_masks.items():  # visible [Tb, N]
             t1 = t0 + visible.shape[0]
             out[:, :, t0:t1] = F.scaled_dot_product_attention(
                 q[:, :, t0:t1], keys, values, attn_mask=visible, scale=a.softmax_scale,

@@ -14,7 +14,8 @@ D head_dim.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -34,6 +35,13 @@ class ForwardBatch:
     num_new: int  # T
     is_decode: bool  # one token for every cache row (else: a prefill chunk of one row)
     token_ids: list[list[int]] | None = None  # host copy of the tokens per row, for text-aware indexes
+    # What the backend's begin() works out for this call (masks, lengths) and its forward reads at
+    # every layer: it belongs to the call, so the parts of a MixedBatch keep theirs apart.
+    plan: Any = field(default=None, repr=False)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.rows) * self.num_new
 
     @property
     def row_index(self) -> torch.Tensor:
@@ -58,6 +66,44 @@ class ForwardBatch:
                    is_decode=True, token_ids=None if token_ids is None else [[t] for t in token_ids])
 
 
+@dataclass
+class MixedBatch:
+    """One model call over several batches laid end to end as one sequence of tokens [1, N]: a
+    decode step of rows 0..B-1 and the prompts of rows being admitted beside it (continuous
+    batching). Every projection and MLP reads its weights once for all of them; attention runs per
+    part. Logits are taken at ``logit_index``: each decode token and each prompt's last token."""
+
+    parts: list[ForwardBatch]
+
+    def __post_init__(self):
+        if not self.parts:
+            raise ValueError("a MixedBatch needs at least one part")
+        self.positions = torch.cat([p.positions.reshape(1, -1) for p in self.parts], dim=1)  # [1, N]
+        index, offset = [], 0
+        for p in self.parts:
+            index += ([offset + i for i in range(p.num_tokens)] if p.is_decode else [offset + p.num_tokens - 1])
+            offset += p.num_tokens
+        self.logit_index = index  # positions in the flat sequence whose logits the caller reads
+
+    @classmethod
+    def of(cls, decode: ForwardBatch | None, prefills: list[ForwardBatch]) -> "MixedBatch":
+        return cls(([decode] if decode is not None else []) + prefills)
+
+    def split(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x [1, H, N, D] (the flat sequence) -> per part [B, H, T, D]."""
+        out, offset = [], 0
+        for p in self.parts:
+            piece = x[0, :, offset:offset + p.num_tokens]  # [H, B*T, D]
+            out.append(piece.unflatten(1, (len(p.rows), p.num_new)).transpose(0, 1))  # [B, H, T, D]
+            offset += p.num_tokens
+        return out
+
+    @staticmethod
+    def join(parts: list[torch.Tensor]) -> torch.Tensor:
+        """Per part [B, H, T, D] -> [1, H, N, D]: the inverse of :meth:`split`."""
+        return torch.cat([t.transpose(0, 1).flatten(1, 2) for t in parts], dim=1)[None]
+
+
 class AttentionBackend(ABC):
     """Per-layer KV storage and attention. One instance serves all layers of one model.
 
@@ -71,7 +117,8 @@ class AttentionBackend(ABC):
         """Make room for ``batch_size`` sequences of up to ``capacity`` tokens (reused if it fits)."""
 
     def begin(self, batch: ForwardBatch) -> None:
-        """Called once per model call before layer 0: build masks and per-step state here."""
+        """Called once per model call (once per part of a mixed call) before layer 0: build masks and
+        per-step state here, in ``batch.plan`` (the parts of a mixed call each have their own)."""
 
     @abstractmethod
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -80,6 +127,13 @@ class AttentionBackend(ABC):
 
     def end(self, batch: ForwardBatch) -> None:
         """Called once per model call after the last layer."""
+
+    def forward_mixed(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      batch: MixedBatch) -> torch.Tensor:
+        """:meth:`forward` of each part of a mixed call: q [1, H, N, D], k, v [1, Hkv, N, D] -> [1, H, N, D]."""
+        outs = [self.forward(layer, q_part, k_part, v_part, part)
+                for part, q_part, k_part, v_part in zip(batch.parts, batch.split(q), batch.split(k), batch.split(v))]
+        return batch.join(outs)
 
     @abstractmethod
     def prefix(self, row: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,8 +1,10 @@
 """Continuous batching: requests join the running batch between decode steps and leave it when done.
 
 One :class:`ContinuousBatcher` owns the engine (its model, KV backend and tokenizer) on one thread.
-Each step it retires finished and cancelled rows, admits queued requests into the free rows
-(prefill, then the first token), and runs one decode step over every row in flight. Rows in
+Each step it retires finished and cancelled rows, admits queued requests into the free rows, and
+makes one model call: a decode step over every row in flight with the prompts just admitted laid
+beside it (a :class:`~offload.attention.MixedBatch`: each weight is read once for both; a prompt
+longer than ``prefill_chunk_size`` is prefilled alone, in chunks, before it joins). Rows in
 flight are always cache rows 0..B-1: a retired row's place is taken by the last row
 (``AttentionBackend.move_row``), so no padding row ever decodes.
 
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .attention import ForwardBatch
+from .attention import ForwardBatch, MixedBatch
 from .engine import Engine, RequestOutput
 from .errors import OffloadError
 from .sampling import Sampler, SamplingParams
@@ -81,6 +83,8 @@ class BatcherStats:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     decode_steps: int = 0
+    rows_decoded: int = 0  # summed over decode steps: rows_decoded / decode_steps is the mean batch width
+    prompts_beside_decode: int = 0  # prompts prefilled in the same model call as a decode step
     prefill_seconds: float = 0.0
     index_build_seconds: float = 0.0
     decode_seconds: float = 0.0
@@ -172,17 +176,20 @@ class ContinuousBatcher:
 
     @torch.inference_mode()
     def step(self) -> None:
-        """Retire, admit, decode once. Any error fails the rows it concerns, never the batcher."""
+        """Retire, admit, then one model call: a decode step of the rows in flight with the prompts
+        of the rows just admitted beside it. Any error fails the rows it concerns, never the batcher."""
+        joining: list[_Row] = []
         try:
             self._retire()
-            self._admit()
-            self._retire()  # a request may end at its first token (EOS, a stop string, max_tokens=1)
-            if self.rows:
-                self._decode()
+            joining = self._admit()
+            self._retire()  # a long prompt prefilled alone may end at its first token (EOS, a stop string, max_tokens=1)
+            if self.rows or joining:
+                self._forward(joining)
         except Exception as e:  # noqa: BLE001 - a server outlives a failed step: its rows end with the error
             message = f"{type(e).__name__}: {e}"
-            for b, row in enumerate(self.rows):
+            for b in range(len(self.rows)):
                 self.engine.backend.release_row(b)
+            for row in self.rows + [row for row in joining if row not in self.rows]:
                 if not row.output.finished:
                     row.request.error = message
                     self._finish(row, "error")
@@ -207,38 +214,54 @@ class ContinuousBatcher:
             self.rows.pop()  # after the move: were it to fail, `last` is still here to be told
             b += 1
 
-    def _admit(self) -> None:
-        while len(self.rows) < self.max_rows:
+    def _admit(self) -> list[_Row]:
+        """Take queued requests into free rows. Prompts of up to ``prefill_chunk_size`` tokens (in all,
+        this step) join the next model call (returned, not yet in ``rows``); a longer prompt is
+        prefilled alone here, in chunks, and joins the rows at once."""
+        joining: list[_Row] = []
+        budget = self.engine.prefill_chunk_size  # prompt tokens the next call may carry
+        while len(self.rows) + len(joining) < self.max_rows:
             with self._wake:
                 if not self.queue:
-                    return
-                request = self.queue.popleft()
+                    break
+                request = self.queue[0]
+                n = len(request.prompt_ids)
+                if n <= self.engine.prefill_chunk_size and n > budget:
+                    break  # the next step takes it
+                self.queue.popleft()
             if request.cancelled:
                 request.emit("", RequestOutput(request.prompt, request.prompt_ids, finish_reason="cancelled"))
                 self.stats.requests_cancelled += 1
                 continue
+            self.stats.requests_admitted += 1
+            self.stats.prompt_tokens += n
+            row = self._new_row(request)
+            if n <= self.engine.prefill_chunk_size:
+                joining.append(row)
+                budget -= n
+                continue
             try:
-                self._prefill(request)
+                self._prefill_alone(row)
             except Exception as e:  # noqa: BLE001 - this request fails alone (e.g. memory for its prompt)
                 request.error = f"{type(e).__name__}: {e}"
-                if self.rows and self.rows[-1].request is request:
-                    row = self.rows.pop()
+                if self.rows and self.rows[-1] is row:
+                    self.rows.pop()
                     self.engine.backend.release_row(len(self.rows))
-                    self._finish(row, "error")
-                else:
-                    self.stats.requests_failed += 1
-                    request.emit("", RequestOutput(request.prompt, request.prompt_ids, finish_reason="error"))
+                self._finish(row, "error")
+        return joining
 
-    def _prefill(self, request: Request) -> None:
+    def _new_row(self, request: Request) -> _Row:
         ids, p, engine = request.prompt_ids, request.params, self.engine
-        row = _Row(request, RequestOutput(prompt=request.prompt, prompt_token_ids=list(ids)),
-                   IncrementalDetokenizer(engine.tokenizer, ids), Sampler([p], self.device),
-                   budget=min(p.max_new_tokens, engine.max_context - len(ids)), length=len(ids))
+        return _Row(request, RequestOutput(prompt=request.prompt, prompt_token_ids=list(ids)),
+                    IncrementalDetokenizer(engine.tokenizer, ids), Sampler([p], self.device),
+                    budget=min(p.max_new_tokens, engine.max_context - len(ids)), length=len(ids))
+
+    def _prefill_alone(self, row: _Row) -> None:
+        """A long prompt: prefilled in chunks by the engine before it joins the decode steps."""
+        ids, engine = row.request.prompt_ids, self.engine
         b = len(self.rows)
         engine.backend.release_row(b)  # nothing of an earlier sequence in this row may survive
         self.rows.append(row)
-        self.stats.requests_admitted += 1
-        self.stats.prompt_tokens += len(ids)
         t0 = time.perf_counter()
         logits = engine.prefill(b, ids)  # [V]
         t1 = time.perf_counter()
@@ -247,17 +270,43 @@ class ContinuousBatcher:
         self.stats.index_build_seconds += time.perf_counter() - t1
         self._take(row, logits[None])
 
-    def _decode(self) -> None:
+    def _forward(self, joining: list[_Row]) -> None:
+        """One model call: a decode step of rows 0..B-1 and, beside it, the whole prompts of the rows
+        joining (rows B..). Every weight is read once for all of them, so a prompt admitted while
+        others decode costs little more than their step (a separate prefill would read them twice)."""
         t0 = time.perf_counter()
+        B, engine = len(self.rows), self.engine
         tokens = [row.next_token for row in self.rows]
-        batch = ForwardBatch.decode([row.length for row in self.rows], self.device, tokens)
-        logits = self.engine.model(torch.tensor(tokens, device=self.device)[:, None], batch,
-                                   self.engine.backend)[:, -1]  # [B, V]
+        decode = ForwardBatch.decode([row.length for row in self.rows], self.device, tokens) if B else None
+        prefills = []
+        for row in joining:
+            b, ids = len(self.rows), row.request.prompt_ids
+            engine.backend.release_row(b)  # nothing of an earlier sequence in this row may survive
+            self.rows.append(row)
+            prefills.append(ForwardBatch.prefill(b, 0, len(ids), self.device, ids))
+            tokens += ids
+        if prefills:
+            batch = MixedBatch.of(decode, prefills)
+            logits = engine.model(torch.tensor([tokens], device=self.device), batch, engine.backend)[0]  # [M, V]
+        else:
+            logits = engine.model(torch.tensor(tokens, device=self.device)[:, None], decode,
+                                  engine.backend)[:, -1]  # [B, V]
+        t1 = time.perf_counter()
+        for b in range(B, len(self.rows)):
+            engine.backend.build_indexes(b, self.rows[b].length)
+        t2 = time.perf_counter()
         for b, row in enumerate(self.rows):
-            row.length += 1
+            if b < B:
+                row.length += 1
             self._take(row, logits[b:b + 1])
-        self.stats.decode_steps += 1
-        self.stats.decode_seconds += time.perf_counter() - t0
+        # the call's time, shared between decode and prefill by the tokens each brought
+        prompt_tokens = len(tokens) - B
+        self.stats.index_build_seconds += t2 - t1
+        self.stats.prefill_seconds += (t1 - t0) * prompt_tokens / len(tokens)
+        self.stats.decode_seconds += (t1 - t0) * B / len(tokens) + time.perf_counter() - t2
+        self.stats.decode_steps += int(B > 0)
+        self.stats.rows_decoded += B
+        self.stats.prompts_beside_decode += len(joining) if B else 0
 
     def _take(self, row: _Row, logits: torch.Tensor) -> None:
         """Pick the row's next token from logits [1, V] and pass on its text."""

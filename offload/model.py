@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import AttentionBackend, ForwardBatch
+from .attention import AttentionBackend, ForwardBatch, MixedBatch
 from .config import ModelArgs
 from .quant import Int4Weight, Int8Weight, embedding, linear
 from .rope import RotaryEmbedding
@@ -50,7 +50,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps, device, dtype)
 
     def forward(self, x: torch.Tensor, layer: int, cos: torch.Tensor, sin: torch.Tensor,
-                batch: ForwardBatch, backend: AttentionBackend) -> torch.Tensor:
+                batch: ForwardBatch | MixedBatch, backend: AttentionBackend) -> torch.Tensor:
         a = self.args
         B, T, _ = x.shape
         qkv = linear(x, self.wqkv, self.bqkv)  # [B, T, (H + 2 Hkv) D]
@@ -62,7 +62,10 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = RotaryEmbedding.apply(q, cos, sin)  # [B, H, T, D]
         k = RotaryEmbedding.apply(k, cos, sin)  # [B, Hkv, T, D]
-        out = backend.forward(layer, q, k, v, batch)  # [B, H, T, D]
+        if isinstance(batch, MixedBatch):  # B == 1: the parts laid end to end
+            out = backend.forward_mixed(layer, q, k, v, batch)  # [1, H, N, D]
+        else:
+            out = backend.forward(layer, q, k, v, batch)  # [B, H, T, D]
         out = out.transpose(1, 2).reshape(B, T, a.q_size)  # [B, T, H D]
         return linear(out, self.wo)  # [B, T, hidden]
 
@@ -124,12 +127,17 @@ class Transformer(nn.Module):
         self.rope = RotaryEmbedding(args, self.device)
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, batch: ForwardBatch, backend: AttentionBackend,
+    def forward(self, tokens: torch.Tensor, batch: ForwardBatch | MixedBatch, backend: AttentionBackend,
                 all_logits: bool = False) -> torch.Tensor:
-        """tokens [B, T] -> logits [B, T, V] (all positions) or [B, 1, V] (last position), fp32."""
+        """tokens [B, T] -> logits [B, T, V] (all positions) or [B, 1, V] (last position), fp32.
+
+        A :class:`MixedBatch` takes its parts' tokens end to end, [1, N], and returns the logits of
+        its ``logit_index`` positions, [1, M, V]."""
         x = self.embed_tokens(tokens)  # [B, T, hidden]
         cos, sin = self.rope.cos_sin(batch.positions, self.dtype)  # [B, 1, T, D]
-        backend.begin(batch)
+        parts = batch.parts if isinstance(batch, MixedBatch) else [batch]
+        for part in parts:
+            backend.begin(part)
         for i, layer in enumerate(self.layers):
             streamed = i in self.offloaded
             if streamed:  # load (already in flight), compute, release
@@ -137,7 +145,10 @@ class Transformer(nn.Module):
             x = layer(x, i, cos, sin, batch, backend)
             if streamed:
                 self.streamer.release(i)
-        backend.end(batch)
+        for part in parts:
+            backend.end(part)
+        if isinstance(batch, MixedBatch):
+            return self.head(x[:, batch.logit_index])  # [1, M, V]
         if not all_logits:
             x = x[:, -1:]  # [B, 1, hidden]: prefill needs only the last position's logits
         return self.head(x)  # [B, T or 1, V]

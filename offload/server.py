@@ -301,6 +301,10 @@ class OffloadServer:
         metric("generation_tokens_per_second", "gauge", "Tokens generated per second, last 10 s.",
                [("", s.tokens_per_second(now))])
         metric("decode_steps_total", "counter", "Batched decode steps.", [("", s.decode_steps)])
+        metric("rows_decoded_total", "counter", "Rows summed over decode steps (/ steps = mean batch width).",
+               [("", s.rows_decoded)])
+        metric("prompts_beside_decode_total", "counter", "Prompts prefilled in the same model call as a decode step.",
+               [("", s.prompts_beside_decode)])
         metric("prefill_seconds_total", "counter", "Time in prefill.", [("", s.prefill_seconds)])
         metric("decode_seconds_total", "counter", "Time in decode steps.", [("", s.decode_seconds)])
         metric("index_build_seconds_total", "counter", "Time building KV indexes of prompts.",

@@ -231,13 +231,14 @@ def _collect(results: dict, i: int):
     return emit
 
 
-@pytest.mark.parametrize("policy", ["dense", "quest", "retrieval"])
-def test_batcher_admits_and_retires_and_matches_generate(tiny_models, policy):
+@pytest.mark.parametrize("policy, chunk", [("dense", 512), ("dense", 48), ("quest", 512), ("retrieval", 48)])
+def test_batcher_admits_and_retires_and_matches_generate(tiny_models, policy, chunk):
     """More requests than rows, of mixed lengths: rows retire out of order (the last row moves into
-    each gap, KV and index states), new ones join between steps; every output equals a one-prompt
-    generate's, and no decode step ever runs a finished row."""
+    each gap, KV and index states), new ones join between steps (beside a decode step, or alone in
+    chunks when longer than prefill_chunk_size); every output equals a one-prompt generate's, and
+    no decode step ever runs a finished row."""
     folder, hf = tiny_models["llama"]
-    kw = dict(verbose=False, dtype="float32", max_context=256)
+    kw = dict(verbose=False, dtype="float32", max_context=256, prefill_chunk_size=chunk)
     if policy != "dense":
         kw |= dict(kv_policy=policy, kv_budget=24, dense_layers=1)
     llm = LLM(folder, **kw)
@@ -252,13 +253,18 @@ def test_batcher_admits_and_retires_and_matches_generate(tiny_models, policy):
         batcher.submit(Request(p, q, _collect(results, i)))
     widths = []
     while len(results) < len(prompts):
+        before = batcher.stats.rows_decoded
         batcher.step()
-        widths.append(batcher.in_flight)  # the rows this step decoded (finished ones retire at the next)
+        widths.append(batcher.stats.rows_decoded - before)  # the rows this step decoded
     assert [results[i].token_ids for i in range(len(prompts))] == want
     assert max(widths) == 3 and batcher.stats.requests_finished == len(prompts)
     assert batcher.stats.generated_tokens == sum(len(w) for w in want)
     # no padding: every row a step decodes yields a token (each request's first comes from its prefill)
     assert sum(widths) == sum(len(w) for w in want) - len(prompts)
+    # short prompts joined decode steps (one model call for both); longer ones were prefilled alone
+    short = sum(len(p) <= chunk for p in prompts)
+    assert 0 < batcher.stats.prompts_beside_decode <= short
+    assert short < len(prompts) or chunk > 150  # chunk 48: some were long
 
 
 def test_a_reused_row_builds_its_own_index(tiny_models):

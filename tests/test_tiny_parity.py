@@ -91,3 +91,46 @@ def test_batch_of_different_lengths_equals_single_runs(tiny_models):
     batched = [o.token_ids for o in llm.generate(prompts, params)]
     single = [llm.generate([p], params)[0].token_ids for p in prompts]
     assert batched == single
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen3"])
+@pytest.mark.parametrize("kv_policy", ["dense", "quest"])
+def test_mixed_call_equals_separate_calls(tiny_models, family, kv_policy):
+    """A MixedBatch (a decode step of rows of different lengths with two prompts laid beside it, as
+    the server batches them) gives the logits of a decode call and two prefill calls, and leaves
+    the same KV behind."""
+    from offload.attention import MixedBatch
+
+    folder, hf = tiny_models[family]
+    V = hf.config.vocab_size
+    kw = {} if kv_policy == "dense" else dict(kv_policy=kv_policy, kv_budget=16, dense_layers=1)
+    lengths = [30, 7]  # rows 0, 1 decode; rows 2, 3 take prompts (mistral's window is 24)
+    prompts = [_tokens(V, n, seed=20 + n) for n in (9, 26)]
+    step = _tokens(V, 2, seed=31)
+
+    def run(mixed: bool):
+        llm = LLM(folder, device="cpu", dtype="float32", max_context=64, verbose=False, **kw)
+        engine, backend, model = llm.engine, llm.backend, llm.engine.model
+        backend.allocate(4, 64)
+        for row, n in enumerate(lengths):  # rows 0, 1: prompts already in flight
+            engine.prefill(row, _tokens(V, n, seed=row))
+            backend.build_indexes(row, n)
+        decode = ForwardBatch.decode(lengths, model.device, step)
+        prefills = [ForwardBatch.prefill(2 + i, 0, len(p), model.device, p) for i, p in enumerate(prompts)]
+        if mixed:
+            tokens = torch.tensor([step + prompts[0] + prompts[1]])  # [1, N]
+            logits = model(tokens, MixedBatch.of(decode, prefills), backend)[0]  # [4, V]
+        else:
+            logits = torch.cat([model(torch.tensor(step)[:, None], decode, backend)[:, -1]] +
+                               [model(torch.tensor([p]), b, backend)[:, -1] for p, b in zip(prompts, prefills)])
+        filled = [n + 1 for n in lengths] + [len(p) for p in prompts]  # tokens cached per row
+        kv = backend.kv
+        rows = [(kv.k[layer][row, :, :n], kv.v[layer][row, :, :n])
+                for layer in range(hf.config.num_hidden_layers) for row, n in enumerate(filled)]
+        return logits, rows
+
+    (mixed, kv_mixed), (separate, kv_separate) = run(True), run(False)
+    assert mixed.shape == (4, V) and torch.isfinite(mixed).all()
+    assert (mixed - separate).abs().max().item() < 1e-4
+    for (k1, v1), (k2, v2) in zip(kv_mixed, kv_separate):
+        assert (k1 - k2).abs().max().item() < 1e-5 and (v1 - v2).abs().max().item() < 1e-5
