@@ -50,6 +50,60 @@ def prefill_shared(llm, ids: list[int], capacity: int, config, keep_queries: boo
     return shared, logits, time.perf_counter() - t0
 
 
+# Synthetic KV (speed only): each KV head's pre-RoPE keys are drawn around SYNTHETIC_TOPICS centres,
+# in runs of tokens that share one (text stays on a topic for a while), then rotated at their
+# positions like real keys; values are Gaussian. Search and attention costs depend on the data only
+# through such structure (how many keys a graph search visits, how clusters form), not on meaning.
+SYNTHETIC_TOPICS = 256
+SYNTHETIC_RUN_TOKENS = (8, 256)  # a topic lasts this many tokens (uniform)
+SYNTHETIC_CHUNK = 16384  # tokens generated and written at a time
+
+
+@torch.inference_mode()
+def synthetic_shared(llm, ctx: int, capacity: int, config, keep_queries: bool = True,
+                     kv_offload: bool = False, seed: int = 0):
+    """Like :func:`prefill_shared`, for latency only: the KV of a ``ctx``-token prompt is filled with
+    synthetic keys and values (and, for query-aware policies, synthetic prompt queries near the
+    keys' topics) instead of running the model, so that decode at 64K-128K can be timed on a CPU
+    without hours of prefill. Returns (shared backend, None, fill seconds)."""
+    from offload.indexes.backend import SparseAttention
+    from offload.indexes.base import QUERY_STRIDE, IndexContext
+    from offload.kernels.reference import rope_rotate
+
+    a = llm.args
+    index_ctx = IndexContext.for_model(a, llm.device, llm.tokenizer.sentence_end_ids())
+    shared = SparseAttention(a, llm.device, llm.dtype, "retrieval", config, index_ctx, kv_offload=kv_offload)
+    shared.keep_tokens, shared.keep_queries = True, keep_queries
+    shared.allocate(1, capacity)
+    llm.engine.backend = shared
+    g = torch.Generator().manual_seed(seed)
+    inv_freq, scaling = (t.cpu() if isinstance(t, torch.Tensor) else t for t in index_ctx.rope)
+    Hkv, D, G = a.num_kv_heads, a.head_dim, a.group_size
+    t0 = time.perf_counter()
+    shared.row_tokens[0] = torch.randint(0, a.vocab_size, (ctx,), generator=g).tolist()
+    # topic of each token: runs of random length
+    runs = torch.randint(*SYNTHETIC_RUN_TOKENS, (ctx // SYNTHETIC_RUN_TOKENS[0] + 1,), generator=g)
+    topic_of_run = torch.randint(0, SYNTHETIC_TOPICS, runs.shape, generator=g)
+    topic = torch.repeat_interleave(topic_of_run, runs)[:ctx]  # [ctx]
+    for layer in tqdm(range(a.num_layers), desc=f"synthetic KV, {ctx:,} tokens", unit="layer", disable=None):
+        centres = torch.randn(Hkv, SYNTHETIC_TOPICS, D, generator=g) * 1.5  # [Hkv, topics, D]
+        bias = torch.randn(Hkv, 1, D, generator=g) * 2  # a direction all keys share, as real keys do
+        for start in range(0, ctx, SYNTHETIC_CHUNK):
+            end = min(ctx, start + SYNTHETIC_CHUNK)
+            pos = torch.arange(start, end)
+            pre = centres[:, topic[start:end]] + bias + torch.randn(Hkv, end - start, D, generator=g)  # [Hkv, T, D]
+            k = rope_rotate(pre, pos, inv_freq, scaling)  # [Hkv, T, D]
+            v = torch.randn(Hkv, end - start, D, generator=g)  # [Hkv, T, D]
+            batch = ForwardBatch.prefill(0, start, end - start, llm.device)
+            shared.kv.write(layer, k[None].to(llm.device, llm.dtype), v[None].to(llm.device, llm.dtype), batch)
+        if keep_queries and layer >= config.dense_layers:  # every QUERY_STRIDE-th position, like a prefill
+            pos = torch.arange(0, ctx, QUERY_STRIDE)
+            pre = centres[:, topic[pos]].repeat_interleave(G, 0) + torch.randn(Hkv * G, len(pos), D, generator=g)
+            q = rope_rotate(pre, pos, inv_freq, scaling)  # [H, Tq, D]
+            shared.prefill_queries[(0, layer)] = [q.to(shared.kv.k[layer].device, llm.dtype)]
+    return shared, None, time.perf_counter() - t0
+
+
 def backend_for(policy: str, llm, shared, config):
     from offload.indexes.backend import SparseAttention
 

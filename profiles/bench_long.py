@@ -41,11 +41,11 @@ from tqdm import tqdm
 
 from offload.fileio import write_bytes_atomic, write_json_atomic
 
-from .bench_context import backend_for, build_and_decode, prefill_shared
+from .bench_context import backend_for, build_and_decode, prefill_shared, synthetic_shared
 from .bench_generate import _real_text_ids
 from .passkey import passkey_prompt
 
-POLICIES = ["dense", "retrieval", "shadowkv", "quest", "streaming", "sentence"]
+POLICIES = ["dense", "retrieval", "cluster", "shadowkv", "quest", "streaming", "sentence"]
 
 
 def _gpu_peak(device: torch.device) -> int | None:
@@ -64,18 +64,23 @@ def _query_aware(policy: str) -> bool:
     return policy != "dense" and policy_class(policy).needs_prefill_queries
 
 
-def latency_rows(llm, ctx: int, policies: list[str], config, steps: int, kv_offload: bool = False) -> list[dict]:
-    """Prefill ``ctx`` tokens once; each policy decodes ``steps`` tokens from the same KV."""
+def latency_rows(llm, ctx: int, policies: list[str], config, steps: int, kv_offload: bool = False,
+                 synthetic: bool = False) -> list[dict]:
+    """Prefill ``ctx`` tokens once (or, ``synthetic``, fill the KV with synthetic keys and values:
+    speed only); each policy decodes ``steps`` tokens from the same KV."""
     from offload.tiers.budget import MemorySampler
 
     a, b = llm.args, llm.dtype.itemsize
-    ids = _real_text_ids(llm.tokenizer, ctx)
     _reset_gpu_peak(llm.device)
+    keep_queries = any(_query_aware(p) for p in policies)
     with MemorySampler() as prefill_mem:
-        shared, logits, prefill_s = prefill_shared(llm, ids, ctx + steps + 1, config,
-                                                   keep_queries=any(_query_aware(p) for p in policies),
-                                                   kv_offload=kv_offload)
-    first = int(logits.argmax())
+        if synthetic:
+            shared, _, prefill_s = synthetic_shared(llm, ctx, ctx + steps + 1, config, keep_queries, kv_offload)
+            first = llm.tokenizer.encode("The")[-1]
+        else:
+            shared, logits, prefill_s = prefill_shared(llm, _real_text_ids(llm.tokenizer, ctx), ctx + steps + 1, config,
+                                                       keep_queries=keep_queries, kv_offload=kv_offload)
+            first = int(logits.argmax())
     rows = []
     for policy in policies:
         _reset_gpu_peak(llm.device)
@@ -88,7 +93,8 @@ def latency_rows(llm, ctx: int, policies: list[str], config, steps: int, kv_offl
             (a.num_layers - sparse_layers) * ctx + sparse_layers * attended)
         index_bytes = sum(ix.nbytes() for ix in getattr(backend, "indexes", {}).values())
         rows.append({
-            "context": ctx, "policy": policy, "prefill_tok_s": ctx / prefill_s, "prefill_s": prefill_s,
+            "context": ctx, "policy": policy, "synthetic_kv": synthetic,
+            "prefill_tok_s": None if synthetic else ctx / prefill_s, "prefill_s": None if synthetic else prefill_s,
             "build_s": build_s, "decode_ms": 1e3 * statistics.median(times),
             "decode_ms_runs": [1e3 * t for t in times],
             "kv_bytes": shared.kv_nbytes(), "kv_bytes_host_tier": shared.kv_nbytes("cpu") if kv_offload else 0,
@@ -167,12 +173,15 @@ def table(latency: list[dict], accuracy: list[dict]) -> str:
         dense = next((d["decode_ms"] for d in latency if d["context"] == r["context"] and d["policy"] == "dense"), None)
         flag = "*" if r["beyond_trained_context"] else ""
         speedup = f"{dense / r['decode_ms']:.2f}x" if dense else "-"
-        lines.append(f"| {r['context']:,}{flag} | {r['policy']} | {r['prefill_tok_s']:.0f} | {r['decode_ms']:.1f} | "
+        prefill = "synthetic KV" if r.get("synthetic_kv") else f"{r['prefill_tok_s']:.0f}"
+        lines.append(f"| {r['context']:,}{flag} | {r['policy']} | {prefill} | {r['decode_ms']:.1f} | "
                      f"{speedup} | {_fmt_bytes(r['kv_read_per_token'])} | {_fmt_bytes(r['kv_bytes'])} | "
                      f"{_fmt_bytes(r['index_bytes'])} | {_fmt_bytes(r['peak_host_bytes'])} | "
                      f"{_fmt_bytes(r['peak_device_bytes'])} |")
     if any(r["beyond_trained_context"] for r in latency):
         lines.append("\n\\* beyond the model's trained context: speed only")
+    if any(r.get("synthetic_kv") for r in latency):
+        lines.append("\nsynthetic KV: keys and values drawn, not prefilled (--synthetic-kv): speed only")
     if accuracy:
         depths = "/".join(f"{float(d):.0%}" for d in accuracy[0]["passkey"]).replace("%", "") + "%"
         lines += ["", f"| context | policy | budget | passkey {depths} | = dense | greedy agreement | teacher-forced | "
@@ -244,6 +253,9 @@ def main(argv=None) -> int:
     p.add_argument("--dense-layers", type=int, default=2)
     p.add_argument("--steps", type=int, default=8, help="timed decode steps per policy (median reported)")
     p.add_argument("--prefill-chunk", type=int, default=1024)
+    p.add_argument("--synthetic-kv", action="store_true",
+                   help="fill the KV with synthetic keys and values instead of prefilling (speed only: decode "
+                        "latency at 64K-128K on a CPU without hours of prefill; index builds included)")
     p.add_argument("--accuracy", action=argparse.BooleanOptionalAction, default=True,
                    help="passkey and greedy agreement at --accuracy-context (real weights only)")
     p.add_argument("--accuracy-context", type=int, default=None, help="default: the model's trained limit")
@@ -270,8 +282,8 @@ def main(argv=None) -> int:
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), device)
         cap_note = f", process capped at {args.gpu_memory} of GPU memory (set_per_process_memory_fraction)"
     kv_offload = device.type == "cuda" if args.kv_offload is None else args.kv_offload
-    if args.accuracy and args.load_format == "dummy":
-        print("bench_long: accuracy is never measured on dummy weights: skipped", file=sys.stderr)
+    if args.accuracy and (args.load_format == "dummy" or args.synthetic_kv):
+        print("bench_long: accuracy is never measured on dummy weights or a synthetic KV: skipped", file=sys.stderr)
         args.accuracy = False
     longest = max(args.contexts) + args.steps + 2
     llm = LLM(args.model, device=device, dtype=args.dtype, prefill_chunk_size=args.prefill_chunk,
@@ -284,7 +296,8 @@ def main(argv=None) -> int:
               "latency": [], "accuracy": []}
     for ctx in tqdm(args.contexts, desc="contexts", disable=None):
         try:
-            result["latency"] += latency_rows(llm, ctx, args.policies, config, args.steps, kv_offload)
+            result["latency"] += latency_rows(llm, ctx, args.policies, config, args.steps, kv_offload,
+                                              synthetic=args.synthetic_kv)
         except torch.OutOfMemoryError as e:  # a context that does not fit under the cap is a result too
             result.setdefault("did_not_fit", []).append({"context": ctx, "error": str(e).splitlines()[0]})
             torch.cuda.empty_cache()
