@@ -60,7 +60,7 @@ def test_clusters_partition_the_tokens_and_grow_by_segments(monkeypatch):
         for h in range(2):
             assert sorted(idx.order[h].tolist()) == list(range(idx.n_clustered))
             assert idx.starts[h, -1] == idx.n_clustered and (torch.diff(idx.starts[h]) == idx.sizes[h]).all()
-    assert idx.centroids.shape[1] == idx.sizes.shape[1] == idx.starts.shape[1] - 1
+    assert idx.centroids.shape[2] == idx.sizes.shape[1] == idx.starts.shape[1] - 1
     assert idx.nbytes() > 0
 
 
@@ -130,3 +130,23 @@ def test_cluster_on_real_text(smollm_path):
     assert results["quest"]["mass"] < results["cluster"]["mass"] <= results["exact"]["mass"] + 1e-6
     assert results["cluster"]["mass"] > results["exact"]["mass"] - 0.1
     assert max(scored) < 0.1
+
+
+def test_compiled_take_equals_the_tensor_form(monkeypatch):
+    """The CPU's compiled pass and the tensor ops a GPU runs select the same ids, tail included."""
+    monkeypatch.setattr(ClusterIndex, "segment", 256)
+    keys = torch.randn(3, 1500, 16, generator=torch.Generator().manual_seed(7))
+    idx = _index(keys, 1200, budget_sink=4, window=32, H=9)
+    idx.extend(1400)  # a clustered segment more, and a tail
+    q = torch.randn(9, 16, generator=torch.Generator().manual_seed(8))
+    for budget in (1, 17, 150, 2000):
+        idx.search(q, budget)  # the mass the search computes, taken both ways below
+        lo, hi = idx.config.candidate_range(idx.n)
+        qg = q.float().view(3, 3, 16)
+        logits = torch.cat([torch.matmul(qg, idx.centroids) + idx.sizes.float().log()[:, None],
+                            torch.matmul(qg, keys[:, idx.n_clustered:hi].transpose(1, 2))], dim=-1)  # [Hkv, G, C+T]
+        mass = torch.softmax(logits, dim=-1).sum(1)
+        a, b = idx._take_numba(mass, budget, lo, hi), idx._take_torch(mass, budget, lo, hi)
+        assert torch.equal(a.counts, b.counts)
+        for h in range(3):
+            assert torch.equal(a.ids[h, :a.counts[h]], b.ids[h, :b.counts[h]])
