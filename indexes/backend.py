@@ -253,6 +253,9 @@ class SparseAttention(DenseAttention):
     def describe(self) -> str:
         c = self.config
         budget = f"{c.budget:.1%} of context" if c.budget < 1 else f"{int(c.budget)} tokens"
+        if c.mass is not None:
+            budget = (f"adaptive p{c.mass:g} (up to {budget})" if self.policy_cls.adaptive else
+                      f"{budget} (no mass estimate for an adaptive p{c.mass:g})")
         return (f"kv_policy {self.policy}: {budget} + {c.sink} sinks + {c.window} recent, "
                 f"layers 0..{c.dense_layers - 1} dense"
                 + (", sparse layers' KV in host memory" if self.kv_offload else "")

@@ -35,18 +35,51 @@ from offload.tiers.planner import BandwidthProfile, SelectionCost
 QUERY_STRIDE = 4
 # What kv_policy="auto" picks when the KV does not fit on the device.
 AUTO_SPARSE_POLICY = "retrieval"
+# Adaptive budgets (kv_budget="p0.95"): the cap on a head's selection, a fraction of the context,
+# and the floor (an estimate that puts its whole mass on a few keys is not trusted below this).
+ADAPTIVE_CAP = 0.1
+ADAPTIVE_FLOOR_TOKENS = 16
 
 
 @dataclass(frozen=True)
 class SelectionConfig:
     """How many tokens a step attends: ``budget`` (a fraction of the context if < 1, else a token
-    count) selected by the index, plus ``sink`` first and ``window`` most recent tokens, always."""
+    count) selected by the index, plus ``sink`` first and ``window`` most recent tokens, always.
+
+    ``mass`` makes the budget adaptive (Twilight's top-p): each KV head, each step, takes the
+    index's best tokens until its estimate of the attention they get, as a share of what all
+    candidates get, reaches ``mass``, never fewer than ADAPTIVE_FLOOR_TOKENS nor more than
+    ``budget`` (the cap). Policies without a mass estimate (``KVIndex.adaptive`` False) select
+    ``budget`` tokens."""
 
     budget: float = 0.02
     sink: int = 4
     window: int = 64
     dense_layers: int = 2  # the first layers attend broadly; they stay dense
     effort: float | None = None  # search width of graph indexes (ef = effort x budget); None: their default
+    mass: float | None = None  # adaptive: the share of the candidates' attention to select; budget caps it
+
+    @classmethod
+    def parse_budget(cls, value) -> tuple[float, float | None]:
+        """A ``kv_budget`` as the user gives it -> (budget, mass): 0.02 (2% of the context), 512
+        (tokens), or "p0.95" (adaptive, capped at ADAPTIVE_CAP of the context)."""
+        if isinstance(value, str) and value.strip().lower().startswith("p"):
+            try:
+                mass = float(value.strip()[1:])
+            except ValueError:
+                mass = -1.0
+            if not 0 < mass < 1:
+                raise OffloadError(f"kv_budget {value!r}: an adaptive budget is 'p' and a share of the attention "
+                                   f"in (0, 1), e.g. 'p0.95'")
+            return ADAPTIVE_CAP, mass
+        try:
+            budget = float(value)
+        except (TypeError, ValueError):
+            budget = -1.0
+        if isinstance(value, bool) or not budget > 0 or not (budget < 1 or budget.is_integer()):
+            raise OffloadError(f"kv_budget must be a fraction of the context in (0, 1), a whole number of tokens "
+                               f">= 1, or 'p' and a share of the attention (adaptive, e.g. 'p0.95'), got {value!r}")
+        return budget, None
 
     def __post_init__(self) -> None:
         if not self.budget > 0:
@@ -55,6 +88,8 @@ class SelectionConfig:
             raise OffloadError(f"search effort must be >= 1 (beam width = effort x budget), got {self.effort}")
         if self.sink < 0 or self.window < 0 or self.dense_layers < 0:
             raise OffloadError("sink, window and dense_layers must be >= 0")
+        if self.mass is not None and not 0 < self.mass < 1:
+            raise OffloadError(f"an adaptive budget's mass must be in (0, 1), got {self.mass}")
 
     def budget_tokens(self, context: int) -> int:
         return int(math.ceil(self.budget * context)) if self.budget < 1 else int(self.budget)
@@ -102,6 +137,7 @@ class KVIndex(ABC):
     # policy's KV in host memory (kv_offload), where the search reads it.
     searches_on_host: ClassVar[bool] = False
     persistable: ClassVar[bool] = True  # an index holding foreign objects (hnswlib graphs) sets False
+    adaptive: ClassVar[bool] = False  # search() honours config.mass (an estimate of each token's attention)
     learned: ClassVar[tuple[str, ...]] = ()  # attributes build() learns: what a prompt cache saves
     effort: ClassVar[float | None] = None  # graph indexes: beam width = effort x budget
 
@@ -219,6 +255,27 @@ class KVIndex(ABC):
             return self.empty(device)
         ids = torch.arange(lo, hi, dtype=torch.int32, device=device).expand(self.num_kv_heads, -1).contiguous()
         return Selection(ids, torch.full((self.num_kv_heads,), hi - lo, dtype=torch.int32, device=device))
+
+    def top_by_mass(self, mass: torch.Tensor, lo: int, budget: int) -> Selection:
+        """mass [Hkv, M] (each candidate's share of attention, lo..lo+M-1) -> per head the best ids
+        until ``config.mass`` of the candidates' total is covered, within the floor and ``budget``
+        (sorted, padded). Without ``config.mass``: the ``budget`` best."""
+        p = self.config.mass
+        if p is None:
+            return self.top_by_score(mass, lo, budget)
+        m = mass.shape[-1]
+        k = min(budget, m)
+        if k <= 0:
+            return self.empty(mass.device)
+        top = torch.topk(mass, k, dim=-1)  # [Hkv, k] best first
+        share = torch.cumsum(top.values, dim=-1) / mass.sum(-1, keepdim=True).clamp_min(1e-30)  # [Hkv, k]
+        before = torch.cat([torch.zeros_like(share[:, :1]), share[:, :-1]], dim=-1)  # covered before each
+        take = (before < p) | (torch.arange(k, device=mass.device) < ADAPTIVE_FLOOR_TOKENS)  # [Hkv, k]
+        counts = take.sum(-1).to(torch.int32)  # [Hkv] a prefix of the ranking
+        width = int(counts.max())
+        ids = torch.where(take, top.indices + lo, torch.iinfo(torch.int32).max).sort(dim=-1).values[:, :width]
+        ids = ids.masked_fill(torch.arange(width, device=mass.device) >= counts[:, None], 0)  # [Hkv, S] sorted, padded
+        return Selection(ids.to(torch.int32).contiguous(), counts)
 
     def top_by_score(self, scores: torch.Tensor, lo: int, budget: int) -> Selection:
         """scores [Hkv, M] for candidates lo..lo+M-1 -> the ``budget`` best ids per head (sorted)."""

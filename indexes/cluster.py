@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from numba import njit
 
-from .base import KVIndex, Selection, register
+from .base import ADAPTIVE_FLOOR_TOKENS, KVIndex, Selection, register
 
 KMEANS_ITERATIONS = 6  # Lloyd steps per segment: the captured mass stops growing after ~5 (tests/bench)
 
@@ -64,19 +64,26 @@ def kmeans_segments(x: torch.Tensor, clusters: int,
 
 
 @njit(cache=True, nogil=True)
-def _take_clusters(ranked, sizes, starts, order, n_clustered, lo, hi, budget, out):  # pragma: no cover - numba
+def _take_clusters(ranked, share, sizes, starts, order, n_clustered, lo, hi, budget, mass, floor,
+                   out):  # pragma: no cover - numba
     """Per KV head: entries (clusters, then tail tokens) in ``ranked`` order [Hkv, k] (best first),
-    taken while fewer than ``budget`` tokens are; their token ids in [lo, hi) into out[h] (sorted).
-    sizes [Hkv, C], starts [Hkv, C+1], order [Hkv, n_clustered]. Returns (counts [Hkv], whether
-    some head ran out of ranked entries before its budget)."""
+    taken while fewer than ``budget`` tokens are (and, with ``mass`` > 0, while the estimated
+    ``share`` [Hkv, k] of attention covered is below ``mass`` or fewer than ``floor`` tokens are
+    taken); their token ids in [lo, hi) into out[h] (sorted). sizes [Hkv, C], starts [Hkv, C+1],
+    order [Hkv, n_clustered]. Returns (counts [Hkv], whether some head ran out of ranked entries
+    before it was done)."""
     Hkv, C = sizes.shape
     counts = np.zeros(Hkv, np.int32)
     short = False
     for h in range(Hkv):
-        taken, m = 0, 0
-        for j in ranked[h]:
-            if taken >= budget:
+        taken, m, covered = 0, 0, 0.0
+        done = False
+        for i in range(ranked.shape[1]):
+            j = ranked[h, i]
+            if taken >= budget or (mass > 0 and covered >= mass and taken >= floor):
+                done = True
                 break
+            covered += share[h, i]
             if j < C:
                 for t in range(starts[h, j], starts[h, j] + sizes[h, j]):
                     tok = order[h, t]
@@ -90,7 +97,7 @@ def _take_clusters(ranked, sizes, starts, order, n_clustered, lo, hi, budget, ou
                     out[h, m] = tok
                     m += 1
                 taken += 1
-        short |= taken < budget
+        short |= not done
         out[h, :m].sort()
         counts[h] = m
     return counts, short
@@ -103,6 +110,7 @@ class ClusterIndex(KVIndex):
     clusters' tokens are selected."""
 
     name = "cluster"
+    adaptive = True
     learned = ("centroids", "sizes", "order", "starts", "n_clustered")
     cluster_size = 16
     segment = 1024
@@ -197,10 +205,13 @@ class ClusterIndex(KVIndex):
         # Only the best entries are ranked (topk, not a sort of all C): enough for the budget unless
         # the best clusters are much smaller than cluster_size; then all of them.
         k = min(mass.shape[1], budget // (self.cluster_size // 4) + 8)
+        share = mass / mass.sum(dim=1, keepdim=True).clamp_min(1e-30)  # [Hkv, C+T] of the candidates' attention
+        p = self.config.mass or 0.0
         while True:
-            ranked = torch.topk(mass, k, dim=1).indices  # [Hkv, k] best first
-            counts, short = _take_clusters(ranked.numpy(), self.sizes.numpy(), self.starts.numpy(),
-                                           self.order.numpy(), self.n_clustered, lo, hi, budget, out)
+            top = torch.topk(share, k, dim=1)  # [Hkv, k] best first
+            counts, short = _take_clusters(top.indices.numpy(), top.values.numpy(), self.sizes.numpy(),
+                                           self.starts.numpy(), self.order.numpy(), self.n_clustered, lo, hi,
+                                           budget, p, ADAPTIVE_FLOOR_TOKENS, out)
             if not short or k == mass.shape[1]:
                 break
             k = mass.shape[1]
@@ -216,7 +227,12 @@ class ClusterIndex(KVIndex):
         sizes = torch.cat([self.sizes, torch.ones(Hkv, T, dtype=torch.int32, device=device)], dim=1)  # [Hkv, C+T]
         ranked = torch.argsort(mass, dim=-1, descending=True)  # [Hkv, C+T]
         size = torch.gather(sizes, 1, ranked)  # [Hkv, C+T] tokens of each, best first
-        keep = torch.cumsum(size, dim=-1) - size < budget  # taken while the budget lasts
+        before = torch.cumsum(size, dim=-1) - size  # tokens taken before each
+        keep = before < budget  # taken while the budget lasts
+        if self.config.mass is not None:  # ... and until the estimated share is covered (past the floor)
+            share = torch.gather(mass / mass.sum(dim=1, keepdim=True).clamp_min(1e-30), 1, ranked)
+            covered = torch.cumsum(share, dim=-1) - share  # [Hkv, C+T] covered before each
+            keep &= (covered < self.config.mass) | (before < ADAPTIVE_FLOOR_TOKENS)
         k = int(keep.sum(-1).max())  # clusters the widest head takes
         ranked, size = ranked[:, :k], size[:, :k] * keep[:, :k]  # [Hkv, k]; a cluster not taken adds nothing
         # every taken token, all heads at once: cluster j's tokens are order[starts[j]:starts[j] + size]

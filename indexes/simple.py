@@ -37,13 +37,14 @@ class ExactTopK(KVIndex):
     """
 
     name = "exact"
+    adaptive = True
 
     def search(self, q: torch.Tensor, budget: int) -> Selection:
         lo, hi = self.config.candidate_range(self.n)
         if hi <= lo:
             return self.empty(q.device)
         mass = group_attention_mass(q, self.keys, self.n, self.scale, self.group)  # [Hkv, n]
-        return self.top_by_score(mass[:, lo:hi], lo, budget)
+        return self.top_by_mass(mass[:, lo:hi], lo, budget)
 
 
 @register

@@ -53,11 +53,12 @@ class Telemetry:
 
     def summary(self) -> dict[str, float | dict[int, dict[str, float]]]:
         """Means per layer and over all layers and steps."""
-        per_layer = {layer: {k: sum(r[k] for r in rs) / len(rs) for k in ("recall", "mass", "output_error")}
+        keys = ("recall", "mass", "output_error", "selected")  # selected: tokens per KV head (an adaptive budget's use)
+        per_layer = {layer: {k: sum(r[k] for r in rs) / len(rs) for k in keys}
                      for layer, rs in sorted(self.records.items())}
         everything = [r for rs in self.records.values() for r in rs]
         overall = {k: (sum(r[k] for r in everything) / len(everything) if everything else float("nan"))
-                   for k in ("recall", "mass", "output_error")}
+                   for k in keys}
         return {**overall, "per_layer": per_layer}
 
     def clear(self) -> None:

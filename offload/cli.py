@@ -24,6 +24,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _kv_budget(text: str) -> float | str:
+    """--kv-budget: a number (a fraction or a token count) or 'p0.95' (adaptive), checked by the config."""
+    if text.strip().lower().startswith("p"):
+        return text.strip().lower()
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction, a token count or 'p0.95', got '{text}'") from None
+
+
 def _policy_help() -> str:
     from .indexes import policy_names  # the registry: every policy, never a hand-kept list
 
@@ -56,9 +66,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "GGUF header) with seeded random weights, for speed runs; never for accuracy")
     p.add_argument("--dummy-seed", type=int, default=0, help="seed of the dummy weights")
     p.add_argument("--kv-policy", default="dense", help=_policy_help())
-    p.add_argument("--kv-budget", type=float, default=None,
-                   help="selected tokens per step: a fraction of the context (< 1) or a whole number of tokens "
-                        "(default: the tuned profile's, else 0.02)")
+    p.add_argument("--kv-budget", type=_kv_budget, default=None,
+                   help="selected tokens per step: a fraction of the context (< 1), a whole number of tokens, or "
+                        "'p0.95' (adaptive: per head until the index's estimate of attention reaches 95%%, up to 10%% "
+                        "of the context; cluster and exact) (default: the tuned profile's, else 0.02)")
     p.add_argument("--search-effort", type=float, default=None,
                    help="graph search width (x budget) for retrieval (default: the tuned profile's, else 1)")
     p.add_argument("--sink", type=int, default=4, help="first tokens always attended")

@@ -66,7 +66,7 @@ class EngineConfig:
     rope_scaling: Mapping[str, Any] | None = None  # context extension, e.g. {"type": "yarn", "factor": 4, ...}
     kv_dtype: str | None = None  # "int8": K and V as int8 codes + a scale per token and KV head; None: the dtype
     kv_policy: str = "dense"  # auto, or a name from offload.indexes.policy_names()
-    kv_budget: float | None = None  # a fraction of the context (< 1) or a token count; None: tuned or 2%
+    kv_budget: float | str | None = None  # fraction of the context, token count, or "p0.95" (adaptive); None: tuned/2%
     sink: int = 4
     window: int = 64
     dense_layers: int = 2
@@ -106,10 +106,7 @@ class EngineConfig:
         _check(self.kv_policy in ("auto", *policy_names()),
                f"unknown kv_policy {self.kv_policy!r}: choose auto or one of {', '.join(policy_names())}")
         if self.kv_budget is not None:
-            b = self.kv_budget
-            _check(_is_number(b) and b > 0 and (b < 1 or float(b).is_integer()),
-                   f"kv_budget must be a fraction of the context in (0, 1) or a whole number of tokens >= 1, "
-                   f"got {b!r}")
+            SelectionConfig.parse_budget(self.kv_budget)  # one line naming the problem, or nothing
         for name in ("sink", "window", "dense_layers"):
             value = getattr(self, name)
             _check(_is_int(value) and value >= 0, f"{name} must be an integer >= 0, got {value!r}")
@@ -171,7 +168,8 @@ class EngineConfig:
                 budget = int(0.9 * (_free_gpu(device) if on_gpu else free_host_memory()))
             fits, reason = kv_fits(args, context, dtype_name, budget, self.quantize, self.kv_dtype)
             kv_policy = "dense" if fits else AUTO_SPARSE_POLICY
-        selection = SelectionConfig(budget=self.kv_budget or tuning.kv_budget or DEFAULT_KV_BUDGET, sink=self.sink,
+        budget, mass = SelectionConfig.parse_budget(self.kv_budget or tuning.kv_budget or DEFAULT_KV_BUDGET)
+        selection = SelectionConfig(budget=budget, mass=mass, sink=self.sink,
                                     window=self.window, dense_layers=self.dense_layers,
                                     effort=self.search_effort if self.search_effort is not None else tuning.search_effort)
         policy = policy_class(kv_policy)

@@ -132,13 +132,15 @@ def test_cluster_on_real_text(smollm_path):
     assert max(scored) < 0.1
 
 
-def test_compiled_take_equals_the_tensor_form(monkeypatch):
-    """The CPU's compiled pass and the tensor ops a GPU runs select the same ids, tail included."""
+@pytest.mark.parametrize("mass", [None, 0.5, 0.9])
+def test_compiled_take_equals_the_tensor_form(monkeypatch, mass):
+    """The CPU's compiled pass and the tensor ops a GPU runs select the same ids, tail included,
+    with a fixed or an adaptive budget."""
     monkeypatch.setattr(ClusterIndex, "segment", 256)
     keys = torch.randn(3, 1500, 16, generator=torch.Generator().manual_seed(7))
-    idx = _index(keys, 1200, budget_sink=4, window=32, H=9)
+    idx = _index(keys, 1200, budget_sink=4, window=32, H=9, mass=mass)
     idx.extend(1400)  # a clustered segment more, and a tail
-    q = torch.randn(9, 16, generator=torch.Generator().manual_seed(8))
+    q = torch.randn(9, 16, generator=torch.Generator().manual_seed(8)) * 2
     for budget in (1, 17, 150, 2000):
         idx.search(q, budget)  # the mass the search computes, taken both ways below
         lo, hi = idx.config.candidate_range(idx.n)
@@ -150,3 +152,67 @@ def test_compiled_take_equals_the_tensor_form(monkeypatch):
         assert torch.equal(a.counts, b.counts)
         for h in range(3):
             assert torch.equal(a.ids[h, :a.counts[h]], b.ids[h, :b.counts[h]])
+
+
+def test_adaptive_budget_parsing_and_errors():
+    from offload import EngineConfig
+    from offload.errors import OffloadError
+    from offload.indexes.base import ADAPTIVE_CAP
+
+    assert SelectionConfig.parse_budget("p0.95") == (ADAPTIVE_CAP, 0.95)
+    assert SelectionConfig.parse_budget(0.02) == (0.02, None)
+    assert SelectionConfig.parse_budget(512) == (512.0, None)
+    for bad in ("p1.5", "p", "pp", "x", -1, 0, 2.5, True):
+        with pytest.raises(OffloadError, match="kv_budget"):
+            SelectionConfig.parse_budget(bad)
+    with pytest.raises(OffloadError, match="kv_budget") as e:
+        EngineConfig(kv_budget="p2")
+    assert "\n" not in str(e.value)
+
+
+def test_adaptive_exact_takes_few_tokens_when_attention_is_peaked():
+    """The exact twin with p0.9: one key that takes nearly all attention -> the floor; flat
+    attention -> the cap (budget); in between, just enough to cover 90% of the candidates' mass."""
+    from offload.indexes.base import ADAPTIVE_FLOOR_TOKENS
+    from offload.indexes.simple import group_attention_mass
+
+    Hkv, n, D = 2, 1000, 16
+    ctx = index_context(Hkv, Hkv, D, scale=1.0)
+    idx = make_index("exact", ctx, SelectionConfig(sink=0, window=0, dense_layers=0, mass=0.9))
+    keys = torch.zeros(Hkv, n, D)
+    keys[0, 500, 0] = 50.0  # head 0: one key dominates; head 1: all keys equal
+    idx.build(keys, n)
+    q = torch.zeros(Hkv, D)
+    q[:, 0] = 1.0
+    sel = idx.search(q, 300)
+    assert sel.counts.tolist() == [ADAPTIVE_FLOOR_TOKENS, 300]
+    assert 500 in sel.ids[0, :ADAPTIVE_FLOOR_TOKENS].tolist()
+    # graded attention: the smallest prefix of the ranking that covers 90%
+    keys = torch.randn(Hkv, n, D, generator=torch.Generator().manual_seed(9))
+    idx.build(keys, n)
+    q = torch.randn(Hkv, D, generator=torch.Generator().manual_seed(10)) * 0.4
+    sel = idx.search(q, n)
+    mass = group_attention_mass(q, keys, n, 1.0, 1)  # [Hkv, n]
+    for h in range(Hkv):
+        c = int(sel.counts[h])
+        got = float(mass[h, sel.ids[h, :c].long()].sum())
+        ranked = mass[h].sort(descending=True).values
+        assert c > ADAPTIVE_FLOOR_TOKENS
+        assert got >= 0.9 - 1e-5 and float(ranked[:c - 1].sum()) < 0.9  # enough, and one fewer is not
+        assert (torch.diff(sel.ids[h, :c]) > 0).all()
+
+
+def test_adaptive_cluster_end_to_end_reports_the_budget_used(tiny_models):
+    """kv_budget="p0.9" through LLM: the banner says adaptive; telemetry reports the tokens each head
+    selected, between the floor and the 10% cap, and the attention mass it captured."""
+    from offload.indexes.base import ADAPTIVE_FLOOR_TOKENS
+
+    folder, hf = tiny_models["llama"]
+    llm = LLM(folder, kv_policy="cluster", kv_budget="p0.9", dense_layers=1, sink=4, window=16, telemetry=True,
+              verbose=False)
+    assert "adaptive p0.9" in llm.backend.describe()
+    ids = torch.randint(3, hf.config.vocab_size, (480,), generator=torch.Generator().manual_seed(11)).tolist()
+    llm.generate([ids], SamplingParams(max_new_tokens=4, ignore_eos=True))
+    s = llm.telemetry.summary()
+    assert ADAPTIVE_FLOOR_TOKENS <= s["selected"] <= 0.1 * 484 + ClusterIndex.cluster_size
+    assert 0 < s["mass"] <= 1
