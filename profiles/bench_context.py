@@ -149,19 +149,23 @@ def _has_effort(policy: str) -> bool:
 
 def run_context(llm, ctx: int, policies: list[str], config, steps: int, telemetry_steps: int,
                 efforts: list[float | None] = (None,)) -> list[dict]:
-    from offload.indexes.base import policy_class
+    from offload.indexes.base import SelectionConfig, policy_class
     from offload.indexes.telemetry import Telemetry
 
     ids = _real_text_ids(llm.tokenizer, ctx)
     shared, logits, prefill_s = prefill_shared(llm, ids, ctx + steps + telemetry_steps + 1, config)
     first = int(logits.argmax())
     rows = []
-    runs = [(p, e) for p in policies for e in (efforts if _has_effort(p) else [None])]
-    for policy, effort in runs:
+    runs = [(p, e) for p in policies for e in (efforts if _has_effort(p.split(":")[0]) else [None])]
+    for spec, effort in runs:
+        policy, _, budget = spec.partition(":")  # "cluster:p0.9": a policy with its own budget
         default_effort = policy_class(policy).effort if policy != "dense" else None
         run_config = dataclasses.replace(config, effort=effort) if effort is not None else config
+        if budget:
+            size, mass = SelectionConfig.parse_budget(budget)
+            run_config = dataclasses.replace(run_config, budget=size, mass=mass)
         backend, build_s, (times, token, n) = build_and_decode(llm, policy, shared, run_config, ctx, first, steps)
-        row = {"context": ctx, "policy": policy, "prefill_s": prefill_s, "prefill_tok_s": ctx / prefill_s,
+        row = {"context": ctx, "policy": spec, "prefill_s": prefill_s, "prefill_tok_s": ctx / prefill_s,
                "build_s": build_s, "decode_ms": 1e3 * statistics.median(times),
                "decode_ms_runs": [1e3 * t for t in times],
                "beyond_trained_context": ctx > llm.args.max_position_embeddings}
@@ -171,7 +175,7 @@ def run_context(llm, ctx: int, policies: list[str], config, steps: int, telemetr
                 backend.telemetry = Telemetry()
                 decode(llm, backend, n, token, telemetry_steps)
                 s = backend.telemetry.summary()
-                row.update(mass=s["mass"], recall=s["recall"], output_error=s["output_error"])
+                row.update(mass=s["mass"], recall=s["recall"], output_error=s["output_error"], selected=s["selected"])
             scored = [ix.last_scored / ix.n for ix in backend.indexes.values() if hasattr(ix, "last_scored")]
             row["scored_fraction"] = sum(scored) / len(scored) if scored else None
         row["effort"] = effort if effort is not None else default_effort
@@ -206,8 +210,9 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--contexts", type=int, nargs="+", default=[4096, 8192])
-    p.add_argument("--policies", nargs="+", default=["dense", "retrieval", "shadowkv", "quest", "streaming",
-                                                       "sentence"])
+    p.add_argument("--policies", nargs="+", default=["dense", "retrieval", "cluster", "shadowkv", "quest", "streaming",
+                                                       "sentence"],
+                   help="policy names; 'policy:budget' gives one its own budget, e.g. cluster:p0.9 cluster:0.05")
     p.add_argument("--budget", type=float, default=0.02)
     p.add_argument("--sink", type=int, default=4)
     p.add_argument("--window", type=int, default=64)
@@ -240,8 +245,8 @@ def main(argv=None) -> int:
           f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
           f"rope scaling {rope_scaling or 'as trained'}")
     print("| context | policy | effort | decode ms/token | vs dense | build s | mass | recall | out. err | scored | "
-          "index MB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "selected/head | index MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for ctx in tqdm(args.contexts, desc="contexts", disable=None):
         ctx_rows = run_context(llm, ctx, args.policies, config, args.steps, args.telemetry_steps, args.efforts)
@@ -253,7 +258,8 @@ def main(argv=None) -> int:
             print(f"| {ctx}{flag} | {r['policy']} | {fmt('effort', 'g')} | {r['decode_ms']:.1f} | "
                   f"{fmt('speedup_vs_dense', '.1f')}x | "
                   f"{r['build_s']:.1f} | {fmt('mass', '.3f')} | {fmt('recall', '.3f')} | {fmt('output_error', '.3f')} | "
-                  f"{fmt('scored_fraction', '.3f')} | {r.get('index_bytes', 0) / 2**20:.1f} |", flush=True)
+                  f"{fmt('scored_fraction', '.3f')} | {fmt('selected', '.0f')} | {r.get('index_bytes', 0) / 2**20:.1f} |",
+                  flush=True)
         rows += ctx_rows
         if args.out:  # write as we go: a long run keeps what it measured
             write_json_atomic(args.out, {"settings": vars(args), "machine": platform.platform(),
