@@ -164,7 +164,7 @@ class ClusterIndex(KVIndex):
         self.order = torch.cat([self.order, ids[order].to(device, torch.int32)], dim=1)
         self.starts = torch.cat([self.starts, starts.to(device)], dim=1)
         self.n_clustered = start + segments * seg
-        self._log_sizes = self.sizes.float().clamp(min=1e-30).log()[:, None]  # an empty cluster: never taken
+        self._refresh_log_sizes()
         if self.n_clustered < end:  # a partial last segment
             self._cluster(self.n_clustered, end)
 
@@ -175,6 +175,10 @@ class ClusterIndex(KVIndex):
 
     def restore(self, keys, scalars: dict, tensors: dict[str, torch.Tensor]) -> None:
         super().restore(keys, scalars, tensors)
+        self._refresh_log_sizes()
+
+    def _refresh_log_sizes(self) -> None:
+        """log(size) [Hkv, 1, C], each step's offset, derived from ``sizes`` (an empty cluster: -69, never taken)."""
         self._log_sizes = self.sizes.float().clamp(min=1e-30).log()[:, None]
 
     def nbytes(self) -> int:
