@@ -25,40 +25,91 @@ import math
 
 import numpy as np
 import torch
-from numba import njit
+from numba import njit, prange
 
 from .base import ADAPTIVE_FLOOR_TOKENS, KVIndex, Selection, register
 
 KMEANS_ITERATIONS = 6  # Lloyd steps per segment: the captured mass stops growing after ~5 (tests/bench)
 
 
+@njit(cache=True, parallel=True, fastmath=True)
+def _farthest_point_seeds(x, k, out):  # pragma: no cover - numba
+    """x [S, T, D] f32 -> out [S, k] int64: per segment the longest point, then k - 1 times the
+    point farthest from the seeds so far. One segment (T x D x 4 bytes, 256 KiB at 1,024 x 64)
+    stays in the core's cache for its k passes: the batched tensor form streams all segments
+    from memory on every pass (0.5 s per layer at 32K, against 0.04 s here)."""
+    S, T, D = x.shape
+    for s in prange(S):
+        nearest = np.empty(T, np.float32)  # squared distance to the closest seed
+        seed, longest = 0, np.float32(-1.0)
+        for t in range(T):
+            nearest[t] = np.inf
+            norm = np.float32(0.0)
+            for d in range(D):
+                norm += x[s, t, d] * x[s, t, d]
+            if norm > longest:
+                longest, seed = norm, t
+        for j in range(k):
+            out[s, j] = seed
+            farthest, far = np.float32(-1.0), 0
+            for t in range(T):
+                dist = np.float32(0.0)
+                for d in range(D):
+                    diff = x[s, t, d] - x[s, seed, d]
+                    dist += diff * diff
+                if dist < nearest[t]:
+                    nearest[t] = dist
+                if nearest[t] > farthest:
+                    farthest, far = nearest[t], t
+            seed = far
+
+
+def farthest_point_seeds(x: torch.Tensor, k: int) -> torch.Tensor:
+    """x [S, T, D] fp32 -> seed ids [S, k] int64 (k <= T): the longest point, then each next seed
+    the point farthest from those so far (deterministic; a far-out key, the kind attention singles
+    out, gets a cluster of its own). numba on CPU; the tensor form elsewhere (a GPU)."""
+    if x.device.type != "cpu":
+        return farthest_point_seeds_tensor(x, k)
+    out = np.empty((x.shape[0], k), np.int64)
+    _farthest_point_seeds(x.contiguous().numpy(), k, out)
+    return torch.from_numpy(out)
+
+
+def farthest_point_seeds_tensor(x: torch.Tensor, k: int) -> torch.Tensor:
+    """:func:`farthest_point_seeds` as batched tensor operations (for a GPU: k passes over all
+    segments, which a CPU pays for in memory traffic)."""
+    S, T, D = x.shape
+    rows = torch.arange(S, device=x.device)
+    seeds = torch.empty(S, k, dtype=torch.int64, device=x.device)
+    seeds[:, 0] = (x * x).sum(-1).argmax(dim=1)
+    nearest = torch.full((S, T), float("inf"), device=x.device)  # [S, T]
+    for j in range(1, k):
+        seed = x[rows, seeds[:, j - 1]]  # [S, D]
+        nearest = torch.minimum(nearest, ((x - seed[:, None]) ** 2).sum(-1))
+        seeds[:, j] = nearest.argmax(dim=1)
+    return seeds
+
+
 def kmeans_segments(x: torch.Tensor, clusters: int,
                     iterations: int = KMEANS_ITERATIONS) -> tuple[torch.Tensor, torch.Tensor]:
     """Batched k-means: x [S, T, D] (S independent segments of T points) -> (assignment [S, T] int64,
-    centroids [S, K, D] fp32) with K = ``clusters``. Seeded by farthest points (deterministic; each
-    seed the point farthest from the seeds so far, which gives a far-out key, the kind attention
-    singles out, a cluster of its own). A cluster that loses every point keeps its centroid and
-    counts zero."""
-    x = x.float()
+    centroids [S, K, D] fp32) with K = ``clusters``, seeded by :func:`farthest_point_seeds`. A
+    cluster that loses every point keeps its centroid and counts zero."""
+    x = x.float().contiguous()
     S, T, D = x.shape
     K = min(clusters, T)
-    x_sq = (x * x).sum(-1, keepdim=True)  # [S, T, 1]
     rows = torch.arange(S, device=x.device)
-    seed = x_sq[..., 0].argmax(dim=1)  # [S]: the longest key first
-    centroids = torch.empty(S, K, D, device=x.device)
-    nearest = torch.full((S, T), float("inf"), device=x.device)  # squared distance to the closest seed
-    for j in range(K):
-        centroids[:, j] = x[rows, seed]
-        nearest = torch.minimum(nearest, ((x - centroids[:, j, None]) ** 2).sum(-1))
-        seed = nearest.argmax(dim=1)
+    centroids = x[rows[:, None], farthest_point_seeds(x, K).to(x.device)]  # [S, K, D]
+    first = (rows * K)[:, None]  # [S, 1]: segment s's clusters in a flat [S K] list
     for i in range(iterations + 1):
-        # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2, as one batched product
-        dist = x_sq - 2 * torch.bmm(x, centroids.transpose(1, 2)) + (centroids * centroids).sum(-1)[:, None]  # [S, T, K]
+        # argmin_c ||x - c||^2 = argmin_c ||c||^2 - 2 x.c: one batched product (||x||^2 is the same for every c)
+        dist = torch.baddbmm((centroids * centroids).sum(-1)[:, None], x, centroids.transpose(1, 2), alpha=-2)  # [S, T, K]
         assign = dist.argmin(dim=-1)  # [S, T]
         if i == iterations:
             break
-        sums = torch.zeros(S, K, D, device=x.device).scatter_add_(1, assign[..., None].expand(-1, -1, D), x)
-        counts = torch.zeros(S, K, device=x.device).scatter_add_(1, assign, torch.ones(S, T, device=x.device))
+        flat = (assign + first).view(-1)  # [S T]
+        sums = torch.zeros(S * K, D, device=x.device).index_add_(0, flat, x.view(-1, D)).view(S, K, D)
+        counts = torch.bincount(flat, minlength=S * K).view(S, K)  # [S, K]
         centroids = torch.where(counts[..., None] > 0, sums / counts.clamp(min=1)[..., None], centroids)
     return assign, centroids
 

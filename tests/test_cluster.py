@@ -9,7 +9,7 @@ from test_indexes import index_context
 
 from offload import LLM, SamplingParams
 from offload.indexes import SelectionConfig, make_index
-from offload.indexes.cluster import ClusterIndex, kmeans_segments
+from offload.indexes.cluster import ClusterIndex, farthest_point_seeds, farthest_point_seeds_tensor, kmeans_segments
 
 
 def _planted(Hkv: int, n: int, D: int, clusters: int, seed: int, spread: float = 0.05, runs: bool = False):
@@ -216,3 +216,14 @@ def test_adaptive_cluster_end_to_end_reports_the_budget_used(tiny_models):
     s = llm.telemetry.summary()
     assert ADAPTIVE_FLOOR_TOKENS <= s["selected"] <= 0.1 * 484 + ClusterIndex.cluster_size
     assert 0 < s["mass"] <= 1
+
+
+def test_farthest_point_seeds_numba_and_tensor_forms_agree():
+    """The CPU (numba) seeding and the tensor form a GPU runs choose the same seeds, the first the longest point."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 300, 32, generator=g) * torch.rand(5, 300, 1, generator=g)  # [S, T, D], lengths spread
+    seeds = farthest_point_seeds(x, 24)  # [S, k]
+    assert seeds.shape == (5, 24) and seeds.dtype == torch.int64
+    assert torch.equal(seeds, farthest_point_seeds_tensor(x, 24))
+    assert torch.equal(seeds[:, 0], (x * x).sum(-1).argmax(dim=1))
+    assert all(len(set(row.tolist())) == 24 for row in seeds)  # never a point twice
