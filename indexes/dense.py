@@ -11,15 +11,20 @@ import torch.nn.functional as F
 
 from offload.attention import AttentionBackend, ForwardBatch, OnlineSoftmax, attend, visible_keys
 from offload.config import ModelArgs
-from offload.kernels import int8_kv_attention
+from offload.kernels import kv_decode_attention
 from offload.tiers.kv_store import DECODE_BLOCK_TOKENS, KVStore
 
 # Upper bound on one block of attention scores (fp32) in chunked prefill: even where SDPA falls
 # back to its math kernel, a long prompt never materialises a score block larger than this.
 PREFILL_SCORE_BYTES = 256 * 1024 * 1024
-# Devices whose int8 KV decode reads the codes in a fused kernel (offload.kernels.int8_kv_attention:
-# numba on CPU, 1.5x faster decode at 4K on the default model); elsewhere blocks are dequantized.
-FUSED_INT8_DEVICES = ("cpu",)
+# Devices whose decode reads the cache in place through offload.kernels.kv_decode_attention (numba
+# on CPU: an int8 KV without a dequantized copy, 1.5x faster decode at 4K on the default model; a bf16
+# KV without bf16 matmuls, which run at ~0.6 GB/s here); elsewhere torch attends (int8: in blocks).
+FUSED_DECODE_DEVICES = ("cpu",)
+FUSED_DECODE_DTYPES = (torch.int8, torch.bfloat16)
+# An fp32 cache: torch's fp32 matmuls keep up with the kernel to ~8K visible tokens and fall behind
+# past it (per layer, 3 KV heads: 0.75 vs 0.86 ms at 4K, 11.6 vs 6.2 ms at 32K)
+FUSED_F32_MIN_TOKENS = 8192
 
 
 @dataclass
@@ -102,12 +107,14 @@ class DenseAttention(AttentionBackend):
         qg = q.view(B, a.num_kv_heads, a.group_size, D)  # [B, Hkv, G, D]
         plan: DensePlan = batch.plan
         start, end, decode_mask = plan.decode_start, max(batch.end_lengths), plan.decode_mask
-        if self.kv.quantized and self.kv.device.type in FUSED_INT8_DEVICES:  # scores straight from the codes
+        k, v, k_scale, v_scale = self.kv.whole_cache(layer, B)  # [B, Hkv, N, D] where the layer lives
+        if self.kv.device.type in FUSED_DECODE_DEVICES and (k.dtype in FUSED_DECODE_DTYPES or (
+                k.dtype == torch.float32 and end - start >= FUSED_F32_MIN_TOKENS)):  # read in place
             hi = batch.end_lengths if decode_mask is not None else [end] * B
             lo = [start] * B if decode_mask is None else [
                 0 if a.sliding_window is None else max(0, n - a.sliding_window) for n in hi]
-            out, _ = int8_kv_attention(q.view(B, H, D), *self.kv.int8_cache(layer, B), lo, hi,
-                                       scale=a.softmax_scale)  # [B, H, D]
+            out, _ = kv_decode_attention(q.view(B, H, D), k, v, lo, hi, scale=a.softmax_scale,
+                                         k_scale=k_scale, v_scale=v_scale)  # [B, H, D]
             return out.view(B, H, 1, D)
         if self.kv.quantized and end - start > DECODE_BLOCK_TOKENS:  # dequantize a block at a time
             acc = OnlineSoftmax(qg, a.softmax_scale)

@@ -5,7 +5,7 @@ Importing this package imports neither Triton nor CUDA; the kernel module loads 
 
 from .api import (
     gather_attention,
-    int8_kv_attention,
+    kv_decode_attention,
     last_backend,
     merge_attention,
     resolve_backend,
@@ -14,13 +14,13 @@ from .api import (
 from .reference import (
                         dense_attention_ref,
                         gather_attention_ref,
-                        int8_kv_attention_ref,
+                        kv_decode_attention_ref,
                         merge_attention_ref,
                         rope_rotate,
                         shadowkv_attention_ref,
 )
 
-__all__ = ["gather_attention", "int8_kv_attention", "int8_kv_attention_ref",
+__all__ = ["gather_attention", "kv_decode_attention", "kv_decode_attention_ref",
            "shadowkv_attention", "merge_attention", "last_backend", "resolve_backend",
            "gather_attention_ref", "shadowkv_attention_ref", "merge_attention_ref", "dense_attention_ref",
            "rope_rotate"]

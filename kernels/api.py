@@ -138,49 +138,58 @@ def merge_attention(outs: torch.Tensor | list[torch.Tensor], lses: torch.Tensor 
     return _triton_module().merge_attention(outs, lses.float())
 
 
-def int8_kv_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor, v_codes: torch.Tensor,
-                      v_scale: torch.Tensor, lo: list[int], hi: list[int], *, scale: float,
-                      backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode attention of q [B, H, D] over an int8 KV cache without dequantizing it into a copy:
-    codes [B, Hkv, N, D] int8 and scales [B, Hkv, N] (any float dtype), row b seeing tokens
-    lo[b]..hi[b]-1 (host ints). Pass the whole cache, not a slice of it: lo/hi bound the read, and
-    the kernel is compiled for contiguous arrays (a strided view is copied first).
+def kv_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: list[int], hi: list[int], *,
+                        scale: float, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                        backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode attention of q [B, H, D] over a whole KV cache k/v [B, Hkv, N, D], row b seeing tokens
+    lo[b]..hi[b]-1 (host ints), read in place: an int8 cache (codes, with per-token scales
+    ``k_scale``/``v_scale`` [B, Hkv, N] of any float dtype) is never dequantized into a copy, and
+    a bf16 or fp32 cache skips the torch matmuls (bf16 ones run at a fraction of the memory's speed
+    on CPU). Pass the whole cache, not a slice of it: lo/hi bound the read, and the kernel is
+    compiled for contiguous arrays (a strided view is copied first).
     Returns (out [B, H, D] in q's dtype, lse [B, H] fp32).
 
-    ``backend="auto"``: the fused numba kernel (:mod:`offload.kernels.cpu_int8`) for CPU tensors,
-    the torch reference (dequantize, then attend) elsewhere; "numba" or "torch" force one.
+    ``backend="auto"``: the numba kernels (:mod:`offload.kernels.cpu_decode`) for CPU tensors, the
+    torch reference (widen or dequantize, then attend) elsewhere; "numba" or "torch" force one.
     Called once per layer per decode step: the checks build no message unless one fails."""
     if backend not in ("auto", "numba", "torch"):
-        raise OffloadError(f"unknown int8 KV attention backend '{backend}': use auto, numba or torch")
-    B, Hkv, N, D = k_codes.shape
+        raise OffloadError(f"unknown KV decode attention backend '{backend}': use auto, numba or torch")
+    B, Hkv, N, D = k.shape
     H = q.shape[1]
-    if not (q.dim() == 3 and q.shape[0] == B and q.shape[2] == D and H % Hkv == 0 and v_codes.shape == k_codes.shape
-            and k_scale.shape == v_scale.shape == k_codes.shape[:3]):
-        raise ValueError(f"int8 KV attention needs q [B, H, D], codes [B, Hkv, N, D] and scales [B, Hkv, N]; got "
-                         f"{tuple(q.shape)}, {tuple(k_codes.shape)} / {tuple(v_codes.shape)}, "
-                         f"{tuple(k_scale.shape)} / {tuple(v_scale.shape)}")
-    if k_codes.dtype != torch.int8 or v_codes.dtype != torch.int8:
-        raise ValueError(f"the KV codes must be int8, got {k_codes.dtype} / {v_codes.dtype}")
+    quantized = k.dtype == torch.int8
+    if not (q.dim() == 3 and q.shape[0] == B and q.shape[2] == D and H % Hkv == 0 and v.shape == k.shape):
+        raise ValueError(f"KV decode attention needs q [B, H, D] and k/v [B, Hkv, N, D]; got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)} / {tuple(v.shape)}")
+    if k.dtype not in (torch.int8, torch.bfloat16, torch.float32) or v.dtype != k.dtype:
+        raise ValueError(f"the KV cache must be int8 codes, bf16 or fp32 (both alike), got {k.dtype} / {v.dtype}")
+    if quantized != (k_scale is not None and v_scale is not None) or (
+            quantized and not k_scale.shape == v_scale.shape == k.shape[:3]):
+        raise ValueError("an int8 KV cache needs k_scale and v_scale [B, Hkv, N] (and a float cache none)")
     if len(lo) != B or len(hi) != B or not all(0 <= a < b <= N for a, b in zip(lo, hi)):
         raise ValueError(f"lo/hi must be {B} visible ranges with 0 <= lo < hi <= {N}, got {list(lo)} / {list(hi)}")
     name = ("numba" if q.device.type == "cpu" else "torch") if backend == "auto" else backend
     _last_backend["name"] = name
     if name == "torch":
         bounds = torch.tensor([list(lo), list(hi)], device=q.device)  # [2, B]
-        return reference.int8_kv_attention_ref(q, k_codes, k_scale, v_codes, v_scale, bounds[0], bounds[1], scale)
+        return reference.kv_decode_attention_ref(q, k, v, bounds[0], bounds[1], scale, k_scale, v_scale)
     if q.device.type != "cpu":
-        raise ValueError("the numba int8 KV kernel runs on CPU tensors")
-    from . import cpu_int8  # numba compiles (or loads from its cache) on first use
+        raise ValueError("the numba KV decode kernels run on CPU tensors")
+    from . import cpu_decode  # numba compiles (or loads from its cache) on first use
 
     qg = q.float().contiguous().view(B, Hkv, H // Hkv, D)  # [B, Hkv, G, D] fp32
     out = torch.empty(B, Hkv, H // Hkv, D, dtype=torch.float32)  # [B, Hkv, G, D]
     lse = torch.empty(B, Hkv, H // Hkv, dtype=torch.float32)  # [B, Hkv, G]
     threads = torch.get_num_threads()
-    cpu_int8.set_threads(threads)
-    seen = max(hi)  # scales past the furthest visible token are never read: not converted either
-    scales = [s[:, :, :seen].float().contiguous() for s in (k_scale, v_scale)]  # [B, Hkv, N'] fp32
-    arrays = [t.numpy() for t in (k_codes.contiguous(), scales[0], v_codes.contiguous(), scales[1])]
-    split = cpu_int8.split_tokens(max(b - a for a, b in zip(lo, hi)), B * Hkv, threads)
-    cpu_int8.int8_decode_attention(qg.numpy(), *arrays[:2], *arrays[2:], np.asarray(lo, np.int64),
-                                   np.asarray(hi, np.int64), split, float(scale), out.numpy(), lse.numpy())
+    cpu_decode.set_threads(threads)
+    split = cpu_decode.split_tokens(max(b - a for a, b in zip(lo, hi)), B * Hkv, threads)
+    if quantized:
+        seen = max(hi)  # scales past the furthest visible token are never read: not converted either
+        k_s, v_s = (s[:, :, :seen].float().contiguous().numpy() for s in (k_scale, v_scale))  # [B, Hkv, N'] fp32
+    else:
+        k_s = v_s = np.ones((1, 1, 1), np.float32)  # unused by a float cache
+    if k.dtype == torch.bfloat16:  # numpy has no bf16: the kernel reads its bits
+        k, v = k.view(torch.uint16), v.view(torch.uint16)
+    cpu_decode.decode_attention(qg.numpy(), k.contiguous().numpy(), k_s, v.contiguous().numpy(), v_s,
+                                np.asarray(lo, np.int64), np.asarray(hi, np.int64), split, float(scale),
+                                out.numpy(), lse.numpy())
     return out.view(B, H, D).to(q.dtype), lse.view(B, H)

@@ -135,14 +135,17 @@ def merge_attention_ref(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.T
     return out.to(outs.dtype), lse
 
 
-def int8_kv_attention_ref(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor, v_codes: torch.Tensor,
-                          v_scale: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
-                          scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of q over an int8 KV (codes [B, Hkv, N, D], scales [B, Hkv, N]): row b sees tokens
-    lo[b]..hi[b]-1. Dequantizes in fp32, then attends (the oracle of the fused CPU kernel)."""
-    keys = k_codes.float() * k_scale.float()[..., None]  # [B, Hkv, N, D]
-    values = v_codes.float() * v_scale.float()[..., None]  # [B, Hkv, N, D]
-    t = torch.arange(k_codes.shape[2], device=q.device)  # [N]
+def kv_decode_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                            scale: float, k_scale: torch.Tensor | None = None,
+                            v_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q [B, H, D] over a KV cache k/v [B, Hkv, N, D]: row b sees tokens lo[b]..hi[b]-1.
+    An int8 cache is dequantized by its per-token scales [B, Hkv, N]; everything is widened to fp32,
+    then attended (the oracle of the CPU kernels)."""
+    keys, values = k.float(), v.float()  # [B, Hkv, N, D]
+    if k_scale is not None:
+        keys = keys * k_scale.float()[..., None]
+        values = values * v_scale.float()[..., None]
+    t = torch.arange(k.shape[2], device=q.device)  # [N]
     valid = (t >= lo[:, None]) & (t < hi[:, None])  # [B, N]
-    out, lse = _attend_listed(q.float(), keys, values, valid[:, None, :].expand(-1, k_codes.shape[1], -1), scale)
+    out, lse = _attend_listed(q.float(), keys, values, valid[:, None, :].expand(-1, k.shape[1], -1), scale)
     return out.to(q.dtype), lse

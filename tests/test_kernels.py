@@ -235,46 +235,59 @@ def test_auto_backend_on_cpu_is_torch():
     assert last_backend() == "torch"
 
 
-@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cache", ["int8-f32-scale", "int8-bf16-scale", "bf16", "f32"])
 @pytest.mark.parametrize("B,H,Hkv,D,cap", [(1, 9, 3, 64, 700), (2, 8, 8, 128, 300), (3, 32, 8, 64, 1100)])
-def test_int8_kv_kernel_matches_the_dequantizing_reference(scale_dtype, B, H, Hkv, D, cap):
-    """The fused CPU kernel (scores from codes x scale, never a dequantized copy) against the torch
-    reference over shapes, scale dtypes and visible ranges of unequal rows, long enough to be split
-    across tasks and merged; the log-sum-exp too. It reads only lo..hi: poisoned codes outside it
-    change nothing."""
-    from offload.kernels import int8_kv_attention, int8_kv_attention_ref, last_backend
+def test_kv_decode_kernels_match_the_widening_reference(cache, B, H, Hkv, D, cap):
+    """The numba CPU kernels (int8 codes x scale, bf16 bits, fp32; never a widened copy of the
+    cache) against the torch reference over shapes, cache kinds and visible ranges of unequal rows,
+    long enough to be split across tasks and blocks and merged; the log-sum-exp too. They read only
+    lo..hi: poisoned entries outside it change nothing."""
+    from offload.kernels import kv_decode_attention, kv_decode_attention_ref, last_backend
     from offload.tiers.kv_store import quantize_kv
 
     g = torch.Generator().manual_seed(B * 100 + H)
-    kc, ks = quantize_kv(torch.randn(B, Hkv, cap, D, generator=g), scale_dtype)  # [B, Hkv, N, D], [B, Hkv, N, 1]
-    vc, vs = quantize_kv(torch.randn(B, Hkv, cap, D, generator=g), scale_dtype)
+    keys = torch.randn(B, Hkv, cap, D, generator=g) * 2  # [B, Hkv, N, D]
+    values = torch.randn(B, Hkv, cap, D, generator=g)
+    if cache.startswith("int8"):
+        scale_dtype = torch.float32 if cache == "int8-f32-scale" else torch.bfloat16
+        (k, ks), (v, vs) = (quantize_kv(t, scale_dtype) for t in (keys, values))  # codes, [B, Hkv, N, 1]
+        scales = {"k_scale": ks[..., 0], "v_scale": vs[..., 0]}
+    else:
+        dtype = torch.bfloat16 if cache == "bf16" else torch.float32
+        k, v, scales = keys.to(dtype), values.to(dtype), {}
     q = torch.randn(B, H, D, generator=g) * 2  # [B, H, D]
     lo = [0, 5, 37][:B]
     hi = [cap - 3, cap // 2, 40][:B]
-    want, want_lse = int8_kv_attention_ref(q, kc, ks[..., 0], vc, vs[..., 0], torch.tensor(lo), torch.tensor(hi),
-                                           D ** -0.5)
+    want, want_lse = kv_decode_attention_ref(q, k, v, torch.tensor(lo), torch.tensor(hi), D ** -0.5, **scales)
+    poison = 127 if k.dtype == torch.int8 else float("nan")
     for b in range(B):  # what no row sees may hold anything
-        kc[b, :, :lo[b]], kc[b, :, hi[b]:], ks[b, :, hi[b]:] = 127, 127, float("nan")
-    got, lse = int8_kv_attention(q, kc, ks[..., 0], vc, vs[..., 0], lo, hi, scale=D ** -0.5)
+        k[b, :, :lo[b]], k[b, :, hi[b]:], v[b, :, hi[b]:] = poison, poison, poison
+        if scales:
+            scales["k_scale"][b, :, hi[b]:] = float("nan")
+    got, lse = kv_decode_attention(q, k, v, lo, hi, scale=D ** -0.5, **scales)
     assert last_backend() == "numba"
     assert got.shape == (B, H, D) and lse.shape == (B, H)
     assert torch.allclose(got, want, atol=2e-5, rtol=2e-5)
     assert torch.allclose(lse, want_lse, atol=2e-5, rtol=2e-5)
-    got_bf16, _ = int8_kv_attention(q.bfloat16(), kc, ks[..., 0], vc, vs[..., 0], lo, hi, scale=D ** -0.5)
+    got_bf16, _ = kv_decode_attention(q.bfloat16(), k, v, lo, hi, scale=D ** -0.5, **scales)
     assert got_bf16.dtype == torch.bfloat16 and torch.allclose(got_bf16.float(), want, atol=2e-2, rtol=2e-2)
 
 
-def test_int8_kv_kernel_rejects_bad_input_in_one_line():
-    from offload.kernels import int8_kv_attention
+def test_kv_decode_kernel_rejects_bad_input_in_one_line():
+    from offload.kernels import kv_decode_attention
 
     kc = torch.zeros(1, 2, 10, 16, dtype=torch.int8)
     ks = torch.ones(1, 2, 10)
     q = torch.zeros(1, 4, 16)
     with pytest.raises(ValueError, match="visible ranges"):
-        int8_kv_attention(q, kc, ks, kc, ks, [3], [3], scale=1.0)
+        kv_decode_attention(q, kc, kc, [3], [3], scale=1.0, k_scale=ks, v_scale=ks)
     with pytest.raises(ValueError, match="visible ranges"):
-        int8_kv_attention(q, kc, ks, kc, ks, [0], [11], scale=1.0)
-    with pytest.raises(ValueError, match="codes must be int8"):
-        int8_kv_attention(q, kc.float(), ks, kc, ks, [0], [5], scale=1.0)
+        kv_decode_attention(q, kc, kc, [0], [11], scale=1.0, k_scale=ks, v_scale=ks)
+    with pytest.raises(ValueError, match="int8 codes, bf16 or fp32"):
+        kv_decode_attention(q, kc.half(), kc.half(), [0], [5], scale=1.0)
+    with pytest.raises(ValueError, match="needs k_scale"):
+        kv_decode_attention(q, kc, kc, [0], [5], scale=1.0)
+    with pytest.raises(ValueError, match="needs k_scale"):
+        kv_decode_attention(q, kc.float(), kc.float(), [0], [5], scale=1.0, k_scale=ks, v_scale=ks)
     with pytest.raises(ValueError, match="needs q"):
-        int8_kv_attention(torch.zeros(1, 3, 16), kc, ks, kc, ks, [0], [5], scale=1.0)
+        kv_decode_attention(torch.zeros(1, 3, 16), kc, kc, [0], [5], scale=1.0, k_scale=ks, v_scale=ks)

@@ -155,7 +155,7 @@ def test_long_quantized_decode_attends_in_blocks_exactly(tiny_models, monkeypatc
     params = SamplingParams(max_new_tokens=6, ignore_eos=True)
     tokens, steps = [], []
     for fused, block in (((), 8192), ((), 16), (("cpu",), 8192)):  # whole, blocked, fused kernel
-        monkeypatch.setattr(dense, "FUSED_INT8_DEVICES", fused)
+        monkeypatch.setattr(dense, "FUSED_DECODE_DEVICES", fused)
         monkeypatch.setattr(dense, "DECODE_BLOCK_TOKENS", block)
         tokens.append([o.token_ids for o in llm.generate([ids, ids[:70]], params)])  # rows of two lengths: a mask
         llm.backend.allocate(1, 256)  # one decode step's logits

@@ -252,12 +252,16 @@ class KVStore:
         out.copy_(codes)
         return out.mul_(scale)
 
-    def int8_cache(self, layer: int, batch_size: int) -> tuple[torch.Tensor, ...]:
-        """A quantized layer's whole cache in place, for a kernel that reads codes directly:
-        k codes [B, Hkv, N, D] int8, k scales [B, Hkv, N], v codes, v scales (first ``batch_size``
-        rows, contiguous; N the capacity, the caller bounds what it reads)."""
-        k, v, ks, vs = self._parts(layer)
-        return k[:batch_size], ks[:batch_size, ..., 0], v[:batch_size], vs[:batch_size, ..., 0]
+    def whole_cache(self, layer: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
+                                                                  torch.Tensor | None]:
+        """A layer's whole cache in place, for a kernel that reads it directly: k [B, Hkv, N, D],
+        v, and when quantized (k holds int8 codes) the per-token scales k_scale [B, Hkv, N] and
+        v_scale, else None twice (first ``batch_size`` rows, contiguous; N the capacity, the caller
+        bounds what it reads)."""
+        if self.quantized:
+            k, v, ks, vs = self._parts(layer)
+            return k[:batch_size], v[:batch_size], ks[:batch_size, ..., 0], vs[:batch_size, ..., 0]
+        return self.k[layer][:batch_size], self.v[layer][:batch_size], None, None
 
     def rows(self, layer: int, row: int) -> tuple[KVRows, KVRows]:
         """Keys and values of cache row ``row`` of ``layer`` where the layer lives, read through
