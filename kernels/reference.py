@@ -40,16 +40,19 @@ def dense_token_ids(seq_lens: torch.Tensor, sink: int, window: int) -> tuple[tor
 
 def _attend_listed(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor,
                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [B, H, D]; keys/values [B, Hkv, M, D]; valid [B, Hkv, M] -> out [B, H, D], lse [B, H]."""
+    """q [B, H, D]; keys/values [B, Hkv, M, D]; valid [B, Hkv, M] -> out [B, H, D], lse [B, H].
+    Computed in fp32 (the listed rows are a copy already: widening them is cheap, and bf16 matmuls
+    on a CPU run at a fraction of fp32's speed)."""
     B, H, D = q.shape
     Hkv = keys.shape[1]
-    qg = q.view(B, Hkv, H // Hkv, D)  # [B, Hkv, G, D]
-    scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * scale  # [B, Hkv, G, M]
+    qg = q.float().view(B, Hkv, H // Hkv, D)  # [B, Hkv, G, D]
+    keys, values = keys.float(), values.float()  # [B, Hkv, M, D]
+    scores = torch.matmul(qg, keys.transpose(-1, -2)) * scale  # [B, Hkv, G, M]
     scores.masked_fill_(~valid[:, :, None, :], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # [B, Hkv, G]
     finite = torch.isfinite(lse)
     probs = torch.exp(scores - torch.where(finite, lse, 0.0)[..., None])  # [B, Hkv, G, M]
-    out = torch.matmul(probs.to(values.dtype), values).float()  # [B, Hkv, G, D]
+    out = torch.matmul(probs, values)  # [B, Hkv, G, D]
     out = torch.where(finite[..., None], out, 0.0)
     return out.view(B, H, D).to(q.dtype), lse.view(B, H)
 
