@@ -239,6 +239,8 @@ def main(argv=None) -> int:
     p.add_argument("--load-format", default="auto", choices=("auto", "dummy"))
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--quantize", default=None, choices=("int4",),
+                   help="projection weights in int4 at run time (CPU): the weights' share of a step shrinks ~4x")
     p.add_argument("--gpu-memory", default=None,
                    help="cap on the process's GPU memory (torch.cuda.set_per_process_memory_fraction), e.g. 24GiB")
     p.add_argument("--kv-offload", action=argparse.BooleanOptionalAction, default=None,
@@ -287,7 +289,7 @@ def main(argv=None) -> int:
         args.accuracy = False
     longest = max(args.contexts) + args.steps + 2
     llm = LLM(args.model, device=device, dtype=args.dtype, prefill_chunk_size=args.prefill_chunk,
-              max_context=longest, load_format=args.load_format)
+              max_context=longest, load_format=args.load_format, quantize=args.quantize)
     config = SelectionConfig(budget=args.budget, sink=args.sink, window=args.window, dense_layers=args.dense_layers)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
