@@ -100,6 +100,12 @@ class DenseAttention(AttentionBackend):
             return self._decode(layer, q, batch)
         return self._prefill(layer, q, batch)
 
+    def _reads_in_place(self, cache_dtype: torch.dtype, visible: int) -> bool:
+        """Whether decode attends through the in-place kernel for a cache of this dtype and length."""
+        if self.kv.device.type not in FUSED_DECODE_DEVICES:
+            return False
+        return cache_dtype in FUSED_DECODE_DTYPES or (cache_dtype == torch.float32 and visible >= FUSED_F32_MIN_TOKENS)
+
     def _decode(self, layer: int, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """Exact attention of one new token per row, q [B, H, 1, D], over the visible cached keys."""
         a = self.args
@@ -108,8 +114,7 @@ class DenseAttention(AttentionBackend):
         plan: DensePlan = batch.plan
         start, end, decode_mask = plan.decode_start, max(batch.end_lengths), plan.decode_mask
         k, v, k_scale, v_scale = self.kv.whole_cache(layer, B)  # [B, Hkv, N, D] where the layer lives
-        if self.kv.device.type in FUSED_DECODE_DEVICES and (k.dtype in FUSED_DECODE_DTYPES or (
-                k.dtype == torch.float32 and end - start >= FUSED_F32_MIN_TOKENS)):  # read in place
+        if self._reads_in_place(k.dtype, end - start):
             hi = batch.end_lengths if decode_mask is not None else [end] * B
             lo = [start] * B if decode_mask is None else [
                 0 if a.sliding_window is None else max(0, n - a.sliding_window) for n in hi]

@@ -3,9 +3,9 @@
 The torch path costs far more than the bytes it reads: a bf16 cache goes through bf16 matmuls
 that this CPU runs at about 0.6 GB/s of cache read (43 ms per layer at 32K tokens of the default
 model), and an int8 cache is first dequantized into an fp32 copy (4 bytes written and read again
-per code byte). Here each key and value is widened to fp32 one
-row at a time in a buffer that stays in L1 (bf16: the 16 bits shifted into an fp32's high half,
-exact; int8: code times the token's scale) and used at once: the cache is read once, never copied.
+per code byte). Here each key and value is widened to fp32 one row at a time in a buffer that
+stays in L1 (bf16: the 16 bits shifted into an fp32's high half, exact; int8: code times the
+token's scale) and used at once: the cache is read once, never copied.
 
 The visible tokens of a (row, KV head) are cut into splits that run in parallel (prange) and are
 merged by their running max and sum (flash-decoding), so a single sequence with few KV heads
@@ -22,7 +22,7 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 # Tokens per parallel task: long enough that a task's loop dwarfs its start-up, short enough
-# that one row and a few KV heads spread over the cores (and its fp32 scratch stays in cache).
+# that one row and a few KV heads spread over the cores.
 MIN_SPLIT_TOKENS = 256
 TASKS_PER_THREAD = 4
 # Tokens scored at a time within a task before their softmax update: the block's scores stay in L1.
@@ -88,12 +88,12 @@ def _widen_row_forms(cache, scale, b, h, t, row, row_bits):  # pragma: no cover 
 
 
 @njit(cache=True, parallel=True, fastmath=True)
-def decode_attention(q, k, k_scale, v, v_scale, lo, hi, split, softmax_scale, out, lse):
+def decode_attention(q, k, k_scale, v, v_scale, lo, hi, split, softmax_scale, out, lse):  # pragma: no cover - numba
     """q [B, Hkv, G, D] f32; k/v [B, Hkv, N, D] (contiguous): int8 codes with per-token scales
     k_scale/v_scale [B, Hkv, N] f32, or bf16 bits as uint16, or f32 (scales then unused, any
     [1, 1, 1] array). Row b sees tokens lo[b]..hi[b]-1 (hi > lo); ``split`` tokens per task. Writes
     out [B, Hkv, G, D] f32 and the log-sum-exp of the scaled scores, lse [B, Hkv, G] f32 (partial
-    results merge exactly by it)."""  # pragma: no cover - numba
+    results merge exactly by it)."""
     B, Hkv, G, D = q.shape
     longest = 0
     for b in range(B):

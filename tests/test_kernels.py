@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -291,3 +292,22 @@ def test_kv_decode_kernel_rejects_bad_input_in_one_line():
         kv_decode_attention(q, kc.float(), kc.float(), [0], [5], scale=1.0, k_scale=ks, v_scale=ks)
     with pytest.raises(ValueError, match="needs q"):
         kv_decode_attention(torch.zeros(1, 3, 16), kc, kc, [0], [5], scale=1.0, k_scale=ks, v_scale=ks)
+
+
+def test_kv_decode_widening_plain_form_matches_torch():
+    """The plain-numpy form of the kernel's row widening (what numba's per-dtype forms implement)
+    gives torch's own widening: int8 code x scale, bf16 bits exactly, fp32 as is."""
+    from offload.kernels.cpu_decode import _widen_row
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 2, 4, 16, generator=g)  # [B, Hkv, N, D]
+    scale = torch.rand(1, 2, 4, generator=g) + 0.5  # [B, Hkv, N]
+    codes = (x * 40).round().clamp(-127, 127).to(torch.int8)
+    row_bits = np.empty(16, np.uint32)
+    row = row_bits.view(np.float32)
+    cases = [(codes.numpy(), (codes.float() * scale[..., None])[0, 1, 3]),
+             (x.bfloat16().view(torch.uint16).numpy(), x.bfloat16().float()[0, 1, 3]),
+             (x.numpy(), x[0, 1, 3])]
+    for cache, want in cases:
+        _widen_row(cache, scale.numpy(), 0, 1, 3, row, row_bits)
+        assert torch.equal(torch.from_numpy(row.copy()), want)
