@@ -94,21 +94,29 @@ def test_decode_step_breakdown_accounts_for_the_step_and_matches_the_planner(qui
 
 
 @pytest.mark.parametrize("policy", ["dense", "quest", "retrieval"])
-def test_planner_predicts_the_step_under_a_budget(quick_profile, smollm_path, policy):
+def test_planner_predicts_the_step_under_a_budget(quick_profile, smollm_path, policy, tmp_path):
     """Default model, CPU, 2K context, a memory budget: the planner's predicted decode step (the
     placement the runtime resolved, priced with this run's profile: weights, attention bytes, the
     policy's search and its measured per-layer overhead) is within 30% of the measured step."""
+    from offload.cli import main
     from offload.profiles.breakdown import run
 
-    errors = []
-    for _ in range(3):  # best of three: the machine may be shared while the step is measured
-        result = run(smollm_path, context=2048, steps=6, kv_policy=policy, profile=str(quick_profile[0]),
-                     cpu_memory="2GB")
+    errors, seen = [], []
+    profile = quick_profile[0]
+    for attempt in range(3):
+        # Best of three: the machine may be shared while the step, or the profile it is priced
+        # with, is measured; a retry measures both again.
+        if attempt:
+            profile = tmp_path / f"profile{attempt}.json"
+            assert main(["profile", "--quick", "--out", str(profile)]) == 0
+        result = run(smollm_path, context=2048, steps=6, kv_policy=policy, profile=str(profile), cpu_memory="2GB")
         errors.append(result["prediction_error"])
+        seen.append({"predicted_ms": result["predicted"]["breakdown_ms"], "measured_ms": result["measured"]["phases_ms"],
+                     "profile": json.loads(profile.read_text())["planner"]})
         if abs(errors[-1]) <= 0.30:
             break
     assert result["predicted"]["breakdown_ms"]["index_search"] > 0 or policy == "dense"
-    assert min(abs(e) for e in errors) <= 0.30, (policy, errors, result["predicted"], result["measured"]["step_ms"])
+    assert min(abs(e) for e in errors) <= 0.30, (policy, errors, seen)
 
 
 def test_tune_writes_settings_that_the_runtime_and_planner_use(tmp_path, smollm_path):

@@ -14,10 +14,12 @@ Preference order for layer weights: device, then host, then disk; two streaming 
 buffers, one layer each) are reserved on the device whenever any layer streams.
 
 Decode-step model (memory bound, as decode is, plus the runtime's measured fixed cost per layer):
-a resident layer costs its bytes over the device's memory bandwidth; a streamed layer costs the larger of that and its transfer
-(prefetched one layer ahead, so transfer and compute overlap, FlexGen style); attention costs
-the KV bytes it reads (all of it for dense, sinks + window + budget for sparse policies) plus
-the index search for the keys it scores.
+a resident layer costs its bytes over the device's memory bandwidth (on a CPU, each weight matrix
+at the matrix-vector rate measured for its size); a streamed layer costs the larger of that and its
+transfer (prefetched one layer ahead, so transfer and compute overlap, FlexGen style); attention
+costs the KV bytes it reads (all of it for dense, sinks + window + budget for sparse policies) plus
+the index search for the keys it scores; the head costs the LM head matrix (the embedding table is
+read one row per token).
 """
 
 from __future__ import annotations
@@ -327,16 +329,24 @@ def plan(args: ModelArgs, *, model: str, context: int, device: str = "cpu", dtyp
 
     # Predicted decode step.
     # Decode reads each weight matrix once; on the CPU the achieved bandwidth depends on its size.
+    # Decode reads each weight matrix once; on the CPU the achieved bandwidth depends on the matrix's
+    # size (small ones pay a larger share of per-call cost), so each is priced at its own size's rate.
     matrices = [int4_nbytes(n, k, b) if quantize else n * k * b for n, k in projection_shapes(args)]
     typical = sum(matrices) / len(matrices)
     dev_bw = (profile.gpu_read_gbs if on_gpu else profile.host_gemv_gbs(typical, quantize or dtype)) * 1e9
+
+    def read_s(nbytes: float, kind: str) -> float:
+        return nbytes / (dev_bw if on_gpu else profile.host_gemv_gbs(nbytes, kind) * 1e9)
+
+    rest_bytes = layer_bytes - sum(matrices)  # norms, QKV bias: read at the typical rate
+    layer_compute_s = sum(read_s(m, quantize or dtype) for m in matrices) + rest_bytes / dev_bw
     link = profile.h2d_pinned_gbs * 1e9
     # a disk layer is read, then checked, on the reader thread: the two rates add in series
     disk = 1e9 / (1 / profile.disk_read_gbs + 1 / profile.verify_gbs)
     weights_ms = transfer_ms = 0.0
     moved = {"host": 0, "disk": 0}
     for t in tiers:
-        compute = layer_bytes / dev_bw
+        compute = layer_compute_s
         fetch = 0.0
         if t == "host":
             fetch = layer_bytes / link
@@ -356,7 +366,9 @@ def plan(args: ModelArgs, *, model: str, context: int, device: str = "cpu", dtyp
         fetch_kv_ms = 1e3 * sel_bytes / link
         moved["host"] += sel_bytes
     search_ms = selection_cost.search_ms if sparse else 0.0
-    head_ms = 1e3 * (fixed - RUNTIME_RESERVE) / dev_bw
+    # Per token the LM head is read whole, the embedding table for one row only.
+    head_bytes = embedding_nbytes(args, b, quantize) // (1 if args.tie_word_embeddings else 2)
+    head_ms = 1e3 * read_s(head_bytes, dtype)
     breakdown = {"weights": weights_ms, "weight_transfer": transfer_ms, "attention": attention_ms,
                  "kv_fetch": fetch_kv_ms, "index_search": search_ms, "embed_head": head_ms,
                  "layer_overhead": L * profile.layer_overhead_ms}
