@@ -36,7 +36,8 @@ def _triton_module():
 
 def resolve_backend(device: torch.device, backend: str = "auto") -> str:
     if backend not in ("auto", "triton", "torch"):
-        raise OffloadError(f"unknown kernel backend '{backend}': use auto, triton or torch")
+        raise OffloadError(f"unknown kernel backend '{backend}': use auto, triton or torch"
+                           + (" (numba: gather_attention and kv_decode_attention only)" if backend == "numba" else ""))
     if backend == "auto":
         if device.type != "cuda":
             return "torch"
@@ -74,7 +75,9 @@ def gather_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      window: int = 0, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention over the dense part (``sink`` first + ``window`` last tokens) plus the
     selected token ids of each KV head. Returns (out [B, H, D], lse [B, H] fp32).
-    See :mod:`offload.kernels.reference` for the exact contract."""
+    See :mod:`offload.kernels.reference` for the exact contract. ``backend``: "auto" (Triton on
+    CUDA; on CPU the numba kernel, which reads the listed rows where they lie, for bf16 and fp32
+    caches; torch otherwise), "triton", "numba" or "torch"."""
     _check(k_cache.dim() == 4 and k_cache.shape == v_cache.shape, "k_cache and v_cache must be equal [B, Hkv, N, D]")
     B, Hkv, N, D = k_cache.shape
     _check_common(q, selected, num_selected, Hkv)
@@ -83,6 +86,11 @@ def gather_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _check(k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "k_cache/v_cache need unit stride in head_dim")
     _check(q.dtype == k_cache.dtype == v_cache.dtype, "q, k_cache and v_cache must share a dtype")
     _check(sink >= 0 and window >= 0, "sink and window must be >= 0")
+    if backend == "numba" or (backend == "auto" and q.device.type == "cpu" and k_cache.dtype in NUMBA_DTYPES):
+        _check(q.device.type == "cpu" and k_cache.dtype in NUMBA_DTYPES,
+               f"the numba gather reads bf16 or fp32 caches on CPU, got {k_cache.dtype} on {q.device}")
+        _last_backend["name"] = "numba"
+        return _gather_numba(q, k_cache, v_cache, selected, num_selected, seq_lens, scale, sink, window)
     name = resolve_backend(q.device, backend)
     _last_backend["name"] = name
     if name == "torch":
@@ -174,22 +182,50 @@ def kv_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: l
         return reference.kv_decode_attention_ref(q, k, v, bounds[0], bounds[1], scale, k_scale, v_scale)
     if q.device.type != "cpu":
         raise ValueError("the numba KV decode kernels run on CPU tensors")
+    bounds = np.repeat(np.asarray([list(lo), list(hi)], np.int64)[..., None], Hkv, axis=2)  # [2, B, Hkv]
+    return _attend_numba(q, k, v, k_scale, v_scale, NO_IDS, bounds[0], bounds[1], max(hi), scale)
+
+
+# The numba kernel's "no id list": positions are token ids.
+NO_IDS = np.zeros((0, 0, 0), np.int32)
+# Cache dtypes the numba gather reads in place (an int8 cache's sparse path dequantizes what it fetches).
+NUMBA_DTYPES = (torch.bfloat16, torch.float32)
+
+
+def _attend_numba(q, k, v, k_scale, v_scale, ids: np.ndarray, lo: np.ndarray, hi: np.ndarray, seen: int,
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The numba kernel over positions lo..hi-1 [B, Hkv] (of ``ids`` [B, Hkv, M], or token ids when
+    empty), no token at or past ``seen`` read. Returns (out [B, H, D] in q's dtype, lse [B, H])."""
     from . import cpu_decode  # numba compiles (or loads from its cache) on first use
 
+    B, Hkv, _, D = k.shape
+    H = q.shape[1]
     qg = q.float().contiguous().view(B, Hkv, H // Hkv, D)  # [B, Hkv, G, D] fp32
     out = torch.empty(B, Hkv, H // Hkv, D, dtype=torch.float32)  # [B, Hkv, G, D]
     lse = torch.empty(B, Hkv, H // Hkv, dtype=torch.float32)  # [B, Hkv, G]
     threads = torch.get_num_threads()
     cpu_decode.set_threads(threads)
-    split = cpu_decode.split_tokens(max(b - a for a, b in zip(lo, hi)), B * Hkv, threads)
-    if quantized:
-        seen = max(hi)  # scales past the furthest visible token are never read: not converted either
+    split = cpu_decode.split_tokens(int((hi - lo).max()), B * Hkv, threads)
+    if k.dtype == torch.int8:  # scales past the furthest visible token are never read: not converted either
         k_s, v_s = (s[:, :, :seen].float().contiguous().numpy() for s in (k_scale, v_scale))  # [B, Hkv, N'] fp32
     else:
         k_s = v_s = np.ones((1, 1, 1), np.float32)  # unused by a float cache
     if k.dtype == torch.bfloat16:  # numpy has no bf16: the kernel reads its bits
         k, v = k.view(torch.uint16), v.view(torch.uint16)
-    cpu_decode.decode_attention(qg.numpy(), k.contiguous().numpy(), k_s, v.contiguous().numpy(), v_s,
-                                np.asarray(lo, np.int64), np.asarray(hi, np.int64), split, float(scale),
-                                out.numpy(), lse.numpy())
+    past = cpu_decode.decode_attention(qg.numpy(), k.contiguous().numpy(), k_s, v.contiguous().numpy(), v_s, ids,
+                                       lo, hi, split, float(scale), out.numpy(), lse.numpy())
+    if past:
+        raise ValueError(f"{past} selected token ids lie past the cache's {k.shape[2]} tokens")
     return out.view(B, H, D).to(q.dtype), lse.view(B, H)
+
+
+def _gather_numba(q, k_cache, v_cache, selected, num_selected, seq_lens, scale, sink, window):
+    """gather_attention through the numba kernel: one id list per (row, KV head), the dense part
+    first (an id that does not exist in a short sequence is -1, skipped), then the selection."""
+    B, Hkv = selected.shape[:2]
+    dense_ids, dense_valid = reference.dense_token_ids(seq_lens.cpu(), sink, window)  # [B, Nd] each
+    dense_ids = torch.where(dense_valid, dense_ids, -1).to(torch.int32)
+    ids = torch.cat([dense_ids[:, None].expand(B, Hkv, -1), selected.to(torch.int32)], dim=-1)  # [B, Hkv, Nd + S]
+    hi = (dense_ids.shape[1] + num_selected.to(torch.int64)).numpy()  # [B, Hkv]
+    lo = np.zeros_like(hi)
+    return _attend_numba(q, k_cache, v_cache, None, None, ids.contiguous().numpy(), lo, hi, 0, scale)

@@ -7,6 +7,10 @@ per code byte). Here each key and value is widened to fp32 one row at a time in 
 stays in L1 (bf16: the 16 bits shifted into an fp32's high half, exact; int8: code times the
 token's scale) and used at once: the cache is read once, never copied.
 
+The same kernel gathers: given a list of token ids per (row, KV head) (a sparse policy's
+selection with the sinks and the recent window), it widens those rows of the cache where they lie,
+where the torch path first copies them out with index_select and widens the copy.
+
 The visible tokens of a (row, KV head) are cut into splits that run in parallel (prange) and are
 merged by their running max and sum (flash-decoding), so a single sequence with few KV heads
 still uses every core. The G query heads of a KV head share each loaded key and value.
@@ -27,11 +31,13 @@ MIN_SPLIT_TOKENS = 256
 TASKS_PER_THREAD = 4
 # Tokens scored at a time within a task before their softmax update: the block's scores stay in L1.
 BLOCK_TOKENS = 256
+# A cache line: the gather touches one element per line of each listed row.
+LINE_BYTES = 64
 # Below any score: the running max of a split before its first key (finite, as fastmath assumes).
 NO_SCORE = np.float32(-3.0e38)
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True)
 def _merge_splits(part_acc, part_max, part_sum, out, lse):  # pragma: no cover - numba
     """Splits [B, Hkv, S, ...] -> out [B, Hkv, G, D] and lse [B, Hkv, G]: exact, by their running max."""
     B, Hkv, S, G, D = part_acc.shape
@@ -51,6 +57,9 @@ def _merge_splits(part_acc, part_max, part_sum, out, lse):  # pragma: no cover -
                     total += c * part_sum[b, h, s, g]
                     for d in range(D):
                         out[b, h, g, d] += c * part_acc[b, h, s, g, d]
+                if total == 0.0:  # no token at all: nothing to attend
+                    lse[b, h, g] = -np.inf
+                    continue
                 for d in range(D):
                     out[b, h, g, d] /= total
                 lse[b, h, g] = m + np.log(total)
@@ -88,32 +97,59 @@ def _widen_row_forms(cache, scale, b, h, t, row, row_bits):  # pragma: no cover 
 
 
 @njit(cache=True, parallel=True, fastmath=True)
-def decode_attention(q, k, k_scale, v, v_scale, lo, hi, split, softmax_scale, out, lse):  # pragma: no cover - numba
+def decode_attention(q, k, k_scale, v, v_scale, ids, lo, hi, split, softmax_scale, out,
+                     lse):  # pragma: no cover - numba
     """q [B, Hkv, G, D] f32; k/v [B, Hkv, N, D] (contiguous): int8 codes with per-token scales
     k_scale/v_scale [B, Hkv, N] f32, or bf16 bits as uint16, or f32 (scales then unused, any
-    [1, 1, 1] array). Row b sees tokens lo[b]..hi[b]-1 (hi > lo); ``split`` tokens per task. Writes
-    out [B, Hkv, G, D] f32 and the log-sum-exp of the scaled scores, lse [B, Hkv, G] f32 (partial
-    results merge exactly by it)."""
+    [1, 1, 1] array). (row b, KV head h) attends positions lo[b, h]..hi[b, h]-1 ([B, Hkv] int64):
+    token ids themselves when ``ids`` is empty ([0, 0, 0]), else entries of the id list ids [B, Hkv,
+    M] int32 (negative ids skipped: a gather straight from the cache, no copy). ``split`` positions
+    per task. Writes out [B, Hkv, G, D] f32 and the log-sum-exp of the scaled scores, lse [B, Hkv, G]
+    f32 (partial results merge exactly by it; no token at all gives out 0, lse -inf). Returns the
+    number of listed ids past the cache (skipped, never read; the caller raises)."""
     B, Hkv, G, D = q.shape
+    N = k.shape[2]
+    listed = ids.shape[2] > 0
+    line = max(1, LINE_BYTES // k.itemsize)  # elements per cache line
     longest = 0
     for b in range(B):
-        longest = max(longest, hi[b] - lo[b])
-    S = (longest + split - 1) // split
+        for h in range(Hkv):
+            longest = max(longest, hi[b, h] - lo[b, h])
+    S = max(1, (longest + split - 1) // split)
     part_acc = np.zeros((B, Hkv, S, G, D), np.float32)
     part_max = np.full((B, Hkv, S, G), NO_SCORE, np.float32)
     part_sum = np.zeros((B, Hkv, S, G), np.float32)
+    past_cache = np.zeros(B * Hkv * S, np.int64)
+    touch_sink = np.zeros(B * Hkv * S, np.float64)  # what the touching loads sum to (kept: not optimised away)
     for task in prange(B * Hkv * S):
         b, h, s = task // (Hkv * S), (task // S) % Hkv, task % S
-        t0 = lo[b] + s * split
-        t1 = min(hi[b], t0 + split)
+        p0 = lo[b, h] + s * split
+        p1 = min(hi[b, h], p0 + split)
         row_bits = np.empty(D, np.uint32)  # one widened key or value, in L1
         row = row_bits.view(np.float32)
         scores = np.empty((G, BLOCK_TOKENS), np.float32)
+        tokens = np.empty(BLOCK_TOKENS, np.int64)
         acc, run_max, run_sum = part_acc[b, h, s], part_max[b, h, s], part_sum[b, h, s]
-        for u0 in range(t0, t1, BLOCK_TOKENS):  # flash-attention's update, a block at a time
-            n = min(t1, u0 + BLOCK_TOKENS) - u0
+        for u0 in range(p0, p1, BLOCK_TOKENS):  # flash-attention's update, a block at a time
+            n = 0
+            for p in range(u0, min(p1, u0 + BLOCK_TOKENS)):
+                t = ids[b, h, p] if listed else p
+                if t >= N:
+                    past_cache[task] += 1
+                elif t >= 0:
+                    tokens[n] = t
+                    n += 1
+            if n == 0:
+                continue
+            if listed:  # scattered rows: touch every line of the block's rows first, independent
+                # loads the core keeps many of in flight, so the passes below find them in cache
+                touched = 0.0
+                for i in range(n):
+                    for d in range(0, D, line):
+                        touched += k[b, h, tokens[i], d] + v[b, h, tokens[i], d]
+                touch_sink[task] += touched
             for i in range(n):
-                _widen_row(k, k_scale, b, h, u0 + i, row, row_bits)
+                _widen_row(k, k_scale, b, h, tokens[i], row, row_bits)
                 for g in range(G):
                     dot = np.float32(0.0)
                     for d in range(D):
@@ -134,12 +170,13 @@ def decode_attention(q, k, k_scale, v, v_scale, lo, hi, split, softmax_scale, ou
                 run_max[g] = m
                 run_sum[g] = total
             for i in range(n):
-                _widen_row(v, v_scale, b, h, u0 + i, row, row_bits)
+                _widen_row(v, v_scale, b, h, tokens[i], row, row_bits)
                 for g in range(G):
                     w = scores[g, i]
                     for d in range(D):
                         acc[g, d] += w * row[d]
     _merge_splits(part_acc, part_max, part_sum, out, lse)
+    return past_cache.sum()
 
 
 def split_tokens(longest: int, tasks: int, threads: int) -> int:

@@ -226,14 +226,61 @@ def test_bad_shapes_are_rejected_before_launch():
         gather_attention(torch.randn(1, 8, 64), k, k, sel[:, :2], counts, torch.tensor([32]), scale=0.1)
 
 
-def test_auto_backend_on_cpu_is_torch():
+def test_auto_backend_on_cpu_is_numba_for_bf16_and_fp32_caches_else_torch():
     from offload.kernels import last_backend
 
     q = torch.randn(1, 4, 64)
     k = torch.randn(1, 2, 16, 64)
-    gather_attention(q, k, k, torch.zeros(1, 2, 1, dtype=torch.int32), torch.zeros(1, 2, dtype=torch.int32),
-                     torch.tensor([16]), scale=0.125, sink=2, window=4)
+    args = (torch.zeros(1, 2, 1, dtype=torch.int32), torch.zeros(1, 2, dtype=torch.int32), torch.tensor([16]))
+    gather_attention(q, k, k, *args, scale=0.125, sink=2, window=4)
+    assert last_backend() == "numba"
+    gather_attention(q.half(), k.half(), k.half(), *args, scale=0.125, sink=2, window=4)
     assert last_backend() == "torch"
+    with pytest.raises(ValueError, match="numba gather reads bf16 or fp32"):
+        gather_attention(q.half(), k.half(), k.half(), *args, scale=0.125, backend="numba")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,Hkv,group,D,N,S", [(2, 2, 4, 64, 160, 37), (1, 8, 4, 64, 3000, 700),
+                                               (3, 3, 3, 128, 600, 0), (2, 1, 7, 64, 100, 60)])
+def test_numba_gather_matches_reference(dtype, B, Hkv, group, D, N, S):
+    """The numba CPU gather (rows read where they lie in the cache, never copied) against the torch
+    reference: sinks, window and selections of unequal length, short rows whose dense part has
+    holes, an empty selection; entries no list names are poisoned, so reading one shows."""
+    from offload.kernels import last_backend
+
+    gen = torch.Generator().manual_seed(B * 1000 + N + S)
+    seq_lens = torch.tensor([N, 97, 9][:B])
+    sink, window = 4, 64
+    q = torch.randn(B, Hkv * group, D, generator=gen).to(dtype)
+    k = torch.randn(B, Hkv, N, D, generator=gen).to(dtype) * 2
+    v = torch.randn(B, Hkv, N, D, generator=gen).to(dtype)
+    selected, counts = _selection(seq_lens, Hkv, max(S, 1), sink, window, gen)
+    if S == 0:
+        counts.zero_()
+    want, want_lse = gather_attention_ref(q, k, v, selected, counts, seq_lens, D ** -0.5, sink, window)
+    named = torch.zeros(B, Hkv, N, dtype=torch.bool)  # [B, Hkv, N] tokens some list names
+    for b, n in enumerate(seq_lens.tolist()):
+        dense_ids, valid = dense_token_ids(torch.tensor([n]), sink, window)
+        named[b, :, dense_ids[0][valid[0]]] = True
+        for h in range(Hkv):
+            named[b, h, selected[b, h, :counts[b, h]].long()] = True
+    k[~named], v[~named] = float("nan"), float("nan")
+    got, lse = gather_attention(q, k, v, selected, counts, seq_lens, scale=D ** -0.5, sink=sink, window=window)
+    assert last_backend() == "numba"
+    tol = 2e-5 if dtype == torch.float32 else 2e-2  # bf16: the output's own rounding
+    assert torch.allclose(got.float(), want.float(), atol=tol, rtol=tol)
+    assert torch.allclose(lse, want_lse, atol=2e-5, rtol=2e-5)
+
+
+def test_numba_gather_names_an_id_past_the_cache_in_one_line():
+    q, k = torch.randn(1, 4, 64), torch.randn(1, 2, 16, 64)
+    sel = torch.tensor([[[3, 99], [5, 6]]], dtype=torch.int32)
+    with pytest.raises(ValueError, match="1 selected token ids lie past the cache's 16 tokens"):
+        gather_attention(q, k, k, sel, torch.tensor([[2, 2]]), torch.tensor([16]), scale=0.125, sink=2, window=4)
+    out, _ = gather_attention(q, k, k, sel, torch.tensor([[1, 2]]), torch.tensor([16]), scale=0.125, sink=2,
+                              window=4)  # past the count: never read
+    assert not torch.isnan(out).any()
 
 
 @pytest.mark.parametrize("cache", ["int8-f32-scale", "int8-bf16-scale", "bf16", "f32"])
