@@ -27,8 +27,13 @@ import numpy as np
 import torch
 from numba import njit, prange
 
+from offload.kernels.cpu_decode import exp_inplace
+
 from .base import ADAPTIVE_FLOOR_TOKENS, KVIndex, Selection, register
 
+# Clusters scored at a time per KV head: G x MASS_BLOCK fp32 logits (4 KiB at G = 4) stay in L1
+# while all D centroid rows are added in (unblocked, the logits of 8K clusters stream from L2 D times).
+MASS_BLOCK = 256
 KMEANS_ITERATIONS = 6  # Lloyd steps per segment: the captured mass stops growing after ~5 (tests/bench)
 
 
@@ -112,6 +117,58 @@ def kmeans_segments(x: torch.Tensor, clusters: int,
         counts = torch.bincount(flat, minlength=S * K).view(S, K)  # [S, K]
         centroids = torch.where(counts[..., None] > 0, sums / counts.clamp(min=1)[..., None], centroids)
     return assign, centroids
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def _cluster_mass(q, centroids, log_sizes, tail, scale, mass):  # pragma: no cover - numba
+    """The group's estimated attention per entry, one pass per KV head (in parallel): q [Hkv, G, D],
+    centroids [Hkv, D, C], log_sizes [Hkv, C], tail keys [Hkv, T, D] (all f32) -> mass [Hkv, C+T]:
+    per query head the softmax over size x exp(scale q . c) of the clusters and exp(scale q . k) of
+    the tail keys, summed over the group and divided by G (a share of the group's attention, so a
+    head's entries sum to 1). What torch does as baddbmm + cat + softmax + sum, with the logits kept
+    in L1 a block of clusters at a time and the centroids read once."""
+    Hkv, G, D = q.shape
+    C = centroids.shape[2]
+    T = tail.shape[1]
+    for h in prange(Hkv):
+        logits = np.empty((G, C + T), np.float32)  # [G, C+T]
+        block = np.empty((G, MASS_BLOCK), np.float32)
+        exp_bits = np.empty(C + T, np.int32)
+        for c0 in range(0, C, MASS_BLOCK):  # a block of the group's logits stays in L1 over all of D
+            width = min(C, c0 + MASS_BLOCK) - c0
+            block[:] = 0.0
+            for d in range(D):
+                row = centroids[h, d, c0:c0 + width]
+                for g in range(G):
+                    qd = q[h, g, d] * scale
+                    acc = block[g]
+                    for c in range(width):
+                        acc[c] += qd * row[c]
+            for g in range(G):
+                for c in range(width):
+                    logits[g, c0 + c] = block[g, c] + log_sizes[h, c0 + c]
+        for g in range(G):
+            for t in range(T):
+                dot = np.float32(0.0)
+                for d in range(D):
+                    dot += q[h, g, d] * tail[h, t, d]
+                logits[g, C + t] = dot * scale
+        for c in range(C + T):
+            mass[h, c] = 0.0
+        for g in range(G):
+            row = logits[g]
+            m = row[0]
+            for c in range(C + T):
+                m = max(m, row[c])
+            for c in range(C + T):
+                row[c] -= m
+            exp_inplace(row, exp_bits, C + T)
+            total = np.float32(0.0)
+            for c in range(C + T):
+                total += row[c]
+            norm = np.float32(1.0) / (total * G)
+            for c in range(C + T):
+                mass[h, c] += logits[g, c] * norm
 
 
 @njit(cache=True, nogil=True)
@@ -242,28 +299,32 @@ class ClusterIndex(KVIndex):
         Hkv, C = self.sizes.shape
         device = self.centroids.device
         qg = q.float().view(Hkv, self.group, -1).to(device)  # [Hkv, G, D]
-        logits = torch.baddbmm(self._log_sizes, qg, self.centroids, alpha=self.scale)  # [Hkv, G, C]
         tail = self.keys[:, self.n_clustered:hi].float().to(device)  # [Hkv, T, D] unclustered candidates
         T = tail.shape[1]
+        self.last_scored = C + T  # centroids and tail keys scored, per KV head
+        if device.type == "cpu":  # compiled passes: the torch form below is ~100 small ops (1 ms) more
+            mass = np.empty((Hkv, C + T), np.float32)  # [Hkv, C+T] share of the group's attention
+            _cluster_mass(qg.contiguous().numpy(), self.centroids.numpy(), self._log_sizes[:, 0].numpy(),
+                          tail.contiguous().numpy(), np.float32(self.scale), mass)
+            return self._take_numba(mass, budget, lo, hi)
+        logits = torch.baddbmm(self._log_sizes, qg, self.centroids, alpha=self.scale)  # [Hkv, G, C]
         if T:
             logits = torch.cat([logits, torch.matmul(qg, tail.transpose(1, 2)) * self.scale], dim=2)  # [Hkv, G, C+T]
         mass = torch.softmax(logits, dim=2).sum(dim=1)  # [Hkv, C+T]: the group's estimated attention
-        self.last_scored = C + T  # centroids and tail keys scored, per KV head
-        if device.type == "cpu":  # one compiled pass: the torch form below is ~100 small ops (1 ms)
-            return self._take_numba(mass, budget, lo, hi)
         return self._take_torch(mass, budget, lo, hi)
 
-    def _take_numba(self, mass: torch.Tensor, budget: int, lo: int, hi: int) -> Selection:
+    def _take_numba(self, mass: np.ndarray, budget: int, lo: int, hi: int) -> Selection:
+        """Clusters best first from mass [Hkv, C+T] (each head's shares summing to 1)."""
         Hkv, C = self.sizes.shape
         widest = int(self.sizes.max()) if C else 1
         out = np.zeros((Hkv, budget + widest), dtype=np.int32)  # [Hkv, S]
-        # Only the best entries are ranked (topk, not a sort of all C): enough for the budget unless
-        # the best clusters are much smaller than cluster_size; then all of them.
+        # Only the best entries are ranked, not all C: enough for the budget unless the best
+        # clusters are much smaller than cluster_size; then all of them.
         k = min(mass.shape[1], budget // (self.cluster_size // 4) + 8)
-        share = mass / mass.sum(dim=1, keepdim=True).clamp_min(1e-30)  # [Hkv, C+T] of the candidates' attention
         p = self.config.mass or 0.0
+        mass = torch.from_numpy(mass)
         while True:
-            top = torch.topk(share, k, dim=1)  # [Hkv, k] best first
+            top = torch.topk(mass, k, dim=1)  # [Hkv, k] best first
             counts, short = _take_clusters(top.indices.numpy(), top.values.numpy(), self.sizes.numpy(),
                                            self.starts.numpy(), self.order.numpy(), self.n_clustered, lo, hi,
                                            budget, p, ADAPTIVE_FLOOR_TOKENS, out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import shakespeare
@@ -134,8 +135,10 @@ def test_cluster_on_real_text(smollm_path):
 
 @pytest.mark.parametrize("mass", [None, 0.5, 0.9])
 def test_compiled_take_equals_the_tensor_form(monkeypatch, mass):
-    """The CPU's compiled pass and the tensor ops a GPU runs select the same ids, tail included,
-    with a fixed or an adaptive budget."""
+    """The CPU's compiled passes and the tensor ops a GPU runs estimate the same mass and select
+    the same ids, tail included, with a fixed or an adaptive budget."""
+    from offload.indexes.cluster import _cluster_mass
+
     monkeypatch.setattr(ClusterIndex, "segment", 256)
     keys = torch.randn(3, 1500, 16, generator=torch.Generator().manual_seed(7))
     idx = _index(keys, 1200, budget_sink=4, window=32, H=9, mass=mass)
@@ -145,10 +148,15 @@ def test_compiled_take_equals_the_tensor_form(monkeypatch, mass):
         idx.search(q, budget)  # the mass the search computes, taken both ways below
         lo, hi = idx.config.candidate_range(idx.n)
         qg = q.float().view(3, 3, 16)
-        logits = torch.cat([torch.matmul(qg, idx.centroids) + idx.sizes.float().log()[:, None],
-                            torch.matmul(qg, keys[:, idx.n_clustered:hi].transpose(1, 2))], dim=-1)  # [Hkv, G, C+T]
-        mass = torch.softmax(logits, dim=-1).sum(1)
-        a, b = idx._take_numba(mass, budget, lo, hi), idx._take_torch(mass, budget, lo, hi)
+        tail = keys[:, idx.n_clustered:hi]  # [Hkv, T, D]
+        logits = torch.cat([torch.matmul(qg, idx.centroids) * idx.scale + idx.sizes.float().log()[:, None],
+                            torch.matmul(qg, tail.transpose(1, 2)) * idx.scale], dim=-1)  # [Hkv, G, C+T]
+        mass = torch.softmax(logits, dim=-1).sum(1) / 3  # [Hkv, C+T]: shares of the group's attention
+        compiled = np.empty(tuple(mass.shape), np.float32)
+        _cluster_mass(qg.numpy(), idx.centroids.numpy(), idx._log_sizes[:, 0].numpy(), tail.contiguous().numpy(),
+                      np.float32(idx.scale), compiled)
+        assert torch.allclose(torch.from_numpy(compiled), mass, atol=1e-6, rtol=1e-4)
+        a, b = idx._take_numba(mass.numpy(), budget, lo, hi), idx._take_torch(mass, budget, lo, hi)
         assert torch.equal(a.counts, b.counts)
         for h in range(3):
             assert torch.equal(a.ids[h, :a.counts[h]], b.ids[h, :b.counts[h]])
