@@ -3,7 +3,8 @@
 Prefill is exact (dense). At the first decode step of a sequence, each sparse layer builds its
 index over the prompt's keys; every step the index picks the tokens each KV head attends besides
 the sinks and the recent window, and :func:`offload.kernels.gather_attention` (Triton on GPU,
-torch reference on CPU) attends to exactly those. The first ``dense_layers`` layers stay dense.
+on CPU a numba kernel that reads the listed rows where they lie, int8 codes included) attends to
+exactly those. The first ``dense_layers`` layers stay dense.
 The KV lives in a :class:`~offload.tiers.kv_store.KVStore`: with ``kv_offload`` the sparse layers'
 KV is in host memory and only the attended rows cross to the device, gathered by the store.
 A sliding-window model's row longer than its window attends exactly over the window instead
@@ -24,7 +25,7 @@ from offload.kernels.reference import dense_token_ids
 from offload.tiers.kv_store import KVStore
 
 from .base import QUERY_STRIDE, IndexContext, KVIndex, Selection, SelectionConfig, make_index, policy_class
-from .dense import DenseAttention, DensePlan
+from .dense import FUSED_DECODE_DEVICES, DenseAttention, DensePlan
 from .telemetry import Telemetry
 
 PROGRESS_FROM_TOKENS = 16384  # index builds over prompts this long show a progress bar
@@ -194,17 +195,19 @@ class SparseAttention(DenseAttention):
                                                       self.kernel_backend)[0]
                     for row, n, sel, windowed in zip(batch.rows, batch.end_lengths, selections, beyond)]
             out = torch.stack(outs).to(q.device)  # [B, H, D]
-        elif self.kv_offload or self.kv.quantized:  # only the attended rows leave the store (dequantized)
-            out = self._attend_fetched(layer, q[:, :, 0], batch, selections)  # [B, H, D]
-        else:
+        elif self.kv_offload or (self.kv.quantized and (kv_device.type not in FUSED_DECODE_DEVICES
+                                                         or self.kernel_backend not in ("auto", "numba"))):
+            out = self._attend_fetched(layer, q[:, :, 0], batch, selections)  # [B, H, D] only the attended rows move
+        else:  # the rows are read where they lie (an int8 cache's codes by their scales)
             width = max(s.ids.shape[-1] for s in selections)
             selected = torch.zeros(B, self.args.num_kv_heads, width, dtype=torch.int32, device=q.device)  # [B, Hkv, S]
             for b, s in enumerate(selections):
                 selected[b, :, :s.ids.shape[-1]] = s.ids
             counts = torch.stack([s.counts.to(q.device) for s in selections])  # [B, Hkv]
-            out, _ = gather_attention(q[:, :, 0], self.kv.k[layer][:B], self.kv.v[layer][:B], selected, counts,
-                                      batch.plan.seq_lens, scale=self.args.softmax_scale, sink=self.config.sink,
-                                      window=self.config.window, backend=self.kernel_backend)  # [B, H, D]
+            k, v, k_scale, v_scale = self.kv.whole_cache(layer, B)  # [B, Hkv, N, D] each (+ [B, Hkv, N] scales)
+            out, _ = gather_attention(q[:, :, 0], k, v, selected, counts, batch.plan.seq_lens,
+                                      scale=self.args.softmax_scale, sink=self.config.sink, window=self.config.window,
+                                      k_scale=k_scale, v_scale=v_scale, backend=self.kernel_backend)  # [B, H, D]
         if any(beyond):  # a batch of rows on both sides of the window
             exact = self._decode(layer, q, batch).view(B, H, D)
             out = torch.where(torch.tensor(beyond, device=q.device)[:, None, None], exact, out)  # [B, H, D]
@@ -214,9 +217,9 @@ class SparseAttention(DenseAttention):
 
     def _attend_fetched(self, layer: int, q: torch.Tensor, batch: ForwardBatch,
                         selections: list[Selection]) -> torch.Tensor:
-        """Attention of q [B, H, D] over a layer whose KV is in the host tier, or quantized: gather
-        the sinks, the window and each head's selection where the KV lives, send (and dequantize)
-        only those rows, attend exactly."""
+        """Attention of q [B, H, D] over a layer whose KV is in the host tier, or quantized where no
+        kernel reads int8 codes in place (a GPU): gather the sinks, the window and each head's
+        selection where the KV lives, send (and dequantize) only those rows, attend exactly."""
         a = self.args
         B, Hkv, D = q.shape[0], a.num_kv_heads, a.head_dim
         where = self.kv.k[layer].device  # ids are built where the KV is: no host round trip on a GPU

@@ -72,30 +72,42 @@ def _check_common(q, selected, num_selected, num_kv_heads):
 
 def gather_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, selected: torch.Tensor,
                      num_selected: torch.Tensor, seq_lens: torch.Tensor, *, scale: float, sink: int = 0,
-                     window: int = 0, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                     window: int = 0, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                     backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention over the dense part (``sink`` first + ``window`` last tokens) plus the
     selected token ids of each KV head. Returns (out [B, H, D], lse [B, H] fp32).
     See :mod:`offload.kernels.reference` for the exact contract. ``backend``: "auto" (Triton on
     CUDA; on CPU the numba kernel, which reads the listed rows where they lie, for bf16 and fp32
-    caches; torch otherwise), "triton", "numba" or "torch"."""
+    caches; torch otherwise), "triton", "numba" or "torch". An int8 cache (codes, with per-token
+    scales ``k_scale``/``v_scale`` [B, Hkv, N]) is read by the numba kernel or dequantized by torch
+    after the gather; the Triton kernel takes float caches only."""
     _check(k_cache.dim() == 4 and k_cache.shape == v_cache.shape, "k_cache and v_cache must be equal [B, Hkv, N, D]")
     B, Hkv, N, D = k_cache.shape
     _check_common(q, selected, num_selected, Hkv)
     _check(q.shape[0] == B and q.shape[2] == D, f"q {tuple(q.shape)} does not match the cache {tuple(k_cache.shape)}")
     _check(tuple(seq_lens.shape) == (B,), f"seq_lens must be [B], got {tuple(seq_lens.shape)}")
     _check(k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "k_cache/v_cache need unit stride in head_dim")
-    _check(q.dtype == k_cache.dtype == v_cache.dtype, "q, k_cache and v_cache must share a dtype")
+    quantized = k_cache.dtype == torch.int8
+    if quantized:
+        _check(v_cache.dtype == torch.int8 and k_scale is not None and v_scale is not None
+               and k_scale.shape == v_scale.shape == k_cache.shape[:3],
+               "an int8 cache needs k_scale and v_scale [B, Hkv, N] (and int8 values)")
+    else:
+        _check(q.dtype == k_cache.dtype == v_cache.dtype, "q, k_cache and v_cache must share a dtype")
+        _check(k_scale is None and v_scale is None, "k_scale/v_scale belong to an int8 cache only")
     _check(sink >= 0 and window >= 0, "sink and window must be >= 0")
     if backend == "numba" or (backend == "auto" and q.device.type == "cpu" and k_cache.dtype in NUMBA_DTYPES):
         _check(q.device.type == "cpu" and k_cache.dtype in NUMBA_DTYPES,
-               f"the numba gather reads bf16 or fp32 caches on CPU, got {k_cache.dtype} on {q.device}")
+               f"the numba gather reads int8, bf16 or fp32 caches on CPU, got {k_cache.dtype} on {q.device}")
         _last_backend["name"] = "numba"
-        return _gather_numba(q, k_cache, v_cache, selected, num_selected, seq_lens, scale, sink, window)
+        return _gather_numba(q, k_cache, v_cache, selected, num_selected, seq_lens, scale, sink, window,
+                             k_scale, v_scale)
     name = resolve_backend(q.device, backend)
     _last_backend["name"] = name
     if name == "torch":
         return reference.gather_attention_ref(q, k_cache, v_cache, selected, num_selected, seq_lens, scale,
-                                              sink, window)
+                                              sink, window, k_scale, v_scale)
+    _check(not quantized, "the Triton gather takes float caches: dequantize, or gather on CPU")
     return _triton_module().gather_attention(q, k_cache, v_cache, selected, num_selected, seq_lens, scale,
                                              sink, window)
 
@@ -183,19 +195,19 @@ def kv_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: l
     if q.device.type != "cpu":
         raise ValueError("the numba KV decode kernels run on CPU tensors")
     bounds = np.repeat(np.asarray([list(lo), list(hi)], np.int64)[..., None], Hkv, axis=2)  # [2, B, Hkv]
-    return _attend_numba(q, k, v, k_scale, v_scale, NO_IDS, bounds[0], bounds[1], max(hi), scale)
+    return _attend_numba(q, k, v, k_scale, v_scale, NO_IDS, bounds[0], bounds[1], scale)
 
 
 # The numba kernel's "no id list": positions are token ids.
 NO_IDS = np.zeros((0, 0, 0), np.int32)
-# Cache dtypes the numba gather reads in place (an int8 cache's sparse path dequantizes what it fetches).
-NUMBA_DTYPES = (torch.bfloat16, torch.float32)
+# Cache dtypes the numba kernel reads in place (int8: codes with per-token scales).
+NUMBA_DTYPES = (torch.int8, torch.bfloat16, torch.float32)
 
 
-def _attend_numba(q, k, v, k_scale, v_scale, ids: np.ndarray, lo: np.ndarray, hi: np.ndarray, seen: int,
+def _attend_numba(q, k, v, k_scale, v_scale, ids: np.ndarray, lo: np.ndarray, hi: np.ndarray,
                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The numba kernel over positions lo..hi-1 [B, Hkv] (of ``ids`` [B, Hkv, M], or token ids when
-    empty), no token at or past ``seen`` read. Returns (out [B, H, D] in q's dtype, lse [B, H])."""
+    empty). Returns (out [B, H, D] in q's dtype, lse [B, H])."""
     from . import cpu_decode  # numba compiles (or loads from its cache) on first use
 
     B, Hkv, _, D = k.shape
@@ -206,20 +218,23 @@ def _attend_numba(q, k, v, k_scale, v_scale, ids: np.ndarray, lo: np.ndarray, hi
     threads = torch.get_num_threads()
     cpu_decode.set_threads(threads)
     split = cpu_decode.split_tokens(int((hi - lo).max()), B * Hkv, threads)
-    if k.dtype == torch.int8:  # scales past the furthest visible token are never read: not converted either
-        k_s, v_s = (s[:, :, :seen].float().contiguous().numpy() for s in (k_scale, v_scale))  # [B, Hkv, N'] fp32
+    if k.dtype == torch.int8:  # the scales as they are held (bf16 as its bits), else widened to fp32
+        k_s, v_s = (s.view(torch.uint16) if s.dtype == torch.bfloat16 else s.float()
+                    for s in (k_scale, v_scale))  # [B, Hkv, N]
+        k_s, v_s = k_s.contiguous().numpy(), v_s.contiguous().numpy()
     else:
         k_s = v_s = np.ones((1, 1, 1), np.float32)  # unused by a float cache
     if k.dtype == torch.bfloat16:  # numpy has no bf16: the kernel reads its bits
         k, v = k.view(torch.uint16), v.view(torch.uint16)
+    N = k.shape[2]
     past = cpu_decode.decode_attention(qg.numpy(), k.contiguous().numpy(), k_s, v.contiguous().numpy(), v_s, ids,
-                                       lo, hi, split, float(scale), out.numpy(), lse.numpy())
+                                       lo, hi, N, split, float(scale), out.numpy(), lse.numpy())
     if past:
-        raise ValueError(f"{past} selected token ids lie past the cache's {k.shape[2]} tokens")
+        raise ValueError(f"{past} selected token ids lie past the cache's {N} tokens")
     return out.view(B, H, D).to(q.dtype), lse.view(B, H)
 
 
-def _gather_numba(q, k_cache, v_cache, selected, num_selected, seq_lens, scale, sink, window):
+def _gather_numba(q, k_cache, v_cache, selected, num_selected, seq_lens, scale, sink, window, k_scale, v_scale):
     """gather_attention through the numba kernel: one id list per (row, KV head), the dense part
     first (an id that does not exist in a short sequence is -1, skipped), then the selection."""
     B, Hkv = selected.shape[:2]
@@ -228,4 +243,4 @@ def _gather_numba(q, k_cache, v_cache, selected, num_selected, seq_lens, scale, 
     ids = torch.cat([dense_ids[:, None].expand(B, Hkv, -1), selected.to(torch.int32)], dim=-1)  # [B, Hkv, Nd + S]
     hi = (dense_ids.shape[1] + num_selected.to(torch.int64)).numpy()  # [B, Hkv]
     lo = np.zeros_like(hi)
-    return _attend_numba(q, k_cache, v_cache, None, None, ids.contiguous().numpy(), lo, hi, 0, scale)
+    return _attend_numba(q, k_cache, v_cache, k_scale, v_scale, ids.contiguous().numpy(), lo, hi, scale)

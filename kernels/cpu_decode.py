@@ -97,7 +97,10 @@ def _merge_splits(part_acc, part_max, part_sum, out, lse):  # pragma: no cover -
 def _widen_row(cache, scale, b, h, t, row, row_bits):
     """row [D] f32 <- token t of cache[b, h]. This is the plain-numpy form; inside the kernel numba
     compiles the form for the cache's dtype (:func:`_widen_row_forms`)."""
-    if cache.dtype == np.int8:
+    if cache.dtype == np.int8 and scale.dtype == np.uint16:
+        row_bits[0] = np.uint32(scale[b, h, t]) << 16
+        row[:] = row[0] * cache[b, h, t].astype(np.float32)
+    elif cache.dtype == np.int8:
         row[:] = scale[b, h, t] * cache[b, h, t].astype(np.float32)
     elif cache.dtype == np.uint16:
         row_bits[:] = cache[b, h, t].astype(np.uint32) << 16
@@ -109,7 +112,13 @@ def _widen_row(cache, scale, b, h, t, row, row_bits):
 def _widen_row_forms(cache, scale, b, h, t, row, row_bits):  # pragma: no cover - numba
     """int8 codes: code x the token's scale; uint16 (a bf16's bits): the 16 bits become an fp32's
     high half (``row_bits`` is ``row`` viewed as uint32), exact; fp32: a copy."""
-    if cache.dtype == types.int8:
+    if cache.dtype == types.int8 and scale.dtype == types.uint16:  # scales as bf16 bits
+        def widen(cache, scale, b, h, t, row, row_bits):
+            row_bits[0] = np.uint32(scale[b, h, t]) << 16
+            s = row[0]
+            for d in range(row.shape[0]):
+                row[d] = s * np.float32(cache[b, h, t, d])
+    elif cache.dtype == types.int8:
         def widen(cache, scale, b, h, t, row, row_bits):
             s = scale[b, h, t]
             for d in range(row.shape[0]):
@@ -126,18 +135,18 @@ def _widen_row_forms(cache, scale, b, h, t, row, row_bits):  # pragma: no cover 
 
 
 @njit(cache=True, parallel=True, fastmath=True)
-def decode_attention(q, k, k_scale, v, v_scale, ids, lo, hi, split, softmax_scale, out,
+def decode_attention(q, k, k_scale, v, v_scale, ids, lo, hi, limit, split, softmax_scale, out,
                      lse):  # pragma: no cover - numba
     """q [B, Hkv, G, D] f32; k/v [B, Hkv, N, D] (contiguous): int8 codes with per-token scales
-    k_scale/v_scale [B, Hkv, N] f32, or bf16 bits as uint16, or f32 (scales then unused, any
-    [1, 1, 1] array). (row b, KV head h) attends positions lo[b, h]..hi[b, h]-1 ([B, Hkv] int64):
+    k_scale/v_scale [B, Hkv, N] (f32, or bf16 bits as uint16), or bf16 bits as uint16, or f32
+    (scales then unused, any [1, 1, 1] array). (row b, KV head h) attends positions lo[b, h]..hi[b, h]-1 ([B, Hkv] int64):
     token ids themselves when ``ids`` is empty ([0, 0, 0]), else entries of the id list ids [B, Hkv,
     M] int32 (negative ids skipped: a gather straight from the cache, no copy). ``split`` positions
     per task. Writes out [B, Hkv, G, D] f32 and the log-sum-exp of the scaled scores, lse [B, Hkv, G]
     f32 (partial results merge exactly by it; no token at all gives out 0, lse -inf). Returns the
-    number of listed ids past the cache (skipped, never read; the caller raises)."""
+    number of listed ids at or past ``limit`` (the tokens there are, <= N; skipped, never read: the
+    caller raises)."""
     B, Hkv, G, D = q.shape
-    N = k.shape[2]
     listed = ids.shape[2] > 0
     line = max(1, LINE_BYTES // k.itemsize)  # elements per cache line
     longest = 0
@@ -164,7 +173,7 @@ def decode_attention(q, k, k_scale, v, v_scale, ids, lo, hi, split, softmax_scal
             n = 0
             for p in range(u0, min(p1, u0 + BLOCK_TOKENS)):
                 t = ids[b, h, p] if listed else p
-                if t >= N:
+                if t >= limit:
                     past_cache[task] += 1
                 elif t >= 0:
                     tokens[n] = t

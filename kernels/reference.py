@@ -59,8 +59,11 @@ def _attend_listed(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, va
 
 def gather_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          selected: torch.Tensor, num_selected: torch.Tensor, seq_lens: torch.Tensor,
-                         scale: float, sink: int = 0, window: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of q over the dense part plus the selected tokens of each KV head."""
+                         scale: float, sink: int = 0, window: int = 0, k_scale: torch.Tensor | None = None,
+                         v_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q over the dense part plus the selected tokens of each KV head. An int8 cache
+    (codes) comes with its per-token scales k_scale/v_scale [B, Hkv, N]: the gathered rows are
+    dequantized."""
     B, Hkv, N, D = k_cache.shape
     S = selected.shape[-1]
     dense_ids, dense_valid = dense_token_ids(seq_lens, sink, window)  # [B, Nd]
@@ -70,6 +73,11 @@ def gather_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     ids = torch.where(valid, ids, 0)  # invalid slots read token 0, then are masked out
     keys = gather_rows(k_cache, ids)  # [B, Hkv, M, D]
     values = gather_rows(v_cache, ids)  # [B, Hkv, M, D]
+    if k_scale is not None:
+        keys = keys.float() * gather_rows(k_scale[..., None], ids).float()  # [B, Hkv, M, D] x [B, Hkv, M, 1]
+        values = values.float() * gather_rows(v_scale[..., None], ids).float()
+        out, lse = _attend_listed(q.float(), keys, values, valid, scale)
+        return out.to(q.dtype), lse
     return _attend_listed(q, keys, values, valid, scale)
 
 

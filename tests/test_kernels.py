@@ -236,37 +236,52 @@ def test_auto_backend_on_cpu_is_numba_for_bf16_and_fp32_caches_else_torch():
     assert last_backend() == "numba"
     gather_attention(q.half(), k.half(), k.half(), *args, scale=0.125, sink=2, window=4)
     assert last_backend() == "torch"
-    with pytest.raises(ValueError, match="numba gather reads bf16 or fp32"):
+    with pytest.raises(ValueError, match="numba gather reads int8, bf16 or fp32"):
         gather_attention(q.half(), k.half(), k.half(), *args, scale=0.125, backend="numba")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cache", ["f32", "bf16", "int8-f32-scale", "int8-bf16-scale"])
 @pytest.mark.parametrize("B,Hkv,group,D,N,S", [(2, 2, 4, 64, 160, 37), (1, 8, 4, 64, 3000, 700),
                                                (3, 3, 3, 128, 600, 0), (2, 1, 7, 64, 100, 60)])
-def test_numba_gather_matches_reference(dtype, B, Hkv, group, D, N, S):
-    """The numba CPU gather (rows read where they lie in the cache, never copied) against the torch
-    reference: sinks, window and selections of unequal length, short rows whose dense part has
-    holes, an empty selection; entries no list names are poisoned, so reading one shows."""
+def test_numba_gather_matches_reference(cache, B, Hkv, group, D, N, S):
+    """The numba CPU gather (rows read where they lie in the cache, never copied; int8 codes by
+    their scales) against the torch reference: sinks, window and selections of unequal length,
+    short rows whose dense part has holes, an empty selection; entries no list names are
+    poisoned, so reading one shows."""
     from offload.kernels import last_backend
+    from offload.tiers.kv_store import quantize_kv
 
     gen = torch.Generator().manual_seed(B * 1000 + N + S)
     seq_lens = torch.tensor([N, 97, 9][:B])
     sink, window = 4, 64
+    dtype = torch.bfloat16 if cache == "bf16" else torch.float32  # q's (and a float cache's)
     q = torch.randn(B, Hkv * group, D, generator=gen).to(dtype)
-    k = torch.randn(B, Hkv, N, D, generator=gen).to(dtype) * 2
-    v = torch.randn(B, Hkv, N, D, generator=gen).to(dtype)
+    k = torch.randn(B, Hkv, N, D, generator=gen) * 2
+    v = torch.randn(B, Hkv, N, D, generator=gen)
+    scales = {}
+    if cache.startswith("int8"):
+        scale_dtype = torch.float32 if cache == "int8-f32-scale" else torch.bfloat16
+        (k, ks), (v, vs) = (quantize_kv(t, scale_dtype) for t in (k, v))  # codes, [B, Hkv, N, 1]
+        scales = {"k_scale": ks[..., 0], "v_scale": vs[..., 0]}
+    else:
+        k, v = k.to(dtype), v.to(dtype)
     selected, counts = _selection(seq_lens, Hkv, max(S, 1), sink, window, gen)
     if S == 0:
         counts.zero_()
-    want, want_lse = gather_attention_ref(q, k, v, selected, counts, seq_lens, D ** -0.5, sink, window)
+    want, want_lse = gather_attention_ref(q, k, v, selected, counts, seq_lens, D ** -0.5, sink, window, **scales)
     named = torch.zeros(B, Hkv, N, dtype=torch.bool)  # [B, Hkv, N] tokens some list names
     for b, n in enumerate(seq_lens.tolist()):
         dense_ids, valid = dense_token_ids(torch.tensor([n]), sink, window)
         named[b, :, dense_ids[0][valid[0]]] = True
         for h in range(Hkv):
             named[b, h, selected[b, h, :counts[b, h]].long()] = True
-    k[~named], v[~named] = float("nan"), float("nan")
-    got, lse = gather_attention(q, k, v, selected, counts, seq_lens, scale=D ** -0.5, sink=sink, window=window)
+    if scales:
+        k[~named], v[~named] = 127, 127
+        scales["k_scale"][~named], scales["v_scale"][~named] = float("nan"), float("nan")
+    else:
+        k[~named], v[~named] = float("nan"), float("nan")
+    got, lse = gather_attention(q, k, v, selected, counts, seq_lens, scale=D ** -0.5, sink=sink, window=window,
+                                **scales)
     assert last_backend() == "numba"
     tol = 2e-5 if dtype == torch.float32 else 2e-2  # bf16: the output's own rounding
     assert torch.allclose(got.float(), want.float(), atol=tol, rtol=tol)
