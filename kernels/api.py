@@ -77,8 +77,8 @@ def gather_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     """Decode attention over the dense part (``sink`` first + ``window`` last tokens) plus the
     selected token ids of each KV head. Returns (out [B, H, D], lse [B, H] fp32).
     See :mod:`offload.kernels.reference` for the exact contract. ``backend``: "auto" (Triton on
-    CUDA; on CPU the numba kernel, which reads the listed rows where they lie, for bf16 and fp32
-    caches; torch otherwise), "triton", "numba" or "torch". An int8 cache (codes, with per-token
+    CUDA; on CPU the numba kernel, which reads the listed rows where they lie, for int8, bf16 and
+    fp32 caches; torch otherwise), "triton", "numba" or "torch". An int8 cache (codes, with per-token
     scales ``k_scale``/``v_scale`` [B, Hkv, N]) is read by the numba kernel or dequantized by torch
     after the gather; the Triton kernel takes float caches only."""
     _check(k_cache.dim() == 4 and k_cache.shape == v_cache.shape, "k_cache and v_cache must be equal [B, Hkv, N, D]")
@@ -230,7 +230,7 @@ def _attend_numba(q, k, v, k_scale, v_scale, ids: np.ndarray, lo: np.ndarray, hi
     past = cpu_decode.decode_attention(qg.numpy(), k.contiguous().numpy(), k_s, v.contiguous().numpy(), v_s, ids,
                                        lo, hi, N, split, float(scale), out.numpy(), lse.numpy())
     if past:
-        raise ValueError(f"{past} selected token ids lie past the cache's {N} tokens")
+        raise ValueError(f"{past} selected token id(s) lie past the cache's {N} tokens")
     return out.view(B, H, D).to(q.dtype), lse.view(B, H)
 
 

@@ -291,7 +291,7 @@ def test_numba_gather_matches_reference(cache, B, Hkv, group, D, N, S):
 def test_numba_gather_names_an_id_past_the_cache_in_one_line():
     q, k = torch.randn(1, 4, 64), torch.randn(1, 2, 16, 64)
     sel = torch.tensor([[[3, 99], [5, 6]]], dtype=torch.int32)
-    with pytest.raises(ValueError, match="1 selected token ids lie past the cache's 16 tokens"):
+    with pytest.raises(ValueError, match=r"1 selected token id\(s\) lie past the cache's 16 tokens"):
         gather_attention(q, k, k, sel, torch.tensor([[2, 2]]), torch.tensor([16]), scale=0.125, sink=2, window=4)
     out, _ = gather_attention(q, k, k, sel, torch.tensor([[1, 2]]), torch.tensor([16]), scale=0.125, sink=2,
                               window=4)  # past the count: never read
@@ -358,7 +358,8 @@ def test_kv_decode_kernel_rejects_bad_input_in_one_line():
 
 def test_kv_decode_widening_plain_form_matches_torch():
     """The plain-numpy form of the kernel's row widening (what numba's per-dtype forms implement)
-    gives torch's own widening: int8 code x scale, bf16 bits exactly, fp32 as is."""
+    gives torch's own widening: int8 code x scale (fp32, or bf16 read as its bits), bf16 bits
+    exactly, fp32 as is."""
     from offload.kernels.cpu_decode import _widen_row
 
     g = torch.Generator().manual_seed(5)
@@ -367,18 +368,20 @@ def test_kv_decode_widening_plain_form_matches_torch():
     codes = (x * 40).round().clamp(-127, 127).to(torch.int8)
     row_bits = np.empty(16, np.uint32)
     row = row_bits.view(np.float32)
-    cases = [(codes.numpy(), (codes.float() * scale[..., None])[0, 1, 3]),
-             (x.bfloat16().view(torch.uint16).numpy(), x.bfloat16().float()[0, 1, 3]),
-             (x.numpy(), x[0, 1, 3])]
-    for cache, want in cases:
-        _widen_row(cache, scale.numpy(), 0, 1, 3, row, row_bits)
+    cases = [(codes.numpy(), scale.numpy(), (codes.float() * scale[..., None])[0, 1, 3]),
+             (codes.numpy(), scale.bfloat16().view(torch.uint16).numpy(),
+              (codes.float() * scale.bfloat16().float()[..., None])[0, 1, 3]),
+             (x.bfloat16().view(torch.uint16).numpy(), scale.numpy(), x.bfloat16().float()[0, 1, 3]),
+             (x.numpy(), scale.numpy(), x[0, 1, 3])]
+    for cache, scales, want in cases:
+        _widen_row(cache, scales, 0, 1, 3, row, row_bits)
         assert torch.equal(torch.from_numpy(row.copy()), want)
 
 
 def test_vectorized_exp_matches_numpy_within_fp32_rounding():
-    """The kernels' exp (range reduced by ln 2, a Taylor series, 2^k in the exponent bits) over a softmax's inputs
-    (scores minus their max, <= 0): relative error ~1e-7 where exp stays in fp32's normal range,
-    and what underflows is at most exp(-87) ~ 1.6e-38, nothing a softmax sum can see."""
+    """The kernels' exp (range reduced by ln 2, a Taylor series, 2^k in the exponent bits) over a
+    softmax's inputs (scores minus their max, <= 0): relative error ~1e-7 where exp stays in fp32's
+    normal range, and what underflows is at most exp(-87) ~ 1.6e-38, nothing a softmax sum can see."""
     from offload.kernels.cpu_decode import EXP_FLOOR, exp_inplace
 
     x = np.concatenate([-np.linspace(0, 86.9, 5000), -np.random.default_rng(0).exponential(3, 5000),
