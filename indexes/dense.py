@@ -22,9 +22,9 @@ PREFILL_SCORE_BYTES = 256 * 1024 * 1024
 # KV without bf16 matmuls, which run at ~0.6 GB/s here); elsewhere torch attends (int8: in blocks).
 FUSED_DECODE_DEVICES = ("cpu",)
 FUSED_DECODE_DTYPES = (torch.int8, torch.bfloat16)
-# An fp32 cache: torch's fp32 matmuls keep up with the kernel to ~8K visible tokens and fall behind
-# past it (per layer, 3 KV heads: 0.75 vs 0.86 ms at 4K, 11.6 vs 6.2 ms at 32K)
-FUSED_F32_MIN_TOKENS = 8192
+# An fp32 cache: torch's fp32 matmuls keep up with the kernel to ~2K visible tokens and fall behind
+# past it (per layer, 3 KV heads, median of 40: 2K 0.32 vs 0.31 ms, 4K 0.50 vs 0.41, 8K 1.14 vs 0.86)
+FUSED_F32_MIN_TOKENS = 4096
 
 
 @dataclass
