@@ -75,20 +75,27 @@ def test_planner_reads_the_profile(quick_profile):
 def test_decode_step_breakdown_accounts_for_the_step_and_matches_the_planner(quick_profile, smollm_path, tmp_path):
     """Default model, 4K context, CPU: the phases account for >= 90% of the measured step, and the
     planner's prediction from the profile measured in this run is within 30% of it."""
+    from offload.cli import main as cli
     from offload.profiles.breakdown import main, run
 
     # Best of up to three runs: a step measured while other work shares the CPU is noisier than the
-    # planner's model of an idle machine.
-    results = []
-    for _ in range(3):
-        results.append(run(smollm_path, context=4096, steps=6, profile=str(quick_profile[0])))
+    # planner's model of an idle machine, and so is the profile it is priced with (the suite's
+    # quick profile runs right after the notebooks' subprocesses): a retry measures both again.
+    results, profile = [], quick_profile[0]
+    for attempt in range(3):
+        if attempt:
+            profile = tmp_path / f"profile{attempt}.json"
+            assert cli(["profile", "--quick", "--out", str(profile)]) == 0
+        results.append(run(smollm_path, context=4096, steps=6, profile=str(profile)))
+        results[-1]["profile_planner"] = json.loads(profile.read_text())["planner"]
         if results[-1]["measured"]["accounted_fraction"] >= 0.90 and abs(results[-1]["prediction_error"]) <= 0.30:
             break
     result = max(results, key=lambda r: r["measured"]["accounted_fraction"] - abs(r["prediction_error"]))
     m = result["measured"]
     assert m["accounted_fraction"] >= 0.90, m
     assert m["phases_ms"]["attention"] > 0 and m["phases_ms"]["mlp"] > 0 and len(m["per_layer_ms"]) == 30
-    assert abs(result["prediction_error"]) <= 0.30, result
+    assert abs(result["prediction_error"]) <= 0.30, [(r["prediction_error"], r["predicted"]["breakdown_ms"],
+                                                      r["measured"]["phases_ms"], r["profile_planner"]) for r in results]
     assert main(["--context", "256", "--steps", "2", "--out", str(tmp_path / "b.json")]) == 0
     assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
 
