@@ -96,7 +96,7 @@ class SparseAttention(DenseAttention):
                 for layer in range(self.config.dense_layers, self.args.num_layers):
                     self.prefill_queries.pop((row, layer), None)
         plan.seq_lens = torch.tensor(batch.end_lengths, device=self.kv.device, dtype=torch.int32)  # [B]
-        if self.kv_offload or self.kv.quantized:  # the always-attended ids, the same for every layer this step
+        if self._fetches_rows():  # the always-attended ids, the same for every layer this step
             lengths = torch.tensor(batch.end_lengths, device="cpu" if self.kv_offload else self.kv.device)  # [B]
             plan.dense_ids = dense_token_ids(lengths, self.config.sink, self.config.window)  # ([B, Nd], [B, Nd])
 
@@ -195,8 +195,7 @@ class SparseAttention(DenseAttention):
                                                       self.kernel_backend)[0]
                     for row, n, sel, windowed in zip(batch.rows, batch.end_lengths, selections, beyond)]
             out = torch.stack(outs).to(q.device)  # [B, H, D]
-        elif self.kv_offload or (self.kv.quantized and (kv_device.type not in FUSED_DECODE_DEVICES
-                                                         or self.kernel_backend not in ("auto", "numba"))):
+        elif self._fetches_rows():
             out = self._attend_fetched(layer, q[:, :, 0], batch, selections)  # [B, H, D] only the attended rows move
         else:  # the rows are read where they lie (an int8 cache's codes by their scales)
             width = max(s.ids.shape[-1] for s in selections)
@@ -214,6 +213,12 @@ class SparseAttention(DenseAttention):
         else:
             self._observe(layer, q_search, batch, selections, out)
         return out.view(B, H, 1, D)
+
+    def _fetches_rows(self) -> bool:
+        """Whether sparse layers copy their attended rows out of the store (host-tier KV, or an int8
+        KV where no kernel reads its codes in place) rather than attend where the rows lie."""
+        return self.kv_offload or (self.kv.quantized and (self.kv.device.type not in FUSED_DECODE_DEVICES
+                                                          or self.kernel_backend not in ("auto", "numba")))
 
     def _attend_fetched(self, layer: int, q: torch.Tensor, batch: ForwardBatch,
                         selections: list[Selection]) -> torch.Tensor:
