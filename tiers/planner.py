@@ -328,7 +328,6 @@ def plan(args: ModelArgs, *, model: str, context: int, device: str = "cpu", dtyp
         tiers = ["device"] * resident + ["host"] * on_host + ["disk"] * on_disk
 
     # Predicted decode step.
-    # Decode reads each weight matrix once; on the CPU the achieved bandwidth depends on its size.
     # Decode reads each weight matrix once; on the CPU the achieved bandwidth depends on the matrix's
     # size (small ones pay a larger share of per-call cost), so each is priced at its own size's rate.
     matrices = [int4_nbytes(n, k, b) if quantize else n * k * b for n, k in projection_shapes(args)]
