@@ -1,7 +1,9 @@
-"""Public sparse decode-attention operations, dispatched at run time to Triton or plain torch.
+"""Public sparse decode-attention operations, dispatched at run time to Triton, numba or plain torch.
 
 ``backend="auto"`` takes the Triton kernel when the tensors live on a CUDA device and Triton
-imports, and the torch reference otherwise (the CPU path). ``backend="triton"`` on CPU runs the
+imports; on CPU, :func:`gather_attention` and :func:`kv_decode_attention` take the numba kernels
+(:mod:`offload.kernels.cpu_decode`, reading the cache in place) and the rest the torch reference.
+``backend="triton"`` on CPU runs the
 kernels under Triton's interpreter, which needs TRITON_INTERPRET=1 set before the kernel module is
 first imported (the tests do this). :func:`last_backend` tells which one ran.
 
