@@ -43,7 +43,7 @@ from offload.fileio import write_bytes_atomic, write_json_atomic
 
 from .bench_context import backend_for, build_and_decode, prefill_shared, synthetic_shared
 from .bench_generate import _real_text_ids
-from .passkey import passkey_prompt
+from .passkey import HAYSTACKS, passkey_prompt
 
 POLICIES = ["dense", "retrieval", "cluster", "shadowkv", "quest", "streaming", "sentence"]
 
@@ -124,22 +124,27 @@ def _greedy(llm, backend, n: int, first: int, steps: int, forced: list[int] | No
 
 
 def accuracy_rows(llm, ctx: int, policies: list[str], budgets: list[float], sink: int, window: int,
-                  dense_layers: int, agree_tokens: int, depths: list[float], key: str) -> list[dict]:
+                  dense_layers: int, agree_tokens: int, depths: list[float], key: str,
+                  haystacks: list[str] = ("filler",)) -> list[dict]:
+    """Passkey per haystack and depth (``passkey``: {haystack: {depth: found}}) and greedy agreement
+    with dense after real text, for every policy and budget."""
     from offload.indexes import SelectionConfig
 
     configs = {bud: SelectionConfig(budget=bud, sink=sink, window=window, dense_layers=dense_layers)
                for bud in budgets}
-    rows = {(p, bud): {"context": ctx, "policy": p, "budget": bud, "passkey": {}} for p in policies for bud in budgets}
-    bar = tqdm(total=len(depths) + 1, desc=f"accuracy at {ctx}", disable=None)
-    # Passkey: one prefill per depth, every policy and budget answers from it.
-    for depth in depths:
-        ids = passkey_prompt(llm.tokenizer, ctx - 8, depth, key)
-        shared, logits, _ = prefill_shared(llm, ids, len(ids) + 8, configs[budgets[0]])
-        for (policy, bud), row in rows.items():
-            backend = backend_for(policy, llm, shared, configs[bud])
-            answer = llm.tokenizer.decode(_greedy(llm, backend, len(ids), int(logits.argmax()), 6))
-            row["passkey"][str(depth)] = answer.strip().startswith(key)
-        bar.update(1)
+    rows = {(p, bud): {"context": ctx, "policy": p, "budget": bud, "passkey": {h: {} for h in haystacks}}
+            for p in policies for bud in budgets}
+    bar = tqdm(total=len(haystacks) * len(depths) + 1, desc=f"accuracy at {ctx}", disable=None)
+    # Passkey: one prefill per haystack and depth, every policy and budget answers from it.
+    for haystack in haystacks:
+        for depth in depths:
+            ids = passkey_prompt(llm.tokenizer, ctx - 8, depth, key, haystack)
+            shared, logits, _ = prefill_shared(llm, ids, len(ids) + 8, configs[budgets[0]])
+            for (policy, bud), row in rows.items():
+                backend = backend_for(policy, llm, shared, configs[bud])
+                answer = llm.tokenizer.decode(_greedy(llm, backend, len(ids), int(logits.argmax()), 6))
+                row["passkey"][haystack][str(depth)] = answer.strip().startswith(key)
+            bar.update(1)
     # Greedy agreement after real text.
     ids = _real_text_ids(llm.tokenizer, ctx - agree_tokens)
     shared, logits, _ = prefill_shared(llm, ids, ctx + 1, configs[budgets[0]])
@@ -168,7 +173,7 @@ def _fmt_bytes(n) -> str:
 
 def table(latency: list[dict], accuracy: list[dict]) -> str:
     lines = ["| context | policy | prefill tok/s | decode ms/token | vs dense | KV read/token | KV (all) | index | "
-             "peak host | peak device |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "peak host | peak device |", "|---|---|---|---|---|---|---|---|---|---|"] if latency else []
     for r in latency:
         dense = next((d["decode_ms"] for d in latency if d["context"] == r["context"] and d["policy"] == "dense"), None)
         flag = "*" if r["beyond_trained_context"] else ""
@@ -183,11 +188,13 @@ def table(latency: list[dict], accuracy: list[dict]) -> str:
     if any(r.get("synthetic_kv") for r in latency):
         lines.append("\nsynthetic KV: keys and values drawn, not prefilled (--synthetic-kv): speed only")
     if accuracy:
-        depths = "/".join(f"{float(d):.0%}" for d in accuracy[0]["passkey"]).replace("%", "") + "%"
-        lines += ["", f"| context | policy | budget | passkey {depths} | = dense | greedy agreement | teacher-forced | "
-                      "first divergence |", "|---|---|---|---|---|---|---|---|"]
+        first = accuracy[0]["passkey"]
+        heads = " | ".join(f"passkey {h} " + "/".join(f"{float(d):.0%}" for d in first[h]).replace("%", "") + "%"
+                           for h in first)
+        lines += ["", f"| context | policy | budget | {heads} | = dense | greedy agreement | teacher-forced | "
+                      "first divergence |", "|---|---|---|" + "---|" * len(first) + "---|---|---|---|"]
         for r in accuracy:
-            keys = "/".join("ok" if v else "miss" for v in r["passkey"].values())
+            keys = " | ".join("/".join("ok" if v else "miss" for v in found.values()) for found in r["passkey"].values())
             lines.append(f"| {r['context']:,} | {r['policy']} | {r['budget']:g} | {keys} | "
                          f"{'yes' if r['passkey_equals_dense'] else 'no'} | {r['greedy_agreement']:.1%} | "
                          f"{r['teacher_forced_agreement']:.1%} | {r['first_divergence']} |")
@@ -202,16 +209,18 @@ def plot(latency: list[dict], accuracy: list[dict], out_dir: Path) -> list[Path]
 
     from .bench_context import plot as plot_latency
 
-    paths = [out_dir / "latency.png"]
-    plot_latency(latency, str(paths[0]))
+    paths = []
+    if latency:
+        paths.append(out_dir / "latency.png")
+        plot_latency(latency, str(paths[0]))
     if accuracy:
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
         for policy in dict.fromkeys(r["policy"] for r in accuracy):
             rows = sorted((r for r in accuracy if r["policy"] == policy), key=lambda r: r["budget"])
             budgets = [r["budget"] for r in rows]
             axes[0].plot(budgets, [r["greedy_agreement"] for r in rows], marker="o", label=policy)
-            axes[1].plot(budgets, [sum(r["passkey"].values()) / len(r["passkey"]) for r in rows], marker="o",
-                         label=policy)
+            found = [[v for h in r["passkey"].values() for v in h.values()] for r in rows]
+            axes[1].plot(budgets, [sum(f) / len(f) for f in found], marker="o", label=policy)
         axes[0].set_ylabel("greedy agreement with dense")
         axes[1].set_ylabel("passkey found (fraction of depths)")
         for ax in axes:
@@ -246,7 +255,8 @@ def main(argv=None) -> int:
     p.add_argument("--kv-offload", action=argparse.BooleanOptionalAction, default=None,
                    help="keep the sparse layers' KV in host memory (pinned) and fetch sinks + window + selection "
                         "per step; default: on with a GPU, off on a CPU (where host memory is the device)")
-    p.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384, 32768, 65536, 131072])
+    p.add_argument("--contexts", type=int, nargs="*", default=[4096, 16384, 32768, 65536, 131072],
+                   help="latency contexts (none: the accuracy runs alone)")
     p.add_argument("--policies", nargs="+", default=POLICIES)
     p.add_argument("--budget", type=float, default=0.02, help="KV budget of the latency runs")
     p.add_argument("--budgets", type=float, nargs="+", default=[0.01, 0.02, 0.05], help="budgets of the accuracy runs")
@@ -264,6 +274,8 @@ def main(argv=None) -> int:
     p.add_argument("--agree-tokens", type=int, default=128)
     p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
     p.add_argument("--key", default="68213")
+    p.add_argument("--haystacks", nargs="+", default=["filler"], choices=tuple(HAYSTACKS),
+                   help="passkey haystacks (profiles.passkey): the classic filler, shuffled plain sentences, a play")
     p.add_argument("--out-dir", default="bench_long")
     p.add_argument("--append", default=None, help="append the dated table and command to this Markdown file")
     args = p.parse_args(argv)
@@ -287,7 +299,10 @@ def main(argv=None) -> int:
     if args.accuracy and (args.load_format == "dummy" or args.synthetic_kv):
         print("bench_long: accuracy is never measured on dummy weights or a synthetic KV: skipped", file=sys.stderr)
         args.accuracy = False
-    longest = max(args.contexts) + args.steps + 2
+    if not args.contexts and not args.accuracy:
+        raise OffloadError("nothing to measure: give --contexts, or leave --accuracy on")
+    # The longest context asked for (None: the model's own limit, which the accuracy runs default to).
+    longest = max(args.contexts + [args.accuracy_context or 0]) + args.steps + 2 if args.contexts else args.accuracy_context
     llm = LLM(args.model, device=device, dtype=args.dtype, prefill_chunk_size=args.prefill_chunk,
               max_context=longest, load_format=args.load_format, quantize=args.quantize)
     config = SelectionConfig(budget=args.budget, sink=args.sink, window=args.window, dense_layers=args.dense_layers)
@@ -307,7 +322,8 @@ def main(argv=None) -> int:
     if args.accuracy:
         ctx = args.accuracy_context or llm.args.max_position_embeddings
         result["accuracy"] = accuracy_rows(llm, ctx, args.policies, args.budgets, args.sink, args.window,
-                                           args.dense_layers, args.agree_tokens, args.depths, args.key)
+                                           args.dense_layers, args.agree_tokens, args.depths, args.key,
+                                           args.haystacks)
     write_json_atomic(out_dir / "bench_long.json", result)
     text = table(result["latency"], result["accuracy"])
     for miss in result.get("did_not_fit", []):

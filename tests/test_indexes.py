@@ -181,6 +181,27 @@ def test_graph_projection_links_pivots_both_ways():
     assert indices[indptr[5]:indptr[6]].tolist() == [2]  # the most often proposed neighbour survives
 
 
+def test_passkey_prompt_hides_the_needle_at_its_depth_in_each_haystack(smollm):
+    """Every haystack gives a prompt of exactly the length asked, the needle where the depth says,
+    and haystacks that differ from one another; an unknown one is one clear error."""
+    from offload.profiles.passkey import HAYSTACKS, haystack_ids, passkey_prompt
+
+    tok = smollm.tokenizer
+    needle = tok.encode(" The pass key is 68213. Remember it. 68213 is the pass key. ", False)
+    seen = {}
+    for name in HAYSTACKS:
+        for depth in (0.1, 0.5, 0.9):
+            ids = passkey_prompt(tok, 3000, depth, haystack=name)
+            assert len(ids) == 3000
+            at = next(i for i in range(len(ids)) if ids[i:i + len(needle)] == needle)
+            assert abs(at / 3000 - depth) < 0.05, (name, depth, at)
+        seen[name] = tuple(haystack_ids(tok, name, 500))
+        assert len(seen[name]) == 500
+    assert len(set(seen.values())) == len(HAYSTACKS)  # four different texts
+    with pytest.raises(ValueError, match="unknown haystack 'essays': use one of filler, sentences"):
+        haystack_ids(tok, "essays", 10)
+
+
 @pytest.mark.slow
 def test_passkey_4k_retrieval_matches_dense_and_streaming_fails(smollm_path):
     """A number hidden at 10/50/90% of 4K tokens: at a 2% budget, RetrievalAttention and ShadowKV
