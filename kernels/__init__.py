@@ -4,12 +4,14 @@ Importing this package imports neither Triton nor CUDA; the kernel module loads 
 """
 
 from .api import (
+    Int8CacheArrays,
     gather_attention,
     kv_decode_attention,
     last_backend,
     merge_attention,
     resolve_backend,
     shadowkv_attention,
+    store_kv_int8,
 )
 from .reference import (
                         dense_attention_ref,
@@ -23,4 +25,4 @@ from .reference import (
 __all__ = ["gather_attention", "kv_decode_attention", "kv_decode_attention_ref",
            "shadowkv_attention", "merge_attention", "last_backend", "resolve_backend",
            "gather_attention_ref", "shadowkv_attention_ref", "merge_attention_ref", "dense_attention_ref",
-           "rope_rotate"]
+           "rope_rotate", "store_kv_int8", "Int8CacheArrays"]

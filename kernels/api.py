@@ -162,7 +162,8 @@ def merge_attention(outs: torch.Tensor | list[torch.Tensor], lses: torch.Tensor 
 
 def kv_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: list[int], hi: list[int], *,
                         scale: float, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
-                        backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                        backend: str = "auto", arrays: Int8CacheArrays | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention of q [B, H, D] over a whole KV cache k/v [B, Hkv, N, D], row b seeing tokens
     lo[b]..hi[b]-1 (host ints), read in place: an int8 cache (codes, with per-token scales
     ``k_scale``/``v_scale`` [B, Hkv, N] of any float dtype) is never dequantized into a copy, and
@@ -173,6 +174,8 @@ def kv_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: l
 
     ``backend="auto"``: the numba kernels (:mod:`offload.kernels.cpu_decode`) for CPU tensors, the
     torch reference (widen or dequantize, then attend) elsewhere; "numba" or "torch" force one.
+    ``arrays``: the numpy views of an int8 cache that k/v/k_scale/v_scale are the first rows of, made
+    once by the cache's owner (the numba path then converts none of them).
     Called once per layer per decode step: the checks build no message unless one fails."""
     if backend not in ("auto", "numba", "torch"):
         raise OffloadError(f"unknown KV decode attention backend '{backend}': use auto, numba or torch")
@@ -196,8 +199,60 @@ def kv_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: l
         return reference.kv_decode_attention_ref(q, k, v, bounds[0], bounds[1], scale, k_scale, v_scale)
     if q.device.type != "cpu":
         raise ValueError("the numba KV decode kernels run on CPU tensors")
-    bounds = np.repeat(np.asarray([list(lo), list(hi)], np.int64)[..., None], Hkv, axis=2)  # [2, B, Hkv]
-    return _attend_numba(q, k, v, k_scale, v_scale, NO_IDS, bounds[0], bounds[1], scale)
+    bounds = np.empty((2, B, Hkv), np.int64)  # [2, B, Hkv]: every KV head of a row sees its range
+    bounds[0], bounds[1] = np.asarray(lo, np.int64)[:, None], np.asarray(hi, np.int64)[:, None]
+    if arrays is not None and quantized:
+        if arrays.k.ctypes.data != k.data_ptr():
+            raise ValueError("arrays= must be the numpy views of the cache k is the first rows of")
+        cache = arrays.k, arrays.k_scale, arrays.v, arrays.v_scale
+    else:
+        cache = _cache_arrays(k, v, k_scale, v_scale)
+    return _attend_numba(q, cache, NO_IDS, bounds[0], bounds[1], scale)
+
+
+class Int8CacheArrays:
+    """numpy views of one layer's int8 KV cache on the CPU, made once per allocation by its owner:
+    codes k/v [R, Hkv, N, D] int8 and scales k_scale/v_scale [R, Hkv, N] (fp32, or bf16 as its
+    bits). Turning a tensor into a numpy array costs four dispatcher calls; a decode step would
+    pay them for every part of every layer."""
+
+    def __init__(self, k_codes: torch.Tensor, v_codes: torch.Tensor, k_scales: torch.Tensor, v_scales: torch.Tensor):
+        if not (k_codes.dtype == v_codes.dtype == torch.int8 and k_codes.shape == v_codes.shape
+                and k_scales.dtype == v_scales.dtype and k_scales.dtype in (torch.bfloat16, torch.float32)
+                and k_scales.shape == v_scales.shape == k_codes.shape[:3]
+                and {t.device.type for t in (k_codes, v_codes, k_scales, v_scales)} == {"cpu"}):
+            raise ValueError(f"an int8 cache needs CPU codes [R, Hkv, N, D] int8 and scales [R, Hkv, N] in bf16 "
+                             f"or fp32; got codes {tuple(k_codes.shape)} {k_codes.dtype}, scales "
+                             f"{tuple(k_scales.shape)} {k_scales.dtype}")
+        self.scale_dtype = k_scales.dtype
+        self.k, self.v = k_codes.numpy(), v_codes.numpy()
+        self.k_scale, self.v_scale = _bits(k_scales), _bits(v_scales)
+
+
+def _bits(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor as numpy (bf16, which numpy lacks, as its bits)."""
+    return (t.view(torch.uint16) if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def store_kv_int8(k: torch.Tensor, v: torch.Tensor, cache: Int8CacheArrays, rows: np.ndarray,
+                  starts: np.ndarray) -> None:
+    """Quantize new keys and values k/v [B, Hkv, T, D] (CPU, in the cache's scale dtype) per token
+    and KV head into the int8 ``cache`` in place, at cache row rows[b], positions starts[b]..+T-1
+    (int64 numpy [B]). The numbers of ``offload.tiers.kv_store.quantize_kv``, bit for bit, in one
+    numba call: the tensor form costs a dozen ops and four slice copies per layer and step."""
+    from . import cpu_decode  # numba compiles (or loads from its cache) on first use
+
+    B, Hkv, T, D = k.shape
+    R, _, N, _ = cache.k.shape
+    if not (v.shape == k.shape and k.dtype == v.dtype == cache.scale_dtype and k.device.type == "cpu"
+            and cache.k.shape[1] == Hkv and cache.k.shape[3] == D and rows.shape == starts.shape == (B,)):
+        raise ValueError(f"store_kv_int8 needs CPU k/v [B, Hkv, T, D] in the cache's {cache.scale_dtype} for a "
+                         f"cache of {cache.k.shape[1]} KV heads of {cache.k.shape[3]}, and rows/starts [B]; got "
+                         f"k {tuple(k.shape)} {k.dtype}, v {tuple(v.shape)}, rows {rows.shape}")
+    if B and (starts.min() < 0 or starts.max() + T > N or rows.min() < 0 or rows.max() >= R):
+        raise ValueError(f"store_kv_int8: rows {rows.tolist()} at {starts.tolist()}..+{T} lie outside the cache's "
+                         f"{R} rows of {N} tokens")
+    cpu_decode.store_int8_tokens(_bits(k), _bits(v), cache.k, cache.v, cache.k_scale, cache.v_scale, rows, starts)
 
 
 # The numba kernel's "no id list": positions are token ids.
@@ -206,21 +261,10 @@ NO_IDS = np.zeros((0, 0, 0), np.int32)
 NUMBA_DTYPES = (torch.int8, torch.bfloat16, torch.float32)
 
 
-def _attend_numba(q, k, v, k_scale, v_scale, ids: np.ndarray, lo: np.ndarray, hi: np.ndarray,
-                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The numba kernel over positions lo..hi-1 [B, Hkv] (of ``ids`` [B, Hkv, M], or token ids when
-    empty). Returns (out [B, H, D] in q's dtype, lse [B, H])."""
-    from . import cpu_decode  # numba compiles (or loads from its cache) on first use
-
-    B, Hkv, _, D = k.shape
-    H = q.shape[1]
-    qg = q.float().contiguous().view(B, Hkv, H // Hkv, D)  # [B, Hkv, G, D] fp32
-    out = torch.empty(B, Hkv, H // Hkv, D, dtype=torch.float32)  # [B, Hkv, G, D]
-    lse = torch.empty(B, Hkv, H // Hkv, dtype=torch.float32)  # [B, Hkv, G]
-    threads = torch.get_num_threads()
-    cpu_decode.set_threads(threads)
-    split = cpu_decode.split_tokens(int((hi - lo).max()), B * Hkv, threads)
-    if k.dtype == torch.int8:  # the scales as they are held (bf16 as its bits), else widened to fp32
+def _cache_arrays(k, v, k_scale, v_scale) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A cache as the numba kernel reads it: (k, k_scale, v, v_scale), contiguous numpy arrays; bf16
+    as its bits; an int8 cache's scales as held (bf16 bits, or fp32), a float cache's a dummy."""
+    if k.dtype == torch.int8:
         k_s, v_s = (s.view(torch.uint16) if s.dtype == torch.bfloat16 else s.float()
                     for s in (k_scale, v_scale))  # [B, Hkv, N]
         k_s, v_s = k_s.contiguous().numpy(), v_s.contiguous().numpy()
@@ -228,8 +272,27 @@ def _attend_numba(q, k, v, k_scale, v_scale, ids: np.ndarray, lo: np.ndarray, hi
         k_s = v_s = np.ones((1, 1, 1), np.float32)  # unused by a float cache
     if k.dtype == torch.bfloat16:  # numpy has no bf16: the kernel reads its bits
         k, v = k.view(torch.uint16), v.view(torch.uint16)
+    return k.contiguous().numpy(), k_s, v.contiguous().numpy(), v_s
+
+
+def _attend_numba(q, cache: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], ids: np.ndarray,
+                  lo: np.ndarray, hi: np.ndarray, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The numba kernel over positions lo..hi-1 [B, Hkv] (of ``ids`` [B, Hkv, M], or token ids when
+    empty) of ``cache`` (:func:`_cache_arrays`; rows beyond q's B unread). Returns (out [B, H, D] in
+    q's dtype, lse [B, H])."""
+    from . import cpu_decode  # numba compiles (or loads from its cache) on first use
+
+    k, k_s, v, v_s = cache
+    B, H, D = q.shape
+    Hkv = k.shape[1]
+    qg = q.float().contiguous().view(B, Hkv, H // Hkv, D)  # [B, Hkv, G, D] fp32
+    out = torch.empty(B, Hkv, H // Hkv, D, dtype=torch.float32)  # [B, Hkv, G, D]
+    lse = torch.empty(B, Hkv, H // Hkv, dtype=torch.float32)  # [B, Hkv, G]
+    threads = torch.get_num_threads()
+    cpu_decode.set_threads(threads)
+    split = cpu_decode.split_tokens(int((hi - lo).max()), B * Hkv, threads)
     N = k.shape[2]
-    past = cpu_decode.decode_attention(qg.numpy(), k.contiguous().numpy(), k_s, v.contiguous().numpy(), v_s, ids,
+    past = cpu_decode.decode_attention(qg.numpy(), k, k_s, v, v_s, ids,
                                        lo, hi, N, split, float(scale), out.numpy(), lse.numpy())
     if past:
         raise ValueError(f"{past} selected token id(s) lie past the cache's {N} tokens")
@@ -245,4 +308,5 @@ def _gather_numba(q, k_cache, v_cache, selected, num_selected, seq_lens, scale, 
     ids = torch.cat([dense_ids[:, None].expand(B, Hkv, -1), selected.to(torch.int32)], dim=-1)  # [B, Hkv, Nd + S]
     hi = (dense_ids.shape[1] + num_selected.to(torch.int64)).numpy()  # [B, Hkv]
     lo = np.zeros_like(hi)
-    return _attend_numba(q, k_cache, v_cache, k_scale, v_scale, ids.contiguous().numpy(), lo, hi, scale)
+    return _attend_numba(q, _cache_arrays(k_cache, v_cache, k_scale, v_scale), ids.contiguous().numpy(), lo, hi,
+                         scale)

@@ -229,3 +229,102 @@ def split_tokens(longest: int, tasks: int, threads: int) -> int:
 def set_threads(threads: int) -> None:
     """Run numba's parallel loops on as many threads as torch uses (at most numba's pool)."""
     numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+
+
+# int8 KV codes lie in -KV_CODE_MAX..KV_CODE_MAX (symmetric: offload.tiers.kv_store's convention);
+# a scale is at least KV_SCALE_FLOOR, so an all-zero row divides by something.
+KV_CODE_MAX = 127
+KV_SCALE_FLOOR = np.float32(1e-8)
+BF16_ROUND = 0x7FFF  # fp32 -> bf16 rounds to nearest even: add this plus the kept half's lowest bit
+
+
+@njit(cache=True)
+def store_int8_tokens(k_new, v_new, k_codes, v_codes, k_scales, v_scales, rows, starts):  # pragma: no cover
+    """Quantize the new keys and values k_new/v_new [B, Hkv, T, D] (fp32, or bf16 bits as uint16)
+    per token and KV head and store them at rows[b], positions starts[b]..starts[b]+T-1 of the
+    cache: codes [R, Hkv, N, D] int8 and scales [R, Hkv, N] (fp32, or bf16 bits as uint16).
+    scale = max|x| / 127 (at least 1e-8) rounded to the scales' dtype, code = x / scale rounded
+    half to even within +-127: offload.tiers.kv_store.quantize_kv's numbers, bit for bit, in one
+    call instead of a dozen tensor ops and four slice copies. A token with a NaN gets a NaN scale
+    (codes 0): attention then yields NaN and the engine's NaN check reports it, never garbage."""
+    B, Hkv, T, D = k_new.shape
+    x = np.empty(D, np.float32)
+    word = np.empty(1, np.uint32)
+    as_float = word.view(np.float32)
+    for kind in range(2):
+        new = k_new if kind == 0 else v_new
+        codes = k_codes if kind == 0 else v_codes
+        scales = k_scales if kind == 0 else v_scales
+        for b in range(B):
+            r = rows[b]
+            for h in range(Hkv):
+                for t in range(T):
+                    p = starts[b] + t
+                    biggest = np.float32(0.0)
+                    bad = False
+                    for d in range(D):
+                        x[d] = _as_f32(new[b, h, t, d], word, as_float)
+                        if x[d] != x[d]:
+                            bad = True
+                        biggest = max(biggest, abs(x[d]))
+                    s = max(biggest / np.float32(KV_CODE_MAX), KV_SCALE_FLOOR)
+                    s = np.float32(np.nan) if bad else s
+                    s = _store_scale(scales, r, h, p, s, word, as_float)  # the scale as held
+                    for d in range(D):
+                        c = np.float32(0.0) if bad else np.rint(x[d] / s)
+                        codes[r, h, p, d] = np.int8(min(max(c, -KV_CODE_MAX), KV_CODE_MAX))
+
+
+def _as_f32(value, word, as_float):
+    """One element of a new key or value as fp32 (plain-numpy form of :func:`_as_f32_forms`)."""
+    if isinstance(value, np.uint16):
+        word[0] = np.uint32(value) << 16
+        return as_float[0]
+    return np.float32(value)
+
+
+@overload(_as_f32, inline="always")
+def _as_f32_forms(value, word, as_float):  # pragma: no cover - numba
+    """A bf16's bits (uint16) become an fp32's high half, exact; fp32 stays."""
+    if value == types.uint16:
+        def widen(value, word, as_float):
+            word[0] = np.uint32(value) << 16
+            return as_float[0]
+    else:
+        def widen(value, word, as_float):
+            return np.float32(value)
+    return widen
+
+
+def _store_scale(scales, r, h, p, s, word, as_float):
+    """Write scale s at scales[r, h, p] in the scales' dtype; return the value held, as fp32
+    (plain-numpy form of :func:`_store_scale_forms`)."""
+    if scales.dtype == np.uint16:
+        u = int(np.asarray(s, np.float32).view(np.uint32))
+        bits = (u >> 16) | 0x40 if s != s else (u + BF16_ROUND + ((u >> 16) & 1)) >> 16
+        scales[r, h, p] = bits
+        return np.asarray(bits << 16, np.uint32).view(np.float32)[()]
+    scales[r, h, p] = s
+    return np.float32(s)
+
+
+@overload(_store_scale, inline="always")
+def _store_scale_forms(scales, r, h, p, s, word, as_float):  # pragma: no cover - numba
+    """uint16 scales hold bf16 bits: fp32 -> bf16 rounded to nearest even (a NaN stays a NaN:
+    its high half keeps a set mantissa bit); fp32 scales hold s as it is."""
+    if scales.dtype == types.uint16:
+        def put(scales, r, h, p, s, word, as_float):
+            as_float[0] = s
+            u = word[0]
+            if s != s:
+                bits = np.uint16((u >> 16) | 0x40)  # a quiet NaN
+            else:
+                bits = np.uint16((u + np.uint32(BF16_ROUND) + ((u >> 16) & np.uint32(1))) >> 16)
+            scales[r, h, p] = bits
+            word[0] = np.uint32(bits) << 16
+            return as_float[0]
+    else:
+        def put(scales, r, h, p, s, word, as_float):
+            scales[r, h, p] = s
+            return np.float32(s)
+    return put

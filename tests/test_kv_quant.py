@@ -28,6 +28,44 @@ def test_quantizer_error_is_half_a_step_per_token_and_head(dtype):
     assert torch.equal(dequantize_kv(*quantize_kv(zero, dtype)), zero)  # an all-zero vector stays zero, no NaN
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_int8_store_equals_the_quantizer_bit_for_bit(dtype):
+    """The numba write (decode rows at their own positions, a prefill chunk) holds exactly the codes
+    and scales quantize_kv computes, leaves every other slot untouched, gives a token with a NaN a
+    NaN scale (so the engine's NaN check sees it), and refuses positions outside the cache."""
+    import numpy as np
+
+    from offload.kernels import Int8CacheArrays, store_kv_int8
+
+    g = torch.Generator().manual_seed(1)
+    B, Hkv, T, D, R, N = 2, 3, 5, 64, 3, 40
+    k = (torch.randn(B, Hkv, T, D, generator=g) * torch.rand(B, Hkv, T, 1, generator=g) * 4).to(dtype)
+    v = torch.randn(B, Hkv, T, D, generator=g).to(dtype)
+    k[0, 1, 2] = 0  # an all-zero vector: the scale's floor, codes 0
+    v[1, 0, 3, 5] = float("nan")
+    codes = [torch.full((R, Hkv, N, D), 99, dtype=torch.int8) for _ in range(2)]  # 99: never a code written here
+    scales = [torch.full((R, Hkv, N), 7.0, dtype=dtype) for _ in range(2)]
+    rows, starts = np.array([2, 0], np.int64), np.array([7, 30], np.int64)
+    cache = Int8CacheArrays(codes[0], codes[1], scales[0], scales[1])
+    store_kv_int8(k, v, cache, rows, starts)
+    for new, held, scale in ((k, codes[0], scales[0]), (v, codes[1], scales[1])):
+        ref_codes, ref_scale = quantize_kv(new, dtype)  # [B, Hkv, T, D], [B, Hkv, T, 1]
+        written = torch.zeros(R, N, dtype=torch.bool)
+        for b in range(B):
+            span = slice(int(starts[b]), int(starts[b]) + T)
+            written[rows[b], span] = True
+            got_scale, want_scale = scale[rows[b], :, span], ref_scale[b, ..., 0]  # [Hkv, T]
+            nan = torch.isnan(new[b].float()).any(-1)  # [Hkv, T]
+            assert torch.equal(got_scale[~nan], want_scale[~nan])
+            assert torch.isnan(got_scale[nan]).all() and (held[rows[b], :, span][nan] == 0).all()
+            assert torch.equal(held[rows[b], :, span][~nan], ref_codes[b][~nan])
+        untouched = ~written[:, None].expand(R, Hkv, N)  # [R, Hkv, N]
+        assert (held[untouched] == 99).all() and (scale[untouched] == 7.0).all()
+    assert int(torch.isnan(scales[1]).sum()) == 1 and not torch.isnan(scales[0]).any()
+    with pytest.raises(ValueError, match="lie outside the cache's 3 rows of 40 tokens"):
+        store_kv_int8(k, v, cache, rows, np.array([7, 36], np.int64))
+
+
 def _as_host_tier(store: KVStore, host_layers, monkeypatch) -> None:
     """On a CPU the host tier is the compute device: make the store treat ``host_layers`` as another
     tier (the GPU's path: staging buffers, bytes counted as they cross; ``.to`` is a no-op here)."""

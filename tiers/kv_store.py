@@ -25,14 +25,18 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 
 from offload.attention import ForwardBatch
 from offload.config import ModelArgs
+from offload.kernels import Int8CacheArrays, store_kv_int8
 
 HOST = torch.device("cpu")
 KV_DTYPES = ("int8",)  # beside None: the compute dtype
 KV_INT8_MAX = 127
+# Compute dtypes whose int8 KV a CPU layer writes through the compiled kernel (offload.kernels.store_kv_int8).
+STORE_KERNEL_DTYPES = (torch.bfloat16, torch.float32)
 
 
 def kv_bytes_per_token(args: ModelArgs, dtype_bytes: int, kv_dtype: str | None) -> int:
@@ -151,6 +155,7 @@ class KVStore:
         self._staging = _Staging(pinned=self.device.type == "cuda")
         self._scale_staging = _Staging(pinned=self.device.type == "cuda")
         self._scratch: list[torch.Tensor | None] = [None, None]  # reused dequantized K and V of a decode read
+        self._arrays: list[Int8CacheArrays | None] = [None] * args.num_layers  # numpy views of CPU int8 layers
         self.bytes_to_device = 0  # KV bytes copied from the host tier to the device
 
     @property
@@ -170,6 +175,7 @@ class KVStore:
             return
         self.k = self.v = self.k_scale = self.v_scale = None  # free the old cache before allocating the new one
         self._scratch = [None, None]
+        self._arrays = [None] * self.args.num_layers
         a = self.args
         shape = (batch_size, a.num_kv_heads, capacity, a.head_dim)
         held = torch.int8 if self.quantized else self.dtype
@@ -180,6 +186,17 @@ class KVStore:
         if self.quantized:
             self.k_scale = [self._zeros(shape[:3] + (1,), dev, self.dtype) for dev in self.layer_devices]  # [B, Hkv, N, 1]
             self.v_scale = [self._zeros(shape[:3] + (1,), dev, self.dtype) for dev in self.layer_devices]
+
+    def int8_arrays(self, layer: int) -> Int8CacheArrays | None:
+        """numpy views of a CPU layer's int8 cache for the compiled kernels, made on first use after
+        an allocation; None when the layer's KV is not int8 codes on the CPU in a dtype they take."""
+        if not (self.quantized and self.layer_devices[layer].type == "cpu" and self.dtype in STORE_KERNEL_DTYPES):
+            return None
+        arrays = self._arrays[layer]
+        if arrays is None:
+            arrays = self._arrays[layer] = Int8CacheArrays(self.k[layer], self.v[layer], self.k_scale[layer][..., 0],
+                                                           self.v_scale[layer][..., 0])
+        return arrays
 
     def _zeros(self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         # Host-tier KV is pinned when a GPU computes, so that its copies to the GPU are asynchronous.
@@ -201,6 +218,17 @@ class KVStore:
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> None:
         """Put k, v [B, Hkv, T, D] at the batch's positions (into this layer's tier)."""
+        arrays = self.int8_arrays(layer)
+        if arrays is not None and k.device.type == "cpu":
+            # One compiled call quantizes and stores both (the tensor form below: ~36 small ops).
+            if batch.is_decode:
+                rows = np.asarray(batch.rows, np.int64)  # [B]
+                starts = np.asarray(batch.start_lengths, np.int64)  # [B]: one new token per row
+            else:
+                rows = np.asarray(batch.rows[:1], np.int64)
+                starts = np.asarray(batch.start_lengths[:1], np.int64)
+            store_kv_int8(k, v, arrays, rows, starts)
+            return
         new = [k, v]  # [B, Hkv, T, D] each
         if self.quantized:
             (kc, ks), (vc, vs) = quantize_kv(k, self.dtype), quantize_kv(v, self.dtype)
