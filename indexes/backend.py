@@ -206,7 +206,8 @@ class SparseAttention(DenseAttention):
             k, v, k_scale, v_scale = self.kv.whole_cache(layer, B)  # [B, Hkv, N, D] each (+ [B, Hkv, N] scales)
             out, _ = gather_attention(q[:, :, 0], k, v, selected, counts, batch.plan.seq_lens,
                                       scale=self.args.softmax_scale, sink=self.config.sink, window=self.config.window,
-                                      k_scale=k_scale, v_scale=v_scale, backend=self.kernel_backend)  # [B, H, D]
+                                      k_scale=k_scale, v_scale=v_scale, backend=self.kernel_backend,
+                                      arrays=self.kv.host_arrays(layer))  # [B, H, D]
         if any(beyond):  # a batch of rows on both sides of the window
             exact = self._decode(layer, q, batch).view(B, H, D)
             out = torch.where(torch.tensor(beyond, device=q.device)[:, None, None], exact, out)  # [B, H, D]

@@ -119,7 +119,7 @@ class DenseAttention(AttentionBackend):
             lo = [start] * B if decode_mask is None else [
                 0 if a.sliding_window is None else max(0, n - a.sliding_window) for n in hi]
             out, _ = kv_decode_attention(q.view(B, H, D), k, v, lo, hi, scale=a.softmax_scale, k_scale=k_scale,
-                                         v_scale=v_scale, arrays=self.kv.int8_arrays(layer))  # [B, H, D]
+                                         v_scale=v_scale, arrays=self.kv.host_arrays(layer))  # [B, H, D]
             return out.view(B, H, 1, D)
         if self.kv.quantized and end - start > DECODE_BLOCK_TOKENS:  # dequantize a block at a time
             acc = OnlineSoftmax(qg, a.softmax_scale)

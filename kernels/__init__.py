@@ -4,7 +4,7 @@ Importing this package imports neither Triton nor CUDA; the kernel module loads 
 """
 
 from .api import (
-    Int8CacheArrays,
+    CacheArrays,
     gather_attention,
     kv_decode_attention,
     last_backend,
@@ -25,4 +25,4 @@ from .reference import (
 __all__ = ["gather_attention", "kv_decode_attention", "kv_decode_attention_ref",
            "shadowkv_attention", "merge_attention", "last_backend", "resolve_backend",
            "gather_attention_ref", "shadowkv_attention_ref", "merge_attention_ref", "dense_attention_ref",
-           "rope_rotate", "store_kv_int8", "Int8CacheArrays"]
+           "rope_rotate", "store_kv_int8", "CacheArrays"]

@@ -75,14 +75,15 @@ def _check_common(q, selected, num_selected, num_kv_heads):
 def gather_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, selected: torch.Tensor,
                      num_selected: torch.Tensor, seq_lens: torch.Tensor, *, scale: float, sink: int = 0,
                      window: int = 0, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
-                     backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                     backend: str = "auto", arrays: CacheArrays | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention over the dense part (``sink`` first + ``window`` last tokens) plus the
     selected token ids of each KV head. Returns (out [B, H, D], lse [B, H] fp32).
     See :mod:`offload.kernels.reference` for the exact contract. ``backend``: "auto" (Triton on
     CUDA; on CPU the numba kernel, which reads the listed rows where they lie, for int8, bf16 and
     fp32 caches; torch otherwise), "triton", "numba" or "torch". An int8 cache (codes, with per-token
     scales ``k_scale``/``v_scale`` [B, Hkv, N]) is read by the numba kernel or dequantized by torch
-    after the gather; the Triton kernel takes float caches only."""
+    after the gather; the Triton kernel takes float caches only. ``arrays``: the cache's
+    :class:`CacheArrays` (made once by its owner), so that the numba path converts nothing."""
     _check(k_cache.dim() == 4 and k_cache.shape == v_cache.shape, "k_cache and v_cache must be equal [B, Hkv, N, D]")
     B, Hkv, N, D = k_cache.shape
     _check_common(q, selected, num_selected, Hkv)
@@ -102,8 +103,10 @@ def gather_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         _check(q.device.type == "cpu" and k_cache.dtype in NUMBA_DTYPES,
                f"the numba gather reads int8, bf16 or fp32 caches on CPU, got {k_cache.dtype} on {q.device}")
         _last_backend["name"] = "numba"
-        return _gather_numba(q, k_cache, v_cache, selected, num_selected, seq_lens, scale, sink, window,
-                             k_scale, v_scale)
+        if arrays is not None:
+            arrays.check_views_of(k_cache)
+        cache = arrays.parts if arrays is not None else _cache_arrays(k_cache, v_cache, k_scale, v_scale)
+        return _gather_numba(q, cache, selected, num_selected, seq_lens, scale, sink, window)
     name = resolve_backend(q.device, backend)
     _last_backend["name"] = name
     if name == "torch":
@@ -162,7 +165,7 @@ def merge_attention(outs: torch.Tensor | list[torch.Tensor], lses: torch.Tensor 
 
 def kv_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: list[int], hi: list[int], *,
                         scale: float, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
-                        backend: str = "auto", arrays: Int8CacheArrays | None = None
+                        backend: str = "auto", arrays: CacheArrays | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention of q [B, H, D] over a whole KV cache k/v [B, Hkv, N, D], row b seeing tokens
     lo[b]..hi[b]-1 (host ints), read in place: an int8 cache (codes, with per-token scales
@@ -174,7 +177,7 @@ def kv_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: l
 
     ``backend="auto"``: the numba kernels (:mod:`offload.kernels.cpu_decode`) for CPU tensors, the
     torch reference (widen or dequantize, then attend) elsewhere; "numba" or "torch" force one.
-    ``arrays``: the numpy views of an int8 cache that k/v/k_scale/v_scale are the first rows of, made
+    ``arrays``: the :class:`CacheArrays` of the cache k/v/k_scale/v_scale are the first rows of, made
     once by the cache's owner (the numba path then converts none of them).
     Called once per layer per decode step: the checks build no message unless one fails."""
     if backend not in ("auto", "numba", "torch"):
@@ -201,32 +204,51 @@ def kv_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: l
         raise ValueError("the numba KV decode kernels run on CPU tensors")
     bounds = np.empty((2, B, Hkv), np.int64)  # [2, B, Hkv]: every KV head of a row sees its range
     bounds[0], bounds[1] = np.asarray(lo, np.int64)[:, None], np.asarray(hi, np.int64)[:, None]
-    if arrays is not None and quantized:
-        if arrays.k.ctypes.data != k.data_ptr():
-            raise ValueError("arrays= must be the numpy views of the cache k is the first rows of")
-        cache = arrays.k, arrays.k_scale, arrays.v, arrays.v_scale
+    if arrays is not None:
+        arrays.check_views_of(k)
+        cache = arrays.parts
     else:
         cache = _cache_arrays(k, v, k_scale, v_scale)
     return _attend_numba(q, cache, NO_IDS, bounds[0], bounds[1], scale)
 
 
-class Int8CacheArrays:
-    """numpy views of one layer's int8 KV cache on the CPU, made once per allocation by its owner:
-    codes k/v [R, Hkv, N, D] int8 and scales k_scale/v_scale [R, Hkv, N] (fp32, or bf16 as its
-    bits). Turning a tensor into a numpy array costs four dispatcher calls; a decode step would
-    pay them for every part of every layer."""
+class CacheArrays:
+    """numpy views of one layer's KV cache on the CPU, made once per allocation by its owner, for
+    the numba kernels: k/v [R, Hkv, N, D] (int8 codes, bf16 as its bits, or fp32) and, for int8
+    codes, their scales k_scale/v_scale [R, Hkv, N] (fp32, or bf16 as its bits). Turning a tensor
+    into a numpy array costs four dispatcher calls; a decode step would pay them for every part of
+    every layer."""
 
-    def __init__(self, k_codes: torch.Tensor, v_codes: torch.Tensor, k_scales: torch.Tensor, v_scales: torch.Tensor):
-        if not (k_codes.dtype == v_codes.dtype == torch.int8 and k_codes.shape == v_codes.shape
-                and k_scales.dtype == v_scales.dtype and k_scales.dtype in (torch.bfloat16, torch.float32)
-                and k_scales.shape == v_scales.shape == k_codes.shape[:3]
-                and {t.device.type for t in (k_codes, v_codes, k_scales, v_scales)} == {"cpu"}):
-            raise ValueError(f"an int8 cache needs CPU codes [R, Hkv, N, D] int8 and scales [R, Hkv, N] in bf16 "
-                             f"or fp32; got codes {tuple(k_codes.shape)} {k_codes.dtype}, scales "
-                             f"{tuple(k_scales.shape)} {k_scales.dtype}")
-        self.scale_dtype = k_scales.dtype
-        self.k, self.v = k_codes.numpy(), v_codes.numpy()
-        self.k_scale, self.v_scale = _bits(k_scales), _bits(v_scales)
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, k_scale: torch.Tensor | None = None,
+                 v_scale: torch.Tensor | None = None):
+        quantized = k.dtype == torch.int8
+        if not (k.dtype == v.dtype and k.dtype in NUMBA_DTYPES and k.shape == v.shape and k.dim() == 4
+                and {t.device.type for t in (k, v)} == {"cpu"} and quantized == (k_scale is not None)
+                and quantized == (v_scale is not None)
+                and (not quantized or (k_scale.dtype == v_scale.dtype and k_scale.dtype in (torch.bfloat16, torch.float32)
+                                       and k_scale.shape == v_scale.shape == k.shape[:3]
+                                       and {k_scale.device.type, v_scale.device.type} == {"cpu"}))):
+            raise ValueError(f"cache arrays need CPU k/v [R, Hkv, N, D] (int8 codes with scales [R, Hkv, N] in bf16 "
+                             f"or fp32, or bf16 / fp32 without); got k {tuple(k.shape)} {k.dtype}, scales "
+                             f"{None if k_scale is None else (tuple(k_scale.shape), k_scale.dtype)}")
+        self.dtype = k.dtype  # the cache's
+        self.scale_dtype = k_scale.dtype if quantized else None
+        self.k, self.v = _bits(k), _bits(v)
+        # a float cache's scales: never read, a placeholder of the kernel's type
+        self.k_scale, self.v_scale = (_bits(k_scale), _bits(v_scale)) if quantized else (_NO_SCALES, _NO_SCALES)
+
+    @property
+    def parts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(k, k_scale, v, v_scale): what the decode kernel takes."""
+        return self.k, self.k_scale, self.v, self.v_scale
+
+    def check_views_of(self, k: torch.Tensor) -> None:
+        """These must be the arrays of the cache ``k`` is (the first rows of)."""
+        if self.k.ctypes.data != k.data_ptr() or self.dtype != k.dtype:
+            raise ValueError("arrays= must be the numpy views of the cache k is the first rows of")
+
+
+_NO_SCALES = np.ones((1, 1, 1), np.float32)
 
 
 def _bits(t: torch.Tensor) -> np.ndarray:
@@ -234,7 +256,7 @@ def _bits(t: torch.Tensor) -> np.ndarray:
     return (t.view(torch.uint16) if t.dtype == torch.bfloat16 else t).numpy()
 
 
-def store_kv_int8(k: torch.Tensor, v: torch.Tensor, cache: Int8CacheArrays, rows: np.ndarray,
+def store_kv_int8(k: torch.Tensor, v: torch.Tensor, cache: CacheArrays, rows: np.ndarray,
                   starts: np.ndarray) -> None:
     """Quantize new keys and values k/v [B, Hkv, T, D] (CPU, in the cache's scale dtype) per token
     and KV head into the int8 ``cache`` in place, at cache row rows[b], positions starts[b]..+T-1
@@ -244,10 +266,12 @@ def store_kv_int8(k: torch.Tensor, v: torch.Tensor, cache: Int8CacheArrays, rows
 
     B, Hkv, T, D = k.shape
     R, _, N, _ = cache.k.shape
-    if not (v.shape == k.shape and k.dtype == v.dtype == cache.scale_dtype and k.device.type == "cpu"
+    if not (cache.dtype == torch.int8 and v.shape == k.shape and k.dtype == v.dtype == cache.scale_dtype
+            and k.device.type == "cpu"
             and cache.k.shape[1] == Hkv and cache.k.shape[3] == D and rows.shape == starts.shape == (B,)):
-        raise ValueError(f"store_kv_int8 needs CPU k/v [B, Hkv, T, D] in the cache's {cache.scale_dtype} for a "
-                         f"cache of {cache.k.shape[1]} KV heads of {cache.k.shape[3]}, and rows/starts [B]; got "
+        raise ValueError(f"store_kv_int8 needs an int8 cache, CPU k/v [B, Hkv, T, D] in its scales' dtype "
+                         f"({cache.scale_dtype}) for {cache.k.shape[1]} KV heads of {cache.k.shape[3]}, and "
+                         f"rows/starts [B]; got a {cache.dtype} cache, "
                          f"k {tuple(k.shape)} {k.dtype}, v {tuple(v.shape)}, rows {rows.shape}")
     if B and (starts.min() < 0 or starts.max() + T > N or rows.min() < 0 or rows.max() >= R):
         raise ValueError(f"store_kv_int8: rows {rows.tolist()} at {starts.tolist()}..+{T} lie outside the cache's "
@@ -299,7 +323,7 @@ def _attend_numba(q, cache: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray
     return out.view(B, H, D).to(q.dtype), lse.view(B, H)
 
 
-def _gather_numba(q, k_cache, v_cache, selected, num_selected, seq_lens, scale, sink, window, k_scale, v_scale):
+def _gather_numba(q, cache, selected, num_selected, seq_lens, scale, sink, window):
     """gather_attention through the numba kernel: one id list per (row, KV head), the dense part
     first (an id that does not exist in a short sequence is -1, skipped), then the selection."""
     B, Hkv = selected.shape[:2]
@@ -308,5 +332,4 @@ def _gather_numba(q, k_cache, v_cache, selected, num_selected, seq_lens, scale, 
     ids = torch.cat([dense_ids[:, None].expand(B, Hkv, -1), selected.to(torch.int32)], dim=-1)  # [B, Hkv, Nd + S]
     hi = (dense_ids.shape[1] + num_selected.to(torch.int64)).numpy()  # [B, Hkv]
     lo = np.zeros_like(hi)
-    return _attend_numba(q, _cache_arrays(k_cache, v_cache, k_scale, v_scale), ids.contiguous().numpy(), lo, hi,
-                         scale)
+    return _attend_numba(q, cache, ids.contiguous().numpy(), lo, hi, scale)

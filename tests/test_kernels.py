@@ -286,6 +286,12 @@ def test_numba_gather_matches_reference(cache, B, Hkv, group, D, N, S):
     tol = 2e-5 if dtype == torch.float32 else 2e-2  # bf16: the output's own rounding
     assert torch.allclose(got.float(), want.float(), atol=tol, rtol=tol)
     assert torch.allclose(lse, want_lse, atol=2e-5, rtol=2e-5)
+    from offload.kernels import CacheArrays  # a KV store's numpy views, made once: the same numbers
+
+    arrays = CacheArrays(k, v, scales.get("k_scale"), scales.get("v_scale"))
+    got_arrays, _ = gather_attention(q, k, v, selected, counts, seq_lens, scale=D ** -0.5, sink=sink,
+                                     window=window, arrays=arrays, **scales)
+    assert torch.equal(got_arrays, got)
 
 
 def test_numba_gather_names_an_id_past_the_cache_in_one_line():
@@ -334,18 +340,20 @@ def test_kv_decode_kernels_match_the_widening_reference(cache, B, H, Hkv, D, cap
     assert torch.allclose(lse, want_lse, atol=2e-5, rtol=2e-5)
     got_bf16, _ = kv_decode_attention(q.bfloat16(), k, v, lo, hi, scale=D ** -0.5, **scales)
     assert got_bf16.dtype == torch.bfloat16 and torch.allclose(got_bf16.float(), want, atol=2e-2, rtol=2e-2)
-    if scales:  # the numpy views a KV store makes once: the same numbers, from a cache with more rows
-        from offload.kernels import Int8CacheArrays
+    # the numpy views a KV store makes once: the same numbers, also from a cache with more rows
+    from offload.kernels import CacheArrays
 
-        arrays = Int8CacheArrays(k, v, scales["k_scale"], scales["v_scale"])
-        got_arrays, _ = kv_decode_attention(q, k, v, lo, hi, scale=D ** -0.5, arrays=arrays, **scales)
-        assert torch.equal(got_arrays, got)
-        got_first, _ = kv_decode_attention(q[:1], k[:1], v[:1], lo[:1], hi[:1], scale=D ** -0.5, arrays=arrays,
-                                           **{name: t[:1] for name, t in scales.items()})
-        assert torch.equal(got_first, got[:1])
-        other = Int8CacheArrays(k.clone(), v, scales["k_scale"], scales["v_scale"])
-        with pytest.raises(ValueError, match="arrays= must be the numpy views of the cache"):
-            kv_decode_attention(q, k, v, lo, hi, scale=D ** -0.5, arrays=other, **scales)
+    arrays = CacheArrays(k, v, scales.get("k_scale"), scales.get("v_scale"))
+    got_arrays, _ = kv_decode_attention(q, k, v, lo, hi, scale=D ** -0.5, arrays=arrays, **scales)
+    assert torch.equal(got_arrays, got)
+    got_first, _ = kv_decode_attention(q[:1], k[:1], v[:1], lo[:1], hi[:1], scale=D ** -0.5, arrays=arrays,
+                                       **{name: t[:1] for name, t in scales.items()})
+    assert torch.equal(got_first, got[:1])
+    other = CacheArrays(k.clone(), v, scales.get("k_scale"), scales.get("v_scale"))
+    with pytest.raises(ValueError, match="arrays= must be the numpy views of the cache"):
+        kv_decode_attention(q, k, v, lo, hi, scale=D ** -0.5, arrays=other, **scales)
+    with pytest.raises(ValueError, match="cache arrays need CPU k/v"):
+        CacheArrays(k, v.to(torch.float16 if k.dtype != torch.float16 else torch.float32))
 
 
 def test_kv_decode_kernel_rejects_bad_input_in_one_line():

@@ -35,7 +35,7 @@ def test_compiled_int8_store_equals_the_quantizer_bit_for_bit(dtype):
     NaN scale (so the engine's NaN check sees it), and refuses positions outside the cache."""
     import numpy as np
 
-    from offload.kernels import Int8CacheArrays, store_kv_int8
+    from offload.kernels import CacheArrays, store_kv_int8
 
     g = torch.Generator().manual_seed(1)
     B, Hkv, T, D, R, N = 2, 3, 5, 64, 3, 40
@@ -46,7 +46,7 @@ def test_compiled_int8_store_equals_the_quantizer_bit_for_bit(dtype):
     codes = [torch.full((R, Hkv, N, D), 99, dtype=torch.int8) for _ in range(2)]  # 99: never a code written here
     scales = [torch.full((R, Hkv, N), 7.0, dtype=dtype) for _ in range(2)]
     rows, starts = np.array([2, 0], np.int64), np.array([7, 30], np.int64)
-    cache = Int8CacheArrays(codes[0], codes[1], scales[0], scales[1])
+    cache = CacheArrays(codes[0], codes[1], scales[0], scales[1])
     store_kv_int8(k, v, cache, rows, starts)
     for new, held, scale in ((k, codes[0], scales[0]), (v, codes[1], scales[1])):
         ref_codes, ref_scale = quantize_kv(new, dtype)  # [B, Hkv, T, D], [B, Hkv, T, 1]

@@ -30,13 +30,14 @@ import torch
 
 from offload.attention import ForwardBatch
 from offload.config import ModelArgs
-from offload.kernels import Int8CacheArrays, store_kv_int8
+from offload.kernels import CacheArrays, store_kv_int8
 
 HOST = torch.device("cpu")
 KV_DTYPES = ("int8",)  # beside None: the compute dtype
 KV_INT8_MAX = 127
-# Compute dtypes whose int8 KV a CPU layer writes through the compiled kernel (offload.kernels.store_kv_int8).
-STORE_KERNEL_DTYPES = (torch.bfloat16, torch.float32)
+# Compute dtypes of a CPU layer's KV that the compiled kernels take (offload.kernels: CacheArrays,
+# store_kv_int8 for int8 codes, whose scales are in the compute dtype).
+KERNEL_DTYPES = (torch.bfloat16, torch.float32)
 
 
 def kv_bytes_per_token(args: ModelArgs, dtype_bytes: int, kv_dtype: str | None) -> int:
@@ -155,7 +156,7 @@ class KVStore:
         self._staging = _Staging(pinned=self.device.type == "cuda")
         self._scale_staging = _Staging(pinned=self.device.type == "cuda")
         self._scratch: list[torch.Tensor | None] = [None, None]  # reused dequantized K and V of a decode read
-        self._arrays: list[Int8CacheArrays | None] = [None] * args.num_layers  # numpy views of CPU int8 layers
+        self._arrays: list[CacheArrays | None] = [None] * args.num_layers  # numpy views of CPU layers
         self.bytes_to_device = 0  # KV bytes copied from the host tier to the device
 
     @property
@@ -187,15 +188,15 @@ class KVStore:
             self.k_scale = [self._zeros(shape[:3] + (1,), dev, self.dtype) for dev in self.layer_devices]  # [B, Hkv, N, 1]
             self.v_scale = [self._zeros(shape[:3] + (1,), dev, self.dtype) for dev in self.layer_devices]
 
-    def int8_arrays(self, layer: int) -> Int8CacheArrays | None:
-        """numpy views of a CPU layer's int8 cache for the compiled kernels, made on first use after
-        an allocation; None when the layer's KV is not int8 codes on the CPU in a dtype they take."""
-        if not (self.quantized and self.layer_devices[layer].type == "cpu" and self.dtype in STORE_KERNEL_DTYPES):
+    def host_arrays(self, layer: int) -> CacheArrays | None:
+        """numpy views of a CPU layer's cache for the compiled kernels, made on first use after an
+        allocation; None when the layer's KV is not on the CPU in a dtype they take."""
+        if not (self.layer_devices[layer].type == "cpu" and self.dtype in KERNEL_DTYPES):
             return None
         arrays = self._arrays[layer]
         if arrays is None:
-            arrays = self._arrays[layer] = Int8CacheArrays(self.k[layer], self.v[layer], self.k_scale[layer][..., 0],
-                                                           self.v_scale[layer][..., 0])
+            scales = (self.k_scale[layer][..., 0], self.v_scale[layer][..., 0]) if self.quantized else ()
+            arrays = self._arrays[layer] = CacheArrays(self.k[layer], self.v[layer], *scales)
         return arrays
 
     def _zeros(self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -218,7 +219,7 @@ class KVStore:
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> None:
         """Put k, v [B, Hkv, T, D] at the batch's positions (into this layer's tier)."""
-        arrays = self.int8_arrays(layer)
+        arrays = self.host_arrays(layer) if self.quantized else None
         if arrays is not None and k.device.type == "cpu":
             # One compiled call quantizes and stores both (the tensor form below: ~36 small ops).
             if batch.is_decode:
