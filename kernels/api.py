@@ -286,17 +286,12 @@ NUMBA_DTYPES = (torch.int8, torch.bfloat16, torch.float32)
 
 
 def _cache_arrays(k, v, k_scale, v_scale) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """A cache as the numba kernel reads it: (k, k_scale, v, v_scale), contiguous numpy arrays; bf16
-    as its bits; an int8 cache's scales as held (bf16 bits, or fp32), a float cache's a dummy."""
+    """A cache as the numba kernel reads it (:attr:`CacheArrays.parts`), made contiguous for one
+    call; an int8 cache's scales as held when bf16 or fp32, else widened to fp32."""
     if k.dtype == torch.int8:
-        k_s, v_s = (s.view(torch.uint16) if s.dtype == torch.bfloat16 else s.float()
-                    for s in (k_scale, v_scale))  # [B, Hkv, N]
-        k_s, v_s = k_s.contiguous().numpy(), v_s.contiguous().numpy()
-    else:
-        k_s = v_s = np.ones((1, 1, 1), np.float32)  # unused by a float cache
-    if k.dtype == torch.bfloat16:  # numpy has no bf16: the kernel reads its bits
-        k, v = k.view(torch.uint16), v.view(torch.uint16)
-    return k.contiguous().numpy(), k_s, v.contiguous().numpy(), v_s
+        k_scale, v_scale = (s.contiguous() if s.dtype in (torch.bfloat16, torch.float32) else s.float().contiguous()
+                            for s in (k_scale, v_scale))  # [B, Hkv, N]
+    return CacheArrays(k.contiguous(), v.contiguous(), k_scale, v_scale).parts
 
 
 def _attend_numba(q, cache: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], ids: np.ndarray,

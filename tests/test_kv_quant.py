@@ -46,6 +46,10 @@ def test_compiled_int8_store_equals_the_quantizer_bit_for_bit(dtype):
     codes = [torch.full((R, Hkv, N, D), 99, dtype=torch.int8) for _ in range(2)]  # 99: never a code written here
     scales = [torch.full((R, Hkv, N), 7.0, dtype=dtype) for _ in range(2)]
     rows, starts = np.array([2, 0], np.int64), np.array([7, 30], np.int64)
+
+    def cache_part(t: torch.Tensor) -> np.ndarray:  # numpy has no bf16: its bits
+        return (t.view(torch.uint16) if t.dtype == torch.bfloat16 else t).numpy()
+
     cache = CacheArrays(codes[0], codes[1], scales[0], scales[1])
     store_kv_int8(k, v, cache, rows, starts)
     for new, held, scale in ((k, codes[0], scales[0]), (v, codes[1], scales[1])):
@@ -62,6 +66,18 @@ def test_compiled_int8_store_equals_the_quantizer_bit_for_bit(dtype):
         untouched = ~written[:, None].expand(R, Hkv, N)  # [R, Hkv, N]
         assert (held[untouched] == 99).all() and (scale[untouched] == 7.0).all()
     assert int(torch.isnan(scales[1]).sum()) == 1 and not torch.isnan(scales[0]).any()
+    # the kernel's plain-Python form (what numba compiles, with its dtype helpers' plain forms) agrees
+    from offload.kernels import cpu_decode
+
+    plain = CacheArrays(torch.full_like(codes[0], 99), torch.full_like(codes[1], 99), torch.full_like(scales[0], 7.0),
+                        torch.full_like(scales[1], 7.0))
+    cpu_decode.store_int8_tokens.py_func(*(cache_part(t) for t in (k, v)), plain.k, plain.v, plain.k_scale,
+                                         plain.v_scale, rows, starts)
+    for got, want in ((plain.k, codes[0]), (plain.v, codes[1])):
+        assert np.array_equal(got, want.numpy())
+    for got, want in ((plain.k_scale, scales[0]), (plain.v_scale, scales[1])):
+        want = (want.view(torch.uint16) if dtype == torch.bfloat16 else want).numpy()
+        assert np.array_equal(got, want, equal_nan=dtype == torch.float32)
     with pytest.raises(ValueError, match="lie outside the cache's 3 rows of 40 tokens"):
         store_kv_int8(k, v, cache, rows, np.array([7, 36], np.int64))
 
