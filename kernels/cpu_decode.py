@@ -27,6 +27,8 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
+from .reference import KV_CODE_MAX, KV_SCALE_FLOOR
+
 # Tokens per parallel task: long enough that a task's loop dwarfs its start-up, short enough
 # that one row and a few KV heads spread over the cores.
 MIN_SPLIT_TOKENS = 256
@@ -231,10 +233,7 @@ def set_threads(threads: int) -> None:
     numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
 
 
-# int8 KV codes lie in -KV_CODE_MAX..KV_CODE_MAX (symmetric: offload.tiers.kv_store's convention);
-# a scale is at least KV_SCALE_FLOOR, so an all-zero row divides by something.
-KV_CODE_MAX = 127
-KV_SCALE_FLOOR = np.float32(1e-8)
+KV_SCALE_FLOOR_F32 = np.float32(KV_SCALE_FLOOR)  # the floor as quantize_kv's fp32 clamp compares it
 BF16_ROUND = 0x7FFF  # fp32 -> bf16 rounds to nearest even: add this plus the kept half's lowest bit
 
 
@@ -267,7 +266,7 @@ def store_int8_tokens(k_new, v_new, k_codes, v_codes, k_scales, v_scales, rows, 
                         if x[d] != x[d]:
                             bad = True
                         biggest = max(biggest, abs(x[d]))
-                    s = max(biggest / np.float32(KV_CODE_MAX), KV_SCALE_FLOOR)
+                    s = max(biggest / np.float32(KV_CODE_MAX), KV_SCALE_FLOOR_F32)
                     s = np.float32(np.nan) if bad else s
                     s = _store_scale(scales, r, h, p, s, word, as_float)  # the scale as held
                     for d in range(D):

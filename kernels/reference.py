@@ -22,6 +22,12 @@ from __future__ import annotations
 
 import torch
 
+# The int8 KV convention, one place for the tensor quantizer (offload.tiers.kv_store.quantize_kv) and
+# the compiled writer (cpu_decode.store_int8_tokens): codes in -KV_CODE_MAX..KV_CODE_MAX (symmetric),
+# scale = max|x| / KV_CODE_MAX and at least KV_SCALE_FLOOR, so an all-zero vector divides by something.
+KV_CODE_MAX = 127
+KV_SCALE_FLOOR = 1e-8
+
 
 def dense_token_ids(seq_lens: torch.Tensor, sink: int, window: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Ids [B, sink + window] of the always-attended tokens and their validity mask [B, sink + window].

@@ -31,10 +31,11 @@ import torch
 from offload.attention import ForwardBatch
 from offload.config import ModelArgs
 from offload.kernels import CacheArrays, store_kv_int8
+from offload.kernels.reference import KV_CODE_MAX, KV_SCALE_FLOOR
 
 HOST = torch.device("cpu")
 KV_DTYPES = ("int8",)  # beside None: the compute dtype
-KV_INT8_MAX = 127
+KV_INT8_MAX = KV_CODE_MAX
 # Compute dtypes of a CPU layer's KV that the compiled kernels take (offload.kernels: CacheArrays,
 # store_kv_int8 for int8 codes, whose scales are in the compute dtype).
 KERNEL_DTYPES = (torch.bfloat16, torch.float32)
@@ -49,7 +50,7 @@ def kv_bytes_per_token(args: ModelArgs, dtype_bytes: int, kv_dtype: str | None) 
 
 def quantize_kv(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., D] -> int8 codes [..., D] and scales [..., 1] (``dtype``): x ~ codes * scale."""
-    scale = (x.float().abs().amax(dim=-1, keepdim=True) / KV_INT8_MAX).clamp(min=1e-8).to(dtype)  # [..., 1]
+    scale = (x.float().abs().amax(dim=-1, keepdim=True) / KV_INT8_MAX).clamp(min=KV_SCALE_FLOOR).to(dtype)  # [..., 1]
     codes = torch.round(x.float() / scale.float()).clamp(-KV_INT8_MAX, KV_INT8_MAX).to(torch.int8)  # [..., D]
     return codes, scale
 
