@@ -6,7 +6,8 @@ per tier (device, host; what the KV and the index take) and the KV bytes read pe
 
 Accuracy (real weights only: random weights attend in unrealistic patterns): at ``--accuracy-context``
 (default: the model's trained limit), for every policy and every ``--budgets`` value,
-- passkey retrieval at depths 10/50/90%: the greedy answer equals dense attention's,
+- passkey retrieval at depths 10/50/90% of each ``--haystacks`` text (profiles.passkey): the
+  greedy answer equals dense attention's,
 - greedy agreement with dense over ``--agree-tokens`` tokens after real text: free-running
   (position by position, as generated) and teacher-forced (the policy's next-token choice on
   dense's own continuation).
@@ -18,6 +19,8 @@ CPU, default model (SmolLM2, trained to 8K; longer contexts measure speed only):
 
     python -m offload.profiles.bench_long --contexts 4096 16384 32768 --budgets 0.02 \\
         --out-dir runs/long --append BENCHMARKS.md
+    python -m offload.profiles.bench_long --contexts --accuracy-context 8192 \\
+        --haystacks filler sentences --out-dir runs/acc8k     # the accuracy part alone
 
 GPU, Llama-3.1-8B shape, bf16 dummy weights, the process capped at 24 GiB:
 
@@ -222,7 +225,7 @@ def plot(latency: list[dict], accuracy: list[dict], out_dir: Path) -> list[Path]
             found = [[v for h in r["passkey"].values() for v in h.values()] for r in rows]
             axes[1].plot(budgets, [sum(f) / len(f) for f in found], marker="o", label=policy)
         axes[0].set_ylabel("greedy agreement with dense")
-        axes[1].set_ylabel("passkey found (fraction of depths)")
+        axes[1].set_ylabel("passkey found (fraction of haystacks x depths)")
         for ax in axes:
             ax.set_xlabel("KV budget (fraction of context)")
             ax.set_xscale("log")
