@@ -20,11 +20,12 @@ from tqdm import tqdm
 
 from offload.attention import ForwardBatch, attend
 from offload.config import ModelArgs
+from offload.errors import OffloadError
 from offload.kernels import gather_attention
 from offload.kernels.reference import dense_token_ids
 from offload.tiers.kv_store import KVStore
 
-from .base import QUERY_STRIDE, IndexContext, KVIndex, Selection, SelectionConfig, make_index, policy_class
+from .base import QUERY_STRIDE, IndexContext, KVIndex, Selection, SelectionConfig, make_index, policy_class, policy_names
 from .dense import FUSED_DECODE_DEVICES, DenseAttention, DensePlan
 from .telemetry import Telemetry
 
@@ -55,9 +56,13 @@ class SparseAttention(DenseAttention):
         super().__init__(args, device, dtype, store)
         self.device = torch.device(device)  # where attention computes (index builds use it too)
         self.kv_offload = kv_offload
+        self.policy_cls = policy_class(policy)
+        if self.kv.disk_layers and self.policy_cls.disk_layout is None:
+            supported = ", ".join(n for n in policy_names() if policy_class(n).disk_layout is not None)
+            raise OffloadError(f"kv_policy {policy!r} reads keys all over the KV each step: with the KV on disk use "
+                               f"one that reads a selection in runs ({supported}), or give cpu_memory for the KV")
         self.policy, self.config, self.kernel_backend = policy, config, kernel_backend
         self.indexes: dict[tuple[int, int], KVIndex] = {}  # (row, layer) -> index
-        self.policy_cls = policy_class(policy)
         self.ctx = ctx if ctx is not None else IndexContext.for_model(args, device)
         self.keep_queries = self.policy_cls.needs_prefill_queries
         self.rows_movable = self.policy_cls.persistable
@@ -118,6 +123,15 @@ class SparseAttention(DenseAttention):
                 queries = torch.cat(chunks, dim=1) if chunks else None  # [H, Nq, D]
                 idx.build(self.kv.rows(layer, row)[0], n, queries)
                 self.indexes[(row, layer)] = idx
+                self._lay_out(layer, idx)
+
+    def _lay_out(self, layer: int, idx: KVIndex) -> None:
+        """A disk layer's KV in the index's order, where the index has one (clusters: a selection is
+        a few runs of extents); the store does nothing when the order has not grown."""
+        if layer in self.kv.disk_layers:
+            order = idx.disk_order()
+            if order is not None:
+                self.kv.lay_out(layer, order)
 
     def _new_index(self, row: int) -> KVIndex:
         return make_index(self.policy, self.ctx, self.config, self.row_tokens[row] if self.keep_tokens else None)
@@ -168,7 +182,7 @@ class SparseAttention(DenseAttention):
             if self.keep_queries and not batch.is_decode and layer >= self.config.dense_layers:
                 start = batch.start_lengths[0]
                 keep = q[0, :, (-start) % QUERY_STRIDE::QUERY_STRIDE]  # [H, Tq, D] positions % stride == 0
-                where = self.kv.k[layer].device  # kept beside the keys the index is built from
+                where = self.kv.layer_devices[layer]  # kept beside the keys the index is built from
                 self.prefill_queries.setdefault((batch.rows[0], layer), []).append(keep.to(where, copy=True))
             return super().forward(layer, q, k, v, batch)
         self.kv.write(layer, k, v, batch)
@@ -176,7 +190,7 @@ class SparseAttention(DenseAttention):
         beyond = batch.plan.beyond_window  # [B] rows that attend exactly within the model's sliding window
         if all(beyond):
             return self._decode(layer, q, batch)
-        kv_device = self.kv.k[layer].device
+        kv_device = self.kv.layer_devices[layer]
         q_search = q[:, :, 0].to(kv_device)  # [B, H, D] where the keys and the index are
         selections: list[Selection] = []
         for row, n, windowed in zip(batch.rows, batch.end_lengths, beyond):
@@ -186,6 +200,7 @@ class SparseAttention(DenseAttention):
                 continue
             idx = self.indexes[(row, layer)]
             idx.extend(n)
+            self._lay_out(layer, idx)
             selections.append(idx.search(q_search[row], self.config.budget_tokens(n)))
         sparse_row = beyond.index(False)
         if self.indexes[(batch.rows[sparse_row], layer)].attend is not None:
@@ -218,8 +233,8 @@ class SparseAttention(DenseAttention):
     def _fetches_rows(self) -> bool:
         """Whether sparse layers copy their attended rows out of the store (host-tier KV, or an int8
         KV where no kernel reads its codes in place) rather than attend where the rows lie."""
-        return self.kv_offload or (self.kv.quantized and (self.kv.device.type not in FUSED_DECODE_DEVICES
-                                                          or self.kernel_backend not in ("auto", "numba")))
+        in_place = self.kv.device.type in FUSED_DECODE_DEVICES and self.kernel_backend in ("auto", "numba")
+        return self.kv_offload or bool(self.kv.disk_layers) or (self.kv.quantized and not in_place)
 
     def _attend_fetched(self, layer: int, q: torch.Tensor, batch: ForwardBatch,
                         selections: list[Selection]) -> torch.Tensor:
@@ -228,7 +243,7 @@ class SparseAttention(DenseAttention):
         selection where the KV lives, send (and dequantize) only those rows, attend exactly."""
         a = self.args
         B, Hkv, D = q.shape[0], a.num_kv_heads, a.head_dim
-        where = self.kv.k[layer].device  # ids are built where the KV is: no host round trip on a GPU
+        where = self.kv.layer_devices[layer]  # ids are built where the KV is: no host round trip on a GPU
         dense_ids, dense_valid = (t.to(where) for t in batch.plan.dense_ids)  # [B, Nd] each, from begin()
         width = max(s.ids.shape[-1] for s in selections)
         selected = torch.zeros(B, Hkv, width, dtype=torch.long, device=where)  # [B, Hkv, S]
@@ -267,6 +282,8 @@ class SparseAttention(DenseAttention):
                       f"{budget} (no mass estimate for an adaptive p{c.mass:g})")
         return (f"kv_policy {self.policy}: {budget} + {c.sink} sinks + {c.window} recent, "
                 f"layers 0..{c.dense_layers - 1} dense"
-                + (", sparse layers' KV in host memory" if self.kv_offload else "")
+                + (self.kv.disk.describe() if self.kv.disk is not None else
+                   f", sparse layers' KV {'on disk' if self.kv.disk_layers else 'in host memory'}"
+                   if self.kv_offload else "")
                 + (f", index build's query-key products on {self.device.type}"
                    if self.policy_cls.needs_prefill_queries else ""))

@@ -140,6 +140,9 @@ class KVIndex(ABC):
     adaptive: ClassVar[bool] = False  # search() honours config.mass (an estimate of each token's attention)
     learned: ClassVar[tuple[str, ...]] = ()  # attributes build() learns: what a prompt cache saves
     effort: ClassVar[float | None] = None  # graph indexes: beam width = effort x budget
+    # How the KV's disk tier lays this policy's tokens out: "tokens" (in order: pages), "clusters"
+    # (disk_order()), or None: its search reads keys all over the KV, which a disk tier cannot serve.
+    disk_layout: ClassVar[str | None] = None
 
     def __init__(self, ctx: IndexContext, config: SelectionConfig, token_ids: list[int] | None = None):
         self.ctx, self.config = ctx, config
@@ -199,6 +202,11 @@ class KVIndex(ABC):
     def nbytes(self) -> int:
         """Memory the index keeps beyond the KV cache."""
         return 0
+
+    def disk_order(self) -> np.ndarray | None:
+        """Token ids [Hkv, m] in the order the disk tier should lay tokens 0..m-1 out (each head a
+        permutation: what one selection takes in consecutive slots), or None: in token order."""
+        return None
 
     def extra_ids(self) -> torch.Tensor | None:
         """Token ids [Hkv, E] the last step attended besides its selection (ShadowKV's outliers)."""

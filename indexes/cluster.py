@@ -222,6 +222,7 @@ class ClusterIndex(KVIndex):
     learned = ("centroids", "sizes", "order", "starts", "n_clustered")
     cluster_size = 16
     segment = 1024
+    disk_layout = "clusters"
 
     @classmethod
     def estimate_nbytes(cls, args, context: int, dtype_bytes: int) -> int:
@@ -288,6 +289,9 @@ class ClusterIndex(KVIndex):
     def _refresh_log_sizes(self) -> None:
         """log(size) [Hkv, 1, C], each step's offset, derived from ``sizes`` (an empty cluster: -69, never taken)."""
         self._log_sizes = self.sizes.float().clamp(min=1e-30).log()[:, None]
+
+    def disk_order(self) -> np.ndarray:
+        return self.order.cpu().numpy()  # [Hkv, n_clustered]: each cluster's tokens consecutive
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.centroids, self.sizes, self.order, self.starts))

@@ -50,6 +50,12 @@ class DenseAttention(AttentionBackend):
     def prefix(self, row: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.kv.prefix(row, n)
 
+    def close(self) -> None:
+        self.kv.close()
+
+    def kv_disk_report(self) -> dict | None:
+        return None if self.kv.disk is None else self.kv.disk.report()
+
     def kv_nbytes(self, device_type: str | None = None) -> int:
         return self.kv.nbytes(device_type)
 
@@ -113,8 +119,9 @@ class DenseAttention(AttentionBackend):
         qg = q.view(B, a.num_kv_heads, a.group_size, D)  # [B, Hkv, G, D]
         plan: DensePlan = batch.plan
         start, end, decode_mask = plan.decode_start, max(batch.end_lengths), plan.decode_mask
-        k, v, k_scale, v_scale = self.kv.whole_cache(layer, B)  # [B, Hkv, N, D] where the layer lives
-        if self._reads_in_place(k.dtype, end - start):
+        on_disk = layer in self.kv.disk_layers  # read like a host layer's (a sliding window's rows)
+        k, v, k_scale, v_scale = (None,) * 4 if on_disk else self.kv.whole_cache(layer, B)  # [B, Hkv, N, D]
+        if not on_disk and self._reads_in_place(k.dtype, end - start):
             hi = batch.end_lengths if decode_mask is not None else [end] * B
             lo = [start] * B if decode_mask is None else [
                 0 if a.sliding_window is None else max(0, n - a.sliding_window) for n in hi]

@@ -52,6 +52,7 @@ class StreamingIndex(KVIndex):
     """StreamingLLM: attention sinks and the recent window only; selects nothing."""
 
     name = "streaming"
+    disk_layout = "tokens"
 
     def search(self, q: torch.Tensor, budget: int) -> Selection:
         return self.empty(q.device)
@@ -64,6 +65,7 @@ class QuestIndex(KVIndex):
     group; whole pages are selected, best first, until the budget is spent."""
 
     name = "quest"
+    disk_layout = "tokens"
     learned = ("page_min", "page_max")
     page_size = 16
 

@@ -116,6 +116,9 @@ class AttentionBackend(ABC):
     def allocate(self, batch_size: int, capacity: int) -> None:
         """Make room for ``batch_size`` sequences of up to ``capacity`` tokens (reused if it fits)."""
 
+    def close(self) -> None:
+        """Give back what outlives the process's memory (the KV's disk tier files)."""
+
     def begin(self, batch: ForwardBatch) -> None:
         """Called once per model call (once per part of a mixed call) before layer 0: build masks and
         per-step state here, in ``batch.plan`` (the parts of a mixed call each have their own)."""
@@ -163,7 +166,11 @@ class AttentionBackend(ABC):
 
     @abstractmethod
     def kv_nbytes(self, device_type: str | None = None) -> int:
-        """KV bytes held (in the tier of ``device_type`` only: "cpu", "cuda"; all tiers if None)."""
+        """KV bytes held (in the tier of ``device_type`` only: "cpu", "cuda", "disk"; all tiers if None)."""
+
+    def kv_disk_report(self) -> dict | None:
+        """The KV's disk tier: bytes on disk, read and written, the cache and its hit rate (None: no disk tier)."""
+        return None
 
     @property
     @abstractmethod

@@ -87,7 +87,8 @@ class Runtime:
                         # the KV as allocated now (it grows to the longest batch's context)
                         "kv": {"format": r.config.kv_dtype or r.dtype_name,
                                "device_bytes": self.backend.kv_nbytes(r.device.type),
-                               "host_bytes": self.backend.kv_nbytes("cpu") if on_gpu else 0}}
+                               "host_bytes": self.backend.kv_nbytes("cpu") if on_gpu else 0,
+                               "disk": self.backend.kv_disk_report()}}
         if self.placement is not None:
             st = self.streamer
             read, passes = (st.bytes_read, st.passes) if st is not None else (0, 0)
@@ -102,10 +103,12 @@ class Runtime:
         return report
 
     def close(self) -> None:
-        """Stop the prefetch thread and close the weight store (streamed layers only)."""
+        """Stop the prefetch thread, close the weight store (streamed layers only) and remove the
+        KV's disk tier files."""
         if self.streamer is not None:
             self.streamer.close()
             self.streamer = None
+        self.backend.close()
 
 
 def build_runtime(resolved: ResolvedConfig) -> Runtime:
@@ -156,8 +159,11 @@ def build_backend(resolved: ResolvedConfig, tokenizer: Tokenizer) -> AttentionBa
     """Dense attention, or sparse attention with the resolved KV policy (telemetry needs the latter)."""
     config, args = resolved.config, resolved.args
     # the sparse layers' KV in host memory with kv_offload (only selections cross to the device)
-    host_layers = range(resolved.selection.dense_layers, args.num_layers) if resolved.kv_offload else ()
-    store = KVStore(args, resolved.device, resolved.dtype, host_layers=host_layers, kv_dtype=config.kv_dtype)
+    # (or with kv_disk, on disk: read a selection at a time)
+    sparse_layers = range(resolved.selection.dense_layers, args.num_layers) if resolved.kv_offload else ()
+    on_disk = resolved.kv_disk is not None
+    store = KVStore(args, resolved.device, resolved.dtype, host_layers=() if on_disk else sparse_layers,
+                    kv_dtype=config.kv_dtype, disk_layers=sparse_layers if on_disk else (), disk=resolved.kv_disk)
     if resolved.kv_policy == "dense" and not config.telemetry:
         return DenseAttention(args, resolved.device, resolved.dtype, store=store)
     ends = tokenizer.sentence_end_ids() if policy_class(resolved.kv_policy).needs_token_ids else frozenset()

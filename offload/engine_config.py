@@ -28,9 +28,10 @@ from .quant import INT4_GROUP, N_MULTIPLE, QUANTIZE_SCHEMES, int4_supported
 from .tiers.budget import check_disk_dir, format_size, free_device_memory, free_host_memory, parse_size, resolve_budget
 from .tiers.flash import FlashConfig, size_cache
 from .tiers.io import IO_BACKENDS
-from .tiers.kv_store import KV_DTYPES
+from .tiers.kv_store import KV_DTYPES, DiskTier
 from .tiers.planner import DTYPE_BYTES, BandwidthProfile, Placement, Tuning, kv_fits, plan
 
+KV_OFFLOAD_CHOICES = (None, False, True, "host", "disk")
 DEFAULT_KV_BUDGET = 0.02  # 2% of the context, plus sinks and the recent window
 MIN_FLASH_CALIBRATION = 128  # fewer calibration tokens than this: thresholds are a guess, say so
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -71,7 +72,9 @@ class EngineConfig:
     window: int = 64
     dense_layers: int = 2
     search_effort: float | None = None
-    kv_offload: bool | None = None  # None: wherever the placement or the policy's search needs it
+    # The sparse layers' KV off the device: True / "host" in host memory, "disk" in disk_dir (read a
+    # selection at a time), False on the device; None: wherever the placement or the policy's search needs it
+    kv_offload: bool | str | None = None
     telemetry: bool = False
     gpu_memory: str | int | None = None  # "24GiB", bytes, "auto" (90% of free), None: no limit
     cpu_memory: str | int | None = None
@@ -116,6 +119,10 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and not (isinstance(value, str) and value.strip().lower() == "auto"):
                 parse_size(value, name)  # syntax now, bytes at resolve()
+        _check(isinstance(self.kv_offload, bool) or self.kv_offload in KV_OFFLOAD_CHOICES,
+               f"kv_offload must be None (auto), False, True / 'host' or 'disk', got {self.kv_offload!r}")
+        _check(self.kv_offload != "disk" or self.disk_dir is not None,
+               "kv_offload='disk' puts the sparse layers' KV in disk_dir: give disk_dir=...")
         _check(self.disk_dir is None or isinstance(self.disk_dir, (str, os.PathLike)),
                f"disk_dir must be a directory path, got {self.disk_dir!r}")
         _check(self.io_backend in IO_BACKENDS, f"unknown io_backend {self.io_backend!r}: use {', '.join(IO_BACKENDS)}")
@@ -175,6 +182,13 @@ class EngineConfig:
         policy = policy_class(kv_policy)
         searches_on_host = policy.searches_on_host
         flash_sizing = None if self.flash is None else size_cache(args, dtype, cpu, context, self.flash)
+        # the KV on disk: asked for, or (auto) when it does not fit in memory, for a policy whose
+        # selection the disk tier reads in runs (clusters, pages)
+        kv_disk = self.kv_offload == "disk" or (None if self.kv_offload is None and self.disk_dir is not None
+                                                 and policy.disk_layout is not None else False)
+        _check(not (self.kv_offload == "disk" and policy.disk_layout is None),
+               f"kv_policy {kv_policy!r} reads keys all over the KV each step: with kv_offload='disk' use one whose "
+               f"selection is read in runs ({', '.join(n for n in policy_names() if policy_class(n).disk_layout)})")
         placement = plan(args, model=source.name, context=context, device=device.type, dtype=dtype_name,
                          kv_policy=kv_policy, kv_budget=selection.budget, sink=self.sink, window=self.window,
                          gpu_memory=gpu if self.budgeted else None, cpu_memory=cpu if self.budgeted else None,
@@ -183,8 +197,11 @@ class EngineConfig:
                          kv_on_host=on_gpu and kv_policy != "dense" and (self.kv_offload is not False),
                          selection_cost=policy.selection_cost(args, context, DTYPE_BYTES[dtype_name],
                                                               self.dense_layers, bandwidth),
-                         quantize=self.quantize, kv_dtype=self.kv_dtype)
-        kv_offload = self.kv_offload
+                         quantize=self.quantize, kv_dtype=self.kv_dtype, kv_disk=kv_disk)
+        kv_disk = None
+        if "disk" in placement.kv_tiers:
+            kv_disk = DiskTier(Path(self.disk_dir), placement.kv_disk_cache_bytes, keep_tokens=selection.window)
+        kv_offload = True if kv_disk is not None or self.kv_offload == "host" else self.kv_offload
         if kv_offload is None:  # the full KV of sparse layers on the host when the placement put it there,
             # and always on a GPU for a policy whose search runs on the host (graphs, sentences)
             kv_offload = placement.kv_tiers.get("host", 0) > 0 or (on_gpu and searches_on_host)
@@ -211,7 +228,7 @@ class EngineConfig:
                   "quality to degrade", file=sys.stderr)
         return ResolvedConfig(config=self, args=args, source=source, device=device, dtype=dtype, context=context,
                               kv_policy=kv_policy, kv_policy_reason=reason, selection=selection,
-                              kv_offload=kv_offload, tuning=tuning, bandwidth=bandwidth, gpu_budget=gpu,
+                              kv_offload=kv_offload, kv_disk=kv_disk, tuning=tuning, bandwidth=bandwidth, gpu_budget=gpu,
                               cpu_budget=cpu, placement=placement, flash_sizing=flash_sizing)
 
     def _check_quantize(self, device: torch.device, dtype: torch.dtype) -> None:
@@ -276,7 +293,8 @@ class ResolvedConfig:
     kv_policy: str
     kv_policy_reason: str | None  # why "auto" chose it
     selection: SelectionConfig
-    kv_offload: bool  # the sparse layers' KV in host memory
+    kv_offload: bool  # the sparse layers' KV in host memory (or on disk)
+    kv_disk: DiskTier | None  # the sparse layers' KV on disk: where, and the cache it is read through
     tuning: Tuning
     bandwidth: BandwidthProfile
     gpu_budget: int | None

@@ -100,7 +100,7 @@ def synthetic_shared(llm, ctx: int, capacity: int, config, keep_queries: bool = 
             pos = torch.arange(0, ctx, QUERY_STRIDE)
             pre = centres[:, topic[pos]].repeat_interleave(G, 0) + torch.randn(Hkv * G, len(pos), D, generator=g)
             q = rope_rotate(pre, pos, inv_freq, scaling)  # [H, Tq, D]
-            shared.prefill_queries[(0, layer)] = [q.to(shared.kv.k[layer].device, llm.dtype)]
+            shared.prefill_queries[(0, layer)] = [q.to(shared.kv.layer_devices[layer], llm.dtype)]
     return shared, None, time.perf_counter() - t0
 
 

@@ -24,14 +24,19 @@ Shapes: B rows, Hkv KV heads, N tokens (capacity), D head_dim, M gathered rows p
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from offload.attention import ForwardBatch
 from offload.config import ModelArgs
+from offload.errors import OffloadError
 from offload.kernels import CacheArrays, store_kv_int8
 from offload.kernels.reference import KV_CODE_MAX, KV_SCALE_FLOOR
+
+from .kv_disk import DiskKV, RowFormat
 
 HOST = torch.device("cpu")
 KV_DTYPES = ("int8",)  # beside None: the compute dtype
@@ -102,6 +107,57 @@ class KVRows:
         return dequantize_kv(self.data[index], self.scale[index])
 
 
+class DiskRows(KVRows):
+    """:class:`KVRows` of a layer in the disk tier: a slice of tokens is read from disk (and the
+    rows still in memory), a list of token ids gathered through the extent cache."""
+
+    def __init__(self, store: "KVStore", layer: int, which: int):
+        self.store, self.layer, self.which = store, layer, which  # which: 0 keys, 1 values
+
+    @property
+    def shape(self) -> torch.Size:
+        a = self.store.args
+        return torch.Size((a.num_kv_heads, self.store.capacity, a.head_dim))
+
+    @property
+    def device(self) -> torch.device:
+        return HOST
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.store.dtype
+
+    @property
+    def quantized(self) -> bool:
+        return self.store.quantized
+
+    def __getitem__(self, index) -> torch.Tensor:
+        index = index if isinstance(index, tuple) else (index,)
+        if len(index) > 2:
+            raise IndexError("disk KV rows take [heads, tokens] indexes (D whole)")
+        heads, tokens = index[0], index[1] if len(index) == 2 else slice(None)
+        disk = self.store.disk
+        n = disk.files[self.layer].n
+        if isinstance(tokens, int):
+            tokens = slice(tokens, tokens + 1) if tokens >= 0 else slice(n + tokens, n + tokens + 1)
+            squeeze = True
+        else:
+            squeeze = False
+        if isinstance(tokens, slice):
+            start, stop, step = tokens.indices(n)
+            if step != 1:
+                raise IndexError("disk KV rows take token slices with step 1")
+            rows = disk.read_range(self.layer, start, max(start, stop))  # [Hkv, T, R]
+        else:
+            ids = torch.as_tensor(tokens).long()  # token ids for every head
+            ids = ids.expand(self.store.args.num_kv_heads, -1) if ids.dim() == 1 else ids
+            rows = disk.gather(self.layer, ids.numpy())
+        parts = disk.fmt.decode(rows)
+        out = parts[self.which] if not self.quantized else dequantize_kv(parts[self.which], parts[2 + self.which])
+        out = out[heads]
+        return out[..., 0, :] if squeeze else out
+
+
 class _Staging:
     """Host buffers the gathered KV rows are written into, reused every step. On a GPU they are
     pinned (asynchronous copies) and two alternate, each reused only after its last copy is done."""
@@ -130,13 +186,24 @@ class _Staging:
         self.turn = 1 - self.turn
 
 
+@dataclass(frozen=True)
+class DiskTier:
+    """The KV store's disk tier (:mod:`offload.tiers.kv_disk`): the folder its files go in, the
+    host memory its cache of extents may take, and the recent tokens kept in memory."""
+
+    folder: Path
+    cache_bytes: int
+    keep_tokens: int
+
+
 class KVStore:
     """K and V of every layer: one [B, Hkv, capacity, D] tensor per layer and kind, in the layer's
     tier. ``host_layers`` are kept in host memory; the others on ``device``. ``kv_dtype="int8"``:
     ``k``/``v`` hold int8 codes and ``k_scale``/``v_scale`` [B, Hkv, capacity, 1] their scales."""
 
     def __init__(self, args: ModelArgs, device: torch.device, dtype: torch.dtype,
-                 host_layers: Iterable[int] = (), kv_dtype: str | None = None):
+                 host_layers: Iterable[int] = (), kv_dtype: str | None = None,
+                 disk_layers: Iterable[int] = (), disk: DiskTier | None = None):
         self.args, self.device, self.dtype = args, torch.device(device), dtype
         if kv_dtype is not None and kv_dtype not in KV_DTYPES:
             raise ValueError(f"unknown kv_dtype {kv_dtype!r}: use one of {', '.join(KV_DTYPES)} or None")
@@ -149,7 +216,14 @@ class KVStore:
         host_layers = self.host_layers = frozenset(host_layers)
         if not host_layers <= set(range(args.num_layers)):
             raise ValueError(f"host_layers {sorted(host_layers)} name layers beyond the model's {args.num_layers}")
-        self.layer_devices = [HOST if i in host_layers else self.device for i in range(args.num_layers)]
+        disk_layers = self.disk_layers = frozenset(disk_layers)
+        if disk_layers and disk is None:
+            raise ValueError("disk_layers need a DiskTier (where the KV goes and the cache it is read through)")
+        if disk_layers & host_layers or not disk_layers <= set(range(args.num_layers)):
+            raise ValueError(f"disk_layers {sorted(disk_layers)} must be layers of the model, none of them a host layer")
+        self.disk_tier = disk
+        self.disk: DiskKV | None = None  # the disk layers' KV of the one cache row, made by allocate()
+        self.layer_devices = [HOST if i in host_layers | disk_layers else self.device for i in range(args.num_layers)]
         self.k: list[torch.Tensor] | None = None  # per layer [B, Hkv, N, D] (codes when quantized)
         self.v: list[torch.Tensor] | None = None
         self.k_scale: list[torch.Tensor] | None = None  # quantized: per layer [B, Hkv, N, 1]
@@ -159,6 +233,7 @@ class KVStore:
         self._scratch: list[torch.Tensor | None] = [None, None]  # reused dequantized K and V of a decode read
         self._arrays: list[CacheArrays | None] = [None] * args.num_layers  # numpy views of CPU layers
         self.bytes_to_device = 0  # KV bytes copied from the host tier to the device
+        self._capacity = 0
 
     @property
     def batch_size(self) -> int:
@@ -166,7 +241,7 @@ class KVStore:
 
     @property
     def capacity(self) -> int:
-        return 0 if self.k is None else self.k[0].shape[2]
+        return self._capacity
 
     def on_device(self, layer: int) -> bool:
         """Whether ``layer``'s KV is where attention computes (else it is in the host tier)."""
@@ -175,24 +250,47 @@ class KVStore:
     def allocate(self, batch_size: int, capacity: int) -> None:
         if self.k is not None and self.batch_size == batch_size and self.capacity >= capacity:
             return
+        if self.disk_layers and batch_size != 1:
+            raise OffloadError(f"the KV's disk tier holds one sequence at a time; got a batch of {batch_size}: "
+                               "generate one prompt at a time, or give cpu_memory enough for the KV in memory")
         self.k = self.v = self.k_scale = self.v_scale = None  # free the old cache before allocating the new one
+        self.close()
         self._scratch = [None, None]
         self._arrays = [None] * self.args.num_layers
         a = self.args
         shape = (batch_size, a.num_kv_heads, capacity, a.head_dim)
         held = torch.int8 if self.quantized else self.dtype
+        # a disk layer holds no tensor (an empty one keeps its place in the lists): its KV is in self.disk
+        sizes = [shape[:2] + (0,) + shape[3:] if i in self.disk_layers else shape for i in range(a.num_layers)]
         # Zeroed, not empty: rows of a batch are masked beyond their length, and a masked weight
         # of 0 times uninitialised memory that happens to hold NaN would still be NaN.
-        self.k = [self._zeros(shape, dev, held) for dev in self.layer_devices]  # L x [B, Hkv, N, D]
-        self.v = [self._zeros(shape, dev, held) for dev in self.layer_devices]  # L x [B, Hkv, N, D]
+        self.k = [self._zeros(n, dev, held) for n, dev in zip(sizes, self.layer_devices)]  # L x [B, Hkv, N, D]
+        self.v = [self._zeros(n, dev, held) for n, dev in zip(sizes, self.layer_devices)]  # L x [B, Hkv, N, D]
         if self.quantized:
-            self.k_scale = [self._zeros(shape[:3] + (1,), dev, self.dtype) for dev in self.layer_devices]  # [B, Hkv, N, 1]
-            self.v_scale = [self._zeros(shape[:3] + (1,), dev, self.dtype) for dev in self.layer_devices]
+            self.k_scale = [self._zeros(n[:3] + (1,), dev, self.dtype) for n, dev in zip(sizes, self.layer_devices)]
+            self.v_scale = [self._zeros(n[:3] + (1,), dev, self.dtype) for n, dev in zip(sizes, self.layer_devices)]
+        self._capacity = capacity
+        if self.disk_layers:
+            t = self.disk_tier
+            fmt = RowFormat(a.head_dim, held, self.dtype if self.quantized else None)
+            self.disk = DiskKV(t.folder, sorted(self.disk_layers), a.num_kv_heads, capacity, fmt, t.cache_bytes,
+                               t.keep_tokens)
+
+    def close(self) -> None:
+        """Remove the disk tier's files (the KV on disk belongs to this store alone)."""
+        if self.disk is not None:
+            self.disk.close()
+            self.disk = None
+
+    def lay_out(self, layer: int, order: np.ndarray) -> None:
+        """A disk layer's tokens [0, m) in an index's order (order [Hkv, m]): see DiskKV.lay_out."""
+        if layer in self.disk_layers:
+            self.disk.lay_out(layer, order)
 
     def host_arrays(self, layer: int) -> CacheArrays | None:
         """numpy views of a CPU layer's cache for the compiled kernels, made on first use after an
         allocation; None when the layer's KV is not on the CPU in a dtype they take."""
-        if not (self.layer_devices[layer].type == "cpu" and self.dtype in KERNEL_DTYPES):
+        if not (self.layer_devices[layer].type == "cpu" and self.dtype in KERNEL_DTYPES) or layer in self.disk_layers:
             return None
         arrays = self._arrays[layer]
         if arrays is None:
@@ -212,14 +310,26 @@ class KVStore:
         return [self.k[layer], self.v[layer]]
 
     def nbytes(self, device_type: str | None = None) -> int:
-        """Bytes held (in the tier of ``device_type`` only, if given)."""
+        """Bytes held (in the tier of ``device_type`` only, if given: "cuda", "cpu" or "disk"; the
+        disk tier's cache and in-memory rows count as "cpu")."""
         if self.k is None:
             return 0
-        return sum(t.numel() * t.element_size() for layer in range(self.args.num_layers)
+        held = sum(t.numel() * t.element_size() for layer in range(self.args.num_layers)
                    for t in self._parts(layer) if device_type in (None, t.device.type))
+        if self.disk is not None:
+            held += self.disk.nbytes_on_disk() if device_type in (None, "disk") else 0
+            held += self.disk.memory_nbytes() if device_type in (None, "cpu") else 0
+        return held
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> None:
         """Put k, v [B, Hkv, T, D] at the batch's positions (into this layer's tier)."""
+        if layer in self.disk_layers:  # one row (allocate saw to it)
+            new = [k[0].cpu(), v[0].cpu()]  # [Hkv, T, D]
+            if self.quantized:
+                (kc, ks), (vc, vs) = quantize_kv(new[0], self.dtype), quantize_kv(new[1], self.dtype)
+                new = [kc, vc, ks, vs]
+            self.disk.write(layer, batch.start_lengths[0], new)
+            return
         arrays = self.host_arrays(layer) if self.quantized else None
         if arrays is not None and k.device.type == "cpu":
             # One compiled call quantizes and stores both (the tensor form below: ~36 small ops).
@@ -258,7 +368,10 @@ class KVStore:
         [B', Hkv, end-start, D] in the compute dtype (a quantized KV: in ``dtype`` when given). Views
         when the layer is on the device and not quantized; copies from the host tier (codes cross,
         then are dequantized on the device)."""
-        parts = [t[rows, :, start:end] for t in self._parts(layer)]  # [B', Hkv, n, D or 1] each
+        if layer in self.disk_layers:
+            parts = [p[None] for p in self.disk.fmt.decode(self.disk.read_range(layer, start, end))]  # [1, Hkv, n, D or 1]
+        else:
+            parts = [t[rows, :, start:end] for t in self._parts(layer)]  # [B', Hkv, n, D or 1] each
         if not self.on_device(layer):
             self.bytes_to_device += sum(t.numel() * t.element_size() for t in parts)
             parts = [t.to(self.device, non_blocking=True) for t in parts]
@@ -288,6 +401,8 @@ class KVStore:
         v, and when quantized (k holds int8 codes) the per-token scales k_scale [B, Hkv, N] and
         v_scale, else None twice (first ``batch_size`` rows, contiguous; N the capacity, the caller
         bounds what it reads)."""
+        if layer in self.disk_layers:
+            raise OffloadError(f"layer {layer}'s KV is on disk: it is read a selection at a time (KVStore.gather)")
         if self.quantized:
             k, v, ks, vs = self._parts(layer)
             return k[:batch_size], v[:batch_size], ks[:batch_size, ..., 0], vs[:batch_size, ..., 0]
@@ -296,6 +411,8 @@ class KVStore:
     def rows(self, layer: int, row: int) -> tuple[KVRows, KVRows]:
         """Keys and values of cache row ``row`` of ``layer`` where the layer lives, read through
         :class:`KVRows` (indexes, a policy's own attention, telemetry)."""
+        if layer in self.disk_layers:
+            return DiskRows(self, layer, 0), DiskRows(self, layer, 1)
         if self.quantized:
             return (KVRows(self.k[layer][row], self.k_scale[layer][row]),
                     KVRows(self.v[layer][row], self.v_scale[layer][row]))
@@ -307,6 +424,15 @@ class KVStore:
         host-tier layer's rows are gathered in host memory and sent (quantized: their codes and
         scales cross, then are dequantized); a device-tier layer's are gathered in place (the
         quantized KV's sparse path)."""
+        if layer in self.disk_layers:
+            rows = self.disk.gather(layer, ids[0].clamp(min=0).cpu().numpy())  # [Hkv, M, R]
+            parts = [p[None].to(self.device, non_blocking=True) for p in self.disk.fmt.decode(rows)]  # [1, Hkv, M, D or 1]
+            if self.device.type != "cpu":
+                self.bytes_to_device += sum(t.numel() * t.element_size() for t in parts)
+            if not self.quantized:
+                return parts[0], parts[1]
+            return (dequantize_kv(parts[0], parts[2], self.attend_dtype),
+                    dequantize_kv(parts[1], parts[3], self.attend_dtype))
         host = layer in self.host_layers
         index = ids.to(self.k[layer].device).clamp(min=0)[..., None]  # [B, Hkv, M, 1]
         rows = self._gathered(self._staging if host else None, [self.k[layer], self.v[layer]],
@@ -333,6 +459,8 @@ class KVStore:
     def move_row(self, src: int, dst: int, n: int) -> None:
         """Copy the first n tokens of cache row ``src`` into row ``dst``, in place in each tier (codes
         and scales as held: exact). A server keeps its rows in flight at 0..B-1 this way."""
+        if self.disk_layers:
+            raise OffloadError("the KV's disk tier holds one sequence: rows do not move")
         for layer in range(self.args.num_layers):
             for part in self._parts(layer):
                 part[dst, :, :n] = part[src, :, :n]
@@ -343,7 +471,10 @@ class KVStore:
         :meth:`restore` gives back the very codes and scales)."""
         ks, vs = [], []
         for layer in range(self.args.num_layers):
-            parts = [t[row, :, :n].cpu() for t in self._parts(layer)]  # [Hkv, n, D or 1] each
+            if layer in self.disk_layers:
+                parts = self.disk.fmt.decode(self.disk.read_range(layer, 0, n))  # [Hkv, n, D or 1] each
+            else:
+                parts = [t[row, :, :n].cpu() for t in self._parts(layer)]  # [Hkv, n, D or 1] each
             ks.append(dequantize_kv(parts[0], parts[2], torch.float32) if self.quantized else parts[0])
             vs.append(dequantize_kv(parts[1], parts[3], torch.float32) if self.quantized else parts[1])
         return torch.stack(ks), torch.stack(vs)
@@ -358,5 +489,8 @@ class KVStore:
             if self.quantized:
                 (kc, ks), (vc, vs) = quantize_kv(k[layer], self.dtype), quantize_kv(v[layer], self.dtype)
                 new = [kc, vc, ks, vs]
+            if layer in self.disk_layers:
+                self.disk.write(layer, 0, new)
+                continue
             for dest, src in zip(self._parts(layer), new):
                 dest[row, :, :n] = src

@@ -35,6 +35,7 @@ from offload.fileio import write_json_atomic
 from offload.quant import embedding_nbytes, int4_nbytes, layer_nbytes, projection_shapes
 
 from .budget import BudgetError, format_size, pinned_nbytes
+from .kv_disk import DiskKVSizing
 from .kv_store import kv_bytes_per_token
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -163,6 +164,8 @@ class Placement:
     bytes_per_token: dict = field(default_factory=dict)  # tier -> bytes moved per decode step
     quantize: str | None = None  # "int4": layers hold int4 projections (layer_bytes counts those)
     kv_dtype: str | None = None  # "int8": the KV bytes counted are int8 codes and scales
+    kv_disk_cache_bytes: int = 0  # the sparse layers' KV is on disk, read through a cache this big (in KV "host"
+    # on a GPU, "device" on a CPU, beside the rows kept in memory)
 
     @property
     def streamed_layers(self) -> list[int]:
@@ -238,13 +241,18 @@ def plan(args: ModelArgs, *, model: str, context: int, device: str = "cpu", dtyp
          gpu_memory: int | None = None, cpu_memory: int | None = None, disk_dir: str | None = None,
          profile: BandwidthProfile | None = None, prefetch_slots: int = 2, dense_layers: int = 2,
          kv_on_host: bool | None = None, selection_cost: SelectionCost = SelectionCost(),
-         quantize: str | None = None, kv_dtype: str | None = None) -> Placement:
+         quantize: str | None = None, kv_dtype: str | None = None, kv_disk: bool | None = False,
+         kv_disk_hit_rate: float = 0.0) -> Placement:
     """Place weights, KV and index under the budgets (bytes; None = unlimited). ``prefetch_slots``:
     device buffers for streamed layers (2 = double buffering). ``kv_on_host``: the sparse layers'
     full KV lives in host memory, only each step's selection crossing to the GPU (None: whenever a
     GPU computes with a sparse policy). ``quantize``: layers, their stores and buffers hold int4
     projections, the embeddings int8 (the bytes placed, streamed and read are those). ``kv_dtype``:
-    "int8" KV (codes and a scale per token and KV head), in every tier."""
+    "int8" KV (codes and a scale per token and KV head), in every tier. ``kv_disk``: the sparse
+    layers' KV on disk (in ``disk_dir``), read a selection at a time through a cache of extents in
+    the memory left (None: when the weights and the whole KV do not fit in memory and a disk_dir is
+    given; only for a policy whose selection the disk tier reads in runs). ``kv_disk_hit_rate``:
+    the share of a step's extents expected in that cache (the prediction of bytes read per token)."""
     if dtype not in DTYPE_BYTES:
         raise OffloadError(f"unknown dtype '{dtype}': use one of {', '.join(DTYPE_BYTES)}")
     if context <= 0:
@@ -280,6 +288,33 @@ def plan(args: ModelArgs, *, model: str, context: int, device: str = "cpu", dtyp
         kv_tiers = {"device": kv_total}
         if sparse:
             index_tiers = {"device": idx_bytes}
+    memory_tier = "host" if kv_on_host else "device"  # where the sparse layers' KV is kept in memory
+    dense = min(dense_layers, args.num_layers) if sparse else args.num_layers
+    sizing = DiskKVSizing(args, b, kv_dtype, context, attended, sparse_layers=args.num_layers - dense)
+    memory_budget = host_budget if kv_on_host else device_budget
+    if kv_disk is None:  # when the weights and the whole KV do not fit in memory (weights stream last)
+        weights_there = 0 if kv_on_host else args.num_layers * layer_bytes + fixed
+        kv_disk = sparse and disk_dir is not None and memory_budget is not None and (
+            weights_there + kv_tiers.get(memory_tier, 0) + idx_bytes > memory_budget)
+    cache_bytes = 0
+    if kv_disk:
+        if not sparse or disk_dir is None:
+            raise OffloadError("the KV on disk needs a sparse kv_policy and disk_dir=...")
+        kv_tiers[memory_tier] = kv_tiers.get(memory_tier, 0) - sizing.sparse_kv_bytes + sizing.memory_bytes
+        kv_tiers["disk"] = sizing.sparse_kv_bytes
+        if memory_budget is None:
+            cache_bytes = sizing.default_cache_bytes
+        else:  # the cache takes what the memory budget leaves (weights resident first on a CPU)
+            weights_there = 0 if kv_on_host else args.num_layers * layer_bytes + fixed
+            room = memory_budget - weights_there - kv_tiers[memory_tier] - index_tiers.get(memory_tier, 0)
+            if room < sizing.min_cache_bytes:
+                need = memory_budget - room + sizing.min_cache_bytes
+                raise BudgetError(f"{'cpu' if kv_on_host or not on_gpu else 'gpu'}_memory {format_size(memory_budget)}"
+                                  f" cannot hold the weights, the KV kept in memory and the smallest cache of the KV "
+                                  f"on disk ({format_size(sizing.min_cache_bytes)}): the smallest budget that works "
+                                  f"is {format_size(need)}")
+            cache_bytes = min(room, sizing.sparse_kv_bytes)
+        kv_tiers[memory_tier] += cache_bytes
     device_left = None if device_budget is None else device_budget - fixed - sum(
         v for t, v in kv_tiers.items() if t == "device") - index_tiers.get("device", 0)
     host_left = None if host_budget is None else host_budget - kv_tiers.get("host", 0) - index_tiers.get("host", 0)
@@ -364,6 +399,10 @@ def plan(args: ModelArgs, *, model: str, context: int, device: str = "cpu", dtyp
         sel_bytes = kv_token // args.num_layers * sparse_layers * attended
         fetch_kv_ms = 1e3 * sel_bytes / link
         moved["host"] += sel_bytes
+    if kv_disk:  # the selection's extents the cache lacks are read every step
+        disk_kv = sizing.read_bytes_per_token(kv_disk_hit_rate)
+        fetch_kv_ms += 1e3 * disk_kv / disk
+        moved["disk_kv"] = disk_kv
     search_ms = selection_cost.search_ms if sparse else 0.0
     # Per token the LM head is read whole, the embedding table for one row only.
     head_bytes = embedding_nbytes(args, b, quantize) // (1 if args.tie_word_embeddings else 2)
@@ -376,4 +415,5 @@ def plan(args: ModelArgs, *, model: str, context: int, device: str = "cpu", dtyp
                      slot_bytes=slot_bytes, host_staging_bytes=host_staging, kv_tiers=kv_tiers, index_tiers=index_tiers,
                      budgets={"device": device_budget, "host": host_budget, "disk": None},
                      predicted_step_ms=sum(breakdown.values()), step_breakdown_ms=breakdown,
-                     profile_source=profile.source, bytes_per_token=moved, quantize=quantize, kv_dtype=kv_dtype)
+                     profile_source=profile.source, bytes_per_token=moved, quantize=quantize, kv_dtype=kv_dtype,
+                     kv_disk_cache_bytes=cache_bytes)

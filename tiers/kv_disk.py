@@ -1,0 +1,590 @@
+"""The KV store's disk tier: the sparse layers' K and V of one sequence in files, a selection read per step.
+
+A context longer than host memory keeps the sparse layers' KV in ``disk_dir`` (SPANN's pattern:
+what a search needs is small and stays in memory, the posting lists live on disk, only the
+probed ones are read). Each layer has one file; each KV head a region of it, cut into extents of
+EXTENT_BYTES (one O_DIRECT unit, one checksum each). A *slot* is one token's row in a head's
+region: its K, its V (int8 codes and their two scales for an int8 KV), ``row_bytes`` in all.
+
+Which token a slot holds is the layout. By default tokens are laid out in order as they age out
+of memory (page-contiguous: Quest's pages are runs of slots). An index may lay the tokens out in
+its own order instead (:meth:`DiskKV.lay_out`): the cluster index puts each cluster's tokens in
+consecutive slots, so that a selection of clusters is a few runs of extents, not one extent per
+token. The most recent tokens (and those of a slot run not yet a whole extent) stay in memory.
+
+Reads of a step's selection (:meth:`DiskKV.gather`) go through a cache of extents in host memory
+(``cache_bytes``, least recently used out first: consecutive steps select heavily overlapping
+sets), and the extents it lacks are read in runs of adjacent extents, one request per run,
+several requests in flight. Every extent read is checked against the checksum taken when it was
+written. The files belong to this process: they live in ``kv-<pid>-<random>`` under ``disk_dir``,
+are removed when the store closes, and a later run removes the folders of processes that are gone.
+
+Shapes: Hkv KV heads, n tokens, D head_dim, M rows gathered per head, R row_bytes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import shutil
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from numba import njit, prange
+
+from offload.config import ModelArgs
+from offload.errors import OffloadError
+
+from .budget import format_size
+from .io import aligned_empty
+from .store import ALIGN, align_up
+
+EXTENT_BYTES = ALIGN  # one O_DIRECT unit: a cluster of 16 bf16 tokens of head_dim 64 (K and V) fills one
+FOLDER_PREFIX = "kv-"  # kv-<pid>-<random>: one process's KV files
+# Extents of rows per head kept in memory beyond the window before the oldest go to disk: writes
+# are batched (one request of >= 64 KiB per head per spill), and the window's rows stay in memory.
+SPILL_EXTENTS = 16
+READ_THREADS = 4  # requests in flight at once: an NVMe drive reaches its bandwidth only with several
+IOV_MAX = 1024  # iovecs per preadv (Linux's limit)
+MEMORY_HEADROOM = 1.5  # the in-memory rows grow by half again when full: appends stay amortised O(1)
+
+
+# Planning (DiskKVSizing): the rows a disk layer keeps in memory at most (the window, a batch of rows
+# waiting to spill, an index's unlaid segment and a prefill chunk, with MEMORY_HEADROOM), the layers
+# whose whole KV a prefill chunk or a relayout holds at once (its rows, and its K and V decoded), and
+# the extents read per selected row at most (a run of ~16 rows fills one extent; the acceptance bound).
+RESIDENT_TOKENS = 6144
+TRANSIENT_LAYERS = 3
+READ_AMPLIFICATION = 2.0
+DEFAULT_CACHE_SHARE = 0.25  # with no memory budget: the cache holds this share of the KV on disk
+
+
+@dataclass(frozen=True)
+class DiskKVSizing:
+    """Bytes of a disk KV tier at a context, for the planner: on disk, in memory, the cache."""
+
+    args: ModelArgs
+    dtype_bytes: int
+    kv_dtype: str | None
+    context: int
+    attended: int  # tokens a sparse layer attends per step and KV head (selection, sinks, window)
+    sparse_layers: int
+
+    @property
+    def row_bytes(self) -> int:
+        held = 1 if self.kv_dtype == "int8" else self.dtype_bytes
+        return 2 * self.args.head_dim * held + (2 * self.dtype_bytes if self.kv_dtype == "int8" else 0)
+
+    @property
+    def layer_kv_bytes(self) -> int:
+        return self.row_bytes * self.args.num_kv_heads * self.context
+
+    @property
+    def sparse_kv_bytes(self) -> int:
+        return self.layer_kv_bytes * self.sparse_layers
+
+    @property
+    def memory_bytes(self) -> int:
+        """Rows kept in memory by every disk layer, and one layer's whole KV held a moment at a time."""
+        resident = self.row_bytes * self.args.num_kv_heads * min(self.context, RESIDENT_TOKENS) * self.sparse_layers
+        return resident + TRANSIENT_LAYERS * self.layer_kv_bytes
+
+    @property
+    def min_cache_bytes(self) -> int:
+        """One layer's selection with every row in its own extent, twice over."""
+        extent = max(EXTENT_BYTES, align_up(self.row_bytes))
+        return 2 * extent * self.args.num_kv_heads * self.attended
+
+    @property
+    def default_cache_bytes(self) -> int:
+        return max(self.min_cache_bytes, int(DEFAULT_CACHE_SHARE * self.sparse_kv_bytes))
+
+    def read_bytes_per_token(self, hit_rate: float) -> int:
+        selected = self.row_bytes * self.args.num_kv_heads * self.attended * self.sparse_layers
+        return int(selected * READ_AMPLIFICATION * (1 - hit_rate))
+
+
+class CorruptKVError(OffloadError):
+    """An extent of the KV on disk did not match the checksum taken when it was written."""
+
+
+@njit(cache=True, parallel=True)
+def _extent_checksums(data, which, out):  # pragma: no cover - numba
+    """data [C, E] uint8 (E a multiple of 4), which [k] rows of it -> out [k] uint32: a
+    position-weighted sum of each extent's 32-bit words mod 2^32 (catches flipped bytes and
+    swapped or shifted words; ~10 GB/s where zlib's crc32 gives ~1)."""
+    words = data.view(np.uint32)
+    W = words.shape[1]
+    for i in prange(which.shape[0]):
+        row = words[which[i]]
+        acc = np.uint64(0)
+        for w in range(W):
+            acc += np.uint64(row[w]) * np.uint64(w + 1)
+        out[i] = np.uint32(acc & np.uint64(0xFFFFFFFF))
+
+
+def extent_checksums(data: np.ndarray, which: np.ndarray | None = None) -> np.ndarray:
+    """Checksums of the extents ``data`` [C, E] (rows ``which``, default all) -> [k] uint32."""
+    which = np.arange(data.shape[0], dtype=np.int64) if which is None else which.astype(np.int64)
+    out = np.empty(which.shape[0], np.uint32)
+    _extent_checksums(data, which, out)
+    return out
+
+
+@dataclass(frozen=True)
+class RowFormat:
+    """One token's row of one KV head on disk: K, V (held dtype: the compute dtype or int8 codes),
+    then, for an int8 KV, K's and V's scales (the compute dtype)."""
+
+    head_dim: int
+    held: torch.dtype  # K and V as stored
+    scale: torch.dtype | None  # the scales' dtype (int8 KV), else None
+
+    @property
+    def part_bytes(self) -> list[int]:
+        kv = self.head_dim * self.held.itemsize
+        return [kv, kv] + ([self.scale.itemsize] * 2 if self.scale is not None else [])
+
+    @property
+    def row_bytes(self) -> int:
+        return sum(self.part_bytes)
+
+    @property
+    def extent_bytes(self) -> int:
+        return max(EXTENT_BYTES, align_up(self.row_bytes))
+
+    @property
+    def rows_per_extent(self) -> int:
+        return self.extent_bytes // self.row_bytes
+
+    def encode(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """K, V [Hkv, T, D] (and scales [Hkv, T, 1]) on the host -> rows [Hkv, T, R] uint8."""
+        return torch.cat([p.contiguous().view(torch.uint8) for p in parts], dim=-1)
+
+    def decode(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        """rows [..., R] uint8 -> K, V [..., D] (held dtype), and the scales [..., 1] for an int8 KV."""
+        out, at = [], 0
+        for nbytes, dtype in zip(self.part_bytes, [self.held, self.held, self.scale, self.scale]):
+            out.append(rows[..., at:at + nbytes].contiguous().view(dtype))
+            at += nbytes
+        return out
+
+
+class _LayerFile:
+    """One layer's KV: its file on disk, the layout of its slots, and the rows still in memory."""
+
+    def __init__(self, path: Path, num_kv_heads: int, capacity: int, fmt: RowFormat):
+        self.path, self.fmt = path, fmt
+        self.fd, self.direct = _open(path)
+        rpe = fmt.rows_per_extent
+        self.extents_per_head = -(-capacity // rpe)
+        self.token_of = np.zeros((num_kv_heads, self.extents_per_head * rpe), np.int32)  # [Hkv, slots] slot -> token
+        self.slot_of = np.zeros((num_kv_heads, capacity), np.int32)  # [Hkv, n] token -> slot (valid below laid)
+        self.checksums = np.zeros((num_kv_heads, self.extents_per_head), np.uint32)  # [Hkv, E]
+        self.laid = 0  # tokens [0, laid) have slots [0, laid) (a prefix: every layout keeps one)
+        self.written = 0  # slots [0, written) are on disk (whole extents)
+        self.ordered = False  # an index lays the tokens out (else the store does, in token order)
+        self.mem_start = 0  # tokens [mem_start, n) have their rows in memory
+        self._mem = torch.zeros(num_kv_heads, 0, fmt.row_bytes, dtype=torch.uint8)  # [Hkv, room, R]
+        self._mem_len = 0
+
+    @property
+    def n(self) -> int:
+        return self.mem_start + self._mem_len
+
+    @property
+    def mem(self) -> torch.Tensor:
+        """Rows of tokens [mem_start, n): [Hkv, n - mem_start, R] (a view)."""
+        return self._mem[:, :self._mem_len]
+
+    def append(self, rows: torch.Tensor) -> None:
+        """rows [Hkv, T, R] after the last token (in place: a decode step copies one row, not the tail)."""
+        T = rows.shape[1]
+        if self._mem_len + T > self._mem.shape[1]:
+            grown = torch.empty(self._mem.shape[0], int((self._mem_len + T) * MEMORY_HEADROOM) + 1, self._mem.shape[2],
+                                dtype=torch.uint8)
+            grown[:, :self._mem_len] = self.mem
+            self._mem = grown
+        self._mem[:, self._mem_len:self._mem_len + T] = rows
+        self._mem_len += T
+
+    def set_memory(self, start: int, rows: torch.Tensor) -> None:
+        """Hold rows [Hkv, T, R] of tokens start.. in memory (and nothing else)."""
+        self.mem_start, self._mem, self._mem_len = start, rows.clone(), rows.shape[1]
+
+    def drop_before(self, token: int) -> None:
+        """Rows of tokens before ``token`` leave memory (they are on disk)."""
+        if token > self.mem_start:
+            self.set_memory(token, self.mem[:, token - self.mem_start:])
+
+    def memory_nbytes(self) -> int:
+        return self._mem.numel()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _open(path: Path) -> tuple[int, bool]:
+    """Open a KV file for aligned reads and writes: O_DIRECT where the filesystem takes it (the
+    page cache neither hides the disk's cost nor holds a second copy of the KV), else buffered."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL
+    if hasattr(os, "O_DIRECT"):
+        try:
+            return os.open(path, flags | os.O_DIRECT, 0o600), True
+        except OSError as e:
+            if e.errno != errno.EINVAL:  # tmpfs refuses O_DIRECT with EINVAL; anything else is real
+                raise
+    return os.open(path, flags, 0o600), False
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_folders(disk_dir: Path) -> list[Path]:
+    """Remove the KV folders of processes that are gone (a run that was killed cannot clean up)."""
+    removed = []
+    try:
+        names = os.listdir(disk_dir)
+    except OSError:
+        return removed
+    for name in names:
+        parts = name.split("-")
+        if len(parts) != 3 or parts[0] + "-" != FOLDER_PREFIX or not parts[1].isdigit():
+            continue
+        if int(parts[1]) == os.getpid() or _pid_alive(int(parts[1])):
+            continue
+        shutil.rmtree(disk_dir / name, ignore_errors=True)
+        removed.append(disk_dir / name)
+    return removed
+
+
+def _disk_error(e: OSError, path: Path, what: str) -> OffloadError:
+    if e.errno == errno.ENOSPC:
+        return OffloadError(f"disk_dir {path.parent.parent} is full while {what}: free space there, choose another "
+                            f"disk_dir, or give more cpu_memory so that less KV goes to disk")
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return OffloadError(f"disk_dir {path.parent.parent} is not writable ({e.strerror}): choose a writable disk_dir")
+    return OffloadError(f"KV file {path}: {e.strerror or e} while {what}")
+
+
+@dataclass
+class DiskStats:
+    bytes_written: int = 0
+    bytes_read: int = 0  # from the disk (whole extents)
+    read_requests: int = 0
+    selected_bytes: int = 0  # rows a gather handed out from the disk tier (the selection's own bytes)
+    extents_hit: int = 0  # extents a gather found in the cache
+    extents_missed: int = 0
+
+
+class DiskKV:
+    """The disk tier of one cache row: ``layers`` (model layer numbers) each in a file under
+    ``disk_dir``, read through a cache of ``cache_bytes`` of extents."""
+
+    def __init__(self, disk_dir: str | Path, layers: list[int], num_kv_heads: int, capacity: int,
+                 fmt: RowFormat, cache_bytes: int, keep_tokens: int):
+        """``keep_tokens``: the most recent tokens kept in memory (the window attended every step)."""
+        self.fmt, self.num_kv_heads, self.capacity = fmt, num_kv_heads, capacity
+        self.keep_tokens = keep_tokens
+        self.disk_dir = Path(disk_dir)
+        if self.disk_dir.exists() and not self.disk_dir.is_dir():
+            raise OffloadError(f"disk_dir {self.disk_dir} is a file, not a directory: give a directory")
+        remove_stale_folders(self.disk_dir)
+        self.folder = self.disk_dir / f"{FOLDER_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            self.folder.mkdir(parents=True)
+        except OSError as e:
+            raise _disk_error(e, self.folder / "x", "creating the KV folder") from None
+        self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.folder), True)
+        self.files: dict[int, _LayerFile] = {}
+        try:
+            for layer in layers:
+                self.files[layer] = _LayerFile(self.folder / f"layer{layer:03d}.kv", num_kv_heads, capacity, fmt)
+        except OSError as e:
+            self.close()
+            raise _disk_error(e, self.folder / "x", "creating the KV files") from None
+        eb = fmt.extent_bytes
+        self.cache_extents = max(1, cache_bytes // eb)
+        self.cache = aligned_empty((self.cache_extents, eb), torch.uint8).numpy()  # [C, E] page-aligned rows
+        self.cache_key = np.full(self.cache_extents, -1, np.int64)  # [C] (layer, head, extent) held, -1 free
+        self.cache_used = np.zeros(self.cache_extents, np.int64)  # [C] tick of the last gather that used it
+        self.cache_at = {layer: np.full(num_kv_heads * f.extents_per_head, -1, np.int32)
+                         for layer, f in self.files.items()}  # layer -> [Hkv E] cache row of each extent
+        self._tick = 0
+        self._layers = list(self.files)  # a cache key's high bits: the layer's place in this list
+        self._pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="offload-kv-read")
+        self.stats = DiskStats()
+
+    # ------------------------------------------------------------------ lifecycle
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+        if getattr(self, "_pool", None) is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        self._finalizer()
+
+    def nbytes_on_disk(self) -> int:
+        return sum(f.written * self.fmt.row_bytes * self.num_kv_heads for f in self.files.values())
+
+    def memory_nbytes(self) -> int:
+        """Host bytes the tier holds: the extent cache, the rows in memory, the layouts."""
+        return self.cache.nbytes + sum(f.memory_nbytes() + f.token_of.nbytes + f.slot_of.nbytes + f.checksums.nbytes
+                                       for f in self.files.values())
+
+    # ------------------------------------------------------------------ writes
+    def write(self, layer: int, start: int, parts: list[torch.Tensor]) -> None:
+        """New tokens' K, V [Hkv, T, D] (and scales [Hkv, T, 1]), on the host, at positions start.."""
+        f = self.files[layer]
+        rows = self.fmt.encode(parts)  # [Hkv, T, R]
+        if start < f.n:  # the sequence continues from an earlier point: drop what came after it
+            self._truncate(f, start)
+        if start != f.n:
+            raise OffloadError(f"KV of layer {layer} written at position {start} but it holds {f.n} tokens")
+        f.append(rows)
+        if not f.ordered:  # the store lays tokens out in order, as they age past the window
+            keep_from = f.n - self.keep_tokens
+            rpe = self.fmt.rows_per_extent
+            if keep_from - f.laid >= SPILL_EXTENTS * rpe:
+                upto = keep_from - keep_from % rpe
+                ids = np.arange(f.laid, upto, dtype=np.int32)
+                self._assign(f, np.broadcast_to(ids, (self.num_kv_heads, ids.size)), upto)
+
+    def lay_out(self, layer: int, order: np.ndarray) -> None:
+        """An index's layout of tokens [0, m) (order [Hkv, m]: each head's token ids in slot order, a
+        permutation of 0..m-1 per head): from now on the index lays this layer out. Tokens already
+        on disk in another order are read back and rewritten (once, after the prompt's build); the
+        slots already laid out this way keep their place (an index appends: :meth:`extend_layout`)."""
+        f = self.files[layer]
+        m = order.shape[1]
+        if f.ordered and m >= f.laid and np.array_equal(order[:, :f.laid], f.token_of[:, :f.laid]):
+            if m > f.laid:
+                self._assign(f, order[:, f.laid:], m)
+            return
+        rows = self.read_range(layer, 0, f.n)  # [Hkv, n, R] every token, in token order
+        self._drop_cached(layer)
+        f.laid = f.written = 0
+        f.set_memory(0, rows)
+        f.ordered = True
+        self._assign(f, order, m)
+
+    def _assign(self, f: _LayerFile, tokens: np.ndarray, upto: int) -> None:
+        """Slots [laid, upto) of each head hold ``tokens`` [Hkv, upto - laid] (tokens laid..upto-1,
+        in any order per head); the whole extents among them go to disk."""
+        f.token_of[:, f.laid:upto] = tokens
+        np.put_along_axis(f.slot_of[:, :upto], tokens.astype(np.int64) if tokens.size else
+                          np.zeros((self.num_kv_heads, 0), np.int64),
+                          np.broadcast_to(np.arange(f.laid, upto, dtype=np.int32), tokens.shape), axis=1)
+        f.laid = upto
+        rpe = self.fmt.rows_per_extent
+        end = upto - upto % rpe
+        if end > f.written:
+            self._flush(f, end)
+
+    def _flush(self, f: _LayerFile, end: int) -> None:
+        """Write slots [written, end) (whole extents) of every head from memory to the file."""
+        rpe, eb, R = self.fmt.rows_per_extent, self.fmt.extent_bytes, self.fmt.row_bytes
+        first, last = f.written // rpe, end // rpe
+        E = last - first
+        buf = aligned_empty((self.num_kv_heads, E, eb), torch.uint8).numpy()  # [Hkv, E, eb]
+        tokens = f.token_of[:, f.written:end] - f.mem_start  # [Hkv, slots] rows of memory
+        rows = torch.gather(f.mem, 1, torch.from_numpy(tokens.astype(np.int64))[..., None].expand(-1, -1, R))
+        buf[:, :, :rpe * R] = rows.numpy().reshape(self.num_kv_heads, E, rpe * R)
+        buf[:, :, rpe * R:] = 0
+        for h in range(self.num_kv_heads):
+            f.checksums[h, first:last] = extent_checksums(buf[h])
+            offset = (h * f.extents_per_head + first) * eb
+            try:
+                done = os.pwrite(f.fd, memoryview(buf[h]).cast("B"), offset)
+            except OSError as e:
+                raise _disk_error(e, f.path, "writing the KV") from None
+            if done != buf[h].nbytes:
+                raise _disk_error(OSError(errno.ENOSPC, "short write"), f.path, "writing the KV")
+            if not f.direct and hasattr(os, "posix_fadvise"):
+                os.fdatasync(f.fd)  # buffered: the pages can only be dropped once clean
+                os.posix_fadvise(f.fd, offset, buf[h].nbytes, os.POSIX_FADV_DONTNEED)
+        self.stats.bytes_written += buf.nbytes
+        f.written = end
+        # the rows now on disk leave memory, up to the first token some head still needs there
+        pending = f.token_of[:, end:f.laid]
+        keep_from = int(pending.min()) if pending.size else f.laid
+        f.drop_before(min(keep_from, f.n))
+
+    def _truncate(self, f: _LayerFile, n: int) -> None:
+        """Keep tokens [0, n): the sequence goes on from there (a row prefilled again)."""
+        if n >= f.mem_start:
+            f.set_memory(f.mem_start, f.mem[:, :n - f.mem_start])
+            if n < f.laid:  # slots past n are void; in token order they are a suffix
+                rows = self.read_range(self._layer_of(f), 0, n)
+                self._reset(f, rows)
+            return
+        self._reset(f, self.read_range(self._layer_of(f), 0, n))
+
+    def _reset(self, f: _LayerFile, rows: torch.Tensor) -> None:
+        """Start the layer over with ``rows`` [Hkv, n, R] in memory, laid out by the store."""
+        layer = self._layer_of(f)
+        self._drop_cached(layer)
+        f.laid = f.written = 0
+        f.ordered = False
+        f.set_memory(0, rows)
+        keep_from = f.n - self.keep_tokens
+        upto = max(0, keep_from - keep_from % self.fmt.rows_per_extent)
+        ids = np.arange(0, upto, dtype=np.int32)
+        self._assign(f, np.broadcast_to(ids, (self.num_kv_heads, upto)), upto)
+
+    def _layer_of(self, f: _LayerFile) -> int:
+        return next(layer for layer, g in self.files.items() if g is f)
+
+    def _drop_cached(self, layer: int) -> None:
+        at = self.cache_at[layer]
+        held = at[at >= 0]
+        self.cache_key[held] = -1
+        at[:] = -1
+
+    # ------------------------------------------------------------------ reads
+    def read_range(self, layer: int, start: int, end: int) -> torch.Tensor:
+        """Rows of tokens [start, end) of every head, in token order -> [Hkv, end - start, R] uint8
+        (whole regions streamed from disk, not through the cache: prefill reads the prefix)."""
+        f = self.files[layer]
+        H, R, rpe, eb = self.num_kv_heads, self.fmt.row_bytes, self.fmt.rows_per_extent, self.fmt.extent_bytes
+        out = torch.empty(H, end - start, R, dtype=torch.uint8)  # [Hkv, n', R]
+        disk_end = min(end, f.mem_start)
+        if start < disk_end:
+            # the extents that hold those tokens: in token order their own; in an index's order any written one
+            e0, e1 = (0, f.written // rpe) if f.ordered else (start // rpe, -(-disk_end // rpe))
+            E = e1 - e0
+            buf = aligned_empty((H, E, eb), torch.uint8).numpy()  # [Hkv, E, eb]
+            requests = [(buf[h].reshape(-1), (h * f.extents_per_head + e0) * eb) for h in range(H)]
+            self._read_requests(f, requests)
+            for h in range(H):
+                bad = np.nonzero(extent_checksums(buf[h]) != f.checksums[h, e0:e1])[0]
+                if bad.size:
+                    raise CorruptKVError(f"KV file {f.path}: extent {e0 + int(bad[0])} of KV head {h} does not match "
+                                         f"its checksum (the disk returned other bytes than were written): run again")
+            slots = torch.from_numpy(buf[:, :, :rpe * R].reshape(H, E * rpe, R))  # [Hkv, slots, R]
+            tokens = torch.from_numpy(f.token_of[:, e0 * rpe:e1 * rpe].astype(np.int64))  # [Hkv, slots]
+            keep = (tokens >= start) & (tokens < disk_end)
+            for h in range(H):
+                out[h, tokens[h][keep[h]] - start] = slots[h][keep[h]]
+            self.stats.bytes_read += buf.nbytes
+        if end > f.mem_start:
+            lo = max(start, f.mem_start)
+            out[:, lo - start:] = f.mem[:, lo - f.mem_start:end - f.mem_start]
+        return out
+
+    def _read_requests(self, f: _LayerFile, requests: list[tuple[np.ndarray | list[np.ndarray], int]]) -> None:
+        """Each (buffer or list of buffers, file offset): one preadv each, several in flight."""
+        def one(req) -> int:
+            bufs, offset = req
+            views = [memoryview(b).cast("B") for b in (bufs if isinstance(bufs, list) else [bufs])]
+            want = sum(len(v) for v in views)
+            got = 0
+            for i in range(0, len(views), IOV_MAX):
+                got += os.preadv(f.fd, views[i:i + IOV_MAX], offset + got)
+            if not f.direct and hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(f.fd, offset, want, os.POSIX_FADV_DONTNEED)
+            return got - want
+
+        short = list(self._pool.map(one, requests)) if len(requests) > 1 else [one(r) for r in requests]
+        if any(s for s in short):
+            raise CorruptKVError(f"KV file {f.path} is shorter than what was written to it: run again")
+        self.stats.read_requests += len(requests)
+
+    def gather(self, layer: int, ids: np.ndarray) -> torch.Tensor:
+        """Rows of tokens ``ids`` [Hkv, M] (per head; all < n) -> [Hkv, M, R] uint8: recent tokens
+        from memory, the others from their extents, through the cache."""
+        f = self.files[layer]
+        H, R, rpe = self.num_kv_heads, self.fmt.row_bytes, self.fmt.rows_per_extent
+        out = np.empty((H, ids.shape[1], R), np.uint8)  # [Hkv, M, R]
+        on_disk = ids < f.mem_start  # [Hkv, M]
+        if (~on_disk).any():
+            mem = f.mem.numpy()
+            h_mem, j_mem = np.nonzero(~on_disk)
+            out[h_mem, j_mem] = mem[h_mem, ids[h_mem, j_mem] - f.mem_start]
+        if on_disk.any():
+            self._tick += 1
+            h_disk, j_disk = np.nonzero(on_disk)
+            slot = f.slot_of[h_disk, ids[h_disk, j_disk]]  # [k]
+            key = h_disk * f.extents_per_head + slot // rpe  # [k] extents within the layer
+            at = self._cached(layer, f, np.unique(key))
+            rows = np.lib.stride_tricks.as_strided(
+                self.cache, shape=(self.cache_extents, rpe, R), strides=(self.cache.strides[0], R, 1))  # [C, rpe, R]
+            out[h_disk, j_disk] = rows[at[key], slot % rpe]
+            self.stats.selected_bytes += h_disk.size * R
+        return torch.from_numpy(out)
+
+    def _cached(self, layer: int, f: _LayerFile, keys: np.ndarray) -> np.ndarray:
+        """Make extents ``keys`` (sorted, unique) of ``layer`` cached; -> the layer's cache map."""
+        at = self.cache_at[layer]
+        held = at[keys]
+        hit = held >= 0
+        self.cache_used[held[hit]] = self._tick  # not evicted by this gather's misses
+        missing = keys[~hit]
+        self.stats.extents_hit += int(hit.sum())
+        self.stats.extents_missed += missing.size
+        if not missing.size:
+            return at
+        free = np.nonzero(self.cache_used < self._tick)[0]
+        if free.size < missing.size:
+            raise OffloadError(
+                f"the disk KV's extent cache ({format_size(self.cache.nbytes)}) cannot hold one layer's selection "
+                f"({missing.size + int(hit.sum())} extents of {format_size(self.fmt.extent_bytes)}): give more "
+                f"cpu_memory or a smaller kv_budget")
+        if free.size > missing.size:  # the least recently used
+            free = free[np.argpartition(self.cache_used[free], missing.size - 1)[:missing.size]]
+        victims = free
+        old = self.cache_key[victims]
+        for k in np.nonzero(old >= 0)[0]:  # evicted: their layers' maps forget them
+            self.cache_at[self._layers[int(old[k] >> 32)]][int(old[k] & 0xFFFFFFFF)] = -1
+        self.cache_key[victims] = (self._layers.index(layer) << 32) | missing
+        self.cache_used[victims] = self._tick
+        at[missing] = victims
+        # runs of adjacent extents: one request each, landing straight in their cache rows
+        eb = self.fmt.extent_bytes
+        breaks = np.nonzero(np.diff(missing) != 1)[0] + 1
+        requests = [([self.cache[c] for c in victims[lo:hi]], int(missing[lo]) * eb)
+                    for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, missing.size])]
+        self._read_requests(f, requests)
+        self.stats.bytes_read += missing.size * eb
+        sums = extent_checksums(self.cache, victims)
+        want = f.checksums.reshape(-1)[missing]
+        bad = np.nonzero(sums != want)[0]
+        if bad.size:
+            key = int(missing[bad[0]])
+            at[missing] = -1
+            self.cache_key[victims] = -1
+            raise CorruptKVError(f"KV file {f.path}: extent {key % f.extents_per_head} of KV head "
+                                 f"{key // f.extents_per_head} does not match its checksum (the disk returned other "
+                                 f"bytes than were written): run again")
+        return at
+
+    def report(self) -> dict:
+        """Bytes on disk, in memory (cache included), read, written and selected so far, and the cache's hit rate."""
+        s = self.stats
+        looked = s.extents_hit + s.extents_missed
+        return {"folder": str(self.folder), "mode": "O_DIRECT" if all(f.direct for f in self.files.values())
+                else "buffered", "layers": len(self.files), "bytes_on_disk": self.nbytes_on_disk(),
+                "memory_bytes": self.memory_nbytes(), "cache_bytes": self.cache.nbytes,
+                "bytes_read": s.bytes_read, "bytes_written": s.bytes_written, "read_requests": s.read_requests,
+                "selected_bytes": s.selected_bytes, "hit_rate": s.extents_hit / looked if looked else None}
+
+    def describe(self) -> str:
+        s = self.stats
+        looked = s.extents_hit + s.extents_missed
+        hits = f", hit rate {s.extents_hit / looked:.0%}" if looked else ""
+        return (f", sparse layers' KV on disk in {self.disk_dir} ({format_size(self.nbytes_on_disk())} there, read "
+                f"through a {format_size(self.cache.nbytes)} cache{hits})")
