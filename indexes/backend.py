@@ -23,6 +23,7 @@ from offload.config import ModelArgs
 from offload.errors import OffloadError
 from offload.kernels import gather_attention
 from offload.kernels.reference import dense_token_ids
+from offload.tiers.budget import format_size
 from offload.tiers.kv_store import KVStore
 
 from .base import QUERY_STRIDE, IndexContext, KVIndex, Selection, SelectionConfig, make_index, policy_class, policy_names
@@ -274,6 +275,13 @@ class SparseAttention(DenseAttention):
             self.telemetry.observe(layer, q[row], keys, values, n, sel, out[b].to(keys.device),
                                    self.config, self.args.softmax_scale, self.config.budget_tokens(n))
 
+    def _kv_where(self) -> str:
+        disk = self.kv.disk_tier
+        if self.kv.disk_layers:
+            return (f", sparse layers' KV on disk in {disk.folder} (read through a {format_size(disk.cache_bytes)} "
+                    f"cache of extents)")
+        return ", sparse layers' KV in host memory" if self.kv_offload else ""
+
     def describe(self) -> str:
         c = self.config
         budget = f"{c.budget:.1%} of context" if c.budget < 1 else f"{int(c.budget)} tokens"
@@ -282,8 +290,6 @@ class SparseAttention(DenseAttention):
                       f"{budget} (no mass estimate for an adaptive p{c.mass:g})")
         return (f"kv_policy {self.policy}: {budget} + {c.sink} sinks + {c.window} recent, "
                 f"layers 0..{c.dense_layers - 1} dense"
-                + (self.kv.disk.describe() if self.kv.disk is not None else
-                   f", sparse layers' KV {'on disk' if self.kv.disk_layers else 'in host memory'}"
-                   if self.kv_offload else "")
+                + self._kv_where()
                 + (f", index build's query-key products on {self.device.type}"
                    if self.policy_cls.needs_prefill_queries else ""))

@@ -58,7 +58,7 @@ MEMORY_HEADROOM = 1.5  # the in-memory rows grow by half again when full: append
 # waiting to spill, an index's unlaid segment and a prefill chunk, with MEMORY_HEADROOM), the layers
 # whose whole KV a prefill chunk or a relayout holds at once (its rows, and its K and V decoded), and
 # the extents read per selected row at most (a run of ~16 rows fills one extent; the acceptance bound).
-RESIDENT_TOKENS = 6144
+RESIDENT_TOKENS = 3072
 TRANSIENT_LAYERS = 3
 READ_AMPLIFICATION = 2.0
 DEFAULT_CACHE_SHARE = 0.25  # with no memory budget: the cache holds this share of the KV on disk
@@ -581,10 +581,3 @@ class DiskKV:
                 "memory_bytes": self.memory_nbytes(), "cache_bytes": self.cache.nbytes,
                 "bytes_read": s.bytes_read, "bytes_written": s.bytes_written, "read_requests": s.read_requests,
                 "selected_bytes": s.selected_bytes, "hit_rate": s.extents_hit / looked if looked else None}
-
-    def describe(self) -> str:
-        s = self.stats
-        looked = s.extents_hit + s.extents_missed
-        hits = f", hit rate {s.extents_hit / looked:.0%}" if looked else ""
-        return (f", sparse layers' KV on disk in {self.disk_dir} ({format_size(self.nbytes_on_disk())} there, read "
-                f"through a {format_size(self.cache.nbytes)} cache{hits})")

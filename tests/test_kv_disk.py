@@ -1,0 +1,220 @@
+"""The KV's disk tier: rows back bit for bit in every layout, reads of just the selection, the
+cache, checksums, failures, and a model's tokens unchanged with its KV on disk."""
+
+import errno
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from offload import LLM, SamplingParams
+from offload.config import preset
+from offload.errors import OffloadError
+from offload.tiers import kv_disk
+from offload.tiers.budget import BudgetError
+from offload.tiers.kv_disk import EXTENT_BYTES, CorruptKVError, DiskKV, RowFormat
+from offload.tiers.planner import plan
+
+H, D = 3, 64
+BF16 = RowFormat(D, torch.bfloat16, None)  # 256-byte rows: 16 per extent
+INT8 = RowFormat(D, torch.int8, torch.float32)  # codes + two fp32 scales: 136 bytes, 30 per extent
+
+
+def kv_of(fmt: RowFormat, n: int, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    if fmt.scale is None:
+        return [torch.randn(H, n, D, generator=g).to(fmt.held) for _ in range(2)]
+    codes = [torch.randint(-127, 128, (H, n, D), generator=g, dtype=torch.int8) for _ in range(2)]
+    return codes + [torch.rand(H, n, 1, generator=g) for _ in range(2)]
+
+
+def fill(disk: DiskKV, layer: int, parts: list[torch.Tensor], chunk: int, start: int = 0) -> None:
+    n = parts[0].shape[1]
+    for s in range(start, n, chunk):
+        disk.write(layer, s, [p[:, s:min(n, s + chunk)] for p in parts])
+
+
+def rows_of(parts: list[torch.Tensor], ids: np.ndarray) -> list[torch.Tensor]:
+    index = torch.from_numpy(ids).long()[..., None]
+    return [torch.gather(p, 1, index.expand(-1, -1, p.shape[-1])) for p in parts]
+
+
+def cluster_order(n: int, run: int, seed: int) -> np.ndarray:
+    """Each head's tokens 0..n-1 in runs of ``run`` shuffled tokens (what a cluster index lays out)."""
+    rng = np.random.default_rng(seed)
+    return np.stack([rng.permutation(n) for _ in range(H)]).astype(np.int32)
+
+
+@pytest.mark.parametrize("fmt", [BF16, INT8], ids=["bf16", "int8"])
+def test_rows_come_back_bit_for_bit_in_token_order_and_an_index_order(tmp_path, fmt):
+    n = 2000
+    parts = kv_of(fmt, n + 300)
+    disk = DiskKV(tmp_path, [1, 4], H, 4096, fmt, cache_bytes=4 << 20, keep_tokens=64)
+    fill(disk, 1, [p[:, :n] for p in parts], chunk=256)
+    f = disk.files[1]
+    assert f.written > 0 and f.written % fmt.rows_per_extent == 0  # whole extents went to disk as they aged
+    assert f.mem_start == f.written and f.n == n  # the rest, the window included, is in memory
+    assert os.path.getsize(f.path) >= (2 * f.extents_per_head + f.written // fmt.rows_per_extent) * fmt.extent_bytes
+    assert all(torch.equal(a, b) for a, b in zip(fmt.decode(disk.read_range(1, 0, n)), [p[:, :n] for p in parts]))
+    assert all(torch.equal(a, b) for a, b in zip(fmt.decode(disk.read_range(1, 37, 1500)),
+                                                 [p[:, 37:1500] for p in parts]))
+    ids = np.random.default_rng(1).integers(0, n, size=(H, 150))
+    assert all(torch.equal(a, b) for a, b in zip(fmt.decode(disk.gather(1, ids)), rows_of(parts, ids)))
+    # an index's order: tokens rewritten once, then appended as the index lays out more
+    order = cluster_order(n, 16, 2)
+    disk.lay_out(1, order)
+    assert f.ordered and f.laid == n and np.array_equal(f.token_of[:, :n], order)
+    fill(disk, 1, parts, chunk=1, start=n)  # decode steps
+    more = np.concatenate([order, n + np.stack([np.random.default_rng(h).permutation(300) for h in range(H)])], 1)
+    disk.lay_out(1, more.astype(np.int32))
+    assert f.laid == n + 300 and f.written == (n + 300) // fmt.rows_per_extent * fmt.rows_per_extent
+    assert all(torch.equal(a, b) for a, b in zip(fmt.decode(disk.read_range(1, 0, n + 300)), parts))
+    ids = np.random.default_rng(3).integers(0, n + 300, size=(H, 200))
+    assert all(torch.equal(a, b) for a, b in zip(fmt.decode(disk.gather(1, ids)), rows_of(parts, ids)))
+    assert disk.files[4].written == 0  # the other layer untouched
+    folder = disk.folder
+    disk.close()
+    assert not folder.exists()  # the KV on disk belongs to this store alone
+
+
+def test_a_sequence_continued_from_an_earlier_point_drops_what_came_after(tmp_path):
+    parts, other = kv_of(BF16, 1500), kv_of(BF16, 1500, seed=9)
+    disk = DiskKV(tmp_path, [0], H, 2048, BF16, cache_bytes=1 << 20, keep_tokens=16)
+    fill(disk, 0, parts, chunk=500)
+    disk.lay_out(0, cluster_order(1500, 16, 0))
+    disk.write(0, 700, [p[:, 700:1500] for p in other])  # a new continuation from token 700
+    want = [torch.cat([a[:, :700], b[:, 700:]], 1) for a, b in zip(parts, other)]
+    assert all(torch.equal(a, b) for a, b in zip(BF16.decode(disk.read_range(0, 0, 1500)), want))
+    disk.close()
+
+
+def test_a_selection_in_runs_reads_whole_runs_and_the_cache_serves_the_next_step(tmp_path):
+    n, rpe = 4096, BF16.rows_per_extent
+    parts = kv_of(BF16, n)
+    disk = DiskKV(tmp_path, [0], H, n, BF16, cache_bytes=2 << 20, keep_tokens=64)
+    fill(disk, 0, parts, chunk=512)
+    order = cluster_order(n, 16, 5)
+    disk.lay_out(0, order)
+    f = disk.files[0]
+    # a selection of 12 clusters per head (runs of 16 slots, the index's layout)
+    slots = np.random.default_rng(0).choice(f.written // 16, size=(H, 12), replace=False) * 16
+    ids = np.take_along_axis(order, (slots[..., None] + np.arange(16)).reshape(H, -1), 1)
+    before = disk.stats.bytes_read
+    got = BF16.decode(disk.gather(0, ids))
+    assert all(torch.equal(a, b) for a, b in zip(got, rows_of(parts, ids)))
+    assert disk.stats.bytes_read - before == ids.size // rpe * EXTENT_BYTES  # every run one extent: nothing more
+    before, requests = disk.stats.bytes_read, disk.stats.read_requests
+    disk.gather(0, ids)  # the next step selects the same: all of it from the cache
+    assert disk.stats.bytes_read == before and disk.stats.read_requests == requests
+    assert disk.report()["hit_rate"] == 0.5
+    # a cache smaller than one step's selection says so
+    small = DiskKV(tmp_path, [0], H, n, BF16, cache_bytes=8 * EXTENT_BYTES, keep_tokens=64)
+    fill(small, 0, parts, chunk=512)
+    with pytest.raises(OffloadError, match="cache .* cannot hold one layer's selection.*cpu_memory"):
+        small.gather(0, ids)
+    small.close()
+    disk.close()
+
+
+def test_an_extent_changed_on_disk_is_caught(tmp_path):
+    parts = kv_of(BF16, 1200)
+    disk = DiskKV(tmp_path, [0], H, 2048, BF16, cache_bytes=1 << 20, keep_tokens=16)
+    fill(disk, 0, parts, chunk=600)
+    f = disk.files[0]
+    with open(f.path, "r+b") as raw:  # one byte of head 1's third extent
+        raw.seek((f.extents_per_head + 2) * EXTENT_BYTES + 100)
+        byte = raw.read(1)
+        raw.seek(-1, os.SEEK_CUR)
+        raw.write(bytes([byte[0] ^ 0x10]))
+    with pytest.raises(CorruptKVError, match="extent 2 of KV head 1 does not match its checksum"):
+        disk.read_range(0, 0, 1200)
+    with pytest.raises(CorruptKVError, match="extent 2 of KV head 1"):
+        disk.gather(0, np.full((H, 1), 40))  # slot 40: extent 2
+    disk.close()
+
+
+def test_disk_failures_are_one_clear_line(tmp_path, monkeypatch):
+    a_file = tmp_path / "not-a-dir"
+    a_file.write_text("x")
+    with pytest.raises(OffloadError, match="is a file, not a directory"):
+        DiskKV(a_file, [0], H, 1024, BF16, cache_bytes=1 << 20, keep_tokens=16)
+    # a killed run's folder is removed; a live process's is left alone
+    dead, live = tmp_path / "kv-999999999-deadbeef", tmp_path / f"kv-{os.getppid()}-cafecafe"
+    dead.mkdir()
+    live.mkdir()
+    (dead / "layer001.kv").write_bytes(b"\0" * 4096)
+    disk = DiskKV(tmp_path, [0], H, 1024, BF16, cache_bytes=1 << 20, keep_tokens=16)
+    assert not dead.exists() and live.exists()
+    parts = kv_of(BF16, 1000)
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(kv_disk.os, "pwrite", full)
+    with pytest.raises(OffloadError, match=r"disk_dir .* is full while writing the KV: free space there"):
+        fill(disk, 0, parts, chunk=1000)
+    disk.close()
+
+    def read_only(*args, **kw):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(kv_disk.Path, "mkdir", read_only)
+    with pytest.raises(OffloadError, match="is not writable .*choose a writable disk_dir"):
+        DiskKV(tmp_path / "sub", [0], H, 1024, BF16, cache_bytes=1 << 20, keep_tokens=16)
+
+
+GREEDY = SamplingParams(max_new_tokens=24, ignore_eos=True)
+
+
+@pytest.mark.parametrize("policy,kv_dtype,dtype", [("cluster", None, "float32"), ("quest", None, "float32"),
+                                                    ("streaming", None, "float32"), ("cluster", "int8", "float32"),
+                                                    ("cluster", None, "bfloat16")])
+def test_a_model_with_its_kv_on_disk_gives_the_same_tokens(tiny_models, tmp_path, policy, kv_dtype, dtype):
+    folder, _ = tiny_models["llama"]
+    prompt = [int(t) for t in np.random.default_rng(0).integers(3, 290, size=2000)]
+    kw = dict(kv_policy=policy, kv_budget=48, sink=4, window=16, dense_layers=1, max_context=2048,
+              prefill_chunk_size=256, kv_dtype=kv_dtype, dtype=dtype, verbose=False)
+    base = LLM(folder, **kw)
+    disk = LLM(folder, kv_offload="disk", disk_dir=tmp_path, **kw)
+    assert "KV on disk in" in disk.describe()
+    assert disk.generate([prompt], GREEDY)[0].token_ids == base.generate([prompt], GREEDY)[0].token_ids
+    report = disk.tier_report()["kv"]["disk"]
+    assert report["bytes_on_disk"] > 0 and report["bytes_written"] >= report["bytes_on_disk"]
+    assert report["bytes_read"] > 0 and report["hit_rate"] > 0.5  # consecutive steps share most extents
+    # the memory side holds the dense layer, the recent rows and the cache, not the sparse layer's KV
+    assert disk.backend.kv_nbytes("disk") == report["bytes_on_disk"]
+    folder_on_disk = report["folder"]
+    disk.close()
+    assert not os.path.exists(folder_on_disk)
+
+
+def test_the_kv_on_disk_refuses_what_it_cannot_serve(tiny_models, tmp_path):
+    folder, _ = tiny_models["llama"]
+    with pytest.raises(OffloadError, match="kv_offload='disk' puts the sparse layers' KV in disk_dir: give disk_dir"):
+        LLM(folder, kv_policy="cluster", kv_offload="disk", verbose=False)
+    with pytest.raises(OffloadError, match="kv_policy 'retrieval' reads keys all over the KV.*cluster"):
+        LLM(folder, kv_policy="retrieval", kv_offload="disk", disk_dir=tmp_path, verbose=False)
+    with pytest.raises(OffloadError, match="kv_offload must be None"):
+        LLM(folder, kv_policy="cluster", kv_offload="nvme", verbose=False)
+    llm = LLM(folder, kv_policy="cluster", kv_offload="disk", disk_dir=tmp_path, dense_layers=1, max_context=256,
+              verbose=False)
+    with pytest.raises(OffloadError, match="disk tier holds one sequence at a time; got a batch of 2"):
+        llm.generate([[5, 6, 7], [8, 9, 10]], GREEDY)
+    llm.close()
+
+
+def test_plan_puts_the_kv_on_disk_when_memory_cannot_hold_it():
+    args = preset("llama-3.1-8b")
+    kw = dict(model="llama-3.1-8b", context=131072, device="cuda", dtype="bfloat16", kv_policy="cluster",
+              gpu_memory=24 * 2**30, disk_dir="/nvme")
+    roomy = plan(args, cpu_memory=64 * 2**30, kv_disk=None, **kw)
+    assert "disk" not in roomy.kv_tiers  # 15 GiB of KV fits in 64 GiB of host memory
+    tight = plan(args, cpu_memory=8 * 2**30, kv_disk=None, **kw)
+    per_layer = args.kv_bytes_per_token(2) * 131072 // 32
+    assert tight.kv_tiers["disk"] == 30 * per_layer == 15 * 2**30  # the sparse layers' KV
+    assert tight.layer_tiers == ("device",) * 32
+    assert 0 < tight.kv_disk_cache_bytes and tight.tier_bytes()["host"] <= 8 * 2**30  # the cache takes what is left
+    assert tight.bytes_per_token["disk_kv"] > 0 and "disk_kv" in tight.table()
+    with pytest.raises(BudgetError, match="cpu_memory 1.00 GiB cannot hold .* smallest budget that works is"):
+        plan(args, cpu_memory=2**30, kv_disk=True, **kw)
