@@ -34,6 +34,9 @@ from .base import ADAPTIVE_FLOOR_TOKENS, KVIndex, Selection, register
 # Clusters scored at a time per KV head: G x MASS_BLOCK fp32 logits (4 KiB at G = 4) stay in L1
 # while all D centroid rows are added in (unblocked, the logits of 8K clusters stream from L2 D times).
 MASS_BLOCK = 256
+# Segments clustered in one batched k-means: large products, and keys read (from disk, say) and held
+# in fp32 16K tokens at a time however long the prompt.
+BUILD_SEGMENTS = 16
 KMEANS_ITERATIONS = 6  # Lloyd steps per segment: the captured mass stops growing after ~5 (tests/bench)
 
 
@@ -244,8 +247,9 @@ class ClusterIndex(KVIndex):
         self.n_clustered = 0
         self._log_sizes = torch.zeros(Hkv, 1, 0, device=device)  # [Hkv, 1, C]: log(size), each step's offset
         whole = n - n % self.segment
-        if whole:
-            self._cluster(0, whole)
+        step = self.segment * BUILD_SEGMENTS
+        for start in range(0, whole, step):  # a batch of segments at a time: bounded memory at any context
+            self._cluster(start, min(whole, start + step))
         if n > whole:  # the prompt's last, shorter segment: clustered now, the tail starts empty
             self._cluster(whole, n)
 

@@ -77,7 +77,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dense-layers", type=int, default=2, help="first layers kept dense")
     p.add_argument("--gpu-memory", default=None, help="GPU budget, e.g. 24GiB, or auto (90%% of free)")
     p.add_argument("--cpu-memory", default=None, help="host memory budget, e.g. 32GiB, or auto")
-    p.add_argument("--disk-dir", default=None, help="directory for weights that fit in no memory budget")
+    p.add_argument("--disk-dir", default=None,
+                   help="directory for the weights and the KV that fit in no memory budget")
+    p.add_argument("--kv-offload", choices=("auto", "host", "disk", "off"), default="auto",
+                   help="where the sparse layers' KV lives: host memory (a GPU fetches each step's selection), disk "
+                        "(--disk-dir; read a selection at a time: kv-policy cluster, quest or streaming), off (the "
+                        "device); auto: the KV goes to host memory or disk when the budgets cannot hold it")
     p.add_argument("--profile", default=None, help="bandwidth profile JSON from `offload profile`")
     p.add_argument("--max-context", "--context", type=_positive_int, default=None, dest="max_context",
                    help="longest sequence to plan for, prompt + generated (default: the model's maximum)")

@@ -277,7 +277,7 @@ class EngineConfig:
                    search_effort=ns.search_effort, quantize=ns.quantize, kv_dtype=ns.kv_dtype,
                    gpu_memory=ns.gpu_memory, cpu_memory=ns.cpu_memory,
                    disk_dir=ns.disk_dir, profile=ns.profile, flash=flash, flash_calibration=calibration,
-                   verbose=not ns.quiet)
+                   kv_offload={"auto": None, "off": False}.get(ns.kv_offload, ns.kv_offload), verbose=not ns.quiet)
 
 
 @dataclass(frozen=True)

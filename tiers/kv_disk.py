@@ -51,6 +51,7 @@ FOLDER_PREFIX = "kv-"  # kv-<pid>-<random>: one process's KV files
 SPILL_EXTENTS = 16
 READ_THREADS = 4  # requests in flight at once: an NVMe drive reaches its bandwidth only with several
 IOV_MAX = 1024  # iovecs per preadv (Linux's limit)
+FLUSH_EXTENTS = 1024  # extents per head in one write (4 MiB): a whole layer is written a slice at a time
 MEMORY_HEADROOM = 1.5  # the in-memory rows grow by half again when full: appends stay amortised O(1)
 
 
@@ -214,13 +215,14 @@ class _LayerFile:
         self._mem_len += T
 
     def set_memory(self, start: int, rows: torch.Tensor) -> None:
-        """Hold rows [Hkv, T, R] of tokens start.. in memory (and nothing else)."""
-        self.mem_start, self._mem, self._mem_len = start, rows.clone(), rows.shape[1]
+        """Hold rows [Hkv, T, R] of tokens start.. in memory (and nothing else; ``rows`` is kept, not copied)."""
+        self.mem_start, self._mem, self._mem_len = start, rows, rows.shape[1]
 
     def drop_before(self, token: int) -> None:
-        """Rows of tokens before ``token`` leave memory (they are on disk)."""
+        """Rows of tokens before ``token`` leave memory (they are on disk): the rest is copied out
+        so that the old buffer is freed."""
         if token > self.mem_start:
-            self.set_memory(token, self.mem[:, token - self.mem_start:])
+            self.set_memory(token, self.mem[:, token - self.mem_start:].clone())
 
     def memory_nbytes(self) -> int:
         return self._mem.numel()
@@ -284,7 +286,8 @@ def _disk_error(e: OSError, path: Path, what: str) -> OffloadError:
 @dataclass
 class DiskStats:
     bytes_written: int = 0
-    bytes_read: int = 0  # from the disk (whole extents)
+    bytes_read: int = 0  # from the disk (whole extents): selections, prefill's prefixes and index builds
+    selection_bytes_read: int = 0  # of which for selections (decode steps)
     read_requests: int = 0
     selected_bytes: int = 0  # rows a gather handed out from the disk tier (the selection's own bytes)
     extents_hit: int = 0  # extents a gather found in the cache
@@ -396,28 +399,30 @@ class DiskKV:
             self._flush(f, end)
 
     def _flush(self, f: _LayerFile, end: int) -> None:
-        """Write slots [written, end) (whole extents) of every head from memory to the file."""
+        """Write slots [written, end) (whole extents) of every head from memory to the file, at most
+        FLUSH_EXTENTS per head and request (a relayout of a whole layer holds no second copy of it)."""
         rpe, eb, R = self.fmt.rows_per_extent, self.fmt.extent_bytes, self.fmt.row_bytes
-        first, last = f.written // rpe, end // rpe
-        E = last - first
-        buf = aligned_empty((self.num_kv_heads, E, eb), torch.uint8).numpy()  # [Hkv, E, eb]
-        tokens = f.token_of[:, f.written:end] - f.mem_start  # [Hkv, slots] rows of memory
-        rows = torch.gather(f.mem, 1, torch.from_numpy(tokens.astype(np.int64))[..., None].expand(-1, -1, R))
-        buf[:, :, :rpe * R] = rows.numpy().reshape(self.num_kv_heads, E, rpe * R)
-        buf[:, :, rpe * R:] = 0
-        for h in range(self.num_kv_heads):
-            f.checksums[h, first:last] = extent_checksums(buf[h])
-            offset = (h * f.extents_per_head + first) * eb
-            try:
-                done = os.pwrite(f.fd, memoryview(buf[h]).cast("B"), offset)
-            except OSError as e:
-                raise _disk_error(e, f.path, "writing the KV") from None
-            if done != buf[h].nbytes:
-                raise _disk_error(OSError(errno.ENOSPC, "short write"), f.path, "writing the KV")
-            if not f.direct and hasattr(os, "posix_fadvise"):
-                os.fdatasync(f.fd)  # buffered: the pages can only be dropped once clean
-                os.posix_fadvise(f.fd, offset, buf[h].nbytes, os.POSIX_FADV_DONTNEED)
-        self.stats.bytes_written += buf.nbytes
+        for first in range(f.written // rpe, end // rpe, FLUSH_EXTENTS):
+            last = min(end // rpe, first + FLUSH_EXTENTS)
+            E = last - first
+            buf = aligned_empty((self.num_kv_heads, E, eb), torch.uint8).numpy()  # [Hkv, E, eb]
+            tokens = f.token_of[:, first * rpe:last * rpe] - f.mem_start  # [Hkv, slots] rows of memory
+            index = torch.from_numpy(tokens.astype(np.int64))[..., None].expand(-1, -1, R)
+            buf[:, :, :rpe * R] = torch.gather(f.mem, 1, index).numpy().reshape(self.num_kv_heads, E, rpe * R)
+            buf[:, :, rpe * R:] = 0
+            for h in range(self.num_kv_heads):
+                f.checksums[h, first:last] = extent_checksums(buf[h])
+                offset = (h * f.extents_per_head + first) * eb
+                try:
+                    done = os.pwrite(f.fd, memoryview(buf[h]).cast("B"), offset)
+                except OSError as e:
+                    raise _disk_error(e, f.path, "writing the KV") from None
+                if done != buf[h].nbytes:
+                    raise _disk_error(OSError(errno.ENOSPC, "short write"), f.path, "writing the KV")
+                if not f.direct and hasattr(os, "posix_fadvise"):
+                    os.fdatasync(f.fd)  # buffered: the pages can only be dropped once clean
+                    os.posix_fadvise(f.fd, offset, buf[h].nbytes, os.POSIX_FADV_DONTNEED)
+            self.stats.bytes_written += buf.nbytes
         f.written = end
         # the rows now on disk leave memory, up to the first token some head still needs there
         pending = f.token_of[:, end:f.laid]
@@ -427,7 +432,7 @@ class DiskKV:
     def _truncate(self, f: _LayerFile, n: int) -> None:
         """Keep tokens [0, n): the sequence goes on from there (a row prefilled again)."""
         if n >= f.mem_start:
-            f.set_memory(f.mem_start, f.mem[:, :n - f.mem_start])
+            f.set_memory(f.mem_start, f.mem[:, :n - f.mem_start].clone())
             if n < f.laid:  # slots past n are void; in token order they are a suffix
                 rows = self.read_range(self._layer_of(f), 0, n)
                 self._reset(f, rows)
@@ -560,6 +565,7 @@ class DiskKV:
                     for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, missing.size])]
         self._read_requests(f, requests)
         self.stats.bytes_read += missing.size * eb
+        self.stats.selection_bytes_read += missing.size * eb
         sums = extent_checksums(self.cache, victims)
         want = f.checksums.reshape(-1)[missing]
         bad = np.nonzero(sums != want)[0]
@@ -579,5 +585,6 @@ class DiskKV:
         return {"folder": str(self.folder), "mode": "O_DIRECT" if all(f.direct for f in self.files.values())
                 else "buffered", "layers": len(self.files), "bytes_on_disk": self.nbytes_on_disk(),
                 "memory_bytes": self.memory_nbytes(), "cache_bytes": self.cache.nbytes,
-                "bytes_read": s.bytes_read, "bytes_written": s.bytes_written, "read_requests": s.read_requests,
+                "bytes_read": s.bytes_read, "selection_bytes_read": s.selection_bytes_read,
+                "bytes_written": s.bytes_written, "read_requests": s.read_requests,
                 "selected_bytes": s.selected_bytes, "hit_rate": s.extents_hit / looked if looked else None}

@@ -1,0 +1,212 @@
+"""The KV on disk beside the KV in memory: the same model, text, policy and budget, one run.
+
+Each (policy, tier) runs in its own process, whose resident memory this process samples from
+outside (the peak is what a budget must hold). A run prefills real text and decodes greedily
+(tokens, ms per token), then answers the passkey at each depth. With the KV on disk the sparse
+layers' KV lives in ``--disk-dir`` and is read a selection at a time through a cache of extents
+holding ``--cache-share`` of it (the rest of the memory: weights, dense layers' KV, recent rows).
+Reported per policy: tokens and passkey answers identical or not, decode ms/token both ways,
+disk bytes read per token against the selection's own bytes, the cache's hit rate, peak RSS.
+
+    python -m offload.profiles.bench_kv_disk --context 8192 --policies cluster quest --out-dir runs/kvdisk8k
+    python -m offload.profiles.bench_kv_disk --context 32768 --extend yarn --policies cluster --out-dir runs/kvdisk32k
+
+Writes ``bench_kv_disk.json`` and ``bench_kv_disk.png`` in ``--out-dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import date
+from pathlib import Path
+
+from offload.fileio import write_json_atomic
+
+TIERS = ("memory", "disk")
+SAMPLE_SECONDS = 0.02  # RSS sampling period of the child processes
+
+
+def _rss(pid: int) -> int:
+    """Resident bytes of process ``pid`` (VmRSS), 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def run_child(argv: list[str]) -> tuple[dict, int]:
+    """Run this module with ``argv`` in a child process; -> (its JSON result, its peak RSS sampled here)."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as out:
+        path = out.name
+    proc = subprocess.Popen([sys.executable, "-m", "offload.profiles.bench_kv_disk", *argv, "--child-out", path])
+    peak, done = 0, threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _rss(proc.pid))
+            time.sleep(SAMPLE_SECONDS)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    rc = proc.wait()
+    done.set()
+    sampler.join()
+    if rc:
+        raise SystemExit(f"bench_kv_disk: the {argv[argv.index('--tier') + 1]} run failed (exit {rc})")
+    result = json.loads(Path(path).read_text())
+    os.unlink(path)
+    return result, peak
+
+
+def child(args) -> dict:
+    """One (policy, tier) run in this process."""
+    from offload import LLM, SamplingParams
+    from offload.loaders import read_model_args
+    from offload.profiles.bench_generate import _real_text_ids
+    from offload.profiles.passkey import passkey_prompt
+
+    longest = args.context + args.steps + 8
+    rope_scaling = None
+    if args.extend == "yarn":
+        trained = read_model_args(args.model)[0].max_position_embeddings
+        rope_scaling = {"type": "yarn", "factor": max(1.0, longest / trained), "original_max_position_embeddings": trained}
+    kw = dict(kv_policy=args.policy, kv_budget=args.budget, max_context=longest, dtype=args.dtype,
+              prefill_chunk_size=args.prefill_chunk, rope_scaling=rope_scaling, kv_dtype=args.kv_dtype, verbose=False)
+    if args.tier == "disk":
+        kw |= dict(kv_offload="disk", disk_dir=args.disk_dir)
+    llm = LLM(args.model, **kw)
+    out: dict = {"describe": llm.describe()}
+    ids = _real_text_ids(llm.tokenizer, args.context - args.steps)
+    import torch
+
+    # per step: when it arrived and the disk tier's counters then (the first decode step also builds
+    # the index and, on disk, lays the KV out in its order: the steady state is measured after it)
+    marks = []
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for step in llm.engine.run([ids], [SamplingParams(max_new_tokens=args.steps, ignore_eos=True)]):
+            marks.append((time.perf_counter(), llm.backend.kv_disk_report() or {}, list(step[0][0].token_ids)))
+    times = [t for t, _, _ in marks]
+    step_ms = [1e3 * (b - a) for a, b in zip(times, times[1:])]
+    out |= {"prefill_s": times[0] - t0, "tokens": marks[-1][2], "decode_ms": statistics.median(step_ms),
+            "decode_ms_all": step_ms}
+    if marks[-1][1]:
+        first, steady, last = marks[0][1], marks[1][1], marks[-1][1]
+        n = len(marks) - 2
+        out["disk"] = last | {
+            "read_per_token": (last["selection_bytes_read"] - steady["selection_bytes_read"]) / n,
+            "selected_per_token": (last["selected_bytes"] - steady["selected_bytes"]) / n,
+            "first_step_bytes_read": steady["bytes_read"] - first["bytes_read"],  # build, relayout, a cold cache
+            "prefill_bytes_read": first["bytes_read"]}
+    out["passkey"] = {}
+    for depth in args.depths:
+        prompt = passkey_prompt(llm.tokenizer, args.context - 8, depth, args.key, args.haystack)
+        answer = llm.generate([prompt], SamplingParams(max_new_tokens=6))[0].text
+        out["passkey"][str(depth)] = {"answer": answer, "found": answer.strip().startswith(args.key)}
+    llm.close()
+    return out
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    names = [r["policy"] for r in rows]
+    x = range(len(rows))
+    ax1.bar([i - 0.2 for i in x], [r["memory"]["decode_ms"] for r in rows], 0.4, label="KV in memory")
+    ax1.bar([i + 0.2 for i in x], [r["disk"]["decode_ms"] for r in rows], 0.4, label="KV on disk")
+    ax1.set_xticks(list(x), names)
+    ax1.set_ylabel("decode ms / token (median)")
+    ax1.legend()
+    ax2.bar([i - 0.2 for i in x], [r["disk"]["disk"]["selected_per_token"] / 2**20 for r in rows], 0.4,
+            label="selection's bytes (from the disk tier)")
+    ax2.bar([i + 0.2 for i in x], [r["disk"]["disk"]["read_per_token"] / 2**20 for r in rows], 0.4,
+            label="read from disk (after the cache)")
+    ax2.set_xticks(list(x), names)
+    ax2.set_ylabel("MiB per token")
+    ax2.legend()
+    fig.suptitle(f"KV on disk vs in memory, context {result['settings']['context']:,} ({result['machine']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None)
+    p.add_argument("--context", type=int, default=8192)
+    p.add_argument("--extend", choices=("none", "yarn"), default="none", help="YaRN beyond the trained context")
+    p.add_argument("--policies", nargs="+", default=["cluster", "quest"])
+    p.add_argument("--budget", type=float, default=0.02)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--kv-dtype", default=None, choices=("int8",))
+    p.add_argument("--prefill-chunk", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=32, help="greedy decode steps (median ms reported)")
+    p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
+    p.add_argument("--haystack", default="filler")
+    p.add_argument("--key", default="68213")
+    p.add_argument("--disk-dir", default=None, help="where the KV goes (default: a folder under --out-dir)")
+    p.add_argument("--out-dir", default="bench_kv_disk")
+    p.add_argument("--policy", help=argparse.SUPPRESS)
+    p.add_argument("--tier", choices=TIERS, help=argparse.SUPPRESS)
+    p.add_argument("--child-out", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    out_dir = Path(args.out_dir)
+    args.disk_dir = args.disk_dir or str(out_dir / "kv")
+    if args.child_out:
+        write_json_atomic(args.child_out, child(args))
+        return 0
+    out_dir.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    machine = f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads (no GPU)"
+    result = {"settings": vars(args), "machine": machine, "date": str(date.today()), "rows": []}
+    passed = [a for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--out-dir", args.out_dir)]
+    for policy in args.policies:
+        row: dict = {"policy": policy}
+        for tier in TIERS:
+            run, peak = run_child(passed + ["--policy", policy, "--tier", tier, "--out-dir", args.out_dir])
+            row[tier] = run | {"peak_rss": peak}
+            print(f"{policy} {tier}: {run['decode_ms']:.1f} ms/token, prefill {run['prefill_s']:.1f} s, "
+                  f"peak RSS {peak / 2**20:.0f} MiB", flush=True)
+        m, d = row["memory"], row["disk"]
+        row["same_tokens"] = m["tokens"] == d["tokens"]
+        row["same_passkey"] = m["passkey"] == d["passkey"]
+        row["slowdown"] = d["decode_ms"] / m["decode_ms"]
+        row["read_over_selected"] = d["disk"]["read_per_token"] / max(1.0, d["disk"]["selected_per_token"])
+        result["rows"].append(row)
+        write_json_atomic(out_dir / "bench_kv_disk.json", result)
+    plot(result, out_dir / "bench_kv_disk.png")
+    print("| policy | tokens same | passkey same (found) | decode ms mem / disk | disk read / selection per token "
+          "| hit rate | peak RSS mem / disk |")
+    print("|---|---|---|---|---|---|---|")
+    for r in result["rows"]:
+        m, d = r["memory"], r["disk"]
+        found = "/".join("y" if v["found"] else "n" for v in d["passkey"].values())
+        print(f"| {r['policy']} | {r['same_tokens']} | {r['same_passkey']} ({found}) | {m['decode_ms']:.1f} / "
+              f"{d['decode_ms']:.1f} ({r['slowdown']:.2f}x) | {d['disk']['read_per_token'] / 2**10:.0f} / "
+              f"{d['disk']['selected_per_token'] / 2**10:.0f} KiB ({r['read_over_selected']:.2f}x) | "
+              f"{d['disk']['hit_rate']:.0%} | {m['peak_rss'] / 2**20:.0f} / {d['peak_rss'] / 2**20:.0f} MiB |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
