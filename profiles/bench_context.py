@@ -32,14 +32,24 @@ from offload.indexes.dense import DenseAttention
 from .bench_generate import _real_text_ids
 
 
-def prefill_shared(llm, ids: list[int], capacity: int, config, keep_queries: bool = True, kv_offload: bool = False):
+def _shared_backend(llm, config, ctx, kv_offload: bool, store):
+    """The backend a shared prefill runs through: ``store`` (a KVStore, e.g. one with a disk tier)
+    or a new one; its policy keeps what the policies after it need (a disk store serves only
+    policies that read a selection in runs: cluster's then)."""
+    from offload.indexes.backend import SparseAttention
+
+    policy = "cluster" if store is not None and store.disk_layers else "retrieval"
+    return SparseAttention(llm.args, llm.device, llm.dtype, policy, config, ctx, kv_offload=kv_offload, store=store)
+
+
+def prefill_shared(llm, ids: list[int], capacity: int, config, keep_queries: bool = True, kv_offload: bool = False,
+                   store=None):
     """Prefill once with a backend that keeps what every policy needs (prefill queries, token ids).
     ``keep_queries=False`` when no query-aware policy follows (they take memory at long contexts)."""
-    from offload.indexes.backend import SparseAttention
     from offload.indexes.base import IndexContext
 
     ctx = IndexContext.for_model(llm.args, llm.device, llm.tokenizer.sentence_end_ids())
-    shared = SparseAttention(llm.args, llm.device, llm.dtype, "retrieval", config, ctx, kv_offload=kv_offload)
+    shared = _shared_backend(llm, config, ctx, kv_offload, store)
     shared.keep_tokens = True
     shared.keep_queries = keep_queries
     shared.allocate(1, capacity)
@@ -61,18 +71,17 @@ SYNTHETIC_CHUNK = 16384  # tokens generated and written at a time
 
 @torch.inference_mode()
 def synthetic_shared(llm, ctx: int, capacity: int, config, keep_queries: bool = True,
-                     kv_offload: bool = False, seed: int = 0):
+                     kv_offload: bool = False, seed: int = 0, store=None):
     """Like :func:`prefill_shared`, for latency only: the KV of a ``ctx``-token prompt is filled with
     synthetic keys and values (and, for query-aware policies, synthetic prompt queries near the
     keys' topics) instead of running the model, so that decode at 64K-128K can be timed on a CPU
     without hours of prefill. Returns (shared backend, None, fill seconds)."""
-    from offload.indexes.backend import SparseAttention
     from offload.indexes.base import QUERY_STRIDE, IndexContext
     from offload.kernels.reference import rope_rotate
 
     a = llm.args
     index_ctx = IndexContext.for_model(a, llm.device, llm.tokenizer.sentence_end_ids())
-    shared = SparseAttention(a, llm.device, llm.dtype, "retrieval", config, index_ctx, kv_offload=kv_offload)
+    shared = _shared_backend(llm, config, index_ctx, kv_offload, store)
     shared.keep_tokens, shared.keep_queries = True, keep_queries
     shared.allocate(1, capacity)
     llm.engine.backend = shared
@@ -117,27 +126,34 @@ def backend_for(policy: str, llm, shared, config):
 
 
 @torch.inference_mode()
-def decode(llm, backend, n: int, token: int, steps: int) -> tuple[list[float], int, int]:
-    """``steps`` greedy steps from context n: (seconds per step, next token, new context)."""
+def decode(llm, backend, n: int, token: int, steps: int, observe=None,
+           marks: list | None = None) -> tuple[list[float], int, int]:
+    """``steps`` greedy steps from context n: (seconds per step, next token, new context).
+    ``observe``: called before the first step and after each, its results appended to ``marks``."""
     times = []
+    if observe is not None:
+        marks.append(observe())
     for _ in range(steps):
         t0 = time.perf_counter()
         batch = ForwardBatch.decode([n], llm.device, [token])
         logits = llm.model(torch.tensor([[token]], device=llm.device), batch, backend)[0, -1]  # [V]
         token = int(logits.argmax())
         times.append(time.perf_counter() - t0)
+        if observe is not None:
+            marks.append(observe())
         n += 1
     return times, token, n
 
 
-def build_and_decode(llm, policy: str, shared, config, ctx: int, first: int, steps: int):
+def build_and_decode(llm, policy: str, shared, config, ctx: int, first: int, steps: int, observe=None,
+                     marks: list | None = None):
     """A policy's backend over the shared KV: (backend, index build seconds, decode(...) result)."""
     backend = backend_for(policy, llm, shared, config)
     t0 = time.perf_counter()
     if policy != "dense":
         backend.build_indexes(0, ctx)
     build_s = time.perf_counter() - t0
-    return backend, build_s, decode(llm, backend, ctx, first, steps)
+    return backend, build_s, decode(llm, backend, ctx, first, steps, observe, marks)
 
 
 def _has_effort(policy: str) -> bool:

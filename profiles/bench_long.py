@@ -68,28 +68,39 @@ def _query_aware(policy: str) -> bool:
 
 
 def latency_rows(llm, ctx: int, policies: list[str], config, steps: int, kv_offload: bool = False,
-                 synthetic: bool = False) -> list[dict]:
+                 synthetic: bool = False, kv_disk=None) -> list[dict]:
     """Prefill ``ctx`` tokens once (or, ``synthetic``, fill the KV with synthetic keys and values:
-    speed only); each policy decodes ``steps`` tokens from the same KV."""
+    speed only); each policy decodes ``steps`` tokens from the same KV. ``kv_disk`` (a DiskTier):
+    the sparse layers' KV on disk, read a selection at a time through its cache."""
     from offload.tiers.budget import MemorySampler
+    from offload.tiers.kv_store import KVStore
+
+    store = None
+    if kv_disk is not None:
+        sparse = range(config.dense_layers, llm.args.num_layers)
+        store = KVStore(llm.args, llm.device, llm.dtype, disk_layers=sparse, disk=kv_disk)
+        kv_offload = True
 
     a, b = llm.args, llm.dtype.itemsize
     _reset_gpu_peak(llm.device)
     keep_queries = any(_query_aware(p) for p in policies)
     with MemorySampler() as prefill_mem:
         if synthetic:
-            shared, _, prefill_s = synthetic_shared(llm, ctx, ctx + steps + 1, config, keep_queries, kv_offload)
+            shared, _, prefill_s = synthetic_shared(llm, ctx, ctx + steps + 1, config, keep_queries, kv_offload,
+                                                    store=store)
             first = llm.tokenizer.encode("The")[-1]
         else:
             shared, logits, prefill_s = prefill_shared(llm, _real_text_ids(llm.tokenizer, ctx), ctx + steps + 1, config,
-                                                       keep_queries=keep_queries, kv_offload=kv_offload)
+                                                       keep_queries=keep_queries, kv_offload=kv_offload, store=store)
             first = int(logits.argmax())
     rows = []
     for policy in policies:
         _reset_gpu_peak(llm.device)
         fetched_before = shared.kv_bytes_to_device  # the policies share one KV store and its counter
         with MemorySampler() as mem:
-            backend, build_s, (times, _, _) = build_and_decode(llm, policy, shared, config, ctx, first, steps)
+            disk_marks: list[dict | None] = []
+            backend, build_s, (times, _, _) = build_and_decode(llm, policy, shared, config, ctx, first, steps,
+                                                               shared.kv_disk_report, disk_marks)
         sparse_layers = 0 if policy == "dense" else a.num_layers - config.dense_layers
         attended = min(ctx, config.budget_tokens(ctx) + config.sink + config.window)
         kv_read = a.kv_bytes_per_token(b) // a.num_layers * (
@@ -102,16 +113,27 @@ def latency_rows(llm, ctx: int, policies: list[str], config, steps: int, kv_offl
             "decode_ms_runs": [1e3 * t for t in times],
             "kv_bytes": shared.kv_nbytes(), "kv_bytes_host_tier": shared.kv_nbytes("cpu") if kv_offload else 0,
             "kv_fetched_per_token": (shared.kv_bytes_to_device - fetched_before) / steps if kv_offload else None,
-            "index_bytes": index_bytes, "kv_read_per_token": kv_read,
+            "index_bytes": index_bytes, "kv_read_per_token": kv_read, "kv_disk": _disk_row(disk_marks),
             "weight_bytes_per_token": llm.args.param_count() * b,
             "peak_host_bytes": max(mem.peak, prefill_mem.peak), "peak_device_bytes": _gpu_peak(llm.device),
             "beyond_trained_context": ctx > llm.args.max_position_embeddings})
         del backend
+    shared.close()  # a disk tier's files go with it
     del shared
     return rows
 
 
 @torch.inference_mode()
+def _disk_row(marks: list[dict | None]) -> dict | None:
+    """The disk tier's report after the timed steps, with what the steady steps (all but the first:
+    the index build's relayout and a cold cache) read from disk and selected from it, per token."""
+    if len(marks) < 3 or marks[-1] is None:
+        return None
+    first, last, n = marks[1], marks[-1], len(marks) - 2
+    return last | {"read_per_token": (last["selection_bytes_read"] - first["selection_bytes_read"]) / n,
+                   "selected_per_token": (last["selected_bytes"] - first["selected_bytes"]) / n}
+
+
 def _greedy(llm, backend, n: int, first: int, steps: int, forced: list[int] | None = None) -> list[int]:
     """``steps`` greedy tokens from context n. With ``forced``, the input of each step is forced[i]
     (teacher forcing) and the returned list holds the model's choice at each step."""
@@ -258,6 +280,10 @@ def main(argv=None) -> int:
     p.add_argument("--kv-offload", action=argparse.BooleanOptionalAction, default=None,
                    help="keep the sparse layers' KV in host memory (pinned) and fetch sinks + window + selection "
                         "per step; default: on with a GPU, off on a CPU (where host memory is the device)")
+    p.add_argument("--kv-disk", default=None, metavar="DIR",
+                   help="the sparse layers' KV on disk in DIR, read a selection at a time (latency runs; policies "
+                        "that read a selection in runs: cluster, quest, streaming)")
+    p.add_argument("--kv-disk-cache", default="256MiB", help="host memory for the disk KV's cache of extents")
     p.add_argument("--contexts", type=int, nargs="*", default=[4096, 16384, 32768, 65536, 131072],
                    help="latency contexts (none: the accuracy runs alone)")
     p.add_argument("--policies", nargs="+", default=POLICIES)
@@ -309,6 +335,11 @@ def main(argv=None) -> int:
     llm = LLM(args.model, device=device, dtype=args.dtype, prefill_chunk_size=args.prefill_chunk,
               max_context=longest, load_format=args.load_format, quantize=args.quantize)
     config = SelectionConfig(budget=args.budget, sink=args.sink, window=args.window, dense_layers=args.dense_layers)
+    kv_disk = None
+    if args.kv_disk is not None:
+        from offload.tiers.kv_store import DiskTier
+
+        kv_disk = DiskTier(Path(args.kv_disk), parse_size(args.kv_disk_cache, "--kv-disk-cache"), args.window)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     result = {"settings": vars(args), "machine": machine(llm) + cap_note, "kv_offload": kv_offload,
@@ -317,7 +348,7 @@ def main(argv=None) -> int:
     for ctx in tqdm(args.contexts, desc="contexts", disable=None):
         try:
             result["latency"] += latency_rows(llm, ctx, args.policies, config, args.steps, kv_offload,
-                                              synthetic=args.synthetic_kv)
+                                              synthetic=args.synthetic_kv, kv_disk=kv_disk)
         except torch.OutOfMemoryError as e:  # a context that does not fit under the cap is a result too
             result.setdefault("did_not_fit", []).append({"context": ctx, "error": str(e).splitlines()[0]})
             torch.cuda.empty_cache()

@@ -13,9 +13,10 @@ consecutive slots, so that a selection of clusters is a few runs of extents, not
 token. The most recent tokens (and those of a slot run not yet a whole extent) stay in memory.
 
 Reads of a step's selection (:meth:`DiskKV.gather`) go through a cache of extents in host memory
-(``cache_bytes``, least recently used out first: consecutive steps select heavily overlapping
-sets), and the extents it lacks are read in runs of adjacent extents, one request per run,
-several requests in flight. Every extent read is checked against the checksum taken when it was
+(``cache_bytes``; CLOCK eviction, second chance for extents hit since the hand last passed, an
+LRU approximation at O(1) per eviction: consecutive steps select heavily overlapping sets), and
+the extents it lacks are read in runs of adjacent extents, one request per run, several requests
+in flight. Every extent read is checked against the checksum taken when it was
 written. The files belong to this process: they live in ``kv-<pid>-<random>`` under ``disk_dir``,
 are removed when the store closes, and a later run removes the folders of processes that are gone.
 
@@ -63,6 +64,9 @@ RESIDENT_TOKENS = 3072
 TRANSIENT_LAYERS = 3
 READ_AMPLIFICATION = 2.0
 DEFAULT_CACHE_SHARE = 0.25  # with no memory budget: the cache holds this share of the KV on disk
+# Share of a step's extents the cache holds, for predictions: measured 93% (cluster) and 88% (quest)
+# at 8K on the default model with a cache of 25% of the KV (BENCHMARKS.md, KV on disk).
+EXPECTED_HIT_RATE = 0.9
 
 
 @dataclass(frozen=True)
@@ -137,6 +141,82 @@ def extent_checksums(data: np.ndarray, which: np.ndarray | None = None) -> np.nd
     return out
 
 
+@njit(cache=True, nogil=True)
+def _plan_gather(ids, mem_start, slot_of, rpe, eph, cache_at, cache_used, cache_ref, seen, tick,
+                 missing):  # pragma: no cover
+    """ids [Hkv, M] (tokens): marks the cached extents the disk rows need as used at ``tick`` and
+    lists the others once each in ``missing``; ``seen`` [Hkv E] remembers the extents met this
+    call (== tick). Returns (extents missing, rows from disk, extents found in the cache)."""
+    H, M = ids.shape
+    n_miss, n_disk, hits = 0, 0, 0
+    for h in range(H):
+        for j in range(M):
+            t = ids[h, j]
+            if t >= mem_start:
+                continue
+            n_disk += 1
+            key = h * eph + slot_of[h, t] // rpe
+            if seen[key] == tick:
+                continue
+            seen[key] = tick
+            c = cache_at[key]
+            if c >= 0:
+                cache_used[c] = tick
+                cache_ref[c] = 1
+                hits += 1
+            else:
+                missing[n_miss] = key
+                n_miss += 1
+    return n_miss, n_disk, hits
+
+
+@njit(cache=True, nogil=True)
+def _copy_rows(ids, mem_start, mem, slot_of, rpe, eph, cache_at, cache, bounds, outs0, outs1, outs2,
+               outs3):  # pragma: no cover
+    """Rows of tokens ids [Hkv, M] split into their parts: part i (bytes bounds[i]..bounds[i+1] of
+    a row) into outs_i [Hkv, M, bytes] (uint8). A row comes from memory (token >= mem_start) or
+    from its extent's cache row."""
+    H, M = ids.shape
+    R = bounds[4]
+    for h in range(H):
+        for j in range(M):
+            t = ids[h, j]
+            if t >= mem_start:
+                row = mem[h, t - mem_start]
+            else:
+                s = slot_of[h, t]
+                at = (s % rpe) * R
+                row = cache[cache_at[h * eph + s // rpe], at:at + R]
+            outs0[h, j] = row[bounds[0]:bounds[1]]
+            outs1[h, j] = row[bounds[1]:bounds[2]]
+            if bounds[4] > bounds[2]:
+                outs2[h, j] = row[bounds[2]:bounds[3]]
+                outs3[h, j] = row[bounds[3]:bounds[4]]
+
+
+@njit(cache=True, nogil=True)
+def _clock_victims(cache_used, cache_ref, tick, hand, k, out):  # pragma: no cover
+    """CLOCK (second chance, an LRU approximation at O(1) per eviction): from ``hand``, skip the
+    entries this gather uses (cache_used == tick) and, once, those hit since the hand last passed
+    (cache_ref: cleared as it passes); take the others into out[:k]. Returns (taken, new hand):
+    fewer than k only if the cache cannot hold this gather's extents."""
+    C = cache_used.shape[0]
+    taken = 0
+    for _ in range(2 * C):
+        if taken == k:
+            break
+        c = hand
+        hand = (hand + 1) % C
+        if cache_used[c] == tick:
+            continue
+        if cache_ref[c]:
+            cache_ref[c] = 0
+            continue
+        out[taken] = c
+        taken += 1
+    return taken, hand
+
+
 @dataclass(frozen=True)
 class RowFormat:
     """One token's row of one KV head on disk: K, V (held dtype: the compute dtype or int8 codes),
@@ -187,6 +267,7 @@ class _LayerFile:
         self.token_of = np.zeros((num_kv_heads, self.extents_per_head * rpe), np.int32)  # [Hkv, slots] slot -> token
         self.slot_of = np.zeros((num_kv_heads, capacity), np.int32)  # [Hkv, n] token -> slot (valid below laid)
         self.checksums = np.zeros((num_kv_heads, self.extents_per_head), np.uint32)  # [Hkv, E]
+        self.seen = np.zeros(num_kv_heads * self.extents_per_head, np.int64)  # [Hkv E] last gather that met it
         self.laid = 0  # tokens [0, laid) have slots [0, laid) (a prefix: every layout keeps one)
         self.written = 0  # slots [0, written) are on disk (whole extents)
         self.ordered = False  # an index lays the tokens out (else the store does, in token order)
@@ -325,6 +406,8 @@ class DiskKV:
         self.cache = aligned_empty((self.cache_extents, eb), torch.uint8).numpy()  # [C, E] page-aligned rows
         self.cache_key = np.full(self.cache_extents, -1, np.int64)  # [C] (layer, head, extent) held, -1 free
         self.cache_used = np.zeros(self.cache_extents, np.int64)  # [C] tick of the last gather that used it
+        self.cache_ref = np.zeros(self.cache_extents, np.uint8)  # [C] hit since the clock hand last passed
+        self._hand = 0
         self.cache_at = {layer: np.full(num_kv_heads * f.extents_per_head, -1, np.int32)
                          for layer, f in self.files.items()}  # layer -> [Hkv E] cache row of each extent
         self._tick = 0
@@ -374,6 +457,8 @@ class DiskKV:
         slots already laid out this way keep their place (an index appends: :meth:`extend_layout`)."""
         f = self.files[layer]
         m = order.shape[1]
+        if f.ordered and m == f.laid:  # nothing new (the index is asked every step)
+            return
         if f.ordered and m >= f.laid and np.array_equal(order[:, :f.laid], f.token_of[:, :f.laid]):
             if m > f.laid:
                 self._assign(f, order[:, f.laid:], m)
@@ -471,21 +556,18 @@ class DiskKV:
         if start < disk_end:
             # the extents that hold those tokens: in token order their own; in an index's order any written one
             e0, e1 = (0, f.written // rpe) if f.ordered else (start // rpe, -(-disk_end // rpe))
-            E = e1 - e0
-            buf = aligned_empty((H, E, eb), torch.uint8).numpy()  # [Hkv, E, eb]
-            requests = [(buf[h].reshape(-1), (h * f.extents_per_head + e0) * eb) for h in range(H)]
-            self._read_requests(f, requests)
-            for h in range(H):
-                bad = np.nonzero(extent_checksums(buf[h]) != f.checksums[h, e0:e1])[0]
-                if bad.size:
-                    raise CorruptKVError(f"KV file {f.path}: extent {e0 + int(bad[0])} of KV head {h} does not match "
-                                         f"its checksum (the disk returned other bytes than were written): run again")
-            slots = torch.from_numpy(buf[:, :, :rpe * R].reshape(H, E * rpe, R))  # [Hkv, slots, R]
+            buf = aligned_empty((e1 - e0, eb), torch.uint8).numpy()  # [E, eb] one head at a time
             tokens = torch.from_numpy(f.token_of[:, e0 * rpe:e1 * rpe].astype(np.int64))  # [Hkv, slots]
             keep = (tokens >= start) & (tokens < disk_end)
             for h in range(H):
-                out[h, tokens[h][keep[h]] - start] = slots[h][keep[h]]
-            self.stats.bytes_read += buf.nbytes
+                self._read_requests(f, [(buf.reshape(-1), (h * f.extents_per_head + e0) * eb)])
+                bad = np.nonzero(extent_checksums(buf) != f.checksums[h, e0:e1])[0]
+                if bad.size:
+                    raise CorruptKVError(f"KV file {f.path}: extent {e0 + int(bad[0])} of KV head {h} does not match "
+                                         f"its checksum (the disk returned other bytes than were written): run again")
+                slots = torch.from_numpy(buf[:, :rpe * R].reshape(-1, R))  # [slots, R]
+                out[h, tokens[h][keep[h]] - start] = slots[keep[h]]
+                self.stats.bytes_read += buf.nbytes
         if end > f.mem_start:
             lo = max(start, f.mem_start)
             out[:, lo - start:] = f.mem[:, lo - f.mem_start:end - f.mem_start]
@@ -509,54 +591,50 @@ class DiskKV:
             raise CorruptKVError(f"KV file {f.path} is shorter than what was written to it: run again")
         self.stats.read_requests += len(requests)
 
-    def gather(self, layer: int, ids: np.ndarray) -> torch.Tensor:
-        """Rows of tokens ``ids`` [Hkv, M] (per head; all < n) -> [Hkv, M, R] uint8: recent tokens
-        from memory, the others from their extents, through the cache."""
+    def gather(self, layer: int, ids: np.ndarray) -> list[torch.Tensor]:
+        """Rows of tokens ``ids`` [Hkv, M] (per head; all < n) -> K, V [Hkv, M, D] (and for an int8
+        KV the scales [Hkv, M, 1]), in the held dtypes: recent tokens from memory, the others from
+        their extents, through the cache."""
         f = self.files[layer]
-        H, R, rpe = self.num_kv_heads, self.fmt.row_bytes, self.fmt.rows_per_extent
-        out = np.empty((H, ids.shape[1], R), np.uint8)  # [Hkv, M, R]
-        on_disk = ids < f.mem_start  # [Hkv, M]
-        if (~on_disk).any():
-            mem = f.mem.numpy()
-            h_mem, j_mem = np.nonzero(~on_disk)
-            out[h_mem, j_mem] = mem[h_mem, ids[h_mem, j_mem] - f.mem_start]
-        if on_disk.any():
-            self._tick += 1
-            h_disk, j_disk = np.nonzero(on_disk)
-            slot = f.slot_of[h_disk, ids[h_disk, j_disk]]  # [k]
-            key = h_disk * f.extents_per_head + slot // rpe  # [k] extents within the layer
-            at = self._cached(layer, f, np.unique(key))
-            rows = np.lib.stride_tricks.as_strided(
-                self.cache, shape=(self.cache_extents, rpe, R), strides=(self.cache.strides[0], R, 1))  # [C, rpe, R]
-            out[h_disk, j_disk] = rows[at[key], slot % rpe]
-            self.stats.selected_bytes += h_disk.size * R
-        return torch.from_numpy(out)
+        H, M = ids.shape
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        self._tick += 1
+        missing = np.empty(H * M, np.int64)
+        n_miss, n_disk, hits = _plan_gather(ids, f.mem_start, f.slot_of, self.fmt.rows_per_extent,
+                                            f.extents_per_head, self.cache_at[layer], self.cache_used,
+                                            self.cache_ref, f.seen, self._tick, missing)
+        self.stats.extents_hit += hits
+        self.stats.selected_bytes += n_disk * self.fmt.row_bytes
+        if n_miss:
+            self._fetch(layer, f, np.sort(missing[:n_miss]), hits)
+        sizes = self.fmt.part_bytes + [0] * (4 - len(self.fmt.part_bytes))
+        outs = [np.empty((H, M, b), np.uint8) for b in sizes]
+        bounds = np.cumsum([0] + sizes)
+        _copy_rows(ids, f.mem_start, f.mem.numpy(), f.slot_of, self.fmt.rows_per_extent, f.extents_per_head,
+                   self.cache_at[layer], self.cache, bounds, *outs)
+        dtypes = [self.fmt.held, self.fmt.held, self.fmt.scale, self.fmt.scale]
+        return [torch.from_numpy(o).view(dt) for o, dt in zip(outs, dtypes) if o.shape[-1]]
 
-    def _cached(self, layer: int, f: _LayerFile, keys: np.ndarray) -> np.ndarray:
-        """Make extents ``keys`` (sorted, unique) of ``layer`` cached; -> the layer's cache map."""
+    def _fetch(self, layer: int, f: _LayerFile, missing: np.ndarray, hits: int) -> None:
+        """Read extents ``missing`` (sorted, unique) of ``layer`` into the cache, evicting the least
+        recently used (never one this gather needs: they are marked with the current tick)."""
         at = self.cache_at[layer]
-        held = at[keys]
-        hit = held >= 0
-        self.cache_used[held[hit]] = self._tick  # not evicted by this gather's misses
-        missing = keys[~hit]
-        self.stats.extents_hit += int(hit.sum())
         self.stats.extents_missed += missing.size
-        if not missing.size:
-            return at
-        free = np.nonzero(self.cache_used < self._tick)[0]
-        if free.size < missing.size:
+        victims = np.empty(missing.size, np.int64)
+        taken, self._hand = _clock_victims(self.cache_used, self.cache_ref, self._tick, self._hand, missing.size,
+                                           victims)
+        if taken < missing.size:
             raise OffloadError(
                 f"the disk KV's extent cache ({format_size(self.cache.nbytes)}) cannot hold one layer's selection "
-                f"({missing.size + int(hit.sum())} extents of {format_size(self.fmt.extent_bytes)}): give more "
+                f"({missing.size + hits} extents of {format_size(self.fmt.extent_bytes)}): give more "
                 f"cpu_memory or a smaller kv_budget")
-        if free.size > missing.size:  # the least recently used
-            free = free[np.argpartition(self.cache_used[free], missing.size - 1)[:missing.size]]
-        victims = free
         old = self.cache_key[victims]
-        for k in np.nonzero(old >= 0)[0]:  # evicted: their layers' maps forget them
-            self.cache_at[self._layers[int(old[k] >> 32)]][int(old[k] & 0xFFFFFFFF)] = -1
+        old = old[old >= 0]
+        for owner in np.unique(old >> 32):  # evicted: their layers' maps forget them
+            self.cache_at[self._layers[int(owner)]][old[(old >> 32) == owner] & 0xFFFFFFFF] = -1
         self.cache_key[victims] = (self._layers.index(layer) << 32) | missing
         self.cache_used[victims] = self._tick
+        self.cache_ref[victims] = 0
         at[missing] = victims
         # runs of adjacent extents: one request each, landing straight in their cache rows
         eb = self.fmt.extent_bytes
@@ -576,7 +654,6 @@ class DiskKV:
             raise CorruptKVError(f"KV file {f.path}: extent {key % f.extents_per_head} of KV head "
                                  f"{key // f.extents_per_head} does not match its checksum (the disk returned other "
                                  f"bytes than were written): run again")
-        return at
 
     def report(self) -> dict:
         """Bytes on disk, in memory (cache included), read, written and selected so far, and the cache's hit rate."""

@@ -147,12 +147,11 @@ class DiskRows(KVRows):
             start, stop, step = tokens.indices(n)
             if step != 1:
                 raise IndexError("disk KV rows take token slices with step 1")
-            rows = disk.read_range(self.layer, start, max(start, stop))  # [Hkv, T, R]
+            parts = disk.fmt.decode(disk.read_range(self.layer, start, max(start, stop)))  # [Hkv, T, D or 1] each
         else:
             ids = torch.as_tensor(tokens).long()  # token ids for every head
             ids = ids.expand(self.store.args.num_kv_heads, -1) if ids.dim() == 1 else ids
-            rows = disk.gather(self.layer, ids.numpy())
-        parts = disk.fmt.decode(rows)
+            parts = disk.gather(self.layer, ids.numpy())
         out = parts[self.which] if not self.quantized else dequantize_kv(parts[self.which], parts[2 + self.which])
         out = out[heads]
         return out[..., 0, :] if squeeze else out
@@ -425,8 +424,8 @@ class KVStore:
         scales cross, then are dequantized); a device-tier layer's are gathered in place (the
         quantized KV's sparse path)."""
         if layer in self.disk_layers:
-            rows = self.disk.gather(layer, ids[0].clamp(min=0).cpu().numpy())  # [Hkv, M, R]
-            parts = [p[None].to(self.device, non_blocking=True) for p in self.disk.fmt.decode(rows)]  # [1, Hkv, M, D or 1]
+            rows = self.disk.gather(layer, ids[0].clamp(min=0).cpu().numpy())  # [Hkv, M, D or 1] each
+            parts = [p[None].to(self.device, non_blocking=True) for p in rows]  # [1, Hkv, M, D or 1]
             if self.device.type != "cpu":
                 self.bytes_to_device += sum(t.numel() * t.element_size() for t in parts)
             if not self.quantized:

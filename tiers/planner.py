@@ -35,7 +35,7 @@ from offload.fileio import write_json_atomic
 from offload.quant import embedding_nbytes, int4_nbytes, layer_nbytes, projection_shapes
 
 from .budget import BudgetError, format_size, pinned_nbytes
-from .kv_disk import DiskKVSizing
+from .kv_disk import EXPECTED_HIT_RATE, DiskKVSizing
 from .kv_store import kv_bytes_per_token
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -242,7 +242,7 @@ def plan(args: ModelArgs, *, model: str, context: int, device: str = "cpu", dtyp
          profile: BandwidthProfile | None = None, prefetch_slots: int = 2, dense_layers: int = 2,
          kv_on_host: bool | None = None, selection_cost: SelectionCost = SelectionCost(),
          quantize: str | None = None, kv_dtype: str | None = None, kv_disk: bool | None = False,
-         kv_disk_hit_rate: float = 0.0) -> Placement:
+         kv_disk_hit_rate: float = EXPECTED_HIT_RATE) -> Placement:
     """Place weights, KV and index under the budgets (bytes; None = unlimited). ``prefetch_slots``:
     device buffers for streamed layers (2 = double buffering). ``kv_on_host``: the sparse layers'
     full KV lives in host memory, only each step's selection crossing to the GPU (None: whenever a
