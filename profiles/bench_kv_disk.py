@@ -4,7 +4,8 @@ Each (policy, tier) runs in its own process, whose resident memory this process 
 outside (the peak is what a budget must hold). A run prefills real text and decodes greedily
 (tokens, ms per token), then answers the passkey at each depth. With the KV on disk the sparse
 layers' KV lives in ``--disk-dir`` and is read a selection at a time through a cache of extents
-holding ``--cache-share`` of it (the rest of the memory: weights, dense layers' KV, recent rows).
+(a quarter of that KV, or what ``--cpu-memory`` leaves beside the weights, the dense layers' KV
+and the recent rows).
 Reported per policy: tokens and passkey answers identical or not, decode ms/token both ways,
 disk bytes read per token against the selection's own bytes, the cache's hit rate, peak RSS.
 
@@ -87,7 +88,7 @@ def child(args) -> dict:
     kw = dict(kv_policy=args.policy, kv_budget=args.budget, max_context=longest, dtype=args.dtype,
               prefill_chunk_size=args.prefill_chunk, rope_scaling=rope_scaling, kv_dtype=args.kv_dtype, verbose=False)
     if args.tier == "disk":
-        kw |= dict(kv_offload="disk", disk_dir=args.disk_dir)
+        kw |= dict(kv_offload="disk", disk_dir=args.disk_dir, cpu_memory=args.cpu_memory)
     llm = LLM(args.model, **kw)
     out: dict = {"describe": llm.describe()}
     ids = _real_text_ids(llm.tokenizer, args.context - args.steps)
@@ -117,6 +118,9 @@ def child(args) -> dict:
         prompt = passkey_prompt(llm.tokenizer, args.context - 8, depth, args.key, args.haystack)
         answer = llm.generate([prompt], SamplingParams(max_new_tokens=6))[0].text
         out["passkey"][str(depth)] = {"answer": answer, "found": answer.strip().startswith(args.key)}
+    report = llm.tier_report()
+    out["peak"], out["kv_placed"] = report["peak"], report["placement"]
+    out["cpu_budget"] = llm.runtime.resolved.cpu_budget
     llm.close()
     return out
 
@@ -164,6 +168,9 @@ def main(argv=None) -> int:
     p.add_argument("--haystack", default="filler")
     p.add_argument("--key", default="68213")
     p.add_argument("--disk-dir", default=None, help="where the KV goes (default: a folder under --out-dir)")
+    p.add_argument("--cpu-memory", default=None,
+                   help="memory budget of the disk run (the cache takes what it leaves; default: no budget, a cache "
+                        "of a quarter of the KV on disk)")
     p.add_argument("--out-dir", default="bench_kv_disk")
     p.add_argument("--policy", help=argparse.SUPPRESS)
     p.add_argument("--tier", choices=TIERS, help=argparse.SUPPRESS)
