@@ -90,7 +90,9 @@ def test_a_sequence_continued_from_an_earlier_point_drops_what_came_after(tmp_pa
     disk.close()
 
 
-def test_a_selection_in_runs_reads_whole_runs_and_the_cache_serves_the_next_step(tmp_path):
+@pytest.mark.parametrize("merge_gap", [0, 3])
+def test_a_selection_in_runs_reads_whole_runs_and_the_cache_serves_the_next_step(tmp_path, monkeypatch, merge_gap):
+    monkeypatch.setattr(kv_disk, "MERGE_GAP_EXTENTS", merge_gap)
     n, rpe = 4096, BF16.rows_per_extent
     parts = kv_of(BF16, n)
     disk = DiskKV(tmp_path, [0], H, n, BF16, cache_bytes=2 << 20, keep_tokens=64)
@@ -101,10 +103,16 @@ def test_a_selection_in_runs_reads_whole_runs_and_the_cache_serves_the_next_step
     # a selection of 12 clusters per head (runs of 16 slots, the index's layout)
     slots = np.random.default_rng(0).choice(f.written // 16, size=(H, 12), replace=False) * 16
     ids = np.take_along_axis(order, (slots[..., None] + np.arange(16)).reshape(H, -1), 1)
-    before = disk.stats.bytes_read
+    before, requests_before = disk.stats.bytes_read, disk.stats.read_requests
     got = disk.gather(0, ids)
     assert all(torch.equal(a, b) for a, b in zip(got, rows_of(parts, ids)))
-    assert disk.stats.bytes_read - before == ids.size // rpe * EXTENT_BYTES  # every run one extent: nothing more
+    runs = ids.size // rpe  # every run one extent
+    if merge_gap == 0:
+        assert disk.stats.bytes_read - before == runs * EXTENT_BYTES  # nothing more
+    else:  # runs a few extents apart share a request: fewer requests, the extents between read and dropped
+        gaps = np.diff(np.sort(slots // rpe, axis=1), axis=1)  # [Hkv, 11] extents between runs
+        assert disk.stats.read_requests - requests_before == H + int((gaps > merge_gap + 1).sum())
+        assert runs * EXTENT_BYTES <= disk.stats.bytes_read - before <= (1 + merge_gap) * runs * EXTENT_BYTES
     before, requests = disk.stats.bytes_read, disk.stats.read_requests
     disk.gather(0, ids)  # the next step selects the same: all of it from the cache
     assert disk.stats.bytes_read == before and disk.stats.read_requests == requests

@@ -42,7 +42,7 @@ from offload.config import ModelArgs
 from offload.errors import OffloadError
 
 from .budget import format_size
-from .io import aligned_empty
+from .io import AlignedBuffer, aligned_empty
 from .store import ALIGN, align_up
 
 EXTENT_BYTES = ALIGN  # one O_DIRECT unit: a cluster of 16 bf16 tokens of head_dim 64 (K and V) fills one
@@ -50,7 +50,11 @@ FOLDER_PREFIX = "kv-"  # kv-<pid>-<random>: one process's KV files
 # Extents of rows per head kept in memory beyond the window before the oldest go to disk: writes
 # are batched (one request of >= 64 KiB per head per spill), and the window's rows stay in memory.
 SPILL_EXTENTS = 16
-READ_THREADS = 4  # requests in flight at once: an NVMe drive reaches its bandwidth only with several
+READ_THREADS = 8  # requests in flight at once: an NVMe drive reaches its bandwidth only with several
+# Wanted extents at most this many apart (within a head) are read in one request, the ones between
+# dropped: a 4 KiB request costs ~80 us of this box's virtual disk (12K IOPS with 8 in flight) where
+# 12 KiB more of a request costs ~22 us (560 MB/s).
+MERGE_GAP_EXTENTS = 3
 IOV_MAX = 1024  # iovecs per preadv (Linux's limit)
 FLUSH_EXTENTS = 1024  # extents per head in one write (4 MiB): a whole layer is written a slice at a time
 MEMORY_HEADROOM = 1.5  # the in-memory rows grow by half again when full: appends stay amortised O(1)
@@ -413,6 +417,7 @@ class DiskKV:
         self._tick = 0
         self._layers = list(self.files)  # a cache key's high bits: the layer's place in this list
         self._pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="offload-kv-read")
+        self._scratch = AlignedBuffer()  # spans with gaps land here, their wanted extents are copied out
         self.stats = DiskStats()
 
     # ------------------------------------------------------------------ lifecycle
@@ -636,14 +641,29 @@ class DiskKV:
         self.cache_used[victims] = self._tick
         self.cache_ref[victims] = 0
         at[missing] = victims
-        # runs of adjacent extents: one request each, landing straight in their cache rows
+        # spans of extents, one request each: adjacent ones, and ones a few extents apart within a head
+        # (the extents between are read and dropped: on a disk that serves few requests per second, a
+        # request saved is worth more than the bytes)
         eb = self.fmt.extent_bytes
-        breaks = np.nonzero(np.diff(missing) != 1)[0] + 1
-        requests = [([self.cache[c] for c in victims[lo:hi]], int(missing[lo]) * eb)
-                    for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, missing.size])]
-        self._read_requests(f, requests)
-        self.stats.bytes_read += missing.size * eb
-        self.stats.selection_bytes_read += missing.size * eb
+        gap, head = np.diff(missing), missing // f.extents_per_head
+        breaks = np.nonzero((gap > MERGE_GAP_EXTENTS + 1) | (np.diff(head) != 0))[0] + 1
+        spans = list(zip(np.r_[0, breaks], np.r_[breaks, missing.size]))
+        if all(missing[hi - 1] - missing[lo] == hi - lo - 1 for lo, hi in spans):
+            # every span is a run of wanted extents: read straight into their cache rows
+            requests = [([self.cache[c] for c in victims[lo:hi]], int(missing[lo]) * eb) for lo, hi in spans]
+            self._read_requests(f, requests)
+            nbytes = missing.size * eb
+        else:
+            widths = [int(missing[hi - 1] - missing[lo]) + 1 for lo, hi in spans]
+            scratch = self._scratch.reserve(sum(widths) * eb)[:sum(widths) * eb].reshape(-1, eb)  # [extents, eb]
+            starts = np.cumsum([0] + widths[:-1])
+            self._read_requests(f, [(scratch[at:at + w].reshape(-1), int(missing[lo]) * eb)
+                                    for (lo, _), at, w in zip(spans, starts, widths)])
+            rows = np.concatenate([at + missing[lo:hi] - missing[lo] for (lo, hi), at in zip(spans, starts)])
+            self.cache[victims] = scratch[rows]
+            nbytes = sum(widths) * eb
+        self.stats.bytes_read += nbytes
+        self.stats.selection_bytes_read += nbytes
         sums = extent_checksums(self.cache, victims)
         want = f.checksums.reshape(-1)[missing]
         bad = np.nonzero(sums != want)[0]
