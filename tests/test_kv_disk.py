@@ -161,7 +161,7 @@ def test_disk_failures_are_one_clear_line(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(kv_disk.os, "pwrite", full)
-    with pytest.raises(OffloadError, match=r"disk_dir .* is full while writing the KV: free space there"):
+    with pytest.raises(OffloadError, match=r"disk_dir .* is full while writing the KV \(layer000.kv\): free space there"):
         fill(disk, 0, parts, chunk=1000)
     disk.close()
 

@@ -43,7 +43,7 @@ from offload.errors import OffloadError
 
 from .budget import format_size
 from .io import AlignedBuffer, aligned_empty
-from .store import ALIGN, align_up
+from .store import ALIGN, align_up, pid_alive
 
 EXTENT_BYTES = ALIGN  # one O_DIRECT unit: a cluster of 16 bf16 tokens of head_dim 64 (K and V) fills one
 FOLDER_PREFIX = "kv-"  # kv-<pid>-<random>: one process's KV files
@@ -331,16 +331,6 @@ def _open(path: Path) -> tuple[int, bool]:
     return os.open(path, flags, 0o600), False
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_stale_folders(disk_dir: Path) -> list[Path]:
     """Remove the KV folders of processes that are gone (a run that was killed cannot clean up)."""
     removed = []
@@ -352,20 +342,21 @@ def remove_stale_folders(disk_dir: Path) -> list[Path]:
         parts = name.split("-")
         if len(parts) != 3 or parts[0] + "-" != FOLDER_PREFIX or not parts[1].isdigit():
             continue
-        if int(parts[1]) == os.getpid() or _pid_alive(int(parts[1])):
+        if int(parts[1]) == os.getpid() or pid_alive(int(parts[1])):
             continue
         shutil.rmtree(disk_dir / name, ignore_errors=True)
         removed.append(disk_dir / name)
     return removed
 
 
-def _disk_error(e: OSError, path: Path, what: str) -> OffloadError:
+def _disk_error(e: OSError, disk_dir: Path, what: str) -> OffloadError:
+    """One line for an OSError of the disk tier: what happened, in which disk_dir, and the fix."""
     if e.errno == errno.ENOSPC:
-        return OffloadError(f"disk_dir {path.parent.parent} is full while {what}: free space there, choose another "
-                            f"disk_dir, or give more cpu_memory so that less KV goes to disk")
+        return OffloadError(f"disk_dir {disk_dir} is full while {what}: free space there, choose another disk_dir, "
+                            f"or give more cpu_memory so that less KV goes to disk")
     if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        return OffloadError(f"disk_dir {path.parent.parent} is not writable ({e.strerror}): choose a writable disk_dir")
-    return OffloadError(f"KV file {path}: {e.strerror or e} while {what}")
+        return OffloadError(f"disk_dir {disk_dir} is not writable ({e.strerror}): choose a writable disk_dir")
+    return OffloadError(f"disk_dir {disk_dir}: {e.strerror or e} while {what}")
 
 
 @dataclass
@@ -396,15 +387,16 @@ class DiskKV:
         try:
             self.folder.mkdir(parents=True)
         except OSError as e:
-            raise _disk_error(e, self.folder / "x", "creating the KV folder") from None
+            raise _disk_error(e, self.disk_dir, "creating the KV folder") from None
         self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.folder), True)
+        self._pool: ThreadPoolExecutor | None = None
         self.files: dict[int, _LayerFile] = {}
         try:
             for layer in layers:
                 self.files[layer] = _LayerFile(self.folder / f"layer{layer:03d}.kv", num_kv_heads, capacity, fmt)
         except OSError as e:
             self.close()
-            raise _disk_error(e, self.folder / "x", "creating the KV files") from None
+            raise _disk_error(e, self.disk_dir, "creating the KV files") from None
         eb = fmt.extent_bytes
         self.cache_extents = max(1, cache_bytes // eb)
         self.cache = aligned_empty((self.cache_extents, eb), torch.uint8).numpy()  # [C, E] page-aligned rows
@@ -424,7 +416,7 @@ class DiskKV:
     def close(self) -> None:
         for f in self.files.values():
             f.close()
-        if getattr(self, "_pool", None) is not None:
+        if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
         self._finalizer()
@@ -506,9 +498,10 @@ class DiskKV:
                 try:
                     done = os.pwrite(f.fd, memoryview(buf[h]).cast("B"), offset)
                 except OSError as e:
-                    raise _disk_error(e, f.path, "writing the KV") from None
+                    raise _disk_error(e, self.disk_dir, f"writing the KV ({f.path.name})") from None
                 if done != buf[h].nbytes:
-                    raise _disk_error(OSError(errno.ENOSPC, "short write"), f.path, "writing the KV")
+                    raise _disk_error(OSError(errno.ENOSPC, "short write"), self.disk_dir,
+                                      f"writing the KV ({f.path.name})")
                 if not f.direct and hasattr(os, "posix_fadvise"):
                     os.fdatasync(f.fd)  # buffered: the pages can only be dropped once clean
                     os.posix_fadvise(f.fd, offset, buf[h].nbytes, os.POSIX_FADV_DONTNEED)

@@ -66,7 +66,8 @@ class CorruptStoreError(OffloadError):
 _TMP_NAME = re.compile(r"^\..+\.tmp-(\d+)$")  # StoreWriter's temporary files: .<name>.tmp-<pid>
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -89,7 +90,7 @@ def remove_stale_temp_files(folder: Path) -> list[Path]:
         return removed
     for name in names:
         match = _TMP_NAME.match(name)
-        if not match or _pid_alive(int(match.group(1))):
+        if not match or pid_alive(int(match.group(1))):
             continue
         tmp = folder / name
         try:
