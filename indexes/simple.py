@@ -83,11 +83,20 @@ class QuestIndex(KVIndex):
         self._update_pages(0, n)
 
     def _update_pages(self, start: int, end: int) -> None:
+        """Bounds of the pages holding tokens start..end-1, from one read of their keys (a disk tier's
+        keys are read in one request per head, not one per page)."""
         ps = self.page_size
-        for p in range(start // ps, (end + ps - 1) // ps):
-            block = self.keys[:, p * ps:min((p + 1) * ps, end)].float()  # [Hkv, <=ps, D]
-            self.page_min[:, p] = block.amin(dim=1)
-            self.page_max[:, p] = block.amax(dim=1)
+        first = start // ps
+        block = self.keys[:, first * ps:end].float()  # [Hkv, T, D]
+        Hkv, T, D = block.shape
+        whole = T // ps
+        if whole:
+            pages = block[:, :whole * ps].reshape(Hkv, whole, ps, D)  # [Hkv, P, ps, D]
+            self.page_min[:, first:first + whole] = pages.amin(dim=2)
+            self.page_max[:, first:first + whole] = pages.amax(dim=2)
+        if T > whole * ps:  # the last page, not yet full
+            self.page_min[:, first + whole] = block[:, whole * ps:].amin(dim=1)
+            self.page_max[:, first + whole] = block[:, whole * ps:].amax(dim=1)
 
     def extend(self, n: int) -> None:
         old = self.n
