@@ -450,8 +450,9 @@ class DiskKV:
     def lay_out(self, layer: int, order: np.ndarray) -> None:
         """An index's layout of tokens [0, m) (order [Hkv, m]: each head's token ids in slot order, a
         permutation of 0..m-1 per head): from now on the index lays this layer out. Tokens already
-        on disk in another order are read back and rewritten (once, after the prompt's build); the
-        slots already laid out this way keep their place (an index appends: :meth:`extend_layout`)."""
+        on disk in another order are read back and rewritten (once, after the prompt's build); an
+        order that extends the one already laid out only lays out the new tokens (an index appends
+        a segment at a time)."""
         f = self.files[layer]
         m = order.shape[1]
         if f.ordered and m == f.laid:  # nothing new (the index is asked every step)
@@ -614,8 +615,8 @@ class DiskKV:
         return [torch.from_numpy(o).view(dt) for o, dt in zip(outs, dtypes) if o.shape[-1]]
 
     def _fetch(self, layer: int, f: _LayerFile, missing: np.ndarray, hits: int) -> None:
-        """Read extents ``missing`` (sorted, unique) of ``layer`` into the cache, evicting the least
-        recently used (never one this gather needs: they are marked with the current tick)."""
+        """Read extents ``missing`` (sorted, unique) of ``layer`` into the cache, evicting by CLOCK
+        (never one this gather needs: they are marked with the current tick)."""
         at = self.cache_at[layer]
         self.stats.extents_missed += missing.size
         victims = np.empty(missing.size, np.int64)
