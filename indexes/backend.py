@@ -20,13 +20,12 @@ from tqdm import tqdm
 
 from offload.attention import ForwardBatch, attend
 from offload.config import ModelArgs
-from offload.errors import OffloadError
 from offload.kernels import gather_attention
 from offload.kernels.reference import dense_token_ids
 from offload.tiers.budget import format_size
 from offload.tiers.kv_store import KVStore
 
-from .base import QUERY_STRIDE, IndexContext, KVIndex, Selection, SelectionConfig, make_index, policy_class, policy_names
+from .base import QUERY_STRIDE, IndexContext, KVIndex, Selection, SelectionConfig, check_disk_policy, make_index, policy_class
 from .dense import FUSED_DECODE_DEVICES, DenseAttention, DensePlan
 from .telemetry import Telemetry
 
@@ -58,10 +57,8 @@ class SparseAttention(DenseAttention):
         self.device = torch.device(device)  # where attention computes (index builds use it too)
         self.kv_offload = kv_offload
         self.policy_cls = policy_class(policy)
-        if self.kv.disk_layers and self.policy_cls.disk_layout is None:
-            supported = ", ".join(n for n in policy_names() if policy_class(n).disk_layout is not None)
-            raise OffloadError(f"kv_policy {policy!r} reads keys all over the KV each step: with the KV on disk use "
-                               f"one that reads a selection in runs ({supported}), or give cpu_memory for the KV")
+        if self.kv.disk_layers:
+            check_disk_policy(policy)
         self.policy, self.config, self.kernel_backend = policy, config, kernel_backend
         self.indexes: dict[tuple[int, int], KVIndex] = {}  # (row, layer) -> index
         self.ctx = ctx if ctx is not None else IndexContext.for_model(args, device)

@@ -314,6 +314,15 @@ def policy_class(policy: str) -> type[KVIndex]:
     return _REGISTRY[policy]
 
 
+def check_disk_policy(policy: str) -> None:
+    """A KV on disk serves only policies whose selection it reads in runs (``disk_layout``): one
+    line naming them otherwise."""
+    if policy_class(policy).disk_layout is None:
+        supported = ", ".join(n for n in policy_names() if policy_class(n).disk_layout is not None)
+        raise OffloadError(f"kv_policy {policy!r} reads keys all over the KV each step: with the KV on disk use one "
+                           f"whose selection is read in runs ({supported}), or give cpu_memory for the KV")
+
+
 def make_index(policy: str, ctx: IndexContext, config: SelectionConfig,
                token_ids: list[int] | None = None) -> KVIndex:
     return policy_class(policy)(ctx, config, token_ids)

@@ -22,7 +22,7 @@ import torch
 
 from .config import ModelArgs, RopeScaling
 from .errors import OffloadError
-from .indexes.base import AUTO_SPARSE_POLICY, SelectionConfig, policy_class, policy_names
+from .indexes.base import AUTO_SPARSE_POLICY, SelectionConfig, check_disk_policy, policy_class, policy_names
 from .loaders import LOAD_FORMATS, read_model_args
 from .quant import INT4_GROUP, N_MULTIPLE, QUANTIZE_SCHEMES, int4_supported
 from .tiers.budget import check_disk_dir, format_size, free_device_memory, free_host_memory, parse_size, resolve_budget
@@ -186,9 +186,8 @@ class EngineConfig:
         # selection the disk tier reads in runs (clusters, pages)
         kv_disk = self.kv_offload == "disk" or (None if self.kv_offload is None and self.disk_dir is not None
                                                  and policy.disk_layout is not None else False)
-        _check(not (self.kv_offload == "disk" and policy.disk_layout is None),
-               f"kv_policy {kv_policy!r} reads keys all over the KV each step: with kv_offload='disk' use one whose "
-               f"selection is read in runs ({', '.join(n for n in policy_names() if policy_class(n).disk_layout)})")
+        if self.kv_offload == "disk":
+            check_disk_policy(kv_policy)
         placement = plan(args, model=source.name, context=context, device=device.type, dtype=dtype_name,
                          kv_policy=kv_policy, kv_budget=selection.budget, sink=self.sink, window=self.window,
                          gpu_memory=gpu if self.budgeted else None, cpu_memory=cpu if self.budgeted else None,
