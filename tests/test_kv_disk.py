@@ -227,3 +227,20 @@ def test_plan_puts_the_kv_on_disk_when_memory_cannot_hold_it():
     assert tight.bytes_per_token["disk_kv"] > 0 and "disk_kv" in tight.table()
     with pytest.raises(BudgetError, match="cpu_memory 1.00 GiB cannot hold .* smallest budget that works is"):
         plan(args, cpu_memory=2**30, kv_disk=True, **kw)
+
+
+def test_a_prompt_cache_saved_from_and_restored_into_the_kv_on_disk(tiny_models, tmp_path):
+    """prefix() reads the disk layers back; restore() writes them again, and the cluster index's
+    order is laid out at the first step after it: tokens equal a fresh in-memory run's."""
+    folder, _ = tiny_models["llama"]
+    prompt = [int(t) for t in np.random.default_rng(1).integers(3, 290, size=1500)]
+    kw = dict(kv_policy="cluster", kv_budget=48, sink=4, window=16, dense_layers=1, max_context=2048,
+              prefill_chunk_size=256, verbose=False)
+    fresh = LLM(folder, **kw).generate([prompt], GREEDY)[0].token_ids
+    disk = LLM(folder, kv_offload="disk", disk_dir=tmp_path / "kv", **kw)
+    path = disk.save_prompt(prompt, tmp_path / "p.cache")
+    again = LLM(folder, kv_offload="disk", disk_dir=tmp_path / "kv2", **kw)
+    assert again.generate([prompt], GREEDY, prompt_cache=path)[0].token_ids == fresh
+    assert again.backend.kv.disk.files[1].ordered  # the restored index laid the KV out in its order
+    disk.close()
+    again.close()
