@@ -244,3 +244,10 @@ def test_a_prompt_cache_saved_from_and_restored_into_the_kv_on_disk(tiny_models,
     assert again.backend.kv.disk.files[1].ordered  # the restored index laid the KV out in its order
     disk.close()
     again.close()
+
+
+def test_the_extent_checksum_is_the_weight_stores_weighted_sum():
+    from offload.tiers.store import weighted_sum32
+
+    data = np.random.default_rng(0).integers(0, 256, size=(5, EXTENT_BYTES), dtype=np.uint8)
+    assert list(kv_disk.extent_checksums(data)) == [weighted_sum32(torch.from_numpy(row)) for row in data]

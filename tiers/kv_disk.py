@@ -125,8 +125,9 @@ class CorruptKVError(OffloadError):
 @njit(cache=True, parallel=True)
 def _extent_checksums(data, which, out):  # pragma: no cover - numba
     """data [C, E] uint8 (E a multiple of 4), which [k] rows of it -> out [k] uint32: a
-    position-weighted sum of each extent's 32-bit words mod 2^32 (catches flipped bytes and
-    swapped or shifted words; ~10 GB/s where zlib's crc32 gives ~1)."""
+    position-weighted sum of each extent's 32-bit words mod 2^32, the weight store's device-side
+    checksum (``store.weighted_sum32``) over many extents in one compiled pass (catches flipped
+    bytes and swapped or shifted words; ~10 GB/s where zlib's crc32 gives ~1)."""
     words = data.view(np.uint32)
     W = words.shape[1]
     for i in prange(which.shape[0]):
@@ -263,8 +264,8 @@ class RowFormat:
 class _LayerFile:
     """One layer's KV: its file on disk, the layout of its slots, and the rows still in memory."""
 
-    def __init__(self, path: Path, num_kv_heads: int, capacity: int, fmt: RowFormat):
-        self.path, self.fmt = path, fmt
+    def __init__(self, layer: int, path: Path, num_kv_heads: int, capacity: int, fmt: RowFormat):
+        self.layer, self.path, self.fmt = layer, path, fmt
         self.fd, self.direct = _open(path)
         rpe = fmt.rows_per_extent
         self.extents_per_head = -(-capacity // rpe)
@@ -377,7 +378,7 @@ class DiskKV:
     def __init__(self, disk_dir: str | Path, layers: list[int], num_kv_heads: int, capacity: int,
                  fmt: RowFormat, cache_bytes: int, keep_tokens: int):
         """``keep_tokens``: the most recent tokens kept in memory (the window attended every step)."""
-        self.fmt, self.num_kv_heads, self.capacity = fmt, num_kv_heads, capacity
+        self.fmt, self.num_kv_heads = fmt, num_kv_heads
         self.keep_tokens = keep_tokens
         self.disk_dir = Path(disk_dir)
         if self.disk_dir.exists() and not self.disk_dir.is_dir():
@@ -393,7 +394,7 @@ class DiskKV:
         self.files: dict[int, _LayerFile] = {}
         try:
             for layer in layers:
-                self.files[layer] = _LayerFile(self.folder / f"layer{layer:03d}.kv", num_kv_heads, capacity, fmt)
+                self.files[layer] = _LayerFile(layer, self.folder / f"layer{layer:03d}.kv", num_kv_heads, capacity, fmt)
         except OSError as e:
             self.close()
             raise _disk_error(e, self.disk_dir, "creating the KV files") from None
@@ -427,7 +428,7 @@ class DiskKV:
     def memory_nbytes(self) -> int:
         """Host bytes the tier holds: the extent cache, the rows in memory, the layouts."""
         return self.cache.nbytes + sum(f.memory_nbytes() + f.token_of.nbytes + f.slot_of.nbytes + f.checksums.nbytes
-                                       for f in self.files.values())
+                                       + f.seen.nbytes for f in self.files.values())
 
     # ------------------------------------------------------------------ writes
     def write(self, layer: int, start: int, parts: list[torch.Tensor]) -> None:
@@ -518,15 +519,14 @@ class DiskKV:
         if n >= f.mem_start:
             f.set_memory(f.mem_start, f.mem[:, :n - f.mem_start].clone())
             if n < f.laid:  # slots past n are void; in token order they are a suffix
-                rows = self.read_range(self._layer_of(f), 0, n)
+                rows = self.read_range(f.layer, 0, n)
                 self._reset(f, rows)
             return
-        self._reset(f, self.read_range(self._layer_of(f), 0, n))
+        self._reset(f, self.read_range(f.layer, 0, n))
 
     def _reset(self, f: _LayerFile, rows: torch.Tensor) -> None:
         """Start the layer over with ``rows`` [Hkv, n, R] in memory, laid out by the store."""
-        layer = self._layer_of(f)
-        self._drop_cached(layer)
+        self._drop_cached(f.layer)
         f.laid = f.written = 0
         f.ordered = False
         f.set_memory(0, rows)
@@ -534,9 +534,6 @@ class DiskKV:
         upto = max(0, keep_from - keep_from % self.fmt.rows_per_extent)
         ids = np.arange(0, upto, dtype=np.int32)
         self._assign(f, np.broadcast_to(ids, (self.num_kv_heads, upto)), upto)
-
-    def _layer_of(self, f: _LayerFile) -> int:
-        return next(layer for layer, g in self.files.items() if g is f)
 
     def _drop_cached(self, layer: int) -> None:
         at = self.cache_at[layer]
