@@ -125,7 +125,7 @@ class LLM:
         ids, params, texts = self._prepare(prompts, sampling_params, chat)
         outputs: list[RequestOutput] = []
         with self._measure_peaks():
-            for step in self.engine.run(ids, params, texts, self._load_prompt_cache(prompt_cache, len(ids))):
+            for step in self.engine.run(ids, params, texts, self.read_prompt_cache(prompt_cache, len(ids))):
                 if not outputs:  # the first step carries every row, in prompt order
                     outputs = [out for out, _ in step]
         return outputs
@@ -137,7 +137,7 @@ class LLM:
         if len(ids) != 1:
             raise InvalidRequestError("stream() takes one prompt; use generate() for a batch")
         with self._measure_peaks():
-            for step in self.engine.run(ids, params, texts, self._load_prompt_cache(prompt_cache, 1)):
+            for step in self.engine.run(ids, params, texts, self.read_prompt_cache(prompt_cache, 1)):
                 for _, delta in step:
                     if delta:
                         yield delta
@@ -169,7 +169,9 @@ class LLM:
                                  settings=self.backend.settings(), token_ids=ids, k=k, v=v, logits=logits,
                                  index_states=self.backend.index_states(0))
 
-    def _load_prompt_cache(self, path: str | Path | None, num_prompts: int) -> dict[int, CachedPrompt] | None:
+    def read_prompt_cache(self, path: str | Path | None, num_prompts: int = 1) -> dict[int, CachedPrompt] | None:
+        """A file from :meth:`save_prompt`, checked against this model and its settings, as
+        ``Engine.run``'s ``cached`` argument (row 0); None for no file."""
         if path is None:
             return None
         if num_prompts != 1:

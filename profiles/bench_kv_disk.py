@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -36,8 +37,8 @@ TIERS = ("memory", "disk")
 SAMPLE_SECONDS = 0.02  # RSS sampling period of the child processes
 
 
-def _rss(pid: int) -> int:
-    """Resident bytes of process ``pid`` (VmRSS), 0 once it is gone."""
+def _vm_rss(pid: int) -> int:
+    """Resident bytes of process ``pid`` (VmRSS: shared libraries' pages included), 0 once it is gone."""
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
@@ -48,17 +49,20 @@ def _rss(pid: int) -> int:
     return 0
 
 
-def run_child(argv: list[str]) -> tuple[dict, int]:
-    """Run this module with ``argv`` in a child process; -> (its JSON result, its peak RSS sampled here)."""
+def run_child(argv: list[str]) -> tuple[dict, dict]:
+    """Run this module with ``argv`` in a child process; -> (its JSON result, its peak resident
+    memory sampled here: {"rss": VmRSS, "anon": RssAnon (private; what a budget holds)})."""
+    from offload.tiers.budget import rss_anon
+
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as out:
         path = out.name
     proc = subprocess.Popen([sys.executable, "-m", "offload.profiles.bench_kv_disk", *argv, "--child-out", path])
-    peak, done = 0, threading.Event()
+    peak, done = {"rss": 0, "anon": 0}, threading.Event()
 
     def sample() -> None:
-        nonlocal peak
         while not done.is_set():
-            peak = max(peak, _rss(proc.pid))
+            peak["rss"] = max(peak["rss"], _vm_rss(proc.pid))
+            peak["anon"] = max(peak["anon"], rss_anon(proc.pid))
             time.sleep(SAMPLE_SECONDS)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -73,8 +77,42 @@ def run_child(argv: list[str]) -> tuple[dict, int]:
     return result, peak
 
 
+def _decode(llm, ids: list[int], steps: int, cached=None) -> dict:
+    """Prefill ``ids`` (or restore ``cached``, a prompt cache) and decode ``steps`` greedy tokens:
+    prefill seconds, tokens, median ms per token and the disk tier's bytes per token."""
+    import torch
+
+    from offload import SamplingParams
+
+    # per step: when it arrived and the disk tier's counters then (the first decode step also builds
+    # the index and, on disk, lays the KV out in its order: the steady state is measured after it)
+    marks = []
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for step in llm.engine.run([ids], [SamplingParams(max_new_tokens=steps, ignore_eos=True)], None, cached):
+            marks.append((time.perf_counter(), llm.backend.kv_disk_report() or {}, list(step[0][0].token_ids)))
+    times = [t for t, _, _ in marks]
+    step_ms = [1e3 * (b - a) for a, b in zip(times, times[1:])]
+    out = {"prefill_s": times[0] - t0, "tokens": marks[-1][2], "decode_ms": statistics.median(step_ms),
+           "decode_ms_all": step_ms}
+    if marks[-1][1]:
+        first, steady, last = marks[0][1], marks[1][1], marks[-1][1]
+        n = len(marks) - 2
+        out["disk"] = last | {
+            "read_per_token": (last["selection_bytes_read"] - steady["selection_bytes_read"]) / n,
+            "selected_per_token": (last["selected_bytes"] - steady["selected_bytes"]) / n,
+            "hit_rate": (last["extents_hit"] - steady["extents_hit"]) / max(1, sum(
+                last[k] - steady[k] for k in ("extents_hit", "extents_missed"))),  # decode's steady state
+            "first_step_bytes_read": steady["bytes_read"] - first["bytes_read"],  # build, relayout, a cold cache
+            "prefill_bytes_read": first["bytes_read"]}
+    return out
+
+
 def child(args) -> dict:
     """One (policy, tier) run in this process."""
+    from offload.tiers.budget import rss_anon
+
+    out: dict = {"anon_before_model": rss_anon()}  # interpreter, torch, offload: the fixed overhead
     from offload import LLM, SamplingParams
     from offload.loaders import read_model_args
     from offload.profiles.bench_generate import _real_text_ids
@@ -90,34 +128,35 @@ def child(args) -> dict:
     if args.tier == "disk":
         kw |= dict(kv_offload="disk", disk_dir=args.disk_dir, cpu_memory=args.cpu_memory)
     llm = LLM(args.model, **kw)
-    out: dict = {"describe": llm.describe()}
-    ids = _real_text_ids(llm.tokenizer, args.context - args.steps)
-    import torch
-
-    # per step: when it arrived and the disk tier's counters then (the first decode step also builds
-    # the index and, on disk, lays the KV out in its order: the steady state is measured after it)
-    marks = []
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        for step in llm.engine.run([ids], [SamplingParams(max_new_tokens=args.steps, ignore_eos=True)]):
-            marks.append((time.perf_counter(), llm.backend.kv_disk_report() or {}, list(step[0][0].token_ids)))
-    times = [t for t, _, _ in marks]
-    step_ms = [1e3 * (b - a) for a, b in zip(times, times[1:])]
-    out |= {"prefill_s": times[0] - t0, "tokens": marks[-1][2], "decode_ms": statistics.median(step_ms),
-            "decode_ms_all": step_ms}
-    if marks[-1][1]:
-        first, steady, last = marks[0][1], marks[1][1], marks[-1][1]
-        n = len(marks) - 2
-        out["disk"] = last | {
-            "read_per_token": (last["selection_bytes_read"] - steady["selection_bytes_read"]) / n,
-            "selected_per_token": (last["selected_bytes"] - steady["selected_bytes"]) / n,
-            "first_step_bytes_read": steady["bytes_read"] - first["bytes_read"],  # build, relayout, a cold cache
-            "prefill_bytes_read": first["bytes_read"]}
+    out["describe"] = llm.describe()
     out["passkey"] = {}
-    for depth in args.depths:
-        prompt = passkey_prompt(llm.tokenizer, args.context - 8, depth, args.key, args.haystack)
-        answer = llm.generate([prompt], SamplingParams(max_new_tokens=6))[0].text
-        out["passkey"][str(depth)] = {"answer": answer, "found": answer.strip().startswith(args.key)}
+    if not args.share_prefill:
+        out |= _decode(llm, _real_text_ids(llm.tokenizer, args.context - args.steps), args.steps)
+        for depth in args.depths:
+            prompt = passkey_prompt(llm.tokenizer, args.context - 8, depth, args.key, args.haystack)
+            answer = llm.generate([prompt], SamplingParams(max_new_tokens=6))[0].text
+            out["passkey"][str(depth)] = {"answer": answer, "found": answer.strip().startswith(args.key)}
+    else:  # decode after each passkey prompt, from the memory run's prefill (a prompt cache)
+        runs = []
+        for depth in args.depths:
+            prompt = passkey_prompt(llm.tokenizer, args.context - args.steps, depth, args.key, args.haystack)
+            path = Path(args.out_dir) / "prompts" / f"passkey-{depth}.cache"
+            if args.tier == "memory":
+                path.parent.mkdir(parents=True, exist_ok=True)
+                t = time.perf_counter()
+                llm.save_prompt(prompt, path)
+                out.setdefault("save_prompt_s", []).append(time.perf_counter() - t)
+            run = _decode(llm, prompt, args.steps, llm.read_prompt_cache(path))
+            answer = llm.tokenizer.decode(run["tokens"][:6])
+            out["passkey"][str(depth)] = {"answer": answer, "found": answer.strip().startswith(args.key)}
+            runs.append(run)
+        out["tokens"] = [r["tokens"] for r in runs]
+        out["decode_ms"] = statistics.median([ms for r in runs for ms in r["decode_ms_all"]])
+        out["decode_ms_all"] = [r["decode_ms_all"] for r in runs]
+        out["prefill_s"] = statistics.median([r["prefill_s"] for r in runs])  # a restore, not a prefill
+        if "disk" in runs[0]:
+            out["disk"] = runs[-1]["disk"] | {key: statistics.mean(r["disk"][key] for r in runs) for key in
+                                              ("read_per_token", "selected_per_token", "hit_rate")}
     report = llm.tier_report()
     out["peak"], out["kv_placed"] = report["peak"], report["placement"]
     out["cpu_budget"] = llm.runtime.resolved.cpu_budget
@@ -171,6 +210,10 @@ def main(argv=None) -> int:
     p.add_argument("--cpu-memory", default=None,
                    help="memory budget of the disk run (the cache takes what it leaves; default: no budget, a cache "
                         "of a quarter of the KV on disk)")
+    p.add_argument("--share-prefill", action="store_true",
+                   help="the disk run restores the memory run's prefill of each passkey prompt (a prompt cache) and "
+                        "both decode --steps tokens after it: one prefill per depth in all (a 32K fp32 prefill takes "
+                        "~17 min on a 2-core CPU); else each run prefills real text and each passkey prompt itself")
     p.add_argument("--out-dir", default="bench_kv_disk")
     p.add_argument("--policy", help=argparse.SUPPRESS)
     p.add_argument("--tier", choices=TIERS, help=argparse.SUPPRESS)
@@ -191,9 +234,15 @@ def main(argv=None) -> int:
         row: dict = {"policy": policy}
         for tier in TIERS:
             run, peak = run_child(passed + ["--policy", policy, "--tier", tier, "--out-dir", args.out_dir])
-            row[tier] = run | {"peak_rss": peak}
-            print(f"{policy} {tier}: {run['decode_ms']:.1f} ms/token, prefill {run['prefill_s']:.1f} s, "
-                  f"peak RSS {peak / 2**20:.0f} MiB", flush=True)
+            # the runtime's private memory: the child's peak less what it held before building the model
+            # (interpreter, torch, offload: the fixed overhead), against the budget it was given
+            held = peak["anon"] - run["anon_before_model"]
+            row[tier] = run | {"peak_rss": peak["rss"], "peak_anon": peak["anon"], "runtime_peak": held,
+                               "within_budget": None if run["cpu_budget"] is None else held <= run["cpu_budget"]}
+            budget = "" if run["cpu_budget"] is None else f" (budget {run['cpu_budget'] / 2**20:.0f} MiB)"
+            print(f"{policy} {tier}: {run['decode_ms']:.1f} ms/token, prefill {run['prefill_s']:.1f} s, peak RSS "
+                  f"{peak['rss'] / 2**20:.0f} MiB, runtime's private peak {held / 2**20:.0f} MiB{budget} over "
+                  f"{run['anon_before_model'] / 2**20:.0f} MiB before the model", flush=True)
         m, d = row["memory"], row["disk"]
         row["same_tokens"] = m["tokens"] == d["tokens"]
         row["same_passkey"] = m["passkey"] == d["passkey"]
@@ -201,17 +250,21 @@ def main(argv=None) -> int:
         row["read_over_selected"] = d["disk"]["read_per_token"] / max(1.0, d["disk"]["selected_per_token"])
         result["rows"].append(row)
         write_json_atomic(out_dir / "bench_kv_disk.json", result)
+    if args.share_prefill:
+        shutil.rmtree(out_dir / "prompts", ignore_errors=True)
     plot(result, out_dir / "bench_kv_disk.png")
     print("| policy | tokens same | passkey same (found) | decode ms mem / disk | disk read / selection per token "
-          "| hit rate | peak RSS mem / disk |")
-    print("|---|---|---|---|---|---|---|")
+          "| hit rate | peak RSS mem / disk | disk run's private peak over its start / budget |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in result["rows"]:
         m, d = r["memory"], r["disk"]
         found = "/".join("y" if v["found"] else "n" for v in d["passkey"].values())
         print(f"| {r['policy']} | {r['same_tokens']} | {r['same_passkey']} ({found}) | {m['decode_ms']:.1f} / "
               f"{d['decode_ms']:.1f} ({r['slowdown']:.2f}x) | {d['disk']['read_per_token'] / 2**10:.0f} / "
               f"{d['disk']['selected_per_token'] / 2**10:.0f} KiB ({r['read_over_selected']:.2f}x) | "
-              f"{d['disk']['hit_rate']:.0%} | {m['peak_rss'] / 2**20:.0f} / {d['peak_rss'] / 2**20:.0f} MiB |")
+              f"{d['disk']['hit_rate']:.0%} | {m['peak_rss'] / 2**20:.0f} / {d['peak_rss'] / 2**20:.0f} MiB | "
+              f"{d['runtime_peak'] / 2**20:.0f} / "
+              f"{'-' if d['cpu_budget'] is None else format(d['cpu_budget'] / 2**20, '.0f')} MiB |")
     return 0
 
 

@@ -95,10 +95,11 @@ def check_disk_dir(path: Path, needed: int) -> None:
                           f"{format_size(needed)}: free space there or choose another directory")
 
 
-def rss_anon() -> int:
-    """Private anonymous resident memory of this process (bytes), from /proc; RSS where absent."""
+def rss_anon(pid: int | None = None) -> int:
+    """Private anonymous resident memory of process ``pid`` (default: this one; bytes), from /proc;
+    RSS where absent; 0 once the process is gone."""
     try:
-        with open("/proc/self/status") as f:
+        with open(f"/proc/{pid or 'self'}/status") as f:
             for line in f:
                 if line.startswith("RssAnon:"):
                     return int(line.split()[1]) * 1024
@@ -106,7 +107,10 @@ def rss_anon() -> int:
         pass
     import psutil
 
-    return int(psutil.Process().memory_info().rss)
+    try:
+        return int(psutil.Process(pid).memory_info().rss)
+    except psutil.Error:
+        return 0
 
 
 def pinned_nbytes(nbytes: int) -> int:

@@ -675,4 +675,5 @@ class DiskKV:
                 "memory_bytes": self.memory_nbytes(), "cache_bytes": self.cache.nbytes,
                 "bytes_read": s.bytes_read, "selection_bytes_read": s.selection_bytes_read,
                 "bytes_written": s.bytes_written, "read_requests": s.read_requests,
-                "selected_bytes": s.selected_bytes, "hit_rate": s.extents_hit / looked if looked else None}
+                "selected_bytes": s.selected_bytes, "extents_hit": s.extents_hit, "extents_missed": s.extents_missed,
+                "hit_rate": s.extents_hit / looked if looked else None}
