@@ -253,6 +253,11 @@ class SparseAttention(DenseAttention):
         valid = torch.cat([dense_valid[:, None].expand(B, Hkv, -1),
                            torch.arange(width, device=where) < counts[..., None]], dim=-1)  # [B, Hkv, M]
         k_rows, v_rows = self.kv.gather(layer, ids)  # [B, Hkv, M, D] each, on the device
+        lookahead = self.kv.lookahead_tokens(layer, width)
+        if lookahead:  # a disk layer (one row): read what the next step likely adds while this one computes
+            ahead = self.indexes[(batch.rows[0], layer)].lookahead(lookahead)
+            if ahead is not None:
+                self.kv.prefetch(layer, ahead)
         visible = valid.to(q.device)[:, :, None, :]  # [B, Hkv, 1, M]
         out = attend(q.view(B, Hkv, a.group_size, D), k_rows, v_rows, a.softmax_scale, visible)  # [B, Hkv, G, D]
         return out.reshape(B, a.num_heads, D)

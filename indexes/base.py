@@ -208,6 +208,12 @@ class KVIndex(ABC):
         permutation: what one selection takes in consecutive slots), or None: in token order."""
         return None
 
+    def lookahead(self, count: int) -> torch.Tensor | None:
+        """Up to ``count`` token ids per KV head [Hkv, count] (-1: none) ranked just past the last
+        search's selection: the likeliest newcomers to the next step's (consecutive queries move
+        little), which a disk tier reads ahead. None: the policy ranks nothing past its selection."""
+        return None
+
     def extra_ids(self) -> torch.Tensor | None:
         """Token ids [Hkv, E] the last step attended besides its selection (ShadowKV's outliers)."""
         return None

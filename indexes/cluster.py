@@ -22,6 +22,7 @@ Shapes: Hkv KV heads, G = H / Hkv, C clusters, n tokens cached, D head_dim.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -214,6 +215,17 @@ def _take_clusters(ranked, share, sizes, starts, order, n_clustered, lo, hi, bud
     return counts, short
 
 
+@dataclass(frozen=True)
+class _Ranked:
+    """A search's scores and what it took: lookahead() ranks on from there."""
+
+    mass: torch.Tensor  # [Hkv, C+T] each entry's estimated share of attention
+    budget: int
+    lo: int
+    hi: int
+    selection: Selection
+
+
 @register
 class ClusterIndex(KVIndex):
     """Keys in k-means clusters of about ``cluster_size`` tokens within segments of ``segment``
@@ -226,6 +238,10 @@ class ClusterIndex(KVIndex):
     cluster_size = 16
     segment = 1024
     disk_layout = "clusters"
+
+    def __init__(self, ctx, config, token_ids=None):
+        super().__init__(ctx, config, token_ids)
+        self._ranked: _Ranked | None = None  # what the last search ranked (lookahead)
 
     @classmethod
     def estimate_nbytes(cls, args, context: int, dtype_bytes: int) -> int:
@@ -314,12 +330,39 @@ class ClusterIndex(KVIndex):
             mass = np.empty((Hkv, C + T), np.float32)  # [Hkv, C+T] share of the group's attention
             _cluster_mass(qg.contiguous().numpy(), self.centroids.numpy(), self._log_sizes[:, 0].numpy(),
                           tail.contiguous().numpy(), np.float32(self.scale), mass)
-            return self._take_numba(mass, budget, lo, hi)
+            selection = self._take_numba(mass, budget, lo, hi)
+            self._ranked = _Ranked(torch.from_numpy(mass), budget, lo, hi, selection)
+            return selection
         logits = torch.baddbmm(self._log_sizes, qg, self.centroids, alpha=self.scale)  # [Hkv, G, C]
         if T:
             logits = torch.cat([logits, torch.matmul(qg, tail.transpose(1, 2)) * self.scale], dim=2)  # [Hkv, G, C+T]
         mass = torch.softmax(logits, dim=2).sum(dim=1)  # [Hkv, C+T]: the group's estimated attention
-        return self._take_torch(mass, budget, lo, hi)
+        selection = self._take_torch(mass, budget, lo, hi)
+        self._ranked = _Ranked(mass, budget, lo, hi, selection)
+        return selection
+
+    def lookahead(self, count: int) -> torch.Tensor | None:
+        """The clusters ranked next after the last selection, until ``count`` more tokens per head
+        (their tokens in the candidate range, the selection's own left out)."""
+        r = self._ranked
+        if r is None or count <= 0:
+            return None
+        Hkv, C = self.sizes.shape
+        mass = r.mass.float().cpu()  # [Hkv, C+T]
+        wider = r.budget + count
+        widest = int(self.sizes.max()) if C else 1
+        k = min(mass.shape[1], wider // (self.cluster_size // 4) + 8)
+        top = torch.topk(mass, k, dim=1)  # [Hkv, k] best first
+        taken = np.zeros((Hkv, wider + widest), dtype=np.int32)  # [Hkv, S]
+        counts, _ = _take_clusters(top.indices.numpy(), top.values.numpy(), self.sizes.cpu().numpy(),
+                                   self.starts.cpu().numpy(), self.order.cpu().numpy(), self.n_clustered, r.lo, r.hi,
+                                   wider, 0.0, 0, taken)
+        chosen, chosen_counts = r.selection.ids.cpu().numpy(), r.selection.counts.cpu().numpy()
+        ahead = np.full((Hkv, count), -1, dtype=np.int32)  # [Hkv, count]
+        for h in range(Hkv):
+            extra = np.setdiff1d(taken[h, :counts[h]], chosen[h, :chosen_counts[h]], assume_unique=True)[:count]
+            ahead[h, :extra.size] = extra
+        return torch.from_numpy(ahead)
 
     def _take_numba(self, mass: np.ndarray, budget: int, lo: int, hi: int) -> Selection:
         """Clusters best first from mass [Hkv, C+T] (each head's shares summing to 1)."""

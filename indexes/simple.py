@@ -69,6 +69,11 @@ class QuestIndex(KVIndex):
     learned = ("page_min", "page_max")
     page_size = 16
 
+    def __init__(self, ctx, config, token_ids=None):
+        super().__init__(ctx, config, token_ids)
+        # the last search's page scores [Hkv, pages], its first page and how many it took (lookahead)
+        self._ranked: tuple[torch.Tensor, int, int] | None = None
+
     @classmethod
     def estimate_nbytes(cls, args, context: int, dtype_bytes: int) -> int:
         # fp32 per-channel min and max per page per KV head, every layer
@@ -118,6 +123,7 @@ class QuestIndex(KVIndex):
             torch.matmul(self.page_min[:, first:last], qg.clamp(max=0).transpose(1, 2))  # [Hkv, pages, G]
         page_score = bound.amax(dim=-1)  # [Hkv, pages]
         n_pages = min(page_score.shape[-1], max(1, -(-budget // ps)))
+        self._ranked = (page_score, first, n_pages)
         pages = torch.topk(page_score, n_pages, dim=-1).indices + first  # [Hkv, n_pages]
         ids = (pages[..., None] * ps + torch.arange(ps, device=q.device)).flatten(1)  # [Hkv, n_pages * ps]
         ids = ids.sort(dim=-1).values
@@ -127,3 +133,16 @@ class QuestIndex(KVIndex):
         order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)
         ids = torch.gather(ids, 1, order).to(torch.int32)
         return Selection(ids.contiguous(), counts)
+
+    def lookahead(self, count: int) -> torch.Tensor | None:
+        """The pages ranked next after the last selection's, ``count`` tokens' worth per head."""
+        if self._ranked is None or count <= 0:
+            return None
+        page_score, first, n_pages = self._ranked
+        ps = self.page_size
+        wider = min(page_score.shape[-1], n_pages + -(-count // ps))
+        if wider == n_pages:
+            return None
+        pages = torch.topk(page_score, wider, dim=-1).indices[:, n_pages:] + first  # [Hkv, extra] next best
+        ids = (pages[..., None] * ps + torch.arange(ps, device=pages.device)).flatten(1)  # [Hkv, extra * ps]
+        return torch.where(ids < self.n, ids, -1).to(torch.int32).cpu()

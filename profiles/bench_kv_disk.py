@@ -101,6 +101,8 @@ def _decode(llm, ids: list[int], steps: int, cached=None) -> dict:
         out["disk"] = last | {
             "read_per_token": (last["selection_bytes_read"] - steady["selection_bytes_read"]) / n,
             "selected_per_token": (last["selected_bytes"] - steady["selected_bytes"]) / n,
+            "ahead_per_token": (last["ahead_extents"] - steady["ahead_extents"]) / n,  # extents read ahead
+            "ahead_hits_per_token": (last["ahead_hits"] - steady["ahead_hits"]) / n,  # of which used
             "hit_rate": (last["extents_hit"] - steady["extents_hit"]) / max(1, sum(
                 last[k] - steady[k] for k in ("extents_hit", "extents_missed"))),  # decode's steady state
             "first_step_bytes_read": steady["bytes_read"] - first["bytes_read"],  # build, relayout, a cold cache
@@ -127,6 +129,10 @@ def child(args) -> dict:
               prefill_chunk_size=args.prefill_chunk, rope_scaling=rope_scaling, kv_dtype=args.kv_dtype, verbose=False)
     if args.tier == "disk":
         kw |= dict(kv_offload="disk", disk_dir=args.disk_dir, cpu_memory=args.cpu_memory)
+        if args.lookahead_share is not None:  # the constant under measurement
+            from offload.tiers import kv_disk
+
+            kv_disk.LOOKAHEAD_SHARE = args.lookahead_share
     llm = LLM(args.model, **kw)
     out["describe"] = llm.describe()
     out["passkey"] = {}
@@ -156,7 +162,8 @@ def child(args) -> dict:
         out["prefill_s"] = statistics.median([r["prefill_s"] for r in runs])  # a restore, not a prefill
         if "disk" in runs[0]:
             out["disk"] = runs[-1]["disk"] | {key: statistics.mean(r["disk"][key] for r in runs) for key in
-                                              ("read_per_token", "selected_per_token", "hit_rate")}
+                                              ("read_per_token", "selected_per_token", "hit_rate", "ahead_per_token",
+                                               "ahead_hits_per_token")}
     report = llm.tier_report()
     out["peak"], out["kv_placed"] = report["peak"], report["placement"]
     out["cpu_budget"] = llm.runtime.resolved.cpu_budget
@@ -214,6 +221,8 @@ def main(argv=None) -> int:
                    help="the disk run restores the memory run's prefill of each passkey prompt (a prompt cache) and "
                         "both decode --steps tokens after it: one prefill per depth in all (a 32K fp32 prefill takes "
                         "~17 min on a 2-core CPU); else each run prefills real text and each passkey prompt itself")
+    p.add_argument("--lookahead-share", type=float, default=None,
+                   help="read ahead this share of a step's selection (offload.tiers.kv_disk.LOOKAHEAD_SHARE; 0: none)")
     p.add_argument("--out-dir", default="bench_kv_disk")
     p.add_argument("--policy", help=argparse.SUPPRESS)
     p.add_argument("--tier", choices=TIERS, help=argparse.SUPPRESS)

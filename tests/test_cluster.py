@@ -104,6 +104,28 @@ def test_budget_is_spent_in_whole_clusters_and_tail_tokens_compete():
     assert tail_best in idx.search(q, 1).ids[0].tolist()
 
 
+def _ids(sel, h: int) -> set[int]:
+    return set(sel.ids[h, :int(sel.counts[h])].tolist())
+
+
+def test_lookahead_is_what_a_larger_budget_adds():
+    """The tokens ranked just past a selection (what a disk tier reads ahead) are the ones a budget
+    larger by that much adds, none of the selection's own, -1 past them."""
+    keys = torch.randn(3, 3000, 16, generator=torch.Generator().manual_seed(6))
+    idx = _index(keys, 2900, H=6)
+    q = torch.randn(6, 16, generator=torch.Generator().manual_seed(7))
+    assert idx.lookahead(32) is None  # no search yet
+    sel = idx.search(q, 64)
+    ahead = idx.lookahead(32)
+    wider = idx.search(q, 96)
+    assert ahead.shape == (3, 32)
+    for h in range(3):
+        got = [t for t in ahead[h].tolist() if t >= 0]
+        added = _ids(wider, h) - _ids(sel, h)
+        assert set(got) <= added and len(got) == min(32, len(added)) > 0
+        assert all(t < 0 for t in ahead[h, len(got):].tolist())
+
+
 def test_state_round_trip_gives_the_same_selection():
     keys = torch.randn(3, 3000, 16, generator=torch.Generator().manual_seed(5))
     idx = _index(keys, 2500, H=6)

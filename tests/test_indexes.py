@@ -88,6 +88,21 @@ def test_quest_page_bound_is_an_upper_bound():
     assert torch.equal(sel.ids[:, :32:idx.page_size].long() // idx.page_size, best)  # the search picks exactly them
 
 
+def test_quest_lookahead_is_the_pages_ranked_next():
+    """The pages a 2-page-larger budget adds are Quest's lookahead (what a disk tier reads ahead)."""
+    keys = torch.randn(2, 300, 32, generator=torch.Generator().manual_seed(2))
+    idx = make_index("quest", index_context(6, 2, 32, 1.0), SelectionConfig(budget=32, sink=0, window=0))
+    idx.build(keys, 300)
+    q = torch.randn(6, 32, generator=torch.Generator().manual_seed(3))
+    sel = idx.search(q, 32)
+    ahead = idx.lookahead(32)
+    wider = idx.search(q, 64)
+    for h in range(2):
+        chosen = set(sel.ids[h, :int(sel.counts[h])].tolist())
+        added = set(wider.ids[h, :int(wider.counts[h])].tolist()) - chosen
+        assert set(ahead[h].tolist()) == added and len(added) == 32
+
+
 def test_extend_keeps_quest_pages_current():
     torch.manual_seed(1)
     keys = torch.zeros(1, 64, 16)

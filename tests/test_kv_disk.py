@@ -36,7 +36,7 @@ def fill(disk: DiskKV, layer: int, parts: list[torch.Tensor], chunk: int, start:
 
 
 def rows_of(parts: list[torch.Tensor], ids: np.ndarray) -> list[torch.Tensor]:
-    index = torch.from_numpy(ids).long()[..., None]
+    index = torch.from_numpy(np.ascontiguousarray(ids)).long()[..., None]
     return [torch.gather(p, 1, index.expand(-1, -1, p.shape[-1])) for p in parts]
 
 
@@ -140,6 +140,61 @@ def test_an_extent_changed_on_disk_is_caught(tmp_path):
         disk.read_range(0, 0, 1200)
     with pytest.raises(CorruptKVError, match="extent 2 of KV head 1"):
         disk.gather(0, np.full((H, 1), 40))  # slot 40: extent 2
+    disk.close()
+
+
+def test_a_read_ahead_fills_the_cache_in_the_background_for_the_next_gather(tmp_path):
+    """prefetch() reads the extents the cache lacks (whole runs, pads and cached ones skipped),
+    returns before they land, and the layer's next gather waits, checks and uses them: no read of
+    its own, rows bit for bit, each extent counted as read once and as a read-ahead hit."""
+    n, rpe = 4096, BF16.rows_per_extent
+    parts = kv_of(BF16, n)
+    disk = DiskKV(tmp_path, [0], H, n, BF16, cache_bytes=2 << 20, keep_tokens=64)
+    fill(disk, 0, parts, chunk=512)
+    step = np.broadcast_to(np.arange(0, 10 * rpe), (H, 10 * rpe))  # extents 0..9 of each head
+    disk.gather(0, step)
+    nxt = np.broadcast_to(np.arange(5 * rpe, 15 * rpe), (H, 10 * rpe))  # half of it cached, extents 10..14 new
+    read, requests = disk.stats.bytes_read, disk.stats.read_requests
+    disk.prefetch(0, np.concatenate([nxt, np.full((H, 7), -1)], axis=1))  # -1: no token
+    assert disk.stats.ahead_extents == 5 * H and disk.stats.read_requests - requests == H  # one run per head
+    assert disk.stats.bytes_read - read == 5 * H * EXTENT_BYTES
+    read, requests, missed = disk.stats.bytes_read, disk.stats.read_requests, disk.stats.extents_missed
+    got = disk.gather(0, nxt)
+    assert all(torch.equal(a, b) for a, b in zip(got, rows_of(parts, nxt)))
+    assert (disk.stats.bytes_read, disk.stats.read_requests, disk.stats.extents_missed) == (read, requests, missed)
+    assert disk.stats.ahead_hits == 5 * H and disk.report()["ahead_hits"] == 5 * H
+    disk.prefetch(0, nxt)  # all cached: nothing to read
+    assert disk.stats.read_requests == requests
+    disk.close()
+
+
+def test_a_read_ahead_never_evicts_what_its_gather_used_and_bad_bytes_are_read_again(tmp_path):
+    """A cache of 20 extents: a gather of 12, then a read-ahead of 12 more takes only the 8 rows
+    the gather did not use. An extent changed on disk comes back from a read-ahead unused: the
+    gather that needs it reads it again and reports it."""
+    n, rpe = 4096, BF16.rows_per_extent
+    parts = kv_of(BF16, n)
+    disk = DiskKV(tmp_path, [0], H, n, BF16, cache_bytes=20 * EXTENT_BYTES, keep_tokens=64)
+    fill(disk, 0, parts, chunk=512)
+    step = np.broadcast_to(np.arange(0, 4 * rpe), (H, 4 * rpe))  # 4 extents x 3 heads
+    disk.gather(0, step)
+    disk.prefetch(0, np.broadcast_to(np.arange(4 * rpe, 8 * rpe), (H, 4 * rpe)))
+    assert disk.stats.ahead_extents == 8
+    got = disk.gather(0, step)  # every row it used is still cached: no read
+    assert disk.stats.extents_missed == 12 and all(torch.equal(a, b) for a, b in zip(got, rows_of(parts, step)))
+    # a gather of more extents than the cache has rows (24 in 20) says so: no row is taken twice
+    with pytest.raises(OffloadError, match="cannot hold one layer's selection"):
+        disk.gather(0, np.broadcast_to(np.arange(8 * rpe, 16 * rpe), (H, 8 * rpe)))
+    f = disk.files[0]
+    with open(f.path, "r+b") as raw:  # one byte of head 0's extent 20
+        raw.seek(20 * EXTENT_BYTES + 7)
+        byte = raw.read(1)
+        raw.seek(-1, os.SEEK_CUR)
+        raw.write(bytes([byte[0] ^ 0x01]))
+    bad = np.full((H, 1), 20 * rpe + 3)
+    disk.prefetch(0, bad)
+    with pytest.raises(CorruptKVError, match="extent 20 of KV head 0"):
+        disk.gather(0, bad)
     disk.close()
 
 

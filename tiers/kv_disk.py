@@ -16,9 +16,12 @@ Reads of a step's selection (:meth:`DiskKV.gather`) go through a cache of extent
 (``cache_bytes``; CLOCK eviction, second chance for extents hit since the hand last passed, an
 LRU approximation at O(1) per eviction: consecutive steps select heavily overlapping sets), and
 the extents it lacks are read in runs of adjacent extents, one request per run, several requests
-in flight. Every extent read is checked against the checksum taken when it was
-written. The files belong to this process: they live in ``kv-<pid>-<random>`` under ``disk_dir``,
-are removed when the store closes, and a later run removes the folders of processes that are gone.
+in flight. After a layer's gather, the tokens its index ranks just past the selection (the
+likeliest newcomers to the next step's: :meth:`DiskKV.prefetch`) are read into the cache in the
+background, while the rest of the step computes; the layer's next gather waits for them. Every
+extent read is checked against the checksum taken when it was written. The files belong to this
+process: they live in ``kv-<pid>-<random>`` under ``disk_dir``, are removed when the store
+closes, and a later run removes the folders of processes that are gone.
 
 Shapes: Hkv KV heads, n tokens, D head_dim, M rows gathered per head, R row_bytes.
 """
@@ -51,6 +54,12 @@ FOLDER_PREFIX = "kv-"  # kv-<pid>-<random>: one process's KV files
 # are batched (one request of >= 64 KiB per head per spill), and the window's rows stay in memory.
 SPILL_EXTENTS = 16
 READ_THREADS = 8  # requests in flight at once: an NVMe drive reaches its bandwidth only with several
+# Read-ahead (DiskKV.prefetch): tokens an index ranks just past a step's selection, as a share of the
+# selection, are read in the background for the next step, on threads of their own (a step's own
+# reads never queue behind them).
+LOOKAHEAD_SHARE = 0.5
+PREFETCH_THREADS = 4
+_PENDING = np.iinfo(np.int64).max  # cache_used of an extent being read ahead: no eviction takes it
 # Wanted extents at most this many apart (within a head) are read in one request, the ones between
 # dropped: a 4 KiB request costs ~80 us of this box's virtual disk (12K IOPS with 8 in flight) where
 # 12 KiB more of a request costs ~22 us (560 MB/s).
@@ -147,13 +156,14 @@ def extent_checksums(data: np.ndarray, which: np.ndarray | None = None) -> np.nd
 
 
 @njit(cache=True, nogil=True)
-def _plan_gather(ids, mem_start, slot_of, rpe, eph, cache_at, cache_used, cache_ref, seen, tick,
+def _plan_gather(ids, mem_start, slot_of, rpe, eph, cache_at, cache_used, cache_ref, cache_ahead, seen, tick,
                  missing):  # pragma: no cover
     """ids [Hkv, M] (tokens): marks the cached extents the disk rows need as used at ``tick`` and
     lists the others once each in ``missing``; ``seen`` [Hkv E] remembers the extents met this
-    call (== tick). Returns (extents missing, rows from disk, extents found in the cache)."""
+    call (== tick). Returns (extents missing, rows from disk, extents found in the cache, of which
+    read ahead and used now for the first time: ``cache_ahead`` cleared)."""
     H, M = ids.shape
-    n_miss, n_disk, hits = 0, 0, 0
+    n_miss, n_disk, hits, ahead_hits = 0, 0, 0, 0
     for h in range(H):
         for j in range(M):
             t = ids[h, j]
@@ -169,10 +179,34 @@ def _plan_gather(ids, mem_start, slot_of, rpe, eph, cache_at, cache_used, cache_
                 cache_used[c] = tick
                 cache_ref[c] = 1
                 hits += 1
+                if cache_ahead[c]:
+                    cache_ahead[c] = 0
+                    ahead_hits += 1
             else:
                 missing[n_miss] = key
                 n_miss += 1
-    return n_miss, n_disk, hits
+    return n_miss, n_disk, hits, ahead_hits
+
+
+@njit(cache=True, nogil=True)
+def _plan_ahead(ids, mem_start, slot_of, rpe, eph, cache_at, seen, tick, missing):  # pragma: no cover
+    """ids [Hkv, M] (tokens): lists once each in ``missing`` the extents of the disk rows that the
+    cache lacks and this call's gather has not met (seen != tick); touches nothing cached.
+    Returns the number listed."""
+    H, M = ids.shape
+    n_miss = 0
+    for h in range(H):
+        for j in range(M):
+            t = ids[h, j]
+            if t >= mem_start:
+                continue
+            key = h * eph + slot_of[h, t] // rpe
+            if seen[key] == tick or cache_at[key] >= 0:
+                continue
+            seen[key] = tick
+            missing[n_miss] = key
+            n_miss += 1
+    return n_miss
 
 
 @njit(cache=True, nogil=True)
@@ -202,9 +236,11 @@ def _copy_rows(ids, mem_start, mem, slot_of, rpe, eph, cache_at, cache, bounds, 
 @njit(cache=True, nogil=True)
 def _clock_victims(cache_used, cache_ref, tick, hand, k, out):  # pragma: no cover
     """CLOCK (second chance, an LRU approximation at O(1) per eviction): from ``hand``, skip the
-    entries this gather uses (cache_used == tick) and, once, those hit since the hand last passed
+    entries this gather uses (cache_used == tick) or a read-ahead is filling (cache_used > tick:
+    _PENDING) and, once, those hit since the hand last passed
     (cache_ref: cleared as it passes); take the others into out[:k]. Returns (taken, new hand):
-    fewer than k only if the cache cannot hold this gather's extents."""
+    fewer than k only if the cache cannot hold this gather's extents. The rows taken are marked
+    used at ``tick``."""
     C = cache_used.shape[0]
     taken = 0
     for _ in range(2 * C):
@@ -212,11 +248,12 @@ def _clock_victims(cache_used, cache_ref, tick, hand, k, out):  # pragma: no cov
             break
         c = hand
         hand = (hand + 1) % C
-        if cache_used[c] == tick:
+        if cache_used[c] >= tick:
             continue
         if cache_ref[c]:
             cache_ref[c] = 0
             continue
+        cache_used[c] = tick  # taken: a second pass of the hand must not take it again
         out[taken] = c
         taken += 1
     return taken, hand
@@ -369,6 +406,18 @@ class DiskStats:
     selected_bytes: int = 0  # rows a gather handed out from the disk tier (the selection's own bytes)
     extents_hit: int = 0  # extents a gather found in the cache
     extents_missed: int = 0
+    ahead_extents: int = 0  # extents read ahead (their bytes count in bytes_read and selection_bytes_read)
+    ahead_hits: int = 0  # of which a later gather used
+
+
+@dataclass
+class _ReadAhead:
+    """A layer's extents being read in the background (DiskKV.prefetch)."""
+
+    keys: np.ndarray  # [k] head * extents_per_head + extent
+    rows: np.ndarray  # [k] their cache rows
+    reads: list  # futures, one per request
+    tick: int  # the gather they followed
 
 
 class DiskKV:
@@ -391,6 +440,8 @@ class DiskKV:
             raise _disk_error(e, self.disk_dir, "creating the KV folder") from None
         self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.folder), True)
         self._pool: ThreadPoolExecutor | None = None
+        self._ahead_pool: ThreadPoolExecutor | None = None
+        self._ahead: dict[int, _ReadAhead] = {}  # layer -> its read-ahead in flight
         self.files: dict[int, _LayerFile] = {}
         try:
             for layer in layers:
@@ -404,22 +455,26 @@ class DiskKV:
         self.cache_key = np.full(self.cache_extents, -1, np.int64)  # [C] (layer, head, extent) held, -1 free
         self.cache_used = np.zeros(self.cache_extents, np.int64)  # [C] tick of the last gather that used it
         self.cache_ref = np.zeros(self.cache_extents, np.uint8)  # [C] hit since the clock hand last passed
+        self.cache_ahead = np.zeros(self.cache_extents, np.uint8)  # [C] read ahead, not used since
         self._hand = 0
         self.cache_at = {layer: np.full(num_kv_heads * f.extents_per_head, -1, np.int32)
                          for layer, f in self.files.items()}  # layer -> [Hkv E] cache row of each extent
         self._tick = 0
         self._layers = list(self.files)  # a cache key's high bits: the layer's place in this list
         self._pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="offload-kv-read")
+        self._ahead_pool = ThreadPoolExecutor(PREFETCH_THREADS, thread_name_prefix="offload-kv-ahead")
         self._scratch = AlignedBuffer()  # spans with gaps land here, their wanted extents are copied out
         self.stats = DiskStats()
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
+        for pool in (self._ahead_pool, self._pool):  # no read may be in flight when the files close
+            if pool is not None:
+                pool.shutdown(wait=True)
+        self._pool = self._ahead_pool = None
+        self._ahead.clear()
         for f in self.files.values():
             f.close()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
         self._finalizer()
 
     def nbytes_on_disk(self) -> int:
@@ -536,6 +591,7 @@ class DiskKV:
         self._assign(f, np.broadcast_to(ids, (self.num_kv_heads, upto)), upto)
 
     def _drop_cached(self, layer: int) -> None:
+        self._settle(layer)
         at = self.cache_at[layer]
         held = at[at >= 0]
         self.cache_key[held] = -1
@@ -569,18 +625,22 @@ class DiskKV:
             out[:, lo - start:] = f.mem[:, lo - f.mem_start:end - f.mem_start]
         return out
 
+    @staticmethod
+    def _read_one(f: _LayerFile, bufs: np.ndarray | list[np.ndarray], offset: int) -> int:
+        """One preadv of the file at ``offset`` into a buffer or a list of them -> bytes it came short by."""
+        views = [memoryview(b).cast("B") for b in (bufs if isinstance(bufs, list) else [bufs])]
+        want = sum(len(v) for v in views)
+        got = 0
+        for i in range(0, len(views), IOV_MAX):
+            got += os.preadv(f.fd, views[i:i + IOV_MAX], offset + got)
+        if not f.direct and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(f.fd, offset, want, os.POSIX_FADV_DONTNEED)
+        return want - got
+
     def _read_requests(self, f: _LayerFile, requests: list[tuple[np.ndarray | list[np.ndarray], int]]) -> None:
         """Each (buffer or list of buffers, file offset): one preadv each, several in flight."""
         def one(req) -> int:
-            bufs, offset = req
-            views = [memoryview(b).cast("B") for b in (bufs if isinstance(bufs, list) else [bufs])]
-            want = sum(len(v) for v in views)
-            got = 0
-            for i in range(0, len(views), IOV_MAX):
-                got += os.preadv(f.fd, views[i:i + IOV_MAX], offset + got)
-            if not f.direct and hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(f.fd, offset, want, os.POSIX_FADV_DONTNEED)
-            return got - want
+            return self._read_one(f, *req)
 
         short = list(self._pool.map(one, requests)) if len(requests) > 1 else [one(r) for r in requests]
         if any(s for s in short):
@@ -594,12 +654,16 @@ class DiskKV:
         f = self.files[layer]
         H, M = ids.shape
         ids = np.ascontiguousarray(ids, dtype=np.int64)
+        self._settle(layer)
+        for done in [a for a, ahead in self._ahead.items() if all(r.done() for r in ahead.reads)]:
+            self._settle(done)  # other layers' read-ahead that has landed: evictable again
         self._tick += 1
         missing = np.empty(H * M, np.int64)
-        n_miss, n_disk, hits = _plan_gather(ids, f.mem_start, f.slot_of, self.fmt.rows_per_extent,
-                                            f.extents_per_head, self.cache_at[layer], self.cache_used,
-                                            self.cache_ref, f.seen, self._tick, missing)
+        n_miss, n_disk, hits, ahead_hits = _plan_gather(
+            ids, f.mem_start, f.slot_of, self.fmt.rows_per_extent, f.extents_per_head, self.cache_at[layer],
+            self.cache_used, self.cache_ref, self.cache_ahead, f.seen, self._tick, missing)
         self.stats.extents_hit += hits
+        self.stats.ahead_hits += ahead_hits
         self.stats.selected_bytes += n_disk * self.fmt.row_bytes
         if n_miss:
             self._fetch(layer, f, np.sort(missing[:n_miss]), hits)
@@ -619,19 +683,17 @@ class DiskKV:
         victims = np.empty(missing.size, np.int64)
         taken, self._hand = _clock_victims(self.cache_used, self.cache_ref, self._tick, self._hand, missing.size,
                                            victims)
+        if taken < missing.size and self._ahead:  # rows held by reads ahead: wait for them, then look again
+            for other in list(self._ahead):
+                self._settle(other)
+            taken, self._hand = _clock_victims(self.cache_used, self.cache_ref, self._tick, self._hand,
+                                               missing.size, victims)
         if taken < missing.size:
             raise OffloadError(
                 f"the disk KV's extent cache ({format_size(self.cache.nbytes)}) cannot hold one layer's selection "
                 f"({missing.size + hits} extents of {format_size(self.fmt.extent_bytes)}): give more "
                 f"cpu_memory or a smaller kv_budget")
-        old = self.cache_key[victims]
-        old = old[old >= 0]
-        for owner in np.unique(old >> 32):  # evicted: their layers' maps forget them
-            self.cache_at[self._layers[int(owner)]][old[(old >> 32) == owner] & 0xFFFFFFFF] = -1
-        self.cache_key[victims] = (self._layers.index(layer) << 32) | missing
-        self.cache_used[victims] = self._tick
-        self.cache_ref[victims] = 0
-        at[missing] = victims
+        self._admit(layer, missing, victims)
         # spans of extents, one request each: adjacent ones, and ones a few extents apart within a head
         # (the extents between are read and dropped: on a disk that serves few requests per second, a
         # request saved is worth more than the bytes)
@@ -666,6 +728,80 @@ class DiskKV:
                                  f"{key // f.extents_per_head} does not match its checksum (the disk returned other "
                                  f"bytes than were written): run again")
 
+    def _admit(self, layer: int, keys: np.ndarray, victims: np.ndarray) -> None:
+        """Cache rows ``victims`` [k] hold extents ``keys`` [k] of ``layer`` from now on (the
+        caller fills them): their previous extents leave their layers' maps."""
+        old = self.cache_key[victims]
+        old = old[old >= 0]
+        for owner in np.unique(old >> 32):  # evicted: their layers' maps forget them
+            self.cache_at[self._layers[int(owner)]][old[(old >> 32) == owner] & 0xFFFFFFFF] = -1
+        self.cache_key[victims] = (self._layers.index(layer) << 32) | keys
+        self.cache_used[victims] = self._tick
+        self.cache_ref[victims] = 0
+        self.cache_ahead[victims] = 0
+        self.cache_at[layer][keys] = victims
+
+    # ------------------------------------------------------------------ read-ahead
+    def lookahead_tokens(self, selected: int) -> int:
+        """Tokens per head to read ahead after a step that selected ``selected`` per head."""
+        return int(LOOKAHEAD_SHARE * selected)
+
+    def prefetch(self, layer: int, ids: np.ndarray) -> None:
+        """Start reading, in the background, the extents of tokens ``ids`` [Hkv, P] (-1: none) that
+        the cache lacks: tokens an index ranks just past this step's selection, likely in the
+        next step's (consecutive queries move little). Returns at once; the layer's next gather
+        waits for them and checks each against its checksum (one that fails leaves the cache and
+        is read again by the gather that needs it). Runs after the layer's gather and shares its
+        tick, so it never evicts what that gather used; extents the cache has no room for are
+        skipped: a read-ahead is a hint."""
+        f = self.files[layer]
+        self._settle(layer)
+        ids = np.where((ids >= 0) & (ids < f.mem_start), ids, f.mem_start).astype(np.int64)  # [Hkv, P]
+        rpe, eb = self.fmt.rows_per_extent, self.fmt.extent_bytes
+        missing = np.empty(ids.size, np.int64)
+        n_miss = _plan_ahead(np.ascontiguousarray(ids), f.mem_start, f.slot_of, rpe, f.extents_per_head,
+                             self.cache_at[layer], f.seen, self._tick, missing)
+        if not n_miss:
+            return
+        missing = np.sort(missing[:n_miss])
+        victims = np.empty(n_miss, np.int64)
+        taken, self._hand = _clock_victims(self.cache_used, self.cache_ref, self._tick, self._hand, n_miss, victims)
+        missing, victims = missing[:taken], victims[:taken]
+        if not taken:
+            return
+        self._admit(layer, missing, victims)
+        self.cache_used[victims] = _PENDING
+        self.cache_ahead[victims] = 1
+        breaks = np.nonzero(np.diff(missing) != 1)[0] + 1  # runs of adjacent extents: one request each
+        reads = [self._ahead_pool.submit(self._read_one, f, [self.cache[c] for c in victims[lo:hi]],
+                                         int(missing[lo]) * eb)
+                 for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, taken])]
+        self._ahead[layer] = _ReadAhead(missing, victims, reads, self._tick)
+        self.stats.read_requests += len(reads)
+        self.stats.ahead_extents += taken
+        nbytes = taken * eb
+        self.stats.bytes_read += nbytes
+        self.stats.selection_bytes_read += nbytes
+
+    def _settle(self, layer: int) -> None:
+        """Wait for ``layer``'s read-ahead and check what it read: extents that came back short or
+        do not match their checksums leave the cache; the rest become ordinary cached extents."""
+        ahead = self._ahead.pop(layer, None)
+        if ahead is None:
+            return
+        f = self.files[layer]
+        try:
+            complete = all(r.result() == 0 for r in ahead.reads)
+        except OSError:
+            complete = False
+        good = extent_checksums(self.cache, ahead.rows) == f.checksums.reshape(-1)[ahead.keys] if complete \
+            else np.zeros(ahead.keys.size, bool)
+        bad = ahead.rows[~good]
+        self.cache_at[layer][ahead.keys[~good]] = -1
+        self.cache_key[bad] = -1
+        self.cache_ahead[bad] = 0
+        self.cache_used[ahead.rows] = ahead.tick
+
     def report(self) -> dict:
         """Bytes on disk, in memory (cache included), read, written and selected so far, and the cache's hit rate."""
         s = self.stats
@@ -676,4 +812,5 @@ class DiskKV:
                 "bytes_read": s.bytes_read, "selection_bytes_read": s.selection_bytes_read,
                 "bytes_written": s.bytes_written, "read_requests": s.read_requests,
                 "selected_bytes": s.selected_bytes, "extents_hit": s.extents_hit, "extents_missed": s.extents_missed,
+                "ahead_extents": s.ahead_extents, "ahead_hits": s.ahead_hits,
                 "hit_rate": s.extents_hit / looked if looked else None}

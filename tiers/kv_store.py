@@ -286,6 +286,17 @@ class KVStore:
         if layer in self.disk_layers:
             self.disk.lay_out(layer, order)
 
+    def lookahead_tokens(self, layer: int, selected: int) -> int:
+        """Tokens per head worth reading ahead for ``layer`` after a step that selected ``selected``
+        per head: some for a disk layer (DiskKV.lookahead_tokens), none elsewhere (nothing to hide)."""
+        return self.disk.lookahead_tokens(selected) if layer in self.disk_layers else 0
+
+    def prefetch(self, layer: int, ids: torch.Tensor) -> None:
+        """Tokens ``ids`` [Hkv, P] (-1: none) a disk layer likely gathers next step: read in the
+        background (DiskKV.prefetch)."""
+        if layer in self.disk_layers:
+            self.disk.prefetch(layer, ids.cpu().numpy())
+
     def host_arrays(self, layer: int) -> CacheArrays | None:
         """numpy views of a CPU layer's cache for the compiled kernels, made on first use after an
         allocation; None when the layer's KV is not on the CPU in a dtype they take."""
