@@ -106,6 +106,11 @@ class QuestIndex(KVIndex):
     def extend(self, n: int) -> None:
         old = self.n
         super().extend(n)
+        pages = -(-max(n, self.keys.shape[1]) // self.page_size)
+        if pages > self.page_min.shape[1]:  # restored from a prompt cache, sized for its prompt alone
+            Hkv, have, D = self.page_min.shape
+            pad = torch.zeros(Hkv, pages - have, D, dtype=self.page_min.dtype, device=self.page_min.device)
+            self.page_min, self.page_max = torch.cat([self.page_min, pad], 1), torch.cat([self.page_max, pad], 1)
         self._update_pages(old - old % self.page_size, n)
 
     def nbytes(self) -> int:

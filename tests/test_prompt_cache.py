@@ -14,19 +14,20 @@ def _ids(hf, n, seed=0):
     return torch.randint(3, hf.config.vocab_size, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-@pytest.mark.parametrize("policy", ["dense", "retrieval", "shadowkv", "sentence", "quest"])
+@pytest.mark.parametrize("policy", ["dense", "retrieval", "shadowkv", "sentence", "quest", "cluster"])
 def test_cached_prompt_generates_what_a_fresh_run_does(tiny_models, tmp_path, policy):
+    """A prompt of whole Quest pages (96 = 6 x 16): decode goes past what the saved index was sized for."""
     folder, hf = tiny_models["qwen2"]
     kw = {} if policy == "dense" else dict(kv_budget=6, sink=2, window=4, dense_layers=1, telemetry=True)
     llm = LLM(folder, kv_policy=policy, **kw)
-    prompt = _ids(hf, 90)
+    prompt = _ids(hf, 96)
     fresh = llm.generate([prompt], GREEDY)[0].token_ids
     fresh_indexes = dict(llm.backend.indexes) if policy != "dense" else {}
-    path = llm.save_prompt(prompt, tmp_path / "p.cache")
+    path = LLM(folder, kv_policy=policy, **kw).save_prompt(prompt, tmp_path / "p.cache")  # sized for the prompt
     reloaded = LLM(folder, kv_policy=policy, **kw)  # a new process would start here
     cached = reloaded.generate([prompt], GREEDY, prompt_cache=path)[0].token_ids
     assert cached == fresh
-    assert reloaded.stats.prompt_tokens == 90
+    assert reloaded.stats.prompt_tokens == 96
     if policy != "dense":  # the selections came from the restored indexes, equal to freshly built ones
         assert reloaded.backend.indexes.keys() == fresh_indexes.keys()
         assert reloaded.telemetry.summary()["mass"] == pytest.approx(llm.telemetry.summary()["mass"], abs=1e-6)
