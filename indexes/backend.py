@@ -281,7 +281,7 @@ class SparseAttention(DenseAttention):
         disk = self.kv.disk_tier
         if self.kv.disk_layers:
             return (f", sparse layers' KV on disk in {disk.folder} (read through a {format_size(disk.cache_bytes)} "
-                    f"cache of extents)")
+                    f"cache of extents, read-ahead {'on' if disk.read_ahead else 'off'})")
         return ", sparse layers' KV in host memory" if self.kv_offload else ""
 
     def describe(self) -> str:

@@ -83,6 +83,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="where the sparse layers' KV lives: host memory (a GPU fetches each step's selection), disk "
                         "(--disk-dir; read a selection at a time: kv-policy cluster, quest or streaming), off (the "
                         "device); auto: the KV goes to host memory or disk when the budgets cannot hold it")
+    p.add_argument("--kv-read-ahead", choices=("auto", "on", "off"), default="auto",
+                   help="with the KV on disk, read the clusters/pages ranked just past each step's selection in the "
+                        "background for the next step; auto: where a GPU computes or a CPU core is spare beside the "
+                        "compute threads")
     p.add_argument("--profile", default=None, help="bandwidth profile JSON from `offload profile`")
     p.add_argument("--max-context", "--context", type=_positive_int, default=None, dest="max_context",
                    help="longest sequence to plan for, prompt + generated (default: the model's maximum)")

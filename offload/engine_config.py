@@ -28,6 +28,7 @@ from .quant import INT4_GROUP, N_MULTIPLE, QUANTIZE_SCHEMES, int4_supported
 from .tiers.budget import check_disk_dir, format_size, free_device_memory, free_host_memory, parse_size, resolve_budget
 from .tiers.flash import FlashConfig, size_cache
 from .tiers.io import IO_BACKENDS
+from .tiers.kv_disk import read_ahead_pays
 from .tiers.kv_store import KV_DTYPES, DiskTier
 from .tiers.planner import DTYPE_BYTES, BandwidthProfile, Placement, Tuning, kv_fits, plan
 
@@ -75,6 +76,9 @@ class EngineConfig:
     # The sparse layers' KV off the device: True / "host" in host memory, "disk" in disk_dir (read a
     # selection at a time), False on the device; None: wherever the placement or the policy's search needs it
     kv_offload: bool | str | None = None
+    # A KV on disk reads the next step's likely extents ahead, in the background: True / False; None:
+    # where that pays (a GPU computes, or a core is spare beside the compute threads: read_ahead_pays)
+    kv_read_ahead: bool | None = None
     telemetry: bool = False
     gpu_memory: str | int | None = None  # "24GiB", bytes, "auto" (90% of free), None: no limit
     cpu_memory: str | int | None = None
@@ -121,6 +125,8 @@ class EngineConfig:
                 parse_size(value, name)  # syntax now, bytes at resolve()
         _check(isinstance(self.kv_offload, bool) or self.kv_offload in KV_OFFLOAD_CHOICES,
                f"kv_offload must be None (auto), False, True / 'host' or 'disk', got {self.kv_offload!r}")
+        _check(self.kv_read_ahead is None or isinstance(self.kv_read_ahead, bool),
+               f"kv_read_ahead must be None (auto), True or False, got {self.kv_read_ahead!r}")
         _check(self.kv_offload != "disk" or self.disk_dir is not None,
                "kv_offload='disk' puts the sparse layers' KV in disk_dir: give disk_dir=...")
         _check(self.disk_dir is None or isinstance(self.disk_dir, (str, os.PathLike)),
@@ -199,7 +205,9 @@ class EngineConfig:
                          quantize=self.quantize, kv_dtype=self.kv_dtype, kv_disk=kv_disk)
         kv_disk = None
         if "disk" in placement.kv_tiers:
-            kv_disk = DiskTier(Path(self.disk_dir), placement.kv_disk_cache_bytes, keep_tokens=selection.window)
+            read_ahead = read_ahead_pays(device) if self.kv_read_ahead is None else self.kv_read_ahead
+            kv_disk = DiskTier(Path(self.disk_dir), placement.kv_disk_cache_bytes, keep_tokens=selection.window,
+                               read_ahead=read_ahead)
         kv_offload = True if kv_disk is not None or self.kv_offload == "host" else self.kv_offload
         if kv_offload is None:  # the full KV of sparse layers on the host when the placement put it there,
             # and always on a GPU for a policy whose search runs on the host (graphs, sentences)
@@ -276,7 +284,8 @@ class EngineConfig:
                    search_effort=ns.search_effort, quantize=ns.quantize, kv_dtype=ns.kv_dtype,
                    gpu_memory=ns.gpu_memory, cpu_memory=ns.cpu_memory,
                    disk_dir=ns.disk_dir, profile=ns.profile, flash=flash, flash_calibration=calibration,
-                   kv_offload={"auto": None, "off": False}.get(ns.kv_offload, ns.kv_offload), verbose=not ns.quiet)
+                   kv_offload={"auto": None, "off": False}.get(ns.kv_offload, ns.kv_offload),
+                   kv_read_ahead={"auto": None, "on": True, "off": False}[ns.kv_read_ahead], verbose=not ns.quiet)
 
 
 @dataclass(frozen=True)

@@ -128,7 +128,8 @@ def child(args) -> dict:
     kw = dict(kv_policy=args.policy, kv_budget=args.budget, max_context=longest, dtype=args.dtype,
               prefill_chunk_size=args.prefill_chunk, rope_scaling=rope_scaling, kv_dtype=args.kv_dtype, verbose=False)
     if args.tier == "disk":
-        kw |= dict(kv_offload="disk", disk_dir=args.disk_dir, cpu_memory=args.cpu_memory)
+        kw |= dict(kv_offload="disk", disk_dir=args.disk_dir, cpu_memory=args.cpu_memory,
+                   kv_read_ahead={"auto": None, "on": True, "off": False}[args.read_ahead])
         if args.lookahead_share is not None:  # the constant under measurement
             from offload.tiers import kv_disk
 
@@ -221,8 +222,10 @@ def main(argv=None) -> int:
                    help="the disk run restores the memory run's prefill of each passkey prompt (a prompt cache) and "
                         "both decode --steps tokens after it: one prefill per depth in all (a 32K fp32 prefill takes "
                         "~17 min on a 2-core CPU); else each run prefills real text and each passkey prompt itself")
+    p.add_argument("--read-ahead", choices=("auto", "on", "off"), default="auto",
+                   help="the disk run's kv_read_ahead (auto: where a GPU computes or a core is spare)")
     p.add_argument("--lookahead-share", type=float, default=None,
-                   help="read ahead this share of a step's selection (offload.tiers.kv_disk.LOOKAHEAD_SHARE; 0: none)")
+                   help="read ahead this share of a step's selection (offload.tiers.kv_disk.LOOKAHEAD_SHARE)")
     p.add_argument("--out-dir", default="bench_kv_disk")
     p.add_argument("--policy", help=argparse.SUPPRESS)
     p.add_argument("--tier", choices=TIERS, help=argparse.SUPPRESS)

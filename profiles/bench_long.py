@@ -337,9 +337,11 @@ def main(argv=None) -> int:
     config = SelectionConfig(budget=args.budget, sink=args.sink, window=args.window, dense_layers=args.dense_layers)
     kv_disk = None
     if args.kv_disk is not None:
+        from offload.tiers.kv_disk import read_ahead_pays
         from offload.tiers.kv_store import DiskTier
 
-        kv_disk = DiskTier(Path(args.kv_disk), parse_size(args.kv_disk_cache, "--kv-disk-cache"), args.window)
+        kv_disk = DiskTier(Path(args.kv_disk), parse_size(args.kv_disk_cache, "--kv-disk-cache"), args.window,
+                           read_ahead_pays(device))
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     result = {"settings": vars(args), "machine": machine(llm) + cap_note, "kv_offload": kv_offload,

@@ -231,21 +231,25 @@ def test_disk_failures_are_one_clear_line(tmp_path, monkeypatch):
 GREEDY = SamplingParams(max_new_tokens=24, ignore_eos=True)
 
 
-@pytest.mark.parametrize("policy,kv_dtype,dtype", [("cluster", None, "float32"), ("quest", None, "float32"),
-                                                    ("streaming", None, "float32"), ("cluster", "int8", "float32"),
-                                                    ("cluster", None, "bfloat16")])
-def test_a_model_with_its_kv_on_disk_gives_the_same_tokens(tiny_models, tmp_path, policy, kv_dtype, dtype):
+@pytest.mark.parametrize("policy,kv_dtype,dtype,read_ahead", [
+    ("cluster", None, "float32", True), ("cluster", None, "float32", False), ("quest", None, "float32", True),
+    ("streaming", None, "float32", None), ("cluster", "int8", "float32", None), ("cluster", None, "bfloat16", None)])
+def test_a_model_with_its_kv_on_disk_gives_the_same_tokens(tiny_models, tmp_path, policy, kv_dtype, dtype, read_ahead):
+    """Greedy tokens equal the KV in memory; with read-ahead on, some of it is read ahead and used."""
     folder, _ = tiny_models["llama"]
     prompt = [int(t) for t in np.random.default_rng(0).integers(3, 290, size=2000)]
     kw = dict(kv_policy=policy, kv_budget=48, sink=4, window=16, dense_layers=1, max_context=2048,
               prefill_chunk_size=256, kv_dtype=kv_dtype, dtype=dtype, verbose=False)
     base = LLM(folder, **kw)
-    disk = LLM(folder, kv_offload="disk", disk_dir=tmp_path, **kw)
+    disk = LLM(folder, kv_offload="disk", disk_dir=tmp_path, kv_read_ahead=read_ahead, **kw)
     assert "KV on disk in" in disk.describe()
     assert disk.generate([prompt], GREEDY)[0].token_ids == base.generate([prompt], GREEDY)[0].token_ids
     report = disk.tier_report()["kv"]["disk"]
     assert report["bytes_on_disk"] > 0 and report["bytes_written"] >= report["bytes_on_disk"]
     assert report["bytes_read"] > 0 and report["hit_rate"] > 0.5  # consecutive steps share most extents
+    if read_ahead is not None:
+        assert report["read_ahead"] is read_ahead and f"read-ahead {'on' if read_ahead else 'off'}" in disk.describe()
+        assert (report["ahead_hits"] > 0) is read_ahead and report["ahead_hits"] <= report["ahead_extents"]
     # the memory side holds the dense layer, the recent rows and the cache, not the sparse layer's KV
     assert disk.backend.kv_nbytes("disk") == report["bytes_on_disk"]
     folder_on_disk = report["folder"]

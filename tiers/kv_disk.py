@@ -56,7 +56,7 @@ SPILL_EXTENTS = 16
 READ_THREADS = 8  # requests in flight at once: an NVMe drive reaches its bandwidth only with several
 # Read-ahead (DiskKV.prefetch): tokens an index ranks just past a step's selection, as a share of the
 # selection, are read in the background for the next step, on threads of their own (a step's own
-# reads never queue behind them).
+# reads never queue behind them). Where it pays: read_ahead_pays().
 LOOKAHEAD_SHARE = 0.5
 PREFETCH_THREADS = 4
 _PENDING = np.iinfo(np.int64).max  # cache_used of an extent being read ahead: no eviction takes it
@@ -145,6 +145,14 @@ def _extent_checksums(data, which, out):  # pragma: no cover - numba
         for w in range(W):
             acc += np.uint64(row[w]) * np.uint64(w + 1)
         out[i] = np.uint32(acc & np.uint64(0xFFFFFFFF))
+
+
+def read_ahead_pays(device: torch.device) -> bool:
+    """Whether reads ahead can run beside the compute: where a GPU computes (the host's cores wait on
+    it), or a core is left beside the compute threads. Where those take every core they stall its
+    parallel regions: on the 2-core CPU box (2 threads) read-ahead raised the hit rate from 92% to
+    95% but slowed decode from 177 to 241 ms/token (8K, default model, BENCHMARKS.md)."""
+    return device.type == "cuda" or (os.cpu_count() or 1) > torch.get_num_threads()
 
 
 def extent_checksums(data: np.ndarray, which: np.ndarray | None = None) -> np.ndarray:
@@ -425,10 +433,11 @@ class DiskKV:
     ``disk_dir``, read through a cache of ``cache_bytes`` of extents."""
 
     def __init__(self, disk_dir: str | Path, layers: list[int], num_kv_heads: int, capacity: int,
-                 fmt: RowFormat, cache_bytes: int, keep_tokens: int):
-        """``keep_tokens``: the most recent tokens kept in memory (the window attended every step)."""
+                 fmt: RowFormat, cache_bytes: int, keep_tokens: int, read_ahead: bool = True):
+        """``keep_tokens``: the most recent tokens kept in memory (the window attended every step).
+        ``read_ahead``: prefetch() reads (else lookahead_tokens() is 0: nothing is asked for)."""
         self.fmt, self.num_kv_heads = fmt, num_kv_heads
-        self.keep_tokens = keep_tokens
+        self.keep_tokens, self.read_ahead = keep_tokens, read_ahead
         self.disk_dir = Path(disk_dir)
         if self.disk_dir.exists() and not self.disk_dir.is_dir():
             raise OffloadError(f"disk_dir {self.disk_dir} is a file, not a directory: give a directory")
@@ -462,7 +471,8 @@ class DiskKV:
         self._tick = 0
         self._layers = list(self.files)  # a cache key's high bits: the layer's place in this list
         self._pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="offload-kv-read")
-        self._ahead_pool = ThreadPoolExecutor(PREFETCH_THREADS, thread_name_prefix="offload-kv-ahead")
+        if read_ahead:
+            self._ahead_pool = ThreadPoolExecutor(PREFETCH_THREADS, thread_name_prefix="offload-kv-ahead")
         self._scratch = AlignedBuffer()  # spans with gaps land here, their wanted extents are copied out
         self.stats = DiskStats()
 
@@ -744,7 +754,7 @@ class DiskKV:
     # ------------------------------------------------------------------ read-ahead
     def lookahead_tokens(self, selected: int) -> int:
         """Tokens per head to read ahead after a step that selected ``selected`` per head."""
-        return int(LOOKAHEAD_SHARE * selected)
+        return int(LOOKAHEAD_SHARE * selected) if self.read_ahead else 0
 
     def prefetch(self, layer: int, ids: np.ndarray) -> None:
         """Start reading, in the background, the extents of tokens ``ids`` [Hkv, P] (-1: none) that
@@ -754,6 +764,8 @@ class DiskKV:
         is read again by the gather that needs it). Runs after the layer's gather and shares its
         tick, so it never evicts what that gather used; extents the cache has no room for are
         skipped: a read-ahead is a hint."""
+        if not self.read_ahead:
+            return
         f = self.files[layer]
         self._settle(layer)
         ids = np.where((ids >= 0) & (ids < f.mem_start), ids, f.mem_start).astype(np.int64)  # [Hkv, P]
@@ -810,7 +822,7 @@ class DiskKV:
                 else "buffered", "layers": len(self.files), "bytes_on_disk": self.nbytes_on_disk(),
                 "memory_bytes": self.memory_nbytes(), "cache_bytes": self.cache.nbytes,
                 "bytes_read": s.bytes_read, "selection_bytes_read": s.selection_bytes_read,
-                "bytes_written": s.bytes_written, "read_requests": s.read_requests,
+                "bytes_written": s.bytes_written, "read_requests": s.read_requests, "read_ahead": self.read_ahead,
                 "selected_bytes": s.selected_bytes, "extents_hit": s.extents_hit, "extents_missed": s.extents_missed,
                 "ahead_extents": s.ahead_extents, "ahead_hits": s.ahead_hits,
                 "hit_rate": s.extents_hit / looked if looked else None}

@@ -188,11 +188,13 @@ class _Staging:
 @dataclass(frozen=True)
 class DiskTier:
     """The KV store's disk tier (:mod:`offload.tiers.kv_disk`): the folder its files go in, the
-    host memory its cache of extents may take, and the recent tokens kept in memory."""
+    host memory its cache of extents may take, the recent tokens kept in memory, and whether the
+    next step's likely extents are read ahead."""
 
     folder: Path
     cache_bytes: int
     keep_tokens: int
+    read_ahead: bool
 
 
 class KVStore:
@@ -273,7 +275,7 @@ class KVStore:
             t = self.disk_tier
             fmt = RowFormat(a.head_dim, held, self.dtype if self.quantized else None)
             self.disk = DiskKV(t.folder, sorted(self.disk_layers), a.num_kv_heads, capacity, fmt, t.cache_bytes,
-                               t.keep_tokens)
+                               t.keep_tokens, t.read_ahead)
 
     def close(self) -> None:
         """Remove the disk tier's files (the KV on disk belongs to this store alone)."""
