@@ -198,6 +198,37 @@ def test_a_read_ahead_never_evicts_what_its_gather_used_and_bad_bytes_are_read_a
     disk.close()
 
 
+def test_a_gather_waits_for_reads_ahead_that_hold_the_rows_it_needs(tmp_path, monkeypatch):
+    """Rows being filled by a read-ahead of another layer are not evictable; a gather that needs
+    them waits for that read-ahead to land (checked, then evictable) instead of failing."""
+    import threading
+
+    n, rpe = 4096, BF16.rows_per_extent
+    parts = kv_of(BF16, n)
+    disk = DiskKV(tmp_path, [0, 1], H, n, BF16, cache_bytes=24 * EXTENT_BYTES, keep_tokens=64)
+    fill(disk, 0, parts, chunk=512)
+    fill(disk, 1, parts, chunk=512)
+    landed = threading.Event()
+    read_one = DiskKV._read_one
+
+    def slow(f, bufs, offset):  # the read-ahead's requests land only when the timer fires
+        if threading.current_thread().name.startswith("offload-kv-ahead"):
+            landed.wait(10)
+        return read_one(f, bufs, offset)
+
+    monkeypatch.setattr(DiskKV, "_read_one", staticmethod(slow))
+    disk.gather(1, np.broadcast_to(np.arange(0, rpe), (H, rpe)))  # 3 rows
+    disk.prefetch(1, np.broadcast_to(np.arange(rpe, 6 * rpe), (H, 5 * rpe)))  # 15 rows, pending
+    assert disk.stats.ahead_extents == 15
+    timer = threading.Timer(0.3, landed.set)
+    timer.start()
+    step = np.broadcast_to(np.arange(0, 7 * rpe), (H, 7 * rpe))  # 21 rows: more than the 9 not pending
+    got = disk.gather(0, step)
+    assert landed.is_set() and all(torch.equal(a, b) for a, b in zip(got, rows_of(parts, step)))
+    timer.join()
+    disk.close()
+
+
 def test_disk_failures_are_one_clear_line(tmp_path, monkeypatch):
     a_file = tmp_path / "not-a-dir"
     a_file.write_text("x")

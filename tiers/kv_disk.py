@@ -693,11 +693,12 @@ class DiskKV:
         victims = np.empty(missing.size, np.int64)
         taken, self._hand = _clock_victims(self.cache_used, self.cache_ref, self._tick, self._hand, missing.size,
                                            victims)
-        if taken < missing.size and self._ahead:  # rows held by reads ahead: wait for them, then look again
+        if taken < missing.size and self._ahead:  # rows held by reads ahead: wait for them, then look on
             for other in list(self._ahead):
                 self._settle(other)
-            taken, self._hand = _clock_victims(self.cache_used, self.cache_ref, self._tick, self._hand,
-                                               missing.size, victims)
+            more, self._hand = _clock_victims(self.cache_used, self.cache_ref, self._tick, self._hand,
+                                              missing.size - taken, victims[taken:])
+            taken += more
         if taken < missing.size:
             raise OffloadError(
                 f"the disk KV's extent cache ({format_size(self.cache.nbytes)}) cannot hold one layer's selection "
