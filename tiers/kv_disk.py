@@ -165,11 +165,13 @@ def extent_checksums(data: np.ndarray, which: np.ndarray | None = None) -> np.nd
 
 @njit(cache=True, nogil=True)
 def _plan_gather(ids, mem_start, slot_of, rpe, eph, cache_at, cache_used, cache_ref, cache_ahead, seen, tick,
-                 missing):  # pragma: no cover
-    """ids [Hkv, M] (tokens): marks the cached extents the disk rows need as used at ``tick`` and
-    lists the others once each in ``missing``; ``seen`` [Hkv E] remembers the extents met this
-    call (== tick). Returns (extents missing, rows from disk, extents found in the cache, of which
-    read ahead and used now for the first time: ``cache_ahead`` cleared)."""
+                 missing, use):  # pragma: no cover
+    """ids [Hkv, M] (tokens): lists once each in ``missing`` the extents of the disk rows that the
+    cache lacks; ``seen`` [Hkv E] remembers the extents met at this ``tick`` (a read-ahead after a
+    gather shares its tick: what the gather met is skipped). ``use`` (a gather): the cached ones
+    are marked used at ``tick`` and counted; else (a read-ahead) they are left as they are.
+    Returns (extents missing, rows from disk, extents found in the cache, of which read ahead and
+    used now for the first time: ``cache_ahead`` cleared)."""
     H, M = ids.shape
     n_miss, n_disk, hits, ahead_hits = 0, 0, 0, 0
     for h in range(H):
@@ -183,38 +185,17 @@ def _plan_gather(ids, mem_start, slot_of, rpe, eph, cache_at, cache_used, cache_
                 continue
             seen[key] = tick
             c = cache_at[key]
-            if c >= 0:
+            if c < 0:
+                missing[n_miss] = key
+                n_miss += 1
+            elif use:
                 cache_used[c] = tick
                 cache_ref[c] = 1
                 hits += 1
                 if cache_ahead[c]:
                     cache_ahead[c] = 0
                     ahead_hits += 1
-            else:
-                missing[n_miss] = key
-                n_miss += 1
     return n_miss, n_disk, hits, ahead_hits
-
-
-@njit(cache=True, nogil=True)
-def _plan_ahead(ids, mem_start, slot_of, rpe, eph, cache_at, seen, tick, missing):  # pragma: no cover
-    """ids [Hkv, M] (tokens): lists once each in ``missing`` the extents of the disk rows that the
-    cache lacks and this call's gather has not met (seen != tick); touches nothing cached.
-    Returns the number listed."""
-    H, M = ids.shape
-    n_miss = 0
-    for h in range(H):
-        for j in range(M):
-            t = ids[h, j]
-            if t >= mem_start:
-                continue
-            key = h * eph + slot_of[h, t] // rpe
-            if seen[key] == tick or cache_at[key] >= 0:
-                continue
-            seen[key] = tick
-            missing[n_miss] = key
-            n_miss += 1
-    return n_miss
 
 
 @njit(cache=True, nogil=True)
@@ -671,7 +652,7 @@ class DiskKV:
         missing = np.empty(H * M, np.int64)
         n_miss, n_disk, hits, ahead_hits = _plan_gather(
             ids, f.mem_start, f.slot_of, self.fmt.rows_per_extent, f.extents_per_head, self.cache_at[layer],
-            self.cache_used, self.cache_ref, self.cache_ahead, f.seen, self._tick, missing)
+            self.cache_used, self.cache_ref, self.cache_ahead, f.seen, self._tick, missing, True)
         self.stats.extents_hit += hits
         self.stats.ahead_hits += ahead_hits
         self.stats.selected_bytes += n_disk * self.fmt.row_bytes
@@ -772,8 +753,9 @@ class DiskKV:
         ids = np.where((ids >= 0) & (ids < f.mem_start), ids, f.mem_start).astype(np.int64)  # [Hkv, P]
         rpe, eb = self.fmt.rows_per_extent, self.fmt.extent_bytes
         missing = np.empty(ids.size, np.int64)
-        n_miss = _plan_ahead(np.ascontiguousarray(ids), f.mem_start, f.slot_of, rpe, f.extents_per_head,
-                             self.cache_at[layer], f.seen, self._tick, missing)
+        n_miss = _plan_gather(np.ascontiguousarray(ids), f.mem_start, f.slot_of, rpe, f.extents_per_head,
+                              self.cache_at[layer], self.cache_used, self.cache_ref, self.cache_ahead, f.seen,
+                              self._tick, missing, False)[0]
         if not n_miss:
             return
         missing = np.sort(missing[:n_miss])
