@@ -1,16 +1,19 @@
 """The KV on disk beside the KV in memory: the same model, text, policy and budget, one run.
 
 Each (policy, tier) runs in its own process, whose resident memory this process samples from
-outside (the peak is what a budget must hold). A run prefills real text and decodes greedily
-(tokens, ms per token), then answers the passkey at each depth. With the KV on disk the sparse
-layers' KV lives in ``--disk-dir`` and is read a selection at a time through a cache of extents
-(a quarter of that KV, or what ``--cpu-memory`` leaves beside the weights, the dense layers' KV
-and the recent rows).
+outside: the peak of its private memory (RssAnon) over what it held before building the model
+(the interpreter, torch, offload: the fixed overhead) is what ``--cpu-memory`` must hold. A run
+prefills real text and decodes greedily (tokens, ms per token), then answers the passkey at each
+depth. With the KV on disk the sparse layers' KV lives in ``--disk-dir`` and is read a selection
+at a time through a cache of extents (a quarter of that KV, or what ``--cpu-memory`` leaves
+beside the weights, the dense layers' KV and the recent rows).
 Reported per policy: tokens and passkey answers identical or not, decode ms/token both ways,
 disk bytes read per token against the selection's own bytes, the cache's hit rate, peak RSS.
 
     python -m offload.profiles.bench_kv_disk --context 8192 --policies cluster quest --out-dir runs/kvdisk8k
-    python -m offload.profiles.bench_kv_disk --context 32768 --extend yarn --policies cluster --out-dir runs/kvdisk32k
+    python -m offload.profiles.bench_kv_disk --context 8192 --policies cluster --cpu-memory 862MiB --out-dir runs/kvdisk8k_budget
+    python -m offload.profiles.bench_kv_disk --context 32768 --extend yarn --policies cluster --share-prefill \
+        --out-dir runs/kvdisk32k
 
 Writes ``bench_kv_disk.json`` and ``bench_kv_disk.png`` in ``--out-dir``.
 """

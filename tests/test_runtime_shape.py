@@ -61,6 +61,7 @@ def test_plan_prints_the_table_generate_prints(smollm_path, tmp_path, capsys):
     ({"cpu_memory": "8 parsecs"}, "cannot read cpu_memory"),
     ({"max_context": 0}, "max_context must be a positive integer"),
     ({"dtype": "int3"}, "unknown dtype 'int3'"),
+    ({"kv_read_ahead": "yes"}, r"kv_read_ahead must be None \(auto\), True or False"),
 ])
 def test_bad_settings_fail_before_anything_loads(settings, message):
     with pytest.raises(OffloadError, match=message):
