@@ -128,7 +128,8 @@ def child(args) -> dict:
     if args.extend == "yarn":
         trained = read_model_args(args.model)[0].max_position_embeddings
         rope_scaling = {"type": "yarn", "factor": max(1.0, longest / trained), "original_max_position_embeddings": trained}
-    kw = dict(kv_policy=args.policy, kv_budget=args.budget, max_context=longest, dtype=args.dtype,
+    kw = dict(kv_policy=args.policy, kv_budget=args.budget, dense_layers=args.dense_layers, max_context=longest,
+              dtype=args.dtype,
               prefill_chunk_size=args.prefill_chunk, rope_scaling=rope_scaling, kv_dtype=args.kv_dtype, verbose=False)
     if args.tier == "disk":
         kw |= dict(kv_offload="disk", disk_dir=args.disk_dir, cpu_memory=args.cpu_memory,
@@ -210,6 +211,7 @@ def main(argv=None) -> int:
     p.add_argument("--extend", choices=("none", "yarn"), default="none", help="YaRN beyond the trained context")
     p.add_argument("--policies", nargs="+", default=["cluster", "quest"])
     p.add_argument("--budget", type=float, default=0.02)
+    p.add_argument("--dense-layers", type=int, default=2, help="first layers attended densely (their KV in memory)")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--kv-dtype", default=None, choices=("int8",))
     p.add_argument("--prefill-chunk", type=int, default=1024)
@@ -259,6 +261,8 @@ def main(argv=None) -> int:
                   f"{peak['rss'] / 2**20:.0f} MiB, runtime's private peak {held / 2**20:.0f} MiB{budget} over "
                   f"{run['anon_before_model'] / 2**20:.0f} MiB before the model", flush=True)
         m, d = row["memory"], row["disk"]
+        if "disk" not in d:
+            raise SystemExit(f"bench_kv_disk: the disk run of {policy} kept no layer's KV on disk (every layer dense?)")
         row["same_tokens"] = m["tokens"] == d["tokens"]
         row["same_passkey"] = m["passkey"] == d["passkey"]
         row["slowdown"] = d["decode_ms"] / m["decode_ms"]

@@ -341,3 +341,27 @@ def test_the_extent_checksum_is_the_weight_stores_weighted_sum():
 
     data = np.random.default_rng(0).integers(0, 256, size=(5, EXTENT_BYTES), dtype=np.uint8)
     assert list(kv_disk.extent_checksums(data)) == [weighted_sum32(torch.from_numpy(row)) for row in data]
+
+
+def test_the_disk_benchmark_runs_both_tiers_and_checks_the_budget_from_outside(tiny_models, tmp_path):
+    """bench_kv_disk on a tiny model: each tier in its own process, the prompt shared through a
+    prompt cache, tokens and passkey answers compared, the runtime's private peak measured from
+    outside against the budget, JSON and PNG written, the shared prompts removed."""
+    import json
+
+    from offload.profiles import bench_kv_disk
+
+    folder, _ = tiny_models["llama"]
+    out = tmp_path / "bench"
+    assert bench_kv_disk.main(["--model", str(folder), "--context", "640", "--policies", "cluster", "--steps", "6",
+                               "--depths", "0.5", "--share-prefill", "--cpu-memory", "2GiB", "--prefill-chunk", "256",
+                               "--dense-layers", "1", "--out-dir", str(out)]) == 0
+    result = json.loads((out / "bench_kv_disk.json").read_text())
+    row = result["rows"][0]
+    assert row["same_tokens"] and row["same_passkey"]
+    disk = row["disk"]
+    assert disk["cpu_budget"] == 2 << 30 and disk["within_budget"] is True
+    assert 0 < disk["runtime_peak"] < disk["peak_anon"] <= disk["peak_rss"]
+    assert disk["disk"]["selected_per_token"] > 0 and 0 <= disk["disk"]["hit_rate"] <= 1
+    assert row["memory"]["cpu_budget"] is None and row["memory"]["within_budget"] is None
+    assert (out / "bench_kv_disk.png").stat().st_size > 0 and not (out / "prompts").exists()
