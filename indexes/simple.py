@@ -106,12 +106,16 @@ class QuestIndex(KVIndex):
     def extend(self, n: int) -> None:
         old = self.n
         super().extend(n)
-        pages = -(-max(n, self.keys.shape[1]) // self.page_size)
-        if pages > self.page_min.shape[1]:  # restored from a prompt cache, sized for its prompt alone
-            Hkv, have, D = self.page_min.shape
+        self._update_pages(old - old % self.page_size, n)
+
+    def restore(self, keys, scalars: dict, tensors: dict[str, torch.Tensor]) -> None:
+        super().restore(keys, scalars, tensors)
+        # the saved bounds cover the saved prompt's pages; this cache row has room for decode too
+        Hkv, have, D = self.page_min.shape
+        pages = -(-self.keys.shape[1] // self.page_size)
+        if pages > have:
             pad = torch.zeros(Hkv, pages - have, D, dtype=self.page_min.dtype, device=self.page_min.device)
             self.page_min, self.page_max = torch.cat([self.page_min, pad], 1), torch.cat([self.page_max, pad], 1)
-        self._update_pages(old - old % self.page_size, n)
 
     def nbytes(self) -> int:
         return 2 * self.page_min.numel() * 4
