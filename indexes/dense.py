@@ -4,6 +4,7 @@ builds on it (prefill, dense layers and windowed layers are exact)."""
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
@@ -52,6 +53,9 @@ class DenseAttention(AttentionBackend):
 
     def close(self) -> None:
         self.kv.close()
+
+    def prefill_pass(self, layer: int, upto: int) -> AbstractContextManager:
+        return self.kv.prefill_pass(layer, upto)
 
     def kv_disk_report(self) -> dict | None:
         return None if self.kv.disk is None else self.kv.disk.report()

@@ -14,6 +14,7 @@ D head_dim.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,6 +131,12 @@ class AttentionBackend(ABC):
 
     def end(self, batch: ForwardBatch) -> None:
         """Called once per model call after the last layer."""
+
+    def prefill_pass(self, layer: int, upto: int) -> AbstractContextManager:
+        """A layer-major prefill (Transformer.prefill_layer_major) runs every chunk of one prompt, up
+        to token ``upto``, through ``layer`` inside this context: a store whose KV of the layer lives
+        in a slower tier keeps the prompt's rows at hand for the pass."""
+        return nullcontext()
 
     def forward_mixed(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       batch: MixedBatch) -> torch.Tensor:

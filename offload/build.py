@@ -137,7 +137,6 @@ def build_runtime(resolved: ResolvedConfig) -> Runtime:
         model.args = resolved.args
         model.rope = RotaryEmbedding(model.args, resolved.device)
     backend = build_backend(resolved, tokenizer)
-    engine = Engine(model, tokenizer, backend, config.prefill_chunk_size, config.max_context)
     flash = None
     if config.flash is not None:  # FFN up/down projections on flash ("LLM in a flash")
         calibration = config.flash_calibration
@@ -151,6 +150,10 @@ def build_runtime(resolved: ResolvedConfig) -> Runtime:
                              calibration_ids=ids[:config.flash.calibration_tokens], sizing=resolved.flash_sizing)
         # every layer is resident now but for its bundles: the layer placement no longer describes it
         streamer = placement = None
+    # layers streamed from another tier, or a KV on disk: each read once per prompt, not once per chunk
+    layer_major = streamer is not None or resolved.kv_disk is not None
+    engine = Engine(model, tokenizer, backend, config.prefill_chunk_size, config.max_context,
+                    layer_major_prefill=layer_major)
     return Runtime(resolved=resolved, model=model, tokenizer=tokenizer, source=source, fingerprint=fingerprint,
                    backend=backend, engine=engine, placement=placement, streamer=streamer, flash=flash)
 

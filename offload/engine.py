@@ -58,11 +58,15 @@ class GenerationStats:
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, backend: AttentionBackend,
-                 prefill_chunk_size: int = 512, max_context: int | None = None):
+                 prefill_chunk_size: int = 512, max_context: int | None = None, layer_major_prefill: bool = False):
+        """``layer_major_prefill``: a prompt's chunks go through the model a layer at a time
+        (Transformer.prefill_layer_major): where layers stream from another tier or the KV lives on
+        disk, each is then read once per prompt, not once per chunk."""
         if prefill_chunk_size <= 0:
             raise InvalidRequestError(f"prefill_chunk_size must be positive, got {prefill_chunk_size}")
         self.model, self.tokenizer, self.backend = model, tokenizer, backend
         self.prefill_chunk_size = prefill_chunk_size
+        self.layer_major_prefill = layer_major_prefill
         self._max_context = max_context
         self.stats = GenerationStats()
 
@@ -93,13 +97,16 @@ class Engine:
         Returns logits [V] of the last position, or [T, V] for every position with ``all_logits``.
         """
         device = self.model.device
-        chunks = []
+        chunks = []  # (tokens [1, T], batch)
         for start in range(begin, len(ids), self.prefill_chunk_size):
             piece = ids[start:start + self.prefill_chunk_size]
-            tokens = torch.tensor([piece], device=device)  # [1, T]
-            batch = ForwardBatch.prefill(row, start, len(piece), device, piece)
-            chunks.append(self.model(tokens, batch, self.backend, all_logits=all_logits)[0])  # [T or 1, V]
-        return torch.cat(chunks) if all_logits else chunks[-1][-1]
+            chunks.append((torch.tensor([piece], device=device), ForwardBatch.prefill(row, start, len(piece), device,
+                                                                                      piece)))
+        if self.layer_major_prefill and len(chunks) > 1:
+            logits = self.model.prefill_layer_major(chunks, self.backend, all_logits=all_logits)  # [1, T or 1, V] each
+        else:
+            logits = [self.model(tokens, batch, self.backend, all_logits=all_logits) for tokens, batch in chunks]
+        return torch.cat([x[0] for x in logits]) if all_logits else logits[-1][0, -1]
 
     def run(self, prompts: list[list[int]], params: list[SamplingParams],
             texts: list[str | None] | None = None,

@@ -153,6 +153,31 @@ class Transformer(nn.Module):
             x = x[:, -1:]  # [B, 1, hidden]: prefill needs only the last position's logits
         return self.head(x)  # [B, T or 1, V]
 
+    @torch.inference_mode()
+    def prefill_layer_major(self, chunks: list[tuple[torch.Tensor, ForwardBatch]], backend: AttentionBackend,
+                            all_logits: bool = False) -> list[torch.Tensor]:
+        """One row's prompt, chunks of (tokens [1, T], batch) in order, run layer by layer (FlexGen's
+        order) -> per chunk logits [1, T or 1, V] as :meth:`forward` gives them. Each streamed layer
+        is loaded once for the whole prompt, and a layer whose KV lives on disk has the prompt's rows
+        in memory only while it runs (``backend.prefill_pass``): chunk by chunk, every chunk would
+        load every streamed layer again and read each disk layer's prefix back (quadratic bytes).
+        The price: every chunk's hidden state is held at once, [n, hidden] in the compute dtype."""
+        xs = [self.embed_tokens(tokens) for tokens, _ in chunks]  # per chunk [1, T, hidden]
+        rope = [self.rope.cos_sin(batch.positions, self.dtype) for _, batch in chunks]  # per chunk [1, 1, T, D] x2
+        upto = chunks[-1][1].end_lengths[0]
+        for i, layer in enumerate(self.layers):
+            streamed = i in self.offloaded
+            if streamed:
+                layer = self.streamer.acquire(i)
+            with backend.prefill_pass(i, upto):
+                for c, (_, batch) in enumerate(chunks):
+                    backend.begin(batch)  # masks are per chunk: rebuilt per layer, never all held at once
+                    xs[c] = layer(xs[c], i, *rope[c], batch, backend)
+                    backend.end(batch)
+            if streamed:
+                self.streamer.release(i)
+        return [self.head(x if all_logits else x[:, -1:]) for x in xs]  # per chunk [1, T or 1, V]
+
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         return embedding(tokens, self.embed)  # [B, T, hidden]
 

@@ -90,6 +90,47 @@ def test_a_sequence_continued_from_an_earlier_point_drops_what_came_after(tmp_pa
     disk.close()
 
 
+def test_a_held_layer_keeps_its_rows_in_memory_and_writes_them_once(tmp_path):
+    """A layer-major prefill's pass: every chunk reads its prefix from memory (no disk read), the
+    rows are written once when the pass ends, then only the window stays in memory."""
+    n, window = 1500, 16
+    parts = kv_of(BF16, n)
+    disk = DiskKV(tmp_path, [0], H, 2048, BF16, cache_bytes=1 << 20, keep_tokens=window)
+    disk.hold(0, n)
+    for s in range(0, n, 250):
+        disk.write(0, s, [p[:, s:s + 250] for p in parts])
+        prefix = BF16.decode(disk.read_range(0, 0, s + 250))
+        assert all(torch.equal(a, b[:, :s + 250]) for a, b in zip(prefix, parts))
+    assert disk.stats.bytes_read == disk.stats.bytes_written == 0 and disk.nbytes_on_disk() == 0
+    disk.release(0)
+    laid = (n - window) // 16 * 16  # whole extents past the window
+    assert disk.nbytes_on_disk() == disk.stats.bytes_written == laid * BF16.row_bytes * H
+    f = disk.files[0]
+    assert f.mem_start == laid and f.memory_nbytes() == (n - laid) * BF16.row_bytes * H  # the big buffer is gone
+    assert all(torch.equal(a, b) for a, b in zip(BF16.decode(disk.read_range(0, 0, n)), parts))
+    disk.close()
+
+
+def test_a_prompt_prefilled_into_the_kv_on_disk_reads_nothing_back(tiny_models, tmp_path):
+    """Layer-major prefill: each disk layer's KV is written once and never read back during the
+    prompt (chunk by chunk, each of 8 chunks would read its layer's prefix back); logits equal the
+    KV in memory."""
+    folder, _ = tiny_models["llama"]
+    prompt = [int(t) for t in np.random.default_rng(2).integers(3, 290, size=2000)]
+    kw = dict(kv_policy="cluster", kv_budget=48, sink=4, window=16, dense_layers=1, max_context=2048,
+              prefill_chunk_size=256, verbose=False)
+    base = LLM(folder, **kw)
+    disk = LLM(folder, kv_offload="disk", disk_dir=tmp_path, **kw)
+    assert disk.engine.layer_major_prefill
+    torch.testing.assert_close(disk.logits(prompt), base.logits(prompt), rtol=0, atol=1e-5)
+    report = disk.tier_report()["kv"]["disk"]
+    assert report["bytes_read"] == 0
+    a = disk.args
+    sparse_kv = (a.num_layers - 1) * len(prompt) * a.num_kv_heads * 2 * a.head_dim * 4  # fp32 K and V
+    assert report["bytes_written"] == report["bytes_on_disk"] and 0.95 * sparse_kv < report["bytes_on_disk"] < sparse_kv
+    disk.close()
+
+
 @pytest.mark.parametrize("merge_gap", [0, 3])
 def test_a_selection_in_runs_reads_whole_runs_and_the_cache_serves_the_next_step(tmp_path, monkeypatch, merge_gap):
     monkeypatch.setattr(kv_disk, "MERGE_GAP_EXTENTS", merge_gap)

@@ -108,6 +108,31 @@ def test_layers_streamed_from_disk_are_bit_identical(tmp_path, monkeypatch, fami
     again.close()
 
 
+def test_a_prompt_streams_each_layer_once_in_layer_major_order(tmp_path, monkeypatch):
+    """Streamed layers prefill a prompt of several chunks a layer at a time: logits bit-identical to
+    the resident model's chunk-by-chunk prefill, and each streamed layer loaded once for the prompt."""
+    from conftest import make_tiny_model
+
+    monkeypatch.setattr(planner_mod, "RUNTIME_RESERVE", 0)
+    folder = tmp_path / "model"
+    hf = make_tiny_model(folder, "llama", seed=4, num_hidden_layers=5)
+    ids = torch.randint(3, hf.config.vocab_size, (45,), generator=torch.Generator().manual_seed(1)).tolist()
+    resident = LLM(folder, prefill_chunk_size=8)
+    args = resident.args
+    layer = args.layer_param_count() * 4
+    fixed = args.vocab_size * args.hidden_size * 4 * (1 if args.tie_word_embeddings else 2) + args.hidden_size * 4
+    budget = fixed + args.kv_bytes_per_token(4) * 64 + 3 * layer + layer // 2
+    streamed = LLM(folder, cpu_memory=budget, disk_dir=tmp_path / "store", max_context=64, prefill_chunk_size=8)
+    assert streamed.engine.layer_major_prefill and not resident.engine.layer_major_prefill
+    assert torch.equal(streamed.logits(ids), resident.logits(ids))  # 6 chunks
+    report = streamed.tier_report()
+    streamed_layers = args.num_layers - 1
+    assert report["forward_passes"] == 1  # chunk by chunk: 6 passes, 6 loads of every streamed layer
+    assert streamed_layers <= report["layer_loads"] <= streamed_layers + 2
+    assert streamed.generate([ids], GREEDY)[0].token_ids == resident.generate([ids], GREEDY)[0].token_ids
+    streamed.close()
+
+
 EDGE_SCRIPT = r"""
 import json, sys
 from offload.tiers.budget import MemorySampler, rss_anon, release_freed_memory

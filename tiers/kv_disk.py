@@ -305,6 +305,7 @@ class _LayerFile:
         self.mem_start = 0  # tokens [mem_start, n) have their rows in memory
         self._mem = torch.zeros(num_kv_heads, 0, fmt.row_bytes, dtype=torch.uint8)  # [Hkv, room, R]
         self._mem_len = 0
+        self.held_upto = 0  # a layer-major prefill's pass (DiskKV.hold): its rows stay in memory up to this token
 
     @property
     def n(self) -> int:
@@ -319,12 +320,16 @@ class _LayerFile:
         """rows [Hkv, T, R] after the last token (in place: a decode step copies one row, not the tail)."""
         T = rows.shape[1]
         if self._mem_len + T > self._mem.shape[1]:
-            grown = torch.empty(self._mem.shape[0], int((self._mem_len + T) * MEMORY_HEADROOM) + 1, self._mem.shape[2],
-                                dtype=torch.uint8)
-            grown[:, :self._mem_len] = self.mem
-            self._mem = grown
+            self.reserve(int((self._mem_len + T) * MEMORY_HEADROOM) + 1)
         self._mem[:, self._mem_len:self._mem_len + T] = rows
         self._mem_len += T
+
+    def reserve(self, rows: int) -> None:
+        """Room for ``rows`` rows in memory (from mem_start) without another copy."""
+        if rows > self._mem.shape[1]:
+            grown = torch.empty(self._mem.shape[0], rows, self._mem.shape[2], dtype=torch.uint8)  # [Hkv, room, R]
+            grown[:, :self._mem_len] = self.mem
+            self._mem = grown
 
     def set_memory(self, start: int, rows: torch.Tensor) -> None:
         """Hold rows [Hkv, T, R] of tokens start.. in memory (and nothing else; ``rows`` is kept, not copied)."""
@@ -485,14 +490,35 @@ class DiskKV:
             self._truncate(f, start)
         if start != f.n:
             raise OffloadError(f"KV of layer {layer} written at position {start} but it holds {f.n} tokens")
+        if f.held_upto:  # room for the whole pass at once (a truncation above may have let it go)
+            f.reserve(f.held_upto - f.mem_start)
         f.append(rows)
-        if not f.ordered:  # the store lays tokens out in order, as they age past the window
-            keep_from = f.n - self.keep_tokens
-            rpe = self.fmt.rows_per_extent
-            if keep_from - f.laid >= SPILL_EXTENTS * rpe:
-                upto = keep_from - keep_from % rpe
-                ids = np.arange(f.laid, upto, dtype=np.int32)
-                self._assign(f, np.broadcast_to(ids, (self.num_kv_heads, ids.size)), upto)
+        if not f.held_upto:
+            self._spill(f, SPILL_EXTENTS)
+
+    def _spill(self, f: _LayerFile, batch_extents: int) -> None:
+        """Rows past the window go to disk, laid out in token order, once at least ``batch_extents``
+        extents per head are waiting (an index that lays the layer out writes its own order)."""
+        if f.ordered:
+            return
+        keep_from = f.n - self.keep_tokens
+        rpe = self.fmt.rows_per_extent
+        upto = keep_from - keep_from % rpe
+        if upto > f.laid and keep_from - f.laid >= batch_extents * rpe:
+            ids = np.arange(f.laid, upto, dtype=np.int32)
+            self._assign(f, np.broadcast_to(ids, (self.num_kv_heads, ids.size)), upto)
+
+    def hold(self, layer: int, upto: int) -> None:
+        """A layer-major prefill's pass over ``layer`` up to token ``upto`` begins: the rows it writes
+        stay in memory (room for them reserved at once, no regrowth) until :meth:`release`, so each chunk reads
+        the prefix it attends to from memory, not back from disk (once per chunk: quadratic bytes)."""
+        self.files[layer].held_upto = upto
+
+    def release(self, layer: int) -> None:
+        """The pass is over: the rows past the window go to disk, once, and leave memory."""
+        f = self.files[layer]
+        f.held_upto = 0
+        self._spill(f, 0)
 
     def lay_out(self, layer: int, order: np.ndarray) -> None:
         """An index's layout of tokens [0, m) (order [Hkv, m]: each head's token ids in slot order, a

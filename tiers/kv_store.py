@@ -23,7 +23,8 @@ Shapes: B rows, Hkv KV heads, N tokens (capacity), D head_dim, M gathered rows p
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -282,6 +283,20 @@ class KVStore:
         if self.disk is not None:
             self.disk.close()
             self.disk = None
+
+    @contextmanager
+    def prefill_pass(self, layer: int, upto: int) -> Iterator[None]:
+        """A layer-major prefill's pass over ``layer`` (every chunk of a prompt up to token ``upto``):
+        a disk layer keeps the prompt's rows in memory until the pass ends (DiskKV.hold), then
+        writes them once; the other tiers hold their rows anyway."""
+        if layer not in self.disk_layers:
+            yield
+            return
+        self.disk.hold(layer, upto)
+        try:
+            yield
+        finally:
+            self.disk.release(layer)
 
     def lay_out(self, layer: int, order: np.ndarray) -> None:
         """A disk layer's tokens [0, m) in an index's order (order [Hkv, m]): see DiskKV.lay_out."""
