@@ -152,7 +152,7 @@ class Placement:
     kv_policy: str
     layer_tiers: tuple[str, ...]  # per layer: device | host | disk
     layer_bytes: int
-    fixed_device_bytes: int  # embeddings, head, final norm, runtime reserve
+    fixed_device_bytes: int  # embeddings, head, final norm, runtime reserve, a layer-major prefill's hidden states
     slot_bytes: int  # streaming double buffers on the device
     host_staging_bytes: int  # pinned host buffers disk layers pass through to a GPU (one layer per slot)
     kv_tiers: dict  # tier -> bytes of KV
@@ -296,10 +296,14 @@ def plan(args: ModelArgs, *, model: str, context: int, device: str = "cpu", dtyp
         weights_there = 0 if kv_on_host else args.num_layers * layer_bytes + fixed
         kv_disk = sparse and disk_dir is not None and memory_budget is not None and (
             weights_there + kv_tiers.get(memory_tier, 0) + idx_bytes > memory_budget)
+    # A prompt prefilled layer by layer (where the KV is on disk or layers stream: each is then read
+    # once per prompt) holds every position's hidden state on the compute device at once.
+    prompt_hidden = context * args.hidden_size * b
     cache_bytes = 0
     if kv_disk:
         if not sparse or disk_dir is None:
             raise OffloadError("the KV on disk needs a sparse kv_policy and disk_dir=...")
+        fixed += prompt_hidden
         kv_tiers[memory_tier] = kv_tiers.get(memory_tier, 0) - sizing.sparse_kv_bytes + sizing.memory_bytes
         kv_tiers["disk"] = sizing.sparse_kv_bytes
         if memory_budget is None:
@@ -333,12 +337,15 @@ def plan(args: ModelArgs, *, model: str, context: int, device: str = "cpu", dtyp
     tiers = ["device"] * L
     slot_bytes = host_staging = 0
     if device_left is not None and device_left < L * layer_bytes:
+        if not kv_disk:  # streamed layers: the prompt is prefilled layer by layer (counted above if kv_disk)
+            fixed += prompt_hidden
+            device_left -= prompt_hidden
         slot_bytes = prefetch_slots * layer_bytes  # buffers for streamed layers
         resident = max(0, (device_left - slot_bytes) // layer_bytes)
         if device_left < slot_bytes:
             raise BudgetError(f"{'gpu' if on_gpu else 'cpu'}_memory {format_size(device_budget)} cannot hold "
                               f"{prefetch_slots} streaming buffers of one layer each ({format_size(slot_bytes)}) beside the "
-                              f"embeddings, KV and index: the smallest budget that works is "
+                              f"embeddings, KV, index and the prompt's hidden states: the smallest budget that works is "
                               f"{format_size(device_budget - device_left + slot_bytes)}")
         rest = L - resident
         on_host = 0
