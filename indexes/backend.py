@@ -13,6 +13,7 @@ A sliding-window model's row longer than its window attends exactly over the win
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -141,9 +142,9 @@ class SparseAttention(DenseAttention):
         """What each layer's index of ``row`` learned, for a prompt cache: layer -> (scalars, tensors)."""
         return {layer: idx.state() for (r, layer), idx in sorted(self.indexes.items()) if r == row}
 
-    def restore_row(self, row: int, token_ids: list[int], k: torch.Tensor, v: torch.Tensor,
+    def restore_row(self, row: int, token_ids: list[int], layers: Iterable[tuple[torch.Tensor, torch.Tensor]],
                     index_states: dict[int, tuple[dict, dict[str, torch.Tensor]]] | None = None) -> None:
-        super().restore_row(row, token_ids, k, v)
+        super().restore_row(row, token_ids, layers)
         if self.keep_tokens:
             self.row_tokens[row] = list(token_ids)
         for layer, (scalars, tensors) in (index_states or {}).items():

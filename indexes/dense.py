@@ -4,6 +4,7 @@ builds on it (prefill, dense layers and windowed layers are exact)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 
 from offload.attention import AttentionBackend, ForwardBatch, OnlineSoftmax, attend, visible_keys
 from offload.config import ModelArgs
+from offload.errors import OffloadError
 from offload.kernels import kv_decode_attention
 from offload.tiers.kv_store import DECODE_BLOCK_TOKENS, KVStore
 
@@ -48,8 +50,8 @@ class DenseAttention(AttentionBackend):
     def allocate(self, batch_size: int, capacity: int) -> None:
         self.kv.allocate(batch_size, capacity)
 
-    def prefix(self, row: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.kv.prefix(row, n)
+    def prefix_layers(self, row: int, n: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return (self.kv.layer_prefix(layer, row, n) for layer in range(self.args.num_layers))
 
     def close(self) -> None:
         self.kv.close()
@@ -73,10 +75,16 @@ class DenseAttention(AttentionBackend):
     def describe(self) -> str:
         return "kv_policy dense (exact)"
 
-    def restore_row(self, row: int, token_ids: list[int], k: torch.Tensor, v: torch.Tensor,
+    def restore_row(self, row: int, token_ids: list[int], layers: Iterable[tuple[torch.Tensor, torch.Tensor]],
                     index_states: dict | None = None) -> None:
-        """Put a saved prefix back: k, v [L, Hkv, n, D] become cache row ``row``'s first n tokens."""
-        self.kv.restore(row, k, v)
+        """Put a saved prefix back: each layer's k, v [Hkv, n, D] become cache row ``row``'s first n
+        tokens, a layer at a time."""
+        count = 0
+        for layer, (k, v) in enumerate(layers):
+            self.kv.restore_layer(layer, row, k, v)
+            count += 1
+        if count != self.args.num_layers:
+            raise OffloadError(f"a saved prefix of {count} layers for a model of {self.args.num_layers}")
 
     def move_row(self, src: int, dst: int, token_ids: list[int]) -> None:
         self.kv.move_row(src, dst, len(token_ids))

@@ -14,6 +14,7 @@ D head_dim.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -146,13 +147,15 @@ class AttentionBackend(ABC):
         return batch.join(outs)
 
     @abstractmethod
-    def prefix(self, row: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first n cached tokens of ``row``, every layer, on the host: k, v [L, Hkv, n, D]."""
+    def prefix_layers(self, row: int, n: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The first n cached tokens of ``row`` on the host, a layer at a time: (k, v) [Hkv, n, D]
+        of each layer in order, each read when it is asked for."""
 
     @abstractmethod
-    def restore_row(self, row: int, token_ids: list[int], k: torch.Tensor, v: torch.Tensor,
+    def restore_row(self, row: int, token_ids: list[int], layers: Iterable[tuple[torch.Tensor, torch.Tensor]],
                     index_states: dict | None = None) -> None:
-        """Put a saved prefix back as ``row``'s first tokens (k, v [L, Hkv, n, D]), with its index states."""
+        """Put a saved prefix back as ``row``'s first tokens, with its index states: ``layers`` gives
+        (k, v) [Hkv, n, D] of each layer in order (each stored before the next is asked for)."""
 
     def release_row(self, row: int) -> None:
         """Forget what cache row ``row`` held beyond its KV (indexes, kept queries, tokens): the row

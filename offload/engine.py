@@ -163,7 +163,7 @@ class Engine:
         if ids[:n] != prefix.token_ids:
             raise InvalidRequestError("the prompt does not start with the cached prompt: use the prompt the cache "
                                       "was saved for (optionally followed by more text)")
-        self.backend.restore_row(row, ids, prefix.k, prefix.v, prefix.index_states)
+        self.backend.restore_row(row, ids, prefix.kv.layers(), prefix.index_states)
         return self.prefill(row, ids, begin=n) if len(ids) > n else prefix.logits
 
     def append_token(self, out: RequestOutput, token: int, detok: IncrementalDetokenizer, p: SamplingParams,

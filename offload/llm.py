@@ -164,9 +164,9 @@ class LLM:
         self.backend.allocate(1, len(ids))
         logits = self.engine.prefill(0, ids)  # [V]
         self.backend.build_indexes(0, len(ids))
-        k, v = self.backend.prefix(0, len(ids))  # [L, Hkv, n, D] each, on the host
         return save_prompt_cache(path, fingerprint=self.fingerprint, dtype=self.dtype, policy=self.kv_policy,
-                                 settings=self.backend.settings(), token_ids=ids, k=k, v=v, logits=logits,
+                                 settings=self.backend.settings(), token_ids=ids,
+                                 layers=self.backend.prefix_layers(0, len(ids)), logits=logits,
                                  index_states=self.backend.index_states(0))
 
     def read_prompt_cache(self, path: str | Path | None, num_prompts: int = 1) -> dict[int, CachedPrompt] | None:
@@ -176,8 +176,8 @@ class LLM:
             return None
         if num_prompts != 1:
             raise InvalidRequestError("prompt_cache serves one prompt at a time; call generate once per prompt")
-        # Read into host memory: restore_row copies each layer into the tier its KV lives in (a whole
-        # 128K KV never lands on the GPU at once); only the logits go to the compute device.
+        # Verified now, read a layer at a time as restore_row stores each into the tier its KV lives in
+        # (a whole 128K KV is never in memory at once); only the logits go to the compute device.
         cached = load_prompt_cache(path, fingerprint=self.fingerprint, dtype=self.dtype, policy=self.kv_policy,
                                    settings=self.backend.settings(), device=torch.device("cpu"))
         return {0: dataclasses.replace(cached, logits=cached.logits.to(self.device))}

@@ -11,6 +11,7 @@ import torch
 from offload import LLM, SamplingParams
 from offload.config import preset
 from offload.errors import OffloadError
+from offload.prompt_cache import PromptKV
 from offload.tiers import kv_disk
 from offload.tiers.budget import BudgetError
 from offload.tiers.kv_disk import EXTENT_BYTES, CorruptKVError, DiskKV, RowFormat
@@ -362,10 +363,14 @@ def test_plan_puts_the_kv_on_disk_when_memory_cannot_hold_it():
         plan(args, cpu_memory=2**30, kv_disk=True, **kw)
 
 
-def test_a_prompt_cache_saved_from_and_restored_into_the_kv_on_disk(tiny_models, tmp_path):
-    """prefix() reads the disk layers back; restore() writes them again, and the cluster index's
-    order is laid out at the first step after it: tokens equal a fresh in-memory run's."""
-    folder, _ = tiny_models["llama"]
+def test_a_prompt_cache_saved_from_and_restored_into_the_kv_on_disk(tmp_path, monkeypatch):
+    """The disk layers are read back a layer at a time into the cache file and written again a
+    layer at a time from it, and the cluster index's order is laid out at the first step after it:
+    tokens equal a fresh in-memory run's."""
+    from conftest import make_tiny_model
+
+    folder = tmp_path / "model"
+    make_tiny_model(folder, "llama", seed=5, num_hidden_layers=4, max_position_embeddings=2048)
     prompt = [int(t) for t in np.random.default_rng(1).integers(3, 290, size=1500)]
     kw = dict(kv_policy="cluster", kv_budget=48, sink=4, window=16, dense_layers=1, max_context=2048,
               prefill_chunk_size=256, verbose=False)
@@ -373,7 +378,18 @@ def test_a_prompt_cache_saved_from_and_restored_into_the_kv_on_disk(tiny_models,
     disk = LLM(folder, kv_offload="disk", disk_dir=tmp_path / "kv", **kw)
     path = disk.save_prompt(prompt, tmp_path / "p.cache")
     again = LLM(folder, kv_offload="disk", disk_dir=tmp_path / "kv2", **kw)
+    stored_before = []  # per layer read from the cache: how many tokens each disk layer held then
+    read_layer = PromptKV.layer
+
+    def layer(self, i):
+        stored_before.append((i, {j: f.n for j, f in again.backend.kv.disk.files.items()}))
+        return read_layer(self, i)
+
+    monkeypatch.setattr(PromptKV, "layer", layer)
     assert again.generate([prompt], GREEDY, prompt_cache=path)[0].token_ids == fresh
+    # a layer at a time: each layer is stored before the next is read (never the whole KV in memory)
+    assert [i for i, _ in stored_before] == list(range(again.args.num_layers))
+    assert all(held == {j: len(prompt) if j < i else 0 for j in held} for i, held in stored_before)
     assert again.backend.kv.disk.files[1].ordered  # the restored index laid the KV out in its order
     disk.close()
     again.close()

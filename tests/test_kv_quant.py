@@ -110,11 +110,13 @@ def test_int8_store_reads_gathers_and_prefixes_match_the_reference(host_layers, 
     assert rows_k.quantized and rows_k.dtype == torch.float32 and rows_k.shape == (2, 32, 8)
     assert torch.equal(rows_k[1, torch.tensor([4, 0])], ref_k[1, 1, 1, [4, 0]])
     assert torch.equal(rows_v[:, 3], ref_v[1, 1, :, 3])
-    pk, pv = store.prefix(1, 20)  # [L, Hkv, n, D] in the compute dtype
-    assert torch.equal(pk, ref_k[:, 1]) and torch.equal(pv, ref_v[:, 1])
+    prefix = [store.layer_prefix(layer, 1, 20) for layer in range(ARGS.num_layers)]  # [Hkv, n, D], compute dtype
+    assert all(torch.equal(pk, ref_k[layer, 1]) and torch.equal(pv, ref_v[layer, 1])
+               for layer, (pk, pv) in enumerate(prefix))
     again = KVStore(ARGS, CPU, torch.float32, host_layers=host_layers, kv_dtype="int8")
     again.allocate(1, 32)
-    again.restore(0, pk, pv)  # requantizing dequantized codes gives them back
+    for layer, (pk, pv) in enumerate(prefix):
+        again.restore_layer(layer, 0, pk, pv)  # requantizing dequantized codes gives them back
     assert all(torch.equal(again.k[layer][0, :, :20], store.k[layer][1, :, :20]) for layer in range(ARGS.num_layers))
     assert all(torch.equal(again.v_scale[layer][0, :, :20], store.v_scale[layer][1, :, :20])
                for layer in range(ARGS.num_layers))

@@ -59,11 +59,12 @@ def test_read_and_gather_return_the_rows_asked_for():
 
 def test_prefix_round_trips_into_each_tier():
     store, k, v = _filled(host_layers=[2])
-    pk, pv = store.prefix(1, 12)  # [L, Hkv, 12, D]
-    assert pk.shape == (ARGS.num_layers, 2, 12, 8) and torch.equal(pk, k[:, 1, :, :12])
+    prefix = [store.layer_prefix(layer, 1, 12) for layer in range(ARGS.num_layers)]  # [Hkv, 12, D] each
+    assert all(pk.shape == (2, 12, 8) and torch.equal(pk, k[layer, 1, :, :12]) for layer, (pk, _) in enumerate(prefix))
     other = KVStore(ARGS, CPU, torch.float32, host_layers=[2])
     other.allocate(2, 32)
-    other.restore(0, pk, pv)
+    for layer, (pk, pv) in enumerate(prefix):
+        other.restore_layer(layer, 0, pk, pv)
     assert torch.equal(other.k[2][0, :, :12], k[2, 1, :, :12]) and torch.equal(other.v[0][0, :, :12], v[0, 1, :, :12])
     assert not other.k[2][0, :, 12:].any()
 

@@ -5,7 +5,7 @@ import torch
 
 from offload import LLM, SamplingParams
 from offload.errors import InvalidRequestError, OffloadError
-from offload.tiers.store import CorruptStoreError
+from offload.tiers.store import CorruptStoreError, write_store
 
 GREEDY = SamplingParams(max_new_tokens=6, ignore_eos=True)
 
@@ -65,8 +65,12 @@ def test_prompt_cache_is_verified(tiny_models, tmp_path):
     data = bytearray(path.read_bytes())
     data[100] ^= 0xFF  # inside the K tensor
     path.write_bytes(bytes(data))
-    with pytest.raises(CorruptStoreError, match="tensor 'k' extent 0"):
+    with pytest.raises(CorruptStoreError, match="tensor 'k/0' extent 0"):
         llm.generate([prompt], GREEDY, prompt_cache=path)
+    old = write_store(tmp_path / "old.cache", {"k": torch.zeros(2)}, metadata={"format": "offload-prompt-cache/1"})
+    with pytest.raises(OffloadError, match=r"not a prompt cache of this version \(offload-prompt-cache/1, this one "
+                                           r"reads offload-prompt-cache/2\): save it again with LLM.save_prompt"):
+        llm.generate([prompt], GREEDY, prompt_cache=old)
     with pytest.raises(OffloadError, match="cannot be saved"):
         LLM(folder, kv_policy="hnsw", kv_budget=6, sink=2, window=4, dense_layers=1).save_prompt(
             prompt, tmp_path / "h.cache")

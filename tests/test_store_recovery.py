@@ -204,15 +204,16 @@ def test_streamed_model_rebuilds_a_corrupt_store(tmp_path, monkeypatch, capsys):
 
 
 def _cache(path):
-    k = torch.randn(2, 2, 300, 16)
+    k = torch.randn(2, 2, 300, 16)  # [L, Hkv, n, D]
     return save_prompt_cache(path, fingerprint="f", dtype=torch.float32, policy="dense", settings={},
-                             token_ids=list(range(300)), k=k, v=k + 1, logits=torch.randn(50), index_states={})
+                             token_ids=list(range(300)), layers=zip(k, k + 1), logits=torch.randn(50),
+                             index_states={})
 
 
 @pytest.mark.parametrize("where", ["k", "header", "trailer"])
 def test_corrupt_prompt_cache_says_save_it_again(tmp_path, where):
     path = _cache(tmp_path / "book.cache")
-    offset = {"k": read_header(path)[1]["k"].offset + 100, "header": path.stat().st_size - 40,
+    offset = {"k": read_header(path)[1]["k/1"].offset + 100, "header": path.stat().st_size - 40,
               "trailer": path.stat().st_size - 30}[where]
     _flip(path, offset)
     with pytest.raises(CorruptStoreError) as info:
@@ -221,7 +222,7 @@ def test_corrupt_prompt_cache_says_save_it_again(tmp_path, where):
     assert msg.startswith(f"prompt cache {path} is corrupt (") and msg.endswith("save it again with LLM.save_prompt")
     assert "rebuild" not in msg and "source weights" not in msg and "\n" not in msg
     if where == "k":
-        assert "tensor 'k' extent 0" in msg
+        assert "tensor 'k/1' extent 0" in msg
 
 
 # ---------------------------------------------------------------- 4. kvikio failing at run time

@@ -492,32 +492,28 @@ class KVStore:
             for part in self._parts(layer):
                 part[dst, :, :n] = part[src, :, :n]
 
-    def prefix(self, row: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first n tokens of cache row ``row``, every layer, on the host: k, v [L, Hkv, n, D] in
-        the compute dtype (quantized: in fp32, where codes times scales are exact, so that
-        :meth:`restore` gives back the very codes and scales)."""
-        ks, vs = [], []
-        for layer in range(self.args.num_layers):
-            if layer in self.disk_layers:
-                parts = self.disk.fmt.decode(self.disk.read_range(layer, 0, n))  # [Hkv, n, D or 1] each
-            else:
-                parts = [t[row, :, :n].cpu() for t in self._parts(layer)]  # [Hkv, n, D or 1] each
-            ks.append(dequantize_kv(parts[0], parts[2], torch.float32) if self.quantized else parts[0])
-            vs.append(dequantize_kv(parts[1], parts[3], torch.float32) if self.quantized else parts[1])
-        return torch.stack(ks), torch.stack(vs)
+    def layer_prefix(self, layer: int, row: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first n tokens of cache row ``row`` of ``layer``, on the host: k, v [Hkv, n, D] in the
+        compute dtype (quantized: in fp32, where codes times scales are exact, so that
+        :meth:`restore_layer` gives back the very codes and scales)."""
+        if layer in self.disk_layers:
+            parts = self.disk.fmt.decode(self.disk.read_range(layer, 0, n))  # [Hkv, n, D or 1] each
+        else:
+            parts = [t[row, :, :n].cpu() for t in self._parts(layer)]  # [Hkv, n, D or 1] each
+        if self.quantized:
+            return dequantize_kv(parts[0], parts[2], torch.float32), dequantize_kv(parts[1], parts[3], torch.float32)
+        return parts[0], parts[1]
 
-    def restore(self, row: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Put a saved prefix k, v [L, Hkv, n, D] (on the host) back as row ``row``'s first n tokens,
-        each layer into its own tier (quantized as the store holds them): only the device-tier layers
-        cross to the device."""
-        n = k.shape[2]
-        for layer in range(self.args.num_layers):
-            new = [k[layer], v[layer]]  # [Hkv, n, D]
-            if self.quantized:
-                (kc, ks), (vc, vs) = quantize_kv(k[layer], self.dtype), quantize_kv(v[layer], self.dtype)
-                new = [kc, vc, ks, vs]
-            if layer in self.disk_layers:
-                self.disk.write(layer, 0, new)
-                continue
-            for dest, src in zip(self._parts(layer), new):
-                dest[row, :, :n] = src
+    def restore_layer(self, layer: int, row: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Put a saved prefix of ``layer``, k, v [Hkv, n, D] on the host, back as row ``row``'s first
+        n tokens, in the layer's tier (quantized as the store holds it): only a device-tier layer
+        crosses to the device."""
+        new = [k, v]  # [Hkv, n, D]
+        if self.quantized:
+            (kc, ks), (vc, vs) = quantize_kv(k, self.dtype), quantize_kv(v, self.dtype)
+            new = [kc, vc, ks, vs]
+        if layer in self.disk_layers:
+            self.disk.write(layer, 0, new)
+            return
+        for dest, src in zip(self._parts(layer), new):
+            dest[row, :, :k.shape[1]] = src
