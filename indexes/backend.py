@@ -13,7 +13,8 @@ A sliding-window model's row longer than its window attends exactly over the win
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -114,15 +115,30 @@ class SparseAttention(DenseAttention):
         # a long prompt's index takes minutes on a CPU: show it
         for layer in tqdm(layers, desc=f"{self.policy} index over {n:,} tokens ({self.device.type})", unit="layer",
                           disable=n < PROGRESS_FROM_TOKENS or not layers, leave=False):
-            if (row, layer) not in self.indexes:
-                idx = self._new_index(row)
-                chunks = self.prefill_queries.pop((row, layer), None)
-                if not idx.needs_prefill_queries:
-                    chunks = None  # a key-only index is built from the keys alone
-                queries = torch.cat(chunks, dim=1) if chunks else None  # [H, Nq, D]
-                idx.build(self.kv.rows(layer, row)[0], n, queries)
-                self.indexes[(row, layer)] = idx
-                self._lay_out(layer, idx)
+            self._build_index(row, layer, n)
+
+    def _build_index(self, row: int, layer: int, n: int) -> None:
+        idx = self._new_index(row)
+        chunks = self.prefill_queries.pop((row, layer), None)
+        if not idx.needs_prefill_queries:
+            chunks = None  # a key-only index is built from the keys alone
+        queries = torch.cat(chunks, dim=1) if chunks else None  # [H, Nq, D]
+        idx.build(self.kv.rows(layer, row)[0], n, queries)
+        self.indexes[(row, layer)] = idx
+        self._lay_out(layer, idx)
+
+    @contextmanager
+    def prefill_pass(self, layer: int, upto: int) -> Iterator[None]:
+        """A disk layer's index is built at the end of its layer-major pass, while the prompt's rows
+        are still in memory: its keys are not read back from disk, and its rows go to disk once, in
+        the index's order (built after the prompt, they would be written in token order, read back
+        and written again)."""
+        with self.kv.prefill_pass(layer, upto):
+            yield
+            row = 0  # the disk tier holds one sequence
+            if layer in self.kv.disk_layers and (row, layer) not in self.indexes and not (
+                    self.args.sliding_window is not None and upto > self.args.sliding_window):
+                self._build_index(row, layer, upto)
 
     def _lay_out(self, layer: int, idx: KVIndex) -> None:
         """A disk layer's KV in the index's order, where the index has one (clusters: a selection is

@@ -113,9 +113,10 @@ def test_a_held_layer_keeps_its_rows_in_memory_and_writes_them_once(tmp_path):
 
 
 def test_a_prompt_prefilled_into_the_kv_on_disk_reads_nothing_back(tiny_models, tmp_path):
-    """Layer-major prefill: each disk layer's KV is written once and never read back during the
-    prompt (chunk by chunk, each of 8 chunks would read its layer's prefix back); logits equal the
-    KV in memory."""
+    """Layer-major prefill: each disk layer's KV is written once, in its cluster index's order (built
+    at the end of the layer's pass), and never read back during the prompt (chunk by chunk, each of
+    8 chunks would read its layer's prefix back, and the index build the whole layer); logits equal
+    the KV in memory, and so do the greedy tokens after it."""
     folder, _ = tiny_models["llama"]
     prompt = [int(t) for t in np.random.default_rng(2).integers(3, 290, size=2000)]
     kw = dict(kv_policy="cluster", kv_budget=48, sink=4, window=16, dense_layers=1, max_context=2048,
@@ -129,6 +130,8 @@ def test_a_prompt_prefilled_into_the_kv_on_disk_reads_nothing_back(tiny_models, 
     a = disk.args
     sparse_kv = (a.num_layers - 1) * len(prompt) * a.num_kv_heads * 2 * a.head_dim * 4  # fp32 K and V
     assert report["bytes_written"] == report["bytes_on_disk"] and 0.95 * sparse_kv < report["bytes_on_disk"] < sparse_kv
+    assert disk.backend.kv.disk.files[1].ordered and (0, 1) in disk.backend.indexes
+    assert disk.generate([prompt], GREEDY)[0].token_ids == base.generate([prompt], GREEDY)[0].token_ids
     disk.close()
 
 
