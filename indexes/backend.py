@@ -128,15 +128,14 @@ class SparseAttention(DenseAttention):
         self._lay_out(layer, idx)
 
     @contextmanager
-    def prefill_pass(self, layer: int, upto: int) -> Iterator[None]:
-        """A disk layer's index is built at the end of its layer-major pass, while the prompt's rows
-        are still in memory: its keys are not read back from disk, and its rows go to disk once, in
-        the index's order (built after the prompt, they would be written in token order, read back
-        and written again)."""
-        with self.kv.prefill_pass(layer, upto):
+    def prefill_pass(self, layer: int, start: int, upto: int, last: bool = True) -> Iterator[None]:
+        """A disk layer's index is built at the end of its last layer-major pass, while the prompt's
+        rows are in memory: its keys are not read back from disk, and the rows are written in the
+        index's order from there (built after the prompt, they would all be read back first)."""
+        with self.kv.prefill_pass(layer, start, upto):
             yield
             row = 0  # the disk tier holds one sequence
-            if layer in self.kv.disk_layers and (row, layer) not in self.indexes and not (
+            if last and layer in self.kv.disk_layers and (row, layer) not in self.indexes and not (
                     self.args.sliding_window is not None and upto > self.args.sliding_window):
                 self._build_index(row, layer, upto)
 

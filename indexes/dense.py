@@ -56,8 +56,8 @@ class DenseAttention(AttentionBackend):
     def close(self) -> None:
         self.kv.close()
 
-    def prefill_pass(self, layer: int, upto: int) -> AbstractContextManager:
-        return self.kv.prefill_pass(layer, upto)
+    def prefill_pass(self, layer: int, start: int, upto: int, last: bool = True) -> AbstractContextManager:
+        return self.kv.prefill_pass(layer, start, upto)
 
     def kv_disk_report(self) -> dict | None:
         return None if self.kv.disk is None else self.kv.disk.report()

@@ -133,10 +133,11 @@ class AttentionBackend(ABC):
     def end(self, batch: ForwardBatch) -> None:
         """Called once per model call after the last layer."""
 
-    def prefill_pass(self, layer: int, upto: int) -> AbstractContextManager:
-        """A layer-major prefill (Transformer.prefill_layer_major) runs every chunk of one prompt, up
-        to token ``upto``, through ``layer`` inside this context: a store whose KV of the layer lives
-        in a slower tier keeps the prompt's rows at hand for the pass."""
+    def prefill_pass(self, layer: int, start: int, upto: int, last: bool = True) -> AbstractContextManager:
+        """A layer-major prefill (Transformer.prefill_layer_major) runs consecutive chunks of one
+        prompt, tokens start..upto-1, through ``layer`` inside this context (``last``: they end the
+        prompt): a store whose KV of the layer lives in a slower tier keeps the layer's rows at hand
+        for the pass."""
         return nullcontext()
 
     def forward_mixed(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -26,7 +26,7 @@ from .rope import RotaryEmbedding
 from .tiers.budget import release_freed_memory
 from .tiers.flash import enable_flash, flash_stats
 from .tiers.kv_store import KVStore
-from .tiers.planner import Placement
+from .tiers.planner import LAYER_MAJOR_TOKENS, Placement
 from .tiers.runtime import load_offloaded
 from .tiers.streaming import LayerStreamer
 from .tokenizer import Tokenizer
@@ -153,7 +153,7 @@ def build_runtime(resolved: ResolvedConfig) -> Runtime:
     # layers streamed from another tier, or a KV on disk: each read once per prompt, not once per chunk
     layer_major = streamer is not None or resolved.kv_disk is not None
     engine = Engine(model, tokenizer, backend, config.prefill_chunk_size, config.max_context,
-                    layer_major_prefill=layer_major)
+                    layer_major_tokens=LAYER_MAJOR_TOKENS if layer_major else None)
     return Runtime(resolved=resolved, model=model, tokenizer=tokenizer, source=source, fingerprint=fingerprint,
                    backend=backend, engine=engine, placement=placement, streamer=streamer, flash=flash)
 

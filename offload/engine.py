@@ -58,15 +58,16 @@ class GenerationStats:
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, backend: AttentionBackend,
-                 prefill_chunk_size: int = 512, max_context: int | None = None, layer_major_prefill: bool = False):
-        """``layer_major_prefill``: a prompt's chunks go through the model a layer at a time
-        (Transformer.prefill_layer_major): where layers stream from another tier or the KV lives on
-        disk, each is then read once per prompt, not once per chunk."""
+                 prefill_chunk_size: int = 512, max_context: int | None = None, layer_major_tokens: int | None = None):
+        """``layer_major_tokens``: a prompt goes through the model a layer at a time, this many tokens
+        (whole chunks, at least one) at a time (Transformer.prefill_layer_major): where layers stream
+        from another tier or the KV lives on disk, each is then read once per group of chunks, not
+        once per chunk, and the hidden states held stay bounded. None: chunk by chunk."""
         if prefill_chunk_size <= 0:
             raise InvalidRequestError(f"prefill_chunk_size must be positive, got {prefill_chunk_size}")
         self.model, self.tokenizer, self.backend = model, tokenizer, backend
         self.prefill_chunk_size = prefill_chunk_size
-        self.layer_major_prefill = layer_major_prefill
+        self.layer_major_tokens = layer_major_tokens
         self._max_context = max_context
         self.stats = GenerationStats()
 
@@ -102,8 +103,12 @@ class Engine:
             piece = ids[start:start + self.prefill_chunk_size]
             chunks.append((torch.tensor([piece], device=device), ForwardBatch.prefill(row, start, len(piece), device,
                                                                                       piece)))
-        if self.layer_major_prefill and len(chunks) > 1:
-            logits = self.model.prefill_layer_major(chunks, self.backend, all_logits=all_logits)  # [1, T or 1, V] each
+        if self.layer_major_tokens is not None and len(chunks) > 1:
+            per_group = max(1, self.layer_major_tokens // self.prefill_chunk_size)  # chunks
+            logits = []  # [1, T or 1, V] each
+            for g in range(0, len(chunks), per_group):
+                logits += self.model.prefill_layer_major(chunks[g:g + per_group], self.backend, all_logits=all_logits,
+                                                         last=g + per_group >= len(chunks))
         else:
             logits = [self.model(tokens, batch, self.backend, all_logits=all_logits) for tokens, batch in chunks]
         return torch.cat([x[0] for x in logits]) if all_logits else logits[-1][0, -1]

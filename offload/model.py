@@ -155,21 +155,22 @@ class Transformer(nn.Module):
 
     @torch.inference_mode()
     def prefill_layer_major(self, chunks: list[tuple[torch.Tensor, ForwardBatch]], backend: AttentionBackend,
-                            all_logits: bool = False) -> list[torch.Tensor]:
-        """One row's prompt, chunks of (tokens [1, T], batch) in order, run layer by layer (FlexGen's
-        order) -> per chunk logits [1, T or 1, V] as :meth:`forward` gives them. Each streamed layer
-        is loaded once for the whole prompt, and a layer whose KV lives on disk has the prompt's rows
-        in memory only while it runs (``backend.prefill_pass``): chunk by chunk, every chunk would
-        load every streamed layer again and read each disk layer's prefix back (quadratic bytes).
-        The price: every chunk's hidden state is held at once, [n, hidden] in the compute dtype."""
+                            all_logits: bool = False, last: bool = True) -> list[torch.Tensor]:
+        """Consecutive chunks of one row's prompt, (tokens [1, T], batch) in order, run layer by layer
+        (FlexGen's order) -> per chunk logits [1, T or 1, V] as :meth:`forward` gives them. Each
+        streamed layer is loaded once for all of them, and a layer whose KV lives on disk has its
+        rows in memory only while it runs (``backend.prefill_pass``; ``last``: these chunks end the
+        prompt): chunk by chunk, every chunk would load every streamed layer again and read each disk
+        layer's prefix back (quadratic bytes). The price: the chunks' hidden states are held at
+        once, [n, hidden] in the compute dtype (the engine bounds n)."""
         xs = [self.embed_tokens(tokens) for tokens, _ in chunks]  # per chunk [1, T, hidden]
         rope = [self.rope.cos_sin(batch.positions, self.dtype) for _, batch in chunks]  # per chunk [1, 1, T, D] x2
-        upto = chunks[-1][1].end_lengths[0]
+        start, upto = chunks[0][1].start_lengths[0], chunks[-1][1].end_lengths[0]
         for i, layer in enumerate(self.layers):
             streamed = i in self.offloaded
             if streamed:
                 layer = self.streamer.acquire(i)
-            with backend.prefill_pass(i, upto):
+            with backend.prefill_pass(i, start, upto, last):
                 for c, (_, batch) in enumerate(chunks):
                     backend.begin(batch)  # masks are per chunk: rebuilt per layer, never all held at once
                     xs[c] = layer(xs[c], i, *rope[c], batch, backend)

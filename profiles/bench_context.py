@@ -76,20 +76,37 @@ def synthetic_shared(llm, ctx: int, capacity: int, config, keep_queries: bool = 
     synthetic keys and values (and, for query-aware policies, synthetic prompt queries near the
     keys' topics) instead of running the model, so that decode at 64K-128K can be timed on a CPU
     without hours of prefill. Returns (shared backend, None, fill seconds)."""
-    from offload.indexes.base import QUERY_STRIDE, IndexContext
-    from offload.kernels.reference import rope_rotate
+    from offload.indexes.base import IndexContext
 
-    a = llm.args
-    index_ctx = IndexContext.for_model(a, llm.device, llm.tokenizer.sentence_end_ids())
+    index_ctx = IndexContext.for_model(llm.args, llm.device, llm.tokenizer.sentence_end_ids())
     shared = _shared_backend(llm, config, index_ctx, kv_offload, store)
     shared.keep_tokens, shared.keep_queries = True, keep_queries
     shared.allocate(1, capacity)
     llm.engine.backend = shared
-    g = torch.Generator().manual_seed(seed)
-    inv_freq, scaling = (t.cpu() if isinstance(t, torch.Tensor) else t for t in index_ctx.rope)
-    Hkv, D, G = a.num_kv_heads, a.head_dim, a.group_size
     t0 = time.perf_counter()
-    shared.row_tokens[0] = torch.randint(0, a.vocab_size, (ctx,), generator=g).tolist()
+    fill_synthetic_kv(shared, llm, ctx, config.dense_layers if keep_queries else None, seed)
+    return shared, None, time.perf_counter() - t0
+
+
+def fill_synthetic_kv(backend, llm, ctx: int, queries_from: int | None = None, seed: int = 0,
+                      layer_passes: bool = False) -> None:
+    """Write a ``ctx``-token synthetic KV into row 0 of ``backend`` (allocated), a layer at a time,
+    with synthetic prompt queries for layers from ``queries_from`` (None: none) and the token ids
+    when the backend keeps them. ``layer_passes``: each layer is written inside
+    ``backend.prefill_pass``, as a layer-major prefill writes it (a disk layer held in memory for
+    the pass, its index built at the end; no prompt queries are then kept for the pass's build)."""
+    from contextlib import nullcontext
+
+    from offload.indexes.base import QUERY_STRIDE
+    from offload.kernels.reference import rope_rotate
+
+    a = llm.args
+    g = torch.Generator().manual_seed(seed)
+    inv_freq, scaling = (t.cpu() if isinstance(t, torch.Tensor) else t for t in backend.ctx.rope)
+    Hkv, D, G = a.num_kv_heads, a.head_dim, a.group_size
+    token_ids = torch.randint(0, a.vocab_size, (ctx,), generator=g).tolist()
+    if backend.keep_tokens:
+        backend.row_tokens[0] = token_ids
     # topic of each token: runs of random length
     runs = torch.randint(*SYNTHETIC_RUN_TOKENS, (ctx // SYNTHETIC_RUN_TOKENS[0] + 1,), generator=g)
     topic_of_run = torch.randint(0, SYNTHETIC_TOPICS, runs.shape, generator=g)
@@ -97,20 +114,20 @@ def synthetic_shared(llm, ctx: int, capacity: int, config, keep_queries: bool = 
     for layer in tqdm(range(a.num_layers), desc=f"synthetic KV, {ctx:,} tokens", unit="layer", disable=None):
         centres = torch.randn(Hkv, SYNTHETIC_TOPICS, D, generator=g) * 1.5  # [Hkv, topics, D]
         bias = torch.randn(Hkv, 1, D, generator=g) * 2  # a direction all keys share, as real keys do
-        for start in range(0, ctx, SYNTHETIC_CHUNK):
-            end = min(ctx, start + SYNTHETIC_CHUNK)
-            pos = torch.arange(start, end)
-            pre = centres[:, topic[start:end]] + bias + torch.randn(Hkv, end - start, D, generator=g)  # [Hkv, T, D]
-            k = rope_rotate(pre, pos, inv_freq, scaling)  # [Hkv, T, D]
-            v = torch.randn(Hkv, end - start, D, generator=g)  # [Hkv, T, D]
-            batch = ForwardBatch.prefill(0, start, end - start, llm.device)
-            shared.kv.write(layer, k[None].to(llm.device, llm.dtype), v[None].to(llm.device, llm.dtype), batch)
-        if keep_queries and layer >= config.dense_layers:  # every QUERY_STRIDE-th position, like a prefill
+        with backend.prefill_pass(layer, 0, ctx) if layer_passes else nullcontext():
+            for start in range(0, ctx, SYNTHETIC_CHUNK):
+                end = min(ctx, start + SYNTHETIC_CHUNK)
+                pos = torch.arange(start, end)
+                pre = centres[:, topic[start:end]] + bias + torch.randn(Hkv, end - start, D, generator=g)  # [Hkv, T, D]
+                k = rope_rotate(pre, pos, inv_freq, scaling)  # [Hkv, T, D]
+                v = torch.randn(Hkv, end - start, D, generator=g)  # [Hkv, T, D]
+                batch = ForwardBatch.prefill(0, start, end - start, llm.device)
+                backend.kv.write(layer, k[None].to(llm.device, llm.dtype), v[None].to(llm.device, llm.dtype), batch)
+        if queries_from is not None and layer >= queries_from:  # every QUERY_STRIDE-th position, like a prefill
             pos = torch.arange(0, ctx, QUERY_STRIDE)
             pre = centres[:, topic[pos]].repeat_interleave(G, 0) + torch.randn(Hkv * G, len(pos), D, generator=g)
             q = rope_rotate(pre, pos, inv_freq, scaling)  # [H, Tq, D]
-            shared.prefill_queries[(0, layer)] = [q.to(shared.kv.layer_devices[layer], llm.dtype)]
-    return shared, None, time.perf_counter() - t0
+            backend.prefill_queries[(0, layer)] = [q.to(backend.kv.layer_devices[layer], llm.dtype)]
 
 
 def backend_for(policy: str, llm, shared, config):

@@ -98,19 +98,60 @@ def _decode(llm, ids: list[int], steps: int, cached=None) -> dict:
     step_ms = [1e3 * (b - a) for a, b in zip(times, times[1:])]
     out = {"prefill_s": times[0] - t0, "tokens": marks[-1][2], "decode_ms": statistics.median(step_ms),
            "decode_ms_all": step_ms}
-    if marks[-1][1]:
-        first, steady, last = marks[0][1], marks[1][1], marks[-1][1]
-        n = len(marks) - 2
-        out["disk"] = last | {
-            "read_per_token": (last["selection_bytes_read"] - steady["selection_bytes_read"]) / n,
-            "selected_per_token": (last["selected_bytes"] - steady["selected_bytes"]) / n,
-            "ahead_per_token": (last["ahead_extents"] - steady["ahead_extents"]) / n,  # extents read ahead
-            "ahead_hits_per_token": (last["ahead_hits"] - steady["ahead_hits"]) / n,  # of which used
-            "hit_rate": (last["extents_hit"] - steady["extents_hit"]) / max(1, sum(
-                last[k] - steady[k] for k in ("extents_hit", "extents_missed"))),  # decode's steady state
-            "first_step_bytes_read": steady["bytes_read"] - first["bytes_read"],  # build, relayout, a cold cache
-            "prefill_bytes_read": first["bytes_read"]}
-    return out
+    return out | _disk_stats([report for _, report, _ in marks])
+
+
+def _decode_synthetic(llm, ctx: int, steps: int) -> dict:
+    """Fill the KV with ``ctx`` synthetic tokens (speed only) a layer at a time, as a layer-major
+    prefill writes it (the disk tier holds a layer in memory for its pass and builds its index at
+    the pass's end), build the indexes still missing (the memory run's), and decode ``steps``
+    greedy tokens from it."""
+    import torch
+    from tqdm import tqdm
+
+    from offload.attention import ForwardBatch
+    from offload.profiles.bench_context import fill_synthetic_kv
+
+    backend = llm.backend
+    backend.allocate(1, ctx + steps + 2)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        fill_synthetic_kv(backend, llm, ctx, layer_passes=True)
+        fill_s = time.perf_counter() - t0
+        backend.build_indexes(0, ctx)
+        build_s = time.perf_counter() - t0 - fill_s
+        token, n = llm.tokenizer.encode("The")[-1], ctx
+        tokens, times, reports = [], [], [backend.kv_disk_report() or {}]
+        for _ in tqdm(range(steps), desc="decode", unit="token", disable=None):
+            t = time.perf_counter()
+            batch = ForwardBatch.decode([n], llm.device, [token])
+            token = int(llm.model(torch.tensor([[token]], device=llm.device), batch, backend)[0, -1].argmax())
+            times.append(1e3 * (time.perf_counter() - t))
+            tokens.append(token)
+            reports.append(backend.kv_disk_report() or {})
+            n += 1
+    out = {"prefill_s": fill_s, "fill_s": fill_s, "build_s": build_s, "tokens": tokens,
+           "decode_ms": statistics.median(times[1:]), "decode_ms_all": times}
+    return out | _disk_stats(reports)
+
+
+def _disk_stats(reports: list[dict]) -> dict:
+    """The disk tier's report after the last step, with the steady steps' bytes (all but the first:
+    a cold cache, and where the index is built at the first step, its relayout) per token; {} for
+    the KV in memory. ``reports``: after the prompt, then after each step."""
+    if not reports[-1]:
+        return {}
+    first, steady, last = reports[0], reports[1], reports[-1]
+    n = len(reports) - 2
+    return {"disk": last | {
+        "read_per_token": (last["selection_bytes_read"] - steady["selection_bytes_read"]) / n,
+        "selected_per_token": (last["selected_bytes"] - steady["selected_bytes"]) / n,
+        "ahead_per_token": (last["ahead_extents"] - steady["ahead_extents"]) / n,  # extents read ahead
+        "ahead_hits_per_token": (last["ahead_hits"] - steady["ahead_hits"]) / n,  # of which used
+        "hit_rate": (last["extents_hit"] - steady["extents_hit"]) / max(1, sum(
+            last[k] - steady[k] for k in ("extents_hit", "extents_missed"))),  # decode's steady state
+        "first_step_bytes_read": steady["bytes_read"] - first["bytes_read"],  # build, relayout, a cold cache
+        "prefill_bytes_read": first["bytes_read"]}}
 
 
 def child(args) -> dict:
@@ -129,7 +170,7 @@ def child(args) -> dict:
         trained = read_model_args(args.model)[0].max_position_embeddings
         rope_scaling = {"type": "yarn", "factor": max(1.0, longest / trained), "original_max_position_embeddings": trained}
     kw = dict(kv_policy=args.policy, kv_budget=args.budget, dense_layers=args.dense_layers, max_context=longest,
-              dtype=args.dtype,
+              dtype=args.dtype, load_format=args.load_format, quantize=args.quantize,
               prefill_chunk_size=args.prefill_chunk, rope_scaling=rope_scaling, kv_dtype=args.kv_dtype, verbose=False)
     if args.tier == "disk":
         kw |= dict(kv_offload="disk", disk_dir=args.disk_dir, cpu_memory=args.cpu_memory,
@@ -141,7 +182,9 @@ def child(args) -> dict:
     llm = LLM(args.model, **kw)
     out["describe"] = llm.describe()
     out["passkey"] = {}
-    if not args.share_prefill:
+    if args.synthetic_kv:  # speed and memory only: no text, no passkey
+        out |= _decode_synthetic(llm, args.context, args.steps)
+    elif not args.share_prefill:
         out |= _decode(llm, _real_text_ids(llm.tokenizer, args.context - args.steps), args.steps)
         for depth in args.depths:
             prompt = passkey_prompt(llm.tokenizer, args.context - 8, depth, args.key, args.haystack)
@@ -231,6 +274,13 @@ def main(argv=None) -> int:
                    help="the disk run's kv_read_ahead (auto: where a GPU computes or a core is spare)")
     p.add_argument("--lookahead-share", type=float, default=None,
                    help="read ahead this share of a step's selection (offload.tiers.kv_disk.LOOKAHEAD_SHARE)")
+    p.add_argument("--load-format", default="auto", choices=("auto", "dummy"),
+                   help="dummy: a preset's shape (--model llama-3.2-1b) with seeded random weights (with --synthetic-kv)")
+    p.add_argument("--quantize", default=None, choices=("int4",))
+    p.add_argument("--synthetic-kv", action="store_true",
+                   help="speed and memory only: the KV filled with synthetic keys and values a layer at a time, as a "
+                        "layer-major prefill writes it (128K on a CPU without hours of prefill), then --steps greedy "
+                        "steps; no passkey")
     p.add_argument("--out-dir", default="bench_kv_disk")
     p.add_argument("--policy", help=argparse.SUPPRESS)
     p.add_argument("--tier", choices=TIERS, help=argparse.SUPPRESS)

@@ -15,7 +15,7 @@ from offload.prompt_cache import PromptKV
 from offload.tiers import kv_disk
 from offload.tiers.budget import BudgetError
 from offload.tiers.kv_disk import EXTENT_BYTES, CorruptKVError, DiskKV, RowFormat
-from offload.tiers.planner import plan
+from offload.tiers.planner import LAYER_MAJOR_TOKENS, plan
 
 H, D = 3, 64
 BF16 = RowFormat(D, torch.bfloat16, None)  # 256-byte rows: 16 per extent
@@ -97,7 +97,7 @@ def test_a_held_layer_keeps_its_rows_in_memory_and_writes_them_once(tmp_path):
     n, window = 1500, 16
     parts = kv_of(BF16, n)
     disk = DiskKV(tmp_path, [0], H, 2048, BF16, cache_bytes=1 << 20, keep_tokens=window)
-    disk.hold(0, n)
+    disk.hold(0, 0, n)
     for s in range(0, n, 250):
         disk.write(0, s, [p[:, s:s + 250] for p in parts])
         prefix = BF16.decode(disk.read_range(0, 0, s + 250))
@@ -109,6 +109,20 @@ def test_a_held_layer_keeps_its_rows_in_memory_and_writes_them_once(tmp_path):
     f = disk.files[0]
     assert f.mem_start == laid and f.memory_nbytes() == (n - laid) * BF16.row_bytes * H  # the big buffer is gone
     assert all(torch.equal(a, b) for a, b in zip(BF16.decode(disk.read_range(0, 0, n)), parts))
+    # the next pass (the prompt's next group of chunks, or a continuation) reads the layer back
+    # once, drops what came after its start, and attends to it in memory
+    more = kv_of(BF16, 600, seed=3)
+    read = disk.stats.bytes_read
+    disk.hold(0, 1200, 1800)
+    assert disk.stats.bytes_read - read == -(-1200 // 16) * 16 * BF16.row_bytes * H  # the extents of 0..1199, once
+    for s in range(1200, 1800, 200):
+        disk.write(0, s, [p[:, s - 1200:s - 1000] for p in more])
+        disk.read_range(0, 0, s + 200)
+    assert disk.stats.bytes_read - read == -(-1200 // 16) * 16 * BF16.row_bytes * H
+    disk.release(0)
+    want = [torch.cat([a[:, :1200], b], 1) for a, b in zip(parts, more)]
+    assert all(torch.equal(a, b) for a, b in zip(BF16.decode(disk.read_range(0, 0, 1800)), want))
+    assert disk.files[0].mem_start == (1800 - window) // 16 * 16
     disk.close()
 
 
@@ -123,7 +137,7 @@ def test_a_prompt_prefilled_into_the_kv_on_disk_reads_nothing_back(tiny_models, 
               prefill_chunk_size=256, verbose=False)
     base = LLM(folder, **kw)
     disk = LLM(folder, kv_offload="disk", disk_dir=tmp_path, **kw)
-    assert disk.engine.layer_major_prefill
+    assert disk.engine.layer_major_tokens
     torch.testing.assert_close(disk.logits(prompt), base.logits(prompt), rtol=0, atol=1e-5)
     report = disk.tier_report()["kv"]["disk"]
     assert report["bytes_read"] == 0
@@ -131,6 +145,30 @@ def test_a_prompt_prefilled_into_the_kv_on_disk_reads_nothing_back(tiny_models, 
     sparse_kv = (a.num_layers - 1) * len(prompt) * a.num_kv_heads * 2 * a.head_dim * 4  # fp32 K and V
     assert report["bytes_written"] == report["bytes_on_disk"] and 0.95 * sparse_kv < report["bytes_on_disk"] < sparse_kv
     assert disk.backend.kv.disk.files[1].ordered and (0, 1) in disk.backend.indexes
+    assert disk.generate([prompt], GREEDY)[0].token_ids == base.generate([prompt], GREEDY)[0].token_ids
+    disk.close()
+
+
+def test_a_long_prompt_goes_layer_by_layer_a_group_of_chunks_at_a_time(tiny_models, tmp_path, monkeypatch):
+    """Groups of 2 chunks (the hidden states held stay bounded): each disk layer's rows before a
+    group are read back once for it (not once per chunk); logits and greedy tokens equal the KV in
+    memory."""
+    from offload import build
+
+    monkeypatch.setattr(build, "LAYER_MAJOR_TOKENS", 512)
+    folder, _ = tiny_models["llama"]
+    prompt = [int(t) for t in np.random.default_rng(3).integers(3, 290, size=2000)]
+    kw = dict(kv_policy="cluster", kv_budget=48, sink=4, window=16, dense_layers=1, max_context=2048,
+              prefill_chunk_size=256, verbose=False)
+    base = LLM(folder, **kw)
+    disk = LLM(folder, kv_offload="disk", disk_dir=tmp_path, **kw)
+    assert disk.engine.layer_major_tokens == 512
+    torch.testing.assert_close(disk.logits(prompt), base.logits(prompt), rtol=0, atol=1e-5)
+    a = disk.args
+    row = a.num_kv_heads * 2 * a.head_dim * 4  # fp32 K and V of one token, every KV head
+    read = disk.tier_report()["kv"]["disk"]["bytes_read"]
+    # groups start at 512, 1024, 1536: at most their prefixes, once each (per chunk: 256 + 512 + ... + 1792)
+    assert 0.9 * (512 + 1024 + 1536 - 3 * 24) * row < read / (a.num_layers - 1) <= (512 + 1024 + 1536) * row
     assert disk.generate([prompt], GREEDY)[0].token_ids == base.generate([prompt], GREEDY)[0].token_ids
     disk.close()
 
@@ -359,7 +397,7 @@ def test_plan_puts_the_kv_on_disk_when_memory_cannot_hold_it():
     assert tight.kv_tiers["disk"] == 30 * per_layer == 15 * 2**30  # the sparse layers' KV
     assert tight.layer_tiers == ("device",) * 32
     # the prompt prefilled layer by layer holds its hidden states on the device
-    assert tight.fixed_device_bytes - roomy.fixed_device_bytes == 131072 * args.hidden_size * 2
+    assert tight.fixed_device_bytes - roomy.fixed_device_bytes == LAYER_MAJOR_TOKENS * args.hidden_size * 2
     assert 0 < tight.kv_disk_cache_bytes and tight.tier_bytes()["host"] <= 8 * 2**30  # the cache takes what is left
     assert tight.bytes_per_token["disk_kv"] > 0 and "disk_kv" in tight.table()
     with pytest.raises(BudgetError, match="cpu_memory 1.00 GiB cannot hold .* smallest budget that works is"):

@@ -123,7 +123,7 @@ def test_a_prompt_streams_each_layer_once_in_layer_major_order(tmp_path, monkeyp
     fixed = args.vocab_size * args.hidden_size * 4 * (1 if args.tie_word_embeddings else 2) + args.hidden_size * 4
     budget = fixed + args.kv_bytes_per_token(4) * 64 + 3 * layer + layer // 2
     streamed = LLM(folder, cpu_memory=budget, disk_dir=tmp_path / "store", max_context=64, prefill_chunk_size=8)
-    assert streamed.engine.layer_major_prefill and not resident.engine.layer_major_prefill
+    assert streamed.engine.layer_major_tokens and resident.engine.layer_major_tokens is None
     assert torch.equal(streamed.logits(ids), resident.logits(ids))  # 6 chunks
     report = streamed.tier_report()
     streamed_layers = args.num_layers - 1

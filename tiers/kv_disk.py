@@ -278,11 +278,13 @@ class RowFormat:
         """K, V [Hkv, T, D] (and scales [Hkv, T, 1]) on the host -> rows [Hkv, T, R] uint8."""
         return torch.cat([p.contiguous().view(torch.uint8) for p in parts], dim=-1)
 
-    def decode(self, rows: torch.Tensor) -> list[torch.Tensor]:
-        """rows [..., R] uint8 -> K, V [..., D] (held dtype), and the scales [..., 1] for an int8 KV."""
+    def decode(self, rows: torch.Tensor, which: tuple[int, ...] | None = None) -> list[torch.Tensor]:
+        """rows [..., R] uint8 -> K, V [..., D] (held dtype), and the scales [..., 1] for an int8 KV;
+        only the parts numbered in ``which`` (0 K, 1 V, 2 and 3 their scales) when given."""
         out, at = [], 0
-        for nbytes, dtype in zip(self.part_bytes, [self.held, self.held, self.scale, self.scale]):
-            out.append(rows[..., at:at + nbytes].contiguous().view(dtype))
+        for part, (nbytes, dtype) in enumerate(zip(self.part_bytes, [self.held, self.held, self.scale, self.scale])):
+            if which is None or part in which:
+                out.append(rows[..., at:at + nbytes].contiguous().view(dtype))
             at += nbytes
         return out
 
@@ -330,6 +332,10 @@ class _LayerFile:
             grown = torch.empty(self._mem.shape[0], rows, self._mem.shape[2], dtype=torch.uint8)  # [Hkv, room, R]
             grown[:, :self._mem_len] = self.mem
             self._mem = grown
+
+    def load(self, room: torch.Tensor, n: int) -> None:
+        """Hold the rows of tokens 0..n-1, room[:, :n], in memory, with room[:, n:] free for more."""
+        self.mem_start, self._mem, self._mem_len = 0, room, n
 
     def set_memory(self, start: int, rows: torch.Tensor) -> None:
         """Hold rows [Hkv, T, R] of tokens start.. in memory (and nothing else; ``rows`` is kept, not copied)."""
@@ -508,17 +514,33 @@ class DiskKV:
             ids = np.arange(f.laid, upto, dtype=np.int32)
             self._assign(f, np.broadcast_to(ids, (self.num_kv_heads, ids.size)), upto)
 
-    def hold(self, layer: int, upto: int) -> None:
-        """A layer-major prefill's pass over ``layer`` up to token ``upto`` begins: the rows it writes
-        stay in memory (room for them reserved at once, no regrowth) until :meth:`release`, so each chunk reads
-        the prefix it attends to from memory, not back from disk (once per chunk: quadratic bytes)."""
-        self.files[layer].held_upto = upto
+    def hold(self, layer: int, start: int, upto: int) -> None:
+        """A layer-major prefill's pass over ``layer``, tokens start..upto-1, begins: the layer's rows
+        before ``start`` are read back once (what came after them is dropped), and they and the rows
+        the pass writes stay in memory (room reserved at once) until :meth:`release`, so each chunk
+        attends to its prefix in memory (read from disk per chunk, its bytes would grow with the
+        square of the prompt)."""
+        f = self.files[layer]
+        keep = min(start, f.n)
+        if f.mem_start > 0 or keep < f.n:
+            room = torch.empty(self.num_kv_heads, upto, self.fmt.row_bytes, dtype=torch.uint8)  # [Hkv, upto, R]
+            self.read_range(layer, 0, keep, out=room[:, :keep])  # one read of the layer
+            self._drop_cached(layer)
+            if keep < f.n:  # what the disk holds stays valid up to ``keep``
+                if f.ordered:  # an index's order of more tokens than are kept: void
+                    f.laid = f.written = 0
+                    f.ordered = False
+                else:  # in token order: slot = token
+                    f.laid = f.written = min(f.written, keep - keep % self.fmt.rows_per_extent)
+            f.load(room, keep)
+        f.held_upto = upto
 
     def release(self, layer: int) -> None:
-        """The pass is over: the rows past the window go to disk, once, and leave memory."""
+        """The pass is over: the rows past the window go to disk, and those on disk leave memory."""
         f = self.files[layer]
         f.held_upto = 0
         self._spill(f, 0)
+        self._drop_written(f)
 
     def lay_out(self, layer: int, order: np.ndarray) -> None:
         """An index's layout of tokens [0, m) (order [Hkv, m]: each head's token ids in slot order, a
@@ -581,8 +603,15 @@ class DiskKV:
                     os.posix_fadvise(f.fd, offset, buf[h].nbytes, os.POSIX_FADV_DONTNEED)
             self.stats.bytes_written += buf.nbytes
         f.written = end
-        # the rows now on disk leave memory, up to the first token some head still needs there
-        pending = f.token_of[:, end:f.laid]
+        self._drop_written(f)
+
+    @staticmethod
+    def _drop_written(f: _LayerFile) -> None:
+        """The rows on disk leave memory, up to the first token some head still needs there (laid
+        out but not yet written, or not laid out at all)."""
+        if f.held_upto:  # a prefill's pass attends to them: they go when it ends
+            return
+        pending = f.token_of[:, f.written:f.laid]
         keep_from = int(pending.min()) if pending.size else f.laid
         f.drop_before(min(keep_from, f.n))
 
@@ -615,12 +644,16 @@ class DiskKV:
         at[:] = -1
 
     # ------------------------------------------------------------------ reads
-    def read_range(self, layer: int, start: int, end: int) -> torch.Tensor:
+    def read_range(self, layer: int, start: int, end: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Rows of tokens [start, end) of every head, in token order -> [Hkv, end - start, R] uint8
-        (whole regions streamed from disk, not through the cache: prefill reads the prefix)."""
+        (whole regions streamed from disk, not through the cache), into ``out`` when given; rows all
+        in memory come back as a view of them (read, never write, and before the next write)."""
         f = self.files[layer]
         H, R, rpe, eb = self.num_kv_heads, self.fmt.row_bytes, self.fmt.rows_per_extent, self.fmt.extent_bytes
-        out = torch.empty(H, end - start, R, dtype=torch.uint8)  # [Hkv, n', R]
+        if out is None and start >= f.mem_start:
+            return f.mem[:, start - f.mem_start:end - f.mem_start]
+        if out is None:
+            out = torch.empty(H, end - start, R, dtype=torch.uint8)  # [Hkv, n', R]
         disk_end = min(end, f.mem_start)
         if start < disk_end:
             # the extents that hold those tokens: in token order their own; in an index's order any written one

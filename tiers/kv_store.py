@@ -73,6 +73,9 @@ STAGING_HEADROOM = 1.25
 # long the context. Reads up to a block land in reused buffers; longer ones (a long prefill's
 # prefix) get a fresh tensor.
 DECODE_BLOCK_TOKENS = 8192
+# A prompt cache's disk layer is written back this many tokens at a time (each piece's rows encoded,
+# appended, spilled): one layer's rows are not held encoded beside the layer read from the file.
+RESTORE_PIECE_TOKENS = 4096
 
 
 class KVRows:
@@ -148,12 +151,15 @@ class DiskRows(KVRows):
             start, stop, step = tokens.indices(n)
             if step != 1:
                 raise IndexError("disk KV rows take token slices with step 1")
-            parts = disk.fmt.decode(disk.read_range(self.layer, start, max(start, stop)))  # [Hkv, T, D or 1] each
+            # only this side's part (and scale) decoded: an index build reads a whole layer's keys
+            which = (self.which, 2 + self.which) if self.quantized else (self.which,)
+            rows = disk.fmt.decode(disk.read_range(self.layer, start, max(start, stop)), which)  # [Hkv, T, D or 1]
+            out = rows[0] if not self.quantized else dequantize_kv(rows[0], rows[1])
         else:
             ids = torch.as_tensor(tokens).long()  # token ids for every head
             ids = ids.expand(self.store.args.num_kv_heads, -1) if ids.dim() == 1 else ids
             parts = disk.gather(self.layer, ids.numpy())
-        out = parts[self.which] if not self.quantized else dequantize_kv(parts[self.which], parts[2 + self.which])
+            out = parts[self.which] if not self.quantized else dequantize_kv(parts[self.which], parts[2 + self.which])
         out = out[heads]
         return out[..., 0, :] if squeeze else out
 
@@ -285,14 +291,14 @@ class KVStore:
             self.disk = None
 
     @contextmanager
-    def prefill_pass(self, layer: int, upto: int) -> Iterator[None]:
-        """A layer-major prefill's pass over ``layer`` (every chunk of a prompt up to token ``upto``):
-        a disk layer keeps the prompt's rows in memory until the pass ends (DiskKV.hold), then
-        writes them once; the other tiers hold their rows anyway."""
+    def prefill_pass(self, layer: int, start: int, upto: int) -> Iterator[None]:
+        """A layer-major prefill's pass over ``layer``, tokens start..upto-1: a disk layer holds its
+        rows in memory until the pass ends (DiskKV.hold), then writes them; the other tiers hold
+        their rows anyway."""
         if layer not in self.disk_layers:
             yield
             return
-        self.disk.hold(layer, upto)
+        self.disk.hold(layer, start, upto)
         try:
             yield
         finally:
@@ -512,8 +518,9 @@ class KVStore:
         if self.quantized:
             (kc, ks), (vc, vs) = quantize_kv(k, self.dtype), quantize_kv(v, self.dtype)
             new = [kc, vc, ks, vs]
-        if layer in self.disk_layers:
-            self.disk.write(layer, 0, new)
+        if layer in self.disk_layers:  # a piece at a time: the layer is never whole in memory twice over
+            for start in range(0, k.shape[1], RESTORE_PIECE_TOKENS):
+                self.disk.write(layer, start, [p[:, start:start + RESTORE_PIECE_TOKENS] for p in new])
             return
         for dest, src in zip(self._parts(layer), new):
             dest[row, :, :k.shape[1]] = src

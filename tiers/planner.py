@@ -40,6 +40,10 @@ from .kv_store import kv_bytes_per_token
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 RUNTIME_RESERVE = 64 << 20  # activations, logits, small buffers of one decode step
+# Where the KV is on disk or layers stream, a prompt goes through the model a layer at a time (each
+# streamed layer and each disk layer's rows then read once per group of chunks, not once per chunk),
+# this many tokens at a time: the hidden states held at once stay bounded at any prompt length.
+LAYER_MAJOR_TOKENS = 16384
 
 
 def read_profile(path: str | Path) -> dict:
@@ -296,9 +300,9 @@ def plan(args: ModelArgs, *, model: str, context: int, device: str = "cpu", dtyp
         weights_there = 0 if kv_on_host else args.num_layers * layer_bytes + fixed
         kv_disk = sparse and disk_dir is not None and memory_budget is not None and (
             weights_there + kv_tiers.get(memory_tier, 0) + idx_bytes > memory_budget)
-    # A prompt prefilled layer by layer (where the KV is on disk or layers stream: each is then read
-    # once per prompt) holds every position's hidden state on the compute device at once.
-    prompt_hidden = context * args.hidden_size * b
+    # A prompt prefilled layer by layer (where the KV is on disk or layers stream) holds the hidden
+    # states of LAYER_MAJOR_TOKENS positions on the compute device at once.
+    prompt_hidden = min(context, LAYER_MAJOR_TOKENS) * args.hidden_size * b
     cache_bytes = 0
     if kv_disk:
         if not sparse or disk_dir is None:
