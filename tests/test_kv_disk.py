@@ -465,3 +465,23 @@ def test_the_disk_benchmark_runs_both_tiers_and_checks_the_budget_from_outside(t
     assert disk["disk"]["selected_per_token"] > 0 and 0 <= disk["disk"]["hit_rate"] <= 1
     assert row["memory"]["cpu_budget"] is None and row["memory"]["within_budget"] is None
     assert (out / "bench_kv_disk.png").stat().st_size > 0 and not (out / "prompts").exists()
+
+
+def test_the_disk_benchmark_with_a_synthetic_kv(tiny_models, tmp_path):
+    """--synthetic-kv: the KV written as a layer-major prefill writes it (the disk tier holds each
+    layer for its pass, builds its index at the pass's end and writes its rows once, reading
+    nothing back), the same greedy tokens from both tiers."""
+    import json
+
+    from offload.profiles import bench_kv_disk
+
+    folder, _ = tiny_models["llama"]
+    out = tmp_path / "bench"
+    assert bench_kv_disk.main(["--model", str(folder), "--context", "1500", "--policies", "cluster", "--steps", "5",
+                               "--synthetic-kv", "--dense-layers", "1", "--out-dir", str(out)]) == 0
+    row = json.loads((out / "bench_kv_disk.json").read_text())["rows"][0]
+    assert row["same_tokens"] and len(row["disk"]["tokens"]) == 5
+    disk = row["disk"]["disk"]
+    assert disk["prefill_bytes_read"] == 0 and disk["bytes_written"] == disk["bytes_on_disk"] > 0
+    assert disk["first_step_bytes_read"] < disk["bytes_on_disk"] / 4  # the index was built in the pass: no relayout
+    assert row["disk"]["build_s"] < row["memory"]["build_s"]  # nothing left to build after the fill
