@@ -20,9 +20,9 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from offload.attention import ForwardBatch, attend
+from offload.attention import ForwardBatch, attend_with_lse
 from offload.config import ModelArgs
-from offload.kernels import gather_attention
+from offload.kernels import gather_attention, merge_attention
 from offload.kernels.reference import dense_token_ids
 from offload.tiers.budget import format_size
 from offload.tiers.kv_store import KVStore
@@ -223,9 +223,9 @@ class SparseAttention(DenseAttention):
                     self.indexes[(row, layer)].attend(q_search[row], *self.kv.rows(layer, row), n, sel,
                                                       self.kernel_backend)[0]
                     for row, n, sel, windowed in zip(batch.rows, batch.end_lengths, selections, beyond)]
-            out = torch.stack(outs).to(q.device)  # [B, H, D]
+            out, lse = torch.stack(outs).to(q.device), None  # [B, H, D] (such a policy estimates nothing)
         elif self._fetches_rows():
-            out = self._attend_fetched(layer, q[:, :, 0], batch, selections)  # [B, H, D] only the attended rows move
+            out, lse = self._attend_fetched(layer, q[:, :, 0], batch, selections)  # [B, H, D] only the attended rows move
         else:  # the rows are read where they lie (an int8 cache's codes by their scales)
             width = max(s.ids.shape[-1] for s in selections)
             selected = torch.zeros(B, self.args.num_kv_heads, width, dtype=torch.int32, device=q.device)  # [B, Hkv, S]
@@ -233,10 +233,12 @@ class SparseAttention(DenseAttention):
                 selected[b, :, :s.ids.shape[-1]] = s.ids
             counts = torch.stack([s.counts.to(q.device) for s in selections])  # [B, Hkv]
             k, v, k_scale, v_scale = self.kv.whole_cache(layer, B)  # [B, Hkv, N, D] each (+ [B, Hkv, N] scales)
-            out, _ = gather_attention(q[:, :, 0], k, v, selected, counts, batch.plan.seq_lens,
+            out, lse = gather_attention(q[:, :, 0], k, v, selected, counts, batch.plan.seq_lens,
                                       scale=self.args.softmax_scale, sink=self.config.sink, window=self.config.window,
                                       k_scale=k_scale, v_scale=v_scale, backend=self.kernel_backend,
                                       arrays=self.kv.host_arrays(layer))  # [B, H, D]
+        if self.policy_cls.estimate is not None:  # what the selection left out, estimated by the index
+            out = self._add_estimates(layer, q_search, batch, out, lse)
         if any(beyond):  # a batch of rows on both sides of the window
             exact = self._decode(layer, q, batch).view(B, H, D)
             out = torch.where(torch.tensor(beyond, device=q.device)[:, None, None], exact, out)  # [B, H, D]
@@ -275,8 +277,22 @@ class SparseAttention(DenseAttention):
             if ahead is not None:
                 self.kv.prefetch(layer, ahead)
         visible = valid.to(q.device)[:, :, None, :]  # [B, Hkv, 1, M]
-        out = attend(q.view(B, Hkv, a.group_size, D), k_rows, v_rows, a.softmax_scale, visible)  # [B, Hkv, G, D]
-        return out.reshape(B, a.num_heads, D)
+        out, lse = attend_with_lse(q.view(B, Hkv, a.group_size, D), k_rows, v_rows, a.softmax_scale,
+                                   visible)  # [B, Hkv, G, D], [B, Hkv, G]
+        return out.reshape(B, a.num_heads, D), lse.reshape(B, a.num_heads)
+
+    def _add_estimates(self, layer: int, q: torch.Tensor, batch: ForwardBatch, out: torch.Tensor,
+                       lse: torch.Tensor) -> torch.Tensor:
+        """The exact part over sinks, window and selection, out [B, H, D] with its lse [B, H], merged
+        by log-sum-exp with each row's index's estimate of what the selection left out (rows beyond a
+        sliding window, attended exactly, get none). q [B, H, D] where the index searches."""
+        est = torch.zeros_like(out)  # [B, H, D]
+        est_lse = torch.full_like(lse, float("-inf"))  # [B, H]: nothing estimated
+        for b, (row, n, windowed) in enumerate(zip(batch.rows, batch.end_lengths, batch.plan.beyond_window)):
+            part = None if windowed else self.indexes[(row, layer)].estimate(q[b], self.kv.rows(layer, row)[1], n)
+            if part is not None:
+                est[b], est_lse[b] = part[0].to(out), part[1].to(lse)
+        return merge_attention([out, est], [lse, est_lse])[0]
 
     def _observe(self, layer: int, q: torch.Tensor, batch: ForwardBatch, selections: list[Selection],
                  out: torch.Tensor) -> None:

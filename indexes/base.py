@@ -222,6 +222,11 @@ class KVIndex(ABC):
     # attend(q [H, D], keys, values [Hkv, N, D], n, selection, backend) -> (out [H, D], lse [H]);
     # otherwise the backend attends over the selection with exact gather attention.
     attend = None
+    # A policy that estimates what its selection leaves out (the cluster index: from centroids and
+    # value sums) defines estimate(q [H, D], values [Hkv, N, D], n) -> (out [H, D], lse [H]) | None,
+    # the softmax part over what it estimates, which the backend merges with the exact part by
+    # log-sum-exp (RetroInfer's estimation zone).
+    estimate = None
 
     # ---------------------------------------------------------------- persistence
     def state(self) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -182,10 +182,11 @@ def _take_clusters(ranked, share, sizes, starts, order, n_clustered, lo, hi, bud
     taken while fewer than ``budget`` tokens are (and, with ``mass`` > 0, while the estimated
     ``share`` [Hkv, k] of attention covered is below ``mass`` or fewer than ``floor`` tokens are
     taken); their token ids in [lo, hi) into out[h] (sorted). sizes [Hkv, C], starts [Hkv, C+1],
-    order [Hkv, n_clustered]. Returns (counts [Hkv], whether some head ran out of ranked entries
-    before it was done)."""
+    order [Hkv, n_clustered]. Returns (counts [Hkv], ranked entries taken per head [Hkv], whether
+    some head ran out of ranked entries before it was done)."""
     Hkv, C = sizes.shape
     counts = np.zeros(Hkv, np.int32)
+    used = np.full(Hkv, ranked.shape[1], np.int32)
     short = False
     for h in range(Hkv):
         taken, m, covered = 0, 0, 0.0
@@ -194,6 +195,7 @@ def _take_clusters(ranked, share, sizes, starts, order, n_clustered, lo, hi, bud
             j = ranked[h, i]
             if taken >= budget or (mass > 0 and covered >= mass and taken >= floor):
                 done = True
+                used[h] = i
                 break
             covered += share[h, i]
             if j < C:
@@ -212,7 +214,17 @@ def _take_clusters(ranked, share, sizes, starts, order, n_clustered, lo, hi, bud
         short |= not done
         out[h, :m].sort()
         counts[h] = m
-    return counts, short
+    return counts, used, short
+
+
+def _zone_after(ranked: torch.Tensor, used: torch.Tensor, C: int) -> torch.Tensor:
+    """The estimation zone: per KV head the clusters among ``ranked`` [Hkv, k] (best first) after the
+    ``used`` [Hkv] entries a selection took (tail tokens left out) -> [Hkv, Z] int64, -1 padded."""
+    k = ranked.shape[1]
+    width = k - int(used.min()) if k else 0
+    at = used[:, None] + torch.arange(width, device=ranked.device)  # [Hkv, Z] positions in ranked
+    zone = ranked.gather(1, at.clamp(max=max(k - 1, 0))) if k else ranked[:, :0]
+    return torch.where((at < k) & (zone < C), zone, -1).long()
 
 
 @dataclass(frozen=True)
@@ -224,6 +236,7 @@ class _Ranked:
     lo: int
     hi: int
     selection: Selection
+    zone: torch.Tensor  # [Hkv, Z] int64: clusters ranked next after the taken ones (-1: none), estimate()'s
 
 
 @register
@@ -241,14 +254,18 @@ class ClusterIndex(KVIndex):
 
     def __init__(self, ctx, config, token_ids=None):
         super().__init__(ctx, config, token_ids)
-        self._ranked: _Ranked | None = None  # what the last search ranked (lookahead)
+        self._ranked: _Ranked | None = None  # what the last search ranked (lookahead, estimate)
+        # Derived, not saved: each clustered token's cluster [Hkv, n_clustered], and the clusters'
+        # value sums [Hkv, C', D] fp32 over their first C' (summed when estimate() first needs them)
+        self._cluster_of = torch.zeros(ctx.num_kv_heads, 0, dtype=torch.int32)
+        self._vsums = torch.zeros(ctx.num_kv_heads, 0, ctx.head_dim)
 
     @classmethod
     def estimate_nbytes(cls, args, context: int, dtype_bytes: int) -> int:
-        # per KV head and layer: fp32 centroids (D per cluster), int32 sizes and starts per cluster,
-        # int32 token order per token
+        # per KV head and layer: fp32 centroids and value sums (D each per cluster), int32 sizes and
+        # starts per cluster, int32 token order and cluster of each token
         clusters = context // cls.cluster_size + 1
-        return args.num_layers * args.num_kv_heads * (clusters * (args.head_dim * 4 + 8) + context * 4)
+        return args.num_layers * args.num_kv_heads * (clusters * (2 * args.head_dim * 4 + 8) + context * 8)
 
     def build(self, keys, n: int, queries: torch.Tensor | None = None) -> None:
         super().build(keys, n, queries)
@@ -262,6 +279,8 @@ class ClusterIndex(KVIndex):
         self.starts = torch.zeros(Hkv, 1, dtype=torch.int32, device=device)  # [Hkv, C + 1] into order
         self.n_clustered = 0
         self._log_sizes = torch.zeros(Hkv, 1, 0, device=device)  # [Hkv, 1, C]: log(size), each step's offset
+        self._cluster_of = torch.zeros(Hkv, 0, dtype=torch.int32, device=device)
+        self._vsums = torch.zeros(Hkv, 0, D, device=device)
         whole = n - n % self.segment
         step = self.segment * BUILD_SEGMENTS
         for start in range(0, whole, step):  # a batch of segments at a time: bounded memory at any context
@@ -287,6 +306,7 @@ class ClusterIndex(KVIndex):
         sizes = torch.zeros(Hkv, segments * K, dtype=torch.int32, device=assign.device).scatter_add_(
             1, cluster, torch.ones_like(cluster, dtype=torch.int32))  # [Hkv, S K]
         starts = self.n_clustered + torch.cumsum(sizes, dim=-1, dtype=torch.int32)  # [Hkv, S K]
+        self._cluster_of = torch.cat([self._cluster_of, (cluster + self.sizes.shape[1]).to(device, torch.int32)], dim=1)
         self.centroids = torch.cat([self.centroids, centroids.reshape(Hkv, segments * K, D).transpose(1, 2).to(device)],
                                    dim=2)
         self.sizes = torch.cat([self.sizes, sizes.to(device)], dim=1)
@@ -305,6 +325,12 @@ class ClusterIndex(KVIndex):
     def restore(self, keys, scalars: dict, tensors: dict[str, torch.Tensor]) -> None:
         super().restore(keys, scalars, tensors)
         self._refresh_log_sizes()
+        Hkv, C = self.sizes.shape
+        listed = torch.repeat_interleave(torch.arange(C, device=self.sizes.device).expand(Hkv, C).reshape(-1),
+                                         self.sizes.reshape(-1).long()).view(Hkv, -1)  # [Hkv, n_clustered] by `order`
+        self._cluster_of = torch.empty(Hkv, self.n_clustered, dtype=torch.int32, device=self.sizes.device)
+        self._cluster_of.scatter_(1, self.order.long(), listed.to(torch.int32))
+        self._vsums = torch.zeros(Hkv, 0, self.centroids.shape[1], device=self.centroids.device)
 
     def _refresh_log_sizes(self) -> None:
         """log(size) [Hkv, 1, C], each step's offset, derived from ``sizes`` (an empty cluster: -69, never taken)."""
@@ -314,10 +340,64 @@ class ClusterIndex(KVIndex):
         return self.order.cpu().numpy()  # [Hkv, n_clustered]: each cluster's tokens consecutive
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.centroids, self.sizes, self.order, self.starts))
+        return sum(t.numel() * t.element_size() for t in (self.centroids, self.sizes, self.order, self.starts,
+                                                           self._cluster_of, self._vsums))
+
+    def estimate(self, q: torch.Tensor, values, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """RetroInfer's estimation zone: the clusters the last search ranked next after its
+        selection, each taken as its size times exp(scale q . centroid) with the mean of its
+        values, -> (out [H, D], lse [H]) fp32, the softmax part over them, for the exact part's
+        log-sum-exp merge (None: nothing ranked). Their tokens attended exactly anyway (sinks, a
+        window reaching into clustered tokens) are left out. q [H, D]; values [Hkv, N, D] (KVRows)."""
+        r = self._ranked
+        if r is None or r.zone.shape[1] == 0:
+            return None
+        self._sum_values(values)
+        Hkv, D, C = self.centroids.shape
+        device = self.centroids.device
+        zone = r.zone.to(device)  # [Hkv, Z]
+        Z = zone.shape[1]
+        valid = zone >= 0
+        at = zone.clamp(min=0)
+        size = self.sizes.gather(1, at).float()  # [Hkv, Z]
+        vsum = self._vsums.gather(1, at[..., None].expand(-1, -1, D))  # [Hkv, Z, D]
+        edge = torch.cat([torch.arange(0, min(r.lo, self.n_clustered)),
+                          torch.arange(min(r.hi, self.n_clustered), self.n_clustered)])  # [E] attended exactly
+        if edge.numel():
+            where = torch.full((Hkv, C + 1), -1, dtype=torch.long, device=device)  # cluster -> zone place
+            where.scatter_(1, torch.where(valid, zone, C), torch.arange(Z, device=device).expand(Hkv, Z))
+            place = where.gather(1, self._cluster_of[:, edge.to(device)].long())  # [Hkv, E]
+            hit = (place >= 0).float()
+            place = place.clamp(min=0)
+            edge_values = values[:, edge].float().to(device) * hit[..., None]  # [Hkv, E, D]
+            size = size - torch.zeros_like(size).scatter_add_(1, place, hit)
+            vsum = vsum - torch.zeros_like(vsum).scatter_add_(1, place[..., None].expand(-1, -1, D), edge_values)
+        valid &= size > 0.5
+        qg = q.float().view(Hkv, self.group, D).to(device)  # [Hkv, G, D]
+        centroids = self.centroids.gather(2, at[:, None, :].expand(-1, D, -1))  # [Hkv, D, Z]
+        logits = torch.baddbmm(size.clamp(min=1e-30).log()[:, None], qg, centroids, alpha=self.scale)  # [Hkv, G, Z]
+        logits = logits.masked_fill(~valid[:, None], float("-inf"))
+        lse = torch.logsumexp(logits, dim=-1)  # [Hkv, G]
+        weights = torch.exp(logits - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])  # [Hkv, G, Z]; -inf -> 0
+        out = torch.bmm(weights, vsum / size.clamp(min=1.0)[..., None])  # [Hkv, G, D]: weighted value means
+        return out.view(-1, D), lse.view(-1)
+
+    def _sum_values(self, values) -> None:
+        """Value sums of the clusters made since the last call: their tokens (the ones clustered
+        since) are read once, in token order (a disk layer streams them)."""
+        done, C = self._vsums.shape[1], self.sizes.shape[1]
+        if done == C:
+            return
+        Hkv, D = self._vsums.shape[0], self._vsums.shape[2]
+        first = self.n_clustered - int(self.sizes[0, done:].sum())  # their tokens: the last clustered (every head)
+        v = values[:, first:self.n_clustered].float().to(self._vsums.device)  # [Hkv, T, D]
+        cluster = (self._cluster_of[:, first:self.n_clustered].long() - done)[..., None].expand(-1, -1, D)  # [Hkv, T, D]
+        sums = torch.zeros(Hkv, C - done, D, device=self._vsums.device).scatter_add_(1, cluster, v)
+        self._vsums = torch.cat([self._vsums, sums], dim=1)
 
     def search(self, q: torch.Tensor, budget: int) -> Selection:
         lo, hi = self.config.candidate_range(self.n)
+        self._ranked = None
         if hi <= lo:
             return self.empty(q.device)
         Hkv, C = self.sizes.shape
@@ -330,15 +410,15 @@ class ClusterIndex(KVIndex):
             mass = np.empty((Hkv, C + T), np.float32)  # [Hkv, C+T] share of the group's attention
             _cluster_mass(qg.contiguous().numpy(), self.centroids.numpy(), self._log_sizes[:, 0].numpy(),
                           tail.contiguous().numpy(), np.float32(self.scale), mass)
-            selection = self._take_numba(mass, budget, lo, hi)
-            self._ranked = _Ranked(torch.from_numpy(mass), budget, lo, hi, selection)
+            selection, zone = self._take_numba(mass, budget, lo, hi)
+            self._ranked = _Ranked(torch.from_numpy(mass), budget, lo, hi, selection, zone)
             return selection
         logits = torch.baddbmm(self._log_sizes, qg, self.centroids, alpha=self.scale)  # [Hkv, G, C]
         if T:
             logits = torch.cat([logits, torch.matmul(qg, tail.transpose(1, 2)) * self.scale], dim=2)  # [Hkv, G, C+T]
         mass = torch.softmax(logits, dim=2).sum(dim=1)  # [Hkv, C+T]: the group's estimated attention
-        selection = self._take_torch(mass, budget, lo, hi)
-        self._ranked = _Ranked(mass, budget, lo, hi, selection)
+        selection, zone = self._take_torch(mass, budget, lo, hi)
+        self._ranked = _Ranked(mass, budget, lo, hi, selection, zone)
         return selection
 
     def lookahead(self, count: int) -> torch.Tensor | None:
@@ -354,7 +434,7 @@ class ClusterIndex(KVIndex):
         k = min(mass.shape[1], wider // (self.cluster_size // 4) + 8)
         top = torch.topk(mass, k, dim=1)  # [Hkv, k] best first
         taken = np.zeros((Hkv, wider + widest), dtype=np.int32)  # [Hkv, S]
-        counts, _ = _take_clusters(top.indices.numpy(), top.values.numpy(), self.sizes.cpu().numpy(),
+        counts, _, _ = _take_clusters(top.indices.numpy(), top.values.numpy(), self.sizes.cpu().numpy(),
                                    self.starts.cpu().numpy(), self.order.cpu().numpy(), self.n_clustered, r.lo, r.hi,
                                    wider, 0.0, 0, taken)
         chosen, chosen_counts = r.selection.ids.cpu().numpy(), r.selection.counts.cpu().numpy()
@@ -364,8 +444,9 @@ class ClusterIndex(KVIndex):
             ahead[h, :extra.size] = extra
         return torch.from_numpy(ahead)
 
-    def _take_numba(self, mass: np.ndarray, budget: int, lo: int, hi: int) -> Selection:
-        """Clusters best first from mass [Hkv, C+T] (each head's shares summing to 1)."""
+    def _take_numba(self, mass: np.ndarray, budget: int, lo: int, hi: int) -> tuple[Selection, torch.Tensor]:
+        """Clusters best first from mass [Hkv, C+T] (each head's shares summing to 1) -> (the
+        selection, the estimation zone [Hkv, Z])."""
         Hkv, C = self.sizes.shape
         widest = int(self.sizes.max()) if C else 1
         out = np.zeros((Hkv, budget + widest), dtype=np.int32)  # [Hkv, S]
@@ -376,18 +457,20 @@ class ClusterIndex(KVIndex):
         mass = torch.from_numpy(mass)
         while True:
             top = torch.topk(mass, k, dim=1)  # [Hkv, k] best first
-            counts, short = _take_clusters(top.indices.numpy(), top.values.numpy(), self.sizes.numpy(),
-                                           self.starts.numpy(), self.order.numpy(), self.n_clustered, lo, hi,
-                                           budget, p, ADAPTIVE_FLOOR_TOKENS, out)
+            counts, used, short = _take_clusters(top.indices.numpy(), top.values.numpy(), self.sizes.numpy(),
+                                                 self.starts.numpy(), self.order.numpy(), self.n_clustered, lo, hi,
+                                                 budget, p, ADAPTIVE_FLOOR_TOKENS, out)
             if not short or k == mass.shape[1]:
                 break
             k = mass.shape[1]
         width = max(1, int(counts.max()))
-        return Selection(torch.from_numpy(out[:, :width].copy()), torch.from_numpy(counts))
+        zone = _zone_after(top.indices, torch.from_numpy(used).long(), C)
+        return Selection(torch.from_numpy(out[:, :width].copy()), torch.from_numpy(counts)), zone
 
-    def _take_torch(self, mass: torch.Tensor, budget: int, lo: int, hi: int) -> Selection:
+    def _take_torch(self, mass: torch.Tensor, budget: int, lo: int, hi: int) -> tuple[Selection, torch.Tensor]:
         """Clusters best first while the budget lasts, their tokens in the candidate range, as tensor
-        ops on the index's device (what :func:`_take_clusters` does on the CPU)."""
+        ops on the index's device (what :func:`_take_clusters` does on the CPU) -> (the selection,
+        the estimation zone [Hkv, Z])."""
         Hkv, C = self.sizes.shape
         device = mass.device
         T = mass.shape[1] - C
@@ -401,6 +484,9 @@ class ClusterIndex(KVIndex):
             covered = torch.cumsum(share, dim=-1) - share  # [Hkv, C+T] covered before each
             keep &= (covered < self.config.mass) | (before < ADAPTIVE_FLOOR_TOKENS)
         k = int(keep.sum(-1).max())  # clusters the widest head takes
+        # the estimation zone: what the CPU path ranks past its selection (the top entries it sorts)
+        ranked_k = min(ranked.shape[1], budget // (self.cluster_size // 4) + 8)
+        zone = _zone_after(ranked[:, :max(ranked_k, k)], keep.sum(-1), C)
         ranked, size = ranked[:, :k], size[:, :k] * keep[:, :k]  # [Hkv, k]; a cluster not taken adds nothing
         # every taken token, all heads at once: cluster j's tokens are order[starts[j]:starts[j] + size]
         # (a tail entry is one token, n_clustered + its place in the tail)
@@ -424,4 +510,4 @@ class ClusterIndex(KVIndex):
                           device=device)  # [Hkv, S]
         out[head, pos] = (ids - head * self.n).to(torch.int32)
         counts = counts.to(torch.int32)
-        return Selection(out, counts)
+        return Selection(out, counts), zone

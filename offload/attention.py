@@ -223,12 +223,20 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     q's dtype): for decode they are several times faster than SDPA on CPU in bf16, and GQA needs
     no repeat of K/V.
     """
+    return attend_with_lse(q, k, v, scale, visible)[0]
+
+
+def attend_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                    visible: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`attend`, and the log-sum-exp of each query's scores [B, Hkv, G*T] fp32 (-inf: nothing
+    visible), for merging with another part by log-sum-exp."""
     out_dtype = q.dtype
     scores = scores_qk(q.to(k.dtype), k).float() * scale  # [B, Hkv, G*T, N]
     if visible is not None:
         scores.masked_fill_(~visible, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(v.dtype)  # [B, Hkv, G*T, N]
-    return torch.matmul(probs, v).to(out_dtype)  # [B, Hkv, G*T, D]
+    lse = torch.logsumexp(scores, dim=-1)  # [B, Hkv, G*T]
+    probs = torch.exp(scores - torch.where(torch.isfinite(lse), lse, 0.0)[..., None]).to(v.dtype)  # [B, Hkv, G*T, N]
+    return torch.matmul(probs, v).to(out_dtype), lse  # [B, Hkv, G*T, D]
 
 
 class OnlineSoftmax:
