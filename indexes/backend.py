@@ -123,7 +123,9 @@ class SparseAttention(DenseAttention):
         if not idx.needs_prefill_queries:
             chunks = None  # a key-only index is built from the keys alone
         queries = torch.cat(chunks, dim=1) if chunks else None  # [H, Nq, D]
-        idx.build(self.kv.rows(layer, row)[0], n, queries)
+        keys, values = self.kv.rows(layer, row)
+        idx.build(keys, n, queries)
+        idx.summarize_values(values)
         self.indexes[(row, layer)] = idx
         self._lay_out(layer, idx)
 

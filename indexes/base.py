@@ -195,6 +195,10 @@ class KVIndex(ABC):
         """The cache now holds n tokens (decode appended n - self.n)."""
         self.n = n
 
+    def summarize_values(self, values: KVRows) -> None:
+        """Right after build(), with the row's values [Hkv, N, D] at hand (a disk layer's are still in
+        memory then): an index that estimates from value statistics (``estimate``) takes them now."""
+
     @abstractmethod
     def search(self, q: torch.Tensor, budget: int) -> Selection:
         """q [H, D] (post-RoPE) -> up to ``budget`` token ids per KV head in the candidate range."""

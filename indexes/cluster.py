@@ -352,7 +352,7 @@ class ClusterIndex(KVIndex):
         r = self._ranked
         if r is None or r.zone.shape[1] == 0:
             return None
-        self._sum_values(values)
+        self.summarize_values(values)
         Hkv, D, C = self.centroids.shape
         device = self.centroids.device
         zone = r.zone.to(device)  # [Hkv, Z]
@@ -382,9 +382,10 @@ class ClusterIndex(KVIndex):
         out = torch.bmm(weights, vsum / size.clamp(min=1.0)[..., None])  # [Hkv, G, D]: weighted value means
         return out.view(-1, D), lse.view(-1)
 
-    def _sum_values(self, values) -> None:
+    def summarize_values(self, values) -> None:
         """Value sums of the clusters made since the last call: their tokens (the ones clustered
-        since) are read once, in token order (a disk layer streams them)."""
+        since) are read once, in token order (a disk layer streams them; estimate() calls this for
+        the clusters decode adds)."""
         done, C = self._vsums.shape[1], self.sizes.shape[1]
         if done == C:
             return
@@ -484,9 +485,11 @@ class ClusterIndex(KVIndex):
             covered = torch.cumsum(share, dim=-1) - share  # [Hkv, C+T] covered before each
             keep &= (covered < self.config.mass) | (before < ADAPTIVE_FLOOR_TOKENS)
         k = int(keep.sum(-1).max())  # clusters the widest head takes
-        # the estimation zone: what the CPU path ranks past its selection (the top entries it sorts)
+        # the estimation zone: what the CPU path ranks past its selection (the top entries it sorts,
+        # or all of them where a head takes every one of those)
         ranked_k = min(ranked.shape[1], budget // (self.cluster_size // 4) + 8)
-        zone = _zone_after(ranked[:, :max(ranked_k, k)], keep.sum(-1), C)
+        width = ranked.shape[1] if k >= ranked_k else ranked_k
+        zone = _zone_after(ranked[:, :width], keep.sum(-1), C)
         ranked, size = ranked[:, :k], size[:, :k] * keep[:, :k]  # [Hkv, k]; a cluster not taken adds nothing
         # every taken token, all heads at once: cluster j's tokens are order[starts[j]:starts[j] + size]
         # (a tail entry is one token, n_clustered + its place in the tail)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -178,10 +180,12 @@ def test_compiled_take_equals_the_tensor_form(monkeypatch, mass):
         _cluster_mass(qg.numpy(), idx.centroids.numpy(), idx._log_sizes[:, 0].numpy(), tail.contiguous().numpy(),
                       np.float32(idx.scale), compiled)
         assert torch.allclose(torch.from_numpy(compiled), mass, atol=1e-6, rtol=1e-4)
-        a, b = idx._take_numba(mass.numpy(), budget, lo, hi), idx._take_torch(mass, budget, lo, hi)
+        (a, zone_a), (b, zone_b) = idx._take_numba(mass.numpy(), budget, lo, hi), idx._take_torch(mass, budget, lo, hi)
         assert torch.equal(a.counts, b.counts)
         for h in range(3):
             assert torch.equal(a.ids[h, :a.counts[h]], b.ids[h, :b.counts[h]])
+            # the estimation zone: the same clusters ranked next (a tie may order them otherwise)
+            assert set(zone_a[h][zone_a[h] >= 0].tolist()) == set(zone_b[h][zone_b[h] >= 0].tolist())
 
 
 def test_adaptive_budget_parsing_and_errors():
@@ -257,3 +261,77 @@ def test_farthest_point_seeds_numba_and_tensor_forms_agree():
     assert torch.equal(seeds, farthest_point_seeds_tensor(x, 24))
     assert torch.equal(seeds[:, 0], (x * x).sum(-1).argmax(dim=1))
     assert all(len(set(row.tolist())) == 24 for row in seeds)  # never a point twice
+
+
+def _exact(q, keys, values, n, scale):
+    """Full attention of q [H, D] over keys/values [Hkv, n, D] (GQA) -> [H, D] fp32."""
+    Hkv, _, D = keys.shape
+    qg = q.float().view(Hkv, -1, D)
+    probs = torch.softmax(torch.matmul(qg, keys[:, :n].float().transpose(1, 2)) * scale, dim=-1)  # [Hkv, G, n]
+    return torch.matmul(probs, values[:, :n].float()).view(-1, D)
+
+
+@pytest.mark.parametrize("window", [0, 40])
+def test_the_estimation_zone_brings_the_output_closer_to_exact(window):
+    """Keys on topics in runs, values per topic: the clusters ranked next after the selection,
+    estimated from centroid and value sums and merged by log-sum-exp, cut the error against full
+    attention (the selection alone drops their share); tokens attended exactly anyway (sinks, a
+    window inside clustered tokens) are not estimated again."""
+    from offload.kernels import merge_attention
+    from offload.kernels.reference import gather_attention_ref
+
+    Hkv, H, D, n = 2, 8, 32, 2048
+    keys, labels, _ = _planted(Hkv, n, D, 64, seed=11, spread=0.5, runs=True)
+    g = torch.Generator().manual_seed(12)
+    topic_values = torch.randn(Hkv, 64, D, generator=g)
+    values = torch.gather(topic_values, 1, labels[..., None].expand(-1, -1, D)) + 0.3 * torch.randn(Hkv, n, D,
+                                                                                                    generator=g)
+    idx = _index(keys, n, budget_sink=4, window=window, H=H)
+    scale = 0.02  # broad attention: ~20% of the mass beyond a 3% selection
+    q = keys[:, 700].repeat_interleave(H // Hkv, 0) + torch.randn(H, D, generator=g)  # [H, D]
+    idx.scale = scale
+    sel = idx.search(q, 64)
+    zone = idx._ranked.zone
+    for h in range(Hkv):  # the zone: clusters next after the taken ones, none of them taken
+        taken = {int(c) for c in idx._cluster_of[h, sel.ids[h, :sel.counts[h]].long()]}
+        assert zone[h][zone[h] >= 0].numel() > 0 and not taken & set(zone[h].tolist())
+    out, lse = gather_attention_ref(q[None], keys[None], values[None], sel.ids[None].long(), sel.counts[None].long(),
+                                    torch.tensor([n]), scale, 4, window)  # [1, H, D], [1, H]
+    est_out, est_lse = idx.estimate(q, values, n)
+    merged = merge_attention([out, est_out[None].to(out)], [lse, est_lse[None]])[0]
+    exact = _exact(q, keys, values, n, scale)
+    before, after = (out[0] - exact).norm() / exact.norm(), (merged[0] - exact).norm() / exact.norm()
+    assert after < 0.6 * before, (before, after)
+    if window:  # the window's tokens are clustered (the build took all n): estimating them too would count them twice
+        idx.config = SelectionConfig(sink=4, window=0, dense_layers=0)
+        idx._ranked = dataclasses.replace(idx._ranked, hi=n)  # the same zone, the window's tokens no longer left out
+        _, lse_all = idx.estimate(q, values, n)
+        for h in range(Hkv):
+            counted_twice = set(idx._cluster_of[h, n - window:].tolist()) & set(zone[h].tolist())
+            G = H // Hkv
+            if counted_twice:
+                assert (lse_all[h * G:(h + 1) * G] > est_lse[h * G:(h + 1) * G] + 1e-4).all()
+            else:
+                torch.testing.assert_close(lse_all[h * G:(h + 1) * G], est_lse[h * G:(h + 1) * G])
+        assert any(set(idx._cluster_of[h, n - window:].tolist()) & set(zone[h].tolist()) for h in range(Hkv))
+
+
+def test_value_sums_follow_the_clusters_through_extend_and_restore(monkeypatch):
+    monkeypatch.setattr(ClusterIndex, "segment", 64)
+    g = torch.Generator().manual_seed(3)
+    keys, values = torch.randn(2, 400, 8, generator=g), torch.randn(2, 400, 8, generator=g)
+    idx = _index(keys, 150)
+    idx.search(torch.randn(2, 8, generator=g), 20)
+    idx.estimate(torch.randn(2, 8, generator=g), values, 150)
+    idx.extend(300)  # two more segments clustered
+    idx.search(torch.randn(2, 8, generator=g), 20)
+    idx.estimate(torch.randn(2, 8, generator=g), values, 300)
+    again = make_index("cluster", idx.ctx, idx.config)
+    again.restore(keys, *idx.state())
+    again.search(torch.randn(2, 8, generator=g), 20)
+    again.estimate(torch.randn(2, 8, generator=g), values, 300)
+    for ix in (idx, again):
+        assert torch.equal(ix._cluster_of, idx._cluster_of)
+        for h in range(2):
+            want = torch.zeros(ix.sizes.shape[1], 8).index_add_(0, ix._cluster_of[h].long(), values[h, :ix.n_clustered])
+            torch.testing.assert_close(ix._vsums[h], want, rtol=1e-5, atol=1e-5)
