@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from offload.attention import ForwardBatch, attend_with_lse
 from offload.config import ModelArgs
-from offload.kernels import gather_attention, merge_attention
+from offload.kernels import gather_attention
 from offload.kernels.reference import dense_token_ids
 from offload.tiers.budget import format_size
 from offload.tiers.kv_store import KVStore
@@ -239,8 +239,8 @@ class SparseAttention(DenseAttention):
                                       scale=self.args.softmax_scale, sink=self.config.sink, window=self.config.window,
                                       k_scale=k_scale, v_scale=v_scale, backend=self.kernel_backend,
                                       arrays=self.kv.host_arrays(layer))  # [B, H, D]
-        if self.policy_cls.estimate is not None:  # what the selection left out, estimated by the index
-            out = self._add_estimates(layer, q_search, batch, out, lse)
+        if self.policy_cls.add_estimate is not None:  # what the selection left out, estimated by the index
+            self._add_estimates(layer, q_search, batch, out, lse)
         if any(beyond):  # a batch of rows on both sides of the window
             exact = self._decode(layer, q, batch).view(B, H, D)
             out = torch.where(torch.tensor(beyond, device=q.device)[:, None, None], exact, out)  # [B, H, D]
@@ -284,17 +284,13 @@ class SparseAttention(DenseAttention):
         return out.reshape(B, a.num_heads, D), lse.reshape(B, a.num_heads)
 
     def _add_estimates(self, layer: int, q: torch.Tensor, batch: ForwardBatch, out: torch.Tensor,
-                       lse: torch.Tensor) -> torch.Tensor:
-        """The exact part over sinks, window and selection, out [B, H, D] with its lse [B, H], merged
-        by log-sum-exp with each row's index's estimate of what the selection left out (rows beyond a
+                       lse: torch.Tensor) -> None:
+        """Merge into the exact part over sinks, window and selection, out [B, H, D] with its lse
+        [B, H] (in place), each row's index's estimate of what the selection left out (rows beyond a
         sliding window, attended exactly, get none). q [B, H, D] where the index searches."""
-        est = torch.zeros_like(out)  # [B, H, D]
-        est_lse = torch.full_like(lse, float("-inf"))  # [B, H]: nothing estimated
         for b, (row, n, windowed) in enumerate(zip(batch.rows, batch.end_lengths, batch.plan.beyond_window)):
-            part = None if windowed else self.indexes[(row, layer)].estimate(q[b], self.kv.rows(layer, row)[1], n)
-            if part is not None:
-                est[b], est_lse[b] = part[0].to(out), part[1].to(lse)
-        return merge_attention([out, est], [lse, est_lse])[0]
+            if not windowed:
+                self.indexes[(row, layer)].add_estimate(q[b], self.kv.rows(layer, row)[1], n, out[b], lse[b])
 
     def _observe(self, layer: int, q: torch.Tensor, batch: ForwardBatch, selections: list[Selection],
                  out: torch.Tensor) -> None:

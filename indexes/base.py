@@ -227,10 +227,9 @@ class KVIndex(ABC):
     # otherwise the backend attends over the selection with exact gather attention.
     attend = None
     # A policy that estimates what its selection leaves out (the cluster index: from centroids and
-    # value sums) defines estimate(q [H, D], values [Hkv, N, D], n) -> (out [H, D], lse [H]) | None,
-    # the softmax part over what it estimates, which the backend merges with the exact part by
-    # log-sum-exp (RetroInfer's estimation zone).
-    estimate = None
+    # value sums; RetroInfer's estimation zone) defines add_estimate(q [H, D], values [Hkv, N, D], n,
+    # out [H, D], lse [H]), which merges its estimate into the exact part (out, lse) in place.
+    add_estimate = None
 
     # ---------------------------------------------------------------- persistence
     def state(self) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from offload.kernels.cpu_decode import exp_inplace
+from offload.kernels.cpu_decode import NO_SCORE, exp_inplace
 
 from .base import ADAPTIVE_FLOOR_TOKENS, KVIndex, Selection, register
 
@@ -217,6 +217,63 @@ def _take_clusters(ranked, share, sizes, starts, order, n_clustered, lo, hi, bud
     return counts, used, short
 
 
+@njit(cache=True, parallel=True, fastmath=True)
+def _estimate_merge(q, centroids, sizes, vsums, zone, edge_cluster, edge_values, scale, out,
+                    lse):  # pragma: no cover - numba
+    """The estimation zone merged into the exact part, one pass per KV head (in parallel): q [Hkv,
+    G, D], centroids [Hkv, D, C], sizes [Hkv, C] int32, vsums [Hkv, C, D], zone [Hkv, Z] int64
+    (-1: none), the clustered tokens attended exactly anyway (their clusters edge_cluster [Hkv, E]
+    int32, values edge_values [Hkv, E, D]: taken out of their clusters' size and sum), all f32 but
+    the ids; out [Hkv, G, D] and lse [Hkv, G] (the exact part) become the merged ones. What
+    ClusterIndex._estimate_tensors and a log-sum-exp merge compute, without ~30 small tensor ops."""
+    Hkv, G, D = q.shape
+    Z = zone.shape[1]
+    E = edge_cluster.shape[1]
+    for h in prange(Hkv):
+        size = np.zeros(Z, np.float32)
+        vsum = np.zeros((Z, D), np.float32)
+        for z in range(Z):
+            c = zone[h, z]
+            if c >= 0:
+                size[z] = sizes[h, c]
+                vsum[z] = vsums[h, c]
+        for e in range(E):
+            for z in range(Z):
+                if zone[h, z] == edge_cluster[h, e]:
+                    size[z] -= 1.0
+                    vsum[z] -= edge_values[h, e]
+                    break
+        logits = np.empty(Z, np.float32)
+        for g in range(G):
+            m = lse[h, g]
+            for z in range(Z):
+                if size[z] > 0.5:
+                    dot = np.float32(0.0)
+                    c = zone[h, z]
+                    for d in range(D):
+                        dot += q[h, g, d] * centroids[h, d, c]
+                    logits[z] = dot * scale + np.log(size[z])
+                    m = max(m, logits[z])
+                else:
+                    logits[z] = NO_SCORE
+            if m == NO_SCORE or not np.isfinite(m):
+                continue  # nothing exact and nothing estimated
+            keep = np.exp(lse[h, g] - m) if np.isfinite(lse[h, g]) else np.float32(0.0)
+            total = keep
+            for d in range(D):
+                out[h, g, d] *= keep
+            for z in range(Z):
+                if logits[z] > NO_SCORE:
+                    w = np.exp(logits[z] - m)
+                    total += w
+                    share = w / size[z]
+                    for d in range(D):
+                        out[h, g, d] += share * vsum[z, d]
+            for d in range(D):
+                out[h, g, d] /= total
+            lse[h, g] = m + np.log(total)
+
+
 def _zone_after(ranked: torch.Tensor, used: torch.Tensor, C: int) -> torch.Tensor:
     """The estimation zone: per KV head the clusters among ``ranked`` [Hkv, k] (best first) after the
     ``used`` [Hkv] entries a selection took (tail tokens left out) -> [Hkv, Z] int64, -1 padded."""
@@ -343,35 +400,73 @@ class ClusterIndex(KVIndex):
         return sum(t.numel() * t.element_size() for t in (self.centroids, self.sizes, self.order, self.starts,
                                                            self._cluster_of, self._vsums))
 
-    def estimate(self, q: torch.Tensor, values, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """RetroInfer's estimation zone: the clusters the last search ranked next after its
-        selection, each taken as its size times exp(scale q . centroid) with the mean of its
-        values, -> (out [H, D], lse [H]) fp32, the softmax part over them, for the exact part's
-        log-sum-exp merge (None: nothing ranked). Their tokens attended exactly anyway (sinks, a
-        window reaching into clustered tokens) are left out. q [H, D]; values [Hkv, N, D] (KVRows)."""
+    def add_estimate(self, q: torch.Tensor, values, n: int, out: torch.Tensor, lse: torch.Tensor) -> None:
+        """RetroInfer's estimation zone, merged into the exact part in place: the clusters the last
+        search ranked next after its selection, each taken as its size times exp(scale q . centroid)
+        with the mean of its values, join out [H, D] (the exact attention over sinks, window and
+        selection) and lse [H] by log-sum-exp. Their tokens attended exactly anyway (sinks, a window
+        reaching into clustered tokens) are left out of the estimate. q [H, D]; values [Hkv, N, D]
+        (KVRows). The CPU merges in one compiled pass per KV head; elsewhere :meth:`estimate`'s
+        tensor form and a log-sum-exp merge (the same numbers)."""
+        r = self._ranked
+        if r is None or r.zone.shape[1] == 0:
+            return
+        self.summarize_values(values)
+        edge, edge_cluster, edge_values = self._edge(values, r)
+        if self.centroids.device.type != "cpu" or out.device.type != "cpu":
+            est_out, est_lse = self._estimate_tensors(q, r.zone, edge_cluster, edge_values)
+            lse_all = torch.logaddexp(lse.float(), est_lse.to(lse.device))  # [H]
+            keep = torch.exp(lse.float() - lse_all)[:, None]
+            out.copy_(out.float() * keep + est_out.to(out.device) * (1 - keep))
+            lse.copy_(lse_all)
+            return
+        Hkv, D, _ = self.centroids.shape
+        acc = out.float().reshape(Hkv, self.group, D).contiguous()  # [Hkv, G, D]
+        total = lse.float().reshape(Hkv, self.group).contiguous()  # [Hkv, G]
+        _estimate_merge(q.float().reshape(Hkv, self.group, D).contiguous().numpy(), self.centroids.numpy(),
+                        self.sizes.numpy(), self._vsums.numpy(), r.zone.numpy(), edge_cluster.numpy(),
+                        edge_values.numpy(), np.float32(self.scale), acc.numpy(), total.numpy())
+        out.copy_(acc.view(-1, D))
+        lse.copy_(total.view(-1))
+
+    def _edge(self, values, r: _Ranked) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Clustered tokens attended exactly anyway: [E] ids (sinks, and the window's tokens already
+        clustered), their clusters [Hkv, E] int32 and values [Hkv, E, D] fp32."""
+        edge = torch.cat([torch.arange(0, min(r.lo, self.n_clustered)),
+                          torch.arange(min(r.hi, self.n_clustered), self.n_clustered)])  # [E]
+        device = self.centroids.device
+        return (edge, self._cluster_of[:, edge.to(device)].contiguous(),
+                values[:, edge].float().to(device).contiguous())
+
+    def estimate_tensors(self, q: torch.Tensor, values, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The estimation zone's softmax part alone as tensor ops -> (out [H, D], lse [H]) fp32 (None:
+        nothing ranked): the reference :meth:`add_estimate` merges."""
         r = self._ranked
         if r is None or r.zone.shape[1] == 0:
             return None
         self.summarize_values(values)
+        _, edge_cluster, edge_values = self._edge(values, r)
+        return self._estimate_tensors(q, r.zone, edge_cluster, edge_values)
+
+    def _estimate_tensors(self, q: torch.Tensor, zone: torch.Tensor, edge_cluster: torch.Tensor,
+                          edge_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         Hkv, D, C = self.centroids.shape
         device = self.centroids.device
-        zone = r.zone.to(device)  # [Hkv, Z]
+        zone = zone.to(device)  # [Hkv, Z]
         Z = zone.shape[1]
         valid = zone >= 0
         at = zone.clamp(min=0)
         size = self.sizes.gather(1, at).float()  # [Hkv, Z]
         vsum = self._vsums.gather(1, at[..., None].expand(-1, -1, D))  # [Hkv, Z, D]
-        edge = torch.cat([torch.arange(0, min(r.lo, self.n_clustered)),
-                          torch.arange(min(r.hi, self.n_clustered), self.n_clustered)])  # [E] attended exactly
-        if edge.numel():
+        if edge_cluster.shape[1]:
             where = torch.full((Hkv, C + 1), -1, dtype=torch.long, device=device)  # cluster -> zone place
             where.scatter_(1, torch.where(valid, zone, C), torch.arange(Z, device=device).expand(Hkv, Z))
-            place = where.gather(1, self._cluster_of[:, edge.to(device)].long())  # [Hkv, E]
+            place = where.gather(1, edge_cluster.long())  # [Hkv, E]
             hit = (place >= 0).float()
             place = place.clamp(min=0)
-            edge_values = values[:, edge].float().to(device) * hit[..., None]  # [Hkv, E, D]
             size = size - torch.zeros_like(size).scatter_add_(1, place, hit)
-            vsum = vsum - torch.zeros_like(vsum).scatter_add_(1, place[..., None].expand(-1, -1, D), edge_values)
+            vsum = vsum - torch.zeros_like(vsum).scatter_add_(1, place[..., None].expand(-1, -1, D),
+                                                               edge_values * hit[..., None])
         valid &= size > 0.5
         qg = q.float().view(Hkv, self.group, D).to(device)  # [Hkv, G, D]
         centroids = self.centroids.gather(2, at[:, None, :].expand(-1, D, -1))  # [Hkv, D, Z]

@@ -297,15 +297,19 @@ def test_the_estimation_zone_brings_the_output_closer_to_exact(window):
         assert zone[h][zone[h] >= 0].numel() > 0 and not taken & set(zone[h].tolist())
     out, lse = gather_attention_ref(q[None], keys[None], values[None], sel.ids[None].long(), sel.counts[None].long(),
                                     torch.tensor([n]), scale, 4, window)  # [1, H, D], [1, H]
-    est_out, est_lse = idx.estimate(q, values, n)
-    merged = merge_attention([out, est_out[None].to(out)], [lse, est_lse[None]])[0]
+    est_out, est_lse = idx.estimate_tensors(q, values, n)
+    merged, merged_lse = merge_attention([out, est_out[None].to(out)], [lse, est_lse[None]])
+    compiled, compiled_lse = out[0].clone(), lse[0].clone()
+    idx.add_estimate(q, values, n, compiled, compiled_lse)  # the CPU's one compiled pass, in place
+    torch.testing.assert_close(compiled, merged[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(compiled_lse, merged_lse[0], rtol=1e-5, atol=1e-5)
     exact = _exact(q, keys, values, n, scale)
     before, after = (out[0] - exact).norm() / exact.norm(), (merged[0] - exact).norm() / exact.norm()
     assert after < 0.6 * before, (before, after)
     if window:  # the window's tokens are clustered (the build took all n): estimating them too would count them twice
         idx.config = SelectionConfig(sink=4, window=0, dense_layers=0)
         idx._ranked = dataclasses.replace(idx._ranked, hi=n)  # the same zone, the window's tokens no longer left out
-        _, lse_all = idx.estimate(q, values, n)
+        _, lse_all = idx.estimate_tensors(q, values, n)
         for h in range(Hkv):
             counted_twice = set(idx._cluster_of[h, n - window:].tolist()) & set(zone[h].tolist())
             G = H // Hkv
@@ -322,14 +326,14 @@ def test_value_sums_follow_the_clusters_through_extend_and_restore(monkeypatch):
     keys, values = torch.randn(2, 400, 8, generator=g), torch.randn(2, 400, 8, generator=g)
     idx = _index(keys, 150)
     idx.search(torch.randn(2, 8, generator=g), 20)
-    idx.estimate(torch.randn(2, 8, generator=g), values, 150)
+    idx.estimate_tensors(torch.randn(2, 8, generator=g), values, 150)
     idx.extend(300)  # two more segments clustered
     idx.search(torch.randn(2, 8, generator=g), 20)
-    idx.estimate(torch.randn(2, 8, generator=g), values, 300)
+    idx.estimate_tensors(torch.randn(2, 8, generator=g), values, 300)
     again = make_index("cluster", idx.ctx, idx.config)
     again.restore(keys, *idx.state())
     again.search(torch.randn(2, 8, generator=g), 20)
-    again.estimate(torch.randn(2, 8, generator=g), values, 300)
+    again.estimate_tensors(torch.randn(2, 8, generator=g), values, 300)
     for ix in (idx, again):
         assert torch.equal(ix._cluster_of, idx._cluster_of)
         for h in range(2):
