@@ -161,13 +161,23 @@ class SparseAttention(DenseAttention):
 
     def restore_row(self, row: int, token_ids: list[int], layers: Iterable[tuple[torch.Tensor, torch.Tensor]],
                     index_states: dict[int, tuple[dict, dict[str, torch.Tensor]]] | None = None) -> None:
-        super().restore_row(row, token_ids, layers)
         if self.keep_tokens:
             self.row_tokens[row] = list(token_ids)
-        for layer, (scalars, tensors) in (index_states or {}).items():
-            idx = self._new_index(row)
-            idx.restore(self.kv.rows(layer, row)[0], scalars, tensors)
-            self.indexes[(row, layer)] = idx
+        super().restore_row(row, token_ids, layers, index_states)
+
+    def restore_layer(self, row: int, layer: int, k: torch.Tensor, v: torch.Tensor, state: tuple | None) -> None:
+        """The layer's KV, then its index from the saved state; a disk layer holds its rows in memory
+        meanwhile, so that they are written once, in the index's order (else in token order, then
+        read back and written again at the first step)."""
+        with self.kv.prefill_pass(layer, 0, k.shape[1]):
+            self.kv.restore_layer(layer, row, k, v)
+            if state is not None:
+                keys, values = self.kv.rows(layer, row)
+                idx = self._new_index(row)
+                idx.restore(keys, *state)
+                idx.summarize_values(values)
+                self.indexes[(row, layer)] = idx
+                self._lay_out(layer, idx)
 
     def release_row(self, row: int) -> None:
         for key in [key for key in self.indexes if key[0] == row]:

@@ -414,11 +414,7 @@ class ClusterIndex(KVIndex):
         self.summarize_values(values)
         edge, edge_cluster, edge_values = self._edge(values, r)
         if self.centroids.device.type != "cpu" or out.device.type != "cpu":
-            est_out, est_lse = self._estimate_tensors(q, r.zone, edge_cluster, edge_values)
-            lse_all = torch.logaddexp(lse.float(), est_lse.to(lse.device))  # [H]
-            keep = torch.exp(lse.float() - lse_all)[:, None]
-            out.copy_(out.float() * keep + est_out.to(out.device) * (1 - keep))
-            lse.copy_(lse_all)
+            self._merge_tensors(q, r.zone, edge_cluster, edge_values, out, lse)
             return
         Hkv, D, _ = self.centroids.shape
         acc = out.float().reshape(Hkv, self.group, D).contiguous()  # [Hkv, G, D]
@@ -437,6 +433,15 @@ class ClusterIndex(KVIndex):
         device = self.centroids.device
         return (edge, self._cluster_of[:, edge.to(device)].contiguous(),
                 values[:, edge].float().to(device).contiguous())
+
+    def _merge_tensors(self, q: torch.Tensor, zone: torch.Tensor, edge_cluster: torch.Tensor,
+                       edge_values: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
+        """:meth:`add_estimate`'s merge as tensor ops (a GPU's): out [H, D] and lse [H] in place."""
+        est_out, est_lse = self._estimate_tensors(q, zone, edge_cluster, edge_values)
+        lse_all = torch.logaddexp(lse.float(), est_lse.to(lse.device))  # [H]
+        keep = torch.exp(lse.float() - lse_all)[:, None]  # the exact part's share; the rest is the estimate's
+        out.copy_(out.float() * keep + est_out.to(out.device) * (1 - keep))
+        lse.copy_(lse_all)
 
     def estimate_tensors(self, q: torch.Tensor, values, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The estimation zone's softmax part alone as tensor ops -> (out [H, D], lse [H]) fp32 (None:

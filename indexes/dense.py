@@ -78,13 +78,18 @@ class DenseAttention(AttentionBackend):
     def restore_row(self, row: int, token_ids: list[int], layers: Iterable[tuple[torch.Tensor, torch.Tensor]],
                     index_states: dict | None = None) -> None:
         """Put a saved prefix back: each layer's k, v [Hkv, n, D] become cache row ``row``'s first n
-        tokens, a layer at a time."""
+        tokens, a layer at a time (:meth:`restore_layer`, with the layer's index state if saved)."""
+        states = index_states or {}
         count = 0
         for layer, (k, v) in enumerate(layers):
-            self.kv.restore_layer(layer, row, k, v)
+            self.restore_layer(row, layer, k, v, states.get(layer))
             count += 1
         if count != self.args.num_layers:
             raise OffloadError(f"a saved prefix of {count} layers for a model of {self.args.num_layers}")
+
+    def restore_layer(self, row: int, layer: int, k: torch.Tensor, v: torch.Tensor, state: tuple | None) -> None:
+        """One layer of a saved prefix, k, v [Hkv, n, D], into its tier (dense attention has no index state)."""
+        self.kv.restore_layer(layer, row, k, v)
 
     def move_row(self, src: int, dst: int, token_ids: list[int]) -> None:
         self.kv.move_row(src, dst, len(token_ids))

@@ -126,6 +126,13 @@ def test_a_held_layer_keeps_its_rows_in_memory_and_writes_them_once(tmp_path):
     disk.close()
 
 
+def _memory_and_disk(folder, disk_dir) -> tuple[LLM, LLM]:
+    """The same small cluster setup (8 prefill chunks of a 2,000-token prompt) in memory and on disk."""
+    kw = dict(kv_policy="cluster", kv_budget=48, sink=4, window=16, dense_layers=1, max_context=2048,
+              prefill_chunk_size=256, verbose=False)
+    return LLM(folder, **kw), LLM(folder, kv_offload="disk", disk_dir=disk_dir, **kw)
+
+
 def test_a_prompt_prefilled_into_the_kv_on_disk_reads_nothing_back(tiny_models, tmp_path):
     """Layer-major prefill: each disk layer's KV is written once, in its cluster index's order (built
     at the end of the layer's pass), and never read back during the prompt (chunk by chunk, each of
@@ -133,10 +140,7 @@ def test_a_prompt_prefilled_into_the_kv_on_disk_reads_nothing_back(tiny_models, 
     the KV in memory, and so do the greedy tokens after it."""
     folder, _ = tiny_models["llama"]
     prompt = [int(t) for t in np.random.default_rng(2).integers(3, 290, size=2000)]
-    kw = dict(kv_policy="cluster", kv_budget=48, sink=4, window=16, dense_layers=1, max_context=2048,
-              prefill_chunk_size=256, verbose=False)
-    base = LLM(folder, **kw)
-    disk = LLM(folder, kv_offload="disk", disk_dir=tmp_path, **kw)
+    base, disk = _memory_and_disk(folder, tmp_path)
     assert disk.engine.layer_major_tokens
     torch.testing.assert_close(disk.logits(prompt), base.logits(prompt), rtol=0, atol=1e-5)
     report = disk.tier_report()["kv"]["disk"]
@@ -158,10 +162,7 @@ def test_a_long_prompt_goes_layer_by_layer_a_group_of_chunks_at_a_time(tiny_mode
     monkeypatch.setattr(build, "LAYER_MAJOR_TOKENS", 512)
     folder, _ = tiny_models["llama"]
     prompt = [int(t) for t in np.random.default_rng(3).integers(3, 290, size=2000)]
-    kw = dict(kv_policy="cluster", kv_budget=48, sink=4, window=16, dense_layers=1, max_context=2048,
-              prefill_chunk_size=256, verbose=False)
-    base = LLM(folder, **kw)
-    disk = LLM(folder, kv_offload="disk", disk_dir=tmp_path, **kw)
+    base, disk = _memory_and_disk(folder, tmp_path)
     assert disk.engine.layer_major_tokens == 512
     torch.testing.assert_close(disk.logits(prompt), base.logits(prompt), rtol=0, atol=1e-5)
     a = disk.args
@@ -432,6 +433,8 @@ def test_a_prompt_cache_saved_from_and_restored_into_the_kv_on_disk(tmp_path, mo
     assert [i for i, _ in stored_before] == list(range(again.args.num_layers))
     assert all(held == {j: len(prompt) if j < i else 0 for j in held} for i, held in stored_before)
     assert again.backend.kv.disk.files[1].ordered  # the restored index laid the KV out in its order
+    report = again.tier_report()["kv"]["disk"]  # ... while the layer was in memory: written once, not read back
+    assert report["bytes_written"] <= report["bytes_on_disk"] * 1.05
     disk.close()
     again.close()
 
