@@ -197,7 +197,7 @@ class KVIndex(ABC):
 
     def summarize_values(self, values: KVRows) -> None:
         """Right after build(), with the row's values [Hkv, N, D] at hand (a disk layer's are still in
-        memory then): an index that estimates from value statistics (``estimate``) takes them now."""
+        memory then): an index that estimates from value statistics (``add_estimate``) takes them now."""
 
     @abstractmethod
     def search(self, q: torch.Tensor, budget: int) -> Selection:

@@ -293,7 +293,7 @@ class _Ranked:
     lo: int
     hi: int
     selection: Selection
-    zone: torch.Tensor  # [Hkv, Z] int64: clusters ranked next after the taken ones (-1: none), estimate()'s
+    zone: torch.Tensor  # [Hkv, Z] int64: clusters ranked next after the taken ones (-1: none), add_estimate's
 
 
 @register
@@ -313,7 +313,8 @@ class ClusterIndex(KVIndex):
         super().__init__(ctx, config, token_ids)
         self._ranked: _Ranked | None = None  # what the last search ranked (lookahead, estimate)
         # Derived, not saved: each clustered token's cluster [Hkv, n_clustered], and the clusters'
-        # value sums [Hkv, C', D] fp32 over their first C' (summed when estimate() first needs them)
+        # value sums [Hkv, C', D] fp32 over their first C' (summarize_values: after the build, then as
+        # add_estimate meets new clusters)
         self._cluster_of = torch.zeros(ctx.num_kv_heads, 0, dtype=torch.int32)
         self._vsums = torch.zeros(ctx.num_kv_heads, 0, ctx.head_dim)
 
@@ -406,13 +407,13 @@ class ClusterIndex(KVIndex):
         with the mean of its values, join out [H, D] (the exact attention over sinks, window and
         selection) and lse [H] by log-sum-exp. Their tokens attended exactly anyway (sinks, a window
         reaching into clustered tokens) are left out of the estimate. q [H, D]; values [Hkv, N, D]
-        (KVRows). The CPU merges in one compiled pass per KV head; elsewhere :meth:`estimate`'s
-        tensor form and a log-sum-exp merge (the same numbers)."""
+        (KVRows). The CPU merges in one compiled pass per KV head; elsewhere :meth:`_merge_tensors`
+        (the same numbers)."""
         r = self._ranked
         if r is None or r.zone.shape[1] == 0:
             return
         self.summarize_values(values)
-        edge, edge_cluster, edge_values = self._edge(values, r)
+        edge_cluster, edge_values = self._edge(values, r)
         if self.centroids.device.type != "cpu" or out.device.type != "cpu":
             self._merge_tensors(q, r.zone, edge_cluster, edge_values, out, lse)
             return
@@ -425,21 +426,21 @@ class ClusterIndex(KVIndex):
         out.copy_(acc.view(-1, D))
         lse.copy_(total.view(-1))
 
-    def _edge(self, values, r: _Ranked) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Clustered tokens attended exactly anyway: [E] ids (sinks, and the window's tokens already
-        clustered), their clusters [Hkv, E] int32 and values [Hkv, E, D] fp32."""
+    def _edge(self, values, r: _Ranked) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clustered tokens attended exactly anyway (sinks, and the window's tokens already
+        clustered): their clusters [Hkv, E] int32 and values [Hkv, E, D] fp32."""
         edge = torch.cat([torch.arange(0, min(r.lo, self.n_clustered)),
-                          torch.arange(min(r.hi, self.n_clustered), self.n_clustered)])  # [E]
+                          torch.arange(min(r.hi, self.n_clustered), self.n_clustered)])  # [E] token ids
         device = self.centroids.device
-        return (edge, self._cluster_of[:, edge.to(device)].contiguous(),
-                values[:, edge].float().to(device).contiguous())
+        return self._cluster_of[:, edge.to(device)].contiguous(), values[:, edge].float().to(device).contiguous()
 
     def _merge_tensors(self, q: torch.Tensor, zone: torch.Tensor, edge_cluster: torch.Tensor,
                        edge_values: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
         """:meth:`add_estimate`'s merge as tensor ops (a GPU's): out [H, D] and lse [H] in place."""
         est_out, est_lse = self._estimate_tensors(q, zone, edge_cluster, edge_values)
         lse_all = torch.logaddexp(lse.float(), est_lse.to(lse.device))  # [H]
-        keep = torch.exp(lse.float() - lse_all)[:, None]  # the exact part's share; the rest is the estimate's
+        # the exact part's share (the rest is the estimate's); nothing on either side keeps the exact part
+        keep = torch.where(torch.isfinite(lse_all), torch.exp(lse.float() - lse_all), 1.0)[:, None]
         out.copy_(out.float() * keep + est_out.to(out.device) * (1 - keep))
         lse.copy_(lse_all)
 
@@ -450,7 +451,7 @@ class ClusterIndex(KVIndex):
         if r is None or r.zone.shape[1] == 0:
             return None
         self.summarize_values(values)
-        _, edge_cluster, edge_values = self._edge(values, r)
+        edge_cluster, edge_values = self._edge(values, r)
         return self._estimate_tensors(q, r.zone, edge_cluster, edge_values)
 
     def _estimate_tensors(self, q: torch.Tensor, zone: torch.Tensor, edge_cluster: torch.Tensor,

@@ -302,7 +302,7 @@ def test_the_estimation_zone_brings_the_output_closer_to_exact(window):
     compiled, compiled_lse = out[0].clone(), lse[0].clone()
     idx.add_estimate(q, values, n, compiled, compiled_lse)  # the CPU's one compiled pass, in place
     tensors, tensors_lse = out[0].clone(), lse[0].clone()
-    _, edge_cluster, edge_values = idx._edge(values, idx._ranked)
+    edge_cluster, edge_values = idx._edge(values, idx._ranked)
     idx._merge_tensors(q, zone, edge_cluster, edge_values, tensors, tensors_lse)  # a GPU's form
     for got, got_lse in ((compiled, compiled_lse), (tensors, tensors_lse)):
         torch.testing.assert_close(got, merged[0], rtol=1e-4, atol=1e-5)

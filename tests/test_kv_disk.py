@@ -398,7 +398,7 @@ def test_plan_puts_the_kv_on_disk_when_memory_cannot_hold_it():
     assert tight.kv_tiers["disk"] == 30 * per_layer == 15 * 2**30  # the sparse layers' KV
     assert tight.layer_tiers == ("device",) * 32
     # the prompt prefilled layer by layer holds its hidden states on the device
-    assert tight.fixed_device_bytes - roomy.fixed_device_bytes == LAYER_MAJOR_TOKENS * args.hidden_size * 2
+    assert tight.prompt_hidden_bytes == LAYER_MAJOR_TOKENS * args.hidden_size * 2 and roomy.prompt_hidden_bytes == 0
     assert 0 < tight.kv_disk_cache_bytes and tight.tier_bytes()["host"] <= 8 * 2**30  # the cache takes what is left
     assert tight.bytes_per_token["disk_kv"] > 0 and "disk_kv" in tight.table()
     with pytest.raises(BudgetError, match="cpu_memory 1.00 GiB cannot hold .* smallest budget that works is"):

@@ -181,7 +181,8 @@ def test_int4_layers_stream_from_disk_as_int4(tmp_path):
     args = resident.args
     layer = layer_nbytes(args, 2, "int4")
     whole = resident.config.replace(max_context=64).resolve().placement.tier_bytes()["device"]
-    budget = whole - (args.num_layers - 3) * layer  # two streaming buffers and one resident layer
+    hidden = 64 * args.hidden_size * 2  # the prompt's hidden states, held by a layer-major prefill
+    budget = whole - (args.num_layers - 3) * layer + hidden  # two streaming buffers and one resident layer
     tmp_path = tmp_path / "stores"
     tmp_path.mkdir()
     streamed = LLM(folder, quantize="int4", cpu_memory=budget, disk_dir=tmp_path, max_context=64, verbose=False)

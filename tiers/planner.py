@@ -156,7 +156,8 @@ class Placement:
     kv_policy: str
     layer_tiers: tuple[str, ...]  # per layer: device | host | disk
     layer_bytes: int
-    fixed_device_bytes: int  # embeddings, head, final norm, runtime reserve, a layer-major prefill's hidden states
+    fixed_device_bytes: int  # embeddings, head, final norm, runtime reserve
+    prompt_hidden_bytes: int  # a layer-major prefill's hidden states (the KV on disk, or layers streamed)
     slot_bytes: int  # streaming double buffers on the device
     host_staging_bytes: int  # pinned host buffers disk layers pass through to a GPU (one layer per slot)
     kv_tiers: dict  # tier -> bytes of KV
@@ -176,7 +177,8 @@ class Placement:
         return [i for i, t in enumerate(self.layer_tiers) if t != "device"]
 
     def tier_bytes(self) -> dict[str, int]:
-        out = {"device": self.fixed_device_bytes + self.slot_bytes, "host": self.host_staging_bytes, "disk": 0}
+        out = {"device": self.fixed_device_bytes + self.slot_bytes + self.prompt_hidden_bytes,
+               "host": self.host_staging_bytes, "disk": 0}
         for t in self.layer_tiers:
             out[t] += self.layer_bytes
         for d in (self.kv_tiers, self.index_tiers):
@@ -303,17 +305,18 @@ def plan(args: ModelArgs, *, model: str, context: int, device: str = "cpu", dtyp
     # A prompt prefilled layer by layer (where the KV is on disk or layers stream) holds the hidden
     # states of LAYER_MAJOR_TOKENS positions on the compute device at once.
     prompt_hidden = min(context, LAYER_MAJOR_TOKENS) * args.hidden_size * b
+    hidden_bytes = 0  # held where it applies: the KV on disk (now) or layers streamed (below)
     cache_bytes = 0
     if kv_disk:
         if not sparse or disk_dir is None:
             raise OffloadError("the KV on disk needs a sparse kv_policy and disk_dir=...")
-        fixed += prompt_hidden
+        hidden_bytes = prompt_hidden
         kv_tiers[memory_tier] = kv_tiers.get(memory_tier, 0) - sizing.sparse_kv_bytes + sizing.memory_bytes
         kv_tiers["disk"] = sizing.sparse_kv_bytes
         if memory_budget is None:
             cache_bytes = sizing.default_cache_bytes
         else:  # the cache takes what the memory budget leaves (weights resident first on a CPU)
-            weights_there = 0 if kv_on_host else args.num_layers * layer_bytes + fixed
+            weights_there = 0 if kv_on_host else args.num_layers * layer_bytes + fixed + hidden_bytes
             room = memory_budget - weights_there - kv_tiers[memory_tier] - index_tiers.get(memory_tier, 0)
             if room < sizing.min_cache_bytes:
                 need = memory_budget - room + sizing.min_cache_bytes
@@ -323,7 +326,7 @@ def plan(args: ModelArgs, *, model: str, context: int, device: str = "cpu", dtyp
                                   f"is {format_size(need)}")
             cache_bytes = min(room, sizing.sparse_kv_bytes)
         kv_tiers[memory_tier] += cache_bytes
-    device_left = None if device_budget is None else device_budget - fixed - sum(
+    device_left = None if device_budget is None else device_budget - fixed - hidden_bytes - sum(
         v for t, v in kv_tiers.items() if t == "device") - index_tiers.get("device", 0)
     host_left = None if host_budget is None else host_budget - kv_tiers.get("host", 0) - index_tiers.get("host", 0)
     if device_left is not None and device_left < 0:
@@ -342,7 +345,7 @@ def plan(args: ModelArgs, *, model: str, context: int, device: str = "cpu", dtyp
     slot_bytes = host_staging = 0
     if device_left is not None and device_left < L * layer_bytes:
         if not kv_disk:  # streamed layers: the prompt is prefilled layer by layer (counted above if kv_disk)
-            fixed += prompt_hidden
+            hidden_bytes = prompt_hidden
             device_left -= prompt_hidden
         slot_bytes = prefetch_slots * layer_bytes  # buffers for streamed layers
         resident = max(0, (device_left - slot_bytes) // layer_bytes)
@@ -423,6 +426,7 @@ def plan(args: ModelArgs, *, model: str, context: int, device: str = "cpu", dtyp
                  "layer_overhead": L * profile.layer_overhead_ms}
     return Placement(model=model, device=device, dtype=dtype, context=context, kv_policy=kv_policy,
                      layer_tiers=tuple(tiers), layer_bytes=layer_bytes, fixed_device_bytes=fixed,
+                     prompt_hidden_bytes=hidden_bytes,
                      slot_bytes=slot_bytes, host_staging_bytes=host_staging, kv_tiers=kv_tiers, index_tiers=index_tiers,
                      budgets={"device": device_budget, "host": host_budget, "disk": None},
                      predicted_step_ms=sum(breakdown.values()), step_breakdown_ms=breakdown,
