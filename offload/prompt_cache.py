@@ -53,9 +53,6 @@ class PromptKV:
         """(K, V) of each layer in order, each read when it is asked for."""
         return (self.layer(layer) for layer in range(self.num_layers))
 
-    def close(self) -> None:
-        self._reader.close()
-
 
 @dataclass
 class CachedPrompt:

@@ -144,9 +144,10 @@ def backend_for(policy: str, llm, shared, config):
 
 @torch.inference_mode()
 def decode(llm, backend, n: int, token: int, steps: int, observe=None,
-           marks: list | None = None) -> tuple[list[float], int, int]:
+           marks: list | None = None, tokens: list | None = None) -> tuple[list[float], int, int]:
     """``steps`` greedy steps from context n: (seconds per step, next token, new context).
-    ``observe``: called before the first step and after each, its results appended to ``marks``."""
+    ``observe``: called before the first step and after each, its results appended to ``marks``;
+    ``tokens``: each step's token appended."""
     times = []
     if observe is not None:
         marks.append(observe())
@@ -156,6 +157,8 @@ def decode(llm, backend, n: int, token: int, steps: int, observe=None,
         logits = llm.model(torch.tensor([[token]], device=llm.device), batch, backend)[0, -1]  # [V]
         token = int(logits.argmax())
         times.append(time.perf_counter() - t0)
+        if tokens is not None:
+            tokens.append(token)
         if observe is not None:
             marks.append(observe())
         n += 1

@@ -107,10 +107,8 @@ def _decode_synthetic(llm, ctx: int, steps: int) -> dict:
     the pass's end), build the indexes still missing (the memory run's), and decode ``steps``
     greedy tokens from it."""
     import torch
-    from tqdm import tqdm
 
-    from offload.attention import ForwardBatch
-    from offload.profiles.bench_context import fill_synthetic_kv
+    from offload.profiles.bench_context import decode, fill_synthetic_kv
 
     backend = llm.backend
     backend.allocate(1, ctx + steps + 2)
@@ -120,16 +118,10 @@ def _decode_synthetic(llm, ctx: int, steps: int) -> dict:
         fill_s = time.perf_counter() - t0
         backend.build_indexes(0, ctx)
         build_s = time.perf_counter() - t0 - fill_s
-        token, n = llm.tokenizer.encode("The")[-1], ctx
-        tokens, times, reports = [], [], [backend.kv_disk_report() or {}]
-        for _ in tqdm(range(steps), desc="decode", unit="token", disable=None):
-            t = time.perf_counter()
-            batch = ForwardBatch.decode([n], llm.device, [token])
-            token = int(llm.model(torch.tensor([[token]], device=llm.device), batch, backend)[0, -1].argmax())
-            times.append(1e3 * (time.perf_counter() - t))
-            tokens.append(token)
-            reports.append(backend.kv_disk_report() or {})
-            n += 1
+    tokens, reports = [], []
+    seconds, _, _ = decode(llm, backend, ctx, llm.tokenizer.encode("The")[-1], steps,
+                           lambda: backend.kv_disk_report() or {}, reports, tokens)
+    times = [1e3 * s for s in seconds]
     out = {"prefill_s": fill_s, "fill_s": fill_s, "build_s": build_s, "tokens": tokens,
            "decode_ms": statistics.median(times[1:]), "decode_ms_all": times}
     return out | _disk_stats(reports)
