@@ -7,8 +7,14 @@ a query's best key (its pivot) is linked with the query's other top keys, both w
 search that reaches one key a query likes reaches the rest. The decode query then walks the
 graph greedily (beam search, numba, parallel over KV heads), scoring only the keys it visits.
 
+The build learns from a bounded sample of the prompt's queries per KV head (``build_queries``: the
+most recent ones, which resemble decode queries, and an even spread over the rest), each scored
+against every key: its cost grows linearly with the context (every query against every key would
+grow with its square: ~4.5 minutes at 32K on a 2-core CPU).
+
 Knobs: ``effort`` (beam width ef = effort x budget: higher finds more of the true top-k and scores
-more keys), ``build_topk`` (neighbours per prefill query), ``max_degree``.
+more keys), ``build_queries`` (prompt queries learned from per KV head), ``build_topk`` (neighbours
+per prefill query), ``max_degree``.
 """
 
 from __future__ import annotations
@@ -16,10 +22,26 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from offload.kernels import cpu_has_fast_bf16
+
 from .base import KVIndex, Selection, register
 from .graph_search import KEYS_BF16, KEYS_F32, KEYS_INT8, search_heads
 
 SCORE_BLOCK_BYTES = 256 << 20  # one block of query-key scores: bounded at any context
+RECENT_SHARE = 0.25  # of a build's query sample: the prompt's last positions (the rest spread evenly)
+
+
+def sample_queries(group: int, positions: int, limit: int) -> np.ndarray:
+    """Rows of a [group * positions] query block (head-major) to learn from: all when they number at
+    most ``limit``, else every head's last positions (RECENT_SHARE of the sample) and an even spread
+    over the earlier ones, sorted (the last rows stay the latest queries)."""
+    if group * positions <= limit:
+        return np.arange(group * positions)
+    per_head = max(1, limit // group)
+    recent = min(positions, max(1, int(per_head * RECENT_SHARE)))
+    spread = np.linspace(0, positions - recent, per_head - recent, endpoint=False).astype(np.int64)
+    picked = np.unique(np.concatenate([spread, np.arange(positions - recent, positions)]))  # [<= per_head]
+    return (np.arange(group)[:, None] * positions + picked[None, :]).ravel()
 
 
 def query_key_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, device: torch.device | None = None
@@ -30,9 +52,11 @@ def query_key_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, device: to
     against every key: ~4 minutes for 28 layers at 32K on a 2-core CPU). ``device`` (the GPU when
     the model runs on one) computes them there block by block while the KV stays in host memory."""
     device = torch.device(device) if device is not None else keys.device
-    # A bf16 cache is scored in bf16 on a CPU (2.5x the fp32 matrix product there; the graph only
-    # needs each query's near-best keys); elsewhere in fp32.
-    dtype = torch.bfloat16 if device.type == "cpu" and keys.dtype == torch.bfloat16 else torch.float32
+    # A bf16 cache is scored in bf16 on a CPU that computes bf16 natively (2.5x the fp32 matrix
+    # product there; the graph only needs each query's near-best keys); elsewhere in fp32 (on AVX2
+    # alone bf16 products run 7-50x slower than fp32).
+    bf16 = device.type == "cpu" and keys.dtype == torch.bfloat16 and cpu_has_fast_bf16()
+    dtype = torch.bfloat16 if bf16 else torch.float32
     n = keys.shape[0]
     block = max(64, min(8192, SCORE_BLOCK_BYTES // (4 * max(n, 1))))  # queries per block
     keys_t = keys.to(device, dtype, non_blocking=True).T  # [D, n]
@@ -72,6 +96,7 @@ class RetrievalIndex(KVIndex):
     needs_prefill_queries = True
     searches_on_host = True  # numba walks the graph over host memory
     learned = ("indptr", "indices", "entries")
+    build_queries = 4096  # prompt queries learned from per KV head: the build's cost is linear in the context
     build_topk = 32
     max_degree = 24
     num_entries = 16
@@ -94,6 +119,7 @@ class RetrievalIndex(KVIndex):
         graphs, entries = [], []
         for h in range(Hkv):
             qh = queries[h * G:(h + 1) * G].reshape(-1, queries.shape[-1])  # [G * Nq, D]
+            qh = qh[torch.from_numpy(sample_queries(G, queries.shape[1], self.build_queries))]  # [<= build_queries, D]
             top = query_key_topk(qh, keys[h, :n], self.build_topk, self.ctx.build_device).numpy()  # [G * Nq, K]
             graphs.append(project_to_key_graph(top, n, self.max_degree))
             hubs = np.bincount(top.ravel(), minlength=n).argsort()[::-1][:self.num_entries // 2]

@@ -5,6 +5,7 @@ Importing this package imports neither Triton nor CUDA; the kernel module loads 
 
 from .api import (
     CacheArrays,
+    cpu_has_fast_bf16,
     gather_attention,
     kv_decode_attention,
     last_backend,
@@ -25,4 +26,4 @@ from .reference import (
 __all__ = ["gather_attention", "kv_decode_attention", "kv_decode_attention_ref",
            "shadowkv_attention", "merge_attention", "last_backend", "resolve_backend",
            "gather_attention_ref", "shadowkv_attention_ref", "merge_attention_ref", "dense_attention_ref",
-           "rope_rotate", "store_kv_int8", "CacheArrays"]
+           "rope_rotate", "store_kv_int8", "CacheArrays", "cpu_has_fast_bf16"]

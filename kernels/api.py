@@ -12,6 +12,7 @@ Arguments are checked before launch: shapes, dtypes, devices and unit stride in 
 
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -21,6 +22,17 @@ from ..errors import OffloadError
 from . import reference
 
 _last_backend = {"name": None}
+
+
+@functools.cache
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU computes bf16 matrix products natively (AVX512-BF16, AMX, or the AVX-512
+    path oneDNN runs them on). On AVX2 alone torch falls back to a scalar path: measured on an AVX2
+    EPYC (2 threads), [3,1024,64] @ [3,64,4096] takes 3.3 s in bf16 against 65 ms in fp32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN: no fast bf16 either
+        return False
 
 
 def last_backend() -> str | None:

@@ -21,7 +21,7 @@ from .indexes.dense import DenseAttention
 from .loaders import load_model
 from .model import Transformer
 from .prompt_cache import model_fingerprint
-from .quant import INT4_GROUP
+from .quant import INT4_GROUP, KERNEL_DTYPE
 from .rope import RotaryEmbedding
 from .tiers.budget import release_freed_memory
 from .tiers.flash import enable_flash, flash_stats
@@ -61,8 +61,11 @@ class Runtime:
         else:
             weights += f": all {a.num_layers} layers on {r.device.type}"
         if r.config.quantize:
-            weights += (f", projections {r.config.quantize} (groups of {INT4_GROUP}, {r.dtype_name} scale + zero), "
-                        f"embeddings and head int8 (a scale per row), norms {r.dtype_name}")
+            kernel = str(KERNEL_DTYPE).removeprefix("torch.")
+            weights += (f", projections {r.config.quantize} (groups of {INT4_GROUP}, {kernel} scale + zero), "
+                        f"embeddings and head int8 (a {kernel} scale per row), norms {r.dtype_name}")
+            if r.dtype != KERNEL_DTYPE:  # the CPU has no native bf16: the kernels cast at their edge
+                weights += f", {kernel} kernel inputs"
         if self.flash is not None:
             f = self.flash
             weights += (f", FFN up/down on flash (sparsity {f['sparsity']:g}, {f['cache_fraction']:.0%} of the "

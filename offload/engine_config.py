@@ -23,6 +23,7 @@ import torch
 from .config import ModelArgs, RopeScaling
 from .errors import OffloadError
 from .indexes.base import AUTO_SPARSE_POLICY, SelectionConfig, check_disk_policy, policy_class, policy_names
+from .kernels import cpu_has_fast_bf16
 from .loaders import LOAD_FORMATS, read_model_args
 from .quant import INT4_GROUP, N_MULTIPLE, QUANTIZE_SCHEMES, int4_supported
 from .tiers.budget import check_disk_dir, format_size, free_device_memory, free_host_memory, parse_size, resolve_budget
@@ -158,9 +159,12 @@ class EngineConfig:
         else:
             device = resolve_device(self.device, planning, self.gpu_memory)
         dtype = self.dtype if isinstance(self.dtype, torch.dtype) else (
-            DTYPES[self.dtype] if self.dtype != "auto" else
-            torch.bfloat16 if device.type == "cuda" or self.quantize else torch.float32)
+            DTYPES[self.dtype] if self.dtype != "auto" else auto_dtype(device, bool(self.quantize)))
         dtype_name = str(dtype).removeprefix("torch.")
+        if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_fast_bf16() and not planning:
+            print("offload: this CPU has no native bf16 (AVX2 only): bf16 matrix products run 7-50x slower than fp32 "
+                  "here; dtype='auto' computes in fp32 (int4/int8 weights still use their bf16 kernels)",
+                  file=sys.stderr)
         self._check_flash(device, planning)  # before the model is opened
         self._check_quantize(device, dtype)
         tuning, bandwidth = Tuning.load(self.profile), BandwidthProfile.load(self.profile)
@@ -243,8 +247,8 @@ class EngineConfig:
             return
         _check(device.type == "cpu", f"quantize={self.quantize!r} runs on the CPU for now (torch's fused int4 kernel); "
                "the GPU kernel comes next: use device='cpu' or drop quantize")
-        _check(dtype == torch.bfloat16, f"quantize={self.quantize!r} computes with bfloat16 activations (the fused "
-               f"kernel's fast path); got dtype {str(dtype).removeprefix('torch.')}: use dtype='bfloat16' or 'auto'")
+        _check(dtype in (torch.bfloat16, torch.float32), f"quantize={self.quantize!r} computes in bfloat16 or float32 "
+               f"(its kernels take bf16 activations); got dtype {str(dtype).removeprefix('torch.')}: use 'auto'")
         _check(self.flash is None, f"quantize={self.quantize!r} and flash both rewrite the FFN weights: use one")
 
     def _extended(self, args: ModelArgs) -> ModelArgs:
@@ -317,6 +321,14 @@ class ResolvedConfig:
     @property
     def dummy_seed(self) -> int | None:
         return self.config.seed if self.config.load_format == "dummy" else None
+
+
+def auto_dtype(device: torch.device, quantized: bool) -> torch.dtype:
+    """dtype='auto': bf16 on a GPU; on a CPU bf16 with quantized weights where the CPU computes bf16
+    natively (half the activation and KV bytes), else fp32 (the quantized kernels cast at their edge)."""
+    if device.type == "cuda":
+        return torch.bfloat16
+    return torch.bfloat16 if quantized and cpu_has_fast_bf16() else torch.float32
 
 
 def resolve_device(device: str | torch.device, planning: bool = False, gpu_memory=None) -> torch.device:

@@ -7,6 +7,12 @@ that is 0.625 bytes per weight against 2 in bf16: a decode step reads 3.2x fewer
 the kernel dequantizes in registers (measured on this CPU, FACTS.md: 4096x4096 bf16 3.13 ms, int4
 0.51 ms). Codes are chosen round-to-nearest between each group's minimum and maximum.
 
+The fused CPU kernels take bf16 activations on their fast path, whatever the model computes in:
+on a CPU without native bf16 (AVX2: no AVX512-BF16 or AMX) the rest of the model computes in fp32,
+where a bf16 matrix product runs 7-50x slower than fp32, and each product casts its input to bf16
+and its output back (measured on an AVX2 EPYC, 2 threads, 4096x4096: int4 with bf16 activations
+1.58 ms, with fp32 activations 22.3 ms; fp32 dense 5.7 ms).
+
 Shapes: N output features, K input features, G = K / group groups per row.
 """
 
@@ -24,6 +30,8 @@ INT4_MID = 8  # the kernel's codes are centred: w = (q - INT4_MID) * scale + zer
 INT4_MAX = 15
 N_MULTIPLE = 16  # the CPU packer needs N divisible by 16
 QUANTIZE_SCHEMES = ("int4",)
+KERNEL_DTYPE = torch.bfloat16  # the fused kernels' scales and activations (their fast path on every CPU)
+SCALE_BYTES = 2  # bytes of one KERNEL_DTYPE scale or zero
 
 
 def int4_supported(out_features: int, in_features: int, group: int = INT4_GROUP) -> bool:
@@ -49,17 +57,18 @@ def projection_shapes(args: ModelArgs) -> list[tuple[int, int]]:
 
 def layer_nbytes(args: ModelArgs, dtype_bytes: int, quantize: str | None) -> int:
     """Bytes one decoder layer holds: everything in the compute dtype, or (int4) its projections
-    in int4 groups beside norms and bias in the compute dtype. The planner places and streams these."""
+    in int4 groups (KERNEL_DTYPE scales) beside norms and bias in the compute dtype. The planner
+    places and streams these."""
     if not quantize:
         return args.layer_param_count() * dtype_bytes
     shapes = projection_shapes(args)
     rest = args.layer_param_count() - sum(n * k for n, k in shapes)  # norms, QKV bias
-    return sum(int4_nbytes(n, k, dtype_bytes) for n, k in shapes) + rest * dtype_bytes
+    return sum(int4_nbytes(n, k, SCALE_BYTES) for n, k in shapes) + rest * dtype_bytes
 
 
 def embedding_nbytes(args: ModelArgs, dtype_bytes: int, quantize: str | None) -> int:
     """Bytes of the embedding table and the LM head (one table when tied): int8 rows when quantized."""
-    one = (int8_nbytes(args.vocab_size, args.hidden_size, dtype_bytes) if quantize
+    one = (int8_nbytes(args.vocab_size, args.hidden_size, SCALE_BYTES) if quantize
            else args.vocab_size * args.hidden_size * dtype_bytes)
     return one * (1 if args.tie_word_embeddings else 2)
 
@@ -100,9 +109,15 @@ def dequantize_int4(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
     return grouped.reshape(N, K)
 
 
+def _kernel_input(x: torch.Tensor, in_features: int) -> torch.Tensor:
+    """x [..., K] as the fused kernels take it: [M, K] contiguous in KERNEL_DTYPE."""
+    return x.reshape(-1, in_features).to(KERNEL_DTYPE).contiguous()  # [M, K]
+
+
 class Int4Weight(nn.Module):
     """One linear weight in int4 groups: ``packed`` (the kernel's layout, uint8 [N, K/2]) and
-    ``scales_zeros`` ([G, N, 2] in the compute dtype). Call it like ``F.linear(x, W, bias)``."""
+    ``scales_zeros`` ([G, N, 2] in KERNEL_DTYPE). Call it like ``F.linear(x, W, bias)``; ``dtype``
+    is the compute dtype its outputs are given in."""
 
     def __init__(self, out_features: int, in_features: int, dtype: torch.dtype, group: int = INT4_GROUP,
                  device: torch.device | str = "cpu"):
@@ -110,11 +125,11 @@ class Int4Weight(nn.Module):
         if not int4_supported(out_features, in_features, group):
             raise OffloadError(f"int4 weights need out_features divisible by {N_MULTIPLE} and in_features by "
                                f"{group}; got {out_features} x {in_features}")
-        self.out_features, self.in_features, self.group = out_features, in_features, group
+        self.out_features, self.in_features, self.group, self.dtype = out_features, in_features, group, dtype
         self.packed = nn.Parameter(torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device),
                                    requires_grad=False)  # [N, K/2]
-        self.scales_zeros = nn.Parameter(torch.empty(in_features // group, out_features, 2, dtype=dtype, device=device),
-                                         requires_grad=False)  # [G, N, 2]
+        self.scales_zeros = nn.Parameter(torch.empty(in_features // group, out_features, 2, dtype=KERNEL_DTYPE,
+                                                     device=device), requires_grad=False)  # [G, N, 2]
 
     @classmethod
     def from_float(cls, w: torch.Tensor, dtype: torch.dtype, group: int = INT4_GROUP) -> "Int4Weight":
@@ -122,7 +137,7 @@ class Int4Weight(nn.Module):
         N, K = w.shape
         out = cls(N, K, dtype, group)
         for r in range(0, N, QUANTIZE_ROWS):  # row blocks of whole packing tiles: small temporaries
-            out.load_codes(*_quantize_int4_rows(w[r:r + QUANTIZE_ROWS], group, dtype), first_row=r)
+            out.load_codes(*_quantize_int4_rows(w[r:r + QUANTIZE_ROWS], group, KERNEL_DTYPE), first_row=r)
         return out
 
     def load_codes(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, first_row: int = 0) -> None:
@@ -140,11 +155,8 @@ class Int4Weight(nn.Module):
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         lead = x.shape[:-1]
-        flat = x.reshape(-1, self.in_features)  # [M, K]
-        if flat.dtype != self.scales_zeros.dtype:
-            raise OffloadError(f"int4 weights hold {self.scales_zeros.dtype} scales; the activations are {flat.dtype}")
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.contiguous(), self.packed, self.group,
-                                                          self.scales_zeros)  # [M, N]
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(_kernel_input(x, self.in_features), self.packed, self.group,
+                                                          self.scales_zeros).to(x.dtype)  # [M, N]
         if bias is not None:
             out = out + bias
         return out.view(*lead, self.out_features)
@@ -152,8 +164,9 @@ class Int4Weight(nn.Module):
     def dequantize(self) -> torch.Tensor:
         """W [N, K] in the compute dtype, as the kernel sees it (one product with the identity:
         every output is a single weight, so nothing is summed)."""
-        eye = torch.eye(self.in_features, dtype=self.scales_zeros.dtype)  # [K, K]
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group, self.scales_zeros).t()
+        eye = torch.eye(self.in_features, dtype=KERNEL_DTYPE)  # [K, K]
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group,
+                                                          self.scales_zeros).t().to(self.dtype)
 
 
 INT8_MAX = 127
@@ -162,14 +175,16 @@ INT8_MAX = 127
 class Int8Weight(nn.Module):
     """A weight in int8 with one scale per output row (symmetric): W ~ codes * scale. For the
     embedding table and the LM head (tied or not): lookups dequantize the rows they touch, the head
-    runs torch's fused int8 CPU kernel. 1 byte per weight against 2 in bf16."""
+    runs torch's fused int8 CPU kernel. 1 byte per weight against 2 in bf16. Scales in KERNEL_DTYPE;
+    ``dtype`` is the compute dtype its outputs and looked-up rows are given in."""
 
     def __init__(self, out_features: int, in_features: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
         super().__init__()
-        self.out_features, self.in_features = out_features, in_features
+        self.out_features, self.in_features, self.dtype = out_features, in_features, dtype
         self.codes = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.int8, device=device),
                                   requires_grad=False)  # [N, K]
-        self.scales = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)  # [N]
+        self.scales = nn.Parameter(torch.empty(out_features, dtype=KERNEL_DTYPE, device=device),
+                                   requires_grad=False)  # [N]
 
     @classmethod
     def from_float(cls, w: torch.Tensor, dtype: torch.dtype) -> "Int8Weight":
@@ -178,27 +193,25 @@ class Int8Weight(nn.Module):
         with torch.no_grad():
             for r in range(0, N, QUANTIZE_ROWS):  # row blocks: small fp32 temporaries
                 rows = w[r:r + QUANTIZE_ROWS].float()  # [n, K]
-                scale = (rows.abs().amax(dim=1).clamp(min=1e-12) / INT8_MAX).to(dtype)  # [n], as the kernel holds it
+                scale = (rows.abs().amax(dim=1).clamp(min=1e-12) / INT8_MAX).to(KERNEL_DTYPE)  # [n], as the kernel holds it
                 out.codes[r:r + QUANTIZE_ROWS] = torch.round(rows / scale.float()[:, None]).clamp(-INT8_MAX, INT8_MAX)
                 out.scales[r:r + QUANTIZE_ROWS] = scale
         return out
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         lead = x.shape[:-1]
-        flat = x.reshape(-1, self.in_features).contiguous()  # [M, K]
-        if flat.dtype != self.scales.dtype:
-            raise OffloadError(f"int8 weights hold {self.scales.dtype} scales; the activations are {flat.dtype}")
-        out = torch.ops.aten._weight_int8pack_mm(flat, self.codes, self.scales)  # [M, N]
+        out = torch.ops.aten._weight_int8pack_mm(_kernel_input(x, self.in_features), self.codes,
+                                                 self.scales).to(x.dtype)  # [M, N]
         if bias is not None:
             out = out + bias
         return out.view(*lead, self.out_features)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows ``ids`` [...] dequantized: [..., K] in the compute dtype (an embedding lookup)."""
-        return self.codes[ids].to(self.scales.dtype) * self.scales[ids, None]
+        return (self.codes[ids].to(KERNEL_DTYPE) * self.scales[ids, None]).to(self.dtype)
 
     def dequantize(self) -> torch.Tensor:
-        return self.codes.to(self.scales.dtype) * self.scales[:, None]  # [N, K]
+        return (self.codes.to(KERNEL_DTYPE) * self.scales[:, None]).to(self.dtype)  # [N, K]
 
 
 # Up to this many rows, a CPU fp32 product computes W @ x^T (measured faster from 1 to 128 rows).

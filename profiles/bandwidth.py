@@ -121,10 +121,10 @@ def host_gemv(matrix_bytes: int, repeats: int, dtype: torch.dtype = torch.float3
 def host_gemv_int4(matrix_bytes: int, repeats: int, total_bytes: int = 96 * MIB) -> dict:
     """As :func:`host_gemv` for int4 weights (group 32, bf16 scale + zero: torch's fused CPU
     kernel the quantized path computes with), ``matrix_bytes`` counted as the int4 bytes held."""
-    from offload.quant import N_MULTIPLE, Int4Weight, int4_nbytes, int4_supported
+    from offload.quant import N_MULTIPLE, SCALE_BYTES, Int4Weight, int4_nbytes, int4_supported
 
     cols = 512 if matrix_bytes <= 4 * MIB else 2048
-    per_row = int4_nbytes(1, cols, 2)
+    per_row = int4_nbytes(1, cols, SCALE_BYTES)
     rows = max(N_MULTIPLE, matrix_bytes // per_row // N_MULTIPLE * N_MULTIPLE)  # the packer takes rows in sixteens
     if not int4_supported(rows, cols):
         raise ValueError(f"int4 gemv shape {rows} x {cols} is not supported")

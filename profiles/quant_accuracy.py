@@ -50,7 +50,7 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="default: SmolLM2-135M-Instruct Q4_1")
-    p.add_argument("--dtype", default="bfloat16", help="compute dtype of every run (int4 needs bfloat16)")
+    p.add_argument("--dtype", default="bfloat16", help="compute dtype of every run, the reference and the quantized alike")
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prompt-tokens", type=int, default=256)

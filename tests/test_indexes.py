@@ -10,6 +10,7 @@ from offload import LLM, SamplingParams
 from offload.attention import ForwardBatch
 from offload.indexes import SelectionConfig, make_index, policy_names
 from offload.indexes.base import IndexContext
+from offload.tiers.kv_store import KVRows
 
 PROMPT, STEPS = 60, 10
 
@@ -158,7 +159,7 @@ def test_graph_search_with_full_effort_is_exact(dtype):
     candidate and must return the exact top-k by max-over-group inner product (fp32 and bf16 keys,
     and int8 keys scored on their codes and scales against the keys they stand for)."""
     from offload.indexes.retrieval import RetrievalIndex
-    from offload.tiers.kv_store import KVRows, quantize_kv
+    from offload.tiers.kv_store import quantize_kv
 
     torch.manual_seed(0)
     Hkv, G, N, D, budget = 2, 3, 300, 32, 20
@@ -341,3 +342,42 @@ def test_sliding_window_batch_across_the_window_equals_single_runs(tiny_models):
     # the short row's first steps were sparse: dense attention gives other tokens there
     dense = [o.token_ids for o in LLM(folder).generate(prompts[:1], params)]
     assert llm.generate(prompts[:1], SamplingParams(max_new_tokens=14, ignore_eos=True))[0].token_ids != dense[0][:14]
+
+
+def test_retrieval_build_learns_from_a_bounded_query_sample(monkeypatch):
+    """The build scores at most ``build_queries`` prompt queries per KV head against the keys (its
+    cost linear in the context), every head's last positions among them; on planted topics the
+    graph learned from the sample finds about as much of the exact top-k as one learned from all."""
+    import numpy as np
+
+    import offload.indexes.retrieval as retrieval
+
+    rows = retrieval.sample_queries(3, 1000, 300)
+    assert len(rows) <= 300 and np.all(np.diff(rows) > 0)
+    per_head = rows.reshape(3, -1) - 1000 * np.arange(3)[:, None]  # the same positions for every head
+    assert (per_head == per_head[0]).all() and set(range(1000 - 25, 1000)) <= set(per_head[0].tolist())
+    assert np.array_equal(retrieval.sample_queries(3, 10, 300), np.arange(30))  # few: all of them
+
+    g = torch.Generator().manual_seed(0)
+    Hkv, G, N, D, topics, budget = 2, 3, 3000, 32, 40, 30
+    centres = torch.randn(Hkv, topics, D, generator=g) * 2  # keys cluster around topics
+    keys = centres[:, torch.randint(0, topics, (N,), generator=g)] + torch.randn(Hkv, N, D, generator=g)
+    queries = (centres.repeat_interleave(G, 0)[:, torch.randint(0, topics, (1000,), generator=g)]
+               + torch.randn(Hkv * G, 1000, D, generator=g))  # [Hq, Nq, D]
+    decode_q = centres.repeat_interleave(G, 0)[:, 7] + torch.randn(Hkv * G, D, generator=g)  # [Hq, D]
+    exact = torch.einsum("hgd,hnd->hgn", decode_q.view(Hkv, G, D), keys).amax(1)  # [Hkv, N]
+    seen, real = [], retrieval.query_key_topk
+    monkeypatch.setattr(retrieval, "query_key_topk", lambda q, *a: seen.append(q.shape[0]) or real(q, *a))
+    recall = {}
+    for limit in (Hkv * G * 1000, 256):
+        monkeypatch.setattr(retrieval.RetrievalIndex, "build_queries", limit)
+        idx = make_index("retrieval", index_context(Hkv * G, Hkv, D, 1.0),
+                         SelectionConfig(budget=budget, sink=4, window=8))
+        idx.effort = 2.0  # a beam twice the budget
+        idx.build(KVRows(keys), N, queries)
+        sel = idx.search(decode_q, budget)
+        hits = [len(set(sel.ids[h, :sel.counts[h]].tolist()) & set((torch.topk(exact[h, 4:N - 8], budget).indices
+                                                                      + 4).tolist())) for h in range(Hkv)]
+        recall[limit] = sum(hits) / (Hkv * budget)
+    assert max(seen[Hkv:]) <= 256 and min(seen[:Hkv]) == G * 1000  # the bounded build's queries, per head
+    assert recall[256] >= 0.8 and recall[256] >= recall[Hkv * G * 1000] - 0.1, recall

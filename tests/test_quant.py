@@ -8,7 +8,16 @@ import torch
 
 from offload import LLM, SamplingParams
 from offload.errors import OffloadError
-from offload.quant import INT4_MAX, INT4_MID, Int4Weight, Int8Weight, dequantize_int4, embedding, quantize_int4
+from offload.quant import (
+    INT4_MAX,
+    INT4_MID,
+    KERNEL_DTYPE,
+    Int4Weight,
+    Int8Weight,
+    dequantize_int4,
+    embedding,
+    quantize_int4,
+)
 
 
 def _reference(x: torch.Tensor, codes, scale, zero) -> torch.Tensor:
@@ -17,42 +26,45 @@ def _reference(x: torch.Tensor, codes, scale, zero) -> torch.Tensor:
     return x.float() @ w.t()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])  # the compute dtype: fp32 where bf16 is slow
 @pytest.mark.parametrize("group", [32, 64])
 @pytest.mark.parametrize("n,k", [(16, 64), (128, 64), (256, 128), (960, 576), (576, 1536)])
 @pytest.mark.parametrize("m", [1, 3, 17])
-def test_int4_kernel_matches_the_reference(n, k, m, group):
+def test_int4_kernel_matches_the_reference(n, k, m, group, dtype):
     g = torch.Generator().manual_seed(n * k + m)
     w = torch.randn(n, k, generator=g) * 0.05
-    codes, scale, zero = quantize_int4(w, group)
-    weight = Int4Weight(n, k, torch.bfloat16, group)
+    codes, scale, zero = quantize_int4(w, group, KERNEL_DTYPE)
+    weight = Int4Weight(n, k, dtype, group)
     weight.load_codes(codes, scale, zero)
-    x = torch.randn(m, k, generator=g).bfloat16()
-    out = weight(x)  # [m, n] bf16
+    x = torch.randn(m, k, generator=g).to(dtype)
+    out = weight(x)  # [m, n] in the compute dtype (the kernel's bf16 output, cast)
     ref = _reference(x, codes, scale, zero)
-    assert out.shape == (m, n) and out.dtype == torch.bfloat16
+    assert out.shape == (m, n) and out.dtype == dtype and weight.scales_zeros.dtype == KERNEL_DTYPE
     # bf16 output: a few units in the last place of the largest output
     assert (out.float() - ref).abs().max().item() <= 2e-2 * ref.abs().max().item() + 1e-3
-    bias = torch.randn(n, generator=g).bfloat16()
+    bias = torch.randn(n, generator=g).to(dtype)
     assert torch.allclose(weight(x[None], bias)[0].float(), out.float() + bias.float(), atol=2e-2, rtol=2e-2)
     # what the module holds, read back through the kernel, is the reference weight
-    assert torch.allclose(weight.dequantize().float(),
+    assert weight.dequantize().dtype == dtype and torch.allclose(weight.dequantize().float(),
                           dequantize_int4(codes, scale.bfloat16().float(), zero.bfloat16().float()), atol=1e-2, rtol=1e-2)
     assert weight.nbytes == n * k // 2 + (k // group) * n * 2 * 2
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("n,k", [(64, 64), (49152, 576)])
-def test_int8_head_and_lookup_match_the_reference(n, k):
+def test_int8_head_and_lookup_match_the_reference(n, k, dtype):
     g = torch.Generator().manual_seed(n)
     w = torch.randn(n, k, generator=g) * 0.05
-    weight = Int8Weight.from_float(w, torch.bfloat16)
+    weight = Int8Weight.from_float(w, dtype)
     scales = weight.scales.float()  # [N] as the kernel holds them (bf16)
     ref_w = weight.codes.float() * scales[:, None]  # [N, K]
     # half a step of each row, plus what rounding the scale to bf16 moves the row's largest value
     assert ((ref_w - w).abs() <= scales[:, None] / 2 + w.abs().amax(1, keepdim=True) * 2 ** -8).all()
-    x = torch.randn(3, k, generator=g).bfloat16()
+    x = torch.randn(3, k, generator=g).to(dtype)
     ref = x.float() @ ref_w.t()
-    assert (weight(x).float() - ref).abs().max().item() <= 2e-2 * ref.abs().max().item() + 1e-3
+    assert weight(x).dtype == dtype and (weight(x).float() - ref).abs().max().item() <= 2e-2 * ref.abs().max().item() + 1e-3
     ids = torch.tensor([[0, n - 1, 5]])
+    assert embedding(ids, weight).dtype == dtype
     assert torch.allclose(embedding(ids, weight).float(), ref_w[ids], atol=1e-2, rtol=1e-2)
 
 
@@ -90,15 +102,16 @@ def test_quantizer_error_is_half_a_step_and_grid_values_are_exact():
     assert torch.allclose(zero - INT4_MID * scale, m, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])  # fp32: a CPU without native bf16 (the kernels cast)
 @pytest.mark.parametrize("family", ["llama", "llama-tied", "qwen2"])  # untied, tied head, QKV bias
-def test_tiny_model_int4_equals_its_dequantized_twin(tiny_models, family):
-    """The quantized model's logits equal a bf16 model holding the very weights the kernels see
-    (dequantized), and differ from the original weights' logits."""
+def test_tiny_model_int4_equals_its_dequantized_twin(tiny_models, family, dtype):
+    """The quantized model's logits equal a model of the same compute dtype holding the very
+    weights the kernels see (dequantized), and differ from the original weights' logits."""
     folder, hf = tiny_models[family]
     ids = torch.randint(3, hf.config.vocab_size, (40,), generator=torch.Generator().manual_seed(1)).tolist()
-    quantized = LLM(folder, quantize="int4", verbose=False)
-    assert quantized.dtype == torch.bfloat16 and "projections int4" in quantized.describe()
-    twin = LLM(folder, dtype="bfloat16", verbose=False)
+    quantized = LLM(folder, quantize="int4", dtype=dtype, verbose=False)
+    assert str(quantized.dtype) == f"torch.{dtype}" and "projections int4" in quantized.describe()
+    twin = LLM(folder, dtype=dtype, verbose=False)
     original = twin.logits(ids)
     with torch.no_grad():
         for q_layer, t_layer in zip(quantized.model.layers, twin.model.layers):
@@ -135,8 +148,8 @@ def test_quantize_settings_are_checked_before_loading(tiny_models, tmp_path):
     folder, _ = tiny_models["llama"]
     with pytest.raises(OffloadError, match="unknown quantize 'int3'"):
         LLM(folder, quantize="int3")
-    with pytest.raises(OffloadError, match="bfloat16 activations"):
-        LLM(folder, quantize="int4", dtype="float32")
+    with pytest.raises(OffloadError, match="computes in bfloat16 or float32"):
+        LLM(folder, quantize="int4", dtype="float16")
     from offload.tiers.flash import FlashConfig
 
     preset = EngineConfig(model="smollm2-135m", load_format="dummy", quantize="int4")
@@ -178,10 +191,10 @@ def test_int4_layers_stream_from_disk_as_int4(tmp_path):
     hf = make_tiny_model(folder, "qwen2", seed=5, num_hidden_layers=5)  # QKV bias: a streamed dense tensor
     ids = torch.randint(3, hf.config.vocab_size, (40,), generator=torch.Generator().manual_seed(2)).tolist()
     resident = LLM(folder, quantize="int4", verbose=False)
-    args = resident.args
-    layer = layer_nbytes(args, 2, "int4")
+    args, b = resident.args, resident.dtype.itemsize  # bf16 or fp32, as this CPU computes (auto)
+    layer = layer_nbytes(args, b, "int4")
     whole = resident.config.replace(max_context=64).resolve().placement.tier_bytes()["device"]
-    hidden = 64 * args.hidden_size * 2  # the prompt's hidden states, held by a layer-major prefill
+    hidden = 64 * args.hidden_size * b  # the prompt's hidden states, held by a layer-major prefill
     budget = whole - (args.num_layers - 3) * layer + hidden  # two streaming buffers and one resident layer
     tmp_path = tmp_path / "stores"
     tmp_path.mkdir()
@@ -201,7 +214,7 @@ def test_int4_layers_stream_from_disk_as_int4(tmp_path):
     assert report["disk_bytes_read"] == report["layer_loads"] * per_layer
     # the dense model's store of the same file is another file: neither overwrites the other
     dense = resident.config.replace(quantize=None, max_context=64)
-    dense_layer = args.layer_param_count() * 2
+    dense_layer = args.layer_param_count() * b
     LLM(config=dense.replace(cpu_memory=dense.resolve().placement.tier_bytes()["device"] - 2 * dense_layer,
                       disk_dir=tmp_path))
     assert len(list(tmp_path.glob("*.weights"))) == 2
@@ -227,3 +240,21 @@ def test_default_model_int4_agrees_with_bf16_on_real_text(smollm_path):
     params = SamplingParams(max_new_tokens=8)
     prompt = "The capital of France is Paris. The capital of Germany is"
     assert "Berlin" in quantized.generate([prompt], params)[0].text
+
+
+def test_auto_dtype_follows_the_cpus_bf16(monkeypatch, capsys):
+    """dtype='auto' with quantized weights computes in bf16 only where the CPU has native bf16 (on
+    AVX2 alone a bf16 product is 7-50x slower than fp32); an explicit bf16 there is kept, with a line."""
+    import offload.engine_config as engine_config
+    from offload import EngineConfig
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(engine_config, "cpu_has_fast_bf16", lambda: True)
+    assert engine_config.auto_dtype(cpu, True) == torch.bfloat16 and engine_config.auto_dtype(cpu, False) == torch.float32
+    monkeypatch.setattr(engine_config, "cpu_has_fast_bf16", lambda: False)
+    assert engine_config.auto_dtype(cpu, True) == torch.float32 and engine_config.auto_dtype(gpu, False) == torch.bfloat16
+    preset = EngineConfig(model="smollm2-135m", load_format="dummy", quantize="int4", device="cpu")
+    assert preset.resolve().dtype == torch.float32
+    assert "no native bf16" not in capsys.readouterr().err
+    assert preset.replace(dtype="bfloat16").resolve().dtype == torch.bfloat16
+    assert "no native bf16" in capsys.readouterr().err

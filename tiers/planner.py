@@ -32,7 +32,7 @@ from pathlib import Path
 from offload.config import ModelArgs
 from offload.errors import OffloadError
 from offload.fileio import write_json_atomic
-from offload.quant import embedding_nbytes, int4_nbytes, layer_nbytes, projection_shapes
+from offload.quant import SCALE_BYTES, embedding_nbytes, int4_nbytes, layer_nbytes, projection_shapes
 
 from .budget import BudgetError, format_size, pinned_nbytes
 from .kv_disk import EXPECTED_HIT_RATE, DiskKVSizing
@@ -379,7 +379,7 @@ def plan(args: ModelArgs, *, model: str, context: int, device: str = "cpu", dtyp
     # Predicted decode step.
     # Decode reads each weight matrix once; on the CPU the achieved bandwidth depends on the matrix's
     # size (small ones pay a larger share of per-call cost), so each is priced at its own size's rate.
-    matrices = [int4_nbytes(n, k, b) if quantize else n * k * b for n, k in projection_shapes(args)]
+    matrices = [int4_nbytes(n, k, SCALE_BYTES) if quantize else n * k * b for n, k in projection_shapes(args)]
     typical = sum(matrices) / len(matrices)
     dev_bw = (profile.gpu_read_gbs if on_gpu else profile.host_gemv_gbs(typical, quantize or dtype)) * 1e9
 
