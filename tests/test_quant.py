@@ -242,19 +242,18 @@ def test_default_model_int4_agrees_with_bf16_on_real_text(smollm_path):
     assert "Berlin" in quantized.generate([prompt], params)[0].text
 
 
-def test_auto_dtype_follows_the_cpus_bf16(monkeypatch, capsys):
-    """dtype='auto' with quantized weights computes in bf16 only where the CPU has native bf16 (on
-    AVX2 alone a bf16 product is 7-50x slower than fp32); an explicit bf16 there is kept, with a line."""
-    import offload.engine_config as engine_config
-    from offload import EngineConfig
 
-    cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    monkeypatch.setattr(engine_config, "cpu_has_fast_bf16", lambda: True)
-    assert engine_config.auto_dtype(cpu, True) == torch.bfloat16 and engine_config.auto_dtype(cpu, False) == torch.float32
-    monkeypatch.setattr(engine_config, "cpu_has_fast_bf16", lambda: False)
-    assert engine_config.auto_dtype(cpu, True) == torch.float32 and engine_config.auto_dtype(gpu, False) == torch.bfloat16
-    preset = EngineConfig(model="smollm2-135m", load_format="dummy", quantize="int4", device="cpu")
-    assert preset.resolve().dtype == torch.float32
-    assert "no native bf16" not in capsys.readouterr().err
-    assert preset.replace(dtype="bfloat16").resolve().dtype == torch.bfloat16
-    assert "no native bf16" in capsys.readouterr().err
+def test_attention_products_leave_bf16_where_the_cpu_lacks_it(monkeypatch):
+    """On a CPU without native bf16 attention's products over a bf16 KV run in fp32 (a batched bf16
+    product takes a scalar path there); the result is the same attention, returned in q's dtype."""
+    import offload.attention as attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 6, 16, generator=g).bfloat16() for _ in range(3))
+    ref = torch.softmax(q.float() @ k.float().transpose(-1, -2) * 0.25, dim=-1) @ v.float()  # [1, 2, 6, 16]
+    for fast in (True, False):
+        monkeypatch.setattr(attention, "cpu_has_fast_bf16", lambda fast=fast: fast)
+        assert attention.product_dtype(k) == (torch.bfloat16 if fast else torch.float32)
+        out = attention.attend(q, k, v, 0.25, None)
+        assert out.dtype == torch.bfloat16 and torch.allclose(out.float(), ref, atol=3e-2)
+    assert attention.product_dtype(k.float()) == torch.float32
