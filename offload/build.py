@@ -64,7 +64,7 @@ class Runtime:
             kernel = str(KERNEL_DTYPE).removeprefix("torch.")
             weights += (f", projections {r.config.quantize} (groups of {INT4_GROUP}, {kernel} scale + zero), "
                         f"embeddings and head int8 (a {kernel} scale per row), norms {r.dtype_name}")
-            if r.dtype != KERNEL_DTYPE:  # the CPU has no native bf16: the kernels cast at their edge
+            if r.dtype != KERNEL_DTYPE:  # an fp32 model: the kernels cast at their edge
                 weights += f", {kernel} kernel inputs"
         if self.flash is not None:
             f = self.flash

@@ -7,11 +7,10 @@ that is 0.625 bytes per weight against 2 in bf16: a decode step reads 3.2x fewer
 the kernel dequantizes in registers (measured on this CPU, FACTS.md: 4096x4096 bf16 3.13 ms, int4
 0.51 ms). Codes are chosen round-to-nearest between each group's minimum and maximum.
 
-The fused CPU kernels take bf16 activations on their fast path, whatever the model computes in:
-on a CPU without native bf16 (AVX2: no AVX512-BF16 or AMX) the rest of the model computes in fp32,
-where a bf16 matrix product runs 7-50x slower than fp32, and each product casts its input to bf16
-and its output back (measured on an AVX2 EPYC, 2 threads, 4096x4096: int4 with bf16 activations
-1.58 ms, with fp32 activations 22.3 ms; fp32 dense 5.7 ms).
+The fused CPU kernels take bf16 activations on their fast path, whatever the model computes in: a
+model computing in fp32 casts each product's input to bf16 and its output back (measured on an
+AVX2 EPYC, 2 threads, 4096x4096: int4 with bf16 activations 1.58 ms, with fp32 activations 22.3 ms;
+fp32 dense 5.7 ms).
 
 Shapes: N output features, K input features, G = K / group groups per row.
 """
