@@ -217,9 +217,9 @@ def scores_qk(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 
 def product_dtype(t: torch.Tensor) -> torch.dtype:
-    """The dtype attention's matrix products over ``t`` (a K or V) run in: its own, but fp32 for a
-    bf16 tensor on a CPU without native bf16 (AVX2 alone), where a batched bf16 product runs on a
-    scalar path: [3,1024,64] @ [3,64,4096] 3.3 s against 65 ms in fp32, measured."""
+    """The dtype matrix products of many rows over ``t`` (a K or V, a weight) run in: its own, but
+    fp32 for a bf16 tensor on a CPU without native bf16 (AVX2 alone), where a batched bf16 product
+    runs on a scalar path: [3,1024,64] @ [3,64,4096] 3.3 s against 65 ms in fp32, measured."""
     if t.dtype == torch.bfloat16 and t.device.type == "cpu" and not cpu_has_fast_bf16():
         return torch.float32
     return t.dtype

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import product_dtype
 from .config import ModelArgs
 from .errors import OffloadError
-from .kernels import cpu_has_fast_bf16
 
 INT4_GROUP = 32  # weights per scale/zero pair: GGUF's Q4_0 / Q4_1 / Q4_K sub-block size
 INT4_MID = 8  # the kernel's codes are centred: w = (q - INT4_MID) * scale + zero
@@ -226,8 +226,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor | Int4Weight | Int8Weight,
     if isinstance(weight, (Int4Weight, Int8Weight)):
         return weight(x, bias)
     rows = x.numel() // x.shape[-1]
-    if weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and rows >= BF16_UPCAST_ROWS \
-            and not cpu_has_fast_bf16():
+    if rows >= BF16_UPCAST_ROWS and product_dtype(weight) != weight.dtype:
         # No native bf16 (AVX2 alone): a bf16 product of many rows takes a scalar path; fp32 with the
         # weight widened per call is faster from 16 rows (measured, [M, 576] x [3072, 576]^T, 2
         # threads: M=16 5.7 -> 3.0 ms, M=1024 240 -> 46 ms; M=1 0.38 in bf16 against 3.9 widened).

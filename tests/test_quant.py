@@ -262,14 +262,15 @@ def test_attention_products_leave_bf16_where_the_cpu_lacks_it(monkeypatch):
 def test_bf16_products_of_many_rows_widen_where_the_cpu_lacks_bf16(monkeypatch):
     """A bf16 weight times 16 rows or more runs in fp32 on a CPU without native bf16 (a prefill
     chunk: 5x faster there); one row (decode) stays in bf16, which is faster there; same numbers."""
+    import offload.attention as attention
     import offload.quant as quant
 
     g = torch.Generator().manual_seed(0)
     w, bias = torch.randn(48, 32, generator=g).bfloat16(), torch.randn(48, generator=g).bfloat16()
     many, one = torch.randn(2, 8, 32, generator=g).bfloat16(), torch.randn(1, 32, generator=g).bfloat16()
     widened = torch.nn.functional.linear(many.float(), w.float(), bias.float()).bfloat16()  # [2, 8, 48]
-    monkeypatch.setattr(quant, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(attention, "cpu_has_fast_bf16", lambda: False)
     assert torch.equal(quant.linear(many, w, bias), widened)
     assert torch.equal(quant.linear(one, w), torch.nn.functional.linear(one, w))
-    monkeypatch.setattr(quant, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(attention, "cpu_has_fast_bf16", lambda: True)
     assert torch.equal(quant.linear(many, w, bias), torch.nn.functional.linear(many, w, bias))
