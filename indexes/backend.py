@@ -29,6 +29,7 @@ from offload.tiers.kv_store import KVStore
 
 from .base import QUERY_STRIDE, IndexContext, KVIndex, Selection, SelectionConfig, check_disk_policy, make_index, policy_class
 from .dense import FUSED_DECODE_DEVICES, DenseAttention, DensePlan
+from .heads import CALIBRATION_QUERIES, retrieval_heads
 from .telemetry import Telemetry
 
 PROGRESS_FROM_TOKENS = 16384  # index builds over prompts this long show a progress bar
@@ -67,6 +68,8 @@ class SparseAttention(DenseAttention):
         self.keep_queries = self.policy_cls.needs_prefill_queries
         self.rows_movable = self.policy_cls.persistable
         self.prefill_queries: dict[tuple[int, int], list[torch.Tensor]] = {}  # (row, layer) -> [H, Tq, D] chunks
+        # A head split's calibration: (row, layer) -> (tokens prefilled, the prompt's last queries [H, C, D])
+        self.tail_queries: dict[tuple[int, int], tuple[int, torch.Tensor]] = {}
         self.telemetry = Telemetry() if telemetry else None
         # Text-aware indexes (SentenceKV) see each row's token ids and which ids end a sentence.
         self.keep_tokens = self.policy_cls.needs_token_ids
@@ -76,6 +79,7 @@ class SparseAttention(DenseAttention):
         super().allocate(batch_size, capacity)
         self.indexes.clear()  # a new batch of sequences
         self.prefill_queries.clear()
+        self.tail_queries.clear()
         self.row_tokens.clear()
 
     def begin(self, batch: ForwardBatch) -> None:
@@ -118,12 +122,12 @@ class SparseAttention(DenseAttention):
             self._build_index(row, layer, n)
 
     def _build_index(self, row: int, layer: int, n: int) -> None:
-        idx = self._new_index(row)
+        keys, values = self.kv.rows(layer, row)
+        idx = self._new_index(row, self._retrieval_heads(row, layer, n, keys))
         chunks = self.prefill_queries.pop((row, layer), None)
         if not idx.needs_prefill_queries:
             chunks = None  # a key-only index is built from the keys alone
         queries = torch.cat(chunks, dim=1) if chunks else None  # [H, Nq, D]
-        keys, values = self.kv.rows(layer, row)
         idx.build(keys, n, queries)
         idx.summarize_values(values)
         self.indexes[(row, layer)] = idx
@@ -149,8 +153,18 @@ class SparseAttention(DenseAttention):
             if order is not None:
                 self.kv.lay_out(layer, order)
 
-    def _new_index(self, row: int) -> KVIndex:
-        return make_index(self.policy, self.ctx, self.config, self.row_tokens[row] if self.keep_tokens else None)
+    def _retrieval_heads(self, row: int, layer: int, n: int, keys) -> torch.Tensor | None:
+        """A head split's retrieval heads [Hkv] bool from the prompt's last queries (None: no split
+        asked, or the queries kept are not the last n tokens': then every head selects)."""
+        tail = self.tail_queries.pop((row, layer), None)
+        if self.config.head_split is None or tail is None or tail[0] != n:
+            return None
+        c = self.config
+        return retrieval_heads(tail[1], keys, n, c.sink, c.window, self.args.softmax_scale, c.head_split)
+
+    def _new_index(self, row: int, heads: torch.Tensor | None = None) -> KVIndex:
+        return make_index(self.policy, self.ctx, self.config, self.row_tokens[row] if self.keep_tokens else None,
+                          heads)
 
     def settings(self) -> dict:
         return {"kv_policy": self.policy, "selection": asdict(self.config), "kv_dtype": self.kv.kv_dtype}
@@ -184,6 +198,8 @@ class SparseAttention(DenseAttention):
             del self.indexes[key]
         for key in [key for key in self.prefill_queries if key[0] == row]:
             del self.prefill_queries[key]
+        for key in [key for key in self.tail_queries if key[0] == row]:
+            del self.tail_queries[key]
         self.row_tokens.pop(row, None)
 
     def move_row(self, src: int, dst: int, token_ids: list[int]) -> None:
@@ -192,10 +208,13 @@ class SparseAttention(DenseAttention):
         states = self.index_states(src)
         queries = {layer: self.prefill_queries.pop((row, layer))
                    for (row, layer) in [key for key in self.prefill_queries if key[0] == src]}
+        tails = {layer: self.tail_queries.pop((row, layer))
+                 for (row, layer) in [key for key in self.tail_queries if key[0] == src]}
         super().move_row(src, dst, token_ids)
         self.release_row(src)
         self.release_row(dst)
         self.prefill_queries.update({(dst, layer): q for layer, q in queries.items()})
+        self.tail_queries.update({(dst, layer): t for layer, t in tails.items()})
         if self.keep_tokens:
             self.row_tokens[dst] = list(token_ids)
         for layer, (scalars, tensors) in states.items():
@@ -210,6 +229,8 @@ class SparseAttention(DenseAttention):
                 keep = q[0, :, (-start) % QUERY_STRIDE::QUERY_STRIDE]  # [H, Tq, D] positions % stride == 0
                 where = self.kv.layer_devices[layer]  # kept beside the keys the index is built from
                 self.prefill_queries.setdefault((batch.rows[0], layer), []).append(keep.to(where, copy=True))
+            if self.config.head_split is not None and not batch.is_decode and layer >= self.config.dense_layers:
+                self._keep_tail(layer, q, batch)
             return super().forward(layer, q, k, v, batch)
         self.kv.write(layer, k, v, batch)
         B, H, _, D = q.shape
@@ -227,7 +248,7 @@ class SparseAttention(DenseAttention):
             idx = self.indexes[(row, layer)]
             idx.extend(n)
             self._lay_out(layer, idx)
-            selections.append(idx.search(q_search[row], self.config.budget_tokens(n)))
+            selections.append(idx.select(q_search[row], self.config.budget_tokens(n)))
         sparse_row = beyond.index(False)
         if self.indexes[(batch.rows[sparse_row], layer)].attend is not None:
             # the policy attends itself (e.g. ShadowKV's rebuilt keys)
@@ -258,6 +279,16 @@ class SparseAttention(DenseAttention):
             self._observe(layer, q_search, batch, selections, out)
         return out.view(B, H, 1, D)
 
+    def _keep_tail(self, layer: int, q: torch.Tensor, batch: ForwardBatch) -> None:
+        """The last CALIBRATION_QUERIES prompt queries of each head (q [1, H, T, D] this chunk's),
+        for the head split at the build; a row prefilled again from an earlier point starts over."""
+        row, start = batch.rows[0], batch.start_lengths[0]
+        end, tail = self.tail_queries.get((row, layer), (0, q[0, :, :0]))
+        if end != start:
+            tail = q[0, :, :0]
+        tail = torch.cat([tail, q[0].to(tail.device)], dim=1)[:, -CALIBRATION_QUERIES:]  # [H, <= C, D]
+        self.tail_queries[(row, layer)] = (start + q.shape[2], tail.clone())
+
     def _fetches_rows(self) -> bool:
         """Whether sparse layers copy their attended rows out of the store (host-tier KV, or an int8
         KV where no kernel reads its codes in place) rather than attend where the rows lie."""
@@ -285,7 +316,10 @@ class SparseAttention(DenseAttention):
         k_rows, v_rows = self.kv.gather(layer, ids)  # [B, Hkv, M, D] each, on the device
         lookahead = self.kv.lookahead_tokens(layer, width)
         if lookahead:  # a disk layer (one row): read what the next step likely adds while this one computes
-            ahead = self.indexes[(batch.rows[0], layer)].lookahead(lookahead)
+            idx = self.indexes[(batch.rows[0], layer)]
+            ahead = idx.lookahead(lookahead)
+            if ahead is not None and idx.heads is not None:  # streaming heads read nothing past their window
+                ahead = ahead.masked_fill(~idx.heads.to(ahead.device)[:, None], -1)
             if ahead is not None:
                 self.kv.prefetch(layer, ahead)
         visible = valid.to(q.device)[:, :, None, :]  # [B, Hkv, 1, M]
@@ -315,7 +349,8 @@ class SparseAttention(DenseAttention):
                 sel = Selection(ids, sel.counts + extra.shape[-1])
             keys, values = self.kv.rows(layer, row)  # [Hkv, N, D] each
             self.telemetry.observe(layer, q[row], keys, values, n, sel, out[b].to(keys.device),
-                                   self.config, self.args.softmax_scale, self.config.budget_tokens(n))
+                                   self.config, self.args.softmax_scale, self.config.budget_tokens(n),
+                                   streaming=idx.streaming_heads)
 
     def _kv_where(self) -> str:
         disk = self.kv.disk_tier
@@ -330,8 +365,11 @@ class SparseAttention(DenseAttention):
         if c.mass is not None:
             budget = (f"adaptive p{c.mass:g} (up to {budget})" if self.policy_cls.adaptive else
                       f"{budget} (no mass estimate for an adaptive p{c.mass:g})")
+        split = ("" if c.head_split is None else
+                 f", streaming heads (at most {c.head_split:.0%} of their attention beyond sinks + window over the "
+                 f"prompt's last {CALIBRATION_QUERIES} queries) keep sinks + window alone")
         return (f"kv_policy {self.policy}: {budget} + {c.sink} sinks + {c.window} recent, "
-                f"layers 0..{c.dense_layers - 1} dense"
+                f"layers 0..{c.dense_layers - 1} dense" + split
                 + self._kv_where()
                 + (f", index build's query-key products on {self.device.type}"
                    if self.policy_cls.needs_prefill_queries else ""))

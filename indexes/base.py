@@ -50,7 +50,12 @@ class SelectionConfig:
     index's best tokens until its estimate of the attention they get, as a share of what all
     candidates get, reaches ``mass``, never fewer than ADAPTIVE_FLOOR_TOKENS nor more than
     ``budget`` (the cap). Policies without a mass estimate (``KVIndex.adaptive`` False) select
-    ``budget`` tokens."""
+    ``budget`` tokens.
+
+    ``head_split`` splits retrieval heads from streaming heads (RazorAttention, DuoAttention): a KV
+    head whose group puts at most this share of its attention beyond the sinks and the window, over
+    the prompt's last queries, keeps only sinks + window for the sequence (no index search, no
+    selection, no rows fetched); None: every head selects."""
 
     budget: float = 0.02
     sink: int = 4
@@ -58,6 +63,7 @@ class SelectionConfig:
     dense_layers: int = 2  # the first layers attend broadly; they stay dense
     effort: float | None = None  # search width of graph indexes (ef = effort x budget); None: their default
     mass: float | None = None  # adaptive: the share of the candidates' attention to select; budget caps it
+    head_split: float | None = None  # streaming heads: at most this share of attention beyond sinks + window
 
     @classmethod
     def parse_budget(cls, value) -> tuple[float, float | None]:
@@ -90,6 +96,9 @@ class SelectionConfig:
             raise OffloadError("sink, window and dense_layers must be >= 0")
         if self.mass is not None and not 0 < self.mass < 1:
             raise OffloadError(f"an adaptive budget's mass must be in (0, 1), got {self.mass}")
+        if self.head_split is not None and not 0 < self.head_split < 1:
+            raise OffloadError(f"kv_head_split must be a share of attention in (0, 1) (e.g. 0.05: heads with at most 5% "
+                               f"of their attention beyond sinks + window keep only those), got {self.head_split}")
 
     def budget_tokens(self, context: int) -> int:
         return int(math.ceil(self.budget * context)) if self.budget < 1 else int(self.budget)
@@ -144,7 +153,8 @@ class KVIndex(ABC):
     # (disk_order()), or None: its search reads keys all over the KV, which a disk tier cannot serve.
     disk_layout: ClassVar[str | None] = None
 
-    def __init__(self, ctx: IndexContext, config: SelectionConfig, token_ids: list[int] | None = None):
+    def __init__(self, ctx: IndexContext, config: SelectionConfig, token_ids: list[int] | None = None,
+                 heads: torch.Tensor | None = None):
         self.ctx, self.config = ctx, config
         self.num_heads, self.num_kv_heads, self.head_dim = ctx.num_heads, ctx.num_kv_heads, ctx.head_dim
         self.group = ctx.num_heads // ctx.num_kv_heads
@@ -155,6 +165,8 @@ class KVIndex(ABC):
         self.keys: KVRows | None = None  # [Hkv, N, D] the layer's cache row, read in place
         self.n = 0
         self.last_scored = 0.0  # keys scored by the last search, per KV head (telemetry)
+        # [Hkv] bool: the retrieval heads (a head split's; the rest keep sinks + window), None: every head
+        self.heads = None if heads is None else heads.to(torch.bool).cpu()
 
     @classmethod
     def estimate_nbytes(cls, args: ModelArgs, context: int, dtype_bytes: int) -> int:
@@ -203,6 +215,20 @@ class KVIndex(ABC):
     def search(self, q: torch.Tensor, budget: int) -> Selection:
         """q [H, D] (post-RoPE) -> up to ``budget`` token ids per KV head in the candidate range."""
 
+    def select(self, q: torch.Tensor, budget: int) -> Selection:
+        """What the backend attends besides sinks and window: :meth:`search`'s selection, nothing
+        for a streaming head (a policy that knows ``heads`` skips their search; this holds for all)."""
+        selection = self.search(q, budget)
+        if self.heads is None:
+            return selection
+        keep = self.heads.to(selection.counts.device, selection.counts.dtype)  # [Hkv] 1: a retrieval head
+        return Selection(selection.ids, selection.counts * keep)
+
+    @property
+    def streaming_heads(self) -> int:
+        """KV heads that keep only sinks + window (a head split's)."""
+        return 0 if self.heads is None else int((~self.heads).sum())
+
     def nbytes(self) -> int:
         """Memory the index keeps beyond the KV cache."""
         return 0
@@ -238,7 +264,7 @@ class KVIndex(ABC):
             raise OffloadError(f"the '{self.name}' index cannot be saved (it holds library objects); "
                                "use retrieval, shadowkv, sentence, quest or streaming for prompt caching")
         scalars: dict = {"n": self.n}
-        tensors: dict[str, torch.Tensor] = {}
+        tensors: dict[str, torch.Tensor] = {} if self.heads is None else {"heads": self.heads}
         for key in self.learned:
             value = getattr(self, key)
             if isinstance(value, torch.Tensor):
@@ -259,6 +285,8 @@ class KVIndex(ABC):
             raise OffloadError(f"saved '{self.name}' index state lacks {missing}: the prompt cache is corrupt; "
                                f"save it again with LLM.save_prompt")
         self.keys = _rows(keys)
+        saved = tensors.get("heads")  # the head split the state was saved with (None: none)
+        self.heads = None if saved is None else saved.to(torch.bool).cpu()
         for key in ("n", *self.learned):
             if key in tensors:
                 t = tensors[key]
@@ -338,8 +366,9 @@ def check_disk_policy(policy: str) -> None:
 
 
 def make_index(policy: str, ctx: IndexContext, config: SelectionConfig,
-               token_ids: list[int] | None = None) -> KVIndex:
-    return policy_class(policy)(ctx, config, token_ids)
+               token_ids: list[int] | None = None, heads: torch.Tensor | None = None) -> KVIndex:
+    """``heads`` [Hkv] bool: a head split's retrieval heads (the rest keep sinks + window)."""
+    return policy_class(policy)(ctx, config, token_ids, heads)
 
 
 def _rows(keys: KVRows | torch.Tensor) -> KVRows:

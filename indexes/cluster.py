@@ -309,8 +309,8 @@ class ClusterIndex(KVIndex):
     segment = 1024
     disk_layout = "clusters"
 
-    def __init__(self, ctx, config, token_ids=None):
-        super().__init__(ctx, config, token_ids)
+    def __init__(self, ctx, config, token_ids=None, heads=None):
+        super().__init__(ctx, config, token_ids, heads)
         self._ranked: _Ranked | None = None  # what the last search ranked (lookahead, estimate)
         # Derived, not saved: each clustered token's cluster [Hkv, n_clustered], and the clusters'
         # value sums [Hkv, C', D] fp32 over their first C' (summarize_values: after the build, then as
@@ -513,15 +513,21 @@ class ClusterIndex(KVIndex):
             _cluster_mass(qg.contiguous().numpy(), self.centroids.numpy(), self._log_sizes[:, 0].numpy(),
                           tail.contiguous().numpy(), np.float32(self.scale), mass)
             selection, zone = self._take_numba(mass, budget, lo, hi)
-            self._ranked = _Ranked(torch.from_numpy(mass), budget, lo, hi, selection, zone)
+            self._ranked = _Ranked(torch.from_numpy(mass), budget, lo, hi, selection, self._retrieval_zone(zone))
             return selection
         logits = torch.baddbmm(self._log_sizes, qg, self.centroids, alpha=self.scale)  # [Hkv, G, C]
         if T:
             logits = torch.cat([logits, torch.matmul(qg, tail.transpose(1, 2)) * self.scale], dim=2)  # [Hkv, G, C+T]
         mass = torch.softmax(logits, dim=2).sum(dim=1)  # [Hkv, C+T]: the group's estimated attention
         selection, zone = self._take_torch(mass, budget, lo, hi)
-        self._ranked = _Ranked(mass, budget, lo, hi, selection, zone)
+        self._ranked = _Ranked(mass, budget, lo, hi, selection, self._retrieval_zone(zone))
         return selection
+
+    def _retrieval_zone(self, zone: torch.Tensor) -> torch.Tensor:
+        """zone [Hkv, Z] with a streaming head's row emptied (-1): it keeps sinks + window alone."""
+        if self.heads is None:
+            return zone
+        return zone.masked_fill(~self.heads.to(zone.device)[:, None], -1)
 
     def lookahead(self, count: int) -> torch.Tensor | None:
         """The clusters ranked next after the last selection, until ``count`` more tokens per head

@@ -167,15 +167,20 @@ def _beam_search(keys, mode, scales, indptr, indices, entries, qg, lo, hi, n_tok
 
 @njit(cache=True, parallel=True, fastmath=True)
 def search_heads(keys_f32, keys_u16, keys_i8, scales, mode, indptr, indices, entries, queries, lo, hi, n_tokens,
-                 ef, topk, out_ids, out_counts, out_scored):
+                 ef, topk, active, out_ids, out_counts, out_scored):
     """Search every KV head in parallel.
 
     keys_*: [Hkv, N, D] (the one ``mode`` names is used: KEYS_F32, KEYS_BF16 as uint16 bits, or
     KEYS_INT8 codes with ``scales`` [Hkv, N] float32), indptr [Hkv, N + 1], indices [Hkv, E],
-    entries [Hkv, M], queries [Hkv, G, D] float32 (pre-scaled), outputs [Hkv, topk], [Hkv], [Hkv].
+    entries [Hkv, M], queries [Hkv, G, D] float32 (pre-scaled), active [Hkv] bool (a head split's
+    retrieval heads; the others select nothing and score nothing), outputs [Hkv, topk], [Hkv], [Hkv].
     """
     Hkv = queries.shape[0]
     for h in prange(Hkv):
+        if not active[h]:
+            out_counts[h] = 0
+            out_scored[h] = 0
+            continue
         visited = np.zeros(n_tokens, np.bool_)
         if mode == KEYS_BF16:
             k, scored = _beam_search(keys_u16[h], mode, scales[h], indptr[h], indices[h], entries[h], queries[h],

@@ -118,6 +118,10 @@ class RetrievalIndex(KVIndex):
         Hkv, G = self.num_kv_heads, self.group
         graphs, entries = [], []
         for h in range(Hkv):
+            if self.heads is not None and not self.heads[h]:  # a streaming head: no graph, never searched
+                graphs.append((np.zeros(n + 1, np.int64), np.zeros(0, np.int32)))
+                entries.append(np.zeros(0, np.int64))
+                continue
             qh = queries[h * G:(h + 1) * G].reshape(-1, queries.shape[-1])  # [G * Nq, D]
             qh = qh[torch.from_numpy(sample_queries(G, queries.shape[1], self.build_queries))]  # [<= build_queries, D]
             top = query_key_topk(qh, keys[h, :n], self.build_topk, self.ctx.build_device).numpy()  # [G * Nq, K]
@@ -130,7 +134,7 @@ class RetrievalIndex(KVIndex):
         self.indices = np.zeros((Hkv, max(width, 1)), np.int32)  # [Hkv, E] padded
         for h, (_, idx) in enumerate(graphs):
             self.indices[h, :len(idx)] = idx
-        m = max(len(e) for e in entries)
+        m = max(1, max(len(e) for e in entries))
         self.entries = np.full((Hkv, m), -1, np.int64)  # [Hkv, M], -1 padded
         for h, e in enumerate(entries):
             self.entries[h, :len(e)] = e
@@ -160,7 +164,8 @@ class RetrievalIndex(KVIndex):
         out_ids = np.zeros((self.num_kv_heads, budget), np.int64)
         counts = np.zeros(self.num_kv_heads, np.int64)
         scored = np.zeros(self.num_kv_heads, np.int64)
+        active = np.ones(self.num_kv_heads, np.bool_) if self.heads is None else self.heads.numpy()  # [Hkv]
         search_heads(f32, u16, i8, scales, mode, self.indptr, self.indices, self.entries, qg, lo, hi, self.n, ef,
-                     budget, out_ids, counts, scored)
+                     budget, active, out_ids, counts, scored)
         self.last_scored = float(scored.mean())
         return Selection(torch.from_numpy(out_ids.astype(np.int32)), torch.from_numpy(counts.astype(np.int32)))

@@ -69,8 +69,8 @@ class QuestIndex(KVIndex):
     learned = ("page_min", "page_max")
     page_size = 16
 
-    def __init__(self, ctx, config, token_ids=None):
-        super().__init__(ctx, config, token_ids)
+    def __init__(self, ctx, config, token_ids=None, heads=None):
+        super().__init__(ctx, config, token_ids, heads)
         # the last search's page scores [Hkv, pages], its first page and how many it took (lookahead)
         self._ranked: tuple[torch.Tensor, int, int] | None = None
 

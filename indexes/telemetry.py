@@ -21,8 +21,10 @@ class Telemetry:
         self.records: dict[int, list[dict[str, float]]] = defaultdict(list)
 
     def observe(self, layer: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, n: int,
-                selection: Selection, out: torch.Tensor, config: SelectionConfig, scale: float, budget: int) -> None:
-        """q [H, D]; keys/values [Hkv, N, D] (n valid); out [H, D] the sparse attention output.
+                selection: Selection, out: torch.Tensor, config: SelectionConfig, scale: float, budget: int,
+                streaming: int = 0) -> None:
+        """q [H, D]; keys/values [Hkv, N, D] (n valid); out [H, D] the sparse attention output;
+        ``streaming``: the layer's KV heads that keep sinks + window alone (a head split's).
 
         Recall@budget: the share of the exact twin's ``budget`` best candidates that were selected
         (a policy that selects nothing scores 0)."""
@@ -49,11 +51,14 @@ class Telemetry:
         captured = (probs * attended[:, None]).sum(-1).mean().item()
         err = ((out.float() - dense_out).norm() / dense_out.norm().clamp_min(1e-12)).item()
         self.records[layer].append({"recall": exact_hits / total if total else 1.0, "mass": captured,
-                                    "output_error": err, "selected": sum(counts) / len(counts), "context": n})
+                                    "output_error": err, "selected": sum(counts) / len(counts), "context": n,
+                                    "streaming": streaming / Hkv})
 
     def summary(self) -> dict[str, float | dict[int, dict[str, float]]]:
         """Means per layer and over all layers and steps."""
-        keys = ("recall", "mass", "output_error", "selected")  # selected: tokens per KV head (an adaptive budget's use)
+        # selected: tokens per KV head (an adaptive budget's use); streaming: the share of KV heads a
+        # head split left with sinks + window alone
+        keys = ("recall", "mass", "output_error", "selected", "streaming")
         per_layer = {layer: {k: sum(r[k] for r in rs) / len(rs) for k in keys}
                      for layer, rs in sorted(self.records.items())}
         everything = [r for rs in self.records.values() for r in rs]

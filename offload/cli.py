@@ -72,6 +72,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "of the context; cluster and exact) (default: the tuned profile's, else 0.02)")
     p.add_argument("--search-effort", type=float, default=None,
                    help="graph search width (x budget) for retrieval (default: the tuned profile's, else 1)")
+    p.add_argument("--kv-head-split", type=float, default=None,
+                   help="streaming heads: a KV head with at most this share of its attention beyond the sinks and "
+                        "the window, over the prompt's last queries, keeps only those (no search, no fetch), e.g. "
+                        "0.05 (default: every head selects)")
     p.add_argument("--sink", type=int, default=4, help="first tokens always attended")
     p.add_argument("--window", type=int, default=64, help="most recent tokens always attended")
     p.add_argument("--dense-layers", type=int, default=2, help="first layers kept dense")

@@ -73,6 +73,9 @@ class EngineConfig:
     window: int = 64
     dense_layers: int = 2
     search_effort: float | None = None
+    # Streaming heads: a KV head with at most this share of its attention beyond sinks + window (over
+    # the prompt's last queries) keeps only those; None: every head selects (see indexes/heads.py)
+    kv_head_split: float | None = None
     # The sparse layers' KV off the device: True / "host" in host memory, "disk" in disk_dir (read a
     # selection at a time), False on the device; None: wherever the placement or the policy's search needs it
     kv_offload: bool | str | None = None
@@ -119,6 +122,9 @@ class EngineConfig:
             _check(_is_int(value) and value >= 0, f"{name} must be an integer >= 0, got {value!r}")
         _check(self.search_effort is None or (_is_number(self.search_effort) and self.search_effort >= 1),
                f"search_effort must be >= 1 (beam width = effort x budget), got {self.search_effort!r}")
+        _check(self.kv_head_split is None or (_is_number(self.kv_head_split) and 0 < self.kv_head_split < 1),
+               f"kv_head_split must be a share of attention in (0, 1) (e.g. 0.05: KV heads with at most 5% of their "
+               f"attention beyond sinks + window keep only those), got {self.kv_head_split!r}")
         for name in ("gpu_memory", "cpu_memory"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, str) and value.strip().lower() == "auto"):
@@ -181,7 +187,7 @@ class EngineConfig:
             fits, reason = kv_fits(args, context, dtype_name, budget, self.quantize, self.kv_dtype)
             kv_policy = "dense" if fits else AUTO_SPARSE_POLICY
         budget, mass = SelectionConfig.parse_budget(self.kv_budget or tuning.kv_budget or DEFAULT_KV_BUDGET)
-        selection = SelectionConfig(budget=budget, mass=mass, sink=self.sink,
+        selection = SelectionConfig(budget=budget, mass=mass, sink=self.sink, head_split=self.kv_head_split,
                                     window=self.window, dense_layers=self.dense_layers,
                                     effort=self.search_effort if self.search_effort is not None else tuning.search_effort)
         policy = policy_class(kv_policy)
@@ -280,7 +286,8 @@ class EngineConfig:
         return cls(model=ns.model, device=ns.device, dtype=ns.dtype, load_format=ns.load_format, seed=ns.dummy_seed,
                    max_context=ns.max_context, prefill_chunk_size=ns.prefill_chunk_size, kv_policy=ns.kv_policy,
                    kv_budget=ns.kv_budget, sink=ns.sink, window=ns.window, dense_layers=ns.dense_layers,
-                   search_effort=ns.search_effort, quantize=ns.quantize, kv_dtype=ns.kv_dtype,
+                   search_effort=ns.search_effort, kv_head_split=ns.kv_head_split, quantize=ns.quantize,
+                   kv_dtype=ns.kv_dtype,
                    gpu_memory=ns.gpu_memory, cpu_memory=ns.cpu_memory,
                    disk_dir=ns.disk_dir, profile=ns.profile, flash=flash, flash_calibration=calibration,
                    kv_offload={"auto": None, "off": False}.get(ns.kv_offload, ns.kv_offload),

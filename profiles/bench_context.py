@@ -138,6 +138,7 @@ def backend_for(policy: str, llm, shared, config):
     backend = SparseAttention(llm.args, llm.device, llm.dtype, policy, config, shared.ctx,
                               kv_offload=shared.kv_offload, store=shared.kv)
     backend.prefill_queries = {key: list(chunks) for key, chunks in shared.prefill_queries.items()}
+    backend.tail_queries = dict(shared.tail_queries)  # a head split's calibration (each build takes its own)
     backend.row_tokens = {row: list(t) for row, t in shared.row_tokens.items()}
     return backend
 
@@ -184,19 +185,23 @@ def _has_effort(policy: str) -> bool:
 
 
 def run_context(llm, ctx: int, policies: list[str], config, steps: int, telemetry_steps: int,
-                efforts: list[float | None] = (None,)) -> list[dict]:
+                efforts: list[float | None] = (None,), head_splits: list[float | None] = (None,)) -> list[dict]:
     from offload.indexes.base import SelectionConfig, policy_class
     from offload.indexes.telemetry import Telemetry
 
     ids = _real_text_ids(llm.tokenizer, ctx)
-    shared, logits, prefill_s = prefill_shared(llm, ids, ctx + steps + telemetry_steps + 1, config)
+    splitting = any(s is not None for s in head_splits)  # the shared prefill keeps the prompt's last queries
+    shared, logits, prefill_s = prefill_shared(llm, ids, ctx + steps + telemetry_steps + 1,
+                                               dataclasses.replace(config, head_split=0.5) if splitting else config)
     first = int(logits.argmax())
     rows = []
-    runs = [(p, e) for p in policies for e in (efforts if _has_effort(p.split(":")[0]) else [None])]
-    for spec, effort in runs:
+    runs = [(p, e, s) for p in policies for e in (efforts if _has_effort(p.split(":")[0]) else [None])
+            for s in (head_splits if p.split(":")[0] not in ("dense", "streaming") else [None])]
+    for spec, effort, split in runs:
         policy, _, budget = spec.partition(":")  # "cluster:p0.9": a policy with its own budget
         default_effort = policy_class(policy).effort if policy != "dense" else None
         run_config = dataclasses.replace(config, effort=effort) if effort is not None else config
+        run_config = dataclasses.replace(run_config, head_split=split)
         if budget:
             size, mass = SelectionConfig.parse_budget(budget)
             run_config = dataclasses.replace(run_config, budget=size, mass=mass)
@@ -211,10 +216,12 @@ def run_context(llm, ctx: int, policies: list[str], config, steps: int, telemetr
                 backend.telemetry = Telemetry()
                 decode(llm, backend, n, token, telemetry_steps)
                 s = backend.telemetry.summary()
-                row.update(mass=s["mass"], recall=s["recall"], output_error=s["output_error"], selected=s["selected"])
+                row.update(mass=s["mass"], recall=s["recall"], output_error=s["output_error"], selected=s["selected"],
+                           streaming=s["streaming"])
             scored = [ix.last_scored / ix.n for ix in backend.indexes.values() if hasattr(ix, "last_scored")]
             row["scored_fraction"] = sum(scored) / len(scored) if scored else None
         row["effort"] = effort if effort is not None else default_effort
+        row["head_split"] = split
         rows.append(row)
         del backend
     return rows
@@ -261,6 +268,9 @@ def main(argv=None) -> int:
                         "longest context / trained length (training-free context extension)")
     p.add_argument("--efforts", type=float, nargs="+", default=[None],
                    help="search widths (x budget) for retrieval, keygraph and hnsw; one row per value")
+    p.add_argument("--head-splits", type=float, nargs="+", default=[None],
+                   help="streaming heads: KV heads with at most this share of attention beyond sinks + window keep "
+                        "only those (kv_head_split); one row per value and sparse policy")
     p.add_argument("--out", default=None, help="JSON path; the plot goes next to it (.png)")
     args = p.parse_args(argv)
 
@@ -280,18 +290,20 @@ def main(argv=None) -> int:
     print(f"# {llm.path.name}, {llm.device.type}, {str(llm.dtype).removeprefix('torch.')}, "
           f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
           f"rope scaling {rope_scaling or 'as trained'}")
-    print("| context | policy | effort | decode ms/token | vs dense | build s | mass | recall | out. err | scored | "
-          "selected/head | index MB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| context | policy | effort | head split | streaming heads | decode ms/token | vs dense | build s | mass | "
+          "recall | out. err | scored | selected/head | index MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for ctx in tqdm(args.contexts, desc="contexts", disable=None):
-        ctx_rows = run_context(llm, ctx, args.policies, config, args.steps, args.telemetry_steps, args.efforts)
+        ctx_rows = run_context(llm, ctx, args.policies, config, args.steps, args.telemetry_steps, args.efforts,
+                               args.head_splits)
         dense = next((r["decode_ms"] for r in ctx_rows if r["policy"] == "dense"), None)
         for r in ctx_rows:
             r["speedup_vs_dense"] = dense / r["decode_ms"] if dense else None
             fmt = lambda k, f: "-" if r.get(k) is None else format(r[k], f)  # noqa: E731
             flag = "*" if r["beyond_trained_context"] and rope_scaling is None else ""
-            print(f"| {ctx}{flag} | {r['policy']} | {fmt('effort', 'g')} | {r['decode_ms']:.1f} | "
+            print(f"| {ctx}{flag} | {r['policy']} | {fmt('effort', 'g')} | {fmt('head_split', 'g')} | "
+                  f"{fmt('streaming', '.0%')} | {r['decode_ms']:.1f} | "
                   f"{fmt('speedup_vs_dense', '.1f')}x | "
                   f"{r['build_s']:.1f} | {fmt('mass', '.3f')} | {fmt('recall', '.3f')} | {fmt('output_error', '.3f')} | "
                   f"{fmt('scored_fraction', '.3f')} | {fmt('selected', '.0f')} | {r.get('index_bytes', 0) / 2**20:.1f} |",
