@@ -268,9 +268,9 @@ def main(argv=None) -> int:
                         "longest context / trained length (training-free context extension)")
     p.add_argument("--efforts", type=float, nargs="+", default=[None],
                    help="search widths (x budget) for retrieval, keygraph and hnsw; one row per value")
-    p.add_argument("--head-splits", type=float, nargs="+", default=[None],
-                   help="streaming heads: KV heads with at most this share of attention beyond sinks + window keep "
-                        "only those (kv_head_split); one row per value and sparse policy")
+    p.add_argument("--head-splits", type=lambda s: None if s.lower() == "none" else float(s), nargs="+",
+                   default=[None], help="streaming heads: KV heads with at most this share of attention beyond sinks "
+                   "+ window keep only those (kv_head_split; 'none': no split); one row per value and sparse policy")
     p.add_argument("--out", default=None, help="JSON path; the plot goes next to it (.png)")
     args = p.parse_args(argv)
 

@@ -131,3 +131,15 @@ def test_a_prompt_cache_keeps_the_head_split(tiny_models, tmp_path):
 def test_a_bad_head_split_is_one_line(value):
     with pytest.raises(OffloadError, match="kv_head_split must be a share of attention in"):
         EngineConfig(kv_head_split=value)
+
+
+def test_cli_head_split_reaches_the_run(tiny_models, capsys):
+    from offload.cli import main
+
+    folder, _ = tiny_models["llama"]
+    assert main(["generate", "the quick brown fox " * 20, "--model", str(folder), "-n", "3", "--ignore-eos",
+                 "--kv-policy", "retrieval", "--kv-budget", "4", "--window", "8", "--dense-layers", "1",
+                 "--kv-head-split", "0.2"]) == 0
+    assert "streaming heads (at most 20% of their attention beyond sinks + window" in capsys.readouterr().err
+    assert main(["generate", "hi", "--model", str(folder), "--kv-policy", "retrieval", "--kv-head-split", "2"]) == 2
+    assert "kv_head_split must be a share of attention in (0, 1)" in capsys.readouterr().err
