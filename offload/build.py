@@ -62,7 +62,9 @@ class Runtime:
             weights += f": all {a.num_layers} layers on {r.device.type}"
         if r.config.quantize:
             kernel = str(KERNEL_DTYPE).removeprefix("torch.")
-            weights += (f", projections {r.config.quantize} (groups of {INT4_GROUP}, {kernel} scale + zero), "
+            held = (f"groups of {INT4_GROUP}, {kernel} scale + zero" if r.config.quantize == "int4" else
+                    f"a {kernel} scale per row")
+            weights += (f", projections {r.config.quantize} ({held}), "
                         f"embeddings and head int8 (a {kernel} scale per row), norms {r.dtype_name}")
             if r.dtype != KERNEL_DTYPE:  # an fp32 model: the kernels cast at their edge
                 weights += f", {kernel} kernel inputs"

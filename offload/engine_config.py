@@ -24,7 +24,7 @@ from .config import ModelArgs, RopeScaling
 from .errors import OffloadError
 from .indexes.base import AUTO_SPARSE_POLICY, SelectionConfig, check_disk_policy, policy_class, policy_names
 from .loaders import LOAD_FORMATS, read_model_args
-from .quant import INT4_GROUP, N_MULTIPLE, QUANTIZE_SCHEMES, int4_supported
+from .quant import QUANTIZE_SCHEMES, projection_shapes, quantize_supported, shape_rule
 from .tiers.budget import check_disk_dir, format_size, free_device_memory, free_host_memory, parse_size, resolve_budget
 from .tiers.flash import FlashConfig, size_cache
 from .tiers.io import IO_BACKENDS
@@ -60,7 +60,9 @@ class EngineConfig:
     model: str | Path | None = None  # HF folder, .gguf file, preset name (dummy), None: the default model
     device: str = "auto"  # auto: CUDA when usable, else the CPU
     dtype: str = "auto"  # auto: bf16 on a GPU, fp32 on the CPU (bf16 with quantize)
-    quantize: str | None = None  # "int4": projection weights in int4 groups at run time (CPU); None: as loaded
+    # "int4": projection weights in int4 groups of 32 at run time (CPU), "int8": int8 with a scale per
+    # row (1.06 bytes per weight; see offload/quant.py); None: as loaded
+    quantize: str | None = None
     load_format: str = "auto"  # dummy: the model's shape with seeded random weights (speed runs only)
     seed: int = 0  # of the dummy weights
     max_context: int | None = None  # longest sequence (prompt + generated); None: the model's maximum
@@ -159,7 +161,7 @@ class EngineConfig:
     def resolve(self, planning: bool = False) -> "ResolvedConfig":
         """Decide every "auto", check what can be checked before loading, and place the model.
         ``planning``: for ``offload plan``, which may plan a GPU machine from a machine without one."""
-        if self.quantize and self.device == "auto":  # the int4 kernel is the CPU's for now
+        if self.quantize and self.device == "auto":  # the int4 and int8 kernels are the CPU's for now
             device = torch.device("cpu")
         else:
             device = resolve_device(self.device, planning, self.gpu_memory)
@@ -228,12 +230,10 @@ class EngineConfig:
         if not planning and not self.budgeted:
             _check_fits(args, source, device, dtype_name, placement)
         if self.quantize:
-            shapes = {(args.q_size + 2 * args.kv_size, args.hidden_size), (args.hidden_size, args.q_size),
-                      (2 * args.intermediate_size, args.hidden_size), (args.hidden_size, args.intermediate_size)}
-            bad = sorted(s for s in shapes if not int4_supported(*s))
+            bad = sorted(s for s in set(projection_shapes(args)) if not quantize_supported(self.quantize, *s))
             if bad:
-                raise OffloadError(f"quantize='int4' needs projections whose outputs divide by {N_MULTIPLE} and "
-                                   f"inputs by {INT4_GROUP}; this model has {bad[0][0]} x {bad[0][1]}: drop quantize")
+                raise OffloadError(f"quantize={self.quantize!r} needs projections with {shape_rule(self.quantize)}; "
+                                   f"this model has {bad[0][0]} x {bad[0][1]}: drop quantize")
         if self.max_context is not None and self.max_context > args.max_position_embeddings and self.verbose:
             print(f"offload: max_context {self.max_context} is beyond the {args.max_position_embeddings} positions "
                   "this model was trained for: fine for measuring speed and index behaviour, but expect output "
@@ -246,8 +246,8 @@ class EngineConfig:
     def _check_quantize(self, device: torch.device, dtype: torch.dtype) -> None:
         if not self.quantize:
             return
-        _check(device.type == "cpu", f"quantize={self.quantize!r} runs on the CPU for now (torch's fused int4 kernel); "
-               "the GPU kernel comes next: use device='cpu' or drop quantize")
+        _check(device.type == "cpu", f"quantize={self.quantize!r} runs on the CPU for now (torch's fused int4/int8 "
+               "kernels); the GPU kernel comes next: use device='cpu' or drop quantize")
         _check(dtype in (torch.bfloat16, torch.float32), f"quantize={self.quantize!r} computes in bfloat16 or float32 "
                f"(its kernels take bf16 activations); got dtype {str(dtype).removeprefix('torch.')}: use 'auto'")
         _check(self.flash is None, f"quantize={self.quantize!r} and flash both rewrite the FFN weights: use one")

@@ -13,7 +13,7 @@ from torch import nn
 
 from .attention import AttentionBackend, ForwardBatch, MixedBatch
 from .config import ModelArgs
-from .quant import Int4Weight, Int8Weight, embedding, linear
+from .quant import Int4Weight, Int8Weight, embedding, empty_weight, linear, quantize_weight
 from .rope import RotaryEmbedding
 
 
@@ -33,9 +33,9 @@ def _param(shape: tuple[int, ...], device, dtype) -> nn.Parameter:
     return nn.Parameter(torch.empty(shape, device=device, dtype=dtype), requires_grad=False)
 
 
-def _weight(shape: tuple[int, int], device, dtype, quantize: str | None) -> nn.Parameter | Int4Weight:
-    """A projection weight [N, K]: dense, or an empty int4 one (a streaming buffer the store fills)."""
-    return Int4Weight(*shape, dtype, device=device) if quantize else _param(shape, device, dtype)
+def _weight(shape: tuple[int, int], device, dtype, quantize: str | None) -> nn.Parameter | Int4Weight | Int8Weight:
+    """A projection weight [N, K]: dense, or an empty quantized one (a streaming buffer the store fills)."""
+    return empty_weight(shape, quantize, dtype, device) if quantize else _param(shape, device, dtype)
 
 
 class Attention(nn.Module):
@@ -83,8 +83,8 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """``quantize``: "int4" builds the projections as empty int4 weights (a streaming buffer for
-    quantized layers); a layer loaded dense becomes int4 with :meth:`quantize_int4`."""
+    """``quantize``: "int4" or "int8" builds the projections as empty quantized weights (a streaming
+    buffer for quantized layers); a layer loaded dense is converted with :meth:`quantize`."""
 
     def __init__(self, args: ModelArgs, device, dtype, quantize: str | None = None):
         super().__init__()
@@ -93,12 +93,13 @@ class DecoderLayer(nn.Module):
         self.ffn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps, device, dtype)
         self.mlp = MLP(args, device, dtype, quantize)
 
-    def quantize_int4(self) -> None:
-        """Hold the four projection weights as int4 groups (fused CPU kernel); the norms and the
-        QKV bias stay in the compute dtype. Each dense weight is freed as its replacement lands."""
+    def quantize(self, scheme: str) -> None:
+        """Hold the four projection weights in ``scheme`` ("int4" groups or "int8" rows: fused CPU
+        kernels); the norms and the QKV bias stay in the compute dtype. Each dense weight is freed
+        as its replacement lands."""
         for owner, name in ((self.attn, "wqkv"), (self.attn, "wo"), (self.mlp, "w_gate_up"), (self.mlp, "w_down")):
             dense = getattr(owner, name)
-            quantized = Int4Weight.from_float(dense.detach(), dense.dtype)
+            quantized = quantize_weight(dense.detach(), scheme, dense.dtype)
             delattr(owner, name)  # a registered parameter gives way to the weight module
             setattr(owner, name, quantized)
 

@@ -1,4 +1,11 @@
-"""Weight-only int4 quantization, computed by torch's fused CPU kernel (tinygemm's layout).
+"""Weight-only int4 and int8 quantization, computed by torch's fused CPU kernels.
+
+``quantize="int4"`` (tinygemm's layout, below) holds the projections in 4-bit groups of 32;
+``quantize="int8"`` in int8 with one scale per output row (``_weight_int8pack_mm``): 1.06 bytes per
+weight, as fast as int4 per matrix on a CPU (measured, FACTS.md: 4096x4096 int4 0.51 ms, int8 0.49
+ms) but 1.6x its bytes. Its 256 levels per row beat int4's 16 per group where a row's range is
+even (bf16 checkpoints); a file already on a 4-bit grid of 32-weight groups (GGUF Q4_x) is held
+more exactly by int4 groups (BENCHMARKS.md). Embeddings and head are int8 rows in both schemes.
 
 A linear weight W [N, K] is held as 4-bit codes q in 0..15 and, per group of ``group`` consecutive
 input columns of each output row, a scale and a zero: W ~ (q - 8) * scale + zero, which is the
@@ -29,7 +36,8 @@ INT4_GROUP = 32  # weights per scale/zero pair: GGUF's Q4_0 / Q4_1 / Q4_K sub-bl
 INT4_MID = 8  # the kernel's codes are centred: w = (q - INT4_MID) * scale + zero
 INT4_MAX = 15
 N_MULTIPLE = 16  # the CPU packer needs N divisible by 16
-QUANTIZE_SCHEMES = ("int4",)
+QUANTIZE_SCHEMES = ("int4", "int8")
+INT8_K_MULTIPLE = 8  # torch's int8 CPU kernel reads inputs in eights: other widths crash or give garbage
 KERNEL_DTYPE = torch.bfloat16  # the fused kernels' scales and activations (their fast path on every CPU)
 SCALE_BYTES = 2  # bytes of one KERNEL_DTYPE scale or zero
 
@@ -49,6 +57,40 @@ def int8_nbytes(out_features: int, in_features: int, scale_bytes: int) -> int:
     return out_features * in_features + out_features * scale_bytes
 
 
+def int8_supported(out_features: int, in_features: int) -> bool:
+    """Whether the fused int8 kernel takes a weight of this shape."""
+    return out_features > 0 and in_features % INT8_K_MULTIPLE == 0
+
+
+def quantize_supported(scheme: str, out_features: int, in_features: int) -> bool:
+    return (int4_supported if scheme == "int4" else int8_supported)(out_features, in_features)
+
+
+def shape_rule(scheme: str) -> str:
+    """What ``scheme`` asks of a weight's shape, for an error line."""
+    if scheme == "int4":
+        return f"outputs divisible by {N_MULTIPLE} and inputs by {INT4_GROUP}"
+    return f"inputs divisible by {INT8_K_MULTIPLE}"
+
+
+def projection_nbytes(out_features: int, in_features: int, quantize: str) -> int:
+    """Bytes one projection weight holds in a quantized scheme."""
+    if quantize == "int4":
+        return int4_nbytes(out_features, in_features, SCALE_BYTES)
+    return int8_nbytes(out_features, in_features, SCALE_BYTES)
+
+
+def quantize_weight(w: torch.Tensor, scheme: str, dtype: torch.dtype) -> "Int4Weight | Int8Weight":
+    """w [N, K] as the scheme's weight module; ``dtype`` the compute dtype of its outputs."""
+    return (Int4Weight if scheme == "int4" else Int8Weight).from_float(w, dtype)
+
+
+def empty_weight(shape: tuple[int, int], scheme: str, dtype: torch.dtype,
+                 device: torch.device | str = "cpu") -> "Int4Weight | Int8Weight":
+    """An unfilled weight module of the scheme (a streaming buffer the store fills)."""
+    return (Int4Weight if scheme == "int4" else Int8Weight)(*shape, dtype, device=device)
+
+
 def projection_shapes(args: ModelArgs) -> list[tuple[int, int]]:
     """[N, K] of one decoder layer's four projection weights (q|k|v fused, o, gate|up fused, down)."""
     return [(args.q_size + 2 * args.kv_size, args.hidden_size), (args.hidden_size, args.q_size),
@@ -56,14 +98,14 @@ def projection_shapes(args: ModelArgs) -> list[tuple[int, int]]:
 
 
 def layer_nbytes(args: ModelArgs, dtype_bytes: int, quantize: str | None) -> int:
-    """Bytes one decoder layer holds: everything in the compute dtype, or (int4) its projections
-    in int4 groups (KERNEL_DTYPE scales) beside norms and bias in the compute dtype. The planner
-    places and streams these."""
+    """Bytes one decoder layer holds: everything in the compute dtype, or its projections in the
+    ``quantize`` scheme (KERNEL_DTYPE scales) beside norms and bias in the compute dtype. The
+    planner places and streams these."""
     if not quantize:
         return args.layer_param_count() * dtype_bytes
     shapes = projection_shapes(args)
     rest = args.layer_param_count() - sum(n * k for n, k in shapes)  # norms, QKV bias
-    return sum(int4_nbytes(n, k, SCALE_BYTES) for n, k in shapes) + rest * dtype_bytes
+    return sum(projection_nbytes(n, k, quantize) for n, k in shapes) + rest * dtype_bytes
 
 
 def embedding_nbytes(args: ModelArgs, dtype_bytes: int, quantize: str | None) -> int:
@@ -173,13 +215,16 @@ INT8_MAX = 127
 
 
 class Int8Weight(nn.Module):
-    """A weight in int8 with one scale per output row (symmetric): W ~ codes * scale. For the
-    embedding table and the LM head (tied or not): lookups dequantize the rows they touch, the head
-    runs torch's fused int8 CPU kernel. 1 byte per weight against 2 in bf16. Scales in KERNEL_DTYPE;
-    ``dtype`` is the compute dtype its outputs and looked-up rows are given in."""
+    """A weight in int8 with one scale per output row (symmetric): W ~ codes * scale. The embedding
+    table and the LM head (tied or not; lookups dequantize the rows they touch), and the projections
+    with ``quantize="int8"``: products run torch's fused int8 CPU kernel. 1 byte per weight against
+    2 in bf16. Scales in KERNEL_DTYPE; ``dtype`` is the compute dtype its outputs and looked-up rows
+    are given in."""
 
     def __init__(self, out_features: int, in_features: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
         super().__init__()
+        if not int8_supported(out_features, in_features):
+            raise OffloadError(f"int8 weights need {shape_rule('int8')}; got {out_features} x {in_features}")
         self.out_features, self.in_features, self.dtype = out_features, in_features, dtype
         self.codes = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.int8, device=device),
                                   requires_grad=False)  # [N, K]

@@ -118,18 +118,19 @@ def host_gemv(matrix_bytes: int, repeats: int, dtype: torch.dtype = torch.float3
     return timed(run, count * rows * cols * elem, repeats)
 
 
-def host_gemv_int4(matrix_bytes: int, repeats: int, total_bytes: int = 96 * MIB) -> dict:
-    """As :func:`host_gemv` for int4 weights (group 32, bf16 scale + zero: torch's fused CPU
-    kernel the quantized path computes with), ``matrix_bytes`` counted as the int4 bytes held."""
-    from offload.quant import N_MULTIPLE, SCALE_BYTES, Int4Weight, int4_nbytes, int4_supported
+def host_gemv_quantized(matrix_bytes: int, repeats: int, scheme: str = "int4", total_bytes: int = 96 * MIB) -> dict:
+    """As :func:`host_gemv` for quantized weights (``scheme`` "int4": group 32, bf16 scale + zero;
+    "int8": a bf16 scale per row; torch's fused CPU kernels the quantized path computes with),
+    ``matrix_bytes`` counted as the bytes the weight holds."""
+    from offload.quant import N_MULTIPLE, projection_nbytes, quantize_supported, quantize_weight
 
     cols = 512 if matrix_bytes <= 4 * MIB else 2048
-    per_row = int4_nbytes(1, cols, SCALE_BYTES)
-    rows = max(N_MULTIPLE, matrix_bytes // per_row // N_MULTIPLE * N_MULTIPLE)  # the packer takes rows in sixteens
-    if not int4_supported(rows, cols):
-        raise ValueError(f"int4 gemv shape {rows} x {cols} is not supported")
+    per_row = projection_nbytes(1, cols, scheme)
+    rows = max(N_MULTIPLE, matrix_bytes // per_row // N_MULTIPLE * N_MULTIPLE)  # the int4 packer takes sixteens
+    if not quantize_supported(scheme, rows, cols):
+        raise ValueError(f"{scheme} gemv shape {rows} x {cols} is not supported")
     count = max(2, total_bytes // (rows * per_row))
-    mats = [Int4Weight.from_float(torch.randn(rows, cols), torch.bfloat16) for _ in range(count)]
+    mats = [quantize_weight(torch.randn(rows, cols), scheme, torch.bfloat16) for _ in range(count)]
     x = torch.randn(1, cols).to(torch.bfloat16)  # [1, cols]
 
     def run():
@@ -384,7 +385,8 @@ def run_profile(quick: bool, disk_dir: Path, progress: bool = True) -> dict:
     gemv_sizes = [1 * MIB, 4 * MIB, 16 * MIB] + ([] if quick else [64 * MIB])
     m["host_gemv_fp32"] = [{"size": b, **host_gemv(b, repeats)} for b in gemv_sizes]
     m["host_gemv_bf16"] = [{"size": b, **host_gemv(b, repeats, torch.bfloat16)} for b in gemv_sizes]
-    m["host_gemv_int4"] = [{"size": b, **host_gemv_int4(b, repeats)} for b in gemv_sizes]
+    for scheme in ("int4", "int8"):
+        m[f"host_gemv_{scheme}"] = [{"size": b, **host_gemv_quantized(b, repeats, scheme)} for b in gemv_sizes]
     m["layer_overhead"] = layer_overhead(3 * repeats)
     m["sparse_layer_overhead"] = sparse_layer_overhead(3 * repeats)
     m["checksum"] = [{"size": host_size, **checksum(host_size, repeats)}]
@@ -426,6 +428,7 @@ def run_profile(quick: bool, disk_dir: Path, progress: bool = True) -> dict:
         "gemv_curve_fp32": [[r["size"], r["median_gbs"]] for r in m["host_gemv_fp32"]],
         "gemv_curve_bf16": [[r["size"], r["median_gbs"]] for r in m["host_gemv_bf16"]],
         "gemv_curve_int4": [[r["size"], r["median_gbs"]] for r in m["host_gemv_int4"]],
+        "gemv_curve_int8": [[r["size"], r["median_gbs"]] for r in m["host_gemv_int8"]],
         "disk_read_gbs": best_direct,
         "verify_gbs": m["checksum"][0]["median_gbs"],
         "index_keys_per_s": m["index_search"][-1]["keys_per_s"],

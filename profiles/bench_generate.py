@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", default="float32", help="compute dtype for both runtimes (float32, bfloat16)")
-    p.add_argument("--quantize", default=None, choices=("int4",), help="offload's weights at run time")
+    p.add_argument("--quantize", default=None, choices=("int4", "int8"), help="offload's weights at run time")
     p.add_argument("--kv-dtype", default=None, choices=("int8",), help="offload's KV cache (default: the dtype)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers comparison")

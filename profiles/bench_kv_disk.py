@@ -268,7 +268,7 @@ def main(argv=None) -> int:
                    help="read ahead this share of a step's selection (offload.tiers.kv_disk.LOOKAHEAD_SHARE)")
     p.add_argument("--load-format", default="auto", choices=("auto", "dummy"),
                    help="dummy: a preset's shape (--model llama-3.2-1b) with seeded random weights (with --synthetic-kv)")
-    p.add_argument("--quantize", default=None, choices=("int4",))
+    p.add_argument("--quantize", default=None, choices=("int4", "int8"))
     p.add_argument("--synthetic-kv", action="store_true",
                    help="speed and memory only: the KV filled with synthetic keys and values a layer at a time, as a "
                         "layer-major prefill writes it (128K on a CPU without hours of prefill), then --steps greedy "

@@ -273,7 +273,7 @@ def main(argv=None) -> int:
     p.add_argument("--load-format", default="auto", choices=("auto", "dummy"))
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--quantize", default=None, choices=("int4",),
+    p.add_argument("--quantize", default=None, choices=("int4", "int8"),
                    help="projection weights in int4 at run time (CPU): the weights' share of a step shrinks ~4x")
     p.add_argument("--gpu-memory", default=None,
                    help="cap on the process's GPU memory (torch.cuda.set_per_process_memory_fraction), e.g. 24GiB")

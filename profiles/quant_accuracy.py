@@ -27,6 +27,7 @@ from offload.fileio import write_json_atomic
 FORMATS = {
     "reference (dequantized)": {},
     "int4 weights": {"quantize": "int4"},
+    "int8 weights": {"quantize": "int8"},
     "int8 KV": {"kv_dtype": "int8"},
     "int4 weights + int8 KV": {"quantize": "int4", "kv_dtype": "int8"},
 }

@@ -32,7 +32,7 @@ from pathlib import Path
 from offload.config import ModelArgs
 from offload.errors import OffloadError
 from offload.fileio import write_json_atomic
-from offload.quant import SCALE_BYTES, embedding_nbytes, int4_nbytes, layer_nbytes, projection_shapes
+from offload.quant import embedding_nbytes, layer_nbytes, projection_nbytes, projection_shapes
 
 from .budget import BudgetError, format_size, pinned_nbytes
 from .kv_disk import EXPECTED_HIT_RATE, DiskKVSizing
@@ -80,12 +80,15 @@ class BandwidthProfile:
     gemv_curve_fp32: tuple = ()
     gemv_curve_bf16: tuple = ()
     gemv_curve_int4: tuple = ()  # bytes as held by int4 weights (codes, scales and zeros)
+    gemv_curve_int8: tuple = ()  # bytes as held by int8 weights (codes and row scales)
     source: str = "defaults"
 
     def host_gemv_gbs(self, matrix_bytes: float, dtype: str) -> float:
         """CPU matrix-vector bandwidth for matrices of ``matrix_bytes`` (log-size interpolation).
-        ``dtype``: a compute dtype's name, or "int4" for quantized weights (bf16 when not measured)."""
-        curves = {"int4": self.gemv_curve_int4 or self.gemv_curve_bf16, "bfloat16": self.gemv_curve_bf16,
+        ``dtype``: a compute dtype's name, or "int4" / "int8" for quantized weights (bf16 when not
+        measured)."""
+        curves = {"int4": self.gemv_curve_int4 or self.gemv_curve_bf16,
+                  "int8": self.gemv_curve_int8 or self.gemv_curve_bf16, "bfloat16": self.gemv_curve_bf16,
                   "float16": self.gemv_curve_bf16}
         curve = sorted(curves.get(dtype, self.gemv_curve_fp32))
         if not curve:
@@ -167,7 +170,7 @@ class Placement:
     step_breakdown_ms: dict
     profile_source: str
     bytes_per_token: dict = field(default_factory=dict)  # tier -> bytes moved per decode step
-    quantize: str | None = None  # "int4": layers hold int4 projections (layer_bytes counts those)
+    quantize: str | None = None  # "int4" / "int8": layers hold quantized projections (layer_bytes counts those)
     kv_dtype: str | None = None  # "int8": the KV bytes counted are int8 codes and scales
     kv_disk_cache_bytes: int = 0  # the sparse layers' KV is on disk, read through a cache this big (in KV "host"
     # on a GPU, "device" on a CPU, beside the rows kept in memory)
@@ -379,7 +382,7 @@ def plan(args: ModelArgs, *, model: str, context: int, device: str = "cpu", dtyp
     # Predicted decode step.
     # Decode reads each weight matrix once; on the CPU the achieved bandwidth depends on the matrix's
     # size (small ones pay a larger share of per-call cost), so each is priced at its own size's rate.
-    matrices = [int4_nbytes(n, k, SCALE_BYTES) if quantize else n * k * b for n, k in projection_shapes(args)]
+    matrices = [projection_nbytes(n, k, quantize) if quantize else n * k * b for n, k in projection_shapes(args)]
     typical = sum(matrices) / len(matrices)
     dev_bw = (profile.gpu_read_gbs if on_gpu else profile.host_gemv_gbs(typical, quantize or dtype)) * 1e9
 

@@ -56,7 +56,7 @@ def load_offloaded(model: str | Path | None, placement: Placement, *, device: to
     """Load ``model`` as ``placement`` says: device layers resident, host layers in (pinned) host
     memory, disk layers spilled to a weight store in ``disk_dir`` (reused when it holds these
     weights: ``fingerprint`` identifies them by content), and a streamer for the off-device ones.
-    ``quantize``: layers are quantized as they load, so the store and the buffers hold int4."""
+    ``quantize``: layers are quantized as they load, so the store and the buffers hold its codes."""
     from offload.loaders import load_model
     from offload.model import DecoderLayer
 
@@ -65,7 +65,7 @@ def load_offloaded(model: str | Path | None, placement: Placement, *, device: to
     store_path = None
     disk_spill = None
     if disk_layers:
-        held = placement.dtype + (f"-{quantize}" if quantize else "")  # a dense and an int4 store live side by side
+        held = placement.dtype + (f"-{quantize}" if quantize else "")  # dense, int4 and int8 stores live side by side
         store_path = Path(disk_dir) / f"{Path(placement.model).stem}-{fingerprint[:12]}-{held}.weights"
         disk_spill = WeightSpill(store_path, disk_layers, fingerprint, dtype)
         disk_spill.begin()

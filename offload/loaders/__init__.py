@@ -96,7 +96,7 @@ def load_model(model: str | Path | None, device: torch.device, dtype: torch.dtyp
     """Load weights and tokenizer from a folder or GGUF file (None: the default model).
 
     Layers in ``offloaded`` are not kept: their weights go to ``spill`` (a store on disk).
-    ``quantize="int4"``: each layer's projections become int4 groups as soon as the layer is
+    ``quantize`` ("int4", "int8"): each layer's projections are quantized as soon as the layer is
     complete (before it is spilled), the embeddings and head int8 at the end: the dense form of no
     more than a layer or two is held at a time.
     ``load_format="dummy"``: the model's shape (a preset, config.json or GGUF header) with seeded

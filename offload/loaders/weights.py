@@ -21,8 +21,8 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 class WeightAssembler:
     """``spill`` (offload.tiers.streaming.WeightSpill) receives the layers the model keeps off the
     device: each is assembled in a host-memory staging layer, handed over once complete, and
-    dropped, so no more than a layer or two of them is ever held. ``quantize="int4"``: every layer
-    is quantized the moment its last tensor lands (before a spill, so stores hold int4), and the
+    dropped, so no more than a layer or two of them is ever held. ``quantize`` ("int4", "int8"): every
+    layer is quantized the moment its last tensor lands (before a spill, so stores hold its codes), and the
     embedding table and LM head each as it lands; a resident layer's dense pages are freed as it converts."""
 
     def __init__(self, model: Transformer, source: str, spill=None, quantize: str | None = None):
@@ -137,7 +137,7 @@ class WeightAssembler:
             due.discard(key)
             if not due:  # the layer is complete: to the store, and its host copy goes
                 if self.quantize:
-                    module.quantize_int4()
+                    module.quantize(self.quantize)
                 self.spill.put_layer(staged, module)
                 self.model.layers[staged] = self._meta_layers.pop(staged)
                 del self._staged[staged]
@@ -154,7 +154,7 @@ class WeightAssembler:
         due = self._due[i]
         due.discard(key)
         if not due:
-            self.model.layers[i].quantize_int4()
+            self.model.layers[i].quantize(self.quantize)
             del self._due[i]
             self._quantized.add(i)
 
