@@ -61,7 +61,7 @@ class SelectionConfig:
     sink: int = 4
     window: int = 64
     dense_layers: int = 2  # the first layers attend broadly; they stay dense
-    effort: float | None = None  # search width of graph indexes (ef = effort x budget); None: their default
+    effort: float | None = None  # search width (x budget): graph beams, cluster's rerank; None: their default
     mass: float | None = None  # adaptive: the share of the candidates' attention to select; budget caps it
     head_split: float | None = None  # streaming heads: at most this share of attention beyond sinks + window
 
@@ -148,7 +148,7 @@ class KVIndex(ABC):
     persistable: ClassVar[bool] = True  # an index holding foreign objects (hnswlib graphs) sets False
     adaptive: ClassVar[bool] = False  # search() honours config.mass (an estimate of each token's attention)
     learned: ClassVar[tuple[str, ...]] = ()  # attributes build() learns: what a prompt cache saves
-    effort: ClassVar[float | None] = None  # graph indexes: beam width = effort x budget
+    effort: ClassVar[float | None] = None  # graph beams (ef = effort x budget), cluster's tokens taken to rerank
     # How the KV's disk tier lays this policy's tokens out: "tokens" (in order: pages), "clusters"
     # (disk_order()), or None: its search reads keys all over the KV, which a disk tier cannot serve.
     disk_layout: ClassVar[str | None] = None

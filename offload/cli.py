@@ -71,7 +71,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "'p0.95' (adaptive: per head until the index's estimate of attention reaches 95%%, up to 10%% "
                         "of the context; cluster and exact) (default: the tuned profile's, else 0.02)")
     p.add_argument("--search-effort", type=float, default=None,
-                   help="graph search width (x budget) for retrieval (default: the tuned profile's, else 1)")
+                   help="search width (x budget): retrieval's beam; cluster takes clusters for this many times the "
+                        "budget and keeps the exact best budget of their tokens (default: the tuned profile's, else 1)")
     p.add_argument("--kv-head-split", type=float, default=None,
                    help="streaming heads: a KV head with at most this share of its attention beyond the sinks and "
                         "the window, over the prompt's last queries, keeps only those (no search, no fetch), e.g. "

@@ -34,6 +34,7 @@ from .tiers.planner import DTYPE_BYTES, BandwidthProfile, Placement, Tuning, kv_
 
 KV_OFFLOAD_CHOICES = (None, False, True, "host", "disk")
 DEFAULT_KV_BUDGET = 0.02  # 2% of the context, plus sinks and the recent window
+TUNED_EFFORT_POLICY = "retrieval"  # `offload tune` sweeps this policy's search width: its choice is that policy's
 MIN_FLASH_CALIBRATION = 128  # fewer calibration tokens than this: thresholds are a guess, say so
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -123,7 +124,7 @@ class EngineConfig:
             value = getattr(self, name)
             _check(_is_int(value) and value >= 0, f"{name} must be an integer >= 0, got {value!r}")
         _check(self.search_effort is None or (_is_number(self.search_effort) and self.search_effort >= 1),
-               f"search_effort must be >= 1 (beam width = effort x budget), got {self.search_effort!r}")
+               f"search_effort must be >= 1 (search width = effort x budget), got {self.search_effort!r}")
         _check(self.kv_head_split is None or (_is_number(self.kv_head_split) and 0 < self.kv_head_split < 1),
                f"kv_head_split must be a share of attention in (0, 1) (e.g. 0.05: KV heads with at most 5% of their "
                f"attention beyond sinks + window keep only those), got {self.kv_head_split!r}")
@@ -191,7 +192,8 @@ class EngineConfig:
         budget, mass = SelectionConfig.parse_budget(self.kv_budget or tuning.kv_budget or DEFAULT_KV_BUDGET)
         selection = SelectionConfig(budget=budget, mass=mass, sink=self.sink, head_split=self.kv_head_split,
                                     window=self.window, dense_layers=self.dense_layers,
-                                    effort=self.search_effort if self.search_effort is not None else tuning.search_effort)
+                                    effort=self.search_effort if self.search_effort is not None else
+                                    tuning.search_effort if kv_policy == TUNED_EFFORT_POLICY else None)
         policy = policy_class(kv_policy)
         searches_on_host = policy.searches_on_host
         flash_sizing = None if self.flash is None else size_cache(args, dtype, cpu, context, self.flash)

@@ -343,3 +343,48 @@ def test_value_sums_follow_the_clusters_through_extend_and_restore(monkeypatch):
         for h in range(2):
             want = torch.zeros(ix.sizes.shape[1], 8).index_add_(0, ix._cluster_of[h].long(), values[h, :ix.n_clustered])
             torch.testing.assert_close(ix._vsums[h], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kv_int8", [False, True])
+def test_effort_keeps_the_exact_best_of_the_clusters_tokens(kv_int8):
+    """effort e: clusters are taken for e x budget tokens and the exact best budget of those kept.
+    Taking every candidate (large e) with one query head per KV head gives the exact twin's choice;
+    a smaller e keeps a subset of what its wide take held, and scores those keys beside the
+    centroids. An int8 cache's candidates are dequantized for the score."""
+    from offload.tiers.kv_store import KVRows, quantize_kv
+
+    Hkv, n, D, budget = 2, 1500, 16, 40
+    keys = torch.randn(Hkv, n, D, generator=torch.Generator().manual_seed(7)) * 0.7
+    rows = KVRows(*quantize_kv(keys, torch.float32)) if kv_int8 else KVRows(keys)
+    ctx = index_context(Hkv, Hkv, D, 1.0)
+    config = SelectionConfig(sink=4, window=16, dense_layers=0)
+    exact = make_index("exact", ctx, config)
+    exact.build(rows, n)
+    q = torch.randn(Hkv, D, generator=torch.Generator().manual_seed(8))
+    plain = make_index("cluster", ctx, config)
+    plain.build(rows, n)
+    wide = plain.search(q, 3 * budget)
+    plain.search(q, budget)
+    for effort, want in ((1e6, exact.search(q, budget)), (3.0, None)):
+        idx = make_index("cluster", ctx, dataclasses.replace(config, effort=effort))
+        idx.build(rows, n)
+        sel = idx.search(q, budget)
+        assert sel.counts.tolist() == [budget] * Hkv
+        for h in range(Hkv):
+            assert (torch.diff(sel.ids[h, :budget]) > 0).all()
+            if want is not None:
+                assert _ids(sel, h) == _ids(want, h)
+            else:
+                assert _ids(sel, h) <= _ids(wide, h)
+        if want is None:
+            assert idx.last_scored >= plain.last_scored + 3 * budget  # centroids and the candidates' keys
+
+
+def test_an_adaptive_budget_takes_its_clusters_tokens_whatever_the_effort():
+    """kv_budget "p": the take already stops at the estimated share; no exact rerank follows."""
+    Hkv, n, D = 2, 1200, 16
+    keys = torch.randn(Hkv, n, D, generator=torch.Generator().manual_seed(9))
+    q = torch.randn(Hkv, D, generator=torch.Generator().manual_seed(10)) * 2
+    plain = _index(keys, n, budget_sink=4, window=16, mass=0.5).search(q, 100)
+    wide = _index(keys, n, budget_sink=4, window=16, mass=0.5, effort=4.0).search(q, 100)
+    assert torch.equal(plain.counts, wide.counts) and all(_ids(plain, h) == _ids(wide, h) for h in range(Hkv))

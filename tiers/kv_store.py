@@ -110,6 +110,15 @@ class KVRows:
             return self.data[index]
         return dequantize_kv(self.data[index], self.scale[index])
 
+    def take(self, ids: torch.Tensor) -> torch.Tensor:
+        """Each head's own rows: ids [Hkv, W] (token ids per KV head) -> [Hkv, W, D] in the compute
+        dtype (an int8 cache dequantizes only these)."""
+        ids = ids.to(self.data.device).long()
+        data = self.data.gather(1, ids[..., None].expand(-1, -1, self.data.shape[-1]))  # [Hkv, W, D]
+        if self.scale is None:
+            return data
+        return dequantize_kv(data, self.scale.gather(1, ids[..., None]))
+
 
 class DiskRows(KVRows):
     """:class:`KVRows` of a layer in the disk tier: a slice of tokens is read from disk (and the
@@ -162,6 +171,10 @@ class DiskRows(KVRows):
             out = parts[self.which] if not self.quantized else dequantize_kv(parts[self.which], parts[2 + self.which])
         out = out[heads]
         return out[..., 0, :] if squeeze else out
+
+    def take(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [Hkv, W] -> [Hkv, W, D], through the extent cache."""
+        return self[:, ids]
 
 
 class _Staging:
