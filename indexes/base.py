@@ -35,6 +35,8 @@ from offload.tiers.planner import BandwidthProfile, SelectionCost
 QUERY_STRIDE = 4
 # What kv_policy="auto" picks when the KV does not fit on the device.
 AUTO_SPARSE_POLICY = "retrieval"
+# `offload tune` sweeps this policy's search width: a tuned effort is that policy's alone.
+TUNED_EFFORT_POLICY = "retrieval"
 # Adaptive budgets (kv_budget="p0.95"): the cap on a head's selection, a fraction of the context,
 # and the floor (an estimate that puts its whole mass on a few keys is not trusted below this).
 ADAPTIVE_CAP = 0.1

@@ -22,7 +22,14 @@ import torch
 
 from .config import ModelArgs, RopeScaling
 from .errors import OffloadError
-from .indexes.base import AUTO_SPARSE_POLICY, SelectionConfig, check_disk_policy, policy_class, policy_names
+from .indexes.base import (
+    AUTO_SPARSE_POLICY,
+    TUNED_EFFORT_POLICY,
+    SelectionConfig,
+    check_disk_policy,
+    policy_class,
+    policy_names,
+)
 from .loaders import LOAD_FORMATS, read_model_args
 from .quant import QUANTIZE_SCHEMES, projection_shapes, quantize_supported, shape_rule
 from .tiers.budget import check_disk_dir, format_size, free_device_memory, free_host_memory, parse_size, resolve_budget
@@ -34,7 +41,6 @@ from .tiers.planner import DTYPE_BYTES, BandwidthProfile, Placement, Tuning, kv_
 
 KV_OFFLOAD_CHOICES = (None, False, True, "host", "disk")
 DEFAULT_KV_BUDGET = 0.02  # 2% of the context, plus sinks and the recent window
-TUNED_EFFORT_POLICY = "retrieval"  # `offload tune` sweeps this policy's search width: its choice is that policy's
 MIN_FLASH_CALIBRATION = 128  # fewer calibration tokens than this: thresholds are a guess, say so
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
