@@ -7,6 +7,7 @@ from .api import (
     CacheArrays,
     cpu_has_fast_bf16,
     gather_attention,
+    int8_group_linear,
     kv_decode_attention,
     last_backend,
     merge_attention,
@@ -17,6 +18,7 @@ from .api import (
 from .reference import (
                         dense_attention_ref,
                         gather_attention_ref,
+                        int8_group_linear_ref,
                         kv_decode_attention_ref,
                         merge_attention_ref,
                         rope_rotate,
@@ -26,4 +28,5 @@ from .reference import (
 __all__ = ["gather_attention", "kv_decode_attention", "kv_decode_attention_ref",
            "shadowkv_attention", "merge_attention", "last_backend", "resolve_backend",
            "gather_attention_ref", "shadowkv_attention_ref", "merge_attention_ref", "dense_attention_ref",
-           "rope_rotate", "store_kv_int8", "CacheArrays", "cpu_has_fast_bf16"]
+           "rope_rotate", "store_kv_int8", "CacheArrays", "cpu_has_fast_bf16",
+           "int8_group_linear", "int8_group_linear_ref"]

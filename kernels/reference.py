@@ -166,3 +166,11 @@ def kv_decode_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
     valid = (t >= lo[:, None]) & (t < hi[:, None])  # [B, N]
     out, lse = _attend_listed(q.float(), keys, values, valid[:, None, :].expand(-1, k.shape[1], -1), scale)
     return out.to(q.dtype), lse
+
+
+def int8_group_linear_ref(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ W^T in fp32 for W = codes [N, K] int8 * scales [N, G] (one scale per group of
+    K / G consecutive columns of a row): dequantize, then multiply (the oracle of the CPU kernel)."""
+    group = codes.shape[1] // scales.shape[1]
+    w = codes.float() * scales.float().repeat_interleave(group, dim=1)  # [N, K]
+    return x.float() @ w.t()  # [M, N]

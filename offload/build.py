@@ -21,7 +21,7 @@ from .indexes.dense import DenseAttention
 from .loaders import load_model
 from .model import Transformer
 from .prompt_cache import model_fingerprint
-from .quant import INT4_GROUP, KERNEL_DTYPE
+from .quant import KERNEL_DTYPE, held_format
 from .rope import RotaryEmbedding
 from .tiers.budget import release_freed_memory
 from .tiers.flash import enable_flash, flash_stats
@@ -62,11 +62,9 @@ class Runtime:
             weights += f": all {a.num_layers} layers on {r.device.type}"
         if r.config.quantize:
             kernel = str(KERNEL_DTYPE).removeprefix("torch.")
-            held = (f"groups of {INT4_GROUP}, {kernel} scale + zero" if r.config.quantize == "int4" else
-                    f"a {kernel} scale per row")
-            weights += (f", projections {r.config.quantize} ({held}), "
+            weights += (f", projections {r.config.quantize} ({held_format(r.config.quantize)}), "
                         f"embeddings and head int8 (a {kernel} scale per row), norms {r.dtype_name}")
-            if r.dtype != KERNEL_DTYPE:  # an fp32 model: the kernels cast at their edge
+            if r.dtype != KERNEL_DTYPE and r.config.quantize == "int4":  # fp32 model: the int4 kernel casts at its edge
                 weights += f", {kernel} kernel inputs"
         if self.flash is not None:
             f = self.flash

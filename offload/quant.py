@@ -1,11 +1,13 @@
-"""Weight-only int4 and int8 quantization, computed by torch's fused CPU kernels.
+"""Weight-only int4 and int8 quantization for the CPU.
 
-``quantize="int4"`` (tinygemm's layout, below) holds the projections in 4-bit groups of 32;
-``quantize="int8"`` in int8 with one scale per output row (``_weight_int8pack_mm``): 1.06 bytes per
-weight, as fast as int4 per matrix on a CPU (measured, FACTS.md: 4096x4096 int4 0.51 ms, int8 0.49
-ms) but 1.6x its bytes. Its 256 levels per row beat int4's 16 per group where a row's range is
-even (bf16 checkpoints); a file already on a 4-bit grid of 32-weight groups (GGUF Q4_x) is held
-more exactly by int4 groups (BENCHMARKS.md). Embeddings and head are int8 rows in both schemes.
+``quantize="int4"`` (tinygemm's layout, below) holds the projections in 4-bit groups of 32 and
+computes through torch's fused kernel; ``quantize="int8"`` holds them as int8 codes with an fp32
+scale per group of 32 input columns (:class:`Int8GroupWeight`, GGUF's Q8_0 layout: 1.125 bytes per
+weight) and computes through the numba kernels of :mod:`offload.kernels.cpu_quant`. Groups keep
+int8 near-lossless where one scale per row was not (perplexity +0.90% on the default model with
+row scales, BENCHMARKS.md), and a file whose tensors are Q8_0, Q6_K or Q5_x keeps about its
+precision. A file already on a 4-bit grid of 32-weight groups (GGUF Q4_x) is held exactly by int4
+groups. Embeddings and head are int8 rows in both schemes (:class:`Int8Weight`).
 
 A linear weight W [N, K] is held as 4-bit codes q in 0..15 and, per group of ``group`` consecutive
 input columns of each output row, a scale and a zero: W ~ (q - 8) * scale + zero, which is the
@@ -31,13 +33,16 @@ from torch import nn
 from .attention import product_dtype
 from .config import ModelArgs
 from .errors import OffloadError
+from .kernels import int8_group_linear
 
 INT4_GROUP = 32  # weights per scale/zero pair: GGUF's Q4_0 / Q4_1 / Q4_K sub-block size
 INT4_MID = 8  # the kernel's codes are centred: w = (q - INT4_MID) * scale + zero
 INT4_MAX = 15
 N_MULTIPLE = 16  # the CPU packer needs N divisible by 16
 QUANTIZE_SCHEMES = ("int4", "int8")
+INT8_GROUP = 32  # input columns per scale of an int8 projection (GGUF's Q8_0 block)
 INT8_K_MULTIPLE = 8  # torch's int8 CPU kernel reads inputs in eights: other widths crash or give garbage
+INT8_SCALE_BYTES = 4  # an int8 projection's scales are fp32: a GGUF fp16 block scale fits exactly
 KERNEL_DTYPE = torch.bfloat16  # the fused kernels' scales and activations (their fast path on every CPU)
 SCALE_BYTES = 2  # bytes of one KERNEL_DTYPE scale or zero
 
@@ -57,9 +62,19 @@ def int8_nbytes(out_features: int, in_features: int, scale_bytes: int) -> int:
     return out_features * in_features + out_features * scale_bytes
 
 
-def int8_supported(out_features: int, in_features: int) -> bool:
-    """Whether the fused int8 kernel takes a weight of this shape."""
+def int8_group_nbytes(out_features: int, in_features: int, group: int = INT8_GROUP) -> int:
+    """Bytes an :class:`Int8GroupWeight` holds: codes and an fp32 scale per group."""
+    return out_features * in_features + out_features * (in_features // group) * INT8_SCALE_BYTES
+
+
+def int8_rows_supported(out_features: int, in_features: int) -> bool:
+    """Whether torch's fused int8 kernel (one scale per row: :class:`Int8Weight`) takes this shape."""
     return out_features > 0 and in_features % INT8_K_MULTIPLE == 0
+
+
+def int8_supported(out_features: int, in_features: int, group: int = INT8_GROUP) -> bool:
+    """Whether an int8 projection in groups (:class:`Int8GroupWeight`) can hold this shape."""
+    return out_features > 0 and in_features > 0 and in_features % group == 0
 
 
 def quantize_supported(scheme: str, out_features: int, in_features: int) -> bool:
@@ -70,25 +85,34 @@ def shape_rule(scheme: str) -> str:
     """What ``scheme`` asks of a weight's shape, for an error line."""
     if scheme == "int4":
         return f"outputs divisible by {N_MULTIPLE} and inputs by {INT4_GROUP}"
-    return f"inputs divisible by {INT8_K_MULTIPLE}"
+    return f"inputs divisible by {INT8_GROUP}"
+
+
+def held_format(scheme: str) -> str:
+    """How a projection of ``scheme`` is held, in words: the start-up line says it, and a weight
+    store records it (a store of another layout is rewritten, never read into these buffers)."""
+    kernel = str(KERNEL_DTYPE).removeprefix("torch.")
+    if scheme == "int4":
+        return f"groups of {INT4_GROUP}, {kernel} scale + zero"
+    return f"groups of {INT8_GROUP}, float32 scale"
 
 
 def projection_nbytes(out_features: int, in_features: int, quantize: str) -> int:
     """Bytes one projection weight holds in a quantized scheme."""
     if quantize == "int4":
         return int4_nbytes(out_features, in_features, SCALE_BYTES)
-    return int8_nbytes(out_features, in_features, SCALE_BYTES)
+    return int8_group_nbytes(out_features, in_features)
 
 
-def quantize_weight(w: torch.Tensor, scheme: str, dtype: torch.dtype) -> "Int4Weight | Int8Weight":
+def quantize_weight(w: torch.Tensor, scheme: str, dtype: torch.dtype) -> "Int4Weight | Int8GroupWeight":
     """w [N, K] as the scheme's weight module; ``dtype`` the compute dtype of its outputs."""
-    return (Int4Weight if scheme == "int4" else Int8Weight).from_float(w, dtype)
+    return (Int4Weight if scheme == "int4" else Int8GroupWeight).from_float(w, dtype)
 
 
 def empty_weight(shape: tuple[int, int], scheme: str, dtype: torch.dtype,
-                 device: torch.device | str = "cpu") -> "Int4Weight | Int8Weight":
+                 device: torch.device | str = "cpu") -> "Int4Weight | Int8GroupWeight":
     """An unfilled weight module of the scheme (a streaming buffer the store fills)."""
-    return (Int4Weight if scheme == "int4" else Int8Weight)(*shape, dtype, device=device)
+    return (Int4Weight if scheme == "int4" else Int8GroupWeight)(*shape, dtype, device=device)
 
 
 def projection_shapes(args: ModelArgs) -> list[tuple[int, int]]:
@@ -216,15 +240,14 @@ INT8_MAX = 127
 
 class Int8Weight(nn.Module):
     """A weight in int8 with one scale per output row (symmetric): W ~ codes * scale. The embedding
-    table and the LM head (tied or not; lookups dequantize the rows they touch), and the projections
-    with ``quantize="int8"``: products run torch's fused int8 CPU kernel. 1 byte per weight against
-    2 in bf16. Scales in KERNEL_DTYPE; ``dtype`` is the compute dtype its outputs and looked-up rows
-    are given in."""
+    table and the LM head (tied or not; lookups dequantize the rows they touch): products run
+    torch's fused int8 CPU kernel. 1 byte per weight against 2 in bf16. Scales in KERNEL_DTYPE;
+    ``dtype`` is the compute dtype its outputs and looked-up rows are given in."""
 
     def __init__(self, out_features: int, in_features: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
         super().__init__()
-        if not int8_supported(out_features, in_features):
-            raise OffloadError(f"int8 weights need {shape_rule('int8')}; got {out_features} x {in_features}")
+        if not int8_rows_supported(out_features, in_features):
+            raise OffloadError(f"int8 tables need inputs divisible by {INT8_K_MULTIPLE}; got {out_features} x {in_features}")
         self.out_features, self.in_features, self.dtype = out_features, in_features, dtype
         self.codes = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.int8, device=device),
                                   requires_grad=False)  # [N, K]
@@ -259,16 +282,64 @@ class Int8Weight(nn.Module):
         return (self.codes.to(KERNEL_DTYPE) * self.scales[:, None]).to(self.dtype)  # [N, K]
 
 
+class Int8GroupWeight(nn.Module):
+    """A projection weight in int8 with an fp32 scale per group of ``group`` input columns of each
+    output row (symmetric): W[n, k] ~ codes[n, k] * scales[n, k // group] (``quantize="int8"``;
+    GGUF's Q8_0 layout). Products run the numba kernels (:func:`offload.kernels.int8_group_linear`).
+    ``dtype`` is the compute dtype its outputs are given in."""
+
+    def __init__(self, out_features: int, in_features: int, dtype: torch.dtype, group: int = INT8_GROUP,
+                 device: torch.device | str = "cpu"):
+        super().__init__()
+        if not int8_supported(out_features, in_features, group):
+            raise OffloadError(f"int8 weights need inputs divisible by {group}; got {out_features} x {in_features}")
+        self.out_features, self.in_features, self.group, self.dtype = out_features, in_features, group, dtype
+        self.codes = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.int8, device=device),
+                                  requires_grad=False)  # [N, K]
+        self.scales = nn.Parameter(torch.empty(out_features, in_features // group, dtype=torch.float32,
+                                               device=device), requires_grad=False)  # [N, G]
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor, dtype: torch.dtype, group: int = INT8_GROUP) -> "Int8GroupWeight":
+        """Quantize w [N, K] (any float dtype, on the CPU): per group, scale = max |w| / 127 and codes
+        rounded to nearest. A group already on such a grid (GGUF Q8_0) comes back exactly."""
+        N, K = w.shape
+        out = cls(N, K, dtype, group)
+        with torch.no_grad():
+            for r in range(0, N, QUANTIZE_ROWS):  # row blocks: small fp32 temporaries
+                rows = w[r:r + QUANTIZE_ROWS].float().reshape(-1, K // group, group)  # [n, G, group]
+                scale = rows.abs().amax(dim=-1).clamp(min=1e-12) / INT8_MAX  # [n, G]
+                codes = torch.round(rows / scale[..., None]).clamp(-INT8_MAX, INT8_MAX)  # [n, G, group]
+                out.codes[r:r + QUANTIZE_ROWS] = codes.reshape(-1, K)
+                out.scales[r:r + QUANTIZE_ROWS] = scale
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.numel() + self.scales.numel() * self.scales.element_size()
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        lead = x.shape[:-1]
+        out = int8_group_linear(x.reshape(-1, self.in_features), self.codes, self.scales).to(x.dtype)  # [M, N]
+        if bias is not None:
+            out = out + bias
+        return out.view(*lead, self.out_features)
+
+    def dequantize(self) -> torch.Tensor:
+        """W [N, K] in the compute dtype."""
+        return (self.codes.float() * self.scales.repeat_interleave(self.group, dim=1)).to(self.dtype)
+
+
 # Up to this many rows, a CPU fp32 product computes W @ x^T (measured faster from 1 to 128 rows).
 SKINNY_ROWS = 64
 # From this many rows a bf16 product on a CPU without native bf16 runs in fp32 (see linear()).
 BF16_UPCAST_ROWS = 16
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor | Int4Weight | Int8Weight,
+def linear(x: torch.Tensor, weight: torch.Tensor | Int4Weight | Int8Weight | Int8GroupWeight,
            bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` for a dense weight, the fused kernel for a quantized one."""
-    if isinstance(weight, (Int4Weight, Int8Weight)):
+    """``F.linear`` for a dense weight, the quantized kernel for a quantized one."""
+    if isinstance(weight, (Int4Weight, Int8Weight, Int8GroupWeight)):
         return weight(x, bias)
     rows = x.numel() // x.shape[-1]
     if rows >= BF16_UPCAST_ROWS and product_dtype(weight) != weight.dtype:

@@ -120,7 +120,7 @@ def host_gemv(matrix_bytes: int, repeats: int, dtype: torch.dtype = torch.float3
 
 def host_gemv_quantized(matrix_bytes: int, repeats: int, scheme: str = "int4", total_bytes: int = 96 * MIB) -> dict:
     """As :func:`host_gemv` for quantized weights (``scheme`` "int4": group 32, bf16 scale + zero;
-    "int8": a bf16 scale per row; torch's fused CPU kernels the quantized path computes with),
+    "int8": groups of 32 with an fp32 scale; the kernels the quantized path computes with),
     ``matrix_bytes`` counted as the bytes the weight holds."""
     from offload.quant import N_MULTIPLE, projection_nbytes, quantize_supported, quantize_weight
 

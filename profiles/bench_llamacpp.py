@@ -29,7 +29,7 @@ CONFIGS = {
     "bf16": {"dtype": "bfloat16"},
     "int4": {"quantize": "int4"},  # compute dtype auto: bf16
     "int4 + kv int8": {"quantize": "int4", "kv_dtype": "int8"},
-    "int8": {"quantize": "int8"},  # int8 rows (compute dtype auto: bf16)
+    "int8": {"quantize": "int8"},  # int8 groups of 32 (compute dtype auto: bf16)
     # fp32 compute, the int4/int8 kernels casting at their edge: on a CPU without native bf16 (AVX2)
     # beside the bf16 configs above, what the compute dtype costs there
     "int4 fp32": {"quantize": "int4", "dtype": "float32"},

@@ -14,6 +14,7 @@ from offload.quant import (
     INT4_MID,
     KERNEL_DTYPE,
     Int4Weight,
+    Int8GroupWeight,
     Int8Weight,
     dequantize_int4,
     embedding,
@@ -70,13 +71,55 @@ def test_int8_head_and_lookup_match_the_reference(n, k, dtype):
 
 
 def test_int8_refuses_widths_its_kernel_gets_wrong():
-    """torch's int8 kernel crashes or returns garbage for inputs not a multiple of 8 wide (measured:
-    K=12 gives inf, K=36 errors of 5x the outputs): one line instead."""
-    from offload.quant import int8_supported
+    """torch's int8 kernel (the tables' one scale per row) crashes or returns garbage for inputs not
+    a multiple of 8 wide (measured: K=12 gives inf, K=36 errors of 5x the outputs), and int8
+    projections need whole groups: one line each instead."""
+    from offload.quant import int8_rows_supported, int8_supported
 
-    assert int8_supported(3, 40) and not int8_supported(3, 36)
-    with pytest.raises(OffloadError, match="int8 weights need inputs divisible by 8; got 3 x 36"):
+    assert int8_rows_supported(3, 40) and not int8_rows_supported(3, 36)
+    with pytest.raises(OffloadError, match="int8 tables need inputs divisible by 8; got 3 x 36"):
         Int8Weight.from_float(torch.randn(3, 36), torch.bfloat16)
+    assert int8_supported(3, 64) and not int8_supported(3, 40)
+    with pytest.raises(OffloadError, match="int8 weights need inputs divisible by 32; got 3 x 40"):
+        Int8GroupWeight.from_float(torch.randn(3, 40), torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n,k,group", [(16, 64, 32), (7, 96, 32), (960, 576, 32), (576, 1536, 32), (64, 256, 128)])
+@pytest.mark.parametrize("m", [1, 3, 4, 5, 17])  # both sides of the kernel / dequantize-and-GEMM switch
+def test_int8_group_kernel_matches_the_reference(n, k, group, m, dtype):
+    """The numba grouped-int8 product (row by row for a few rows, a block of dequantized rows and
+    the GEMM for more) against dequantize-then-multiply, and the quantizer's error bound."""
+    from offload.kernels import int8_group_linear, int8_group_linear_ref, last_backend
+
+    g = torch.Generator().manual_seed(n * k + m)
+    w = torch.randn(n, k, generator=g) * 0.05
+    w[0, :group] *= 40  # one loud group: its neighbours' scales must not follow it
+    weight = Int8GroupWeight.from_float(w, dtype, group)
+    assert weight.scales.shape == (n, k // group) and weight.nbytes == n * k + n * (k // group) * 4
+    step = weight.scales.repeat_interleave(group, dim=1)  # [N, K]
+    assert ((weight.codes.float() * step - w).abs() <= step / 2 + 1e-7).all()  # half a step of its own group
+    x = torch.randn(m, k, generator=g).to(dtype)
+    ref = int8_group_linear_ref(x, weight.codes, weight.scales)  # [m, n] fp32
+    got = int8_group_linear(x, weight.codes, weight.scales)
+    assert last_backend() == "numba" and got.dtype == torch.float32
+    assert (got - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+    out = weight(x[None])  # [1, m, n] in the compute dtype
+    assert out.shape == (1, m, n) and out.dtype == dtype
+    assert torch.allclose(out[0].float(), ref, atol=1e-2 * ref.abs().max().item(), rtol=1e-2)
+    assert torch.allclose(weight.dequantize().float(), weight.codes.float() * step, atol=1e-2, rtol=1e-2)
+
+
+def test_int8_group_quantizer_keeps_a_q8_0_grid_exactly():
+    """Weights already on GGUF's Q8_0 grid (codes times an fp16 scale per 32, the largest code
+    +-127) are held with the very codes and scales: a Q8_0 file quantized to int8 loses nothing."""
+    g = torch.Generator().manual_seed(5)
+    codes = torch.randint(-127, 128, (48, 128), generator=g, dtype=torch.int8)
+    codes[:, ::32] = 127 * torch.where(torch.rand(48, 4, generator=g) < 0.5, -1, 1).to(torch.int8)
+    d = (torch.rand(48, 4, generator=g) * 0.01 + 1e-4).half().float()  # fp16 block scales
+    w = codes.float() * d.repeat_interleave(32, dim=1)
+    weight = Int8GroupWeight.from_float(w, torch.float32)
+    assert torch.equal(weight.codes, codes) and torch.equal(weight.scales, d)
 
 
 def test_int4_packs_in_row_blocks_as_a_whole_matrix_does():
@@ -123,7 +166,7 @@ def test_tiny_model_quantized_equals_its_dequantized_twin(tiny_models, family, d
     ids = torch.randint(3, hf.config.vocab_size, (40,), generator=torch.Generator().manual_seed(1)).tolist()
     quantized = LLM(folder, quantize=scheme, dtype=dtype, verbose=False)
     assert str(quantized.dtype) == f"torch.{dtype}" and f"projections {scheme}" in quantized.describe()
-    kind = Int4Weight if scheme == "int4" else Int8Weight
+    kind = Int4Weight if scheme == "int4" else Int8GroupWeight
     assert all(isinstance(layer.mlp.w_down, kind) for layer in quantized.model.layers)
     twin = LLM(folder, dtype=dtype, verbose=False)
     original = twin.logits(ids)
@@ -190,9 +233,9 @@ def test_planner_places_int4_bytes():
     resident = [p.layer_tiers.count("device") for p in (dense, quantized)]
     assert resident[1] >= 2.5 * max(resident[0], 1), resident
     assert "int4 projections" in quantized.table()
-    int8 = config.replace(quantize="int8").resolve(planning=True).placement  # 1 byte per weight and a row scale
+    int8 = config.replace(quantize="int8").resolve(planning=True).placement  # 1 byte a weight, fp32 scale per 32
     assert int8.layer_bytes == layer_nbytes(args, 2, "int8")
-    assert quantized.layer_bytes < int8.layer_bytes < 0.55 * dense.layer_bytes
+    assert quantized.layer_bytes < int8.layer_bytes < 0.6 * dense.layer_bytes
     assert quantized.predicted_step_ms < int8.predicted_step_ms < dense.predicted_step_ms  # priced by their bytes
     assert "int8 projections" in int8.table()
 

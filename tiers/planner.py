@@ -80,7 +80,7 @@ class BandwidthProfile:
     gemv_curve_fp32: tuple = ()
     gemv_curve_bf16: tuple = ()
     gemv_curve_int4: tuple = ()  # bytes as held by int4 weights (codes, scales and zeros)
-    gemv_curve_int8: tuple = ()  # bytes as held by int8 weights (codes and row scales)
+    gemv_curve_int8: tuple = ()  # bytes as held by int8 weights (codes and group scales)
     source: str = "defaults"
 
     def host_gemv_gbs(self, matrix_bytes: float, dtype: str) -> float:

@@ -39,8 +39,11 @@ def layer_tensor_name(layer: int, param: str) -> str:
 class WeightSpill:
     """Receives the weights of off-device layers during loading and writes them to a store."""
 
-    def __init__(self, path: Path, layers: list[int], fingerprint: str, dtype: torch.dtype):
+    def __init__(self, path: Path, layers: list[int], fingerprint: str, dtype: torch.dtype, layout: str = ""):
+        """``layout``: how quantized projections are held ("" for dense), recorded in the store: a
+        store written in another layout (an older int8 one, say) is rewritten, not read."""
         self.path, self.layers, self.fingerprint, self.dtype = Path(path), sorted(layers), fingerprint, dtype
+        self.layout = layout
         self.reusable = self._matches_existing()
         self._writer: StoreWriter | None = None
         self.written: set[int] = set()
@@ -53,7 +56,7 @@ class WeightSpill:
         try:
             meta, _ = read_header(self.path)
             if not (meta.get("fingerprint") == self.fingerprint and meta.get("dtype") == str(self.dtype)
-                    and set(self.layers) <= set(meta.get("layers", []))):
+                    and meta.get("layout", "") == self.layout and set(self.layers) <= set(meta.get("layers", []))):
                 return False  # another model's or placement's store: overwritten by the new one
             with StoreReader(self.path, device="cpu", io_backend="posix") as reader:
                 reader.verify()  # one read of the store, once per load: a bad extent is caught here, not mid-generation
@@ -67,7 +70,7 @@ class WeightSpill:
     def begin(self) -> None:
         if not self.reusable:
             self._writer = StoreWriter(self.path, metadata={"fingerprint": self.fingerprint, "dtype": str(self.dtype),
-                                                            "layers": self.layers}).__enter__()
+                                                            "layout": self.layout, "layers": self.layers}).__enter__()
 
     def put_layer(self, layer: int, module: torch.nn.Module) -> None:
         """All of ``layer``'s tensors are assembled in ``module`` (host memory): write them out."""
