@@ -63,7 +63,7 @@ class Runtime:
         if r.config.quantize:
             kernel = str(KERNEL_DTYPE).removeprefix("torch.")
             weights += (f", projections {r.config.quantize} ({held_format(r.config.quantize)}), "
-                        f"embeddings and head int8 (a {kernel} scale per row), norms {r.dtype_name}")
+                        f"embeddings and head int8 ({held_format('int8')}), norms {r.dtype_name}")
             if r.dtype != KERNEL_DTYPE and r.config.quantize == "int4":  # fp32 model: the int4 kernel casts at its edge
                 weights += f", {kernel} kernel inputs"
         if self.flash is not None:

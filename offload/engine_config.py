@@ -31,7 +31,7 @@ from .indexes.base import (
     policy_names,
 )
 from .loaders import LOAD_FORMATS, read_model_args
-from .quant import QUANTIZE_SCHEMES, projection_shapes, quantize_supported, shape_rule
+from .quant import INT8_GROUP, QUANTIZE_SCHEMES, projection_shapes, quantize_supported, shape_rule
 from .tiers.budget import check_disk_dir, format_size, free_device_memory, free_host_memory, parse_size, resolve_budget
 from .tiers.flash import FlashConfig, size_cache
 from .tiers.io import IO_BACKENDS
@@ -242,6 +242,9 @@ class EngineConfig:
             if bad:
                 raise OffloadError(f"quantize={self.quantize!r} needs projections with {shape_rule(self.quantize)}; "
                                    f"this model has {bad[0][0]} x {bad[0][1]}: drop quantize")
+            if not quantize_supported("int8", args.vocab_size, args.hidden_size):  # the int8 embedding table
+                raise OffloadError(f"quantize={self.quantize!r} holds the embeddings in int8, which needs a hidden size "
+                                   f"divisible by {INT8_GROUP}; this model's is {args.hidden_size}: drop quantize")
         if self.max_context is not None and self.max_context > args.max_position_embeddings and self.verbose:
             print(f"offload: max_context {self.max_context} is beyond the {args.max_position_embeddings} positions "
                   "this model was trained for: fine for measuring speed and index behaviour, but expect output "

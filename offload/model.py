@@ -13,7 +13,7 @@ from torch import nn
 
 from .attention import AttentionBackend, ForwardBatch, MixedBatch
 from .config import ModelArgs
-from .quant import Int4Weight, Int8GroupWeight, Int8Weight, embedding, empty_weight, linear, quantize_weight
+from .quant import Int4Weight, Int8Weight, embedding, empty_weight, linear, quantize_weight
 from .rope import RotaryEmbedding
 
 
@@ -33,7 +33,7 @@ def _param(shape: tuple[int, ...], device, dtype) -> nn.Parameter:
     return nn.Parameter(torch.empty(shape, device=device, dtype=dtype), requires_grad=False)
 
 
-def _weight(shape: tuple[int, int], device, dtype, quantize: str | None) -> nn.Parameter | Int4Weight | Int8GroupWeight:
+def _weight(shape: tuple[int, int], device, dtype, quantize: str | None) -> nn.Parameter | Int4Weight | Int8Weight:
     """A projection weight [N, K]: dense, or an empty quantized one (a streaming buffer the store fills)."""
     return empty_weight(shape, quantize, dtype, device) if quantize else _param(shape, device, dtype)
 

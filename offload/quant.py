@@ -2,19 +2,21 @@
 
 ``quantize="int4"`` (tinygemm's layout, below) holds the projections in 4-bit groups of 32 and
 computes through torch's fused kernel; ``quantize="int8"`` holds them as int8 codes with an fp32
-scale per group of 32 input columns (:class:`Int8GroupWeight`, GGUF's Q8_0 layout: 1.125 bytes per
+scale per group of 32 input columns (:class:`Int8Weight`, GGUF's Q8_0 layout: 1.125 bytes per
 weight) and computes through the numba kernels of :mod:`offload.kernels.cpu_quant`. Groups keep
 int8 near-lossless where one scale per row was not (perplexity +0.90% on the default model with
-row scales, BENCHMARKS.md), and a file whose tensors are Q8_0, Q6_K or Q5_x keeps about its
-precision. A file already on a 4-bit grid of 32-weight groups (GGUF Q4_x) is held exactly by int4
-groups. Embeddings and head are int8 rows in both schemes (:class:`Int8Weight`).
+row scales, +0.02% with groups: BENCHMARKS.md), and hold a Q8_0 tensor exactly and a Q6_K or Q5_x
+one within half a step of its group. A file on a 4-bit grid of 32-weight groups (GGUF Q4_x) is
+held by int4 groups up to the rounding of scale and zero to bf16. Embeddings and head are int8
+groups in both schemes.
 
 A linear weight W [N, K] is held as 4-bit codes q in 0..15 and, per group of ``group`` consecutive
 input columns of each output row, a scale and a zero: W ~ (q - 8) * scale + zero, which is the
 convention of ``torch.ops.aten._weight_int4pack_mm_for_cpu``. At group 32 with bf16 scale and zero
 that is 0.625 bytes per weight against 2 in bf16: a decode step reads 3.2x fewer weight bytes, and
 the kernel dequantizes in registers (measured on this CPU, FACTS.md: 4096x4096 bf16 3.13 ms, int4
-0.51 ms). Codes are chosen round-to-nearest between each group's minimum and maximum.
+0.51 ms). Codes are chosen round-to-nearest between each group's minimum and maximum, or on a
+zero-centred grid (GGUF's Q4_0) where that holds the group more exactly.
 
 The fused CPU kernels take bf16 activations on their fast path, whatever the model computes in: a
 model computing in fp32 casts each product's input to bf16 and its output back (measured on an
@@ -41,8 +43,7 @@ INT4_MAX = 15
 N_MULTIPLE = 16  # the CPU packer needs N divisible by 16
 QUANTIZE_SCHEMES = ("int4", "int8")
 INT8_GROUP = 32  # input columns per scale of an int8 projection (GGUF's Q8_0 block)
-INT8_K_MULTIPLE = 8  # torch's int8 CPU kernel reads inputs in eights: other widths crash or give garbage
-INT8_SCALE_BYTES = 4  # an int8 projection's scales are fp32: a GGUF fp16 block scale fits exactly
+INT8_SCALE_BYTES = 4  # int8 scales are fp32: a GGUF fp16 block scale fits exactly
 KERNEL_DTYPE = torch.bfloat16  # the fused kernels' scales and activations (their fast path on every CPU)
 SCALE_BYTES = 2  # bytes of one KERNEL_DTYPE scale or zero
 
@@ -57,23 +58,13 @@ def int4_nbytes(out_features: int, in_features: int, scale_bytes: int, group: in
     return out_features * in_features // 2 + (in_features // group) * out_features * 2 * scale_bytes
 
 
-def int8_nbytes(out_features: int, in_features: int, scale_bytes: int) -> int:
-    """Bytes an :class:`Int8Weight` holds: codes and a scale per row."""
-    return out_features * in_features + out_features * scale_bytes
-
-
-def int8_group_nbytes(out_features: int, in_features: int, group: int = INT8_GROUP) -> int:
-    """Bytes an :class:`Int8GroupWeight` holds: codes and an fp32 scale per group."""
+def int8_nbytes(out_features: int, in_features: int, group: int = INT8_GROUP) -> int:
+    """Bytes an :class:`Int8Weight` holds: codes and an fp32 scale per group."""
     return out_features * in_features + out_features * (in_features // group) * INT8_SCALE_BYTES
 
 
-def int8_rows_supported(out_features: int, in_features: int) -> bool:
-    """Whether torch's fused int8 kernel (one scale per row: :class:`Int8Weight`) takes this shape."""
-    return out_features > 0 and in_features % INT8_K_MULTIPLE == 0
-
-
 def int8_supported(out_features: int, in_features: int, group: int = INT8_GROUP) -> bool:
-    """Whether an int8 projection in groups (:class:`Int8GroupWeight`) can hold this shape."""
+    """Whether an :class:`Int8Weight` (groups of ``group`` inputs) can hold this shape."""
     return out_features > 0 and in_features > 0 and in_features % group == 0
 
 
@@ -101,18 +92,18 @@ def projection_nbytes(out_features: int, in_features: int, quantize: str) -> int
     """Bytes one projection weight holds in a quantized scheme."""
     if quantize == "int4":
         return int4_nbytes(out_features, in_features, SCALE_BYTES)
-    return int8_group_nbytes(out_features, in_features)
+    return int8_nbytes(out_features, in_features)
 
 
-def quantize_weight(w: torch.Tensor, scheme: str, dtype: torch.dtype) -> "Int4Weight | Int8GroupWeight":
+def quantize_weight(w: torch.Tensor, scheme: str, dtype: torch.dtype) -> "Int4Weight | Int8Weight":
     """w [N, K] as the scheme's weight module; ``dtype`` the compute dtype of its outputs."""
-    return (Int4Weight if scheme == "int4" else Int8GroupWeight).from_float(w, dtype)
+    return (Int4Weight if scheme == "int4" else Int8Weight).from_float(w, dtype)
 
 
 def empty_weight(shape: tuple[int, int], scheme: str, dtype: torch.dtype,
-                 device: torch.device | str = "cpu") -> "Int4Weight | Int8GroupWeight":
+                 device: torch.device | str = "cpu") -> "Int4Weight | Int8Weight":
     """An unfilled weight module of the scheme (a streaming buffer the store fills)."""
-    return (Int4Weight if scheme == "int4" else Int8GroupWeight)(*shape, dtype, device=device)
+    return (Int4Weight if scheme == "int4" else Int8Weight)(*shape, dtype, device=device)
 
 
 def projection_shapes(args: ModelArgs) -> list[tuple[int, int]]:
@@ -134,7 +125,7 @@ def layer_nbytes(args: ModelArgs, dtype_bytes: int, quantize: str | None) -> int
 
 def embedding_nbytes(args: ModelArgs, dtype_bytes: int, quantize: str | None) -> int:
     """Bytes of the embedding table and the LM head (one table when tied): int8 rows when quantized."""
-    one = (int8_nbytes(args.vocab_size, args.hidden_size, SCALE_BYTES) if quantize
+    one = (int8_nbytes(args.vocab_size, args.hidden_size) if quantize
            else args.vocab_size * args.hidden_size * dtype_bytes)
     return one * (1 if args.tie_word_embeddings else 2)
 
@@ -148,7 +139,8 @@ assert QUANTIZE_ROWS % PACK_TILE_ROWS == 0
 
 def quantize_int4(w: torch.Tensor, group: int = INT4_GROUP,
                   dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Round-to-nearest asymmetric int4 per group of ``group`` input columns.
+    """Round-to-nearest int4 per group of ``group`` input columns (each group on the better of an
+    asymmetric and a zero-centred grid: :func:`_quantize_int4_rows`).
     w [N, K] -> codes int32 [N, K] in 0..15, scale [N, G], zero [N, G] (fp32 holding ``dtype``
     values: the codes are chosen against the scale and zero the kernel will hold), with
     w ~ (codes - INT4_MID) * scale + zero."""
@@ -158,13 +150,35 @@ def quantize_int4(w: torch.Tensor, group: int = INT4_GROUP,
 
 
 def _quantize_int4_rows(w: torch.Tensor, group: int, dtype: torch.dtype):
+    """Each group on the better of two grids, by its largest error: from its least to its largest
+    value (asymmetric: what a Q4_1 block is), or centred on zero with its largest-magnitude value at
+    code 0 (ggml's Q4_0: w = d * (q - 8), d = that value / -8). A Q4_0 tensor often lacks the top
+    code in a block; the first grid alone would requantize it onto a finer, shifted grid and add up
+    to half a step of error to every weight."""
     N, K = w.shape
     groups = w.float().reshape(N, K // group, group)  # [N, G, group]
     lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)  # [N, G]
     scale = ((hi - lo).clamp(min=1e-12) / INT4_MAX).to(dtype).float()  # [N, G]; a constant group keeps codes 0
     zero = (lo + INT4_MID * scale).to(dtype).float()  # (q - 8) * scale + zero == q * scale + lo
-    codes = torch.round((groups - zero[..., None]) / scale[..., None] + INT4_MID).clamp(0, INT4_MAX)  # [N, G, group]
+    codes = _int4_codes(groups, scale, zero)  # [N, G, group]
+    extreme = torch.where(hi.abs() > lo.abs(), hi, lo)  # [N, G] signed
+    sym_scale = torch.where(extreme.abs() > 1e-12, extreme / -INT4_MID, 1e-12).to(dtype).float()  # [N, G]
+    sym_zero = torch.zeros_like(sym_scale)
+    sym_codes = _int4_codes(groups, sym_scale, sym_zero)  # [N, G, group]
+    better = _int4_error(sym_codes, sym_scale, sym_zero, groups) < _int4_error(codes, scale, zero, groups)  # [N, G]
+    codes = torch.where(better[..., None], sym_codes, codes)
+    scale, zero = torch.where(better, sym_scale, scale), torch.where(better, sym_zero, zero)
     return codes.reshape(N, K).to(torch.int32), scale, zero
+
+
+def _int4_codes(groups: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """Nearest codes of groups [N, G, group] on the grid (q - 8) * scale + zero, scale/zero [N, G]."""
+    return torch.round((groups - zero[..., None]) / scale[..., None] + INT4_MID).clamp(0, INT4_MAX)
+
+
+def _int4_error(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Largest error per group [N, G] of codes [N, G, group] against the values they stand for."""
+    return ((codes - INT4_MID) * scale[..., None] + zero[..., None] - groups).abs().amax(dim=-1)
 
 
 def dequantize_int4(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -239,54 +253,12 @@ INT8_MAX = 127
 
 
 class Int8Weight(nn.Module):
-    """A weight in int8 with one scale per output row (symmetric): W ~ codes * scale. The embedding
-    table and the LM head (tied or not; lookups dequantize the rows they touch): products run
-    torch's fused int8 CPU kernel. 1 byte per weight against 2 in bf16. Scales in KERNEL_DTYPE;
-    ``dtype`` is the compute dtype its outputs and looked-up rows are given in."""
-
-    def __init__(self, out_features: int, in_features: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
-        super().__init__()
-        if not int8_rows_supported(out_features, in_features):
-            raise OffloadError(f"int8 tables need inputs divisible by {INT8_K_MULTIPLE}; got {out_features} x {in_features}")
-        self.out_features, self.in_features, self.dtype = out_features, in_features, dtype
-        self.codes = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.int8, device=device),
-                                  requires_grad=False)  # [N, K]
-        self.scales = nn.Parameter(torch.empty(out_features, dtype=KERNEL_DTYPE, device=device),
-                                   requires_grad=False)  # [N]
-
-    @classmethod
-    def from_float(cls, w: torch.Tensor, dtype: torch.dtype) -> "Int8Weight":
-        N, K = w.shape
-        out = cls(N, K, dtype)
-        with torch.no_grad():
-            for r in range(0, N, QUANTIZE_ROWS):  # row blocks: small fp32 temporaries
-                rows = w[r:r + QUANTIZE_ROWS].float()  # [n, K]
-                scale = (rows.abs().amax(dim=1).clamp(min=1e-12) / INT8_MAX).to(KERNEL_DTYPE)  # [n], as the kernel holds it
-                out.codes[r:r + QUANTIZE_ROWS] = torch.round(rows / scale.float()[:, None]).clamp(-INT8_MAX, INT8_MAX)
-                out.scales[r:r + QUANTIZE_ROWS] = scale
-        return out
-
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        lead = x.shape[:-1]
-        out = torch.ops.aten._weight_int8pack_mm(_kernel_input(x, self.in_features), self.codes,
-                                                 self.scales).to(x.dtype)  # [M, N]
-        if bias is not None:
-            out = out + bias
-        return out.view(*lead, self.out_features)
-
-    def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """Rows ``ids`` [...] dequantized: [..., K] in the compute dtype (an embedding lookup)."""
-        return (self.codes[ids].to(KERNEL_DTYPE) * self.scales[ids, None]).to(self.dtype)
-
-    def dequantize(self) -> torch.Tensor:
-        return (self.codes.to(KERNEL_DTYPE) * self.scales[:, None]).to(self.dtype)  # [N, K]
-
-
-class Int8GroupWeight(nn.Module):
-    """A projection weight in int8 with an fp32 scale per group of ``group`` input columns of each
-    output row (symmetric): W[n, k] ~ codes[n, k] * scales[n, k // group] (``quantize="int8"``;
-    GGUF's Q8_0 layout). Products run the numba kernels (:func:`offload.kernels.int8_group_linear`).
-    ``dtype`` is the compute dtype its outputs are given in."""
+    """A weight in int8 with an fp32 scale per group of ``group`` input columns of each output row
+    (symmetric): W[n, k] ~ codes[n, k] * scales[n, k // group], GGUF's Q8_0 layout. The projections
+    with ``quantize="int8"``, and the embedding table and LM head with either scheme (tied or not;
+    lookups dequantize the rows they touch). Products run the numba kernels
+    (:func:`offload.kernels.int8_group_linear`). ``dtype`` is the compute dtype its outputs and
+    looked-up rows are given in."""
 
     def __init__(self, out_features: int, in_features: int, dtype: torch.dtype, group: int = INT8_GROUP,
                  device: torch.device | str = "cpu"):
@@ -300,7 +272,7 @@ class Int8GroupWeight(nn.Module):
                                                device=device), requires_grad=False)  # [N, G]
 
     @classmethod
-    def from_float(cls, w: torch.Tensor, dtype: torch.dtype, group: int = INT8_GROUP) -> "Int8GroupWeight":
+    def from_float(cls, w: torch.Tensor, dtype: torch.dtype, group: int = INT8_GROUP) -> "Int8Weight":
         """Quantize w [N, K] (any float dtype, on the CPU): per group, scale = max |w| / 127 and codes
         rounded to nearest. A group already on such a grid (GGUF Q8_0) comes back exactly."""
         N, K = w.shape
@@ -325,6 +297,12 @@ class Int8GroupWeight(nn.Module):
             out = out + bias
         return out.view(*lead, self.out_features)
 
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids`` [...] dequantized: [..., K] in the compute dtype (an embedding lookup)."""
+        codes = self.codes[ids].float()  # [..., K]
+        scales = self.scales[ids].repeat_interleave(self.group, dim=-1)  # [..., K]
+        return (codes * scales).to(self.dtype)
+
     def dequantize(self) -> torch.Tensor:
         """W [N, K] in the compute dtype."""
         return (self.codes.float() * self.scales.repeat_interleave(self.group, dim=1)).to(self.dtype)
@@ -336,10 +314,10 @@ SKINNY_ROWS = 64
 BF16_UPCAST_ROWS = 16
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor | Int4Weight | Int8Weight | Int8GroupWeight,
+def linear(x: torch.Tensor, weight: torch.Tensor | Int4Weight | Int8Weight,
            bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` for a dense weight, the quantized kernel for a quantized one."""
-    if isinstance(weight, (Int4Weight, Int8Weight, Int8GroupWeight)):
+    if isinstance(weight, (Int4Weight, Int8Weight)):
         return weight(x, bias)
     rows = x.numel() // x.shape[-1]
     if rows >= BF16_UPCAST_ROWS and product_dtype(weight) != weight.dtype:

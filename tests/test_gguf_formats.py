@@ -199,3 +199,39 @@ def test_gguf_quant_type(qtype, hf_256, tmp_path):
         ref = ref_model(ids).logits[0]
     ours = llm.logits(ids[0].tolist())
     assert (ours - ref).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("qtype,scheme", [("Q8_0", "int8"), ("Q6_K", "int8"), ("Q4_0", "int4"), ("Q4_1", "int4"),
+                                          ("Q4_K", "int4")])
+def test_gguf_tensors_held_quantized(qtype, scheme, hf_256, tmp_path):
+    """A GGUF's tensors held quantized at run time (``quantize``) against an independent
+    dequantization of the stored bytes. Q8_0 blocks are int8 groups of 32 exactly (codes and fp16
+    scales, fp32 holding them), embeddings and head included: the logits are the dequantized
+    path's. Q6_K: within half an int8 step of its group. Q4_x: int4 groups requantized between
+    each group's least and largest value: within half a step of the held grid (exact up to the
+    bf16 rounding of scale and zero where both ends of the 4-bit range occur, as in every Q4_1
+    block), the logits close to the dequantized path's."""
+    path = tmp_path / f"tiny-{qtype}.gguf"
+    stored = write_gguf(path, hf_256, qtype, np.random.default_rng(1))
+    held = LLM(path, quantize=scheme, dtype="float32", verbose=False)
+    cfg = hf_256.config
+    raw, kind = stored["blk.1.ffn_down.weight"]
+    ref = torch.from_numpy(reference_dequant(raw, kind, cfg.hidden_size, cfg.intermediate_size))  # [N, K]
+    weight = held.model.layers[1].mlp.w_down
+    got = weight.dequantize().float()  # [N, K] as the kernel computes with it
+    group_max = ref.reshape(ref.shape[0], -1, 32).abs().amax(-1).repeat_interleave(32, dim=1)  # [N, K]
+    ids = torch.randint(3, cfg.vocab_size, (48,), generator=torch.Generator().manual_seed(3)).tolist()
+    ours, dense = held.logits(ids), LLM(path, dtype="float32", verbose=False).logits(ids)
+    if qtype == "Q8_0":
+        assert torch.equal(got, ref)
+        assert (ours - dense).abs().max().item() <= 1e-4 * dense.abs().max().item()
+    elif qtype == "Q6_K":
+        # (these random K blocks draw each 16-weight sub-block's scale at random, so a group's two
+        # halves may differ a hundredfold: the logits are not compared)
+        assert ((got - ref).abs() <= group_max / 254 + 1e-7).all()
+    else:
+        step = weight.scales_zeros[..., 0].t().float().abs().repeat_interleave(32, dim=1)  # [N, K] (Q4_0's d may be < 0)
+        assert ((got - ref).abs() <= step / 2 + group_max * 2 ** -7 + 1e-6).all()
+        if qtype == "Q4_1":
+            assert ((got - ref).abs() <= group_max * 2 ** -6 + 1e-6).all()
+        assert (ours - dense).abs().max().item() <= 0.05 * dense.abs().max().item()
