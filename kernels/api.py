@@ -226,9 +226,10 @@ def kv_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: l
 
 # Input rows up to which the grouped-int8 product runs its row-by-row kernel (the codes widened once
 # per output row and input row); more rows dequantize a block of weight rows to fp32 and hand it to
-# the BLAS GEMM, which computes many rows several times faster (measured on a 2-core AVX2 EPYC,
-# 3072 x 576 and 4096 x 4096: the kernel ahead at 1 row, even at about 4, 2-4x behind from 16).
-INT8_GROUP_KERNEL_ROWS = 4
+# the BLAS GEMM, whose cost barely grows with the rows (measured on a 2-core AVX2 EPYC: 3072 x 576,
+# kernel / GEMM 0.70 / 2.88 ms at 4 rows, 2.92 / 3.57 at 16, 11.5 / 6.0 at 64; 4096 x 4096,
+# 27.4 / 58.5 ms at 16, 93.1 / 54.5 at 64).
+INT8_GROUP_KERNEL_ROWS = 24
 # fp32 bytes of weight rows dequantized at a time for the GEMM path: a small, reused-size temporary.
 INT8_DEQUANT_BLOCK_BYTES = 4 << 20
 

@@ -9,6 +9,7 @@ import torch
 
 from offload import LLM, SamplingParams
 from offload.errors import OffloadError
+from offload.kernels.api import INT8_GROUP_KERNEL_ROWS as KERNEL_ROWS
 from offload.quant import (
     INT4_MAX,
     INT4_MID,
@@ -79,7 +80,7 @@ def test_int8_refuses_widths_without_whole_groups():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("n,k,group", [(16, 64, 32), (7, 96, 32), (960, 576, 32), (576, 1536, 32), (64, 256, 128)])
-@pytest.mark.parametrize("m", [1, 3, 4, 5, 17])  # both sides of the kernel / dequantize-and-GEMM switch
+@pytest.mark.parametrize("m", [1, 3, KERNEL_ROWS, KERNEL_ROWS + 1, 40])  # both sides of the row kernel / GEMM switch
 def test_int8_group_kernel_matches_the_reference(n, k, group, m, dtype):
     """The numba grouped-int8 product (row by row for a few rows, a block of dequantized rows and
     the GEMM for more) against dequantize-then-multiply, and the quantizer's error bound."""
