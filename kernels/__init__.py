@@ -5,6 +5,7 @@ Importing this package imports neither Triton nor CUDA; the kernel module loads 
 
 from .api import (
     CacheArrays,
+    Int8Arrays,
     cpu_has_fast_bf16,
     gather_attention,
     int8_group_linear,
@@ -29,4 +30,4 @@ __all__ = ["gather_attention", "kv_decode_attention", "kv_decode_attention_ref",
            "shadowkv_attention", "merge_attention", "last_backend", "resolve_backend",
            "gather_attention_ref", "shadowkv_attention_ref", "merge_attention_ref", "dense_attention_ref",
            "rope_rotate", "store_kv_int8", "CacheArrays", "cpu_has_fast_bf16",
-           "int8_group_linear", "int8_group_linear_ref"]
+           "int8_group_linear", "int8_group_linear_ref", "Int8Arrays"]

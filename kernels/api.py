@@ -234,33 +234,62 @@ INT8_GROUP_KERNEL_ROWS = 24
 INT8_DEQUANT_BLOCK_BYTES = 4 << 20
 
 
-def int8_group_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+class Int8Arrays:
+    """numpy views of an int8 weight's codes [N, K] and scales [N, G] (CPU, contiguous), made and
+    checked once by the weight's owner: a decode step calls the kernel for every projection, and
+    turning parameters into arrays (and checking them) each time cost more than a small product."""
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor):
+        N, K = codes.shape
+        if not (codes.dtype == torch.int8 and scales.dtype == torch.float32 and scales.dim() == 2
+                and scales.shape[0] == N and scales.shape[1] > 0 and K % scales.shape[1] == 0
+                and {codes.device.type, scales.device.type} == {"cpu"}
+                and codes.is_contiguous() and scales.is_contiguous()):
+            raise ValueError(f"int8 arrays need contiguous CPU codes int8 [N, K] and scales fp32 [N, G] with G "
+                             f"dividing K; got codes {tuple(codes.shape)} {codes.dtype}, scales "
+                             f"{tuple(scales.shape)} {scales.dtype}")
+        self.codes, self.scales = codes.detach().numpy(), scales.detach().numpy()
+
+    def are_views_of(self, codes: torch.Tensor, scales: torch.Tensor) -> bool:
+        """Whether these still view ``codes`` and ``scales`` (a weight refilled in place keeps them)."""
+        return self.codes.ctypes.data == codes.data_ptr() and self.scales.ctypes.data == scales.data_ptr()
+
+
+def int8_group_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, backend: str = "auto",
+                      arrays: Int8Arrays | None = None) -> torch.Tensor:
     """x [M, K] (any float dtype) @ W^T for W = codes [N, K] int8 * scales [N, G] fp32, one scale per
     group of K / G consecutive input columns of each output row. Returns [M, N] fp32.
 
     ``backend="auto"``: the numba kernels (:mod:`offload.kernels.cpu_quant`) for CPU tensors, the
-    torch reference (dequantize, then multiply) elsewhere; "numba" or "torch" force one."""
+    torch reference (dequantize, then multiply) elsewhere; "numba" or "torch" force one.
+    ``arrays``: the :class:`Int8Arrays` of codes and scales, made once by their owner (the numba
+    path then converts and checks neither)."""
     if backend not in ("auto", "numba", "torch"):
         raise OffloadError(f"unknown int8 product backend '{backend}': use auto, numba or torch")
-    N, K = codes.shape
-    if not (codes.dtype == torch.int8 and scales.dtype == torch.float32 and scales.dim() == 2
-            and scales.shape[0] == N and scales.shape[1] > 0 and K % scales.shape[1] == 0
-            and x.dim() == 2 and x.shape[1] == K):
-        raise ValueError(f"int8_group_linear needs x [M, K], codes int8 [N, K] and scales fp32 [N, G] with G "
-                         f"dividing K; got x {tuple(x.shape)}, codes {tuple(codes.shape)} {codes.dtype}, "
-                         f"scales {tuple(scales.shape)} {scales.dtype}")
     name = ("numba" if x.device.type == "cpu" else "torch") if backend == "auto" else backend
     _last_backend["name"] = name
+    if arrays is None:
+        N, K = codes.shape
+        if not (codes.dtype == torch.int8 and scales.dtype == torch.float32 and scales.dim() == 2
+                and scales.shape[0] == N and scales.shape[1] > 0 and K % scales.shape[1] == 0):
+            raise ValueError(f"int8_group_linear needs codes int8 [N, K] and scales fp32 [N, G] with G dividing K; "
+                             f"got codes {tuple(codes.shape)} {codes.dtype}, scales {tuple(scales.shape)} {scales.dtype}")
+    else:
+        N, K = arrays.codes.shape
+    if x.dim() != 2 or x.shape[1] != K:
+        raise ValueError(f"int8_group_linear needs x [M, {K}]; got {tuple(x.shape)}")
     if name == "torch":
         return reference.int8_group_linear_ref(x, codes, scales)
-    if {x.device.type, codes.device.type, scales.device.type} != {"cpu"}:
+    if x.device.type != "cpu":
         raise ValueError("the numba int8 kernels run on CPU tensors")
+    if arrays is None:
+        arrays = Int8Arrays(codes.contiguous(), scales.contiguous())
     from . import cpu_decode, cpu_quant  # numba compiles (or loads from its cache) on first use
 
     cpu_decode.set_threads(torch.get_num_threads())
     xf = x.float().contiguous()  # [M, K]
     M = xf.shape[0]
-    codes_np, scales_np = codes.contiguous().numpy(), scales.contiguous().numpy()
+    codes_np, scales_np = arrays.codes, arrays.scales
     out = torch.empty(M, N, dtype=torch.float32)  # [M, N]
     if M <= INT8_GROUP_KERNEL_ROWS:
         cpu_quant.int8_group_matmul(codes_np, scales_np, xf.numpy(), out.numpy())

@@ -35,7 +35,7 @@ from torch import nn
 from .attention import product_dtype
 from .config import ModelArgs
 from .errors import OffloadError
-from .kernels import int8_group_linear
+from .kernels import Int8Arrays, int8_group_linear
 
 INT4_GROUP = 32  # weights per scale/zero pair: GGUF's Q4_0 / Q4_1 / Q4_K sub-block size
 INT4_MID = 8  # the kernel's codes are centred: w = (q - INT4_MID) * scale + zero
@@ -270,6 +270,7 @@ class Int8Weight(nn.Module):
                                   requires_grad=False)  # [N, K]
         self.scales = nn.Parameter(torch.empty(out_features, in_features // group, dtype=torch.float32,
                                                device=device), requires_grad=False)  # [N, G]
+        self._arrays: Int8Arrays | None = None  # the kernels' views of codes and scales, made on first use
 
     @classmethod
     def from_float(cls, w: torch.Tensor, dtype: torch.dtype, group: int = INT8_GROUP) -> "Int8Weight":
@@ -290,9 +291,20 @@ class Int8Weight(nn.Module):
     def nbytes(self) -> int:
         return self.codes.numel() + self.scales.numel() * self.scales.element_size()
 
+    def _kernel_arrays(self) -> Int8Arrays | None:
+        """The numpy views the CPU kernels read, made again only if the storage moved (a streaming
+        buffer refilled in place keeps them); None off the CPU."""
+        codes, scales = self.codes, self.scales
+        if codes.device.type != "cpu":
+            return None
+        if self._arrays is None or not self._arrays.are_views_of(codes, scales):
+            self._arrays = Int8Arrays(codes, scales)
+        return self._arrays
+
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         lead = x.shape[:-1]
-        out = int8_group_linear(x.reshape(-1, self.in_features), self.codes, self.scales).to(x.dtype)  # [M, N]
+        out = int8_group_linear(x.reshape(-1, self.in_features), self.codes, self.scales,
+                                arrays=self._kernel_arrays()).to(x.dtype)  # [M, N]
         if bias is not None:
             out = out + bias
         return out.view(*lead, self.out_features)

@@ -362,3 +362,20 @@ def test_quantizer_keeps_a_q4_0_grid_without_its_top_code():
     lo, hi = w.reshape(32, -1, 32).amin(-1), w.reshape(32, -1, 32).amax(-1)
     err = (dequantize_int4(codes, scale, zero) - w).abs().reshape(32, -1, 32).amax(-1)  # [N, G]
     assert (err <= (hi - lo) / INT4_MAX / 2 * 1.02 + 1e-6).all()
+
+
+def test_int8_kernel_views_follow_the_weights_storage():
+    """The numpy views an int8 weight hands its kernel see in-place refills (a streaming buffer) and
+    are made again when a parameter's storage is replaced: never a stale read."""
+    g = torch.Generator().manual_seed(9)
+    weight = Int8Weight.from_float(torch.randn(64, 96, generator=g), torch.float32)
+    x = torch.randn(2, 96, generator=g)
+    first = weight(x)
+    with torch.no_grad():
+        weight.codes.data = weight.codes.data.clone()  # new storage, same values
+        assert torch.equal(weight(x), first)
+        weight.codes.zero_()  # in place: the views made for this storage see it
+        assert torch.equal(weight(x), torch.zeros_like(first))
+        weight.scales.data = torch.ones_like(weight.scales)
+        weight.codes.fill_(1)
+        assert torch.allclose(weight(x), x.sum(-1, keepdim=True).expand(-1, 64), atol=1e-5)
