@@ -299,14 +299,13 @@ def test_default_model_int4_agrees_with_bf16_on_real_text(smollm_path):
     params = SamplingParams(max_new_tokens=8)
     prompt = "The capital of France is Paris. The capital of Germany is"
     assert "Berlin" in quantized.generate([prompt], params)[0].text
-    # int8 rows: between int4 and bf16 in bytes. Not closer to bf16 than int4 on this file: its
-    # weights lie on Q4_1's grid of 32-weight groups, which int4 groups hold almost exactly and one
-    # scale per row of 576-1536 weights does not (measured 0.959 against int4's 0.977)
+    # int8 groups: between int4 and bf16 in bytes, and as close to bf16 (measured 0.979 against int4's
+    # 0.986; one scale per row, before, gave 0.959: it rounded Q4_1's grid of 32-weight groups anew)
     int8 = LLM(smollm_path, quantize="int8", verbose=False)
     int8_bytes = int8.tier_report()["weights"]["resident_bytes"]
     assert resident < int8_bytes < 0.6 * dense.tier_report()["weights"]["resident_bytes"]
     int8_agreement = (int8.logits(ids).argmax(-1) == picks[1]).float().mean().item()
-    assert int8_agreement >= 0.93, (int8_agreement, agreement)
+    assert int8_agreement >= 0.96, (int8_agreement, agreement)
     assert "Berlin" in int8.generate([prompt], params)[0].text
 
 
