@@ -5,7 +5,7 @@ computes through torch's fused kernel; ``quantize="int8"`` holds them as int8 co
 scale per group of 32 input columns (:class:`Int8Weight`, GGUF's Q8_0 layout: 1.125 bytes per
 weight) and computes through the numba kernels of :mod:`offload.kernels.cpu_quant`. Groups keep
 int8 near-lossless where one scale per row was not (perplexity +0.90% on the default model with
-row scales, +0.02% with groups: BENCHMARKS.md), and hold a Q8_0 tensor exactly and a Q6_K or Q5_x
+row scales, +0.03% with groups: BENCHMARKS.md), and hold a Q8_0 tensor exactly and a Q6_K or Q5_x
 one within half a step of its group. A file on a 4-bit grid of 32-weight groups (GGUF Q4_x) is
 held by int4 groups up to the rounding of scale and zero to bf16. Embeddings and head are int8
 groups in both schemes.
@@ -18,7 +18,7 @@ the kernel dequantizes in registers (measured on this CPU, FACTS.md: 4096x4096 b
 0.51 ms). Codes are chosen round-to-nearest between each group's minimum and maximum, or on a
 zero-centred grid (GGUF's Q4_0) where that holds the group more exactly.
 
-The fused CPU kernels take bf16 activations on their fast path, whatever the model computes in: a
+The fused int4 kernel takes bf16 activations on its fast path, whatever the model computes in: a
 model computing in fp32 casts each product's input to bf16 and its output back (measured on an
 AVX2 EPYC, 2 threads, 4096x4096: int4 with bf16 activations 1.58 ms, with fp32 activations 22.3 ms;
 fp32 dense 5.7 ms).
@@ -124,17 +124,23 @@ def layer_nbytes(args: ModelArgs, dtype_bytes: int, quantize: str | None) -> int
 
 
 def embedding_nbytes(args: ModelArgs, dtype_bytes: int, quantize: str | None) -> int:
-    """Bytes of the embedding table and the LM head (one table when tied): int8 rows when quantized."""
+    """Bytes of the embedding table and the LM head (one table when tied): int8 groups when quantized."""
     one = (int8_nbytes(args.vocab_size, args.hidden_size) if quantize
            else args.vocab_size * args.hidden_size * dtype_bytes)
     return one * (1 if args.tie_word_embeddings else 2)
 
 
-# Rows quantized at a time: the fp32 and int32 temporaries of a large matrix stay small. The CPU
-# packer lays rows out in tiles of PACK_TILE_ROWS: blocks of whole tiles pack as the whole matrix does.
-QUANTIZE_ROWS = 4096
+# Weights quantized at a time: the quantizers' fp32 and int32 temporaries (about ten of this size)
+# stay small whatever the matrix (an 8B model's 14336-wide rows included). The CPU packer lays rows
+# out in tiles of PACK_TILE_ROWS: blocks of whole tiles pack as the whole matrix does.
+QUANTIZE_BLOCK_ELEMENTS = 1 << 22
 PACK_TILE_ROWS = 32
-assert QUANTIZE_ROWS % PACK_TILE_ROWS == 0
+
+
+def quantize_rows(in_features: int) -> int:
+    """Rows quantized at a time for rows of ``in_features``: whole packing tiles, about
+    QUANTIZE_BLOCK_ELEMENTS weights."""
+    return max(PACK_TILE_ROWS, QUANTIZE_BLOCK_ELEMENTS // in_features // PACK_TILE_ROWS * PACK_TILE_ROWS)
 
 
 def quantize_int4(w: torch.Tensor, group: int = INT4_GROUP,
@@ -145,7 +151,8 @@ def quantize_int4(w: torch.Tensor, group: int = INT4_GROUP,
     values: the codes are chosen against the scale and zero the kernel will hold), with
     w ~ (codes - INT4_MID) * scale + zero."""
     N, K = w.shape
-    parts = [_quantize_int4_rows(w[r:r + QUANTIZE_ROWS], group, dtype) for r in range(0, N, QUANTIZE_ROWS)]
+    rows = quantize_rows(K)
+    parts = [_quantize_int4_rows(w[r:r + rows], group, dtype) for r in range(0, N, rows)]
     return tuple(torch.cat(p) for p in zip(*parts))
 
 
@@ -216,8 +223,9 @@ class Int4Weight(nn.Module):
         """Quantize w [N, K] (any float dtype, on the CPU)."""
         N, K = w.shape
         out = cls(N, K, dtype, group)
-        for r in range(0, N, QUANTIZE_ROWS):  # row blocks of whole packing tiles: small temporaries
-            out.load_codes(*_quantize_int4_rows(w[r:r + QUANTIZE_ROWS], group, KERNEL_DTYPE), first_row=r)
+        rows = quantize_rows(K)
+        for r in range(0, N, rows):  # row blocks of whole packing tiles: small temporaries
+            out.load_codes(*_quantize_int4_rows(w[r:r + rows], group, KERNEL_DTYPE), first_row=r)
         return out
 
     def load_codes(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, first_row: int = 0) -> None:
@@ -279,12 +287,13 @@ class Int8Weight(nn.Module):
         N, K = w.shape
         out = cls(N, K, dtype, group)
         with torch.no_grad():
-            for r in range(0, N, QUANTIZE_ROWS):  # row blocks: small fp32 temporaries
-                rows = w[r:r + QUANTIZE_ROWS].float().reshape(-1, K // group, group)  # [n, G, group]
+            step = quantize_rows(K)
+            for r in range(0, N, step):  # row blocks: small fp32 temporaries
+                rows = w[r:r + step].float().reshape(-1, K // group, group)  # [n, G, group]
                 scale = rows.abs().amax(dim=-1).clamp(min=1e-12) / INT8_MAX  # [n, G]
                 codes = torch.round(rows / scale[..., None]).clamp(-INT8_MAX, INT8_MAX)  # [n, G, group]
-                out.codes[r:r + QUANTIZE_ROWS] = codes.reshape(-1, K)
-                out.scales[r:r + QUANTIZE_ROWS] = scale
+                out.codes[r:r + step] = codes.reshape(-1, K)
+                out.scales[r:r + step] = scale
         return out
 
     @property

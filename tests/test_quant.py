@@ -119,9 +119,9 @@ def test_int8_group_quantizer_keeps_a_q8_0_grid_exactly():
 def test_int4_packs_in_row_blocks_as_a_whole_matrix_does():
     """Quantizing a tall matrix in row blocks (small temporaries) packs exactly as one call over the
     whole matrix: the packer's tiles of 32 rows never straddle a block."""
-    from offload.quant import QUANTIZE_ROWS
+    from offload.quant import quantize_rows
 
-    w = torch.randn(QUANTIZE_ROWS + 48, 64, generator=torch.Generator().manual_seed(3))  # a ragged last block
+    w = torch.randn(quantize_rows(64) + 48, 64, generator=torch.Generator().manual_seed(3))  # a ragged last block
     codes, scale, zero = quantize_int4(w, dtype=torch.bfloat16)
     whole = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
     blocked = Int4Weight.from_float(w, torch.bfloat16)
