@@ -134,6 +134,26 @@ def _spill(path, layers=(1, 2)):
     return spill
 
 
+def test_weight_store_of_another_layout_is_rewritten(tmp_path):
+    """A store written for quantized projections of another layout (int8 with row scales, before
+    groups) holds tensors of other shapes under the same names: it is rewritten, never read."""
+    path = tmp_path / "m.weights"
+    old = WeightSpill(path, [1], "fp-1", torch.float32, layout="int8: a bfloat16 scale per row")
+    old.begin()
+    old.put_layer(1, _Layer(1))
+    old.finish()
+    assert WeightSpill(path, [1], "fp-1", torch.float32, layout="int8: a bfloat16 scale per row").reusable
+    new = WeightSpill(path, [1], "fp-1", torch.float32, layout="int8: groups of 32, float32 scale")
+    assert not new.reusable
+    meta, _ = read_header(path)
+    assert meta["layout"] == "int8: a bfloat16 scale per row"  # untouched until the new one is written
+    new.begin()
+    new.put_layer(1, _Layer(1))
+    new.finish()
+    assert read_header(path)[0]["layout"] == "int8: groups of 32, float32 scale"
+    assert not WeightSpill(path, [1], "fp-1", torch.float32).reusable  # nor read as a dense store
+
+
 @pytest.mark.parametrize("where", ["extent", "header"])
 def test_corrupt_weight_store_is_rebuilt(tmp_path, capsys, where):
     path = tmp_path / "m.weights"
