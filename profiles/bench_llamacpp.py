@@ -82,31 +82,38 @@ def bench_llamacpp(path: str, prompts: dict[int, list[int]], steps: int, threads
     return out
 
 
-def bench_offload(path: str, settings: dict, prompts: dict[int, list[int]], steps: int) -> dict:
+def offload_prefill(llm, ids: list[int], longest: int):
+    """Prefill ``ids`` as row 0 of a cache of ``longest`` tokens: (seconds, first greedy token, and
+    ``step(token) -> next token``, one greedy decode step of that row)."""
     import torch
 
-    from offload import LLM
     from offload.attention import ForwardBatch
+
+    llm.backend.allocate(1, longest)
+    t0 = time.perf_counter()
+    logits = llm.engine.prefill(0, ids)  # [V]
+    prefill = time.perf_counter() - t0
+    position = [len(ids)]
+
+    def step(token: int) -> int:
+        batch = ForwardBatch.decode(position, llm.device, [token])
+        with torch.inference_mode():
+            logits = llm.model(torch.tensor([[token]], device=llm.device), batch, llm.backend)  # [1, 1, V]
+        position[0] += 1
+        return int(logits[0, -1].argmax())
+
+    return prefill, int(logits.argmax()), step
+
+
+def bench_offload(path: str, settings: dict, prompts: dict[int, list[int]], steps: int) -> dict:
+    from offload import LLM
 
     longest = max(len(p) for p in prompts.values()) + steps + 1
     llm = LLM(path, max_context=longest, verbose=False, **settings)
     out = {"weights": llm.tier_report()["weights"], "kv_format": llm.tier_report()["kv"]["format"]}
     llm.logits(next(iter(prompts.values()))[:16])  # warm-up: first-call costs are not the runtime's speed
     for ctx, ids in prompts.items():
-        llm.backend.allocate(1, longest)
-        t0 = time.perf_counter()
-        logits = llm.engine.prefill(0, ids)  # [V]
-        prefill = time.perf_counter() - t0
-        first = int(logits.argmax())
-        position = [len(ids)]
-
-        def step(token: int) -> int:
-            batch = ForwardBatch.decode(position, llm.device, [token])
-            with torch.inference_mode():
-                logits = llm.model(torch.tensor([[token]], device=llm.device), batch, llm.backend)  # [1, 1, V]
-            position[0] += 1
-            return int(logits[0, -1].argmax())
-
+        prefill, first, step = offload_prefill(llm, ids, longest)
         times, tokens = _timed_steps(step, first, steps)
         out[ctx] = {"prefill_tok_s": len(ids) / prefill, "decode_ms": 1e3 * statistics.median(times),
                     "tokens": [first] + tokens, "kv_bytes_allocated": llm.backend.kv_nbytes()}

@@ -180,3 +180,21 @@ def test_a_bad_tuned_section_is_a_clear_error(tmp_path):
     path.write_text(json.dumps({"tuned": {"prefetch_slots": 1}}))
     with pytest.raises(OffloadError, match="prefetch_slots must be >= 2"):
         Tuning.load(path)
+
+
+def test_bench_formats_times_every_format_in_one_process(tiny_models, tmp_path):
+    """The formats benchmark: each format's steps are timed (as many as asked), its resident weight
+    bytes are the format's (int4 < int8 < fp32), and it writes JSON and a PNG."""
+    import json
+
+    from offload.profiles import bench_formats
+
+    folder, _ = tiny_models["llama"]
+    out = tmp_path / "formats.json"
+    assert bench_formats.main(["--model", str(folder), "--formats", "int4", "int8", "fp32", "--context", "24",
+                               "--steps", "3", "--out", str(out)]) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert list(runs) == ["int4", "int8", "fp32"]
+    assert all(len(r["decode_ms"]) == 3 and r["decode_ms_median"] > 0 and r["prefill_tok_s"] > 0 for r in runs.values())
+    assert runs["int4"]["weights_bytes"] < runs["int8"]["weights_bytes"] < runs["fp32"]["weights_bytes"]
+    assert out.with_suffix(".png").stat().st_size > 1000
