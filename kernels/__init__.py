@@ -18,6 +18,7 @@ from .api import (
 )
 from .reference import (
                         dense_attention_ref,
+                        dequantize_int8_groups,
                         gather_attention_ref,
                         int8_group_linear_ref,
                         kv_decode_attention_ref,
@@ -30,4 +31,4 @@ __all__ = ["gather_attention", "kv_decode_attention", "kv_decode_attention_ref",
            "shadowkv_attention", "merge_attention", "last_backend", "resolve_backend",
            "gather_attention_ref", "shadowkv_attention_ref", "merge_attention_ref", "dense_attention_ref",
            "rope_rotate", "store_kv_int8", "CacheArrays", "cpu_has_fast_bf16",
-           "int8_group_linear", "int8_group_linear_ref", "Int8Arrays"]
+           "int8_group_linear", "int8_group_linear_ref", "Int8Arrays", "dequantize_int8_groups"]

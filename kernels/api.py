@@ -2,7 +2,8 @@
 
 ``backend="auto"`` takes the Triton kernel when the tensors live on a CUDA device and Triton
 imports; on CPU, :func:`gather_attention` and :func:`kv_decode_attention` take the numba kernels
-(:mod:`offload.kernels.cpu_decode`, reading the cache in place) and the rest the torch reference.
+(:mod:`offload.kernels.cpu_decode`, reading the cache in place), :func:`int8_group_linear` the
+numba int8 kernels (:mod:`offload.kernels.cpu_quant`), and the rest the torch reference.
 ``backend="triton"`` on CPU runs the
 kernels under Triton's interpreter, which needs TRITON_INTERPRET=1 set before the kernel module is
 first imported (the tests do this). :func:`last_backend` tells which one ran.

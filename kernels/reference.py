@@ -168,9 +168,13 @@ def kv_decode_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
     return out.to(q.dtype), lse
 
 
+def dequantize_int8_groups(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """codes [..., K] int8 times scales [..., G] (one per group of K / G consecutive columns) -> fp32 [..., K]."""
+    group = codes.shape[-1] // scales.shape[-1]
+    return codes.float() * scales.float().repeat_interleave(group, dim=-1)
+
+
 def int8_group_linear_ref(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x [M, K] @ W^T in fp32 for W = codes [N, K] int8 * scales [N, G] (one scale per group of
     K / G consecutive columns of a row): dequantize, then multiply (the oracle of the CPU kernel)."""
-    group = codes.shape[1] // scales.shape[1]
-    w = codes.float() * scales.float().repeat_interleave(group, dim=1)  # [N, K]
-    return x.float() @ w.t()  # [M, N]
+    return x.float() @ dequantize_int8_groups(codes, scales).t()  # [M, N]

@@ -35,7 +35,7 @@ from torch import nn
 from .attention import product_dtype
 from .config import ModelArgs
 from .errors import OffloadError
-from .kernels import Int8Arrays, int8_group_linear
+from .kernels import Int8Arrays, dequantize_int8_groups, int8_group_linear
 
 INT4_GROUP = 32  # weights per scale/zero pair: GGUF's Q4_0 / Q4_1 / Q4_K sub-block size
 INT4_MID = 8  # the kernel's codes are centred: w = (q - INT4_MID) * scale + zero
@@ -320,13 +320,11 @@ class Int8Weight(nn.Module):
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows ``ids`` [...] dequantized: [..., K] in the compute dtype (an embedding lookup)."""
-        codes = self.codes[ids].float()  # [..., K]
-        scales = self.scales[ids].repeat_interleave(self.group, dim=-1)  # [..., K]
-        return (codes * scales).to(self.dtype)
+        return dequantize_int8_groups(self.codes[ids], self.scales[ids]).to(self.dtype)  # [..., K]
 
     def dequantize(self) -> torch.Tensor:
         """W [N, K] in the compute dtype."""
-        return (self.codes.float() * self.scales.repeat_interleave(self.group, dim=1)).to(self.dtype)
+        return dequantize_int8_groups(self.codes, self.scales).to(self.dtype)
 
 
 # Up to this many rows, a CPU fp32 product computes W @ x^T (measured faster from 1 to 128 rows).
