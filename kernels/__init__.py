@@ -16,7 +16,16 @@ from .api import (
     shadowkv_attention,
     store_kv_int8,
 )
+from .int4_pack import (
+    INT4_GEMM_ROWS,
+    Int4PackLayout,
+    int4_dequantize,
+    int4_dequantize_rows,
+    int4_group_linear,
+    int4_pack_layout,
+)
 from .reference import (
+                        INT4_MID,
                         dense_attention_ref,
                         dequantize_int8_groups,
                         gather_attention_ref,
@@ -31,4 +40,6 @@ __all__ = ["gather_attention", "kv_decode_attention", "kv_decode_attention_ref",
            "shadowkv_attention", "merge_attention", "last_backend", "resolve_backend",
            "gather_attention_ref", "shadowkv_attention_ref", "merge_attention_ref", "dense_attention_ref",
            "rope_rotate", "store_kv_int8", "CacheArrays", "cpu_has_fast_bf16",
-           "int8_group_linear", "int8_group_linear_ref", "Int8Arrays", "dequantize_int8_groups"]
+           "int8_group_linear", "int8_group_linear_ref", "Int8Arrays", "dequantize_int8_groups",
+           "INT4_MID", "INT4_GEMM_ROWS", "Int4PackLayout", "int4_dequantize", "int4_dequantize_rows", "int4_group_linear",
+           "int4_pack_layout"]

@@ -1,4 +1,5 @@
-"""numba kernels for weights held as int8 codes in groups (``quantize="int8"``), on the CPU.
+"""numba kernels for weights held as int8 codes in groups (``quantize="int8"``), on the CPU, and the
+unpacking of int4 weights (``quantize="int4"``) for products of many rows.
 
 A weight W [N, K] is held as codes int8 [N, K] and one fp32 scale per group of ``K / G``
 consecutive input columns of each output row: W[n, k] = codes[n, k] * scales[n, k // group]
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange
+
+from .reference import INT4_MID
 
 
 @njit(cache=True, parallel=True, fastmath=True)
@@ -50,3 +53,48 @@ def int8_group_dequantize(codes, scales, out):  # pragma: no cover - compiled
             scale = scales[n, g]
             for i in range(g * group, (g + 1) * group):
                 out[n, i] = np.float32(codes[n, i]) * scale
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def int4_dequantize_t(packed, scales_zeros, block_rows, block_paired, tail_paired, row0, out_t):  # pragma: no cover
+    """out_t [K, n] fp32 = W^T of rows row0..row0+n-1 of an int4 weight held in the CPU kernel's
+    packed layout (transposed: the packed bytes run along K, so each column's codes land side by side).
+
+    ``packed`` uint8, the weight's [N, K/2] bytes flattened: blocks of ``block_rows`` output rows,
+    each block's bytes laid [K, rows / 2]; byte d of input column k holds two of the block's rows,
+    (d, rows / 2 + d) in its (low, high) nibbles, or (2d, 2d + 1) where the block is ``paired``
+    (``block_paired`` for full blocks, ``tail_paired`` for a last, shorter one). ``scales_zeros``
+    [G, N, 2] bf16 bits (uint16): W[n, k] = (q - 8) * scale[k // group, n] + zero[k // group, n].
+    row0 is a multiple of block_rows; one block per task."""
+    K, n_out = out_t.shape
+    G, N = scales_zeros.shape[0], scales_zeros.shape[1]
+    group = K // G
+    blocks = (n_out + block_rows - 1) // block_rows
+    for b in prange(blocks):
+        start = row0 + b * block_rows
+        size = min(block_rows, N - start)
+        paired = block_paired if size == block_rows else tail_paired
+        width = size // 2
+        base = start * (K // 2)
+        col = start - row0
+        bits = np.empty((2, size), np.uint32)  # the block's scales and zeros of one group, widened
+        widened = bits.view(np.float32)
+        scale, zero = widened[0], widened[1]
+        for g in range(G):
+            for r in range(size):
+                bits[0, r] = np.uint32(scales_zeros[g, start + r, 0]) << 16
+                bits[1, r] = np.uint32(scales_zeros[g, start + r, 1]) << 16
+            for k in range(g * group, (g + 1) * group):
+                codes = packed[base + k * width:base + (k + 1) * width]
+                dest = out_t[k, col:col + size]
+                if paired:
+                    for d in range(width):
+                        dest[2 * d] = np.float32(np.int32(codes[d] & 15) - INT4_MID) * scale[2 * d] + zero[2 * d]
+                        dest[2 * d + 1] = (np.float32(np.int32(codes[d] >> 4) - INT4_MID) * scale[2 * d + 1]
+                                           + zero[2 * d + 1])
+                else:
+                    for d in range(width):
+                        dest[d] = np.float32(np.int32(codes[d] & 15) - INT4_MID) * scale[d] + zero[d]
+                    for d in range(width):
+                        dest[width + d] = (np.float32(np.int32(codes[d] >> 4) - INT4_MID) * scale[width + d]
+                                           + zero[width + d])

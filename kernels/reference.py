@@ -27,6 +27,9 @@ import torch
 # scale = max|x| / KV_CODE_MAX and at least KV_SCALE_FLOOR, so an all-zero vector divides by something.
 KV_CODE_MAX = 127
 KV_SCALE_FLOOR = 1e-8
+# torch's fused int4 kernel's codes are centred: w = (q - INT4_MID) * scale + zero, q in 0..15 (one place
+# for the quantizer, offload.quant, and the unpacker, cpu_quant.int4_dequantize_t).
+INT4_MID = 8
 
 
 def dense_token_ids(seq_lens: torch.Tensor, sink: int, window: int) -> tuple[torch.Tensor, torch.Tensor]:

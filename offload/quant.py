@@ -35,10 +35,16 @@ from torch import nn
 from .attention import product_dtype
 from .config import ModelArgs
 from .errors import OffloadError
-from .kernels import Int8Arrays, dequantize_int8_groups, int8_group_linear
+from .kernels import (
+    INT4_MID,
+    Int8Arrays,
+    dequantize_int8_groups,
+    int4_dequantize,
+    int4_group_linear,
+    int8_group_linear,
+)
 
 INT4_GROUP = 32  # weights per scale/zero pair: GGUF's Q4_0 / Q4_1 / Q4_K sub-block size
-INT4_MID = 8  # the kernel's codes are centred: w = (q - INT4_MID) * scale + zero
 INT4_MAX = 15
 N_MULTIPLE = 16  # the CPU packer needs N divisible by 16
 QUANTIZE_SCHEMES = ("int4", "int8")
@@ -196,11 +202,6 @@ def dequantize_int4(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
     return grouped.reshape(N, K)
 
 
-def _kernel_input(x: torch.Tensor, in_features: int) -> torch.Tensor:
-    """x [..., K] as the fused kernels take it: [M, K] contiguous in KERNEL_DTYPE."""
-    return x.reshape(-1, in_features).to(KERNEL_DTYPE).contiguous()  # [M, K]
-
-
 class Int4Weight(nn.Module):
     """One linear weight in int4 groups: ``packed`` (the kernel's layout, uint8 [N, K/2]) and
     ``scales_zeros`` ([G, N, 2] in KERNEL_DTYPE). Call it like ``F.linear(x, W, bias)``; ``dtype``
@@ -243,18 +244,15 @@ class Int4Weight(nn.Module):
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         lead = x.shape[:-1]
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(_kernel_input(x, self.in_features), self.packed, self.group,
-                                                          self.scales_zeros).to(x.dtype)  # [M, N]
+        out = int4_group_linear(x.reshape(-1, self.in_features), self.packed, self.scales_zeros,
+                                self.group).to(x.dtype)  # [M, N]
         if bias is not None:
             out = out + bias
         return out.view(*lead, self.out_features)
 
     def dequantize(self) -> torch.Tensor:
-        """W [N, K] in the compute dtype, as the kernel sees it (one product with the identity:
-        every output is a single weight, so nothing is summed)."""
-        eye = torch.eye(self.in_features, dtype=KERNEL_DTYPE)  # [K, K]
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group,
-                                                          self.scales_zeros).t().to(self.dtype)
+        """W [N, K] in the compute dtype."""
+        return int4_dequantize(self.packed, self.scales_zeros, self.group).to(self.dtype)
 
 
 INT8_MAX = 127

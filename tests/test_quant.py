@@ -9,6 +9,8 @@ import torch
 
 from offload import LLM, SamplingParams
 from offload.errors import OffloadError
+from offload.kernels import INT4_GEMM_ROWS, int4_dequantize_rows, int4_group_linear, int4_pack_layout
+from offload.kernels import int4_pack as int4_pack_module
 from offload.kernels.api import INT8_GROUP_KERNEL_ROWS as KERNEL_ROWS
 from offload.quant import (
     INT4_MAX,
@@ -31,7 +33,7 @@ def _reference(x: torch.Tensor, codes, scale, zero) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])  # the compute dtype: fp32 where bf16 is slow
 @pytest.mark.parametrize("group", [32, 64])
 @pytest.mark.parametrize("n,k", [(16, 64), (128, 64), (256, 128), (960, 576), (576, 1536)])
-@pytest.mark.parametrize("m", [1, 3, 17])
+@pytest.mark.parametrize("m", [1, 3, 17, INT4_GEMM_ROWS + 8])  # the last: unpacked blocks through the GEMM
 def test_int4_kernel_matches_the_reference(n, k, m, group, dtype):
     g = torch.Generator().manual_seed(n * k + m)
     w = torch.randn(n, k, generator=g) * 0.05
@@ -378,3 +380,45 @@ def test_int8_kernel_views_follow_the_weights_storage():
         weight.scales.data = torch.ones_like(weight.scales)
         weight.codes.fill_(1)
         assert torch.allclose(weight(x), x.sum(-1, keepdim=True).expand(-1, 64), atol=1e-5)
+
+
+@pytest.mark.parametrize("n,k", [(16, 64), (48, 96), (80, 32), (96, 64), (960, 576)])
+def test_int4_unpacking_reads_the_packed_layout_exactly(n, k):
+    """The packed int4 bytes unpacked (the layout learned by probing the packer) give the weights the
+    codes, scales and zeros stand for, bit for bit, including a last block shorter than the rest."""
+    layout = int4_pack_layout()
+    assert layout is not None and layout.block_rows in (16, 32, 64, 128, 256)
+    g = torch.Generator().manual_seed(n + k)
+    codes, scale, zero = quantize_int4(torch.randn(n, k, generator=g), 32, KERNEL_DTYPE)
+    weight = Int4Weight(n, k, torch.float32)
+    weight.load_codes(codes, scale, zero)
+    exact = dequantize_int4(codes, scale.bfloat16().float(), zero.bfloat16().float())  # [N, K]
+    assert torch.equal(int4_dequantize_rows(weight.packed, weight.scales_zeros, 0, torch.empty(k, n), layout).t(), exact)
+    assert torch.equal(weight.dequantize(), exact)
+    if n > layout.block_rows:  # from the second block on, into a smaller buffer
+        part = int4_dequantize_rows(weight.packed, weight.scales_zeros, layout.block_rows,
+                                    torch.empty(k, n - layout.block_rows), layout)
+        assert torch.equal(part.t(), exact[layout.block_rows:])
+    with pytest.raises(ValueError, match="blocks of"):
+        int4_dequantize_rows(weight.packed, weight.scales_zeros, 1, torch.empty(k, 8), layout)
+
+
+def test_int4_products_of_many_rows_unpack_a_block_at_a_time(monkeypatch):
+    """Above INT4_GEMM_ROWS rows the product unpacks blocks of rows to fp32 and runs the GEMM: with
+    blocks of one layout block (and a short last one) it equals the fp32 reference, and the fused
+    kernel (bf16 activations) to its rounding."""
+    n, k, m = 80, 96, INT4_GEMM_ROWS + 5
+    layout = int4_pack_layout()
+    g = torch.Generator().manual_seed(3)
+    codes, scale, zero = quantize_int4(torch.randn(n, k, generator=g) * 0.05, 32, KERNEL_DTYPE)
+    weight = Int4Weight(n, k, torch.float32)
+    weight.load_codes(codes, scale, zero)
+    x = torch.randn(m, k, generator=g)
+    monkeypatch.setattr(int4_pack_module, "INT4_UNPACK_BLOCK_BYTES", 4 * k * layout.block_rows)
+    out = int4_group_linear(x, weight.packed, weight.scales_zeros, 32)  # [m, n] fp32
+    ref = _reference(x, codes, scale, zero)
+    assert out.dtype == torch.float32 and torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
+    fused = torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), weight.packed, 32, weight.scales_zeros)
+    assert (fused.float() - out).abs().max().item() <= 2e-2 * out.abs().max().item()
+    few = int4_group_linear(x[:INT4_GEMM_ROWS - 1], weight.packed, weight.scales_zeros, 32)  # the fused kernel
+    assert few.dtype == torch.bfloat16 and torch.allclose(few.float(), out[:INT4_GEMM_ROWS - 1], atol=2e-2, rtol=2e-2)
