@@ -14,13 +14,13 @@ import torch.nn.functional as F
 from offload.attention import AttentionBackend, ForwardBatch, OnlineSoftmax, attend, visible_keys
 from offload.config import ModelArgs
 from offload.errors import OffloadError
-from offload.kernels import kv_decode_attention
+from offload.kernels import DecodeRanges
 from offload.tiers.kv_store import DECODE_BLOCK_TOKENS, KVStore
 
 # Upper bound on one block of attention scores (fp32) in chunked prefill: even where SDPA falls
 # back to its math kernel, a long prompt never materialises a score block larger than this.
 PREFILL_SCORE_BYTES = 256 * 1024 * 1024
-# Devices whose decode reads the cache in place through offload.kernels.kv_decode_attention (numba
+# Devices whose decode reads the cache in place through offload.kernels' numba kernel (CacheArrays.attend:
 # on CPU: an int8 KV without a dequantized copy, 1.5x faster decode at 4K on the default model; a bf16
 # KV without bf16 matmuls, which run at ~0.6 GB/s here); elsewhere torch attends (int8: in blocks).
 FUSED_DECODE_DEVICES = ("cpu",)
@@ -37,6 +37,8 @@ class DensePlan:
     decode_start: int = 0  # first cached token any row of this decode step can see
     decode_mask: torch.Tensor | None = None  # [B, 1, 1, N'] bool, or None (every row sees the same keys)
     prefill_masks: dict[int, torch.Tensor] = field(default_factory=dict)  # {t0: [Tb, N] bool}
+    # what the in-place kernel reads of each row, made by the first layer that reads in place
+    decode_ranges: DecodeRanges | None = None
 
 
 class DenseAttention(AttentionBackend):
@@ -137,13 +139,14 @@ class DenseAttention(AttentionBackend):
         plan: DensePlan = batch.plan
         start, end, decode_mask = plan.decode_start, max(batch.end_lengths), plan.decode_mask
         on_disk = layer in self.kv.disk_layers  # read like a host layer's (a sliding window's rows)
-        k, v, k_scale, v_scale = (None,) * 4 if on_disk else self.kv.whole_cache(layer, B)  # [B, Hkv, N, D]
-        if not on_disk and self._reads_in_place(k.dtype, end - start):
-            hi = batch.end_lengths if decode_mask is not None else [end] * B
-            lo = [start] * B if decode_mask is None else [
-                0 if a.sliding_window is None else max(0, n - a.sliding_window) for n in hi]
-            out, _ = kv_decode_attention(q.view(B, H, D), k, v, lo, hi, scale=a.softmax_scale, k_scale=k_scale,
-                                         v_scale=v_scale, arrays=self.kv.host_arrays(layer))  # [B, H, D]
+        arrays = None if on_disk else self.kv.host_arrays(layer)  # the CPU cache's views, for the kernel
+        if arrays is not None and self._reads_in_place(arrays.dtype, end - start):
+            if plan.decode_ranges is None:  # the first layer of the step works them out for all
+                hi = batch.end_lengths if decode_mask is not None else [end] * B
+                lo = [start] * B if decode_mask is None else [
+                    0 if a.sliding_window is None else max(0, n - a.sliding_window) for n in hi]
+                plan.decode_ranges = DecodeRanges(lo, hi, a.num_kv_heads, arrays.k.shape[2])
+            out, _ = arrays.attend(q.view(B, H, D), plan.decode_ranges, a.softmax_scale)  # [B, H, D]
             return out.view(B, H, 1, D)
         if self.kv.quantized and end - start > DECODE_BLOCK_TOKENS:  # dequantize a block at a time
             acc = OnlineSoftmax(qg, a.softmax_scale)

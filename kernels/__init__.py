@@ -5,6 +5,7 @@ Importing this package imports neither Triton nor CUDA; the kernel module loads 
 
 from .api import (
     CacheArrays,
+    DecodeRanges,
     Int8Arrays,
     cpu_has_fast_bf16,
     gather_attention,
@@ -39,7 +40,7 @@ from .reference import (
 __all__ = ["gather_attention", "kv_decode_attention", "kv_decode_attention_ref",
            "shadowkv_attention", "merge_attention", "last_backend", "resolve_backend",
            "gather_attention_ref", "shadowkv_attention_ref", "merge_attention_ref", "dense_attention_ref",
-           "rope_rotate", "store_kv_int8", "CacheArrays", "cpu_has_fast_bf16",
+           "rope_rotate", "store_kv_int8", "CacheArrays", "DecodeRanges", "cpu_has_fast_bf16",
            "int8_group_linear", "int8_group_linear_ref", "Int8Arrays", "dequantize_int8_groups",
            "INT4_MID", "INT4_GEMM_ROWS", "Int4PackLayout", "int4_dequantize", "int4_dequantize_rows", "int4_group_linear",
            "int4_pack_layout"]

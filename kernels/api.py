@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -206,8 +207,9 @@ def kv_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: l
     if quantized != (k_scale is not None and v_scale is not None) or (
             quantized and not k_scale.shape == v_scale.shape == k.shape[:3]):
         raise ValueError("an int8 KV cache needs k_scale and v_scale [B, Hkv, N] (and a float cache none)")
-    if len(lo) != B or len(hi) != B or not all(0 <= a < b <= N for a, b in zip(lo, hi)):
-        raise ValueError(f"lo/hi must be {B} visible ranges with 0 <= lo < hi <= {N}, got {list(lo)} / {list(hi)}")
+    if len(lo) != B:
+        raise ValueError(f"lo/hi must be {B} visible ranges, got {list(lo)} / {list(hi)}")
+    ranges = DecodeRanges(lo, hi, Hkv, N)
     name = ("numba" if q.device.type == "cpu" else "torch") if backend == "auto" else backend
     _last_backend["name"] = name
     if name == "torch":
@@ -215,14 +217,25 @@ def kv_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: l
         return reference.kv_decode_attention_ref(q, k, v, bounds[0], bounds[1], scale, k_scale, v_scale)
     if q.device.type != "cpu":
         raise ValueError("the numba KV decode kernels run on CPU tensors")
-    bounds = np.empty((2, B, Hkv), np.int64)  # [2, B, Hkv]: every KV head of a row sees its range
-    bounds[0], bounds[1] = np.asarray(lo, np.int64)[:, None], np.asarray(hi, np.int64)[:, None]
     if arrays is not None:
         arrays.check_views_of(k)
-        cache = arrays.parts
-    else:
-        cache = _cache_arrays(k, v, k_scale, v_scale)
-    return _attend_numba(q, cache, NO_IDS, bounds[0], bounds[1], scale)
+        return arrays.attend(q, ranges, scale)
+    return _attend_numba(q, _cache_arrays(k, v, k_scale, v_scale), NO_IDS, ranges.lo, ranges.hi, scale, ranges.longest)
+
+
+class DecodeRanges:
+    """The tokens each row of one decode step sees, lo[b]..hi[b]-1 (host ints), as the numba kernel
+    takes them ([B, Hkv] bounds, every KV head of a row alike), checked once: every layer of the step
+    shares them (built and checked per layer, they cost about what the kernel does over 512 tokens)."""
+
+    def __init__(self, lo: Sequence[int], hi: Sequence[int], num_kv_heads: int, capacity: int):
+        if len(lo) != len(hi) or not lo or not all(0 <= a < b <= capacity for a, b in zip(lo, hi)):
+            raise ValueError(f"lo/hi must be visible ranges with 0 <= lo < hi <= {capacity}, one per row; "
+                             f"got {list(lo)} / {list(hi)}")
+        self.rows, self.num_kv_heads, self.capacity = len(lo), num_kv_heads, capacity
+        self.lo = np.repeat(np.asarray(lo, np.int64)[:, None], num_kv_heads, axis=1)  # [B, Hkv]
+        self.hi = np.repeat(np.asarray(hi, np.int64)[:, None], num_kv_heads, axis=1)  # [B, Hkv]
+        self.longest = max(b - a for a, b in zip(lo, hi))
 
 
 # Input rows up to which the grouped-int8 product runs its row-by-row kernel (the codes widened once
@@ -334,6 +347,18 @@ class CacheArrays:
         """(k, k_scale, v, v_scale): what the decode kernel takes."""
         return self.k, self.k_scale, self.v, self.v_scale
 
+    def attend(self, q: torch.Tensor, ranges: DecodeRanges, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode attention of q [B, H, D] (CPU) over cache rows 0..B-1 within the step's ``ranges``:
+        (out [B, H, D] in q's dtype, lse [B, H] fp32). :func:`kv_decode_attention`'s numba path,
+        checked against these views only (a decode step calls it once per layer)."""
+        R, Hkv, N, D = self.k.shape
+        if not (q.dim() == 3 and q.shape[0] == ranges.rows <= R and q.shape[2] == D and q.shape[1] % Hkv == 0
+                and ranges.num_kv_heads == Hkv and ranges.capacity == N and q.device.type == "cpu"):
+            raise ValueError(f"attend needs CPU q [B, H, D] for a cache of {R} rows x {Hkv} KV heads x {N} tokens x "
+                             f"{D} and ranges of B rows over {Hkv} heads and {N} tokens; got q {tuple(q.shape)}, "
+                             f"ranges of {ranges.rows} rows, {ranges.num_kv_heads} heads, {ranges.capacity} tokens")
+        return _attend_numba(q, self.parts, NO_IDS, ranges.lo, ranges.hi, scale, ranges.longest)
+
     def check_views_of(self, k: torch.Tensor) -> None:
         """These must be the arrays of the cache ``k`` is (the first rows of)."""
         if self.k.ctypes.data != k.data_ptr() or self.dtype != k.dtype:
@@ -387,10 +412,10 @@ def _cache_arrays(k, v, k_scale, v_scale) -> tuple[np.ndarray, np.ndarray, np.nd
 
 
 def _attend_numba(q, cache: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], ids: np.ndarray,
-                  lo: np.ndarray, hi: np.ndarray, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                  lo: np.ndarray, hi: np.ndarray, scale: float, longest: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The numba kernel over positions lo..hi-1 [B, Hkv] (of ``ids`` [B, Hkv, M], or token ids when
-    empty) of ``cache`` (:func:`_cache_arrays`; rows beyond q's B unread). Returns (out [B, H, D] in
-    q's dtype, lse [B, H])."""
+    empty; ``longest`` the widest range) of ``cache`` (:func:`_cache_arrays`; rows beyond q's B
+    unread). Returns (out [B, H, D] in q's dtype, lse [B, H])."""
     from . import cpu_decode  # numba compiles (or loads from its cache) on first use
 
     k, k_s, v, v_s = cache
@@ -401,7 +426,7 @@ def _attend_numba(q, cache: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray
     lse = torch.empty(B, Hkv, H // Hkv, dtype=torch.float32)  # [B, Hkv, G]
     threads = torch.get_num_threads()
     cpu_decode.set_threads(threads)
-    split = cpu_decode.split_tokens(int((hi - lo).max()), B * Hkv, threads)
+    split = cpu_decode.split_tokens(longest, B * Hkv, threads)
     N = k.shape[2]
     past = cpu_decode.decode_attention(qg.numpy(), k, k_s, v, v_s, ids,
                                        lo, hi, N, split, float(scale), out.numpy(), lse.numpy())
@@ -419,4 +444,4 @@ def _gather_numba(q, cache, selected, num_selected, seq_lens, scale, sink, windo
     ids = torch.cat([dense_ids[:, None].expand(B, Hkv, -1), selected.to(torch.int32)], dim=-1)  # [B, Hkv, Nd + S]
     hi = (dense_ids.shape[1] + num_selected.to(torch.int64)).numpy()  # [B, Hkv]
     lo = np.zeros_like(hi)
-    return _attend_numba(q, cache, ids.contiguous().numpy(), lo, hi, scale)
+    return _attend_numba(q, cache, ids.contiguous().numpy(), lo, hi, scale, int(hi.max()))

@@ -166,10 +166,13 @@ def int4_group_linear(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch
     xf = x.float()  # [M, K]
     out = torch.empty(M, N, dtype=torch.float32)  # [M, N]
     step = max(layout.block_rows, INT4_UNPACK_BLOCK_BYTES // (4 * K) // layout.block_rows * layout.block_rows)
-    block = torch.empty(K, min(step, N), dtype=torch.float32)  # [K, rows], reused
+    buffer = torch.empty(K * min(step, N), dtype=torch.float32)  # reused: each block [K, n] contiguous in it
     for r in range(0, N, step):
         n = min(step, N - r)
-        w_t = int4_dequantize_rows(packed, scales_zeros, r, block[:, :n] if n < block.shape[1] else block, layout)  # [K, n]
-        out[:, r:r + n] = xf @ w_t  # [M, n]
+        w_t = int4_dequantize_rows(packed, scales_zeros, r, buffer[:K * n].view(K, n), layout)  # [K, n]
+        if n == N:
+            torch.mm(xf, w_t, out=out)  # [M, N]: one block, no copy
+        else:
+            out[:, r:r + n] = xf @ w_t  # [M, n]
     return out
 

@@ -349,6 +349,13 @@ def test_kv_decode_kernels_match_the_widening_reference(cache, B, H, Hkv, D, cap
     got_first, _ = kv_decode_attention(q[:1], k[:1], v[:1], lo[:1], hi[:1], scale=D ** -0.5, arrays=arrays,
                                        **{name: t[:1] for name, t in scales.items()})
     assert torch.equal(got_first, got[:1])
+    # the form a decode step uses: ranges worked out once for every layer, each layer's views
+    from offload.kernels import DecodeRanges
+
+    got_step, step_lse = arrays.attend(q, DecodeRanges(lo, hi, Hkv, cap), D ** -0.5)
+    assert torch.equal(got_step, got) and torch.equal(step_lse, lse)
+    with pytest.raises(ValueError, match="attend needs CPU q"):  # ranges of another cache
+        arrays.attend(q, DecodeRanges(lo, hi, Hkv, cap - 1), D ** -0.5)
     other = CacheArrays(k.clone(), v, scales.get("k_scale"), scales.get("v_scale"))
     with pytest.raises(ValueError, match="arrays= must be the numpy views of the cache"):
         kv_decode_attention(q, k, v, lo, hi, scale=D ** -0.5, arrays=other, **scales)
