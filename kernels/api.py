@@ -438,10 +438,22 @@ def _attend_numba(q, cache: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray
 def _gather_numba(q, cache, selected, num_selected, seq_lens, scale, sink, window):
     """gather_attention through the numba kernel: one id list per (row, KV head), the dense part
     first (an id that does not exist in a short sequence is -1, skipped), then the selection."""
-    B, Hkv = selected.shape[:2]
-    dense_ids, dense_valid = reference.dense_token_ids(seq_lens.cpu(), sink, window)  # [B, Nd] each
-    dense_ids = torch.where(dense_valid, dense_ids, -1).to(torch.int32)
-    ids = torch.cat([dense_ids[:, None].expand(B, Hkv, -1), selected.to(torch.int32)], dim=-1)  # [B, Hkv, Nd + S]
-    hi = (dense_ids.shape[1] + num_selected.to(torch.int64)).numpy()  # [B, Hkv]
-    lo = np.zeros_like(hi)
-    return _attend_numba(q, cache, ids.contiguous().numpy(), lo, hi, scale, int(hi.max()))
+    B, Hkv, S = selected.shape
+    dense = _dense_ids(tuple(seq_lens.tolist()), sink, window)  # [B, Nd] int32
+    Nd = dense.shape[1]
+    ids = np.empty((B, Hkv, Nd + S), np.int32)  # [B, Hkv, Nd + S]
+    ids[:, :, :Nd] = dense[:, None]
+    ids[:, :, Nd:] = selected.to(torch.int32).numpy()
+    hi = Nd + num_selected.numpy().astype(np.int64)  # [B, Hkv]
+    return _attend_numba(q, cache, ids, np.zeros_like(hi), hi, scale, int(hi.max()))
+
+
+@functools.lru_cache(maxsize=8)
+def _dense_ids(seq_lens: tuple[int, ...], sink: int, window: int) -> np.ndarray:
+    """The sinks' and the window's token ids [B, sink + window] int32 (-1: no such token in a short
+    sequence), as :func:`reference.dense_token_ids` gives them: the same for every sparse layer of
+    a decode step, so worked out once per step (per layer it cost twice the kernel at 4K)."""
+    ids, valid = reference.dense_token_ids(torch.tensor(seq_lens), sink, window)  # [B, Nd] each
+    dense = torch.where(valid, ids, -1).to(torch.int32).numpy()
+    dense.setflags(write=False)  # shared by every call of the step
+    return dense
