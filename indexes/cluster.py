@@ -127,13 +127,15 @@ def kmeans_segments(x: torch.Tensor, clusters: int,
 
 
 @njit(cache=True, parallel=True, fastmath=True)
-def _cluster_mass(q, centroids, log_sizes, tail, scale, mass):  # pragma: no cover - numba
+def _cluster_mass(q, centroids, log_sizes, tail, scale, mass, cluster_logits):  # pragma: no cover - numba
     """The group's estimated attention per entry, one pass per KV head (in parallel): q [Hkv, G, D],
     centroids [Hkv, D, C], log_sizes [Hkv, C], tail keys [Hkv, T, D] (all f32) -> mass [Hkv, C+T]:
     per query head the softmax over size x exp(scale q . c) of the clusters and exp(scale q . k) of
     the tail keys, summed over the group and divided by G (a share of the group's attention, so a
     head's entries sum to 1). What torch does as baddbmm + cat + softmax + sum, with the logits kept
-    in L1 a block of clusters at a time and the centroids read once."""
+    in L1 a block of clusters at a time and the centroids read once. The clusters' logits, scale q . c
+    + log size, are kept in cluster_logits [Hkv, G, C] for the estimation zone (which would otherwise
+    read each of its centroids' D values a cache line apart)."""
     Hkv, G, D = q.shape
     C = centroids.shape[2]
     T = tail.shape[1]
@@ -154,6 +156,7 @@ def _cluster_mass(q, centroids, log_sizes, tail, scale, mass):  # pragma: no cov
             for g in range(G):
                 for c in range(width):
                     logits[g, c0 + c] = block[g, c] + log_sizes[h, c0 + c]
+                    cluster_logits[h, g, c0 + c] = logits[g, c0 + c]
         for g in range(G):
             for t in range(T):
                 dot = np.float32(0.0)
@@ -221,15 +224,16 @@ def _take_clusters(ranked, share, sizes, starts, order, n_clustered, lo, hi, bud
 
 
 @njit(cache=True, parallel=True, fastmath=True)
-def _estimate_merge(q, centroids, sizes, vsums, zone, edge_cluster, edge_values, scale, out,
+def _estimate_merge(cluster_logits, log_sizes, sizes, vsums, zone, edge_cluster, edge_values, out,
                     lse):  # pragma: no cover - numba
-    """The estimation zone merged into the exact part, one pass per KV head (in parallel): q [Hkv,
-    G, D], centroids [Hkv, D, C], sizes [Hkv, C] int32, vsums [Hkv, C, D], zone [Hkv, Z] int64
+    """The estimation zone merged into the exact part, one pass per KV head (in parallel): the
+    search's cluster_logits [Hkv, G, C] (scale q . c + log size, :func:`_cluster_mass`), log_sizes
+    [Hkv, C], sizes [Hkv, C] int32, vsums [Hkv, C, D], zone [Hkv, Z] int64
     (-1: none), the clustered tokens attended exactly anyway (their clusters edge_cluster [Hkv, E]
     int32, values edge_values [Hkv, E, D]: taken out of their clusters' size and sum), all f32 but
     the ids; out [Hkv, G, D] and lse [Hkv, G] (the exact part) become the merged ones. What
     ClusterIndex._estimate_tensors and a log-sum-exp merge compute, without ~30 small tensor ops."""
-    Hkv, G, D = q.shape
+    Hkv, G, D = out.shape
     Z = zone.shape[1]
     E = edge_cluster.shape[1]
     for h in prange(Hkv):
@@ -250,12 +254,9 @@ def _estimate_merge(q, centroids, sizes, vsums, zone, edge_cluster, edge_values,
         for g in range(G):
             m = lse[h, g]
             for z in range(Z):
-                if size[z] > 0.5:
-                    dot = np.float32(0.0)
+                if size[z] > 0.5:  # the cluster's logit, its size less the tokens attended exactly
                     c = zone[h, z]
-                    for d in range(D):
-                        dot += q[h, g, d] * centroids[h, d, c]
-                    logits[z] = dot * scale + np.log(size[z])
+                    logits[z] = cluster_logits[h, g, c] - log_sizes[h, c] + np.log(size[z])
                     m = max(m, logits[z])
                 else:
                     logits[z] = NO_SCORE
@@ -297,6 +298,7 @@ class _Ranked:
     hi: int
     selection: Selection
     zone: torch.Tensor  # [Hkv, Z] int64: clusters ranked next after the taken ones (-1: none), add_estimate's
+    cluster_logits: np.ndarray | None = None  # [Hkv, G, C] the CPU search's, for add_estimate's compiled merge
 
 
 @register
@@ -422,15 +424,14 @@ class ClusterIndex(KVIndex):
             return
         self.summarize_values(values)
         edge_cluster, edge_values = self._edge(values, r)
-        if self.centroids.device.type != "cpu" or out.device.type != "cpu":
+        if r.cluster_logits is None or out.device.type != "cpu":  # the search ran as tensor ops
             self._merge_tensors(q, r.zone, edge_cluster, edge_values, out, lse)
             return
         Hkv, D, _ = self.centroids.shape
         acc = out.float().reshape(Hkv, self.group, D).contiguous()  # [Hkv, G, D]
         total = lse.float().reshape(Hkv, self.group).contiguous()  # [Hkv, G]
-        _estimate_merge(q.float().reshape(Hkv, self.group, D).contiguous().numpy(), self.centroids.numpy(),
-                        self.sizes.numpy(), self._vsums.numpy(), r.zone.numpy(), edge_cluster.numpy(),
-                        edge_values.numpy(), np.float32(self.scale), acc.numpy(), total.numpy())
+        _estimate_merge(r.cluster_logits, self._log_sizes[:, 0].numpy(), self.sizes.numpy(), self._vsums.numpy(),
+                        r.zone.numpy(), edge_cluster.numpy(), edge_values.numpy(), acc.numpy(), total.numpy())
         out.copy_(acc.view(-1, D))
         lse.copy_(total.view(-1))
 
@@ -518,11 +519,13 @@ class ClusterIndex(KVIndex):
         self.last_scored = C + T  # centroids and tail keys scored, per KV head
         if device.type == "cpu":  # compiled passes: the torch form below is ~100 small ops (1 ms) more
             mass = np.empty((Hkv, C + T), np.float32)  # [Hkv, C+T] share of the group's attention
+            cluster_logits = np.empty((Hkv, self.group, C), np.float32)  # [Hkv, G, C]
             _cluster_mass(qg.contiguous().numpy(), self.centroids.numpy(), self._log_sizes[:, 0].numpy(),
-                          tail.contiguous().numpy(), np.float32(self.scale), mass)
+                          tail.contiguous().numpy(), np.float32(self.scale), mass, cluster_logits)
             selection, zone = self._take_numba(mass, self._wide(budget, hi - lo), lo, hi)
             selection = self._rerank(qg, selection, budget)
-            self._ranked = _Ranked(torch.from_numpy(mass), budget, lo, hi, selection, self._retrieval_zone(zone))
+            self._ranked = _Ranked(torch.from_numpy(mass), budget, lo, hi, selection, self._retrieval_zone(zone),
+                                   cluster_logits)
             return selection
         logits = torch.baddbmm(self._log_sizes, qg, self.centroids, alpha=self.scale)  # [Hkv, G, C]
         if T:

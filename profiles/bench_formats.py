@@ -18,7 +18,7 @@ import statistics
 import time
 from pathlib import Path
 
-from .bench_llamacpp import CONFIGS, offload_prefill
+from .bench_llamacpp import CONFIGS, WARMUP_TOKENS, offload_prefill
 
 WARM_STEPS = 2  # untimed steps per format first: first-call costs are not the runtime's speed
 
@@ -42,6 +42,7 @@ def measure(model, load_format: str, formats: list[str], context: int, steps: in
             ids = torch.randint(10, llm.args.vocab_size, (context,), generator=torch.Generator().manual_seed(0)).tolist()
         else:
             ids = _real_text_ids(llm.tokenizer, context)
+        llm.logits(ids[:WARMUP_TOKENS])  # untimed: compiling or loading a kernel is not prefill
         prefill, token, step = offload_prefill(llm, ids, longest)
         runs[name] = {"load_s": load, "weights_bytes": llm.tier_report()["weights"]["resident_bytes"],
                       "prefill_tok_s": context / prefill, "decode_ms": []}

@@ -177,9 +177,12 @@ def test_compiled_take_equals_the_tensor_form(monkeypatch, mass):
                             torch.matmul(qg, tail.transpose(1, 2)) * idx.scale], dim=-1)  # [Hkv, G, C+T]
         mass = torch.softmax(logits, dim=-1).sum(1) / 3  # [Hkv, C+T]: shares of the group's attention
         compiled = np.empty(tuple(mass.shape), np.float32)
+        cluster_logits = np.empty((3, 3, idx.sizes.shape[1]), np.float32)  # [Hkv, G, C]
         _cluster_mass(qg.numpy(), idx.centroids.numpy(), idx._log_sizes[:, 0].numpy(), tail.contiguous().numpy(),
-                      np.float32(idx.scale), compiled)
+                      np.float32(idx.scale), compiled, cluster_logits)
         assert torch.allclose(torch.from_numpy(compiled), mass, atol=1e-6, rtol=1e-4)
+        C = idx.sizes.shape[1]  # the clusters' logits, kept for the estimation zone
+        assert torch.allclose(torch.from_numpy(cluster_logits), logits[..., :C], atol=1e-4, rtol=1e-4)
         (a, zone_a), (b, zone_b) = idx._take_numba(mass.numpy(), budget, lo, hi), idx._take_torch(mass, budget, lo, hi)
         assert torch.equal(a.counts, b.counts)
         for h in range(3):
