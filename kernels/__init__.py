@@ -1,4 +1,5 @@
-"""offload.kernels: sparse decode-attention kernels (Triton on GPU) with plain-torch references.
+"""offload.kernels: sparse decode-attention kernels (Triton on GPU, numba on CPU) and the CPU kernels of
+quantized weights (int8 groups; int4 products of many rows), with plain-torch references.
 
 Importing this package imports neither Triton nor CUDA; the kernel module loads on first use.
 """
