@@ -422,3 +422,33 @@ def test_int4_products_of_many_rows_unpack_a_block_at_a_time(monkeypatch):
     assert (fused.float() - out).abs().max().item() <= 2e-2 * out.abs().max().item()
     few = int4_group_linear(x[:INT4_GEMM_ROWS - 1], weight.packed, weight.scales_zeros, 32)  # the fused kernel
     assert few.dtype == torch.bfloat16 and torch.allclose(few.float(), out[:INT4_GEMM_ROWS - 1], atol=2e-2, rtol=2e-2)
+
+
+def test_int4_unpacking_follows_the_packers_other_layout():
+    """torch packs int4 in a byte order set by the CPU's vector width; its plain kernels
+    (ATEN_CPU_CAPABILITY=default, run in a process of their own) pair adjacent rows where AVX2 lays a
+    block out in halves. The probe learns that form too, and the unpacking and the many-rows product
+    stay exact there."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import torch
+from offload.kernels import int4_dequantize_rows, int4_group_linear, int4_pack_layout
+from offload.quant import KERNEL_DTYPE, Int4Weight, dequantize_int4, quantize_int4
+layout = int4_pack_layout()
+n, k = 80, 64
+codes, scale, zero = quantize_int4(torch.randn(n, k, generator=torch.Generator().manual_seed(5)), 32, KERNEL_DTYPE)
+weight = Int4Weight(n, k, torch.float32)
+weight.load_codes(codes, scale, zero)
+exact = dequantize_int4(codes, scale.bfloat16().float(), zero.bfloat16().float())
+assert torch.equal(int4_dequantize_rows(weight.packed, weight.scales_zeros, 0, torch.empty(k, n), layout).t(), exact)
+x = torch.randn(40, k)
+assert torch.allclose(int4_group_linear(x, weight.packed, weight.scales_zeros, 32), x @ exact.t(), atol=1e-4, rtol=1e-4)
+print(torch.backends.cpu.get_cpu_capability(), layout.block_rows, layout.paired)
+"""
+    run = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ATEN_CPU_CAPABILITY": "default"},
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["DEFAULT", "32", "True"]
