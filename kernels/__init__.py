@@ -20,6 +20,8 @@ from .api import (
 )
 from .int4_pack import (
     INT4_GEMM_ROWS,
+    PACK_TILE_ROWS,
+    ROW_MULTIPLE,
     Int4PackLayout,
     int4_dequantize,
     int4_dequantize_rows,
@@ -43,5 +45,6 @@ __all__ = ["gather_attention", "kv_decode_attention", "kv_decode_attention_ref",
            "gather_attention_ref", "shadowkv_attention_ref", "merge_attention_ref", "dense_attention_ref",
            "rope_rotate", "store_kv_int8", "CacheArrays", "DecodeRanges", "cpu_has_fast_bf16",
            "int8_group_linear", "int8_group_linear_ref", "Int8Arrays", "dequantize_int8_groups",
-           "INT4_MID", "INT4_GEMM_ROWS", "Int4PackLayout", "int4_dequantize", "int4_dequantize_rows", "int4_group_linear",
+           "INT4_MID", "INT4_GEMM_ROWS", "PACK_TILE_ROWS", "ROW_MULTIPLE", "Int4PackLayout", "int4_dequantize",
+           "int4_dequantize_rows", "int4_group_linear",
            "int4_pack_layout"]

@@ -33,7 +33,11 @@ INT4_GEMM_ROWS = 32
 INT4_UNPACK_BLOCK_BYTES = 4 << 20
 # What the probes pack: rows enough for several blocks of the widest vector unit, and a few columns.
 PROBE_ROWS, PROBE_COLS = 256, 4
-ROW_MULTIPLE = 16  # the packer's own requirement on N (quant.N_MULTIPLE): blocks and tails are multiples
+ROW_MULTIPLE = 16  # the packer's own requirement on N: its blocks and short last blocks are multiples
+# Rows packed by one call, when a matrix is packed in parts: a multiple of every block size the probe
+# considers (16..256 rows: 32 on AVX2, 64 on AVX-512), so that parts of whole tiles pack exactly as the
+# whole matrix does on any CPU (a part ending inside a block would be packed as a short last block).
+PACK_TILE_ROWS = 256
 
 
 @dataclass(frozen=True)

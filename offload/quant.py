@@ -41,6 +41,8 @@ from .config import ModelArgs
 from .errors import OffloadError
 from .kernels import (
     INT4_MID,
+    PACK_TILE_ROWS,
+    ROW_MULTIPLE,
     Int8Arrays,
     dequantize_int8_groups,
     int4_dequantize,
@@ -50,7 +52,7 @@ from .kernels import (
 
 INT4_GROUP = 32  # weights per scale/zero pair: GGUF's Q4_0 / Q4_1 / Q4_K sub-block size
 INT4_MAX = 15
-N_MULTIPLE = 16  # the CPU packer needs N divisible by 16
+N_MULTIPLE = ROW_MULTIPLE  # the CPU packer needs N divisible by 16
 QUANTIZE_SCHEMES = ("int4", "int8")
 INT8_GROUP = 32  # input columns per scale of an int8 projection (GGUF's Q8_0 block)
 INT8_SCALE_BYTES = 4  # int8 scales are fp32: a GGUF fp16 block scale fits exactly
@@ -91,11 +93,22 @@ def shape_rule(scheme: str) -> str:
 
 def held_format(scheme: str) -> str:
     """How a projection of ``scheme`` is held, in words: the start-up line says it, and a weight
-    store records it (a store of another layout is rewritten, never read into these buffers)."""
+    store records it (:func:`stored_format`)."""
     kernel = str(KERNEL_DTYPE).removeprefix("torch.")
     if scheme == "int4":
         return f"groups of {INT4_GROUP}, {kernel} scale + zero"
     return f"groups of {INT8_GROUP}, float32 scale"
+
+
+def stored_format(scheme: str) -> str:
+    """What a weight store records of a projection of ``scheme`` (a store of another is rewritten,
+    never read into these buffers): how it is held and, for int4, whose packer laid its bytes out.
+    Their order follows the vector width torch's kernels run at (blocks of 32 rows on AVX2, 64 on
+    AVX-512), so a store written on one CPU would be misread on another."""
+    held = f"{scheme}: {held_format(scheme)}"
+    if scheme == "int4":
+        held += f", packed by torch's {torch.backends.cpu.get_cpu_capability()} kernels"
+    return held
 
 
 def projection_nbytes(out_features: int, in_features: int, quantize: str) -> int:
@@ -142,9 +155,10 @@ def embedding_nbytes(args: ModelArgs, dtype_bytes: int, quantize: str | None) ->
 
 # Weights quantized at a time: the quantizers' fp32 and int32 temporaries (about ten of this size)
 # stay small whatever the matrix (an 8B model's 14336-wide rows included). The CPU packer lays rows
-# out in tiles of PACK_TILE_ROWS: blocks of whole tiles pack as the whole matrix does.
+# out in blocks whose size depends on the CPU; blocks of whole PACK_TILE_ROWS pack as the whole matrix
+# does on any of them (32-row tiles did on AVX2 alone: 288-row parts of a 14336-wide matrix would
+# have cut AVX-512's 64-row blocks).
 QUANTIZE_BLOCK_ELEMENTS = 1 << 22
-PACK_TILE_ROWS = 32
 
 
 def quantize_rows(in_features: int) -> int:

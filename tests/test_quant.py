@@ -120,8 +120,11 @@ def test_int8_group_quantizer_keeps_a_q8_0_grid_exactly():
 
 def test_int4_packs_in_row_blocks_as_a_whole_matrix_does():
     """Quantizing a tall matrix in row blocks (small temporaries) packs exactly as one call over the
-    whole matrix: the packer's tiles of 32 rows never straddle a block."""
+    whole matrix: no part ends inside one of the packer's blocks, whatever their size on this CPU."""
+    from offload.kernels import PACK_TILE_ROWS
     from offload.quant import quantize_rows
+
+    assert all(quantize_rows(k) % 64 == 0 for k in (64, 576, 1536, 4096, 14336))  # AVX-512's blocks too
 
     w = torch.randn(quantize_rows(64) + 48, 64, generator=torch.Generator().manual_seed(3))  # a ragged last block
     codes, scale, zero = quantize_int4(w, dtype=torch.bfloat16)
@@ -129,7 +132,7 @@ def test_int4_packs_in_row_blocks_as_a_whole_matrix_does():
     blocked = Int4Weight.from_float(w, torch.bfloat16)
     assert torch.equal(blocked.packed, whole)
     assert torch.equal(blocked.scales_zeros, torch.stack([scale.t(), zero.t()], dim=-1).bfloat16())
-    with pytest.raises(ValueError, match="tiles of 32"):
+    with pytest.raises(ValueError, match=f"tiles of {PACK_TILE_ROWS}"):
         blocked.load_codes(codes[:16], scale[:16], zero[:16], first_row=16)
 
 
@@ -452,3 +455,17 @@ print(torch.backends.cpu.get_cpu_capability(), layout.block_rows, layout.paired)
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.split() == ["DEFAULT", "32", "True"]
+
+
+def test_int4_weight_store_records_whose_packer_laid_it_out(monkeypatch):
+    """The int4 byte order follows the vector width torch's kernels run at: a weight store records
+    it, so a store written on an AVX2 machine is rewritten, never misread, on an AVX-512 one (the
+    store's layout check, tests/test_store_recovery.py)."""
+    from offload.quant import stored_format
+
+    formats = {}
+    for capability in ("AVX2", "AVX512"):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        formats[capability] = (stored_format("int4"), stored_format("int8"))
+    assert formats["AVX2"][0] != formats["AVX512"][0] and "AVX2" in formats["AVX2"][0]
+    assert formats["AVX2"][1] == formats["AVX512"][1] == "int8: groups of 32, float32 scale"

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from offload.errors import OffloadError
-from offload.quant import held_format
+from offload.quant import stored_format
 
 from .budget import release_freed_memory
 from .io import StoreReader
@@ -69,7 +69,7 @@ def load_offloaded(model: str | Path | None, placement: Placement, *, device: to
         held = placement.dtype + (f"-{quantize}" if quantize else "")  # dense, int4 and int8 stores live side by side
         store_path = Path(disk_dir) / f"{Path(placement.model).stem}-{fingerprint[:12]}-{held}.weights"
         disk_spill = WeightSpill(store_path, disk_layers, fingerprint, dtype,
-                                 layout=f"{quantize}: {held_format(quantize)}" if quantize else "")
+                                 layout=stored_format(quantize) if quantize else "")
         disk_spill.begin()
         if verbose:
             print(f"offload: {'reusing' if disk_spill.reusable else 'writing'} weight store {store_path}",
