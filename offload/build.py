@@ -60,12 +60,14 @@ class Runtime:
                                                if t in tiers)
         else:
             weights += f": all {a.num_layers} layers on {r.device.type}"
-        if r.config.quantize:
+        if r.quantize:
             kernel = str(KERNEL_DTYPE).removeprefix("torch.")
-            weights += (f", projections {r.config.quantize} ({held_format(r.config.quantize)}), "
+            weights += (f", projections {r.quantize} ({held_format(r.quantize)}), "
                         f"embeddings and head int8 ({held_format('int8')}), norms {r.dtype_name}")
-            if r.dtype != KERNEL_DTYPE and r.config.quantize == "int4":  # fp32 model: the int4 kernel casts at its edge
+            if r.dtype != KERNEL_DTYPE and r.quantize == "int4":  # fp32 model: the int4 kernel casts at its edge
                 weights += f", {kernel} kernel inputs"
+        if r.weights_note:
+            weights += f" [auto: {r.weights_note}]"
         if self.flash is not None:
             f = self.flash
             weights += (f", FFN up/down on flash (sparsity {f['sparsity']:g}, {f['cache_fraction']:.0%} of the "
@@ -85,7 +87,7 @@ class Runtime:
         resident = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.device.type != "meta")
         r = self.resolved
         on_gpu = r.device.type == "cuda"
-        report: dict = {"placement": None, "weights": {"format": r.config.quantize or r.dtype_name,
+        report: dict = {"placement": None, "weights": {"format": r.quantize or r.dtype_name,
                                                        "resident_bytes": resident},
                         # the KV as allocated now (it grows to the longest batch's context)
                         "kv": {"format": r.config.kv_dtype or r.dtype_name,
@@ -115,10 +117,10 @@ class Runtime:
 
 
 def build_runtime(resolved: ResolvedConfig) -> Runtime:
-    config = resolved.config
+    config, quantize = resolved.config, resolved.quantize
     fingerprint = model_fingerprint(resolved.args, resolved.source, resolved.dummy_seed)
-    if config.quantize:  # other weights than the file's: a prompt cache of the dense model must not match
-        fingerprint += f"+{config.quantize}"
+    if quantize:  # other weights than the file's: a prompt cache of the dense model must not match
+        fingerprint += f"+{quantize}"
     streamer = placement = None
     if config.budgeted:
         if config.verbose:
@@ -127,14 +129,14 @@ def build_runtime(resolved: ResolvedConfig) -> Runtime:
                                 fingerprint=fingerprint, disk_dir=config.disk_dir and Path(config.disk_dir),
                                 tuning=resolved.tuning, io_backend=config.io_backend, progress=config.progress,
                                 verbose=config.verbose, load_format=config.load_format, seed=config.seed,
-                                quantize=config.quantize)
+                                quantize=quantize)
         model, tokenizer, source = loaded.model, loaded.tokenizer, loaded.path
         placement, streamer = resolved.placement, loaded.streamer
     else:
         model, tokenizer, source = load_model(config.model, resolved.device, resolved.dtype, progress=config.progress,
                                               load_format=config.load_format, seed=config.seed,
-                                              quantize=config.quantize)
-    if config.quantize:  # the dense pages each layer gave up as it converted
+                                              quantize=quantize)
+    if quantize:  # the dense pages each layer gave up as it converted
         release_freed_memory()
     if config.rope_scaling is not None:  # context extension: before any attention backend is built
         model.args = resolved.args

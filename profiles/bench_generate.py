@@ -104,6 +104,8 @@ def main(argv=None) -> int:
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", default="float32", help="compute dtype for both runtimes (float32, bfloat16)")
+    p.add_argument("--weights", default="auto", choices=("auto", "dequantize"),
+                   help="auto: a GGUF's projections stay quantized on the CPU; dequantize: the compute dtype")
     p.add_argument("--quantize", default=None, choices=("int4", "int8"), help="offload's weights at run time")
     p.add_argument("--kv-dtype", default=None, choices=("int8",), help="offload's KV cache (default: the dtype)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -115,7 +117,7 @@ def main(argv=None) -> int:
 
     from offload import LLM
 
-    llm = LLM(args.model, dtype=args.dtype, quantize=args.quantize, kv_dtype=args.kv_dtype, progress=False,
+    llm = LLM(args.model, dtype=args.dtype, quantize=args.quantize, weights=args.weights, kv_dtype=args.kv_dtype, progress=False,
               max_context=max(args.contexts + [args.prefill]) + args.decode_tokens)
     ids = _real_text_ids(llm.tokenizer, args.prefill)
     print(llm.describe())

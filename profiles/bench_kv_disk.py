@@ -162,7 +162,7 @@ def child(args) -> dict:
         trained = read_model_args(args.model)[0].max_position_embeddings
         rope_scaling = {"type": "yarn", "factor": max(1.0, longest / trained), "original_max_position_embeddings": trained}
     kw = dict(kv_policy=args.policy, kv_budget=args.budget, dense_layers=args.dense_layers, max_context=longest,
-              dtype=args.dtype, load_format=args.load_format, quantize=args.quantize,
+              dtype=args.dtype, load_format=args.load_format, quantize=args.quantize, weights=args.weights,
               prefill_chunk_size=args.prefill_chunk, rope_scaling=rope_scaling, kv_dtype=args.kv_dtype, verbose=False)
     if args.tier == "disk":
         kw |= dict(kv_offload="disk", disk_dir=args.disk_dir, cpu_memory=args.cpu_memory,
@@ -268,6 +268,8 @@ def main(argv=None) -> int:
                    help="read ahead this share of a step's selection (offload.tiers.kv_disk.LOOKAHEAD_SHARE)")
     p.add_argument("--load-format", default="auto", choices=("auto", "dummy"),
                    help="dummy: a preset's shape (--model llama-3.2-1b) with seeded random weights (with --synthetic-kv)")
+    p.add_argument("--weights", default="auto", choices=("auto", "dequantize"),
+                   help="auto: a GGUF's projections stay quantized on the CPU; dequantize: the compute dtype")
     p.add_argument("--quantize", default=None, choices=("int4", "int8"))
     p.add_argument("--synthetic-kv", action="store_true",
                    help="speed and memory only: the KV filled with synthetic keys and values a layer at a time, as a "

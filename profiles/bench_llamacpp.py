@@ -25,8 +25,8 @@ from pathlib import Path
 
 # name -> LLM settings of each offload configuration measured
 CONFIGS = {
-    "fp32": {"dtype": "float32"},
-    "bf16": {"dtype": "bfloat16"},
+    "fp32": {"dtype": "float32", "weights": "dequantize"},
+    "bf16": {"dtype": "bfloat16", "weights": "dequantize"},
     "int4": {"quantize": "int4"},  # compute dtype auto: bf16
     "int4 + kv int8": {"quantize": "int4", "kv_dtype": "int8"},
     "int8": {"quantize": "int8"},  # int8 groups of 32 (compute dtype auto: bf16)

@@ -273,6 +273,8 @@ def main(argv=None) -> int:
     p.add_argument("--load-format", default="auto", choices=("auto", "dummy"))
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--weights", default="auto", choices=("auto", "dequantize"),
+                   help="auto: a GGUF's projections stay quantized on the CPU; dequantize: the compute dtype")
     p.add_argument("--quantize", default=None, choices=("int4", "int8"),
                    help="projection weights in int4 at run time (CPU): the weights' share of a step shrinks ~4x")
     p.add_argument("--gpu-memory", default=None,
@@ -333,7 +335,8 @@ def main(argv=None) -> int:
     # The longest context asked for (None: the model's own limit, which the accuracy runs default to).
     longest = max(args.contexts + [args.accuracy_context or 0]) + args.steps + 2 if args.contexts else args.accuracy_context
     llm = LLM(args.model, device=device, dtype=args.dtype, prefill_chunk_size=args.prefill_chunk,
-              max_context=longest, load_format=args.load_format, quantize=args.quantize)
+              max_context=longest, load_format=args.load_format, quantize=args.quantize,
+              weights=args.weights)
     config = SelectionConfig(budget=args.budget, sink=args.sink, window=args.window, dense_layers=args.dense_layers)
     kv_disk = None
     if args.kv_disk is not None:

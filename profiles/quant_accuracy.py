@@ -25,10 +25,10 @@ import torch
 from offload.fileio import write_json_atomic
 
 FORMATS = {
-    "reference (dequantized)": {},
+    "reference (dequantized)": {"weights": "dequantize"},
     "int4 weights": {"quantize": "int4"},
     "int8 weights": {"quantize": "int8"},
-    "int8 KV": {"kv_dtype": "int8"},
+    "int8 KV": {"kv_dtype": "int8", "weights": "dequantize"},
     "int4 weights + int8 KV": {"quantize": "int4", "kv_dtype": "int8"},
 }
 

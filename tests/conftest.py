@@ -108,7 +108,7 @@ def smollm_path():
 def smollm(smollm_path):
     from offload import LLM
 
-    return LLM(smollm_path, device="cpu", dtype="float32")
+    return LLM(smollm_path, device="cpu", dtype="float32", weights="dequantize")  # the transformers oracle's form
 
 
 @pytest.fixture(scope="session")

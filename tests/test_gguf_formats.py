@@ -176,7 +176,7 @@ def test_gguf_quant_type(qtype, hf_256, tmp_path):
 
     path = tmp_path / f"tiny-{qtype}.gguf"
     stored = write_gguf(path, hf_256, qtype, np.random.default_rng(0))
-    llm = LLM(path, device="cpu", dtype="float32")
+    llm = LLM(path, device="cpu", dtype="float32", weights="dequantize")
     cfg = hf_256.config
 
     # (1) weights: un-permuted rows of q, plain k/v/gate/down, against the independent dequantization.
@@ -221,7 +221,7 @@ def test_gguf_tensors_held_quantized(qtype, scheme, hf_256, tmp_path):
     got = weight.dequantize().float()  # [N, K] as the kernel computes with it
     group_max = ref.reshape(ref.shape[0], -1, 32).abs().amax(-1).repeat_interleave(32, dim=1)  # [N, K]
     ids = torch.randint(3, cfg.vocab_size, (48,), generator=torch.Generator().manual_seed(3)).tolist()
-    ours, dense = held.logits(ids), LLM(path, dtype="float32", verbose=False).logits(ids)
+    ours, dense = held.logits(ids), LLM(path, dtype="float32", weights="dequantize", verbose=False).logits(ids)
     if qtype == "Q8_0":
         assert torch.equal(got, ref)
         assert (ours - dense).abs().max().item() <= 1e-4 * dense.abs().max().item()
@@ -235,3 +235,36 @@ def test_gguf_tensors_held_quantized(qtype, scheme, hf_256, tmp_path):
         if qtype == "Q4_1":
             assert ((got - ref).abs() <= group_max * 2 ** -6 + 1e-6).all()
         assert (ours - dense).abs().max().item() <= 0.05 * dense.abs().max().item()
+
+
+@pytest.mark.parametrize("qtype,scheme", [("F16", None), ("Q8_0", "int8"), ("Q6_K", "int8"), ("Q4_1", "int4"),
+                                          ("Q4_K", "int4")])
+def test_gguf_weights_auto_keep_the_files_form(qtype, scheme, hf_256, tmp_path, capsys):
+    """The default, weights='auto', on the CPU: a GGUF's projections stay quantized in the scheme
+    nearest their blocks (4-bit types int4, 5 to 8 bits int8), computing as ``quantize=`` that
+    scheme does, bit for bit; a float file loads as it is. ``weights='dequantize'`` is the exact
+    path; on a GPU the file is dequantized and the plan says why."""
+    from offload import EngineConfig
+    from offload.cli import main
+
+    path = tmp_path / f"tiny-{qtype}.gguf"
+    write_gguf(path, hf_256, qtype, np.random.default_rng(2))
+    auto = LLM(path, verbose=False)
+    resolved = auto.runtime.resolved
+    assert resolved.quantize == scheme
+    assert auto.tier_report()["weights"]["format"] == (scheme or "float32")
+    ids = torch.randint(3, hf_256.config.vocab_size, (40,), generator=torch.Generator().manual_seed(4)).tolist()
+    same = LLM(path, quantize=scheme, verbose=False) if scheme else LLM(path, weights="dequantize", verbose=False)
+    assert torch.equal(auto.logits(ids), same.logits(ids))
+    if scheme is None:
+        assert resolved.weights_note is None and resolved.dtype == torch.float32
+        return
+    assert resolved.dtype == torch.bfloat16 and f"{qtype} projections: held in {scheme}" in resolved.weights_note
+    exact = LLM(path, weights="dequantize", verbose=False).runtime.resolved
+    assert exact.quantize is None and exact.dtype == torch.float32
+    on_gpu = EngineConfig(model=path, device="cuda").resolve(planning=True)
+    assert on_gpu.quantize is None and "dequantized (quantized projections run on the CPU" in on_gpu.weights_note
+    assert main(["plan", "--model", str(path), "--device", "cpu"]) == 0
+    assert f"weights auto -> {scheme}: GGUF {qtype} projections" in capsys.readouterr().out
+    assert main(["plan", "--model", str(path), "--device", "cpu", "--weights", "dequantize"]) == 0
+    assert "weights auto" not in capsys.readouterr().out

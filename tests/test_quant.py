@@ -206,12 +206,16 @@ def test_quantize_settings_are_checked_before_loading(tiny_models, tmp_path):
     folder, _ = tiny_models["llama"]
     with pytest.raises(OffloadError, match="unknown quantize 'int3'"):
         LLM(folder, quantize="int3")
-    with pytest.raises(OffloadError, match="computes in bfloat16 or float32"):
+    with pytest.raises(OffloadError, match="compute in bfloat16 or float32"):
         LLM(folder, quantize="int4", dtype="float16")
+    with pytest.raises(OffloadError, match="unknown weights 'int4'"):
+        LLM(folder, weights="int4")
+    with pytest.raises(OffloadError, match="ask for opposite things"):
+        LLM(folder, quantize="int8", weights="dequantize")
     from offload.tiers.flash import FlashConfig
 
     preset = EngineConfig(model="smollm2-135m", load_format="dummy", quantize="int4")
-    with pytest.raises(OffloadError, match="runs on the CPU for now"):
+    with pytest.raises(OffloadError, match="run on the CPU for now"):
         preset.replace(device="cuda").resolve(planning=True)
     with pytest.raises(OffloadError, match="both rewrite the FFN weights"):
         preset.replace(flash=FlashConfig(sparsity=0.5), disk_dir=tmp_path).resolve(planning=True)
@@ -291,7 +295,7 @@ def test_default_model_int4_agrees_with_bf16_on_real_text(smollm_path):
     from conftest import shakespeare
 
     quantized = LLM(smollm_path, quantize="int4", verbose=False)
-    dense = LLM(smollm_path, dtype="bfloat16", verbose=False)
+    dense = LLM(smollm_path, dtype="bfloat16", weights="dequantize", verbose=False)
     import gguf
 
     file_bytes = sum(t.n_bytes for t in gguf.GGUFReader(str(smollm_path)).tensors)  # Q4_1 layers, Q8_0 embeddings
@@ -469,3 +473,17 @@ def test_int4_weight_store_records_whose_packer_laid_it_out(monkeypatch):
         formats[capability] = (stored_format("int4"), stored_format("int8"))
     assert formats["AVX2"][0] != formats["AVX512"][0] and "AVX2" in formats["AVX2"][0]
     assert formats["AVX2"][1] == formats["AVX512"][1] == "int8: groups of 32, float32 scale"
+
+
+def test_a_files_scheme_follows_most_of_its_projection_weights():
+    """weights='auto' holds a GGUF's projections in one scheme: the one of most of their weights (a
+    Q4_K_M file's Q6_K minority requantized to int4, and said so); 5 to 8 bits int8; floats as loaded."""
+    from offload.quant import scheme_for_file
+
+    assert scheme_for_file({"Q4_1": 100}) == ("int4", "GGUF Q4_1 projections")
+    scheme, words = scheme_for_file({"Q4_K": 830, "Q6_K": 170})
+    assert scheme == "int4" and words == "GGUF Q4_K (83%), Q6_K (17%) projections; Q6_K requantized to int4"
+    assert scheme_for_file({"Q5_0": 40, "Q8_0": 60})[0] == "int8"
+    assert scheme_for_file({"Q4_0": 40, "Q8_0": 60})[0] == "int8"  # most weights need more than 4 bits
+    assert scheme_for_file({"F16": 70, "Q8_0": 30})[0] is None
+    assert scheme_for_file({"BF16": 10})[0] is None

@@ -89,6 +89,19 @@ def read_model_args(model: str | Path | None, load_format: str = "auto") -> tupl
     raise ModelLoadError(f"{path}: not a model; pass a Hugging Face folder or a .gguf file")
 
 
+def read_weight_types(model: str | Path | None, load_format: str = "auto") -> dict[str, int] | None:
+    """A GGUF file's projection block types (type name -> weights of that type), read from its
+    header; None for a Hugging Face folder or dummy weights."""
+    if load_format == "dummy":
+        return None
+    path = resolve_model_path(model)
+    if path.suffix.lower() != ".gguf" or path.is_dir():
+        return None
+    from .gguf import _open, projection_types
+
+    return projection_types(_open(path))
+
+
 def load_model(model: str | Path | None, device: torch.device, dtype: torch.dtype,
                progress: bool = True, offloaded: frozenset[int] = frozenset(),
                spill=None, load_format: str = "auto", seed: int = 0,

@@ -146,6 +146,20 @@ def args_from_gguf(meta: dict[str, Any], tensor_names: set[str], reader, source:
     )
 
 
+_PROJECTIONS = ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight", "ffn_gate.weight",
+                "ffn_up.weight", "ffn_down.weight")
+
+
+def projection_types(reader) -> dict[str, int]:
+    """The block types of the decoder layers' projection weights: type name -> weights of that type."""
+    types: dict[str, int] = {}
+    for t in reader.tensors:
+        if t.name.startswith("blk.") and t.name.endswith(_PROJECTIONS):
+            name = t.tensor_type.name
+            types[name] = types.get(name, 0) + int(t.n_elements)
+    return types
+
+
 def _unpermute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """llama.cpp permutes Llama's q/k rows for its interleaved RoPE; undo it for rotate-half RoPE."""
     rows = w.shape[0]
