@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -82,10 +83,7 @@ def read_model_args(model: str | Path | None, load_format: str = "auto") -> tupl
 
         return read_config(path), path
     if path.suffix.lower() == ".gguf":
-        from .gguf import _fields, _open, args_from_gguf
-
-        reader = _open(path)
-        return args_from_gguf(_fields(reader), {t.name for t in reader.tensors}, reader, str(path)), path
+        return _gguf_header(path, *_identity(path))[0], path
     raise ModelLoadError(f"{path}: not a model; pass a Hugging Face folder or a .gguf file")
 
 
@@ -97,9 +95,24 @@ def read_weight_types(model: str | Path | None, load_format: str = "auto") -> di
     path = resolve_model_path(model)
     if path.suffix.lower() != ".gguf" or path.is_dir():
         return None
-    from .gguf import _open, projection_types
+    return dict(_gguf_header(path, *_identity(path))[1])
 
-    return projection_types(_open(path))
+
+def _identity(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf_header(path: Path, size: int, mtime_ns: int) -> tuple[ModelArgs, dict[str, int]]:
+    """A GGUF file's architecture and projection block types, read once per file version: its
+    reader parses every metadata array (a 49K-token vocabulary: about a second here), and resolving
+    a run asks for both. The reader itself is not kept: its memory map would hold the file's pages."""
+    from .gguf import _fields, _open, args_from_gguf, projection_types
+
+    reader = _open(path)
+    args = args_from_gguf(_fields(reader), {t.name for t in reader.tensors}, reader, str(path))
+    return args, projection_types(reader)
 
 
 def load_model(model: str | Path | None, device: torch.device, dtype: torch.dtype,
