@@ -88,7 +88,7 @@ def test_auto_policy_in_the_api(smollm_path, tmp_path, capsys):
     # bf16: 257 MiB of weights + 180 MiB of KV at 8K (+ 64 MiB reserve) do not fit in 490 MiB: retrieval,
     # layers streamed (beside 2 streaming buffers and the 9 MiB of hidden states a layer-major prefill holds)
     tight = LLM(smollm_path, kv_policy="auto", max_context=8192, cpu_memory="490MiB", disk_dir=tmp_path,
-                dtype="bfloat16")
+                dtype="bfloat16", weights="dequantize")
     assert tight.kv_policy == "retrieval"
     err = capsys.readouterr().err
     assert "| tier |" in err  # the placement table, printed once at start

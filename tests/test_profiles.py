@@ -159,7 +159,7 @@ def test_tune_writes_settings_that_the_runtime_and_planner_use(tmp_path, smollm_
     assert (t.read_block, t.reader_threads, t.prefetch_slots, t.kv_budget, t.search_effort) == (8192, 2, 3, 0.07, 1.5)
     weights = preset("smollm2-135m").param_count() * 4
     llm = LLM(smollm_path, cpu_memory=weights // 2, disk_dir=tmp_path / "store", max_context=128, profile=profile,
-              kv_policy="retrieval", verbose=False)
+              kv_policy="retrieval", weights="dequantize", verbose=False)
     assert len(llm.streamer.slots) == 3 and llm.placement.slot_bytes == 3 * llm.placement.layer_bytes
     assert (llm.streamer.store.read_block, llm.streamer.store.reader_threads) == (8192, 2)
     assert llm.backend.config.budget == 0.07 and llm.backend.config.effort == 1.5

@@ -144,13 +144,13 @@ with MemorySampler() as reader:  # the checkpoint reader and tokenizer: the runt
     args, _ = read_model_args(None)
 del args
 release_freed_memory()
-weights = LLM(max_context=256).args.param_count() * 4 if sys.argv[1] == "resident" else None
+weights = LLM(max_context=256, weights="dequantize").args.param_count() * 4 if sys.argv[1] == "resident" else None
 mode, budget, disk = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 release_freed_memory()
 base = rss_anon()
 with MemorySampler() as run:
     kw = {} if mode == "resident" else dict(cpu_memory=budget, disk_dir=disk)
-    llm = LLM(max_context=256, **kw)
+    llm = LLM(max_context=256, weights="dequantize", **kw)
     with MemorySampler() as gen:
         out = llm.generate(["The capital of France is"], SamplingParams(max_new_tokens=8, ignore_eos=True))
 report = llm.tier_report() if mode != "resident" else {}
