@@ -157,7 +157,8 @@ def int4_dequantize(packed: torch.Tensor, scales_zeros: torch.Tensor, group: int
 def int4_group_linear(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, group: int) -> torch.Tensor:
     """x [M, K] @ W^T for an int4 weight (CPU: ``packed`` uint8 [N, K/2] in the fused kernel's layout,
     ``scales_zeros`` bf16 [G, N, 2]). Returns [M, N]: bf16 from the fused kernel (fewer than
-    INT4_GEMM_ROWS rows, or no known layout), else fp32 from the GEMM over unpacked blocks."""
+    INT4_GEMM_ROWS rows, or no known layout), else from the GEMM over unpacked blocks: bf16 for bf16
+    x on a CPU with native bf16 products, fp32 otherwise."""
     M, K = x.shape
     N = packed.shape[0]
     layout = int4_pack_layout() if M >= INT4_GEMM_ROWS and x.device.type == "cpu" else None
@@ -165,18 +166,23 @@ def int4_group_linear(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16).contiguous(), packed, group,
                                                           scales_zeros)  # [M, N]
     from . import cpu_decode
+    from .api import cpu_has_fast_bf16
 
     cpu_decode.set_threads(torch.get_num_threads())
-    xf = x.float()  # [M, K]
-    out = torch.empty(M, N, dtype=torch.float32)  # [M, N]
+    # A bf16 model on a CPU with native bf16 products (AVX512-BF16, AMX) multiplies the unpacked block
+    # in bf16: 3-3.5x faster than the fp32 GEMM there (2-core Xeon with AMX, 512 rows: 3072 x 576 5.8 ->
+    # 1.7 ms, 4096 x 4096 55 -> 18 ms), each weight rounded to bf16 as the dequantized bf16 model's is.
+    gemm_dtype = torch.bfloat16 if x.dtype == torch.bfloat16 and cpu_has_fast_bf16() else torch.float32
+    xg = x.to(gemm_dtype)  # [M, K]
+    out = torch.empty(M, N, dtype=gemm_dtype)  # [M, N]
     step = max(layout.block_rows, INT4_UNPACK_BLOCK_BYTES // (4 * K) // layout.block_rows * layout.block_rows)
     buffer = torch.empty(K * min(step, N), dtype=torch.float32)  # reused: each block [K, n] contiguous in it
     for r in range(0, N, step):
         n = min(step, N - r)
-        w_t = int4_dequantize_rows(packed, scales_zeros, r, buffer[:K * n].view(K, n), layout)  # [K, n]
+        w_t = int4_dequantize_rows(packed, scales_zeros, r, buffer[:K * n].view(K, n), layout).to(gemm_dtype)  # [K, n]
         if n == N:
-            torch.mm(xf, w_t, out=out)  # [M, N]: one block, no copy
+            torch.mm(xg, w_t, out=out)  # [M, N]: one block, no copy
         else:
-            out[:, r:r + n] = xf @ w_t  # [M, n]
+            out[:, r:r + n] = xg @ w_t  # [M, n]
     return out
 

@@ -413,7 +413,8 @@ def test_int4_unpacking_reads_the_packed_layout_exactly(n, k):
 def test_int4_products_of_many_rows_unpack_a_block_at_a_time(monkeypatch):
     """Above INT4_GEMM_ROWS rows the product unpacks blocks of rows to fp32 and runs the GEMM: with
     blocks of one layout block (and a short last one) it equals the fp32 reference, and the fused
-    kernel (bf16 activations) to its rounding."""
+    kernel (bf16 activations) to its rounding; bf16 activations on a CPU with native bf16 products
+    multiply the block in bf16, to bf16's rounding."""
     n, k, m = 80, 96, INT4_GEMM_ROWS + 5
     layout = int4_pack_layout()
     g = torch.Generator().manual_seed(3)
@@ -429,6 +430,13 @@ def test_int4_products_of_many_rows_unpack_a_block_at_a_time(monkeypatch):
     assert (fused.float() - out).abs().max().item() <= 2e-2 * out.abs().max().item()
     few = int4_group_linear(x[:INT4_GEMM_ROWS - 1], weight.packed, weight.scales_zeros, 32)  # the fused kernel
     assert few.dtype == torch.bfloat16 and torch.allclose(few.float(), out[:INT4_GEMM_ROWS - 1], atol=2e-2, rtol=2e-2)
+    # bf16 activations on a CPU with native bf16 products: the block GEMM runs in bf16, to its rounding
+    from offload.kernels import cpu_has_fast_bf16
+
+    xb = x.bfloat16()
+    half = int4_group_linear(xb, weight.packed, weight.scales_zeros, 32)  # [m, n]
+    assert half.dtype == (torch.bfloat16 if cpu_has_fast_bf16() else torch.float32)
+    assert (half.float() - _reference(xb, codes, scale, zero)).abs().max().item() <= 1e-2 * out.abs().max().item()
 
 
 def test_int4_unpacking_follows_the_packers_other_layout():
