@@ -83,7 +83,7 @@ def read_model_args(model: str | Path | None, load_format: str = "auto") -> tupl
 
         return read_config(path), path
     if path.suffix.lower() == ".gguf":
-        return _gguf_header(path, *_identity(path))[0], path
+        return _gguf_header(*_identity(path))[0], path
     raise ModelLoadError(f"{path}: not a model; pass a Hugging Face folder or a .gguf file")
 
 
@@ -95,12 +95,13 @@ def read_weight_types(model: str | Path | None, load_format: str = "auto") -> di
     path = resolve_model_path(model)
     if path.suffix.lower() != ".gguf" or path.is_dir():
         return None
-    return dict(_gguf_header(path, *_identity(path))[1])
+    return dict(_gguf_header(*_identity(path))[1])
 
 
-def _identity(path: Path) -> tuple[int, int]:
+def _identity(path: Path) -> tuple[Path, int, int]:
+    """A file version: its absolute path (the same file named from another directory), size, mtime."""
     stat = path.stat()
-    return stat.st_size, stat.st_mtime_ns
+    return path.resolve(), stat.st_size, stat.st_mtime_ns
 
 
 @functools.lru_cache(maxsize=4)
