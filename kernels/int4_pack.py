@@ -177,9 +177,12 @@ def int4_group_linear(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch
     out = torch.empty(M, N, dtype=gemm_dtype)  # [M, N]
     step = max(layout.block_rows, INT4_UNPACK_BLOCK_BYTES // (4 * K) // layout.block_rows * layout.block_rows)
     buffer = torch.empty(K * min(step, N), dtype=torch.float32)  # reused: each block [K, n] contiguous in it
+    narrow = None if gemm_dtype == torch.float32 else torch.empty(K * min(step, N), dtype=gemm_dtype)  # reused too
     for r in range(0, N, step):
         n = min(step, N - r)
-        w_t = int4_dequantize_rows(packed, scales_zeros, r, buffer[:K * n].view(K, n), layout).to(gemm_dtype)  # [K, n]
+        w_t = int4_dequantize_rows(packed, scales_zeros, r, buffer[:K * n].view(K, n), layout)  # [K, n] fp32
+        if narrow is not None:
+            w_t = narrow[:K * n].view(K, n).copy_(w_t)  # [K, n] bf16
         if n == N:
             torch.mm(xg, w_t, out=out)  # [M, N]: one block, no copy
         else:
