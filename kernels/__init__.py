@@ -16,6 +16,7 @@ from .api import (
     merge_attention,
     resolve_backend,
     shadowkv_attention,
+    store_kv,
     store_kv_int8,
 )
 from .int4_pack import (
@@ -43,7 +44,7 @@ from .reference import (
 __all__ = ["gather_attention", "kv_decode_attention", "kv_decode_attention_ref",
            "shadowkv_attention", "merge_attention", "last_backend", "resolve_backend",
            "gather_attention_ref", "shadowkv_attention_ref", "merge_attention_ref", "dense_attention_ref",
-           "rope_rotate", "store_kv_int8", "CacheArrays", "DecodeRanges", "cpu_has_fast_bf16",
+           "rope_rotate", "store_kv", "store_kv_int8", "CacheArrays", "DecodeRanges", "cpu_has_fast_bf16",
            "int8_group_linear", "int8_group_linear_ref", "Int8Arrays", "dequantize_int8_groups",
            "INT4_MID", "INT4_GEMM_ROWS", "PACK_TILE_ROWS", "ROW_MULTIPLE", "Int4PackLayout", "int4_dequantize",
            "int4_dequantize_rows", "int4_group_linear",

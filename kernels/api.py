@@ -24,6 +24,9 @@ from ..errors import OffloadError
 from . import reference
 
 _last_backend = {"name": None}
+# Row ranges per thread of the int8 product: a few, so that a slow thread on a busy machine is not
+# waited for long.
+INT8_TASKS_PER_THREAD = 4
 
 
 @functools.cache
@@ -306,7 +309,8 @@ def int8_group_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor
     codes_np, scales_np = arrays.codes, arrays.scales
     out = torch.empty(M, N, dtype=torch.float32)  # [M, N]
     if M <= INT8_GROUP_KERNEL_ROWS:
-        cpu_quant.int8_group_matmul(codes_np, scales_np, xf.numpy(), out.numpy())
+        cpu_quant.int8_group_matmul(codes_np, scales_np, xf.numpy(), out.numpy(),
+                                    cpu_decode.threads() * INT8_TASKS_PER_THREAD)
         return out
     rows = max(1, INT8_DEQUANT_BLOCK_BYTES // (4 * K))
     block = torch.empty(min(rows, N), K, dtype=torch.float32)  # [rows, K], reused
@@ -373,6 +377,38 @@ def _bits(t: torch.Tensor) -> np.ndarray:
     return (t.view(torch.uint16) if t.dtype == torch.bfloat16 else t).numpy()
 
 
+def store_kv(k: torch.Tensor, v: torch.Tensor, cache: CacheArrays, rows: np.ndarray, starts: np.ndarray) -> None:
+    """Put new keys and values k/v [B, Hkv, T, D] (CPU) into the ``cache`` in place, at cache row
+    rows[b], positions starts[b]..+T-1 (int64 numpy [B]): int8 codes quantized as
+    :func:`store_kv_int8` does, a bf16 or fp32 cache (k/v in its dtype) copied, in one numba call."""
+    if cache.dtype == torch.int8:
+        store_kv_int8(k, v, cache, rows, starts)
+        return
+    from . import cpu_decode  # numba compiles (or loads from its cache) on first use
+
+    _check_store(k, v, cache, rows, starts, cache.dtype)
+    # contiguous: one compiled signature (a prompt's k/v arrive as transposed views)
+    if cpu_decode.store_tokens(_bits(k.contiguous()), _bits(v.contiguous()), cache.k, cache.v, rows, starts):
+        _raise_outside(cache, rows, starts, k.shape[2])
+
+
+def _check_store(k, v, cache: CacheArrays, rows, starts, dtype: torch.dtype) -> None:
+    """New k/v [B, Hkv, T, D] in ``dtype`` on the CPU, and rows/starts [B] (whether they stay inside
+    the cache the kernels check: numpy's min and max would cost more than the copy)."""
+    B, Hkv, T, D = k.shape
+    if not (v.shape == k.shape and k.dtype == v.dtype == dtype and k.is_cpu and v.is_cpu
+            and cache.k.shape[1] == Hkv and cache.k.shape[3] == D and rows.shape == starts.shape == (B,)):
+        raise ValueError(f"storing into a {cache.dtype} cache of {cache.k.shape[1]} KV heads of {cache.k.shape[3]} "
+                         f"needs CPU k/v [B, Hkv, T, D] in {dtype} and rows/starts [B]; got k {tuple(k.shape)} "
+                         f"{k.dtype}, v {tuple(v.shape)} {v.dtype}, rows {rows.shape}")
+
+
+def _raise_outside(cache: CacheArrays, rows, starts, T: int) -> None:
+    R, _, N, _ = cache.k.shape
+    raise ValueError(f"storing rows {rows.tolist()} at {starts.tolist()}..+{T}: they lie outside the cache's {R} "
+                     f"rows of {N} tokens")
+
+
 def store_kv_int8(k: torch.Tensor, v: torch.Tensor, cache: CacheArrays, rows: np.ndarray,
                   starts: np.ndarray) -> None:
     """Quantize new keys and values k/v [B, Hkv, T, D] (CPU, in the cache's scale dtype) per token
@@ -381,18 +417,12 @@ def store_kv_int8(k: torch.Tensor, v: torch.Tensor, cache: CacheArrays, rows: np
     numba call: the tensor form costs a dozen ops and four slice copies per layer and step."""
     from . import cpu_decode  # numba compiles (or loads from its cache) on first use
 
-    B, Hkv, T, D = k.shape
+    if cache.dtype != torch.int8:
+        raise ValueError(f"store_kv_int8 needs an int8 cache; got a {cache.dtype} one")
+    _check_store(k, v, cache, rows, starts, cache.scale_dtype)
     R, _, N, _ = cache.k.shape
-    if not (cache.dtype == torch.int8 and v.shape == k.shape and k.dtype == v.dtype == cache.scale_dtype
-            and k.device.type == "cpu"
-            and cache.k.shape[1] == Hkv and cache.k.shape[3] == D and rows.shape == starts.shape == (B,)):
-        raise ValueError(f"store_kv_int8 needs an int8 cache, CPU k/v [B, Hkv, T, D] in its scales' dtype "
-                         f"({cache.scale_dtype}) for {cache.k.shape[1]} KV heads of {cache.k.shape[3]}, and "
-                         f"rows/starts [B]; got a {cache.dtype} cache, "
-                         f"k {tuple(k.shape)} {k.dtype}, v {tuple(v.shape)}, rows {rows.shape}")
-    if B and (starts.min() < 0 or starts.max() + T > N or rows.min() < 0 or rows.max() >= R):
-        raise ValueError(f"store_kv_int8: rows {rows.tolist()} at {starts.tolist()}..+{T} lie outside the cache's "
-                         f"{R} rows of {N} tokens")
+    if len(rows) and (starts.min() < 0 or starts.max() + k.shape[2] > N or rows.min() < 0 or rows.max() >= R):
+        _raise_outside(cache, rows, starts, k.shape[2])
     cpu_decode.store_int8_tokens(_bits(k), _bits(v), cache.k, cache.v, cache.k_scale, cache.v_scale, rows, starts)
 
 

@@ -228,9 +228,44 @@ def split_tokens(longest: int, tasks: int, threads: int) -> int:
     return max(MIN_SPLIT_TOKENS, -(-longest // splits_wanted))
 
 
+_threads_set = {"n": None}
+
+
 def set_threads(threads: int) -> None:
-    """Run numba's parallel loops on as many threads as torch uses (at most numba's pool)."""
-    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    """Run numba's parallel loops on as many threads as torch uses (at most numba's pool). Called
+    before every parallel kernel; numba's own setter costs 10 us, so only a change reaches it."""
+    n = max(1, min(threads, numba.config.NUMBA_NUM_THREADS))
+    if n != _threads_set["n"] or n != numba.get_num_threads():
+        numba.set_num_threads(n)
+        _threads_set["n"] = n
+
+
+def threads() -> int:
+    """The threads numba's parallel loops run on now."""
+    return numba.get_num_threads()
+
+
+@njit(cache=True)
+def store_tokens(k_new, v_new, k_cache, v_cache, rows, starts):  # pragma: no cover - numba
+    """Copy the new keys and values k_new/v_new [B, Hkv, T, D] into a float cache k_cache/v_cache
+    [R, Hkv, N, D] (both bf16 bits as uint16, or both fp32) at rows[b], positions
+    starts[b]..starts[b]+T-1: the tensor form is two indexed assignments of ~8 us each per layer.
+    Returns how many rows were skipped for lying outside the cache (the caller raises)."""
+    B, Hkv, T, D = k_new.shape
+    R, _, N, _ = k_cache.shape
+    outside = 0
+    for b in range(B):
+        r = rows[b]
+        if r < 0 or r >= R or starts[b] < 0 or starts[b] + T > N:
+            outside += 1
+            continue
+        for h in range(Hkv):
+            for t in range(T):
+                p = starts[b] + t
+                for d in range(D):
+                    k_cache[r, h, p, d] = k_new[b, h, t, d]
+                    v_cache[r, h, p, d] = v_new[b, h, t, d]
+    return outside
 
 
 KV_SCALE_FLOOR_F32 = np.float32(KV_SCALE_FLOOR)  # the floor as quantize_kv's fp32 clamp compares it

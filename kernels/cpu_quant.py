@@ -20,26 +20,60 @@ from numba import njit, prange
 from .reference import INT4_MID
 
 
-@njit(cache=True, parallel=True, fastmath=True)
-def int8_group_matmul(codes, scales, x, out):  # pragma: no cover - compiled
-    """out [M, N] = x [M, K] @ W^T for W = codes [N, K] int8 * scales [N, G] fp32 (per group).
+# The product walks its rows in blocks and first touches one byte per cache line of the block
+# TOUCH_AHEAD_BLOCKS on: independent loads the core keeps in flight while it computes, where the
+# hardware prefetcher alone left the product waiting on memory. The default model's LM head
+# (49152 x 576, 31.5 MB) read cold, 2 threads on the 2-core Xeon: 4.0 -> 2.6 ms (warm: 1.3 ms both).
+TOUCH_BLOCK_ROWS = 32
+TOUCH_AHEAD_BLOCKS = 2
+LINE_BYTES = 64
 
-    One output row of W per task: its K codes stay in L1 while the M input rows pass over them, so
-    a few rows (decode, a short prompt) read the weight once."""
+
+@njit(cache=True, parallel=True, fastmath=True)
+def int8_group_matmul(codes, scales, x, out, tasks):  # pragma: no cover - compiled
+    """out [M, N] = x [M, K] @ W^T for W = codes [N, K] int8 * scales [N, G] fp32 (per group).
+    Returns what the touching loads summed to (nothing to use; it keeps them from being dropped).
+
+    Each output row of W is computed whole: its K codes stay in L1 while the M input rows pass over
+    them, so a few rows (decode, a short prompt) read the weight once. Each of ``tasks`` takes a
+    contiguous range of row blocks (:func:`_int8_rows`)."""
+    N = codes.shape[0]
+    blocks = (N + TOUCH_BLOCK_ROWS - 1) // TOUCH_BLOCK_ROWS
+    tasks = max(1, min(blocks, tasks))
+    per_task = (blocks + tasks - 1) // tasks
+    sink = np.zeros(tasks, np.float64)
+    for task in prange(tasks):
+        sink[task] = _int8_rows(codes, scales, x, out, task * per_task, min(blocks, (task + 1) * per_task))
+    return sink.sum()
+
+
+@njit(cache=True, fastmath=True)
+def _int8_rows(codes, scales, x, out, first, last):  # pragma: no cover - compiled
+    """Row blocks first..last-1 of :func:`int8_group_matmul`, a block at a time, the lines of the block
+    TOUCH_AHEAD_BLOCKS on touched first. Returns the touched bytes' sum."""
     N, K = codes.shape
     G = scales.shape[1]
     group = K // G
     M = x.shape[0]
-    for n in prange(N):
-        for m in range(M):
-            acc = np.float32(0.0)
-            for g in range(G):
-                base = g * group
-                dot = np.float32(0.0)
-                for i in range(group):
-                    dot += np.float32(codes[n, base + i]) * x[m, base + i]
-                acc += scales[n, g] * dot
-            out[m, n] = acc
+    touched = 0.0
+    for block in range(first, last):
+        ahead = block + TOUCH_AHEAD_BLOCKS
+        if ahead < last:
+            for n in range(ahead * TOUCH_BLOCK_ROWS, min(N, (ahead + 1) * TOUCH_BLOCK_ROWS)):
+                for i in range(0, K, LINE_BYTES):
+                    touched += codes[n, i]
+                touched += scales[n, 0]
+        for n in range(block * TOUCH_BLOCK_ROWS, min(N, (block + 1) * TOUCH_BLOCK_ROWS)):
+            for m in range(M):
+                acc = np.float32(0.0)
+                for g in range(G):
+                    base = g * group
+                    dot = np.float32(0.0)
+                    for i in range(group):
+                        dot += np.float32(codes[n, base + i]) * x[m, base + i]
+                    acc += scales[n, g] * dot
+                out[m, n] = acc
+    return touched
 
 
 @njit(cache=True, parallel=True)

@@ -161,10 +161,11 @@ def int4_group_linear(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch
     x on a CPU with native bf16 products, fp32 otherwise."""
     M, K = x.shape
     N = packed.shape[0]
-    layout = int4_pack_layout() if M >= INT4_GEMM_ROWS and x.device.type == "cpu" else None
+    layout = int4_pack_layout() if M >= INT4_GEMM_ROWS and x.is_cpu else None
     if layout is None:
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16).contiguous(), packed, group,
-                                                          scales_zeros)  # [M, N]
+        if x.dtype != torch.bfloat16:
+            x = x.to(torch.bfloat16)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), packed, group, scales_zeros)  # [M, N]
     from . import cpu_decode
     from .api import cpu_has_fast_bf16
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels import row_ops
 from .attention import AttentionBackend, ForwardBatch, MixedBatch
 from .config import ModelArgs
 from .quant import Int4Weight, Int8Weight, embedding, empty_weight, linear, quantize_weight
@@ -24,6 +25,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if row_ops.row_ops_apply(x):  # a decode step on the CPU: one compiled call, the same numbers
+            return row_ops.rms_norm(x, self.weight, self.eps)
         # Normalise in fp32, scale in the compute dtype (the reference implementation's order).
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * normed.to(x.dtype)
@@ -54,14 +57,17 @@ class Attention(nn.Module):
         a = self.args
         B, T, _ = x.shape
         qkv = linear(x, self.wqkv, self.bqkv)  # [B, T, (H + 2 Hkv) D]
-        q, k, v = qkv.split((a.q_size, a.kv_size, a.kv_size), dim=-1)
-        q = q.view(B, T, a.num_heads, a.head_dim).transpose(1, 2)  # [B, H, T, D]
-        k = k.view(B, T, a.num_kv_heads, a.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
-        v = v.view(B, T, a.num_kv_heads, a.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
-        if a.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = RotaryEmbedding.apply(q, cos, sin)  # [B, H, T, D]
-        k = RotaryEmbedding.apply(k, cos, sin)  # [B, Hkv, T, D]
+        if not a.qk_norm and row_ops.row_ops_apply(qkv):  # the split and RoPE as one compiled call
+            q, k, v = row_ops.rope_split(qkv, cos, sin, a.num_heads, a.num_kv_heads, a.head_dim)  # [B, H|Hkv, T, D]
+        else:
+            q, k, v = qkv.split((a.q_size, a.kv_size, a.kv_size), dim=-1)
+            q = q.view(B, T, a.num_heads, a.head_dim).transpose(1, 2)  # [B, H, T, D]
+            k = k.view(B, T, a.num_kv_heads, a.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+            v = v.view(B, T, a.num_kv_heads, a.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+            if a.qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q = RotaryEmbedding.apply(q, cos, sin)  # [B, H, T, D]
+            k = RotaryEmbedding.apply(k, cos, sin)  # [B, Hkv, T, D]
         if isinstance(batch, MixedBatch):  # B == 1: the parts laid end to end
             out = backend.forward_mixed(layer, q, k, v, batch)  # [1, H, N, D]
         else:
@@ -78,7 +84,10 @@ class MLP(nn.Module):
         self.w_down = _weight((args.hidden_size, args.intermediate_size), device, dtype, quantize)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = linear(x, self.w_gate_up).split(self.intermediate, dim=-1)  # [B, T, I] each
+        gate_up = linear(x, self.w_gate_up)  # [B, T, 2I]
+        if row_ops.row_ops_apply(gate_up):
+            return linear(row_ops.silu_mul(gate_up), self.w_down)  # [B, T, hidden]
+        gate, up = gate_up.split(self.intermediate, dim=-1)  # [B, T, I] each
         return linear(F.silu(gate) * up, self.w_down)  # [B, T, hidden]
 
 
@@ -104,8 +113,13 @@ class DecoderLayer(nn.Module):
             setattr(owner, name, quantized)
 
     def forward(self, x, layer, cos, sin, batch, backend):
-        h = x + self.attn(self.attn_norm(x), layer, cos, sin, batch, backend)  # [B, T, hidden]
-        return h + self.mlp(self.ffn_norm(h))  # [B, T, hidden]
+        attended = self.attn(self.attn_norm(x), layer, cos, sin, batch, backend)  # [B, T, hidden]
+        if row_ops.row_ops_apply(x):  # the residual add and the next norm as one compiled call
+            h, normed = row_ops.add_rms_norm(x, attended, self.ffn_norm.weight, self.ffn_norm.eps)  # [B, T, hidden] x2
+        else:
+            h = x + attended  # [B, T, hidden]
+            normed = self.ffn_norm(h)  # [B, T, hidden]
+        return h + self.mlp(normed)  # [B, T, hidden]
 
 
 class Transformer(nn.Module):

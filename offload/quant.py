@@ -292,8 +292,9 @@ class Int4Weight(nn.Module):
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         lead = x.shape[:-1]
-        out = int4_group_linear(x.reshape(-1, self.in_features), self.packed, self.scales_zeros,
-                                self.group).to(x.dtype)  # [M, N]
+        out = int4_group_linear(x.reshape(-1, self.in_features), self.packed, self.scales_zeros, self.group)  # [M, N]
+        if out.dtype != x.dtype:  # (a no-op .to still costs a microsecond, four times a layer)
+            out = out.to(x.dtype)
         if bias is not None:
             out = out + bias
         return out.view(*lead, self.out_features)

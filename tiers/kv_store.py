@@ -34,7 +34,7 @@ import torch
 from offload.attention import ForwardBatch
 from offload.config import ModelArgs
 from offload.errors import OffloadError
-from offload.kernels import CacheArrays, store_kv_int8
+from offload.kernels import CacheArrays, store_kv
 from offload.kernels.reference import KV_CODE_MAX, KV_SCALE_FLOOR
 
 from .kv_disk import DiskKV, RowFormat
@@ -43,7 +43,7 @@ HOST = torch.device("cpu")
 KV_DTYPES = ("int8",)  # beside None: the compute dtype
 KV_INT8_MAX = KV_CODE_MAX
 # Compute dtypes of a CPU layer's KV that the compiled kernels take (offload.kernels: CacheArrays,
-# store_kv_int8 for int8 codes, whose scales are in the compute dtype).
+# store_kv; int8 codes have their scales in the compute dtype).
 KERNEL_DTYPES = (torch.bfloat16, torch.float32)
 
 
@@ -376,16 +376,17 @@ class KVStore:
                 new = [kc, vc, ks, vs]
             self.disk.write(layer, batch.start_lengths[0], new)
             return
-        arrays = self.host_arrays(layer) if self.quantized else None
-        if arrays is not None and k.device.type == "cpu":
-            # One compiled call quantizes and stores both (the tensor form below: ~36 small ops).
+        arrays = self.host_arrays(layer) if k.is_cpu else None
+        if arrays is not None and (self.quantized or k.dtype == self.dtype):
+            # One compiled call stores both, quantizing int8 codes (the tensor form below: ~36 small
+            # ops for int8, two indexed copies of ~8 us each for a float cache).
             if batch.is_decode:
                 rows = np.asarray(batch.rows, np.int64)  # [B]
                 starts = np.asarray(batch.start_lengths, np.int64)  # [B]: one new token per row
             else:
                 rows = np.asarray(batch.rows[:1], np.int64)
                 starts = np.asarray(batch.start_lengths[:1], np.int64)
-            store_kv_int8(k, v, arrays, rows, starts)
+            store_kv(k, v, arrays, rows, starts)
             return
         new = [k, v]  # [B, Hkv, T, D] each
         if self.quantized:
