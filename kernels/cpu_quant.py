@@ -19,7 +19,6 @@ from numba import njit, prange
 
 from .reference import INT4_MID
 
-
 # The product walks its rows in blocks and first touches one byte per cache line of the block
 # TOUCH_AHEAD_BLOCKS on: independent loads the core keeps in flight while it computes, where the
 # hardware prefetcher alone left the product waiting on memory. The default model's LM head

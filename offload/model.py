@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import row_ops
 from .attention import AttentionBackend, ForwardBatch, MixedBatch
 from .config import ModelArgs
+from .kernels import row_ops
 from .quant import Int4Weight, Int8Weight, embedding, empty_weight, linear, quantize_weight
 from .rope import RotaryEmbedding
 
