@@ -22,9 +22,16 @@ _LIKE = {torch.bfloat16: np.empty(0, np.uint16), torch.float32: np.empty(0, np.f
 
 
 def row_ops_apply(x: torch.Tensor) -> bool:
-    """Whether ``x`` (the rows a layer works on) takes the fused row kernels: a CPU tensor in bf16 or
-    fp32 of at most ROW_OPS_MAX_ROWS rows. (``is_cpu``: a tenth of the cost of ``device.type``; a
-    decode step asks eight times a layer.)"""
+    """Whether a model's rows ``x`` take the fused row kernels: bf16 rows on the CPU, at most
+    ROW_OPS_MAX_ROWS of them. An fp32 model keeps torch's ops: there the norm's sum order and SiLU's
+    exp would move results by an ulp, and the fp32 path is the one that matches transformers bit for
+    bit (the kernels themselves take fp32 too). (``is_cpu``: a tenth of the cost of ``device.type``;
+    a decode step asks eight times a layer.)"""
+    return x.is_cpu and x.dtype == torch.bfloat16 and x.numel() <= ROW_OPS_MAX_ROWS * x.shape[-1]
+
+
+def _takes(x: torch.Tensor) -> bool:
+    """Whether the kernels take ``x``: CPU rows in bf16 or fp32, at most ROW_OPS_MAX_ROWS of them."""
     return x.is_cpu and x.dtype in _LIKE and x.numel() <= ROW_OPS_MAX_ROWS * x.shape[-1]
 
 
@@ -41,7 +48,7 @@ def _glue():
 
 
 def _check_rows(x: torch.Tensor, weight: torch.Tensor | None = None) -> None:
-    if not (row_ops_apply(x) and (weight is None or (weight.dtype == x.dtype and weight.shape == (x.shape[-1],)
+    if not (_takes(x) and (weight is None or (weight.dtype == x.dtype and weight.shape == (x.shape[-1],)
                                                      and weight.device.type == "cpu" and weight.is_contiguous()))):
         raise ValueError(f"the fused row ops take CPU rows [..., n] of at most {ROW_OPS_MAX_ROWS} tokens in bf16 or "
                          f"fp32 (and a contiguous weight [n] of their dtype); got x {tuple(x.shape)} {x.dtype} on "
@@ -80,7 +87,7 @@ def rope_split(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_head
     ``RotaryEmbedding.apply`` rotates them."""
     B, T, width = qkv.shape
     H, Hkv, D = num_heads, num_kv_heads, head_dim
-    if not (row_ops_apply(qkv) and width == (H + 2 * Hkv) * D and D % 2 == 0
+    if not (_takes(qkv) and width == (H + 2 * Hkv) * D and D % 2 == 0
             and cos.shape == sin.shape == (B, 1, T, D) and cos.dtype == sin.dtype == qkv.dtype):
         raise ValueError(f"rope_split needs CPU qkv [B, T, (H + 2 Hkv) D] = [B, T, {(H + 2 * Hkv) * D}] and cos/sin "
                          f"[B, 1, T, {D}] of its dtype; got qkv {tuple(qkv.shape)} {qkv.dtype}, cos "

@@ -1,4 +1,5 @@
-"""Loads a GGUF file (llama.cpp's format) through the ``gguf`` library.
+"""Loads a GGUF file (llama.cpp's format): the header read by :class:`GGUFFile`, the blocks
+dequantized by the ``gguf`` library.
 
 Hyper-parameters come from the metadata, tensors are dequantized to the compute dtype one at a
 time (any type the library can dequantize: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K, ...),
@@ -20,6 +21,7 @@ from ..config import ModelArgs, RopeScaling
 from ..errors import ModelLoadError, UnsupportedModelError
 from ..model import Transformer
 from ..tokenizer import Tokenizer
+from .gguf_file import GGUFFile
 from .weights import WeightAssembler
 
 # GGUF architecture name -> our family. Mistral v0.x files are written as "llama".
@@ -67,32 +69,14 @@ _PRE_TOKENIZERS: dict[str, tuple[list[str], bool]] = {  # name -> (regexes, igno
 _CONTROL, _USER_DEFINED = 3, 4
 
 
-def _open(path: Path):
-    import gguf
-
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as e:  # the gguf library raises ValueError/IndexError/struct errors on bad files
-        raise ModelLoadError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}); it is truncated "
-                             f"or corrupt, download it again") from None
-    size = path.stat().st_size
-    for t in reader.tensors:
-        if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
-            raise ModelLoadError(f"{path}: tensor {t.name} extends past the end of the file ({size} bytes); the "
-                                 f"file is truncated, download it again")
-    return reader
+def _open(path: Path) -> GGUFFile:
+    return GGUFFile(path)
 
 
-def _fields(reader) -> dict[str, Any]:
-    out = {}
-    for key, f in reader.fields.items():
-        if key.startswith("tokenizer.ggml.") and key.endswith(("tokens", "scores", "token_type", "merges")):
-            continue  # the large arrays are read on demand
-        try:
-            out[key] = f.contents()
-        except Exception:  # noqa: BLE001 - unknown metadata types are simply not used
-            continue
-    return out
+def _fields(reader: GGUFFile) -> dict[str, Any]:
+    """The metadata but the tokenizer's large arrays (read on demand)."""
+    return {key: value for key, value in reader.fields.items()
+            if not (key.startswith("tokenizer.ggml.") and key.endswith(("tokens", "scores", "token_type", "merges")))}
 
 
 def args_from_gguf(meta: dict[str, Any], tensor_names: set[str], reader, source: str) -> ModelArgs:
@@ -110,7 +94,7 @@ def args_from_gguf(meta: dict[str, Any], tensor_names: set[str], reader, source:
     hidden = int(get("embedding_length", required=True))
     heads = int(get("attention.head_count", required=True))
     head_dim = int(get("attention.key_length", hidden // heads))
-    vocab = get("vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    vocab = get("vocab_size") or len(reader.fields["tokenizer.ggml.tokens"])
     scaling = None
     kind = get("rope.scaling.type")
     if "rope_freqs.weight" in tensor_names:
@@ -182,8 +166,8 @@ def build_tokenizer(reader, meta: dict[str, Any], source: str) -> Tokenizer:
     model_kind = meta.get("tokenizer.ggml.model")
     if "tokenizer.ggml.tokens" not in reader.fields:
         raise ModelLoadError(f"{source}: GGUF file has no tokenizer vocabulary")
-    tokens: list[str] = reader.fields["tokenizer.ggml.tokens"].contents()
-    types = (reader.fields["tokenizer.ggml.token_type"].contents() if "tokenizer.ggml.token_type" in reader.fields
+    tokens: list[str] = reader.fields["tokenizer.ggml.tokens"]
+    types = (reader.fields["tokenizer.ggml.token_type"] if "tokenizer.ggml.token_type" in reader.fields
              else [1] * len(tokens))
     vocab = {tok: i for i, tok in enumerate(tokens)}
     if model_kind == "gpt2":
@@ -192,7 +176,7 @@ def build_tokenizer(reader, meta: dict[str, Any], source: str) -> Tokenizer:
             raise UnsupportedModelError(f"{source}: GGUF pre-tokenizer '{pre_name}' is not supported; supported: "
                                         f"{', '.join(sorted(_PRE_TOKENIZERS))}")
         regexes, ignore_merges = _PRE_TOKENIZERS[pre_name]
-        merges = [tuple(m.split(" ", 1)) for m in reader.fields["tokenizer.ggml.merges"].contents()]
+        merges = [tuple(m.split(" ", 1)) for m in reader.fields["tokenizer.ggml.merges"]]
         backend = HFTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=ignore_merges))
         backend.pre_tokenizer = pre_tokenizers.Sequence(
             [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in regexes]
@@ -200,7 +184,7 @@ def build_tokenizer(reader, meta: dict[str, Any], source: str) -> Tokenizer:
         backend.decoder = decoders.ByteLevel()
     elif model_kind == "llama":
         # SentencePiece BPE (Llama 2, Mistral): merges follow the pieces' scores.
-        scores = reader.fields["tokenizer.ggml.scores"].contents()
+        scores = reader.fields["tokenizer.ggml.scores"]
         ranked = []
         for piece, score in zip(tokens, scores):
             pairs = [(piece[:i], piece[i:]) for i in range(1, len(piece))

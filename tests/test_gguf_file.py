@@ -1,0 +1,93 @@
+"""offload's GGUF header reader against the gguf library's reader: the same metadata values and the
+same tensor views, on the default model and on a file holding every metadata type; one clear line
+for files that are not GGUF, too new, or cut short."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+
+from offload.errors import ModelLoadError
+from offload.loaders.gguf_file import GGUFFile
+
+
+def _same_as_the_library(path) -> GGUFFile:
+    ours, theirs = GGUFFile(path), gguf.GGUFReader(str(path))
+    assert ours.fields.keys() == theirs.fields.keys()
+    for key, field in theirs.fields.items():
+        want, got = field.contents(), ours.fields[key]
+        assert type(got) is type(want) and got == want, key
+    assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+    for mine, lib in zip(ours.tensors, theirs.tensors):
+        assert (mine.tensor_type, mine.n_elements, mine.n_bytes, mine.data_offset) == \
+               (lib.tensor_type, lib.n_elements, lib.n_bytes, lib.data_offset), mine.name
+        assert mine.shape == tuple(reversed(lib.shape.tolist()))
+        assert mine.data.dtype == lib.data.dtype and mine.data.shape == lib.data.shape
+        assert np.array_equal(mine.data, lib.data), mine.name
+    return ours
+
+
+def test_the_default_model_reads_as_the_library_reads_it(smollm_path):
+    f = _same_as_the_library(smollm_path)
+    assert len(f.fields["tokenizer.ggml.tokens"]) == 49152
+    assert {t.tensor_type.name for t in f.tensors} >= {"Q4_1", "Q8_0", "F32"}
+
+
+def _write(path, tensors: dict[str, tuple[np.ndarray, object]]) -> None:
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_uint8("t.u8", 200)
+    w.add_int8("t.i8", -5)
+    w.add_uint16("t.u16", 60000)
+    w.add_int16("t.i16", -30000)
+    w.add_uint32("t.u32", 4_000_000_000)
+    w.add_int32("t.i32", -2_000_000_000)
+    w.add_float32("t.f32", 0.1)
+    w.add_uint64("t.u64", 2**60)
+    w.add_int64("t.i64", -(2**60))
+    w.add_float64("t.f64", 1 / 3)
+    w.add_bool("t.bool", True)
+    w.add_string("t.str", "naïve ✓")
+    w.add_array("t.ints", [1, 2, 3])
+    w.add_array("t.floats", [0.5, -1.25])
+    w.add_array("t.strs", ["a", "", "ü"])
+    for name, (data, qtype) in tensors.items():
+        w.add_tensor(name, data, raw_dtype=qtype)  # a block type: rows of bytes, the shape worked out
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_every_metadata_type_and_tensor_type_reads_as_the_library_reads_it(tmp_path):
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 64)).astype(np.float32)
+    tensors = {"f32": (w, None), "f16": (w.astype(np.float16), None)}
+    for qtype in (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.BF16):
+        tensors[qtype.name.lower()] = (gguf.quants.quantize(w, qtype), qtype)
+    path = tmp_path / "all.gguf"
+    _write(path, tensors)
+    f = _same_as_the_library(path)
+    assert f.fields["t.str"] == "naïve ✓" and f.fields["t.strs"] == ["a", "", "ü"]
+    by_name = {t.name: t for t in f.tensors}
+    assert by_name["f32"].shape == (8, 64) and np.array_equal(by_name["f32"].data, w)
+    assert by_name["q8_0"].data.shape == (8, 64 // 32 * 34)  # rows of blocks, as bytes
+    back = gguf.quants.dequantize(by_name["q8_0"].data, by_name["q8_0"].tensor_type)
+    assert np.abs(back - w).max() < 0.05
+
+
+def test_not_gguf_too_new_or_cut_short_is_one_clear_line(tmp_path, smollm_path):
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"PK\x03\x04" + b"\x00" * 64)
+    with pytest.raises(ModelLoadError, match="not a GGUF file"):
+        GGUFFile(junk)
+    newer = tmp_path / "v9.gguf"
+    newer.write_bytes(b"GGUF" + (9).to_bytes(4, "little") + b"\x00" * 16)
+    with pytest.raises(ModelLoadError, match="GGUF version 9"):
+        GGUFFile(newer)
+    data = smollm_path.read_bytes()
+    for cut, where in ((1_000, "header"), (20 * 2**20, "tensor")):  # inside the vocabulary; inside the weights
+        short = tmp_path / f"cut{cut}.gguf"
+        short.write_bytes(data[:cut])
+        with pytest.raises(ModelLoadError, match=f"{where}.*truncated"):
+            GGUFFile(short)
