@@ -261,6 +261,7 @@ def load_gguf(path: Path, device: torch.device, dtype: torch.dtype,
             for r0 in range(0, data.shape[0], DEQUANT_ROWS):
                 block = _dequantize(data[r0:r0 + DEQUANT_ROWS], t, path)  # [rows, cols] fp32
                 assembler.put(name, torch.from_numpy(block), rows=(r0, r0 + block.shape[0]))
+            reader.release(t)
             continue
         tensor = torch.from_numpy(_dequantize(data, t, path))
         if tensor.dim() == 2 and tensor.shape[0] == 1 and name.endswith(("norm.weight", "bias")):
@@ -270,5 +271,6 @@ def load_gguf(path: Path, device: torch.device, dtype: torch.dtype,
         elif permute and name.endswith(("k_proj.weight", "k_proj.bias")):
             tensor = _unpermute_rope(tensor, args.num_kv_heads)
         assembler.put(name, tensor)
+        reader.release(t)  # its bytes were converted: the model holds them now
     assembler.finish()
     return model, tokenizer

@@ -14,6 +14,7 @@ then the tensors' data, from the next multiple of ``general.alignment`` (32 if a
 
 from __future__ import annotations
 
+import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,9 +103,11 @@ class GGUFFile:
 
         self.path = Path(path)
         try:
-            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+            with open(self.path, "rb") as f:
+                self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         except (OSError, ValueError) as e:  # an empty file cannot be mapped
             raise ModelLoadError(f"{self.path}: cannot be read as a GGUF file ({e})") from None
+        self._map = np.frombuffer(self._mmap, dtype=np.uint8)  # [file bytes], read-only
         cur = _Cursor(memoryview(self._map), self.path)
         if cur.size < 4 or bytes(self._map[:4]) != GGUF_MAGIC:
             raise ModelLoadError(f"{self.path}: not a GGUF file (no GGUF magic at its start)")
@@ -159,3 +162,14 @@ class GGUFFile:
                                      f"{qtype.name} blocks of {block}; the file is corrupt")
             data = raw.reshape(*shape[:-1], dims[0] // block * type_size)
         return GGUFTensor(name, qtype, shape, n_elements, n_bytes, at, data)
+
+    def release(self, tensor: GGUFTensor) -> None:
+        """Drop the file pages of a tensor that has been read (and converted) from this process's
+        resident memory: they are the page cache's to keep, and a loader that converts every tensor
+        would otherwise hold the whole file mapped in beside the model it built (no-op where the OS
+        has no madvise)."""
+        page = mmap.PAGESIZE
+        first = tensor.data_offset // page * page
+        end = min(len(self._mmap), -(-(tensor.data_offset + tensor.n_bytes) // page) * page)
+        if end > first and hasattr(self._mmap, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            self._mmap.madvise(mmap.MADV_DONTNEED, first, end - first)
