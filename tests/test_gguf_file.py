@@ -91,3 +91,27 @@ def test_not_gguf_too_new_or_cut_short_is_one_clear_line(tmp_path, smollm_path):
         short.write_bytes(data[:cut])
         with pytest.raises(ModelLoadError, match=f"{where}.*truncated"):
             GGUFFile(short)
+
+
+def _mapped_resident_bytes(path) -> int:
+    """Resident bytes of this process's mappings of ``path`` (/proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            if "-" in line.split(" ", 1)[0]:  # a mapping's first line: address range ... path
+                inside = line.rstrip().endswith(str(path))
+            elif inside and line.startswith("Rss:"):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/smaps"), reason="Linux /proc only")
+def test_released_tensors_leave_the_process_and_read_again_the_same(smollm_path):
+    f = GGUFFile(smollm_path.resolve())
+    sums = [float(np.asarray(t.data, dtype=np.float64).sum()) for t in f.tensors]  # every page read in
+    size = smollm_path.stat().st_size
+    assert _mapped_resident_bytes(smollm_path.resolve()) > 0.8 * size
+    for t in f.tensors:
+        f.release(t)
+    assert _mapped_resident_bytes(smollm_path.resolve()) < 0.05 * size
+    assert sums == [float(np.asarray(t.data, dtype=np.float64).sum()) for t in f.tensors]  # read back from the file
