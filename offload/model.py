@@ -14,7 +14,7 @@ from torch import nn
 from .attention import AttentionBackend, ForwardBatch, MixedBatch
 from .config import ModelArgs
 from .kernels import row_ops
-from .quant import Int4Weight, Int8Weight, embedding, empty_weight, linear, quantize_weight
+from .quant import GivenRows, Int4Weight, Int8Weight, embedding, empty_weight, linear, quantize_weight
 from .rope import RotaryEmbedding
 
 
@@ -102,13 +102,14 @@ class DecoderLayer(nn.Module):
         self.ffn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps, device, dtype)
         self.mlp = MLP(args, device, dtype, quantize)
 
-    def quantize(self, scheme: str) -> None:
+    def quantize(self, scheme: str, given: dict[str, GivenRows] | None = None) -> None:
         """Hold the four projection weights in ``scheme`` ("int4" groups or "int8" rows: fused CPU
         kernels); the norms and the QKV bias stay in the compute dtype. Each dense weight is freed
-        as its replacement lands."""
+        as its replacement lands. ``given``: weight name ("wqkv", "wo", "w_gate_up", "w_down") ->
+        rows a checkpoint held in the scheme's form already (their dense rows are never read)."""
         for owner, name in ((self.attn, "wqkv"), (self.attn, "wo"), (self.mlp, "w_gate_up"), (self.mlp, "w_down")):
             dense = getattr(owner, name)
-            quantized = quantize_weight(dense.detach(), scheme, dense.dtype)
+            quantized = quantize_weight(dense.detach(), scheme, dense.dtype, (given or {}).get(name))
             delattr(owner, name)  # a registered parameter gives way to the weight module
             setattr(owner, name, quantized)
 
@@ -201,21 +202,22 @@ class Transformer(nn.Module):
         """Final norm and LM head: x [B, T, hidden] -> fp32 logits [B, T, V]."""
         return linear(self.norm(x), self.lm_head).float()
 
-    def quantize_int8_table(self, which: str) -> None:
+    def quantize_int8_table(self, which: str, given: Int8Weight | None = None) -> None:
         """Hold the embedding table (``which="embed"``) or the LM head (``"lm_head"``) in int8: every
         decode step reads the whole head, half the bytes of bf16. A tied head is the embedding
         table: converting it converts both. The loader converts each table as it lands, so the
-        dense form of only one is held beside the int8 ones."""
+        dense form of only one is held beside the int8 ones; ``given``: the table as a checkpoint
+        held it in int8 already (a GGUF Q8_0 table: its dense form is never written)."""
         if which == "embed":
             tied = self.lm_head is self.embed
-            table = Int8Weight.from_float(self.embed.detach(), self.dtype)
+            table = given if given is not None else Int8Weight.from_float(self.embed.detach(), self.dtype)
             del self.embed  # a registered parameter gives way to the weight module
             self.embed = table
             if tied:
                 del self.lm_head
                 self.lm_head = table
         elif which == "lm_head":
-            table = Int8Weight.from_float(self.lm_head.detach(), self.dtype)
+            table = given if given is not None else Int8Weight.from_float(self.lm_head.detach(), self.dtype)
             del self.lm_head
             self.lm_head = table
         else:

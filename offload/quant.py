@@ -148,9 +148,37 @@ def projection_nbytes(out_features: int, in_features: int, quantize: str) -> int
     return int8_nbytes(out_features, in_features)
 
 
-def quantize_weight(w: torch.Tensor, scheme: str, dtype: torch.dtype) -> "Int4Weight | Int8Weight":
-    """w [N, K] as the scheme's weight module; ``dtype`` the compute dtype of its outputs."""
-    return (Int4Weight if scheme == "int4" else Int8Weight).from_float(w, dtype)
+def quantize_weight(w: torch.Tensor, scheme: str, dtype: torch.dtype,
+                    given: "GivenRows | None" = None) -> "Int4Weight | Int8Weight":
+    """w [N, K] as the scheme's weight module; ``dtype`` the compute dtype of its outputs. ``given``:
+    rows whose codes a checkpoint already holds in the scheme's form (their rows of w are not read)."""
+    return (Int4Weight if scheme == "int4" else Int8Weight).from_float(w, dtype, given=given)
+
+
+# first row -> that run of rows in a scheme's form, as a checkpoint held them: int4 (codes [n, K] in
+# 0..15, scale [n, G], zero [n, G]), int8 (codes [n, K], scales [n, G]); fp32 scales and zeros.
+GivenRows = dict[int, tuple[torch.Tensor, ...]]
+
+
+def _rows_in_form(w: torch.Tensor, r0: int, r1: int, given: GivenRows | None, convert) -> tuple[torch.Tensor, ...]:
+    """Rows r0..r1-1 in a scheme's form: copied from the ``given`` runs that cover them, the rest
+    converted from w by ``convert(rows of w)`` (a checkpoint may hold some parts of a fused weight in
+    the scheme's form and others not)."""
+    pieces, r = [], r0
+    for lo in sorted(given or ()):
+        run = given[lo]
+        hi = lo + run[0].shape[0]
+        if hi <= r or lo >= r1:
+            continue
+        if lo > r:
+            pieces.append(convert(w[r:lo]))
+            r = lo
+        end = min(hi, r1)
+        pieces.append(tuple(part[r - lo:end - lo] for part in run))
+        r = end
+    if r < r1:
+        pieces.append(convert(w[r:r1]))
+    return pieces[0] if len(pieces) == 1 else tuple(torch.cat(p) for p in zip(*pieces))
 
 
 def empty_weight(shape: tuple[int, int], scheme: str, dtype: torch.dtype,
@@ -268,13 +296,21 @@ class Int4Weight(nn.Module):
                                                      device=device), requires_grad=False)  # [G, N, 2]
 
     @classmethod
-    def from_float(cls, w: torch.Tensor, dtype: torch.dtype, group: int = INT4_GROUP) -> "Int4Weight":
-        """Quantize w [N, K] (any float dtype, on the CPU)."""
+    def from_float(cls, w: torch.Tensor, dtype: torch.dtype, group: int = INT4_GROUP,
+                   given: GivenRows | None = None) -> "Int4Weight":
+        """Quantize w [N, K] (any float dtype, on the CPU); rows in ``given`` take those codes (a GGUF
+        Q4 tensor's own, :mod:`offload.loaders.gguf_blocks`) and their scales and zeros as the kernel
+        holds them (bf16)."""
         N, K = w.shape
         out = cls(N, K, dtype, group)
         rows = quantize_rows(K)
+
+        def convert(dense: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return _quantize_int4_rows(dense, group, KERNEL_DTYPE)
+
         for r in range(0, N, rows):  # row blocks of whole packing tiles: small temporaries
-            out.load_codes(*_quantize_int4_rows(w[r:r + rows], group, KERNEL_DTYPE), first_row=r)
+            codes, scale, zero = _rows_in_form(w, r, min(N, r + rows), given, convert)
+            out.load_codes(codes.to(torch.int32), scale, zero, first_row=r)
         return out
 
     def load_codes(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, first_row: int = 0) -> None:
@@ -328,19 +364,36 @@ class Int8Weight(nn.Module):
         self._arrays: Int8Arrays | None = None  # the kernels' views of codes and scales, made on first use
 
     @classmethod
-    def from_float(cls, w: torch.Tensor, dtype: torch.dtype, group: int = INT8_GROUP) -> "Int8Weight":
+    def from_float(cls, w: torch.Tensor, dtype: torch.dtype, group: int = INT8_GROUP,
+                   given: GivenRows | None = None) -> "Int8Weight":
         """Quantize w [N, K] (any float dtype, on the CPU): per group, scale = max |w| / 127 and codes
-        rounded to nearest. A group already on such a grid (GGUF Q8_0) comes back exactly."""
+        rounded to nearest. A group already on such a grid (GGUF Q8_0) comes back exactly; rows in
+        ``given`` take those codes and scales as they are (a Q8_0 tensor's own)."""
         N, K = w.shape
         out = cls(N, K, dtype, group)
+
+        def convert(dense: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            groups = dense.float().reshape(-1, K // group, group)  # [n, G, group]
+            scale = groups.abs().amax(dim=-1).clamp(min=1e-12) / INT8_MAX  # [n, G]
+            codes = torch.round(groups / scale[..., None]).clamp(-INT8_MAX, INT8_MAX)  # [n, G, group]
+            return codes.reshape(-1, K), scale
+
         with torch.no_grad():
             step = quantize_rows(K)
             for r in range(0, N, step):  # row blocks: small fp32 temporaries
-                rows = w[r:r + step].float().reshape(-1, K // group, group)  # [n, G, group]
-                scale = rows.abs().amax(dim=-1).clamp(min=1e-12) / INT8_MAX  # [n, G]
-                codes = torch.round(rows / scale[..., None]).clamp(-INT8_MAX, INT8_MAX)  # [n, G, group]
-                out.codes[r:r + step] = codes.reshape(-1, K)
+                codes, scale = _rows_in_form(w, r, min(N, r + step), given, convert)
+                out.codes[r:r + step] = codes
                 out.scales[r:r + step] = scale
+        return out
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> "Int8Weight":
+        """The weight a checkpoint holds in this form: codes int8 [N, K], scales [N, G]."""
+        N, K = codes.shape
+        out = cls(N, K, dtype, K // scales.shape[1])
+        with torch.no_grad():
+            out.codes.copy_(codes)
+            out.scales.copy_(scales)
         return out
 
     @property

@@ -210,7 +210,9 @@ def test_gguf_tensors_held_quantized(qtype, scheme, hf_256, tmp_path):
     path's. Q6_K: within half an int8 step of its group. Q4_x: int4 groups requantized between
     each group's least and largest value: within half a step of the held grid (exact up to the
     bf16 rounding of scale and zero where both ends of the 4-bit range occur, as in every Q4_1
-    block), the logits close to the dequantized path's."""
+    block), the logits close to the dequantized path's. Q4_x: the file's own codes, read from its
+    blocks (offload.loaders.gguf_blocks), with their scale and zero rounded to bf16 as the kernel
+    holds them."""
     path = tmp_path / f"tiny-{qtype}.gguf"
     stored = write_gguf(path, hf_256, qtype, np.random.default_rng(1))
     held = LLM(path, quantize=scheme, dtype="float32", verbose=False)
@@ -230,11 +232,41 @@ def test_gguf_tensors_held_quantized(qtype, scheme, hf_256, tmp_path):
         # halves may differ a hundredfold: the logits are not compared)
         assert ((got - ref).abs() <= group_max / 254 + 1e-7).all()
     else:
-        step = weight.scales_zeros[..., 0].t().float().abs().repeat_interleave(32, dim=1)  # [N, K] (Q4_0's d may be < 0)
-        assert ((got - ref).abs() <= step / 2 + group_max * 2 ** -7 + 1e-6).all()
-        if qtype == "Q4_1":
-            assert ((got - ref).abs() <= group_max * 2 ** -6 + 1e-6).all()
-        assert (ours - dense).abs().max().item() <= 0.05 * dense.abs().max().item()
+        from offload.loaders.gguf_blocks import int4_groups
+
+        codes, scale, zero = (torch.from_numpy(a) for a in int4_groups(raw, qtype))  # the file's
+        scale, zero = (t.to(torch.bfloat16).float().repeat_interleave(32, dim=1) for t in (scale, zero))  # [N, K]
+        torch.testing.assert_close(got, (codes.float() - 8) * scale + zero, rtol=1e-6, atol=1e-7)
+        assert ((got - ref).abs() <= group_max * 2 ** -6 + 1e-6).all()  # the bf16 rounding alone
+        assert (ours - dense).abs().max().item() <= 0.02 * dense.abs().max().item()
+
+
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q8_0"])
+def test_gguf_blocks_held_as_read_stream_from_disk_the_same(qtype, tmp_path, monkeypatch):
+    """Layers spilled to the disk store take the same codes from a file's blocks as resident ones:
+    edge mode's logits equal the resident model's, bit for bit."""
+    from offload.quant import layer_nbytes
+    from offload.tiers import planner as planner_mod
+
+    monkeypatch.setattr(planner_mod, "RUNTIME_RESERVE", 0)
+    hf = make_tiny_model(tmp_path / "hf", "llama", seed=11, hidden_size=256, intermediate_size=512,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=300, initializer_range=0.05,
+                         num_hidden_layers=5)
+    path = tmp_path / f"tiny-{qtype}.gguf"
+    write_gguf(path, hf, qtype, np.random.default_rng(3))
+    scheme = "int4" if qtype == "Q4_1" else "int8"
+    resident = LLM(path, quantize=scheme, max_context=64, verbose=False)
+    args = resident.args
+    layer = layer_nbytes(args, 2, scheme)
+    held = resident.tier_report()["weights"]["resident_bytes"]
+    # room for one resident layer and two streaming buffers: two layers on disk
+    budget = held - (args.num_layers - 3) * layer + layer // 2 + args.kv_bytes_per_token(2) * 64 + 2**16
+    streamed = LLM(path, quantize=scheme, max_context=64, cpu_memory=budget, disk_dir=tmp_path / "store",
+                   verbose=False)
+    assert "disk" in streamed.placement.layer_tiers
+    ids = list(range(5, 45))
+    assert torch.equal(streamed.logits(ids), resident.logits(ids))
+    streamed.close()
 
 
 @pytest.mark.parametrize("qtype,scheme", [("F16", None), ("Q8_0", "int8"), ("Q6_K", "int8"), ("Q4_1", "int4"),

@@ -21,6 +21,7 @@ from ..config import ModelArgs, RopeScaling
 from ..errors import ModelLoadError, UnsupportedModelError
 from ..model import Transformer
 from ..tokenizer import Tokenizer
+from .gguf_blocks import INT4_BLOCK_TYPES, INT8_BLOCK_TYPES, int4_groups, int8_groups
 from .gguf_file import GGUFFile
 from .weights import WeightAssembler
 
@@ -222,6 +223,25 @@ def build_tokenizer(reader, meta: dict[str, Any], source: str) -> Tokenizer:
 
 
 DEQUANT_ROWS = 4096  # rows per block when dequantizing a large tensor
+_TABLES = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+def _held_form(name: str, block_type: str, scheme: str | None):
+    """The reader that turns this tensor's blocks into the form the model holds it in (int4 or int8
+    groups), or None when it goes through floats: a projection weight whose blocks are the
+    scheme's (Q4_0/Q4_1/Q4_K for int4, Q8_0 for int8), a Q8_0 embedding table or LM head when the
+    model is quantized (its tables are int8 either way)."""
+    if scheme is None:
+        return None
+    if name in _TABLES:
+        return int8_groups if block_type in INT8_BLOCK_TYPES else None
+    if not name.endswith(("_proj.weight",)):
+        return None
+    if scheme == "int4" and block_type in INT4_BLOCK_TYPES:
+        return int4_groups
+    if scheme == "int8" and block_type in INT8_BLOCK_TYPES:
+        return int8_groups
+    return None
 
 
 def _dequantize(data: np.ndarray, t, path: Path) -> np.ndarray:
@@ -256,6 +276,15 @@ def load_gguf(path: Path, device: torch.device, dtype: torch.dtype,
             continue
         is_qk = name.endswith(("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias"))
         data = t.data
+        form = _held_form(name, t.tensor_type.name, assembler.quantize)
+        if form is not None:  # blocks straight into the form the model holds: no float copy
+            parts = [torch.from_numpy(p) for p in form(data, t.tensor_type.name)]
+            if permute and is_qk:
+                heads = args.num_heads if name.endswith("q_proj.weight") else args.num_kv_heads
+                parts = [_unpermute_rope(p, heads) for p in parts]
+            assembler.put_codes(name, tuple(parts))
+            reader.release(t)
+            continue
         if data.ndim == 2 and data.shape[0] > DEQUANT_ROWS and not (permute and is_qk):
             # Large tensors (the embedding) are dequantized in row blocks straight into place.
             for r0 in range(0, data.shape[0], DEQUANT_ROWS):

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..errors import ModelLoadError
 from ..model import DecoderLayer, Transformer
+from ..quant import GivenRows, Int8Weight
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
@@ -34,6 +35,7 @@ class WeightAssembler:
         self._spilled: set[int] = set()
         self._due: dict[int, set[str]] = {}  # resident layer -> names still due (quantize only)
         self._quantized: set[int] = set()  # resident layers already converted (no tensor may follow)
+        self._given: dict[int, dict[str, GivenRows]] = {}  # layer -> weight -> rows given in the scheme's form
 
     def _target(self, name: str) -> tuple[torch.Tensor, str] | None:
         """The parameter slice that checkpoint tensor ``name`` fills, and its coverage key."""
@@ -126,6 +128,52 @@ class WeightAssembler:
             dest.copy_(tensor)
         if rows is not None and rows[1] < full.shape[0]:
             return  # more rows to come
+        self._landed(key, staged)
+
+    def put_codes(self, name: str, parts: tuple[torch.Tensor, ...]) -> None:
+        """A checkpoint tensor already in the form the model holds it in (``quantize``'s scheme for a
+        projection, int8 for the embedding table or LM head): int4 (codes [N, K] in 0..15, scale and
+        zero [N, K / 32]) or int8 (codes [N, K], scales [N, K / 32]), fp32 scales. Its dense form is
+        never written: the layer's conversion takes these rows as they are."""
+        if not self.quantize:
+            raise ModelLoadError(f"{self.source}: tensor {name} given in a quantized form to a model loaded dense")
+        match = _LAYER.match(name)
+        if match and int(match.group(1)) in self._quantized:
+            raise ModelLoadError(f"{self.source}: tensor {name} arrives after layer {match.group(1)} was complete "
+                                 "(a duplicate)")
+        target = self._target(name)
+        if target is None or target[0] is None:
+            return
+        dest, key = target
+        codes = parts[0]
+        if tuple(codes.shape) != tuple(dest.shape):
+            raise ModelLoadError(f"{self.source}: tensor {name} has shape {tuple(codes.shape)}, but the "
+                                 f"config implies {tuple(dest.shape)}; config and weights do not match")
+        if key in ("model.embed_tokens.weight", "lm_head.weight"):
+            table = Int8Weight.from_codes(codes, parts[1], self.model.dtype)
+            self.loaded.add(key)
+            self.model.quantize_int8_table("embed" if key == "model.embed_tokens.weight" else "lm_head", given=table)
+            return
+        weight, first_row = self._projection_rows(name)
+        staged = self._stage(name)
+        self._given.setdefault(int(match.group(1)), {}).setdefault(weight, {})[first_row] = parts
+        self._landed(key, staged)
+
+    def _projection_rows(self, name: str) -> tuple[str, int]:
+        """Which fused projection weight a checkpoint's projection tensor is part of, and its first row."""
+        a = self.args
+        rest = _LAYER.match(name).group(2)
+        rows = {"self_attn.q_proj.weight": ("wqkv", 0), "self_attn.k_proj.weight": ("wqkv", a.q_size),
+                "self_attn.v_proj.weight": ("wqkv", a.q_size + a.kv_size), "self_attn.o_proj.weight": ("wo", 0),
+                "mlp.gate_proj.weight": ("w_gate_up", 0), "mlp.up_proj.weight": ("w_gate_up", a.intermediate_size),
+                "mlp.down_proj.weight": ("w_down", 0)}
+        if rest not in rows:
+            raise ModelLoadError(f"{self.source}: tensor {name} is not a projection weight; only those and the "
+                                 "embedding table or LM head load in a quantized form")
+        return rows[rest]
+
+    def _landed(self, key: str, staged: int | None) -> None:
+        """Tensor ``key`` is complete: convert its table or layer once that is whole."""
         self.loaded.add(key)
         if staged is None and self.quantize:
             if key in ("model.embed_tokens.weight", "lm_head.weight"):  # as it lands: one dense table at a time
@@ -137,7 +185,7 @@ class WeightAssembler:
             due.discard(key)
             if not due:  # the layer is complete: to the store, and its host copy goes
                 if self.quantize:
-                    module.quantize(self.quantize)
+                    module.quantize(self.quantize, self._given.pop(staged, None))
                 self.spill.put_layer(staged, module)
                 self.model.layers[staged] = self._meta_layers.pop(staged)
                 del self._staged[staged]
@@ -154,7 +202,7 @@ class WeightAssembler:
         due = self._due[i]
         due.discard(key)
         if not due:
-            self.model.layers[i].quantize(self.quantize)
+            self.model.layers[i].quantize(self.quantize, self._given.pop(i, None))
             del self._due[i]
             self._quantized.add(i)
 
