@@ -51,6 +51,15 @@ from .passkey import HAYSTACKS, passkey_prompt
 POLICIES = ["dense", "retrieval", "cluster", "shadowkv", "quest", "streaming", "sentence"]
 
 
+
+def _weight_bytes_per_pass(report: dict) -> int:
+    """Weight bytes a forward pass reads: every resident weight (int4/int8 at their own bytes, not
+    the compute dtype's) and, under a budget, the streamed layers' bytes per pass."""
+    passes = report.get("forward_passes") or 0
+    streamed = report.get("disk_bytes_read", 0) / passes if passes else 0
+    return int(report["weights"]["resident_bytes"] + streamed)
+
+
 def _gpu_peak(device: torch.device) -> int | None:
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
@@ -114,7 +123,7 @@ def latency_rows(llm, ctx: int, policies: list[str], config, steps: int, kv_offl
             "kv_bytes": shared.kv_nbytes(), "kv_bytes_host_tier": shared.kv_nbytes("cpu") if kv_offload else 0,
             "kv_fetched_per_token": (shared.kv_bytes_to_device - fetched_before) / steps if kv_offload else None,
             "index_bytes": index_bytes, "kv_read_per_token": kv_read, "kv_disk": _disk_row(disk_marks),
-            "weight_bytes_per_token": llm.args.param_count() * b,
+            "weight_bytes_per_token": _weight_bytes_per_pass(llm.tier_report()),
             "peak_host_bytes": max(mem.peak, prefill_mem.peak), "peak_device_bytes": _gpu_peak(llm.device),
             "beyond_trained_context": ctx > llm.args.max_position_embeddings})
         del backend
