@@ -128,3 +128,20 @@ def test_store_kv_copies_new_tokens_into_a_float_cache(dtype):
         store_kv(k, v, cache, rows, np.array([5, 14], np.int64))
     with pytest.raises(ValueError, match=f"needs CPU k/v \\[B, Hkv, T, D\\] in {dtype}"):
         store_kv(k.double(), v.double(), cache, rows, starts)
+
+
+def test_bf16_rounding_of_ties_overflow_nan_and_subnormals_is_torchs():
+    """The residual add rounds an fp32 sum to bf16 as torch's bf16 add does: ties to even, overflow
+    to inf, NaN kept, subnormals."""
+    half_ulp = 2.0 ** -8  # half a bf16 step at 1.0
+    big = torch.finfo(torch.bfloat16).max
+    tiny = 2.0 ** -130  # subnormal in bf16 as in fp32
+    x = torch.tensor([[1.0, 1.0 + 2 ** -7, -1.0, big, -big, float("nan"), float("inf"), tiny, 3.0, 0.0]])
+    a = torch.tensor([[half_ulp, half_ulp, -half_ulp, big, -big, 1.0, 1.0, tiny, 2 ** -9, -0.0]])
+    x, a = x.bfloat16(), a.bfloat16()
+    summed, _ = row_ops.add_rms_norm(x, a, torch.ones(x.shape[-1]).bfloat16(), 1e-5)
+    want = x + a
+    assert torch.equal(torch.isnan(summed), torch.isnan(want))
+    keep = ~torch.isnan(want)
+    assert torch.equal(summed[keep].view(torch.int16), want[keep].view(torch.int16))
+    assert summed[0, 0] == 1.0 and summed[0, 1] == 1.0 + 2 ** -6 and summed[0, 3] == float("inf")
