@@ -420,10 +420,8 @@ def store_kv_int8(k: torch.Tensor, v: torch.Tensor, cache: CacheArrays, rows: np
     if cache.dtype != torch.int8:
         raise ValueError(f"store_kv_int8 needs an int8 cache; got a {cache.dtype} one")
     _check_store(k, v, cache, rows, starts, cache.scale_dtype)
-    R, _, N, _ = cache.k.shape
-    if len(rows) and (starts.min() < 0 or starts.max() + k.shape[2] > N or rows.min() < 0 or rows.max() >= R):
+    if cpu_decode.store_int8_tokens(_bits(k), _bits(v), cache.k, cache.v, cache.k_scale, cache.v_scale, rows, starts):
         _raise_outside(cache, rows, starts, k.shape[2])
-    cpu_decode.store_int8_tokens(_bits(k), _bits(v), cache.k, cache.v, cache.k_scale, cache.v_scale, rows, starts)
 
 
 # The numba kernel's "no id list": positions are token ids.

@@ -228,16 +228,12 @@ def split_tokens(longest: int, tasks: int, threads: int) -> int:
     return max(MIN_SPLIT_TOKENS, -(-longest // splits_wanted))
 
 
-_threads_set = {"n": None}
-
-
 def set_threads(threads: int) -> None:
     """Run numba's parallel loops on as many threads as torch uses (at most numba's pool). Called
-    before every parallel kernel; numba's own setter costs 10 us, so only a change reaches it."""
+    before every parallel kernel; numba's setter costs 10 us, so only a change reaches it."""
     n = max(1, min(threads, numba.config.NUMBA_NUM_THREADS))
-    if n != _threads_set["n"] or n != numba.get_num_threads():
+    if n != numba.get_num_threads():  # (per thread in numba: a server's worker has its own)
         numba.set_num_threads(n)
-        _threads_set["n"] = n
 
 
 def threads() -> int:
@@ -280,17 +276,23 @@ def store_int8_tokens(k_new, v_new, k_codes, v_codes, k_scales, v_scales, rows, 
     scale = max|x| / 127 (at least 1e-8) rounded to the scales' dtype, code = x / scale rounded
     half to even within +-127: offload.tiers.kv_store.quantize_kv's numbers, bit for bit, in one
     call instead of a dozen tensor ops and four slice copies. A token with a NaN gets a NaN scale
-    (codes 0): attention then yields NaN and the engine's NaN check reports it, never garbage."""
+    (codes 0): attention then yields NaN and the engine's NaN check reports it, never garbage.
+    Returns how many rows were skipped for lying outside the cache (the caller raises)."""
     B, Hkv, T, D = k_new.shape
+    R, _, N, _ = k_codes.shape
     x = np.empty(D, np.float32)
     word = np.empty(1, np.uint32)
     as_float = word.view(np.float32)
+    outside = 0
     for kind in range(2):
         new = k_new if kind == 0 else v_new
         codes = k_codes if kind == 0 else v_codes
         scales = k_scales if kind == 0 else v_scales
         for b in range(B):
             r = rows[b]
+            if r < 0 or r >= R or starts[b] < 0 or starts[b] + T > N:
+                outside += kind == 0
+                continue
             for h in range(Hkv):
                 for t in range(T):
                     p = starts[b] + t
@@ -307,6 +309,7 @@ def store_int8_tokens(k_new, v_new, k_codes, v_codes, k_scales, v_scales, rows, 
                     for d in range(D):
                         c = np.float32(0.0) if bad else np.rint(x[d] / s)
                         codes[r, h, p, d] = np.int8(min(max(c, -KV_CODE_MAX), KV_CODE_MAX))
+    return outside
 
 
 def _as_f32(value, word, as_float):

@@ -106,15 +106,21 @@ class WeightAssembler:
             self._staged[i] = (self.model.layers[i], due)
         return i
 
-    def put(self, name: str, tensor: torch.Tensor, rows: tuple[int, int] | None = None) -> None:
-        """Copy checkpoint tensor ``name`` into its parameter; ``rows`` = (start, end) copies a block
-        of rows (large tensors arrive in pieces so that no second full-size copy is ever held)."""
+    def _arriving(self, name: str) -> tuple[torch.Tensor, str] | None:
+        """The target of a checkpoint tensor that has just arrived (None: one the model does not use);
+        a tensor of a layer already complete is a duplicate."""
         match = _LAYER.match(name)
         if match and int(match.group(1)) in self._quantized:
             raise ModelLoadError(f"{self.source}: tensor {name} arrives after layer {match.group(1)} was complete "
                                  "(a duplicate)")
         target = self._target(name)
-        if target is None or target[0] is None:
+        return None if target is None or target[0] is None else target
+
+    def put(self, name: str, tensor: torch.Tensor, rows: tuple[int, int] | None = None) -> None:
+        """Copy checkpoint tensor ``name`` into its parameter; ``rows`` = (start, end) copies a block
+        of rows (large tensors arrive in pieces so that no second full-size copy is ever held)."""
+        target = self._arriving(name)
+        if target is None:
             return  # tensors we do not use (rotary caches, a tied head)
         staged = self._stage(name)
         dest, key = self._target(name) if staged is not None else target  # the staging layer's slice
@@ -137,12 +143,8 @@ class WeightAssembler:
         never written: the layer's conversion takes these rows as they are."""
         if not self.quantize:
             raise ModelLoadError(f"{self.source}: tensor {name} given in a quantized form to a model loaded dense")
-        match = _LAYER.match(name)
-        if match and int(match.group(1)) in self._quantized:
-            raise ModelLoadError(f"{self.source}: tensor {name} arrives after layer {match.group(1)} was complete "
-                                 "(a duplicate)")
-        target = self._target(name)
-        if target is None or target[0] is None:
+        target = self._arriving(name)
+        if target is None:
             return
         dest, key = target
         codes = parts[0]
@@ -156,7 +158,8 @@ class WeightAssembler:
             return
         weight, first_row = self._projection_rows(name)
         staged = self._stage(name)
-        self._given.setdefault(int(match.group(1)), {}).setdefault(weight, {})[first_row] = parts
+        layer = int(_LAYER.match(name).group(1))
+        self._given.setdefault(layer, {}).setdefault(weight, {})[first_row] = parts
         self._landed(key, staged)
 
     def _projection_rows(self, name: str) -> tuple[str, int]:
