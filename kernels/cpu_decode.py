@@ -223,8 +223,12 @@ def decode_attention(q, k, k_scale, v, v_scale, ids, lo, hi, limit, split, softm
 
 
 def split_tokens(longest: int, tasks: int, threads: int) -> int:
-    """Tokens per parallel task for ``tasks`` (row, KV head) pairs of up to ``longest`` tokens."""
+    """Tokens per parallel task for ``tasks`` (row, KV head) pairs of up to ``longest`` tokens. The
+    splits per pair are rounded up until every thread gets as many tasks: 3 KV heads on 2 threads
+    made 9 tasks of 1,366 tokens at 4K, 444 us a layer read cold, where 12 of 1,024 take 403."""
     splits_wanted = max(1, -(-threads * TASKS_PER_THREAD // tasks))
+    while (tasks * splits_wanted) % threads and splits_wanted < threads * TASKS_PER_THREAD:
+        splits_wanted += 1
     return max(MIN_SPLIT_TOKENS, -(-longest // splits_wanted))
 
 
