@@ -15,7 +15,8 @@ Shapes: N output features, K input features, G groups per row, M input rows.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import intrinsic, overload
 
 from .reference import INT4_MID
 
@@ -90,8 +91,10 @@ def int8_group_dequantize(codes, scales, out):  # pragma: no cover - compiled
 
 @njit(cache=True, parallel=True, fastmath=True)
 def int4_dequantize_t(packed, scales_zeros, block_rows, block_paired, tail_paired, row0, out_t):  # pragma: no cover
-    """out_t [K, n] fp32 = W^T of rows row0..row0+n-1 of an int4 weight held in the CPU kernel's
-    packed layout (transposed: the packed bytes run along K, so each column's codes land side by side).
+    """out_t [K, n] = W^T of rows row0..row0+n-1 of an int4 weight held in the CPU kernel's packed
+    layout (transposed: the packed bytes run along K, so each column's codes land side by side), in
+    fp32, or as bf16 bits (uint16 ``out_t``: each weight rounded to nearest even, as torch rounds the
+    fp32 one; half the bytes written, and no second pass to narrow them for a bf16 GEMM).
 
     ``packed`` uint8, the weight's [N, K/2] bytes flattened: blocks of ``block_rows`` output rows,
     each block's bytes laid [K, rows / 2]; byte d of input column k holds two of the block's rows,
@@ -122,12 +125,49 @@ def int4_dequantize_t(packed, scales_zeros, block_rows, block_paired, tail_paire
                 dest = out_t[k, col:col + size]
                 if paired:
                     for d in range(width):
-                        dest[2 * d] = np.float32(np.int32(codes[d] & 15) - INT4_MID) * scale[2 * d] + zero[2 * d]
-                        dest[2 * d + 1] = (np.float32(np.int32(codes[d] >> 4) - INT4_MID) * scale[2 * d + 1]
-                                           + zero[2 * d + 1])
+                        _put(dest, 2 * d, np.float32(np.int32(codes[d] & 15) - INT4_MID) * scale[2 * d] + zero[2 * d])
+                        _put(dest, 2 * d + 1, np.float32(np.int32(codes[d] >> 4) - INT4_MID) * scale[2 * d + 1]
+                             + zero[2 * d + 1])
                 else:
                     for d in range(width):
-                        dest[d] = np.float32(np.int32(codes[d] & 15) - INT4_MID) * scale[d] + zero[d]
+                        _put(dest, d, np.float32(np.int32(codes[d] & 15) - INT4_MID) * scale[d] + zero[d])
                     for d in range(width):
-                        dest[width + d] = (np.float32(np.int32(codes[d] >> 4) - INT4_MID) * scale[width + d]
-                                           + zero[width + d])
+                        _put(dest, width + d, np.float32(np.int32(codes[d] >> 4) - INT4_MID) * scale[width + d]
+                             + zero[width + d])
+
+
+def _put(dest, i, value):
+    """dest[i] <- value, an fp32 (plain-numpy form; inside the kernels :func:`_put_forms`)."""
+    if dest.dtype == np.uint16:
+        u = int(np.asarray(value, np.float32).view(np.uint32))
+        dest[i] = (u | 0x400000) >> 16 if (u & 0x7FFFFFFF) > 0x7F800000 else (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    else:
+        dest[i] = value
+
+
+@overload(_put, inline="always")
+def _put_forms(dest, i, value):  # pragma: no cover - numba
+    """An fp32 destination takes the value; a uint16 one its bf16 bits, rounded to nearest even (a
+    NaN kept a NaN; a weight here is finite unless its scale is)."""
+    if dest.dtype == types.uint16:
+        def put(dest, i, value):
+            u = _f32_bits(value)
+            if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
+                dest[i] = np.uint16((u | np.uint32(0x400000)) >> np.uint32(16))
+            else:
+                dest[i] = np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+    else:
+        def put(dest, i, value):
+            dest[i] = value
+    return put
+
+
+@intrinsic
+def _f32_bits(typingctx, value):  # pragma: no cover - numba
+    """An fp32's bits as uint32 (a bitcast; no memory round trip)."""
+    if value != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(types.uint32))
+    return types.uint32(types.float32), codegen

@@ -128,9 +128,9 @@ def int4_pack_layout() -> Int4PackLayout | None:
 def int4_dequantize_rows(packed: torch.Tensor, scales_zeros: torch.Tensor, first: int, out_t: torch.Tensor,
                          layout: Int4PackLayout) -> torch.Tensor:
     """Rows first..first+n-1 of an int4 weight (``packed`` uint8 [N, K/2], ``scales_zeros`` bf16
-    [G, N, 2]) unpacked, transposed, into ``out_t`` [K, n] fp32 (the codes of a column lie side by
-    side in the packed bytes): ``first`` a multiple of the layout's block rows, n too unless the rows
-    reach N."""
+    [G, N, 2]) unpacked, transposed, into ``out_t`` [K, n], fp32 or bf16 (rounded to nearest even;
+    the codes of a column lie side by side in the packed bytes): ``first`` a multiple of the layout's
+    block rows, n too unless the rows reach N."""
     from . import cpu_quant  # numba compiles (or loads from its cache) on first use
 
     N = packed.shape[0]
@@ -138,8 +138,9 @@ def int4_dequantize_rows(packed: torch.Tensor, scales_zeros: torch.Tensor, first
     if first % layout.block_rows or (n % layout.block_rows and first + n != N) or first + n > N:
         raise ValueError(f"int4 rows are unpacked in blocks of {layout.block_rows}: rows {first}..{first + n - 1} "
                          f"of {N} cut one")
+    out_np = (out_t.view(torch.uint16) if out_t.dtype == torch.bfloat16 else out_t).numpy()
     cpu_quant.int4_dequantize_t(packed.reshape(-1).numpy(), scales_zeros.view(torch.uint16).numpy(),
-                                layout.block_rows, layout.paired, layout.tail_paired(N), first, out_t.numpy())
+                                layout.block_rows, layout.paired, layout.tail_paired(N), first, out_np)
     return out_t
 
 
@@ -176,14 +177,12 @@ def int4_group_linear(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch
     gemm_dtype = torch.bfloat16 if x.dtype == torch.bfloat16 and cpu_has_fast_bf16() else torch.float32
     xg = x.to(gemm_dtype)  # [M, K]
     out = torch.empty(M, N, dtype=gemm_dtype)  # [M, N]
-    step = max(layout.block_rows, INT4_UNPACK_BLOCK_BYTES // (4 * K) // layout.block_rows * layout.block_rows)
-    buffer = torch.empty(K * min(step, N), dtype=torch.float32)  # reused: each block [K, n] contiguous in it
-    narrow = None if gemm_dtype == torch.float32 else torch.empty(K * min(step, N), dtype=gemm_dtype)  # reused too
+    per_row = K * gemm_dtype.itemsize  # a block's bytes per weight row, unpacked in the GEMM's dtype
+    step = max(layout.block_rows, INT4_UNPACK_BLOCK_BYTES // per_row // layout.block_rows * layout.block_rows)
+    buffer = torch.empty(K * min(step, N), dtype=gemm_dtype)  # reused: each block [K, n] contiguous in it
     for r in range(0, N, step):
         n = min(step, N - r)
-        w_t = int4_dequantize_rows(packed, scales_zeros, r, buffer[:K * n].view(K, n), layout)  # [K, n] fp32
-        if narrow is not None:
-            w_t = narrow[:K * n].view(K, n).copy_(w_t)  # [K, n] bf16
+        w_t = int4_dequantize_rows(packed, scales_zeros, r, buffer[:K * n].view(K, n), layout)  # [K, n]
         if n == N:
             torch.mm(xg, w_t, out=out)  # [M, N]: one block, no copy
         else:

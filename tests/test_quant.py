@@ -411,7 +411,7 @@ def test_int4_unpacking_reads_the_packed_layout_exactly(n, k):
 
 
 def test_int4_products_of_many_rows_unpack_a_block_at_a_time(monkeypatch):
-    """Above INT4_GEMM_ROWS rows the product unpacks blocks of rows to fp32 and runs the GEMM: with
+    """Above INT4_GEMM_ROWS rows the product unpacks blocks of rows and runs the GEMM: with
     blocks of one layout block (and a short last one) it equals the fp32 reference, and the fused
     kernel (bf16 activations) to its rounding; bf16 activations on a CPU with native bf16 products
     multiply the block in bf16, to bf16's rounding."""
@@ -437,6 +437,25 @@ def test_int4_products_of_many_rows_unpack_a_block_at_a_time(monkeypatch):
     half = int4_group_linear(xb, weight.packed, weight.scales_zeros, 32)  # [m, n]
     assert half.dtype == (torch.bfloat16 if cpu_has_fast_bf16() else torch.float32)
     assert (half.float() - _reference(xb, codes, scale, zero)).abs().max().item() <= 1e-2 * out.abs().max().item()
+
+
+def test_int4_unpacks_to_bf16_as_its_fp32_unpacking_rounds():
+    """The bf16 GEMM's blocks are unpacked straight to bf16 bits: bit for bit the fp32 unpacking
+    rounded by torch (to nearest even), short last block and a NaN scale included."""
+    layout = int4_pack_layout()
+    g = torch.Generator().manual_seed(5)
+    for n, k in ((layout.block_rows * 2 + 64, 96), (layout.block_rows, 64)):
+        codes, scale, zero = quantize_int4(torch.randn(n, k, generator=g) * 3, 32, KERNEL_DTYPE)
+        scale[1, 0] = float("nan")
+        weight = Int4Weight(n, k, torch.float32)
+        weight.load_codes(codes, scale, zero)
+        wide = int4_dequantize_rows(weight.packed, weight.scales_zeros, 0, torch.empty(k, n), layout)
+        narrow = int4_dequantize_rows(weight.packed, weight.scales_zeros, 0,
+                                      torch.empty(k, n, dtype=torch.bfloat16), layout)
+        want = wide.bfloat16()
+        assert torch.equal(torch.isnan(narrow), torch.isnan(want)) and torch.isnan(narrow[:32, 1]).all()
+        keep = ~torch.isnan(want)
+        assert torch.equal(narrow[keep].view(torch.int16), want[keep].view(torch.int16))
 
 
 def test_int4_unpacking_follows_the_packers_other_layout():
