@@ -22,6 +22,7 @@ import torch
 
 from ..errors import OffloadError
 from . import reference
+from .int4_pack import unpack_buffer
 
 _last_backend = {"name": None}
 # Row ranges per thread of the int8 product: a few, so that a slow thread on a busy machine is not
@@ -304,20 +305,27 @@ def int8_group_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor
     from . import cpu_decode, cpu_quant  # numba compiles (or loads from its cache) on first use
 
     cpu_decode.set_threads(torch.get_num_threads())
-    xf = x.float().contiguous()  # [M, K]
-    M = xf.shape[0]
+    M = x.shape[0]
     codes_np, scales_np = arrays.codes, arrays.scales
-    out = torch.empty(M, N, dtype=torch.float32)  # [M, N]
     if M <= INT8_GROUP_KERNEL_ROWS:
-        cpu_quant.int8_group_matmul(codes_np, scales_np, xf.numpy(), out.numpy(),
+        out = torch.empty(M, N, dtype=torch.float32)  # [M, N]
+        cpu_quant.int8_group_matmul(codes_np, scales_np, x.float().contiguous().numpy(), out.numpy(),
                                     cpu_decode.threads() * INT8_TASKS_PER_THREAD)
         return out
-    rows = max(1, INT8_DEQUANT_BLOCK_BYTES // (4 * K))
-    block = torch.empty(min(rows, N), K, dtype=torch.float32)  # [rows, K], reused
+    # Many rows: blocks of rows dequantized for the GEMM, in bf16 for bf16 x on a CPU with native bf16
+    # products (AMX: about 3x the fp32 GEMM), as the int4 product does.
+    gemm_dtype = torch.bfloat16 if x.dtype == torch.bfloat16 and cpu_has_fast_bf16() else torch.float32
+    xg = x.to(gemm_dtype).contiguous()  # [M, K]
+    out = torch.empty(M, N, dtype=gemm_dtype)  # [M, N]
+    rows = max(1, INT8_DEQUANT_BLOCK_BYTES // (gemm_dtype.itemsize * K))
+    block = unpack_buffer(min(rows, N) * K, gemm_dtype).view(-1, K)  # [rows, K], kept between calls
     for r in range(0, N, rows):
         w = block[:min(rows, N - r)]  # [n, K]
-        cpu_quant.int8_group_dequantize(codes_np[r:r + rows], scales_np[r:r + rows], w.numpy())
-        out[:, r:r + rows] = xf @ w.t()  # [M, n]
+        cpu_quant.int8_group_dequantize(codes_np[r:r + rows], scales_np[r:r + rows], _bits(w))
+        if w.shape[0] == N:
+            torch.mm(xg, w.t(), out=out)  # [M, N]: one block, no copy
+        else:
+            out[:, r:r + rows] = xg @ w.t()  # [M, n]
     return out
 
 

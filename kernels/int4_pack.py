@@ -167,10 +167,10 @@ class _Scratch(threading.local):
 _scratch = _Scratch()
 
 
-def _unpack_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
-    """A buffer of at least ``numel`` elements for unpacked blocks, kept and grown as needed: a fresh
-    one of a few MiB each product page-faulted in again (0.2-0.4 ms of a 1.5 ms 512-row product,
-    measured)."""
+def unpack_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A buffer of at least ``numel`` elements for unpacked (int4) or dequantized (int8) blocks of a
+    weight, kept per thread and grown as needed: a fresh one of a few MiB each product page-faulted
+    in again (0.2-0.4 ms of a 1.5 ms 512-row product, measured)."""
     nbytes = numel * dtype.itemsize
     if _scratch.buffer.numel() < nbytes:
         _scratch.buffer = torch.empty(nbytes, dtype=torch.uint8)
@@ -201,7 +201,7 @@ def int4_group_linear(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch
     out = torch.empty(M, N, dtype=gemm_dtype)  # [M, N]
     per_row = K * gemm_dtype.itemsize  # a block's bytes per weight row, unpacked in the GEMM's dtype
     step = max(layout.block_rows, INT4_UNPACK_BLOCK_BYTES // per_row // layout.block_rows * layout.block_rows)
-    buffer = _unpack_buffer(K * min(step, N), gemm_dtype)  # each block [K, n] contiguous in it
+    buffer = unpack_buffer(K * min(step, N), gemm_dtype)  # each block [K, n] contiguous in it
     for r in range(0, N, step):
         n = min(step, N - r)
         w_t = int4_dequantize_rows(packed, scales_zeros, r, buffer[:K * n].view(K, n), layout)  # [K, n]
