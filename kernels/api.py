@@ -428,7 +428,9 @@ def store_kv_int8(k: torch.Tensor, v: torch.Tensor, cache: CacheArrays, rows: np
     if cache.dtype != torch.int8:
         raise ValueError(f"store_kv_int8 needs an int8 cache; got a {cache.dtype} one")
     _check_store(k, v, cache, rows, starts, cache.scale_dtype)
-    if cpu_decode.store_int8_tokens(_bits(k), _bits(v), cache.k, cache.v, cache.k_scale, cache.v_scale, rows, starts):
+    # contiguous: one compiled signature (a prompt's k/v arrive as transposed views)
+    if cpu_decode.store_int8_tokens(_bits(k.contiguous()), _bits(v.contiguous()), cache.k, cache.v, cache.k_scale,
+                                    cache.v_scale, rows, starts):
         _raise_outside(cache, rows, starts, k.shape[2])
 
 

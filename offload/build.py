@@ -9,8 +9,11 @@ below this module imports the API class; nothing here decides an "auto" (that is
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from .attention import AttentionBackend
 from .engine import Engine
@@ -18,6 +21,7 @@ from .engine_config import MIN_FLASH_CALIBRATION, ResolvedConfig
 from .indexes.backend import SparseAttention
 from .indexes.base import IndexContext, policy_class
 from .indexes.dense import DenseAttention
+from .kernels.warm import warm_cpu_kernels
 from .loaders import load_model
 from .model import Transformer
 from .prompt_cache import model_fingerprint
@@ -142,6 +146,8 @@ def build_runtime(resolved: ResolvedConfig) -> Runtime:
         model.args = resolved.args
         model.rope = RotaryEmbedding(model.args, resolved.device)
     backend = build_backend(resolved, tokenizer)
+    if resolved.device.type == "cpu":
+        _warm_kernels(resolved, config.verbose)
     flash = None
     if config.flash is not None:  # FFN up/down projections on flash ("LLM in a flash")
         calibration = config.flash_calibration
@@ -161,6 +167,22 @@ def build_runtime(resolved: ResolvedConfig) -> Runtime:
                     layer_major_tokens=LAYER_MAJOR_TOKENS if layer_major else None)
     return Runtime(resolved=resolved, model=model, tokenizer=tokenizer, source=source, fingerprint=fingerprint,
                    backend=backend, engine=engine, placement=placement, streamer=streamer, flash=flash)
+
+
+# A warm-up longer than this compiled kernels (cached ones load in a fraction of a second): say so once.
+COMPILE_NOTICE_S = 2.0
+
+
+def _warm_kernels(resolved: ResolvedConfig, verbose: bool) -> None:
+    """Compile (or load from numba's cache) the CPU kernels the model's steps call, now rather than
+    in the first request; say so when that took a while (the first run on a machine)."""
+    t0 = time.perf_counter()
+    kv_dtype = torch.int8 if resolved.config.kv_dtype == "int8" else resolved.dtype  # the cache as held
+    warm_cpu_kernels(resolved.dtype, kv_dtype, resolved.quantize)
+    took = time.perf_counter() - t0
+    if verbose and took > COMPILE_NOTICE_S:
+        print(f"offload: compiled the CPU kernels in {took:.1f} s (once per machine: later runs load them from "
+              f"numba's cache)", file=sys.stderr)
 
 
 def build_backend(resolved: ResolvedConfig, tokenizer: Tokenizer) -> AttentionBackend:

@@ -145,3 +145,28 @@ def test_bf16_rounding_of_ties_overflow_nan_and_subnormals_is_torchs():
     keep = ~torch.isnan(want)
     assert torch.equal(summed[keep].view(torch.int16), want[keep].view(torch.int16))
     assert summed[0, 0] == 1.0 and summed[0, 1] == 1.0 + 2 ** -6 and summed[0, 3] == float("inf")
+
+
+def _kernel_signatures() -> dict[str, int]:
+    """Compiled signatures of every numba kernel of the CPU paths a decode step and a prompt take."""
+    from numba.core.registry import CPUDispatcher
+
+    from offload.kernels import cpu_decode, cpu_glue, cpu_quant
+
+    return {f"{m.__name__}.{name}": len(obj.signatures) for m in (cpu_decode, cpu_glue, cpu_quant)
+            for name, obj in vars(m).items() if isinstance(obj, CPUDispatcher)}
+
+
+@pytest.mark.parametrize("settings", [{}, {"kv_dtype": "int8"}, {"quantize": "int8"}, {"dtype": "float32"}])
+def test_a_built_model_has_compiled_the_kernels_its_steps_call(smollm_path, settings):
+    """Loading warms every CPU kernel with the argument types the model will pass (numba compiles per
+    type signature): a prompt of more than 32 tokens and decode steps then compile nothing, so the
+    first request is not the one that waits (a fresh machine's first step compiled ~18 s)."""
+    from offload import LLM, SamplingParams
+
+    llm = LLM(smollm_path, max_context=256, verbose=False, **settings)
+    before = _kernel_signatures()
+    out = llm.generate(list(range(100, 170)), SamplingParams(max_new_tokens=4))[0]
+    assert len(out.token_ids) == 4
+    grown = {name: n for name, n in _kernel_signatures().items() if n != before.get(name, 0)}
+    assert grown == {}, f"compiled during generation: {grown}"
