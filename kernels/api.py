@@ -248,7 +248,8 @@ class DecodeRanges:
 # kernel / GEMM 0.70 / 2.88 ms at 4 rows, 2.92 / 3.57 at 16, 11.5 / 6.0 at 64; 4096 x 4096,
 # 27.4 / 58.5 ms at 16, 93.1 / 54.5 at 64).
 INT8_GROUP_KERNEL_ROWS = 24
-# fp32 bytes of weight rows dequantized at a time for the GEMM path: a small, reused-size temporary.
+# Bytes of weight rows dequantized at a time for the GEMM path (in the GEMM's dtype: bf16 where the
+# CPU has native bf16 products, else fp32), in a buffer kept per thread.
 INT8_DEQUANT_BLOCK_BYTES = 4 << 20
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from . import row_ops
-from .api import CacheArrays, DecodeRanges, int8_group_linear, store_kv
+from .api import NUMBA_DTYPES, CacheArrays, DecodeRanges, int8_group_linear, store_kv
 from .int4_pack import INT4_GEMM_ROWS, int4_group_linear
 
 # Tiny shapes of valid arguments: one KV head of 8 dims over 16 tokens; a weight of one packing tile.
@@ -27,15 +27,8 @@ def warm_cpu_kernels(dtype: torch.dtype, kv_dtype: torch.dtype, quantize: str | 
     """Call every CPU kernel a model of compute dtype ``dtype``, KV cache dtype ``kv_dtype`` (int8:
     codes with scales in ``dtype``) and weight scheme ``quantize`` uses, once, on tiny arrays."""
     gen = torch.Generator().manual_seed(0)
-    k = torch.randn(1, 1, _TOKENS, _HEAD_DIM, generator=gen)  # [R, Hkv, N, D]
-    if kv_dtype == torch.int8:
-        cache = CacheArrays(torch.zeros(k.shape, dtype=torch.int8), torch.zeros(k.shape, dtype=torch.int8),
-                            torch.ones(k.shape[:3], dtype=dtype), torch.ones(k.shape[:3], dtype=dtype))
-    else:
-        cache = CacheArrays(k.to(kv_dtype), k.to(kv_dtype))
-    new = torch.randn(1, 1, 1, _HEAD_DIM, generator=gen).to(dtype)  # [B, Hkv, T, D]: a step's key
-    store_kv(new, new, cache, np.zeros(1, np.int64), np.zeros(1, np.int64))
-    cache.attend(torch.randn(1, 1, _HEAD_DIM, generator=gen).to(dtype), DecodeRanges([0], [4], 1, _TOKENS), 1.0)
+    if kv_dtype in NUMBA_DTYPES and dtype in NUMBA_DTYPES:  # (an fp16 model attends through torch)
+        _warm_cache_kernels(dtype, kv_dtype, gen)
     if dtype == torch.bfloat16:  # the row kernels run for bf16 models only
         x = torch.randn(1, 1, _COLS, generator=gen).to(dtype)
         weight = torch.ones(_COLS, dtype=dtype)
@@ -55,3 +48,16 @@ def warm_cpu_kernels(dtype: torch.dtype, kv_dtype: torch.dtype, quantize: str | 
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(nibbles, 1)  # [N, K/2] uint8
         scales_zeros = torch.rand(_COLS // 32, _ROWS, 2, generator=gen).to(torch.bfloat16)  # [G, N, 2]
         int4_group_linear(torch.randn(INT4_GEMM_ROWS, _COLS, generator=gen).to(dtype), packed, scales_zeros, 32)
+
+
+def _warm_cache_kernels(dtype: torch.dtype, kv_dtype: torch.dtype, gen: torch.Generator) -> None:
+    """The KV cache's store and the decode attention read in place (dense and gathered alike)."""
+    k = torch.randn(1, 1, _TOKENS, _HEAD_DIM, generator=gen)  # [R, Hkv, N, D]
+    if kv_dtype == torch.int8:
+        cache = CacheArrays(torch.zeros(k.shape, dtype=torch.int8), torch.zeros(k.shape, dtype=torch.int8),
+                            torch.ones(k.shape[:3], dtype=dtype), torch.ones(k.shape[:3], dtype=dtype))
+    else:
+        cache = CacheArrays(k.to(kv_dtype), k.to(kv_dtype))
+    new = torch.randn(1, 1, 1, _HEAD_DIM, generator=gen).to(dtype)  # [B, Hkv, T, D]: a step's key
+    store_kv(new, new, cache, np.zeros(1, np.int64), np.zeros(1, np.int64))
+    cache.attend(torch.randn(1, 1, _HEAD_DIM, generator=gen).to(dtype), DecodeRanges([0], [4], 1, _TOKENS), 1.0)

@@ -157,7 +157,8 @@ def _kernel_signatures() -> dict[str, int]:
             for name, obj in vars(m).items() if isinstance(obj, CPUDispatcher)}
 
 
-@pytest.mark.parametrize("settings", [{}, {"kv_dtype": "int8"}, {"quantize": "int8"}, {"dtype": "float32"}])
+@pytest.mark.parametrize("settings", [{}, {"kv_dtype": "int8"}, {"quantize": "int8"}, {"dtype": "float32"},
+                                      {"dtype": "float16"}])  # (fp16: attention through torch, nothing to warm)
 def test_a_built_model_has_compiled_the_kernels_its_steps_call(smollm_path, settings):
     """Loading warms every CPU kernel with the argument types the model will pass (numba compiles per
     type signature): a prompt of more than 32 tokens and decode steps then compile nothing, so the
