@@ -269,7 +269,23 @@ def store_tokens(k_new, v_new, k_cache, v_cache, rows, starts):  # pragma: no co
 
 
 KV_SCALE_FLOOR_F32 = np.float32(KV_SCALE_FLOOR)  # the floor as quantize_kv's fp32 clamp compares it
-BF16_ROUND = 0x7FFF  # fp32 -> bf16 rounds to nearest even: add this plus the kept half's lowest bit
+# fp32 -> bf16 rounds to nearest even: add this plus the kept half's lowest bit, keep the high half.
+BF16_ROUND = np.uint32(0x7FFF)
+F32_ABS_MASK = np.uint32(0x7FFFFFFF)
+F32_INF_BITS = np.uint32(0x7F800000)
+F32_QUIET_BIT = np.uint32(0x00400000)  # a NaN's bit that keeps it a NaN once the low half is dropped
+
+
+@njit(inline="always")
+def bf16_round_bits(u):  # pragma: no cover - numba (called from Python too: it compiles for a uint32)
+    """An fp32's bits ``u`` (uint32) -> the bf16's 16 bits (in a uint32), to nearest even as torch
+    narrows; a NaN stays a quiet NaN. A select in arithmetic, not a branch, so loops over it
+    vectorize. The one rounding of every kernel that writes bf16 (row kernels, unpacked weights,
+    KV scales)."""
+    nan = np.uint32((u & F32_ABS_MASK) > F32_INF_BITS)
+    rounded = u + BF16_ROUND + ((u >> np.uint32(16)) & np.uint32(1))
+    quiet = u | F32_QUIET_BIT
+    return (rounded + (quiet - rounded) * nan) >> np.uint32(16)  # wraps to ``quiet`` for a NaN
 
 
 @njit(cache=True)
@@ -341,8 +357,7 @@ def _store_scale(scales, r, h, p, s, word, as_float):
     """Write scale s at scales[r, h, p] in the scales' dtype; return the value held, as fp32
     (plain-numpy form of :func:`_store_scale_forms`)."""
     if scales.dtype == np.uint16:
-        u = int(np.asarray(s, np.float32).view(np.uint32))
-        bits = (u >> 16) | 0x40 if s != s else (u + BF16_ROUND + ((u >> 16) & 1)) >> 16
+        bits = int(bf16_round_bits(np.asarray(s, np.float32).view(np.uint32)[()]))
         scales[r, h, p] = bits
         return np.asarray(bits << 16, np.uint32).view(np.float32)[()]
     scales[r, h, p] = s
@@ -356,11 +371,7 @@ def _store_scale_forms(scales, r, h, p, s, word, as_float):  # pragma: no cover 
     if scales.dtype == types.uint16:
         def put(scales, r, h, p, s, word, as_float):
             as_float[0] = s
-            u = word[0]
-            if s != s:
-                bits = np.uint16((u >> 16) | 0x40)  # a quiet NaN
-            else:
-                bits = np.uint16((u + np.uint32(BF16_ROUND) + ((u >> 16) & np.uint32(1))) >> 16)
+            bits = np.uint16(bf16_round_bits(word[0]))
             scales[r, h, p] = bits
             word[0] = np.uint32(bits) << 16
             return as_float[0]

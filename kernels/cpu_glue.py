@@ -28,14 +28,7 @@ from numba import carray, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from .cpu_decode import exp_inplace
-
-# fp32 -> bf16 rounds to nearest even: add this plus the kept half's lowest bit, keep the high half.
-BF16_ROUND = np.uint32(0x7FFF)
-BF16_QUIET = np.uint32(0x0040)  # a NaN's bit that keeps it a NaN after the low half is dropped
-ABS_MASK = np.uint32(0x7FFFFFFF)
-F32_INF_BITS = np.uint32(0x7F800000)
-HIGH_HALF = np.uint32(0xFFFF0000)
+from .cpu_decode import bf16_round_bits, exp_inplace
 
 
 def _load(src, i, j, rowf, rowbits, d):
@@ -60,15 +53,12 @@ def _load_forms(src, i, j, rowf, rowbits, d):  # pragma: no cover - numba
 
 
 def _round(rowbits, n, like):
-    """rowf[:n] (whose bits ``rowbits`` are) rounded in place to ``like``'s dtype: bf16 (uint16) to
-    nearest even, a NaN kept a NaN; fp32 unchanged (plain-numpy form; :func:`_round_forms`)."""
+    """rowf[:n] (whose bits ``rowbits`` are) rounded in place to ``like``'s dtype: bf16 (uint16) by
+    :func:`~offload.kernels.cpu_decode.bf16_round_bits`; fp32 unchanged (plain-numpy form;
+    :func:`_round_forms`)."""
     if like.dtype == np.uint16:
         for j in range(n):
-            u = int(rowbits[j])
-            if (u & 0x7FFFFFFF) > 0x7F800000:
-                rowbits[j] = (u | 0x00400000) & 0xFFFF0000
-            else:
-                rowbits[j] = ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000) & 0xFFFFFFFF
+            rowbits[j] = bf16_round_bits(rowbits[j]) << np.uint32(16)
 
 
 @overload(_round, inline="always")
@@ -76,11 +66,7 @@ def _round_forms(rowbits, n, like):  # pragma: no cover - numba
     if like.dtype == types.uint16:
         def rnd(rowbits, n, like):
             for j in range(n):
-                u = rowbits[j]
-                if (u & ABS_MASK) > F32_INF_BITS:
-                    rowbits[j] = (u | (BF16_QUIET << np.uint32(16))) & HIGH_HALF
-                else:
-                    rowbits[j] = (u + BF16_ROUND + ((u >> np.uint32(16)) & np.uint32(1))) & HIGH_HALF
+                rowbits[j] = bf16_round_bits(rowbits[j]) << np.uint32(16)
     else:
         def rnd(rowbits, n, like):
             pass
