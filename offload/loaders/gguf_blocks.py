@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
-INT4_GROUP = 32
-INT4_MID = 8  # tinygemm's zero code
+from ..kernels.reference import INT4_MID  # tinygemm's zero code
+
 # block type -> (weights per block, bytes per block)
 _BLOCKS = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q4_K": (256, 144), "Q8_0": (32, 34)}
 INT4_BLOCK_TYPES = ("Q4_0", "Q4_1", "Q4_K")

@@ -55,33 +55,36 @@ class WeightAssembler:
             raise ModelLoadError(f"{self.source}: tensor {name} names layer {i}, but the config has "
                                  f"{a.num_layers} layers")
         layer = m.layers[i]
-        q, kv, inter = a.q_size, a.kv_size, a.intermediate_size
-        qkv_rows = {"q_proj": (0, q), "k_proj": (q, q + kv), "v_proj": (q + kv, q + 2 * kv)}
         if rest == "input_layernorm.weight":
             return layer.attn_norm.weight, name
         if rest == "post_attention_layernorm.weight":
             return layer.ffn_norm.weight, name
-        if rest == "self_attn.o_proj.weight":
-            return layer.attn.wo, name
         if rest in ("self_attn.q_norm.weight", "self_attn.k_norm.weight") and a.qk_norm:
             norm = layer.attn.q_norm if rest.startswith("self_attn.q") else layer.attn.k_norm
             return norm.weight, name
-        proj = re.match(r"self_attn\.([qkv]_proj)\.(weight|bias)$", rest)
-        if proj:
-            lo, hi = qkv_rows[proj.group(1)]
-            if proj.group(2) == "bias":
-                if layer.attn.bqkv is None:
-                    raise ModelLoadError(f"{self.source}: checkpoint has {name} but the config has no "
-                                         f"attention bias")
-                return layer.attn.bqkv[lo:hi], name
-            return layer.attn.wqkv[lo:hi], name
-        if rest == "mlp.gate_proj.weight":
-            return layer.mlp.w_gate_up[:inter], name
-        if rest == "mlp.up_proj.weight":
-            return layer.mlp.w_gate_up[inter:], name
-        if rest == "mlp.down_proj.weight":
-            return layer.mlp.w_down, name
+        bias = re.match(r"self_attn\.([qkv]_proj)\.bias$", rest)
+        if bias:
+            if layer.attn.bqkv is None:
+                raise ModelLoadError(f"{self.source}: checkpoint has {name} but the config has no attention bias")
+            _, _, lo, hi = self._projections()[f"self_attn.{bias.group(1)}.weight"]
+            return layer.attn.bqkv[lo:hi], name
+        if rest in self._projections():
+            owner, weight, lo, hi = self._projections()[rest]
+            return getattr(getattr(layer, owner), weight)[lo:hi], name
         return None
+
+    def _projections(self) -> dict[str, tuple[str, str, int, int]]:
+        """A layer's projection tensors (Hugging Face names) -> the fused weight that holds them
+        (module, weight) and their rows lo..hi-1 there."""
+        a = self.args
+        q, kv, inter, hidden = a.q_size, a.kv_size, a.intermediate_size, a.hidden_size
+        return {"self_attn.q_proj.weight": ("attn", "wqkv", 0, q),
+                "self_attn.k_proj.weight": ("attn", "wqkv", q, q + kv),
+                "self_attn.v_proj.weight": ("attn", "wqkv", q + kv, q + 2 * kv),
+                "self_attn.o_proj.weight": ("attn", "wo", 0, hidden),
+                "mlp.gate_proj.weight": ("mlp", "w_gate_up", 0, inter),
+                "mlp.up_proj.weight": ("mlp", "w_gate_up", inter, 2 * inter),
+                "mlp.down_proj.weight": ("mlp", "w_down", 0, hidden)}
 
     def target(self, name: str) -> torch.Tensor | None:
         """The parameter (slice) checkpoint tensor ``name`` fills, None if unused; a meta tensor for
@@ -164,16 +167,12 @@ class WeightAssembler:
 
     def _projection_rows(self, name: str) -> tuple[str, int]:
         """Which fused projection weight a checkpoint's projection tensor is part of, and its first row."""
-        a = self.args
         rest = _LAYER.match(name).group(2)
-        rows = {"self_attn.q_proj.weight": ("wqkv", 0), "self_attn.k_proj.weight": ("wqkv", a.q_size),
-                "self_attn.v_proj.weight": ("wqkv", a.q_size + a.kv_size), "self_attn.o_proj.weight": ("wo", 0),
-                "mlp.gate_proj.weight": ("w_gate_up", 0), "mlp.up_proj.weight": ("w_gate_up", a.intermediate_size),
-                "mlp.down_proj.weight": ("w_down", 0)}
-        if rest not in rows:
+        if rest not in self._projections():
             raise ModelLoadError(f"{self.source}: tensor {name} is not a projection weight; only those and the "
                                  "embedding table or LM head load in a quantized form")
-        return rows[rest]
+        _, weight, first_row, _ = self._projections()[rest]
+        return weight, first_row
 
     def _landed(self, key: str, staged: int | None) -> None:
         """Tensor ``key`` is complete: convert its table or layer once that is whole."""
