@@ -13,12 +13,14 @@ D head_dim.
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from .kernels import cpu_has_fast_bf16
@@ -54,6 +56,12 @@ class ForwardBatch:
     @property
     def end_lengths(self) -> list[int]:
         return [s + self.num_new for s in self.start_lengths]
+
+    @functools.cached_property
+    def store_at(self) -> tuple[np.ndarray, np.ndarray]:
+        """(cache rows, first positions) of this call's new tokens, int64 numpy [B], as the compiled
+        KV stores take them: worked out once per call, not once per layer."""
+        return np.asarray(self.rows, np.int64), np.asarray(self.start_lengths, np.int64)
 
     @classmethod
     def prefill(cls, row: int, start: int, num_tokens: int, device: torch.device,

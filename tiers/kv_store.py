@@ -380,13 +380,7 @@ class KVStore:
         if arrays is not None and (self.quantized or k.dtype == self.dtype):
             # One compiled call stores both, quantizing int8 codes (the tensor form below: ~36 small
             # ops for int8, two indexed copies of ~8 us each for a float cache).
-            if batch.is_decode:
-                rows = np.asarray(batch.rows, np.int64)  # [B]
-                starts = np.asarray(batch.start_lengths, np.int64)  # [B]: one new token per row
-            else:
-                rows = np.asarray(batch.rows[:1], np.int64)
-                starts = np.asarray(batch.start_lengths[:1], np.int64)
-            store_kv(k, v, arrays, rows, starts)
+            store_kv(k, v, arrays, *batch.store_at)
             return
         new = [k, v]  # [B, Hkv, T, D] each
         if self.quantized:
