@@ -13,8 +13,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from .attention import AttentionBackend
 from .engine import Engine
 from .engine_config import MIN_FLASH_CALIBRATION, ResolvedConfig
@@ -29,7 +27,7 @@ from .quant import KERNEL_DTYPE, held_format
 from .rope import RotaryEmbedding
 from .tiers.budget import release_freed_memory
 from .tiers.flash import enable_flash, flash_stats
-from .tiers.kv_store import KVStore
+from .tiers.kv_store import KVStore, kv_held_dtype
 from .tiers.planner import LAYER_MAJOR_TOKENS, Placement
 from .tiers.runtime import load_offloaded
 from .tiers.streaming import LayerStreamer
@@ -177,8 +175,7 @@ def _warm_kernels(resolved: ResolvedConfig, verbose: bool) -> None:
     """Compile (or load from numba's cache) the CPU kernels the model's steps call, now rather than
     in the first request; say so when that took a while (the first run on a machine)."""
     t0 = time.perf_counter()
-    kv_dtype = torch.int8 if resolved.config.kv_dtype == "int8" else resolved.dtype  # the cache as held
-    warm_cpu_kernels(resolved.dtype, kv_dtype, resolved.quantize)
+    warm_cpu_kernels(resolved.dtype, kv_held_dtype(resolved.config.kv_dtype, resolved.dtype), resolved.quantize)
     took = time.perf_counter() - t0
     if verbose and took > COMPILE_NOTICE_S:
         print(f"offload: compiled the CPU kernels in {took:.1f} s (once per machine: later runs load them from "

@@ -47,6 +47,12 @@ KV_INT8_MAX = KV_CODE_MAX
 KERNEL_DTYPES = (torch.bfloat16, torch.float32)
 
 
+def kv_held_dtype(kv_dtype: str | None, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a KV cache holds its keys and values in: int8 codes for ``kv_dtype="int8"`` (their
+    scales in the compute dtype), else the compute dtype ``dtype``."""
+    return torch.int8 if kv_dtype == "int8" else dtype
+
+
 def kv_bytes_per_token(args: ModelArgs, dtype_bytes: int, kv_dtype: str | None) -> int:
     """Bytes of K and V for one token across all layers, as the store holds them."""
     if kv_dtype is None:
@@ -280,7 +286,7 @@ class KVStore:
         self._arrays = [None] * self.args.num_layers
         a = self.args
         shape = (batch_size, a.num_kv_heads, capacity, a.head_dim)
-        held = torch.int8 if self.quantized else self.dtype
+        held = kv_held_dtype(self.kv_dtype, self.dtype)
         # a disk layer holds no tensor (an empty one keeps its place in the lists): its KV is in self.disk
         sizes = [shape[:2] + (0,) + shape[3:] if i in self.disk_layers else shape for i in range(a.num_layers)]
         # Zeroed, not empty: rows of a batch are masked beyond their length, and a masked weight

@@ -33,6 +33,8 @@ _SCALARS = {0: ("<B", 1), 1: ("<b", 1), 2: ("<H", 2), 3: ("<h", 2), 4: ("<I", 4)
 _NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
           7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
 _STRING, _ARRAY = 8, 9
+# Whether this OS lets a process drop a mapping's pages (Linux, macOS); elsewhere release() does nothing.
+_CAN_DROP_PAGES = hasattr(mmap, "MADV_DONTNEED")
 # Tensor types held as their numpy dtype; every other type is rows of bytes (its blocks).
 _ELEMENT_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I8": np.int8, "I16": np.int16,
                    "I32": np.int32, "I64": np.int64}
@@ -171,5 +173,5 @@ class GGUFFile:
         page = mmap.PAGESIZE
         first = tensor.data_offset // page * page
         end = min(len(self._mmap), -(-(tensor.data_offset + tensor.n_bytes) // page) * page)
-        if end > first and hasattr(self._mmap, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        if end > first and _CAN_DROP_PAGES:
             self._mmap.madvise(mmap.MADV_DONTNEED, first, end - first)
