@@ -115,3 +115,30 @@ def test_released_tensors_leave_the_process_and_read_again_the_same(smollm_path)
         f.release(t)
     assert _mapped_resident_bytes(smollm_path.resolve()) < 0.05 * size
     assert sums == [float(np.asarray(t.data, dtype=np.float64).sum()) for t in f.tensors]  # read back from the file
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q4_K", "Q8_0"])
+def test_blocks_read_as_held_forms_are_the_librarys_weights(kind):
+    """A GGUF tensor's blocks read straight into the run-time forms (int4 groups: codes, scale,
+    zero; int8 groups: codes, scales) give back, weight for weight, what the gguf library
+    dequantizes them to (fp32; Q4_K from random blocks, every 6-bit sub-block scale and min)."""
+    from offload.loaders.gguf_blocks import int4_groups, int8_groups
+
+    rng = np.random.default_rng(7)
+    qtype = gguf.GGMLQuantizationType[kind]
+    if kind == "Q4_K":
+        raw = rng.integers(0, 256, (16, 2, 144), dtype=np.uint8)  # 16 rows of 2 super-blocks
+        raw[..., 0:2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)  # d: finite
+        raw[..., 2:4] = np.frombuffer(np.float16(0.004).tobytes(), np.uint8)  # dmin
+        raw = raw.reshape(16, -1)
+    else:
+        raw = gguf.quants.quantize((rng.standard_normal((16, 512)) * 0.1).astype(np.float32), qtype)
+    want = gguf.quants.dequantize(raw, qtype)  # [16, 512]
+    if kind == "Q8_0":
+        codes, scales = int8_groups(raw, kind)
+        got = codes.astype(np.float32) * np.repeat(scales, 32, axis=1)
+    else:
+        codes, scale, zero = int4_groups(raw, kind)
+        assert codes.dtype == np.uint8 and codes.max() <= 15
+        got = (codes.astype(np.float32) - 8) * np.repeat(scale, 32, axis=1) + np.repeat(zero, 32, axis=1)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
