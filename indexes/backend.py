@@ -292,7 +292,8 @@ class SparseAttention(DenseAttention):
     def _fetches_rows(self) -> bool:
         """Whether sparse layers copy their attended rows out of the store (host-tier KV, or an int8
         KV where no kernel reads its codes in place) rather than attend where the rows lie."""
-        in_place = self.kv.device.type in FUSED_DECODE_DEVICES and self.kernel_backend in ("auto", "numba")
+        in_place = self.kv.device.type in FUSED_DECODE_DEVICES and self.kernel_backend in ("auto", "numba") \
+            and self.kv.kernel_readable
         return self.kv_offload or bool(self.kv.disk_layers) or (self.kv.quantized and not in_place)
 
     def _attend_fetched(self, layer: int, q: torch.Tensor, batch: ForwardBatch,

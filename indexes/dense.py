@@ -123,7 +123,7 @@ class DenseAttention(AttentionBackend):
         self.kv.write(layer, k, v, batch)
         if batch.is_decode:
             return self._decode(layer, q, batch)
-        return self._prefill(layer, q, batch)
+        return self._prefill(layer, q, k, v, batch)
 
     def _reads_in_place(self, cache_dtype: torch.dtype, visible: int) -> bool:
         """Whether decode attends through the in-place kernel for a cache of this dtype and length."""
@@ -161,11 +161,18 @@ class DenseAttention(AttentionBackend):
         out = attend(qg, keys, values, a.softmax_scale, decode_mask)  # [B, Hkv, G, D]
         return out.view(B, H, 1, D)
 
-    def _prefill(self, layer: int, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+    def _prefill(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 batch: ForwardBatch) -> torch.Tensor:
         a = self.args
         row, n = batch.rows[0], batch.end_lengths[0]
         # a layer in the host tier: its prefix comes over for each chunk
         keys, values = self.kv.read(layer, slice(row, row + 1), 0, n)  # [1, Hkv, N, D]
+        if self.kv.kivi is not None:
+            # KIVI keeps a row's newest tokens unquantized: a chunk's own tokens are attended as
+            # computed (k, v [1, Hkv, T, D]), so that a chunk of KIVI_RESIDUAL tokens sees what decode
+            # would (the read is a copy: the cache keeps its codes).
+            keys[:, :, batch.start_lengths[0]:n] = k
+            values[:, :, batch.start_lengths[0]:n] = v
         out = torch.empty_like(q)  # [1, H, T, D]
         # SDPA's fused CPU/GPU kernels are exact and several times faster than explicit matmuls
         # for a block of queries; query blocks bound the scores if it falls back to its math path.

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from offload.kernels import cpu_has_fast_bf16
+from offload.tiers.kv_store import KVRows
 
 from .base import KVIndex, Selection, register
 from .graph_search import KEYS_BF16, KEYS_F32, KEYS_INT8, search_heads
@@ -111,6 +112,26 @@ class RetrievalIndex(KVIndex):
     def search_seconds(cls, args, context: int, keys_per_s: float, scored_fraction: float) -> float:
         return args.num_layers * scored_fraction * context * args.num_kv_heads / keys_per_s
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # A cache no compiled search reads in place (KIVI's packed groups): the graph walks a copy of
+        # its keys in the compute dtype, grown as decode appends (bytes of a bf16 key cache).
+        self._key_copy: torch.Tensor | None = None  # [Hkv, N', D]
+        self._copied = 0  # tokens in _key_copy
+        self._copy_of: KVRows | None = None  # the rows it copies (a build or restore brings new ones)
+
+    def _searched_keys(self) -> KVRows:
+        """The keys the graph search reads: the cache's own, or the copy (brought up to n)."""
+        if self.keys.in_place:
+            return self.keys
+        if self._copy_of is not self.keys or self._copied > self.n:
+            grown = torch.zeros(self.num_kv_heads, self.keys.shape[1], self.head_dim, dtype=self.keys.dtype)
+            self._key_copy, self._copied, self._copy_of = grown, 0, self.keys  # [Hkv, N, D]
+        if self._copied < self.n:
+            self._key_copy[:, self._copied:self.n] = self.keys[:, self._copied:self.n]
+            self._copied = self.n
+        return KVRows(self._key_copy)
+
     def build(self, keys: torch.Tensor, n: int, queries: torch.Tensor | None = None) -> None:
         super().build(keys, n, queries)
         if queries is None or queries.shape[1] == 0:
@@ -149,7 +170,7 @@ class RetrievalIndex(KVIndex):
         if budget >= hi - lo:  # the budget covers every candidate: no search needed
             self.last_scored = float(hi - lo)
             return self.all_candidates(lo, hi, q.device)
-        keys = self.keys  # KVRows: read in place, as the cache holds them
+        keys = self._searched_keys()  # KVRows: read in place, as the cache holds them
         f32, u16, i8 = np.zeros((1, 1, 1), np.float32), np.zeros((1, 1, 1), np.uint16), np.zeros((1, 1, 1), np.int8)
         scales = np.zeros((self.num_kv_heads, 1), np.float32)  # a row per head: each head's search indexes it
         if keys.quantized:

@@ -27,7 +27,7 @@ from .quant import KERNEL_DTYPE, held_format
 from .rope import RotaryEmbedding
 from .tiers.budget import release_freed_memory
 from .tiers.flash import enable_flash, flash_stats
-from .tiers.kv_store import KVStore, kv_held_dtype
+from .tiers.kv_store import KVStore, kv_format_words, kv_held_dtype
 from .tiers.planner import LAYER_MAJOR_TOKENS, Placement
 from .tiers.runtime import load_offloaded
 from .tiers.streaming import LayerStreamer
@@ -76,7 +76,7 @@ class Runtime:
                         f"bundles cached, reads via {f['reader_mode']})")
         attention = self.backend.describe()
         if r.config.kv_dtype:
-            attention += f", KV {r.config.kv_dtype} (a {r.dtype_name} scale per token and KV head)"
+            attention += f", KV {r.config.kv_dtype} ({kv_format_words(r.config.kv_dtype, r.dtype_name)})"
         if r.kv_policy_reason:
             attention += f" [auto: {r.kv_policy_reason}]"
         return (f"offload: {self.source.name} ({a.architecture}, {a.param_count() / 1e6:.0f}M params, "

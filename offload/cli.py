@@ -62,7 +62,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    "model's format (CPU, fused kernels; int4 reads 3.2x fewer bytes per token than bf16)")
     p.add_argument("--kv-dtype", choices=KV_DTYPES, default=None,
                    help="hold the KV cache as int8 codes with a scale per token and KV head (half the bytes of bf16 "
-                   "in every tier; default: the compute dtype)")
+                   "in every tier), or in KIVI's int4 / int2 groups (keys per channel, values per token: 2 bits "
+                   "hold 48 bytes per token and head of 64 dims against bf16's 256; memory tiers only); "
+                   "default: the compute dtype")
     p.add_argument("--prefill-chunk-size", type=_positive_int, default=512,
                    help="prompt tokens per prefill step (bounds the attention score matrix)")
     p.add_argument("--load-format", default="auto", choices=("auto", "dummy"),

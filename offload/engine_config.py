@@ -81,7 +81,7 @@ class EngineConfig:
     max_context: int | None = None  # longest sequence (prompt + generated); None: the model's maximum
     prefill_chunk_size: int = 512  # prompt tokens per prefill step
     rope_scaling: Mapping[str, Any] | None = None  # context extension, e.g. {"type": "yarn", "factor": 4, ...}
-    kv_dtype: str | None = None  # "int8": K and V as int8 codes + a scale per token and KV head; None: the dtype
+    kv_dtype: str | None = None  # "int8": codes + a scale per token and KV head; "int4"/"int2": KIVI; None: the dtype
     kv_policy: str = "dense"  # auto, or a name from offload.indexes.policy_names()
     kv_budget: float | str | None = None  # fraction of the context, token count, or "p0.95" (adaptive); None: tuned/2%
     sink: int = 4

