@@ -142,12 +142,14 @@ class DenseAttention(AttentionBackend):
         arrays = None if on_disk else self.kv.host_arrays(layer)  # the CPU cache's views, for the kernel
         if arrays is not None and self._reads_in_place(arrays.dtype, end - start):
             if plan.decode_ranges is None:  # the first layer of the step works them out for all
-                hi = batch.end_lengths if decode_mask is not None else [end] * B
-                lo = [start] * B if decode_mask is None else [
-                    0 if a.sliding_window is None else max(0, n - a.sliding_window) for n in hi]
-                plan.decode_ranges = DecodeRanges(lo, hi, a.num_kv_heads, arrays.k.shape[2])
+                plan.decode_ranges = DecodeRanges(*self._visible_ranges(batch), a.num_kv_heads, arrays.k.shape[2])
             out, _ = arrays.attend(q.view(B, H, D), plan.decode_ranges, a.softmax_scale)  # [B, H, D]
             return out.view(B, H, 1, D)
+        kivi = self.kv.kivi_arrays(layer)
+        if kivi is not None:  # KIVI's codes attended in place, its kept rows beside them
+            lo, hi = self._visible_ranges(batch)
+            out = self.kv.kivi_layers[layer].attend(kivi, q.view(B, H, D), lo, hi, a.softmax_scale)  # [B, H, D]
+            return out.to(q.dtype).view(B, H, 1, D)
         if self.kv.quantized and end - start > DECODE_BLOCK_TOKENS:  # dequantize a block at a time
             acc = OnlineSoftmax(qg, a.softmax_scale)
             for lo in range(start, end, DECODE_BLOCK_TOKENS):
@@ -160,6 +162,16 @@ class DenseAttention(AttentionBackend):
         keys, values = self.kv.read(layer, slice(0, B), start, end, self.kv.attend_dtype)  # [B, Hkv, N', D]
         out = attend(qg, keys, values, a.softmax_scale, decode_mask)  # [B, Hkv, G, D]
         return out.view(B, H, 1, D)
+
+    def _visible_ranges(self, batch: ForwardBatch) -> tuple[list[int], list[int]]:
+        """The tokens each row of a decode step sees, lo[b]..hi[b]-1: the model's sliding window of
+        its own length, or everything up to the longest row when all rows are alike."""
+        plan: DensePlan = batch.plan
+        end, window = max(batch.end_lengths), self.args.sliding_window
+        if plan.decode_mask is None:
+            return [plan.decode_start] * len(batch.rows), [end] * len(batch.rows)
+        hi = list(batch.end_lengths)
+        return [0 if window is None else max(0, n - window) for n in hi], hi
 
     def _prefill(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  batch: ForwardBatch) -> torch.Tensor:

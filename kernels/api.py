@@ -378,6 +378,60 @@ class CacheArrays:
             raise ValueError("arrays= must be the numpy views of the cache k is the first rows of")
 
 
+class KiviArrays:
+    """numpy views of one layer's KIVI cache on the CPU (offload.tiers.kv_kivi), made once per
+    allocation by its owner: codes k_codes/v_codes [R, Hkv, N, P] uint8 (``bits`` per code), key
+    scale and minimum [R, Hkv, K, D] per group of ``group`` tokens, value scale and minimum [R, Hkv,
+    N, C] per token and channel group, the rows kept unquantized k_kept/v_kept [R, Hkv, F, D] (the
+    floats all bf16 or all fp32)."""
+
+    def __init__(self, k_codes: torch.Tensor, v_codes: torch.Tensor, k_scale: torch.Tensor, k_min: torch.Tensor,
+                 v_scale: torch.Tensor, v_min: torch.Tensor, k_kept: torch.Tensor, v_kept: torch.Tensor,
+                 group: int, bits: int):
+        R, Hkv, N, P = k_codes.shape
+        D = k_scale.shape[-1]
+        floats = (k_scale, k_min, v_scale, v_min, k_kept, v_kept)
+        if not (k_codes.dtype == v_codes.dtype == torch.uint8 and v_codes.shape == k_codes.shape
+                and bits in (2, 4) and P * 8 // bits == D and k_scale.shape == k_min.shape == (R, Hkv, -(-N // group), D)
+                and v_scale.shape == v_min.shape and v_scale.shape[:3] == (R, Hkv, N) and D % v_scale.shape[3] == 0
+                and k_kept.shape == v_kept.shape and k_kept.shape[:2] == (R, Hkv) and k_kept.shape[3] == D
+                and len({t.dtype for t in floats}) == 1 and k_scale.dtype in (torch.bfloat16, torch.float32)
+                and {t.device.type for t in (k_codes, v_codes, *floats)} == {"cpu"}):
+            raise ValueError(f"KIVI arrays need CPU uint8 codes [R, Hkv, N, D * bits / 8], key scales [R, Hkv, "
+                             f"ceil(N / group), D], value scales [R, Hkv, N, C] and kept rows [R, Hkv, F, D] in bf16 "
+                             f"or fp32; got codes {tuple(k_codes.shape)} {k_codes.dtype}, key scales "
+                             f"{tuple(k_scale.shape)} {k_scale.dtype}, value scales {tuple(v_scale.shape)}, kept "
+                             f"{tuple(k_kept.shape)} {k_kept.dtype}, {bits} bits")
+        self.group, self.bits, self.head_dim = group, bits, D
+        self.parts = tuple(_bits(t) for t in (k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_kept, v_kept))
+
+    def attend(self, q: torch.Tensor, bounds: np.ndarray, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode attention of q [B, H, D] (CPU) over cache rows 0..B-1: codes bounds[b, h, 0]..[1]-1
+        and kept rows [2]..[3]-1 and [4]..[5]-1 ([B, Hkv, 6] int64; empty ranges allowed). Returns
+        (out [B, H, D] fp32, lse [B, H] fp32; no token: out 0, lse -inf)."""
+        from . import cpu_decode, cpu_kivi  # numba compiles (or loads from its cache) on first use
+
+        k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_kept, v_kept = self.parts
+        R, Hkv, N, _ = k_codes.shape
+        B, H, D = q.shape
+        F = k_kept.shape[2]
+        if not (q.device.type == "cpu" and D == self.head_dim and H % Hkv == 0 and B <= R
+                and bounds.shape == (B, Hkv, 6) and (bounds >= 0).all() and (bounds[..., :2] <= N).all()
+                and (bounds[..., 2:] <= F).all()):
+            raise ValueError(f"attend needs CPU q [B, H, {self.head_dim}] for {R} rows x {Hkv} KV heads and bounds "
+                             f"[B, Hkv, 6] within {N} codes and {F} kept rows; got q {tuple(q.shape)}, bounds "
+                             f"{bounds.shape}")
+        qg = q.float().contiguous().view(B, Hkv, H // Hkv, D)  # [B, Hkv, G, D] fp32
+        out = torch.empty(B, Hkv, H // Hkv, D, dtype=torch.float32)  # [B, Hkv, G, D]
+        lse = torch.empty(B, Hkv, H // Hkv, dtype=torch.float32)  # [B, Hkv, G]
+        threads = torch.get_num_threads()
+        cpu_decode.set_threads(threads)
+        split = cpu_decode.split_tokens(max(1, int((bounds[..., 1] - bounds[..., 0]).max())), B * Hkv, threads)
+        cpu_kivi.kivi_decode_attention(qg.numpy(), k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_kept, v_kept,
+                                       self.group, self.bits, bounds, split, float(scale), out.numpy(), lse.numpy())
+        return out.view(B, H, D), lse.view(B, H)
+
+
 _NO_SCALES = np.ones((1, 1, 1), np.float32)
 
 

@@ -68,8 +68,32 @@ def exp_inplace(x, bits, n):  # pragma: no cover - numba
         x[i] *= power[i]
 
 
+@njit(inline="always", fastmath=True)
+def softmax_block(scores, n, acc, run_max, run_sum, exp_bits):  # pragma: no cover - numba
+    """Flash attention's update for a block of n scores [G, >= n] of a task whose running max
+    run_max [G], sum run_sum [G] and weighted values acc [G, D] cover the earlier blocks: the
+    earlier terms are rescaled to the new max, and scores[g, :n] become the block's weights."""
+    G, D = acc.shape
+    for g in range(G):
+        m = run_max[g]
+        for i in range(n):
+            m = max(m, scores[g, i])
+        rescale = np.exp(run_max[g] - m)  # the earlier blocks' terms under the new max
+        total = run_sum[g] * rescale
+        for d in range(D):
+            acc[g, d] *= rescale
+        weights = scores[g]
+        for i in range(n):
+            weights[i] -= m
+        exp_inplace(weights, exp_bits, n)
+        for i in range(n):
+            total += weights[i]
+        run_max[g] = m
+        run_sum[g] = total
+
+
 @njit(cache=True)
-def _merge_splits(part_acc, part_max, part_sum, out, lse):  # pragma: no cover - numba
+def merge_splits(part_acc, part_max, part_sum, out, lse):  # pragma: no cover - numba
     """Splits [B, Hkv, S, ...] -> out [B, Hkv, G, D] and lse [B, Hkv, G]: exact, by their running max."""
     B, Hkv, S, G, D = part_acc.shape
     for b in range(B):
@@ -196,29 +220,14 @@ def decode_attention(q, k, k_scale, v, v_scale, ids, lo, hi, limit, split, softm
                     for d in range(D):
                         dot += q[b, h, g, d] * row[d]
                     scores[g, i] = dot * softmax_scale
-            for g in range(G):
-                m = run_max[g]
-                for i in range(n):
-                    m = max(m, scores[g, i])
-                rescale = np.exp(run_max[g] - m)  # the earlier blocks' terms under the new max
-                total = run_sum[g] * rescale
-                for d in range(D):
-                    acc[g, d] *= rescale
-                weights = scores[g]
-                for i in range(n):
-                    weights[i] -= m
-                exp_inplace(weights, exp_bits, n)
-                for i in range(n):
-                    total += weights[i]
-                run_max[g] = m
-                run_sum[g] = total
+            softmax_block(scores, n, acc, run_max, run_sum, exp_bits)
             for i in range(n):
                 _widen_row(v, v_scale, b, h, tokens[i], row, row_bits)
                 for g in range(G):
                     w = scores[g, i]
                     for d in range(D):
                         acc[g, d] += w * row[d]
-    _merge_splits(part_acc, part_max, part_sum, out, lse)
+    merge_splits(part_acc, part_max, part_sum, out, lse)
     return past_cache.sum()
 
 

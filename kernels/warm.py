@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from . import row_ops
-from .api import NUMBA_DTYPES, CacheArrays, DecodeRanges, int8_group_linear, store_kv
+from .api import NUMBA_DTYPES, CacheArrays, DecodeRanges, KiviArrays, int8_group_linear, store_kv
 from .int4_pack import INT4_GEMM_ROWS, int4_group_linear
 
 # Tiny shapes of valid arguments: one KV head of 8 dims over 16 tokens; a weight of one packing tile.
@@ -25,10 +25,19 @@ _HEAD_DIM, _TOKENS, _ROWS, _COLS = 8, 16, 256, 64
 
 def warm_cpu_kernels(dtype: torch.dtype, kv_dtype: torch.dtype, quantize: str | None) -> None:
     """Call every CPU kernel a model of compute dtype ``dtype``, KV cache dtype ``kv_dtype`` (int8:
-    codes with scales in ``dtype``) and weight scheme ``quantize`` uses, once, on tiny arrays."""
+    codes with scales in ``dtype``; uint8: KIVI's packed codes) and weight scheme ``quantize`` uses,
+    once, on tiny arrays."""
     gen = torch.Generator().manual_seed(0)
     if kv_dtype in NUMBA_DTYPES and dtype in NUMBA_DTYPES:  # (an fp16 model attends through torch)
         _warm_cache_kernels(dtype, kv_dtype, gen)
+    if kv_dtype == torch.uint8 and dtype in (torch.bfloat16, torch.float32):  # KIVI's decode kernel
+        codes = torch.zeros(1, 1, _TOKENS, _HEAD_DIM // 4, dtype=torch.uint8)  # [R, Hkv, N, P] 2-bit codes
+        key_scales = torch.ones(1, 1, 1, _HEAD_DIM, dtype=dtype)  # [R, Hkv, K, D]: one group of 16 tokens
+        value_scales = torch.ones(1, 1, _TOKENS, 1, dtype=dtype)  # [R, Hkv, N, C]
+        kept = torch.ones(1, 1, 4, _HEAD_DIM, dtype=dtype)  # [R, Hkv, F, D]
+        kivi = KiviArrays(codes, codes, key_scales, key_scales, value_scales, value_scales, kept, kept, _TOKENS, 2)
+        bounds = np.array([[[0, 4, 0, 2, 2, 4]]], np.int64)  # [R, Hkv, 6]
+        kivi.attend(torch.randn(1, 1, _HEAD_DIM, generator=gen).to(dtype), bounds, 1.0)
     if dtype == torch.bfloat16:  # the row kernels run for bf16 models only
         x = torch.randn(1, 1, _COLS, generator=gen).to(dtype)
         weight = torch.ones(_COLS, dtype=dtype)

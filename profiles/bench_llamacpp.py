@@ -29,6 +29,7 @@ CONFIGS = {
     "bf16": {"dtype": "bfloat16", "weights": "dequantize"},
     "int4": {"quantize": "int4"},  # compute dtype auto: bf16
     "int4 + kv int8": {"quantize": "int4", "kv_dtype": "int8"},
+    "int4 + kv int2": {"quantize": "int4", "kv_dtype": "int2"},  # KIVI's 2-bit KV
     "int8": {"quantize": "int8"},  # int8 groups of 32 (compute dtype auto: bf16)
     # fp32 compute, the int4/int8 kernels casting at their edge: on a CPU without native bf16 (AVX2)
     # beside the bf16 configs above, what the compute dtype costs there

@@ -7,6 +7,7 @@ competes with the needle for a sparse policy's budget).
 
     python -m offload.profiles.passkey --contexts 4000 6000 --policies dense retrieval quest streaming
     python -m offload.profiles.passkey --contexts 8000 --policies dense retrieval quest --kv-dtype int8
+    python -m offload.profiles.passkey --contexts 8000 --policies dense retrieval quest --kv-dtype int2
     python -m offload.profiles.passkey --contexts 5000 --depths 0.5 --haystacks macbeth --policies dense shadowkv
 """
 
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 
 from offload.fileio import write_json_atomic
+from offload.tiers.kv_store import KV_DTYPES
 
 HEAD = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
         "I will quiz you about the important information there.\n")
@@ -94,7 +96,7 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, default=0.02)
     p.add_argument("--haystacks", nargs="+", default=["filler"], choices=tuple(HAYSTACKS))
     p.add_argument("--key", default="68213")
-    p.add_argument("--kv-dtype", default=None, choices=("int8",), help="quantized KV cache (default: the dtype)")
+    p.add_argument("--kv-dtype", default=None, choices=KV_DTYPES, help="quantized KV cache (default: the dtype)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 

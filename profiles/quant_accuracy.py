@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from offload.fileio import write_json_atomic
+from offload.tiers.kv_kivi import KIVI_RESIDUAL
 
 FORMATS = {
     "reference (dequantized)": {"weights": "dequantize"},
@@ -30,8 +31,10 @@ FORMATS = {
     "int8 weights": {"quantize": "int8"},
     "int8 KV": {"kv_dtype": "int8", "weights": "dequantize"},
     "int4 weights + int8 KV": {"quantize": "int4", "kv_dtype": "int8"},
-    "int4 KV (KIVI)": {"kv_dtype": "int4", "weights": "dequantize"},
-    "int2 KV (KIVI)": {"kv_dtype": "int2", "weights": "dequantize"},
+    # Prefill chunks of KIVI's residual: each position then attends what a decode step would (its
+    # residual as computed, every earlier token quantized), so perplexity is decode's.
+    "int4 KV (KIVI)": {"kv_dtype": "int4", "weights": "dequantize", "prefill_chunk_size": KIVI_RESIDUAL},
+    "int2 KV (KIVI)": {"kv_dtype": "int2", "weights": "dequantize", "prefill_chunk_size": KIVI_RESIDUAL},
 }
 REFERENCE = "reference (dequantized)"
 

@@ -75,8 +75,9 @@ def test_keys_per_channel_values_per_token_and_the_residual_as_written(bits):
 def _held(layer: KiviLayer, row: int = 0) -> list[bytes]:
     """What a row holds that reads can see: codes, scales, sinks and the residual's live tokens."""
     live = layer.length[row] % KIVI_RESIDUAL
-    return [t[row].contiguous().view(torch.uint8).numpy().tobytes() for t in layer.tensors[:6] + layer.tensors[8:]] + \
-        [t[row, :, :live].contiguous().view(torch.uint8).numpy().tobytes() for t in (layer.k_recent, layer.v_recent)]
+    return [t[row].contiguous().view(torch.uint8).numpy().tobytes() for t in layer.tensors[:6]] + \
+        [t[row, :, :n].contiguous().view(torch.uint8).numpy().tobytes()
+         for t, n in ((layer.k_sink, layer.sink), (layer.v_sink, layer.sink), (layer.k_recent, live), (layer.v_recent, live))]
 
 
 def test_any_chunking_of_the_writes_holds_the_same_bytes():
@@ -212,3 +213,26 @@ def test_tiny_model_through_a_kivi_cache(tiny_models, kv_dtype, policy, extra):
     padded = -store.capacity % KIVI_GROUP  # key groups are whole: the last one's scales cover its padding
     key_groups = a.num_layers * a.num_kv_heads * 2 * a.head_dim * 4 * padded // KIVI_GROUP
     assert report["device_bytes"] == store.capacity * kv_bytes_per_token(a, 4, kv_dtype) + residual + key_groups
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_cpu_kernel_attends_what_the_unpacked_rows_give(dtype, bits):
+    """The CPU decode path (codes in place by the numba kernel, sinks and residual by torch, merged
+    by log-sum-exp) equals attention over the rows a read unpacks, for rows of different lengths
+    (a residual empty, a row shorter than the sinks) and windows that start inside each part."""
+    from offload.attention import attend
+
+    layer = _layer(bits, capacity=600, batch=4, dtype=dtype)
+    lengths = [2 * KIVI_RESIDUAL + 77, 2 * KIVI_RESIDUAL, KIVI_SINK // 2, 3 * KIVI_RESIDUAL + 5]
+    for row, n in enumerate(lengths):
+        k, v = _kv(n, seed=row)
+        layer.write(row, 0, k, v)
+    q = torch.randn(4, 2 * HKV, D, generator=torch.Generator().manual_seed(9))  # [B, H, D], 2 query heads a KV head
+    for lo in ([0, 0, 0, 0], [KIVI_SINK // 2, 40, 3, 2 * KIVI_RESIDUAL + 2]):
+        hi = lengths
+        got = layer.attend(layer.kernel_arrays(), q, lo, hi, 0.125)  # [B, H, D]
+        for b in range(4):
+            k_rows, v_rows = layer.read(b, lo[b], hi[b], torch.float32)  # [Hkv, n, D]
+            want = attend(q[b].view(1, HKV, 2, D), k_rows[None], v_rows[None], 0.125, None)  # [1, Hkv, 2, D]
+            torch.testing.assert_close(got[b], want.view(2 * HKV, D), rtol=1e-5, atol=1e-5)

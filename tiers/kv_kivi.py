@@ -19,9 +19,10 @@ Bytes per token and KV head, head_dim 64, bf16 scales: 2 bits 2 * 16 codes + 2 *
 scale and minimum + 2 * 2 * 2 value scale and minimum = 48, against 256 in bf16 and 132 in int8;
 plus, per row, R + KIVI_SINK tokens in the compute dtype.
 
-The codes are read through torch (unpacked and scaled a layer's read at a time); no compiled
-kernel reads them in place, so attention always sees compute-dtype rows: dense decode a block of
-tokens at a time, the sparse paths only the rows they select.
+On the CPU (bf16 or fp32) dense decode attends the codes in place (:meth:`KiviLayer.attend`: a
+numba kernel unpacks each token into registers, offload.kernels.cpu_kivi) and the rows kept in the
+compute dtype through torch, merged by log-sum-exp. Elsewhere, and for the sparse paths, codes are
+unpacked through torch: a block of tokens at a time, or only the rows selected.
 
 Shapes: B rows, Hkv KV heads, N tokens (capacity), D head_dim, P = D * bits / 8 packed bytes,
 C = D / KIVI_CHANNEL_GROUP value groups, M tokens read.
@@ -31,7 +32,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+from offload.kernels import KiviArrays
 
 KIVI_BITS = {"int4": 4, "int2": 2}  # kv_dtype -> bits per code
 KIVI_GROUP = 32  # tokens per key group (KIVI's G: 32)
@@ -92,17 +96,19 @@ class KiviFormat:
         return codes, scale, lo
 
     def pack(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes [..., D] uint8 -> [..., P]: code j of a byte in bits j*bits.."""
-        parts = codes.view(*codes.shape[:-1], self.packed_dim, self.per_byte)  # [..., P, per]
-        out = parts[..., 0].clone()
-        for j in range(1, self.per_byte):
-            out |= parts[..., j] << (j * self.bits)
+        """codes [..., D] uint8 -> [..., P], in planes: byte j holds channels j, j + P, j + 2P, ...
+        (channel i * P + j in bits i*bits..), so that unpacking a plane is one shift and mask over
+        P contiguous bytes, which a CPU kernel vectorizes."""
+        planes = codes.view(*codes.shape[:-1], self.per_byte, self.packed_dim)  # [..., per, P]
+        out = planes[..., 0, :].clone()
+        for i in range(1, self.per_byte):
+            out |= planes[..., i, :] << (i * self.bits)
         return out
 
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
         """[..., P] uint8 -> codes [..., D] uint8."""
         shifts = torch.arange(0, 8, self.bits, dtype=torch.uint8, device=packed.device)  # [per]
-        return ((packed[..., None] >> shifts) & self.top).flatten(-2)
+        return ((packed[..., None, :] >> shifts[:, None]) & self.top).flatten(-2)
 
 
 class KiviLayer:
@@ -111,8 +117,9 @@ class KiviLayer:
     - ``k_codes``, ``v_codes`` [B, Hkv, N, P] uint8 (packed);
     - ``k_scale``, ``k_min`` [B, Hkv, ceil(N / KIVI_GROUP), D]: per key group and channel;
     - ``v_scale``, ``v_min`` [B, Hkv, N, C]: per token and channel group;
-    - ``k_recent``, ``v_recent`` [B, Hkv, R, D] in the compute dtype (R = KIVI_RESIDUAL): each
-      row's newest ``length[b] % R`` tokens, quantized when R of them have gathered;
+    - ``k_kept``, ``v_kept`` [B, Hkv, S + R, D] in the compute dtype: each row's first S =
+      KIVI_SINK tokens (``k_sink``: a view) and its newest ``length[b] % R`` tokens (``k_recent``,
+      R = KIVI_RESIDUAL: a view), quantized when R of them have gathered;
     - ``length[b]``: tokens written to row b.
 
     Writes continue a row (or start it over at 0): tokens before a write's first position are
@@ -131,16 +138,40 @@ class KiviLayer:
         self.k_scale, self.k_min = zeros(groups, D), zeros(groups, D)
         C = D // fmt.channel_group
         self.v_scale, self.v_min = zeros(capacity, C), zeros(capacity, C)
-        self.residual = KIVI_RESIDUAL
-        self.k_recent, self.v_recent = zeros(self.residual, D), zeros(self.residual, D)
-        self.sink = min(KIVI_SINK, capacity)
-        self.k_sink, self.v_sink = zeros(self.sink, D), zeros(self.sink, D)
+        self.residual, self.sink = KIVI_RESIDUAL, min(KIVI_SINK, capacity)
+        self.k_kept, self.v_kept = zeros(self.sink + self.residual, D), zeros(self.sink + self.residual, D)
+        self.k_sink, self.v_sink = self.k_kept[:, :, :self.sink], self.v_kept[:, :, :self.sink]  # views
+        self.k_recent, self.v_recent = self.k_kept[:, :, self.sink:], self.v_kept[:, :, self.sink:]
         self.length = [0] * batch_size
+        self._arrays: KiviArrays | None = None  # the CPU kernel's views, made on first use
+
+    def kernel_arrays(self) -> KiviArrays | None:
+        """numpy views of this layer for the CPU decode kernel; None off the CPU or in a dtype it does
+        not take (fp16)."""
+        if self.device.type != "cpu" or self.dtype not in (torch.bfloat16, torch.float32):
+            return None
+        if self._arrays is None:
+            self._arrays = KiviArrays(self.k_codes, self.v_codes, self.k_scale, self.k_min, self.v_scale, self.v_min,
+                                      self.k_kept, self.v_kept, KIVI_GROUP, self.fmt.bits)
+        return self._arrays
+
+    def attend(self, arrays: KiviArrays, q: torch.Tensor, lo: list[int], hi: list[int], scale: float) -> torch.Tensor:
+        """Decode attention of q [B, H, D] (CPU) over tokens lo[b]..hi[b]-1 of rows 0..B-1 -> [B, H, D]
+        fp32, in one kernel call: the quantized tokens from their codes, the sinks and the residual
+        from the kept rows."""
+        Hkv, B = self.k_codes.shape[1], len(lo)
+        bounds = np.empty((B, 6), np.int64)  # codes lo, hi; kept rows: sinks lo, hi, residual lo, hi
+        for b, (a, z) in enumerate(zip(lo, hi)):
+            done = self.length[b] - self.length[b] % self.residual  # tokens held as codes
+            c0 = max(a, min(self.sink, done))
+            bounds[b] = (c0, max(c0, min(z, done)), min(a, self.sink), min(z, self.sink),
+                         self.sink + max(a, done) - done, self.sink + max(z, done) - done)
+        return arrays.attend(q, np.repeat(bounds[:, None], Hkv, axis=1), scale)[0]  # [B, H, D]
 
     @property
     def tensors(self) -> list[torch.Tensor]:
         return [self.k_codes, self.v_codes, self.k_scale, self.k_min, self.v_scale, self.v_min,
-                self.k_recent, self.v_recent, self.k_sink, self.v_sink]
+                self.k_kept, self.v_kept]
 
     @property
     def device(self) -> torch.device:
@@ -167,12 +198,17 @@ class KiviLayer:
         if have and self.length[row] - self.length[row] % R > first:  # quantized already: back to floats
             ks, vs = self.read(row, first, start)
             self.k_recent[row, :, :have], self.v_recent[row, :, :have] = ks, vs
-        k_all = torch.cat([self.k_recent[row, :, :have], k.to(self.device, self.dtype)], dim=1)  # [Hkv, have + T, D]
-        v_all = torch.cat([self.v_recent[row, :, :have], v.to(self.device, self.dtype)], dim=1)
         if start < self.sink:
             upto = min(self.sink, start + T)
             self.k_sink[row, :, start:upto] = k[:, :upto - start]
             self.v_sink[row, :, start:upto] = v[:, :upto - start]
+        if have + T < R:  # the residual does not fill (a decode step): the tokens join it as they are
+            self.k_recent[row, :, have:have + T] = k
+            self.v_recent[row, :, have:have + T] = v
+            self.length[row] = start + T
+            return
+        k_all = torch.cat([self.k_recent[row, :, :have], k.to(self.device, self.dtype)], dim=1)  # [Hkv, have + T, D]
+        v_all = torch.cat([self.v_recent[row, :, :have], v.to(self.device, self.dtype)], dim=1)
         full = (have + T) // R * R
         if full:
             self._quantize(row, first, k_all[:, :full], v_all[:, :full])
@@ -266,6 +302,6 @@ class KiviLayer:
             t[dst, :, :n] = t[src, :, :n]
         for t in (self.k_scale, self.k_min):
             t[dst, :, :groups] = t[src, :, :groups]
-        for t in (self.k_recent, self.v_recent, self.k_sink, self.v_sink):
+        for t in (self.k_kept, self.v_kept):
             t[dst] = t[src]
         self.length[dst] = n

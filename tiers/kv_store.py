@@ -19,9 +19,10 @@ every tier. Codes cross to the device as codes (half the bytes) and are dequanti
 gather dequantizes only the rows it sends. Readers get compute-dtype tensors either way.
 
 ``kv_dtype="int2"`` / ``"int4"`` hold them in KIVI's form (:mod:`offload.tiers.kv_kivi`: keys per
-channel over groups of 32 tokens, values per token, the newest unfilled group in the compute
-dtype), in the device and host tiers; 48 bytes per token and KV head of 64 dims at 2 bits. Reads
-and gathers unpack where the layer lies, so a host-tier layer's rows cross in the compute dtype.
+channel over groups of 32 tokens, values per token, a row's newest KIVI_RESIDUAL and first
+KIVI_SINK tokens in the compute dtype), in the device and host tiers; 48 bytes per token and KV
+head of 64 dims at 2 bits. Reads and gathers unpack where the layer lies, so a host-tier layer's
+rows cross in the compute dtype.
 
 Shapes: B rows, Hkv KV heads, N tokens (capacity), D head_dim, M gathered rows per head.
 """
@@ -39,11 +40,11 @@ import torch
 from offload.attention import ForwardBatch
 from offload.config import ModelArgs
 from offload.errors import OffloadError
-from offload.kernels import CacheArrays, store_kv
+from offload.kernels import CacheArrays, KiviArrays, store_kv
 from offload.kernels.reference import KV_CODE_MAX, KV_SCALE_FLOOR
 
 from .kv_disk import DiskKV, RowFormat
-from .kv_kivi import KIVI_BITS, KIVI_CHANNEL_GROUP, KIVI_GROUP, KiviFormat, KiviLayer
+from .kv_kivi import KIVI_BITS, KIVI_CHANNEL_GROUP, KIVI_GROUP, KIVI_RESIDUAL, KIVI_SINK, KiviFormat, KiviLayer
 
 HOST = torch.device("cpu")
 KV_DTYPES = ("int8", *KIVI_BITS)  # beside None: the compute dtype
@@ -65,8 +66,8 @@ def kv_format_words(kv_dtype: str, dtype_name: str) -> str:
     """How a quantized KV cache holds its keys and values, in words (the start-up line)."""
     if kv_dtype in KIVI_BITS:
         return (f"KIVI {KIVI_BITS[kv_dtype]}-bit: keys per channel over groups of {KIVI_GROUP} tokens, values per "
-                f"token over groups of {KIVI_CHANNEL_GROUP} channels, {dtype_name} scale + minimum; each row's "
-                f"unfilled group in {dtype_name}")
+                f"token over groups of {KIVI_CHANNEL_GROUP} channels, {dtype_name} scale + minimum; a row's "
+                f"newest {KIVI_RESIDUAL} and first {KIVI_SINK} tokens in {dtype_name}")
     return f"a {dtype_name} scale per token and KV head"
 
 
@@ -460,6 +461,10 @@ class KVStore:
             scales = (self.k_scale[layer][..., 0], self.v_scale[layer][..., 0]) if self.quantized else ()
             arrays = self._arrays[layer] = CacheArrays(self.k[layer], self.v[layer], *scales)
         return arrays
+
+    def kivi_arrays(self, layer: int) -> KiviArrays | None:
+        """A KIVI layer's views for the CPU decode kernel (None: not KIVI, or no kernel takes it)."""
+        return None if self.kivi_layers is None else self.kivi_layers[layer].kernel_arrays()
 
     def _zeros(self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         # Host-tier KV is pinned when a GPU computes, so that its copies to the GPU are asynchronous.

@@ -1,0 +1,153 @@
+"""CPU decode attention straight from KIVI's packed 2-bit / 4-bit KV (numba).
+
+Through torch, a KIVI layer's read unpacks every code into a uint8 tensor, widens it, multiplies
+and adds its scales in separate passes and only then attends (about 60 bytes written and read per
+byte of codes). Here each token's key and value are unpacked into an fp32 row that stays in L1
+(code x scale + minimum: the key's per channel of its group of tokens, the value's per channel
+group of its token) and used at once, as :mod:`offload.kernels.cpu_decode` does for int8 codes; the
+splits of a (row, KV head) run in parallel and merge by their running max and sum.
+
+The tokens a KIVI cache keeps in the compute dtype (sinks, residual) are one more task of each
+(row, KV head), merged with the rest like any split: a layer's decode attention is one call.
+
+Shapes: B rows, Hkv KV heads, G query heads per KV head, N tokens, D head_dim, P = D * bits / 8
+packed bytes, K key groups (N / group), C value channel groups.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import overload
+
+from .cpu_decode import BLOCK_TOKENS, NO_SCORE, merge_splits, softmax_block
+
+
+def _widen(src, b, h, i, dst, dst_bits):
+    """dst [n] f32 <- src[b, h, i, :n]: bf16 bits (uint16) shifted into an fp32's high half
+    (``dst_bits`` is ``dst`` viewed as uint32), or fp32 copied. The plain-numpy form; the kernel
+    compiles the form for the scales' dtype (:func:`_widen_forms`)."""
+    if src.dtype == np.uint16:
+        dst_bits[:] = src[b, h, i].astype(np.uint32) << 16
+    else:
+        dst[:] = src[b, h, i]
+
+
+@overload(_widen, inline="always")
+def _widen_forms(src, b, h, i, dst, dst_bits):  # pragma: no cover - numba
+    if src.dtype == types.uint16:
+        def widen(src, b, h, i, dst, dst_bits):
+            for d in range(dst.shape[0]):
+                dst_bits[d] = np.uint32(src[b, h, i, d]) << np.uint32(16)
+    else:
+        def widen(src, b, h, i, dst, dst_bits):
+            for d in range(dst.shape[0]):
+                dst[d] = src[b, h, i, d]
+    return widen
+
+
+@njit(inline="always")
+def _unpack_row(codes, b, h, t, bits, row):  # pragma: no cover - numba
+    """row [D] <- the codes of token t as fp32: packed in planes (offload.tiers.kv_kivi.KiviFormat.pack),
+    channel i * P + j in bits i*bits.. of byte j, so each plane is one shift and mask over P bytes."""
+    P = codes.shape[3]
+    top = np.int32((1 << bits) - 1)
+    for i in range(row.shape[0] // P):
+        shift = np.int32(i * bits)
+        for j in range(P):
+            row[i * P + j] = np.float32((np.int32(codes[b, h, t, j]) >> shift) & top)
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def kivi_decode_attention(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_kept, v_kept, group, bits, bounds,
+                          split, softmax_scale, out, lse):  # pragma: no cover - numba
+    """q [B, Hkv, G, D] f32; k_codes/v_codes [B, Hkv, N, P] uint8 (``bits`` per code); k_scale/k_min
+    [B, Hkv, K, D] (per key group of ``group`` tokens and channel), v_scale/v_min [B, Hkv, N, C] (per
+    token and channel group); k_kept/v_kept [B, Hkv, F, D] the rows kept unquantized; all floats fp32
+    or bf16 bits as uint16. (row b, KV head h) attends codes bounds[b, h, 0]..bounds[b, h, 1]-1 and
+    kept rows bounds[b, h, 2]..[3]-1 and [4]..[5]-1 ([B, Hkv, 6] int64), ``split`` codes per task
+    and one task for the kept rows. Writes out [B, Hkv, G, D] f32 and the log-sum-exp of the scaled
+    scores lse [B, Hkv, G] (no token: out 0, lse -inf)."""
+    B, Hkv, G, D = q.shape
+    C = v_scale.shape[3]
+    width = D // C  # channels per value group
+    longest = 0
+    for b in range(B):
+        for h in range(Hkv):
+            longest = max(longest, bounds[b, h, 1] - bounds[b, h, 0])
+    S = max(1, (longest + split - 1) // split) + 1  # the last task of a (row, head): its kept rows
+    part_acc = np.zeros((B, Hkv, S, G, D), np.float32)
+    part_max = np.full((B, Hkv, S, G), NO_SCORE, np.float32)
+    part_sum = np.zeros((B, Hkv, S, G), np.float32)
+    for task in prange(B * Hkv * S):
+        b, h, s = task // (Hkv * S), (task // S) % Hkv, task % S
+        row_bits = np.empty(D, np.uint32)  # one widened key or value, in L1
+        row = row_bits.view(np.float32)
+        scores = np.empty((G, BLOCK_TOKENS), np.float32)
+        exp_bits = np.empty(BLOCK_TOKENS, np.int32)
+        acc, run_max, run_sum = part_acc[b, h, s], part_max[b, h, s], part_sum[b, h, s]
+        if s == S - 1:  # the kept rows, in the compute dtype
+            for a0, a1 in ((bounds[b, h, 2], bounds[b, h, 3]), (bounds[b, h, 4], bounds[b, h, 5])):
+                for u0 in range(a0, a1, BLOCK_TOKENS):
+                    n = min(a1, u0 + BLOCK_TOKENS) - u0
+                    for i in range(n):
+                        _widen(k_kept, b, h, u0 + i, row, row_bits)
+                        for g in range(G):
+                            dot = np.float32(0.0)
+                            for d in range(D):
+                                dot += q[b, h, g, d] * row[d]
+                            scores[g, i] = dot * softmax_scale
+                    softmax_block(scores, n, acc, run_max, run_sum, exp_bits)
+                    for i in range(n):
+                        _widen(v_kept, b, h, u0 + i, row, row_bits)
+                        for g in range(G):
+                            w = scores[g, i]
+                            for d in range(D):
+                                acc[g, d] += w * row[d]
+            continue
+        p0 = bounds[b, h, 0] + s * split
+        p1 = min(bounds[b, h, 1], p0 + split)
+        # the current key group's scale and minimum, widened once per group; a token's value
+        # scales and minima, widened once per token
+        scale_bits = np.empty(2 * D, np.uint32)
+        key_scale, key_min = scale_bits[:D].view(np.float32), scale_bits[D:].view(np.float32)
+        value_bits = np.empty(2 * C, np.uint32)
+        value_scale, value_min = value_bits[:C].view(np.float32), value_bits[C:].view(np.float32)
+        key_group = -1
+        # a key group's scores: sum_d q[d] (code[d] scale[d] + min[d]) = sum_d (q scale)[d] code[d] + q . min
+        q_scaled = np.empty((G, D), np.float32)
+        q_min = np.empty(G, np.float32)
+        for u0 in range(p0, p1, BLOCK_TOKENS):  # flash-attention's update, a block at a time
+            n = min(p1, u0 + BLOCK_TOKENS) - u0
+            for i in range(n):
+                t = u0 + i
+                if t // group != key_group:
+                    key_group = t // group
+                    _widen(k_scale, b, h, key_group, key_scale, scale_bits[:D])
+                    _widen(k_min, b, h, key_group, key_min, scale_bits[D:])
+                    for g in range(G):
+                        dot = np.float32(0.0)
+                        for d in range(D):
+                            q_scaled[g, d] = q[b, h, g, d] * key_scale[d]
+                            dot += q[b, h, g, d] * key_min[d]
+                        q_min[g] = dot
+                _unpack_row(k_codes, b, h, t, bits, row)
+                for g in range(G):
+                    dot = q_min[g]
+                    for d in range(D):
+                        dot += q_scaled[g, d] * row[d]
+                    scores[g, i] = dot * softmax_scale
+            softmax_block(scores, n, acc, run_max, run_sum, exp_bits)
+            for i in range(n):
+                t = u0 + i
+                _unpack_row(v_codes, b, h, t, bits, row)
+                _widen(v_scale, b, h, t, value_scale, value_bits[:C])
+                _widen(v_min, b, h, t, value_min, value_bits[C:])
+                for c in range(C):
+                    for d in range(c * width, (c + 1) * width):
+                        row[d] = row[d] * value_scale[c] + value_min[c]
+                for g in range(G):
+                    w = scores[g, i]
+                    for d in range(D):
+                        acc[g, d] += w * row[d]
+    merge_splits(part_acc, part_max, part_sum, out, lse)
