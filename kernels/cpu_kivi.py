@@ -50,12 +50,14 @@ def _widen_forms(src, b, h, i, dst, dst_bits):  # pragma: no cover - numba
 def _unpack_row(codes, b, h, t, bits, row):  # pragma: no cover - numba
     """row [D] <- the codes of token t as fp32: packed in planes (offload.tiers.kv_kivi.KiviFormat.pack),
     channel i * P + j in bits i*bits.. of byte j, so each plane is one shift and mask over P bytes."""
-    P = codes.shape[3]
+    packed = codes[b, h, t]
+    P = packed.shape[0]
     top = np.int32((1 << bits) - 1)
     for i in range(row.shape[0] // P):
         shift = np.int32(i * bits)
+        plane = row[i * P:(i + 1) * P]
         for j in range(P):
-            row[i * P + j] = np.float32((np.int32(codes[b, h, t, j]) >> shift) & top)
+            plane[j] = np.float32((np.int32(packed[j]) >> shift) & top)
 
 
 @njit(cache=True, parallel=True, fastmath=True)
@@ -144,8 +146,10 @@ def kivi_decode_attention(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k
                 _widen(v_scale, b, h, t, value_scale, value_bits[:C])
                 _widen(v_min, b, h, t, value_min, value_bits[C:])
                 for c in range(C):
-                    for d in range(c * width, (c + 1) * width):
-                        row[d] = row[d] * value_scale[c] + value_min[c]
+                    sc, mn = value_scale[c], value_min[c]
+                    seg = row[c * width:(c + 1) * width]
+                    for d in range(width):
+                        seg[d] = seg[d] * sc + mn
                 for g in range(G):
                     w = scores[g, i]
                     for d in range(D):
