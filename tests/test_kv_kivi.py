@@ -187,8 +187,8 @@ def test_store_bytes_follow_the_planner_formula():
 
 
 @pytest.mark.parametrize("kv_dtype", ["int4", "int2"])
-@pytest.mark.parametrize("policy,extra", [("dense", {}), ("retrieval", {}), ("quest", {}),
-                                          ("retrieval", {"kv_offload": True}), ("shadowkv", {})])
+@pytest.mark.parametrize("policy,extra", [("dense", {}), ("retrieval", {}), ("quest", {}), ("cluster", {}),
+                                          ("sentence", {}), ("retrieval", {"kv_offload": True}), ("shadowkv", {})])
 def test_tiny_model_through_a_kivi_cache(tiny_models, kv_dtype, policy, extra):
     """Teacher-forced decode logits through a KIVI cache stay finite and near the unquantized
     cache's (4 bits nearer than 2); the start-up line and the tier report say what is held."""
@@ -236,3 +236,16 @@ def test_cpu_kernel_attends_what_the_unpacked_rows_give(dtype, bits):
             k_rows, v_rows = layer.read(b, lo[b], hi[b], torch.float32)  # [Hkv, n, D]
             want = attend(q[b].view(1, HKV, 2, D), k_rows[None], v_rows[None], 0.125, None)  # [1, Hkv, 2, D]
             torch.testing.assert_close(got[b], want.view(2 * HKV, D), rtol=1e-5, atol=1e-5)
+
+
+def test_a_batch_of_rows_generates_what_each_row_does_alone(tiny_models):
+    """Rows of different lengths decode together through a KIVI cache (each row's own residual and
+    groups) exactly as each does alone."""
+    folder, hf = tiny_models["llama"]
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, hf.config.vocab_size, (n,), generator=g).tolist() for n in (150, 41, 200)]
+    llm = LLM(folder, dtype="bfloat16", kv_dtype="int2", verbose=False, max_context=320)
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    together = [out.token_ids for out in llm.generate(prompts, params)]
+    alone = [llm.generate([p], params)[0].token_ids for p in prompts]
+    assert together == alone
