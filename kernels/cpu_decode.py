@@ -69,6 +69,25 @@ def exp_inplace(x, bits, n):  # pragma: no cover - numba
 
 
 @njit(inline="always", fastmath=True)
+def score_row(q, b, h, row, scores, i, softmax_scale):  # pragma: no cover - numba
+    """scores[g, i] <- the scaled dot of each query head g of (b, h), q [B, Hkv, G, D], with row [D]."""
+    for g in range(q.shape[2]):
+        dot = np.float32(0.0)
+        for d in range(row.shape[0]):
+            dot += q[b, h, g, d] * row[d]
+        scores[g, i] = dot * softmax_scale
+
+
+@njit(inline="always", fastmath=True)
+def accumulate_row(acc, scores, i, row):  # pragma: no cover - numba
+    """acc[g] += scores[g, i] x row [D], for every query head g: a value into the weighted sum."""
+    for g in range(acc.shape[0]):
+        w = scores[g, i]
+        for d in range(row.shape[0]):
+            acc[g, d] += w * row[d]
+
+
+@njit(inline="always", fastmath=True)
 def softmax_block(scores, n, acc, run_max, run_sum, exp_bits):  # pragma: no cover - numba
     """Flash attention's update for a block of n scores [G, >= n] of a task whose running max
     run_max [G], sum run_sum [G] and weighted values acc [G, D] cover the earlier blocks: the
@@ -215,18 +234,11 @@ def decode_attention(q, k, k_scale, v, v_scale, ids, lo, hi, limit, split, softm
                 touch_sink[task] += touched
             for i in range(n):
                 _widen_row(k, k_scale, b, h, tokens[i], row, row_bits)
-                for g in range(G):
-                    dot = np.float32(0.0)
-                    for d in range(D):
-                        dot += q[b, h, g, d] * row[d]
-                    scores[g, i] = dot * softmax_scale
+                score_row(q, b, h, row, scores, i, softmax_scale)
             softmax_block(scores, n, acc, run_max, run_sum, exp_bits)
             for i in range(n):
                 _widen_row(v, v_scale, b, h, tokens[i], row, row_bits)
-                for g in range(G):
-                    w = scores[g, i]
-                    for d in range(D):
-                        acc[g, d] += w * row[d]
+                accumulate_row(acc, scores, i, row)
     merge_splits(part_acc, part_max, part_sum, out, lse)
     return past_cache.sum()
 

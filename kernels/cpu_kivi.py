@@ -20,7 +20,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from .cpu_decode import BLOCK_TOKENS, NO_SCORE, merge_splits, softmax_block
+from .cpu_decode import BLOCK_TOKENS, NO_SCORE, accumulate_row, merge_splits, score_row, softmax_block
 
 
 def _widen(src, b, h, i, dst, dst_bits):
@@ -94,18 +94,11 @@ def kivi_decode_attention(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k
                     n = min(a1, u0 + BLOCK_TOKENS) - u0
                     for i in range(n):
                         _widen(k_kept, b, h, u0 + i, row, row_bits)
-                        for g in range(G):
-                            dot = np.float32(0.0)
-                            for d in range(D):
-                                dot += q[b, h, g, d] * row[d]
-                            scores[g, i] = dot * softmax_scale
+                        score_row(q, b, h, row, scores, i, softmax_scale)
                     softmax_block(scores, n, acc, run_max, run_sum, exp_bits)
                     for i in range(n):
                         _widen(v_kept, b, h, u0 + i, row, row_bits)
-                        for g in range(G):
-                            w = scores[g, i]
-                            for d in range(D):
-                                acc[g, d] += w * row[d]
+                        accumulate_row(acc, scores, i, row)
             continue
         p0 = bounds[b, h, 0] + s * split
         p1 = min(bounds[b, h, 1], p0 + split)
@@ -150,8 +143,5 @@ def kivi_decode_attention(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k
                     seg = row[c * width:(c + 1) * width]
                     for d in range(width):
                         seg[d] = seg[d] * sc + mn
-                for g in range(G):
-                    w = scores[g, i]
-                    for d in range(D):
-                        acc[g, d] += w * row[d]
+                accumulate_row(acc, scores, i, row)
     merge_splits(part_acc, part_max, part_sum, out, lse)
