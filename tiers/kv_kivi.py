@@ -273,13 +273,13 @@ class KiviLayer:
                          dtype)
         n = self.length[row]
         done = n - n % self.residual
-        for held, first, size in ((self.k_recent, done, self.residual), (self.k_sink, 0, self.sink)):
-            inside = (ids >= first) & (ids < first + size)  # [Hkv, M]
+        for k_held, v_held, first in ((self.k_recent, self.v_recent, done), (self.k_sink, self.v_sink, 0)):
+            size = k_held.shape[2]
+            inside = (ids >= first) & (ids < first + size)  # [Hkv, M] tokens held in the compute dtype
             if size and bool(inside.any()):
                 at_held = (ids - first).clamp(0, size - 1)[..., None].expand(-1, -1, D)  # [Hkv, M, D]
-                values = self.v_recent if held is self.k_recent else self.v_sink
-                k = torch.where(inside[..., None], held[row].gather(1, at_held).to(k.dtype), k)
-                v = torch.where(inside[..., None], values[row].gather(1, at_held).to(v.dtype), v)
+                k = torch.where(inside[..., None], k_held[row].gather(1, at_held).to(k.dtype), k)
+                v = torch.where(inside[..., None], v_held[row].gather(1, at_held).to(v.dtype), v)
         return k, v
 
     def _keys(self, packed: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -294,9 +294,11 @@ class KiviLayer:
         return (codes * scale[..., None].to(dtype) + lo[..., None].to(dtype)).view(Hkv, M, C * Cg)
 
     def move_row(self, src: int, dst: int, n: int) -> None:
-        """Row ``src``'s first n tokens into row ``dst``, as held (a row's unfilled group moves whole,
-        so n is at most what was written)."""
-        n = min(n, self.length[src])
+        """Row ``src`` (n tokens: all it holds, or more when the last sampled token is not written
+        yet) into row ``dst``, as held: its residual moves whole, so a shorter prefix cannot."""
+        if n < self.length[src]:
+            raise ValueError(f"a KIVI cache row moves whole: row {src} holds {self.length[src]} tokens, not {n}")
+        n = self.length[src]
         groups = -(-n // KIVI_GROUP)
         for t in (self.k_codes, self.v_codes, self.v_scale, self.v_min):
             t[dst, :, :n] = t[src, :, :n]

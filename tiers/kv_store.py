@@ -368,8 +368,9 @@ class KVStore:
 
     @property
     def kernel_readable(self) -> bool:
-        """Whether the compiled kernels read this cache's layout in place (the compute dtype or int8
-        codes); KIVI's packed groups are unpacked through torch instead."""
+        """Whether the int8/float kernels (``host_arrays``, ``whole_cache``) read this cache's layout in
+        place; KIVI's packed groups have their own decode kernel (``kivi_arrays``) and are otherwise
+        unpacked through torch."""
         return self.kivi is None
 
     @property
