@@ -129,6 +129,8 @@ def test_moving_a_row_moves_what_it_holds():
     layer.move_row(1, 0, 91)  # a server's length counts the token not yet written
     assert layer.length[0] == 90
     assert all(torch.equal(a, b) for a, b in zip(layer.read(0, 0, 90), layer.read(1, 0, 90)))
+    with pytest.raises(ValueError, match="moves whole"):  # its residual cannot be cut
+        layer.move_row(1, 0, 50)
 
 
 def _store(kv_dtype, host_layers=()) -> KVStore:
