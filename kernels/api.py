@@ -431,6 +431,26 @@ class KiviArrays:
                                        self.group, self.bits, bounds, split, float(scale), out.numpy(), lse.numpy())
         return out.view(B, H, D), lse.view(B, H)
 
+    def read(self, row: int, start: int, end: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of tokens start..end-1 of cache row ``row`` from their codes: k, v [Hkv,
+        end - start, D] in ``dtype`` (bf16 or fp32), torch's numbers for code x scale + minimum in
+        that dtype (the kept rows are the caller's: their codes are whatever was last quantized)."""
+        from . import cpu_decode, cpu_kivi  # numba compiles (or loads from its cache) on first use
+
+        k_codes, k_scale, k_min, v_codes, v_scale, v_min, _, _ = self.parts
+        R, Hkv, N, _ = k_codes.shape
+        if not (0 <= row < R and 0 <= start <= end <= N and dtype in (torch.bfloat16, torch.float32)):
+            raise ValueError(f"read needs a row below {R}, 0 <= start <= end <= {N} and bf16 or fp32; got row {row}, "
+                             f"{start}..{end}, {dtype}")
+        k = torch.empty(Hkv, end - start, self.head_dim, dtype=dtype)  # [Hkv, M, D]
+        v = torch.empty_like(k)
+        threads = torch.get_num_threads()
+        cpu_decode.set_threads(threads)
+        split = cpu_decode.split_tokens(max(1, end - start), Hkv, threads)
+        cpu_kivi.kivi_unpack_range(k_codes, k_scale, k_min, v_codes, v_scale, v_min, row, start, self.group,
+                                   self.bits, split, _bits(k), _bits(v))
+        return k, v
+
 
 _NO_SCALES = np.ones((1, 1, 1), np.float32)
 

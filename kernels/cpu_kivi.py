@@ -20,7 +20,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from .cpu_decode import BLOCK_TOKENS, NO_SCORE, accumulate_row, merge_splits, score_row, softmax_block
+from .cpu_decode import BLOCK_TOKENS, NO_SCORE, accumulate_row, bf16_round_bits, merge_splits, score_row, softmax_block
 
 
 def _widen(src, b, h, i, dst, dst_bits):
@@ -145,3 +145,67 @@ def kivi_decode_attention(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k
                         seg[d] = seg[d] * sc + mn
                 accumulate_row(acc, scores, i, row)
     merge_splits(part_acc, part_max, part_sum, out, lse)
+
+
+def _put(out, h, i, row, row_bits):
+    """out[h, i] <- row [D] f32 (``row_bits`` its bits), rounded to out's dtype: bf16 (as uint16 bits)
+    to nearest even, or fp32 as it is. The plain-numpy form; the kernel compiles the form for out's
+    dtype (:func:`_put_forms`)."""
+    if out.dtype == np.uint16:
+        out[h, i] = [bf16_round_bits(u) for u in row_bits]
+    else:
+        out[h, i] = row
+
+
+@overload(_put, inline="always")
+def _put_forms(out, h, i, row, row_bits):  # pragma: no cover - numba
+    if out.dtype == types.uint16:
+        def put(out, h, i, row, row_bits):
+            for d in range(row.shape[0]):
+                out[h, i, d] = np.uint16(bf16_round_bits(row_bits[d]))
+    else:
+        def put(out, h, i, row, row_bits):
+            for d in range(row.shape[0]):
+                out[h, i, d] = row[d]
+    return put
+
+
+@njit(cache=True, parallel=True)
+def kivi_unpack_range(k_codes, k_scale, k_min, v_codes, v_scale, v_min, row, start, group, bits, split, out_k,
+                      out_v):  # pragma: no cover - numba
+    """out_k/out_v [Hkv, M, D] (fp32, or bf16 bits as uint16) <- the keys and values of tokens
+    start..start+M-1 of cache row ``row``, from their codes (arrays as
+    :func:`kivi_decode_attention` takes them): code x scale + minimum in fp32, rounded once to
+    out's dtype (no fastmath: no fused multiply-add, so torch's fp32 operations give the same
+    bits). ``split`` tokens per parallel task."""
+    Hkv, M, D = out_k.shape
+    C = v_scale.shape[3]
+    width = D // C
+    S = max(1, (M + split - 1) // split)
+    for task in prange(Hkv * S):
+        h, s = task // S, task % S
+        row_bits = np.empty(D, np.uint32)
+        values = row_bits.view(np.float32)
+        scale_bits = np.empty(2 * D, np.uint32)
+        scale, low = scale_bits[:D].view(np.float32), scale_bits[D:].view(np.float32)
+        value_bits = np.empty(2 * C, np.uint32)
+        value_scale, value_min = value_bits[:C].view(np.float32), value_bits[C:].view(np.float32)
+        key_group = -1
+        for i in range(s * split, min(M, (s + 1) * split)):
+            t = start + i
+            if t // group != key_group:
+                key_group = t // group
+                _widen(k_scale, row, h, key_group, scale, scale_bits[:D])
+                _widen(k_min, row, h, key_group, low, scale_bits[D:])
+            _unpack_row(k_codes, row, h, t, bits, values)
+            for d in range(D):
+                values[d] = values[d] * scale[d] + low[d]
+            _put(out_k, h, i, values, row_bits)
+            _unpack_row(v_codes, row, h, t, bits, values)
+            _widen(v_scale, row, h, t, value_scale, value_bits[:C])
+            _widen(v_min, row, h, t, value_min, value_bits[C:])
+            for c in range(C):
+                sc, mn = value_scale[c], value_min[c]
+                for d in range(c * width, (c + 1) * width):
+                    values[d] = values[d] * sc + mn
+            _put(out_v, h, i, values, row_bits)

