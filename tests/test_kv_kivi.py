@@ -161,8 +161,13 @@ def test_store_read_gather_rows_and_prefix_agree(host_layers, monkeypatch):
     assert torch.equal(rows_k[0, torch.tensor([3, 35])], keys[1, 0, [3, 35]])
     assert torch.equal(rows_v[:, 7], values[1, :, 7]) and torch.equal(rows_k[None][0, :, :40], keys[1])
     assert torch.equal(rows_k.take(ids[1].clamp(min=0)), k_rows[1])
-    if host_layers:
-        assert store.bytes_to_device > 0
+    if host_layers:  # the read crossed as codes, scales and the kept rows it covers; the gather as rows
+        codes = 2 * 2 * 2 * 40 * 8 * 2 // 8  # K and V, B = 2 rows, Hkv = 2, 40 tokens, D = 8 at 2 bits
+        key_groups = 2 * 2 * 2 * 2 * 8 * 4  # scale and minimum, 2 rows x 2 heads x 2 groups of 32 x D, fp32
+        value_groups = 2 * 2 * 2 * 40 * 1 * 4  # scale and minimum per token and head (one group of 8)
+        kept = 2 * 2 * 2 * 40 * 8 * 4  # 40 tokens of the residual (the sinks among them), K and V, fp32
+        rows = 2 * 2 * 2 * 4 * 8 * 4  # K and V, B x Hkv x M gathered rows of D, fp32
+        assert store.bytes_to_device == codes + key_groups + value_groups + kept + rows
     with pytest.raises(OffloadError, match="no kernel reads KIVI"):
         store.whole_cache(0, 2)
     again = KVStore(ARGS, CPU, torch.float32, kv_dtype="int2")
@@ -228,16 +233,18 @@ def test_cpu_kernel_attends_what_the_unpacked_rows_give(dtype, bits):
     (a residual empty, a row shorter than the sinks) and windows that start inside each part."""
     from offload.attention import attend
 
-    layer = _layer(bits, capacity=600, batch=4, dtype=dtype)
-    lengths = [2 * KIVI_RESIDUAL + 77, 2 * KIVI_RESIDUAL, KIVI_SINK // 2, 3 * KIVI_RESIDUAL + 5]
+    layer = _layer(bits, capacity=600, batch=5, dtype=dtype)
+    # rows: a residual and codes; no residual; shorter than the sinks; longer than the sinks but all
+    # in the residual (the sinks then are residual tokens: attended once); codes past three residuals
+    lengths = [2 * KIVI_RESIDUAL + 77, 2 * KIVI_RESIDUAL, KIVI_SINK // 2, KIVI_SINK + 9, 3 * KIVI_RESIDUAL + 5]
     for row, n in enumerate(lengths):
         k, v = _kv(n, seed=row)
         layer.write(row, 0, k, v)
-    q = torch.randn(4, 2 * HKV, D, generator=torch.Generator().manual_seed(9))  # [B, H, D], 2 query heads a KV head
-    for lo in ([0, 0, 0, 0], [KIVI_SINK // 2, 40, 3, 2 * KIVI_RESIDUAL + 2]):
+    q = torch.randn(5, 2 * HKV, D, generator=torch.Generator().manual_seed(9))  # [B, H, D], 2 query heads a KV head
+    for lo in ([0, 0, 0, 0, 0], [KIVI_SINK // 2, 40, 3, 5, 2 * KIVI_RESIDUAL + 2]):
         hi = lengths
         got = layer.attend(layer.kernel_arrays(), q, lo, hi, 0.125)  # [B, H, D]
-        for b in range(4):
+        for b in range(5):
             k_rows, v_rows = layer.read(b, lo[b], hi[b], torch.float32)  # [Hkv, n, D]
             want = attend(q[b].view(1, HKV, 2, D), k_rows[None], v_rows[None], 0.125, None)  # [1, Hkv, 2, D]
             torch.testing.assert_close(got[b], want.view(2 * HKV, D), rtol=1e-5, atol=1e-5)
@@ -267,5 +274,5 @@ def test_compiled_unpack_equals_the_torch_form_bit_for_bit(cache_dtype, bits):
     for start, end in ((0, 2 * KIVI_RESIDUAL), (37, 201), (5, 6)):
         for dtype in (torch.bfloat16, torch.float32):
             compiled = layer.kernel_arrays().read(1, start, end, dtype)
-            plain = layer.unpacked(1, start, end, dtype)
+            plain = layer.span(1, start, end).unpacked_codes(dtype)
             assert all(torch.equal(a, b) for a, b in zip(compiled, plain)), (start, end, dtype)

@@ -164,7 +164,8 @@ class KiviLayer:
         for b, (a, z) in enumerate(zip(lo, hi)):
             done = self.length[b] - self.length[b] % self.residual  # tokens held as codes
             c0 = max(a, min(self.sink, done))
-            bounds[b] = (c0, max(c0, min(z, done)), min(a, self.sink), min(z, self.sink),
+            s1 = max(min(a, self.sink), min(z, self.sink, done))  # sinks the residual does not hold
+            bounds[b] = (c0, max(c0, min(z, done)), min(a, s1), s1,
                          self.sink + max(a, done) - done, self.sink + max(z, done) - done)
         return arrays.attend(q, np.repeat(bounds[:, None], Hkv, axis=1), scale)[0]  # [B, H, D]
 
@@ -237,38 +238,27 @@ class KiviLayer:
         """Tokens start..end-1 of ``row``: k, v [Hkv, end - start, D] in ``dtype`` (default: the
         compute dtype); tokens beyond the row's length read as 0."""
         dtype = dtype or self.dtype
+        span = self.span(row, start, end)
         arrays = self.kernel_arrays()
         if arrays is not None and dtype in (torch.bfloat16, torch.float32):
             k, v = arrays.read(row, start, end, dtype)  # [Hkv, M, D] each: one compiled pass, 5x the torch form's speed
-        else:
-            k, v = self.unpacked(row, start, end, dtype)
-        n = self.length[row]
-        done = n - n % self.residual  # tokens quantized
-        lo, hi = max(start, done), min(end, n)
-        if hi > lo:  # the residual's tokens, as written
-            k[:, lo - start:hi - start] = self.k_recent[row, :, lo - done:hi - done]
-            v[:, lo - start:hi - start] = self.v_recent[row, :, lo - done:hi - done]
-        hi = min(end, self.sink, n)
-        if hi > start:  # the sinks, as written
-            k[:, :hi - start] = self.k_sink[row, :, start:hi]
-            v[:, :hi - start] = self.v_sink[row, :, start:hi]
-        if end > max(n, start):
-            k[:, max(n, start) - start:] = 0
-            v[:, max(n, start) - start:] = 0
-        return k, v
+            span.lay_kept_over(k, v)
+            return k, v
+        return span.unpack(dtype)
 
-    def unpacked(self, row: int, start: int, end: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens start..end-1 of ``row`` from their codes through torch (any device): k, v [Hkv, M, D]
-        in ``dtype``; the kept rows are read's to lay over them."""
-        G = KIVI_GROUP
-        g0, g1 = start // G, -(-end // G)
-        skip = start - g0 * G
-        k_scale = self.k_scale[row, :, g0:g1].repeat_interleave(G, dim=1)[:, skip:skip + end - start]  # [Hkv, M, D]
-        k_min = self.k_min[row, :, g0:g1].repeat_interleave(G, dim=1)[:, skip:skip + end - start]
-        k = self._keys(self.k_codes[row, :, start:end], k_scale, k_min, dtype)
-        v = self._values(self.v_codes[row, :, start:end], self.v_scale[row, :, start:end], self.v_min[row, :, start:end],
-                         dtype)
-        return k, v
+    def span(self, row: int, start: int, end: int) -> "KiviSpan":
+        """What tokens start..end-1 of ``row`` are read from, as views of this layer."""
+        G, n = KIVI_GROUP, self.length[row]
+        tokens, groups = slice(start, end), slice(start // G, -(-end // G))
+        done = n - n % self.residual  # tokens quantized; the residual holds done..n-1
+        sinks = slice(start, max(start, min(end, self.sink, done)))  # those the residual does not hold
+        recent_lo = max(start, done)
+        recent = slice(recent_lo - done, max(recent_lo, min(end, n)) - done)
+        return KiviSpan(self.fmt, start, end, n, recent_lo,
+                        self.k_codes[row, :, tokens], self.v_codes[row, :, tokens], self.k_scale[row, :, groups],
+                        self.k_min[row, :, groups], self.v_scale[row, :, tokens], self.v_min[row, :, tokens],
+                        self.k_sink[row, :, sinks], self.v_sink[row, :, sinks],
+                        self.k_recent[row, :, recent], self.v_recent[row, :, recent])
 
     def take(self, row: int, ids: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Each head's own tokens of ``row``: ids [Hkv, M] (below the row's length) -> k, v [Hkv, M, D]
@@ -277,12 +267,13 @@ class KiviLayer:
         ids = ids.to(self.device).long()
         at = ids[..., None]  # [Hkv, M, 1]
         groups = (ids // G)[..., None].expand(-1, -1, D)  # [Hkv, M, D]
-        k = self._keys(self.k_codes[row].gather(1, at.expand(-1, -1, self.fmt.packed_dim)),
-                       self.k_scale[row].gather(1, groups), self.k_min[row].gather(1, groups), dtype)
+        dtype = dtype or self.dtype
+        k = _keys(self.fmt, self.k_codes[row].gather(1, at.expand(-1, -1, self.fmt.packed_dim)),
+                  self.k_scale[row].gather(1, groups), self.k_min[row].gather(1, groups), dtype)
         C = self.v_scale.shape[-1]
-        v = self._values(self.v_codes[row].gather(1, at.expand(-1, -1, self.fmt.packed_dim)),
-                         self.v_scale[row].gather(1, at.expand(-1, -1, C)), self.v_min[row].gather(1, at.expand(-1, -1, C)),
-                         dtype)
+        v = _values(self.fmt, self.v_codes[row].gather(1, at.expand(-1, -1, self.fmt.packed_dim)),
+                    self.v_scale[row].gather(1, at.expand(-1, -1, C)), self.v_min[row].gather(1, at.expand(-1, -1, C)),
+                    dtype)
         n = self.length[row]
         done = n - n % self.residual
         for k_held, v_held, first in ((self.k_recent, self.v_recent, done), (self.k_sink, self.v_sink, 0)):
@@ -293,19 +284,6 @@ class KiviLayer:
                 k = torch.where(inside[..., None], k_held[row].gather(1, at_held).to(k.dtype), k)
                 v = torch.where(inside[..., None], v_held[row].gather(1, at_held).to(v.dtype), v)
         return k, v
-
-    # Codes times scale plus minimum in fp32 (exact for the product), rounded once to ``dtype``:
-    # the compiled read (KiviArrays.read) gives the same bits.
-    def _keys(self, packed: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-        keys = self.fmt.unpack(packed).float() * scale.float() + lo.float()  # [Hkv, M, D]
-        return keys.to(dtype or self.dtype)
-
-    def _values(self, packed: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-        Hkv, M, _ = packed.shape
-        C, Cg = scale.shape[-1], self.fmt.channel_group
-        codes = self.fmt.unpack(packed).view(Hkv, M, C, Cg).float()  # [Hkv, M, C, Cg]
-        values = codes * scale[..., None].float() + lo[..., None].float()
-        return values.view(Hkv, M, C * Cg).to(dtype or self.dtype)
 
     def move_row(self, src: int, dst: int, n: int) -> None:
         """Row ``src`` (n tokens: all it holds, or more when the last sampled token is not written
@@ -321,3 +299,81 @@ class KiviLayer:
         for t in (self.k_kept, self.v_kept):
             t[dst] = t[src]
         self.length[dst] = n
+
+
+@dataclass(frozen=True)
+class KiviSpan:
+    """What tokens start..end-1 of one cache row are read from, as the layer holds them: views of
+    the layer, or copies on another device (:meth:`to`: a host-tier layer's read crosses as codes,
+    about a fifth of the compute dtype's bytes at 2 bits, and is unpacked where it lands)."""
+
+    fmt: KiviFormat
+    start: int
+    end: int
+    length: int  # tokens the row holds
+    recent_from: int  # the token the first of recent_k is
+    k_codes: torch.Tensor  # [Hkv, M, P]
+    v_codes: torch.Tensor
+    k_scale: torch.Tensor  # [Hkv, g, D] the key groups start // G .. (end - 1) // G
+    k_min: torch.Tensor
+    v_scale: torch.Tensor  # [Hkv, M, C]
+    v_min: torch.Tensor
+    sink_k: torch.Tensor  # [Hkv, s, D] the sinks among the span's tokens (from ``start``), as written
+    sink_v: torch.Tensor
+    recent_k: torch.Tensor  # [Hkv, r, D] the residual's tokens among them (from ``recent_from``), as written
+    recent_v: torch.Tensor
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.k_codes, self.v_codes, self.k_scale, self.k_min, self.v_scale, self.v_min, self.sink_k,
+                self.sink_v, self.recent_k, self.recent_v)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors)
+
+    def to(self, device: torch.device) -> "KiviSpan":
+        moved = [t.to(device, non_blocking=True) for t in self.tensors]
+        return KiviSpan(self.fmt, self.start, self.end, self.length, self.recent_from, *moved)
+
+    def unpack(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v [Hkv, M, D] in ``dtype`` through torch, where the span lies."""
+        k, v = self.unpacked_codes(dtype)
+        self.lay_kept_over(k, v)
+        return k, v
+
+    def unpacked_codes(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every token from its codes (the kept rows not laid over): k, v [Hkv, M, D]."""
+        G, M = KIVI_GROUP, self.end - self.start
+        skip = self.start % G
+        k_scale = self.k_scale.repeat_interleave(G, dim=1)[:, skip:skip + M]  # [Hkv, M, D]
+        k_min = self.k_min.repeat_interleave(G, dim=1)[:, skip:skip + M]
+        return (_keys(self.fmt, self.k_codes, k_scale, k_min, dtype),
+                _values(self.fmt, self.v_codes, self.v_scale, self.v_min, dtype))
+
+    def lay_kept_over(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Into k, v [Hkv, M, D] (unpacked from codes): the residual's and the sinks' tokens as
+        written, and 0 beyond the row's length."""
+        start, end, n = self.start, self.end, self.length
+        at, r = self.recent_from - start, self.recent_k.shape[1]
+        k[:, at:at + r], v[:, at:at + r] = self.recent_k, self.recent_v  # the residual's tokens
+        s = self.sink_k.shape[1]
+        k[:, :s], v[:, :s] = self.sink_k, self.sink_v  # the sinks
+        if end > max(n, start):
+            k[:, max(n, start) - start:] = 0
+            v[:, max(n, start) - start:] = 0
+
+
+# Codes times scale plus minimum in fp32 (exact for the product), rounded once to ``dtype``: the
+# compiled read (KiviArrays.read) gives the same bits.
+def _keys(fmt: KiviFormat, packed: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """packed [Hkv, M, P], scale and minimum per token and channel [Hkv, M, D] -> keys [Hkv, M, D]."""
+    return (fmt.unpack(packed).float() * scale.float() + lo.float()).to(dtype)
+
+
+def _values(fmt: KiviFormat, packed: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """packed [Hkv, M, P], scale and minimum per token and channel group [Hkv, M, C] -> values [Hkv, M, D]."""
+    Hkv, M, _ = packed.shape
+    C, Cg = scale.shape[-1], fmt.channel_group
+    codes = fmt.unpack(packed).view(Hkv, M, C, Cg).float()  # [Hkv, M, C, Cg]
+    return (codes * scale[..., None].float() + lo[..., None].float()).view(Hkv, M, C * Cg).to(dtype)

@@ -21,8 +21,8 @@ gather dequantizes only the rows it sends. Readers get compute-dtype tensors eit
 ``kv_dtype="int2"`` / ``"int4"`` hold them in KIVI's form (:mod:`offload.tiers.kv_kivi`: keys per
 channel over groups of 32 tokens, values per token, a row's newest KIVI_RESIDUAL and first
 KIVI_SINK tokens in the compute dtype), in the device and host tiers; 48 bytes per token and KV
-head of 64 dims at 2 bits. Reads and gathers unpack where the layer lies, so a host-tier layer's
-rows cross in the compute dtype.
+head of 64 dims at 2 bits. A host-tier layer's reads cross as codes (and its kept rows) and are
+unpacked on the device; its gathers are unpacked on the host, only the rows selected crossing.
 
 Shapes: B rows, Hkv KV heads, N tokens (capacity), D head_dim, M gathered rows per head.
 """
@@ -539,9 +539,14 @@ class KVStore:
         when the layer is on the device and not quantized; copies from the host tier (codes cross,
         then are dequantized on the device; KIVI's are unpacked where they lie)."""
         if self.kivi_layers is not None:
-            kivi = self.kivi_layers[layer]
-            pairs = [kivi.read(r, start, end, dtype) for r in range(*rows.indices(self._batch_size))]
-            return self._sent(layer, torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs]))
+            kivi, rows = self.kivi_layers[layer], range(*rows.indices(self._batch_size))
+            if self.on_device(layer):
+                pairs = [kivi.read(r, start, end, dtype) for r in rows]
+            else:  # the codes cross, then are unpacked on the device
+                spans = [kivi.span(r, start, end) for r in rows]
+                self.bytes_to_device += sum(span.nbytes for span in spans)
+                pairs = [span.to(self.device).unpack(dtype or self.dtype) for span in spans]
+            return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])  # [B', Hkv, n, D] each
         if layer in self.disk_layers:
             parts = [p[None] for p in self.disk.fmt.decode(self.disk.read_range(layer, start, end))]  # [1, Hkv, n, D or 1]
         else:
