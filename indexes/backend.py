@@ -290,8 +290,8 @@ class SparseAttention(DenseAttention):
         self.tail_queries[(row, layer)] = (start + q.shape[2], tail.clone())
 
     def _fetches_rows(self) -> bool:
-        """Whether sparse layers copy their attended rows out of the store (host-tier KV, or an int8
-        KV where no kernel reads its codes in place) rather than attend where the rows lie."""
+        """Whether sparse layers copy their attended rows out of the store (host-tier KV, an int8 KV
+        where no kernel reads its codes in place, a KIVI KV) rather than attend where the rows lie."""
         in_place = self.kv.device.type in FUSED_DECODE_DEVICES and self.kernel_backend in ("auto", "numba") \
             and self.kv.kernel_readable
         return self.kv_offload or bool(self.kv.disk_layers) or (self.kv.quantized and not in_place)

@@ -161,7 +161,8 @@ class RetrievalIndex(KVIndex):
             self.entries[h, :len(e)] = e
 
     def nbytes(self) -> int:
-        return self.indptr.nbytes + self.indices.nbytes + self.entries.nbytes
+        copy = 0 if self._key_copy is None else self._key_copy.numel() * self._key_copy.element_size()
+        return self.indptr.nbytes + self.indices.nbytes + self.entries.nbytes + copy
 
     def search(self, q: torch.Tensor, budget: int) -> Selection:
         lo, hi = self.config.candidate_range(self.n)

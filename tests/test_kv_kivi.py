@@ -216,6 +216,10 @@ def test_tiny_model_through_a_kivi_cache(tiny_models, kv_dtype, policy, extra):
     step = quantized.generate([ids], SamplingParams(max_new_tokens=8, ignore_eos=True))[0].token_ids
     assert len(step) == 8
     assert f"KV {kv_dtype} (KIVI" in quantized.describe()
+    if policy == "retrieval":  # its graph walks a compute-dtype copy of the keys, counted as its bytes
+        index = next(iter(quantized.runtime.backend.indexes.values()))
+        copy = index._key_copy
+        assert copy is not None and index.nbytes() >= copy.numel() * copy.element_size() > 0
     report, store, a = quantized.tier_report()["kv"], quantized.runtime.backend.kv, quantized.args
     b = quantized.dtype.itemsize
     residual = a.num_layers * a.num_kv_heads * 2 * (KIVI_RESIDUAL + min(KIVI_SINK, store.capacity)) * a.head_dim * b
