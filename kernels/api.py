@@ -433,8 +433,9 @@ class KiviArrays:
 
     def read(self, row: int, start: int, end: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of tokens start..end-1 of cache row ``row`` from their codes: k, v [Hkv,
-        end - start, D] in ``dtype`` (bf16 or fp32), torch's numbers for code x scale + minimum in
-        that dtype (the kept rows are the caller's: their codes are whatever was last quantized)."""
+        end - start, D] in ``dtype`` (bf16 or fp32), code x scale + minimum in fp32 rounded once,
+        the bits of the torch form (offload.tiers.kv_kivi.KiviSpan.unpacked_codes). The kept rows
+        are the caller's to lay over: their codes are whatever was last quantized there."""
         from . import cpu_decode, cpu_kivi  # numba compiles (or loads from its cache) on first use
 
         k_codes, k_scale, k_min, v_codes, v_scale, v_min, _, _ = self.parts
