@@ -2,7 +2,8 @@
 
     python -m offload.profiles.gpu_check --out gpu_check/
 
-1. kernel_tests: ``pytest -q tests/test_kernels.py`` compiled (TRITON_INTERPRET unset: fp32 and bf16);
+1. kernel_tests: ``pytest -q tests/test_kernels.py`` compiled (TRITON_INTERPRET unset: fp32 and bf16),
+   and a KIVI KV layer on the GPU against one on the CPU (tests/test_kv_kivi.py, KIVI_DEVICE_TEST);
    kernel_direct: gather / shadowkv / merge, Triton against the torch reference, max abs error.
 2. gather_bandwidth: gather attention over a Llama-3.1-8B layer's KV at 128K with a 2% selection,
    as a percentage of a device-to-device copy measured in the same run.
@@ -55,6 +56,7 @@ SINK, WINDOW = 4, 64  # the runtime's defaults (LLM(sink=4, window=64))
 KV_BUDGET = DEFAULT_KV_BUDGET  # the runtime's default selection: 2% of the context besides sinks and window
 SHADOWKV_RANK = 160  # rank of the pre-RoPE key factors, as bench_kernels
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}  # tests/test_kernels.py's, relative to max |reference|
+KIVI_DEVICE_TEST = "test_a_layer_on_the_compute_device_reads_what_a_cpu_layer_reads"  # in tests/test_kv_kivi.py
 # (B, H, Hkv, D, N, S): a small batch of two with ragged selections, and one Llama-3.1-8B layer at 8K
 DIRECT_SHAPES = ((2, 8, 2, 64, 1000, 37), (1, 32, 8, 128, 8192, 164))
 MERGE_PARTS = 3
@@ -331,12 +333,13 @@ def measure_decode(llm, context: int, report) -> dict:
 def stage_kernel_tests(timeout: float) -> dict:
     """Runs in the parent: pytest is its own process already."""
     root = Path(__file__).resolve().parents[1]
-    tests = root / "tests" / "test_kernels.py"
-    if not tests.is_file():
-        raise FileNotFoundError(f"{tests} is not here: run from a source checkout (pip install -e .)")
+    tests = [root / "tests" / "test_kernels.py", root / "tests" / "test_kv_kivi.py"]
+    missing = [t for t in tests if not t.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{missing[0]} is not here: run from a source checkout (pip install -e .)")
     script = Path(sys.executable).with_name("pytest")  # not `python -m pytest`: see README (kernels/ shadowing)
-    cmd = ([str(script)] if script.is_file() else [sys.executable, "-m", "pytest"]) + ["-q", "-p", "no:cacheprovider",
-                                                                                       str(tests)]
+    cmd = ([str(script)] if script.is_file() else [sys.executable, "-m", "pytest"]) + [
+        "-q", "-p", "no:cacheprovider", str(tests[0]), f"{tests[1]}::{KIVI_DEVICE_TEST}"]
     run = run_process(cmd, timeout, cwd=root)
     if run["timed_out"]:
         return {"status": "timed out", "error": f"pytest did not finish within {timeout:.0f} s"}

@@ -280,3 +280,27 @@ def test_compiled_unpack_equals_the_torch_form_bit_for_bit(cache_dtype, bits):
             compiled = layer.kernel_arrays().read(1, start, end, dtype)
             plain = layer.span(1, start, end).unpacked_codes(dtype)
             assert all(torch.equal(a, b) for a, b in zip(compiled, plain)), (start, end, dtype)
+
+
+COMPUTE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_a_layer_on_the_compute_device_reads_what_a_cpu_layer_reads(bits):
+    """A KIVI layer where attention computes (a GPU when there is one: the torch forms, no compiled
+    kernel) gives the rows a CPU layer gives: reads across codes, residual and sinks, gathers of
+    scattered ids, and a host span sent over and unpacked there. On the CPU both sides are the CPU
+    (the compiled read against itself); profiles.gpu_check runs it on the GPU."""
+    k, v = _kv(2 * KIVI_RESIDUAL + 70, seed=11)
+    layers = [KiviLayer(KiviFormat(bits, D), 1, HKV, 400, torch.bfloat16, device, pin=False) for device in (CPU, COMPUTE)]
+    for layer in layers:
+        layer.write(0, 0, k[:, :300], v[:, :300])
+        layer.write(0, 300, k[:, 300:], v[:, 300:])
+    ids = torch.randint(0, k.shape[1], (HKV, 40), generator=torch.Generator().manual_seed(3))  # [Hkv, M]
+    cpu, there = layers
+    for got, want in ((there.read(0, 5, 330, torch.float32), cpu.read(0, 5, 330, torch.float32)),
+                      (there.take(0, ids, torch.float32), cpu.take(0, ids, torch.float32)),
+                      (cpu.span(0, 0, 320).to(COMPUTE).unpack(torch.float32), cpu.read(0, 0, 320, torch.float32))):
+        for a, b in zip(got, want):
+            assert a.device.type == COMPUTE.type
+            torch.testing.assert_close(a.cpu(), b, rtol=0, atol=1e-6)
