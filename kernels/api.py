@@ -405,10 +405,12 @@ class KiviArrays:
         self.group, self.bits, self.head_dim = group, bits, D
         self.parts = tuple(_bits(t) for t in (k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_kept, v_kept))
 
-    def attend(self, q: torch.Tensor, bounds: np.ndarray, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def attend(self, q: torch.Tensor, bounds: np.ndarray, scale: float,
+               longest: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode attention of q [B, H, D] (CPU) over cache rows 0..B-1: codes bounds[b, h, 0]..[1]-1
-        and kept rows [2]..[3]-1 and [4]..[5]-1 ([B, Hkv, 6] int64; empty ranges allowed). Returns
-        (out [B, H, D] fp32, lse [B, H] fp32; no token: out 0, lse -inf)."""
+        and kept rows [2]..[3]-1 and [4]..[5]-1 ([B, Hkv, 6] int64; empty ranges allowed; checked in
+        the kernel); ``longest`` the widest codes range when the caller knows it. Returns (out [B, H,
+        D] fp32, lse [B, H] fp32; no token: out 0, lse -inf)."""
         from . import cpu_decode, cpu_kivi  # numba compiles (or loads from its cache) on first use
 
         k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_kept, v_kept = self.parts
@@ -416,19 +418,22 @@ class KiviArrays:
         B, H, D = q.shape
         F = k_kept.shape[2]
         if not (q.device.type == "cpu" and D == self.head_dim and H % Hkv == 0 and B <= R
-                and bounds.shape == (B, Hkv, 6) and (bounds >= 0).all() and (bounds[..., :2] <= N).all()
-                and (bounds[..., 2:] <= F).all()):
-            raise ValueError(f"attend needs CPU q [B, H, {self.head_dim}] for {R} rows x {Hkv} KV heads and bounds "
-                             f"[B, Hkv, 6] within {N} codes and {F} kept rows; got q {tuple(q.shape)}, bounds "
-                             f"{bounds.shape}")
+                and bounds.shape == (B, Hkv, 6) and bounds.dtype == np.int64):
+            raise ValueError(f"attend needs CPU q [B, H, {self.head_dim}] for {R} rows x {Hkv} KV heads and int64 "
+                             f"bounds [B, Hkv, 6]; got q {tuple(q.shape)}, bounds {bounds.shape} {bounds.dtype}")
         qg = q.float().contiguous().view(B, Hkv, H // Hkv, D)  # [B, Hkv, G, D] fp32
         out = torch.empty(B, Hkv, H // Hkv, D, dtype=torch.float32)  # [B, Hkv, G, D]
         lse = torch.empty(B, Hkv, H // Hkv, dtype=torch.float32)  # [B, Hkv, G]
         threads = torch.get_num_threads()
         cpu_decode.set_threads(threads)
-        split = cpu_decode.split_tokens(max(1, int((bounds[..., 1] - bounds[..., 0]).max())), B * Hkv, threads)
-        cpu_kivi.kivi_decode_attention(qg.numpy(), k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_kept, v_kept,
-                                       self.group, self.bits, bounds, split, float(scale), out.numpy(), lse.numpy())
+        if longest is None:
+            longest = int((bounds[..., 1] - bounds[..., 0]).max())
+        split = cpu_decode.split_tokens(max(1, longest), B * Hkv, threads)
+        outside = cpu_kivi.kivi_decode_attention(qg.numpy(), k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_kept,
+                                                 v_kept, self.group, self.bits, bounds, split, float(scale), out.numpy(),
+                                                 lse.numpy())
+        if outside:
+            raise ValueError(f"{outside} (row, head) bounds lie outside {N} codes or {F} kept rows (0 <= lo <= hi)")
         return out.view(B, H, D), lse.view(B, H)
 
     def read(self, row: int, start: int, end: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -69,13 +69,19 @@ def kivi_decode_attention(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k
     or bf16 bits as uint16. (row b, KV head h) attends codes bounds[b, h, 0]..bounds[b, h, 1]-1 and
     kept rows bounds[b, h, 2]..[3]-1 and [4]..[5]-1 ([B, Hkv, 6] int64), ``split`` codes per task
     and one task for the kept rows. Writes out [B, Hkv, G, D] f32 and the log-sum-exp of the scaled
-    scores lse [B, Hkv, G] (no token: out 0, lse -inf)."""
+    scores lse [B, Hkv, G] (no token: out 0, lse -inf). Returns how many (row, head) bounds lie
+    outside the codes or the kept rows (those attend nothing; the caller raises)."""
     B, Hkv, G, D = q.shape
+    N, F = k_codes.shape[2], k_kept.shape[2]
     C = v_scale.shape[3]
     width = D // C  # channels per value group
-    longest = 0
+    longest, outside = 0, 0
     for b in range(B):
         for h in range(Hkv):
+            c0, c1, s0, s1, r0, r1 = bounds[b, h]
+            if not (0 <= c0 <= c1 <= N and 0 <= s0 <= s1 <= F and 0 <= r0 <= r1 <= F):
+                outside += 1
+                bounds[b, h] = 0
             longest = max(longest, bounds[b, h, 1] - bounds[b, h, 0])
     S = max(1, (longest + split - 1) // split) + 1  # the last task of a (row, head): its kept rows
     part_acc = np.zeros((B, Hkv, S, G, D), np.float32)
@@ -145,6 +151,7 @@ def kivi_decode_attention(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k
                         seg[d] = seg[d] * sc + mn
                 accumulate_row(acc, scores, i, row)
     merge_splits(part_acc, part_max, part_sum, out, lse)
+    return outside
 
 
 def _put(out, h, i, row, row_bits):

@@ -4,6 +4,7 @@ giving the same rows, the store's bytes, and a tiny model's logits through it.""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from test_kv_quant import _as_host_tier
@@ -252,6 +253,10 @@ def test_cpu_kernel_attends_what_the_unpacked_rows_give(dtype, bits):
             k_rows, v_rows = layer.read(b, lo[b], hi[b], torch.float32)  # [Hkv, n, D]
             want = attend(q[b].view(1, HKV, 2, D), k_rows[None], v_rows[None], 0.125, None)  # [1, Hkv, 2, D]
             torch.testing.assert_close(got[b], want.view(2 * HKV, D), rtol=1e-5, atol=1e-5)
+    bad = np.zeros((5, HKV, 6), np.int64)
+    bad[2, 1] = (0, 601, 0, 0, 0, 0)  # codes past the capacity
+    with pytest.raises(ValueError, match="1 .row, head. bounds lie outside 600 codes"):
+        layer.kernel_arrays().attend(q, bad, 0.125)
 
 
 def test_a_batch_of_rows_generates_what_each_row_does_alone(tiny_models):

@@ -167,7 +167,8 @@ class KiviLayer:
             s1 = max(min(a, self.sink), min(z, self.sink, done))  # sinks the residual does not hold
             bounds[b] = (c0, max(c0, min(z, done)), min(a, s1), s1,
                          self.sink + max(a, done) - done, self.sink + max(z, done) - done)
-        return arrays.attend(q, np.repeat(bounds[:, None], Hkv, axis=1), scale)[0]  # [B, H, D]
+        longest = int(max(bounds[:, 1] - bounds[:, 0]))
+        return arrays.attend(q, np.repeat(bounds[:, None], Hkv, axis=1), scale, longest)[0]  # [B, H, D]
 
     @property
     def tensors(self) -> list[torch.Tensor]:
