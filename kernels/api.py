@@ -457,6 +457,27 @@ class KiviArrays:
                                    self.bits, split, _bits(k), _bits(v))
         return k, v
 
+    def take(self, row: int, ids: torch.Tensor, sinks: int, residual_at: int, done: int,
+             dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of tokens ids [Hkv, M] (each head its own) of cache row ``row``: k, v [Hkv,
+        M, D] in ``dtype`` (bf16 or fp32); a token below ``sinks`` from its kept row, one from
+        ``done`` on from kept row ``residual_at`` + t - done (the residual), the others from their
+        codes, rounded as :meth:`read` rounds. An id outside the cache raises."""
+        from . import cpu_kivi  # numba compiles (or loads from its cache) on first use
+
+        R, Hkv, N, _ = self.parts[0].shape
+        if not (0 <= row < R and ids.dim() == 2 and ids.shape[0] == Hkv and dtype in (torch.bfloat16, torch.float32)):
+            raise ValueError(f"take needs a row below {R}, ids [{Hkv}, M] and bf16 or fp32; got row {row}, ids "
+                             f"{tuple(ids.shape)}, {dtype}")
+        at = ids.to("cpu", torch.int64).contiguous().numpy()  # [Hkv, M]
+        k = torch.empty(Hkv, ids.shape[1], self.head_dim, dtype=dtype)  # [Hkv, M, D]
+        v = torch.empty_like(k)
+        outside = cpu_kivi.kivi_take(*self.parts, row, at, self.group, self.bits, sinks, residual_at, done, _bits(k),
+                                     _bits(v))
+        if outside:
+            raise ValueError(f"{outside} token id(s) lie outside the cache's {N} tokens")
+        return k, v
+
 
 _NO_SCALES = np.ones((1, 1, 1), np.float32)
 

@@ -216,3 +216,61 @@ def kivi_unpack_range(k_codes, k_scale, k_min, v_codes, v_scale, v_min, row, sta
                 for d in range(c * width, (c + 1) * width):
                     values[d] = values[d] * sc + mn
             _put(out_v, h, i, values, row_bits)
+
+
+@njit(cache=True, parallel=True)
+def kivi_take(k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_kept, v_kept, row, ids, group, bits, sinks,
+              residual_at, done, out_k, out_v):  # pragma: no cover - numba
+    """out_k/out_v [Hkv, M, D] (fp32, or bf16 bits as uint16) <- the keys and values of tokens
+    ids[h, m] ([Hkv, M] int64, each head its own) of cache row ``row``: a token below ``sinks`` is
+    read from kept row t, a token from ``done`` on from kept row residual_at + t - done (the
+    residual; none past the kept rows: 0), any other from its codes (code x scale + minimum in
+    fp32, rounded once, as :func:`kivi_unpack_range`). Returns how many ids lie outside 0..N-1
+    (read as 0; the caller raises)."""
+    Hkv, M, D = out_k.shape
+    N, F = k_codes.shape[2], k_kept.shape[2]
+    C = v_scale.shape[3]
+    width = D // C
+    outside = np.zeros(Hkv, np.int64)
+    for h in prange(Hkv):
+        row_bits = np.empty(D, np.uint32)
+        values = row_bits.view(np.float32)
+        scale_bits = np.empty(2 * D, np.uint32)
+        scale, low = scale_bits[:D].view(np.float32), scale_bits[D:].view(np.float32)
+        value_bits = np.empty(2 * C, np.uint32)
+        value_scale, value_min = value_bits[:C].view(np.float32), value_bits[C:].view(np.float32)
+        for m in range(M):
+            t = ids[h, m]
+            if t < 0 or t >= N:
+                outside[h] += 1
+                values[:] = 0.0
+                _put(out_k, h, m, values, row_bits)
+                _put(out_v, h, m, values, row_bits)
+                continue
+            if t < sinks or t >= done:  # kept in the compute dtype
+                at = t if t < sinks else residual_at + t - done
+                if at >= F:  # past the row's length: nothing written there
+                    values[:] = 0.0
+                    _put(out_k, h, m, values, row_bits)
+                    _put(out_v, h, m, values, row_bits)
+                    continue
+                _widen(k_kept, row, h, at, values, row_bits)
+                _put(out_k, h, m, values, row_bits)
+                _widen(v_kept, row, h, at, values, row_bits)
+                _put(out_v, h, m, values, row_bits)
+                continue
+            _widen(k_scale, row, h, t // group, scale, scale_bits[:D])
+            _widen(k_min, row, h, t // group, low, scale_bits[D:])
+            _unpack_row(k_codes, row, h, t, bits, values)
+            for d in range(D):
+                values[d] = values[d] * scale[d] + low[d]
+            _put(out_k, h, m, values, row_bits)
+            _unpack_row(v_codes, row, h, t, bits, values)
+            _widen(v_scale, row, h, t, value_scale, value_bits[:C])
+            _widen(v_min, row, h, t, value_min, value_bits[C:])
+            for c in range(C):
+                sc, mn = value_scale[c], value_min[c]
+                for d in range(c * width, (c + 1) * width):
+                    values[d] = values[d] * sc + mn
+            _put(out_v, h, m, values, row_bits)
+    return outside.sum()

@@ -38,7 +38,10 @@ def warm_cpu_kernels(dtype: torch.dtype, kv_dtype: torch.dtype, quantize: str | 
         kivi = KiviArrays(codes, codes, key_scales, key_scales, value_scales, value_scales, kept, kept, _TOKENS, 2)
         bounds = np.array([[[0, 4, 0, 2, 2, 4]]], np.int64)  # [R, Hkv, 6]
         kivi.attend(torch.randn(1, 1, _HEAD_DIM, generator=gen).to(dtype), bounds, 1.0)
-        kivi.read(0, 0, 4, dtype)  # a prompt's prefix (and an index build's keys) in the compute dtype
+        ids = torch.zeros(1, 2, dtype=torch.long)  # [Hkv, M]
+        for out in {dtype, torch.float32}:  # the compute dtype (prompts, indexes), fp32 (sparse attention)
+            kivi.read(0, 0, 4, out)
+            kivi.take(0, ids, 1, 2, 3, out)
     if dtype == torch.bfloat16:  # the row kernels run for bf16 models only
         x = torch.randn(1, 1, _COLS, generator=gen).to(dtype)
         weight = torch.ones(_COLS, dtype=dtype)

@@ -43,6 +43,7 @@ import torch
 from tqdm import tqdm
 
 from offload.fileio import write_bytes_atomic, write_json_atomic
+from offload.tiers.kv_store import KV_DTYPES
 
 from .bench_context import backend_for, build_and_decode, prefill_shared, synthetic_shared
 from .bench_generate import _real_text_ids
@@ -77,18 +78,19 @@ def _query_aware(policy: str) -> bool:
 
 
 def latency_rows(llm, ctx: int, policies: list[str], config, steps: int, kv_offload: bool = False,
-                 synthetic: bool = False, kv_disk=None) -> list[dict]:
+                 synthetic: bool = False, kv_disk=None, kv_dtype: str | None = None) -> list[dict]:
     """Prefill ``ctx`` tokens once (or, ``synthetic``, fill the KV with synthetic keys and values:
     speed only); each policy decodes ``steps`` tokens from the same KV. ``kv_disk`` (a DiskTier):
-    the sparse layers' KV on disk, read a selection at a time through its cache."""
+    the sparse layers' KV on disk, read a selection at a time through its cache. ``kv_dtype``: the
+    KV held quantized (int8, or KIVI's int4 / int2)."""
     from offload.tiers.budget import MemorySampler
-    from offload.tiers.kv_store import KVStore
+    from offload.tiers.kv_store import KVStore, kv_bytes_per_token
 
     store = None
-    if kv_disk is not None:
-        sparse = range(config.dense_layers, llm.args.num_layers)
-        store = KVStore(llm.args, llm.device, llm.dtype, disk_layers=sparse, disk=kv_disk)
-        kv_offload = True
+    if kv_disk is not None or kv_dtype is not None:
+        sparse = range(config.dense_layers, llm.args.num_layers) if kv_disk is not None else ()
+        store = KVStore(llm.args, llm.device, llm.dtype, kv_dtype=kv_dtype, disk_layers=sparse, disk=kv_disk)
+        kv_offload = kv_offload or kv_disk is not None
 
     a, b = llm.args, llm.dtype.itemsize
     _reset_gpu_peak(llm.device)
@@ -112,7 +114,7 @@ def latency_rows(llm, ctx: int, policies: list[str], config, steps: int, kv_offl
                                                                shared.kv_disk_report, disk_marks)
         sparse_layers = 0 if policy == "dense" else a.num_layers - config.dense_layers
         attended = min(ctx, config.budget_tokens(ctx) + config.sink + config.window)
-        kv_read = a.kv_bytes_per_token(b) // a.num_layers * (
+        kv_read = kv_bytes_per_token(a, b, kv_dtype) // a.num_layers * (
             (a.num_layers - sparse_layers) * ctx + sparse_layers * attended)
         index_bytes = sum(ix.nbytes() for ix in getattr(backend, "indexes", {}).values())
         rows.append({
@@ -295,6 +297,8 @@ def main(argv=None) -> int:
                    help="the sparse layers' KV on disk in DIR, read a selection at a time (latency runs; policies "
                         "that read a selection in runs: cluster, quest, streaming)")
     p.add_argument("--kv-disk-cache", default="256MiB", help="host memory for the disk KV's cache of extents")
+    p.add_argument("--kv-dtype", default=None, choices=KV_DTYPES,
+                   help="the KV held quantized: int8, or KIVI's int4 / int2 (default: the compute dtype)")
     p.add_argument("--contexts", type=int, nargs="*", default=[4096, 16384, 32768, 65536, 131072],
                    help="latency contexts (none: the accuracy runs alone)")
     p.add_argument("--policies", nargs="+", default=POLICIES)
@@ -339,6 +343,10 @@ def main(argv=None) -> int:
     if args.accuracy and (args.load_format == "dummy" or args.synthetic_kv):
         print("bench_long: accuracy is never measured on dummy weights or a synthetic KV: skipped", file=sys.stderr)
         args.accuracy = False
+    if args.accuracy and args.kv_dtype is not None:
+        print("bench_long: --kv-dtype applies to the latency runs; for accuracy over a quantized KV use "
+              "profiles.passkey / profiles.quant_accuracy: accuracy skipped", file=sys.stderr)
+        args.accuracy = False
     if not args.contexts and not args.accuracy:
         raise OffloadError("nothing to measure: give --contexts, or leave --accuracy on")
     # The longest context asked for (None: the model's own limit, which the accuracy runs default to).
@@ -362,7 +370,7 @@ def main(argv=None) -> int:
     for ctx in tqdm(args.contexts, desc="contexts", disable=None):
         try:
             result["latency"] += latency_rows(llm, ctx, args.policies, config, args.steps, kv_offload,
-                                              synthetic=args.synthetic_kv, kv_disk=kv_disk)
+                                              synthetic=args.synthetic_kv, kv_disk=kv_disk, kv_dtype=args.kv_dtype)
         except torch.OutOfMemoryError as e:  # a context that does not fit under the cap is a result too
             result.setdefault("did_not_fit", []).append({"context": ctx, "error": str(e).splitlines()[0]})
             torch.cuda.empty_cache()

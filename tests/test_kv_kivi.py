@@ -274,17 +274,25 @@ def test_a_batch_of_rows_generates_what_each_row_does_alone(tiny_models):
 
 @pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("bits", [2, 4])
-def test_compiled_unpack_equals_the_torch_form_bit_for_bit(cache_dtype, bits):
-    """A CPU read unpacks codes in one compiled pass; off the CPU (or in fp16) torch does: the two
-    give the same numbers, bit for bit, into bf16 and fp32, for ranges starting inside a group."""
+def test_compiled_unpack_equals_the_torch_form_bit_for_bit(cache_dtype, bits, monkeypatch):
+    """A CPU read or gather unpacks codes in one compiled pass; off the CPU (or in fp16) torch does:
+    the two give the same numbers, bit for bit, into bf16 and fp32, for ranges starting inside a
+    group and for ids among the sinks, the codes and the residual."""
     layer = _layer(bits, capacity=600, dtype=cache_dtype)
-    k, v = _kv(2 * KIVI_RESIDUAL + 50, seed=7)
+    n = 2 * KIVI_RESIDUAL + 50
+    k, v = _kv(n, seed=7)
     layer.write(1, 0, k, v)
+    ids = torch.randint(0, n, (HKV, 90), generator=torch.Generator().manual_seed(2))  # [Hkv, M]
+    ids[:, :3] = torch.tensor([3, 2 * KIVI_RESIDUAL + 10, 100])  # a sink, a residual token, a coded one
+    compiled_takes = {dtype: layer.take(1, ids, dtype) for dtype in (torch.bfloat16, torch.float32)}
     for start, end in ((0, 2 * KIVI_RESIDUAL), (37, 201), (5, 6)):
         for dtype in (torch.bfloat16, torch.float32):
             compiled = layer.kernel_arrays().read(1, start, end, dtype)
             plain = layer.span(1, start, end).unpacked_codes(dtype)
             assert all(torch.equal(a, b) for a, b in zip(compiled, plain)), (start, end, dtype)
+    monkeypatch.setattr(layer, "kernel_arrays", lambda: None)  # the torch forms, as on a GPU
+    for dtype, compiled in compiled_takes.items():
+        assert all(torch.equal(a, b) for a, b in zip(compiled, layer.take(1, ids, dtype))), dtype
 
 
 COMPUTE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -265,18 +265,21 @@ class KiviLayer:
         """Each head's own tokens of ``row``: ids [Hkv, M] (below the row's length) -> k, v [Hkv, M, D]
         in ``dtype`` (default: the compute dtype); only these are unpacked."""
         G, D = KIVI_GROUP, self.fmt.head_dim
+        dtype = dtype or self.dtype
+        n = self.length[row]
+        done = n - n % self.residual
+        arrays = self.kernel_arrays()
+        if arrays is not None and dtype in (torch.bfloat16, torch.float32):  # one compiled pass
+            return arrays.take(row, ids, min(self.sink, done), self.sink, done, dtype)  # [Hkv, M, D] each
         ids = ids.to(self.device).long()
         at = ids[..., None]  # [Hkv, M, 1]
         groups = (ids // G)[..., None].expand(-1, -1, D)  # [Hkv, M, D]
-        dtype = dtype or self.dtype
         k = _keys(self.fmt, self.k_codes[row].gather(1, at.expand(-1, -1, self.fmt.packed_dim)),
                   self.k_scale[row].gather(1, groups), self.k_min[row].gather(1, groups), dtype)
         C = self.v_scale.shape[-1]
         v = _values(self.fmt, self.v_codes[row].gather(1, at.expand(-1, -1, self.fmt.packed_dim)),
                     self.v_scale[row].gather(1, at.expand(-1, -1, C)), self.v_min[row].gather(1, at.expand(-1, -1, C)),
                     dtype)
-        n = self.length[row]
-        done = n - n % self.residual
         for k_held, v_held, first in ((self.k_recent, self.v_recent, done), (self.k_sink, self.v_sink, 0)):
             size = k_held.shape[2]
             inside = (ids >= first) & (ids < first + size)  # [Hkv, M] tokens held in the compute dtype
