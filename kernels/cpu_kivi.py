@@ -177,6 +177,30 @@ def _put_forms(out, h, i, row, row_bits):  # pragma: no cover - numba
     return put
 
 
+@njit(inline="always")
+def _key_row(k_codes, row, h, t, bits, scale, low, values):  # pragma: no cover - numba
+    """values [D] <- token t's key from its codes and its group's scale and minimum (widened)."""
+    _unpack_row(k_codes, row, h, t, bits, values)
+    for d in range(values.shape[0]):
+        values[d] = values[d] * scale[d] + low[d]
+
+
+@njit(inline="always")
+def _value_row(v_codes, v_scale, v_min, row, h, t, bits, value_bits, values):  # pragma: no cover - numba
+    """values [D] <- token t's value from its codes and its channel groups' scales and minima
+    (``value_bits`` a scratch of 2C words)."""
+    C = v_scale.shape[3]
+    width = values.shape[0] // C
+    value_scale, value_min = value_bits[:C].view(np.float32), value_bits[C:].view(np.float32)
+    _unpack_row(v_codes, row, h, t, bits, values)
+    _widen(v_scale, row, h, t, value_scale, value_bits[:C])
+    _widen(v_min, row, h, t, value_min, value_bits[C:])
+    for c in range(C):
+        sc, mn = value_scale[c], value_min[c]
+        for d in range(c * width, (c + 1) * width):
+            values[d] = values[d] * sc + mn
+
+
 @njit(cache=True, parallel=True)
 def kivi_unpack_range(k_codes, k_scale, k_min, v_codes, v_scale, v_min, row, start, group, bits, split, out_k,
                       out_v):  # pragma: no cover - numba
@@ -187,7 +211,6 @@ def kivi_unpack_range(k_codes, k_scale, k_min, v_codes, v_scale, v_min, row, sta
     bits). ``split`` tokens per parallel task."""
     Hkv, M, D = out_k.shape
     C = v_scale.shape[3]
-    width = D // C
     S = max(1, (M + split - 1) // split)
     for task in prange(Hkv * S):
         h, s = task // S, task % S
@@ -196,25 +219,16 @@ def kivi_unpack_range(k_codes, k_scale, k_min, v_codes, v_scale, v_min, row, sta
         scale_bits = np.empty(2 * D, np.uint32)
         scale, low = scale_bits[:D].view(np.float32), scale_bits[D:].view(np.float32)
         value_bits = np.empty(2 * C, np.uint32)
-        value_scale, value_min = value_bits[:C].view(np.float32), value_bits[C:].view(np.float32)
         key_group = -1
         for i in range(s * split, min(M, (s + 1) * split)):
             t = start + i
-            if t // group != key_group:
+            if t // group != key_group:  # a group's scale and minimum widened once
                 key_group = t // group
                 _widen(k_scale, row, h, key_group, scale, scale_bits[:D])
                 _widen(k_min, row, h, key_group, low, scale_bits[D:])
-            _unpack_row(k_codes, row, h, t, bits, values)
-            for d in range(D):
-                values[d] = values[d] * scale[d] + low[d]
+            _key_row(k_codes, row, h, t, bits, scale, low, values)
             _put(out_k, h, i, values, row_bits)
-            _unpack_row(v_codes, row, h, t, bits, values)
-            _widen(v_scale, row, h, t, value_scale, value_bits[:C])
-            _widen(v_min, row, h, t, value_min, value_bits[C:])
-            for c in range(C):
-                sc, mn = value_scale[c], value_min[c]
-                for d in range(c * width, (c + 1) * width):
-                    values[d] = values[d] * sc + mn
+            _value_row(v_codes, v_scale, v_min, row, h, t, bits, value_bits, values)
             _put(out_v, h, i, values, row_bits)
 
 
@@ -230,7 +244,6 @@ def kivi_take(k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_kept, v_kept, 
     Hkv, M, D = out_k.shape
     N, F = k_codes.shape[2], k_kept.shape[2]
     C = v_scale.shape[3]
-    width = D // C
     outside = np.zeros(Hkv, np.int64)
     for h in prange(Hkv):
         row_bits = np.empty(D, np.uint32)
@@ -238,39 +251,24 @@ def kivi_take(k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_kept, v_kept, 
         scale_bits = np.empty(2 * D, np.uint32)
         scale, low = scale_bits[:D].view(np.float32), scale_bits[D:].view(np.float32)
         value_bits = np.empty(2 * C, np.uint32)
-        value_scale, value_min = value_bits[:C].view(np.float32), value_bits[C:].view(np.float32)
         for m in range(M):
             t = ids[h, m]
-            if t < 0 or t >= N:
-                outside[h] += 1
+            at = t if t < sinks else residual_at + t - done  # its kept row, when it has one
+            if t < 0 or t >= N or ((t < sinks or t >= done) and at >= F):  # outside, or past the row
+                outside[h] += t < 0 or t >= N
                 values[:] = 0.0
                 _put(out_k, h, m, values, row_bits)
                 _put(out_v, h, m, values, row_bits)
-                continue
-            if t < sinks or t >= done:  # kept in the compute dtype
-                at = t if t < sinks else residual_at + t - done
-                if at >= F:  # past the row's length: nothing written there
-                    values[:] = 0.0
-                    _put(out_k, h, m, values, row_bits)
-                    _put(out_v, h, m, values, row_bits)
-                    continue
+            elif t < sinks or t >= done:  # kept in the compute dtype
                 _widen(k_kept, row, h, at, values, row_bits)
                 _put(out_k, h, m, values, row_bits)
                 _widen(v_kept, row, h, at, values, row_bits)
                 _put(out_v, h, m, values, row_bits)
-                continue
-            _widen(k_scale, row, h, t // group, scale, scale_bits[:D])
-            _widen(k_min, row, h, t // group, low, scale_bits[D:])
-            _unpack_row(k_codes, row, h, t, bits, values)
-            for d in range(D):
-                values[d] = values[d] * scale[d] + low[d]
-            _put(out_k, h, m, values, row_bits)
-            _unpack_row(v_codes, row, h, t, bits, values)
-            _widen(v_scale, row, h, t, value_scale, value_bits[:C])
-            _widen(v_min, row, h, t, value_min, value_bits[C:])
-            for c in range(C):
-                sc, mn = value_scale[c], value_min[c]
-                for d in range(c * width, (c + 1) * width):
-                    values[d] = values[d] * sc + mn
-            _put(out_v, h, m, values, row_bits)
+            else:
+                _widen(k_scale, row, h, t // group, scale, scale_bits[:D])
+                _widen(k_min, row, h, t // group, low, scale_bits[D:])
+                _key_row(k_codes, row, h, t, bits, scale, low, values)
+                _put(out_k, h, m, values, row_bits)
+                _value_row(v_codes, v_scale, v_min, row, h, t, bits, value_bits, values)
+                _put(out_v, h, m, values, row_bits)
     return outside.sum()

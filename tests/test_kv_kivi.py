@@ -290,6 +290,8 @@ def test_compiled_unpack_equals_the_torch_form_bit_for_bit(cache_dtype, bits, mo
             compiled = layer.kernel_arrays().read(1, start, end, dtype)
             plain = layer.span(1, start, end).unpacked_codes(dtype)
             assert all(torch.equal(a, b) for a, b in zip(compiled, plain)), (start, end, dtype)
+    with pytest.raises(ValueError, match="3 token id.s. lie outside the cache's 600 tokens"):
+        layer.kernel_arrays().take(1, torch.full((HKV, 1), 600), 32, 32, 256, torch.float32)  # one per head
     monkeypatch.setattr(layer, "kernel_arrays", lambda: None)  # the torch forms, as on a GPU
     for dtype, compiled in compiled_takes.items():
         assert all(torch.equal(a, b) for a, b in zip(compiled, layer.take(1, ids, dtype))), dtype
