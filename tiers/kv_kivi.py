@@ -283,7 +283,7 @@ class KiviLayer:
         for k_held, v_held, first in ((self.k_recent, self.v_recent, done), (self.k_sink, self.v_sink, 0)):
             size = k_held.shape[2]
             inside = (ids >= first) & (ids < first + size)  # [Hkv, M] tokens held in the compute dtype
-            if size and bool(inside.any()):
+            if size:  # (no test of inside.any(): on a GPU it would wait for the device every layer)
                 at_held = (ids - first).clamp(0, size - 1)[..., None].expand(-1, -1, D)  # [Hkv, M, D]
                 k = torch.where(inside[..., None], k_held[row].gather(1, at_held).to(k.dtype), k)
                 v = torch.where(inside[..., None], v_held[row].gather(1, at_held).to(v.dtype), v)

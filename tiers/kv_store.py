@@ -537,7 +537,8 @@ class KVStore:
         """Tokens start..end-1 of cache rows ``rows`` of ``layer``, on the compute device: k, v
         [B', Hkv, end-start, D] in the compute dtype (a quantized KV: in ``dtype`` when given). Views
         when the layer is on the device and not quantized; copies from the host tier (codes cross,
-        then are dequantized on the device; KIVI's are unpacked where they lie)."""
+        then are dequantized on the device; KIVI's codes, scales and kept rows cross, then are
+        unpacked on the device)."""
         if self.kivi_layers is not None:
             kivi, rows = self.kivi_layers[layer], range(*rows.indices(self._batch_size))
             if self.on_device(layer):
