@@ -31,13 +31,10 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from offload.kernels.cpu_decode import NO_SCORE, exp_inplace
+from offload.kernels.cpu_decode import NO_SCORE, exp_inplace, threads
 
 from .base import ADAPTIVE_FLOOR_TOKENS, KVIndex, Selection, register
 
-# Clusters scored at a time per KV head: G x MASS_BLOCK fp32 logits (4 KiB at G = 4) stay in L1
-# while all D centroid rows are added in (unblocked, the logits of 8K clusters stream from L2 D times).
-MASS_BLOCK = 256
 # Segments clustered in one batched k-means: large products, and keys read (from disk, say) and held
 # in fp32 16K tokens at a time however long the prompt.
 BUILD_SEGMENTS = 16
@@ -126,166 +123,244 @@ def kmeans_segments(x: torch.Tensor, clusters: int,
     return assign, centroids
 
 
-@njit(cache=True, parallel=True, fastmath=True)
-def _cluster_mass(q, centroids, log_sizes, tail, scale, mass, cluster_logits):  # pragma: no cover - numba
-    """The group's estimated attention per entry, one pass per KV head (in parallel): q [Hkv, G, D],
-    centroids [Hkv, D, C], log_sizes [Hkv, C], tail keys [Hkv, T, D] (all f32) -> mass [Hkv, C+T]:
-    per query head the softmax over size x exp(scale q . c) of the clusters and exp(scale q . k) of
-    the tail keys, summed over the group and divided by G (a share of the group's attention, so a
-    head's entries sum to 1). What torch does as baddbmm + cat + softmax + sum, with the logits kept
-    in L1 a block of clusters at a time and the centroids read once. The clusters' logits, scale q . c
-    + log size, are kept in cluster_logits [Hkv, G, C] for the estimation zone (which would otherwise
-    read each of its centroids' D values a cache line apart)."""
-    Hkv, G, D = q.shape
-    C = centroids.shape[2]
-    T = tail.shape[1]
-    for h in prange(Hkv):
-        logits = np.empty((G, C + T), np.float32)  # [G, C+T]
-        block = np.empty((G, MASS_BLOCK), np.float32)
-        exp_bits = np.empty(C + T, np.int32)
-        for c0 in range(0, C, MASS_BLOCK):  # a block of the group's logits stays in L1 over all of D
-            width = min(C, c0 + MASS_BLOCK) - c0
-            block[:] = 0.0
+@njit(cache=True, fastmath=True, nogil=True)
+def _entry_logits(q, centroids, log_sizes, tail, scale, first, last, logits):  # pragma: no cover - numba
+    """Logits of entries first..last-1 of one KV head (clusters 0..C-1, then the tail's keys): q [G,
+    D], centroids [C, D] (bf16 bits as uint16), log_sizes [C], tail keys [T, D] (f32) -> logits [G,
+    C+T] f32: scale q . c + log size for a cluster (its size x exp(scale q . c)), scale q . k for a
+    tail key. The centroids are read once, in order (a cold index streams in at the memory's pace:
+    a [D, C] layout read a block of clusters at a time was 3x slower cold, 64 strided streams)."""
+    G, D = q.shape
+    C = centroids.shape[0]
+    row_bits = np.empty(D, np.uint32)  # one centroid widened to f32 (the bf16 bits its high half)
+    row = row_bits.view(np.float32)
+    for c in range(first, min(last, C)):
+        for d in range(D):
+            row_bits[d] = np.uint32(centroids[c, d]) << 16
+        for g in range(G):
+            dot = np.float32(0.0)
             for d in range(D):
-                row = centroids[h, d, c0:c0 + width]
-                for g in range(G):
-                    qd = q[h, g, d] * scale
-                    acc = block[g]
-                    for c in range(width):
-                        acc[c] += qd * row[c]
-            for g in range(G):
-                for c in range(width):
-                    logits[g, c0 + c] = block[g, c] + log_sizes[h, c0 + c]
-                    cluster_logits[h, g, c0 + c] = logits[g, c0 + c]
+                dot += q[g, d] * row[d]
+            logits[g, c] = dot * scale + log_sizes[c]
+    for c in range(max(first, C), last):
+        row = tail[c - C]
         for g in range(G):
-            for t in range(T):
-                dot = np.float32(0.0)
-                for d in range(D):
-                    dot += q[h, g, d] * tail[h, t, d]
-                logits[g, C + t] = dot * scale
-        for c in range(C + T):
-            mass[h, c] = 0.0
-        for g in range(G):
-            row = logits[g]
-            m = row[0]
-            for c in range(C + T):
-                m = max(m, row[c])
-            for c in range(C + T):
-                row[c] -= m
-            exp_inplace(row, exp_bits, C + T)
-            total = np.float32(0.0)
-            for c in range(C + T):
-                total += row[c]
-            norm = np.float32(1.0) / (total * G)
-            for c in range(C + T):
-                mass[h, c] += logits[g, c] * norm
+            dot = np.float32(0.0)
+            for d in range(D):
+                dot += q[g, d] * row[d]
+            logits[g, c] = dot * scale
+
+
+@njit(cache=True, fastmath=True, nogil=True)
+def _head_mass(logits, mass):  # pragma: no cover - numba
+    """One KV head's estimated attention per entry from its logits [G, C+T] (:func:`_entry_logits`;
+    overwritten) -> mass [C+T]: per query head the softmax over the entries, summed over the group
+    and divided by G (a share of the group's attention: the entries sum to 1). What torch does as
+    baddbmm + cat + softmax + sum."""
+    G, M = logits.shape
+    exp_bits = np.empty(M, np.int32)
+    for c in range(M):
+        mass[c] = 0.0
+    for g in range(G):
+        row = logits[g]
+        m = row[0]
+        for c in range(M):
+            m = max(m, row[c])
+        for c in range(M):
+            row[c] -= m
+        exp_inplace(row, exp_bits, M)
+        total = np.float32(0.0)
+        for c in range(M):
+            total += row[c]
+        norm = np.float32(1.0) / (total * G)
+        for c in range(M):
+            mass[c] += row[c] * norm
+
+
+@njit(cache=True, nogil=True)
+def _rank_head(mass, k, ranked, share):  # pragma: no cover - numba
+    """The k best entries of mass [M], best first, into ranked[:k] (ids) and share[:k] (their mass):
+    a partition finds the k-th largest (O(M)), then only those k are sorted (ties by id)."""
+    M = mass.shape[0]
+    if k < M:
+        threshold = np.partition(mass.copy(), M - k)[M - k]  # the k-th largest
+        picked = np.empty(k, np.int64)
+        m = 0
+        for i in range(M):  # above the threshold, then as many equal to it as fit
+            if mass[i] > threshold:
+                picked[m] = i
+                m += 1
+        for i in range(M):
+            if m == k:
+                break
+            if mass[i] == threshold:
+                picked[m] = i
+                m += 1
+    else:
+        picked = np.arange(M)
+    best = np.argsort(-mass[picked], kind="mergesort")  # best first; equal shares by id
+    for i in range(k):
+        ranked[i] = picked[best[i]]
+        share[i] = mass[ranked[i]]
+
+
+@njit(cache=True, nogil=True)
+def _take_head(ranked, share, sizes, starts, order, n_clustered, lo, hi, budget, mass, floor,
+               out):  # pragma: no cover - numba
+    """One KV head: entries (clusters, then tail tokens) in ``ranked`` order (best first) taken
+    while fewer than ``budget`` tokens are (and, with ``mass`` > 0, while the estimated ``share``
+    of attention covered is below ``mass`` or fewer than ``floor`` tokens are taken); their token
+    ids in [lo, hi) into out (sorted). sizes [C], starts [C+1], order [n_clustered]. Returns (ids
+    written, ranked entries taken, whether it stopped before running out of ranked entries)."""
+    C = sizes.shape[0]
+    taken, m, covered = 0, 0, 0.0
+    for i in range(ranked.shape[0]):
+        j = ranked[i]
+        if taken >= budget or (mass > 0 and covered >= mass and taken >= floor):
+            out[:m].sort()
+            return m, i, True
+        covered += share[i]
+        if j < C:
+            for t in range(starts[j], starts[j] + sizes[j]):
+                tok = order[t]
+                if lo <= tok < hi:
+                    out[m] = tok
+                    m += 1
+            taken += sizes[j]
+        else:
+            tok = j - C + n_clustered
+            if lo <= tok < hi:
+                out[m] = tok
+                m += 1
+            taken += 1
+    out[:m].sort()
+    return m, ranked.shape[0], False
 
 
 @njit(cache=True, nogil=True)
 def _take_clusters(ranked, share, sizes, starts, order, n_clustered, lo, hi, budget, mass, floor,
                    out):  # pragma: no cover - numba
-    """Per KV head: entries (clusters, then tail tokens) in ``ranked`` order [Hkv, k] (best first),
-    taken while fewer than ``budget`` tokens are (and, with ``mass`` > 0, while the estimated
-    ``share`` [Hkv, k] of attention covered is below ``mass`` or fewer than ``floor`` tokens are
-    taken); their token ids in [lo, hi) into out[h] (sorted). sizes [Hkv, C], starts [Hkv, C+1],
-    order [Hkv, n_clustered]. Returns (counts [Hkv], ranked entries taken per head [Hkv], whether
-    some head ran out of ranked entries before it was done)."""
-    Hkv, C = sizes.shape
-    counts = np.zeros(Hkv, np.int32)
-    used = np.full(Hkv, ranked.shape[1], np.int32)
-    short = False
+    """:func:`_take_head` for every KV head: ranked, share [Hkv, k], sizes [Hkv, C], starts [Hkv,
+    C+1], order [Hkv, n_clustered], out [Hkv, S] -> ids written per head [Hkv]."""
+    counts = np.zeros(ranked.shape[0], np.int32)
+    for h in range(ranked.shape[0]):
+        counts[h] = _take_head(ranked[h], share[h], sizes[h], starts[h], order[h], n_clustered, lo, hi, budget,
+                               mass, floor, out[h])[0]
+    return counts
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def _search_take(q, centroids, log_sizes, tail, scale, sizes, starts, order, n_clustered, lo, hi, budget, p,
+                 floor, k, parts, mass, cluster_logits, out, counts):  # pragma: no cover - numba
+    """A whole CPU search in two parallel passes: :func:`_entry_logits` scores the clusters and tail
+    keys (q [Hkv, G, D], centroids [Hkv, C, D] bf16 bits, log_sizes [Hkv, C], tail [Hkv, T, D] ->
+    cluster_logits [Hkv, G, C]), then per KV head :func:`_head_mass` (-> mass [Hkv, C+T]), the
+    best k entries are ranked and :func:`_take_head` takes them (a head that runs out of them
+    before it is done ranks all of them); its ids into out [Hkv, S], how many into counts [Hkv]. Returns the estimation zone
+    [Hkv, Z] int64: per head the clusters ranked after the ones it took (tail tokens left out),
+    -1 padded. What torch.topk, the take and the zone's tensor ops cost ~0.2 ms more for."""
+    Hkv, G, _ = q.shape
+    M = mass.shape[1]
+    C = sizes.shape[1]
+    # Scored in parts, every head's entries cut in `parts` ranges (one per thread): 3 KV heads on 2
+    # threads would leave one thread a head alone (a third of the search on one core)
+    span = (M + parts - 1) // parts
+    logits = np.empty((Hkv, G, M), np.float32)  # [Hkv, G, C+T]
+    for task in prange(Hkv * parts):
+        h, part = task // parts, task % parts
+        _entry_logits(q[h], centroids[h], log_sizes[h], tail[h], scale, part * span, min(M, (part + 1) * span),
+                      logits[h])
+    ranked = np.empty((Hkv, M), np.int64)  # [Hkv, M] best first, the first ranked_n[h]
+    share = np.empty((Hkv, M), np.float32)
+    used = np.zeros(Hkv, np.int64)
+    ranked_n = np.zeros(Hkv, np.int64)
+    for h in prange(Hkv):
+        cluster_logits[h] = logits[h, :, :C]
+        _head_mass(logits[h], mass[h])
+        n_ranked = min(k, M)
+        _rank_head(mass[h], n_ranked, ranked[h], share[h])
+        m, u, done = _take_head(ranked[h, :n_ranked], share[h, :n_ranked], sizes[h], starts[h], order[h],
+                                n_clustered, lo, hi, budget, p, floor, out[h])
+        if not done and n_ranked < M:  # the best clusters were small: rank them all
+            n_ranked = M
+            _rank_head(mass[h], M, ranked[h], share[h])
+            m, u, done = _take_head(ranked[h], share[h], sizes[h], starts[h], order[h], n_clustered, lo, hi,
+                                    budget, p, floor, out[h])
+        counts[h], used[h], ranked_n[h] = m, u, n_ranked
+    width = 0
     for h in range(Hkv):
-        taken, m, covered = 0, 0, 0.0
-        done = False
-        for i in range(ranked.shape[1]):
-            j = ranked[h, i]
-            if taken >= budget or (mass > 0 and covered >= mass and taken >= floor):
-                done = True
-                used[h] = i
-                break
-            covered += share[h, i]
-            if j < C:
-                for t in range(starts[h, j], starts[h, j] + sizes[h, j]):
-                    tok = order[h, t]
-                    if lo <= tok < hi:
-                        out[h, m] = tok
-                        m += 1
-                taken += sizes[h, j]
-            else:
-                tok = j - C + n_clustered
-                if lo <= tok < hi:
-                    out[h, m] = tok
-                    m += 1
-                taken += 1
-        short |= not done
-        out[h, :m].sort()
-        counts[h] = m
-    return counts, used, short
+        width = max(width, ranked_n[h] - used[h])
+    zone = np.full((Hkv, width), -1, np.int64)  # [Hkv, Z]
+    for h in range(Hkv):
+        z = 0
+        for i in range(used[h], ranked_n[h]):
+            if ranked[h, i] < C:
+                zone[h, z] = ranked[h, i]
+                z += 1
+    return zone
 
 
 @njit(cache=True, parallel=True, fastmath=True)
 def _estimate_merge(cluster_logits, log_sizes, sizes, vsums, zone, edge_cluster, edge_values, out,
                     lse):  # pragma: no cover - numba
     """The estimation zone merged into the exact part, one pass per KV head (in parallel): the
-    search's cluster_logits [Hkv, G, C] (scale q . c + log size, :func:`_cluster_mass`), log_sizes
+    search's cluster_logits [Hkv, G, C] (scale q . c + log size, :func:`_entry_logits`), log_sizes
     [Hkv, C], sizes [Hkv, C] int32, vsums [Hkv, C, D], zone [Hkv, Z] int64
     (-1: none), the clustered tokens attended exactly anyway (their clusters edge_cluster [Hkv, E]
     int32, values edge_values [Hkv, E, D]: taken out of their clusters' size and sum), all f32 but
     the ids; out [Hkv, G, D] and lse [Hkv, G] (the exact part) become the merged ones. What
     ClusterIndex._estimate_tensors and a log-sum-exp merge compute, without ~30 small tensor ops."""
     Hkv, G, D = out.shape
+    C = sizes.shape[1]
     Z = zone.shape[1]
     E = edge_cluster.shape[1]
     for h in prange(Hkv):
-        size = np.zeros(Z, np.float32)
+        size = np.zeros(Z, np.float32)  # tokens estimated: the cluster's, less those attended exactly
         vsum = np.zeros((Z, D), np.float32)
+        shift = np.zeros(Z, np.float32)  # log(size left) - log(size): 0 but where tokens were taken out
+        place = np.full(C, -1, np.int64)  # cluster -> its place in the zone
         for z in range(Z):
             c = zone[h, z]
             if c >= 0:
                 size[z] = sizes[h, c]
                 vsum[z] = vsums[h, c]
+                place[c] = z
         for e in range(E):
-            for z in range(Z):
-                if zone[h, z] == edge_cluster[h, e]:
-                    size[z] -= 1.0
-                    vsum[z] -= edge_values[h, e]
-                    break
-        logits = np.empty(Z, np.float32)
+            z = place[edge_cluster[h, e]]
+            if z >= 0:
+                size[z] -= 1.0
+                vsum[z] -= edge_values[h, e]
+        for z in range(Z):
+            if zone[h, z] >= 0 and 0.5 < size[z] < sizes[h, zone[h, z]]:
+                shift[z] = np.log(size[z]) - log_sizes[h, zone[h, z]]
+        weights = np.empty(Z, np.float32)
+        exp_bits = np.empty(Z, np.int32)
         for g in range(G):
             m = lse[h, g]
             for z in range(Z):
                 if size[z] > 0.5:  # the cluster's logit, its size less the tokens attended exactly
-                    c = zone[h, z]
-                    logits[z] = cluster_logits[h, g, c] - log_sizes[h, c] + np.log(size[z])
-                    m = max(m, logits[z])
+                    weights[z] = cluster_logits[h, g, zone[h, z]] + shift[z]
+                    m = max(m, weights[z])
                 else:
-                    logits[z] = NO_SCORE
+                    weights[z] = NO_SCORE
             if m == NO_SCORE or not np.isfinite(m):
                 continue  # nothing exact and nothing estimated
+            for z in range(Z):
+                weights[z] -= m
+            exp_inplace(weights, exp_bits, Z)
             keep = np.exp(lse[h, g] - m) if np.isfinite(lse[h, g]) else np.float32(0.0)
             total = keep
             for d in range(D):
                 out[h, g, d] *= keep
             for z in range(Z):
-                if logits[z] > NO_SCORE:
-                    w = np.exp(logits[z] - m)
-                    total += w
-                    share = w / size[z]
+                if size[z] > 0.5:
+                    total += weights[z]
+                    share = weights[z] / size[z]
                     for d in range(D):
                         out[h, g, d] += share * vsum[z, d]
             for d in range(D):
                 out[h, g, d] /= total
             lse[h, g] = m + np.log(total)
-
-
-def _zone_after(ranked: torch.Tensor, used: torch.Tensor, C: int) -> torch.Tensor:
-    """The estimation zone: per KV head the clusters among ``ranked`` [Hkv, k] (best first) after the
-    ``used`` [Hkv] entries a selection took (tail tokens left out) -> [Hkv, Z] int64, -1 padded."""
-    k = ranked.shape[1]
-    width = k - int(used.min()) if k else 0
-    at = used[:, None] + torch.arange(width, device=ranked.device)  # [Hkv, Z] positions in ranked
-    zone = ranked.gather(1, at.clamp(max=max(k - 1, 0))) if k else ranked[:, :0]
-    return torch.where((at < k) & (zone < C), zone, -1).long()
 
 
 @dataclass(frozen=True)
@@ -327,26 +402,32 @@ class ClusterIndex(KVIndex):
         # add_estimate meets new clusters)
         self._cluster_of = torch.zeros(ctx.num_kv_heads, 0, dtype=torch.int32)
         self._vsums = torch.zeros(ctx.num_kv_heads, 0, ctx.head_dim)
+        self._widest = 1  # the largest cluster's size (_refresh_log_sizes)
+        # _edge's last read: ((sinks, clustered tokens), the window's first clustered token, their
+        # clusters [Hkv, E], their values [Hkv, E, D])
+        self._edge_rows: tuple | None = None
+        # numpy views (centroids, log sizes, sizes, starts, order) of a CPU index (_refresh_log_sizes)
+        self._host: tuple[np.ndarray, ...] = ()
 
     @classmethod
     def estimate_nbytes(cls, args, context: int, dtype_bytes: int) -> int:
-        # per KV head and layer: fp32 centroids and value sums (D each per cluster), int32 sizes and
-        # starts per cluster, int32 token order and cluster of each token
+        # per KV head and layer: bf16 centroids and fp32 value sums (D each per cluster), int32 sizes
+        # and starts per cluster, int32 token order and cluster of each token
         clusters = context // cls.cluster_size + 1
-        return args.num_layers * args.num_kv_heads * (clusters * (2 * args.head_dim * 4 + 8) + context * 8)
+        return args.num_layers * args.num_kv_heads * (clusters * (args.head_dim * (2 + 4) + 8) + context * 8)
 
     def build(self, keys, n: int, queries: torch.Tensor | None = None) -> None:
         super().build(keys, n, queries)
         Hkv, _, D = self.keys.shape
         device = self.keys.device
-        # [Hkv, D, C]: stored transposed, so each step's q @ centroids is a plain product with the
-        # scores' softmax over the last, contiguous dimension (3x faster than [Hkv, C, D] here)
-        self.centroids = torch.zeros(Hkv, D, 0, dtype=torch.float32, device=device)
+        # [Hkv, C, D] in bf16: each step reads all of them (half the bytes of fp32; the ranking
+        # moves by less than the clusters' own spread)
+        self.centroids = torch.zeros(Hkv, 0, D, dtype=torch.bfloat16, device=device)
         self.sizes = torch.zeros(Hkv, 0, dtype=torch.int32, device=device)  # [Hkv, C]
         self.order = torch.zeros(Hkv, 0, dtype=torch.int32, device=device)  # [Hkv, n_clustered] ids by cluster
         self.starts = torch.zeros(Hkv, 1, dtype=torch.int32, device=device)  # [Hkv, C + 1] into order
         self.n_clustered = 0
-        self._log_sizes = torch.zeros(Hkv, 1, 0, device=device)  # [Hkv, 1, C]: log(size), each step's offset
+        self._refresh_log_sizes()
         self._cluster_of = torch.zeros(Hkv, 0, dtype=torch.int32, device=device)
         self._vsums = torch.zeros(Hkv, 0, D, device=device)
         whole = n - n % self.segment
@@ -375,8 +456,8 @@ class ClusterIndex(KVIndex):
             1, cluster, torch.ones_like(cluster, dtype=torch.int32))  # [Hkv, S K]
         starts = self.n_clustered + torch.cumsum(sizes, dim=-1, dtype=torch.int32)  # [Hkv, S K]
         self._cluster_of = torch.cat([self._cluster_of, (cluster + self.sizes.shape[1]).to(device, torch.int32)], dim=1)
-        self.centroids = torch.cat([self.centroids, centroids.reshape(Hkv, segments * K, D).transpose(1, 2).to(device)],
-                                   dim=2)
+        self.centroids = torch.cat([self.centroids, centroids.reshape(Hkv, segments * K, D).to(device, torch.bfloat16)],
+                                   dim=1)
         self.sizes = torch.cat([self.sizes, sizes.to(device)], dim=1)
         self.order = torch.cat([self.order, ids[order].to(device, torch.int32)], dim=1)
         self.starts = torch.cat([self.starts, starts.to(device)], dim=1)
@@ -398,11 +479,17 @@ class ClusterIndex(KVIndex):
                                          self.sizes.reshape(-1).long()).view(Hkv, -1)  # [Hkv, n_clustered] by `order`
         self._cluster_of = torch.empty(Hkv, self.n_clustered, dtype=torch.int32, device=self.sizes.device)
         self._cluster_of.scatter_(1, self.order.long(), listed.to(torch.int32))
-        self._vsums = torch.zeros(Hkv, 0, self.centroids.shape[1], device=self.centroids.device)
+        self._vsums = torch.zeros(Hkv, 0, self.centroids.shape[2], device=self.centroids.device)
 
     def _refresh_log_sizes(self) -> None:
-        """log(size) [Hkv, 1, C], each step's offset, derived from ``sizes`` (an empty cluster: -69, never taken)."""
+        """What each step reads, derived once the clusters change: log(size) [Hkv, 1, C] (an empty
+        cluster: -69, never taken), the widest cluster, and on the CPU numpy views of the arrays the
+        compiled search reads (~1 us each, a dozen per layer and step otherwise)."""
         self._log_sizes = self.sizes.float().clamp(min=1e-30).log()[:, None]
+        self._widest = int(self.sizes.max()) if self.sizes.numel() else 1
+        if self.centroids.device.type == "cpu":
+            self._host = (self.centroids.view(torch.uint16).numpy(), self._log_sizes[:, 0].numpy(), self.sizes.numpy(),
+                          self.starts.numpy(), self.order.numpy())
 
     def disk_order(self) -> np.ndarray:
         return self.order.cpu().numpy()  # [Hkv, n_clustered]: each cluster's tokens consecutive
@@ -427,21 +514,31 @@ class ClusterIndex(KVIndex):
         if r.cluster_logits is None or out.device.type != "cpu":  # the search ran as tensor ops
             self._merge_tensors(q, r.zone, edge_cluster, edge_values, out, lse)
             return
-        Hkv, D, _ = self.centroids.shape
+        Hkv, _, D = self.centroids.shape
         acc = out.float().reshape(Hkv, self.group, D).contiguous()  # [Hkv, G, D]
         total = lse.float().reshape(Hkv, self.group).contiguous()  # [Hkv, G]
-        _estimate_merge(r.cluster_logits, self._log_sizes[:, 0].numpy(), self.sizes.numpy(), self._vsums.numpy(),
+        _, log_sizes, sizes, _, _ = self._host
+        _estimate_merge(r.cluster_logits, log_sizes, sizes, self._vsums.numpy(),
                         r.zone.numpy(), edge_cluster.numpy(), edge_values.numpy(), acc.numpy(), total.numpy())
         out.copy_(acc.view(-1, D))
         lse.copy_(total.view(-1))
 
     def _edge(self, values, r: _Ranked) -> tuple[torch.Tensor, torch.Tensor]:
-        """Clustered tokens attended exactly anyway (sinks, and the window's tokens already
-        clustered): their clusters [Hkv, E] int32 and values [Hkv, E, D] fp32."""
-        edge = torch.cat([torch.arange(0, min(r.lo, self.n_clustered)),
-                          torch.arange(min(r.hi, self.n_clustered), self.n_clustered)])  # [E] token ids
-        device = self.centroids.device
-        return self._cluster_of[:, edge.to(device)].contiguous(), values[:, edge].float().to(device).contiguous()
+        """Clustered tokens attended exactly anyway (the window's tokens already clustered, then the
+        sinks): their clusters [Hkv, E] int32 and values [Hkv, E, D] fp32. Read once per clustering:
+        as the window moves on, its oldest tokens become candidates and drop off the front."""
+        lo, clustered = min(r.lo, self.n_clustered), self.n_clustered
+        first = min(r.hi, clustered)  # the window's first clustered token
+        cached = self._edge_rows
+        if cached is None or cached[0] != (lo, clustered) or first < cached[1]:
+            edge = torch.cat([torch.arange(first, clustered), torch.arange(0, lo)])  # [E] token ids
+            device = self.centroids.device
+            cached = ((lo, clustered), first, self._cluster_of[:, edge.to(device)].contiguous(),
+                      values[:, edge].float().to(device).contiguous())
+            self._edge_rows = cached
+        gone = first - cached[1]  # tokens that left the window since
+        clusters, rows = cached[2], cached[3]
+        return (clusters[:, gone:].contiguous(), rows[:, gone:].contiguous()) if gone else (clusters, rows)
 
     def _merge_tensors(self, q: torch.Tensor, zone: torch.Tensor, edge_cluster: torch.Tensor,
                        edge_values: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
@@ -465,7 +562,7 @@ class ClusterIndex(KVIndex):
 
     def _estimate_tensors(self, q: torch.Tensor, zone: torch.Tensor, edge_cluster: torch.Tensor,
                           edge_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        Hkv, D, C = self.centroids.shape
+        Hkv, C, D = self.centroids.shape
         device = self.centroids.device
         zone = zone.to(device)  # [Hkv, Z]
         Z = zone.shape[1]
@@ -484,8 +581,9 @@ class ClusterIndex(KVIndex):
                                                                edge_values * hit[..., None])
         valid &= size > 0.5
         qg = q.float().view(Hkv, self.group, D).to(device)  # [Hkv, G, D]
-        centroids = self.centroids.gather(2, at[:, None, :].expand(-1, D, -1))  # [Hkv, D, Z]
-        logits = torch.baddbmm(size.clamp(min=1e-30).log()[:, None], qg, centroids, alpha=self.scale)  # [Hkv, G, Z]
+        centroids = self.centroids.gather(1, at[..., None].expand(-1, -1, D)).float()  # [Hkv, Z, D]
+        logits = torch.baddbmm(size.clamp(min=1e-30).log()[:, None], qg, centroids.transpose(1, 2),
+                               alpha=self.scale)  # [Hkv, G, Z]
         logits = logits.masked_fill(~valid[:, None], float("-inf"))
         lse = torch.logsumexp(logits, dim=-1)  # [Hkv, G]
         weights = torch.exp(logits - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])  # [Hkv, G, Z]; -inf -> 0
@@ -517,17 +615,13 @@ class ClusterIndex(KVIndex):
         tail = self.keys[:, self.n_clustered:hi].float().to(device)  # [Hkv, T, D] unclustered candidates
         T = tail.shape[1]
         self.last_scored = C + T  # centroids and tail keys scored, per KV head
-        if device.type == "cpu":  # compiled passes: the torch form below is ~100 small ops (1 ms) more
-            mass = np.empty((Hkv, C + T), np.float32)  # [Hkv, C+T] share of the group's attention
-            cluster_logits = np.empty((Hkv, self.group, C), np.float32)  # [Hkv, G, C]
-            _cluster_mass(qg.contiguous().numpy(), self.centroids.numpy(), self._log_sizes[:, 0].numpy(),
-                          tail.contiguous().numpy(), np.float32(self.scale), mass, cluster_logits)
-            selection, zone = self._take_numba(mass, self._wide(budget, hi - lo), lo, hi)
+        if device.type == "cpu":  # one compiled pass: the torch form below is ~100 small ops (1 ms) more
+            mass, cluster_logits, selection, zone = self._search_numba(qg, tail, self._wide(budget, hi - lo), lo, hi)
             selection = self._rerank(qg, selection, budget)
             self._ranked = _Ranked(torch.from_numpy(mass), budget, lo, hi, selection, self._retrieval_zone(zone),
                                    cluster_logits)
             return selection
-        logits = torch.baddbmm(self._log_sizes, qg, self.centroids, alpha=self.scale)  # [Hkv, G, C]
+        logits = torch.baddbmm(self._log_sizes, qg, self.centroids.float().transpose(1, 2), alpha=self.scale)  # [Hkv, G, C]
         if T:
             logits = torch.cat([logits, torch.matmul(qg, tail.transpose(1, 2)) * self.scale], dim=2)  # [Hkv, G, C+T]
         mass = torch.softmax(logits, dim=2).sum(dim=1)  # [Hkv, C+T]: the group's estimated attention
@@ -581,13 +675,12 @@ class ClusterIndex(KVIndex):
         Hkv, C = self.sizes.shape
         mass = r.mass.float().cpu()  # [Hkv, C+T]
         wider = r.budget + count
-        widest = int(self.sizes.max()) if C else 1
-        k = min(mass.shape[1], wider // (self.cluster_size // 4) + 8)
+        k = min(mass.shape[1], self._ranked_entries(wider))
         top = torch.topk(mass, k, dim=1)  # [Hkv, k] best first
-        taken = np.zeros((Hkv, wider + widest), dtype=np.int32)  # [Hkv, S]
-        counts, _, _ = _take_clusters(top.indices.numpy(), top.values.numpy(), self.sizes.cpu().numpy(),
-                                   self.starts.cpu().numpy(), self.order.cpu().numpy(), self.n_clustered, r.lo, r.hi,
-                                   wider, 0.0, 0, taken)
+        taken = np.zeros((Hkv, wider + self._widest), dtype=np.int32)  # [Hkv, S]
+        counts = _take_clusters(top.indices.numpy(), top.values.numpy(), self.sizes.cpu().numpy(),
+                                self.starts.cpu().numpy(), self.order.cpu().numpy(), self.n_clustered, r.lo, r.hi,
+                                wider, 0.0, 0, taken)
         chosen, chosen_counts = r.selection.ids.cpu().numpy(), r.selection.counts.cpu().numpy()
         ahead = np.full((Hkv, count), -1, dtype=np.int32)  # [Hkv, count]
         for h in range(Hkv):
@@ -595,28 +688,30 @@ class ClusterIndex(KVIndex):
             ahead[h, :extra.size] = extra
         return torch.from_numpy(ahead)
 
-    def _take_numba(self, mass: np.ndarray, budget: int, lo: int, hi: int) -> tuple[Selection, torch.Tensor]:
-        """Clusters best first from mass [Hkv, C+T] (each head's shares summing to 1) -> (the
-        selection, the estimation zone [Hkv, Z])."""
+    def _ranked_entries(self, budget: int) -> int:
+        """Entries (clusters, tail tokens) ranked for a budget: enough unless the best clusters are
+        much smaller than cluster_size (a head that runs out of them ranks all of them)."""
+        return budget // (self.cluster_size // 4) + 8
+
+    def _search_numba(self, qg: torch.Tensor, tail: torch.Tensor, budget: int, lo: int,
+                      hi: int) -> tuple[np.ndarray, np.ndarray, Selection, torch.Tensor]:
+        """The CPU's search in one compiled call (:func:`_search_take`): qg [Hkv, G, D], tail [Hkv, T, D]
+        -> (mass [Hkv, C+T] each entry's share of the group's attention, the clusters' logits [Hkv, G,
+        C], the selection, the estimation zone [Hkv, Z])."""
         Hkv, C = self.sizes.shape
-        widest = int(self.sizes.max()) if C else 1
-        out = np.zeros((Hkv, budget + widest), dtype=np.int32)  # [Hkv, S]
-        # Only the best entries are ranked, not all C: enough for the budget unless the best
-        # clusters are much smaller than cluster_size; then all of them.
-        k = min(mass.shape[1], budget // (self.cluster_size // 4) + 8)
-        p = self.config.mass or 0.0
-        mass = torch.from_numpy(mass)
-        while True:
-            top = torch.topk(mass, k, dim=1)  # [Hkv, k] best first
-            counts, used, short = _take_clusters(top.indices.numpy(), top.values.numpy(), self.sizes.numpy(),
-                                                 self.starts.numpy(), self.order.numpy(), self.n_clustered, lo, hi,
-                                                 budget, p, ADAPTIVE_FLOOR_TOKENS, out)
-            if not short or k == mass.shape[1]:
-                break
-            k = mass.shape[1]
+        T = tail.shape[1]
+        centroids, log_sizes, sizes, starts, order = self._host
+        mass = np.empty((Hkv, C + T), np.float32)  # [Hkv, C+T]
+        cluster_logits = np.empty((Hkv, self.group, C), np.float32)  # [Hkv, G, C]
+        out = np.zeros((Hkv, budget + self._widest), dtype=np.int32)  # [Hkv, S]
+        counts = np.zeros(Hkv, np.int32)  # [Hkv]
+        zone = _search_take(qg.contiguous().numpy(), centroids, log_sizes, tail.contiguous().numpy(),
+                            np.float32(self.scale), sizes, starts, order, self.n_clustered, lo, hi, budget,
+                            self.config.mass or 0.0, ADAPTIVE_FLOOR_TOKENS, self._ranked_entries(budget), threads(),
+                            mass, cluster_logits, out, counts)
         width = max(1, int(counts.max()))
-        zone = _zone_after(top.indices, torch.from_numpy(used).long(), C)
-        return Selection(torch.from_numpy(out[:, :width].copy()), torch.from_numpy(counts)), zone
+        selection = Selection(torch.from_numpy(out[:, :width].copy()), torch.from_numpy(counts))
+        return mass, cluster_logits, selection, torch.from_numpy(zone)
 
     def _take_torch(self, mass: torch.Tensor, budget: int, lo: int, hi: int) -> tuple[Selection, torch.Tensor]:
         """Clusters best first while the budget lasts, their tokens in the candidate range, as tensor
@@ -635,11 +730,15 @@ class ClusterIndex(KVIndex):
             covered = torch.cumsum(share, dim=-1) - share  # [Hkv, C+T] covered before each
             keep &= (covered < self.config.mass) | (before < ADAPTIVE_FLOOR_TOKENS)
         k = int(keep.sum(-1).max())  # clusters the widest head takes
-        # the estimation zone: what the CPU path ranks past its selection (the top entries it sorts,
-        # or all of them where a head takes every one of those)
-        ranked_k = min(ranked.shape[1], budget // (self.cluster_size // 4) + 8)
-        width = ranked.shape[1] if k >= ranked_k else ranked_k
-        zone = _zone_after(ranked[:, :width], keep.sum(-1), C)
+        # the estimation zone: per head the clusters ranked past its selection among those the CPU path
+        # ranks (the best _ranked_entries, or all of them where a head takes every one of those)
+        used = keep.sum(-1)  # [Hkv] entries taken
+        M = ranked.shape[1]
+        ranked_k = min(M, self._ranked_entries(budget))
+        n_ranked = torch.where(used >= ranked_k, M, ranked_k)  # [Hkv]
+        at = used[:, None] + torch.arange(int((n_ranked - used).max()), device=device)  # [Hkv, Z] places in ranked
+        zone = ranked.gather(1, at.clamp(max=M - 1))
+        zone = torch.where((at < n_ranked[:, None]) & (zone < C), zone, -1).long()  # [Hkv, Z], -1: none
         ranked, size = ranked[:, :k], size[:, :k] * keep[:, :k]  # [Hkv, k]; a cluster not taken adds nothing
         # every taken token, all heads at once: cluster j's tokens are order[starts[j]:starts[j] + size]
         # (a tail entry is one token, n_clustered + its place in the tail)

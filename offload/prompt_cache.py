@@ -25,7 +25,8 @@ from .fingerprint import source_fingerprint
 from .tiers.io import StoreReader
 from .tiers.store import CorruptStoreError, StoreWriter
 
-FORMAT = "offload-prompt-cache/2"  # /2: each layer's K and V an entry of its own (read a layer at a time)
+# /2: each layer's K and V an entry of its own (read a layer at a time); /3: cluster centroids [Hkv, C, D] bf16
+FORMAT = "offload-prompt-cache/3"
 
 
 def model_fingerprint(args: ModelArgs, path: Path, dummy_seed: int | None = None) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import pytest
 import torch
 from conftest import shakespeare
@@ -63,7 +62,7 @@ def test_clusters_partition_the_tokens_and_grow_by_segments(monkeypatch):
         for h in range(2):
             assert sorted(idx.order[h].tolist()) == list(range(idx.n_clustered))
             assert idx.starts[h, -1] == idx.n_clustered and (torch.diff(idx.starts[h]) == idx.sizes[h]).all()
-    assert idx.centroids.shape[2] == idx.sizes.shape[1] == idx.starts.shape[1] - 1
+    assert idx.centroids.shape[1] == idx.sizes.shape[1] == idx.starts.shape[1] - 1
     assert idx.nbytes() > 0
 
 
@@ -161,34 +160,32 @@ def test_cluster_on_real_text(smollm_path):
 def test_compiled_take_equals_the_tensor_form(monkeypatch, mass):
     """The CPU's compiled passes and the tensor ops a GPU runs estimate the same mass and select
     the same ids, tail included, with a fixed or an adaptive budget."""
-    from offload.indexes.cluster import _cluster_mass
-
     monkeypatch.setattr(ClusterIndex, "segment", 256)
     keys = torch.randn(3, 1500, 16, generator=torch.Generator().manual_seed(7))
     idx = _index(keys, 1200, budget_sink=4, window=32, H=9, mass=mass)
     idx.extend(1400)  # a clustered segment more, and a tail
     q = torch.randn(9, 16, generator=torch.Generator().manual_seed(8)) * 2
     for budget in (1, 17, 150, 2000):
-        idx.search(q, budget)  # the mass the search computes, taken both ways below
         lo, hi = idx.config.candidate_range(idx.n)
         qg = q.float().view(3, 3, 16)
         tail = keys[:, idx.n_clustered:hi]  # [Hkv, T, D]
-        logits = torch.cat([torch.matmul(qg, idx.centroids) * idx.scale + idx.sizes.float().log()[:, None],
+        centroids = idx.centroids.float().transpose(1, 2)  # [Hkv, D, C]
+        logits = torch.cat([torch.matmul(qg, centroids) * idx.scale + idx.sizes.float().log()[:, None],
                             torch.matmul(qg, tail.transpose(1, 2)) * idx.scale], dim=-1)  # [Hkv, G, C+T]
         mass = torch.softmax(logits, dim=-1).sum(1) / 3  # [Hkv, C+T]: shares of the group's attention
-        compiled = np.empty(tuple(mass.shape), np.float32)
-        cluster_logits = np.empty((3, 3, idx.sizes.shape[1]), np.float32)  # [Hkv, G, C]
-        _cluster_mass(qg.numpy(), idx.centroids.numpy(), idx._log_sizes[:, 0].numpy(), tail.contiguous().numpy(),
-                      np.float32(idx.scale), compiled, cluster_logits)
+        compiled, cluster_logits, a, zone_a = idx._search_numba(qg, tail, budget, lo, hi)
         assert torch.allclose(torch.from_numpy(compiled), mass, atol=1e-6, rtol=1e-4)
         C = idx.sizes.shape[1]  # the clusters' logits, kept for the estimation zone
         assert torch.allclose(torch.from_numpy(cluster_logits), logits[..., :C], atol=1e-4, rtol=1e-4)
-        (a, zone_a), (b, zone_b) = idx._take_numba(mass.numpy(), budget, lo, hi), idx._take_torch(mass, budget, lo, hi)
+        b, zone_b = idx._take_torch(torch.from_numpy(compiled), budget, lo, hi)
         assert torch.equal(a.counts, b.counts)
         for h in range(3):
             assert torch.equal(a.ids[h, :a.counts[h]], b.ids[h, :b.counts[h]])
             # the estimation zone: the same clusters ranked next (a tie may order them otherwise)
             assert set(zone_a[h][zone_a[h] >= 0].tolist()) == set(zone_b[h][zone_b[h] >= 0].tolist())
+            picked = a.ids[h, :a.counts[h]].long()
+            taken = set(idx._cluster_of[h, picked[picked < idx.n_clustered]].tolist())  # clusters selected
+            assert not taken & set(zone_a[h].tolist())
 
 
 def test_adaptive_budget_parsing_and_errors():

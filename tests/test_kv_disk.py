@@ -349,8 +349,14 @@ GREEDY = SamplingParams(max_new_tokens=24, ignore_eos=True)
 @pytest.mark.parametrize("policy,kv_dtype,dtype,read_ahead", [
     ("cluster", None, "float32", True), ("cluster", None, "float32", False), ("quest", None, "float32", True),
     ("streaming", None, "float32", None), ("cluster", "int8", "float32", None), ("cluster", None, "bfloat16", None)])
-def test_a_model_with_its_kv_on_disk_gives_the_same_tokens(tiny_models, tmp_path, policy, kv_dtype, dtype, read_ahead):
-    """Greedy tokens equal the KV in memory; with read-ahead on, some of it is read ahead and used."""
+def test_a_model_with_its_kv_on_disk_gives_the_same_tokens(tiny_models, tmp_path, monkeypatch, policy, kv_dtype,
+                                                           dtype, read_ahead):
+    """Greedy tokens equal the KV in memory; with read-ahead on, some of it is read ahead and used.
+    In bf16 the two paths attend the same rows in different kernels (the disk's fetched rows through
+    torch), whose logits differ by a bf16 step: the tokens may part only where the in-memory run's
+    top two logits are that close."""
+    from offload.sampling import Sampler
+
     folder, _ = tiny_models["llama"]
     prompt = [int(t) for t in np.random.default_rng(0).integers(3, 290, size=2000)]
     kw = dict(kv_policy=policy, kv_budget=48, sink=4, window=16, dense_layers=1, max_context=2048,
@@ -358,7 +364,15 @@ def test_a_model_with_its_kv_on_disk_gives_the_same_tokens(tiny_models, tmp_path
     base = LLM(folder, **kw)
     disk = LLM(folder, kv_offload="disk", disk_dir=tmp_path, kv_read_ahead=read_ahead, **kw)
     assert "KV on disk in" in disk.describe()
-    assert disk.generate([prompt], GREEDY)[0].token_ids == base.generate([prompt], GREEDY)[0].token_ids
+    steps: list[torch.Tensor] = []  # each step's logits [V], as the sampler sees them
+    pick = Sampler.pick
+    monkeypatch.setattr(Sampler, "pick", lambda self, logits: (steps.append(logits[0].float()), pick(self, logits))[1])
+    expected = base.generate([prompt], GREEDY)[0].token_ids
+    got = disk.generate([prompt], GREEDY)[0].token_ids
+    if got != expected:
+        i = next(i for i, (a, b) in enumerate(zip(got, expected)) if a != b)
+        top = torch.topk(steps[i], 2).values  # the in-memory run's step i
+        assert dtype == "bfloat16" and top[0] - top[1] <= 2 * 2.0 ** -7 * top[0].abs(), (i, top)
     report = disk.tier_report()["kv"]["disk"]
     assert report["bytes_on_disk"] > 0 and report["bytes_written"] >= report["bytes_on_disk"]
     assert report["bytes_read"] > 0 and report["hit_rate"] > 0.5  # consecutive steps share most extents

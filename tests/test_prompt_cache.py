@@ -69,7 +69,7 @@ def test_prompt_cache_is_verified(tiny_models, tmp_path):
         llm.generate([prompt], GREEDY, prompt_cache=path)
     old = write_store(tmp_path / "old.cache", {"k": torch.zeros(2)}, metadata={"format": "offload-prompt-cache/1"})
     with pytest.raises(OffloadError, match=r"not a prompt cache of this version \(offload-prompt-cache/1, this one "
-                                           r"reads offload-prompt-cache/2\): save it again with LLM.save_prompt"):
+                                           r"reads offload-prompt-cache/3\): save it again with LLM.save_prompt"):
         llm.generate([prompt], GREEDY, prompt_cache=old)
     with pytest.raises(OffloadError, match="cannot be saved"):
         LLM(folder, kv_policy="hnsw", kv_budget=6, sink=2, window=4, dense_layers=1).save_prompt(
