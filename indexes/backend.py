@@ -260,11 +260,7 @@ class SparseAttention(DenseAttention):
         elif self._fetches_rows():
             out, lse = self._attend_fetched(layer, q[:, :, 0], batch, selections)  # [B, H, D] only the attended rows move
         else:  # the rows are read where they lie (an int8 cache's codes by their scales)
-            width = max(s.ids.shape[-1] for s in selections)
-            selected = torch.zeros(B, self.args.num_kv_heads, width, dtype=torch.int32, device=q.device)  # [B, Hkv, S]
-            for b, s in enumerate(selections):
-                selected[b, :, :s.ids.shape[-1]] = s.ids
-            counts = torch.stack([s.counts.to(q.device) for s in selections])  # [B, Hkv]
+            selected, counts = _stack_selections(selections, q.device)  # [B, Hkv, S], [B, Hkv]
             k, v, k_scale, v_scale = self.kv.whole_cache(layer, B)  # [B, Hkv, N, D] each (+ [B, Hkv, N] scales)
             out, lse = gather_attention(q[:, :, 0], k, v, selected, counts, batch.plan.seq_lens,
                                       scale=self.args.softmax_scale, sink=self.config.sink, window=self.config.window,
@@ -374,3 +370,17 @@ class SparseAttention(DenseAttention):
                 + self._kv_where()
                 + (f", index build's query-key products on {self.device.type}"
                    if self.policy_cls.needs_prefill_queries else ""))
+
+
+def _stack_selections(selections: list[Selection], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows' selections as one batch: ids [B, Hkv, S] int32 (zero-padded), counts [B, Hkv]. One
+    row's are its own tensors, viewed (the usual decode of a single sequence: no copies)."""
+    if len(selections) == 1:
+        s = selections[0]
+        return s.ids.to(device, torch.int32)[None], s.counts.to(device)[None]
+    width = max(s.ids.shape[-1] for s in selections)
+    selected = torch.zeros(len(selections), *selections[0].ids.shape[:-1], width, dtype=torch.int32,
+                           device=device)  # [B, Hkv, S]
+    for b, s in enumerate(selections):
+        selected[b, :, :s.ids.shape[-1]] = s.ids
+    return selected, torch.stack([s.counts.to(device) for s in selections])

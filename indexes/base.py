@@ -171,6 +171,11 @@ class KVIndex(ABC):
         self.heads = None if heads is None else heads.to(torch.bool).cpu()
 
     @classmethod
+    def warm(cls, ctx: IndexContext, dtype: torch.dtype) -> None:
+        """Compile (or load from numba's cache) this policy's own CPU kernels on a tiny index, at load
+        rather than in the first decode step. A policy without kernels of its own has nothing to do."""
+
+    @classmethod
     def estimate_nbytes(cls, args: ModelArgs, context: int, dtype_bytes: int) -> int:
         """Memory of this policy's index over ``context`` tokens, all layers (built indexes report
         their exact size through :meth:`nbytes`)."""

@@ -33,7 +33,7 @@ from numba import njit, prange
 
 from offload.kernels.cpu_decode import NO_SCORE, exp_inplace, threads
 
-from .base import ADAPTIVE_FLOOR_TOKENS, KVIndex, Selection, register
+from .base import ADAPTIVE_FLOOR_TOKENS, KVIndex, Selection, SelectionConfig, register
 
 # Segments clustered in one batched k-means: large products, and keys read (from disk, say) and held
 # in fp32 16K tokens at a time however long the prompt.
@@ -305,7 +305,7 @@ def _estimate_merge(cluster_logits, log_sizes, sizes, vsums, zone, edge_cluster,
                     lse):  # pragma: no cover - numba
     """The estimation zone merged into the exact part, one pass per KV head (in parallel): the
     search's cluster_logits [Hkv, G, C] (scale q . c + log size, :func:`_entry_logits`), log_sizes
-    [Hkv, C], sizes [Hkv, C] int32, vsums [Hkv, C, D], zone [Hkv, Z] int64
+    [Hkv, C], sizes [Hkv, C] int32, vsums [Hkv, C, D] (bf16 bits as uint16), zone [Hkv, Z] int64
     (-1: none), the clustered tokens attended exactly anyway (their clusters edge_cluster [Hkv, E]
     int32, values edge_values [Hkv, E, D]: taken out of their clusters' size and sum), all f32 but
     the ids; out [Hkv, G, D] and lse [Hkv, G] (the exact part) become the merged ones. What
@@ -316,14 +316,16 @@ def _estimate_merge(cluster_logits, log_sizes, sizes, vsums, zone, edge_cluster,
     E = edge_cluster.shape[1]
     for h in prange(Hkv):
         size = np.zeros(Z, np.float32)  # tokens estimated: the cluster's, less those attended exactly
-        vsum = np.zeros((Z, D), np.float32)
+        vsum_bits = np.zeros((Z, D), np.uint32)
+        vsum = vsum_bits.view(np.float32)  # [Z, D]
         shift = np.zeros(Z, np.float32)  # log(size left) - log(size): 0 but where tokens were taken out
         place = np.full(C, -1, np.int64)  # cluster -> its place in the zone
         for z in range(Z):
             c = zone[h, z]
             if c >= 0:
                 size[z] = sizes[h, c]
-                vsum[z] = vsums[h, c]
+                for d in range(D):  # bf16 bits -> f32
+                    vsum_bits[z, d] = np.uint32(vsums[h, c, d]) << 16
                 place[c] = z
         for e in range(E):
             z = place[edge_cluster[h, e]]
@@ -398,10 +400,10 @@ class ClusterIndex(KVIndex):
         super().__init__(ctx, config, token_ids, heads)
         self._ranked: _Ranked | None = None  # what the last search ranked (lookahead, estimate)
         # Derived, not saved: each clustered token's cluster [Hkv, n_clustered], and the clusters'
-        # value sums [Hkv, C', D] fp32 over their first C' (summarize_values: after the build, then as
+        # value sums [Hkv, C', D] bf16 over their first C' (summarize_values: after the build, then as
         # add_estimate meets new clusters)
         self._cluster_of = torch.zeros(ctx.num_kv_heads, 0, dtype=torch.int32)
-        self._vsums = torch.zeros(ctx.num_kv_heads, 0, ctx.head_dim)
+        self._vsums = torch.zeros(ctx.num_kv_heads, 0, ctx.head_dim, dtype=torch.bfloat16)
         self._widest = 1  # the largest cluster's size (_refresh_log_sizes)
         # _edge's last read: ((sinks, clustered tokens), the window's first clustered token, their
         # clusters [Hkv, E], their values [Hkv, E, D])
@@ -410,11 +412,29 @@ class ClusterIndex(KVIndex):
         self._host: tuple[np.ndarray, ...] = ()
 
     @classmethod
+    def warm(cls, ctx, dtype: torch.dtype) -> None:
+        """The compiled search and estimate, run once over a few clusters and a tail of random keys
+        in the model's dtype: what a step passes them, but for the sizes."""
+        if ctx.build_device.type != "cpu":
+            return
+        gen = torch.Generator().manual_seed(0)
+        Hkv, D, clustered = ctx.num_kv_heads, ctx.head_dim, 2 * cls.cluster_size
+        keys, values = (torch.randn(Hkv, clustered + 4, D, generator=gen).to(dtype) for _ in range(2))  # [Hkv, n, D]
+        idx = cls(ctx, SelectionConfig(budget=cls.cluster_size, sink=1, window=1, dense_layers=0))
+        idx.build(keys, clustered)
+        idx.extend(clustered + 4)  # a tail
+        idx.summarize_values(values)
+        q = torch.randn(ctx.num_heads, D, generator=gen).to(dtype)  # [H, D]
+        idx.search(q, cls.cluster_size)
+        idx.add_estimate(q, values, clustered + 4, torch.zeros(ctx.num_heads, D, dtype=dtype),
+                         torch.zeros(ctx.num_heads))
+
+    @classmethod
     def estimate_nbytes(cls, args, context: int, dtype_bytes: int) -> int:
-        # per KV head and layer: bf16 centroids and fp32 value sums (D each per cluster), int32 sizes
+        # per KV head and layer: bf16 centroids and value sums (D each per cluster), int32 sizes
         # and starts per cluster, int32 token order and cluster of each token
         clusters = context // cls.cluster_size + 1
-        return args.num_layers * args.num_kv_heads * (clusters * (args.head_dim * (2 + 4) + 8) + context * 8)
+        return args.num_layers * args.num_kv_heads * (clusters * (args.head_dim * (2 + 2) + 8) + context * 8)
 
     def build(self, keys, n: int, queries: torch.Tensor | None = None) -> None:
         super().build(keys, n, queries)
@@ -429,7 +449,7 @@ class ClusterIndex(KVIndex):
         self.n_clustered = 0
         self._refresh_log_sizes()
         self._cluster_of = torch.zeros(Hkv, 0, dtype=torch.int32, device=device)
-        self._vsums = torch.zeros(Hkv, 0, D, device=device)
+        self._vsums = torch.zeros(Hkv, 0, D, dtype=torch.bfloat16, device=device)
         whole = n - n % self.segment
         step = self.segment * BUILD_SEGMENTS
         for start in range(0, whole, step):  # a batch of segments at a time: bounded memory at any context
@@ -479,7 +499,7 @@ class ClusterIndex(KVIndex):
                                          self.sizes.reshape(-1).long()).view(Hkv, -1)  # [Hkv, n_clustered] by `order`
         self._cluster_of = torch.empty(Hkv, self.n_clustered, dtype=torch.int32, device=self.sizes.device)
         self._cluster_of.scatter_(1, self.order.long(), listed.to(torch.int32))
-        self._vsums = torch.zeros(Hkv, 0, self.centroids.shape[2], device=self.centroids.device)
+        self._vsums = torch.zeros(Hkv, 0, self.centroids.shape[2], dtype=torch.bfloat16, device=self.centroids.device)
 
     def _refresh_log_sizes(self) -> None:
         """What each step reads, derived once the clusters change: log(size) [Hkv, 1, C] (an empty
@@ -518,7 +538,7 @@ class ClusterIndex(KVIndex):
         acc = out.float().reshape(Hkv, self.group, D).contiguous()  # [Hkv, G, D]
         total = lse.float().reshape(Hkv, self.group).contiguous()  # [Hkv, G]
         _, log_sizes, sizes, _, _ = self._host
-        _estimate_merge(r.cluster_logits, log_sizes, sizes, self._vsums.numpy(),
+        _estimate_merge(r.cluster_logits, log_sizes, sizes, self._vsums.view(torch.uint16).numpy(),
                         r.zone.numpy(), edge_cluster.numpy(), edge_values.numpy(), acc.numpy(), total.numpy())
         out.copy_(acc.view(-1, D))
         lse.copy_(total.view(-1))
@@ -569,7 +589,7 @@ class ClusterIndex(KVIndex):
         valid = zone >= 0
         at = zone.clamp(min=0)
         size = self.sizes.gather(1, at).float()  # [Hkv, Z]
-        vsum = self._vsums.gather(1, at[..., None].expand(-1, -1, D))  # [Hkv, Z, D]
+        vsum = self._vsums.gather(1, at[..., None].expand(-1, -1, D)).float()  # [Hkv, Z, D]
         if edge_cluster.shape[1]:
             where = torch.full((Hkv, C + 1), -1, dtype=torch.long, device=device)  # cluster -> zone place
             where.scatter_(1, torch.where(valid, zone, C), torch.arange(Z, device=device).expand(Hkv, Z))
@@ -602,7 +622,7 @@ class ClusterIndex(KVIndex):
         v = values[:, first:self.n_clustered].float().to(self._vsums.device)  # [Hkv, T, D]
         cluster = (self._cluster_of[:, first:self.n_clustered].long() - done)[..., None].expand(-1, -1, D)  # [Hkv, T, D]
         sums = torch.zeros(Hkv, C - done, D, device=self._vsums.device).scatter_add_(1, cluster, v)
-        self._vsums = torch.cat([self._vsums, sums], dim=1)
+        self._vsums = torch.cat([self._vsums, sums.to(torch.bfloat16)], dim=1)
 
     def search(self, q: torch.Tensor, budget: int) -> Selection:
         lo, hi = self.config.candidate_range(self.n)

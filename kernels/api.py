@@ -78,15 +78,20 @@ def _check(cond: bool, message: str) -> None:
 
 
 def _check_common(q, selected, num_selected, num_kv_heads):
-    _check(q.dim() == 3, f"q must be [B, H, D], got {tuple(q.shape)}")
+    # each message is built only when its check fails (a decode step runs these per sparse layer)
+    if q.dim() != 3:
+        raise ValueError(f"q must be [B, H, D], got {tuple(q.shape)}")
     B, H, D = q.shape
-    _check(H % num_kv_heads == 0, f"{H} query heads are not a multiple of {num_kv_heads} KV heads")
-    _check(D % 16 == 0 and D & (D - 1) == 0, f"head_dim must be a power of two >= 16, got {D}")
-    _check(selected.dim() == 3 and tuple(selected.shape[:2]) == (B, num_kv_heads),
-           f"selected must be [B, Hkv, S] = [{B}, {num_kv_heads}, S], got {tuple(selected.shape)}")
-    _check(selected.dtype in (torch.int32, torch.int64), f"selected must be int32/int64, got {selected.dtype}")
-    _check(tuple(num_selected.shape) == (B, num_kv_heads), f"num_selected must be [B, Hkv], got "
-                                                             f"{tuple(num_selected.shape)}")
+    if H % num_kv_heads:
+        raise ValueError(f"{H} query heads are not a multiple of {num_kv_heads} KV heads")
+    if not (D % 16 == 0 and D & (D - 1) == 0):
+        raise ValueError(f"head_dim must be a power of two >= 16, got {D}")
+    if not (selected.dim() == 3 and tuple(selected.shape[:2]) == (B, num_kv_heads)):
+        raise ValueError(f"selected must be [B, Hkv, S] = [{B}, {num_kv_heads}, S], got {tuple(selected.shape)}")
+    if selected.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"selected must be int32/int64, got {selected.dtype}")
+    if tuple(num_selected.shape) != (B, num_kv_heads):
+        raise ValueError(f"num_selected must be [B, Hkv], got {tuple(num_selected.shape)}")
     _check(q.stride(-1) == 1 and selected.stride(-1) == 1, "q and selected need unit stride in the last dim")
 
 
@@ -105,8 +110,10 @@ def gather_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _check(k_cache.dim() == 4 and k_cache.shape == v_cache.shape, "k_cache and v_cache must be equal [B, Hkv, N, D]")
     B, Hkv, N, D = k_cache.shape
     _check_common(q, selected, num_selected, Hkv)
-    _check(q.shape[0] == B and q.shape[2] == D, f"q {tuple(q.shape)} does not match the cache {tuple(k_cache.shape)}")
-    _check(tuple(seq_lens.shape) == (B,), f"seq_lens must be [B], got {tuple(seq_lens.shape)}")
+    if not (q.shape[0] == B and q.shape[2] == D):
+        raise ValueError(f"q {tuple(q.shape)} does not match the cache {tuple(k_cache.shape)}")
+    if tuple(seq_lens.shape) != (B,):
+        raise ValueError(f"seq_lens must be [B], got {tuple(seq_lens.shape)}")
     _check(k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "k_cache/v_cache need unit stride in head_dim")
     quantized = k_cache.dtype == torch.int8
     if quantized:
@@ -118,8 +125,9 @@ def gather_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         _check(k_scale is None and v_scale is None, "k_scale/v_scale belong to an int8 cache only")
     _check(sink >= 0 and window >= 0, "sink and window must be >= 0")
     if backend == "numba" or (backend == "auto" and q.device.type == "cpu" and k_cache.dtype in NUMBA_DTYPES):
-        _check(q.device.type == "cpu" and k_cache.dtype in NUMBA_DTYPES,
-               f"the numba gather reads int8, bf16 or fp32 caches on CPU, got {k_cache.dtype} on {q.device}")
+        if not (q.device.type == "cpu" and k_cache.dtype in NUMBA_DTYPES):
+            raise ValueError(f"the numba gather reads int8, bf16 or fp32 caches on CPU, got {k_cache.dtype} on "
+                             f"{q.device}")
         _last_backend["name"] = "numba"
         if arrays is not None:
             arrays.check_views_of(k_cache)

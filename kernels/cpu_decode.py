@@ -21,6 +21,7 @@ Shapes: B rows, Hkv KV heads, G query heads per KV head, N cached tokens, D head
 from __future__ import annotations
 
 import math
+import threading
 
 import numba
 import numpy as np
@@ -253,17 +254,30 @@ def split_tokens(longest: int, tasks: int, threads: int) -> int:
     return max(MIN_SPLIT_TOKENS, -(-longest // splits_wanted))
 
 
+class _NumbaThreads(threading.local):
+    """The count this thread last gave numba (numba's setting is per thread: a server's worker has
+    its own), so that an unchanged count costs a compare: numba's getter takes ~6 us, and the int4
+    products of a decode step alone ask ~150 times."""
+
+    def __init__(self) -> None:
+        self.count = numba.get_num_threads()
+
+
+_numba_threads = _NumbaThreads()
+
+
 def set_threads(threads: int) -> None:
     """Run numba's parallel loops on as many threads as torch uses (at most numba's pool). Called
     before every parallel kernel; numba's setter costs 10 us, so only a change reaches it."""
     n = max(1, min(threads, numba.config.NUMBA_NUM_THREADS))
-    if n != numba.get_num_threads():  # (per thread in numba: a server's worker has its own)
+    if n != _numba_threads.count:
         numba.set_num_threads(n)
+        _numba_threads.count = n
 
 
 def threads() -> int:
-    """The threads numba's parallel loops run on now."""
-    return numba.get_num_threads()
+    """The threads numba's parallel loops run on now (as :func:`set_threads` set them)."""
+    return _numba_threads.count
 
 
 @njit(cache=True)

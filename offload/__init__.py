@@ -3,6 +3,7 @@
 Importing this package touches no GPU: devices are chosen when a model is loaded.
 """
 
+from . import openmp  # noqa: F401  (first: before torch loads, one OpenMP runtime for torch and numba)
 from .config import ModelArgs, preset, preset_names
 from .engine import RequestOutput
 from .engine_config import EngineConfig

@@ -145,7 +145,7 @@ def build_runtime(resolved: ResolvedConfig) -> Runtime:
         model.rope = RotaryEmbedding(model.args, resolved.device)
     backend = build_backend(resolved, tokenizer)
     if resolved.device.type == "cpu":
-        _warm_kernels(resolved, config.verbose)
+        _warm_kernels(resolved, backend, config.verbose)
     flash = None
     if config.flash is not None:  # FFN up/down projections on flash ("LLM in a flash")
         calibration = config.flash_calibration
@@ -171,11 +171,14 @@ def build_runtime(resolved: ResolvedConfig) -> Runtime:
 COMPILE_NOTICE_S = 2.0
 
 
-def _warm_kernels(resolved: ResolvedConfig, verbose: bool) -> None:
-    """Compile (or load from numba's cache) the CPU kernels the model's steps call, now rather than
-    in the first request; say so when that took a while (the first run on a machine)."""
+def _warm_kernels(resolved: ResolvedConfig, backend: AttentionBackend, verbose: bool) -> None:
+    """Compile (or load from numba's cache) the CPU kernels the model's steps call (the KV policy's
+    own included), now rather than in the first request; say so when that took a while (the first
+    run on a machine)."""
     t0 = time.perf_counter()
     warm_cpu_kernels(resolved.dtype, kv_held_dtype(resolved.config.kv_dtype, resolved.dtype), resolved.quantize)
+    if isinstance(backend, SparseAttention):
+        backend.policy_cls.warm(backend.ctx, resolved.dtype)
     took = time.perf_counter() - t0
     if verbose and took > COMPILE_NOTICE_S:
         print(f"offload: compiled the CPU kernels in {took:.1f} s (once per machine: later runs load them from "

@@ -278,7 +278,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="JSON path; the plot goes next to it (.png)")
     args = p.parse_args(argv)
 
-    from offload import LLM
+    from offload import LLM, openmp
     from offload.indexes import SelectionConfig
     from offload.loaders import read_model_args
 
@@ -295,7 +295,7 @@ def main(argv=None) -> int:
     print(f"# {llm.path.name}, {llm.device.type}, {str(llm.dtype).removeprefix('torch.')}, "
           f"weights {llm.tier_report()['weights']['format']}, "
           f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
-          f"rope scaling {rope_scaling or 'as trained'}")
+          f"rope scaling {rope_scaling or 'as trained'}; OpenMP: {openmp.STATE}")
     print("| context | policy | effort | head split | streaming heads | decode ms/token | vs dense | build s | mass | "
           "recall | out. err | scored | selected/head | index MB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")

@@ -275,7 +275,10 @@ def plot(latency: list[dict], accuracy: list[dict], out_dir: Path) -> list[Path]
 def machine(llm) -> str:
     if llm.device.type == "cuda":
         return f"GPU {torch.cuda.get_device_name(llm.device)}, {torch.get_num_threads()} CPU threads"
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads (no GPU)"
+    from offload import openmp
+
+    return (f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads (no GPU); "
+            f"OpenMP: {openmp.STATE}")
 
 
 def main(argv=None) -> int:

@@ -342,7 +342,7 @@ def test_value_sums_follow_the_clusters_through_extend_and_restore(monkeypatch):
         assert torch.equal(ix._cluster_of, idx._cluster_of)
         for h in range(2):
             want = torch.zeros(ix.sizes.shape[1], 8).index_add_(0, ix._cluster_of[h].long(), values[h, :ix.n_clustered])
-            torch.testing.assert_close(ix._vsums[h], want, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(ix._vsums[h], want.to(torch.bfloat16))  # held in bf16: the sums rounded once
 
 
 @pytest.mark.parametrize("kv_int8", [False, True])

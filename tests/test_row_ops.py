@@ -151,15 +151,18 @@ def _kernel_signatures() -> dict[str, int]:
     """Compiled signatures of every numba kernel of the CPU paths a decode step and a prompt take."""
     from numba.core.registry import CPUDispatcher
 
+    from offload.indexes import cluster
     from offload.kernels import cpu_decode, cpu_glue, cpu_kivi, cpu_quant
 
-    return {f"{m.__name__}.{name}": len(obj.signatures) for m in (cpu_decode, cpu_glue, cpu_kivi, cpu_quant)
+    return {f"{m.__name__}.{name}": len(obj.signatures) for m in (cpu_decode, cpu_glue, cpu_kivi, cpu_quant, cluster)
             for name, obj in vars(m).items() if isinstance(obj, CPUDispatcher)}
 
 
 # (fp16: attention through torch, nothing to warm)
 @pytest.mark.parametrize("settings", [{}, {"kv_dtype": "int8"}, {"kv_dtype": "int2"}, {"quantize": "int8"},
-                                      {"dtype": "float32"}, {"dtype": "float16"}])
+                                      {"dtype": "float32"}, {"dtype": "float16"},
+                                      {"kv_policy": "cluster", "kv_budget": 8, "sink": 4, "window": 8},
+                                      {"kv_policy": "cluster", "kv_budget": 8, "sink": 4, "window": 8, "kv_dtype": "int8"}])
 def test_a_built_model_has_compiled_the_kernels_its_steps_call(smollm_path, settings):
     """Loading warms every CPU kernel with the argument types the model will pass (numba compiles per
     type signature): a prompt of more than 32 tokens and decode steps then compile nothing, so the
