@@ -251,14 +251,18 @@ def _take_clusters(ranked, share, sizes, starts, order, n_clustered, lo, hi, bud
 
 @njit(cache=True, parallel=True, fastmath=True)
 def _search_take(q, centroids, log_sizes, tail, scale, sizes, starts, order, n_clustered, lo, hi, budget, p,
-                 floor, k, parts, mass, cluster_logits, out, counts):  # pragma: no cover - numba
+                 floor, k, parts, mass, cluster_logits, out, counts, estimate, vsums, edge_cluster, edge_values,
+                 est_out, est_lse):  # pragma: no cover - numba
     """A whole CPU search in two parallel passes: :func:`_entry_logits` scores the clusters and tail
     keys (q [Hkv, G, D], centroids [Hkv, C, D] bf16 bits, log_sizes [Hkv, C], tail [Hkv, T, D] ->
     cluster_logits [Hkv, G, C]), then per KV head :func:`_head_mass` (-> mass [Hkv, C+T]), the
     best k entries are ranked and :func:`_take_head` takes them (a head that runs out of them
-    before it is done ranks all of them); its ids into out [Hkv, S], how many into counts [Hkv]. Returns the estimation zone
-    [Hkv, Z] int64: per head the clusters ranked after the ones it took (tail tokens left out),
-    -1 padded. What torch.topk, the take and the zone's tensor ops cost ~0.2 ms more for."""
+    before it is done ranks all of them); its ids into out [Hkv, S], how many into counts [Hkv].
+    Returns the estimation zone [Hkv, Z] int64: per head the clusters ranked after the ones it took
+    (tail tokens left out), -1 padded. Where ``estimate`` [Hkv] (uint8) says so, the head's zone is
+    estimated at once, while its logits are in cache (:func:`_head_estimate` with vsums [Hkv, C, D],
+    edge_cluster [Hkv, E], edge_values [Hkv, E, D] -> est_out [Hkv, G, D], est_lse [Hkv, G]; -inf
+    elsewhere). What torch.topk, the take and the zone's tensor ops cost ~0.2 ms more for."""
     Hkv, G, _ = q.shape
     M = mass.shape[1]
     C = sizes.shape[1]
@@ -272,8 +276,8 @@ def _search_take(q, centroids, log_sizes, tail, scale, sizes, starts, order, n_c
                       logits[h])
     ranked = np.empty((Hkv, M), np.int64)  # [Hkv, M] best first, the first ranked_n[h]
     share = np.empty((Hkv, M), np.float32)
-    used = np.zeros(Hkv, np.int64)
-    ranked_n = np.zeros(Hkv, np.int64)
+    zones = np.full((Hkv, M), -1, np.int64)  # [Hkv, M] each head's zone, its first zone_n[h]
+    zone_n = np.zeros(Hkv, np.int64)
     for h in prange(Hkv):
         cluster_logits[h] = logits[h, :, :C]
         _head_mass(logits[h], mass[h])
@@ -286,83 +290,117 @@ def _search_take(q, centroids, log_sizes, tail, scale, sizes, starts, order, n_c
             _rank_head(mass[h], M, ranked[h], share[h])
             m, u, done = _take_head(ranked[h], share[h], sizes[h], starts[h], order[h], n_clustered, lo, hi,
                                     budget, p, floor, out[h])
-        counts[h], used[h], ranked_n[h] = m, u, n_ranked
-    width = 0
-    for h in range(Hkv):
-        width = max(width, ranked_n[h] - used[h])
-    zone = np.full((Hkv, width), -1, np.int64)  # [Hkv, Z]
-    for h in range(Hkv):
+        counts[h] = m
         z = 0
-        for i in range(used[h], ranked_n[h]):
+        for i in range(u, n_ranked):
             if ranked[h, i] < C:
-                zone[h, z] = ranked[h, i]
+                zones[h, z] = ranked[h, i]
                 z += 1
-    return zone
+        zone_n[h] = z
+        if estimate[h]:
+            _head_estimate(cluster_logits[h], log_sizes[h], sizes[h], vsums[h], zones[h, :z], edge_cluster[h],
+                           edge_values[h], est_out[h], est_lse[h])
+        else:
+            est_lse[h] = -np.inf
+    return zones[:, :max(zone_n.max(), 0)].copy()
 
 
-@njit(cache=True, parallel=True, fastmath=True)
+@njit(cache=True, fastmath=True, nogil=True)
+def _head_estimate(cluster_logits, log_sizes, sizes, vsums, zone, edge_cluster, edge_values, est_out,
+                   est_lse):  # pragma: no cover - numba
+    """One KV head's estimation zone on its own: the search's cluster_logits [G, C] (scale q . c +
+    log size, :func:`_entry_logits`), log_sizes [C], sizes [C] int32, vsums [C, D] (bf16 bits as
+    uint16), zone [Z] int64 (-1: none), the clustered tokens attended exactly anyway (their
+    clusters edge_cluster [E] int32, values edge_values [E, D] f32: taken out of their clusters'
+    size and sum) -> est_out [G, D]: the zone's value means weighted by size x exp(scale q . c),
+    and est_lse [G]: the log of those weights' sum (-inf: nothing to estimate)."""
+    G, D = est_out.shape
+    C = sizes.shape[0]
+    Z = zone.shape[0]
+    size = np.zeros(Z, np.float32)  # tokens estimated: the cluster's, less those attended exactly
+    vsum_bits = np.zeros((Z, D), np.uint32)
+    vsum = vsum_bits.view(np.float32)  # [Z, D]
+    shift = np.zeros(Z, np.float32)  # log(size left) - log(size): 0 but where tokens were taken out
+    place = np.full(C, -1, np.int64)  # cluster -> its place in the zone
+    for z in range(Z):
+        c = zone[z]
+        if c >= 0:
+            size[z] = sizes[c]
+            for d in range(D):  # bf16 bits -> f32
+                vsum_bits[z, d] = np.uint32(vsums[c, d]) << 16
+            place[c] = z
+    for e in range(edge_cluster.shape[0]):
+        z = place[edge_cluster[e]]
+        if z >= 0:
+            size[z] -= 1.0
+            vsum[z] -= edge_values[e]
+    for z in range(Z):
+        if zone[z] >= 0 and 0.5 < size[z] < sizes[zone[z]]:
+            shift[z] = np.log(size[z]) - log_sizes[zone[z]]
+    weights = np.empty(Z, np.float32)
+    exp_bits = np.empty(Z, np.int32)
+    for g in range(G):
+        est_out[g] = 0.0
+        m = NO_SCORE
+        for z in range(Z):
+            if size[z] > 0.5:  # the cluster's logit, its size less the tokens attended exactly
+                weights[z] = cluster_logits[g, zone[z]] + shift[z]
+                m = max(m, weights[z])
+            else:
+                weights[z] = NO_SCORE
+        if m == NO_SCORE:
+            est_lse[g] = -np.inf
+            continue
+        for z in range(Z):
+            weights[z] -= m
+        exp_inplace(weights, exp_bits, Z)
+        total = np.float32(0.0)
+        for z in range(Z):
+            if size[z] > 0.5:
+                total += weights[z]
+                share = weights[z] / size[z]
+                for d in range(D):
+                    est_out[g, d] += share * vsum[z, d]
+        for d in range(D):
+            est_out[g, d] /= total
+        est_lse[g] = m + np.log(total)
+
+
+@njit(cache=True, fastmath=True, nogil=True)
+def _merge_estimate(out, lse, est_out, est_lse):  # pragma: no cover - numba
+    """out [Hkv, G, D] and lse [Hkv, G] (the exact part) <- merged with an estimate (est_out,
+    est_lse, :func:`_head_estimate`) by log-sum-exp, in place (-inf on either side: the other)."""
+    Hkv, G, D = out.shape
+    for h in range(Hkv):
+        for g in range(G):
+            e = est_lse[h, g]
+            if not np.isfinite(e):
+                continue  # nothing estimated
+            exact = lse[h, g]
+            m = max(exact, e) if np.isfinite(exact) else e
+            keep = np.exp(exact - m) if np.isfinite(exact) else np.float32(0.0)
+            add = np.exp(e - m)
+            total = keep + add
+            for d in range(D):
+                out[h, g, d] = (keep * out[h, g, d] + add * est_out[h, g, d]) / total
+            lse[h, g] = m + np.log(total)
+
+
+@njit(cache=True, parallel=True)
 def _estimate_merge(cluster_logits, log_sizes, sizes, vsums, zone, edge_cluster, edge_values, out,
                     lse):  # pragma: no cover - numba
     """The estimation zone merged into the exact part, one pass per KV head (in parallel): the
-    search's cluster_logits [Hkv, G, C] (scale q . c + log size, :func:`_entry_logits`), log_sizes
-    [Hkv, C], sizes [Hkv, C] int32, vsums [Hkv, C, D] (bf16 bits as uint16), zone [Hkv, Z] int64
-    (-1: none), the clustered tokens attended exactly anyway (their clusters edge_cluster [Hkv, E]
-    int32, values edge_values [Hkv, E, D]: taken out of their clusters' size and sum), all f32 but
-    the ids; out [Hkv, G, D] and lse [Hkv, G] (the exact part) become the merged ones. What
-    ClusterIndex._estimate_tensors and a log-sum-exp merge compute, without ~30 small tensor ops."""
+    arguments of :func:`_head_estimate` with a KV head first ([Hkv, ...]); out [Hkv, G, D] and lse
+    [Hkv, G] (the exact part) become the merged ones. What ClusterIndex._estimate_tensors and a
+    log-sum-exp merge compute, without ~30 small tensor ops (a search that had the values at hand
+    estimated already: this serves one that did not)."""
     Hkv, G, D = out.shape
-    C = sizes.shape[1]
-    Z = zone.shape[1]
-    E = edge_cluster.shape[1]
+    est_out = np.empty((Hkv, G, D), np.float32)
+    est_lse = np.empty((Hkv, G), np.float32)
     for h in prange(Hkv):
-        size = np.zeros(Z, np.float32)  # tokens estimated: the cluster's, less those attended exactly
-        vsum_bits = np.zeros((Z, D), np.uint32)
-        vsum = vsum_bits.view(np.float32)  # [Z, D]
-        shift = np.zeros(Z, np.float32)  # log(size left) - log(size): 0 but where tokens were taken out
-        place = np.full(C, -1, np.int64)  # cluster -> its place in the zone
-        for z in range(Z):
-            c = zone[h, z]
-            if c >= 0:
-                size[z] = sizes[h, c]
-                for d in range(D):  # bf16 bits -> f32
-                    vsum_bits[z, d] = np.uint32(vsums[h, c, d]) << 16
-                place[c] = z
-        for e in range(E):
-            z = place[edge_cluster[h, e]]
-            if z >= 0:
-                size[z] -= 1.0
-                vsum[z] -= edge_values[h, e]
-        for z in range(Z):
-            if zone[h, z] >= 0 and 0.5 < size[z] < sizes[h, zone[h, z]]:
-                shift[z] = np.log(size[z]) - log_sizes[h, zone[h, z]]
-        weights = np.empty(Z, np.float32)
-        exp_bits = np.empty(Z, np.int32)
-        for g in range(G):
-            m = lse[h, g]
-            for z in range(Z):
-                if size[z] > 0.5:  # the cluster's logit, its size less the tokens attended exactly
-                    weights[z] = cluster_logits[h, g, zone[h, z]] + shift[z]
-                    m = max(m, weights[z])
-                else:
-                    weights[z] = NO_SCORE
-            if m == NO_SCORE or not np.isfinite(m):
-                continue  # nothing exact and nothing estimated
-            for z in range(Z):
-                weights[z] -= m
-            exp_inplace(weights, exp_bits, Z)
-            keep = np.exp(lse[h, g] - m) if np.isfinite(lse[h, g]) else np.float32(0.0)
-            total = keep
-            for d in range(D):
-                out[h, g, d] *= keep
-            for z in range(Z):
-                if size[z] > 0.5:
-                    total += weights[z]
-                    share = weights[z] / size[z]
-                    for d in range(D):
-                        out[h, g, d] += share * vsum[z, d]
-            for d in range(D):
-                out[h, g, d] /= total
-            lse[h, g] = m + np.log(total)
+        _head_estimate(cluster_logits[h], log_sizes[h], sizes[h], vsums[h], zone[h], edge_cluster[h],
+                       edge_values[h], est_out[h], est_lse[h])
+    _merge_estimate(out, lse, est_out, est_lse)
 
 
 @dataclass(frozen=True)
@@ -376,6 +414,8 @@ class _Ranked:
     selection: Selection
     zone: torch.Tensor  # [Hkv, Z] int64: clusters ranked next after the taken ones (-1: none), add_estimate's
     cluster_logits: np.ndarray | None = None  # [Hkv, G, C] the CPU search's, for add_estimate's compiled merge
+    # the zone's estimate, (out [Hkv, G, D], lse [Hkv, G]) f32, where the CPU search made it (it had the values)
+    estimate: tuple[np.ndarray, np.ndarray] | None = None
 
 
 @register
@@ -408,6 +448,7 @@ class ClusterIndex(KVIndex):
         # _edge's last read: ((sinks, clustered tokens), the window's first clustered token, their
         # clusters [Hkv, E], their values [Hkv, E, D])
         self._edge_rows: tuple | None = None
+        self._values = None  # the row's values [Hkv, N, D] (KVRows), from summarize_values
         # numpy views (centroids, log sizes, sizes, starts, order) of a CPU index (_refresh_log_sizes)
         self._host: tuple[np.ndarray, ...] = ()
 
@@ -529,12 +570,20 @@ class ClusterIndex(KVIndex):
         r = self._ranked
         if r is None or r.zone.shape[1] == 0:
             return
+        on_cpu = r.cluster_logits is not None and out.device.type == "cpu"
+        Hkv, _, D = self.centroids.shape
+        if on_cpu and r.estimate is not None:  # the search estimated already: merge
+            acc = out.float().reshape(Hkv, self.group, D).contiguous()  # [Hkv, G, D]
+            total = lse.float().reshape(Hkv, self.group).contiguous()  # [Hkv, G]
+            _merge_estimate(acc.numpy(), total.numpy(), *r.estimate)
+            out.copy_(acc.view(-1, D))
+            lse.copy_(total.view(-1))
+            return
         self.summarize_values(values)
-        edge_cluster, edge_values = self._edge(values, r)
-        if r.cluster_logits is None or out.device.type != "cpu":  # the search ran as tensor ops
+        edge_cluster, edge_values = self._edge(values, r.lo, r.hi)
+        if not on_cpu:  # the search ran as tensor ops
             self._merge_tensors(q, r.zone, edge_cluster, edge_values, out, lse)
             return
-        Hkv, _, D = self.centroids.shape
         acc = out.float().reshape(Hkv, self.group, D).contiguous()  # [Hkv, G, D]
         total = lse.float().reshape(Hkv, self.group).contiguous()  # [Hkv, G]
         _, log_sizes, sizes, _, _ = self._host
@@ -543,12 +592,12 @@ class ClusterIndex(KVIndex):
         out.copy_(acc.view(-1, D))
         lse.copy_(total.view(-1))
 
-    def _edge(self, values, r: _Ranked) -> tuple[torch.Tensor, torch.Tensor]:
+    def _edge(self, values, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Clustered tokens attended exactly anyway (the window's tokens already clustered, then the
         sinks): their clusters [Hkv, E] int32 and values [Hkv, E, D] fp32. Read once per clustering:
         as the window moves on, its oldest tokens become candidates and drop off the front."""
-        lo, clustered = min(r.lo, self.n_clustered), self.n_clustered
-        first = min(r.hi, clustered)  # the window's first clustered token
+        lo, clustered = min(lo, self.n_clustered), self.n_clustered
+        first = min(hi, clustered)  # the window's first clustered token
         cached = self._edge_rows
         if cached is None or cached[0] != (lo, clustered) or first < cached[1]:
             edge = torch.cat([torch.arange(first, clustered), torch.arange(0, lo)])  # [E] token ids
@@ -577,7 +626,7 @@ class ClusterIndex(KVIndex):
         if r is None or r.zone.shape[1] == 0:
             return None
         self.summarize_values(values)
-        edge_cluster, edge_values = self._edge(values, r)
+        edge_cluster, edge_values = self._edge(values, r.lo, r.hi)
         return self._estimate_tensors(q, r.zone, edge_cluster, edge_values)
 
     def _estimate_tensors(self, q: torch.Tensor, zone: torch.Tensor, edge_cluster: torch.Tensor,
@@ -612,8 +661,9 @@ class ClusterIndex(KVIndex):
 
     def summarize_values(self, values) -> None:
         """Value sums of the clusters made since the last call: their tokens (the ones clustered
-        since) are read once, in token order (a disk layer streams them; estimate() calls this for
-        the clusters decode adds)."""
+        since) are read once, in token order (a disk layer streams them; the search calls this for
+        the clusters decode adds). The rows are kept: the CPU search estimates its zone from them."""
+        self._values = values
         done, C = self._vsums.shape[1], self.sizes.shape[1]
         if done == C:
             return
@@ -636,10 +686,11 @@ class ClusterIndex(KVIndex):
         T = tail.shape[1]
         self.last_scored = C + T  # centroids and tail keys scored, per KV head
         if device.type == "cpu":  # one compiled pass: the torch form below is ~100 small ops (1 ms) more
-            mass, cluster_logits, selection, zone = self._search_numba(qg, tail, self._wide(budget, hi - lo), lo, hi)
+            mass, cluster_logits, selection, zone, estimate = self._search_numba(qg, tail, self._wide(budget, hi - lo),
+                                                                                 lo, hi)
             selection = self._rerank(qg, selection, budget)
             self._ranked = _Ranked(torch.from_numpy(mass), budget, lo, hi, selection, self._retrieval_zone(zone),
-                                   cluster_logits)
+                                   cluster_logits, estimate)
             return selection
         logits = torch.baddbmm(self._log_sizes, qg, self.centroids.float().transpose(1, 2), alpha=self.scale)  # [Hkv, G, C]
         if T:
@@ -714,24 +765,36 @@ class ClusterIndex(KVIndex):
         return budget // (self.cluster_size // 4) + 8
 
     def _search_numba(self, qg: torch.Tensor, tail: torch.Tensor, budget: int, lo: int,
-                      hi: int) -> tuple[np.ndarray, np.ndarray, Selection, torch.Tensor]:
+                      hi: int) -> tuple[np.ndarray, np.ndarray, Selection, torch.Tensor, tuple | None]:
         """The CPU's search in one compiled call (:func:`_search_take`): qg [Hkv, G, D], tail [Hkv, T, D]
         -> (mass [Hkv, C+T] each entry's share of the group's attention, the clusters' logits [Hkv, G,
-        C], the selection, the estimation zone [Hkv, Z])."""
+        C], the selection, the estimation zone [Hkv, Z], and with the values at hand (summarize_values)
+        the zone's estimate (out [Hkv, G, D], lse [Hkv, G]); the retrieval heads' alone)."""
         Hkv, C = self.sizes.shape
+        G, D = self.group, self.head_dim
         T = tail.shape[1]
         centroids, log_sizes, sizes, starts, order = self._host
         mass = np.empty((Hkv, C + T), np.float32)  # [Hkv, C+T]
-        cluster_logits = np.empty((Hkv, self.group, C), np.float32)  # [Hkv, G, C]
+        cluster_logits = np.empty((Hkv, G, C), np.float32)  # [Hkv, G, C]
         out = np.zeros((Hkv, budget + self._widest), dtype=np.int32)  # [Hkv, S]
         counts = np.zeros(Hkv, np.int32)  # [Hkv]
+        est_out, est_lse = np.empty((Hkv, G, D), np.float32), np.empty((Hkv, G), np.float32)
+        if self._values is not None:
+            self.summarize_values(self._values)
+            edge_cluster, edge_values = self._edge(self._values, lo, hi)  # [Hkv, E], [Hkv, E, D]
+            estimate = np.ones(Hkv, np.uint8) if self.heads is None else self.heads.numpy().astype(np.uint8)
+        else:  # values not seen yet (an index restored on a moved row): add_estimate estimates
+            edge_cluster, edge_values = torch.zeros(Hkv, 0, dtype=torch.int32), torch.zeros(Hkv, 0, D)
+            estimate = np.zeros(Hkv, np.uint8)
         zone = _search_take(qg.contiguous().numpy(), centroids, log_sizes, tail.contiguous().numpy(),
                             np.float32(self.scale), sizes, starts, order, self.n_clustered, lo, hi, budget,
                             self.config.mass or 0.0, ADAPTIVE_FLOOR_TOKENS, self._ranked_entries(budget), threads(),
-                            mass, cluster_logits, out, counts)
+                            mass, cluster_logits, out, counts, estimate, self._vsums.view(torch.uint16).numpy(),
+                            edge_cluster.numpy(), edge_values.numpy(), est_out, est_lse)
         width = max(1, int(counts.max()))
         selection = Selection(torch.from_numpy(out[:, :width].copy()), torch.from_numpy(counts))
-        return mass, cluster_logits, selection, torch.from_numpy(zone)
+        return (mass, cluster_logits, selection, torch.from_numpy(zone),
+                (est_out, est_lse) if self._values is not None else None)
 
     def _take_torch(self, mass: torch.Tensor, budget: int, lo: int, hi: int) -> tuple[Selection, torch.Tensor]:
         """Clusters best first while the budget lasts, their tokens in the candidate range, as tensor

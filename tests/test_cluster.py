@@ -173,7 +173,7 @@ def test_compiled_take_equals_the_tensor_form(monkeypatch, mass):
         logits = torch.cat([torch.matmul(qg, centroids) * idx.scale + idx.sizes.float().log()[:, None],
                             torch.matmul(qg, tail.transpose(1, 2)) * idx.scale], dim=-1)  # [Hkv, G, C+T]
         mass = torch.softmax(logits, dim=-1).sum(1) / 3  # [Hkv, C+T]: shares of the group's attention
-        compiled, cluster_logits, a, zone_a = idx._search_numba(qg, tail, budget, lo, hi)
+        compiled, cluster_logits, a, zone_a, _ = idx._search_numba(qg, tail, budget, lo, hi)
         assert torch.allclose(torch.from_numpy(compiled), mass, atol=1e-6, rtol=1e-4)
         C = idx.sizes.shape[1]  # the clusters' logits, kept for the estimation zone
         assert torch.allclose(torch.from_numpy(cluster_logits), logits[..., :C], atol=1e-4, rtol=1e-4)
@@ -300,11 +300,16 @@ def test_the_estimation_zone_brings_the_output_closer_to_exact(window):
     est_out, est_lse = idx.estimate_tensors(q, values, n)
     merged, merged_lse = merge_attention([out, est_out[None].to(out)], [lse, est_lse[None]])
     compiled, compiled_lse = out[0].clone(), lse[0].clone()
-    idx.add_estimate(q, values, n, compiled, compiled_lse)  # the CPU's one compiled pass, in place
+    assert idx._ranked.estimate is None  # the search had no values: add_estimate estimates in one compiled pass
+    idx.add_estimate(q, values, n, compiled, compiled_lse)
     tensors, tensors_lse = out[0].clone(), lse[0].clone()
-    edge_cluster, edge_values = idx._edge(values, idx._ranked)
+    edge_cluster, edge_values = idx._edge(values, idx._ranked.lo, idx._ranked.hi)
     idx._merge_tensors(q, zone, edge_cluster, edge_values, tensors, tensors_lse)  # a GPU's form
-    for got, got_lse in ((compiled, compiled_lse), (tensors, tensors_lse)):
+    assert torch.equal(idx.search(q, 64).ids, sel.ids)  # the values seen now: this search estimates as it ranks
+    assert idx._ranked.estimate is not None
+    searched, searched_lse = out[0].clone(), lse[0].clone()
+    idx.add_estimate(q, values, n, searched, searched_lse)  # only merges
+    for got, got_lse in ((compiled, compiled_lse), (tensors, tensors_lse), (searched, searched_lse)):
         torch.testing.assert_close(got, merged[0], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(got_lse, merged_lse[0], rtol=1e-5, atol=1e-5)
     exact = _exact(q, keys, values, n, scale)
