@@ -210,14 +210,15 @@ def _take_head(ranked, share, sizes, starts, order, n_clustered, lo, hi, budget,
     """One KV head: entries (clusters, then tail tokens) in ``ranked`` order (best first) taken
     while fewer than ``budget`` tokens are (and, with ``mass`` > 0, while the estimated ``share``
     of attention covered is below ``mass`` or fewer than ``floor`` tokens are taken); their token
-    ids in [lo, hi) into out (sorted). sizes [C], starts [C+1], order [n_clustered]. Returns (ids
-    written, ranked entries taken, whether it stopped before running out of ranked entries)."""
+    ids in [lo, hi) into out, cluster after cluster (each cluster's ascending: sorting them all cost
+    ~45 us a layer at 32K and the gather no less time). sizes [C], starts [C+1], order [n_clustered].
+    Returns (ids written, ranked entries taken, whether it stopped before running out of ranked
+    entries)."""
     C = sizes.shape[0]
     taken, m, covered = 0, 0, 0.0
     for i in range(ranked.shape[0]):
         j = ranked[i]
         if taken >= budget or (mass > 0 and covered >= mass and taken >= floor):
-            out[:m].sort()
             return m, i, True
         covered += share[i]
         if j < C:
@@ -233,7 +234,6 @@ def _take_head(ranked, share, sizes, starts, order, n_clustered, lo, hi, budget,
                 out[m] = tok
                 m += 1
             taken += 1
-    out[:m].sort()
     return m, ranked.shape[0], False
 
 

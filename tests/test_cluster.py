@@ -98,7 +98,7 @@ def test_budget_is_spent_in_whole_clusters_and_tail_tokens_compete():
         count = int(sel.counts[0])
         ids = sel.ids[0, :count]
         assert budget <= count < budget + int(idx.sizes.max()) + 1 or count == 600
-        assert (torch.diff(ids) > 0).all()  # sorted, no duplicates
+        assert ids.unique().numel() == count  # no duplicates
     # the tail token the query likes most is taken even at a small budget
     tail_best = 512 + int((keys[0, 512:600] @ q.view(3, 16).T).softmax(0).sum(-1).argmax())
     keys[0, tail_best] = q.sum(0) * 10
@@ -179,8 +179,8 @@ def test_compiled_take_equals_the_tensor_form(monkeypatch, mass):
         assert torch.allclose(torch.from_numpy(cluster_logits), logits[..., :C], atol=1e-4, rtol=1e-4)
         b, zone_b = idx._take_torch(torch.from_numpy(compiled), budget, lo, hi)
         assert torch.equal(a.counts, b.counts)
-        for h in range(3):
-            assert torch.equal(a.ids[h, :a.counts[h]], b.ids[h, :b.counts[h]])
+        for h in range(3):  # the same ids (the tensor form sorts them; the compiled take lists them by cluster)
+            assert torch.equal(a.ids[h, :a.counts[h]].sort().values, b.ids[h, :b.counts[h]])
             # the estimation zone: the same clusters ranked next (a tie may order them otherwise)
             assert set(zone_a[h][zone_a[h] >= 0].tolist()) == set(zone_b[h][zone_b[h] >= 0].tolist())
             picked = a.ids[h, :a.counts[h]].long()
