@@ -31,9 +31,10 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from offload.kernels.cpu_decode import NO_SCORE, exp_inplace, threads
+from offload.kernels.cpu_decode import threads
 
 from .base import ADAPTIVE_FLOOR_TOKENS, KVIndex, Selection, SelectionConfig, register
+from .cluster_search import estimate_merge, merge_estimate, search_take, take_clusters
 
 # Segments clustered in one batched k-means: large products, and keys read (from disk, say) and held
 # in fp32 16K tokens at a time however long the prompt.
@@ -121,286 +122,6 @@ def kmeans_segments(x: torch.Tensor, clusters: int,
         counts = torch.bincount(flat, minlength=S * K).view(S, K)  # [S, K]
         centroids = torch.where(counts[..., None] > 0, sums / counts.clamp(min=1)[..., None], centroids)
     return assign, centroids
-
-
-@njit(cache=True, fastmath=True, nogil=True)
-def _entry_logits(q, centroids, log_sizes, tail, scale, first, last, logits):  # pragma: no cover - numba
-    """Logits of entries first..last-1 of one KV head (clusters 0..C-1, then the tail's keys): q [G,
-    D], centroids [C, D] (bf16 bits as uint16), log_sizes [C], tail keys [T, D] (f32) -> logits [G,
-    C+T] f32: scale q . c + log size for a cluster (its size x exp(scale q . c)), scale q . k for a
-    tail key. The centroids are read once, in order (a cold index streams in at the memory's pace:
-    a [D, C] layout read a block of clusters at a time was 3x slower cold, 64 strided streams)."""
-    G, D = q.shape
-    C = centroids.shape[0]
-    row_bits = np.empty(D, np.uint32)  # one centroid widened to f32 (the bf16 bits its high half)
-    row = row_bits.view(np.float32)
-    for c in range(first, min(last, C)):
-        for d in range(D):
-            row_bits[d] = np.uint32(centroids[c, d]) << 16
-        for g in range(G):
-            dot = np.float32(0.0)
-            for d in range(D):
-                dot += q[g, d] * row[d]
-            logits[g, c] = dot * scale + log_sizes[c]
-    for c in range(max(first, C), last):
-        row = tail[c - C]
-        for g in range(G):
-            dot = np.float32(0.0)
-            for d in range(D):
-                dot += q[g, d] * row[d]
-            logits[g, c] = dot * scale
-
-
-@njit(cache=True, fastmath=True, nogil=True)
-def _head_mass(logits, mass):  # pragma: no cover - numba
-    """One KV head's estimated attention per entry from its logits [G, C+T] (:func:`_entry_logits`;
-    overwritten) -> mass [C+T]: per query head the softmax over the entries, summed over the group
-    and divided by G (a share of the group's attention: the entries sum to 1). What torch does as
-    baddbmm + cat + softmax + sum."""
-    G, M = logits.shape
-    exp_bits = np.empty(M, np.int32)
-    for c in range(M):
-        mass[c] = 0.0
-    for g in range(G):
-        row = logits[g]
-        m = row[0]
-        for c in range(M):
-            m = max(m, row[c])
-        for c in range(M):
-            row[c] -= m
-        exp_inplace(row, exp_bits, M)
-        total = np.float32(0.0)
-        for c in range(M):
-            total += row[c]
-        norm = np.float32(1.0) / (total * G)
-        for c in range(M):
-            mass[c] += row[c] * norm
-
-
-@njit(cache=True, nogil=True)
-def _rank_head(mass, k, ranked, share):  # pragma: no cover - numba
-    """The k best entries of mass [M], best first, into ranked[:k] (ids) and share[:k] (their mass):
-    a partition finds the k-th largest (O(M)), then only those k are sorted (ties by id)."""
-    M = mass.shape[0]
-    if k < M:
-        threshold = np.partition(mass.copy(), M - k)[M - k]  # the k-th largest
-        picked = np.empty(k, np.int64)
-        m = 0
-        for i in range(M):  # above the threshold, then as many equal to it as fit
-            if mass[i] > threshold:
-                picked[m] = i
-                m += 1
-        for i in range(M):
-            if m == k:
-                break
-            if mass[i] == threshold:
-                picked[m] = i
-                m += 1
-    else:
-        picked = np.arange(M)
-    best = np.argsort(-mass[picked], kind="mergesort")  # best first; equal shares by id
-    for i in range(k):
-        ranked[i] = picked[best[i]]
-        share[i] = mass[ranked[i]]
-
-
-@njit(cache=True, nogil=True)
-def _take_head(ranked, share, sizes, starts, order, n_clustered, lo, hi, budget, mass, floor,
-               out):  # pragma: no cover - numba
-    """One KV head: entries (clusters, then tail tokens) in ``ranked`` order (best first) taken
-    while fewer than ``budget`` tokens are (and, with ``mass`` > 0, while the estimated ``share``
-    of attention covered is below ``mass`` or fewer than ``floor`` tokens are taken); their token
-    ids in [lo, hi) into out, cluster after cluster (each cluster's ascending: sorting them all cost
-    ~45 us a layer at 32K and the gather no less time). sizes [C], starts [C+1], order [n_clustered].
-    Returns (ids written, ranked entries taken, whether it stopped before running out of ranked
-    entries)."""
-    C = sizes.shape[0]
-    taken, m, covered = 0, 0, 0.0
-    for i in range(ranked.shape[0]):
-        j = ranked[i]
-        if taken >= budget or (mass > 0 and covered >= mass and taken >= floor):
-            return m, i, True
-        covered += share[i]
-        if j < C:
-            for t in range(starts[j], starts[j] + sizes[j]):
-                tok = order[t]
-                if lo <= tok < hi:
-                    out[m] = tok
-                    m += 1
-            taken += sizes[j]
-        else:
-            tok = j - C + n_clustered
-            if lo <= tok < hi:
-                out[m] = tok
-                m += 1
-            taken += 1
-    return m, ranked.shape[0], False
-
-
-@njit(cache=True, nogil=True)
-def _take_clusters(ranked, share, sizes, starts, order, n_clustered, lo, hi, budget, mass, floor,
-                   out):  # pragma: no cover - numba
-    """:func:`_take_head` for every KV head: ranked, share [Hkv, k], sizes [Hkv, C], starts [Hkv,
-    C+1], order [Hkv, n_clustered], out [Hkv, S] -> ids written per head [Hkv]."""
-    counts = np.zeros(ranked.shape[0], np.int32)
-    for h in range(ranked.shape[0]):
-        counts[h] = _take_head(ranked[h], share[h], sizes[h], starts[h], order[h], n_clustered, lo, hi, budget,
-                               mass, floor, out[h])[0]
-    return counts
-
-
-@njit(cache=True, parallel=True, fastmath=True)
-def _search_take(q, centroids, log_sizes, tail, scale, sizes, starts, order, n_clustered, lo, hi, budget, p,
-                 floor, k, parts, mass, cluster_logits, out, counts, estimate, vsums, edge_cluster, edge_values,
-                 est_out, est_lse):  # pragma: no cover - numba
-    """A whole CPU search in two parallel passes: :func:`_entry_logits` scores the clusters and tail
-    keys (q [Hkv, G, D], centroids [Hkv, C, D] bf16 bits, log_sizes [Hkv, C], tail [Hkv, T, D] ->
-    cluster_logits [Hkv, G, C]), then per KV head :func:`_head_mass` (-> mass [Hkv, C+T]), the
-    best k entries are ranked and :func:`_take_head` takes them (a head that runs out of them
-    before it is done ranks all of them); its ids into out [Hkv, S], how many into counts [Hkv].
-    Returns the estimation zone [Hkv, Z] int64: per head the clusters ranked after the ones it took
-    (tail tokens left out), -1 padded. Where ``estimate`` [Hkv] (uint8) says so, the head's zone is
-    estimated at once, while its logits are in cache (:func:`_head_estimate` with vsums [Hkv, C, D],
-    edge_cluster [Hkv, E], edge_values [Hkv, E, D] -> est_out [Hkv, G, D], est_lse [Hkv, G]; -inf
-    elsewhere). What torch.topk, the take and the zone's tensor ops cost ~0.2 ms more for."""
-    Hkv, G, _ = q.shape
-    M = mass.shape[1]
-    C = sizes.shape[1]
-    # Scored in parts, every head's entries cut in `parts` ranges (one per thread): 3 KV heads on 2
-    # threads would leave one thread a head alone (a third of the search on one core)
-    span = (M + parts - 1) // parts
-    logits = np.empty((Hkv, G, M), np.float32)  # [Hkv, G, C+T]
-    for task in prange(Hkv * parts):
-        h, part = task // parts, task % parts
-        _entry_logits(q[h], centroids[h], log_sizes[h], tail[h], scale, part * span, min(M, (part + 1) * span),
-                      logits[h])
-    ranked = np.empty((Hkv, M), np.int64)  # [Hkv, M] best first, the first ranked_n[h]
-    share = np.empty((Hkv, M), np.float32)
-    zones = np.full((Hkv, M), -1, np.int64)  # [Hkv, M] each head's zone, its first zone_n[h]
-    zone_n = np.zeros(Hkv, np.int64)
-    for h in prange(Hkv):
-        cluster_logits[h] = logits[h, :, :C]
-        _head_mass(logits[h], mass[h])
-        n_ranked = min(k, M)
-        _rank_head(mass[h], n_ranked, ranked[h], share[h])
-        m, u, done = _take_head(ranked[h, :n_ranked], share[h, :n_ranked], sizes[h], starts[h], order[h],
-                                n_clustered, lo, hi, budget, p, floor, out[h])
-        if not done and n_ranked < M:  # the best clusters were small: rank them all
-            n_ranked = M
-            _rank_head(mass[h], M, ranked[h], share[h])
-            m, u, done = _take_head(ranked[h], share[h], sizes[h], starts[h], order[h], n_clustered, lo, hi,
-                                    budget, p, floor, out[h])
-        counts[h] = m
-        z = 0
-        for i in range(u, n_ranked):
-            if ranked[h, i] < C:
-                zones[h, z] = ranked[h, i]
-                z += 1
-        zone_n[h] = z
-        if estimate[h]:
-            _head_estimate(cluster_logits[h], log_sizes[h], sizes[h], vsums[h], zones[h, :z], edge_cluster[h],
-                           edge_values[h], est_out[h], est_lse[h])
-        else:
-            est_lse[h] = -np.inf
-    return zones[:, :max(zone_n.max(), 0)].copy()
-
-
-@njit(cache=True, fastmath=True, nogil=True)
-def _head_estimate(cluster_logits, log_sizes, sizes, vsums, zone, edge_cluster, edge_values, est_out,
-                   est_lse):  # pragma: no cover - numba
-    """One KV head's estimation zone on its own: the search's cluster_logits [G, C] (scale q . c +
-    log size, :func:`_entry_logits`), log_sizes [C], sizes [C] int32, vsums [C, D] (bf16 bits as
-    uint16), zone [Z] int64 (-1: none), the clustered tokens attended exactly anyway (their
-    clusters edge_cluster [E] int32, values edge_values [E, D] f32: taken out of their clusters'
-    size and sum) -> est_out [G, D]: the zone's value means weighted by size x exp(scale q . c),
-    and est_lse [G]: the log of those weights' sum (-inf: nothing to estimate)."""
-    G, D = est_out.shape
-    C = sizes.shape[0]
-    Z = zone.shape[0]
-    size = np.zeros(Z, np.float32)  # tokens estimated: the cluster's, less those attended exactly
-    vsum_bits = np.zeros((Z, D), np.uint32)
-    vsum = vsum_bits.view(np.float32)  # [Z, D]
-    shift = np.zeros(Z, np.float32)  # log(size left) - log(size): 0 but where tokens were taken out
-    place = np.full(C, -1, np.int64)  # cluster -> its place in the zone
-    for z in range(Z):
-        c = zone[z]
-        if c >= 0:
-            size[z] = sizes[c]
-            for d in range(D):  # bf16 bits -> f32
-                vsum_bits[z, d] = np.uint32(vsums[c, d]) << 16
-            place[c] = z
-    for e in range(edge_cluster.shape[0]):
-        z = place[edge_cluster[e]]
-        if z >= 0:
-            size[z] -= 1.0
-            vsum[z] -= edge_values[e]
-    for z in range(Z):
-        if zone[z] >= 0 and 0.5 < size[z] < sizes[zone[z]]:
-            shift[z] = np.log(size[z]) - log_sizes[zone[z]]
-    weights = np.empty(Z, np.float32)
-    exp_bits = np.empty(Z, np.int32)
-    for g in range(G):
-        est_out[g] = 0.0
-        m = NO_SCORE
-        for z in range(Z):
-            if size[z] > 0.5:  # the cluster's logit, its size less the tokens attended exactly
-                weights[z] = cluster_logits[g, zone[z]] + shift[z]
-                m = max(m, weights[z])
-            else:
-                weights[z] = NO_SCORE
-        if m == NO_SCORE:
-            est_lse[g] = -np.inf
-            continue
-        for z in range(Z):
-            weights[z] -= m
-        exp_inplace(weights, exp_bits, Z)
-        total = np.float32(0.0)
-        for z in range(Z):
-            if size[z] > 0.5:
-                total += weights[z]
-                share = weights[z] / size[z]
-                for d in range(D):
-                    est_out[g, d] += share * vsum[z, d]
-        for d in range(D):
-            est_out[g, d] /= total
-        est_lse[g] = m + np.log(total)
-
-
-@njit(cache=True, fastmath=True, nogil=True)
-def _merge_estimate(out, lse, est_out, est_lse):  # pragma: no cover - numba
-    """out [Hkv, G, D] and lse [Hkv, G] (the exact part) <- merged with an estimate (est_out,
-    est_lse, :func:`_head_estimate`) by log-sum-exp, in place (-inf on either side: the other)."""
-    Hkv, G, D = out.shape
-    for h in range(Hkv):
-        for g in range(G):
-            e = est_lse[h, g]
-            if not np.isfinite(e):
-                continue  # nothing estimated
-            exact = lse[h, g]
-            m = max(exact, e) if np.isfinite(exact) else e
-            keep = np.exp(exact - m) if np.isfinite(exact) else np.float32(0.0)
-            add = np.exp(e - m)
-            total = keep + add
-            for d in range(D):
-                out[h, g, d] = (keep * out[h, g, d] + add * est_out[h, g, d]) / total
-            lse[h, g] = m + np.log(total)
-
-
-@njit(cache=True, parallel=True)
-def _estimate_merge(cluster_logits, log_sizes, sizes, vsums, zone, edge_cluster, edge_values, out,
-                    lse):  # pragma: no cover - numba
-    """The estimation zone merged into the exact part, one pass per KV head (in parallel): the
-    arguments of :func:`_head_estimate` with a KV head first ([Hkv, ...]); out [Hkv, G, D] and lse
-    [Hkv, G] (the exact part) become the merged ones. What ClusterIndex._estimate_tensors and a
-    log-sum-exp merge compute, without ~30 small tensor ops (a search that had the values at hand
-    estimated already: this serves one that did not)."""
-    Hkv, G, D = out.shape
-    est_out = np.empty((Hkv, G, D), np.float32)
-    est_lse = np.empty((Hkv, G), np.float32)
-    for h in prange(Hkv):
-        _head_estimate(cluster_logits[h], log_sizes[h], sizes[h], vsums[h], zone[h], edge_cluster[h],
-                       edge_values[h], est_out[h], est_lse[h])
-    _merge_estimate(out, lse, est_out, est_lse)
 
 
 @dataclass(frozen=True)
@@ -575,7 +296,7 @@ class ClusterIndex(KVIndex):
         if on_cpu and r.estimate is not None:  # the search estimated already: merge
             acc = out.float().reshape(Hkv, self.group, D).contiguous()  # [Hkv, G, D]
             total = lse.float().reshape(Hkv, self.group).contiguous()  # [Hkv, G]
-            _merge_estimate(acc.numpy(), total.numpy(), *r.estimate)
+            merge_estimate(acc.numpy(), total.numpy(), *r.estimate)
             out.copy_(acc.view(-1, D))
             lse.copy_(total.view(-1))
             return
@@ -587,7 +308,7 @@ class ClusterIndex(KVIndex):
         acc = out.float().reshape(Hkv, self.group, D).contiguous()  # [Hkv, G, D]
         total = lse.float().reshape(Hkv, self.group).contiguous()  # [Hkv, G]
         _, log_sizes, sizes, _, _ = self._host
-        _estimate_merge(r.cluster_logits, log_sizes, sizes, self._vsums.view(torch.uint16).numpy(),
+        estimate_merge(r.cluster_logits, log_sizes, sizes, self._vsums.view(torch.uint16).numpy(),
                         r.zone.numpy(), edge_cluster.numpy(), edge_values.numpy(), acc.numpy(), total.numpy())
         out.copy_(acc.view(-1, D))
         lse.copy_(total.view(-1))
@@ -749,7 +470,7 @@ class ClusterIndex(KVIndex):
         k = min(mass.shape[1], self._ranked_entries(wider))
         top = torch.topk(mass, k, dim=1)  # [Hkv, k] best first
         taken = np.zeros((Hkv, wider + self._widest), dtype=np.int32)  # [Hkv, S]
-        counts = _take_clusters(top.indices.numpy(), top.values.numpy(), self.sizes.cpu().numpy(),
+        counts = take_clusters(top.indices.numpy(), top.values.numpy(), self.sizes.cpu().numpy(),
                                 self.starts.cpu().numpy(), self.order.cpu().numpy(), self.n_clustered, r.lo, r.hi,
                                 wider, 0.0, 0, taken)
         chosen, chosen_counts = r.selection.ids.cpu().numpy(), r.selection.counts.cpu().numpy()
@@ -766,7 +487,7 @@ class ClusterIndex(KVIndex):
 
     def _search_numba(self, qg: torch.Tensor, tail: torch.Tensor, budget: int, lo: int,
                       hi: int) -> tuple[np.ndarray, np.ndarray, Selection, torch.Tensor, tuple | None]:
-        """The CPU's search in one compiled call (:func:`_search_take`): qg [Hkv, G, D], tail [Hkv, T, D]
+        """The CPU's search in one compiled call (:func:`search_take`): qg [Hkv, G, D], tail [Hkv, T, D]
         -> (mass [Hkv, C+T] each entry's share of the group's attention, the clusters' logits [Hkv, G,
         C], the selection, the estimation zone [Hkv, Z], and with the values at hand (summarize_values)
         the zone's estimate (out [Hkv, G, D], lse [Hkv, G]); the retrieval heads' alone)."""
@@ -786,7 +507,7 @@ class ClusterIndex(KVIndex):
         else:  # values not seen yet (an index restored on a moved row): add_estimate estimates
             edge_cluster, edge_values = torch.zeros(Hkv, 0, dtype=torch.int32), torch.zeros(Hkv, 0, D)
             estimate = np.zeros(Hkv, np.uint8)
-        zone = _search_take(qg.contiguous().numpy(), centroids, log_sizes, tail.contiguous().numpy(),
+        zone = search_take(qg.contiguous().numpy(), centroids, log_sizes, tail.contiguous().numpy(),
                             np.float32(self.scale), sizes, starts, order, self.n_clustered, lo, hi, budget,
                             self.config.mass or 0.0, ADAPTIVE_FLOOR_TOKENS, self._ranked_entries(budget), threads(),
                             mass, cluster_logits, out, counts, estimate, self._vsums.view(torch.uint16).numpy(),
@@ -798,7 +519,7 @@ class ClusterIndex(KVIndex):
 
     def _take_torch(self, mass: torch.Tensor, budget: int, lo: int, hi: int) -> tuple[Selection, torch.Tensor]:
         """Clusters best first while the budget lasts, their tokens in the candidate range, as tensor
-        ops on the index's device (what :func:`_take_clusters` does on the CPU) -> (the selection,
+        ops on the index's device (what :func:`take_clusters` does on the CPU) -> (the selection,
         the estimation zone [Hkv, Z])."""
         Hkv, C = self.sizes.shape
         device = mass.device

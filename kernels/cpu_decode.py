@@ -257,10 +257,9 @@ def split_tokens(longest: int, tasks: int, threads: int) -> int:
 class _NumbaThreads(threading.local):
     """The count this thread last gave numba (numba's setting is per thread: a server's worker has
     its own), so that an unchanged count costs a compare: numba's getter takes ~6 us, and the int4
-    products of a decode step alone ask ~150 times."""
+    products of a decode step alone ask ~150 times. 0 until asked (asking numba starts its pool)."""
 
-    def __init__(self) -> None:
-        self.count = numba.get_num_threads()
+    count = 0
 
 
 _numba_threads = _NumbaThreads()
@@ -277,6 +276,8 @@ def set_threads(threads: int) -> None:
 
 def threads() -> int:
     """The threads numba's parallel loops run on now (as :func:`set_threads` set them)."""
+    if not _numba_threads.count:
+        _numba_threads.count = numba.get_num_threads()
     return _numba_threads.count
 
 

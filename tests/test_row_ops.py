@@ -151,10 +151,11 @@ def _kernel_signatures() -> dict[str, int]:
     """Compiled signatures of every numba kernel of the CPU paths a decode step and a prompt take."""
     from numba.core.registry import CPUDispatcher
 
-    from offload.indexes import cluster
+    from offload.indexes import cluster, cluster_search
     from offload.kernels import cpu_decode, cpu_glue, cpu_kivi, cpu_quant
 
-    return {f"{m.__name__}.{name}": len(obj.signatures) for m in (cpu_decode, cpu_glue, cpu_kivi, cpu_quant, cluster)
+    modules = (cpu_decode, cpu_glue, cpu_kivi, cpu_quant, cluster, cluster_search)
+    return {f"{m.__name__}.{name}": len(obj.signatures) for m in modules
             for name, obj in vars(m).items() if isinstance(obj, CPUDispatcher)}
 
 
