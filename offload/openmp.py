@@ -34,13 +34,20 @@ ELFCLASS64, ELFDATA2LSB = 2, 1
 
 def version_definitions(path: Path) -> frozenset[str]:
     """The symbol versions a shared library defines (its .gnu.version_d names, e.g. 'GOMP_4.0'),
-    read from its ELF headers; empty for anything but a little-endian 64-bit ELF file."""
+    read from its ELF headers; empty for anything but a well-formed little-endian 64-bit ELF file
+    (this runs when ``offload`` is imported: it never raises)."""
     try:
         data = path.read_bytes()
-    except OSError:
+        if data[:4] != ELF_MAGIC or data[4] != ELFCLASS64 or data[5] != ELFDATA2LSB:
+            return frozenset()
+        return _verdef_names(data)
+    except (OSError, IndexError, ValueError, UnicodeDecodeError, struct.error):
         return frozenset()
-    if data[:4] != ELF_MAGIC or data[4] != ELFCLASS64 or data[5] != ELFDATA2LSB:
-        return frozenset()
+
+
+def _verdef_names(data: bytes) -> frozenset[str]:
+    """The version names of an ELF64 file's SHT_GNU_verdef section (the section headers' table at
+    e_shoff; each definition's first auxiliary entry names it in the linked string table)."""
     shoff, = struct.unpack_from("<Q", data, 0x28)
     shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
     sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]

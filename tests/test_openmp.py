@@ -54,4 +54,6 @@ def test_symbol_versions_read_from_the_elf_headers(tmp_path):
         assert "GOMP_4.0" in version_definitions(_torch_gomp())
     (tmp_path / "text.so").write_text("not a library")
     assert version_definitions(tmp_path / "text.so") == frozenset()
+    (tmp_path / "cut.so").write_bytes(b"\x7fELF\x02\x01" + bytes(40))  # a header cut short: no exception
+    assert version_definitions(tmp_path / "cut.so") == frozenset()
     assert version_definitions(tmp_path / "missing.so") == frozenset()
