@@ -373,7 +373,7 @@ class SparseAttention(DenseAttention):
 
 
 def _stack_selections(selections: list[Selection], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rows' selections as one batch: ids [B, Hkv, S] int32 (zero-padded), counts [B, Hkv]. One
+    """The rows' selections as one batch: ids [B, Hkv, S] int32 (valid up to counts), counts [B, Hkv]. One
     row's are its own tensors, viewed (the usual decode of a single sequence: no copies)."""
     if len(selections) == 1:
         s = selections[0]
