@@ -17,12 +17,14 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from offload.attention import ForwardBatch, attend_with_lse
 from offload.config import ModelArgs
 from offload.kernels import gather_attention
+from offload.kernels.api import dense_id_lists
 from offload.kernels.reference import dense_token_ids
 from offload.tiers.budget import format_size
 from offload.tiers.kv_store import KVStore
@@ -44,6 +46,7 @@ class SparsePlan(DensePlan):
     beyond_window: list[bool] | None = None
     seq_lens: torch.Tensor | None = None  # [B] int32
     dense_ids: tuple[torch.Tensor, torch.Tensor] | None = None  # ([B, Nd], [B, Nd])
+    dense_lists: np.ndarray | None = None  # [B, Nd] int32, -1: none (the CPU's compiled gather)
 
 
 class SparseAttention(DenseAttention):
@@ -105,6 +108,7 @@ class SparseAttention(DenseAttention):
                 for layer in range(self.config.dense_layers, self.args.num_layers):
                     self.prefill_queries.pop((row, layer), None)
         plan.seq_lens = torch.tensor(batch.end_lengths, device=self.kv.device, dtype=torch.int32)  # [B]
+        plan.dense_lists = dense_id_lists(tuple(batch.end_lengths), self.config.sink, self.config.window)  # [B, Nd]
         if self._fetches_rows():  # the always-attended ids, the same for every layer this step
             lengths = torch.tensor(batch.end_lengths, device="cpu" if self.kv_offload else self.kv.device)  # [B]
             plan.dense_ids = dense_token_ids(lengths, self.config.sink, self.config.window)  # ([B, Nd], [B, Nd])
@@ -259,7 +263,12 @@ class SparseAttention(DenseAttention):
             out, lse = torch.stack(outs).to(q.device), None  # [B, H, D] (such a policy estimates nothing)
         elif self._fetches_rows():
             out, lse = self._attend_fetched(layer, q[:, :, 0], batch, selections)  # [B, H, D] only the attended rows move
-        else:  # the rows are read where they lie (an int8 cache's codes by their scales)
+        elif (arrays := self.kv.host_arrays(layer)) is not None and self.kernel_backend in ("auto", "numba"):
+            # the CPU's compiled gather where the rows lie, checked against the cache's views only
+            selected, counts = _stack_selections(selections, q.device)  # [B, Hkv, S], [B, Hkv]
+            out, lse = arrays.gather(q[:, :, 0], batch.plan.dense_lists, selected.numpy(), counts.numpy(),
+                                     self.args.softmax_scale)  # [B, H, D], [B, H]
+        else:  # the rows are read where they lie (a GPU's kernel)
             selected, counts = _stack_selections(selections, q.device)  # [B, Hkv, S], [B, Hkv]
             k, v, k_scale, v_scale = self.kv.whole_cache(layer, B)  # [B, Hkv, N, D] each (+ [B, Hkv, N] scales)
             out, lse = gather_attention(q[:, :, 0], k, v, selected, counts, batch.plan.seq_lens,

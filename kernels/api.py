@@ -380,6 +380,23 @@ class CacheArrays:
                              f"ranges of {ranges.rows} rows, {ranges.num_kv_heads} heads, {ranges.capacity} tokens")
         return _attend_numba(q, self.parts, NO_IDS, ranges.lo, ranges.hi, scale, ranges.longest)
 
+    def gather(self, q: torch.Tensor, dense: np.ndarray, selected: np.ndarray, counts: np.ndarray,
+               scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sparse decode attention of q [B, H, D] (CPU) over cache rows 0..B-1: each (row, KV head)
+        attends the step's dense ids dense [B, Nd] int32 (sinks and window, -1: none;
+        :func:`dense_id_lists`) and the first counts [B, Hkv] of its selected ids [B, Hkv, S] int32.
+        :func:`gather_attention`'s numba path, checked against these views only (a decode step calls
+        it once per sparse layer, where gather_attention's checks cost about what the kernel does)."""
+        R, Hkv, N, D = self.k.shape
+        B = q.shape[0]
+        if not (q.dim() == 3 and B <= R and q.shape[2] == D and q.shape[1] % Hkv == 0 and q.device.type == "cpu"
+                and dense.ndim == 2 and dense.shape[0] == B and selected.dtype == np.int32
+                and selected.shape[:2] == (B, Hkv) and counts.shape == (B, Hkv)):
+            raise ValueError(f"gather needs CPU q [B, H, D] for a cache of {R} rows x {Hkv} KV heads x {D}, dense ids "
+                             f"[B, Nd], int32 selected ids [B, {Hkv}, S] and counts [B, {Hkv}]; got q {tuple(q.shape)}, "
+                             f"dense {dense.shape}, selected {selected.shape} {selected.dtype}, counts {counts.shape}")
+        return _attend_lists(q, self.parts, dense, selected, counts, scale)
+
     def check_views_of(self, k: torch.Tensor) -> None:
         """These must be the arrays of the cache ``k`` is (the first rows of)."""
         if self.k.ctypes.data != k.data_ptr() or self.dtype != k.dtype:
@@ -584,20 +601,27 @@ def _attend_numba(q, cache: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray
 
 
 def _gather_numba(q, cache, selected, num_selected, seq_lens, scale, sink, window):
-    """gather_attention through the numba kernel: one id list per (row, KV head), the dense part
-    first (an id that does not exist in a short sequence is -1, skipped), then the selection."""
+    """gather_attention through the numba kernel (:func:`_attend_lists`)."""
+    dense = dense_id_lists(tuple(seq_lens.tolist()), sink, window)  # [B, Nd] int32
+    return _attend_lists(q, cache, dense, selected.to(torch.int32).numpy(), num_selected.numpy(), scale)
+
+
+def _attend_lists(q, cache, dense: np.ndarray, selected: np.ndarray, counts: np.ndarray,
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The numba kernel over one id list per (row, KV head): the dense part dense [B, Nd] first (an
+    id that does not exist in a short sequence is -1, skipped), then the first counts [B, Hkv] of the
+    selection selected [B, Hkv, S] int32."""
     B, Hkv, S = selected.shape
-    dense = _dense_ids(tuple(seq_lens.tolist()), sink, window)  # [B, Nd] int32
     Nd = dense.shape[1]
     ids = np.empty((B, Hkv, Nd + S), np.int32)  # [B, Hkv, Nd + S]
     ids[:, :, :Nd] = dense[:, None]
-    ids[:, :, Nd:] = selected.to(torch.int32).numpy()
-    hi = Nd + num_selected.numpy().astype(np.int64)  # [B, Hkv]
+    ids[:, :, Nd:] = selected
+    hi = Nd + counts.astype(np.int64)  # [B, Hkv]
     return _attend_numba(q, cache, ids, np.zeros_like(hi), hi, scale, int(hi.max()))
 
 
 @functools.lru_cache(maxsize=8)
-def _dense_ids(seq_lens: tuple[int, ...], sink: int, window: int) -> np.ndarray:
+def dense_id_lists(seq_lens: tuple[int, ...], sink: int, window: int) -> np.ndarray:
     """The sinks' and the window's token ids [B, sink + window] int32 (-1: no such token in a short
     sequence), as :func:`reference.dense_token_ids` gives them: the same for every sparse layer of
     a decode step, so worked out once per step (per layer it cost twice the kernel at 4K)."""

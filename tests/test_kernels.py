@@ -292,6 +292,14 @@ def test_numba_gather_matches_reference(cache, B, Hkv, group, D, N, S):
     got_arrays, _ = gather_attention(q, k, v, selected, counts, seq_lens, scale=D ** -0.5, sink=sink,
                                      window=window, arrays=arrays, **scales)
     assert torch.equal(got_arrays, got)
+    # the decode step's form: the step's dense id lists made once, the views checked alone
+    from offload.kernels.api import dense_id_lists
+
+    dense = dense_id_lists(tuple(seq_lens.tolist()), sink, window)  # [B, Nd]
+    got_lists, lse_lists = arrays.gather(q, dense, selected.to(torch.int32).numpy(), counts.numpy(), D ** -0.5)
+    assert torch.equal(got_lists, got) and torch.equal(lse_lists, lse)
+    with pytest.raises(ValueError, match="gather needs CPU q"):
+        arrays.gather(q, dense, selected.long().numpy(), counts.numpy(), D ** -0.5)  # int64 ids: named, not misread
 
 
 def test_numba_gather_names_an_id_past_the_cache_in_one_line():
