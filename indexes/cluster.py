@@ -315,8 +315,14 @@ class ClusterIndex(KVIndex):
 
     def _edge(self, values, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Clustered tokens attended exactly anyway (the window's tokens already clustered, then the
-        sinks): their clusters [Hkv, E] int32 and values [Hkv, E, D] fp32. Read once per clustering:
-        as the window moves on, its oldest tokens become candidates and drop off the front."""
+        sinks): their clusters [Hkv, E] int32 and values [Hkv, E, D] fp32."""
+        clusters, rows, gone = self._edge_read(values, lo, hi)
+        return (clusters[:, gone:].contiguous(), rows[:, gone:].contiguous()) if gone else (clusters, rows)
+
+    def _edge_read(self, values, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """:meth:`_edge`'s rows as read once per clustering, and how many at their front have left
+        the window since (candidates now: not part of the edge): the compiled search skips those
+        itself, where slicing them off would copy both arrays every step."""
         lo, clustered = min(lo, self.n_clustered), self.n_clustered
         first = min(hi, clustered)  # the window's first clustered token
         cached = self._edge_rows
@@ -326,9 +332,7 @@ class ClusterIndex(KVIndex):
             cached = ((lo, clustered), first, self._cluster_of[:, edge.to(device)].contiguous(),
                       values[:, edge].float().to(device).contiguous())
             self._edge_rows = cached
-        gone = first - cached[1]  # tokens that left the window since
-        clusters, rows = cached[2], cached[3]
-        return (clusters[:, gone:].contiguous(), rows[:, gone:].contiguous()) if gone else (clusters, rows)
+        return cached[2], cached[3], first - cached[1]
 
     def _merge_tensors(self, q: torch.Tensor, zone: torch.Tensor, edge_cluster: torch.Tensor,
                        edge_values: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
@@ -502,16 +506,16 @@ class ClusterIndex(KVIndex):
         est_out, est_lse = np.empty((Hkv, G, D), np.float32), np.empty((Hkv, G), np.float32)
         if self._values is not None:
             self.summarize_values(self._values)
-            edge_cluster, edge_values = self._edge(self._values, lo, hi)  # [Hkv, E], [Hkv, E, D]
+            edge_cluster, edge_values, gone = self._edge_read(self._values, lo, hi)  # [Hkv, E], [Hkv, E, D]
             estimate = np.ones(Hkv, np.uint8) if self.heads is None else self.heads.numpy().astype(np.uint8)
         else:  # values not seen yet (an index restored on a moved row): add_estimate estimates
-            edge_cluster, edge_values = torch.zeros(Hkv, 0, dtype=torch.int32), torch.zeros(Hkv, 0, D)
+            edge_cluster, edge_values, gone = torch.zeros(Hkv, 0, dtype=torch.int32), torch.zeros(Hkv, 0, D), 0
             estimate = np.zeros(Hkv, np.uint8)
         zone = search_take(qg.contiguous().numpy(), centroids, log_sizes, tail.contiguous().numpy(),
                             np.float32(self.scale), sizes, starts, order, self.n_clustered, lo, hi, budget,
                             self.config.mass or 0.0, ADAPTIVE_FLOOR_TOKENS, self._ranked_entries(budget), threads(),
                             mass, cluster_logits, out, counts, estimate, self._vsums.view(torch.uint16).numpy(),
-                            edge_cluster.numpy(), edge_values.numpy(), est_out, est_lse)
+                            edge_cluster.numpy(), edge_values.numpy(), gone, est_out, est_lse)
         width = max(1, int(counts.max()))
         selection = Selection(torch.from_numpy(out[:, :width].copy()), torch.from_numpy(counts))
         return (mass, cluster_logits, selection, torch.from_numpy(zone),

@@ -145,7 +145,7 @@ def take_clusters(ranked, share, sizes, starts, order, n_clustered, lo, hi, budg
 @njit(cache=True, parallel=True, fastmath=True)
 def search_take(q, centroids, log_sizes, tail, scale, sizes, starts, order, n_clustered, lo, hi, budget, p,
                  floor, k, parts, mass, cluster_logits, out, counts, estimate, vsums, edge_cluster, edge_values,
-                 est_out, est_lse):  # pragma: no cover - numba
+                 edge_from, est_out, est_lse):  # pragma: no cover - numba
     """A whole CPU search in two parallel passes: :func:`entry_logits` scores the clusters and tail
     keys (q [Hkv, G, D], centroids [Hkv, C, D] bf16 bits, log_sizes [Hkv, C], tail [Hkv, T, D] ->
     cluster_logits [Hkv, G, C]), then per KV head :func:`head_mass` (-> mass [Hkv, C+T]), the
@@ -154,8 +154,8 @@ def search_take(q, centroids, log_sizes, tail, scale, sizes, starts, order, n_cl
     Returns the estimation zone [Hkv, Z] int64: per head the clusters ranked after the ones it took
     (tail tokens left out), -1 padded. Where ``estimate`` [Hkv] (uint8) says so, the head's zone is
     estimated at once, while its logits are in cache (:func:`head_estimate` with vsums [Hkv, C, D],
-    edge_cluster [Hkv, E], edge_values [Hkv, E, D] -> est_out [Hkv, G, D], est_lse [Hkv, G]; -inf
-    elsewhere). What torch.topk, the take and the zone's tensor ops cost ~0.2 ms more for."""
+    edge_cluster [Hkv, E], edge_values [Hkv, E, D] from entry ``edge_from`` on -> est_out [Hkv, G,
+    D], est_lse [Hkv, G]; -inf elsewhere). What torch.topk, the take and the zone's tensor ops cost ~0.2 ms more for."""
     Hkv, G, _ = q.shape
     M = mass.shape[1]
     C = sizes.shape[1]
@@ -191,8 +191,8 @@ def search_take(q, centroids, log_sizes, tail, scale, sizes, starts, order, n_cl
                 z += 1
         zone_n[h] = z
         if estimate[h]:
-            head_estimate(cluster_logits[h], log_sizes[h], sizes[h], vsums[h], zones[h, :z], edge_cluster[h],
-                           edge_values[h], est_out[h], est_lse[h])
+            head_estimate(cluster_logits[h], log_sizes[h], sizes[h], vsums[h], zones[h, :z],
+                          edge_cluster[h, edge_from:], edge_values[h, edge_from:], est_out[h], est_lse[h])
         else:
             est_lse[h] = -np.inf
     return zones[:, :max(zone_n.max(), 0)].copy()
