@@ -34,7 +34,7 @@ from numba import njit, prange
 from offload.kernels.cpu_decode import threads
 
 from .base import ADAPTIVE_FLOOR_TOKENS, KVIndex, Selection, SelectionConfig, register
-from .cluster_search import estimate_merge, merge_estimate, search_take, take_clusters
+from .cluster_search import merge_estimate, search_take, take_clusters, zone_estimates
 
 # Segments clustered in one batched k-means: large products, and keys read (from disk, say) and held
 # in fp32 16K tokens at a time however long the prompt.
@@ -286,30 +286,27 @@ class ClusterIndex(KVIndex):
         with the mean of its values, join out [H, D] (the exact attention over sinks, window and
         selection) and lse [H] by log-sum-exp. Their tokens attended exactly anyway (sinks, a window
         reaching into clustered tokens) are left out of the estimate. q [H, D]; values [Hkv, N, D]
-        (KVRows). The CPU merges in one compiled pass per KV head; elsewhere :meth:`_merge_tensors`
-        (the same numbers)."""
+        (KVRows). On the CPU the search estimated already (else :func:`zone_estimates` does now) and
+        one compiled call merges; elsewhere :meth:`_merge_tensors` (the same numbers)."""
         r = self._ranked
         if r is None or r.zone.shape[1] == 0:
             return
-        on_cpu = r.cluster_logits is not None and out.device.type == "cpu"
+        if r.cluster_logits is None or out.device.type != "cpu":  # the search ran as tensor ops
+            self.summarize_values(values)
+            self._merge_tensors(q, r.zone, *self._edge(values, r.lo, r.hi), out, lse)
+            return
         Hkv, _, D = self.centroids.shape
-        if on_cpu and r.estimate is not None:  # the search estimated already: merge
-            acc = out.float().reshape(Hkv, self.group, D).contiguous()  # [Hkv, G, D]
-            total = lse.float().reshape(Hkv, self.group).contiguous()  # [Hkv, G]
-            merge_estimate(acc.numpy(), total.numpy(), *r.estimate)
-            out.copy_(acc.view(-1, D))
-            lse.copy_(total.view(-1))
-            return
-        self.summarize_values(values)
-        edge_cluster, edge_values = self._edge(values, r.lo, r.hi)
-        if not on_cpu:  # the search ran as tensor ops
-            self._merge_tensors(q, r.zone, edge_cluster, edge_values, out, lse)
-            return
+        estimate = r.estimate
+        if estimate is None:  # the search had no values yet (a moved row's index): estimate now
+            self.summarize_values(values)
+            edge_cluster, edge_values = self._edge(values, r.lo, r.hi)
+            estimate = (np.empty((Hkv, self.group, D), np.float32), np.empty((Hkv, self.group), np.float32))
+            _, log_sizes, sizes, _, _ = self._host
+            zone_estimates(r.cluster_logits, log_sizes, sizes, self._vsums.view(torch.uint16).numpy(), r.zone.numpy(),
+                           edge_cluster.numpy(), edge_values.numpy(), *estimate)
         acc = out.float().reshape(Hkv, self.group, D).contiguous()  # [Hkv, G, D]
         total = lse.float().reshape(Hkv, self.group).contiguous()  # [Hkv, G]
-        _, log_sizes, sizes, _, _ = self._host
-        estimate_merge(r.cluster_logits, log_sizes, sizes, self._vsums.view(torch.uint16).numpy(),
-                        r.zone.numpy(), edge_cluster.numpy(), edge_values.numpy(), acc.numpy(), total.numpy())
+        merge_estimate(acc.numpy(), total.numpy(), *estimate)
         out.copy_(acc.view(-1, D))
         lse.copy_(total.view(-1))
 

@@ -280,17 +280,11 @@ def merge_estimate(out, lse, est_out, est_lse):  # pragma: no cover - numba
 
 
 @njit(cache=True, parallel=True)
-def estimate_merge(cluster_logits, log_sizes, sizes, vsums, zone, edge_cluster, edge_values, out,
-                    lse):  # pragma: no cover - numba
-    """The estimation zone merged into the exact part, one pass per KV head (in parallel): the
-    arguments of :func:`head_estimate` with a KV head first ([Hkv, ...]); out [Hkv, G, D] and lse
-    [Hkv, G] (the exact part) become the merged ones. What ClusterIndex._estimate_tensors and a
-    log-sum-exp merge compute, without ~30 small tensor ops (a search that had the values at hand
-    estimated already: this serves one that did not)."""
-    Hkv, G, D = out.shape
-    est_out = np.empty((Hkv, G, D), np.float32)
-    est_lse = np.empty((Hkv, G), np.float32)
-    for h in prange(Hkv):
+def zone_estimates(cluster_logits, log_sizes, sizes, vsums, zone, edge_cluster, edge_values, est_out,
+                   est_lse):  # pragma: no cover - numba
+    """:func:`head_estimate` for every KV head (in parallel; its arguments with a KV head first,
+    [Hkv, ...]) -> est_out [Hkv, G, D], est_lse [Hkv, G]: for a search that did not have the values
+    at hand (:func:`search_take` estimates as it ranks otherwise)."""
+    for h in prange(zone.shape[0]):
         head_estimate(cluster_logits[h], log_sizes[h], sizes[h], vsums[h], zone[h], edge_cluster[h],
-                       edge_values[h], est_out[h], est_lse[h])
-    merge_estimate(out, lse, est_out, est_lse)
+                      edge_values[h], est_out[h], est_lse[h])
