@@ -169,7 +169,7 @@ def search_take(q, centroids, log_sizes, tail, scale, sizes, starts, order, n_cl
                       logits[h])
     ranked = np.empty((Hkv, M), np.int64)  # [Hkv, M] best first, the first ranked_n[h]
     share = np.empty((Hkv, M), np.float32)
-    zones = np.full((Hkv, M), -1, np.int64)  # [Hkv, M] each head's zone, its first zone_n[h]
+    zones = np.empty((Hkv, M), np.int64)  # [Hkv, M] each head's zone, its first zone_n[h] (M is 8K at 128K)
     zone_n = np.zeros(Hkv, np.int64)
     for h in prange(Hkv):
         cluster_logits[h] = logits[h, :, :C]
@@ -195,7 +195,11 @@ def search_take(q, centroids, log_sizes, tail, scale, sizes, starts, order, n_cl
                           edge_cluster[h, edge_from:], edge_values[h, edge_from:], est_out[h], est_lse[h])
         else:
             est_lse[h] = -np.inf
-    return zones[:, :max(zone_n.max(), 0)].copy()
+    width = zone_n.max()
+    zone = np.full((Hkv, width), -1, np.int64)  # [Hkv, Z], -1 padded
+    for h in range(Hkv):
+        zone[h, :zone_n[h]] = zones[h, :zone_n[h]]
+    return zone
 
 
 @njit(cache=True, fastmath=True, nogil=True)
