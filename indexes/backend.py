@@ -268,13 +268,12 @@ class SparseAttention(DenseAttention):
             selected, counts = _stack_selections(selections, q.device)  # [B, Hkv, S], [B, Hkv]
             out, lse = arrays.gather(q[:, :, 0], batch.plan.dense_lists, selected.numpy(), counts.numpy(),
                                      self.args.softmax_scale)  # [B, H, D], [B, H]
-        else:  # the rows are read where they lie (a GPU's kernel)
+        else:  # the rows are read where they lie (a GPU's kernel; torch's where asked, or for an fp16 cache)
             selected, counts = _stack_selections(selections, q.device)  # [B, Hkv, S], [B, Hkv]
             k, v, k_scale, v_scale = self.kv.whole_cache(layer, B)  # [B, Hkv, N, D] each (+ [B, Hkv, N] scales)
             out, lse = gather_attention(q[:, :, 0], k, v, selected, counts, batch.plan.seq_lens,
                                       scale=self.args.softmax_scale, sink=self.config.sink, window=self.config.window,
-                                      k_scale=k_scale, v_scale=v_scale, backend=self.kernel_backend,
-                                      arrays=self.kv.host_arrays(layer))  # [B, H, D]
+                                      k_scale=k_scale, v_scale=v_scale, backend=self.kernel_backend)  # [B, H, D]
         if self.policy_cls.add_estimate is not None:  # what the selection left out, estimated by the index
             self._add_estimates(layer, q_search, batch, out, lse)
         if any(beyond):  # a batch of rows on both sides of the window
