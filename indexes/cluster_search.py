@@ -171,35 +171,150 @@ def search_take(q, centroids, log_sizes, tail, scale, sizes, starts, order, n_cl
     share = np.empty((Hkv, M), np.float32)
     zones = np.empty((Hkv, M), np.int64)  # [Hkv, M] each head's zone, its first zone_n[h] (M is 8K at 128K)
     zone_n = np.zeros(Hkv, np.int64)
+    entry_id = np.arange(M)  # every entry scored: its place is its id
     for h in prange(Hkv):
         cluster_logits[h] = logits[h, :, :C]
         head_mass(logits[h], mass[h])
-        n_ranked = min(k, M)
-        rank_head(mass[h], n_ranked, ranked[h], share[h])
-        m, u, done = take_head(ranked[h, :n_ranked], share[h, :n_ranked], sizes[h], starts[h], order[h],
-                                n_clustered, lo, hi, budget, p, floor, out[h])
-        if not done and n_ranked < M:  # the best clusters were small: rank them all
-            n_ranked = M
-            rank_head(mass[h], M, ranked[h], share[h])
-            m, u, done = take_head(ranked[h], share[h], sizes[h], starts[h], order[h], n_clustered, lo, hi,
-                                    budget, p, floor, out[h])
-        counts[h] = m
-        z = 0
-        for i in range(u, n_ranked):
-            if ranked[h, i] < C:
-                zones[h, z] = ranked[h, i]
-                z += 1
-        zone_n[h] = z
+        counts[h], zone_n[h] = finish_head(mass[h], entry_id, k, sizes[h], starts[h], order[h], n_clustered, lo, hi,
+                                           budget, p, floor, ranked[h], share[h], out[h], zones[h])
         if estimate[h]:
-            head_estimate(cluster_logits[h], log_sizes[h], sizes[h], vsums[h], zones[h, :z],
+            head_estimate(cluster_logits[h], log_sizes[h], sizes[h], vsums[h], zones[h, :zone_n[h]],
                           edge_cluster[h, edge_from:], edge_values[h, edge_from:], est_out[h], est_lse[h])
         else:
             est_lse[h] = -np.inf
-    width = zone_n.max()
-    zone = np.full((Hkv, width), -1, np.int64)  # [Hkv, Z], -1 padded
-    for h in range(Hkv):
+    return padded_zone(zones, zone_n)
+
+
+@njit(cache=True, nogil=True)
+def finish_head(mass, entry_id, k, sizes, starts, order, n_clustered, lo, hi, budget, p, floor, ranked, share, out,
+                zone):  # pragma: no cover - numba
+    """One KV head's search after scoring: the best k of the scored entries' mass [M'] ranked
+    (their ids: entry_id [M'] -> a cluster, or C + a tail token's place), taken by
+    :func:`take_head` into out (a head that runs out of them before it is done ranks all of them),
+    the clusters ranked after the taken ones into zone. ranked, share: scratch of >= M'. Returns
+    (ids written, zone length)."""
+    M = mass.shape[0]
+    C = sizes.shape[0]
+    n_ranked = min(k, M)
+    for attempt in range(2):
+        rank_head(mass, n_ranked, ranked, share)
+        for i in range(n_ranked):
+            ranked[i] = entry_id[ranked[i]]
+        m, u, done = take_head(ranked[:n_ranked], share[:n_ranked], sizes, starts, order, n_clustered, lo, hi,
+                               budget, p, floor, out)
+        if done or n_ranked == M:
+            break
+        n_ranked = M  # the best clusters were small: rank them all
+    z = 0
+    for i in range(u, n_ranked):
+        if ranked[i] < C:
+            zone[z] = ranked[i]
+            z += 1
+    return m, z
+
+
+@njit(cache=True, nogil=True)
+def padded_zone(zones, zone_n):  # pragma: no cover - numba
+    """Each head's zone, zones[h, :zone_n[h]], as one [Hkv, Z] int64 array, -1 padded."""
+    zone = np.full((zones.shape[0], zone_n.max()), -1, np.int64)  # [Hkv, Z]
+    for h in range(zones.shape[0]):
         zone[h, :zone_n[h]] = zones[h, :zone_n[h]]
     return zone
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def search_take_tree(q, centroids, log_sizes, tail, scale, sizes, starts, order, n_clustered, lo, hi, budget, p,
+                     floor, k, want, supers, super_log_sizes, members, member_starts, blocked, scored_n, mass,
+                     cluster_logits, out, counts, estimate, vsums, edge_cluster, edge_values, edge_from, est_out,
+                     est_lse):  # pragma: no cover - numba
+    """:func:`search_take` through a second level, for a long context where scoring every centroid is
+    the step: the clusters 0..blocked-1 are grouped (k-means of their centroids) into super-clusters,
+    supers [Hkv, S, D] (bf16 bits; the mean key of their tokens), super_log_sizes [Hkv, S] (log of
+    their tokens), their clusters members [Hkv, blocked] listed super after super from member_starts
+    [Hkv, S+1]. Per head the supers are scored and ranked by the group's softmax over them; the
+    clusters of the best ones are scored (at least ``want`` clusters, the ungrouped newest always)
+    with the tail's keys, and the supers left out join the softmax as one entry each (their share
+    of attention counts, their clusters are neither taken nor estimated); scored_n [Hkv] <- the
+    supers and clusters each head scored. mass [Hkv, C+T] is 0 and
+    cluster_logits [Hkv, G, C] unwritten for the clusters not scored. Arguments and results else as
+    :func:`search_take`'s."""
+    Hkv, G, D = q.shape
+    C = sizes.shape[1]
+    T = tail.shape[1]
+    S = supers.shape[1]
+    zones = np.empty((Hkv, C), np.int64)
+    zone_n = np.zeros(Hkv, np.int64)
+    for h in prange(Hkv):
+        super_logits = np.empty((G, S), np.float32)  # [G, S]
+        entry_logits(q[h], supers[h], super_log_sizes[h], tail[h, :0], scale, 0, S, super_logits)
+        super_mass = np.empty(S, np.float32)
+        head_mass(super_logits.copy(), super_mass)
+        visited = np.zeros(S, np.bool_)
+        cand = np.empty(C + T, np.int64)  # scored entries' ids: clusters (the ungrouped, then the best supers'), tail
+        nc = 0
+        for c in range(blocked, C):
+            cand[nc] = c
+            nc += 1
+        for s in np.argsort(-super_mass):
+            if nc >= want:
+                break
+            visited[s] = True
+            for j in range(member_starts[h, s], member_starts[h, s + 1]):
+                cand[nc] = members[h, j]
+                nc += 1
+        for t in range(T):
+            cand[nc + t] = C + t
+        scored_n[h] = S + nc
+        left = S - visited.sum()
+        logits = np.empty((G, nc + T + left), np.float32)  # [G, scored clusters + tail + supers left out]
+        qh, cent, sizes_h = q[h], centroids[h], log_sizes[h]
+        row_bits = np.empty(D, np.uint32)
+        row = row_bits.view(np.float32)
+        for i in range(nc):
+            c = cand[i]
+            for d in range(D):
+                row_bits[d] = np.uint32(cent[c, d]) << 16
+            for g in range(G):
+                dot = np.float32(0.0)
+                for d in range(D):
+                    dot += qh[g, d] * row[d]
+                logits[g, i] = dot * scale + sizes_h[c]
+        for t in range(T):
+            for g in range(G):
+                dot = np.float32(0.0)
+                for d in range(D):
+                    dot += qh[g, d] * tail[h, t, d]
+                logits[g, nc + t] = dot * scale
+        # the scored clusters' logits for the estimate (written here, not in the loop above: a column of
+        # [G, C] per cluster is G scattered cache lines, where the zone is a few hundred clusters)
+        place = np.empty(C, np.int64)  # a scored cluster's place in logits
+        for i in range(nc):
+            place[cand[i]] = i
+        logits_kept = logits[:, :nc].copy()  # head_mass turns logits into weights
+        u = nc + T
+        for s in range(S):
+            if not visited[s]:
+                logits[:, u] = super_logits[:, s]
+                u += 1
+        scored = np.empty(nc + T + left, np.float32)
+        head_mass(logits, scored)
+        mass[h] = 0.0
+        for i in range(nc + T):
+            mass[h, cand[i]] = scored[i]
+        ranked = np.empty(nc + T, np.int64)
+        share = np.empty(nc + T, np.float32)
+        counts[h], zone_n[h] = finish_head(scored[:nc + T], cand[:nc + T], k, sizes[h], starts[h], order[h],
+                                           n_clustered, lo, hi, budget, p, floor, ranked, share, out[h], zones[h])
+        for z in range(zone_n[h]):
+            i = place[zones[h, z]]
+            for g in range(G):
+                cluster_logits[h, g, zones[h, z]] = logits_kept[g, i]
+        if estimate[h]:
+            head_estimate(cluster_logits[h], log_sizes[h], sizes[h], vsums[h], zones[h, :zone_n[h]],
+                          edge_cluster[h, edge_from:], edge_values[h, edge_from:], est_out[h], est_lse[h])
+        else:
+            est_lse[h] = -np.inf
+    return padded_zone(zones, zone_n)
 
 
 @njit(cache=True, fastmath=True, nogil=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 from conftest import shakespeare
@@ -393,3 +394,93 @@ def test_an_adaptive_budget_takes_its_clusters_tokens_whatever_the_effort():
     plain = _index(keys, n, budget_sink=4, window=16, mass=0.5).search(q, 100)
     wide = _index(keys, n, budget_sink=4, window=16, mass=0.5, effort=4.0).search(q, 100)
     assert torch.equal(plain.counts, wide.counts) and all(_ids(plain, h) == _ids(wide, h) for h in range(Hkv))
+
+
+def _small_tree(monkeypatch, visit: float = 2.0, tree_from: int = 0):
+    """Segments of 64 tokens in 4 clusters; blocks of 16 clusters grouped in supers of about 4."""
+    monkeypatch.setattr(ClusterIndex, "segment", 64)
+    monkeypatch.setattr(ClusterIndex, "tree_block", 16)
+    monkeypatch.setattr(ClusterIndex, "tree_fanout", 4)
+    monkeypatch.setattr(ClusterIndex, "tree_from", tree_from)
+    monkeypatch.setattr(ClusterIndex, "tree_visit", visit)
+
+
+def test_the_second_level_groups_every_block_of_clusters(monkeypatch):
+    """Each whole block of clusters is split among its supers (every cluster once, in its own
+    block), a super is the mean key of its tokens, the tree grows as segments arrive, and a restored
+    index derives the same tree."""
+    _small_tree(monkeypatch)
+    keys = torch.randn(2, 1400, 8, generator=torch.Generator().manual_seed(21))
+    idx = _index(keys, 1000)  # 15 segments and a partial one: 3 whole blocks of 16 clusters
+    for n in (1000, 1300):
+        idx.extend(n)
+        tree = idx._tree
+        C = idx.sizes.shape[1]
+        assert tree.blocked == C - C % 16 and tree.supers.shape[1] == tree.blocked // 4
+        for h in range(2):
+            members, starts = tree.members[h].long(), tree.starts[h].long()
+            assert sorted(members.tolist()) == list(range(tree.blocked)) and starts[-1] == tree.blocked
+            for s in range(tree.supers.shape[1]):
+                inside = members[starts[s]:starts[s + 1]]
+                assert (inside // 16 == s // 4).all()  # a super's clusters come from its own block
+                tokens = idx.sizes[h, inside].float()
+                if tokens.sum() > 0:
+                    mean = (idx.centroids[h, inside].float() * tokens[:, None]).sum(0) / tokens.sum()
+                    torch.testing.assert_close(tree.supers[h, s].float(), mean, atol=2e-2, rtol=1e-2)
+                    torch.testing.assert_close(tree.log_sizes[h, s], tokens.sum().log())
+    assert idx._tree.blocked == 64  # 1300 tokens: 20 segments, 80 clusters, 4 whole blocks
+    again = make_index("cluster", idx.ctx, idx.config)
+    again.restore(keys, *idx.state())
+    for a, b in zip(idx._tree.tensors(), again._tree.tensors()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mass", [None, 0.9])
+def test_the_tree_search_visiting_every_super_is_the_flat_search(monkeypatch, mass):
+    """Told to visit every super, the two-level search scores every cluster: the same mass, logits,
+    selection, zone and estimate as the flat one, a tail and ungrouped clusters included."""
+    _small_tree(monkeypatch, visit=1e9)
+    g = torch.Generator().manual_seed(22)
+    keys, values = torch.randn(3, 1500, 16, generator=g), torch.randn(3, 1500, 16, generator=g)
+    idx = _index(keys, 1200, budget_sink=4, window=32, H=9, mass=mass)
+    idx.extend(1400)
+    idx.summarize_values(values)
+    assert 0 < idx._tree.blocked < idx.sizes.shape[1]
+    q = torch.randn(9, 16, generator=g) * 2
+    for budget in (17, 150):
+        monkeypatch.setattr(ClusterIndex, "tree_from", 10**9)
+        flat = idx.search(q, budget), idx._ranked
+        monkeypatch.setattr(ClusterIndex, "tree_from", 0)
+        tree = idx.search(q, budget), idx._ranked
+        (a, ra), (b, rb) = flat, tree
+        assert torch.allclose(rb.mass, ra.mass, atol=1e-6, rtol=1e-4)
+        assert torch.equal(a.counts, b.counts)
+        for h in range(3):
+            assert torch.equal(a.ids[h, :a.counts[h]].sort().values, b.ids[h, :b.counts[h]].sort().values)
+            zone = ra.zone[h][ra.zone[h] >= 0]
+            assert set(zone.tolist()) == set(rb.zone[h][rb.zone[h] >= 0].tolist())
+            assert np.allclose(ra.cluster_logits[h][:, zone], rb.cluster_logits[h][:, zone], atol=1e-4)
+        for x, y in zip(ra.estimate, rb.estimate):
+            assert np.allclose(x, y, atol=1e-5, rtol=1e-4)
+
+
+def test_the_tree_search_finds_the_planted_cluster_scoring_few_centroids(monkeypatch):
+    """Keys on 64 topics in runs: a query along one topic's centre selects that topic's tokens
+    through the best supers alone, as the flat search does, with the other supers' share counted."""
+    _small_tree(monkeypatch, visit=1.0)
+    Hkv, n, D = 2, 4096, 16
+    keys, labels, centres = _planted(Hkv, n, D, 64, seed=23, spread=0.05, runs=True)
+    idx = _index(keys, n, H=4)
+    C = idx.sizes.shape[1]
+    assert idx._tree.blocked == C
+    for topic in (3, 40):
+        q = centres[:, topic].repeat_interleave(2, 0)  # [H, D]
+        sel = idx.search(q, 64)
+        r = idx._ranked
+        for h in range(Hkv):
+            got = set(sel.ids[h, :sel.counts[h]].tolist())
+            assert got == set(torch.nonzero(labels[h] == topic).flatten().tolist())
+            scored = int((r.mass[h] > 0).sum())
+            assert scored < C // 2  # the clusters of a few supers (the rest: their share, no score)
+            assert 0.99 < float(r.mass[h].sum()) <= 1.0 + 1e-5  # the scored clusters hold nearly all of it
+        assert idx.last_scored < C // 2  # supers and clusters scored per head, as telemetry reports
