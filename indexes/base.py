@@ -24,7 +24,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from offload.config import ModelArgs
+from offload.config import DENSE_LAYERS, ModelArgs
 from offload.errors import OffloadError
 from offload.rope import rope_frequencies
 from offload.tiers.kv_store import KVRows
@@ -62,7 +62,7 @@ class SelectionConfig:
     budget: float = 0.02
     sink: int = 4
     window: int = 64
-    dense_layers: int = 2  # the first layers attend broadly; they stay dense
+    dense_layers: int = DENSE_LAYERS  # the first layers attend broadly; they stay dense
     effort: float | None = None  # search width (x budget): graph beams, cluster's rerank; None: their default
     mass: float | None = None  # adaptive: the share of the candidates' attention to select; budget caps it
     head_split: float | None = None  # streaming heads: at most this share of attention beyond sinks + window

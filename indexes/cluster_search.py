@@ -222,6 +222,25 @@ def padded_zone(zones, zone_n):  # pragma: no cover - numba
     return zone
 
 
+@njit(cache=True, fastmath=True, nogil=True)
+def listed_logits(q, centroids, log_sizes, ids, scale, logits, cluster_logits):  # pragma: no cover - numba
+    """:func:`entry_logits` for the clusters listed in ids [n] (q [G, D], centroids [C, D] bf16 bits,
+    log_sizes [C]) -> logits [G, :n] in list order, and each into cluster_logits [G, C] at its id."""
+    G, D = q.shape
+    row_bits = np.empty(D, np.uint32)  # one centroid widened to f32
+    row = row_bits.view(np.float32)
+    for i in range(ids.shape[0]):
+        c = ids[i]
+        for d in range(D):
+            row_bits[d] = np.uint32(centroids[c, d]) << 16
+        for g in range(G):
+            dot = np.float32(0.0)
+            for d in range(D):
+                dot += q[g, d] * row[d]
+            logits[g, i] = dot * scale + log_sizes[c]
+            cluster_logits[g, c] = logits[g, i]
+
+
 @njit(cache=True, parallel=True, fastmath=True)
 def search_take_tree(q, centroids, log_sizes, tail, scale, sizes, starts, order, n_clustered, lo, hi, budget, p,
                      floor, k, want, supers, super_log_sizes, members, member_starts, blocked, scored_n, mass,
@@ -267,30 +286,8 @@ def search_take_tree(q, centroids, log_sizes, tail, scale, sizes, starts, order,
         scored_n[h] = S + nc
         left = S - visited.sum()
         logits = np.empty((G, nc + T + left), np.float32)  # [G, scored clusters + tail + supers left out]
-        qh, cent, sizes_h = q[h], centroids[h], log_sizes[h]
-        row_bits = np.empty(D, np.uint32)
-        row = row_bits.view(np.float32)
-        for i in range(nc):
-            c = cand[i]
-            for d in range(D):
-                row_bits[d] = np.uint32(cent[c, d]) << 16
-            for g in range(G):
-                dot = np.float32(0.0)
-                for d in range(D):
-                    dot += qh[g, d] * row[d]
-                logits[g, i] = dot * scale + sizes_h[c]
-        for t in range(T):
-            for g in range(G):
-                dot = np.float32(0.0)
-                for d in range(D):
-                    dot += qh[g, d] * tail[h, t, d]
-                logits[g, nc + t] = dot * scale
-        # the scored clusters' logits for the estimate (written here, not in the loop above: a column of
-        # [G, C] per cluster is G scattered cache lines, where the zone is a few hundred clusters)
-        place = np.empty(C, np.int64)  # a scored cluster's place in logits
-        for i in range(nc):
-            place[cand[i]] = i
-        logits_kept = logits[:, :nc].copy()  # head_mass turns logits into weights
+        listed_logits(q[h], centroids[h], log_sizes[h], cand[:nc], scale, logits, cluster_logits[h])
+        entry_logits(q[h], centroids[h, :0], log_sizes[h, :0], tail[h], scale, 0, T, logits[:, nc:nc + T])
         u = nc + T
         for s in range(S):
             if not visited[s]:
@@ -305,10 +302,6 @@ def search_take_tree(q, centroids, log_sizes, tail, scale, sizes, starts, order,
         share = np.empty(nc + T, np.float32)
         counts[h], zone_n[h] = finish_head(scored[:nc + T], cand[:nc + T], k, sizes[h], starts[h], order[h],
                                            n_clustered, lo, hi, budget, p, floor, ranked, share, out[h], zones[h])
-        for z in range(zone_n[h]):
-            i = place[zones[h, z]]
-            for g in range(G):
-                cluster_logits[h, g, zones[h, z]] = logits_kept[g, i]
         if estimate[h]:
             head_estimate(cluster_logits[h], log_sizes[h], sizes[h], vsums[h], zones[h, :zone_n[h]],
                           edge_cluster[h, edge_from:], edge_values[h, edge_from:], est_out[h], est_lse[h])

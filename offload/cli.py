@@ -44,6 +44,7 @@ def _policy_help() -> str:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     """The flags every command that builds a model shares: `generate` and `plan` read them into one
     EngineConfig, so `plan` prints the placement `generate` uses."""
+    from .config import DENSE_LAYERS
     from .engine_config import WEIGHT_MODES
     from .quant import QUANTIZE_SCHEMES
     from .tiers.kv_store import KV_DTYPES
@@ -85,7 +86,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "0.05 (default: every head selects)")
     p.add_argument("--sink", type=int, default=4, help="first tokens always attended")
     p.add_argument("--window", type=int, default=64, help="most recent tokens always attended")
-    p.add_argument("--dense-layers", type=int, default=2, help="first layers kept dense")
+    p.add_argument("--dense-layers", type=int, default=DENSE_LAYERS, help="first layers kept dense")
     p.add_argument("--gpu-memory", default=None, help="GPU budget, e.g. 24GiB, or auto (90%% of free)")
     p.add_argument("--cpu-memory", default=None, help="host memory budget, e.g. 32GiB, or auto")
     p.add_argument("--disk-dir", default=None,

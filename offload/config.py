@@ -16,6 +16,15 @@ from .errors import ModelLoadError, UnsupportedModelError
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 
+# Leading layers a sparse KV policy leaves dense (their attention is broad: no small selection holds
+# it). Measured on the default model (BENCHMARKS.md, 2026-12-03): with every layer sparse, the cluster
+# index at 3% captures 0.43 of layer 0's attention mass at 8K and 0.82 of layer 1's, as much as
+# layers 2-8 (0.72-0.86); with layer 1 sparse too the 32K mass is 0.900 (0.905 with two dense
+# layers), and passkeys and 128 greedy tokens at 8K equal dense for cluster, retrieval and shadowkv.
+# Quest and RetrievalAttention keep two; at 128K each dense layer reads the whole KV (a third of
+# the sparse step of a 1B model), so only the one that needs it stays.
+DENSE_LAYERS = 1
+
 # config.json "architectures" entries that map onto the families above.
 _HF_ARCH_CLASSES = {
     "LlamaForCausalLM": "llama",

@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .config import ModelArgs, RopeScaling
+from .config import DENSE_LAYERS, ModelArgs, RopeScaling
 from .errors import OffloadError
 from .indexes.base import (
     AUTO_SPARSE_POLICY,
@@ -86,7 +86,7 @@ class EngineConfig:
     kv_budget: float | str | None = None  # fraction of the context, token count, or "p0.95" (adaptive); None: tuned/2%
     sink: int = 4
     window: int = 64
-    dense_layers: int = 2
+    dense_layers: int = DENSE_LAYERS
     search_effort: float | None = None
     # Streaming heads: a KV head with at most this share of its attention beyond sinks + window (over
     # the prompt's last queries) keeps only those; None: every head selects (see indexes/heads.py)

@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from offload.attention import ForwardBatch
+from offload.config import DENSE_LAYERS
 from offload.fileio import write_json_atomic
 from offload.indexes.dense import DenseAttention
 
@@ -263,7 +264,7 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, default=0.02)
     p.add_argument("--sink", type=int, default=4)
     p.add_argument("--window", type=int, default=64)
-    p.add_argument("--dense-layers", type=int, default=2)
+    p.add_argument("--dense-layers", type=int, default=DENSE_LAYERS)
     p.add_argument("--steps", type=int, default=8, help="timed decode steps per policy (median reported)")
     p.add_argument("--telemetry-steps", type=int, default=2)
     p.add_argument("--prefill-chunk", type=int, default=1024)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from offload.config import DENSE_LAYERS
 from offload.fileio import write_json_atomic
 
 from .bench_generate import _real_text_ids
@@ -26,7 +27,7 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, default=0.02)
     p.add_argument("--sink", type=int, default=4)
     p.add_argument("--window", type=int, default=64)
-    p.add_argument("--dense-layers", type=int, default=2)
+    p.add_argument("--dense-layers", type=int, default=DENSE_LAYERS)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--efforts", type=float, nargs="+", default=[None],
                    help="search widths (x budget) for retrieval, keygraph and hnsw; one row per value")

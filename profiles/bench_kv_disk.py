@@ -34,6 +34,7 @@ import time
 from datetime import date
 from pathlib import Path
 
+from offload.config import DENSE_LAYERS
 from offload.fileio import write_json_atomic
 
 TIERS = ("memory", "disk")
@@ -246,7 +247,7 @@ def main(argv=None) -> int:
     p.add_argument("--extend", choices=("none", "yarn"), default="none", help="YaRN beyond the trained context")
     p.add_argument("--policies", nargs="+", default=["cluster", "quest"])
     p.add_argument("--budget", type=float, default=0.02)
-    p.add_argument("--dense-layers", type=int, default=2, help="first layers attended densely (their KV in memory)")
+    p.add_argument("--dense-layers", type=int, default=DENSE_LAYERS, help="first layers attended densely (their KV in memory)")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--kv-dtype", default=None, choices=("int8",))
     p.add_argument("--prefill-chunk", type=int, default=1024)

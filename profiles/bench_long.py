@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from offload.config import DENSE_LAYERS
 from offload.fileio import write_bytes_atomic, write_json_atomic
 from offload.tiers.kv_store import KV_DTYPES
 
@@ -309,7 +310,7 @@ def main(argv=None) -> int:
     p.add_argument("--budgets", type=float, nargs="+", default=[0.01, 0.02, 0.05], help="budgets of the accuracy runs")
     p.add_argument("--sink", type=int, default=4)
     p.add_argument("--window", type=int, default=64)
-    p.add_argument("--dense-layers", type=int, default=2)
+    p.add_argument("--dense-layers", type=int, default=DENSE_LAYERS)
     p.add_argument("--steps", type=int, default=8, help="timed decode steps per policy (median reported)")
     p.add_argument("--prefill-chunk", type=int, default=1024)
     p.add_argument("--synthetic-kv", action="store_true",

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from offload import LLM, SamplingParams
-from offload.config import preset
+from offload.config import DENSE_LAYERS, preset
 from offload.errors import OffloadError
 from offload.prompt_cache import PromptKV
 from offload.tiers import kv_disk
@@ -406,10 +406,10 @@ def test_plan_puts_the_kv_on_disk_when_memory_cannot_hold_it():
     kw = dict(model="llama-3.1-8b", context=131072, device="cuda", dtype="bfloat16", kv_policy="cluster",
               gpu_memory=24 * 2**30, disk_dir="/nvme")
     roomy = plan(args, cpu_memory=64 * 2**30, kv_disk=None, **kw)
-    assert "disk" not in roomy.kv_tiers  # 15 GiB of KV fits in 64 GiB of host memory
+    assert "disk" not in roomy.kv_tiers  # 15.5 GiB of KV fits in 64 GiB of host memory
     tight = plan(args, cpu_memory=8 * 2**30, kv_disk=None, **kw)
-    per_layer = args.kv_bytes_per_token(2) * 131072 // 32
-    assert tight.kv_tiers["disk"] == 30 * per_layer == 15 * 2**30  # the sparse layers' KV
+    per_layer = args.kv_bytes_per_token(2) * 131072 // 32  # 512 MiB
+    assert tight.kv_tiers["disk"] == (32 - DENSE_LAYERS) * per_layer  # the sparse layers' KV
     assert tight.layer_tiers == ("device",) * 32
     # the prompt prefilled layer by layer holds its hidden states on the device
     assert tight.prompt_hidden_bytes == LAYER_MAJOR_TOKENS * args.hidden_size * 2 and roomy.prompt_hidden_bytes == 0

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from offload import LLM, SamplingParams
-from offload.config import preset
+from offload.config import DENSE_LAYERS, preset
 from offload.tiers import planner as planner_mod
 from offload.tiers.budget import BudgetError, parse_size, pinned_nbytes
 from offload.tiers.planner import BandwidthProfile, plan
@@ -30,10 +30,10 @@ def test_plan_llama_8b_at_128k_on_24gib_without_a_gpu():
     sparse = plan(args, model="llama-3.1-8b", context=131072, device="cuda", dtype="bfloat16", kv_policy="retrieval",
                   gpu_memory=24 * 2**30, cpu_memory=64 * 2**30)
     assert sparse.layer_tiers == ("device",) * 32  # the KV moved to the host frees room for every layer
-    # the 30 sparse layers' KV on the host (15 GiB); the 2 dense layers' KV stays on the device
+    # the sparse layers' KV on the host (31 x 512 MiB); the dense layer's KV stays on the device
     per_layer = args.kv_bytes_per_token(2) * 131072 // 32  # 512 MiB
-    assert sparse.kv_tiers["host"] == 30 * per_layer == 15 * 2**30
-    assert 2 * per_layer < sparse.kv_tiers["device"] < 2 * per_layer + 2**30
+    assert sparse.kv_tiers["host"] == (32 - DENSE_LAYERS) * per_layer
+    assert DENSE_LAYERS * per_layer < sparse.kv_tiers["device"] < DENSE_LAYERS * per_layer + 2**30
     assert sparse.tier_bytes()["device"] <= 24 * 2**30
     dense = plan(args, model="llama-3.1-8b", context=131072, device="cuda", dtype="bfloat16", kv_policy="dense",
                  gpu_memory=24 * 2**30, cpu_memory=64 * 2**30)

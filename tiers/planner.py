@@ -29,7 +29,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from offload.config import ModelArgs
+from offload.config import DENSE_LAYERS, ModelArgs
 from offload.errors import OffloadError
 from offload.fileio import write_json_atomic
 from offload.quant import embedding_nbytes, layer_nbytes, projection_nbytes, projection_shapes
@@ -248,7 +248,7 @@ def kv_fits(args: ModelArgs, context: int, dtype: str, device_budget: int,
 def plan(args: ModelArgs, *, model: str, context: int, device: str = "cpu", dtype: str = "float32",
          kv_policy: str = "dense", kv_budget: float = 0.02, sink: int = 4, window: int = 64,
          gpu_memory: int | None = None, cpu_memory: int | None = None, disk_dir: str | None = None,
-         profile: BandwidthProfile | None = None, prefetch_slots: int = 2, dense_layers: int = 2,
+         profile: BandwidthProfile | None = None, prefetch_slots: int = 2, dense_layers: int = DENSE_LAYERS,
          kv_on_host: bool | None = None, selection_cost: SelectionCost = SelectionCost(),
          quantize: str | None = None, kv_dtype: str | None = None, kv_disk: bool | None = False,
          kv_disk_hit_rate: float = EXPECTED_HIT_RATE) -> Placement:
