@@ -610,7 +610,7 @@ class ClusterIndex(KVIndex):
             want = int(self.tree_visit * self._ranked_entries(budget))  # clusters scored
             scored = np.empty(Hkv, np.int64)  # [Hkv] supers and clusters scored
             zone = search_take_tree(*common, want, *self._tree_host, self._tree.blocked, scored, *results)
-            self.last_scored = float(scored.mean()) + T
+            self.last_scored = int(scored.sum()) / Hkv + T  # (numpy's mean costs ~8 us a layer)
         else:
             zone = search_take(*common, threads(), *results)
         width = max(1, int(counts.max()))

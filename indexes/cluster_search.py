@@ -16,6 +16,20 @@ from numba import njit, prange
 from offload.kernels.cpu_decode import NO_SCORE, exp_inplace
 
 
+@njit(cache=True, fastmath=True, nogil=True, inline="always")
+def centroid_logits(q, centroid, scale, log_size, row_bits, out):  # pragma: no cover - numba
+    """out [G] <- scale q[g] . centroid + log_size for each query head: q [G, D], centroid [D] (bf16
+    bits as uint16) widened once into row_bits [D] (uint32 scratch; the bf16 bits its high half)."""
+    row = row_bits.view(np.float32)
+    for d in range(row.shape[0]):
+        row_bits[d] = np.uint32(centroid[d]) << 16
+    for g in range(q.shape[0]):
+        dot = np.float32(0.0)
+        for d in range(row.shape[0]):
+            dot += q[g, d] * row[d]
+        out[g] = dot * scale + log_size
+
+
 @njit(cache=True, fastmath=True, nogil=True)
 def entry_logits(q, centroids, log_sizes, tail, scale, first, last, logits):  # pragma: no cover - numba
     """Logits of entries first..last-1 of one KV head (clusters 0..C-1, then the tail's keys): q [G,
@@ -26,15 +40,8 @@ def entry_logits(q, centroids, log_sizes, tail, scale, first, last, logits):  # 
     G, D = q.shape
     C = centroids.shape[0]
     row_bits = np.empty(D, np.uint32)  # one centroid widened to f32 (the bf16 bits its high half)
-    row = row_bits.view(np.float32)
     for c in range(first, min(last, C)):
-        for d in range(D):
-            row_bits[d] = np.uint32(centroids[c, d]) << 16
-        for g in range(G):
-            dot = np.float32(0.0)
-            for d in range(D):
-                dot += q[g, d] * row[d]
-            logits[g, c] = dot * scale + log_sizes[c]
+        centroid_logits(q, centroids[c], scale, log_sizes[c], row_bits, logits[:, c])
     for c in range(max(first, C), last):
         row = tail[c - C]
         for g in range(G):
@@ -176,23 +183,22 @@ def search_take(q, centroids, log_sizes, tail, scale, sizes, starts, order, n_cl
         cluster_logits[h] = logits[h, :, :C]
         head_mass(logits[h], mass[h])
         counts[h], zone_n[h] = finish_head(mass[h], entry_id, k, sizes[h], starts[h], order[h], n_clustered, lo, hi,
-                                           budget, p, floor, ranked[h], share[h], out[h], zones[h])
-        if estimate[h]:
-            head_estimate(cluster_logits[h], log_sizes[h], sizes[h], vsums[h], zones[h, :zone_n[h]],
-                          edge_cluster[h, edge_from:], edge_values[h, edge_from:], est_out[h], est_lse[h])
-        else:
-            est_lse[h] = -np.inf
+                                           budget, p, floor, ranked[h], share[h], out[h], zones[h], estimate[h],
+                                           cluster_logits[h], log_sizes[h], vsums[h], edge_cluster[h, edge_from:],
+                                           edge_values[h, edge_from:], est_out[h], est_lse[h])
     return padded_zone(zones, zone_n)
 
 
 @njit(cache=True, nogil=True)
 def finish_head(mass, entry_id, k, sizes, starts, order, n_clustered, lo, hi, budget, p, floor, ranked, share, out,
-                zone):  # pragma: no cover - numba
+                zone, estimate, cluster_logits, log_sizes, vsums, edge_cluster, edge_values, est_out,
+                est_lse):  # pragma: no cover - numba
     """One KV head's search after scoring: the best k of the scored entries' mass [M'] ranked
     (their ids: entry_id [M'] -> a cluster, or C + a tail token's place), taken by
     :func:`take_head` into out (a head that runs out of them before it is done ranks all of them),
-    the clusters ranked after the taken ones into zone. ranked, share: scratch of >= M'. Returns
-    (ids written, zone length)."""
+    the clusters ranked after the taken ones into zone, and with ``estimate`` the zone estimated
+    (:func:`head_estimate`; est_lse -inf otherwise). ranked, share: scratch of >= M'. Returns (ids
+    written, zone length)."""
     M = mass.shape[0]
     C = sizes.shape[0]
     n_ranked = min(k, M)
@@ -210,6 +216,10 @@ def finish_head(mass, entry_id, k, sizes, starts, order, n_clustered, lo, hi, bu
         if ranked[i] < C:
             zone[z] = ranked[i]
             z += 1
+    if estimate:
+        head_estimate(cluster_logits, log_sizes, sizes, vsums, zone[:z], edge_cluster, edge_values, est_out, est_lse)
+    else:
+        est_lse[:] = -np.inf
     return m, z
 
 
@@ -226,18 +236,11 @@ def padded_zone(zones, zone_n):  # pragma: no cover - numba
 def listed_logits(q, centroids, log_sizes, ids, scale, logits, cluster_logits):  # pragma: no cover - numba
     """:func:`entry_logits` for the clusters listed in ids [n] (q [G, D], centroids [C, D] bf16 bits,
     log_sizes [C]) -> logits [G, :n] in list order, and each into cluster_logits [G, C] at its id."""
-    G, D = q.shape
-    row_bits = np.empty(D, np.uint32)  # one centroid widened to f32
-    row = row_bits.view(np.float32)
+    row_bits = np.empty(q.shape[1], np.uint32)  # one centroid widened to f32
     for i in range(ids.shape[0]):
         c = ids[i]
-        for d in range(D):
-            row_bits[d] = np.uint32(centroids[c, d]) << 16
-        for g in range(G):
-            dot = np.float32(0.0)
-            for d in range(D):
-                dot += q[g, d] * row[d]
-            logits[g, i] = dot * scale + log_sizes[c]
+        centroid_logits(q, centroids[c], scale, log_sizes[c], row_bits, logits[:, i])
+        for g in range(q.shape[0]):
             cluster_logits[g, c] = logits[g, i]
 
 
@@ -301,12 +304,10 @@ def search_take_tree(q, centroids, log_sizes, tail, scale, sizes, starts, order,
         ranked = np.empty(nc + T, np.int64)
         share = np.empty(nc + T, np.float32)
         counts[h], zone_n[h] = finish_head(scored[:nc + T], cand[:nc + T], k, sizes[h], starts[h], order[h],
-                                           n_clustered, lo, hi, budget, p, floor, ranked, share, out[h], zones[h])
-        if estimate[h]:
-            head_estimate(cluster_logits[h], log_sizes[h], sizes[h], vsums[h], zones[h, :zone_n[h]],
-                          edge_cluster[h, edge_from:], edge_values[h, edge_from:], est_out[h], est_lse[h])
-        else:
-            est_lse[h] = -np.inf
+                                           n_clustered, lo, hi, budget, p, floor, ranked, share, out[h], zones[h],
+                                           estimate[h], cluster_logits[h], log_sizes[h], vsums[h],
+                                           edge_cluster[h, edge_from:], edge_values[h, edge_from:], est_out[h],
+                                           est_lse[h])
     return padded_zone(zones, zone_n)
 
 
