@@ -133,7 +133,7 @@ def kmeans_segments(x: torch.Tensor, clusters: int,
 class _Ranked:
     """A search's scores and what it took: lookahead() ranks on from there."""
 
-    mass: torch.Tensor  # [Hkv, C+T] each entry's estimated share of attention
+    mass: torch.Tensor  # [Hkv, C+T] each entry's estimated share of attention (0: a two-level search left it out)
     budget: int
     lo: int
     hi: int
@@ -604,15 +604,16 @@ class ClusterIndex(KVIndex):
         common = (qg.contiguous().numpy(), centroids, log_sizes, tail.contiguous().numpy(), np.float32(self.scale),
                   sizes, starts, order, self.n_clustered, lo, hi, budget, self.config.mass or 0.0,
                   ADAPTIVE_FLOOR_TOKENS, self._ranked_entries(budget))
-        results = (mass, cluster_logits, out, counts, estimate, self._vsums.view(torch.uint16).numpy(),
-                   edge_cluster.numpy(), edge_values.numpy(), gone, est_out, est_lse)
+        # the results, then the estimate's inputs and results
+        rest = (mass, cluster_logits, out, counts, estimate, self._vsums.view(torch.uint16).numpy(),
+                edge_cluster.numpy(), edge_values.numpy(), gone, est_out, est_lse)
         if tree:
             want = int(self.tree_visit * self._ranked_entries(budget))  # clusters scored
             scored = np.empty(Hkv, np.int64)  # [Hkv] supers and clusters scored
-            zone = search_take_tree(*common, want, *self._tree_host, self._tree.blocked, scored, *results)
+            zone = search_take_tree(*common, want, *self._tree_host, self._tree.blocked, scored, *rest)
             self.last_scored = int(scored.sum()) / Hkv + T  # (numpy's mean costs ~8 us a layer)
         else:
-            zone = search_take(*common, threads(), *results)
+            zone = search_take(*common, threads(), *rest)
         width = max(1, int(counts.max()))
         selection = Selection(torch.from_numpy(out[:, :width].copy()), torch.from_numpy(counts))
         return (mass, cluster_logits, selection, torch.from_numpy(zone),
