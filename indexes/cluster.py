@@ -232,6 +232,12 @@ class ClusterIndex(KVIndex):
     tree_fanout = 16
     tree_from = 2048
     tree_visit = 2.0
+    # An adaptive budget (p) ranks entries for its cap (10% of the context), so its want would be
+    # most clusters: it visits supers until they hold p + (1 - p) x tree_visit_rest of the supers'
+    # estimated attention instead (p0.9: 0.99), within the want. Measured, p0.9 at 32K (real text):
+    # want only 45.6 ms (mass 0.859, 5.5% scored); rest 0.75: 31.8 ms (0.840); 0.9: 34.3 ms
+    # (0.862, 1.3% scored, output error 0.137 against 0.115: a smaller estimation zone); 0.95: 35.2.
+    tree_visit_rest = 0.9
 
     def __init__(self, ctx, config, token_ids=None, heads=None):
         super().__init__(ctx, config, token_ids, heads)
@@ -609,8 +615,10 @@ class ClusterIndex(KVIndex):
                 edge_cluster.numpy(), edge_values.numpy(), gone, est_out, est_lse)
         if tree:
             want = int(self.tree_visit * self._ranked_entries(budget))  # clusters scored
+            p = self.config.mass
+            visit_share = p + (1 - p) * self.tree_visit_rest if p is not None else 0.0
             scored = np.empty(Hkv, np.int64)  # [Hkv] supers and clusters scored
-            zone = search_take_tree(*common, want, *self._tree_host, self._tree.blocked, scored, *rest)
+            zone = search_take_tree(*common, want, visit_share, *self._tree_host, self._tree.blocked, scored, *rest)
             self.last_scored = int(scored.sum()) / Hkv + T  # (numpy's mean costs ~8 us a layer)
         else:
             zone = search_take(*common, threads(), *rest)

@@ -246,7 +246,8 @@ def listed_logits(q, centroids, log_sizes, ids, scale, logits, cluster_logits): 
 
 @njit(cache=True, parallel=True, fastmath=True)
 def search_take_tree(q, centroids, log_sizes, tail, scale, sizes, starts, order, n_clustered, lo, hi, budget, p,
-                     floor, k, want, supers, super_log_sizes, members, member_starts, blocked, scored_n, mass,
+                     floor, k, want, visit_share, supers, super_log_sizes, members, member_starts, blocked, scored_n,
+                     mass,
                      cluster_logits, out, counts, estimate, vsums, edge_cluster, edge_values, edge_from, est_out,
                      est_lse):  # pragma: no cover - numba
     """:func:`search_take` through a second level, for a long context where scoring every centroid is
@@ -254,8 +255,9 @@ def search_take_tree(q, centroids, log_sizes, tail, scale, sizes, starts, order,
     supers [Hkv, S, D] (bf16 bits; the mean key of their tokens), super_log_sizes [Hkv, S] (log of
     their tokens), their clusters members [Hkv, blocked] listed super after super from member_starts
     [Hkv, S+1]. Per head the supers are scored and ranked by the group's softmax over them; the
-    clusters of the best ones are scored (at least ``want`` clusters, the ungrouped newest always)
-    with the tail's keys, and the supers left out join the softmax as one entry each (their share
+    clusters of the best ones are scored (``want`` clusters, or with ``visit_share`` > 0 fewer once
+    the supers visited hold that share of the supers' softmax; the ungrouped newest always) with
+    the tail's keys, and the supers left out join the softmax as one entry each (their share
     of attention counts, their clusters are neither taken nor estimated); scored_n [Hkv] <- the
     supers and clusters each head scored. mass [Hkv, C+T] is 0 and
     cluster_logits [Hkv, G, C] unwritten for the clusters not scored. Arguments and results else as
@@ -277,9 +279,11 @@ def search_take_tree(q, centroids, log_sizes, tail, scale, sizes, starts, order,
         for c in range(blocked, C):
             cand[nc] = c
             nc += 1
+        covered = np.float32(0.0)
         for s in np.argsort(-super_mass):
-            if nc >= want:
+            if nc >= want or (visit_share > 0 and covered >= visit_share and nc > 0):
                 break
+            covered += super_mass[s]
             visited[s] = True
             for j in range(member_starts[h, s], member_starts[h, s + 1]):
                 cand[nc] = members[h, j]

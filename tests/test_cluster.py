@@ -396,13 +396,14 @@ def test_an_adaptive_budget_takes_its_clusters_tokens_whatever_the_effort():
     assert torch.equal(plain.counts, wide.counts) and all(_ids(plain, h) == _ids(wide, h) for h in range(Hkv))
 
 
-def _small_tree(monkeypatch, visit: float = 2.0, tree_from: int = 0):
+def _small_tree(monkeypatch, visit: float = 2.0, tree_from: int = 0, rest: float = 0.75):
     """Segments of 64 tokens in 4 clusters; blocks of 16 clusters grouped in supers of about 4."""
     monkeypatch.setattr(ClusterIndex, "segment", 64)
     monkeypatch.setattr(ClusterIndex, "tree_block", 16)
     monkeypatch.setattr(ClusterIndex, "tree_fanout", 4)
     monkeypatch.setattr(ClusterIndex, "tree_from", tree_from)
     monkeypatch.setattr(ClusterIndex, "tree_visit", visit)
+    monkeypatch.setattr(ClusterIndex, "tree_visit_rest", rest)
 
 
 def test_the_second_level_groups_every_block_of_clusters(monkeypatch):
@@ -439,7 +440,7 @@ def test_the_second_level_groups_every_block_of_clusters(monkeypatch):
 def test_the_tree_search_visiting_every_super_is_the_flat_search(monkeypatch, mass):
     """Told to visit every super, the two-level search scores every cluster: the same mass, logits,
     selection, zone and estimate as the flat one, a tail and ungrouped clusters included."""
-    _small_tree(monkeypatch, visit=1e9)
+    _small_tree(monkeypatch, visit=1e9, rest=2.0)  # an adaptive budget's visit share past 1: never reached
     g = torch.Generator().manual_seed(22)
     keys, values = torch.randn(3, 1500, 16, generator=g), torch.randn(3, 1500, 16, generator=g)
     idx = _index(keys, 1200, budget_sink=4, window=32, H=9, mass=mass)
@@ -484,3 +485,24 @@ def test_the_tree_search_finds_the_planted_cluster_scoring_few_centroids(monkeyp
             assert scored < C // 2  # the clusters of a few supers (the rest: their share, no score)
             assert 0.99 < float(r.mass[h].sum()) <= 1.0 + 1e-5  # the scored clusters hold nearly all of it
         assert idx.last_scored < C // 2  # supers and clusters scored per head, as telemetry reports
+
+
+def test_an_adaptive_budget_visits_the_supers_that_hold_its_share(monkeypatch):
+    """With p0.5 the search ranks entries for its cap (most clusters), but visits supers only until
+    they hold p + (1 - p) x tree_visit_rest of the supers' attention: on planted topics the topic's
+    supers, the same tokens of the topic selected as by the flat search."""
+    _small_tree(monkeypatch, visit=1e9)
+    Hkv, n, D = 2, 4096, 16
+    keys, labels, centres = _planted(Hkv, n, D, 64, seed=24, spread=0.05, runs=True)
+    idx = _index(keys, n, H=4, mass=0.5)
+    C = idx.sizes.shape[1]
+    q = centres[:, 7].repeat_interleave(2, 0)  # [H, D]
+    tree = idx.search(q, 400)
+    scored = idx.last_scored
+    monkeypatch.setattr(ClusterIndex, "tree_from", 10**9)
+    flat = idx.search(q, 400)
+    assert scored < C // 2  # the supers and a few supers' clusters, where the cap's want is every cluster
+    for h in range(Hkv):
+        got = set(tree.ids[h, :tree.counts[h]].tolist())
+        assert got == set(flat.ids[h, :flat.counts[h]].tolist())
+        assert got and got <= set(torch.nonzero(labels[h] == 7).flatten().tolist())  # p0.5: part of the topic
