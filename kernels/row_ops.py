@@ -59,7 +59,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``weight * F.rms_norm(x.float(), eps).to(x.dtype)`` for x [..., n]: the same shape and dtype."""
     _check_rows(x, weight)
     x = x.contiguous()
-    out = torch.empty_like(x)  # [..., n]
+    return rms_norm_into(x, weight, eps, torch.empty_like(x))
+
+
+def rms_norm_into(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor) -> torch.Tensor:
+    """:func:`rms_norm` into ``out`` (x's shape and dtype), unchecked: x, weight and out contiguous
+    rows the kernels take, checked once by a caller that reuses them (a decode step's buffers)."""
     n = x.shape[-1]
     _glue().rms_norm_at(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // n, n, eps, _LIKE[x.dtype])
     return out
@@ -73,7 +78,12 @@ def add_rms_norm(x: torch.Tensor, addend: torch.Tensor, weight: torch.Tensor,
         raise ValueError(f"add_rms_norm adds rows of one shape and dtype; got {tuple(x.shape)} {x.dtype} and "
                          f"{tuple(addend.shape)} {addend.dtype}")
     x, addend = x.contiguous(), addend.contiguous()
-    summed, out = torch.empty_like(x), torch.empty_like(x)  # [..., n] each
+    return add_rms_norm_into(x, addend, weight, eps, torch.empty_like(x), torch.empty_like(x))
+
+
+def add_rms_norm_into(x: torch.Tensor, addend: torch.Tensor, weight: torch.Tensor, eps: float,
+                      summed: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`add_rms_norm` into ``summed`` and ``out``, unchecked (as :func:`rms_norm_into`)."""
     n = x.shape[-1]
     _glue().add_rms_norm_at(x.data_ptr(), addend.data_ptr(), weight.data_ptr(), summed.data_ptr(), out.data_ptr(),
                             x.numel() // n, n, eps, _LIKE[x.dtype])
@@ -93,11 +103,17 @@ def rope_split(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_head
                          f"[B, 1, T, {D}] of its dtype; got qkv {tuple(qkv.shape)} {qkv.dtype}, cos "
                          f"{tuple(cos.shape)} {cos.dtype}")
     qkv, cos, sin = qkv.contiguous(), cos.contiguous(), sin.contiguous()
-    q = torch.empty(B, H, T, D, dtype=qkv.dtype)  # [B, H, T, D]
-    k = torch.empty(B, Hkv, T, D, dtype=qkv.dtype)  # [B, Hkv, T, D]
-    v = torch.empty(B, Hkv, T, D, dtype=qkv.dtype)  # [B, Hkv, T, D]
+    return rope_split_into(qkv, cos, sin, torch.empty(B, H, T, D, dtype=qkv.dtype),
+                           torch.empty(B, Hkv, T, D, dtype=qkv.dtype), torch.empty(B, Hkv, T, D, dtype=qkv.dtype))
+
+
+def rope_split_into(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                    v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`rope_split` into q [B, H, T, D], k and v [B, Hkv, T, D] (contiguous, qkv's dtype),
+    unchecked (as :func:`rms_norm_into`); qkv [B, T, (H + 2 Hkv) D] or [B T, ...] contiguous."""
+    B, H, T, D = q.shape
     _glue().rope_split_at(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(),
-                          B, T, H, Hkv, D, _LIKE[qkv.dtype])
+                          B, T, H, k.shape[1], D, _LIKE[qkv.dtype])
     return q, k, v
 
 
@@ -107,7 +123,11 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     if gate_up.shape[-1] % 2:
         raise ValueError(f"silu_mul needs rows [..., 2I]; got {tuple(gate_up.shape)}")
     gate_up = gate_up.contiguous()
-    n = gate_up.shape[-1] // 2
-    out = torch.empty(*gate_up.shape[:-1], n, dtype=gate_up.dtype)  # [..., I]
+    return silu_mul_into(gate_up, torch.empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2, dtype=gate_up.dtype))
+
+
+def silu_mul_into(gate_up: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """:func:`silu_mul` into ``out`` [..., I], unchecked (as :func:`rms_norm_into`)."""
+    n = out.shape[-1]
     _glue().silu_mul_at(gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // (2 * n), n, _LIKE[gate_up.dtype])
     return out

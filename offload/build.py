@@ -159,6 +159,7 @@ def build_runtime(resolved: ResolvedConfig) -> Runtime:
                              calibration_ids=ids[:config.flash.calibration_tokens], sizing=resolved.flash_sizing)
         # every layer is resident now but for its bundles: the layer placement no longer describes it
         streamer = placement = None
+    model.bind_decode_step()  # the weights are final now
     # layers streamed from another tier, or a KV on disk: each read once per prompt, not once per chunk
     layer_major = streamer is not None or resolved.kv_disk is not None
     engine = Engine(model, tokenizer, backend, config.prefill_chunk_size, config.max_context,

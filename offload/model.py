@@ -13,6 +13,7 @@ from torch import nn
 
 from .attention import AttentionBackend, ForwardBatch, MixedBatch
 from .config import ModelArgs
+from .decode_step import CpuDecodeStep, LayerCalls, bind_product
 from .kernels import row_ops
 from .quant import GivenRows, Int4Weight, Int8Weight, embedding, empty_weight, linear, quantize_weight
 from .rope import RotaryEmbedding
@@ -141,6 +142,25 @@ class Transformer(nn.Module):
         self.lm_head = self.embed if args.tie_word_embeddings else _param(
             (args.vocab_size, args.hidden_size), device, dtype)
         self.rope = RotaryEmbedding(args, self.device)
+        self.decode_step: CpuDecodeStep | None = None  # bound by bind_decode_step once the weights are final
+
+    def bind_decode_step(self) -> None:
+        """Bind the single-row CPU decode step (:mod:`offload.decode_step`: the same numbers with the
+        calls between the products bound once) to the weights as they are now: call it when they are
+        final (loaded, quantized, flash FFNs in place). A model it does not apply to (not bf16 on the
+        CPU, layers streamed, a flash FFN, q/k norm) keeps the generic path for every call."""
+        self.decode_step = None
+        plain = (self.device.type == "cpu" and self.dtype == torch.bfloat16 and not self.offloaded
+                 and not self.args.qk_norm and all(type(layer.mlp) is MLP for layer in self.layers))
+        if not plain:
+            return
+        layers = [LayerCalls(attn_norm=layer.attn_norm.weight, ffn_norm=layer.ffn_norm.weight, eps=layer.attn_norm.eps,
+                             qkv=bind_product(layer.attn.wqkv, layer.attn.bqkv), o=bind_product(layer.attn.wo),
+                             gate_up=bind_product(layer.mlp.w_gate_up), down=bind_product(layer.mlp.w_down))
+                  for layer in self.layers]
+        a = self.args
+        self.decode_step = CpuDecodeStep(layers, a.num_heads, a.num_kv_heads, a.head_dim, a.hidden_size,
+                                         a.intermediate_size, self.dtype, self.embed_tokens, self.head, self.rope)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, batch: ForwardBatch | MixedBatch, backend: AttentionBackend,
@@ -149,6 +169,8 @@ class Transformer(nn.Module):
 
         A :class:`MixedBatch` takes its parts' tokens end to end, [1, N], and returns the logits of
         its ``logit_index`` positions, [1, M, V]."""
+        if self.decode_step is not None and CpuDecodeStep.takes(batch):
+            return self.decode_step.run(tokens, batch, backend)  # [1, 1, V]
         x = self.embed_tokens(tokens)  # [B, T, hidden]
         cos, sin = self.rope.cos_sin(batch.positions, self.dtype)  # [B, 1, T, D]
         parts = batch.parts if isinstance(batch, MixedBatch) else [batch]
