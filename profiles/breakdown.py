@@ -6,7 +6,11 @@ streamed layer's load), ``qkv_o_proj`` (attention projections, RoPE), ``index_se
 policy's search), ``attention`` (the attention itself: dense, or gather over the selection),
 ``mlp``, ``norms``, ``embed_head`` (embedding, final norm, LM head) and ``sampling``. Overlap:
 how much of the weight transfer ran while compute ran (transfer time not waited for).
-Writes a JSON, prints a table and draws a stacked bar chart (PNG).
+``step_ms`` is the step as the runtime runs it; the phases come from further steps through the
+model's generic forward with a timer around each module (a bound CPU decode step,
+:mod:`offload.decode_step`, calls no module), and ``accounted_fraction`` is their share of those
+instrumented steps (``instrumented_step_ms``). Writes a JSON, prints a table and draws a stacked
+bar chart (PNG).
 
     python -m offload.profiles.breakdown --context 4096 --profile profile.json --out breakdown.json
 """
@@ -103,7 +107,7 @@ def measure(llm, context: int, steps: int) -> dict:
     dev = llm.device
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     ids = _real_text_ids(llm.tokenizer, context)
-    llm.backend.allocate(1, context + steps + 2)
+    llm.backend.allocate(1, context + 2 * steps + 2)  # warm-up, the plain steps, the instrumented ones
     logits = llm.engine.prefill(0, ids)  # [V]
     token = int(logits.argmax())
     n = context
@@ -111,8 +115,18 @@ def measure(llm, context: int, steps: int) -> dict:
         batch = ForwardBatch.decode([n], dev, [token])
         token = int(llm.model(torch.tensor([[token]], device=dev), batch, llm.backend)[0, -1].argmax())
         n += 1
+    plain_s = []  # the step as the runtime runs it (a bound CPU decode step calls no module: no phases)
+    for _ in range(steps):
+        sync()
+        t0 = time.perf_counter()
+        batch = ForwardBatch.decode([n], dev, [token])
+        token = int(llm.model(torch.tensor([[token]], device=dev), batch, llm.backend)[0, -1].argmax())
+        sync()
+        plain_s.append(time.perf_counter() - t0)
+        n += 1
     timer = PhaseTimer(sync)
     undo = instrument(timer, llm)
+    bound, llm.model.decode_step = llm.model.decode_step, None  # the phases are the generic forward's modules
     steps_s, per_step = [], []
     try:
         for _ in range(steps):
@@ -128,6 +142,7 @@ def measure(llm, context: int, steps: int) -> dict:
             per_step.append({k: after.get(k, 0.0) - before.get(k, 0.0) for k in PHASES})
             n += 1
     finally:
+        llm.model.decode_step = bound
         undo()
     per_layer: dict[int, dict[str, float]] = defaultdict(dict)
     for (name, layer), t in timer.totals.items():
@@ -136,7 +151,8 @@ def measure(llm, context: int, steps: int) -> dict:
     median = statistics.median(steps_s)
     phases_ms = {k: 1e3 * statistics.median(s[k] for s in per_step) for k in PHASES}
     accounted = sum(phases_ms.values())
-    out = {"context": context, "steps": steps, "step_ms": 1e3 * median, "step_ms_runs": [1e3 * s for s in steps_s],
+    out = {"context": context, "steps": steps, "step_ms": 1e3 * statistics.median(plain_s),
+           "step_ms_runs": [1e3 * s for s in plain_s], "instrumented_step_ms": 1e3 * median,
            "phases_ms": phases_ms, "accounted_fraction": accounted / (1e3 * median),
            "per_layer_ms": {str(k): v for k, v in sorted(per_layer.items())}}
     if llm.streamer is not None:
@@ -176,7 +192,7 @@ def run(model=None, context: int = 4096, steps: int = 8, kv_policy: str = "dense
         profile: str | None = None, cpu_memory=None, gpu_memory=None, disk_dir=None) -> dict:
     from offload import LLM
 
-    llm = LLM(model, dtype=dtype, kv_policy=kv_policy, max_context=context + steps + 8, cpu_memory=cpu_memory,
+    llm = LLM(model, dtype=dtype, kv_policy=kv_policy, max_context=context + 2 * steps + 8, cpu_memory=cpu_memory,
               gpu_memory=gpu_memory, disk_dir=disk_dir, profile=profile, verbose=False)
     measured = measure(llm, context, steps)
     # the placement the runtime was resolved with (at its max_context: the steps measured sit just below it)
