@@ -1,4 +1,4 @@
-"""One decode step of a single sequence on the CPU with every call between the products bound once.
+"""A decode step on the CPU with every call between the products bound once.
 
 On a CPU a decode step of a small model is mostly calls, not arithmetic: the default model's
 (SmolLM2-135M, int4 projections, bf16) read its 96 MB of weights in ~6 ms, and the module tree
@@ -12,11 +12,12 @@ path fuses the one inside a layer). Attention goes through the backend's ``forwa
 for every model call, so every KV policy and tier keeps working.
 
 It applies where the row kernels do (bf16 rows on the CPU: :func:`offload.kernels.row_ops.row_ops_apply`),
-to one row and one token (a server's batches keep the generic path), with every layer resident
-and of the plain form (no weights streamed, no flash FFN, no q/k norm): :meth:`for_model` says
-None otherwise. Bound once the weights are final (:meth:`Transformer.bind_decode_step`).
+to decode steps of up to MAX_ROWS rows (one token each: ``generate`` on a few prompts, a server's
+step with no prompt joining; a mixed call keeps the generic path), with every layer resident and of
+the plain form (no weights streamed, no flash FFN, no q/k norm): the model binds none otherwise.
+Bound once the weights are final (:meth:`Transformer.bind_decode_step`).
 
-Shapes: H query heads, Hkv KV heads, D head_dim, hidden = the model's width, I = its FFN width.
+Shapes: B rows, H query heads, Hkv KV heads, D head_dim, hidden = the model's width, I = its FFN width.
 """
 
 from __future__ import annotations
@@ -28,23 +29,29 @@ import torch
 
 from .attention import AttentionBackend, ForwardBatch
 from .kernels import row_ops
+from .kernels.int4_pack import INT4_GEMM_ROWS
 from .quant import Int4Weight, Int8Weight, linear
 
-# A projection bound to its weight: x [1, K] in the compute dtype -> [1, N].
+# Rows a bound step takes: fewer than the int4 products' GEMM path starts at (the fused kernel is
+# what the generic forward runs for them too), within what the row kernels take.
+MAX_ROWS = min(INT4_GEMM_ROWS - 1, row_ops.ROW_OPS_MAX_ROWS)
+
+# A projection bound to its weight: x [B, K] in the compute dtype -> [B, N].
 Product = Callable[[torch.Tensor], torch.Tensor]
 
 
 def bind_product(weight: torch.Tensor | Int4Weight | Int8Weight, bias: torch.Tensor | None = None) -> Product:
-    """``linear(x, weight, bias)`` for one row, with what it decides per call decided now: an int4
-    weight on the CPU is the fused kernel on bf16 rows (what :func:`linear` runs for fewer than
-    INT4_GEMM_ROWS rows, without its checks and reshapes); any other weight goes through linear."""
+    """``linear(x, weight, bias)`` for up to MAX_ROWS rows, with what it decides per call decided
+    now: an int4 weight on the CPU is the fused kernel on bf16 rows (what :func:`linear` runs for
+    fewer than INT4_GEMM_ROWS rows, without its checks and reshapes); any other weight goes through
+    linear."""
     if isinstance(weight, Int4Weight) and weight.packed.is_cpu and weight.dtype == torch.bfloat16:
         packed, group, scales_zeros = weight.packed, weight.group, weight.scales_zeros
         kernel = torch.ops.aten._weight_int4pack_mm_for_cpu
         if bias is None:
-            return lambda x: kernel(x, packed, group, scales_zeros)  # [1, N]
-        return lambda x: kernel(x, packed, group, scales_zeros) + bias  # [1, N]
-    return lambda x: linear(x, weight, bias)  # [1, N]
+            return lambda x: kernel(x, packed, group, scales_zeros)  # [B, N]
+        return lambda x: kernel(x, packed, group, scales_zeros) + bias  # [B, N]
+    return lambda x: linear(x, weight, bias)  # [B, N]
 
 
 @dataclass(frozen=True)
@@ -54,43 +61,60 @@ class LayerCalls:
     attn_norm: torch.Tensor  # [hidden]
     ffn_norm: torch.Tensor  # [hidden]
     eps: float
-    qkv: Product  # [1, hidden] -> [1, (H + 2 Hkv) D], bias included
-    o: Product  # [1, H D] -> [1, hidden]
-    gate_up: Product  # [1, hidden] -> [1, 2I]
-    down: Product  # [1, I] -> [1, hidden]
+    qkv: Product  # [B, hidden] -> [B, (H + 2 Hkv) D], bias included
+    o: Product  # [B, H D] -> [B, hidden]
+    gate_up: Product  # [B, hidden] -> [B, 2I]
+    down: Product  # [B, I] -> [B, hidden]
+
+
+@dataclass(frozen=True)
+class RowBuffers:
+    """A step's buffers for B rows, whose contents never outlive the next call that reads them: the
+    residual stream and its sum, alternating (each layer reads one and writes the other), the
+    normed rows and the SiLU gate's output."""
+
+    x: torch.Tensor  # [B, hidden]
+    summed: torch.Tensor  # [B, hidden]
+    normed: torch.Tensor  # [B, hidden]
+    act: torch.Tensor  # [B, I]
+
+    @classmethod
+    def empty(cls, rows: int, hidden: int, intermediate: int, dtype: torch.dtype) -> "RowBuffers":
+        return cls(*(torch.empty(rows, hidden, dtype=dtype) for _ in range(3)),
+                   torch.empty(rows, intermediate, dtype=dtype))
 
 
 class CpuDecodeStep:
-    """A single-row CPU decode step over bound layers (see the module's docstring). ``layers``: the
-    decoder layers (:class:`offload.model.DecoderLayer`, plain form), ``embed``/``head``/``rope``:
-    the model's token lookup, final norm + LM head and rotary embedding."""
+    """A CPU decode step over bound layers (see the module's docstring). ``layers``: each decoder
+    layer's weights as the step calls them, ``embed``/``head``/``rope``: the model's token lookup,
+    final norm + LM head and rotary embedding."""
 
     def __init__(self, layers: list[LayerCalls], num_heads: int, num_kv_heads: int, head_dim: int, hidden: int,
                  intermediate: int, dtype: torch.dtype, embed: Callable[[torch.Tensor], torch.Tensor],
                  head: Callable[[torch.Tensor], torch.Tensor], rope):
         self.layers = layers
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.hidden, self.intermediate = hidden, intermediate
         self.dtype, self.embed, self.head, self.rope = dtype, embed, head, rope
-        # The residual stream and its normed form, alternating between two buffers: each layer reads
-        # one and writes the other. Buffers whose contents never outlive the next call are reused;
-        # q, k, v and what attention returns are fresh per layer (a backend may keep them).
-        self.x = torch.empty(1, hidden, dtype=dtype)  # [1, hidden]
-        self.summed = torch.empty(1, hidden, dtype=dtype)  # [1, hidden]
-        self.normed = torch.empty(1, hidden, dtype=dtype)  # [1, hidden]
-        self.act = torch.empty(1, intermediate, dtype=dtype)  # [1, I]
+        self._buffers: dict[int, RowBuffers] = {}  # rows -> buffers, made on a step of that many rows
 
     @staticmethod
     def takes(batch) -> bool:
-        """Whether a model call is this step's: a decode of one row, one token."""
-        return isinstance(batch, ForwardBatch) and batch.is_decode and len(batch.rows) == 1 and batch.num_new == 1
+        """Whether a model call is this step's: a decode step (one token a row) of up to MAX_ROWS rows."""
+        return (isinstance(batch, ForwardBatch) and batch.is_decode and batch.num_new == 1
+                and len(batch.rows) <= MAX_ROWS)
 
     @torch.inference_mode()
     def run(self, tokens: torch.Tensor, batch: ForwardBatch, backend: AttentionBackend) -> torch.Tensor:
-        """tokens [1, 1] -> fp32 logits [1, 1, V], as :meth:`Transformer.forward` gives them."""
+        """tokens [B, 1] -> fp32 logits [B, 1, V], as :meth:`Transformer.forward` gives them."""
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        x, summed, normed, act = self.x, self.summed, self.normed, self.act
-        x.copy_(self.embed(tokens).view(1, -1))  # [1, hidden]
-        cos, sin = self.rope.cos_sin(batch.positions, self.dtype)  # [1, 1, 1, D] each
+        B = len(batch.rows)
+        buffers = self._buffers.get(B)
+        if buffers is None:
+            buffers = self._buffers[B] = RowBuffers.empty(B, self.hidden, self.intermediate, self.dtype)
+        x, summed, normed, act = buffers.x, buffers.summed, buffers.normed, buffers.act
+        x.copy_(self.embed(tokens).view(B, -1))  # [B, hidden]
+        cos, sin = self.rope.cos_sin(batch.positions, self.dtype)  # [B, 1, 1, D] each
         backend.begin(batch)
         residual = None  # the last layer's MLP output, added into the stream by the next norm
         for i, layer in enumerate(self.layers):
@@ -98,13 +122,14 @@ class CpuDecodeStep:
                 row_ops.rms_norm_into(x, layer.attn_norm, layer.eps, normed)
             else:  # x <- summed + residual, normed <- its norm
                 row_ops.add_rms_norm_into(summed, residual, layer.attn_norm, layer.eps, x, normed)
-            qkv = layer.qkv(normed)  # [1, (H + 2 Hkv) D]
-            q, k, v = row_ops.rope_split_into(qkv, cos, sin, torch.empty(1, H, 1, D, dtype=self.dtype),
-                                              torch.empty(1, Hkv, 1, D, dtype=self.dtype),
-                                              torch.empty(1, Hkv, 1, D, dtype=self.dtype))  # [1, H|Hkv, 1, D]
-            attended = backend.forward(i, q, k, v, batch)  # [1, H, 1, D]
-            o = layer.o(attended.reshape(1, H * D))  # [1, hidden]
+            qkv = layer.qkv(normed)  # [B, (H + 2 Hkv) D]
+            # q, k, v and what attention returns are fresh per layer: a backend may keep them
+            q, k, v = row_ops.rope_split_into(qkv, cos, sin, torch.empty(B, H, 1, D, dtype=self.dtype),
+                                              torch.empty(B, Hkv, 1, D, dtype=self.dtype),
+                                              torch.empty(B, Hkv, 1, D, dtype=self.dtype))  # [B, H|Hkv, 1, D]
+            attended = backend.forward(i, q, k, v, batch)  # [B, H, 1, D]
+            o = layer.o(attended.reshape(B, H * D))  # [B, hidden]
             row_ops.add_rms_norm_into(x, o, layer.ffn_norm, layer.eps, summed, normed)  # summed <- x + o
-            residual = layer.down(row_ops.silu_mul_into(layer.gate_up(normed), act))  # [1, hidden]
+            residual = layer.down(row_ops.silu_mul_into(layer.gate_up(normed), act))  # [B, hidden]
         backend.end(batch)
-        return self.head((summed + residual).view(1, 1, -1))  # [1, 1, V]
+        return self.head((summed + residual).view(B, 1, -1))  # [B, 1, V]

@@ -145,10 +145,10 @@ class Transformer(nn.Module):
         self.decode_step: CpuDecodeStep | None = None  # bound by bind_decode_step once the weights are final
 
     def bind_decode_step(self) -> None:
-        """Bind the single-row CPU decode step (:mod:`offload.decode_step`: the same numbers with the
-        calls between the products bound once) to the weights as they are now: call it when they are
-        final (loaded, quantized, flash FFNs in place). A model it does not apply to (not bf16 on the
-        CPU, layers streamed, a flash FFN, q/k norm) keeps the generic path for every call."""
+        """Bind the CPU decode step (:mod:`offload.decode_step`: decode steps of a few rows, the same
+        numbers with the calls between the products bound once) to the weights as they are now: call
+        it when they are final (loaded, quantized, flash FFNs in place). A model it does not apply to
+        (not bf16 on the CPU, layers streamed, a flash FFN, q/k norm) keeps the generic path."""
         self.decode_step = None
         plain = (self.device.type == "cpu" and self.dtype == torch.bfloat16 and not self.offloaded
                  and not self.args.qk_norm and all(type(layer.mlp) is MLP for layer in self.layers))

@@ -13,23 +13,23 @@ from offload.config import ModelArgs
 from offload.model import Transformer
 
 
-def _decode_logits(llm: LLM, prompt: list[int], steps: int, bound: bool) -> torch.Tensor:
-    """Prefill ``prompt`` as row 0, then ``steps`` greedy decode steps: their logits [steps, V], with
-    the bound step or (bound=False) the generic forward."""
+def _decode_logits(llm: LLM, prompts: list[list[int]], steps: int, bound: bool) -> torch.Tensor:
+    """Prefill each prompt as its own cache row, then ``steps`` greedy decode steps of all rows
+    together: their logits [steps, B, V], with the bound step or (bound=False) the generic forward."""
     model, backend = llm.model, llm.engine.backend
     step = model.decode_step
-    backend.allocate(1, len(prompt) + steps + 1)
-    logits = llm.engine.prefill(0, prompt)  # [V]
-    token, n, out = int(logits.argmax()), len(prompt), []
+    backend.allocate(len(prompts), max(map(len, prompts)) + steps + 1)
+    tokens = [int(llm.engine.prefill(row, prompt).argmax()) for row, prompt in enumerate(prompts)]
+    lengths, out = [len(p) for p in prompts], []
     if not bound:
         model.decode_step = None
     try:
         for _ in range(steps):
-            batch = ForwardBatch.decode([n], llm.device, [token])
+            batch = ForwardBatch.decode(lengths, llm.device, tokens)
             with torch.inference_mode():
-                logits = model(torch.tensor([[token]]), batch, backend)[0, -1]  # [V]
+                logits = model(torch.tensor(tokens)[:, None], batch, backend)[:, -1]  # [B, V]
             out.append(logits)
-            token, n = int(logits.argmax()), n + 1
+            tokens, lengths = logits.argmax(-1).tolist(), batch.end_lengths
     finally:
         model.decode_step = step
     return torch.stack(out)
@@ -51,10 +51,21 @@ def test_bound_step_equals_generic_forward(tiny_models, family, settings):
     llm = LLM(folder, dtype="bfloat16", max_context=128, verbose=False, **settings)
     assert llm.model.decode_step is not None
     prompt = [(7 * i + 3) % 290 + 3 for i in range(40)]
-    generic = _decode_logits(llm, prompt, 6, bound=False)
-    bound = _decode_logits(llm, prompt, 6, bound=True)
+    generic = _decode_logits(llm, [prompt], 6, bound=False)
+    bound = _decode_logits(llm, [prompt], 6, bound=True)
     assert torch.isfinite(bound).all()
     assert torch.equal(bound, generic), (bound - generic).abs().max()
+
+
+@pytest.mark.parametrize("settings", [{}, {"kv_policy": "quest", "kv_budget": 0.25, "dense_layers": 0}])
+def test_bound_step_of_several_rows_of_different_lengths(tiny_models, settings):
+    """Three sequences of different lengths decoding together (generate on three prompts, a server
+    step): each row's logits as the generic forward gives them."""
+    llm = LLM(tiny_models["llama"][0], dtype="bfloat16", quantize="int4", max_context=128, verbose=False, **settings)
+    prompts = [[(5 * i + r) % 290 + 3 for i in range(n)] for r, n in enumerate((40, 23, 57))]
+    generic = _decode_logits(llm, prompts, 5, bound=False)
+    bound = _decode_logits(llm, prompts, 5, bound=True)
+    assert bound.shape[1] == 3 and torch.equal(bound, generic), (bound - generic).abs().max()
 
 
 def test_models_the_step_does_not_take_keep_the_generic_path(tiny_models):
@@ -78,6 +89,6 @@ def test_default_model_greedy_tokens_unchanged(smollm_path):
     llm = LLM(smollm_path, verbose=False)
     assert llm.model.decode_step is not None
     prompt = llm.tokenizer.encode("The capital of France is Paris. The capital of Italy is")
-    generic = _decode_logits(llm, prompt, 24, bound=False)
-    bound = _decode_logits(llm, prompt, 24, bound=True)
+    generic = _decode_logits(llm, [prompt], 24, bound=False)
+    bound = _decode_logits(llm, [prompt], 24, bound=True)
     assert torch.equal(bound, generic)
