@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from offload.attention import AttentionBackend, ForwardBatch, OnlineSoftmax, attend, visible_keys
 from offload.config import ModelArgs
 from offload.errors import OffloadError
-from offload.kernels import DecodeRanges
+from offload.kernels import CacheArrays, DecodeRanges, store_kv
 from offload.tiers.kv_store import DECODE_BLOCK_TOKENS, KVStore
 
 # Upper bound on one block of attention scores (fp32) in chunked prefill: even where SDPA falls
@@ -39,6 +39,9 @@ class DensePlan:
     prefill_masks: dict[int, torch.Tensor] = field(default_factory=dict)  # {t0: [Tb, N] bool}
     # what the in-place kernel reads of each row, made by the first layer that reads in place
     decode_ranges: DecodeRanges | None = None
+    # a decode step whose layers in CPU memory store and attend in place (no KIVI, a cache the
+    # kernel reads at this length): forward goes straight to the two kernels for them
+    in_place: bool = False
 
 
 class DenseAttention(AttentionBackend):
@@ -109,6 +112,8 @@ class DenseAttention(AttentionBackend):
             else:  # from the first key any row sees: a windowed model's shortest row bounds the read
                 plan.decode_start = 0 if window is None else max(0, min(batch.end_lengths) - window)
                 plan.decode_mask = visible_keys(batch.positions, n, window)[:, None, :, plan.decode_start:]  # [B, 1, 1, N']
+            cache_dtype = torch.int8 if self.kv.quantized else self.kv.dtype
+            plan.in_place = self.kv.kivi_layers is None and self._reads_in_place(cache_dtype, n - plan.decode_start)
         else:
             n, T, H = batch.end_lengths[0], batch.num_new, self.args.num_heads
             block = max(1, min(T, PREFILL_SCORE_BYTES // (4 * H * n)))
@@ -120,10 +125,26 @@ class DenseAttention(AttentionBackend):
         return DensePlan()
 
     def forward(self, layer, q, k, v, batch):
+        if batch.is_decode and batch.plan.in_place:  # the step's common case, with nothing else to decide
+            arrays = self.kv.host_arrays(layer)  # None: a layer whose KV is on disk
+            if arrays is not None and (arrays.dtype == torch.int8 or arrays.dtype == k.dtype):
+                return self._decode_in_place(arrays, q, k, v, batch)
         self.kv.write(layer, k, v, batch)
         if batch.is_decode:
             return self._decode(layer, q, batch)
         return self._prefill(layer, q, k, v, batch)
+
+    def _decode_in_place(self, arrays: CacheArrays, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         batch: ForwardBatch) -> torch.Tensor:
+        """A decode step's layer whose KV the CPU kernels store and read in place: what
+        ``kv.write`` then ``_decode`` do for it, without their dispatch. q [B, H, 1, D] -> [B, H, 1, D]."""
+        B, H, _, D = q.shape
+        store_kv(k, v, arrays, *batch.store_at)
+        plan: DensePlan = batch.plan
+        if plan.decode_ranges is None:  # the first layer of the step works them out for all
+            plan.decode_ranges = DecodeRanges(*self._visible_ranges(batch), self.args.num_kv_heads, arrays.k.shape[2])
+        out, _ = arrays.attend(q.view(B, H, D), plan.decode_ranges, self.args.softmax_scale)  # [B, H, D]
+        return out.view(B, H, 1, D)
 
     def _reads_in_place(self, cache_dtype: torch.dtype, visible: int) -> bool:
         """Whether decode attends through the in-place kernel for a cache of this dtype and length."""

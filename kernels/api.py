@@ -248,6 +248,17 @@ class DecodeRanges:
         self.lo = np.repeat(np.asarray(lo, np.int64)[:, None], num_kv_heads, axis=1)  # [B, Hkv]
         self.hi = np.repeat(np.asarray(hi, np.int64)[:, None], num_kv_heads, axis=1)  # [B, Hkv]
         self.longest = max(b - a for a, b in zip(lo, hi))
+        self._splits: dict[int, int] = {}  # threads -> the kernel's tokens per task
+
+    def split(self, threads: int) -> int:
+        """The kernel's tokens per parallel task on ``threads`` threads: the same for every layer."""
+        split = self._splits.get(threads)
+        if split is None:
+            from . import cpu_decode
+
+            split = self._splits[threads] = cpu_decode.split_tokens(self.longest, self.rows * self.num_kv_heads,
+                                                                    threads)
+        return split
 
 
 # Input rows up to which the grouped-int8 product runs its row-by-row kernel (the codes widened once
@@ -378,7 +389,9 @@ class CacheArrays:
             raise ValueError(f"attend needs CPU q [B, H, D] for a cache of {R} rows x {Hkv} KV heads x {N} tokens x "
                              f"{D} and ranges of B rows over {Hkv} heads and {N} tokens; got q {tuple(q.shape)}, "
                              f"ranges of {ranges.rows} rows, {ranges.num_kv_heads} heads, {ranges.capacity} tokens")
-        return _attend_numba(q, self.parts, NO_IDS, ranges.lo, ranges.hi, scale, ranges.longest)
+        threads = torch.get_num_threads()
+        return _attend_numba(q, self.parts, NO_IDS, ranges.lo, ranges.hi, scale, ranges.longest, threads,
+                             ranges.split(threads))
 
     def gather(self, q: torch.Tensor, dense: np.ndarray, selected: np.ndarray, counts: np.ndarray,
                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -577,10 +590,12 @@ def _cache_arrays(k, v, k_scale, v_scale) -> tuple[np.ndarray, np.ndarray, np.nd
 
 
 def _attend_numba(q, cache: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], ids: np.ndarray,
-                  lo: np.ndarray, hi: np.ndarray, scale: float, longest: int) -> tuple[torch.Tensor, torch.Tensor]:
+                  lo: np.ndarray, hi: np.ndarray, scale: float, longest: int, threads: int | None = None,
+                  split: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The numba kernel over positions lo..hi-1 [B, Hkv] (of ``ids`` [B, Hkv, M], or token ids when
     empty; ``longest`` the widest range) of ``cache`` (:func:`_cache_arrays`; rows beyond q's B
-    unread). Returns (out [B, H, D] in q's dtype, lse [B, H])."""
+    unread), on ``threads`` threads (torch's count if None) with ``split`` tokens per task (worked
+    out if None). Returns (out [B, H, D] in q's dtype, lse [B, H])."""
     from . import cpu_decode  # numba compiles (or loads from its cache) on first use
 
     k, k_s, v, v_s = cache
@@ -589,9 +604,10 @@ def _attend_numba(q, cache: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray
     qg = q.float().contiguous().view(B, Hkv, H // Hkv, D)  # [B, Hkv, G, D] fp32
     out = torch.empty(B, Hkv, H // Hkv, D, dtype=torch.float32)  # [B, Hkv, G, D]
     lse = torch.empty(B, Hkv, H // Hkv, dtype=torch.float32)  # [B, Hkv, G]
-    threads = torch.get_num_threads()
+    threads = torch.get_num_threads() if threads is None else threads
     cpu_decode.set_threads(threads)
-    split = cpu_decode.split_tokens(longest, B * Hkv, threads)
+    if split is None:
+        split = cpu_decode.split_tokens(longest, B * Hkv, threads)
     N = k.shape[2]
     past = cpu_decode.decode_attention(qg.numpy(), k, k_s, v, v_s, ids,
                                        lo, hi, N, split, float(scale), out.numpy(), lse.numpy())
