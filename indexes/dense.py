@@ -138,8 +138,12 @@ class DenseAttention(AttentionBackend):
                          batch: ForwardBatch) -> torch.Tensor:
         """A decode step's layer whose KV the CPU kernels store and read in place: what
         ``kv.write`` then ``_decode`` do for it, without their dispatch. q [B, H, 1, D] -> [B, H, 1, D]."""
-        B, H, _, D = q.shape
         store_kv(k, v, arrays, *batch.store_at)
+        return self._attend_in_place(arrays, q, batch)
+
+    def _attend_in_place(self, arrays: CacheArrays, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """The in-place kernel over each row's visible tokens: q [B, H, 1, D] -> [B, H, 1, D]."""
+        B, H, _, D = q.shape
         plan: DensePlan = batch.plan
         if plan.decode_ranges is None:  # the first layer of the step works them out for all
             plan.decode_ranges = DecodeRanges(*self._visible_ranges(batch), self.args.num_kv_heads, arrays.k.shape[2])
@@ -162,10 +166,7 @@ class DenseAttention(AttentionBackend):
         on_disk = layer in self.kv.disk_layers  # read like a host layer's (a sliding window's rows)
         arrays = None if on_disk else self.kv.host_arrays(layer)  # the CPU cache's views, for the kernel
         if arrays is not None and self._reads_in_place(arrays.dtype, end - start):
-            if plan.decode_ranges is None:  # the first layer of the step works them out for all
-                plan.decode_ranges = DecodeRanges(*self._visible_ranges(batch), a.num_kv_heads, arrays.k.shape[2])
-            out, _ = arrays.attend(q.view(B, H, D), plan.decode_ranges, a.softmax_scale)  # [B, H, D]
-            return out.view(B, H, 1, D)
+            return self._attend_in_place(arrays, q, batch)
         kivi = self.kv.kivi_arrays(layer)
         if kivi is not None:  # KIVI's codes attended in place, its kept rows beside them
             lo, hi = self._visible_ranges(batch)
