@@ -176,6 +176,20 @@ def test_sampler_call_raises_on_nan():
         sampler(torch.tensor([[0.0, float("nan"), 1.0]]))
 
 
+def test_sampler_flags_every_kind_of_non_finite_row_and_picks_the_first_maximum():
+    """Greedy picks: the first maximal index (as argmax), and each row flagged exactly when one of
+    its logits is NaN or infinite."""
+    sampler = Sampler([SamplingParams()] * 5, torch.device("cpu"))
+    logits = torch.tensor([[0.5, 2.0, 2.0, -1.0],  # a tie: the first
+                           [0.0, float("-inf"), 1.0, 0.0],
+                           [float("inf"), 0.0, 1.0, 0.0],
+                           [float("inf"), float("-inf"), 0.0, 0.0],
+                           [-3.0e4, 1.0e4, 9.0e3, 0.0]])  # large, finite
+    picked, finite = sampler.pick(logits)
+    assert finite == [True, False, False, False, True]
+    assert picked[0] == 1 and picked[4] == 1
+
+
 def test_nan_checkpoint_from_the_cli(tiny_models, tmp_path):
     from safetensors.torch import load_file, save_file
 
