@@ -170,7 +170,7 @@ class Transformer(nn.Module):
         A :class:`MixedBatch` takes its parts' tokens end to end, [1, N], and returns the logits of
         its ``logit_index`` positions, [1, M, V]."""
         if self.decode_step is not None and CpuDecodeStep.takes(batch):
-            return self.decode_step.run(tokens, batch, backend)  # [1, 1, V]
+            return self.decode_step.run(tokens, batch, backend)  # [B, 1, V]
         x = self.embed_tokens(tokens)  # [B, T, hidden]
         cos, sin = self.rope.cos_sin(batch.positions, self.dtype)  # [B, 1, T, D]
         parts = batch.parts if isinstance(batch, MixedBatch) else [batch]
