@@ -4,7 +4,10 @@ llama.cpp runs through ``llama-cpp-python`` (an optional benchmark dependency: i
 source in about 10 minutes on a 2-core box, so it is never installed by CI). Both runtimes get
 the very same token ids (offload's tokenizer reads the GGUF's vocabulary), prefill the prompt,
 then take greedy decode steps one token at a time; each step is timed on its own and the table
-quotes the median step. offload runs in each weight/KV format given by ``--configs``.
+quotes the median step. offload runs in each weight/KV format given by ``--configs``. With
+``--rounds N`` the runtimes run in turn N times (llama.cpp, offload, llama.cpp, offload, ...), each
+in a fresh process, and the table quotes the median of the rounds' medians (the rounds' own figures
+are in the JSON): a box whose speed drifts by +-8% between minutes slows both alike.
 
     pip install llama-cpp-python==0.3.36
     python -m offload.profiles.bench_llamacpp --contexts 512 4096 --threads 2 --out runs/llamacpp.json
@@ -141,11 +144,25 @@ def _run_one(name: str, path, prompts: dict[int, list[int]], steps: int, threads
     return out
 
 
+def _merge_rounds(runs: list[dict], contexts: list[int]) -> dict:
+    """One runtime's rounds as one run: per context the median of the rounds' decode and prefill
+    figures (each round's own kept as ``..._rounds``), the first round's tokens, the largest peak."""
+    merged = {key: value for key, value in runs[0].items() if not isinstance(key, int)}
+    merged["peak_rss_mib"] = max(r["peak_rss_mib"] for r in runs)
+    for ctx in contexts:
+        merged[ctx] = dict(runs[0][ctx])
+        for key in ("decode_ms", "prefill_tok_s"):
+            figures = [r[ctx][key] for r in runs]
+            merged[ctx][key], merged[ctx][f"{key}_rounds"] = statistics.median(figures), figures
+    return merged
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="a GGUF file (default: SmolLM2-135M-Instruct Q4_1)")
     p.add_argument("--contexts", type=int, nargs="+", default=[512, 4096])
     p.add_argument("--decode-steps", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=1, help="run the runtimes in turn this many times")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--configs", nargs="+", default=[c for c in CONFIGS if c not in FP32_COMPUTE],
                    choices=list(CONFIGS))
@@ -180,7 +197,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="offload-bench-") as tmp:
         prompts_file = Path(tmp) / "prompts.json"
         prompts_file.write_text(json.dumps(prompts))
-        for name in tqdm(names, desc="runtimes", unit="run"):
+        rounds: dict[str, list[dict]] = {name: [] for name in names}
+        for _, name in tqdm([(r, name) for r in range(args.rounds) for name in names], desc="runtimes", unit="run"):
             # each runtime in its own process: no thread pool of one spins beside the other's, and the
             # peak resident memory is that runtime's alone. llama.cpp's child runs this file as a script,
             # so that neither torch nor offload is imported there (they would count in its peak).
@@ -191,7 +209,8 @@ def main(argv=None) -> int:
             if done.returncode != 0:
                 raise SystemExit(f"{name} failed:\n{done.stderr[-2000:]}")
             run = json.loads(done.stdout.strip().splitlines()[-1])
-            results["runs"][name] = {int(k) if k.isdigit() else k: v for k, v in run.items()}
+            rounds[name].append({int(k) if k.isdigit() else k: v for k, v in run.items()})
+    results["runs"] = {name: _merge_rounds(runs, args.contexts) for name, runs in rounds.items()}
     runs = results["runs"]
     print("| metric | " + " | ".join(runs) + " |")
     print("|---|" + "---|" * len(runs))

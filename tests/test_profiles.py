@@ -198,3 +198,16 @@ def test_bench_formats_times_every_format_in_one_process(tiny_models, tmp_path):
     assert all(len(r["decode_ms"]) == 3 and r["decode_ms_median"] > 0 and r["prefill_tok_s"] > 0 for r in runs.values())
     assert runs["int4"]["weights_bytes"] < runs["int8"]["weights_bytes"] < runs["fp32"]["weights_bytes"]
     assert out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_llamacpp_bench_merges_rounds_by_their_medians():
+    """--rounds: each context's decode and prefill figures are the median over the rounds (each
+    round's kept beside it), the tokens are the first round's, the peak the largest."""
+    from offload.profiles.bench_llamacpp import _merge_rounds
+
+    rounds = [{512: {"decode_ms": d, "prefill_tok_s": p, "tokens": [t, 1]}, "peak_rss_mib": m, "weights": "int4"}
+              for d, p, t, m in ((12.0, 300.0, 5, 600.0), (11.0, 330.0, 6, 610.0), (14.0, 310.0, 7, 590.0))]
+    merged = _merge_rounds(rounds, [512])
+    assert merged[512]["decode_ms"] == 12.0 and merged[512]["decode_ms_rounds"] == [12.0, 11.0, 14.0]
+    assert merged[512]["prefill_tok_s"] == 310.0 and merged[512]["tokens"] == [5, 1]
+    assert merged["peak_rss_mib"] == 610.0 and merged["weights"] == "int4"
