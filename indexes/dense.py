@@ -126,8 +126,8 @@ class DenseAttention(AttentionBackend):
 
     def forward(self, layer, q, k, v, batch):
         if batch.is_decode and batch.plan.in_place:  # the step's common case, with nothing else to decide
-            arrays = self.kv.host_arrays(layer)  # None: a layer whose KV is on disk
-            if arrays is not None and (arrays.dtype == torch.int8 or arrays.dtype == k.dtype):
+            arrays = self.kv.compiled_store(layer, k)  # None: a layer whose KV is on disk, say
+            if arrays is not None:
                 return self._decode_in_place(arrays, q, k, v, batch)
         self.kv.write(layer, k, v, batch)
         if batch.is_decode:

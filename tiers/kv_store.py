@@ -463,6 +463,14 @@ class KVStore:
             arrays = self._arrays[layer] = CacheArrays(self.k[layer], self.v[layer], *scales)
         return arrays
 
+    def compiled_store(self, layer: int, k: torch.Tensor) -> CacheArrays | None:
+        """The layer's cache views when one compiled call stores new rows like ``k`` there (a CPU
+        layer in memory, k in the cache's dtype or quantized into its int8 codes); None otherwise."""
+        if not k.is_cpu or self.kivi_layers is not None:
+            return None
+        arrays = self.host_arrays(layer)
+        return arrays if arrays is not None and (self.quantized or k.dtype == self.dtype) else None
+
     def kivi_arrays(self, layer: int) -> KiviArrays | None:
         """A KIVI layer's views for the CPU decode kernel (None: not KIVI, or no kernel takes it)."""
         return None if self.kivi_layers is None else self.kivi_layers[layer].kernel_arrays()
@@ -505,8 +513,8 @@ class KVStore:
             for i, (row, start) in enumerate(zip(batch.rows, batch.start_lengths)):
                 self.kivi_layers[layer].write(row, start, k[i], v[i])  # [Hkv, T, D]
             return
-        arrays = self.host_arrays(layer) if k.is_cpu else None
-        if arrays is not None and (self.quantized or k.dtype == self.dtype):
+        arrays = self.compiled_store(layer, k)
+        if arrays is not None:
             # One compiled call stores both, quantizing int8 codes (the tensor form below: ~36 small
             # ops for int8, two indexed copies of ~8 us each for a float cache).
             store_kv(k, v, arrays, *batch.store_at)
