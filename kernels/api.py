@@ -54,6 +54,38 @@ def _triton_module():
     return triton_attention
 
 
+def _triton_quant():
+    try:
+        from . import triton_quant
+    except ImportError as e:  # pragma: no cover - triton is a Linux dependency
+        raise OffloadError(f"the Triton kernels need triton (pip install triton==3.7.1): {e}") from None
+    return triton_quant
+
+
+def int4_nibbles_linear(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, group: int,
+                        backend: str = "auto") -> torch.Tensor:
+    """x [M, K] @ W^T for an int4 weight in the nibbles layout (the GPU's: packed uint8 [N, K/2], byte
+    j of a row holding inputs 2j and 2j + 1 in its low and high nibbles; scales_zeros [G, N, 2], one
+    (scale, zero) per ``group`` inputs). Returns [M, N] in x's dtype.
+
+    ``backend="auto"``: the Triton kernel (:mod:`offload.kernels.triton_quant`) on a GPU, the torch
+    reference (dequantize, then multiply) elsewhere; "triton" or "torch" force one."""
+    name = resolve_backend(x.device, backend)
+    _last_backend["name"] = name
+    M, K = x.shape if x.dim() == 2 else (None, None)
+    N = packed.shape[0]
+    if K is None or packed.dtype != torch.uint8 or packed.dim() != 2 or 2 * packed.shape[1] != K:
+        raise ValueError(f"int4_nibbles_linear needs x [M, K] and packed uint8 [N, K/2]; got x {tuple(x.shape)}, "
+                         f"packed {tuple(packed.shape)} {packed.dtype}")
+    if K % group or tuple(scales_zeros.shape) != (K // group, N, 2):
+        raise ValueError(f"int4_nibbles_linear needs scales_zeros [K/group, N, 2] = [{K // group}, {N}, 2] with "
+                         f"group dividing K = {K}; got {tuple(scales_zeros.shape)}, group {group}")
+    if name == "torch":
+        return reference.int4_nibbles_linear_ref(x, packed, scales_zeros).to(x.dtype)
+    _check(packed.device == x.device == scales_zeros.device, "x, packed and scales_zeros must be on one device")
+    return _triton_quant().int4_nibbles_linear(x.contiguous(), packed.contiguous(), scales_zeros.contiguous(), group)
+
+
 def resolve_backend(device: torch.device, backend: str = "auto") -> str:
     if backend not in ("auto", "triton", "torch"):
         raise OffloadError(f"unknown kernel backend '{backend}': use auto, triton or torch"
@@ -299,12 +331,16 @@ def int8_group_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor
     group of K / G consecutive input columns of each output row. Returns [M, N] fp32.
 
     ``backend="auto"``: the numba kernels (:mod:`offload.kernels.cpu_quant`) for CPU tensors, the
-    torch reference (dequantize, then multiply) elsewhere; "numba" or "torch" force one.
+    Triton kernel (:mod:`offload.kernels.triton_quant`) on a GPU, the torch reference (dequantize,
+    then multiply) where Triton does not import; "numba", "triton" or "torch" force one.
     ``arrays``: the :class:`Int8Arrays` of codes and scales, made once by their owner (the numba
     path then converts and checks neither)."""
-    if backend not in ("auto", "numba", "torch"):
-        raise OffloadError(f"unknown int8 product backend '{backend}': use auto, numba or torch")
-    name = ("numba" if x.device.type == "cpu" else "torch") if backend == "auto" else backend
+    if backend not in ("auto", "numba", "triton", "torch"):
+        raise OffloadError(f"unknown int8 product backend '{backend}': use auto, numba, triton or torch")
+    if backend == "auto":
+        name = "numba" if x.device.type == "cpu" else resolve_backend(x.device)
+    else:
+        name = resolve_backend(x.device, backend) if backend != "numba" else backend
     _last_backend["name"] = name
     if arrays is None:
         N, K = codes.shape
@@ -318,6 +354,9 @@ def int8_group_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor
         raise ValueError(f"int8_group_linear needs x [M, {K}]; got {tuple(x.shape)}")
     if name == "torch":
         return reference.int8_group_linear_ref(x, codes, scales)
+    if name == "triton":
+        _check(codes.device == x.device == scales.device, "x, codes and scales must be on one device")
+        return _triton_quant().int8_group_linear(x.contiguous(), codes.contiguous(), scales.contiguous())
     if x.device.type != "cpu":
         raise ValueError("the numba int8 kernels run on CPU tensors")
     if arrays is None:

@@ -181,3 +181,31 @@ def int8_group_linear_ref(x: torch.Tensor, codes: torch.Tensor, scales: torch.Te
     """x [M, K] @ W^T in fp32 for W = codes [N, K] int8 * scales [N, G] (one scale per group of
     K / G consecutive columns of a row): dequantize, then multiply (the oracle of the CPU kernel)."""
     return x.float() @ dequantize_int8_groups(codes, scales).t()  # [M, N]
+
+
+def pack_int4_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """int4 codes [N, K] (0..15, any integer dtype) -> the nibbles layout, uint8 [N, K/2]: byte j of a
+    row holds the codes of inputs 2j (low nibble) and 2j + 1 (high nibble)."""
+    c = codes.to(torch.uint8)
+    return c[:, 0::2] | (c[:, 1::2] << 4)  # [N, K/2]
+
+
+def unpack_int4_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """The nibbles layout uint8 [N, K/2] -> codes uint8 [N, K] in 0..15."""
+    return torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(packed.shape[0], -1)  # [N, K]
+
+
+def int4_nibbles_dequantize(packed: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:
+    """The nibbles layout uint8 [N, K/2] with scale and zero [G, N, 2] -> W [N, K] in fp32:
+    w = (q - INT4_MID) * scale + zero per group of K / G consecutive inputs of a row."""
+    codes = unpack_int4_nibbles(packed).float()  # [N, K]
+    N, K = codes.shape
+    G = scales_zeros.shape[0]
+    scale, zero = scales_zeros.float().permute(1, 0, 2).unbind(-1)  # [N, G] each
+    return ((codes.view(N, G, K // G) - INT4_MID) * scale[..., None] + zero[..., None]).view(N, K)
+
+
+def int4_nibbles_linear_ref(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ W^T in fp32 for an int4 weight in the nibbles layout: dequantize, then multiply (the
+    oracle of the Triton kernel)."""
+    return x.float() @ int4_nibbles_dequantize(packed, scales_zeros).t()  # [M, N]

@@ -30,7 +30,7 @@ import torch
 from .attention import AttentionBackend, ForwardBatch
 from .kernels import row_ops
 from .kernels.int4_pack import INT4_GEMM_ROWS
-from .quant import Int4Weight, Int8Weight, linear
+from .quant import INT4_CPU_LAYOUT, Int4Weight, Int8Weight, linear
 
 # Rows a bound step takes: fewer than the int4 products' GEMM path starts at (the fused kernel is
 # what the generic forward runs for them too), within what the row kernels take.
@@ -45,7 +45,8 @@ def bind_product(weight: torch.Tensor | Int4Weight | Int8Weight, bias: torch.Ten
     now: an int4 weight on the CPU is the fused kernel on bf16 rows (what :func:`linear` runs for
     fewer than INT4_GEMM_ROWS rows, without its checks and reshapes); any other weight goes through
     linear."""
-    if isinstance(weight, Int4Weight) and weight.packed.is_cpu and weight.dtype == torch.bfloat16:
+    if (isinstance(weight, Int4Weight) and weight.layout == INT4_CPU_LAYOUT and weight.packed.is_cpu
+            and weight.dtype == torch.bfloat16):
         packed, group, scales_zeros = weight.packed, weight.group, weight.scales_zeros
         kernel = torch.ops.aten._weight_int4pack_mm_for_cpu
         if bias is None:

@@ -178,10 +178,7 @@ class EngineConfig:
     def resolve(self, planning: bool = False) -> "ResolvedConfig":
         """Decide every "auto", check what can be checked before loading, and place the model.
         ``planning``: for ``offload plan``, which may plan a GPU machine from a machine without one."""
-        if self.quantize and self.device == "auto":  # the int4 and int8 kernels are the CPU's for now
-            device = torch.device("cpu")
-        else:
-            device = resolve_device(self.device, planning, self.gpu_memory)
+        device = resolve_device(self.device, planning, self.gpu_memory)
         self._check_flash(device, planning)  # before the model is opened
         if self.quantize:
             self._check_quantize(self.quantize, device, self._dtype(device, True))
@@ -268,7 +265,7 @@ class EngineConfig:
 
     def _check_quantize(self, scheme: str, device: torch.device, dtype: torch.dtype) -> None:
         problem = _run_problem(device, dtype, self.flash is not None)
-        fix = {"device": "use device='cpu' or drop quantize", "dtype": "use dtype='auto'", "flash": "use one"}
+        fix = {"dtype": "use dtype='auto'", "flash": "use one"}
         if problem is not None:
             raise OffloadError(f"quantize={scheme!r}: quantized projections {problem[1]}: {fix[problem[0]]}")
 
@@ -372,10 +369,9 @@ class ResolvedConfig:
 
 
 def _run_problem(device: torch.device, dtype: torch.dtype, flash: bool) -> tuple[str, str] | None:
-    """Why quantized projections cannot run here, as (setting, words); None: they can."""
-    if device.type != "cpu":
-        return "device", "run on the CPU for now (torch's fused int4/int8 kernels); the GPU kernel comes next"
-    if dtype not in (torch.bfloat16, torch.float32):
+    """Why quantized projections cannot run here, as (setting, words); None: they can. On a GPU the
+    Triton kernels take any float dtype; the CPU's take bf16 activations (fp32 ones cast)."""
+    if device.type == "cpu" and dtype not in (torch.bfloat16, torch.float32):
         return "dtype", (f"compute in bfloat16 or float32 (their kernels take bf16 activations), not "
                          f"{str(dtype).removeprefix('torch.')}")
     if flash:

@@ -103,14 +103,16 @@ class DecoderLayer(nn.Module):
         self.ffn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps, device, dtype)
         self.mlp = MLP(args, device, dtype, quantize)
 
-    def quantize(self, scheme: str, given: dict[str, GivenRows] | None = None) -> None:
-        """Hold the four projection weights in ``scheme`` ("int4" groups or "int8" rows: fused CPU
-        kernels); the norms and the QKV bias stay in the compute dtype. Each dense weight is freed
-        as its replacement lands. ``given``: weight name ("wqkv", "wo", "w_gate_up", "w_down") ->
-        rows a checkpoint held in the scheme's form already (their dense rows are never read)."""
+    def quantize(self, scheme: str, given: dict[str, GivenRows] | None = None, layout: str | None = None) -> None:
+        """Hold the four projection weights in ``scheme`` ("int4" or "int8" groups: fused kernels);
+        the norms and the QKV bias stay in the compute dtype. Each dense weight is freed as its
+        replacement lands. ``given``: weight name ("wqkv", "wo", "w_gate_up", "w_down") -> rows a
+        checkpoint held in the scheme's form already (their dense rows are never read). ``layout``:
+        int4's, that of the device the products will run on (a host staging layer of a GPU run is
+        packed for the GPU); default: the layer's device's."""
         for owner, name in ((self.attn, "wqkv"), (self.attn, "wo"), (self.mlp, "w_gate_up"), (self.mlp, "w_down")):
             dense = getattr(owner, name)
-            quantized = quantize_weight(dense.detach(), scheme, dense.dtype, (given or {}).get(name))
+            quantized = quantize_weight(dense.detach(), scheme, dense.dtype, (given or {}).get(name), layout)
             delattr(owner, name)  # a registered parameter gives way to the weight module
             setattr(owner, name, quantized)
 
@@ -128,15 +130,19 @@ class Transformer(nn.Module):
     """The decoder. ``forward`` runs one prefill chunk or one decode step."""
 
     def __init__(self, args: ModelArgs, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 offloaded: frozenset[int] = frozenset()):
+                 offloaded: frozenset[int] = frozenset(), staged_layers: bool = False):
         super().__init__()
         self.args, self.device, self.dtype = args, torch.device(device), dtype
         # Layers whose weights live in another tier have no storage here (meta tensors): a
         # LayerStreamer (offload.tiers) lends them a device buffer for the time they compute.
         self.offloaded = frozenset(offloaded)
+        # staged_layers: every layer starts as meta tensors too, and the loader assembles each in host
+        # memory and puts it in place once converted (a quantized load: the device never holds a
+        # dense layer).
+        self.staged_layers = staged_layers
         self.streamer = None
         self.embed = _param((args.vocab_size, args.hidden_size), device, dtype)
-        self.layers = nn.ModuleList(DecoderLayer(args, "meta" if i in self.offloaded else device, dtype)
+        self.layers = nn.ModuleList(DecoderLayer(args, "meta" if i in self.offloaded or staged_layers else device, dtype)
                                     for i in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, device, dtype)
         self.lm_head = self.embed if args.tie_word_embeddings else _param(
@@ -232,14 +238,15 @@ class Transformer(nn.Module):
         held it in int8 already (a GGUF Q8_0 table: its dense form is never written)."""
         if which == "embed":
             tied = self.lm_head is self.embed
-            table = given if given is not None else Int8Weight.from_float(self.embed.detach(), self.dtype)
+            table = given.to(self.device) if given is not None else Int8Weight.from_float(self.embed.detach(), self.dtype)
             del self.embed  # a registered parameter gives way to the weight module
             self.embed = table
             if tied:
                 del self.lm_head
                 self.lm_head = table
         elif which == "lm_head":
-            table = given if given is not None else Int8Weight.from_float(self.lm_head.detach(), self.dtype)
+            table = (given.to(self.device) if given is not None
+                     else Int8Weight.from_float(self.lm_head.detach(), self.dtype))
             del self.lm_head
             self.lm_head = table
         else:

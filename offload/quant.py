@@ -18,7 +18,14 @@ the kernel dequantizes in registers (measured on this CPU, FACTS.md: 4096x4096 b
 0.51 ms). Codes are chosen round-to-nearest between each group's minimum and maximum, or on a
 zero-centred grid (GGUF's Q4_0) where that holds the group more exactly.
 
-That kernel computes one input row at a time; from ``INT4_GEMM_ROWS`` rows (a prefill chunk) the
+On a GPU the codes are held in another order, the "nibbles" layout (two codes per byte, in input
+order), and products run the Triton kernel of :mod:`offload.kernels.triton_quant`, which
+dequantizes a tile at a time in registers; int8 weights keep their layout there and run its int8
+kernel. Which layout an int4 weight holds is decided by the device its products run on
+(:func:`int4_layout`), not by where its bytes are: a GPU run's layers streamed from host memory or
+disk are packed for the GPU from the start.
+
+The CPU kernel computes one input row at a time; from ``INT4_GEMM_ROWS`` rows (a prefill chunk) the
 weight is unpacked a block of rows at a time to fp32 for the BLAS GEMM instead
 (:mod:`offload.kernels.int4_pack`, 2-2.5x faster at 512 rows on an AVX2 CPU).
 
@@ -49,7 +56,10 @@ from .kernels import (
     dequantize_int8_groups,
     int4_dequantize,
     int4_group_linear,
+    int4_nibbles_dequantize,
+    int4_nibbles_linear,
     int8_group_linear,
+    pack_int4_nibbles,
 )
 
 INT4_GROUP = 32  # weights per scale/zero pair: GGUF's Q4_0 / Q4_1 / Q4_K sub-block size
@@ -60,6 +70,16 @@ INT8_GROUP = 32  # input columns per scale of an int8 projection (GGUF's Q8_0 bl
 INT8_SCALE_BYTES = 4  # int8 scales are fp32: a GGUF fp16 block scale fits exactly
 KERNEL_DTYPE = torch.bfloat16  # the fused kernels' scales and activations (their fast path on every CPU)
 SCALE_BYTES = 2  # bytes of one KERNEL_DTYPE scale or zero
+
+
+INT4_CPU_LAYOUT = "cpu"  # torch's CPU packer's byte order (learned per CPU: kernels.int4_pack)
+INT4_NIBBLES_LAYOUT = "nibbles"  # two codes per byte in input order, low nibble first (the Triton kernel's)
+
+
+def int4_layout(device: torch.device | str) -> str:
+    """The int4 layout the products on ``device`` read: torch's CPU packer's on a CPU, nibbles in
+    order on a GPU."""
+    return INT4_CPU_LAYOUT if torch.device(device).type == "cpu" else INT4_NIBBLES_LAYOUT
 
 
 def int4_supported(out_features: int, in_features: int, group: int = INT4_GROUP) -> bool:
@@ -102,14 +122,17 @@ def held_format(scheme: str) -> str:
     return f"groups of {INT8_GROUP}, float32 scale"
 
 
-def stored_format(scheme: str) -> str:
+def stored_format(scheme: str, layout: str = INT4_CPU_LAYOUT) -> str:
     """What a weight store records of a projection of ``scheme`` (a store of another is rewritten,
-    never read into these buffers): how it is held and, for int4, whose packer laid its bytes out.
-    Their order follows the vector width torch's kernels run at (blocks of 32 rows on AVX2, 64 on
-    AVX-512), so a store written on one CPU would be misread on another."""
+    never read into these buffers): how it is held and, for int4, in which ``layout``. The CPU
+    layout's order follows the vector width torch's kernels run at (blocks of 32 rows on AVX2, 64 on
+    AVX-512), so a store written on one CPU would be misread on another; the nibbles layout is the
+    same everywhere."""
     held = f"{scheme}: {held_format(scheme)}"
-    if scheme == "int4":
+    if scheme == "int4" and layout == INT4_CPU_LAYOUT:
         held += f", packed by torch's {torch.backends.cpu.get_cpu_capability()} kernels"
+    elif scheme == "int4":
+        held += f", {layout} layout"
     return held
 
 
@@ -148,11 +171,15 @@ def projection_nbytes(out_features: int, in_features: int, quantize: str) -> int
     return int8_nbytes(out_features, in_features)
 
 
-def quantize_weight(w: torch.Tensor, scheme: str, dtype: torch.dtype,
-                    given: "GivenRows | None" = None) -> "Int4Weight | Int8Weight":
-    """w [N, K] as the scheme's weight module; ``dtype`` the compute dtype of its outputs. ``given``:
-    rows whose codes a checkpoint already holds in the scheme's form (their rows of w are not read)."""
-    return (Int4Weight if scheme == "int4" else Int8Weight).from_float(w, dtype, given=given)
+def quantize_weight(w: torch.Tensor, scheme: str, dtype: torch.dtype, given: "GivenRows | None" = None,
+                    layout: str | None = None) -> "Int4Weight | Int8Weight":
+    """w [N, K] as the scheme's weight module, on w's device; ``dtype`` the compute dtype of its
+    outputs. ``given``: rows whose codes a checkpoint already holds in the scheme's form (their rows
+    of w are not read). ``layout``: an int4 weight's (:func:`int4_layout` of the device its products
+    run on; default: w's device's)."""
+    if scheme == "int4":
+        return Int4Weight.from_float(w, dtype, given=given, layout=layout)
+    return Int8Weight.from_float(w, dtype, given=given)
 
 
 # first row -> that run of rows in a scheme's form, as a checkpoint held them: int4 (codes [n, K] in
@@ -174,7 +201,7 @@ def _rows_in_form(w: torch.Tensor, r0: int, r1: int, given: GivenRows | None, co
             pieces.append(convert(w[r:lo]))
             r = lo
         end = min(hi, r1)
-        pieces.append(tuple(part[r - lo:end - lo] for part in run))
+        pieces.append(tuple(part[r - lo:end - lo].to(w.device) for part in run))
         r = end
     if r < r1:
         pieces.append(convert(w[r:r1]))
@@ -183,7 +210,8 @@ def _rows_in_form(w: torch.Tensor, r0: int, r1: int, given: GivenRows | None, co
 
 def empty_weight(shape: tuple[int, int], scheme: str, dtype: torch.dtype,
                  device: torch.device | str = "cpu") -> "Int4Weight | Int8Weight":
-    """An unfilled weight module of the scheme (a streaming buffer the store fills)."""
+    """An unfilled weight module of the scheme (a streaming buffer the store fills), in the layout of
+    the device it computes on."""
     return (Int4Weight if scheme == "int4" else Int8Weight)(*shape, dtype, device=device)
 
 
@@ -279,17 +307,22 @@ def dequantize_int4(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
 
 
 class Int4Weight(nn.Module):
-    """One linear weight in int4 groups: ``packed`` (the kernel's layout, uint8 [N, K/2]) and
-    ``scales_zeros`` ([G, N, 2] in KERNEL_DTYPE). Call it like ``F.linear(x, W, bias)``; ``dtype``
-    is the compute dtype its outputs are given in."""
+    """One linear weight in int4 groups: ``packed`` (uint8 [N, K/2] in ``layout``: torch's CPU
+    packer's order, or nibbles in input order for the GPU kernel) and ``scales_zeros`` ([G, N, 2] in
+    KERNEL_DTYPE). Call it like ``F.linear(x, W, bias)``; ``dtype`` is the compute dtype its outputs
+    are given in. ``layout`` defaults to the one of ``device`` (:func:`int4_layout`)."""
 
     def __init__(self, out_features: int, in_features: int, dtype: torch.dtype, group: int = INT4_GROUP,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", layout: str | None = None):
         super().__init__()
         if not int4_supported(out_features, in_features, group):
             raise OffloadError(f"int4 weights need out_features divisible by {N_MULTIPLE} and in_features by "
                                f"{group}; got {out_features} x {in_features}")
+        layout = layout or int4_layout(device)
+        if layout not in (INT4_CPU_LAYOUT, INT4_NIBBLES_LAYOUT):
+            raise ValueError(f"unknown int4 layout {layout!r}: {INT4_CPU_LAYOUT!r} or {INT4_NIBBLES_LAYOUT!r}")
         self.out_features, self.in_features, self.group, self.dtype = out_features, in_features, group, dtype
+        self.layout = layout
         self.packed = nn.Parameter(torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device),
                                    requires_grad=False)  # [N, K/2]
         self.scales_zeros = nn.Parameter(torch.empty(in_features // group, out_features, 2, dtype=KERNEL_DTYPE,
@@ -297,12 +330,12 @@ class Int4Weight(nn.Module):
 
     @classmethod
     def from_float(cls, w: torch.Tensor, dtype: torch.dtype, group: int = INT4_GROUP,
-                   given: GivenRows | None = None) -> "Int4Weight":
-        """Quantize w [N, K] (any float dtype, on the CPU); rows in ``given`` take those codes (a GGUF
-        Q4 tensor's own, :mod:`offload.loaders.gguf_blocks`) and their scales and zeros as the kernel
-        holds them (bf16)."""
+                   given: GivenRows | None = None, layout: str | None = None) -> "Int4Weight":
+        """Quantize w [N, K] (any float dtype) on its device, into ``layout`` (default: that device's);
+        rows in ``given`` take those codes (a GGUF Q4 tensor's own, :mod:`offload.loaders.gguf_blocks`)
+        and their scales and zeros as the kernel holds them (bf16)."""
         N, K = w.shape
-        out = cls(N, K, dtype, group)
+        out = cls(N, K, dtype, group, device=w.device, layout=layout)
         rows = quantize_rows(K)
 
         def convert(dense: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -314,12 +347,17 @@ class Int4Weight(nn.Module):
         return out
 
     def load_codes(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, first_row: int = 0) -> None:
-        """Fill rows first_row.. (a multiple of PACK_TILE_ROWS) from codes int32 [n, K] and scale/zero [n, G]."""
-        if first_row % PACK_TILE_ROWS:
-            raise ValueError(f"int4 rows are packed in tiles of {PACK_TILE_ROWS}: first_row {first_row} is inside one")
+        """Fill rows first_row.. (for the CPU layout a multiple of PACK_TILE_ROWS) from codes int32 [n, K]
+        and scale/zero [n, G]."""
         rows = slice(first_row, first_row + codes.shape[0])
+        if self.layout == INT4_NIBBLES_LAYOUT:
+            packed = pack_int4_nibbles(codes)  # [n, K/2]
+        elif first_row % PACK_TILE_ROWS:
+            raise ValueError(f"int4 rows are packed in tiles of {PACK_TILE_ROWS}: first_row {first_row} is inside one")
+        else:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).cpu(), 1)  # [n, K/2]
         with torch.no_grad():
-            self.packed[rows].copy_(torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1))
+            self.packed[rows].copy_(packed)
             self.scales_zeros[:, rows].copy_(torch.stack([scale.t(), zero.t()], dim=-1))  # [G, n, 2]
 
     @property
@@ -328,7 +366,10 @@ class Int4Weight(nn.Module):
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         lead = x.shape[:-1]
-        out = int4_group_linear(x.reshape(-1, self.in_features), self.packed, self.scales_zeros, self.group)  # [M, N]
+        if self.layout == INT4_NIBBLES_LAYOUT:
+            out = int4_nibbles_linear(x.reshape(-1, self.in_features), self.packed, self.scales_zeros, self.group)
+        else:
+            out = int4_group_linear(x.reshape(-1, self.in_features), self.packed, self.scales_zeros, self.group)  # [M, N]
         if out.dtype != x.dtype:  # (a no-op .to still costs a microsecond, four times a layer)
             out = out.to(x.dtype)
         if bias is not None:
@@ -337,6 +378,8 @@ class Int4Weight(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         """W [N, K] in the compute dtype."""
+        if self.layout == INT4_NIBBLES_LAYOUT:
+            return int4_nibbles_dequantize(self.packed, self.scales_zeros).to(self.dtype)
         return int4_dequantize(self.packed, self.scales_zeros, self.group).to(self.dtype)
 
 
@@ -370,7 +413,7 @@ class Int8Weight(nn.Module):
         rounded to nearest. A group already on such a grid (GGUF Q8_0) comes back exactly; rows in
         ``given`` take those codes and scales as they are (a Q8_0 tensor's own)."""
         N, K = w.shape
-        out = cls(N, K, dtype, group)
+        out = cls(N, K, dtype, group, device=w.device)
 
         def convert(dense: torch.Tensor) -> tuple[torch.Tensor, ...]:
             groups = dense.float().reshape(-1, K // group, group)  # [n, G, group]

@@ -275,7 +275,7 @@ def test_gguf_weights_auto_keep_the_files_form(qtype, scheme, hf_256, tmp_path, 
     """The default, weights='auto', on the CPU: a GGUF's projections stay quantized in the scheme
     nearest their blocks (4-bit types int4, 5 to 8 bits int8), computing as ``quantize=`` that
     scheme does, bit for bit; a float file loads as it is. ``weights='dequantize'`` is the exact
-    path; on a GPU the file is dequantized and the plan says why."""
+    path; on a GPU the file stays quantized too (the Triton kernels) and the plan says so."""
     from offload import EngineConfig
     from offload.cli import main
 
@@ -295,7 +295,7 @@ def test_gguf_weights_auto_keep_the_files_form(qtype, scheme, hf_256, tmp_path, 
     exact = LLM(path, weights="dequantize", verbose=False).runtime.resolved
     assert exact.quantize is None and exact.dtype == torch.float32
     on_gpu = EngineConfig(model=path, device="cuda").resolve(planning=True)
-    assert on_gpu.quantize is None and "dequantized (quantized projections run on the CPU" in on_gpu.weights_note
+    assert on_gpu.quantize == scheme and on_gpu.dtype == torch.bfloat16 and f"held in {scheme}" in on_gpu.weights_note
     assert main(["plan", "--model", str(path), "--device", "cpu"]) == 0
     assert f"weights auto -> {scheme}: GGUF {qtype} projections" in capsys.readouterr().out
     assert main(["plan", "--model", str(path), "--device", "cpu", "--weights", "dequantize"]) == 0

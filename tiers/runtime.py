@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from offload.errors import OffloadError
-from offload.quant import stored_format
+from offload.quant import INT4_CPU_LAYOUT, int4_layout, stored_format
 
 from .budget import release_freed_memory
 from .io import StoreReader
@@ -66,10 +66,13 @@ def load_offloaded(model: str | Path | None, placement: Placement, *, device: to
     store_path = None
     disk_spill = None
     if disk_layers:
-        held = placement.dtype + (f"-{quantize}" if quantize else "")  # dense, int4 and int8 stores live side by side
+        # dense, int4 (per layout) and int8 stores live side by side
+        held = placement.dtype + (f"-{quantize}" if quantize else "")
+        if quantize == "int4" and int4_layout(device) != INT4_CPU_LAYOUT:
+            held += f"-{int4_layout(device)}"
         store_path = Path(disk_dir) / f"{Path(placement.model).stem}-{fingerprint[:12]}-{held}.weights"
         disk_spill = WeightSpill(store_path, disk_layers, fingerprint, dtype,
-                                 layout=stored_format(quantize) if quantize else "")
+                                 layout=stored_format(quantize, int4_layout(device)) if quantize else "")
         disk_spill.begin()
         if verbose:
             print(f"offload: {'reusing' if disk_spill.reusable else 'writing'} weight store {store_path}",

@@ -56,7 +56,7 @@ def load_dummy(args: ModelArgs, source: Path, device: torch.device, dtype: torch
     when present) or the preset's name."""
     tokenizer = (Tokenizer.from_hf_folder(source, eos_token_ids=args.eos_token_ids)
                  if source.is_dir() and (source / "tokenizer.json").is_file() else byte_tokenizer(args))
-    model = Transformer(args, device=device, dtype=dtype, offloaded=offloaded)
+    model = Transformer(args, device=device, dtype=dtype, offloaded=offloaded, staged_layers=bool(quantize))
     assembler = WeightAssembler(model, f"{source.name} (dummy weights)", spill, quantize)
     names = sorted(assembler.expected(), key=_load_order)
     for name in tqdm(names, desc="random weights", unit="tensor", disable=not progress or None):

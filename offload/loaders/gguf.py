@@ -267,7 +267,7 @@ def load_gguf(path: Path, device: torch.device, dtype: torch.dtype,
     names = {t.name for t in reader.tensors}
     args = args_from_gguf(meta, names, reader, str(path))
     tokenizer = build_tokenizer(reader, meta, str(path))
-    model = Transformer(args, device=device, dtype=dtype, offloaded=offloaded)
+    model = Transformer(args, device=device, dtype=dtype, offloaded=offloaded, staged_layers=bool(quantize))
     assembler = WeightAssembler(model, str(path), spill, quantize)
     permute = args.architecture == "llama"  # qwen files keep the NeoX (rotate-half) layout
     for t in tqdm(reader.tensors, desc="dequantizing", unit="tensor", disable=not progress or None):

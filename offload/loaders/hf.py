@@ -71,7 +71,7 @@ def load_hf_folder(folder: Path, device: torch.device, dtype: torch.dtype,
     args = read_config(folder)
     tokenizer = Tokenizer.from_hf_folder(folder, eos_token_ids=args.eos_token_ids)
     files = safetensors_files(folder)
-    model = Transformer(args, device=device, dtype=dtype, offloaded=offloaded)
+    model = Transformer(args, device=device, dtype=dtype, offloaded=offloaded, staged_layers=bool(quantize))
     assembler = WeightAssembler(model, str(folder), spill, quantize)
     bar = tqdm(total=len(files), desc="loading weights", unit="file", disable=not progress or None)
     for path in files:

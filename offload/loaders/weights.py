@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import ModelLoadError
 from ..model import DecoderLayer, Transformer
-from ..quant import GivenRows, Int8Weight
+from ..quant import GivenRows, Int8Weight, int4_layout
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
@@ -23,18 +23,21 @@ class WeightAssembler:
     """``spill`` (offload.tiers.streaming.WeightSpill) receives the layers the model keeps off the
     device: each is assembled in a host-memory staging layer, handed over once complete, and
     dropped, so no more than a layer or two of them is ever held. ``quantize`` ("int4", "int8"): every
-    layer is quantized the moment its last tensor lands (before a spill, so stores hold its codes), and the
-    embedding table and LM head each as it lands; a resident layer's dense pages are freed as it converts."""
+    layer is assembled in a host staging layer too (the model was built with ``staged_layers``) and
+    quantized the moment its last tensor lands, in the layout of the device it will compute on; then it
+    goes to the store (off-device layers, so stores hold its codes) or to the device, and its dense
+    pages are freed: a GPU never holds a dense layer of a quantized model. The embedding table and
+    LM head are converted each as it lands."""
 
     def __init__(self, model: Transformer, source: str, spill=None, quantize: str | None = None):
+        if bool(quantize) != model.staged_layers:
+            raise ValueError("a quantized load needs a model built with staged_layers=True, and only it")
         self.model, self.args, self.source = model, model.args, source
         self.loaded: set[str] = set()
         self.spill, self.quantize = spill, quantize
         self._staged: dict[int, tuple[nn.Module, set[str]]] = {}  # layer -> (staging layer, names still due)
         self._meta_layers: dict[int, nn.Module] = {}
-        self._spilled: set[int] = set()
-        self._due: dict[int, set[str]] = {}  # resident layer -> names still due (quantize only)
-        self._quantized: set[int] = set()  # resident layers already converted (no tensor may follow)
+        self._complete: set[int] = set()  # staged layers handed over (no tensor of theirs may follow)
         self._given: dict[int, dict[str, GivenRows]] = {}  # layer -> weight -> rows given in the scheme's form
 
     def _target(self, name: str) -> tuple[torch.Tensor, str] | None:
@@ -93,15 +96,18 @@ class WeightAssembler:
         return None if found is None else found[0]
 
     def _stage(self, name: str) -> int | None:
-        """For a tensor of an off-device layer: make sure its staging layer is in place."""
+        """For a tensor of an off-device layer (or of any layer of a quantized load): make sure its
+        staging layer is in place."""
         match = _LAYER.match(name)
-        if not match or int(match.group(1)) not in self.model.offloaded:
+        if not match:
             return None
         i = int(match.group(1))
-        if i in self._spilled:
+        if i not in self.model.offloaded and not self.quantize:
+            return None
+        if i in self._complete:
             raise ModelLoadError(f"{self.source}: tensor {name} arrives after layer {i} was complete (a duplicate)")
         if i not in self._staged:
-            if self.spill is None:
+            if self.spill is None and i in self.model.offloaded:
                 raise ModelLoadError(f"layer {i} is placed off the device but no store receives its weights")
             self._meta_layers[i] = self.model.layers[i]
             self.model.layers[i] = DecoderLayer(self.args, "cpu", self.model.dtype)
@@ -113,7 +119,7 @@ class WeightAssembler:
         """The target of a checkpoint tensor that has just arrived (None: one the model does not use);
         a tensor of a layer already complete is a duplicate."""
         match = _LAYER.match(name)
-        if match and int(match.group(1)) in self._quantized:
+        if match and int(match.group(1)) in self._complete:
             raise ModelLoadError(f"{self.source}: tensor {name} arrives after layer {match.group(1)} was complete "
                                  "(a duplicate)")
         target = self._target(name)
@@ -177,36 +183,23 @@ class WeightAssembler:
     def _landed(self, key: str, staged: int | None) -> None:
         """Tensor ``key`` is complete: convert its table or layer once that is whole."""
         self.loaded.add(key)
-        if staged is None and self.quantize:
-            if key in ("model.embed_tokens.weight", "lm_head.weight"):  # as it lands: one dense table at a time
-                self.model.quantize_int8_table("embed" if key == "model.embed_tokens.weight" else "lm_head")
-            else:
-                self._resident_done(key)
+        if staged is None and self.quantize and key in ("model.embed_tokens.weight", "lm_head.weight"):
+            # as it lands: one dense table at a time
+            self.model.quantize_int8_table("embed" if key == "model.embed_tokens.weight" else "lm_head")
         if staged is not None:
             module, due = self._staged[staged]
             due.discard(key)
-            if not due:  # the layer is complete: to the store, and its host copy goes
-                if self.quantize:
-                    module.quantize(self.quantize, self._given.pop(staged, None))
-                self.spill.put_layer(staged, module)
-                self.model.layers[staged] = self._meta_layers.pop(staged)
+            if not due:  # the layer is complete: to the store or the device, and its host copy goes
+                if self.quantize:  # packed for the device the layer will compute on, not the staging host
+                    module.quantize(self.quantize, self._given.pop(staged, None), int4_layout(self.model.device))
+                if staged in self.model.offloaded:
+                    self.spill.put_layer(staged, module)
+                    self.model.layers[staged] = self._meta_layers.pop(staged)
+                else:
+                    self.model.layers[staged] = module.to(self.model.device)
+                    del self._meta_layers[staged]
                 del self._staged[staged]
-                self._spilled.add(staged)
-
-    def _resident_done(self, key: str) -> None:
-        """A resident layer's tensor has landed: quantize the layer once it is complete."""
-        match = _LAYER.match(key)
-        if not match:
-            return
-        i = int(match.group(1))
-        if i not in self._due:
-            self._due[i] = {n for n in self.expected() if n.startswith(f"model.layers.{i}.")} - self.loaded
-        due = self._due[i]
-        due.discard(key)
-        if not due:
-            self.model.layers[i].quantize(self.quantize, self._given.pop(i, None))
-            del self._due[i]
-            self._quantized.add(i)
+                self._complete.add(staged)
 
     def expected(self) -> set[str]:
         a = self.args
