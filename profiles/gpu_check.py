@@ -12,6 +12,10 @@
 4. layer_overlap: Llama-3.2-1B with half its layers streamed from pinned host memory: step time
    against max(transfer, compute).
 5. store_read: a 1 GiB store file read into GPU memory through kvikio and through POSIX.
+6. quant_products: Llama-3.1-8B's projection shapes in int4 (nibbles) and int8 through the Triton
+   kernels against the bf16 product (cuBLAS), one row (decode) and 512 (prefill): time, error
+   against the dequantized weight, and the weight bytes' rate as a percentage of the copy roofline.
+   (The compiled grid of tests/test_gpu_quant.py runs in stage 1.)
 
 Every stage runs in its own process with a time limit: a hung or crashed stage, a sticky CUDA
 error or one stage's memory cap never reaches the next, and the whole run stays under 8 minutes
@@ -57,6 +61,10 @@ KV_BUDGET = DEFAULT_KV_BUDGET  # the runtime's default selection: 2% of the cont
 SHADOWKV_RANK = 160  # rank of the pre-RoPE key factors, as bench_kernels
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}  # tests/test_kernels.py's, relative to max |reference|
 KIVI_DEVICE_TEST = "test_a_layer_on_the_compute_device_reads_what_a_cpu_layer_reads"  # in tests/test_kv_kivi.py
+# (N, K) of Llama-3.1-8B's projections: q|k|v fused, o, gate|up fused, down
+QUANT_SHAPES = ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336))
+QUANT_ROWS = (1, 512)  # a decode step's row, a prefill chunk
+QUANT_TOL = 2e-2  # relative to max |reference|: bf16 activations and output
 # (B, H, Hkv, D, N, S): a small batch of two with ragged selections, and one Llama-3.1-8B layer at 8K
 DIRECT_SHAPES = ((2, 8, 2, 64, 1000, 37), (1, 32, 8, 128, 8192, 164))
 MERGE_PARTS = 3
@@ -86,6 +94,7 @@ STAGES = (
     Stage("kernel_direct", "1. kernels vs torch reference", 90, 20),
     Stage("gather_bandwidth", "2. gather attention at 128K", 60, 20),
     Stage("store_read", "5. 1 GiB store read into GPU memory", 90, 30),
+    Stage("quant_products", "6. int4 / int8 products, Triton", 60, 20),
     Stage("layer_overlap", "4. layer streaming overlap", 120, 40),
     Stage("decode_32k", "3. 8B decode, 32K, 24 GiB cap", 150, 60),
     Stage("decode_128k", "3. 8B decode, 128K, 24 GiB cap", TOTAL_BUDGET_S, 90),
@@ -333,13 +342,13 @@ def measure_decode(llm, context: int, report) -> dict:
 def stage_kernel_tests(timeout: float) -> dict:
     """Runs in the parent: pytest is its own process already."""
     root = Path(__file__).resolve().parents[1]
-    tests = [root / "tests" / "test_kernels.py", root / "tests" / "test_kv_kivi.py"]
+    tests = [root / "tests" / "test_kernels.py", root / "tests" / "test_kv_kivi.py", root / "tests" / "test_gpu_quant.py"]
     missing = [t for t in tests if not t.is_file()]
     if missing:
         raise FileNotFoundError(f"{missing[0]} is not here: run from a source checkout (pip install -e .)")
     script = Path(sys.executable).with_name("pytest")  # not `python -m pytest`: see README (kernels/ shadowing)
     cmd = ([str(script)] if script.is_file() else [sys.executable, "-m", "pytest"]) + [
-        "-q", "-p", "no:cacheprovider", str(tests[0]), f"{tests[1]}::{KIVI_DEVICE_TEST}"]
+        "-q", "-p", "no:cacheprovider", str(tests[0]), f"{tests[1]}::{KIVI_DEVICE_TEST}", str(tests[2])]
     run = run_process(cmd, timeout, cwd=root)
     if run["timed_out"]:
         return {"status": "timed out", "error": f"pytest did not finish within {timeout:.0f} s"}
@@ -369,6 +378,33 @@ def stage_gather_bandwidth(report, args) -> dict:
     nbytes = gather_kv_bytes(1, Hkv, SINK + WINDOW + S, D, torch.finfo(dtype).bits // 8)
     return {"heads": H, "kv_heads": Hkv, "head_dim": D, "context": N, "selected": S, "sink": SINK, "window": WINDOW,
             "dtype": "bfloat16", **bandwidth_figures(nbytes, seconds, roof)}
+
+
+def stage_quant_products(report, args) -> dict:
+    from offload.quant import INT4_NIBBLES_LAYOUT, Int4Weight, Int8Weight
+
+    dev, dtype = torch.device("cuda"), torch.bfloat16
+    roof = copy_bandwidth(dev, repeats=0)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    products = []
+    for N, K in QUANT_SHAPES:
+        w = torch.randn(N, K, device=dev, dtype=dtype, generator=gen) * 0.02  # [N, K]
+        weights = {"int4": Int4Weight.from_float(w, dtype), "int8": Int8Weight.from_float(w, dtype)}
+        assert weights["int4"].layout == INT4_NIBBLES_LAYOUT
+        for M in QUANT_ROWS:
+            x = torch.randn(M, K, device=dev, dtype=dtype, generator=gen)  # [M, K]
+            row = {"N": N, "K": K, "M": M, "bf16_us": _gpu_time(lambda: x @ w.t()) * 1e6}
+            for name, weight in weights.items():
+                ref = x.float() @ weight.dequantize().float().t()  # [M, N]
+                err = (weight(x).float() - ref).abs().max().item() / ref.abs().max().item()
+                seconds = _gpu_time(lambda: weight(x))
+                row |= {f"{name}_us": seconds * 1e6, f"{name}_rel_err": err, f"{name}_ok": err <= QUANT_TOL,
+                        f"{name}_weight_GBps": weight.nbytes / seconds / 1e9,
+                        f"{name}_roofline_pct": 100 * weight.nbytes / seconds / (roof / 2)}  # reads alone
+            products.append(row)
+            report(products=products, copy_GBps=roof / 1e9)
+    return {"products": products, "copy_GBps": roof / 1e9,
+            "checks_passed": all(r["int4_ok"] and r["int8_ok"] for r in products)}
 
 
 def _decode_llm(context: int):
@@ -480,6 +516,7 @@ CHILD_STAGES = {
     "kernel_direct": stage_kernel_direct,
     "gather_bandwidth": stage_gather_bandwidth,
     "store_read": stage_store_read,
+    "quant_products": stage_quant_products,
     "layer_overlap": stage_layer_overlap,
     "decode_32k": lambda report, args: stage_decode(report, 32768),
     "decode_128k": lambda report, args: stage_decode(report, LONG_CONTEXT),
@@ -593,6 +630,12 @@ def stage_rows(name: str, result: dict) -> list[tuple[str, str]]:
         rows.append((f"{c['op']} {c['dtype']} {tuple(c['shape'])}",
                      f"max abs err {c['max_abs_err']:.3g} (lse {c['lse_max_abs_err']:.3g}), tol {c['tol']:.3g}: "
                      f"{'ok' if c['ok'] else 'FAIL'}"))
+    for r in result.get("products", []):
+        rows.append((f"{r['N']} x {r['K']}, {r['M']} rows",
+                     f"bf16 {r['bf16_us']:.1f} us; " + "; ".join(
+                         f"{q} {r[q + '_us']:.1f} us ({r[q + '_weight_GBps']:.0f} GB/s of weight, "
+                         f"{r[q + '_roofline_pct']:.0f}% of copy reads, rel err {r[q + '_rel_err']:.1g}"
+                         f"{'' if r[q + '_ok'] else ' FAIL'})" for q in ("int4", "int8") if q + "_us" in r)))
     for label, fmt in ROWS.get("decode" if name.startswith("decode") else name, []):
         try:
             rows.append((label, fmt.format_map(result)))

@@ -217,6 +217,10 @@ RESULTS = {
         "store_read": {"status": "ok", "file_gib": 1.0, "write_GBps": 1.234, "posix_GBps": 2.5,
                        "posix_mode": "O_DIRECT", "posix_cache_dropped": True,
                        "kvikio": "kvikio unavailable: ModuleNotFoundError: No module named 'kvikio'"},
+        "quant_products": {"status": "ok", "copy_GBps": 3900.0, "checks_passed": False, "products": [
+            {"N": 4096, "K": 4096, "M": 1, "bf16_us": 14.2, "int4_us": 6.1, "int4_rel_err": 0.004, "int4_ok": True,
+             "int4_weight_GBps": 1718.0, "int4_roofline_pct": 88.1, "int8_us": 9.0, "int8_rel_err": 0.05,
+             "int8_ok": False, "int8_weight_GBps": 2098.0, "int8_roofline_pct": 107.6}]},
         "decode_128k": {"status": "timed out", "error": "no result within its 150 s limit", "load_s": 9.5,
                         "layers": "32/0/0", "prefill_s": 88.25},
         "decode_32k": {"status": "skipped", "error": "10 s of the budget left, the stage needs at least 60 s"},
@@ -231,6 +235,9 @@ def test_markdown_table_from_results():
     assert "torch 2.13.0+cu130 (CUDA 13.0); 432 s; every stage ran and the kernels matched: no." in lines
     assert "python -m offload.profiles.gpu_check --out gpu_check" in lines
     for row in ["| 1. kernel tests, compiled | tests passed / failed / errors / skipped | 61 / 0 / 0 / 0 |",
+                "| 6. int4 / int8 products, Triton | 4096 x 4096, 1 rows | bf16 14.2 us; int4 6.1 us (1718 GB/s of "
+                "weight, 88% of copy reads, rel err 0.004); int8 9.0 us (2098 GB/s of weight, 108% of copy reads, "
+                "rel err 0.05 FAIL) |",
                 "| 1. kernels vs torch reference | gather_attention bfloat16 (1, 32, 8, 128, 8192, 164) | "
                 "max abs err 0.0039 (lse 0.00012), tol 0.02: ok |",
                 "| 2. gather attention at 128K | % of copy roofline | 55.1% |",
@@ -275,7 +282,7 @@ def test_main_runs_every_stage_and_writes_json_and_markdown(tmp_path, monkeypatc
     md = (tmp_path / "out" / "gpu_check.md").read_text()
     assert "| 1. kernel tests, compiled | tests passed / failed / errors / skipped | 61 / 0 / 0 / 0 |" in md
     out = capsys.readouterr().out
-    assert "gpu_check: [7/7] 3. 8B decode, 128K, 24 GiB cap: up to " in out and md in out
+    assert "gpu_check: [8/8] 3. 8B decode, 128K, 24 GiB cap: up to " in out and md in out
 
 
 def test_main_skips_the_128k_run_the_32k_one_says_cannot_finish(tmp_path, monkeypatch):
@@ -292,6 +299,6 @@ def test_main_skips_the_128k_run_the_32k_one_says_cannot_finish(tmp_path, monkey
 def test_main_skips_stages_it_has_no_time_for(tmp_path, monkeypatch):
     ran = _fake_stages(monkeypatch, {"status": "ok", "load_s": 1.0, "prefill_s": 1.0, "first_step_s": 1.0})
     assert gc.main(["--out", str(tmp_path), "--budget-s", "35"]) == 1
-    assert ran == ["kernel_tests", "kernel_direct", "gather_bandwidth", "store_read"]  # each needs <= 35 s left
+    assert ran == ["kernel_tests", "kernel_direct", "gather_bandwidth", "store_read", "quant_products"]  # each needs <= 35 s
     doc = json.loads((tmp_path / "gpu_check.json").read_text())
     assert doc["stages"]["layer_overlap"]["error"].endswith("the stage needs at least 40 s")
