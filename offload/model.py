@@ -136,9 +136,9 @@ class Transformer(nn.Module):
         # Layers whose weights live in another tier have no storage here (meta tensors): a
         # LayerStreamer (offload.tiers) lends them a device buffer for the time they compute.
         self.offloaded = frozenset(offloaded)
-        # staged_layers: every layer starts as meta tensors too, and the loader assembles each in host
-        # memory and puts it in place once converted (a quantized load: the device never holds a
-        # dense layer).
+        # staged_layers: every layer starts as meta tensors too, and the loader assembles each in a
+        # staging layer and puts it in place once converted (a quantized load: the device never holds
+        # the dense model).
         self.staged_layers = staged_layers
         self.streamer = None
         self.embed = _param((args.vocab_size, args.hidden_size), device, dtype)

@@ -9,6 +9,8 @@
    as a percentage of a device-to-device copy measured in the same run.
 3. decode_32k / decode_128k: Llama-3.1-8B shape, dummy bf16 weights, 24 GiB cap, retrieval with the
    sparse layers' KV in host memory: prefill s, decode ms/token, peak memory per tier.
+   decode_int4_32k: the same model with int4 projections (Triton) and an int8 KV, dense attention,
+   every layer and the whole KV on the device under the same cap.
 4. layer_overlap: Llama-3.2-1B with half its layers streamed from pinned host memory: step time
    against max(transfer, compute).
 5. store_read: a 1 GiB store file read into GPU memory through kvikio and through POSIX.
@@ -96,6 +98,7 @@ STAGES = (
     Stage("store_read", "5. 1 GiB store read into GPU memory", 90, 30),
     Stage("quant_products", "6. int4 / int8 products, Triton", 60, 20),
     Stage("layer_overlap", "4. layer streaming overlap", 120, 40),
+    Stage("decode_int4_32k", "3. 8B int4 + int8 KV decode, 32K, 24 GiB cap", 150, 60),
     Stage("decode_32k", "3. 8B decode, 32K, 24 GiB cap", 150, 60),
     Stage("decode_128k", "3. 8B decode, 128K, 24 GiB cap", TOTAL_BUDGET_S, 90),
 )
@@ -407,15 +410,19 @@ def stage_quant_products(report, args) -> dict:
             "checks_passed": all(r["int4_ok"] and r["int8_ok"] for r in products)}
 
 
-def _decode_llm(context: int):
+def _decode_llm(context: int, quantized: bool):
     from offload import LLM
 
+    if quantized:  # every layer and the KV on the device: what `offload plan --quantize int4 --kv-dtype int8` places
+        return LLM(DECODE_MODEL, load_format="dummy", seed=0, device="cuda", dtype="bfloat16",
+                   gpu_memory=DECODE_GPU_MEMORY, cpu_memory=DECODE_CPU_MEMORY, quantize="int4", kv_dtype="int8",
+                   kv_policy="dense", max_context=context, prefill_chunk_size=PREFILL_CHUNK, verbose=False)
     return LLM(DECODE_MODEL, load_format="dummy", seed=0, device="cuda", dtype="bfloat16",
                gpu_memory=DECODE_GPU_MEMORY, cpu_memory=DECODE_CPU_MEMORY, kv_policy="retrieval",
                max_context=context, kv_offload=True, prefill_chunk_size=PREFILL_CHUNK, verbose=False)
 
 
-def stage_decode(report, context: int) -> dict:
+def stage_decode(report, context: int, quantized: bool = False) -> dict:
     from offload.tiers.budget import parse_size
 
     dev = torch.device("cuda")
@@ -423,7 +430,7 @@ def stage_decode(report, context: int) -> dict:
     # A real cap, as bench_long's --gpu-memory: the allocator fails past it, whatever the planner thought.
     torch.cuda.set_per_process_memory_fraction(min(1.0, parse_size(DECODE_GPU_MEMORY) / total), dev)
     t0 = time.perf_counter()
-    llm = _decode_llm(context)
+    llm = _decode_llm(context, quantized)
     tiers = llm.placement.layer_tiers
     report(load_s=time.perf_counter() - t0, layers=f"{tiers.count('device')}/{tiers.count('host')}/"
                                                    f"{tiers.count('disk')}")
@@ -518,6 +525,7 @@ CHILD_STAGES = {
     "store_read": stage_store_read,
     "quant_products": stage_quant_products,
     "layer_overlap": stage_layer_overlap,
+    "decode_int4_32k": lambda report, args: stage_decode(report, 32768, quantized=True),
     "decode_32k": lambda report, args: stage_decode(report, 32768),
     "decode_128k": lambda report, args: stage_decode(report, LONG_CONTEXT),
 }
@@ -600,7 +608,7 @@ ROWS = {  # stage -> (figure, value format over the stage's result); rows whose 
     "decode": [
         ("load (dummy weights); layers device/host/disk", "{load_s:.1f} s; {layers}"),
         ("prefill", "{prefill_s:.1f} s"), ("prefill rate", "{prefill_tok_s:,.0f} tokens/s"),
-        ("first decode step (builds the retrieval index)", "{first_step_s:.1f} s"),
+        ("first decode step (builds the retrieval index; dense: none)", "{first_step_s:.1f} s"),
         ("decode", "{decode_ms:.1f} ms/token (median of {decode_steps_timed} steps after the first)"),
         ("decode, engine stats (all steps)", "{decode_ms_stats:.1f} ms/token"),
         ("KV fetched from host per step", "{kv_fetched_mib_per_step:.2f} MiB"),

@@ -282,7 +282,7 @@ def test_main_runs_every_stage_and_writes_json_and_markdown(tmp_path, monkeypatc
     md = (tmp_path / "out" / "gpu_check.md").read_text()
     assert "| 1. kernel tests, compiled | tests passed / failed / errors / skipped | 61 / 0 / 0 / 0 |" in md
     out = capsys.readouterr().out
-    assert "gpu_check: [8/8] 3. 8B decode, 128K, 24 GiB cap: up to " in out and md in out
+    assert "gpu_check: [9/9] 3. 8B decode, 128K, 24 GiB cap: up to " in out and md in out
 
 
 def test_main_skips_the_128k_run_the_32k_one_says_cannot_finish(tmp_path, monkeypatch):

@@ -61,8 +61,9 @@ def load_dummy(args: ModelArgs, source: Path, device: torch.device, dtype: torch
     names = sorted(assembler.expected(), key=_load_order)
     for name in tqdm(names, desc="random weights", unit="tensor", disable=not progress or None):
         dest = assembler.target(name)
-        # Generate where the tensor will live (fast on a GPU); meta (off-device) layers on the host.
-        where = device if dest.device.type != "meta" else torch.device("cpu")
+        # Generate where the tensor will live (fast on a GPU); off-device layers on the host (a resident
+        # layer of a quantized load is meta here until its staging layer, on the device, is made).
+        where = torch.device("cpu") if _load_order(name)[0] in offloaded else device
         assembler.put(name, _fill(tuple(dest.shape), name, seed, dtype, where))
     assembler.finish()
     return model, tokenizer

@@ -23,11 +23,12 @@ class WeightAssembler:
     """``spill`` (offload.tiers.streaming.WeightSpill) receives the layers the model keeps off the
     device: each is assembled in a host-memory staging layer, handed over once complete, and
     dropped, so no more than a layer or two of them is ever held. ``quantize`` ("int4", "int8"): every
-    layer is assembled in a host staging layer too (the model was built with ``staged_layers``) and
-    quantized the moment its last tensor lands, in the layout of the device it will compute on; then it
-    goes to the store (off-device layers, so stores hold its codes) or to the device, and its dense
-    pages are freed: a GPU never holds a dense layer of a quantized model. The embedding table and
-    LM head are converted each as it lands."""
+    layer is assembled in a staging layer (the model was built with ``staged_layers``: on the compute
+    device for a resident layer, in host memory for an off-device one) and quantized the moment its last
+    tensor lands, in the layout of the device it will compute on; then it takes its place (off-device
+    layers go to the store, so stores hold its codes) and its dense pages are freed: a GPU holds one
+    dense layer at most, the one being converted, never the dense model. The embedding table and LM
+    head are converted each as it lands."""
 
     def __init__(self, model: Transformer, source: str, spill=None, quantize: str | None = None):
         if bool(quantize) != model.staged_layers:
@@ -110,7 +111,8 @@ class WeightAssembler:
             if self.spill is None and i in self.model.offloaded:
                 raise ModelLoadError(f"layer {i} is placed off the device but no store receives its weights")
             self._meta_layers[i] = self.model.layers[i]
-            self.model.layers[i] = DecoderLayer(self.args, "cpu", self.model.dtype)
+            where = "cpu" if i in self.model.offloaded else self.model.device
+            self.model.layers[i] = DecoderLayer(self.args, where, self.model.dtype)
             due = {n for n in self.expected() if n.startswith(f"model.layers.{i}.")}
             self._staged[i] = (self.model.layers[i], due)
         return i
@@ -196,7 +198,7 @@ class WeightAssembler:
                     self.spill.put_layer(staged, module)
                     self.model.layers[staged] = self._meta_layers.pop(staged)
                 else:
-                    self.model.layers[staged] = module.to(self.model.device)
+                    self.model.layers[staged] = module
                     del self._meta_layers[staged]
                 del self._staged[staged]
                 self._complete.add(staged)
