@@ -13,13 +13,13 @@ BLOCK_G >= 16 rows for ``tl.dot``.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from .triton_common import INTERPRET, dot
+
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)); exp2 is the hardware instruction
 BLOCK_N = 64 if not INTERPRET else 16  # keys per block; small under the interpreter (speed)
 # Tests set this: fresh buffers are filled with NaN so an element a kernel fails to write shows.
@@ -32,14 +32,6 @@ def _alloc(shape, dtype, device) -> torch.Tensor:
 
 
 @triton.jit
-def _dot(a, b, FP32: tl.constexpr):
-    # Under the interpreter a bf16 tl.dot is wrong, and fp32 inputs should not drop to tf32: upcast.
-    if FP32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b)
-
-
-@triton.jit
 def _online_softmax_step(scores, v, m_i, l_i, acc, FP32: tl.constexpr):
     """One block of an online softmax. scores [G, N] (log2 units, -inf where masked), v [N, D]."""
     m_new = tl.maximum(m_i, tl.max(scores, axis=1))  # [G]
@@ -47,7 +39,7 @@ def _online_softmax_step(scores, v, m_i, l_i, acc, FP32: tl.constexpr):
     alpha = tl.exp2(m_i - m_safe)  # [G]
     p = tl.exp2(scores - m_safe[:, None])  # [G, N]
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, FP32)  # [G, D]
+    acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, FP32)  # [G, D]
     return m_new, l_i, acc
 
 
@@ -104,7 +96,7 @@ def gather_attention_kernel(
                     mask=ok[:, None], other=0.0)  # [BLOCK_N, D]
         v = tl.load(v_ptr + b * s_vb + h * s_vh + tok[:, None] * s_vn + offs_d[None, :],
                     mask=ok[:, None], other=0.0)  # [BLOCK_N, D]
-        scores = _dot(q, tl.trans(k), FP32) * sm_scale_log2  # [BLOCK_G, BLOCK_N]
+        scores = dot(q, tl.trans(k), FP32) * sm_scale_log2  # [BLOCK_G, BLOCK_N]
         scores = tl.where(ok[None, :], scores, float("-inf"))
         m_i, l_i, acc = _online_softmax_step(scores, v, m_i, l_i, acc, FP32)
     _write_partial(out_ptr, lse_ptr, b, h, split, m_i, l_i, acc, offs_g, offs_d,
@@ -150,14 +142,14 @@ def shadowkv_attention_kernel(
         u = tl.load(u_ptr + b * s_ub + tok[:, None] * s_un + offs_r[None, :],
                     mask=ok[:, None] & r_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_R]
         # Pre-RoPE key halves, rebuilt in registers: never written to global memory.
-        k1 = _dot(u, sv1, FP32)  # [BLOCK_N, D/2] fp32
-        k2 = _dot(u, sv2, FP32)  # [BLOCK_N, D/2] fp32
+        k1 = dot(u, sv1, FP32)  # [BLOCK_N, D/2] fp32
+        k2 = dot(u, sv2, FP32)  # [BLOCK_N, D/2] fp32
         angle = tok.to(tl.float32)[:, None] * inv_freq[None, :]  # [BLOCK_N, D/2] at the true position
         cos = tl.cos(angle) * rope_scaling
         sin = tl.sin(angle) * rope_scaling
         k1r = (k1 * cos - k2 * sin).to(q1.dtype)
         k2r = (k2 * cos + k1 * sin).to(q1.dtype)
-        scores = (_dot(q1, tl.trans(k1r), FP32) + _dot(q2, tl.trans(k2r), FP32)) * sm_scale_log2
+        scores = (dot(q1, tl.trans(k1r), FP32) + dot(q2, tl.trans(k2r), FP32)) * sm_scale_log2
         scores = tl.where(ok[None, :], scores, float("-inf"))  # [BLOCK_G, BLOCK_N]
         v = tl.load(v_ptr + b * s_vb + h * s_vh + j[:, None] * s_vn + offs_d[None, :],
                     mask=ok[:, None], other=0.0)  # [BLOCK_N, D] values in selection order

@@ -22,14 +22,15 @@ Shapes: M input rows, N output features, K input features, G = K / group.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-INT4_MID = 8  # the codes' centre (reference.INT4_MID; a literal here: a jit kernel reads constexprs only)
+from .triton_common import INTERPRET, dot
+
+# the codes' centre (reference.INT4_MID): a global a jit kernel reads must be a constexpr (a plain int
+# compiles under the interpreter and fails on a GPU)
+INT4_MID = tl.constexpr(8)
 # Row counts up to this run the decode tiling (one 16-row tile, narrow column tiles so that a single
 # row still spreads the weight over every SM); more rows take the prefill tiling.
 DECODE_ROWS = 16
@@ -38,20 +39,13 @@ PREFILL_TILE = (64, 64, 64)
 
 
 @triton.jit
-def _dot(a, b, FP32: tl.constexpr):
-    # Under the interpreter a bf16 tl.dot is wrong, and fp32 inputs should not drop to tf32: upcast.
-    if FP32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b)
-
-
-@triton.jit
 def int4_nibbles_linear_kernel(x_ptr, w_ptr, sz_ptr, out_ptr, M, N, K, s_xm, s_om,
                                GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                BLOCK_K: tl.constexpr, FP32: tl.constexpr):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    # int64 rows: offsets such as row * K pass 2**31 for a large weight or many rows of logits
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # [BM]
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # [BN]
     offs_j = tl.arange(0, BLOCK_K // 2)  # [BK/2] bytes of a row's tile
     m_ok, n_ok = offs_m < M, offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -70,7 +64,7 @@ def int4_nibbles_linear_kernel(x_ptr, w_ptr, sz_ptr, out_ptr, M, N, K, s_xm, s_o
         x_odd = tl.load(x_ptr + offs_m[:, None] * s_xm + (k_even + 1)[None, :], mask=xk_ok, other=0.0)
         w_lo = (lo * scale + zero).to(x_even.dtype)  # [BN, BK/2]
         w_hi = (hi * scale + zero).to(x_even.dtype)
-        acc += _dot(x_even, tl.trans(w_lo), FP32) + _dot(x_odd, tl.trans(w_hi), FP32)  # [BM, BN]
+        acc += dot(x_even, tl.trans(w_lo), FP32) + dot(x_odd, tl.trans(w_hi), FP32)  # [BM, BN]
     tl.store(out_ptr + offs_m[:, None] * s_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=m_ok[:, None] & n_ok[None, :])
 
@@ -80,8 +74,8 @@ def int8_group_linear_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, s_xm, s_om,
                              GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              BLOCK_K: tl.constexpr, FP32: tl.constexpr):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # [BM] (int64: see above)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # [BN]
     offs_k = tl.arange(0, BLOCK_K)  # [BK]
     m_ok, n_ok = offs_m < M, offs_n < N
     groups = K // GROUP
@@ -94,7 +88,7 @@ def int8_group_linear_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, s_xm, s_om,
         scale = tl.load(s_ptr + offs_n[:, None] * groups + (k // GROUP)[None, :], mask=wk_ok, other=0.0)  # [BN, BK]
         x = tl.load(x_ptr + offs_m[:, None] * s_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         w = (codes.to(tl.float32) * scale).to(x.dtype)  # [BN, BK]
-        acc += _dot(x, tl.trans(w), FP32)  # [BM, BN]
+        acc += dot(x, tl.trans(w), FP32)  # [BM, BN]
     tl.store(out_ptr + offs_m[:, None] * s_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=m_ok[:, None] & n_ok[None, :])
 

@@ -19,7 +19,6 @@ from .engine_config import MIN_FLASH_CALIBRATION, ResolvedConfig
 from .indexes.backend import SparseAttention
 from .indexes.base import IndexContext, policy_class
 from .indexes.dense import DenseAttention
-from .kernels import resolve_backend
 from .kernels.warm import warm_cpu_kernels
 from .loaders import load_model
 from .model import Transformer
@@ -69,11 +68,8 @@ class Runtime:
                         f"embeddings and head int8 ({held_format('int8')}), norms {r.dtype_name}")
             if r.device.type == "cpu" and r.dtype != KERNEL_DTYPE and r.quantize == "int4":
                 weights += f", {kernel} kernel inputs"  # fp32 model: the CPU's int4 kernel casts at its edge
-            if r.device.type != "cpu":  # the Triton kernels, or (visibly) the reference where Triton is missing
-                weights += (", Triton kernels" if resolve_backend(r.device) == "triton" else
-                            ", torch reference products (Triton does not import: pip install triton)")
-                if r.quantize == "int4":
-                    weights += f" ({int4_layout(r.device)} layout)"
+            if r.device.type != "cpu":  # the Triton kernels (resolve refuses a GPU run without them)
+                weights += ", Triton kernels" + (f" ({int4_layout(r.device)} layout)" if r.quantize == "int4" else "")
         if r.weights_note:
             weights += f" [auto: {r.weights_note}]"
         if self.flash is not None:

@@ -56,7 +56,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU; on CPU bf16 with quantized weights, else "
                    "fp32), float32, bfloat16, float16")
     p.add_argument("--weights", choices=WEIGHT_MODES, default="auto",
-                   help="auto: a GGUF file's projections stay quantized on the CPU (Q4_x as int4 groups of 32, Q5_x to "
+                   help="auto: a GGUF file's projections stay quantized (Q4_x as int4 groups of 32, Q5_x to "
                    "Q8_0 as int8 groups); dequantize: every tensor in the compute dtype (the exact path)")
     p.add_argument("--quantize", choices=QUANTIZE_SCHEMES, default=None,
                    help="hold the projection weights as int4 groups of 32 (or int8 groups) at run time, whatever the "

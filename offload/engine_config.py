@@ -30,6 +30,7 @@ from .indexes.base import (
     policy_class,
     policy_names,
 )
+from .kernels import resolve_backend
 from .loaders import LOAD_FORMATS, read_model_args, read_weight_types
 from .quant import INT8_GROUP, QUANTIZE_SCHEMES, projection_shapes, quantize_supported, scheme_for_file, shape_rule
 from .tiers.budget import check_disk_dir, format_size, free_device_memory, free_host_memory, parse_size, resolve_budget
@@ -68,13 +69,13 @@ class EngineConfig:
     model: str | Path | None = None  # HF folder, .gguf file, preset name (dummy), None: the default model
     device: str = "auto"  # auto: CUDA when usable, else the CPU
     dtype: str = "auto"  # auto: bf16 on a GPU, fp32 on the CPU (bf16 with quantized weights)
-    # "auto": a GGUF file's projections stay quantized on the CPU, in the scheme nearest their blocks
-    # (Q4_x -> int4, Q5_x..Q8_0 -> int8: EngineConfig.resolve); "dequantize": every tensor in the
-    # compute dtype, the exact reference path (and the form a GPU computes in for now)
+    # "auto": a GGUF file's projections stay quantized, in the scheme nearest their blocks (Q4_x -> int4,
+    # Q5_x..Q8_0 -> int8: EngineConfig.resolve); "dequantize": every tensor in the compute dtype, the
+    # exact reference path
     weights: str = "auto"
-    # "int4": projection weights in int4 groups of 32 at run time (CPU), "int8": int8 groups of 32 with
-    # an fp32 scale (1.125 bytes per weight; see offload/quant.py), whatever the source; None: as
-    # weights= decides
+    # "int4": projection weights in int4 groups of 32 at run time (CPU kernels or Triton on a GPU),
+    # "int8": int8 groups of 32 with an fp32 scale (1.125 bytes per weight; see offload/quant.py),
+    # whatever the source; None: as weights= decides
     quantize: str | None = None
     load_format: str = "auto"  # dummy: the model's shape with seeded random weights (speed runs only)
     seed: int = 0  # of the dummy weights
@@ -265,13 +266,13 @@ class EngineConfig:
 
     def _check_quantize(self, scheme: str, device: torch.device, dtype: torch.dtype) -> None:
         problem = _run_problem(device, dtype, self.flash is not None)
-        fix = {"dtype": "use dtype='auto'", "flash": "use one"}
+        fix = {"dtype": "use dtype='auto'", "flash": "use one", "triton": "pip install triton, or drop quantize"}
         if problem is not None:
             raise OffloadError(f"quantize={scheme!r}: quantized projections {problem[1]}: {fix[problem[0]]}")
 
     def _weight_scheme(self, args: ModelArgs, device: torch.device) -> tuple[str | None, str | None]:
         """The scheme the projections are held in at run time (None: the compute dtype) and, when
-        weights='auto' decided it, why (for the start-up line). A GGUF file on the CPU keeps its
+        weights='auto' decided it, why (for the start-up line). A GGUF file keeps its
         projections quantized in the scheme nearest their blocks (quant.scheme_for_file), unless
         the run or the model's shapes cannot take it: then its tensors are dequantized and the note
         says why."""
@@ -370,7 +371,13 @@ class ResolvedConfig:
 
 def _run_problem(device: torch.device, dtype: torch.dtype, flash: bool) -> tuple[str, str] | None:
     """Why quantized projections cannot run here, as (setting, words); None: they can. On a GPU the
-    Triton kernels take any float dtype; the CPU's take bf16 activations (fp32 ones cast)."""
+    Triton kernels take bf16, fp16 or fp32 activations (where Triton imports: the reference products
+    would dequantize a whole weight per call); the CPU's take bf16 (fp32 ones cast)."""
+    if device.type == "cuda" and resolve_backend(device) != "triton":
+        return "triton", "need Triton on a GPU (their kernels are Triton's), which does not import here"
+    if device.type == "cuda" and dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return "dtype", (f"compute in bfloat16, float16 or float32 on a GPU, not "
+                         f"{str(dtype).removeprefix('torch.')}")
     if device.type == "cpu" and dtype not in (torch.bfloat16, torch.float32):
         return "dtype", (f"compute in bfloat16 or float32 (their kernels take bf16 activations), not "
                          f"{str(dtype).removeprefix('torch.')}")

@@ -390,7 +390,7 @@ class Int8Weight(nn.Module):
     """A weight in int8 with an fp32 scale per group of ``group`` input columns of each output row
     (symmetric): W[n, k] ~ codes[n, k] * scales[n, k // group], GGUF's Q8_0 layout. The projections
     with ``quantize="int8"``, and the embedding table and LM head with either scheme (tied or not;
-    lookups dequantize the rows they touch). Products run the numba kernels
+    lookups dequantize the rows they touch). Products run the numba kernels on a CPU, the Triton kernel on a GPU
     (:func:`offload.kernels.int8_group_linear`). ``dtype`` is the compute dtype its outputs and
     looked-up rows are given in."""
 
@@ -409,7 +409,7 @@ class Int8Weight(nn.Module):
     @classmethod
     def from_float(cls, w: torch.Tensor, dtype: torch.dtype, group: int = INT8_GROUP,
                    given: GivenRows | None = None) -> "Int8Weight":
-        """Quantize w [N, K] (any float dtype, on the CPU): per group, scale = max |w| / 127 and codes
+        """Quantize w [N, K] (any float dtype) on its device: per group, scale = max |w| / 127 and codes
         rounded to nearest. A group already on such a grid (GGUF Q8_0) comes back exactly; rows in
         ``given`` take those codes and scales as they are (a Q8_0 tensor's own)."""
         N, K = w.shape

@@ -143,9 +143,10 @@ class WeightAssembler:
                                  f"config implies {tuple(dest.shape)}; config and weights do not match")
         with torch.no_grad():
             dest.copy_(tensor)
-        if rows is not None and rows[1] < full.shape[0]:
-            return  # more rows to come
-        self._landed(key, staged)
+        more = rows is not None and rows[1] < full.shape[0]
+        del dest, full, target  # views of the dense weight: the conversion in _landed must be able to free it
+        if not more:
+            self._landed(key, staged)
 
     def put_codes(self, name: str, parts: tuple[torch.Tensor, ...]) -> None:
         """A checkpoint tensor already in the form the model holds it in (``quantize``'s scheme for a
