@@ -125,6 +125,8 @@ def build_runtime(resolved: ResolvedConfig) -> Runtime:
     fingerprint = model_fingerprint(resolved.args, resolved.source, resolved.dummy_seed)
     if quantize:  # other weights than the file's: a prompt cache of the dense model must not match
         fingerprint += f"+{quantize}"
+    if resolved.int8_projections:  # int8 beside int4: neither an all-int4 nor a dense prompt cache matches
+        fingerprint += f"+int8x{len(resolved.int8_projections)}"
     streamer = placement = None
     if config.budgeted:
         if config.verbose:
@@ -139,7 +141,7 @@ def build_runtime(resolved: ResolvedConfig) -> Runtime:
     else:
         model, tokenizer, source = load_model(config.model, resolved.device, resolved.dtype, progress=config.progress,
                                               load_format=config.load_format, seed=config.seed,
-                                              quantize=quantize)
+                                              quantize=quantize, int8_projections=resolved.int8_projections)
     if quantize:  # the dense pages each layer gave up as it converted
         release_freed_memory()
     if config.rope_scaling is not None:  # context extension: before any attention backend is built

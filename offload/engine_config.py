@@ -31,8 +31,18 @@ from .indexes.base import (
     policy_names,
 )
 from .kernels import resolve_backend
-from .loaders import LOAD_FORMATS, read_model_args, read_weight_types
-from .quant import INT8_GROUP, QUANTIZE_SCHEMES, projection_shapes, quantize_supported, scheme_for_file, shape_rule
+from .loaders import LOAD_FORMATS, read_model_args, read_projection_types, read_weight_types
+from .quant import (
+    GGUF_INT4_TYPES,
+    INT8_GROUP,
+    QUANTIZE_SCHEMES,
+    finer_nbytes,
+    finer_projections,
+    projection_shapes,
+    quantize_supported,
+    scheme_for_file,
+    shape_rule,
+)
 from .tiers.budget import check_disk_dir, format_size, free_device_memory, free_host_memory, parse_size, resolve_budget
 from .tiers.flash import FlashConfig, size_cache
 from .tiers.io import IO_BACKENDS
@@ -185,7 +195,7 @@ class EngineConfig:
             self._check_quantize(self.quantize, device, self._dtype(device, True))
         tuning, bandwidth = Tuning.load(self.profile), BandwidthProfile.load(self.profile)
         args, source = read_model_args(self.model, self.load_format)
-        quantize, weights_note = self._weight_scheme(args, device)
+        quantize, weights_note, int8_projections = self._weight_scheme(args, device)
         dtype = self._dtype(device, bool(quantize))
         dtype_name = str(dtype).removeprefix("torch.")
         args = self._extended(args)
@@ -226,7 +236,8 @@ class EngineConfig:
                          kv_on_host=on_gpu and kv_policy != "dense" and (self.kv_offload is not False),
                          selection_cost=policy.selection_cost(args, context, DTYPE_BYTES[dtype_name],
                                                               self.dense_layers, bandwidth),
-                         quantize=quantize, kv_dtype=self.kv_dtype, kv_disk=kv_disk)
+                         quantize=quantize, kv_dtype=self.kv_dtype, kv_disk=kv_disk,
+                         finer_bytes=finer_nbytes(args, int8_projections))
         kv_disk = None
         if "disk" in placement.kv_tiers:
             read_ahead = read_ahead_pays(device) if self.kv_read_ahead is None else self.kv_read_ahead
@@ -254,7 +265,7 @@ class EngineConfig:
                   "this model was trained for: fine for measuring speed and index behaviour, but expect output "
                   "quality to degrade", file=sys.stderr)
         return ResolvedConfig(config=self, args=args, source=source, device=device, dtype=dtype, context=context,
-                              quantize=quantize, weights_note=weights_note,
+                              quantize=quantize, weights_note=weights_note, int8_projections=int8_projections,
                               kv_policy=kv_policy, kv_policy_reason=reason, selection=selection,
                               kv_offload=kv_offload, kv_disk=kv_disk, tuning=tuning, bandwidth=bandwidth, gpu_budget=gpu,
                               cpu_budget=cpu, placement=placement, flash_sizing=flash_sizing)
@@ -270,29 +281,42 @@ class EngineConfig:
         if problem is not None:
             raise OffloadError(f"quantize={scheme!r}: quantized projections {problem[1]}: {fix[problem[0]]}")
 
-    def _weight_scheme(self, args: ModelArgs, device: torch.device) -> tuple[str | None, str | None]:
-        """The scheme the projections are held in at run time (None: the compute dtype) and, when
-        weights='auto' decided it, why (for the start-up line). A GGUF file keeps its
-        projections quantized in the scheme nearest their blocks (quant.scheme_for_file), unless
-        the run or the model's shapes cannot take it: then its tensors are dequantized and the note
-        says why."""
+    def _weight_scheme(self, args: ModelArgs, device: torch.device) -> tuple[str | None, str | None,
+                                                                              frozenset[tuple[int, str]]]:
+        """The scheme the projections are held in at run time (None: the compute dtype), when
+        weights='auto' decided it why (for the start-up line), and the fused weights held in int8
+        beside an int4 majority. A GGUF file keeps its projections quantized in the scheme nearest
+        their blocks (quant.scheme_for_file), unless the run or the model's shapes cannot take it:
+        then its tensors are dequantized and the note says why. In an int4 file, the weights it gives
+        in a finer type (a Q4_K_M file's Q6_K ones) are held in int8 when every layer is resident; a
+        streamed layer's buffer holds one scheme, so under budgets they are requantized to int4."""
+        none: frozenset[tuple[int, str]] = frozenset()
         if self.quantize or self.weights == "dequantize":
-            return self.quantize, None
+            return self.quantize, None, none
+        tensors = read_projection_types(self.model, self.load_format)
         types = read_weight_types(self.model, self.load_format)
         if not types:
-            return None, None
+            return None, None, none
         scheme, held = scheme_for_file(types)
         if scheme is None:
-            return None, None
+            return None, None, none
         run = _run_problem(device, self._dtype(device, True), self.flash is not None)
         if run is not None:
-            return None, f"{held}: dequantized (quantized projections {run[1]})"
+            return None, f"{held}: dequantized (quantized projections {run[1]})", none
         problem = _shape_problem(scheme, args)
         if problem is not None and scheme == "int4" and _shape_problem("int8", args) is None:
-            return "int8", f"{held}: held in int8 (int4 {problem})"
+            return "int8", f"{held}: held in int8 (int4 {problem})", none
         if problem is not None:
-            return None, f"{held}: dequantized ({scheme} {problem})"
-        return scheme, f"{held}: held in {scheme} (weights='dequantize' for the compute dtype)"
+            return None, f"{held}: dequantized ({scheme} {problem})", none
+        finer = finer_projections(tensors) if scheme == "int4" else none
+        finer_types = ", ".join(sorted(t for t in types if t not in GGUF_INT4_TYPES))
+        if finer and self.budgeted:
+            return scheme, (f"{held}: held in int4, {finer_types} requantized to int4 (layers may stream under "
+                            f"budgets, and a layer's buffer holds one scheme)"), none
+        if finer:
+            return scheme, (f"{held}: held in int4, the {len(finer)} fused projections with {finer_types} "
+                            f"tensors in int8 (weights='dequantize' for the compute dtype)"), finer
+        return scheme, f"{held}: held in {scheme} (weights='dequantize' for the compute dtype)", none
 
     def _extended(self, args: ModelArgs) -> ModelArgs:
         """The model's hyper-parameters with the requested RoPE scaling (context extension)."""
@@ -348,6 +372,7 @@ class ResolvedConfig:
     context: int
     quantize: str | None  # the projections' run-time scheme; None: the compute dtype
     weights_note: str | None  # what weights="auto" found in the file and chose
+    int8_projections: frozenset[tuple[int, str]]  # (layer, fused weight) held in int8 beside an int4 majority
     kv_policy: str
     kv_policy_reason: str | None  # why "auto" chose it
     selection: SelectionConfig

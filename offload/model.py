@@ -103,16 +103,19 @@ class DecoderLayer(nn.Module):
         self.ffn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps, device, dtype)
         self.mlp = MLP(args, device, dtype, quantize)
 
-    def quantize(self, scheme: str, given: dict[str, GivenRows] | None = None, layout: str | None = None) -> None:
+    def quantize(self, scheme: str, given: dict[str, GivenRows] | None = None, layout: str | None = None,
+                 int8: frozenset[str] = frozenset()) -> None:
         """Hold the four projection weights in ``scheme`` ("int4" or "int8" groups: fused kernels);
         the norms and the QKV bias stay in the compute dtype. Each dense weight is freed as its
         replacement lands. ``given``: weight name ("wqkv", "wo", "w_gate_up", "w_down") -> rows a
         checkpoint held in the scheme's form already (their dense rows are never read). ``layout``:
         int4's, that of the device the products will run on (a host staging layer of a GPU run is
-        packed for the GPU); default: the layer's device's."""
+        packed for the GPU); default: the layer's device's. ``int8``: weights held in int8 whatever the
+        scheme (those a file gives in a finer type: quant.finer_projections)."""
         for owner, name in ((self.attn, "wqkv"), (self.attn, "wo"), (self.mlp, "w_gate_up"), (self.mlp, "w_down")):
             dense = getattr(owner, name)
-            quantized = quantize_weight(dense.detach(), scheme, dense.dtype, (given or {}).get(name), layout)
+            held = "int8" if name in int8 else scheme
+            quantized = quantize_weight(dense.detach(), held, dense.dtype, (given or {}).get(name), layout)
             delattr(owner, name)  # a registered parameter gives way to the weight module
             setattr(owner, name, quantized)
 

@@ -39,6 +39,7 @@ Shapes: N output features, K input features, G = K / group groups per row.
 
 from __future__ import annotations
 
+import re
 from typing import Mapping
 
 import torch
@@ -146,8 +147,8 @@ GGUF_INT8_TYPES = frozenset({"Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0", "Q8_1", "Q8
 def scheme_for_file(types: Mapping[str, int]) -> tuple[str | None, str]:
     """The scheme that holds a GGUF file's projection weights (block type -> weights of that type)
     in about the bytes the file gives them, and what the file holds, in words. The scheme of most of
-    the weights decides: a Q4_K_M file (Q4_K with Q6_K in some down and value projections) is int4,
-    its Q6_K tensors requantized (the words say so); a Q8_0 or Q6_K file is int8; a float file None."""
+    the weights decides: a Q4_K_M file (Q4_K with Q6_K in some down and value projections) is int4
+    (its finer tensors: :func:`finer_projections`); a Q8_0 or Q6_K file is int8; a float file None."""
     total = sum(types.values())
     ranked = sorted(types.items(), key=lambda kv: -kv[1])
     words = "GGUF " + ", ".join(f"{name} ({count / total:.0%})" if len(types) > 1 else name
@@ -155,13 +156,38 @@ def scheme_for_file(types: Mapping[str, int]) -> tuple[str | None, str]:
     int4 = sum(n for t, n in types.items() if t in GGUF_INT4_TYPES)
     int8 = sum(n for t, n in types.items() if t in GGUF_INT8_TYPES)
     if 2 * int4 >= total:
-        finer = sorted(t for t in types if t not in GGUF_INT4_TYPES)
-        if finer:
-            words += f"; {', '.join(finer)} requantized to int4"
         return "int4", words
     if 2 * (int4 + int8) >= total:
         return "int8", words
     return None, words
+
+
+# A checkpoint's projection tensor (Hugging Face name, less the layer prefix) -> the fused weight of
+# a decoder layer that holds it (offload.model: q|k|v and gate|up are one matrix each).
+FUSED_PROJECTIONS = {"self_attn.q_proj.weight": "wqkv", "self_attn.k_proj.weight": "wqkv",
+                     "self_attn.v_proj.weight": "wqkv", "self_attn.o_proj.weight": "wo",
+                     "mlp.gate_proj.weight": "w_gate_up", "mlp.up_proj.weight": "w_gate_up",
+                     "mlp.down_proj.weight": "w_down"}
+_LAYER_TENSOR = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+def finer_projections(tensors: Mapping[str, tuple[str, int]]) -> frozenset[tuple[int, str]]:
+    """The fused weights (layer, name) of an int4 model that a file gives, in whole or part, in a
+    finer type than 4 bits (a Q4_K_M file's Q6_K value and down projections, Q8_0 or F16 ones): held
+    in int8 groups, each within half an int8 step of its blocks, where int4 would lose their extra
+    bits. ``tensors``: projection weights by Hugging Face name -> (block type, weights)."""
+    finer = set()
+    for name, (kind, _) in tensors.items():
+        match = _LAYER_TENSOR.match(name)
+        if match and kind not in GGUF_INT4_TYPES and match.group(2) in FUSED_PROJECTIONS:
+            finer.add((int(match.group(1)), FUSED_PROJECTIONS[match.group(2)]))
+    return frozenset(finer)
+
+
+def finer_nbytes(args: ModelArgs, finer: frozenset[tuple[int, str]]) -> int:
+    """Bytes the ``finer`` weights (:func:`finer_projections`) hold in int8 beyond what int4 would."""
+    shapes = dict(zip(("wqkv", "wo", "w_gate_up", "w_down"), projection_shapes(args)))
+    return sum(int8_nbytes(*shapes[name]) - int4_nbytes(*shapes[name], SCALE_BYTES) for _, name in finer)
 
 
 def projection_nbytes(out_features: int, in_features: int, quantize: str) -> int:

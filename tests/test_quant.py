@@ -505,13 +505,13 @@ def test_int4_weight_store_records_whose_packer_laid_it_out(monkeypatch):
 
 
 def test_a_files_scheme_follows_most_of_its_projection_weights():
-    """weights='auto' holds a GGUF's projections in one scheme: the one of most of their weights (a
-    Q4_K_M file's Q6_K minority requantized to int4, and said so); 5 to 8 bits int8; floats as loaded."""
+    """weights='auto' holds a GGUF's projections in the scheme of most of their weights (a Q4_K_M
+    file's Q6_K minority aside: quant.finer_projections); 5 to 8 bits int8; floats as loaded."""
     from offload.quant import scheme_for_file
 
     assert scheme_for_file({"Q4_1": 100}) == ("int4", "GGUF Q4_1 projections")
     scheme, words = scheme_for_file({"Q4_K": 830, "Q6_K": 170})
-    assert scheme == "int4" and words == "GGUF Q4_K (83%), Q6_K (17%) projections; Q6_K requantized to int4"
+    assert scheme == "int4" and words == "GGUF Q4_K (83%), Q6_K (17%) projections"
     assert scheme_for_file({"Q5_0": 40, "Q8_0": 60})[0] == "int8"
     assert scheme_for_file({"Q4_0": 40, "Q8_0": 60})[0] == "int8"  # most weights need more than 4 bits
     assert scheme_for_file({"F16": 70, "Q8_0": 30})[0] is None

@@ -251,7 +251,7 @@ def plan(args: ModelArgs, *, model: str, context: int, device: str = "cpu", dtyp
          profile: BandwidthProfile | None = None, prefetch_slots: int = 2, dense_layers: int = DENSE_LAYERS,
          kv_on_host: bool | None = None, selection_cost: SelectionCost = SelectionCost(),
          quantize: str | None = None, kv_dtype: str | None = None, kv_disk: bool | None = False,
-         kv_disk_hit_rate: float = EXPECTED_HIT_RATE) -> Placement:
+         kv_disk_hit_rate: float = EXPECTED_HIT_RATE, finer_bytes: int = 0) -> Placement:
     """Place weights, KV and index under the budgets (bytes; None = unlimited). ``prefetch_slots``:
     device buffers for streamed layers (2 = double buffering). ``kv_on_host``: the sparse layers'
     full KV lives in host memory, only each step's selection crossing to the GPU (None: whenever a
@@ -262,7 +262,9 @@ def plan(args: ModelArgs, *, model: str, context: int, device: str = "cpu", dtyp
     layers' KV on disk (in ``disk_dir``), read a selection at a time through a cache of extents in
     the memory left (None: when the weights and the whole KV do not fit in memory and a disk_dir is
     given; only for a policy whose selection the disk tier reads in runs). ``kv_disk_hit_rate``:
-    the share of a step's extents expected in that cache (the prediction of bytes read per token)."""
+    the share of a step's extents expected in that cache (the prediction of bytes read per token).
+    ``finer_bytes``: what the resident layers hold beyond ``quantize``'s bytes (a file's finer
+    projections held in int8 beside int4 ones, unbudgeted runs only), counted with the fixed bytes."""
     if dtype not in DTYPE_BYTES:
         raise OffloadError(f"unknown dtype '{dtype}': use one of {', '.join(DTYPE_BYTES)}")
     if context <= 0:
@@ -272,7 +274,7 @@ def plan(args: ModelArgs, *, model: str, context: int, device: str = "cpu", dtyp
     kv_token = kv_bytes_per_token(args, b, kv_dtype)  # all layers, as the KV store holds them
     on_gpu = device == "cuda"
     layer_bytes = layer_nbytes(args, b, quantize)
-    fixed = embedding_nbytes(args, b, quantize) + args.hidden_size * b + RUNTIME_RESERVE
+    fixed = embedding_nbytes(args, b, quantize) + args.hidden_size * b + RUNTIME_RESERVE + finer_bytes
     kv_total = kv_token * context
     sparse = kv_policy not in ("dense",)
     budget_tokens = int(kv_budget * context) if kv_budget < 1 else int(kv_budget)

@@ -87,15 +87,27 @@ def read_model_args(model: str | Path | None, load_format: str = "auto") -> tupl
     raise ModelLoadError(f"{path}: not a model; pass a Hugging Face folder or a .gguf file")
 
 
-def read_weight_types(model: str | Path | None, load_format: str = "auto") -> dict[str, int] | None:
-    """A GGUF file's projection block types (type name -> weights of that type), read from its
-    header; None for a Hugging Face folder or dummy weights."""
+def read_projection_types(model: str | Path | None, load_format: str = "auto") -> dict[str, tuple[str, int]] | None:
+    """A GGUF file's projection weights by Hugging Face name: (block type name, weights), read from
+    its header; None for a Hugging Face folder or dummy weights."""
     if load_format == "dummy":
         return None
     path = resolve_model_path(model)
     if path.suffix.lower() != ".gguf" or path.is_dir():
         return None
     return dict(_gguf_header(*_identity(path))[1])
+
+
+def read_weight_types(model: str | Path | None, load_format: str = "auto") -> dict[str, int] | None:
+    """A GGUF file's projection block types (type name -> weights of that type), read from its
+    header; None for a Hugging Face folder or dummy weights."""
+    tensors = read_projection_types(model, load_format)
+    if tensors is None:
+        return None
+    types: dict[str, int] = {}
+    for kind, count in tensors.values():
+        types[kind] = types.get(kind, 0) + count
+    return types
 
 
 def _identity(path: Path) -> tuple[Path, int, int]:
@@ -105,27 +117,29 @@ def _identity(path: Path) -> tuple[Path, int, int]:
 
 
 @functools.lru_cache(maxsize=4)
-def _gguf_header(path: Path, size: int, mtime_ns: int) -> tuple[ModelArgs, dict[str, int]]:
+def _gguf_header(path: Path, size: int, mtime_ns: int) -> tuple[ModelArgs, dict[str, tuple[str, int]]]:
     """A GGUF file's architecture and projection block types, read once per file version (resolving a
     run asks for both; the header with its 49K-token vocabulary parses in ~0.06 s). The reader itself
     is not kept: its memory map would hold the file's pages."""
-    from .gguf import _fields, _open, args_from_gguf, projection_types
+    from .gguf import _fields, _open, args_from_gguf, projection_tensors
 
     reader = _open(path)
     args = args_from_gguf(_fields(reader), {t.name for t in reader.tensors}, reader, str(path))
-    return args, projection_types(reader)
+    return args, projection_tensors(reader)
 
 
 def load_model(model: str | Path | None, device: torch.device, dtype: torch.dtype,
                progress: bool = True, offloaded: frozenset[int] = frozenset(),
                spill=None, load_format: str = "auto", seed: int = 0,
-               quantize: str | None = None) -> tuple[Transformer, Tokenizer, Path]:
+               quantize: str | None = None,
+               int8_projections: frozenset[tuple[int, str]] = frozenset()) -> tuple[Transformer, Tokenizer, Path]:
     """Load weights and tokenizer from a folder or GGUF file (None: the default model).
 
     Layers in ``offloaded`` are not kept: their weights go to ``spill`` (a store on disk).
     ``quantize`` ("int4", "int8"): each layer's projections are quantized as soon as the layer is
     complete (before it is spilled), the embeddings and head int8 at the end: the dense form of no
-    more than a layer or two is held at a time.
+    more than a layer or two is held at a time. ``int8_projections`` (a GGUF file's): resident layers'
+    fused weights held in int8 whatever ``quantize`` says (offload.quant.finer_projections).
     ``load_format="dummy"``: the model's shape (a preset, config.json or GGUF header) with seeded
     random weights; no checkpoint is read."""
     from .gguf import load_gguf
@@ -142,7 +156,7 @@ def load_model(model: str | Path | None, device: torch.device, dtype: torch.dtyp
     if path.is_dir():
         model_obj, tokenizer = load_hf_folder(path, device, dtype, progress, offloaded, spill, quantize)
     elif path.suffix.lower() == ".gguf":
-        model_obj, tokenizer = load_gguf(path, device, dtype, progress, offloaded, spill, quantize)
+        model_obj, tokenizer = load_gguf(path, device, dtype, progress, offloaded, spill, quantize, int8_projections)
     else:
         raise ModelLoadError(f"{path}: not a model; pass a Hugging Face folder or a .gguf file")
     return model_obj, tokenizer, path

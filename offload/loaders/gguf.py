@@ -135,14 +135,10 @@ _PROJECTIONS = ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.
                 "ffn_up.weight", "ffn_down.weight")
 
 
-def projection_types(reader) -> dict[str, int]:
-    """The block types of the decoder layers' projection weights: type name -> weights of that type."""
-    types: dict[str, int] = {}
-    for t in reader.tensors:
-        if t.name.startswith("blk.") and t.name.endswith(_PROJECTIONS):
-            name = t.tensor_type.name
-            types[name] = types.get(name, 0) + int(t.n_elements)
-    return types
+def projection_tensors(reader) -> dict[str, tuple[str, int]]:
+    """The decoder layers' projection weights by Hugging Face name: (block type name, weights)."""
+    return {_hf_name(t.name): (t.tensor_type.name, int(t.n_elements)) for t in reader.tensors
+            if t.name.startswith("blk.") and t.name.endswith(_PROJECTIONS)}
 
 
 def _unpermute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -260,15 +256,17 @@ def _dequantize(data: np.ndarray, t, path: Path) -> np.ndarray:
 
 def load_gguf(path: Path, device: torch.device, dtype: torch.dtype,
               progress: bool = True, offloaded: frozenset[int] = frozenset(),
-              spill=None, quantize: str | None = None) -> tuple[Transformer, Tokenizer]:
-
+              spill=None, quantize: str | None = None,
+              int8_projections: frozenset[tuple[int, str]] = frozenset()) -> tuple[Transformer, Tokenizer]:
+    """``int8_projections``: resident layers' fused weights held in int8 in a quantized load (the
+    file's finer ones: offload.quant.finer_projections)."""
     reader = _open(path)
     meta = _fields(reader)
     names = {t.name for t in reader.tensors}
     args = args_from_gguf(meta, names, reader, str(path))
     tokenizer = build_tokenizer(reader, meta, str(path))
     model = Transformer(args, device=device, dtype=dtype, offloaded=offloaded, staged_layers=bool(quantize))
-    assembler = WeightAssembler(model, str(path), spill, quantize)
+    assembler = WeightAssembler(model, str(path), spill, quantize, int8_projections)
     permute = args.architecture == "llama"  # qwen files keep the NeoX (rotate-half) layout
     for t in tqdm(reader.tensors, desc="dequantizing", unit="tensor", disable=not progress or None):
         name = _hf_name(t.name)
@@ -276,7 +274,7 @@ def load_gguf(path: Path, device: torch.device, dtype: torch.dtype,
             continue
         is_qk = name.endswith(("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias"))
         data = t.data
-        form = _held_form(name, t.tensor_type.name, assembler.quantize)
+        form = _held_form(name, t.tensor_type.name, assembler.scheme_of(name))
         if form is not None:  # blocks straight into the form the model holds: no float copy
             parts = [torch.from_numpy(p) for p in form(data, t.tensor_type.name)]
             if permute and is_qk:

@@ -28,14 +28,20 @@ class WeightAssembler:
     tensor lands, in the layout of the device it will compute on; then it takes its place (off-device
     layers go to the store, so stores hold its codes) and its dense pages are freed: a GPU holds one
     dense layer at most, the one being converted, never the dense model. The embedding table and LM
-    head are converted each as it lands."""
+    head are converted each as it lands. ``int8_projections``: (layer, fused weight) held in int8
+    whatever ``quantize`` says (a file's finer projections: quant.finer_projections; resident layers
+    only, a streamed layer's buffer holds one scheme)."""
 
-    def __init__(self, model: Transformer, source: str, spill=None, quantize: str | None = None):
+    def __init__(self, model: Transformer, source: str, spill=None, quantize: str | None = None,
+                 int8_projections: frozenset[tuple[int, str]] = frozenset()):
         if bool(quantize) != model.staged_layers:
             raise ValueError("a quantized load needs a model built with staged_layers=True, and only it")
         self.model, self.args, self.source = model, model.args, source
         self.loaded: set[str] = set()
         self.spill, self.quantize = spill, quantize
+        if any(layer in model.offloaded for layer, _ in int8_projections) or (int8_projections and not quantize):
+            raise ValueError("int8_projections are for resident layers of a quantized load")
+        self.int8_projections = int8_projections
         self._staged: dict[int, tuple[nn.Module, set[str]]] = {}  # layer -> (staging layer, names still due)
         self._meta_layers: dict[int, nn.Module] = {}
         self._complete: set[int] = set()  # staged layers handed over (no tensor of theirs may follow)
@@ -174,6 +180,16 @@ class WeightAssembler:
         self._given.setdefault(layer, {}).setdefault(weight, {})[first_row] = parts
         self._landed(key, staged)
 
+    def scheme_of(self, name: str) -> str | None:
+        """The scheme checkpoint tensor ``name`` is held in: a projection's fused weight's (int8 for a
+        finer one, else ``quantize``), ``quantize`` for anything else (None: a dense load)."""
+        match = _LAYER.match(name)
+        if match and match.group(2) in self._projections():
+            weight = self._projections()[match.group(2)][1]
+            if (int(match.group(1)), weight) in self.int8_projections:
+                return "int8"
+        return self.quantize
+
     def _projection_rows(self, name: str) -> tuple[str, int]:
         """Which fused projection weight a checkpoint's projection tensor is part of, and its first row."""
         rest = _LAYER.match(name).group(2)
@@ -194,7 +210,8 @@ class WeightAssembler:
             due.discard(key)
             if not due:  # the layer is complete: to the store or the device, and its host copy goes
                 if self.quantize:  # packed for the device the layer will compute on, not the staging host
-                    module.quantize(self.quantize, self._given.pop(staged, None), int4_layout(self.model.device))
+                    module.quantize(self.quantize, self._given.pop(staged, None), int4_layout(self.model.device),
+                                    frozenset(w for layer, w in self.int8_projections if layer == staged))
                 if staged in self.model.offloaded:
                     self.spill.put_layer(staged, module)
                     self.model.layers[staged] = self._meta_layers.pop(staged)
