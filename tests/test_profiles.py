@@ -211,3 +211,29 @@ def test_llamacpp_bench_merges_rounds_by_their_medians():
     assert merged[512]["decode_ms"] == 12.0 and merged[512]["decode_ms_rounds"] == [12.0, 11.0, 14.0]
     assert merged[512]["prefill_tok_s"] == 310.0 and merged[512]["tokens"] == [5, 1]
     assert merged["peak_rss_mib"] == 610.0 and merged["weights"] == "int4"
+
+
+def test_quant_accuracy_perplexity_and_kl():
+    """quant_accuracy's measures: perplexity from the log-probabilities of the next tokens, and the mean
+    KL divergence from the reference's distributions (zero for the same logits, positive otherwise)."""
+    import math
+
+    import torch
+
+    from offload.profiles.quant_accuracy import mean_kl, perplexity
+
+    logits = torch.randn(5, 11, generator=torch.Generator().manual_seed(0))
+
+    class Fixed:
+        def logits(self, ids):
+            assert len(ids) == 5
+            return logits
+
+    ids = [1, 2, 3, 4, 5, 6]
+    ppl, logprobs = perplexity(Fixed(), ids)
+    want = math.exp(-sum(torch.log_softmax(logits, -1)[i, ids[i + 1]].item() for i in range(5)) / 5)
+    assert math.isclose(ppl, want, rel_tol=1e-5) and logprobs.shape == (5, 11)
+    assert mean_kl(logprobs, logprobs) == 0.0
+    other = torch.log_softmax(logits + torch.randn(5, 11, generator=torch.Generator().manual_seed(1)), -1)
+    p = logprobs.exp()
+    assert math.isclose(mean_kl(logprobs, other), float((p * (logprobs - other)).sum() / 5), rel_tol=1e-5)
