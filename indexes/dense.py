@@ -201,10 +201,11 @@ class DenseAttention(AttentionBackend):
         row, n = batch.rows[0], batch.end_lengths[0]
         # a layer in the host tier: its prefix comes over for each chunk
         keys, values = self.kv.read(layer, slice(row, row + 1), 0, n)  # [1, Hkv, N, D]
-        if self.kv.kivi is not None:
+        if self.kv.kivi is not None and layer not in self.kv.disk_layers:
             # KIVI keeps a row's newest tokens unquantized: a chunk's own tokens are attended as
             # computed (k, v [1, Hkv, T, D]), so that a chunk of KIVI_RESIDUAL tokens sees what decode
-            # would (the read is a copy: the cache keeps its codes).
+            # would (the read is a copy: the cache keeps its codes). A disk layer's 4-bit rows hold
+            # every token quantized, and decode reads them so.
             keys[:, :, batch.start_lengths[0]:n] = k
             values[:, :, batch.start_lengths[0]:n] = v
         out = torch.empty_like(q)  # [1, H, T, D]

@@ -20,12 +20,15 @@ from offload.tiers.planner import LAYER_MAJOR_TOKENS, plan
 H, D = 3, 64
 BF16 = RowFormat(D, torch.bfloat16, None)  # 256-byte rows: 16 per extent
 INT8 = RowFormat(D, torch.int8, torch.float32)  # codes + two fp32 scales: 136 bytes, 30 per extent
+INT4 = RowFormat.for_kv(D, torch.float32, "int4")  # 4-bit codes + fp32 (scale, zero) per 32: 96 bytes, 42 per extent
 
 
 def kv_of(fmt: RowFormat, n: int, seed: int = 0) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     if fmt.scale is None:
         return [torch.randn(H, n, D, generator=g).to(fmt.held) for _ in range(2)]
+    if fmt.int4_group is not None:
+        return fmt.quantize(*(torch.randn(H, n, D, generator=g) for _ in range(2)))
     codes = [torch.randint(-127, 128, (H, n, D), generator=g, dtype=torch.int8) for _ in range(2)]
     return codes + [torch.rand(H, n, 1, generator=g) for _ in range(2)]
 
@@ -47,7 +50,7 @@ def cluster_order(n: int, run: int, seed: int) -> np.ndarray:
     return np.stack([rng.permutation(n) for _ in range(H)]).astype(np.int32)
 
 
-@pytest.mark.parametrize("fmt", [BF16, INT8], ids=["bf16", "int8"])
+@pytest.mark.parametrize("fmt", [BF16, INT8, INT4], ids=["bf16", "int8", "int4"])
 def test_rows_come_back_bit_for_bit_in_token_order_and_an_index_order(tmp_path, monkeypatch, fmt):
     monkeypatch.setattr(kv_disk, "FLUSH_EXTENTS", 5)  # a relayout writes a few extents per request
     n = 2000
@@ -501,3 +504,61 @@ def test_the_disk_benchmark_with_a_synthetic_kv(tiny_models, tmp_path):
     disk = row["disk"]["disk"]
     assert disk["prefill_bytes_read"] == 0 and disk["bytes_written"] == disk["bytes_on_disk"] > 0
     assert disk["first_step_bytes_read"] < disk["bytes_on_disk"] / 4  # the index was built in the pass: no relayout
+
+
+def test_int4_rows_hold_each_group_within_half_a_step():
+    """A 4-bit row: each token's K and V in codes with a scale and zero per 32 channels, every value
+    within half a step of its group, the extremes exact; its bytes are what the planner counts."""
+    from offload.tiers.kv_disk import DiskKVSizing
+
+    g = torch.Generator().manual_seed(4)
+    k, v = torch.randn(H, 50, D, generator=g) * 3, torch.randn(H, 50, D, generator=g)
+    rows = INT4.encode(INT4.quantize(k, v))  # [H, 50, R]
+    assert rows.shape[-1] == INT4.row_bytes == D + 2 * 2 * (D // 32) * 4 == 96
+    kc, vc, ks, vs = INT4.decode(rows)
+    for x, codes, scales in ((k, kc, ks), (v, vc, vs)):
+        back = INT4.dequantize(codes, scales, torch.float32)  # [H, 50, D]
+        step = scales.view(H, 50, -1, 2)[..., 0].repeat_interleave(32, dim=-1)  # [H, 50, D]
+        assert ((back - x).abs() <= step / 2 + 1e-5).all()
+        groups = x.view(H, 50, -1, 32)
+        assert torch.allclose(back.view(H, 50, -1, 32).amin(-1), groups.amin(-1), atol=1e-6)
+    from offload.config import preset as model_preset
+
+    args = model_preset("llama-3.2-1b")
+    for dtype, b in ((torch.bfloat16, 2), (torch.float32, 4)):
+        sizing = DiskKVSizing(args, b, "int4", 4096, 100, 15)
+        assert sizing.row_bytes == RowFormat.for_kv(args.head_dim, dtype, "int4").row_bytes
+
+
+def test_a_4bit_kv_on_disk(tiny_models, tmp_path):
+    """kv_dtype='int4' with the KV on disk: KIVI in memory (the dense layer), 4-bit rows on disk (the
+    sparse layers: head_dim 16, one scale and zero per head; 32 of the float rows' 128 bytes); logits
+    as near the float disk run's as KIVI's 4 bits in memory come to the float memory run's, and a prompt
+    cache saved from it restores the same tokens. 2 bits stay in memory, said in one line."""
+    folder, _ = tiny_models["llama"]
+    prompt = [int(t) for t in np.random.default_rng(0).integers(3, 290, size=1500)]
+    kw = dict(kv_policy="cluster", kv_budget=48, sink=4, window=16, dense_layers=1, max_context=2048,
+              prefill_chunk_size=256, dtype="float32", kv_offload="disk", verbose=False)
+    exact = LLM(folder, disk_dir=tmp_path / "f", **kw)
+    four = LLM(folder, disk_dir=tmp_path / "q", kv_dtype="int4", **kw)
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    want, got = exact.logits(prompt)[-1], four.logits(prompt)[-1]  # [V]: the last position over the disk rows
+    kv = four.backend.kv
+    assert kv.disk.fmt == RowFormat(16, torch.uint8, torch.float32, 16) and kv.disk.fmt.row_bytes == 32
+    assert kv.kivi_layers[0] is not None and kv.kivi_layers[1] is None
+    memory = {k: v for k, v in kw.items() if k != "kv_offload"}
+    kivi_err = (LLM(folder, kv_dtype="int4", **memory).logits(prompt)[-1] - want).abs().max()  # measured 0.197 x max
+    assert (got - want).abs().max() <= 1.25 * kivi_err and kivi_err <= 0.25 * want.abs().max()  # measured 0.204
+    out = four.generate([prompt], params)[0].token_ids
+    exact.generate([prompt], params)
+    for llm, row_bytes in ((exact, 128), (four, 32)):  # the rows on disk, in 32 bytes each instead of 128
+        store = llm.backend.kv.disk
+        written = sum(f.written for f in store.files.values()) * llm.args.num_kv_heads
+        assert llm.tier_report()["kv"]["disk"]["bytes_on_disk"] == written * row_bytes > 0
+    path = four.save_prompt(prompt, tmp_path / "p.cache")
+    again = LLM(folder, disk_dir=tmp_path / "q2", kv_dtype="int4", **kw)
+    assert again.generate([prompt], params, prompt_cache=path)[0].token_ids == out
+    for llm in (exact, four, again):
+        llm.close()
+    with pytest.raises(OffloadError, match="int2.*held in memory only.*'int4' or 'int8'"):
+        LLM(folder, disk_dir=tmp_path / "z", kv_dtype="int2", **kw)

@@ -4,7 +4,8 @@ A context longer than host memory keeps the sparse layers' KV in ``disk_dir`` (S
 what a search needs is small and stays in memory, the posting lists live on disk, only the
 probed ones are read). Each layer has one file; each KV head a region of it, cut into extents of
 EXTENT_BYTES (one O_DIRECT unit, one checksum each). A *slot* is one token's row in a head's
-region: its K, its V (int8 codes and their two scales for an int8 KV), ``row_bytes`` in all.
+region: its K, its V (int8 codes and their two scales for an int8 KV; for a 4-bit KV, 4-bit codes and a
+scale and zero per group of channels), ``row_bytes`` in all.
 
 Which token a slot holds is the layout. By default tokens are laid out in order as they age out
 of memory (page-contiguous: Quest's pages are runs of slots). An index may lay the tokens out in
@@ -95,8 +96,11 @@ class DiskKVSizing:
 
     @property
     def row_bytes(self) -> int:
+        D = self.args.head_dim
+        if self.kv_dtype == "int4":  # RowFormat.for_kv's 4-bit row
+            return 2 * (D // 2) + 2 * 2 * (D // disk_int4_group(D)) * self.dtype_bytes
         held = 1 if self.kv_dtype == "int8" else self.dtype_bytes
-        return 2 * self.args.head_dim * held + (2 * self.dtype_bytes if self.kv_dtype == "int8" else 0)
+        return 2 * D * held + (2 * self.dtype_bytes if self.kv_dtype == "int8" else 0)
 
     @property
     def layer_kv_bytes(self) -> int:
@@ -248,19 +252,91 @@ def _clock_victims(cache_used, cache_ref, tick, hand, k, out):  # pragma: no cov
     return taken, hand
 
 
+# A 4-bit KV on disk (kv_dtype="int4"): each token's K and V in 4-bit codes, with a scale and a zero
+# (the compute dtype) per group of this many channels. KIVI's in-memory form quantizes keys per channel
+# over groups of tokens, which a token's row on its own cannot hold (and a cluster layout reorders the
+# tokens); per-token groups of channels are FlexGen's 4-bit scheme.
+DISK_INT4_GROUP = 32
+INT4_CODE_MAX = 15
+
+
+def disk_int4_group(head_dim: int) -> int:
+    """Channels per (scale, zero) of a 4-bit row: DISK_INT4_GROUP, or the whole head when smaller."""
+    group = min(DISK_INT4_GROUP, head_dim)
+    if head_dim % group or head_dim % 2:
+        raise OffloadError(f"a 4-bit KV on disk needs a head_dim divisible by {group}; this model's is {head_dim}: "
+                           f"use kv_dtype='int8'")
+    return group
+
+
+def quantize_int4_rows(x: torch.Tensor, group: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., D] -> codes uint8 [..., D/2] (channel 2j in the low nibble, 2j + 1 in the high) and
+    (scale, zero) pairs [..., D/group * 2] in ``dtype``: x ~ code * scale + zero per group, from its
+    least to its largest value."""
+    *lead, D = x.shape
+    groups = x.float().reshape(*lead, D // group, group)  # [..., G, group]
+    lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)  # [..., G]
+    scale = ((hi - lo) / INT4_CODE_MAX).clamp(min=1e-8).to(dtype)  # [..., G]
+    zero = lo.to(dtype)  # [..., G]
+    codes = torch.round((groups - zero.float()[..., None]) / scale.float()[..., None]).clamp(0, INT4_CODE_MAX)
+    codes = codes.to(torch.uint8).reshape(*lead, D)  # [..., D]
+    packed = codes[..., 0::2] | (codes[..., 1::2] << 4)  # [..., D/2]
+    return packed, torch.stack([scale, zero], dim=-1).reshape(*lead, -1)  # [..., D/2], [..., 2G]
+
+
+def dequantize_int4_rows(packed: torch.Tensor, scale_zero: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """codes uint8 [..., D/2] and (scale, zero) pairs [..., 2G] -> [..., D] in ``dtype``."""
+    *lead, half = packed.shape
+    G = scale_zero.shape[-1] // 2  # (sizes spelled out: a read of no tokens reshapes too)
+    codes = torch.stack([packed & 0xF, packed >> 4], dim=-1).float()  # [..., D/2, 2]
+    pairs = scale_zero.float().reshape(*lead, G, 2)  # [..., G, 2]
+    out = codes.reshape(*lead, G, 2 * half // G) * pairs[..., :1] + pairs[..., 1:]  # [..., G, group]
+    return out.reshape(*lead, 2 * half).to(dtype)
+
+
 @dataclass(frozen=True)
 class RowFormat:
-    """One token's row of one KV head on disk: K, V (held dtype: the compute dtype or int8 codes),
-    then, for an int8 KV, K's and V's scales (the compute dtype)."""
+    """One token's row of one KV head on disk: K, V (held dtype: the compute dtype, int8 codes, or
+    4-bit codes two per byte), then, for a quantized KV, K's and V's scales (the compute dtype: one
+    per row for int8, a scale and a zero per ``int4_group`` channels for 4-bit)."""
 
     head_dim: int
     held: torch.dtype  # K and V as stored
-    scale: torch.dtype | None  # the scales' dtype (int8 KV), else None
+    scale: torch.dtype | None  # the scales' dtype (a quantized KV), else None
+    int4_group: int | None = None  # a 4-bit KV: channels per (scale, zero)
+
+    @classmethod
+    def for_kv(cls, head_dim: int, dtype: torch.dtype, kv_dtype: str | None) -> "RowFormat":
+        """The row of a KV of ``kv_dtype`` (None, "int8" or "int4") computed in ``dtype``."""
+        if kv_dtype == "int8":
+            return cls(head_dim, torch.int8, dtype)
+        if kv_dtype == "int4":
+            return cls(head_dim, torch.uint8, dtype, disk_int4_group(head_dim))
+        return cls(head_dim, dtype, None)
 
     @property
     def part_bytes(self) -> list[int]:
+        if self.int4_group is not None:
+            return [self.head_dim // 2] * 2 + [2 * (self.head_dim // self.int4_group) * self.scale.itemsize] * 2
         kv = self.head_dim * self.held.itemsize
         return [kv, kv] + ([self.scale.itemsize] * 2 if self.scale is not None else [])
+
+    def quantize(self, k: torch.Tensor, v: torch.Tensor) -> list[torch.Tensor]:
+        """K, V [..., D] in the compute dtype -> the parts a row holds (see :meth:`encode`): as they are
+        for a float KV, codes and scales for a 4-bit one. (An int8 KV's codes come from the KV store's
+        quantizer, which its memory tiers share.)"""
+        if self.scale is None:
+            return [k, v]
+        if self.int4_group is None:
+            raise ValueError("an int8 row's codes come from offload.tiers.kv_store.quantize_kv")
+        (kc, ks), (vc, vs) = (quantize_int4_rows(x, self.int4_group, self.scale) for x in (k, v))
+        return [kc, vc, ks, vs]
+
+    def dequantize(self, codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """One side's parts (K or V codes, their scales) -> [..., D] in ``dtype`` (a quantized KV)."""
+        if self.int4_group is not None:
+            return dequantize_int4_rows(codes, scales, dtype)
+        return codes.to(dtype) * scales.to(dtype)
 
     @property
     def row_bytes(self) -> int:
@@ -275,12 +351,14 @@ class RowFormat:
         return self.extent_bytes // self.row_bytes
 
     def encode(self, parts: list[torch.Tensor]) -> torch.Tensor:
-        """K, V [Hkv, T, D] (and scales [Hkv, T, 1]) on the host -> rows [Hkv, T, R] uint8."""
+        """K, V [Hkv, T, D] (and scales [Hkv, T, 1]; 4-bit: codes [Hkv, T, D/2], scales [Hkv, T, 2G]) on
+        the host -> rows [Hkv, T, R] uint8."""
         return torch.cat([p.contiguous().view(torch.uint8) for p in parts], dim=-1)
 
     def decode(self, rows: torch.Tensor, which: tuple[int, ...] | None = None) -> list[torch.Tensor]:
-        """rows [..., R] uint8 -> K, V [..., D] (held dtype), and the scales [..., 1] for an int8 KV;
-        only the parts numbered in ``which`` (0 K, 1 V, 2 and 3 their scales) when given."""
+        """rows [..., R] uint8 -> K, V [..., D] (held dtype; 4-bit: [..., D/2]), and their scales for a
+        quantized KV ([..., 1]; 4-bit: [..., 2G]); only the parts numbered in ``which`` (0 K, 1 V, 2
+        and 3 their scales) when given."""
         out, at = [], 0
         for part, (nbytes, dtype) in enumerate(zip(self.part_bytes, [self.held, self.held, self.scale, self.scale])):
             if which is None or part in which:

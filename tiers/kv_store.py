@@ -23,6 +23,9 @@ channel over groups of 32 tokens, values per token, a row's newest KIVI_RESIDUAL
 KIVI_SINK tokens in the compute dtype), in the device and host tiers; 48 bytes per token and KV
 head of 64 dims at 2 bits. A host-tier layer's reads cross as codes (and its kept rows) and are
 unpacked on the device; its gathers are unpacked on the host, only the rows selected crossing.
+The disk tier reads and writes a token's row on its own, which KIVI's groups of tokens cannot be:
+there ``"int4"`` holds each token's K and V in 4-bit codes with a scale and zero per group of 32
+channels (:data:`~offload.tiers.kv_disk.DISK_INT4_GROUP`), and ``"int2"`` stays in memory.
 
 Shapes: B rows, Hkv KV heads, N tokens (capacity), D head_dim, M gathered rows per head.
 """
@@ -72,9 +75,10 @@ def kv_format_words(kv_dtype: str, dtype_name: str) -> str:
 
 
 def kv_disk_holds(kv_dtype: str | None) -> bool:
-    """Whether the KV's disk tier holds a cache of this kind (KIVI's groups span tokens, and the
-    disk tier reads and writes a token's row on its own)."""
-    return kv_dtype not in KIVI_BITS
+    """Whether the KV's disk tier holds a cache of this kind: it reads and writes a token's row on
+    its own, so KIVI's 2-bit keys (per channel over groups of tokens; per token they lose too much)
+    stay in memory, and 4-bit KV goes to disk in per-token groups of channels."""
+    return kv_dtype != "int2"
 
 
 def kv_bytes_per_token(args: ModelArgs, dtype_bytes: int, kv_dtype: str | None) -> int:
@@ -200,14 +204,14 @@ class DiskRows(KVRows):
             if step != 1:
                 raise IndexError("disk KV rows take token slices with step 1")
             # only this side's part (and scale) decoded: an index build reads a whole layer's keys
-            which = (self.which, 2 + self.which) if self.quantized else (self.which,)
-            rows = disk.fmt.decode(disk.read_range(self.layer, start, max(start, stop)), which)  # [Hkv, T, D or 1]
-            out = rows[0] if not self.quantized else dequantize_kv(rows[0], rows[1])
+            coded = disk.fmt.scale is not None
+            which = (self.which, 2 + self.which) if coded else (self.which,)
+            rows = disk.fmt.decode(disk.read_range(self.layer, start, max(start, stop)), which)  # [Hkv, T, ...]
+            out = rows[0] if not coded else disk.fmt.dequantize(rows[0], rows[1], self.store.dtype)  # [Hkv, T, D]
         else:
             ids = torch.as_tensor(tokens).long()  # token ids for every head
             ids = ids.expand(self.store.args.num_kv_heads, -1) if ids.dim() == 1 else ids
-            parts = disk.gather(self.layer, ids.numpy())
-            out = parts[self.which] if not self.quantized else dequantize_kv(parts[self.which], parts[2 + self.which])
+            out = self.store._disk_side(disk.gather(self.layer, ids.numpy()), self.which, None)  # [Hkv, M, D]
         out = out[heads]
         return out[..., 0, :] if squeeze else out
 
@@ -339,9 +343,9 @@ class KVStore:
             raise ValueError(f"host_layers {sorted(host_layers)} name layers beyond the model's {args.num_layers}")
         disk_layers = self.disk_layers = frozenset(disk_layers)
         if disk_layers and not kv_disk_holds(kv_dtype):
-            raise OffloadError(f"kv_dtype={kv_dtype!r} (KIVI's groups of tokens) is held in memory only, and this "
-                               "placement puts KV on disk: use kv_dtype='int8' with the KV's disk tier, or give "
-                               "cpu_memory enough for the KV")
+            raise OffloadError(f"kv_dtype={kv_dtype!r} (KIVI's 2-bit groups of tokens) is held in memory only, and "
+                               "this placement puts KV on disk: use kv_dtype='int4' or 'int8' with the KV's disk "
+                               "tier, or give cpu_memory enough for the KV")
         if disk_layers and disk is None:
             raise ValueError("disk_layers need a DiskTier (where the KV goes and the cache it is read through)")
         if disk_layers & host_layers or not disk_layers <= set(range(args.num_layers)):
@@ -393,10 +397,12 @@ class KVStore:
         self._arrays = [None] * self.args.num_layers
         a = self.args
         self._capacity, self._batch_size = capacity, batch_size
-        if self.kivi is not None:
-            self.kivi_layers = [KiviLayer(self.kivi, batch_size, a.num_kv_heads, capacity, self.dtype, dev,
+        if self.kivi is not None:  # a disk layer has no KIVI layer (None): its rows are the disk tier's
+            self.kivi_layers = [None if i in self.disk_layers else
+                                KiviLayer(self.kivi, batch_size, a.num_kv_heads, capacity, self.dtype, dev,
                                           pin=dev.type == "cpu" and self.device.type == "cuda")
-                                for dev in self.layer_devices]
+                                for i, dev in enumerate(self.layer_devices)]
+            self._allocate_disk(capacity)
             return
         shape = (batch_size, a.num_kv_heads, capacity, a.head_dim)
         held = kv_held_dtype(self.kv_dtype, self.dtype)
@@ -409,11 +415,33 @@ class KVStore:
         if self.quantized:
             self.k_scale = [self._zeros(n[:3] + (1,), dev, self.dtype) for n, dev in zip(sizes, self.layer_devices)]
             self.v_scale = [self._zeros(n[:3] + (1,), dev, self.dtype) for n, dev in zip(sizes, self.layer_devices)]
+        self._allocate_disk(capacity)
+
+    def _allocate_disk(self, capacity: int) -> None:
         if self.disk_layers:
             t = self.disk_tier
-            fmt = RowFormat(a.head_dim, held, self.dtype if self.quantized else None)
-            self.disk = DiskKV(t.folder, sorted(self.disk_layers), a.num_kv_heads, capacity, fmt, t.cache_bytes,
-                               t.keep_tokens, t.read_ahead)
+            fmt = RowFormat.for_kv(self.args.head_dim, self.dtype, self.kv_dtype)
+            self.disk = DiskKV(t.folder, sorted(self.disk_layers), self.args.num_kv_heads, capacity, fmt,
+                               t.cache_bytes, t.keep_tokens, t.read_ahead)
+
+    def _kivi(self, layer: int) -> KiviLayer | None:
+        """``layer``'s KIVI layer (None: not KIVI, or a disk layer)."""
+        return None if self.kivi_layers is None else self.kivi_layers[layer]
+
+    def _disk_parts(self, k: torch.Tensor, v: torch.Tensor) -> list[torch.Tensor]:
+        """K, V [Hkv, T, D] on the host -> the parts of a disk layer's rows (codes and scales when quantized)."""
+        if self.kv_dtype == "int8":
+            (kc, ks), (vc, vs) = quantize_kv(k, self.dtype), quantize_kv(v, self.dtype)
+            return [kc, vc, ks, vs]
+        return self.disk.fmt.quantize(k, v)
+
+    def _disk_side(self, parts: list[torch.Tensor], which: int, dtype: torch.dtype | None) -> torch.Tensor:
+        """One side (0 K, 1 V) of a disk layer's decoded or gathered parts, in ``dtype`` (default: the
+        compute dtype) when quantized."""
+        fmt = self.disk.fmt
+        if fmt.scale is None:
+            return parts[which]
+        return fmt.dequantize(parts[which], parts[2 + which], dtype or self.dtype)
 
     def close(self) -> None:
         """Remove the disk tier's files (the KV on disk belongs to this store alone)."""
@@ -473,7 +501,8 @@ class KVStore:
 
     def kivi_arrays(self, layer: int) -> KiviArrays | None:
         """A KIVI layer's views for the CPU decode kernel (None: not KIVI, or no kernel takes it)."""
-        return None if self.kivi_layers is None else self.kivi_layers[layer].kernel_arrays()
+        kivi = self._kivi(layer)
+        return None if kivi is None else kivi.kernel_arrays()
 
     def _zeros(self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         # Host-tier KV is pinned when a GPU computes, so that its copies to the GPU are asynchronous.
@@ -481,9 +510,11 @@ class KVStore:
         return torch.zeros(shape, device=device, dtype=dtype, pin_memory=pin)
 
     def _parts(self, layer: int) -> list[torch.Tensor]:
-        """What ``layer`` holds: [k, v], [k codes, v codes, k scales, v scales], or a KIVI layer's tensors."""
+        """What ``layer`` holds: [k, v], [k codes, v codes, k scales, v scales], or a KIVI layer's tensors
+        (a KIVI store's disk layer: nothing; its rows are the disk tier's)."""
         if self.kivi_layers is not None:
-            return self.kivi_layers[layer].tensors
+            kivi = self.kivi_layers[layer]
+            return [] if kivi is None else kivi.tensors
         if self.quantized:
             return [self.k[layer], self.v[layer], self.k_scale[layer], self.v_scale[layer]]
         return [self.k[layer], self.v[layer]]
@@ -503,11 +534,7 @@ class KVStore:
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> None:
         """Put k, v [B, Hkv, T, D] at the batch's positions (into this layer's tier)."""
         if layer in self.disk_layers:  # one row (allocate saw to it)
-            new = [k[0].cpu(), v[0].cpu()]  # [Hkv, T, D]
-            if self.quantized:
-                (kc, ks), (vc, vs) = quantize_kv(new[0], self.dtype), quantize_kv(new[1], self.dtype)
-                new = [kc, vc, ks, vs]
-            self.disk.write(layer, batch.start_lengths[0], new)
+            self.disk.write(layer, batch.start_lengths[0], self._disk_parts(k[0].cpu(), v[0].cpu()))  # [Hkv, T, ...]
             return
         if self.kivi_layers is not None:
             for i, (row, start) in enumerate(zip(batch.rows, batch.start_lengths)):
@@ -547,6 +574,12 @@ class KVStore:
         when the layer is on the device and not quantized; copies from the host tier (codes cross,
         then are dequantized on the device; KIVI's codes, scales and kept rows cross, then are
         unpacked on the device)."""
+        if layer in self.disk_layers:  # codes and scales cross as they are, then are dequantized
+            parts = [p[None] for p in self.disk.fmt.decode(self.disk.read_range(layer, start, end))]  # [1, Hkv, n, ...]
+            if self.device.type != "cpu":
+                self.bytes_to_device += sum(t.numel() * t.element_size() for t in parts)
+                parts = [t.to(self.device, non_blocking=True) for t in parts]
+            return self._disk_side(parts, 0, dtype), self._disk_side(parts, 1, dtype)  # [1, Hkv, n, D] each
         if self.kivi_layers is not None:
             kivi, rows = self.kivi_layers[layer], range(*rows.indices(self._batch_size))
             if self.on_device(layer):
@@ -556,10 +589,7 @@ class KVStore:
                 self.bytes_to_device += sum(span.nbytes for span in spans)
                 pairs = [span.to(self.device).unpack(dtype or self.dtype) for span in spans]
             return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])  # [B', Hkv, n, D] each
-        if layer in self.disk_layers:
-            parts = [p[None] for p in self.disk.fmt.decode(self.disk.read_range(layer, start, end))]  # [1, Hkv, n, D or 1]
-        else:
-            parts = [t[rows, :, start:end] for t in self._parts(layer)]  # [B', Hkv, n, D or 1] each
+        parts = [t[rows, :, start:end] for t in self._parts(layer)]  # [B', Hkv, n, D or 1] each
         if not self.on_device(layer):
             self.bytes_to_device += sum(t.numel() * t.element_size() for t in parts)
             parts = [t.to(self.device, non_blocking=True) for t in parts]
@@ -623,19 +653,16 @@ class KVStore:
         host-tier layer's rows are gathered in host memory and sent (quantized: their codes and
         scales cross, then are dequantized); a device-tier layer's are gathered in place (the
         quantized KV's sparse path; KIVI's rows are unpacked where they lie)."""
+        if layer in self.disk_layers:  # codes and scales cross as they are, then are dequantized
+            rows = self.disk.gather(layer, ids[0].clamp(min=0).cpu().numpy())  # [Hkv, M, ...] each
+            parts = [p[None].to(self.device, non_blocking=True) for p in rows]  # [1, Hkv, M, ...]
+            if self.device.type != "cpu":
+                self.bytes_to_device += sum(t.numel() * t.element_size() for t in parts)
+            return self._disk_side(parts, 0, self.attend_dtype), self._disk_side(parts, 1, self.attend_dtype)
         if self.kivi_layers is not None:
             kivi = self.kivi_layers[layer]
             pairs = [kivi.take(b, ids[b].clamp(min=0), self.attend_dtype) for b in range(ids.shape[0])]
             return self._sent(layer, torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs]))
-        if layer in self.disk_layers:
-            rows = self.disk.gather(layer, ids[0].clamp(min=0).cpu().numpy())  # [Hkv, M, D or 1] each
-            parts = [p[None].to(self.device, non_blocking=True) for p in rows]  # [1, Hkv, M, D or 1]
-            if self.device.type != "cpu":
-                self.bytes_to_device += sum(t.numel() * t.element_size() for t in parts)
-            if not self.quantized:
-                return parts[0], parts[1]
-            return (dequantize_kv(parts[0], parts[2], self.attend_dtype),
-                    dequantize_kv(parts[1], parts[3], self.attend_dtype))
         host = layer in self.host_layers
         index = ids.to(self.k[layer].device).clamp(min=0)[..., None]  # [B, Hkv, M, 1]
         rows = self._gathered(self._staging if host else None, [self.k[layer], self.v[layer]],
@@ -676,13 +703,13 @@ class KVStore:
         """The first n tokens of cache row ``row`` of ``layer``, on the host: k, v [Hkv, n, D] in the
         compute dtype (quantized: in fp32, where codes times scales are exact, so that
         :meth:`restore_layer` gives back the very codes and scales)."""
+        if layer in self.disk_layers:
+            parts = self.disk.fmt.decode(self.disk.read_range(layer, 0, n))  # [Hkv, n, ...] each
+            return self._disk_side(parts, 0, torch.float32), self._disk_side(parts, 1, torch.float32)
         if self.kivi_layers is not None:
             k, v = self.kivi_layers[layer].read(row, 0, n, torch.float32)
             return k.cpu(), v.cpu()
-        if layer in self.disk_layers:
-            parts = self.disk.fmt.decode(self.disk.read_range(layer, 0, n))  # [Hkv, n, D or 1] each
-        else:
-            parts = [t[row, :, :n].cpu() for t in self._parts(layer)]  # [Hkv, n, D or 1] each
+        parts = [t[row, :, :n].cpu() for t in self._parts(layer)]  # [Hkv, n, D or 1] each
         if self.quantized:
             return dequantize_kv(parts[0], parts[2], torch.float32), dequantize_kv(parts[1], parts[3], torch.float32)
         return parts[0], parts[1]
@@ -691,6 +718,11 @@ class KVStore:
         """Put a saved prefix of ``layer``, k, v [Hkv, n, D] on the host, back as row ``row``'s first
         n tokens, in the layer's tier (quantized as the store holds it): only a device-tier layer
         crosses to the device."""
+        if layer in self.disk_layers:  # a piece at a time: the layer is never whole in memory twice over
+            for start in range(0, k.shape[1], RESTORE_PIECE_TOKENS):
+                end = start + RESTORE_PIECE_TOKENS
+                self.disk.write(layer, start, self._disk_parts(k[:, start:end], v[:, start:end]))
+            return
         if self.kivi_layers is not None:
             self.kivi_layers[layer].write(row, 0, k, v)
             return
@@ -698,9 +730,5 @@ class KVStore:
         if self.quantized:
             (kc, ks), (vc, vs) = quantize_kv(k, self.dtype), quantize_kv(v, self.dtype)
             new = [kc, vc, ks, vs]
-        if layer in self.disk_layers:  # a piece at a time: the layer is never whole in memory twice over
-            for start in range(0, k.shape[1], RESTORE_PIECE_TOKENS):
-                self.disk.write(layer, start, [p[:, start:start + RESTORE_PIECE_TOKENS] for p in new])
-            return
         for dest, src in zip(self._parts(layer), new):
             dest[row, :, :k.shape[1]] = src

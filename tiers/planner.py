@@ -258,7 +258,7 @@ def plan(args: ModelArgs, *, model: str, context: int, device: str = "cpu", dtyp
     GPU computes with a sparse policy). ``quantize``: layers, their stores and buffers hold int4
     projections, the embeddings int8 (the bytes placed, streamed and read are those). ``kv_dtype``:
     "int8" KV (codes and a scale per token and KV head), in every tier; "int4" / "int2" (KIVI's
-    groups), in memory tiers. ``kv_disk``: the sparse
+    groups) in memory tiers, "int4" on disk as 4-bit rows (kv_disk.RowFormat). ``kv_disk``: the sparse
     layers' KV on disk (in ``disk_dir``), read a selection at a time through a cache of extents in
     the memory left (None: when the weights and the whole KV do not fit in memory and a disk_dir is
     given; only for a policy whose selection the disk tier reads in runs). ``kv_disk_hit_rate``:
@@ -317,9 +317,12 @@ def plan(args: ModelArgs, *, model: str, context: int, device: str = "cpu", dtyp
         if not sparse or disk_dir is None:
             raise OffloadError("the KV on disk needs a sparse kv_policy and disk_dir=...")
         if not kv_disk_holds(kv_dtype):
-            raise OffloadError(f"kv_dtype={kv_dtype!r} is held in memory only: use kv_dtype='int8' with the KV on disk")
+            raise OffloadError(f"kv_dtype={kv_dtype!r} is held in memory only: use kv_dtype='int4' or 'int8' with "
+                               f"the KV on disk")
         hidden_bytes = prompt_hidden
-        kv_tiers[memory_tier] = kv_tiers.get(memory_tier, 0) - sizing.sparse_kv_bytes + sizing.memory_bytes
+        # the sparse layers' KV leaves memory (in the memory tiers' format: KIVI's for int4) for the disk's rows
+        sparse_in_memory = kv_token // args.num_layers * sizing.sparse_layers * context
+        kv_tiers[memory_tier] = kv_tiers.get(memory_tier, 0) - sparse_in_memory + sizing.memory_bytes
         kv_tiers["disk"] = sizing.sparse_kv_bytes
         if memory_budget is None:
             cache_bytes = sizing.default_cache_bytes
