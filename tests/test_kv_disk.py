@@ -20,7 +20,7 @@ from offload.tiers.planner import LAYER_MAJOR_TOKENS, plan
 H, D = 3, 64
 BF16 = RowFormat(D, torch.bfloat16, None)  # 256-byte rows: 16 per extent
 INT8 = RowFormat(D, torch.int8, torch.float32)  # codes + two fp32 scales: 136 bytes, 30 per extent
-INT4 = RowFormat.for_kv(D, torch.float32, "int4")  # 4-bit codes + fp32 (scale, zero) per 32: 96 bytes, 42 per extent
+INT4 = RowFormat.for_kv(D, torch.float32, "int4")  # int8 keys + 4-bit values, fp32 scales: 116 bytes, 35 per extent
 
 
 def kv_of(fmt: RowFormat, n: int, seed: int = 0) -> list[torch.Tensor]:
@@ -506,24 +506,26 @@ def test_the_disk_benchmark_with_a_synthetic_kv(tiny_models, tmp_path):
     assert disk["first_step_bytes_read"] < disk["bytes_on_disk"] / 4  # the index was built in the pass: no relayout
 
 
-def test_int4_rows_hold_each_group_within_half_a_step():
-    """A 4-bit row: each token's K and V in codes with a scale and zero per 32 channels, every value
-    within half a step of its group, the extremes exact; its bytes are what the planner counts."""
+def test_int4_rows_hold_keys_in_int8_and_values_within_half_a_4bit_step():
+    """A 4-bit row: each token's key in int8 (the memory tiers' codec) and its value in 4-bit codes with
+    a scale and zero per 32 channels, every value within half a step of its group; its bytes are what
+    the planner counts."""
+    from offload.config import preset as model_preset
+    from offload.tiers.kv_codec import quantize_kv
     from offload.tiers.kv_disk import DiskKVSizing
 
     g = torch.Generator().manual_seed(4)
     k, v = torch.randn(H, 50, D, generator=g) * 3, torch.randn(H, 50, D, generator=g)
     rows = INT4.encode(INT4.quantize(k, v))  # [H, 50, R]
-    assert rows.shape[-1] == INT4.row_bytes == D + 2 * 2 * (D // 32) * 4 == 96
+    assert rows.shape[-1] == INT4.row_bytes == D + 4 + D // 2 + 2 * 2 * 4 == 116
     kc, vc, ks, vs = INT4.decode(rows)
-    for x, codes, scales in ((k, kc, ks), (v, vc, vs)):
-        back = INT4.dequantize(codes, scales, torch.float32)  # [H, 50, D]
-        step = scales.view(H, 50, -1, 2)[..., 0].repeat_interleave(32, dim=-1)  # [H, 50, D]
-        assert ((back - x).abs() <= step / 2 + 1e-5).all()
-        groups = x.view(H, 50, -1, 32)
-        assert torch.allclose(back.view(H, 50, -1, 32).amin(-1), groups.amin(-1), atol=1e-6)
-    from offload.config import preset as model_preset
-
+    want_kc, want_ks = quantize_kv(k, torch.float32)
+    assert torch.equal(kc, want_kc) and torch.equal(ks, want_ks)
+    assert torch.equal(INT4.dequantize(kc, ks, torch.float32, keys=True), kc.float() * ks)
+    back = INT4.dequantize(vc, vs, torch.float32, keys=False)  # [H, 50, D]
+    step = vs.view(H, 50, -1, 2)[..., 0].repeat_interleave(32, dim=-1)  # [H, 50, D]
+    assert ((back - v).abs() <= step / 2 + 1e-5).all()
+    assert torch.allclose(back.view(H, 50, -1, 32).amin(-1), v.view(H, 50, -1, 32).amin(-1), atol=1e-6)
     args = model_preset("llama-3.2-1b")
     for dtype, b in ((torch.bfloat16, 2), (torch.float32, 4)):
         sizing = DiskKVSizing(args, b, "int4", 4096, 100, 15)
@@ -532,7 +534,7 @@ def test_int4_rows_hold_each_group_within_half_a_step():
 
 def test_a_4bit_kv_on_disk(tiny_models, tmp_path):
     """kv_dtype='int4' with the KV on disk: KIVI in memory (the dense layer), 4-bit rows on disk (the
-    sparse layers: head_dim 16, one scale and zero per head; 32 of the float rows' 128 bytes); logits
+    sparse layers: int8 keys, 4-bit values, head_dim 16: 36 of the float rows' 128 bytes); logits
     as near the float disk run's as KIVI's 4 bits in memory come to the float memory run's, and a prompt
     cache saved from it restores the same tokens. 2 bits stay in memory, said in one line."""
     folder, _ = tiny_models["llama"]
@@ -544,14 +546,14 @@ def test_a_4bit_kv_on_disk(tiny_models, tmp_path):
     params = SamplingParams(max_new_tokens=6, ignore_eos=True)
     want, got = exact.logits(prompt)[-1], four.logits(prompt)[-1]  # [V]: the last position over the disk rows
     kv = four.backend.kv
-    assert kv.disk.fmt == RowFormat(16, torch.uint8, torch.float32, 16) and kv.disk.fmt.row_bytes == 32
+    assert kv.disk.fmt == RowFormat(16, torch.int8, torch.float32, 16) and kv.disk.fmt.row_bytes == 36
     assert kv.kivi_layers[0] is not None and kv.kivi_layers[1] is None
     memory = {k: v for k, v in kw.items() if k != "kv_offload"}
     kivi_err = (LLM(folder, kv_dtype="int4", **memory).logits(prompt)[-1] - want).abs().max()  # measured 0.197 x max
     assert (got - want).abs().max() <= 1.25 * kivi_err and kivi_err <= 0.25 * want.abs().max()  # measured 0.204
     out = four.generate([prompt], params)[0].token_ids
     exact.generate([prompt], params)
-    for llm, row_bytes in ((exact, 128), (four, 32)):  # the rows on disk, in 32 bytes each instead of 128
+    for llm, row_bytes in ((exact, 128), (four, 36)):  # the rows on disk, in 36 bytes each instead of 128
         store = llm.backend.kv.disk
         written = sum(f.written for f in store.files.values()) * llm.args.num_kv_heads
         assert llm.tier_report()["kv"]["disk"]["bytes_on_disk"] == written * row_bytes > 0

@@ -47,6 +47,7 @@ from offload.errors import OffloadError
 
 from .budget import format_size
 from .io import AlignedBuffer, aligned_empty
+from .kv_codec import dequantize_int4_rows, dequantize_kv, quantize_int4_rows, quantize_kv
 from .store import ALIGN, align_up, pid_alive
 
 EXTENT_BYTES = ALIGN  # one O_DIRECT unit: a cluster of 16 bf16 tokens of head_dim 64 (K and V) fills one
@@ -97,8 +98,8 @@ class DiskKVSizing:
     @property
     def row_bytes(self) -> int:
         D = self.args.head_dim
-        if self.kv_dtype == "int4":  # RowFormat.for_kv's 4-bit row
-            return 2 * (D // 2) + 2 * 2 * (D // disk_int4_group(D)) * self.dtype_bytes
+        if self.kv_dtype == "int4":  # RowFormat.for_kv's: int8 keys and a scale, 4-bit values, a scale + zero per group
+            return D + self.dtype_bytes + D // 2 + 2 * (D // disk_int4_group(D)) * self.dtype_bytes
         held = 1 if self.kv_dtype == "int8" else self.dtype_bytes
         return 2 * D * held + (2 * self.dtype_bytes if self.kv_dtype == "int8" else 0)
 
@@ -252,16 +253,18 @@ def _clock_victims(cache_used, cache_ref, tick, hand, k, out):  # pragma: no cov
     return taken, hand
 
 
-# A 4-bit KV on disk (kv_dtype="int4"): each token's K and V in 4-bit codes, with a scale and a zero
-# (the compute dtype) per group of this many channels. KIVI's in-memory form quantizes keys per channel
-# over groups of tokens, which a token's row on its own cannot hold (and a cluster layout reorders the
-# tokens); per-token groups of channels are FlexGen's 4-bit scheme.
+# A 4-bit KV on disk (kv_dtype="int4"): KIVI's in-memory form quantizes keys per channel over groups
+# of tokens, which a token's row on its own cannot hold (and a cluster layout reorders the tokens).
+# Per token, 4-bit keys lose what retrieval needs: the default model at 8K missed the passkey at 90%
+# depth with 4-bit keys in groups of 32 channels, Hadamard-rotated or not, where int8 keys and KIVI
+# found it. So a row holds the key in int8 (a scale per token) and the value in 4 bits with a scale
+# and zero per group of channels (FlexGen's group-wise scheme): 106 bytes per token and KV head of 64
+# dims in bf16, against 132 for int8 and 256 for bf16.
 DISK_INT4_GROUP = 32
-INT4_CODE_MAX = 15
 
 
 def disk_int4_group(head_dim: int) -> int:
-    """Channels per (scale, zero) of a 4-bit row: DISK_INT4_GROUP, or the whole head when smaller."""
+    """Channels per (scale, zero) of a 4-bit value: DISK_INT4_GROUP, or the whole head when smaller."""
     group = min(DISK_INT4_GROUP, head_dim)
     if head_dim % group or head_dim % 2:
         raise OffloadError(f"a 4-bit KV on disk needs a head_dim divisible by {group}; this model's is {head_dim}: "
@@ -269,41 +272,16 @@ def disk_int4_group(head_dim: int) -> int:
     return group
 
 
-def quantize_int4_rows(x: torch.Tensor, group: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., D] -> codes uint8 [..., D/2] (channel 2j in the low nibble, 2j + 1 in the high) and
-    (scale, zero) pairs [..., D/group * 2] in ``dtype``: x ~ code * scale + zero per group, from its
-    least to its largest value."""
-    *lead, D = x.shape
-    groups = x.float().reshape(*lead, D // group, group)  # [..., G, group]
-    lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)  # [..., G]
-    scale = ((hi - lo) / INT4_CODE_MAX).clamp(min=1e-8).to(dtype)  # [..., G]
-    zero = lo.to(dtype)  # [..., G]
-    codes = torch.round((groups - zero.float()[..., None]) / scale.float()[..., None]).clamp(0, INT4_CODE_MAX)
-    codes = codes.to(torch.uint8).reshape(*lead, D)  # [..., D]
-    packed = codes[..., 0::2] | (codes[..., 1::2] << 4)  # [..., D/2]
-    return packed, torch.stack([scale, zero], dim=-1).reshape(*lead, -1)  # [..., D/2], [..., 2G]
-
-
-def dequantize_int4_rows(packed: torch.Tensor, scale_zero: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """codes uint8 [..., D/2] and (scale, zero) pairs [..., 2G] -> [..., D] in ``dtype``."""
-    *lead, half = packed.shape
-    G = scale_zero.shape[-1] // 2  # (sizes spelled out: a read of no tokens reshapes too)
-    codes = torch.stack([packed & 0xF, packed >> 4], dim=-1).float()  # [..., D/2, 2]
-    pairs = scale_zero.float().reshape(*lead, G, 2)  # [..., G, 2]
-    out = codes.reshape(*lead, G, 2 * half // G) * pairs[..., :1] + pairs[..., 1:]  # [..., G, group]
-    return out.reshape(*lead, 2 * half).to(dtype)
-
-
 @dataclass(frozen=True)
 class RowFormat:
-    """One token's row of one KV head on disk: K, V (held dtype: the compute dtype, int8 codes, or
-    4-bit codes two per byte), then, for a quantized KV, K's and V's scales (the compute dtype: one
-    per row for int8, a scale and a zero per ``int4_group`` channels for 4-bit)."""
+    """One token's row of one KV head on disk: K, V (held dtype: the compute dtype or int8 codes; a
+    4-bit KV's values two codes per byte), then, for a quantized KV, K's and V's scales (the compute
+    dtype: one per row, or for 4-bit values a scale and a zero per ``int4_group`` channels)."""
 
     head_dim: int
-    held: torch.dtype  # K and V as stored
+    held: torch.dtype  # K (and V but for 4-bit values) as stored
     scale: torch.dtype | None  # the scales' dtype (a quantized KV), else None
-    int4_group: int | None = None  # a 4-bit KV: channels per (scale, zero)
+    int4_group: int | None = None  # a 4-bit KV: its values' channels per (scale, zero)
 
     @classmethod
     def for_kv(cls, head_dim: int, dtype: torch.dtype, kv_dtype: str | None) -> "RowFormat":
@@ -311,32 +289,38 @@ class RowFormat:
         if kv_dtype == "int8":
             return cls(head_dim, torch.int8, dtype)
         if kv_dtype == "int4":
-            return cls(head_dim, torch.uint8, dtype, disk_int4_group(head_dim))
+            return cls(head_dim, torch.int8, dtype, disk_int4_group(head_dim))
         return cls(head_dim, dtype, None)
 
     @property
     def part_bytes(self) -> list[int]:
-        if self.int4_group is not None:
-            return [self.head_dim // 2] * 2 + [2 * (self.head_dim // self.int4_group) * self.scale.itemsize] * 2
         kv = self.head_dim * self.held.itemsize
+        if self.int4_group is not None:  # int8 keys, 4-bit values
+            return [kv, self.head_dim // 2, self.scale.itemsize, 2 * (self.head_dim // self.int4_group) * self.scale.itemsize]
         return [kv, kv] + ([self.scale.itemsize] * 2 if self.scale is not None else [])
+
+    @property
+    def part_dtypes(self) -> list[torch.dtype]:
+        """What each part is viewed as: K, V, then their scales."""
+        values = torch.uint8 if self.int4_group is not None else self.held
+        return [self.held, values, self.scale, self.scale]
 
     def quantize(self, k: torch.Tensor, v: torch.Tensor) -> list[torch.Tensor]:
         """K, V [..., D] in the compute dtype -> the parts a row holds (see :meth:`encode`): as they are
-        for a float KV, codes and scales for a 4-bit one. (An int8 KV's codes come from the KV store's
-        quantizer, which its memory tiers share.)"""
+        for a float KV, else codes and scales (:mod:`offload.tiers.kv_codec`, the memory tiers' codecs)."""
         if self.scale is None:
             return [k, v]
-        if self.int4_group is None:
-            raise ValueError("an int8 row's codes come from offload.tiers.kv_store.quantize_kv")
-        (kc, ks), (vc, vs) = (quantize_int4_rows(x, self.int4_group, self.scale) for x in (k, v))
+        (kc, ks) = quantize_kv(k, self.scale)
+        vc, vs = (quantize_int4_rows(v, self.int4_group, self.scale) if self.int4_group is not None
+                  else quantize_kv(v, self.scale))
         return [kc, vc, ks, vs]
 
-    def dequantize(self, codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """One side's parts (K or V codes, their scales) -> [..., D] in ``dtype`` (a quantized KV)."""
-        if self.int4_group is not None:
+    def dequantize(self, codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, keys: bool) -> torch.Tensor:
+        """One side's parts (K or V codes, their scales) -> [..., D] in ``dtype`` (a quantized KV);
+        ``keys``: the K side."""
+        if self.int4_group is not None and not keys:
             return dequantize_int4_rows(codes, scales, dtype)
-        return codes.to(dtype) * scales.to(dtype)
+        return dequantize_kv(codes, scales, dtype)
 
     @property
     def row_bytes(self) -> int:
@@ -360,7 +344,7 @@ class RowFormat:
         quantized KV ([..., 1]; 4-bit: [..., 2G]); only the parts numbered in ``which`` (0 K, 1 V, 2
         and 3 their scales) when given."""
         out, at = [], 0
-        for part, (nbytes, dtype) in enumerate(zip(self.part_bytes, [self.held, self.held, self.scale, self.scale])):
+        for part, (nbytes, dtype) in enumerate(zip(self.part_bytes, self.part_dtypes)):
             if which is None or part in which:
                 out.append(rows[..., at:at + nbytes].contiguous().view(dtype))
             at += nbytes
@@ -800,8 +784,7 @@ class DiskKV:
         bounds = np.cumsum([0] + sizes)
         _copy_rows(ids, f.mem_start, f.mem.numpy(), f.slot_of, self.fmt.rows_per_extent, f.extents_per_head,
                    self.cache_at[layer], self.cache, bounds, *outs)
-        dtypes = [self.fmt.held, self.fmt.held, self.fmt.scale, self.fmt.scale]
-        return [torch.from_numpy(o).view(dt) for o, dt in zip(outs, dtypes) if o.shape[-1]]
+        return [torch.from_numpy(o).view(dt) for o, dt in zip(outs, self.fmt.part_dtypes) if o.shape[-1]]
 
     def _fetch(self, layer: int, f: _LayerFile, missing: np.ndarray, hits: int) -> None:
         """Read extents ``missing`` (sorted, unique) of ``layer`` into the cache, evicting by CLOCK

@@ -44,14 +44,13 @@ from offload.attention import ForwardBatch
 from offload.config import ModelArgs
 from offload.errors import OffloadError
 from offload.kernels import CacheArrays, KiviArrays, store_kv
-from offload.kernels.reference import KV_CODE_MAX, KV_SCALE_FLOOR
 
+from .kv_codec import dequantize_kv, quantize_kv
 from .kv_disk import DiskKV, RowFormat
 from .kv_kivi import KIVI_BITS, KIVI_CHANNEL_GROUP, KIVI_GROUP, KIVI_RESIDUAL, KIVI_SINK, KiviFormat, KiviLayer
 
 HOST = torch.device("cpu")
 KV_DTYPES = ("int8", *KIVI_BITS)  # beside None: the compute dtype
-KV_INT8_MAX = KV_CODE_MAX
 # Compute dtypes of a CPU layer's KV that the compiled kernels take (offload.kernels: CacheArrays,
 # store_kv; int8 codes have their scales in the compute dtype).
 KERNEL_DTYPES = (torch.bfloat16, torch.float32)
@@ -91,17 +90,6 @@ def kv_bytes_per_token(args: ModelArgs, dtype_bytes: int, kv_dtype: str | None) 
     return 2 * args.num_layers * args.num_kv_heads * (args.head_dim + dtype_bytes)  # codes + a scale per head
 
 
-def quantize_kv(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., D] -> int8 codes [..., D] and scales [..., 1] (``dtype``): x ~ codes * scale."""
-    scale = (x.float().abs().amax(dim=-1, keepdim=True) / KV_INT8_MAX).clamp(min=KV_SCALE_FLOOR).to(dtype)  # [..., 1]
-    codes = torch.round(x.float() / scale.float()).clamp(-KV_INT8_MAX, KV_INT8_MAX).to(torch.int8)  # [..., D]
-    return codes, scale
-
-
-def dequantize_kv(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """codes [..., D] int8, scale [..., 1] -> [..., D] in ``dtype`` (default: the scale's)."""
-    dtype = dtype or scale.dtype
-    return codes.to(dtype) * scale.to(dtype)
 # Staging buffers grow with headroom, so that a selection a little wider than the last one
 # (budgets grow with the context) reuses the buffer instead of reallocating pinned memory.
 STAGING_HEADROOM = 1.25
@@ -207,7 +195,8 @@ class DiskRows(KVRows):
             coded = disk.fmt.scale is not None
             which = (self.which, 2 + self.which) if coded else (self.which,)
             rows = disk.fmt.decode(disk.read_range(self.layer, start, max(start, stop)), which)  # [Hkv, T, ...]
-            out = rows[0] if not coded else disk.fmt.dequantize(rows[0], rows[1], self.store.dtype)  # [Hkv, T, D]
+            out = rows[0] if not coded else disk.fmt.dequantize(rows[0], rows[1], self.store.dtype,
+                                                                keys=self.which == 0)  # [Hkv, T, D]
         else:
             ids = torch.as_tensor(tokens).long()  # token ids for every head
             ids = ids.expand(self.store.args.num_kv_heads, -1) if ids.dim() == 1 else ids
@@ -430,9 +419,6 @@ class KVStore:
 
     def _disk_parts(self, k: torch.Tensor, v: torch.Tensor) -> list[torch.Tensor]:
         """K, V [Hkv, T, D] on the host -> the parts of a disk layer's rows (codes and scales when quantized)."""
-        if self.kv_dtype == "int8":
-            (kc, ks), (vc, vs) = quantize_kv(k, self.dtype), quantize_kv(v, self.dtype)
-            return [kc, vc, ks, vs]
         return self.disk.fmt.quantize(k, v)
 
     def _disk_side(self, parts: list[torch.Tensor], which: int, dtype: torch.dtype | None) -> torch.Tensor:
@@ -441,7 +427,7 @@ class KVStore:
         fmt = self.disk.fmt
         if fmt.scale is None:
             return parts[which]
-        return fmt.dequantize(parts[which], parts[2 + which], dtype or self.dtype)
+        return fmt.dequantize(parts[which], parts[2 + which], dtype or self.dtype, keys=which == 0)
 
     def close(self) -> None:
         """Remove the disk tier's files (the KV on disk belongs to this store alone)."""
