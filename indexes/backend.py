@@ -171,7 +171,10 @@ class SparseAttention(DenseAttention):
                           heads)
 
     def settings(self) -> dict:
-        return {"kv_policy": self.policy, "selection": asdict(self.config), "kv_dtype": self.kv.kv_dtype}
+        # a 4-bit KV is held two ways (KIVI in memory, int8 keys + 4-bit values on disk): a prompt cache
+        # of one must not restore into the other
+        disk_rows = {"kv_disk_rows": self.kv.kv_dtype} if self.kv.disk_layers and self.kv.kivi is not None else {}
+        return {"kv_policy": self.policy, "selection": asdict(self.config), "kv_dtype": self.kv.kv_dtype} | disk_rows
 
     def index_states(self, row: int) -> dict[int, tuple[dict, dict[str, torch.Tensor]]]:
         """What each layer's index of ``row`` learned, for a prompt cache: layer -> (scalars, tensors)."""

@@ -33,7 +33,7 @@ from .indexes.base import (
 from .kernels import resolve_backend
 from .loaders import LOAD_FORMATS, read_model_args, read_projection_types, read_weight_types
 from .quant import (
-    GGUF_INT4_TYPES,
+    GGUF_FINER_TYPES,
     INT8_GROUP,
     QUANTIZE_SCHEMES,
     finer_nbytes,
@@ -43,7 +43,15 @@ from .quant import (
     scheme_for_file,
     shape_rule,
 )
-from .tiers.budget import check_disk_dir, format_size, free_device_memory, free_host_memory, parse_size, resolve_budget
+from .tiers.budget import (
+    BudgetError,
+    check_disk_dir,
+    format_size,
+    free_device_memory,
+    free_host_memory,
+    parse_size,
+    resolve_budget,
+)
 from .tiers.flash import FlashConfig, size_cache
 from .tiers.io import IO_BACKENDS
 from .tiers.kv_disk import read_ahead_pays
@@ -92,7 +100,9 @@ class EngineConfig:
     max_context: int | None = None  # longest sequence (prompt + generated); None: the model's maximum
     prefill_chunk_size: int = 512  # prompt tokens per prefill step
     rope_scaling: Mapping[str, Any] | None = None  # context extension, e.g. {"type": "yarn", "factor": 4, ...}
-    kv_dtype: str | None = None  # "int8": codes + a scale per token and KV head; "int4"/"int2": KIVI; None: the dtype
+    # "int8": codes + a scale per token and KV head; "int4"/"int2": KIVI (on disk, int4: int8 keys and 4-bit
+    # values per token; int2 stays in memory); None: the compute dtype
+    kv_dtype: str | None = None
     kv_policy: str = "dense"  # auto, or a name from offload.indexes.policy_names()
     kv_budget: float | str | None = None  # fraction of the context, token count, or "p0.95" (adaptive); None: tuned/2%
     sink: int = 4
@@ -195,7 +205,7 @@ class EngineConfig:
             self._check_quantize(self.quantize, device, self._dtype(device, True))
         tuning, bandwidth = Tuning.load(self.profile), BandwidthProfile.load(self.profile)
         args, source = read_model_args(self.model, self.load_format)
-        quantize, weights_note, int8_projections = self._weight_scheme(args, device)
+        quantize, weights_note, int8_projections, streamed_note = self._weight_scheme(args, device)
         dtype = self._dtype(device, bool(quantize))
         dtype_name = str(dtype).removeprefix("torch.")
         args = self._extended(args)
@@ -228,16 +238,27 @@ class EngineConfig:
                                                  and policy.disk_layout is not None else False)
         if self.kv_offload == "disk":
             check_disk_policy(kv_policy)
-        placement = plan(args, model=source.name, context=context, device=device.type, dtype=dtype_name,
-                         kv_policy=kv_policy, kv_budget=selection.budget, sink=self.sink, window=self.window,
-                         gpu_memory=gpu if self.budgeted else None, cpu_memory=cpu if self.budgeted else None,
-                         disk_dir=None if self.disk_dir is None else str(self.disk_dir), profile=bandwidth,
-                         prefetch_slots=tuning.prefetch_slots, dense_layers=self.dense_layers,
-                         kv_on_host=on_gpu and kv_policy != "dense" and (self.kv_offload is not False),
-                         selection_cost=policy.selection_cost(args, context, DTYPE_BYTES[dtype_name],
-                                                              self.dense_layers, bandwidth),
-                         quantize=quantize, kv_dtype=self.kv_dtype, kv_disk=kv_disk,
-                         finer_bytes=finer_nbytes(args, int8_projections))
+        def place(finer: frozenset[tuple[int, str]]) -> Placement:
+            return plan(args, model=source.name, context=context, device=device.type, dtype=dtype_name,
+                        kv_policy=kv_policy, kv_budget=selection.budget, sink=self.sink, window=self.window,
+                        gpu_memory=gpu if self.budgeted else None, cpu_memory=cpu if self.budgeted else None,
+                        disk_dir=None if self.disk_dir is None else str(self.disk_dir), profile=bandwidth,
+                        prefetch_slots=tuning.prefetch_slots, dense_layers=self.dense_layers,
+                        kv_on_host=on_gpu and kv_policy != "dense" and (self.kv_offload is not False),
+                        selection_cost=policy.selection_cost(args, context, DTYPE_BYTES[dtype_name],
+                                                             self.dense_layers, bandwidth),
+                        quantize=quantize, kv_dtype=self.kv_dtype, kv_disk=kv_disk,
+                        finer_bytes=finer_nbytes(args, finer))
+
+        try:
+            placement = place(int8_projections)
+        except BudgetError:
+            if not int8_projections:
+                raise
+            placement = None  # the int8 parts do not fit this budget: try without them
+        if int8_projections and (placement is None or placement.streamed_layers):  # one scheme per streamed buffer
+            int8_projections, weights_note = frozenset(), streamed_note
+            placement = place(int8_projections)
         kv_disk = None
         if "disk" in placement.kv_tiers:
             read_ahead = read_ahead_pays(device) if self.kv_read_ahead is None else self.kv_read_ahead
@@ -282,41 +303,42 @@ class EngineConfig:
             raise OffloadError(f"quantize={scheme!r}: quantized projections {problem[1]}: {fix[problem[0]]}")
 
     def _weight_scheme(self, args: ModelArgs, device: torch.device) -> tuple[str | None, str | None,
-                                                                              frozenset[tuple[int, str]]]:
+                                                                              frozenset[tuple[int, str]], str | None]:
         """The scheme the projections are held in at run time (None: the compute dtype), when
-        weights='auto' decided it why (for the start-up line), and the fused weights held in int8
-        beside an int4 majority. A GGUF file keeps its projections quantized in the scheme nearest
-        their blocks (quant.scheme_for_file), unless the run or the model's shapes cannot take it:
-        then its tensors are dequantized and the note says why. In an int4 file, the weights it gives
-        in a finer type (a Q4_K_M file's Q6_K ones) are held in int8 when every layer is resident; a
-        streamed layer's buffer holds one scheme, so under budgets they are requantized to int4."""
+        weights='auto' decided it why (for the start-up line), the fused weights held in int8 beside
+        an int4 majority, and the note to give instead if layers stream. A GGUF file keeps its
+        projections quantized in the scheme nearest their blocks (quant.scheme_for_file), unless the
+        run or the model's shapes cannot take it: then its tensors are dequantized and the note says
+        why. In an int4 file, the weights it gives in a finer type (a Q4_K_M file's Q6_K ones) are held
+        in int8 when every layer is resident; a streamed layer's buffer holds one scheme, so when the
+        placement streams layers they are requantized to int4 (resolve decides, once placed)."""
         none: frozenset[tuple[int, str]] = frozenset()
         if self.quantize or self.weights == "dequantize":
-            return self.quantize, None, none
+            return self.quantize, None, none, None
         tensors = read_projection_types(self.model, self.load_format)
         types = read_weight_types(self.model, self.load_format)
         if not types:
-            return None, None, none
+            return None, None, none, None
         scheme, held = scheme_for_file(types)
         if scheme is None:
-            return None, None, none
+            return None, None, none, None
         run = _run_problem(device, self._dtype(device, True), self.flash is not None)
         if run is not None:
-            return None, f"{held}: dequantized (quantized projections {run[1]})", none
+            return None, f"{held}: dequantized (quantized projections {run[1]})", none, None
         problem = _shape_problem(scheme, args)
         if problem is not None and scheme == "int4" and _shape_problem("int8", args) is None:
-            return "int8", f"{held}: held in int8 (int4 {problem})", none
+            return "int8", f"{held}: held in int8 (int4 {problem})", none, None
         if problem is not None:
-            return None, f"{held}: dequantized ({scheme} {problem})", none
+            return None, f"{held}: dequantized ({scheme} {problem})", none, None
+        kept = f"{held}: held in {scheme} (weights='dequantize' for the compute dtype)"
         finer = finer_projections(tensors) if scheme == "int4" else none
-        finer_types = ", ".join(sorted(t for t in types if t not in GGUF_INT4_TYPES))
-        if finer and self.budgeted:
-            return scheme, (f"{held}: held in int4, {finer_types} requantized to int4 (layers may stream under "
-                            f"budgets, and a layer's buffer holds one scheme)"), none
-        if finer:
-            return scheme, (f"{held}: held in int4, the {len(finer)} fused projections with {finer_types} "
-                            f"tensors in int8 (weights='dequantize' for the compute dtype)"), finer
-        return scheme, f"{held}: held in {scheme} (weights='dequantize' for the compute dtype)", none
+        if not finer:
+            return scheme, kept, none, None
+        finer_types = ", ".join(sorted(t for t in types if t in GGUF_FINER_TYPES))
+        return (scheme, f"{held}: held in int4, the {len(finer)} fused projections with {finer_types} tensors in "
+                f"int8 (weights='dequantize' for the compute dtype)", finer,
+                f"{held}: held in int4, {finer_types} requantized to int4 (this budget does not hold every layer "
+                f"resident with them in int8, and a streamed layer's buffer holds one scheme)")
 
     def _extended(self, args: ModelArgs) -> ModelArgs:
         """The model's hyper-parameters with the requested RoPE scaling (context extension)."""

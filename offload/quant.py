@@ -142,6 +142,7 @@ def stored_format(scheme: str, layout: str = INT4_CPU_LAYOUT) -> str:
 # int8 groups of 32 (Q8_0 exactly, Q5_x / Q6_K within half a step of their group).
 GGUF_INT4_TYPES = frozenset({"Q2_K", "Q3_K", "Q4_0", "Q4_1", "Q4_K", "IQ4_NL", "IQ4_XS"})
 GGUF_INT8_TYPES = frozenset({"Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0", "Q8_1", "Q8_K"})
+GGUF_FINER_TYPES = GGUF_INT8_TYPES | {"F16", "BF16", "F32"}  # more than 4 bits: int8 holds them nearer than int4
 
 
 def scheme_for_file(types: Mapping[str, int]) -> tuple[str | None, str]:
@@ -179,7 +180,7 @@ def finer_projections(tensors: Mapping[str, tuple[str, int]]) -> frozenset[tuple
     finer = set()
     for name, (kind, _) in tensors.items():
         match = _LAYER_TENSOR.match(name)
-        if match and kind not in GGUF_INT4_TYPES and match.group(2) in FUSED_PROJECTIONS:
+        if match and kind in GGUF_FINER_TYPES and match.group(2) in FUSED_PROJECTIONS:
             finer.add((int(match.group(1)), FUSED_PROJECTIONS[match.group(2)]))
     return frozenset(finer)
 

@@ -337,9 +337,14 @@ def test_q4_k_m_like_file_keeps_its_finer_projections_in_int8(hf_256, tmp_path):
     assert extra > 0 and resolved.placement.fixed_device_bytes - int4.runtime.resolved.placement.fixed_device_bytes == extra
     assert auto.tier_report()["weights"]["resident_bytes"] - int4.tier_report()["weights"]["resident_bytes"] == extra
     assert auto.runtime.fingerprint != int4.runtime.fingerprint  # prompt caches of either are not the other's
-    budgeted = EngineConfig(model=path, device="cpu", cpu_memory="1GiB", disk_dir=tmp_path).resolve(planning=True)
-    assert budgeted.quantize == "int4" and not budgeted.int8_projections
-    assert "Q6_K requantized to int4" in budgeted.weights_note
+    roomy = EngineConfig(model=path, device="cpu", cpu_memory="1GiB", disk_dir=tmp_path, max_context=64)
+    resident = roomy.resolve(planning=True)  # a budget every layer fits in: nothing streams, int8 kept
+    assert resident.int8_projections == held and set(resident.placement.layer_tiers) == {"device"}
+    tight = roomy.replace(cpu_memory=resident.placement.tier_bytes()["device"] - 1)  # all int4 fits, not with int8
+    requantized = tight.resolve(planning=True)
+    assert requantized.quantize == "int4" and not requantized.int8_projections
+    assert set(requantized.placement.layer_tiers) == {"device"}
+    assert "Q6_K requantized to int4 (this budget does not hold" in requantized.weights_note
     # logits, on a file of real weights (the K-quant blocks above are random): Q4_0 with Q8_0 value and
     # down projections (as Qwen's Q4_K_M files have), the Q8_0 blocks read straight into int8
     path = tmp_path / "tiny-Q4_0-Q8_0.gguf"

@@ -10,7 +10,7 @@ import torch
 
 from offload import LLM, SamplingParams
 from offload.config import DENSE_LAYERS, preset
-from offload.errors import OffloadError
+from offload.errors import InvalidRequestError, OffloadError
 from offload.prompt_cache import PromptKV
 from offload.tiers import kv_disk
 from offload.tiers.budget import BudgetError
@@ -560,6 +560,9 @@ def test_a_4bit_kv_on_disk(tiny_models, tmp_path):
     path = four.save_prompt(prompt, tmp_path / "p.cache")
     again = LLM(folder, disk_dir=tmp_path / "q2", kv_dtype="int4", **kw)
     assert again.generate([prompt], params, prompt_cache=path)[0].token_ids == out
+    in_memory = LLM(folder, kv_dtype="int4", **memory)  # KIVI everywhere: another form of the same setting
+    with pytest.raises(InvalidRequestError, match="kv_disk_rows"):
+        in_memory.generate([prompt], params, prompt_cache=path)
     for llm in (exact, four, again):
         llm.close()
     with pytest.raises(OffloadError, match="int2.*held in memory only.*'int4' or 'int8'"):

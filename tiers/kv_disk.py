@@ -4,8 +4,8 @@ A context longer than host memory keeps the sparse layers' KV in ``disk_dir`` (S
 what a search needs is small and stays in memory, the posting lists live on disk, only the
 probed ones are read). Each layer has one file; each KV head a region of it, cut into extents of
 EXTENT_BYTES (one O_DIRECT unit, one checksum each). A *slot* is one token's row in a head's
-region: its K, its V (int8 codes and their two scales for an int8 KV; for a 4-bit KV, 4-bit codes and a
-scale and zero per group of channels), ``row_bytes`` in all.
+region: its K, its V (int8 codes and their two scales for an int8 KV; for a 4-bit KV, the key in int8
+and a scale, the value in 4-bit codes and a scale and zero per group of channels), ``row_bytes`` in all.
 
 Which token a slot holds is the layout. By default tokens are laid out in order as they age out
 of memory (page-contiguous: Quest's pages are runs of slots). An index may lay the tokens out in

@@ -24,8 +24,9 @@ KIVI_SINK tokens in the compute dtype), in the device and host tiers; 48 bytes p
 head of 64 dims at 2 bits. A host-tier layer's reads cross as codes (and its kept rows) and are
 unpacked on the device; its gathers are unpacked on the host, only the rows selected crossing.
 The disk tier reads and writes a token's row on its own, which KIVI's groups of tokens cannot be:
-there ``"int4"`` holds each token's K and V in 4-bit codes with a scale and zero per group of 32
-channels (:data:`~offload.tiers.kv_disk.DISK_INT4_GROUP`), and ``"int2"`` stays in memory.
+there ``"int4"`` holds each token's key in int8 (a scale per token) and its value in 4-bit codes
+with a scale and zero per group of 32 channels (:data:`~offload.tiers.kv_disk.DISK_INT4_GROUP`),
+and ``"int2"`` stays in memory.
 
 Shapes: B rows, Hkv KV heads, N tokens (capacity), D head_dim, M gathered rows per head.
 """
@@ -306,8 +307,8 @@ class KVStore:
     """K and V of every layer: one [B, Hkv, capacity, D] tensor per layer and kind, in the layer's
     tier. ``host_layers`` are kept in host memory; the others on ``device``. ``kv_dtype="int8"``:
     ``k``/``v`` hold int8 codes and ``k_scale``/``v_scale`` [B, Hkv, capacity, 1] their scales.
-    ``kv_dtype="int2"`` / ``"int4"``: each layer is a :class:`KiviLayer` (``kivi_layers``) and
-    ``k``/``v`` are None."""
+    ``kv_dtype="int2"`` / ``"int4"``: each layer in memory is a :class:`KiviLayer` (``kivi_layers``;
+    None for a disk layer, whose rows are the disk tier's) and ``k``/``v`` are None."""
 
     def __init__(self, args: ModelArgs, device: torch.device, dtype: torch.dtype,
                  host_layers: Iterable[int] = (), kv_dtype: str | None = None,
@@ -346,7 +347,7 @@ class KVStore:
         self.v: list[torch.Tensor] | None = None
         self.k_scale: list[torch.Tensor] | None = None  # quantized: per layer [B, Hkv, N, 1]
         self.v_scale: list[torch.Tensor] | None = None
-        self.kivi_layers: list[KiviLayer] | None = None  # KIVI: per layer, in its tier
+        self.kivi_layers: list[KiviLayer | None] | None = None  # KIVI: per layer, in its tier (None: on disk)
         self._staging = _Staging(pinned=self.device.type == "cuda")
         self._scale_staging = _Staging(pinned=self.device.type == "cuda")
         self._scratch: list[torch.Tensor | None] = [None, None]  # reused dequantized K and V of a decode read
@@ -688,7 +689,8 @@ class KVStore:
     def layer_prefix(self, layer: int, row: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The first n tokens of cache row ``row`` of ``layer``, on the host: k, v [Hkv, n, D] in the
         compute dtype (quantized: in fp32, where codes times scales are exact, so that
-        :meth:`restore_layer` gives back the very codes and scales)."""
+        :meth:`restore_layer` gives back the very codes and scales; a disk layer's 4-bit values come
+        back with their codes, their scale and zero within an fp32 ulp)."""
         if layer in self.disk_layers:
             parts = self.disk.fmt.decode(self.disk.read_range(layer, 0, n))  # [Hkv, n, ...] each
             return self._disk_side(parts, 0, torch.float32), self._disk_side(parts, 1, torch.float32)

@@ -416,7 +416,9 @@ def plan(args: ModelArgs, *, model: str, context: int, device: str = "cpu", dtyp
         weights_ms += 1e3 * compute
         transfer_ms += 1e3 * max(0.0, fetch - compute)  # what the prefetch cannot hide
     dense_count = L if not sparse else min(dense_layers, L)  # dense layers read their whole KV
-    kv_read = kv_token // L * (dense_count * context + (L - dense_count) * attended)
+    # a sparse layer on disk attends rows gathered in the disk's format (for int4: int8 keys, 4-bit values)
+    sparse_token = sizing.row_bytes * args.num_kv_heads if kv_disk else kv_token // L
+    kv_read = kv_token // L * dense_count * context + sparse_token * (L - dense_count) * attended
     attention_ms = 1e3 * kv_read / dev_bw
     fetch_kv_ms = 0.0
     if kv_on_host:  # the selected rows of the sparse layers cross the link every step, from pinned staging

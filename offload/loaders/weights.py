@@ -208,7 +208,7 @@ class WeightAssembler:
         if staged is not None:
             module, due = self._staged[staged]
             due.discard(key)
-            if not due:  # the layer is complete: to the store or the device, and its host copy goes
+            if not due:  # the layer is complete: to the store or into place, and its dense staging copy goes
                 if self.quantize:  # packed for the device the layer will compute on, not the staging host
                     module.quantize(self.quantize, self._given.pop(staged, None), int4_layout(self.model.device),
                                     frozenset(w for layer, w in self.int8_projections if layer == staged))
