@@ -64,8 +64,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-dtype", choices=KV_DTYPES, default=None,
                    help="hold the KV cache as int8 codes with a scale per token and KV head (half the bytes of bf16 "
                    "in every tier), or in KIVI's int4 / int2 groups (keys per channel, values per token: 2 bits "
-                   "hold 48 bytes per token and head of 64 dims against bf16's 256; on disk int4 holds int8 keys and "
-                   "4-bit values per token, int2 stays in memory); "
+                   "hold 48 bytes per token and head of 64 dims against bf16's 256; on disk: int8 keys and 4- or "
+                   "2-bit values per token); "
                    "default: the compute dtype")
     p.add_argument("--prefill-chunk-size", type=_positive_int, default=512,
                    help="prompt tokens per prefill step (bounds the attention score matrix)")

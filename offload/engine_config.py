@@ -100,8 +100,8 @@ class EngineConfig:
     max_context: int | None = None  # longest sequence (prompt + generated); None: the model's maximum
     prefill_chunk_size: int = 512  # prompt tokens per prefill step
     rope_scaling: Mapping[str, Any] | None = None  # context extension, e.g. {"type": "yarn", "factor": 4, ...}
-    # "int8": codes + a scale per token and KV head; "int4"/"int2": KIVI (on disk, int4: int8 keys and 4-bit
-    # values per token; int2 stays in memory); None: the compute dtype
+    # "int8": codes + a scale per token and KV head; "int4"/"int2": KIVI (on disk: int8 keys and 4- or 2-bit
+    # values per token); None: the compute dtype
     kv_dtype: str | None = None
     kv_policy: str = "dense"  # auto, or a name from offload.indexes.policy_names()
     kv_budget: float | str | None = None  # fraction of the context, token count, or "p0.95" (adaptive); None: tuned/2%

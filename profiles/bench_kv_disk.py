@@ -249,8 +249,8 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, default=0.02)
     p.add_argument("--dense-layers", type=int, default=DENSE_LAYERS, help="first layers attended densely (their KV in memory)")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--kv-dtype", default=None, choices=("int8", "int4"),
-                   help="int4: KIVI in memory, 4-bit rows on disk")
+    p.add_argument("--kv-dtype", default=None, choices=("int8", "int4", "int2"),
+                   help="int4 / int2: KIVI in memory, int8 keys and 4- or 2-bit values per row on disk")
     p.add_argument("--prefill-chunk", type=int, default=1024)
     p.add_argument("--steps", type=int, default=32, help="greedy decode steps (median ms reported)")
     p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])

@@ -189,9 +189,11 @@ def test_store_bytes_follow_the_planner_formula():
     fmt = KiviFormat(2, 64)
     assert fmt.bytes_per_token(2) == 48  # the module's worked example
     assert KiviFormat(4, 128).bytes_per_token(2) == 2 * 64 + 2 * 2 * 128 // 32 + 2 * 2 * 4
-    with pytest.raises(OffloadError, match="held in memory only"):
-        EngineConfig(model="llama-3.1-8b", load_format="dummy", device="cpu", dtype="bfloat16", max_context=32768,
-                     kv_dtype="int2", kv_policy="cluster", kv_offload="disk", disk_dir="/tmp").resolve(planning=True)
+    on_disk = EngineConfig(model="llama-3.1-8b", load_format="dummy", device="cpu", dtype="bfloat16",
+                           max_context=32768, kv_dtype="int2", kv_policy="cluster", kv_offload="disk",
+                           disk_dir="/tmp").resolve(planning=True)  # int8 keys and 2-bit values per row there
+    rows = 32768 * 8 * (31 * (128 + 2 + 128 * 2 // 8 + 2 * 2 * 4))  # 31 sparse layers, 8 KV heads of 128
+    assert on_disk.placement.kv_tiers["disk"] == rows
 
 
 @pytest.mark.parametrize("kv_dtype", ["int4", "int2"])

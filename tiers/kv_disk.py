@@ -4,8 +4,9 @@ A context longer than host memory keeps the sparse layers' KV in ``disk_dir`` (S
 what a search needs is small and stays in memory, the posting lists live on disk, only the
 probed ones are read). Each layer has one file; each KV head a region of it, cut into extents of
 EXTENT_BYTES (one O_DIRECT unit, one checksum each). A *slot* is one token's row in a head's
-region: its K, its V (int8 codes and their two scales for an int8 KV; for a 4-bit KV, the key in int8
-and a scale, the value in 4-bit codes and a scale and zero per group of channels), ``row_bytes`` in all.
+region: its K, its V (int8 codes and their two scales for an int8 KV; for a KIVI KV, the key in int8
+and a scale, the value in 4- or 2-bit codes and a scale and zero per group of channels), ``row_bytes``
+in all.
 
 Which token a slot holds is the layout. By default tokens are laid out in order as they age out
 of memory (page-contiguous: Quest's pages are runs of slots). An index may lay the tokens out in
@@ -47,7 +48,7 @@ from offload.errors import OffloadError
 
 from .budget import format_size
 from .io import AlignedBuffer, aligned_empty
-from .kv_codec import dequantize_int4_rows, dequantize_kv, quantize_int4_rows, quantize_kv
+from .kv_codec import dequantize_kv, dequantize_rows, quantize_kv, quantize_rows
 from .store import ALIGN, align_up, pid_alive
 
 EXTENT_BYTES = ALIGN  # one O_DIRECT unit: a cluster of 16 bf16 tokens of head_dim 64 (K and V) fills one
@@ -98,8 +99,9 @@ class DiskKVSizing:
     @property
     def row_bytes(self) -> int:
         D = self.args.head_dim
-        if self.kv_dtype == "int4":  # RowFormat.for_kv's: int8 keys and a scale, 4-bit values, a scale + zero per group
-            return D + self.dtype_bytes + D // 2 + 2 * (D // disk_int4_group(D)) * self.dtype_bytes
+        if self.kv_dtype in DISK_VALUE_BITS:  # RowFormat.for_kv's: int8 keys + a scale, low-bit values + pairs
+            bits = DISK_VALUE_BITS[self.kv_dtype]
+            return D + self.dtype_bytes + D * bits // 8 + 2 * (D // disk_value_group(D, bits)) * self.dtype_bytes
         held = 1 if self.kv_dtype == "int8" else self.dtype_bytes
         return 2 * D * held + (2 * self.dtype_bytes if self.kv_dtype == "int8" else 0)
 
@@ -253,56 +255,61 @@ def _clock_victims(cache_used, cache_ref, tick, hand, k, out):  # pragma: no cov
     return taken, hand
 
 
-# A 4-bit KV on disk (kv_dtype="int4"): KIVI's in-memory form quantizes keys per channel over groups
-# of tokens, which a token's row on its own cannot hold (and a cluster layout reorders the tokens).
-# Per token, 4-bit keys lose what retrieval needs: the default model at 8K missed the passkey at 90%
-# depth with 4-bit keys in groups of 32 channels, Hadamard-rotated or not, where int8 keys and KIVI
-# found it. So a row holds the key in int8 (a scale per token) and the value in 4 bits with a scale
-# and zero per group of channels (FlexGen's group-wise scheme): 106 bytes per token and KV head of 64
+# KIVI's KV (kv_dtype="int4" / "int2") on disk: KIVI quantizes keys per channel over groups of tokens,
+# which a token's row on its own cannot hold (and a cluster layout reorders the tokens). Per token,
+# 4-bit keys lose what retrieval needs: the default model at 8K missed the passkey at 90% depth with
+# 4-bit keys in groups of 32 channels, Hadamard-rotated or not, where int8 keys and KIVI found it. So
+# a row holds the key in int8 (a scale per token) and the value in 4 or 2 bits with a scale and zero
+# per group of channels (KIVI's own scheme for values): 106 / 90 bytes per token and KV head of 64
 # dims in bf16, against 132 for int8 and 256 for bf16.
-DISK_INT4_GROUP = 32
+DISK_VALUE_GROUP = 32
+DISK_VALUE_BITS = {"int4": 4, "int2": 2}
 
 
-def disk_int4_group(head_dim: int) -> int:
-    """Channels per (scale, zero) of a 4-bit value: DISK_INT4_GROUP, or the whole head when smaller."""
-    group = min(DISK_INT4_GROUP, head_dim)
-    if head_dim % group or head_dim % 2:
-        raise OffloadError(f"a 4-bit KV on disk needs a head_dim divisible by {group}; this model's is {head_dim}: "
-                           f"use kv_dtype='int8'")
+def disk_value_group(head_dim: int, bits: int) -> int:
+    """Channels per (scale, zero) of a low-bit value: DISK_VALUE_GROUP, or the whole head when smaller."""
+    group = min(DISK_VALUE_GROUP, head_dim)
+    if head_dim % group or head_dim % (8 // bits):
+        raise OffloadError(f"a {bits}-bit KV on disk needs a head_dim divisible by {group}; this model's is "
+                           f"{head_dim}: use kv_dtype='int8'")
     return group
 
 
 @dataclass(frozen=True)
 class RowFormat:
     """One token's row of one KV head on disk: K, V (held dtype: the compute dtype or int8 codes; a
-    4-bit KV's values two codes per byte), then, for a quantized KV, K's and V's scales (the compute
-    dtype: one per row, or for 4-bit values a scale and a zero per ``int4_group`` channels)."""
+    KIVI KV's values in ``value_bits`` codes packed to bytes), then, for a quantized KV, K's and V's
+    scales (the compute dtype: one per row, or for low-bit values a scale and a zero per
+    ``value_group`` channels)."""
 
     head_dim: int
-    held: torch.dtype  # K (and V but for 4-bit values) as stored
+    held: torch.dtype  # K (and V but for low-bit values) as stored
     scale: torch.dtype | None  # the scales' dtype (a quantized KV), else None
-    int4_group: int | None = None  # a 4-bit KV: its values' channels per (scale, zero)
+    value_bits: int | None = None  # a KIVI KV: its values' bits (4 or 2)
+    value_group: int | None = None  # ... and channels per (scale, zero)
 
     @classmethod
     def for_kv(cls, head_dim: int, dtype: torch.dtype, kv_dtype: str | None) -> "RowFormat":
-        """The row of a KV of ``kv_dtype`` (None, "int8" or "int4") computed in ``dtype``."""
+        """The row of a KV of ``kv_dtype`` (None, "int8", "int4" or "int2") computed in ``dtype``."""
         if kv_dtype == "int8":
             return cls(head_dim, torch.int8, dtype)
-        if kv_dtype == "int4":
-            return cls(head_dim, torch.int8, dtype, disk_int4_group(head_dim))
+        if kv_dtype in DISK_VALUE_BITS:
+            bits = DISK_VALUE_BITS[kv_dtype]
+            return cls(head_dim, torch.int8, dtype, bits, disk_value_group(head_dim, bits))
         return cls(head_dim, dtype, None)
 
     @property
     def part_bytes(self) -> list[int]:
         kv = self.head_dim * self.held.itemsize
-        if self.int4_group is not None:  # int8 keys, 4-bit values
-            return [kv, self.head_dim // 2, self.scale.itemsize, 2 * (self.head_dim // self.int4_group) * self.scale.itemsize]
+        if self.value_bits is not None:  # int8 keys, low-bit values
+            return [kv, self.head_dim * self.value_bits // 8, self.scale.itemsize,
+                    2 * (self.head_dim // self.value_group) * self.scale.itemsize]
         return [kv, kv] + ([self.scale.itemsize] * 2 if self.scale is not None else [])
 
     @property
     def part_dtypes(self) -> list[torch.dtype]:
         """What each part is viewed as: K, V, then their scales."""
-        values = torch.uint8 if self.int4_group is not None else self.held
+        values = torch.uint8 if self.value_bits is not None else self.held
         return [self.held, values, self.scale, self.scale]
 
     def quantize(self, k: torch.Tensor, v: torch.Tensor) -> list[torch.Tensor]:
@@ -311,15 +318,15 @@ class RowFormat:
         if self.scale is None:
             return [k, v]
         (kc, ks) = quantize_kv(k, self.scale)
-        vc, vs = (quantize_int4_rows(v, self.int4_group, self.scale) if self.int4_group is not None
+        vc, vs = (quantize_rows(v, self.value_bits, self.value_group, self.scale) if self.value_bits is not None
                   else quantize_kv(v, self.scale))
         return [kc, vc, ks, vs]
 
     def dequantize(self, codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, keys: bool) -> torch.Tensor:
         """One side's parts (K or V codes, their scales) -> [..., D] in ``dtype`` (a quantized KV);
         ``keys``: the K side."""
-        if self.int4_group is not None and not keys:
-            return dequantize_int4_rows(codes, scales, dtype)
+        if self.value_bits is not None and not keys:
+            return dequantize_rows(codes, scales, self.value_bits, dtype)
         return dequantize_kv(codes, scales, dtype)
 
     @property

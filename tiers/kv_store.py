@@ -24,9 +24,9 @@ KIVI_SINK tokens in the compute dtype), in the device and host tiers; 48 bytes p
 head of 64 dims at 2 bits. A host-tier layer's reads cross as codes (and its kept rows) and are
 unpacked on the device; its gathers are unpacked on the host, only the rows selected crossing.
 The disk tier reads and writes a token's row on its own, which KIVI's groups of tokens cannot be:
-there ``"int4"`` holds each token's key in int8 (a scale per token) and its value in 4-bit codes
-with a scale and zero per group of 32 channels (:data:`~offload.tiers.kv_disk.DISK_INT4_GROUP`),
-and ``"int2"`` stays in memory.
+there each token's key is held in int8 (a scale per token) and its value in 4 or 2 bits with a scale
+and zero per group of 32 channels (:data:`~offload.tiers.kv_disk.DISK_VALUE_GROUP`, KIVI's scheme
+for values).
 
 Shapes: B rows, Hkv KV heads, N tokens (capacity), D head_dim, M gathered rows per head.
 """
@@ -72,13 +72,6 @@ def kv_format_words(kv_dtype: str, dtype_name: str) -> str:
                 f"token over groups of {KIVI_CHANNEL_GROUP} channels, {dtype_name} scale + minimum; a row's "
                 f"newest {KIVI_RESIDUAL} and first {KIVI_SINK} tokens in {dtype_name}")
     return f"a {dtype_name} scale per token and KV head"
-
-
-def kv_disk_holds(kv_dtype: str | None) -> bool:
-    """Whether the KV's disk tier holds a cache of this kind: it reads and writes a token's row on
-    its own, so KIVI's 2-bit keys (per channel over groups of tokens; per token they lose too much)
-    stay in memory, and 4-bit KV goes to disk in per-token groups of channels."""
-    return kv_dtype != "int2"
 
 
 def kv_bytes_per_token(args: ModelArgs, dtype_bytes: int, kv_dtype: str | None) -> int:
@@ -332,10 +325,6 @@ class KVStore:
         if not host_layers <= set(range(args.num_layers)):
             raise ValueError(f"host_layers {sorted(host_layers)} name layers beyond the model's {args.num_layers}")
         disk_layers = self.disk_layers = frozenset(disk_layers)
-        if disk_layers and not kv_disk_holds(kv_dtype):
-            raise OffloadError(f"kv_dtype={kv_dtype!r} (KIVI's 2-bit groups of tokens) is held in memory only, and "
-                               "this placement puts KV on disk: use kv_dtype='int4' or 'int8' with the KV's disk "
-                               "tier, or give cpu_memory enough for the KV")
         if disk_layers and disk is None:
             raise ValueError("disk_layers need a DiskTier (where the KV goes and the cache it is read through)")
         if disk_layers & host_layers or not disk_layers <= set(range(args.num_layers)):

@@ -36,7 +36,7 @@ from offload.quant import embedding_nbytes, layer_nbytes, projection_nbytes, pro
 
 from .budget import BudgetError, format_size, pinned_nbytes
 from .kv_disk import EXPECTED_HIT_RATE, DiskKVSizing
-from .kv_store import kv_bytes_per_token, kv_disk_holds
+from .kv_store import kv_bytes_per_token
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 RUNTIME_RESERVE = 64 << 20  # activations, logits, small buffers of one decode step
@@ -258,7 +258,8 @@ def plan(args: ModelArgs, *, model: str, context: int, device: str = "cpu", dtyp
     GPU computes with a sparse policy). ``quantize``: layers, their stores and buffers hold int4
     projections, the embeddings int8 (the bytes placed, streamed and read are those). ``kv_dtype``:
     "int8" KV (codes and a scale per token and KV head), in every tier; "int4" / "int2" (KIVI's
-    groups) in memory tiers, "int4" on disk as 4-bit rows (kv_disk.RowFormat). ``kv_disk``: the sparse
+    groups) in memory tiers, on disk as rows of int8 keys and 4- or 2-bit values (kv_disk.RowFormat).
+    ``kv_disk``: the sparse
     layers' KV on disk (in ``disk_dir``), read a selection at a time through a cache of extents in
     the memory left (None: when the weights and the whole KV do not fit in memory and a disk_dir is
     given; only for a policy whose selection the disk tier reads in runs). ``kv_disk_hit_rate``:
@@ -306,7 +307,7 @@ def plan(args: ModelArgs, *, model: str, context: int, device: str = "cpu", dtyp
     memory_budget = host_budget if kv_on_host else device_budget
     if kv_disk is None:  # when the weights and the whole KV do not fit in memory (weights stream last)
         weights_there = 0 if kv_on_host else args.num_layers * layer_bytes + fixed
-        kv_disk = sparse and disk_dir is not None and memory_budget is not None and kv_disk_holds(kv_dtype) and (
+        kv_disk = sparse and disk_dir is not None and memory_budget is not None and (
             weights_there + kv_tiers.get(memory_tier, 0) + idx_bytes > memory_budget)
     # A prompt prefilled layer by layer (where the KV is on disk or layers stream) holds the hidden
     # states of LAYER_MAJOR_TOKENS positions on the compute device at once.
@@ -316,9 +317,6 @@ def plan(args: ModelArgs, *, model: str, context: int, device: str = "cpu", dtyp
     if kv_disk:
         if not sparse or disk_dir is None:
             raise OffloadError("the KV on disk needs a sparse kv_policy and disk_dir=...")
-        if not kv_disk_holds(kv_dtype):
-            raise OffloadError(f"kv_dtype={kv_dtype!r} is held in memory only: use kv_dtype='int4' or 'int8' with "
-                               f"the KV on disk")
         hidden_bytes = prompt_hidden
         # the sparse layers' KV leaves memory (in the memory tiers' format: KIVI's for int4) for the disk's rows
         sparse_in_memory = kv_token // args.num_layers * sizing.sparse_layers * context
