@@ -222,7 +222,8 @@ class EngineConfig:
             budget = gpu if on_gpu else cpu
             if budget is None:
                 budget = int(0.9 * (_free_gpu(device) if on_gpu else free_host_memory()))
-            fits, reason = kv_fits(args, context, dtype_name, budget, quantize, self.kv_dtype)
+            fits, reason = kv_fits(args, context, dtype_name, budget, quantize, self.kv_dtype,
+                                   finer_nbytes(args, int8_projections))
             kv_policy = "dense" if fits else AUTO_SPARSE_POLICY
         budget, mass = SelectionConfig.parse_budget(self.kv_budget or tuning.kv_budget or DEFAULT_KV_BUDGET)
         selection = SelectionConfig(budget=budget, mass=mass, sink=self.sink, head_split=self.kv_head_split,

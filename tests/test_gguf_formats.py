@@ -335,6 +335,8 @@ def test_q4_k_m_like_file_keeps_its_finer_projections_in_int8(hf_256, tmp_path):
     assert err8 * 4 < err4
     extra = finer_nbytes(auto.args, resolved.int8_projections)
     assert extra > 0 and resolved.placement.fixed_device_bytes - int4.runtime.resolved.placement.fixed_device_bytes == extra
+    weights_ms = [r.placement.step_breakdown_ms["weights"] for r in (resolved, int4.runtime.resolved)]
+    assert weights_ms[0] > weights_ms[1]  # the step reads the int8 parts too
     assert auto.tier_report()["weights"]["resident_bytes"] - int4.tier_report()["weights"]["resident_bytes"] == extra
     assert auto.runtime.fingerprint != int4.runtime.fingerprint  # prompt caches of either are not the other's
     roomy = EngineConfig(model=path, device="cpu", cpu_memory="1GiB", disk_dir=tmp_path, max_context=64)

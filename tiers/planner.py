@@ -230,13 +230,13 @@ class SelectionCost:
 
 
 def kv_fits(args: ModelArgs, context: int, dtype: str, device_budget: int,
-            quantize: str | None = None, kv_dtype: str | None = None) -> tuple[bool, str]:
+            quantize: str | None = None, kv_dtype: str | None = None, finer_bytes: int = 0) -> tuple[bool, str]:
     """Whether the whole model and its full KV at ``context`` fit in ``device_budget`` (what
-    ``kv_policy="auto"`` asks), with the reason in words."""
+    ``kv_policy="auto"`` asks), with the reason in words. ``finer_bytes``: as :func:`plan` takes it."""
     b = DTYPE_BYTES[dtype]
     kv = kv_bytes_per_token(args, b, kv_dtype) * context
     weights = (args.num_layers * layer_nbytes(args, b, quantize) + embedding_nbytes(args, b, quantize)
-               + args.hidden_size * b)
+               + args.hidden_size * b + finer_bytes)
     need = kv + weights + RUNTIME_RESERVE
     if need <= device_budget:
         return True, (f"the KV at {context:,} tokens ({format_size(kv)}) fits on the device beside the weights "
@@ -400,7 +400,8 @@ def plan(args: ModelArgs, *, model: str, context: int, device: str = "cpu", dtyp
     link = profile.h2d_pinned_gbs * 1e9
     # a disk layer is read, then checked, on the reader thread: the two rates add in series
     disk = 1e9 / (1 / profile.disk_read_gbs + 1 / profile.verify_gbs)
-    weights_ms = transfer_ms = 0.0
+    weights_ms = 1e3 * read_s(finer_bytes, "int8") if finer_bytes else 0.0  # a mixed file's int8 parts, resident
+    transfer_ms = 0.0
     moved = {"host": 0, "disk": 0}
     for t in tiers:
         compute = layer_compute_s
