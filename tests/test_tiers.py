@@ -229,3 +229,26 @@ def test_disk_layers_on_a_gpu_reserve_pinned_staging_in_the_host_budget():
     assert resident.host_staging_bytes == 0 and "disk" not in resident.layer_tiers
     with pytest.raises(BudgetError, match="pinned staging"):
         plan(args, cpu_memory=p.layer_bytes, **kw)
+
+
+def test_plan_says_what_a_step_reads_where_it_computes():
+    """Beside the bytes moved between tiers, the plan states what the compute device reads per decode
+    step: every layer's weights and the head, and the KV attention reads (whole for dense layers, the
+    selection for sparse ones)."""
+    from offload.quant import embedding_nbytes
+    from offload.tiers.kv_store import kv_bytes_per_token
+
+    args = preset("llama-3.1-8b")
+    kw = dict(model="llama-3.1-8b", context=131072, device="cuda", dtype="bfloat16", gpu_memory=24 * 2**30,
+              quantize="int4", kv_dtype="int8")
+    dense = plan(args, **kw)
+    head = embedding_nbytes(args, 2, "int4") // 2  # untied: the head alone
+    assert dense.read_per_token == {"weights": 32 * dense.layer_bytes + head,
+                                    "kv": kv_bytes_per_token(args, 2, "int8") * 131072}
+    assert set(dense.layer_tiers) == {"device"} and not any(dense.bytes_per_token.values())
+    assert "read per token on the cuda: weights 4.61 GiB, kv 8.12 GiB; moved between tiers per token: nothing" \
+        in dense.table()
+    sparse = plan(args, kv_policy="cluster", kv_budget=0.02, dense_layers=1, **kw)
+    per_layer = kv_bytes_per_token(args, 2, "int8") // 32
+    attended = int(0.02 * 131072) + 4 + 64
+    assert sparse.read_per_token["kv"] == per_layer * (131072 + 31 * attended)

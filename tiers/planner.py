@@ -170,6 +170,9 @@ class Placement:
     step_breakdown_ms: dict
     profile_source: str
     bytes_per_token: dict = field(default_factory=dict)  # tier -> bytes moved per decode step
+    # what the compute device reads per decode step where it computes: "weights" (every layer, the
+    # head), "kv" (what attention reads: whole for dense layers, the selection for sparse ones)
+    read_per_token: dict = field(default_factory=dict)
     quantize: str | None = None  # "int4" / "int8": layers hold quantized projections (layer_bytes counts those)
     kv_dtype: str | None = None  # "int8": the KV bytes counted are int8 codes and scales
     kv_disk_cache_bytes: int = 0  # the sparse layers' KV is on disk, read through a cache this big (in KV "host"
@@ -208,8 +211,10 @@ class Placement:
                          f"{format_size(self.index_tiers.get(t, 0))} |")
         parts = ", ".join(f"{k} {v:.1f}" for k, v in self.step_breakdown_ms.items())
         moved = ", ".join(f"{k} {format_size(v)}" for k, v in self.bytes_per_token.items() if v)
+        read = ", ".join(f"{k} {format_size(v)}" for k, v in self.read_per_token.items())
         lines.append(f"predicted decode step: {self.predicted_step_ms:.1f} ms ({parts}); "
-                     f"moved per token: {moved or 'nothing'}; profile: {self.profile_source}")
+                     f"read per token on the {self.device}: {read or '-'}; moved between tiers per token: "
+                     f"{moved or 'nothing'}; profile: {self.profile_source}")
         return "\n".join(lines)
 
     def to_json(self) -> dict:
@@ -443,4 +448,5 @@ def plan(args: ModelArgs, *, model: str, context: int, device: str = "cpu", dtyp
                      budgets={"device": device_budget, "host": host_budget, "disk": None},
                      predicted_step_ms=sum(breakdown.values()), step_breakdown_ms=breakdown,
                      profile_source=profile.source, bytes_per_token=moved, quantize=quantize, kv_dtype=kv_dtype,
-                     kv_disk_cache_bytes=cache_bytes)
+                     kv_disk_cache_bytes=cache_bytes,
+                     read_per_token={"weights": L * layer_bytes + finer_bytes + head_bytes, "kv": kv_read})
