@@ -600,7 +600,7 @@ def store_kv_int8(k: torch.Tensor, v: torch.Tensor, cache: CacheArrays, rows: np
                   starts: np.ndarray) -> None:
     """Quantize new keys and values k/v [B, Hkv, T, D] (CPU, in the cache's scale dtype) per token
     and KV head into the int8 ``cache`` in place, at cache row rows[b], positions starts[b]..+T-1
-    (int64 numpy [B]). The numbers of ``offload.tiers.kv_store.quantize_kv``, bit for bit, in one
+    (int64 numpy [B]). The numbers of ``offload.tiers.kv_codec.quantize_kv``, bit for bit, in one
     numba call: the tensor form costs a dozen ops and four slice copies per layer and step."""
     from . import cpu_decode  # numba compiles (or loads from its cache) on first use
 

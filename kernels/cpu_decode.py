@@ -330,7 +330,7 @@ def store_int8_tokens(k_new, v_new, k_codes, v_codes, k_scales, v_scales, rows, 
     per token and KV head and store them at rows[b], positions starts[b]..starts[b]+T-1 of the
     cache: codes [R, Hkv, N, D] int8 and scales [R, Hkv, N] (fp32, or bf16 bits as uint16).
     scale = max|x| / 127 (at least 1e-8) rounded to the scales' dtype, code = x / scale rounded
-    half to even within +-127: offload.tiers.kv_store.quantize_kv's numbers, bit for bit, in one
+    half to even within +-127: offload.tiers.kv_codec.quantize_kv's numbers, bit for bit, in one
     call instead of a dozen tensor ops and four slice copies. A token with a NaN gets a NaN scale
     (codes 0): attention then yields NaN and the engine's NaN check reports it, never garbage.
     Returns how many rows were skipped for lying outside the cache (the caller raises)."""

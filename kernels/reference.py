@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-# The int8 KV convention, one place for the tensor quantizer (offload.tiers.kv_store.quantize_kv) and
+# The int8 KV convention, one place for the tensor quantizer (offload.tiers.kv_codec.quantize_kv) and
 # the compiled writer (cpu_decode.store_int8_tokens): codes in -KV_CODE_MAX..KV_CODE_MAX (symmetric),
 # scale = max|x| / KV_CODE_MAX and at least KV_SCALE_FLOOR, so an all-zero vector divides by something.
 KV_CODE_MAX = 127

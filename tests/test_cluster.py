@@ -357,7 +357,8 @@ def test_effort_keeps_the_exact_best_of_the_clusters_tokens(kv_int8):
     Taking every candidate (large e) with one query head per KV head gives the exact twin's choice;
     a smaller e keeps a subset of what its wide take held, and scores those keys beside the
     centroids. An int8 cache's candidates are dequantized for the score."""
-    from offload.tiers.kv_store import KVRows, quantize_kv
+    from offload.tiers.kv_codec import quantize_kv
+    from offload.tiers.kv_store import KVRows
 
     Hkv, n, D, budget = 2, 1500, 16, 40
     keys = torch.randn(Hkv, n, D, generator=torch.Generator().manual_seed(7)) * 0.7

@@ -159,7 +159,7 @@ def test_graph_search_with_full_effort_is_exact(dtype):
     candidate and must return the exact top-k by max-over-group inner product (fp32 and bf16 keys,
     and int8 keys scored on their codes and scales against the keys they stand for)."""
     from offload.indexes.retrieval import RetrievalIndex
-    from offload.tiers.kv_store import quantize_kv
+    from offload.tiers.kv_codec import quantize_kv
 
     torch.manual_seed(0)
     Hkv, G, N, D, budget = 2, 3, 300, 32, 20

@@ -249,7 +249,7 @@ def test_numba_gather_matches_reference(cache, B, Hkv, group, D, N, S):
     short rows whose dense part has holes, an empty selection; entries no list names are
     poisoned, so reading one shows."""
     from offload.kernels import last_backend
-    from offload.tiers.kv_store import quantize_kv
+    from offload.tiers.kv_codec import quantize_kv
 
     gen = torch.Generator().manual_seed(B * 1000 + N + S)
     seq_lens = torch.tensor([N, 97, 9][:B])
@@ -320,7 +320,7 @@ def test_kv_decode_kernels_match_the_widening_reference(cache, B, H, Hkv, D, cap
     long enough to be split across tasks and blocks and merged; the log-sum-exp too. They read only
     lo..hi: poisoned entries outside it change nothing."""
     from offload.kernels import kv_decode_attention, kv_decode_attention_ref, last_backend
-    from offload.tiers.kv_store import quantize_kv
+    from offload.tiers.kv_codec import quantize_kv
 
     g = torch.Generator().manual_seed(B * 100 + H)
     keys = torch.randn(B, Hkv, cap, D, generator=g) * 2  # [B, Hkv, N, D]

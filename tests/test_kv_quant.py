@@ -11,8 +11,8 @@ from test_kv_store import ARGS, CPU, _filled
 
 from offload import LLM, SamplingParams
 from offload.errors import OffloadError
-from offload.tiers.kv_codec import KV_INT8_MAX
-from offload.tiers.kv_store import KVRows, KVStore, dequantize_kv, kv_bytes_per_token, quantize_kv
+from offload.tiers.kv_codec import KV_INT8_MAX, dequantize_kv, quantize_kv
+from offload.tiers.kv_store import KVRows, KVStore, kv_bytes_per_token
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

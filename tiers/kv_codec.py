@@ -27,6 +27,12 @@ def quantize_kv(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torc
     return codes, scale
 
 
+def quantize_kv_parts(k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
+    """K, V [..., D] -> [K codes, V codes, K scales, V scales] in int8 (the order a cache holds them)."""
+    (kc, ks), (vc, vs) = quantize_kv(k, dtype), quantize_kv(v, dtype)
+    return [kc, vc, ks, vs]
+
+
 def dequantize_kv(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """codes [..., D] int8, scale [..., 1] -> [..., D] in ``dtype`` (default: the scale's)."""
     dtype = dtype or scale.dtype

@@ -48,7 +48,7 @@ from offload.errors import OffloadError
 
 from .budget import format_size
 from .io import AlignedBuffer, aligned_empty
-from .kv_codec import dequantize_kv, dequantize_rows, quantize_kv, quantize_rows
+from .kv_codec import dequantize_kv, dequantize_rows, quantize_kv, quantize_kv_parts, quantize_rows
 from .store import ALIGN, align_up, pid_alive
 
 EXTENT_BYTES = ALIGN  # one O_DIRECT unit: a cluster of 16 bf16 tokens of head_dim 64 (K and V) fills one
@@ -317,9 +317,9 @@ class RowFormat:
         for a float KV, else codes and scales (:mod:`offload.tiers.kv_codec`, the memory tiers' codecs)."""
         if self.scale is None:
             return [k, v]
-        (kc, ks) = quantize_kv(k, self.scale)
-        vc, vs = (quantize_rows(v, self.value_bits, self.value_group, self.scale) if self.value_bits is not None
-                  else quantize_kv(v, self.scale))
+        if self.value_bits is None:
+            return quantize_kv_parts(k, v, self.scale)
+        (kc, ks), (vc, vs) = quantize_kv(k, self.scale), quantize_rows(v, self.value_bits, self.value_group, self.scale)
         return [kc, vc, ks, vs]
 
     def dequantize(self, codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, keys: bool) -> torch.Tensor:

@@ -46,7 +46,7 @@ from offload.config import ModelArgs
 from offload.errors import OffloadError
 from offload.kernels import CacheArrays, KiviArrays, store_kv
 
-from .kv_codec import dequantize_kv, quantize_kv
+from .kv_codec import dequantize_kv, quantize_kv_parts
 from .kv_disk import DiskKV, RowFormat
 from .kv_kivi import KIVI_BITS, KIVI_CHANNEL_GROUP, KIVI_GROUP, KIVI_RESIDUAL, KIVI_SINK, KiviFormat, KiviLayer
 
@@ -407,10 +407,6 @@ class KVStore:
         """``layer``'s KIVI layer (None: not KIVI, or a disk layer)."""
         return None if self.kivi_layers is None else self.kivi_layers[layer]
 
-    def _disk_parts(self, k: torch.Tensor, v: torch.Tensor) -> list[torch.Tensor]:
-        """K, V [Hkv, T, D] on the host -> the parts of a disk layer's rows (codes and scales when quantized)."""
-        return self.disk.fmt.quantize(k, v)
-
     def _disk_side(self, parts: list[torch.Tensor], which: int, dtype: torch.dtype | None) -> torch.Tensor:
         """One side (0 K, 1 V) of a disk layer's decoded or gathered parts, in ``dtype`` (default: the
         compute dtype) when quantized."""
@@ -510,7 +506,7 @@ class KVStore:
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> None:
         """Put k, v [B, Hkv, T, D] at the batch's positions (into this layer's tier)."""
         if layer in self.disk_layers:  # one row (allocate saw to it)
-            self.disk.write(layer, batch.start_lengths[0], self._disk_parts(k[0].cpu(), v[0].cpu()))  # [Hkv, T, ...]
+            self.disk.write(layer, batch.start_lengths[0], self.disk.fmt.quantize(k[0].cpu(), v[0].cpu()))  # [Hkv, T, ...]
             return
         if self.kivi_layers is not None:
             for i, (row, start) in enumerate(zip(batch.rows, batch.start_lengths)):
@@ -524,8 +520,7 @@ class KVStore:
             return
         new = [k, v]  # [B, Hkv, T, D] each
         if self.quantized:
-            (kc, ks), (vc, vs) = quantize_kv(k, self.dtype), quantize_kv(v, self.dtype)
-            new = [kc, vc, ks, vs]  # codes [B, Hkv, T, D], scales [B, Hkv, T, 1]
+            new = quantize_kv_parts(k, v, self.dtype)  # codes [B, Hkv, T, D], scales [B, Hkv, T, 1]
         if batch.is_decode:
             if len(set(batch.start_lengths)) == 1:  # all rows at one position: a plain slice
                 n, B = batch.start_lengths[0], len(batch.rows)  # rows 0..B-1 (a server's cache has more)
@@ -698,14 +693,13 @@ class KVStore:
         if layer in self.disk_layers:  # a piece at a time: the layer is never whole in memory twice over
             for start in range(0, k.shape[1], RESTORE_PIECE_TOKENS):
                 end = start + RESTORE_PIECE_TOKENS
-                self.disk.write(layer, start, self._disk_parts(k[:, start:end], v[:, start:end]))
+                self.disk.write(layer, start, self.disk.fmt.quantize(k[:, start:end], v[:, start:end]))
             return
         if self.kivi_layers is not None:
             self.kivi_layers[layer].write(row, 0, k, v)
             return
         new = [k, v]  # [Hkv, n, D]
         if self.quantized:
-            (kc, ks), (vc, vs) = quantize_kv(k, self.dtype), quantize_kv(v, self.dtype)
-            new = [kc, vc, ks, vs]
+            new = quantize_kv_parts(k, v, self.dtype)
         for dest, src in zip(self._parts(layer), new):
             dest[row, :, :k.shape[1]] = src
