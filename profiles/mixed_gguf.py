@@ -41,6 +41,12 @@ def write_mixed(source: Path, out: Path, base: str = "Q4_0", finer: str = "Q8_0"
     tensors went to each type."""
     import gguf
 
+    from offload.tiers.store import pid_alive
+
+    for stale in out.parent.glob(f".{out.name}.*.tmp"):  # a killed run's half-written copy
+        pid = stale.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            stale.unlink(missing_ok=True)
     reader = gguf.GGUFReader(str(source))
     arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
     layers = int(reader.fields[f"{arch}.block_count"].contents())

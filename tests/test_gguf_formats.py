@@ -368,6 +368,7 @@ def test_mixed_gguf_writer_follows_llama_cpps_more_bits_layers(hf_256, tmp_path)
     assert [i for i in range(32) if more_bits(i, 32)] == [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
     source, mixed = tmp_path / "tiny-Q8_0.gguf", tmp_path / "tiny-mixed.gguf"
     write_gguf(source, hf_256, "Q8_0", np.random.default_rng(1))
+    (tmp_path / ".tiny-mixed.gguf.999999999.tmp").write_bytes(b"half")  # a killed run's leftover
     write_mixed(source, mixed)
     types = read_projection_types(mixed)
     finer = {name for name, (kind, _) in types.items() if kind == "Q8_0"}
