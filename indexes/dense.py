@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from offload.attention import AttentionBackend, ForwardBatch, OnlineSoftmax, attend, visible_keys
+from offload.attention import AttentionBackend, ForwardBatch, OnlineSoftmax, attend, causal_prefill_attention, visible_keys
 from offload.config import ModelArgs
 from offload.errors import OffloadError
 from offload.kernels import CacheArrays, DecodeRanges, store_kv
@@ -42,6 +42,8 @@ class DensePlan:
     # a decode step whose layers in CPU memory store and attend in place (no KIVI, a cache the
     # kernel reads at this length): forward goes straight to the two kernels for them
     in_place: bool = False
+    # a CPU prefill chunk that sees every earlier token (no sliding window reached): no masks
+    prefill_causal: bool = False
 
 
 class DenseAttention(AttentionBackend):
@@ -116,6 +118,11 @@ class DenseAttention(AttentionBackend):
             plan.in_place = self.kv.kivi_layers is None and self._reads_in_place(cache_dtype, n - plan.decode_start)
         else:
             n, T, H = batch.end_lengths[0], batch.num_new, self.args.num_heads
+            # every key up to its own position visible (no sliding window reached): on a CPU the
+            # chunk attends in two flash calls without a mask (causal_prefill_attention)
+            plan.prefill_causal = self.kv.device.type == "cpu" and (window is None or n <= window)
+            if plan.prefill_causal:
+                return
             block = max(1, min(T, PREFILL_SCORE_BYTES // (4 * H * n)))
             plan.prefill_masks = {
                 t0: visible_keys(batch.positions[:, t0:t0 + block], n, window)[0]
@@ -208,6 +215,8 @@ class DenseAttention(AttentionBackend):
             # every token quantized, and decode reads them so.
             keys[:, :, batch.start_lengths[0]:n] = k
             values[:, :, batch.start_lengths[0]:n] = v
+        if batch.plan.prefill_causal:
+            return causal_prefill_attention(q, keys, values, batch.start_lengths[0], a.softmax_scale)  # [1, H, T, D]
         out = torch.empty_like(q)  # [1, H, T, D]
         # SDPA's fused CPU/GPU kernels are exact and several times faster than explicit matmuls
         # for a block of queries; query blocks bound the scores if it falls back to its math path.

@@ -258,6 +258,38 @@ def attend_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     return torch.matmul(probs, v.to(kd)).to(out_dtype), lse  # [B, Hkv, G*T, D]
 
 
+# torch's CPU flash-attention kernel, which returns each query's log-sum-exp beside its output (SDPA
+# does not): the two parts of a prefill chunk's attention merge exactly by it
+_CPU_FLASH_ATTENTION = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+
+def causal_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
+                             scale: float) -> torch.Tensor:
+    """Exact causal attention of a prefill chunk on a CPU: q [1, H, T, D] at positions
+    start..start+T-1 over k/v [1, Hkv, start+T, D] (Hkv dividing H) -> [1, H, T, D] in q's dtype.
+
+    The earlier tokens, which every query of the chunk sees whole, go through one unmasked
+    flash-attention call, the chunk's own tokens through a causal one, and the two merge by
+    log-sum-exp (in fp32). SDPA with the chunk's [T, N] mask reads the mask and takes a slower
+    kernel: one layer of the default model, 512 queries at 32K, bf16, 82.6 -> 56.8 ms (4K: 8.4
+    -> 6.5; fp32 at 32K: 235 -> 177). Each part is rounded to q's dtype once before the merge
+    rounds again: within a bf16 step of the single call's result. A query with a NaN or inf comes
+    out NaN (the kernel gives such a query zeros and a log-sum-exp of 0: silent garbage)."""
+    T = q.shape[2]
+    corrupt = ~torch.isfinite(q).all(dim=-1, keepdim=True)  # [1, H, T, 1]
+    own, own_lse = _CPU_FLASH_ATTENTION(q, k[:, :, start:start + T], v[:, :, start:start + T], 0.0, True,
+                                        scale=scale)  # [1, H, T, D], [1, H, T] fp32
+    if start == 0:
+        return own.masked_fill_(corrupt, float("nan"))
+    seen, seen_lse = _CPU_FLASH_ATTENTION(q, k[:, :, :start], v[:, :, :start], 0.0, False,
+                                          scale=scale)  # [1, H, T, D], [1, H, T] fp32
+    top = torch.maximum(own_lse, seen_lse)  # finite: every query sees at least itself
+    own_weight = torch.exp(own_lse - top)[..., None]  # [1, H, T, 1]
+    seen_weight = torch.exp(seen_lse - top)[..., None]
+    merged = (own.float() * own_weight + seen.float() * seen_weight) / (own_weight + seen_weight)  # [1, H, T, D]
+    return merged.masked_fill_(corrupt, float("nan")).to(q.dtype)
+
+
 class OnlineSoftmax:
     """Exact attention accumulated over blocks of keys (flash-attention's running max and sum), so
     that a long quantized KV is dequantized a block at a time, never whole. q [B, Hkv, M, D]; each

@@ -72,10 +72,11 @@ def test_chunked_prefill_equals_one_shot(tiny_models, chunk):
 
 
 def test_long_prompt_prefill_blocks_scores(tiny_models, monkeypatch):
-    """With a tiny score budget the prefill splits queries into many blocks and stays exact."""
+    """With a tiny score budget the masked prefill (a prompt past the sliding window: the CPU's
+    causal path does not apply) splits queries into many blocks and stays exact."""
     import offload.indexes.dense as attention
 
-    folder, hf = tiny_models["llama"]
+    folder, hf = tiny_models["mistral"]  # window 24, 100 tokens
     ids = _tokens(hf.config.vocab_size, 100, seed=5)
     llm = LLM(folder, device="cpu", dtype="float32", prefill_chunk_size=64)
     ref = llm.logits(ids)
@@ -134,3 +135,28 @@ def test_mixed_call_equals_separate_calls(tiny_models, family, kv_policy):
     assert (mixed - separate).abs().max().item() < 1e-4
     for (k1, v1), (k2, v2) in zip(kv_mixed, kv_separate):
         assert (k1 - k2).abs().max().item() < 1e-5 and (v1 - v2).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("start", [0, 1, 37, 300])
+@pytest.mark.parametrize("T,H,Hkv", [(1, 4, 4), (5, 6, 2), (64, 9, 3)])
+def test_causal_prefill_attention_matches_masked_softmax(dtype, tol, start, T, H, Hkv):
+    """The CPU prefill's two flash calls merged by log-sum-exp = softmax over every key up to each
+    query's position (float64), and a query with a NaN comes out NaN, the others untouched."""
+    from offload.attention import causal_prefill_attention
+
+    g = torch.Generator().manual_seed(start * 100 + T)
+    D, N = 32, start + T
+    q, k, v = (torch.randn(1, h, n, D, generator=g).to(dtype) for h, n in ((H, T), (Hkv, N), (Hkv, N)))
+    got = causal_prefill_attention(q, k, v, start, 0.3)  # [1, H, T, D]
+    group = H // Hkv
+    scores = torch.einsum("htd,hnd->htn", q[0].double(), k[0].double().repeat_interleave(group, 0)) * 0.3
+    visible = torch.arange(N)[None, :] <= torch.arange(start, N)[:, None]  # [T, N]
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    want = torch.einsum("htn,hnd->htd", probs, v[0].double().repeat_interleave(group, 0))
+    assert got.shape == q.shape and got.dtype == dtype
+    assert (got[0].double() - want).abs().max().item() < tol
+    q[0, H - 1, T - 1, 0] = float("nan")
+    poisoned = causal_prefill_attention(q, k, v, start, 0.3)
+    assert poisoned[0, H - 1, T - 1].isnan().all()
+    assert torch.equal(poisoned[0, :H - 1], got[0, :H - 1])
