@@ -206,7 +206,10 @@ def shadowkv_attention(q: torch.Tensor, u: torch.Tensor, sv: torch.Tensor, v_sel
 def merge_attention(outs: torch.Tensor | list[torch.Tensor], lses: torch.Tensor | list[torch.Tensor], *,
                     backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Merge partial results over disjoint key sets: outs [P, B, H, D] and lses [P, B, H] (or lists,
-    e.g. one part computed on the CPU) into the exact softmax over their union."""
+    e.g. one part computed on the CPU) into the exact softmax over their union. Two contiguous CPU
+    parts in bf16 or fp32 merge in one compiled pass ("auto"; numba), as the torch reference would."""
+    if backend == "auto" and _merges_in_one_pass(outs, lses):
+        return _merge_two_numba(outs[0], lses[0], outs[1], lses[1])
     if isinstance(outs, (list, tuple)):
         device = outs[0].device
         outs = torch.stack([o.to(device) for o in outs])
@@ -219,6 +222,31 @@ def merge_attention(outs: torch.Tensor | list[torch.Tensor], lses: torch.Tensor 
     if name == "torch":
         return reference.merge_attention_ref(outs, lses)
     return _triton_module().merge_attention(outs, lses.float())
+
+
+def _merges_in_one_pass(outs, lses) -> bool:
+    """Two CPU parts of one shape in bf16 or fp32, contiguous, with fp32 lses: the compiled merge."""
+    if len(outs) != 2 or len(lses) != 2:
+        return False
+    first, second = outs[0], outs[1]
+    return (isinstance(first, torch.Tensor) and isinstance(second, torch.Tensor) and first.dim() == 3
+            and first.shape == second.shape and first.dtype == second.dtype
+            and first.dtype in (torch.bfloat16, torch.float32) and first.is_cpu and second.is_cpu
+            and first.is_contiguous() and second.is_contiguous()
+            and all(isinstance(x, torch.Tensor) and x.shape == first.shape[:2] and x.dtype == torch.float32
+                    and x.is_cpu and x.is_contiguous() for x in lses))
+
+
+def _merge_two_numba(first: torch.Tensor, first_lse: torch.Tensor, second: torch.Tensor,
+                     second_lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`merge_attention` of two CPU parts [B, H, D] in one compiled pass (:func:`cpu_decode.merge_two`)."""
+    from . import cpu_decode  # numba compiles (or loads from its cache) on first use
+
+    out = torch.empty_like(first)  # [B, H, D]
+    lse = torch.empty_like(first_lse)  # [B, H]
+    cpu_decode.set_threads(torch.get_num_threads())
+    cpu_decode.merge_two(_bits(first), first_lse.numpy(), _bits(second), second_lse.numpy(), _bits(out), lse.numpy())
+    return out, lse
 
 
 def kv_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: list[int], hi: list[int], *,

@@ -265,6 +265,62 @@ def _widen_row_forms(cache, scale, b, h, t, row, row_bits):  # pragma: no cover 
     return widen
 
 
+def _narrow_row(out, b, h, row, row_bits):
+    """out[b, h] <- row [D] f32. Plain-numpy form; inside the kernels numba compiles the form for
+    out's dtype (:func:`_narrow_row_forms`)."""
+    if out.dtype == np.uint16:
+        out[b, h] = [bf16_round_bits(np.uint32(u)) for u in row_bits]
+    else:
+        out[b, h] = row
+
+
+@overload(_narrow_row, inline="always")
+def _narrow_row_forms(out, b, h, row, row_bits):  # pragma: no cover - numba
+    """uint16 (a bf16's bits): each fp32 rounded to nearest even (:func:`bf16_round_bits`); fp32: a copy."""
+    if out.dtype == types.uint16:
+        def narrow(out, b, h, row, row_bits):
+            for d in range(row.shape[0]):
+                out[b, h, d] = np.uint16(bf16_round_bits(row_bits[d]))
+    else:
+        def narrow(out, b, h, row, row_bits):
+            for d in range(row.shape[0]):
+                out[b, h, d] = row[d]
+    return narrow
+
+
+@njit(cache=True, parallel=True)  # no fastmath: it would drop the tests for an lse of -inf
+def merge_two(first, first_lse, second, second_lse, out, out_lse):  # pragma: no cover - numba
+    """Two attention results over disjoint keys, first/second [B, H, D] (bf16 bits as uint16, or fp32)
+    with their log-sum-exps first_lse/second_lse [B, H] f32 (-inf: no key), merged exactly in fp32 in
+    one pass -> out [B, H, D] (their dtype) and out_lse [B, H] f32 (nothing on either side: 0 and
+    -inf). The tensor form is eight passes over the rows (a third of a 4K prefill's attention)."""
+    B, H, D = first.shape
+    no_scale = np.empty((1, 1, 1), np.float32)  # _widen_row's scales: read for int8 rows only
+    first_rows, second_rows = first.reshape(1, B, H, D), second.reshape(1, B, H, D)  # as _widen_row reads
+    for b in prange(B):
+        first_bits = np.empty(D, np.uint32)
+        second_bits = np.empty(D, np.uint32)
+        first_row, second_row = first_bits.view(np.float32), second_bits.view(np.float32)
+        for h in range(H):
+            a, c = first_lse[b, h], second_lse[b, h]
+            if a == -np.inf and c == -np.inf:
+                first_row[:] = 0.0
+                _narrow_row(out, b, h, first_row, first_bits)
+                out_lse[b, h] = -np.inf
+                continue
+            top = max(a, c)
+            wa = np.exp(a - top) if a != -np.inf else np.float32(0.0)
+            wc = np.exp(c - top) if c != -np.inf else np.float32(0.0)
+            total = wa + wc
+            wa, wc = wa / total, wc / total
+            _widen_row(first_rows, no_scale, 0, b, h, first_row, first_bits)
+            _widen_row(second_rows, no_scale, 0, b, h, second_row, second_bits)
+            for d in range(D):
+                first_row[d] = wa * first_row[d] + wc * second_row[d]
+            _narrow_row(out, b, h, first_row, first_bits)
+            out_lse[b, h] = top + np.log(total)
+
+
 @njit(cache=True, parallel=True, fastmath=True)
 def decode_attention(q, k, k_scale, v, v_scale, ids, lo, hi, limit, split, softmax_scale, out,
                      lse):  # pragma: no cover - numba

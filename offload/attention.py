@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .kernels import cpu_has_fast_bf16
+from .kernels import cpu_has_fast_bf16, merge_attention
 
 
 @dataclass
@@ -270,24 +270,37 @@ def causal_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
     The earlier tokens, which every query of the chunk sees whole, go through one unmasked
     flash-attention call, the chunk's own tokens through a causal one, and the two merge by
-    log-sum-exp (in fp32). SDPA with the chunk's [T, N] mask reads the mask and takes a slower
-    kernel: one layer of the default model, 512 queries at 32K, bf16, 82.6 -> 56.8 ms (4K: 8.4
-    -> 6.5; fp32 at 32K: 235 -> 177). Each part is rounded to q's dtype once before the merge
+    log-sum-exp (in fp32, in one compiled pass: :func:`offload.kernels.merge_attention`; as tensor
+    ops the merge cost a third of what the two calls saved at 4K). SDPA with the chunk's [T, N]
+    mask reads the mask and takes a slower kernel: one layer of the default model, 512 queries at
+    32K, bf16, 82.6 -> 56.8 ms (4K: 8.4 -> 6.5; fp32 at 32K: 235 -> 177). Each part is rounded to q's dtype once before the merge
     rounds again: within a bf16 step of the single call's result. A query with a NaN or inf comes
-    out NaN (the kernel gives such a query zeros and a log-sum-exp of 0: silent garbage)."""
+    out NaN (the kernel gives such a query zeros and a log-sum-exp of 0: silent garbage); one sum
+    of q finds them (a per-element test cost half the kernel's time at 512 tokens)."""
     T = q.shape[2]
-    corrupt = ~torch.isfinite(q).all(dim=-1, keepdim=True)  # [1, H, T, 1]
     own, own_lse = _CPU_FLASH_ATTENTION(q, k[:, :, start:start + T], v[:, :, start:start + T], 0.0, True,
                                         scale=scale)  # [1, H, T, D], [1, H, T] fp32
     if start == 0:
-        return own.masked_fill_(corrupt, float("nan"))
+        return _nan_where_corrupt(q, _in_layout_of(q, own))
     seen, seen_lse = _CPU_FLASH_ATTENTION(q, k[:, :, :start], v[:, :, :start], 0.0, False,
                                           scale=scale)  # [1, H, T, D], [1, H, T] fp32
-    top = torch.maximum(own_lse, seen_lse)  # finite: every query sees at least itself
-    own_weight = torch.exp(own_lse - top)[..., None]  # [1, H, T, 1]
-    seen_weight = torch.exp(seen_lse - top)[..., None]
-    merged = (own.float() * own_weight + seen.float() * seen_weight) / (own_weight + seen_weight)  # [1, H, T, D]
-    return merged.masked_fill_(corrupt, float("nan")).to(q.dtype)
+    merged, _ = merge_attention([own[0], seen[0]], [own_lse[0], seen_lse[0]])  # [H, T, D]: one compiled pass
+    return _nan_where_corrupt(q, _in_layout_of(q, merged[None]))
+
+
+def _in_layout_of(q: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out [1, H, T, D] laid out in memory as q is (the model's q is a [1, T, H, D] tensor viewed as
+    [1, H, T, D]): the o-projection then reads it as [1, T, H D] without a copy of its own."""
+    if out.stride() == q.stride():
+        return out
+    return torch.empty_like(q).copy_(out)
+
+
+def _nan_where_corrupt(q: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out [1, H, T, D] with NaN for each query of q [1, H, T, D] holding a NaN or inf (in place)."""
+    if bool(torch.isfinite(q.sum(dtype=torch.float32))):  # a CPU tensor: no device to wait for
+        return out
+    return out.masked_fill_(~torch.isfinite(q).all(dim=-1, keepdim=True), float("nan"))  # [1, H, T, 1] mask
 
 
 class OnlineSoftmax:

@@ -427,3 +427,29 @@ def test_vectorized_exp_matches_numpy_within_fp32_rounding():
     normal = x > EXP_FLOOR
     assert np.max(np.abs(got[normal] - want[normal]) / want[normal]) < 3e-7
     assert np.all(got[~normal] <= 2e-38) and np.all(got >= 0) and got[-5] == 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_two_cpu_parts_merge_in_one_compiled_pass(dtype):
+    """merge_attention of two CPU parts (the prefill's merge) goes through the numba kernel and gives
+    the torch reference's result: rows where one part or both saw no key (lse -inf) included."""
+    from offload.kernels import api
+
+    gen = torch.Generator().manual_seed(3)
+    B, H, D = 5, 7, 64
+    outs = [torch.randn(B, H, D, generator=gen).to(dtype) for _ in range(2)]
+    lses = [torch.randn(B, H, generator=gen) * 4 for _ in range(2)]
+    lses[0][0, 1] = float("-inf")  # only the second part saw keys
+    lses[1][2, 3] = float("-inf")  # only the first
+    lses[0][4, 0] = lses[1][4, 0] = float("-inf")  # neither
+    outs[0][4, 0] = outs[1][4, 0] = 0.0  # what an attention over no key gives
+    assert api._merges_in_one_pass(outs, lses)
+    out, lse = merge_attention(outs, lses)
+    ref_out, ref_lse = merge_attention_ref(torch.stack(outs), torch.stack(lses))
+    assert out.dtype == dtype and out.shape == (B, H, D)
+    _close(out, ref_out, dtype)
+    seen = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), seen)
+    _close(lse[seen], ref_lse[seen], torch.float32)
+    assert torch.equal(out[0, 1], outs[1][0, 1]) and torch.equal(out[2, 3], outs[0][2, 3])
+    assert lse[4, 0] == float("-inf") and not out[4, 0].any()
