@@ -225,16 +225,16 @@ def merge_attention(outs: torch.Tensor | list[torch.Tensor], lses: torch.Tensor 
 
 
 def _merges_in_one_pass(outs, lses) -> bool:
-    """Two CPU parts of one shape in bf16 or fp32, contiguous, with fp32 lses: the compiled merge."""
+    """Two CPU parts of one shape in bf16 or fp32 (rows of unit stride), with fp32 lses: the compiled merge."""
     if len(outs) != 2 or len(lses) != 2:
         return False
     first, second = outs[0], outs[1]
     return (isinstance(first, torch.Tensor) and isinstance(second, torch.Tensor) and first.dim() == 3
             and first.shape == second.shape and first.dtype == second.dtype
             and first.dtype in (torch.bfloat16, torch.float32) and first.is_cpu and second.is_cpu
-            and first.is_contiguous() and second.is_contiguous()
+            and first.stride(-1) == 1 and second.stride(-1) == 1
             and all(isinstance(x, torch.Tensor) and x.shape == first.shape[:2] and x.dtype == torch.float32
-                    and x.is_cpu and x.is_contiguous() for x in lses))
+                    and x.is_cpu for x in lses))
 
 
 def _merge_two_numba(first: torch.Tensor, first_lse: torch.Tensor, second: torch.Tensor,
@@ -242,7 +242,7 @@ def _merge_two_numba(first: torch.Tensor, first_lse: torch.Tensor, second: torch
     """:func:`merge_attention` of two CPU parts [B, H, D] in one compiled pass (:func:`cpu_decode.merge_two`)."""
     from . import cpu_decode  # numba compiles (or loads from its cache) on first use
 
-    out = torch.empty_like(first)  # [B, H, D]
+    out = torch.empty_like(first)  # [B, H, D], laid out as first is
     lse = torch.empty_like(first_lse)  # [B, H]
     cpu_decode.set_threads(torch.get_num_threads())
     cpu_decode.merge_two(_bits(first), first_lse.numpy(), _bits(second), second_lse.numpy(), _bits(out), lse.numpy())

@@ -265,6 +265,29 @@ def _widen_row_forms(cache, scale, b, h, t, row, row_bits):  # pragma: no cover 
     return widen
 
 
+def _part_row(part, b, h, row, row_bits):
+    """row [D] f32 <- part[b, h] (bf16 bits as uint16, or fp32). Plain-numpy form; inside the kernels
+    numba compiles the form for part's dtype (:func:`_part_row_forms`)."""
+    if part.dtype == np.uint16:
+        row_bits[:] = part[b, h].astype(np.uint32) << 16
+    else:
+        row[:] = part[b, h]
+
+
+@overload(_part_row, inline="always")
+def _part_row_forms(part, b, h, row, row_bits):  # pragma: no cover - numba
+    """uint16 (a bf16's bits): the 16 bits become an fp32's high half, exact; fp32: a copy."""
+    if part.dtype == types.uint16:
+        def widen(part, b, h, row, row_bits):
+            for d in range(row.shape[0]):
+                row_bits[d] = np.uint32(part[b, h, d]) << 16
+    else:
+        def widen(part, b, h, row, row_bits):
+            for d in range(row.shape[0]):
+                row[d] = part[b, h, d]
+    return widen
+
+
 def _narrow_row(out, b, h, row, row_bits):
     """out[b, h] <- row [D] f32. Plain-numpy form; inside the kernels numba compiles the form for
     out's dtype (:func:`_narrow_row_forms`)."""
@@ -290,13 +313,12 @@ def _narrow_row_forms(out, b, h, row, row_bits):  # pragma: no cover - numba
 
 @njit(cache=True, parallel=True)  # no fastmath: it would drop the tests for an lse of -inf
 def merge_two(first, first_lse, second, second_lse, out, out_lse):  # pragma: no cover - numba
-    """Two attention results over disjoint keys, first/second [B, H, D] (bf16 bits as uint16, or fp32)
-    with their log-sum-exps first_lse/second_lse [B, H] f32 (-inf: no key), merged exactly in fp32 in
-    one pass -> out [B, H, D] (their dtype) and out_lse [B, H] f32 (nothing on either side: 0 and
-    -inf). The tensor form is eight passes over the rows (a third of a 4K prefill's attention)."""
+    """Two attention results over disjoint keys, first/second [B, H, D] (bf16 bits as uint16, or fp32;
+    any strides: a prefill chunk's parts are laid out as the model's q is) with their log-sum-exps
+    first_lse/second_lse [B, H] f32 (-inf: no key), merged exactly in fp32 in one pass -> out [B, H,
+    D] (their dtype) and out_lse [B, H] f32 (nothing on either side: 0 and -inf). The tensor form is
+    eight passes over the rows (a third of a 4K prefill's attention)."""
     B, H, D = first.shape
-    no_scale = np.empty((1, 1, 1), np.float32)  # _widen_row's scales: read for int8 rows only
-    first_rows, second_rows = first.reshape(1, B, H, D), second.reshape(1, B, H, D)  # as _widen_row reads
     for b in prange(B):
         first_bits = np.empty(D, np.uint32)
         second_bits = np.empty(D, np.uint32)
@@ -313,8 +335,8 @@ def merge_two(first, first_lse, second, second_lse, out, out_lse):  # pragma: no
             wc = np.exp(c - top) if c != -np.inf else np.float32(0.0)
             total = wa + wc
             wa, wc = wa / total, wc / total
-            _widen_row(first_rows, no_scale, 0, b, h, first_row, first_bits)
-            _widen_row(second_rows, no_scale, 0, b, h, second_row, second_bits)
+            _part_row(first, b, h, first_row, first_bits)
+            _part_row(second, b, h, second_row, second_bits)
             for d in range(D):
                 first_row[d] = wa * first_row[d] + wc * second_row[d]
             _narrow_row(out, b, h, first_row, first_bits)

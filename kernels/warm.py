@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from . import row_ops
-from .api import NUMBA_DTYPES, CacheArrays, DecodeRanges, KiviArrays, int8_group_linear, store_kv
+from .api import NUMBA_DTYPES, CacheArrays, DecodeRanges, KiviArrays, int8_group_linear, merge_attention, store_kv
 from .int4_pack import INT4_GEMM_ROWS, int4_group_linear
 
 # Tiny shapes of valid arguments: one KV head of 8 dims over 16 tokens; a weight of one packing tile.
@@ -42,6 +42,11 @@ def warm_cpu_kernels(dtype: torch.dtype, kv_dtype: torch.dtype, quantize: str | 
         for out in {dtype, torch.float32}:  # the compute dtype (prompts, indexes), fp32 (sparse attention)
             kivi.read(0, 0, 4, out)
             kivi.take(0, ids, 1, 2, 3, out)
+    if dtype in (torch.bfloat16, torch.float32):  # a prompt chunk's two attention parts merge (CPU prefill),
+        # laid out as the flash kernel returns them for the model's q: [T, H, D] and [T, H] memory
+        part = torch.randn(2, 2, _HEAD_DIM, generator=gen).to(dtype).transpose(0, 1)  # [H, T, D]
+        lse = torch.zeros(2, 2).t()  # [H, T]
+        merge_attention([part, part], [lse, lse])
     if dtype == torch.bfloat16:  # the row kernels run for bf16 models only
         x = torch.randn(1, 1, _COLS, generator=gen).to(dtype)
         weight = torch.ones(_COLS, dtype=dtype)

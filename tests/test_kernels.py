@@ -438,7 +438,9 @@ def test_two_cpu_parts_merge_in_one_compiled_pass(dtype):
     gen = torch.Generator().manual_seed(3)
     B, H, D = 5, 7, 64
     outs = [torch.randn(B, H, D, generator=gen).to(dtype) for _ in range(2)]
+    outs[1] = outs[1].transpose(0, 1).contiguous().transpose(0, 1)  # strided, as a prefill's parts are
     lses = [torch.randn(B, H, generator=gen) * 4 for _ in range(2)]
+    lses[1] = lses[1].t().contiguous().t()
     lses[0][0, 1] = float("-inf")  # only the second part saw keys
     lses[1][2, 3] = float("-inf")  # only the first
     lses[0][4, 0] = lses[1][4, 0] = float("-inf")  # neither
