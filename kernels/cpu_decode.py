@@ -289,8 +289,9 @@ def _part_row_forms(part, b, h, row, row_bits):  # pragma: no cover - numba
 
 
 def _narrow_row(out, b, h, row, row_bits):
-    """out[b, h] <- row [D] f32. Plain-numpy form; inside the kernels numba compiles the form for
-    out's dtype (:func:`_narrow_row_forms`)."""
+    """out[b, h] <- row [D] f32 (``row_bits`` its bits), rounded to out's dtype: bf16 (as uint16 bits)
+    to nearest even, or fp32 as it is (the merge here, KIVI's reads). Plain-numpy form; inside the
+    kernels numba compiles the form for out's dtype (:func:`_narrow_row_forms`)."""
     if out.dtype == np.uint16:
         out[b, h] = [bf16_round_bits(np.uint32(u)) for u in row_bits]
     else:

@@ -20,7 +20,15 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from .cpu_decode import BLOCK_TOKENS, NO_SCORE, accumulate_row, bf16_round_bits, merge_splits, score_row, softmax_block
+from .cpu_decode import (
+    BLOCK_TOKENS,
+    NO_SCORE,
+    _narrow_row,
+    accumulate_row,
+    merge_splits,
+    score_row,
+    softmax_block,
+)
 
 
 def _widen(src, b, h, i, dst, dst_bits):
@@ -154,29 +162,6 @@ def kivi_decode_attention(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k
     return outside
 
 
-def _put(out, h, i, row, row_bits):
-    """out[h, i] <- row [D] f32 (``row_bits`` its bits), rounded to out's dtype: bf16 (as uint16 bits)
-    to nearest even, or fp32 as it is. The plain-numpy form; the kernel compiles the form for out's
-    dtype (:func:`_put_forms`)."""
-    if out.dtype == np.uint16:
-        out[h, i] = [bf16_round_bits(u) for u in row_bits]
-    else:
-        out[h, i] = row
-
-
-@overload(_put, inline="always")
-def _put_forms(out, h, i, row, row_bits):  # pragma: no cover - numba
-    if out.dtype == types.uint16:
-        def put(out, h, i, row, row_bits):
-            for d in range(row.shape[0]):
-                out[h, i, d] = np.uint16(bf16_round_bits(row_bits[d]))
-    else:
-        def put(out, h, i, row, row_bits):
-            for d in range(row.shape[0]):
-                out[h, i, d] = row[d]
-    return put
-
-
 @njit(inline="always")
 def _key_row(k_codes, row, h, t, bits, scale, low, values):  # pragma: no cover - numba
     """values [D] <- token t's key from its codes and its group's scale and minimum (widened)."""
@@ -227,9 +212,9 @@ def kivi_unpack_range(k_codes, k_scale, k_min, v_codes, v_scale, v_min, row, sta
                 _widen(k_scale, row, h, key_group, scale, scale_bits[:D])
                 _widen(k_min, row, h, key_group, low, scale_bits[D:])
             _key_row(k_codes, row, h, t, bits, scale, low, values)
-            _put(out_k, h, i, values, row_bits)
+            _narrow_row(out_k, h, i, values, row_bits)
             _value_row(v_codes, v_scale, v_min, row, h, t, bits, value_bits, values)
-            _put(out_v, h, i, values, row_bits)
+            _narrow_row(out_v, h, i, values, row_bits)
 
 
 @njit(cache=True, parallel=True)
@@ -257,18 +242,18 @@ def kivi_take(k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_kept, v_kept, 
             if t < 0 or t >= N or ((t < sinks or t >= done) and at >= F):  # outside, or past the row
                 outside[h] += t < 0 or t >= N
                 values[:] = 0.0
-                _put(out_k, h, m, values, row_bits)
-                _put(out_v, h, m, values, row_bits)
+                _narrow_row(out_k, h, m, values, row_bits)
+                _narrow_row(out_v, h, m, values, row_bits)
             elif t < sinks or t >= done:  # kept in the compute dtype
                 _widen(k_kept, row, h, at, values, row_bits)
-                _put(out_k, h, m, values, row_bits)
+                _narrow_row(out_k, h, m, values, row_bits)
                 _widen(v_kept, row, h, at, values, row_bits)
-                _put(out_v, h, m, values, row_bits)
+                _narrow_row(out_v, h, m, values, row_bits)
             else:
                 _widen(k_scale, row, h, t // group, scale, scale_bits[:D])
                 _widen(k_min, row, h, t // group, low, scale_bits[D:])
                 _key_row(k_codes, row, h, t, bits, scale, low, values)
-                _put(out_k, h, m, values, row_bits)
+                _narrow_row(out_k, h, m, values, row_bits)
                 _value_row(v_codes, v_scale, v_min, row, h, t, bits, value_bits, values)
-                _put(out_v, h, m, values, row_bits)
+                _narrow_row(out_v, h, m, values, row_bits)
     return outside.sum()
