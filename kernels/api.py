@@ -206,8 +206,9 @@ def shadowkv_attention(q: torch.Tensor, u: torch.Tensor, sv: torch.Tensor, v_sel
 def merge_attention(outs: torch.Tensor | list[torch.Tensor], lses: torch.Tensor | list[torch.Tensor], *,
                     backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Merge partial results over disjoint key sets: outs [P, B, H, D] and lses [P, B, H] (or lists,
-    e.g. one part computed on the CPU) into the exact softmax over their union. Two contiguous CPU
-    parts in bf16 or fp32 merge in one compiled pass ("auto"; numba), as the torch reference would."""
+    e.g. one part computed on the CPU) into the exact softmax over their union. Two CPU parts [B, H,
+    D] in bf16 or fp32 (rows of unit stride, any layout otherwise) merge in one compiled pass ("auto";
+    numba), as the torch reference would."""
     if backend == "auto" and _merges_in_one_pass(outs, lses):
         return _merge_two_numba(outs[0], lses[0], outs[1], lses[1])
     if isinstance(outs, (list, tuple)):

@@ -288,18 +288,18 @@ def _part_row_forms(part, b, h, row, row_bits):  # pragma: no cover - numba
     return widen
 
 
-def _narrow_row(out, b, h, row, row_bits):
+def narrow_row(out, b, h, row, row_bits):
     """out[b, h] <- row [D] f32 (``row_bits`` its bits), rounded to out's dtype: bf16 (as uint16 bits)
     to nearest even, or fp32 as it is (the merge here, KIVI's reads). Plain-numpy form; inside the
-    kernels numba compiles the form for out's dtype (:func:`_narrow_row_forms`)."""
+    kernels numba compiles the form for out's dtype (:func:`narrow_row_forms`)."""
     if out.dtype == np.uint16:
         out[b, h] = [bf16_round_bits(np.uint32(u)) for u in row_bits]
     else:
         out[b, h] = row
 
 
-@overload(_narrow_row, inline="always")
-def _narrow_row_forms(out, b, h, row, row_bits):  # pragma: no cover - numba
+@overload(narrow_row, inline="always")
+def narrow_row_forms(out, b, h, row, row_bits):  # pragma: no cover - numba
     """uint16 (a bf16's bits): each fp32 rounded to nearest even (:func:`bf16_round_bits`); fp32: a copy."""
     if out.dtype == types.uint16:
         def narrow(out, b, h, row, row_bits):
@@ -328,7 +328,7 @@ def merge_two(first, first_lse, second, second_lse, out, out_lse):  # pragma: no
             a, c = first_lse[b, h], second_lse[b, h]
             if a == -np.inf and c == -np.inf:
                 first_row[:] = 0.0
-                _narrow_row(out, b, h, first_row, first_bits)
+                narrow_row(out, b, h, first_row, first_bits)
                 out_lse[b, h] = -np.inf
                 continue
             top = max(a, c)
@@ -340,7 +340,7 @@ def merge_two(first, first_lse, second, second_lse, out, out_lse):  # pragma: no
             _part_row(second, b, h, second_row, second_bits)
             for d in range(D):
                 first_row[d] = wa * first_row[d] + wc * second_row[d]
-            _narrow_row(out, b, h, first_row, first_bits)
+            narrow_row(out, b, h, first_row, first_bits)
             out_lse[b, h] = top + np.log(total)
 
 

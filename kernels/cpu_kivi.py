@@ -23,9 +23,9 @@ from numba.extending import overload
 from .cpu_decode import (
     BLOCK_TOKENS,
     NO_SCORE,
-    _narrow_row,
     accumulate_row,
     merge_splits,
+    narrow_row,
     score_row,
     softmax_block,
 )
@@ -212,9 +212,9 @@ def kivi_unpack_range(k_codes, k_scale, k_min, v_codes, v_scale, v_min, row, sta
                 _widen(k_scale, row, h, key_group, scale, scale_bits[:D])
                 _widen(k_min, row, h, key_group, low, scale_bits[D:])
             _key_row(k_codes, row, h, t, bits, scale, low, values)
-            _narrow_row(out_k, h, i, values, row_bits)
+            narrow_row(out_k, h, i, values, row_bits)
             _value_row(v_codes, v_scale, v_min, row, h, t, bits, value_bits, values)
-            _narrow_row(out_v, h, i, values, row_bits)
+            narrow_row(out_v, h, i, values, row_bits)
 
 
 @njit(cache=True, parallel=True)
@@ -242,18 +242,18 @@ def kivi_take(k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_kept, v_kept, 
             if t < 0 or t >= N or ((t < sinks or t >= done) and at >= F):  # outside, or past the row
                 outside[h] += t < 0 or t >= N
                 values[:] = 0.0
-                _narrow_row(out_k, h, m, values, row_bits)
-                _narrow_row(out_v, h, m, values, row_bits)
+                narrow_row(out_k, h, m, values, row_bits)
+                narrow_row(out_v, h, m, values, row_bits)
             elif t < sinks or t >= done:  # kept in the compute dtype
                 _widen(k_kept, row, h, at, values, row_bits)
-                _narrow_row(out_k, h, m, values, row_bits)
+                narrow_row(out_k, h, m, values, row_bits)
                 _widen(v_kept, row, h, at, values, row_bits)
-                _narrow_row(out_v, h, m, values, row_bits)
+                narrow_row(out_v, h, m, values, row_bits)
             else:
                 _widen(k_scale, row, h, t // group, scale, scale_bits[:D])
                 _widen(k_min, row, h, t // group, low, scale_bits[D:])
                 _key_row(k_codes, row, h, t, bits, scale, low, values)
-                _narrow_row(out_k, h, m, values, row_bits)
+                narrow_row(out_k, h, m, values, row_bits)
                 _value_row(v_codes, v_scale, v_min, row, h, t, bits, value_bits, values)
-                _narrow_row(out_v, h, m, values, row_bits)
+                narrow_row(out_v, h, m, values, row_bits)
     return outside.sum()
