@@ -42,11 +42,12 @@ def warm_cpu_kernels(dtype: torch.dtype, kv_dtype: torch.dtype, quantize: str | 
         for out in {dtype, torch.float32}:  # the compute dtype (prompts, indexes), fp32 (sparse attention)
             kivi.read(0, 0, 4, out)
             kivi.take(0, ids, 1, 2, 3, out)
-    if dtype in (torch.bfloat16, torch.float32):  # a prompt chunk's two attention parts merge (CPU prefill),
-        # laid out as the flash kernel returns them for the model's q: [T, H, D] and [T, H] memory
-        part = torch.randn(2, 2, _HEAD_DIM, generator=gen).to(dtype).transpose(0, 1)  # [H, T, D]
-        lse = torch.zeros(2, 2).t()  # [H, T]
-        merge_attention([part, part], [lse, lse])
+    if dtype in (torch.bfloat16, torch.float32):  # two attention parts merge (numba compiles per layout):
+        part = torch.randn(2, 2, _HEAD_DIM, generator=gen).to(dtype)  # [2, 2, D]
+        lse = torch.zeros(2, 2)
+        merge_attention([part, part], [lse, lse])  # contiguous: ShadowKV's parts, a 1-token prompt chunk's
+        # a prompt chunk's, laid out as the flash kernel returns them for the model's q: [T, H, D], [T, H] memory
+        merge_attention([part.transpose(0, 1)] * 2, [lse.t()] * 2)  # [H, T, D], [H, T]
     if dtype == torch.bfloat16:  # the row kernels run for bf16 models only
         x = torch.randn(1, 1, _COLS, generator=gen).to(dtype)
         weight = torch.ones(_COLS, dtype=dtype)

@@ -273,8 +273,8 @@ def causal_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     log-sum-exp (in fp32, in one compiled pass: :func:`offload.kernels.merge_attention`; as tensor
     ops the merge cost a third of what the two calls saved at 4K). SDPA with the chunk's [T, N]
     mask reads the mask and takes a slower kernel: one layer of the default model, 512 queries at
-    32K, bf16, 82.6 -> 56.8 ms (4K: 8.4 -> 6.5; fp32 at 32K: 235 -> 177). Each part is rounded to q's dtype once before the merge
-    rounds again: within a bf16 step of the single call's result. A query with a NaN or inf comes
+    32K, bf16, 82.6 -> 56.8 ms (4K: 8.4 -> 6.5; fp32 at 32K: 235 -> 177). Each part is rounded to
+    q's dtype once before the merge rounds again: within a bf16 step of the single call's result. A query with a NaN or inf comes
     out NaN (the kernel gives such a query zeros and a log-sum-exp of 0: silent garbage); one sum
     of q finds them (a per-element test cost half the kernel's time at 512 tokens)."""
     T = q.shape[2]
@@ -290,8 +290,9 @@ def causal_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
 def _in_layout_of(q: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out [1, H, T, D] laid out in memory as q is (the model's q is a [1, T, H, D] tensor viewed as
-    [1, H, T, D]): the o-projection then reads it as [1, T, H D] without a copy of its own."""
-    if out.stride() == q.stride():
+    [1, H, T, D]): the o-projection then reads it as [1, T, H D] without a copy of its own. The
+    flash kernel's and the merge's results already are (the batch dim, of size 1, may have any stride)."""
+    if out.stride()[1:] == q.stride()[1:]:
         return out
     return torch.empty_like(q).copy_(out)
 
