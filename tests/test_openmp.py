@@ -10,7 +10,7 @@ import pytest
 from offload.openmp import GOMP_SONAME, _system_gomp, _torch_gomp, version_definitions
 
 PROBE = textwrap.dedent("""
-    import offload, numpy as np, torch
+    import ctypes, offload, numpy as np, torch
     from numba import njit, prange
 
     @njit(parallel=True)
@@ -25,6 +25,7 @@ PROBE = textwrap.dedent("""
     assert np.array_equal(doubled(np.arange(1000.0)), 2 * np.arange(1000.0))  # numba's pool
     libs = sorted({line.split()[-1] for line in open("/proc/self/maps") if "libgomp" in line})
     print(offload.openmp.STATE)
+    print(ctypes.CDLL(libs[0]).omp_get_max_active_levels())  # after numba's pool started
     print(*libs, sep="\\n")
 """)
 
@@ -38,10 +39,13 @@ def _probe(first: str = "") -> list[str]:
 @pytest.mark.skipif(not sys.platform.startswith("linux") or _system_gomp() is None or _torch_gomp() is None,
                     reason="Linux with a system libgomp and torch's bundled one")
 def test_offload_first_gives_torch_and_numba_one_openmp_runtime():
-    state, *libs = _probe()
+    state, levels, *libs = _probe()
     assert state.startswith("one OpenMP runtime"), state
     assert libs == [str(_system_gomp())]  # torch's bundled copy never loaded
-    state, *libs = _probe("import torch\n")  # torch first: nothing can be shared, and it says so
+    # numba's start turned nesting on (255 levels) and offload set it back: torch's flash attention
+    # nested its regions inside numba's pool otherwise, 10-200x slower (offload.openmp)
+    assert levels == "1"
+    state, _, *libs = _probe("import torch\n")  # torch first: nothing can be shared, and it says so
     assert state.startswith("torch was imported before offload")
     assert len(libs) == 2
 
