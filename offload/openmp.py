@@ -107,7 +107,10 @@ def share_runtime() -> str:
         runtime = ctypes.CDLL(str(system), mode=ctypes.RTLD_GLOBAL)
     except OSError as e:
         return f"loading {system} failed ({e}): left alone"
-    _start_numba_pool(runtime)
+    try:
+        _start_numba_pool(runtime)
+    except (ImportError, ValueError, AttributeError, OSError) as e:  # numba's layer would not start
+        return f"one OpenMP runtime for torch and numba ({system}); numba's pool not started here ({e})"
     return f"one OpenMP runtime for torch and numba ({system})"
 
 
