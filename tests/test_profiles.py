@@ -70,6 +70,11 @@ def test_planner_reads_the_profile(quick_profile):
     weights_ms = [p.layer_bytes * 30 / (g * 1e9) * 1e3 for g in (max(curve), min(curve))]
     assert weights_ms[0] * 0.999 <= p.step_breakdown_ms["weights"] <= weights_ms[1] * 1.001
     assert p.step_breakdown_ms["layer_overhead"] == pytest.approx(30 * prof.layer_overhead_ms)
+    # a resident bf16 model runs the bound CPU decode step: priced at its own measured overhead
+    assert prof.bound_layer_overhead_ms == pytest.approx(doc["planner"]["bound_layer_overhead_ms"])
+    assert 0 < prof.bound_layer_overhead_ms
+    p16 = plan(preset("smollm2-135m"), model="smollm2", context=4096, profile=prof, dtype="bfloat16")
+    assert p16.step_breakdown_ms["layer_overhead"] == pytest.approx(30 * prof.bound_layer_overhead_ms)
 
 
 def test_decode_step_breakdown_accounts_for_the_step_and_matches_the_planner(quick_profile, smollm_path, tmp_path):

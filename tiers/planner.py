@@ -71,6 +71,9 @@ class BandwidthProfile:
     index_keys_per_s: float = 3e6  # graph-search keys scored per second (all heads of a layer)
     scored_fraction: float = 0.10  # keys a retrieval search scores per step, fraction of context
     layer_overhead_ms: float = 0.5  # fixed cost of one decoder layer per step (op dispatch), measured
+    # The same for the bound CPU decode step (a resident bf16 model on the CPU: offload.decode_step),
+    # whose calls between the products are bound once; None: not measured, layer_overhead_ms stands.
+    bound_layer_overhead_ms: float | None = None
     # What a sparse layer adds to that per step (its search's and gather's dispatch), per KV policy:
     # [[policy, ms], ...] as measured; a policy not measured is priced at the default.
     sparse_layer_overhead_ms: tuple = ()
@@ -100,6 +103,12 @@ class BandwidthProfile:
                 t = math.log(matrix_bytes / s0) / math.log(s1 / s0)
                 return g0 + t * (g1 - g0)
         return curve[-1][1]
+
+    def step_layer_overhead_ms(self, bound_step: bool) -> float:
+        """The per-layer fixed cost of a decode step: the bound CPU step's where the model runs it."""
+        if bound_step and self.bound_layer_overhead_ms is not None:
+            return self.bound_layer_overhead_ms
+        return self.layer_overhead_ms
 
     def sparse_overhead_ms(self, policy: str) -> float:
         """The measured fixed cost a sparse layer of ``policy`` adds per decode step."""
@@ -438,9 +447,12 @@ def plan(args: ModelArgs, *, model: str, context: int, device: str = "cpu", dtyp
     # Per token the LM head is read whole, the embedding table for one row only.
     head_bytes = embedding_nbytes(args, b, quantize) // (1 if args.tie_word_embeddings else 2)
     head_ms = 1e3 * read_s(head_bytes, dtype)
+    # A resident bf16 model on the CPU runs the bound decode step (offload.decode_step); the model
+    # binds none when layers stream (here: from disk) or its layers norm q and k.
+    bound_step = not on_gpu and dtype == "bfloat16" and not args.qk_norm and all(t == "device" for t in tiers)
     breakdown = {"weights": weights_ms, "weight_transfer": transfer_ms, "attention": attention_ms,
                  "kv_fetch": fetch_kv_ms, "index_search": search_ms, "embed_head": head_ms,
-                 "layer_overhead": L * profile.layer_overhead_ms}
+                 "layer_overhead": L * profile.step_layer_overhead_ms(bound_step)}
     return Placement(model=model, device=device, dtype=dtype, context=context, kv_policy=kv_policy,
                      layer_tiers=tuple(tiers), layer_bytes=layer_bytes, fixed_device_bytes=fixed,
                      prompt_hidden_bytes=hidden_bytes,
