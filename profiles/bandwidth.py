@@ -192,7 +192,7 @@ def layer_overhead(repeats: int, dtype: torch.dtype = torch.float32) -> dict:
     model (hidden 64) whose weights and KV are negligible, timed per layer. This is the runtime's
     per-operation dispatch cost, which a bytes-over-bandwidth model alone would miss. fp32: the
     generic forward (module calls, torch's row ops); bf16: the bound CPU decode step, which a
-    resident bf16 model runs (measured on the 2-core AVX2 EPYC: 0.6 against ~0.05 ms a layer)."""
+    resident bf16 model runs (measured on the 2-core AVX2 EPYC: 0.58 against 0.19 ms a layer)."""
     from offload.indexes.dense import DenseAttention
 
     model = _narrow_model(dtype)
