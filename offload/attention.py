@@ -274,9 +274,10 @@ def causal_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     ops the merge cost a third of what the two calls saved at 4K). SDPA with the chunk's [T, N]
     mask reads the mask and takes a slower kernel: one layer of the default model, 512 queries at
     32K, bf16, 82.6 -> 56.8 ms (4K: 8.4 -> 6.5; fp32 at 32K: 235 -> 177). Each part is rounded to
-    q's dtype once before the merge rounds again: within a bf16 step of the single call's result. A query with a NaN or inf comes
-    out NaN (the kernel gives such a query zeros and a log-sum-exp of 0: silent garbage); one sum
-    of q finds them (a per-element test cost half the kernel's time at 512 tokens)."""
+    q's dtype once before the merge rounds again: within a bf16 step of the single call's result.
+    A query with a NaN or inf comes out NaN (the kernel gives such a query zeros and a log-sum-exp
+    of 0: silent garbage); one sum of q finds them (a per-element test cost half the kernel's time
+    at 512 tokens)."""
     T = q.shape[2]
     own, own_lse = _CPU_FLASH_ATTENTION(q, k[:, :, start:start + T], v[:, :, start:start + T], 0.0, True,
                                         scale=scale)  # [1, H, T, D], [1, H, T] fp32

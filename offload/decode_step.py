@@ -36,6 +36,13 @@ from .quant import INT4_CPU_LAYOUT, Int4Weight, Int8Weight, linear
 # what the generic forward runs for them too), within what the row kernels take.
 MAX_ROWS = min(INT4_GEMM_ROWS - 1, row_ops.ROW_OPS_MAX_ROWS)
 
+def binds(device_type: str, bf16: bool, qk_norm: bool, streamed: bool) -> bool:
+    """Whether a model of these settings runs the bound step: bf16 on the CPU, every layer resident
+    (none streamed), no q/k norm. (A model also checks that its layers' FFNs are the plain MLP: a
+    flash FFN keeps the generic path.) The planner prices a step by the same rule."""
+    return device_type == "cpu" and bf16 and not qk_norm and not streamed
+
+
 # A projection bound to its weight: x [B, K] in the compute dtype -> [B, N].
 Product = Callable[[torch.Tensor], torch.Tensor]
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from .attention import AttentionBackend, ForwardBatch, MixedBatch
 from .config import ModelArgs
-from .decode_step import CpuDecodeStep, LayerCalls, bind_product
+from .decode_step import CpuDecodeStep, LayerCalls, bind_product, binds
 from .kernels import row_ops
 from .quant import GivenRows, Int4Weight, Int8Weight, embedding, empty_weight, linear, quantize_weight
 from .rope import RotaryEmbedding
@@ -159,8 +159,8 @@ class Transformer(nn.Module):
         it when they are final (loaded, quantized, flash FFNs in place). A model it does not apply to
         (not bf16 on the CPU, layers streamed, a flash FFN, q/k norm) keeps the generic path."""
         self.decode_step = None
-        plain = (self.device.type == "cpu" and self.dtype == torch.bfloat16 and not self.offloaded
-                 and not self.args.qk_norm and all(type(layer.mlp) is MLP for layer in self.layers))
+        plain = (binds(self.device.type, self.dtype == torch.bfloat16, self.args.qk_norm, streamed=self.offloaded)
+                 and all(type(layer.mlp) is MLP for layer in self.layers))
         if not plain:
             return
         layers = [LayerCalls(attn_norm=layer.attn_norm.weight, ffn_norm=layer.ffn_norm.weight, eps=layer.attn_norm.eps,

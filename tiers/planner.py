@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from offload.config import DENSE_LAYERS, ModelArgs
+from offload.decode_step import binds
 from offload.errors import OffloadError
 from offload.fileio import write_json_atomic
 from offload.quant import embedding_nbytes, layer_nbytes, projection_nbytes, projection_shapes
@@ -447,9 +448,9 @@ def plan(args: ModelArgs, *, model: str, context: int, device: str = "cpu", dtyp
     # Per token the LM head is read whole, the embedding table for one row only.
     head_bytes = embedding_nbytes(args, b, quantize) // (1 if args.tie_word_embeddings else 2)
     head_ms = 1e3 * read_s(head_bytes, dtype)
-    # A resident bf16 model on the CPU runs the bound decode step (offload.decode_step); the model
-    # binds none when layers stream (here: from disk) or its layers norm q and k.
-    bound_step = not on_gpu and dtype == "bfloat16" and not args.qk_norm and all(t == "device" for t in tiers)
+    # A resident bf16 model on the CPU runs the bound decode step, priced at its own overhead
+    bound_step = binds("cuda" if on_gpu else "cpu", dtype == "bfloat16", args.qk_norm,
+                       streamed=any(t != "device" for t in tiers))
     breakdown = {"weights": weights_ms, "weight_transfer": transfer_ms, "attention": attention_ms,
                  "kv_fetch": fetch_kv_ms, "index_search": search_ms, "embed_head": head_ms,
                  "layer_overhead": L * profile.step_layer_overhead_ms(bound_step)}
