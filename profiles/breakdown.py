@@ -4,7 +4,9 @@ the step time the placement planner predicts from the bandwidth profile.
 Phases (exclusive times; nested timers subtract their children): ``weight_fetch`` (waiting for a
 streamed layer's load), ``qkv_o_proj`` (attention projections, RoPE), ``index_search`` (the KV
 policy's search), ``attention`` (the attention itself: dense, or gather over the selection),
-``mlp``, ``norms``, ``embed_head`` (embedding, final norm, LM head) and ``sampling``. Overlap:
+``mlp``, ``norms`` (with the residual add fused to the FFN norm), ``layer_glue`` (the rest of a decoder
+layer's own time: the second residual add and the calls into its modules), ``embed_head`` (embedding,
+final norm, LM head) and ``sampling``. Overlap:
 how much of the weight transfer ran while compute ran (transfer time not waited for).
 ``step_ms`` is the step as the runtime runs it; the phases come from further steps through the
 model's generic forward with a timer around each module (a bound CPU decode step,
@@ -28,7 +30,8 @@ import torch
 
 from offload.fileio import write_json_atomic
 
-PHASES = ("weight_fetch", "qkv_o_proj", "index_search", "attention", "mlp", "norms", "embed_head", "sampling")
+PHASES = ("weight_fetch", "qkv_o_proj", "index_search", "attention", "mlp", "norms", "layer_glue", "embed_head",
+          "sampling")
 
 
 class PhaseTimer:
@@ -69,23 +72,33 @@ def instrument(timer: PhaseTimer, llm):
 
     patches = []
 
-    def wrap(owner, attr, phase, set_layer=False):
+    def wrap(owner, attr, phase, layer_arg=None):
+        """Time ``owner.attr`` (a method on a class, or a function in a module) as ``phase``;
+        ``layer_arg``: the position of the layer index among its arguments (self included)."""
         original = getattr(owner, attr)
 
-        def wrapped(self, *args, **kwargs):
-            if set_layer:
-                timer.layer = args[1]
+        def wrapped(*args, **kwargs):
+            if layer_arg is not None:
+                timer.layer = args[layer_arg]
             with timer.phase(phase):
-                return original(self, *args, **kwargs)
+                return original(*args, **kwargs)
+        patches.append((owner, attr, original, attr in vars(owner)))
         setattr(owner, attr, wrapped)
-        patches.append((owner, attr, original))
 
     wrap(model_mod.Transformer, "embed_tokens", "embed_head")
     wrap(model_mod.Transformer, "head", "embed_head")
-    wrap(model_mod.Attention, "forward", "qkv_o_proj", set_layer=True)
+    # a layer's own time: the residual adds and the calls into its modules (Python dispatch)
+    wrap(model_mod.DecoderLayer, "forward", "layer_glue", layer_arg=2)
+    wrap(model_mod.Attention, "forward", "qkv_o_proj")
+    wrap(model_mod.RotaryEmbedding, "cos_sin", "qkv_o_proj")  # the step's RoPE table rows
     wrap(model_mod.MLP, "forward", "mlp")
     wrap(model_mod.RMSNorm, "forward", "norms")
-    wrap(type(llm.backend), "forward", "attention")
+    # the residual add and the FFN norm as one compiled call (DecoderLayer.forward on the CPU)
+    wrap(model_mod.row_ops, "add_rms_norm", "norms")
+    backend = type(llm.backend)
+    wrap(backend, "forward", "attention")
+    wrap(backend, "begin", "attention")  # the step's masks and per-row lengths
+    wrap(backend, "end", "attention")
     for cls in {type(ix) for ix in getattr(llm.backend, "indexes", {}).values()} | set(index_base._REGISTRY.values()):
         if "search" in vars(cls):
             wrap(cls, "search", "index_search")
@@ -93,8 +106,11 @@ def instrument(timer: PhaseTimer, llm):
         wrap(type(llm.streamer), "acquire", "weight_fetch")
 
     def undo():
-        for owner, attr, original in reversed(patches):
-            setattr(owner, attr, original)
+        for owner, attr, original, own in reversed(patches):
+            if own:
+                setattr(owner, attr, original)
+            else:  # inherited: the base class's stays
+                delattr(owner, attr)
     return undo
 
 

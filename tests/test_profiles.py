@@ -98,7 +98,7 @@ def test_decode_step_breakdown_accounts_for_the_step_and_matches_the_planner(qui
     result = max(results, key=lambda r: r["measured"]["accounted_fraction"] - abs(r["prediction_error"]))
     m = result["measured"]
     assert m["accounted_fraction"] >= 0.90, m
-    assert m["phases_ms"]["attention"] > 0 and m["phases_ms"]["mlp"] > 0 and len(m["per_layer_ms"]) == 30
+    assert min(m["phases_ms"][k] for k in ("attention", "mlp", "norms", "layer_glue")) > 0 and len(m["per_layer_ms"]) == 30
     assert abs(result["prediction_error"]) <= 0.30, [(r["prediction_error"], r["predicted"]["breakdown_ms"],
                                                       r["measured"]["phases_ms"], r["profile_planner"]) for r in results]
     assert main(["--context", "256", "--steps", "2", "--out", str(tmp_path / "b.json")]) == 0
