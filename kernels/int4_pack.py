@@ -30,6 +30,10 @@ import torch
 # Input rows from which a product unpacks blocks of the weight to fp32 for the BLAS GEMM instead of
 # running the fused kernel (measured on a 2-core AVX2 EPYC: BENCHMARKS.md).
 INT4_GEMM_ROWS = 32
+# Input rows up to which a product may take the C decode kernel (:mod:`.cpu_int4_gemv`): one. It unpacks
+# the codes again for each row, as torch's kernel does, and measured 0.75-1.0x torch's speed at 4 rows
+# (1.4-1.9x at one, 2-core AVX2 EPYC: BENCHMARKS.md).
+GEMV_ROWS = 1
 # fp32 bytes of weight rows unpacked at a time for the GEMM path: a small temporary, reused.
 INT4_UNPACK_BLOCK_BYTES = 4 << 20
 # What the probes pack: rows enough for several blocks of the widest vector unit, and a few columns.
@@ -179,15 +183,22 @@ def unpack_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
 
 def int4_group_linear(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, group: int) -> torch.Tensor:
     """x [M, K] @ W^T for an int4 weight (CPU: ``packed`` uint8 [N, K/2] in the fused kernel's layout,
-    ``scales_zeros`` bf16 [G, N, 2]). Returns [M, N]: bf16 from the fused kernel (fewer than
-    INT4_GEMM_ROWS rows, or no known layout), else from the GEMM over unpacked blocks: bf16 for bf16
-    x on a CPU with native bf16 products, fp32 otherwise."""
+    ``scales_zeros`` bf16 [G, N, 2]). Returns [M, N]: bf16 from a fused kernel (fewer than
+    INT4_GEMM_ROWS rows, or no known layout: up to GEMV_ROWS rows the one this process measured
+    fastest, torch's or the C kernel of :mod:`.cpu_int4_gemv`, else torch's), else from the GEMM
+    over unpacked blocks: bf16 for bf16 x on a CPU with native bf16 products, fp32 otherwise."""
     M, K = x.shape
     N = packed.shape[0]
     layout = int4_pack_layout() if M >= INT4_GEMM_ROWS and x.is_cpu else None
     if layout is None:
         if x.dtype != torch.bfloat16:
             x = x.to(torch.bfloat16)
+        if M <= GEMV_ROWS and x.is_cpu:  # a decode step's rows: the kernel this process measured fastest
+            from .cpu_int4_gemv import decode_product
+
+            product = decode_product(packed, scales_zeros, group)
+            if product is not None:
+                return product(x.contiguous())  # [M, N]
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), packed, group, scales_zeros)  # [M, N]
     from . import cpu_decode
     from .api import cpu_has_fast_bf16

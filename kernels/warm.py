@@ -62,11 +62,12 @@ def warm_cpu_kernels(dtype: torch.dtype, kv_dtype: torch.dtype, quantize: str | 
     scales = torch.rand(_ROWS, _COLS // 32, generator=gen)
     for rows in (1, INT4_GEMM_ROWS + 1):  # the int8 tables (and int8 projections): few rows and many
         int8_group_linear(torch.randn(rows, _COLS, generator=gen).to(dtype), codes, scales)
-    if quantize == "int4":  # a prompt's products unpack the packed weight
+    if quantize == "int4":  # a step's products may take the C kernel; a prompt's unpack the packed weight
         nibbles = torch.randint(0, 16, (_ROWS, _COLS), generator=gen, dtype=torch.int32)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(nibbles, 1)  # [N, K/2] uint8
         scales_zeros = torch.rand(_COLS // 32, _ROWS, 2, generator=gen).to(torch.bfloat16)  # [G, N, 2]
-        int4_group_linear(torch.randn(INT4_GEMM_ROWS, _COLS, generator=gen).to(dtype), packed, scales_zeros, 32)
+        for rows in (1, INT4_GEMM_ROWS):  # a step's (the C kernel built and chosen), a prompt's
+            int4_group_linear(torch.randn(rows, _COLS, generator=gen).to(dtype), packed, scales_zeros, 32)
 
 
 def _warm_cache_kernels(dtype: torch.dtype, kv_dtype: torch.dtype, gen: torch.Generator) -> None:

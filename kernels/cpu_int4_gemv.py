@@ -1,0 +1,226 @@
+"""int4 products of a few input rows (decode steps) on an x86-64 CPU: a C kernel (``cpu_int4_gemv.c``,
+AVX2 and FMA, OpenMP) on the weight as torch's CPU int4 packer lays it out.
+
+Why a C kernel: torch's fused int4 kernel widens each code to fp32 and applies the scale and zero per
+weight; on a 2-core AVX2 EPYC it reaches ~12 G weights/s, bound by arithmetic, and decode of the
+default model waited on it for 9 of its 25 ms (BENCHMARKS.md). The C kernel keeps a block's sums in
+registers and applies the scale and zero once per group: the same fp32 sums in another order, so its
+outputs match torch's kernel to bf16 rounding. numba could not express it (its int4 GEMV measured
+3-4x slower than torch's kernel: the unpacking does not vectorize).
+
+Chosen per process by measurement (:func:`decode_kernel`): both kernels time a decode product of a
+probe weight and the C kernel is taken where it is clearly faster (on the AVX2 EPYC by ~2-4x; on a
+CPU whose torch kernel runs AVX-512 the probe decides). ``OFFLOAD_INT4_DECODE_KERNEL=c|torch`` sets
+the choice instead (``auto``, the default, measures).
+
+Built on first use with the system's C compiler (``-O3 -march=native``: the CPU this runs on) into
+``$XDG_CACHE_HOME/offload/kernels/`` under a name that digests the source, the flags, the compiler's
+version and the CPU's feature flags, so a changed source or another CPU builds again; the build is
+written to a temporary name and renamed (a killed build leaves no half library; its temporary files
+are removed by the next build). Without a compiler, on another architecture, or where the build or the
+load fails, :func:`library` is None, says why once, and products keep to torch's kernel.
+
+Shapes: M input rows, N output features, K input features.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import OffloadError
+from .int4_pack import GEMV_ROWS, Int4PackLayout, int4_pack_layout
+
+SOURCE = Path(__file__).with_name("cpu_int4_gemv.c")
+COMPILE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+MAX_ROWS = GEMV_ROWS  # input rows up to which a product takes this kernel (int4_pack.GEMV_ROWS: why)
+BLOCK_ROWS = (32, 64)  # the packed layouts the kernel reads (AVX2's and AVX-512's blocks, halves form)
+BUILD_TIMEOUT_S = 120
+KERNEL_ENV = "OFFLOAD_INT4_DECODE_KERNEL"
+# The probe the choice is timed on: a decode product of 2M weights (a small model's FFN, 1 MiB of codes).
+PROBE_N, PROBE_K, PROBE_GROUP = 2048, 1024, 32
+PROBE_ROUNDS, PROBE_CALLS = 5, 4  # alternating rounds of a few calls each; each kernel's best round counts
+# The C kernel is taken when its best round is at most this share of torch's: a near tie keeps torch's
+# kernel (the one the rest of the ecosystem runs).
+FASTER_SHARE = 0.9
+STALE_TEMP_S = 3600  # a temporary build file older than this is a killed build's: removed
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "offload" / "kernels"
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags (the build is -march=native: a cache shared by two CPUs must not mix)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compiler() -> tuple[str, str] | None:
+    """(path, version line) of the C compiler ($CC, else cc or gcc), or None."""
+    for name in (os.environ.get("CC"), "cc", "gcc"):
+        path = shutil.which(name) if name else None
+        if path:
+            try:
+                version = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30).stdout
+            except (OSError, subprocess.SubprocessError):
+                continue
+            return path, version.splitlines()[0] if version else ""
+    return None
+
+
+def _say(why: str) -> None:
+    print(f"offload: int4 decode products use torch's kernel ({why})", file=sys.stderr)
+
+
+def _build(compiler: str, target: Path) -> None:
+    """Compile SOURCE into ``target`` atomically (temporary name in the same folder, then rename)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    now = time.time()
+    for stale in target.parent.glob(".build-*.so"):  # a killed build's leftovers
+        try:
+            if now - stale.stat().st_mtime > STALE_TEMP_S:
+                stale.unlink()
+        except OSError:
+            pass
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".build-", suffix=".so")
+    os.close(fd)
+    try:
+        done = subprocess.run([compiler, *COMPILE_FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
+                              timeout=BUILD_TIMEOUT_S)
+        if done.returncode:
+            raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The built kernel, loaded (built first if this source, compiler and CPU have none cached), or
+    None where it cannot be (said once, on stderr)."""
+    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return None  # the kernel is x86 (AVX2) code; nothing to say on other machines
+    compiler = _compiler()
+    if compiler is None:
+        _say("no C compiler found: set CC, or install gcc")
+        return None
+    key = hashlib.sha256("\n".join((SOURCE.read_text(), " ".join(COMPILE_FLAGS), compiler[1], _cpu_flags()))
+                         .encode()).hexdigest()[:20]
+    target = cache_dir() / f"cpu_int4_gemv-{key}.so"
+    try:
+        if not target.exists():
+            _build(compiler[0], target)
+        lib = ctypes.CDLL(str(target))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        _say(f"the C kernel did not build or load: {e}")
+        return None
+    fn = lib.int4_gemv
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 6
+    return lib
+
+
+def takes(packed: torch.Tensor, layout: Int4PackLayout | None, group: int) -> bool:
+    """Whether the C kernel computes products of this weight: uint8 [N, K/2] packed in whole blocks of
+    the halves form (``layout``, the process's: :func:`~offload.kernels.int4_pack.int4_pack_layout`)."""
+    return (layout is not None and layout.block_rows in BLOCK_ROWS and not layout.paired and packed.is_cpu
+            and packed.shape[0] % layout.block_rows == 0 and (2 * packed.shape[1]) % group == 0
+            and library() is not None)
+
+
+def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, group: int, block_rows: int,
+              threads: int) -> torch.Tensor:
+    """x bf16 [M, K] @ W^T -> bf16 [M, N], for a weight :func:`takes` (any M; products route up to
+    MAX_ROWS rows here, where it is faster than torch's kernel)."""
+    if x.dtype != torch.bfloat16 or x.dim() != 2:
+        raise ValueError(f"int4_gemv takes bf16 rows [M, K]; got {x.dtype} {tuple(x.shape)}")
+    x = x.contiguous()  # [M, K]
+    M, K = x.shape
+    N = packed.shape[0]
+    out = torch.empty(M, N, dtype=torch.bfloat16)  # [M, N]
+    rc = library().int4_gemv(packed.data_ptr(), scales_zeros.data_ptr(), x.data_ptr(), out.data_ptr(), M, N, K,
+                             group, block_rows, threads)
+    if rc:
+        raise RuntimeError(f"int4_gemv refused {M} x {K} @ {N} x {K} (group {group}, blocks of {block_rows}): code {rc}")
+    return out
+
+
+@dataclass(frozen=True)
+class DecodeKernel:
+    """Which kernel this process's int4 products of a few rows run, and why."""
+
+    name: str  # "c" or "torch"
+    reason: str  # what decided: the probe's timings, the setting, or why the C kernel is not there
+
+
+def _probe_ms() -> tuple[float, float]:
+    """(C, torch) best-round milliseconds of one decode product of the probe weight."""
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (PROBE_N, PROBE_K), generator=gen, dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)  # [N, K/2]
+    scales_zeros = (torch.rand(PROBE_K // PROBE_GROUP, PROBE_N, 2, generator=gen) * 0.01).to(torch.bfloat16)
+    x = torch.randn(1, PROBE_K, generator=gen).to(torch.bfloat16)  # [1, K]
+    block_rows, threads = int4_pack_layout().block_rows, torch.get_num_threads()
+    kernels = {"c": lambda: int4_gemv(x, packed, scales_zeros, PROBE_GROUP, block_rows, threads),
+               "torch": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, PROBE_GROUP, scales_zeros)}
+    best = {name: float("inf") for name in kernels}
+    for name, run in kernels.items():  # first calls: page faults, the thread pool's start
+        run()
+    for _ in range(PROBE_ROUNDS):
+        for name, run in kernels.items():
+            t0 = time.perf_counter()
+            for _ in range(PROBE_CALLS):
+                run()
+            best[name] = min(best[name], (time.perf_counter() - t0) * 1e3 / PROBE_CALLS)
+    return best["c"], best["torch"]
+
+
+@functools.cache
+def decode_kernel() -> DecodeKernel:
+    """This process's choice for int4 products of up to MAX_ROWS rows (``OFFLOAD_INT4_DECODE_KERNEL``:
+    auto measures, c or torch set it)."""
+    setting = os.environ.get(KERNEL_ENV, "auto").strip().lower()
+    if setting not in ("auto", "c", "torch"):
+        raise OffloadError(f"{KERNEL_ENV}={setting!r}: use auto, c or torch")
+    if setting == "torch":
+        return DecodeKernel("torch", f"{KERNEL_ENV}=torch")
+    layout = int4_pack_layout()
+    if layout is None or layout.block_rows not in BLOCK_ROWS or layout.paired:
+        return DecodeKernel("torch", f"torch packs int4 in a layout the C kernel does not read ({layout})")
+    if library() is None:
+        return DecodeKernel("torch", "the C kernel is not built here (see the line above)")
+    if setting == "c":
+        return DecodeKernel("c", f"{KERNEL_ENV}=c")
+    c_ms, torch_ms = _probe_ms()
+    name = "c" if c_ms <= FASTER_SHARE * torch_ms else "torch"
+    return DecodeKernel(name, f"measured on a {PROBE_N} x {PROBE_K} product: C {c_ms:.3f} ms, torch {torch_ms:.3f} ms")
+
+
+def decode_product(packed: torch.Tensor, scales_zeros: torch.Tensor, group: int):
+    """The C kernel bound to one weight (x bf16 [M, K] -> bf16 [M, N]) when it
+    is this process's choice and reads this weight; else None (torch's kernel)."""
+    layout = int4_pack_layout()
+    if not (packed.is_cpu and takes(packed, layout, group) and decode_kernel().name == "c"):
+        return None
+    block_rows = layout.block_rows
+    return lambda x: int4_gemv(x, packed, scales_zeros, group, block_rows, torch.get_num_threads())
