@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from ..errors import OffloadError
+from ..fileio import cache_root
 from .int4_pack import GEMV_ROWS, Int4PackLayout, int4_pack_layout
 
 SOURCE = Path(__file__).with_name("cpu_int4_gemv.c")
@@ -59,8 +60,7 @@ STALE_TEMP_S = 3600  # a temporary build file older than this is a killed build'
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "offload" / "kernels"
+    return cache_root() / "kernels"
 
 
 def _cpu_flags() -> str:

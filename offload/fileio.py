@@ -1,4 +1,5 @@
-"""Atomic file writes: a temp file in the same directory, fsync, then rename over the target.
+"""Atomic file writes: a temp file in the same directory, fsync, then rename over the target; where
+offload keeps its caches.
 
 A crash or a full disk leaves either the previous file or the new one, never half of one.
 """
@@ -10,6 +11,11 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any
+
+
+def cache_root() -> Path:
+    """offload's folder of caches: ``$XDG_CACHE_HOME/offload`` (``~/.cache/offload`` by default)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "offload"
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:

@@ -20,7 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .config import ModelArgs
-from .fileio import write_json_atomic
+from .fileio import cache_root, write_json_atomic
 
 # SHA-256 over 8 MiB chunks: with the CPU's SHA extensions OpenSSL hashes the default 98 MB GGUF at
 # ~1.1 GB/s from the page cache, against ~0.41 GB/s for blake2b (measured on a 2-core x86 VM), so
@@ -31,8 +31,7 @@ MAX_SIDECARS = 512  # past this many, sidecars of files that no longer exist are
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "offload" / "fingerprints"
+    return cache_root() / "fingerprints"
 
 
 def _hash_file(path: Path) -> str:

@@ -35,13 +35,15 @@ def _time_ms(run, rounds: int, calls: int) -> float:
     return best
 
 
-def measure(rows: int, rounds: int, threads: int) -> list[dict]:
+def measure(rows: int, rounds: int, threads: int, models: tuple[str, ...] = ("135M", "8B")) -> list[dict]:
     from offload.kernels import cpu_int4_gemv, int4_pack_layout
 
     layout = int4_pack_layout()
     gen = torch.Generator().manual_seed(0)
     results = []
     for name, n, k in SHAPES:
+        if name.split()[0] not in models:
+            continue
         codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.int32)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)  # [N, K/2]
         scales_zeros = (torch.rand(k // GROUP, n, 2, generator=gen) * 0.01).to(torch.bfloat16)  # [G, N, 2]
@@ -90,6 +92,8 @@ def main(argv=None) -> int:
     p.add_argument("--rows", type=int, default=1, help="input rows (decode rows in a step)")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--threads", type=int, default=None, help="default: torch's")
+    p.add_argument("--models", nargs="+", default=["135M", "8B"], choices=("135M", "8B"),
+                   help="whose projections to time (8B's take ~1 GB to make)")
     p.add_argument("--out", default="int4_gemv.json")
     args = p.parse_args(argv)
     import offload  # noqa: F401  (one OpenMP runtime for torch and the C kernel: offload.openmp)
@@ -101,7 +105,7 @@ def main(argv=None) -> int:
           f"({torch.backends.cpu.get_cpu_capability()}), {threads} threads, {args.rows} row(s); "
           f"process choice: {cpu_int4_gemv.decode_kernel()}")
     print("| product | N x K | torch ms | C ms | C speed-up |\n|---|---|---|---|---|")
-    results = measure(args.rows, args.rounds, threads)
+    results = measure(args.rows, args.rounds, threads, tuple(args.models))
     write_json_atomic(args.out, {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": threads,
                                  "choice": cpu_int4_gemv.decode_kernel().reason, "results": results})
     plot(results, Path(args.out).with_suffix(".png"))

@@ -153,3 +153,20 @@ def test_build_is_cached_atomic_and_falls_back_without_a_compiler(tmp_path):
     said = [line for line in run.stderr.splitlines() if "int4 decode products use torch's kernel" in line]
     assert len(said) == 1 and "did not build" in said[0], run.stderr[-2000:]
     assert not list((tmp_path / "other" / "offload" / "kernels").glob(".build-*"))
+
+
+def test_the_benchmark_writes_its_table_json_and_plot(tmp_path):
+    """`python -m offload.profiles.bench_int4_gemv`: both kernels on the default model's shapes, JSON
+    and PNG written (speeds are recorded in BENCHMARKS.md, not asserted)."""
+    import json
+
+    from offload.profiles.bench_int4_gemv import main
+
+    out = tmp_path / "gemv.json"
+    assert main(["--models", "135M", "--rounds", "2", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [r["shape"] for r in result["results"]] == ["135M qkv", "135M o", "135M gate_up", "135M down"]
+    assert all(r["torch_ms"] > 0 for r in result["results"])
+    if cpu_int4_gemv.takes(torch.empty(64, 16, dtype=torch.uint8), int4_pack_layout(), 32):
+        assert all(r["c_ms"] > 0 and r["speedup"] > 0 for r in result["results"])
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
