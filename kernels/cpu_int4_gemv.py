@@ -46,7 +46,7 @@ from .int4_pack import GEMV_ROWS, Int4PackLayout, int4_pack_layout
 
 SOURCE = Path(__file__).with_name("cpu_int4_gemv.c")
 COMPILE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
-MAX_ROWS = GEMV_ROWS  # input rows up to which a product takes this kernel (int4_pack.GEMV_ROWS: why)
+PAIRED_BLOCK_ROWS = 32  # the layout whose blocks take input rows in pairs: past one row, only it (measured)
 BLOCK_ROWS = (32, 64)  # the packed layouts the kernel reads (AVX2's and AVX-512's blocks, halves form)
 BUILD_TIMEOUT_S = 120
 KERNEL_ENV = "OFFLOAD_INT4_DECODE_KERNEL"
@@ -151,7 +151,7 @@ def takes(packed: torch.Tensor, layout: Int4PackLayout | None, group: int) -> bo
 def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, group: int, block_rows: int,
               threads: int) -> torch.Tensor:
     """x bf16 [M, K] @ W^T -> bf16 [M, N], for a weight :func:`takes` (any M; products route up to
-    MAX_ROWS rows here, where it is faster than torch's kernel)."""
+    :func:`decode_rows` rows here, where it is faster than torch's kernel)."""
     if x.dtype != torch.bfloat16 or x.dim() != 2:
         raise ValueError(f"int4_gemv takes bf16 rows [M, K]; got {x.dtype} {tuple(x.shape)}")
     x = x.contiguous()  # [M, K]
@@ -197,7 +197,7 @@ def _probe_ms() -> tuple[float, float]:
 
 @functools.cache
 def decode_kernel() -> DecodeKernel:
-    """This process's choice for int4 products of up to MAX_ROWS rows (``OFFLOAD_INT4_DECODE_KERNEL``:
+    """This process's choice for int4 products of a few rows (``OFFLOAD_INT4_DECODE_KERNEL``:
     auto measures, c or torch set it)."""
     setting = os.environ.get(KERNEL_ENV, "auto").strip().lower()
     if setting not in ("auto", "c", "torch"):
@@ -214,6 +214,15 @@ def decode_kernel() -> DecodeKernel:
     c_ms, torch_ms = _probe_ms()
     name = "c" if c_ms <= FASTER_SHARE * torch_ms else "torch"
     return DecodeKernel(name, f"measured on a {PROBE_N} x {PROBE_K} product: C {c_ms:.3f} ms, torch {torch_ms:.3f} ms")
+
+
+def decode_rows() -> int:
+    """Input rows up to which this process's int4 products take the C kernel (0: torch's kernel is
+    the choice): GEMV_ROWS on the 32-row layout, whose blocks take rows in pairs; one on the 64-row
+    one, whose blocks take a row at a time (more rows there are not measured against torch's)."""
+    if decode_kernel().name != "c":
+        return 0
+    return GEMV_ROWS if int4_pack_layout().block_rows == PAIRED_BLOCK_ROWS else 1
 
 
 def decode_product(packed: torch.Tensor, scales_zeros: torch.Tensor, group: int):

@@ -30,10 +30,10 @@ import torch
 # Input rows from which a product unpacks blocks of the weight to fp32 for the BLAS GEMM instead of
 # running the fused kernel (measured on a 2-core AVX2 EPYC: BENCHMARKS.md).
 INT4_GEMM_ROWS = 32
-# Input rows up to which a product may take the C decode kernel (:mod:`.cpu_int4_gemv`): one. It unpacks
-# the codes again for each row, as torch's kernel does, and measured 0.75-1.0x torch's speed at 4 rows
-# (1.4-1.9x at one, 2-core AVX2 EPYC: BENCHMARKS.md).
-GEMV_ROWS = 1
+# Input rows up to which a product may take the C decode kernel (:mod:`.cpu_int4_gemv`): 1.4-1.9x
+# torch's kernel for one row, 1.2-1.5x at 4 and 8 (a 32-row block takes its rows in pairs, each word of
+# codes unpacked once for both; 2-core AVX2 EPYC: BENCHMARKS.md).
+GEMV_ROWS = 8
 # fp32 bytes of weight rows unpacked at a time for the GEMM path: a small temporary, reused.
 INT4_UNPACK_BLOCK_BYTES = 4 << 20
 # What the probes pack: rows enough for several blocks of the widest vector unit, and a few columns.
@@ -194,9 +194,9 @@ def int4_group_linear(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch
         if x.dtype != torch.bfloat16:
             x = x.to(torch.bfloat16)
         if M <= GEMV_ROWS and x.is_cpu:  # a decode step's rows: the kernel this process measured fastest
-            from .cpu_int4_gemv import decode_product
+            from .cpu_int4_gemv import decode_product, decode_rows
 
-            product = decode_product(packed, scales_zeros, group)
+            product = decode_product(packed, scales_zeros, group) if M <= decode_rows() else None
             if product is not None:
                 return product(x.contiguous())  # [M, N]
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), packed, group, scales_zeros)  # [M, N]

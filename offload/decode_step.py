@@ -29,8 +29,8 @@ import torch
 
 from .attention import AttentionBackend, ForwardBatch
 from .kernels import row_ops
-from .kernels.cpu_int4_gemv import decode_product
-from .kernels.int4_pack import GEMV_ROWS, INT4_GEMM_ROWS
+from .kernels.cpu_int4_gemv import decode_product, decode_rows
+from .kernels.int4_pack import INT4_GEMM_ROWS
 from .quant import INT4_CPU_LAYOUT, Int4Weight, Int8Weight, linear
 
 # Rows a bound step takes: fewer than the int4 products' GEMM path starts at (the fused kernel is
@@ -51,16 +51,17 @@ Product = Callable[[torch.Tensor], torch.Tensor]
 def bind_product(weight: torch.Tensor | Int4Weight | Int8Weight, bias: torch.Tensor | None = None) -> Product:
     """``linear(x, weight, bias)`` for up to MAX_ROWS rows, with what it decides per call decided
     now: an int4 weight on the CPU is the fused kernel on bf16 rows (what :func:`linear` runs for
-    fewer than INT4_GEMM_ROWS rows, without its checks and reshapes: the C kernel up to GEMV_ROWS rows
-    where this process chose it); any other weight goes through linear."""
+    fewer than INT4_GEMM_ROWS rows, without its checks and reshapes: the C kernel up to its
+    ``decode_rows()`` where this process chose it); any other weight goes through linear."""
     if (isinstance(weight, Int4Weight) and weight.layout == INT4_CPU_LAYOUT and weight.packed.is_cpu
             and weight.dtype == torch.bfloat16):
         packed, group, scales_zeros = weight.packed, weight.group, weight.scales_zeros
         torch_kernel = torch.ops.aten._weight_int4pack_mm_for_cpu
         c_kernel = decode_product(packed, scales_zeros, group)  # None: torch's is this process's choice
+        c_rows = decode_rows() if c_kernel is not None else 0
 
         def kernel(x):  # [B, K] -> [B, N]: the one linear would run for B rows
-            if c_kernel is not None and x.shape[0] <= GEMV_ROWS:
+            if x.shape[0] <= c_rows:
                 return c_kernel(x)
             return torch_kernel(x, packed, group, scales_zeros)
         if bias is None:

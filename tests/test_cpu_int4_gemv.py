@@ -108,8 +108,10 @@ def test_the_choice_is_measured_or_set(monkeypatch):
         for setting in ("auto", "torch", "c"):
             monkeypatch.setenv(cpu_int4_gemv.KERNEL_ENV, setting)
             cpu_int4_gemv.decode_kernel.cache_clear()
-            chosen[setting] = cpu_int4_gemv.decode_kernel()
-            _close_to_bf16(int4_group_linear(x, weight.packed, weight.scales_zeros, 32), x.float() @ exact.t())
+            chosen[setting] = (cpu_int4_gemv.decode_kernel(), cpu_int4_gemv.decode_rows())
+            for rows in (1, 3, GEMV_ROWS):  # the C kernel's single and paired rows, or torch's
+                xr = x.expand(rows, -1).contiguous() * torch.arange(1, rows + 1).to(torch.bfloat16)[:, None]
+                _close_to_bf16(int4_group_linear(xr, weight.packed, weight.scales_zeros, 32), xr.float() @ exact.t())
         monkeypatch.setenv(cpu_int4_gemv.KERNEL_ENV, "fastest")
         cpu_int4_gemv.decode_kernel.cache_clear()
         with pytest.raises(OffloadError, match="auto, c or torch"):
@@ -117,11 +119,12 @@ def test_the_choice_is_measured_or_set(monkeypatch):
     finally:
         monkeypatch.delenv(cpu_int4_gemv.KERNEL_ENV)
         cpu_int4_gemv.decode_kernel.cache_clear()
-    assert chosen["torch"].name == "torch"
+    assert chosen["torch"][0].name == "torch" and chosen["torch"][1] == 0
     if cpu_int4_gemv.library() is not None and not layout.paired:
-        assert chosen["c"].name == "c"
-        assert chosen["auto"].name in ("c", "torch") and "measured" in chosen["auto"].reason
-        assert "C " in chosen["auto"].reason and "torch " in chosen["auto"].reason
+        assert chosen["c"][0].name == "c" and chosen["c"][1] == (GEMV_ROWS if layout.block_rows == 32 else 1)
+        auto, rows = chosen["auto"]
+        assert auto.name in ("c", "torch") and "measured" in auto.reason and (rows > 0) == (auto.name == "c")
+        assert "C " in auto.reason and "torch " in auto.reason
 
 
 def test_build_is_cached_atomic_and_falls_back_without_a_compiler(tmp_path):
