@@ -9,8 +9,8 @@ outputs match torch's kernel to bf16 rounding. numba could not express it (its i
 3-4x slower than torch's kernel: the unpacking does not vectorize).
 
 Chosen per process by measurement (:func:`decode_kernel`): both kernels time a decode product of a
-probe weight and the C kernel is taken where it is clearly faster (on the AVX2 EPYC by ~2-4x; on a
-CPU whose torch kernel runs AVX-512 the probe decides). ``OFFLOAD_INT4_DECODE_KERNEL=c|torch`` sets
+probe weight and the C kernel is taken where it is clearly faster (on the AVX2 EPYC by 1.4-1.9x for
+one row; on a CPU whose torch kernel runs AVX-512 the probe decides). ``OFFLOAD_INT4_DECODE_KERNEL=c|torch`` sets
 the choice instead (``auto``, the default, measures).
 
 Built on first use with the system's C compiler (``-O3 -march=native``: the CPU this runs on) into
@@ -208,7 +208,7 @@ def decode_kernel() -> DecodeKernel:
     if layout is None or layout.block_rows not in BLOCK_ROWS or layout.paired:
         return DecodeKernel("torch", f"torch packs int4 in a layout the C kernel does not read ({layout})")
     if library() is None:
-        return DecodeKernel("torch", "the C kernel is not built here (see the line above)")
+        return DecodeKernel("torch", "no C kernel on this machine (not x86-64 Linux, or the build said why)")
     if setting == "c":
         return DecodeKernel("c", f"{KERNEL_ENV}=c")
     c_ms, torch_ms = _probe_ms()
