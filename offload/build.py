@@ -19,6 +19,7 @@ from .engine_config import MIN_FLASH_CALIBRATION, ResolvedConfig
 from .indexes.backend import SparseAttention
 from .indexes.base import IndexContext, policy_class
 from .indexes.dense import DenseAttention
+from .kernels.cpu_int4_gemv import decode_kernel
 from .kernels.warm import warm_cpu_kernels
 from .loaders import load_model
 from .model import Transformer
@@ -68,6 +69,10 @@ class Runtime:
                         f"embeddings and head int8 ({held_format('int8')}), norms {r.dtype_name}")
             if r.device.type == "cpu" and r.dtype != KERNEL_DTYPE and r.quantize == "int4":
                 weights += f", {kernel} kernel inputs"  # fp32 model: the CPU's int4 kernel casts at its edge
+            if r.device.type == "cpu" and r.quantize == "int4":  # which kernel a step's products run (measured)
+                chosen = decode_kernel()
+                on = "the C kernel" if chosen.name == "c" else "torch's kernel"
+                weights += f", int4 steps on {on} ({chosen.reason})"
             if r.device.type != "cpu":  # the Triton kernels (resolve refuses a GPU run without them)
                 weights += ", Triton kernels" + (f" ({int4_layout(r.device)} layout)" if r.quantize == "int4" else "")
         if r.weights_note:

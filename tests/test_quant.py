@@ -169,6 +169,7 @@ def test_tiny_model_quantized_equals_its_dequantized_twin(tiny_models, family, d
     ids = torch.randint(3, hf.config.vocab_size, (40,), generator=torch.Generator().manual_seed(1)).tolist()
     quantized = LLM(folder, quantize=scheme, dtype=dtype, verbose=False)
     assert str(quantized.dtype) == f"torch.{dtype}" and f"projections {scheme}" in quantized.describe()
+    assert ("int4 steps on" in quantized.describe()) == (scheme == "int4")  # the measured kernel choice, said
     kind = Int4Weight if scheme == "int4" else Int8Weight
     assert all(isinstance(layer.mlp.w_down, kind) for layer in quantized.model.layers)
     twin = LLM(folder, dtype=dtype, verbose=False)
