@@ -173,26 +173,31 @@ class DecodeKernel:
     reason: str  # what decided: the probe's timings, the setting, or why the C kernel is not there
 
 
-def _probe_ms() -> tuple[float, float]:
-    """(C, torch) best-round milliseconds of one decode product of the probe weight."""
-    gen = torch.Generator().manual_seed(0)
-    codes = torch.randint(0, 16, (PROBE_N, PROBE_K), generator=gen, dtype=torch.int32)
+def time_kernels(n: int, k: int, rows: int, rounds: int, calls: int, group: int = PROBE_GROUP,
+                 seed: int = 0) -> dict[str, float]:
+    """Best-round milliseconds of one product x [rows, k] @ W^T, W a random int4 weight [n, k] packed
+    by torch for this CPU, for torch's kernel ("torch") and, where it reads the weight, the C kernel
+    ("c"): rounds of ``calls`` calls, the kernels alternating so that drifts of a shared box's speed
+    reach both. The run-time choice's probe and ``profiles/bench_int4_gemv`` time with it."""
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.int32)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)  # [N, K/2]
-    scales_zeros = (torch.rand(PROBE_K // PROBE_GROUP, PROBE_N, 2, generator=gen) * 0.01).to(torch.bfloat16)
-    x = torch.randn(1, PROBE_K, generator=gen).to(torch.bfloat16)  # [1, K]
-    block_rows, threads = int4_pack_layout().block_rows, torch.get_num_threads()
-    kernels = {"c": lambda: int4_gemv(x, packed, scales_zeros, PROBE_GROUP, block_rows, threads),
-               "torch": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, PROBE_GROUP, scales_zeros)}
+    scales_zeros = (torch.rand(k // group, n, 2, generator=gen) * 0.01).to(torch.bfloat16)  # [G, N, 2]
+    x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)  # [M, K]
+    layout, threads = int4_pack_layout(), torch.get_num_threads()
+    kernels = {"torch": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, scales_zeros)}
+    if takes(packed, layout, group):
+        kernels["c"] = lambda: int4_gemv(x, packed, scales_zeros, group, layout.block_rows, threads)
     best = {name: float("inf") for name in kernels}
-    for name, run in kernels.items():  # first calls: page faults, the thread pool's start
+    for run in kernels.values():  # first calls: page faults, the thread pool's start
         run()
-    for _ in range(PROBE_ROUNDS):
+    for _ in range(rounds):
         for name, run in kernels.items():
             t0 = time.perf_counter()
-            for _ in range(PROBE_CALLS):
+            for _ in range(calls):
                 run()
-            best[name] = min(best[name], (time.perf_counter() - t0) * 1e3 / PROBE_CALLS)
-    return best["c"], best["torch"]
+            best[name] = min(best[name], (time.perf_counter() - t0) * 1e3 / calls)
+    return best
 
 
 @functools.cache
@@ -211,7 +216,8 @@ def decode_kernel() -> DecodeKernel:
         return DecodeKernel("torch", "no C kernel on this machine (not x86-64 Linux, or the build said why)")
     if setting == "c":
         return DecodeKernel("c", f"{KERNEL_ENV}=c")
-    c_ms, torch_ms = _probe_ms()
+    timed = time_kernels(PROBE_N, PROBE_K, 1, PROBE_ROUNDS, PROBE_CALLS)
+    c_ms, torch_ms = timed["c"], timed["torch"]
     name = "c" if c_ms <= FASTER_SHARE * torch_ms else "torch"
     return DecodeKernel(name, f"measured on a {PROBE_N} x {PROBE_K} product: C {c_ms:.3f} ms, torch {torch_ms:.3f} ms")
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import time
 from pathlib import Path
 
 import torch
@@ -25,39 +24,15 @@ SHAPES = (("135M qkv", 960, 576), ("135M o", 576, 576), ("135M gate_up", 3072, 5
 GROUP = 32
 
 
-def _time_ms(run, rounds: int, calls: int) -> float:
-    best = float("inf")
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            run()
-        best = min(best, (time.perf_counter() - t0) * 1e3 / calls)
-    return best
+def measure(rows: int, rounds: int, models: tuple[str, ...] = ("135M", "8B")) -> list[dict]:
+    from offload.kernels import cpu_int4_gemv
 
-
-def measure(rows: int, rounds: int, threads: int, models: tuple[str, ...] = ("135M", "8B")) -> list[dict]:
-    from offload.kernels import cpu_int4_gemv, int4_pack_layout
-
-    layout = int4_pack_layout()
-    gen = torch.Generator().manual_seed(0)
     results = []
     for name, n, k in SHAPES:
         if name.split()[0] not in models:
             continue
-        codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.int32)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)  # [N, K/2]
-        scales_zeros = (torch.rand(k // GROUP, n, 2, generator=gen) * 0.01).to(torch.bfloat16)  # [G, N, 2]
-        x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)  # [M, K]
-        kernels = {"torch": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, GROUP, scales_zeros)}
-        if cpu_int4_gemv.takes(packed, layout, GROUP):
-            kernels["c"] = lambda: cpu_int4_gemv.int4_gemv(x, packed, scales_zeros, GROUP, layout.block_rows, threads)
         calls = max(2, int(2e7 // (n * k)))  # ~20 M weights a round
-        best = {kernel: float("inf") for kernel in kernels}
-        for kernel, run in kernels.items():
-            run()  # first touch
-        for _ in range(rounds):  # alternating, so drifts of the box's speed reach both
-            for kernel, run in kernels.items():
-                best[kernel] = min(best[kernel], _time_ms(run, 1, calls))
+        best = cpu_int4_gemv.time_kernels(n, k, rows, rounds, calls, GROUP, seed=len(results))
         row = {"shape": name, "N": n, "K": k, "rows": rows, **{f"{kernel}_ms": t for kernel, t in best.items()}}
         if "c" in best:
             row["speedup"] = best["torch"] / best["c"]
@@ -105,7 +80,7 @@ def main(argv=None) -> int:
           f"({torch.backends.cpu.get_cpu_capability()}), {threads} threads, {args.rows} row(s); "
           f"process choice: {cpu_int4_gemv.decode_kernel()}")
     print("| product | N x K | torch ms | C ms | C speed-up |\n|---|---|---|---|---|")
-    results = measure(args.rows, args.rounds, threads, tuple(args.models))
+    results = measure(args.rows, args.rounds, tuple(args.models))
     write_json_atomic(args.out, {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": threads,
                                  "choice": cpu_int4_gemv.decode_kernel().reason, "results": results})
     plot(results, Path(args.out).with_suffix(".png"))
