@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from offload.attention import AttentionBackend, ForwardBatch, OnlineSoftmax, attend, causal_prefill_attention, visible_keys
 from offload.config import ModelArgs
 from offload.errors import OffloadError
-from offload.kernels import CacheArrays, DecodeRanges, store_kv
+from offload.kernels import CacheArrays, DecodeRanges
 from offload.tiers.kv_store import DECODE_BLOCK_TOKENS, KVStore
 
 # Upper bound on one block of attention scores (fp32) in chunked prefill: even where SDPA falls
@@ -144,18 +144,24 @@ class DenseAttention(AttentionBackend):
     def _decode_in_place(self, arrays: CacheArrays, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          batch: ForwardBatch) -> torch.Tensor:
         """A decode step's layer whose KV the CPU kernels store and read in place: what
-        ``kv.write`` then ``_decode`` do for it, without their dispatch. q [B, H, 1, D] -> [B, H, 1, D]."""
-        store_kv(k, v, arrays, *batch.store_at)
-        return self._attend_in_place(arrays, q, batch)
+        ``kv.write`` then ``_decode`` do for it, without their dispatch (on a bf16 cache, one call of
+        the C kernel for both). q [B, H, 1, D] -> [B, H, 1, D]."""
+        B, H, _, D = q.shape
+        ranges = self._decode_ranges(arrays, batch)
+        out, _ = arrays.store_and_attend(q.view(B, H, D), k, v, batch, ranges, self.args.softmax_scale)  # [B, H, D]
+        return out.view(B, H, 1, D)
 
     def _attend_in_place(self, arrays: CacheArrays, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """The in-place kernel over each row's visible tokens: q [B, H, 1, D] -> [B, H, 1, D]."""
         B, H, _, D = q.shape
+        out, _ = arrays.attend(q.view(B, H, D), self._decode_ranges(arrays, batch), self.args.softmax_scale)  # [B, H, D]
+        return out.view(B, H, 1, D)
+
+    def _decode_ranges(self, arrays: CacheArrays, batch: ForwardBatch) -> DecodeRanges:
         plan: DensePlan = batch.plan
         if plan.decode_ranges is None:  # the first layer of the step works them out for all
             plan.decode_ranges = DecodeRanges(*self._visible_ranges(batch), self.args.num_kv_heads, arrays.k.shape[2])
-        out, _ = arrays.attend(q.view(B, H, D), plan.decode_ranges, self.args.softmax_scale)  # [B, H, D]
-        return out.view(B, H, 1, D)
+        return plan.decode_ranges
 
     def _reads_in_place(self, cache_dtype: torch.dtype, visible: int) -> bool:
         """Whether decode attends through the in-place kernel for a cache of this dtype and length."""

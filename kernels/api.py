@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import OffloadError
-from . import reference
+from . import cpu_attention, cpu_int8_gemv, reference
 from .int4_pack import unpack_buffer
 
 _last_backend = {"name": None}
@@ -309,6 +309,7 @@ class DecodeRanges:
         self.lo = np.repeat(np.asarray(lo, np.int64)[:, None], num_kv_heads, axis=1)  # [B, Hkv]
         self.hi = np.repeat(np.asarray(hi, np.int64)[:, None], num_kv_heads, axis=1)  # [B, Hkv]
         self.longest = max(b - a for a, b in zip(lo, hi))
+        self.addresses = (self.lo.ctypes.data, self.hi.ctypes.data)  # what the C kernel takes
         self._splits: dict[int, int] = {}  # threads -> the kernel's tokens per task
 
     def split(self, threads: int) -> int:
@@ -348,6 +349,7 @@ class Int8Arrays:
                              f"dividing K; got codes {tuple(codes.shape)} {codes.dtype}, scales "
                              f"{tuple(scales.shape)} {scales.dtype}")
         self.codes, self.scales = codes.detach().numpy(), scales.detach().numpy()
+        self.addresses = (self.codes.ctypes.data, self.scales.ctypes.data)  # what the C kernel takes
 
     def are_views_of(self, codes: torch.Tensor, scales: torch.Tensor) -> bool:
         """Whether these still view ``codes`` and ``scales`` (a weight refilled in place keeps them)."""
@@ -390,10 +392,13 @@ def int8_group_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor
         raise ValueError("the numba int8 kernels run on CPU tensors")
     if arrays is None:
         arrays = Int8Arrays(codes.contiguous(), scales.contiguous())
+    M = x.shape[0]
+    if cpu_int8_gemv.takes(M, K, arrays.scales.shape[1]):
+        _last_backend["name"] = "c"
+        return cpu_int8_gemv.int8_gemv(x, *arrays.addresses, N, K, arrays.scales.shape[1])  # [M, N]
     from . import cpu_decode, cpu_quant  # numba compiles (or loads from its cache) on first use
 
     cpu_decode.set_threads(torch.get_num_threads())
-    M = x.shape[0]
     codes_np, scales_np = arrays.codes, arrays.scales
     if M <= INT8_GROUP_KERNEL_ROWS:
         out = torch.empty(M, N, dtype=torch.float32)  # [M, N]
@@ -441,6 +446,7 @@ class CacheArrays:
         self.k, self.v = _bits(k), _bits(v)
         # a float cache's scales: never read, a placeholder of the kernel's type
         self.k_scale, self.v_scale = (_bits(k_scale), _bits(v_scale)) if quantized else (_NO_SCALES, _NO_SCALES)
+        self.c_cache = (self.k.ctypes.data, self.v.ctypes.data, *self.k.shape)  # what the C kernel takes
 
     @property
     def parts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -457,9 +463,29 @@ class CacheArrays:
             raise ValueError(f"attend needs CPU q [B, H, D] for a cache of {R} rows x {Hkv} KV heads x {N} tokens x "
                              f"{D} and ranges of B rows over {Hkv} heads and {N} tokens; got q {tuple(q.shape)}, "
                              f"ranges of {ranges.rows} rows, {ranges.num_kv_heads} heads, {ranges.capacity} tokens")
+        if q.dtype == torch.bfloat16 and cpu_attention.takes(self.k, q.shape[1]):
+            return cpu_attention.store_and_attend(q, None, None, None, self.c_cache, ranges.addresses, scale)
         threads = torch.get_num_threads()
         return _attend_numba(q, self.parts, NO_IDS, ranges.lo, ranges.hi, scale, ranges.longest, threads,
                              ranges.split(threads))
+
+    def store_and_attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch,
+                         ranges: DecodeRanges, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`store_kv` of a decode step's new token a row (k/v [B, Hkv, 1, D], at the cache rows
+        and positions of ``batch``, a ForwardBatch) then :meth:`attend`: on a bf16 cache where the C
+        kernel takes it, one call for both."""
+        if (q.dtype == k.dtype == v.dtype == torch.bfloat16 == self.dtype and k.shape[2] == 1
+                and cpu_attention.takes(self.k, q.shape[1])):
+            R, Hkv, N, D = self.k.shape
+            B = q.shape[0]
+            if not (q.dim() == 3 and q.shape[2] == D and ranges.rows == B and ranges.num_kv_heads == Hkv
+                    and ranges.capacity == N and k.shape == v.shape == (B, Hkv, 1, D) and k.is_cpu and v.is_cpu):
+                raise ValueError(f"store_and_attend needs q [B, H, {D}], k/v [B, {Hkv}, 1, {D}] on the CPU and ranges "
+                                 f"of B rows over {Hkv} heads and {N} tokens; got q {tuple(q.shape)}, k "
+                                 f"{tuple(k.shape)}, v {tuple(v.shape)}, ranges of {ranges.rows} rows")
+            return cpu_attention.store_and_attend(q, k, v, batch.store_addresses, self.c_cache, ranges.addresses, scale)
+        store_kv(k, v, self, *batch.store_at)
+        return self.attend(q, ranges, scale)
 
     def gather(self, q: torch.Tensor, dense: np.ndarray, selected: np.ndarray, counts: np.ndarray,
                scale: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,42 +13,27 @@ probe weight and the C kernel is taken where it is clearly faster (on the AVX2 E
 one row; on a CPU whose torch kernel runs AVX-512 the probe decides). ``OFFLOAD_INT4_DECODE_KERNEL=c|torch`` sets
 the choice instead (``auto``, the default, measures).
 
-Built on first use with the system's C compiler (``-O3 -march=native``: the CPU this runs on) into
-``$XDG_CACHE_HOME/offload/kernels/`` under a name that digests the source, the flags, the compiler's
-version and the CPU's feature flags, so a changed source or another CPU builds again; the build is
-written to a temporary name and renamed (a killed build leaves no half library; its temporary files
-are removed by the next build). Without a compiler, on another architecture, or where the build or the
-load fails, :func:`library` is None, says why once, and products keep to torch's kernel.
+Built with the other C kernels (:mod:`.cbuild`); where they are not there, products keep to torch's
+kernel.
 
 Shapes: M input rows, N output features, K input features.
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import hashlib
 import os
-import platform
-import shutil
-import subprocess
-import sys
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from ..errors import OffloadError
-from ..fileio import cache_root
+from .cbuild import library
 from .int4_pack import GEMV_ROWS, Int4PackLayout, int4_pack_layout
 
-SOURCE = Path(__file__).with_name("cpu_int4_gemv.c")
-COMPILE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 PAIRED_BLOCK_ROWS = 32  # the layout whose blocks take input rows in pairs: past one row, only it (measured)
 BLOCK_ROWS = (32, 64)  # the packed layouts the kernel reads (AVX2's and AVX-512's blocks, halves form)
-BUILD_TIMEOUT_S = 120
 KERNEL_ENV = "OFFLOAD_INT4_DECODE_KERNEL"
 # The probe the choice is timed on: a decode product of 2M weights (a small model's FFN, 1 MiB of codes).
 PROBE_N, PROBE_K, PROBE_GROUP = 2048, 1024, 32
@@ -56,88 +41,6 @@ PROBE_ROUNDS, PROBE_CALLS = 5, 4  # alternating rounds of a few calls each; each
 # The C kernel is taken when its best round is at most this share of torch's: a near tie keeps torch's
 # kernel (the one the rest of the ecosystem runs).
 FASTER_SHARE = 0.9
-STALE_TEMP_S = 3600  # a temporary build file older than this is a killed build's: removed
-
-
-def cache_dir() -> Path:
-    return cache_root() / "kernels"
-
-
-def _cpu_flags() -> str:
-    """The CPU's feature flags (the build is -march=native: a cache shared by two CPUs must not mix)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def _compiler() -> tuple[str, str] | None:
-    """(path, version line) of the C compiler ($CC, else cc or gcc), or None."""
-    for name in (os.environ.get("CC"), "cc", "gcc"):
-        path = shutil.which(name) if name else None
-        if path:
-            try:
-                version = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30).stdout
-            except (OSError, subprocess.SubprocessError):
-                continue
-            return path, version.splitlines()[0] if version else ""
-    return None
-
-
-def _say(why: str) -> None:
-    print(f"offload: int4 decode products use torch's kernel ({why})", file=sys.stderr)
-
-
-def _build(compiler: str, target: Path) -> None:
-    """Compile SOURCE into ``target`` atomically (temporary name in the same folder, then rename)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    now = time.time()
-    for stale in target.parent.glob(".build-*.so"):  # a killed build's leftovers
-        try:
-            if now - stale.stat().st_mtime > STALE_TEMP_S:
-                stale.unlink()
-        except OSError:
-            pass
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".build-", suffix=".so")
-    os.close(fd)
-    try:
-        done = subprocess.run([compiler, *COMPILE_FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
-                              timeout=BUILD_TIMEOUT_S)
-        if done.returncode:
-            raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-@functools.cache
-def library() -> ctypes.CDLL | None:
-    """The built kernel, loaded (built first if this source, compiler and CPU have none cached), or
-    None where it cannot be (said once, on stderr)."""
-    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return None  # the kernel is x86 (AVX2) code; nothing to say on other machines
-    compiler = _compiler()
-    if compiler is None:
-        _say("no C compiler found: set CC, or install gcc")
-        return None
-    key = hashlib.sha256("\n".join((SOURCE.read_text(), " ".join(COMPILE_FLAGS), compiler[1], _cpu_flags()))
-                         .encode()).hexdigest()[:20]
-    target = cache_dir() / f"cpu_int4_gemv-{key}.so"
-    try:
-        if not target.exists():
-            _build(compiler[0], target)
-        lib = ctypes.CDLL(str(target))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        _say(f"the C kernel did not build or load: {e}")
-        return None
-    fn = lib.int4_gemv
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 6
-    return lib
 
 
 def takes(packed: torch.Tensor, layout: Int4PackLayout | None, group: int) -> bool:

@@ -63,6 +63,13 @@ class ForwardBatch:
         KV stores take them: worked out once per call, not once per layer."""
         return np.asarray(self.rows, np.int64), np.asarray(self.start_lengths, np.int64)
 
+    @functools.cached_property
+    def store_addresses(self) -> tuple[int, int]:
+        """The addresses of :attr:`store_at`'s two arrays, as the C decode kernel takes them (numpy's
+        ``.ctypes.data`` costs a microsecond; every layer of a step asks)."""
+        rows, starts = self.store_at
+        return rows.ctypes.data, starts.ctypes.data
+
     @classmethod
     def prefill(cls, row: int, start: int, num_tokens: int, device: torch.device,
                 token_ids: list[int] | None = None) -> "ForwardBatch":

@@ -1,0 +1,100 @@
+"""The C decode-attention kernel (kernels/cpu_attention.c) on bf16 caches against the plain-torch
+reference over a grid of heads, query groups, head dims, rows and visible ranges; the new token's
+store fused into the call; refusals and the fallback to numba's kernel."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from offload.attention import ForwardBatch
+from offload.kernels import cbuild, cpu_attention, kv_decode_attention_ref
+from offload.kernels.api import CacheArrays, DecodeRanges
+
+needs_kernel = pytest.mark.skipif(not cpu_attention.chosen(), reason="the C kernels do not build here")
+
+
+def _cache(B: int, Hkv: int, N: int, D: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    k = (torch.randn(B, Hkv, N, D, generator=g) * 2).to(torch.bfloat16)  # [B, Hkv, N, D]
+    v = torch.randn(B, Hkv, N, D, generator=g).to(torch.bfloat16)
+    return k, v
+
+
+@needs_kernel
+@pytest.mark.parametrize("H,Hkv", [(9, 3), (8, 8), (28, 4), (32, 2)])  # groups of 3, 1, 7 and 16 queries
+@pytest.mark.parametrize("D", [16, 64, 128, 256])
+@pytest.mark.parametrize("B,N,lo,hi", [(1, 600, [0], [531]), (3, 300, [0, 5, 37], [297, 150, 40]), (2, 40, [3, 0], [4, 40])])
+def test_c_kernel_matches_the_reference_and_reads_only_the_visible_tokens(H, Hkv, D, B, N, lo, hi):
+    """Ranges of one token, of a block's remainder and of several splits; everything outside them
+    NaN (never read); out to bf16 rounding, the log-sum-exp to fp32's."""
+    k, v = _cache(B, Hkv, N, D, seed=H * D + N)
+    q = (torch.randn(B, H, D, generator=torch.Generator().manual_seed(B)) * 2).to(torch.bfloat16)  # [B, H, D]
+    want, want_lse = kv_decode_attention_ref(q.float(), k.float(), v.float(), torch.tensor(lo), torch.tensor(hi), D ** -0.5)
+    for b in range(B):  # what no row sees may hold anything
+        k[b, :, :lo[b]], k[b, :, hi[b]:], v[b, :, :lo[b]], v[b, :, hi[b]:] = (float("nan"),) * 4
+    got, lse = CacheArrays(k, v).attend(q, DecodeRanges(lo, hi, Hkv, N), D ** -0.5)
+    assert got.shape == (B, H, D) and got.dtype == torch.bfloat16 and lse.shape == (B, H)
+    assert (got.float() - want).abs().max().item() <= 8e-3 * max(1.0, want.abs().max().item())
+    assert torch.allclose(lse, want_lse, atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
+def test_the_store_lands_before_the_read_and_a_position_outside_raises():
+    """store_and_attend writes the step's key and value at each row's position and attends them (the
+    same as storing with torch, then attending); a position past the cache raises and writes nothing."""
+    B, H, Hkv, N, D = 2, 9, 3, 64, 64
+    k, v = _cache(B, Hkv, N, D, seed=1)
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(B, H, D, generator=g).to(torch.bfloat16)
+    k_new = torch.randn(B, Hkv, 1, D, generator=g).to(torch.bfloat16)  # [B, Hkv, 1, D]
+    v_new = torch.randn(B, Hkv, 1, D, generator=g).to(torch.bfloat16)
+    lengths = [20, 33]
+    batch = ForwardBatch.decode(lengths, torch.device("cpu"))
+    want_k, want_v = k.clone(), v.clone()
+    for b, n in enumerate(lengths):
+        want_k[b, :, n], want_v[b, :, n] = k_new[b, :, 0], v_new[b, :, 0]
+    ranges = DecodeRanges([0, 0], [n + 1 for n in lengths], Hkv, N)
+    arrays = CacheArrays(k, v)
+    got, lse = arrays.store_and_attend(q, k_new, v_new, batch, ranges, D ** -0.5)
+    assert torch.equal(k, want_k) and torch.equal(v, want_v)
+    want, want_lse = kv_decode_attention_ref(q.float(), want_k.float(), want_v.float(), torch.tensor([0, 0]),
+                                             torch.tensor(ranges.hi[:, 0]), D ** -0.5)
+    assert (got.float() - want).abs().max().item() <= 8e-3 and torch.allclose(lse, want_lse, atol=1e-5)
+    before = k.clone()
+    with pytest.raises(ValueError, match="lie outside the cache"):
+        arrays.store_and_attend(q, k_new, v_new, ForwardBatch.decode([N, 3], torch.device("cpu")), ranges, D ** -0.5)
+    assert torch.equal(k, before)
+
+
+@needs_kernel
+def test_a_nan_reaches_the_output():
+    """A NaN in a visible key gives NaN outputs for its KV head's queries (the engine's check then
+    reports it), never a silently finite answer; the other heads stay finite."""
+    k, v = _cache(1, 3, 200, 64, seed=3)
+    k[0, 1, 150, 7] = float("nan")
+    q = torch.randn(1, 9, 64).to(torch.bfloat16)
+    got, _ = CacheArrays(k, v).attend(q, DecodeRanges([0], [200], 3, 200), 0.125)
+    assert got[0, 3:6].isnan().all() and got[0, :3].isfinite().all() and got[0, 6:].isfinite().all()
+
+
+def test_shapes_the_kernel_does_not_take_go_to_numba(monkeypatch):
+    """A head_dim off its multiple of 16, a group past 16 queries, an fp32 cache, or
+    OFFLOAD_DECODE_ATTENTION=numba: numba's kernel answers, with the same numbers."""
+    k, v = _cache(1, 2, 50, 64, seed=4)
+    assert not cpu_attention.takes(CacheArrays(k, v).k, 34)  # 17 queries a KV head
+    assert not cpu_attention.takes(CacheArrays(k[..., :40].contiguous(), v[..., :40].contiguous()).k, 4)
+    assert not cpu_attention.takes(CacheArrays(k.float(), v.float()).k, 4)
+    q = torch.randn(1, 4, 64).to(torch.bfloat16)
+    ranges = DecodeRanges([0], [50], 2, 50)
+    c_out, c_lse = CacheArrays(k, v).attend(q, ranges, 0.125)
+    monkeypatch.setenv(cpu_attention.KERNEL_ENV, "numba")
+    cpu_attention.chosen.cache_clear()
+    try:
+        assert not cpu_attention.chosen()
+        numba_out, numba_lse = CacheArrays(k, v).attend(q, ranges, 0.125)
+    finally:
+        monkeypatch.delenv(cpu_attention.KERNEL_ENV)
+        cpu_attention.chosen.cache_clear()
+    assert (c_out.float() - numba_out.float()).abs().max().item() <= 8e-3 and torch.allclose(c_lse, numba_lse, atol=1e-5)
+    assert cpu_attention.chosen() == (cbuild.library() is not None)
