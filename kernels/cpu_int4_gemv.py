@@ -135,10 +135,26 @@ def decode_rows() -> int:
 
 
 def decode_product(packed: torch.Tensor, scales_zeros: torch.Tensor, group: int):
-    """The C kernel bound to one weight (x bf16 [M, K] -> bf16 [M, N]) when it
-    is this process's choice and reads this weight; else None (torch's kernel)."""
+    """The C kernel bound to one weight when it is this process's choice and reads this weight; else
+    None (torch's kernel). The product: x bf16 [M, K] contiguous (M up to :func:`decode_rows`) ->
+    bf16 [M, N], written into ``out`` [M, N] when given (a decode step's buffer: no allocation per
+    call). The weight's addresses are taken now: bind it to a weight whose storage stays put."""
     layout = int4_pack_layout()
     if not (packed.is_cpu and takes(packed, layout, group) and decode_kernel().name == "c"):
         return None
-    block_rows = layout.block_rows
-    return lambda x: int4_gemv(x, packed, scales_zeros, group, block_rows, torch.get_num_threads())
+    block_rows, kernel = layout.block_rows, library().int4_gemv
+    packed_at, scales_at = packed.data_ptr(), scales_zeros.data_ptr()
+    N, K = packed.shape[0], 2 * packed.shape[1]
+
+    def product(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        if x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[1] != K or not x.is_contiguous():
+            raise ValueError(f"the int4 decode product takes contiguous bf16 rows [M, {K}]; got {x.dtype} {tuple(x.shape)}")
+        M = x.shape[0]
+        if out is None:
+            out = torch.empty(M, N, dtype=torch.bfloat16)  # [M, N]
+        rc = kernel(packed_at, scales_at, x.data_ptr(), out.data_ptr(), M, N, K, group, block_rows,
+                    torch.get_num_threads())
+        if rc:
+            raise RuntimeError(f"int4_gemv refused {M} x {K} @ {N} x {K} (group {group}, blocks of {block_rows}): code {rc}")
+        return out
+    return product

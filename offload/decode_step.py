@@ -44,8 +44,9 @@ def binds(device_type: str, bf16: bool, qk_norm: bool, streamed: bool) -> bool:
     return device_type == "cpu" and bf16 and not qk_norm and not streamed
 
 
-# A projection bound to its weight: x [B, K] in the compute dtype -> [B, N].
-Product = Callable[[torch.Tensor], torch.Tensor]
+# A projection bound to its weight: (x [B, K] in the compute dtype, out [B, N]) -> [B, N], the result
+# written into out where the kernel can (the C kernel), else a fresh tensor.
+Product = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def bind_product(weight: torch.Tensor | Int4Weight | Int8Weight, bias: torch.Tensor | None = None) -> Product:
@@ -60,14 +61,14 @@ def bind_product(weight: torch.Tensor | Int4Weight | Int8Weight, bias: torch.Ten
         c_kernel = decode_product(packed, scales_zeros, group)  # None: torch's is this process's choice
         c_rows = decode_rows() if c_kernel is not None else 0
 
-        def kernel(x):  # [B, K] -> [B, N]: the one linear would run for B rows
+        def kernel(x, out):  # [B, K] -> [B, N]: the one linear would run for B rows
             if x.shape[0] <= c_rows:
-                return c_kernel(x)
+                return c_kernel(x, out)
             return torch_kernel(x, packed, group, scales_zeros)
         if bias is None:
             return kernel
-        return lambda x: kernel(x) + bias  # [B, N]
-    return lambda x: linear(x, weight, bias)  # [B, N]
+        return lambda x, out: kernel(x, out).add_(bias)  # [B, N]
+    return lambda x, out: linear(x, weight, bias)  # [B, N]
 
 
 @dataclass(frozen=True)
@@ -87,17 +88,21 @@ class LayerCalls:
 class RowBuffers:
     """A step's buffers for B rows, whose contents never outlive the next call that reads them: the
     residual stream and its sum, alternating (each layer reads one and writes the other), the
-    normed rows and the SiLU gate's output."""
+    normed rows, the SiLU gate's output, and the products' outputs (each read by the next call)."""
 
     x: torch.Tensor  # [B, hidden]
     summed: torch.Tensor  # [B, hidden]
     normed: torch.Tensor  # [B, hidden]
     act: torch.Tensor  # [B, I]
+    qkv: torch.Tensor  # [B, (H + 2 Hkv) D]
+    o: torch.Tensor  # [B, hidden]
+    gate_up: torch.Tensor  # [B, 2I]
+    down: torch.Tensor  # [B, hidden]
 
     @classmethod
-    def empty(cls, rows: int, hidden: int, intermediate: int, dtype: torch.dtype) -> "RowBuffers":
-        return cls(*(torch.empty(rows, hidden, dtype=dtype) for _ in range(3)),
-                   torch.empty(rows, intermediate, dtype=dtype))
+    def empty(cls, rows: int, hidden: int, intermediate: int, qkv: int, dtype: torch.dtype) -> "RowBuffers":
+        widths = (hidden, hidden, hidden, intermediate, qkv, hidden, 2 * intermediate, hidden)
+        return cls(*(torch.empty(rows, width, dtype=dtype) for width in widths))
 
 
 class CpuDecodeStep:
@@ -127,7 +132,8 @@ class CpuDecodeStep:
         B = len(batch.rows)
         buffers = self._buffers.get(B)
         if buffers is None:
-            buffers = self._buffers[B] = RowBuffers.empty(B, self.hidden, self.intermediate, self.dtype)
+            buffers = self._buffers[B] = RowBuffers.empty(B, self.hidden, self.intermediate, (H + 2 * Hkv) * D,
+                                                          self.dtype)
         x, summed, normed, act = buffers.x, buffers.summed, buffers.normed, buffers.act
         x.copy_(self.embed(tokens).view(B, -1))  # [B, hidden]
         cos, sin = self.rope.cos_sin(batch.positions, self.dtype)  # [B, 1, 1, D] each
@@ -138,14 +144,15 @@ class CpuDecodeStep:
                 row_ops.rms_norm_into(x, layer.attn_norm, layer.eps, normed)
             else:  # x <- summed + residual, normed <- its norm
                 row_ops.add_rms_norm_into(summed, residual, layer.attn_norm, layer.eps, x, normed)
-            qkv = layer.qkv(normed)  # [B, (H + 2 Hkv) D]
+            qkv = layer.qkv(normed, buffers.qkv)  # [B, (H + 2 Hkv) D]
             # q, k, v and what attention returns are fresh per layer: a backend may keep them
             q, k, v = row_ops.rope_split_into(qkv, cos, sin, torch.empty(B, H, 1, D, dtype=self.dtype),
                                               torch.empty(B, Hkv, 1, D, dtype=self.dtype),
                                               torch.empty(B, Hkv, 1, D, dtype=self.dtype))  # [B, H|Hkv, 1, D]
             attended = backend.forward(i, q, k, v, batch)  # [B, H, 1, D]
-            o = layer.o(attended.reshape(B, H * D))  # [B, hidden]
+            o = layer.o(attended.reshape(B, H * D), buffers.o)  # [B, hidden]
             row_ops.add_rms_norm_into(x, o, layer.ffn_norm, layer.eps, summed, normed)  # summed <- x + o
-            residual = layer.down(row_ops.silu_mul_into(layer.gate_up(normed), act))  # [B, hidden]
+            gate_up = layer.gate_up(normed, buffers.gate_up)  # [B, 2I]
+            residual = layer.down(row_ops.silu_mul_into(gate_up, act), buffers.down)  # [B, hidden]
         backend.end(batch)
         return self.head((summed + residual).view(B, 1, -1))  # [B, 1, V]
