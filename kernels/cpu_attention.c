@@ -14,10 +14,11 @@
  * Arithmetic (fp32 throughout; the numbers of the plain-torch reference to fp32 rounding): the
  * visible tokens of each (row, KV head) are cut into splits that run in parallel (OpenMP) and merge
  * by their running max and sum (flash-decoding). A split takes BLOCK tokens at a time: their keys
- * and values are widened to fp32 once into buffers that stay in L1 (bf16 is an fp32's high half:
- * exact), the G queries score them (eight tokens' sums reduced together, no horizontal sum per
- * token), the block's softmax update runs in base 2 (the queries are scaled by log2 e: one exp2 per
- * score, a polynomial, no libm call), and the G outputs take the values in register tiles.
+ * are widened to fp32 once into a buffer that stays in L1 (bf16 is an fp32's high half: exact), the
+ * G queries score them (eight tokens' sums reduced together, no horizontal sum per token), the
+ * block's softmax update runs in base 2 (the queries are scaled by log2 e: one exp2 per score, a
+ * polynomial, no libm call), and the G outputs take the values, widened as they are read, in
+ * register tiles of up to 4 queries x 16 columns (values through a buffer: 10-15% slower).
  * A NaN anywhere in q, k or v reaches the output as NaN (the engine's check reports it).
  */
 #include <immintrin.h>
@@ -80,9 +81,9 @@ static inline __m256 exp2_ps(__m256 x) {
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
-/* acc[i, :] += sum_t p[i, t] vw[t, :] for GN (a constant where inlined: the tile stays in registers)
+/* acc[i, :] += sum_t p[i, t] v[t, :] (bf16 rows, widened as read) for GN (a constant where inlined: the tile stays in registers)
  * queries, p rows BLOCK apart. */
-static inline __attribute__((always_inline)) void value_tiles(float *acc, const float *p, const float *vw, int n,
+static inline __attribute__((always_inline)) void value_tiles(float *acc, const float *p, const uint16_t *vb, int n,
                                                               int D, const int GN) {
     for (int c = 0; c < D; c += 16) {
         __m256 a[4][2];
@@ -91,7 +92,7 @@ static inline __attribute__((always_inline)) void value_tiles(float *acc, const 
             a[i][1] = _mm256_loadu_ps(acc + i * D + c + 8);
         }
         for (int t = 0; t < n; t++) {
-            const __m256 v0 = _mm256_load_ps(vw + t * D + c), v1 = _mm256_load_ps(vw + t * D + c + 8);
+            const __m256 v0 = widen8(vb + (size_t)t * D + c), v1 = widen8(vb + (size_t)t * D + c + 8);
             for (int i = 0; i < GN; i++) {
                 const __m256 w = _mm256_broadcast_ss(p + i * BLOCK + t);
                 a[i][0] = _mm256_fmadd_ps(w, v0, a[i][0]);
@@ -111,7 +112,6 @@ static inline __attribute__((always_inline)) void value_tiles(float *acc, const 
 static void attend_split(const float *qs, const uint16_t *k, const uint16_t *v, int64_t p0, int64_t p1, int G,
                          int D, float *acc, float *mx, float *sm) {
     float kw[BLOCK * MAX_DIM] __attribute__((aligned(32))); /* the block's keys, fp32 [BLOCK, D] */
-    float vw[BLOCK * MAX_DIM] __attribute__((aligned(32))); /* its values */
     float sc[MAX_GROUP][BLOCK] __attribute__((aligned(32))); /* scores, then their exp2 */
     const int J = D / 8;
     for (int g = 0; g < G; g++) {
@@ -130,7 +130,6 @@ static void attend_split(const float *qs, const uint16_t *k, const uint16_t *v, 
         for (int t = 0; t < n; t++)
             for (int j = 0; j < J; j++) {
                 _mm256_store_ps(kw + t * D + 8 * j, widen8(kb + (size_t)t * D + 8 * j));
-                _mm256_store_ps(vw + t * D + 8 * j, widen8(vb + (size_t)t * D + 8 * j));
             }
         for (int t = n; t < n8; t++) memset(kw + t * D, 0, sizeof(float) * D); /* padding: scored, then dropped */
         for (int g = 0; g < G; g++) {
@@ -171,10 +170,10 @@ static void attend_split(const float *qs, const uint16_t *k, const uint16_t *v, 
         /* acc[g] += sum_t p[g, t] v[t]: tiles of 16 columns for up to 4 queries held in registers */
         for (int g0 = 0; g0 < G; g0 += 4) {
             switch (G - g0) {
-                case 1: value_tiles(acc + g0 * D, sc[g0], vw, n, D, 1); break;
-                case 2: value_tiles(acc + g0 * D, sc[g0], vw, n, D, 2); break;
-                case 3: value_tiles(acc + g0 * D, sc[g0], vw, n, D, 3); break;
-                default: value_tiles(acc + g0 * D, sc[g0], vw, n, D, 4); break;
+                case 1: value_tiles(acc + g0 * D, sc[g0], vb, n, D, 1); break;
+                case 2: value_tiles(acc + g0 * D, sc[g0], vb, n, D, 2); break;
+                case 3: value_tiles(acc + g0 * D, sc[g0], vb, n, D, 3); break;
+                default: value_tiles(acc + g0 * D, sc[g0], vb, n, D, 4); break;
             }
         }
     }

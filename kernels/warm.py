@@ -17,6 +17,7 @@ import torch
 
 from . import row_ops
 from .api import NUMBA_DTYPES, CacheArrays, DecodeRanges, KiviArrays, int8_group_linear, merge_attention, store_kv
+from .cbuild import library
 from .int4_pack import INT4_GEMM_ROWS, int4_group_linear
 
 # Tiny shapes of valid arguments: one KV head of 8 dims over 16 tokens; a weight of one packing tile.
@@ -28,6 +29,7 @@ def warm_cpu_kernels(dtype: torch.dtype, kv_dtype: torch.dtype, quantize: str | 
     codes with scales in ``dtype``; uint8: KIVI's packed codes) and weight scheme ``quantize`` uses,
     once, on tiny arrays."""
     gen = torch.Generator().manual_seed(0)
+    library()  # the C kernels (decode attention on a bf16 cache, few-row products): built here if not cached
     if kv_dtype in NUMBA_DTYPES and dtype in NUMBA_DTYPES:  # (an fp16 model attends through torch)
         _warm_cache_kernels(dtype, kv_dtype, gen)
     if kv_dtype == torch.uint8 and dtype in (torch.bfloat16, torch.float32):  # KIVI's decode kernel
