@@ -502,6 +502,10 @@ class CacheArrays:
             raise ValueError(f"gather needs CPU q [B, H, D] for a cache of {R} rows x {Hkv} KV heads x {D}, dense ids "
                              f"[B, Nd], int32 selected ids [B, {Hkv}, S] and counts [B, {Hkv}]; got q {tuple(q.shape)}, "
                              f"dense {dense.shape}, selected {selected.shape} {selected.dtype}, counts {counts.shape}")
+        if q.dtype == torch.bfloat16 and cpu_attention.takes(self.k, q.shape[1]):
+            ids, lo, hi = _id_lists(dense, selected, counts)  # [B, Hkv, M], [B, Hkv] x2
+            return cpu_attention.store_and_attend(q, None, None, None, self.c_cache, (lo.ctypes.data, hi.ctypes.data),
+                                                  scale, ids=(ids.ctypes.data, ids.shape[2]))
         return _attend_lists(q, self.parts, dense, selected, counts, scale)
 
     def check_views_of(self, k: torch.Tensor) -> None:
@@ -721,13 +725,20 @@ def _attend_lists(q, cache, dense: np.ndarray, selected: np.ndarray, counts: np.
     """The numba kernel over one id list per (row, KV head): the dense part dense [B, Nd] first (an
     id that does not exist in a short sequence is -1, skipped), then the first counts [B, Hkv] of the
     selection selected [B, Hkv, S] int32."""
+    ids, lo, hi = _id_lists(dense, selected, counts)
+    return _attend_numba(q, cache, ids, lo, hi, scale, int(hi.max()))
+
+
+def _id_lists(dense: np.ndarray, selected: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One id list per (row, KV head), dense [B, Nd] then selected [B, Hkv, S] -> (ids [B, Hkv, Nd + S]
+    int32, lo, hi [B, Hkv] int64: positions 0 .. Nd + counts - 1 of each list)."""
     B, Hkv, S = selected.shape
     Nd = dense.shape[1]
     ids = np.empty((B, Hkv, Nd + S), np.int32)  # [B, Hkv, Nd + S]
     ids[:, :, :Nd] = dense[:, None]
     ids[:, :, Nd:] = selected
     hi = Nd + counts.astype(np.int64)  # [B, Hkv]
-    return _attend_numba(q, cache, ids, np.zeros_like(hi), hi, scale, int(hi.max()))
+    return ids, np.zeros_like(hi), hi
 
 
 @functools.lru_cache(maxsize=8)

@@ -81,10 +81,10 @@ static inline __m256 exp2_ps(__m256 x) {
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
-/* acc[i, :] += sum_t p[i, t] v[t, :] (bf16 rows, widened as read) for GN (a constant where inlined: the tile stays in registers)
+/* acc[i, :] += sum_t p[i, t] v[at[t], :] (bf16 rows, widened as read) for GN (a constant where inlined: the tile stays in registers)
  * queries, p rows BLOCK apart. */
-static inline __attribute__((always_inline)) void value_tiles(float *acc, const float *p, const uint16_t *vb, int n,
-                                                              int D, const int GN) {
+static inline __attribute__((always_inline)) void value_tiles(float *acc, const float *p, const uint16_t *v,
+                                                              const int64_t *at, int n, int D, const int GN) {
     for (int c = 0; c < D; c += 16) {
         __m256 a[4][2];
         for (int i = 0; i < GN; i++) {
@@ -92,7 +92,8 @@ static inline __attribute__((always_inline)) void value_tiles(float *acc, const 
             a[i][1] = _mm256_loadu_ps(acc + i * D + c + 8);
         }
         for (int t = 0; t < n; t++) {
-            const __m256 v0 = widen8(vb + (size_t)t * D + c), v1 = widen8(vb + (size_t)t * D + c + 8);
+            const uint16_t *row = v + (size_t)at[t] * D + c;
+            const __m256 v0 = widen8(row), v1 = widen8(row + 8);
             for (int i = 0; i < GN; i++) {
                 const __m256 w = _mm256_broadcast_ss(p + i * BLOCK + t);
                 a[i][0] = _mm256_fmadd_ps(w, v0, a[i][0]);
@@ -107,29 +108,47 @@ static inline __attribute__((always_inline)) void value_tiles(float *acc, const 
 }
 
 /* One task: the G queries qs [G, D] (scaled by softmax scale x log2 e) over the tokens p0 .. p1 - 1
- * of one (row, KV head)'s keys k and values v [N, D]. Leaves the unnormalised output acc [G, D], the
- * running max mx [G] (base 2) and sum sm [G]. */
-static void attend_split(const float *qs, const uint16_t *k, const uint16_t *v, int64_t p0, int64_t p1, int G,
-                         int D, float *acc, float *mx, float *sm) {
+ * of one (row, KV head)'s keys k and values v [N, D], or over the tokens ids[p0 .. p1 - 1] when ids is
+ * not NULL (a sparse policy's selection; a negative id is skipped). Leaves the unnormalised output
+ * acc [G, D], the running max mx [G] (base 2) and sum sm [G]. */
+static void attend_split(const float *qs, const uint16_t *k, const uint16_t *v, const int32_t *ids, int64_t p0,
+                         int64_t p1, int G, int D, float *acc, float *mx, float *sm) {
     float kw[BLOCK * MAX_DIM] __attribute__((aligned(32))); /* the block's keys, fp32 [BLOCK, D] */
     float sc[MAX_GROUP][BLOCK] __attribute__((aligned(32))); /* scores, then their exp2 */
+    int64_t at[BLOCK];                                       /* the block's token ids */
     const int J = D / 8;
+    const size_t row_bytes = sizeof(uint16_t) * (size_t)D;
     for (int g = 0; g < G; g++) {
         mx[g] = -INFINITY;
         sm[g] = 0.0f;
     }
     memset(acc, 0, sizeof(float) * (size_t)G * D);
-    for (int64_t u0 = p0; u0 < p1; u0 += BLOCK) {
-        const int n = (int)(p1 - u0 < BLOCK ? p1 - u0 : BLOCK);
-        const int n8 = (n + 7) & ~7;
-        const uint16_t *kb = k + (size_t)u0 * D, *vb = v + (size_t)u0 * D;
-        if (u0 + BLOCK < p1) { /* the next block's first lines: the stream's start, before the prefetcher sees it */
-            _mm_prefetch((const char *)(kb + (size_t)BLOCK * D), _MM_HINT_T0);
-            _mm_prefetch((const char *)(vb + (size_t)BLOCK * D), _MM_HINT_T0);
+    for (int64_t u = p0; u < p1;) {
+        int n = 0;
+        if (!ids) {
+            for (; n < BLOCK && u < p1; n++) at[n] = u++;
+            if (u < p1) { /* the next block's first lines: the stream's start, before the prefetcher sees it */
+                _mm_prefetch((const char *)(k + (size_t)u * D), _MM_HINT_T0);
+                _mm_prefetch((const char *)(v + (size_t)u * D), _MM_HINT_T0);
+            }
+        } else {
+            while (n < BLOCK && u < p1) {
+                const int32_t t = ids[u++];
+                if (t >= 0) at[n++] = t;
+            }
+            /* scattered rows: every line of the block's keys and values asked for at once, independent
+             * loads the core keeps in flight together, before the first is waited on */
+            for (int t = 0; t < n; t++)
+                for (size_t line = 0; line < row_bytes; line += 64) {
+                    _mm_prefetch((const char *)(k + (size_t)at[t] * D) + line, _MM_HINT_T0);
+                    _mm_prefetch((const char *)(v + (size_t)at[t] * D) + line, _MM_HINT_T0);
+                }
         }
+        if (n == 0) continue;
+        const int n8 = (n + 7) & ~7;
         for (int t = 0; t < n; t++)
             for (int j = 0; j < J; j++) {
-                _mm256_store_ps(kw + t * D + 8 * j, widen8(kb + (size_t)t * D + 8 * j));
+                _mm256_store_ps(kw + t * D + 8 * j, widen8(k + (size_t)at[t] * D + 8 * j));
             }
         for (int t = n; t < n8; t++) memset(kw + t * D, 0, sizeof(float) * D); /* padding: scored, then dropped */
         for (int g = 0; g < G; g++) {
@@ -170,36 +189,43 @@ static void attend_split(const float *qs, const uint16_t *k, const uint16_t *v, 
         /* acc[g] += sum_t p[g, t] v[t]: tiles of 16 columns for up to 4 queries held in registers */
         for (int g0 = 0; g0 < G; g0 += 4) {
             switch (G - g0) {
-                case 1: value_tiles(acc + g0 * D, sc[g0], vb, n, D, 1); break;
-                case 2: value_tiles(acc + g0 * D, sc[g0], vb, n, D, 2); break;
-                case 3: value_tiles(acc + g0 * D, sc[g0], vb, n, D, 3); break;
-                default: value_tiles(acc + g0 * D, sc[g0], vb, n, D, 4); break;
+                case 1: value_tiles(acc + g0 * D, sc[g0], v, at, n, D, 1); break;
+                case 2: value_tiles(acc + g0 * D, sc[g0], v, at, n, D, 2); break;
+                case 3: value_tiles(acc + g0 * D, sc[g0], v, at, n, D, 3); break;
+                default: value_tiles(acc + g0 * D, sc[g0], v, at, n, D, 4); break;
             }
         }
     }
 }
 
 /* Store the new keys and values (k_new/v_new NULL: none), then attend (see the top of the file).
- * q [B, H, D], caches [R, Hkv, N, D], lo/hi [B, Hkv] int64, rows/starts [B] int64; writes out [B, H,
- * D] bf16 and lse [B, H] fp32 (natural log of the scaled scores' exp-sum, as the numba kernel gives
- * it; no token: out 0, lse -inf). Returns 0; -1 for shapes it does not take; -2 out of memory; a
- * positive count of new tokens (or visible ranges) lying outside the cache (nothing attended). */
+ * q [B, H, D], caches [R, Hkv, N, D], lo/hi [B, Hkv] int64, rows/starts [B] int64; ids NULL, or the
+ * token ids [B, Hkv, M] int32 that lo..hi index (negative: skipped). Writes out [B, H, D] bf16 and
+ * lse [B, H] fp32 (natural log of the scaled scores' exp-sum, as the numba kernel gives it; no token:
+ * out 0, lse -inf). Returns 0; -1 for shapes it does not take; -2 out of memory; a positive count of
+ * new tokens, visible ranges or listed ids lying outside the cache (nothing attended). */
 int decode_attention_bf16(const uint16_t *q, const uint16_t *k_new, const uint16_t *v_new, const int64_t *rows,
                           const int64_t *starts, uint16_t *k_cache, uint16_t *v_cache, const int64_t *lo,
-                          const int64_t *hi, int B, int H, int Hkv, int R, int N, int D, float scale, int threads,
-                          uint16_t *out, float *lse) {
+                          const int64_t *hi, const int32_t *ids, int M, int B, int H, int Hkv, int R, int N, int D,
+                          float scale, int threads, uint16_t *out, float *lse) {
     if (B <= 0 || Hkv <= 0 || H % Hkv || H / Hkv > MAX_GROUP || D <= 0 || D % 16 || D > MAX_DIM || B > R ||
-        threads <= 0)
+        threads <= 0 || (ids && M < 0))
         return -1;
     const int G = H / Hkv;
+    const int64_t positions = ids ? M : N; /* what lo..hi index */
     int outside = 0;
     int64_t longest = 0;
     for (int b = 0; b < B; b++) {
         if (k_new && (rows[b] < 0 || rows[b] >= R || starts[b] < 0 || starts[b] >= N)) outside++;
         for (int h = 0; h < Hkv; h++) {
             const int64_t a = lo[(size_t)b * Hkv + h], z = hi[(size_t)b * Hkv + h];
-            if (a < 0 || z > N || a > z) outside++;
+            if (a < 0 || z > positions || a > z) {
+                outside++;
+                continue;
+            }
             if (z - a > longest) longest = z - a;
+            if (ids)
+                for (int64_t p = a; p < z; p++) outside += ids[((size_t)b * Hkv + h) * M + p] >= N;
         }
     }
     if (outside) return outside;
@@ -229,8 +255,8 @@ int decode_attention_bf16(const uint16_t *q, const uint16_t *k_new, const uint16
         const int64_t p0 = a + s * split, p1 = p0 + split < z ? p0 + split : z;
         float *acc = part + (size_t)task * G * (D + 2), *mx = acc + (size_t)G * D, *sm = mx + G;
         const size_t row = ((size_t)b * Hkv + h) * N * D;
-        attend_split(qs + ((size_t)b * H + (size_t)h * G) * D, k_cache + row, v_cache + row, p0, p0 < p1 ? p1 : p0,
-                     G, D, acc, mx, sm);
+        attend_split(qs + ((size_t)b * H + (size_t)h * G) * D, k_cache + row, v_cache + row,
+                     ids ? ids + ((size_t)b * Hkv + h) * M : NULL, p0, p0 < p1 ? p1 : p0, G, D, acc, mx, sm);
     }
     for (int b = 0; b < B; b++)
         for (int h = 0; h < Hkv; h++)

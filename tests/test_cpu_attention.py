@@ -98,3 +98,59 @@ def test_shapes_the_kernel_does_not_take_go_to_numba(monkeypatch):
         cpu_attention.chosen.cache_clear()
     assert (c_out.float() - numba_out.float()).abs().max().item() <= 8e-3 and torch.allclose(c_lse, numba_lse, atol=1e-5)
     assert cpu_attention.chosen() == (cbuild.library() is not None)
+
+
+@needs_kernel
+@pytest.mark.parametrize("H,Hkv,D", [(9, 3, 64), (32, 8, 128), (4, 4, 16)])
+def test_the_gather_attends_the_listed_tokens_as_numba_does(H, Hkv, D):
+    """A sparse policy's lists (sinks and window shared by the heads, -1 where a short row has no
+    such token, then each head's own selection and count): the C kernel against numba's over the
+    same lists, and against the reference over the tokens gathered by hand; an id past the cache
+    raises."""
+    from offload.kernels.api import _attend_lists
+
+    B, N = 2, 300
+    k, v = _cache(B, Hkv, N, D, seed=H + D)
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(B, H, D, generator=g).to(torch.bfloat16)
+    dense = torch.tensor([[0, 1, 290, 291, 292], [0, 1, -1, 40, 41]], dtype=torch.int32).numpy()  # [B, Nd]
+    selected = torch.randint(2, 280, (B, Hkv, 70), generator=g, dtype=torch.int32).numpy()  # [B, Hkv, S]
+    counts = torch.randint(1, 71, (B, Hkv), generator=g, dtype=torch.int32).numpy()  # [B, Hkv]
+    arrays = CacheArrays(k, v)
+    got, lse = arrays.gather(q, dense, selected, counts, D ** -0.5)
+    numba_out, numba_lse = _attend_lists(q, arrays.parts, dense, selected, counts, D ** -0.5)
+    assert (got.float() - numba_out.float()).abs().max().item() <= 8e-3 and torch.allclose(lse, numba_lse, atol=1e-5)
+    G = H // Hkv
+    for b in range(B):
+        for h in range(Hkv):
+            ids = [t for t in dense[b].tolist() if t >= 0] + selected[b, h, :counts[b, h]].tolist()
+            ids = torch.tensor(ids)
+            want, want_lse = kv_decode_attention_ref(q[b:b + 1, h * G:(h + 1) * G].float(), k[b:b + 1, h:h + 1, ids].float(),
+                                                     v[b:b + 1, h:h + 1, ids].float(), torch.tensor([0]),
+                                                     torch.tensor([len(ids)]), D ** -0.5)
+            assert (got[b, h * G:(h + 1) * G].float() - want[0]).abs().max().item() <= 8e-3
+            assert torch.allclose(lse[b, h * G:(h + 1) * G], want_lse[0], atol=1e-5)
+    selected[1, 0, 0] = N  # one id past the cache
+    counts[1, 0] = max(1, counts[1, 0])
+    with pytest.raises(ValueError, match="lie outside the cache's 2 rows of 300 tokens"):
+        arrays.gather(q, dense, selected, counts, D ** -0.5)
+
+
+def test_the_benchmark_writes_its_table_json_and_plot(tmp_path):
+    """`python -m offload.profiles.bench_cpu_decode`: numba's and (where built) the C kernels on the
+    default model's attention (dense and a sparse list) and int8 products; JSON and PNG written
+    (speeds are recorded in BENCHMARKS.md, not asserted)."""
+    import json
+
+    from offload.profiles.bench_cpu_decode import main
+
+    out = tmp_path / "decode.json"
+    assert main(["--models", "135M", "--contexts", "32", "600", "--rounds", "1", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert [(r["case"], r["context"]) for r in results] == [
+        ("135M attention dense", 32), ("135M attention sparse 3%", 32), ("135M attention dense", 600),
+        ("135M attention sparse 3%", 600), ("int8 product 135M LM head", None)]
+    assert all(r["numba_ms"] > 0 for r in results)
+    if cpu_attention.chosen():
+        assert all(r["c_ms"] > 0 and r["speedup"] > 0 for r in results)
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"

@@ -297,7 +297,13 @@ def test_numba_gather_matches_reference(cache, B, Hkv, group, D, N, S):
 
     dense = dense_id_lists(tuple(seq_lens.tolist()), sink, window)  # [B, Nd]
     got_lists, lse_lists = arrays.gather(q, dense, selected.to(torch.int32).numpy(), counts.numpy(), D ** -0.5)
-    assert torch.equal(got_lists, got) and torch.equal(lse_lists, lse)
+    from offload.kernels import cpu_attention
+
+    if dtype == torch.bfloat16 and cpu_attention.takes(arrays.k, q.shape[1]):  # the C kernel: the same to rounding
+        assert (got_lists.float() - got.float()).abs().max().item() <= 8e-3 * max(1.0, got.float().abs().max().item())
+        assert torch.allclose(lse_lists, lse, atol=2e-5, rtol=2e-5)
+    else:  # numba's kernel: the very numbers
+        assert torch.equal(got_lists, got) and torch.equal(lse_lists, lse)
     with pytest.raises(ValueError, match="gather needs CPU q"):
         arrays.gather(q, dense, selected.long().numpy(), counts.numpy(), D ** -0.5)  # int64 ids: named, not misread
 
