@@ -28,6 +28,7 @@ from pathlib import Path
 from ..fileio import cache_root
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_int4_gemv.c", "cpu_int8_gemv.c", "cpu_attention.c"))
+HEADERS = (Path(__file__).with_name("cpu_simd.h"),)  # what the sources include: part of the digest
 LIBRARY_NAME = "cpu_kernels"
 COMPILE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 BUILD_TIMEOUT_S = 120
@@ -108,7 +109,7 @@ def library() -> ctypes.CDLL | None:
     if compiler is None:
         _say("no C compiler found: set CC, or install gcc")
         return None
-    sources = "\n".join(path.read_text() for path in SOURCES)
+    sources = "\n".join(path.read_text() for path in SOURCES + HEADERS)
     key = hashlib.sha256("\n".join((sources, " ".join(COMPILE_FLAGS), compiler[1], _cpu_flags()))
                          .encode()).hexdigest()[:20]
     target = cache_dir() / f"{LIBRARY_NAME}-{key}.so"

@@ -27,6 +27,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cpu_simd.h"
+
 #define MAX_GROUP 16 /* query heads per KV head */
 #define MAX_DIM 256  /* head_dim, a multiple of 16 */
 #define BLOCK 32     /* tokens per softmax update: their widened keys and values stay in L1 */
@@ -34,33 +36,6 @@
 #define LOG2E 1.4426950408889634f
 #define LN2 0.6931471805599453f
 #define EXP2_FLOOR -126.0f /* 2^-126: fp32's smallest normal; lower scores count as that (their share is 0 to fp32) */
-
-static inline float bf16_to_f32(uint16_t bits) {
-    uint32_t u = (uint32_t)bits << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* NaN stays NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
-static inline __m256 widen8(const uint16_t *p) { /* 8 bf16 -> 8 fp32, exact */
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
-}
-
-/* Lane t of the result: the sum of v[t]'s eight lanes. */
-static inline __m256 sum8x8(const __m256 *v) {
-    const __m256 t0 = _mm256_hadd_ps(v[0], v[1]), t1 = _mm256_hadd_ps(v[2], v[3]);
-    const __m256 t2 = _mm256_hadd_ps(v[4], v[5]), t3 = _mm256_hadd_ps(v[6], v[7]);
-    const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
-    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
-}
 
 /* 2^x for x <= 0 (scores minus their max), to fp32 rounding: 2^x = 2^k 2^f, k = round(x), |f| <= 1/2,
  * 2^f by the Taylor series of e^(f ln 2) to degree 7 (error < 1e-8). A NaN stays NaN (max keeps its

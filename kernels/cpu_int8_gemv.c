@@ -10,14 +10,9 @@
 #include <immintrin.h>
 #include <stdint.h>
 
-#define ROWS 8
+#include "cpu_simd.h"
 
-static inline __m256 sum_lanes8(const __m256 *v) { /* lane t: the sum of v[t]'s lanes */
-    const __m256 t0 = _mm256_hadd_ps(v[0], v[1]), t1 = _mm256_hadd_ps(v[2], v[3]);
-    const __m256 t2 = _mm256_hadd_ps(v[4], v[5]), t3 = _mm256_hadd_ps(v[6], v[7]);
-    const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
-    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
-}
+#define ROWS 8
 
 /* The partial-sum vector of one output row for one input row. */
 static inline __m256 row_sums(const int8_t *codes, const float *scales, const float *x, int G, int group) {
@@ -57,7 +52,7 @@ int int8_gemv(const int8_t *codes, const float *scales, const float *x, float *o
                 y[r] = r < rows ? row_sums(codes + (size_t)(n0 + r) * K, scales + (size_t)(n0 + r) * G, xm, G, group)
                                 : _mm256_setzero_ps();
             float sums[ROWS];
-            _mm256_storeu_ps(sums, sum_lanes8(y));
+            _mm256_storeu_ps(sums, sum8x8(y));
             for (int r = 0; r < rows; r++) out[(size_t)m * N + n0 + r] = sums[r];
         }
     }
