@@ -23,8 +23,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+from ..errors import OffloadError
 from ..fileio import cache_root
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_int4_gemv.c", "cpu_int8_gemv.c", "cpu_attention.c"))
@@ -124,3 +126,28 @@ def library() -> ctypes.CDLL | None:
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = restype, argtypes
     return lib
+
+
+def c_kernel_chosen(env: str, other: str) -> bool:
+    """Whether a C kernel runs in this process by the setting ``env`` ("c", the default, where the
+    library is there; ``other`` names the kernel it falls back to)."""
+    setting = os.environ.get(env, "c").strip().lower()
+    if setting not in ("c", other):
+        raise OffloadError(f"{env}={setting!r}: use c or {other}")
+    return setting == "c" and library() is not None
+
+
+def best_rounds(kernels: dict[str, Callable[[], object]], rounds: int, calls: int) -> dict[str, float]:
+    """Best-round milliseconds per call of each kernel: a first call each (page faults, the thread
+    pool's start), then rounds of ``calls`` calls, the kernels alternating so that drifts of a shared
+    box's speed reach all of them."""
+    best = {name: float("inf") for name in kernels}
+    for run in kernels.values():
+        run()
+    for _ in range(rounds):
+        for name, run in kernels.items():
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                run()
+            best[name] = min(best[name], (time.perf_counter() - t0) * 1e3 / calls)
+    return best

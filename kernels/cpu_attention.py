@@ -14,13 +14,11 @@ Shapes: B rows, H query heads, Hkv KV heads, D head_dim, R cache rows, N cache t
 from __future__ import annotations
 
 import functools
-import os
 
 import numpy as np
 import torch
 
-from ..errors import OffloadError
-from .cbuild import library
+from .cbuild import c_kernel_chosen, library
 
 KERNEL_ENV = "OFFLOAD_DECODE_ATTENTION"
 MAX_GROUP, MAX_DIM, DIM_MULTIPLE = 16, 256, 16  # what cpu_attention.c takes (its MAX_GROUP, MAX_DIM)
@@ -29,10 +27,7 @@ MAX_GROUP, MAX_DIM, DIM_MULTIPLE = 16, 256, 16  # what cpu_attention.c takes (it
 @functools.cache
 def chosen() -> bool:
     """Whether this process's decode attention on bf16 caches runs the C kernel."""
-    setting = os.environ.get(KERNEL_ENV, "c").strip().lower()
-    if setting not in ("c", "numba"):
-        raise OffloadError(f"{KERNEL_ENV}={setting!r}: use c or numba")
-    return setting == "c" and library() is not None
+    return c_kernel_chosen(KERNEL_ENV, "numba")
 
 
 def takes(cache_k: np.ndarray, num_heads: int) -> bool:

@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import functools
 import os
-import time
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import OffloadError
-from .cbuild import library
+from .cbuild import best_rounds, library
 from .int4_pack import GEMV_ROWS, Int4PackLayout, int4_pack_layout
 
 PAIRED_BLOCK_ROWS = 32  # the layout whose blocks take input rows in pairs: past one row, only it (measured)
@@ -91,16 +90,7 @@ def time_kernels(n: int, k: int, rows: int, rounds: int, calls: int, group: int 
     kernels = {"torch": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, scales_zeros)}
     if takes(packed, layout, group):
         kernels["c"] = lambda: int4_gemv(x, packed, scales_zeros, group, layout.block_rows, threads)
-    best = {name: float("inf") for name in kernels}
-    for run in kernels.values():  # first calls: page faults, the thread pool's start
-        run()
-    for _ in range(rounds):
-        for name, run in kernels.items():
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                run()
-            best[name] = min(best[name], (time.perf_counter() - t0) * 1e3 / calls)
-    return best
+    return best_rounds(kernels, rounds, calls)
 
 
 @functools.cache

@@ -13,12 +13,10 @@ Shapes: M input rows, N output features, K input features, G groups per row.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
-from ..errors import OffloadError
-from .cbuild import library
+from .cbuild import c_kernel_chosen, library
 
 KERNEL_ENV = "OFFLOAD_INT8_DECODE_KERNEL"
 # Rows up to which products take the C kernel: it reads the codes once per block of 8 output rows
@@ -30,10 +28,7 @@ GROUP_MULTIPLE = 8  # columns per group the kernel takes: a multiple of one vect
 @functools.cache
 def chosen() -> bool:
     """Whether this process's int8 products of a few rows run the C kernel."""
-    setting = os.environ.get(KERNEL_ENV, "c").strip().lower()
-    if setting not in ("c", "numba"):
-        raise OffloadError(f"{KERNEL_ENV}={setting!r}: use c or numba")
-    return setting == "c" and library() is not None
+    return c_kernel_chosen(KERNEL_ENV, "numba")
 
 
 def takes(rows: int, in_features: int, groups: int) -> bool:

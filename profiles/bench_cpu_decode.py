@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import platform
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from offload.fileio import write_json_atomic
+from offload.kernels.cbuild import best_rounds
 
 # (name, H, Hkv, D): the default model's attention layer, an 8B model's
 ATTENTION_SHAPES = (("135M", 9, 3, 64), ("8B", 32, 8, 128))
@@ -29,20 +29,6 @@ SINKS, WINDOW = 4, 64
 # (name, N, K): int8 products, one row
 INT8_SHAPES = (("135M LM head", 49152, 576), ("8B o (int8)", 4096, 4096), ("8B down (int8)", 4096, 14336))
 INT8_GROUP = 32
-
-
-def _best_rounds(kernels: dict, rounds: int, calls: int) -> dict[str, float]:
-    """Best-round milliseconds per call of each kernel, the kernels alternating round by round."""
-    best = {name: float("inf") for name in kernels}
-    for run in kernels.values():  # first calls: page faults, the thread pool's start
-        run()
-    for _ in range(rounds):
-        for name, run in kernels.items():
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                run()
-            best[name] = min(best[name], (time.perf_counter() - t0) * 1e3 / calls)
-    return best
 
 
 def _attention_cases(rounds: int, contexts: tuple[int, ...], models: tuple[str, ...]) -> list[dict]:
@@ -75,7 +61,7 @@ def _attention_cases(rounds: int, contexts: tuple[int, ...], models: tuple[str, 
                 sparse["c"] = lambda: arrays.gather(q, sinks, selected, counts, D ** -0.5)
             calls = max(3, int(3e6 // (n * Hkv * D)))
             for kind, kernels in (("dense", dense), (f"sparse {SPARSE_SHARE:.0%}", sparse)):
-                best = _best_rounds(kernels, rounds, calls)
+                best = best_rounds(kernels, rounds, calls)
                 row = {"case": f"{model} attention {kind}", "context": n, **{f"{name}_ms": t for name, t in best.items()}}
                 if "c" in best:
                     row["speedup"] = best["numba"] / best["c"]
@@ -105,7 +91,7 @@ def _int8_cases(rounds: int, models: tuple[str, ...]) -> list[dict]:
         kernels = {"numba": numba_product}
         if cpu_int8_gemv.takes(1, k, k // INT8_GROUP):
             kernels["c"] = lambda: cpu_int8_gemv.int8_gemv(x, *arrays.addresses, n, k, k // INT8_GROUP)
-        best = _best_rounds(kernels, rounds, max(3, int(1e8 // (n * k))))
+        best = best_rounds(kernels, rounds, max(3, int(1e8 // (n * k))))
         row = {"case": f"int8 product {name}", "context": None, "N": n, "K": k,
                **{f"{kernel}_ms": t for kernel, t in best.items()}}
         if "c" in best:
