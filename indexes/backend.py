@@ -257,6 +257,7 @@ class SparseAttention(DenseAttention):
             self._lay_out(layer, idx)
             selections.append(idx.select(q_search[row], self.config.budget_tokens(n)))
         sparse_row = beyond.index(False)
+        estimated = False  # whether the attention merged the indexes' estimates already
         if self.indexes[(batch.rows[sparse_row], layer)].attend is not None:
             # the policy attends itself (e.g. ShadowKV's rebuilt keys)
             outs = [torch.zeros(H, D, dtype=q.dtype, device=kv_device) if windowed else
@@ -269,15 +270,17 @@ class SparseAttention(DenseAttention):
         elif (arrays := self.kv.host_arrays(layer)) is not None and self.kernel_backend in ("auto", "numba"):
             # the CPU's compiled gather where the rows lie, checked against the cache's views only
             selected, counts = _stack_selections(selections, q.device)  # [B, Hkv, S], [B, Hkv]
+            estimate = self._estimate_parts(layer, batch) if self.policy_cls.add_estimate is not None else None
             out, lse = arrays.gather(q[:, :, 0], batch.plan.dense_lists, selected.numpy(), counts.numpy(),
-                                     self.args.softmax_scale)  # [B, H, D], [B, H]
+                                     self.args.softmax_scale, estimate)  # [B, H, D], [B, H]
+            estimated = estimate is not None
         else:  # the rows are read where they lie (a GPU's kernel; torch's where asked, or for an fp16 cache)
             selected, counts = _stack_selections(selections, q.device)  # [B, Hkv, S], [B, Hkv]
             k, v, k_scale, v_scale = self.kv.whole_cache(layer, B)  # [B, Hkv, N, D] each (+ [B, Hkv, N] scales)
             out, lse = gather_attention(q[:, :, 0], k, v, selected, counts, batch.plan.seq_lens,
                                       scale=self.args.softmax_scale, sink=self.config.sink, window=self.config.window,
                                       k_scale=k_scale, v_scale=v_scale, backend=self.kernel_backend)  # [B, H, D]
-        if self.policy_cls.add_estimate is not None:  # what the selection left out, estimated by the index
+        if self.policy_cls.add_estimate is not None and not estimated:  # what the selection left out, estimated
             self._add_estimates(layer, q_search, batch, out, lse)
         if any(beyond):  # a batch of rows on both sides of the window
             exact = self._decode(layer, q, batch).view(B, H, D)
@@ -343,6 +346,26 @@ class SparseAttention(DenseAttention):
         for b, (row, n, windowed) in enumerate(zip(batch.rows, batch.end_lengths, batch.plan.beyond_window)):
             if not windowed:
                 self.indexes[(row, layer)].add_estimate(q[b], self.kv.rows(layer, row)[1], n, out[b], lse[b])
+
+    def _estimate_parts(self, layer: int, batch: ForwardBatch) -> tuple[np.ndarray, np.ndarray] | None:
+        """The rows' indexes' estimates for the CPU's attention to merge (KVIndex.estimate_parts): (out
+        [B, H, D], lse [B, H]) fp32, lse -inf for a row beyond a sliding window; None where an index has
+        none ready (add_estimate merges after the attention then)."""
+        parts = []
+        for row, windowed in zip(batch.rows, batch.plan.beyond_window):
+            part = None if windowed else self.indexes[(row, layer)].estimate_parts(self.kv.rows(layer, row)[1])
+            if part is None and not windowed:
+                return None
+            parts.append(part)
+        H, D = self.args.num_heads, self.args.head_dim
+        if len(parts) == 1:  # one row: its arrays as they are
+            return parts[0][0].reshape(1, H, D), parts[0][1].reshape(1, H)
+        est_out = np.zeros((len(parts), H, D), np.float32)  # [B, H, D]
+        est_lse = np.full((len(parts), H), -np.inf, np.float32)  # [B, H]
+        for b, part in enumerate(parts):
+            if part is not None:
+                est_out[b], est_lse[b] = part[0].reshape(H, D), part[1].reshape(H)
+        return est_out, est_lse
 
     def _observe(self, layer: int, q: torch.Tensor, batch: ForwardBatch, selections: list[Selection],
                  out: torch.Tensor) -> None:

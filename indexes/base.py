@@ -264,6 +264,13 @@ class KVIndex(ABC):
     # out [H, D], lse [H]), which merges its estimate into the exact part (out, lse) in place.
     add_estimate = None
 
+    def estimate_parts(self, values) -> tuple[np.ndarray, np.ndarray] | None:
+        """The last search's estimate as arrays the CPU's exact attention merges as it finishes (the
+        add_estimate of an index whose search made one on the CPU): (out [Hkv, G, D], lse [Hkv, G])
+        fp32, lse -inf where nothing is estimated; values [Hkv, N, D] (KVRows). None: add_estimate
+        merges, after the attention."""
+        return None
+
     # ---------------------------------------------------------------- persistence
     def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
         """(scalars, tensors) of what build() learned (``learned``), for :meth:`restore`."""

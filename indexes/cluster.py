@@ -29,6 +29,7 @@ Shapes: Hkv KV heads, G = H / Hkv, C clusters, n tokens cached, D head_dim.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -393,19 +394,27 @@ class ClusterIndex(KVIndex):
             self._merge_tensors(q, r.zone, *self._edge(values, r.lo, r.hi), out, lse)
             return
         Hkv, _, D = self.centroids.shape
-        estimate = r.estimate
-        if estimate is None:  # the search had no values yet (a moved row's index): estimate now
-            self.summarize_values(values)
-            edge_cluster, edge_values = self._edge(values, r.lo, r.hi)
-            estimate = (np.empty((Hkv, self.group, D), np.float32), np.empty((Hkv, self.group), np.float32))
-            _, log_sizes, sizes, _, _ = self._host
-            zone_estimates(r.cluster_logits, log_sizes, sizes, self._vsums.view(torch.uint16).numpy(), r.zone.numpy(),
-                           edge_cluster.numpy(), edge_values.numpy(), *estimate)
+        estimate = self.estimate_parts(values)
         acc = out.float().reshape(Hkv, self.group, D).contiguous()  # [Hkv, G, D]
         total = lse.float().reshape(Hkv, self.group).contiguous()  # [Hkv, G]
         merge_estimate(acc.numpy(), total.numpy(), *estimate)
         out.copy_(acc.view(-1, D))
         lse.copy_(total.view(-1))
+
+    def estimate_parts(self, values) -> tuple[np.ndarray, np.ndarray] | None:
+        r = self._ranked
+        if r is None or r.zone.shape[1] == 0 or r.cluster_logits is None:
+            return None  # nothing ranked next, or the search ran as tensor ops (add_estimate merges those)
+        if r.estimate is None:  # the search had no values yet (a moved row's index): estimate now
+            self.summarize_values(values)
+            edge_cluster, edge_values = self._edge(values, r.lo, r.hi)
+            Hkv, _, D = self.centroids.shape
+            estimate = (np.empty((Hkv, self.group, D), np.float32), np.empty((Hkv, self.group), np.float32))
+            _, log_sizes, sizes, _, _ = self._host
+            zone_estimates(r.cluster_logits, log_sizes, sizes, self._vsums.view(torch.uint16).numpy(), r.zone.numpy(),
+                           edge_cluster.numpy(), edge_values.numpy(), *estimate)
+            self._ranked = r = dataclasses.replace(r, estimate=estimate)
+        return r.estimate
 
     def _edge(self, values, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Clustered tokens attended exactly anyway (the window's tokens already clustered, then the
@@ -619,11 +628,11 @@ class ClusterIndex(KVIndex):
             visit_share = p + (1 - p) * self.tree_visit_rest if p is not None else 0.0
             scored = np.empty(Hkv, np.int64)  # [Hkv] supers and clusters scored
             zone = search_take_tree(*common, want, visit_share, *self._tree_host, self._tree.blocked, scored, *rest)
-            self.last_scored = int(scored.sum()) / Hkv + T  # (numpy's mean costs ~8 us a layer)
+            self.last_scored = sum(scored.tolist()) / Hkv + T  # (numpy's mean costs ~8 us a layer, its sum ~4)
         else:
             zone = search_take(*common, threads(), *rest)
-        width = max(1, int(counts.max()))
-        selection = Selection(torch.from_numpy(out[:, :width].copy()), torch.from_numpy(counts))
+        width = max(1, *counts.tolist())  # (a list's max: numpy's costs ~4 us)
+        selection = Selection(torch.from_numpy(out)[:, :width], torch.from_numpy(counts))  # a view: no copy
         return (mass, cluster_logits, selection, torch.from_numpy(zone),
                 (est_out, est_lse) if self._values is not None else None)
 

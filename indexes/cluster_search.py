@@ -13,7 +13,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from offload.kernels.cpu_decode import NO_SCORE, exp_inplace
+from offload.kernels.cpu_decode import NO_SCORE, PREFETCH_AHEAD, exp_inplace, prefetch, prefetch2
+
+BF16_PER_LINE = 32  # bf16 elements in a 64-byte cache line
 
 
 @njit(cache=True, fastmath=True, nogil=True, inline="always")
@@ -116,7 +118,13 @@ def take_head(ranked, share, sizes, starts, order, n_clustered, lo, hi, budget, 
     entries)."""
     C = sizes.shape[0]
     taken, m, covered = 0, 0, 0.0
+    half = PREFETCH_AHEAD // 2
     for i in range(ranked.shape[0]):
+        if i + PREFETCH_AHEAD < ranked.shape[0] and ranked[i + PREFETCH_AHEAD] < C:  # a cluster's size and start
+            prefetch(sizes, ranked[i + PREFETCH_AHEAD])
+            prefetch(starts, ranked[i + PREFETCH_AHEAD])
+        if i + half < ranked.shape[0] and ranked[i + half] < C and starts[ranked[i + half]] < order.shape[0]:
+            prefetch(order, starts[ranked[i + half]])  # ... then its tokens (their start asked for earlier)
         j = ranked[i]
         if taken >= budget or (mass > 0 and covered >= mass and taken >= floor):
             return m, i, True
@@ -236,8 +244,16 @@ def padded_zone(zones, zone_n):  # pragma: no cover - numba
 def listed_logits(q, centroids, log_sizes, ids, scale, logits, cluster_logits):  # pragma: no cover - numba
     """:func:`entry_logits` for the clusters listed in ids [n] (q [G, D], centroids [C, D] bf16 bits,
     log_sizes [C]) -> logits [G, :n] in list order, and each into cluster_logits [G, C] at its id."""
-    row_bits = np.empty(q.shape[1], np.uint32)  # one centroid widened to f32
+    D = q.shape[1]
+    row_bits = np.empty(D, np.uint32)  # one centroid widened to f32
     for i in range(ids.shape[0]):
+        if i + PREFETCH_AHEAD < ids.shape[0]:  # the listed clusters lie anywhere: start their reads early
+            ahead = ids[i + PREFETCH_AHEAD]
+            for d in range(0, D, BF16_PER_LINE):
+                prefetch2(centroids, ahead, d)
+            prefetch(log_sizes, ahead)
+            for g in range(q.shape[0]):
+                prefetch2(cluster_logits, g, ahead)
         c = ids[i]
         centroid_logits(q, centroids[c], scale, log_sizes[c], row_bits, logits[:, i])
         for g in range(q.shape[0]):
@@ -333,6 +349,9 @@ def head_estimate(cluster_logits, log_sizes, sizes, vsums, zone, edge_cluster, e
     shift = np.zeros(Z, np.float32)  # log(size left) - log(size): 0 but where tokens were taken out
     place = np.full(C, -1, np.int64)  # cluster -> its place in the zone
     for z in range(Z):
+        if z + PREFETCH_AHEAD < Z and zone[z + PREFETCH_AHEAD] >= 0:  # the zone's clusters lie anywhere
+            for d in range(0, D, BF16_PER_LINE):
+                prefetch2(vsums, zone[z + PREFETCH_AHEAD], d)
         c = zone[z]
         if c >= 0:
             size[z] = sizes[c]

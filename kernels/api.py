@@ -488,12 +488,15 @@ class CacheArrays:
         return self.attend(q, ranges, scale)
 
     def gather(self, q: torch.Tensor, dense: np.ndarray, selected: np.ndarray, counts: np.ndarray,
-               scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+               scale: float, estimate: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Sparse decode attention of q [B, H, D] (CPU) over cache rows 0..B-1: each (row, KV head)
         attends the step's dense ids dense [B, Nd] int32 (sinks and window, -1: none;
         :func:`dense_id_lists`) and the first counts [B, Hkv] of its selected ids [B, Hkv, S] int32.
         :func:`gather_attention`'s numba path, checked against these views only (a decode step calls
-        it once per sparse layer, where gather_attention's checks cost about what the kernel does)."""
+        it once per sparse layer, where gather_attention's checks cost about what the kernel does).
+        ``estimate``: (out [B, H, D], lse [B, H]) fp32 C-contiguous, a partial result over tokens
+        not attended (lse -inf: none), merged into the result by log-sum-exp (the C kernel merges
+        before it rounds; a cluster index's estimation zone)."""
         R, Hkv, N, D = self.k.shape
         B = q.shape[0]
         if not (q.dim() == 3 and B <= R and q.shape[2] == D and q.shape[1] % Hkv == 0 and q.device.type == "cpu"
@@ -502,11 +505,22 @@ class CacheArrays:
             raise ValueError(f"gather needs CPU q [B, H, D] for a cache of {R} rows x {Hkv} KV heads x {D}, dense ids "
                              f"[B, Nd], int32 selected ids [B, {Hkv}, S] and counts [B, {Hkv}]; got q {tuple(q.shape)}, "
                              f"dense {dense.shape}, selected {selected.shape} {selected.dtype}, counts {counts.shape}")
+        if estimate is not None and not (estimate[0].shape == tuple(q.shape) and estimate[1].shape == tuple(q.shape[:2])
+                                         and estimate[0].dtype == estimate[1].dtype == np.float32
+                                         and estimate[0].flags.c_contiguous and estimate[1].flags.c_contiguous):
+            raise ValueError(f"gather's estimate needs C-contiguous fp32 out {tuple(q.shape)} and lse "
+                             f"{tuple(q.shape[:2])}; got {estimate[0].shape} {estimate[0].dtype}, {estimate[1].shape}")
         if q.dtype == torch.bfloat16 and cpu_attention.takes(self.k, q.shape[1]):
             ids, lo, hi = _id_lists(dense, selected, counts)  # [B, Hkv, M], [B, Hkv] x2
-            return cpu_attention.store_and_attend(q, None, None, None, self.c_cache, (lo.ctypes.data, hi.ctypes.data),
-                                                  scale, ids=(ids.ctypes.data, ids.shape[2]))
-        return _attend_lists(q, self.parts, dense, selected, counts, scale)
+            return cpu_attention.store_and_attend(
+                q, None, None, None, self.c_cache, (lo.ctypes.data, hi.ctypes.data), scale,
+                ids=(ids.ctypes.data, ids.shape[2]),
+                estimate=(None, None) if estimate is None else (estimate[0].ctypes.data, estimate[1].ctypes.data))
+        out, lse = _attend_lists(q, self.parts, dense, selected, counts, scale)
+        if estimate is None:
+            return out, lse
+        merged, lse = _merge_two_numba(out.float(), lse, torch.from_numpy(estimate[0]), torch.from_numpy(estimate[1]))
+        return merged.to(out.dtype), lse
 
     def check_views_of(self, k: torch.Tensor) -> None:
         """These must be the arrays of the cache ``k`` is (the first rows of)."""

@@ -42,7 +42,7 @@ _P, _I, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 SIGNATURES = {
     "int4_gemv": (_I, [_P] * 4 + [_I] * 6),
     "int8_gemv": (_I, [_P] * 4 + [_I] * 5),
-    "decode_attention_bf16": (_I, [_P] * 10 + [_I] * 7 + [_F, _I, _P, _P]),
+    "decode_attention_bf16": (_I, [_P] * 10 + [_I] * 7 + [_F, _I] + [_P] * 4),
 }
 
 

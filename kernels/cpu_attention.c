@@ -175,14 +175,18 @@ static void attend_split(const float *qs, const uint16_t *k, const uint16_t *v, 
 
 /* Store the new keys and values (k_new/v_new NULL: none), then attend (see the top of the file).
  * q [B, H, D], caches [R, Hkv, N, D], lo/hi [B, Hkv] int64, rows/starts [B] int64; ids NULL, or the
- * token ids [B, Hkv, M] int32 that lo..hi index (negative: skipped). Writes out [B, H, D] bf16 and
- * lse [B, H] fp32 (natural log of the scaled scores' exp-sum, as the numba kernel gives it; no token:
- * out 0, lse -inf). Returns 0; -1 for shapes it does not take; -2 out of memory; a positive count of
- * new tokens, visible ranges or listed ids lying outside the cache (nothing attended). */
+ * token ids [B, Hkv, M] int32 that lo..hi index (negative: skipped). est_out [B, H, D] and est_lse
+ * [B, H] fp32 (NULL: none): a partial result over other tokens (a cluster index's estimate of what
+ * its selection left out), merged by log-sum-exp before the output is rounded (est_lse -inf: none for
+ * that query). Writes out [B, H, D] bf16 and lse [B, H] fp32 (natural log of the scaled scores'
+ * exp-sum, as the numba kernel gives it; no token: out 0, lse -inf). Returns 0; -1 for shapes it does
+ * not take; -2 out of memory; a positive count of new tokens, visible ranges or listed ids lying
+ * outside the cache (nothing attended). */
 int decode_attention_bf16(const uint16_t *q, const uint16_t *k_new, const uint16_t *v_new, const int64_t *rows,
                           const int64_t *starts, uint16_t *k_cache, uint16_t *v_cache, const int64_t *lo,
                           const int64_t *hi, const int32_t *ids, int M, int B, int H, int Hkv, int R, int N, int D,
-                          float scale, int threads, uint16_t *out, float *lse) {
+                          float scale, int threads, uint16_t *out, float *lse, const float *est_out,
+                          const float *est_lse) {
     if (B <= 0 || Hkv <= 0 || H % Hkv || H / Hkv > MAX_GROUP || D <= 0 || D % 16 || D > MAX_DIM || B > R ||
         threads <= 0 || (ids && M < 0))
         return -1;
@@ -237,8 +241,13 @@ int decode_attention_bf16(const uint16_t *q, const uint16_t *k_new, const uint16
         for (int h = 0; h < Hkv; h++)
             for (int g = 0; g < G; g++) {
                 const float *first = part + ((size_t)(b * Hkv + h) * S) * G * (D + 2);
-                float m = -INFINITY;
+                const size_t qi = (size_t)b * H + (size_t)h * G + g; /* the query's place in q, out, lse */
+                float m = -INFINITY, e2 = -INFINITY; /* e2: the estimate's lse, base 2 (one more split of sum 1) */
                 int nan = 0;
+                if (est_lse) {
+                    nan |= est_lse[qi] != est_lse[qi];
+                    if (est_lse[qi] > -INFINITY) e2 = m = est_lse[qi] * LOG2E;
+                }
                 for (int s = 0; s < S; s++) {
                     const float *at = first + (size_t)s * G * (D + 2) + (size_t)G * D;
                     nan |= at[g] != at[g] || at[G + g] != at[G + g];
@@ -254,10 +263,15 @@ int decode_attention_bf16(const uint16_t *q, const uint16_t *k_new, const uint16
                     total += w * acc[(size_t)G * D + G + g];
                     for (int d = 0; d < D; d++) o[d] += w * acc[(size_t)g * D + d];
                 }
-                uint16_t *dst = out + ((size_t)b * H + (size_t)h * G + g) * D;
+                if (e2 > -INFINITY) { /* the estimate: its output is a mean already (weight 2^e2 in all) */
+                    const float w = nan ? NAN : exp2f(e2 - m);
+                    total += w;
+                    for (int d = 0; d < D; d++) o[d] += w * est_out[qi * D + d];
+                }
+                uint16_t *dst = out + qi * D;
                 const int none = total == 0.0f && !nan;
                 for (int d = 0; d < D; d++) dst[d] = f32_to_bf16(none ? 0.0f : o[d] / total);
-                lse[(size_t)b * H + (size_t)h * G + g] = none ? -INFINITY : (nan ? NAN : (m + log2f(total)) * LN2);
+                lse[qi] = none ? -INFINITY : (nan ? NAN : (m + log2f(total)) * LN2);
             }
     free(qs);
     return 0;

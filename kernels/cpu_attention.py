@@ -41,13 +41,16 @@ def takes(cache_k: np.ndarray, num_heads: int) -> bool:
 def store_and_attend(q: torch.Tensor, k_new: torch.Tensor | None, v_new: torch.Tensor | None,
                      store_at: tuple[int, int] | None, cache: tuple[int, int, int, int, int, int],
                      ranges: tuple[int, int], scale: float,
-                     ids: tuple[int | None, int] = (None, 0)) -> tuple[torch.Tensor, torch.Tensor]:
+                     ids: tuple[int | None, int] = (None, 0),
+                     estimate: tuple[int | None, int | None] = (None, None)) -> tuple[torch.Tensor, torch.Tensor]:
     """Store k_new/v_new [B, Hkv, 1, D] bf16 at cache row rows[b], position starts[b] (``store_at``:
     the addresses of int64 rows and starts [B]; k_new, v_new and store_at all None: nothing to
     store), then attend q [B, H, D] bf16 over cache row b's positions lo[b, h] .. hi[b, h] - 1
     (``ranges``: the addresses of int64 lo and hi [B, Hkv]), or over the token ids at those positions
     of an id list (``ids``: its address and M, int32 [B, Hkv, M], a negative id skipped: a sparse
-    policy's sinks, window and selection). ``cache``: (address of k, address of v,
+    policy's sinks, window and selection). ``estimate``: the addresses of est_out [B, H, D] and est_lse
+    [B, H] fp32, a partial result over tokens not attended (a cluster index's estimation zone; lse
+    -inf: none for that query) merged by log-sum-exp before the output is rounded. ``cache``: (address of k, address of v,
     R, Hkv, N, D), bf16 [R, Hkv, N, D] C-contiguous each. Returns (out [B, H, D] bf16, lse [B, H]
     fp32), as the numba kernel gives them. Addresses, not arrays: numpy's ``.ctypes.data`` costs a
     microsecond and a step would ask ~200 times. The caller has checked :func:`takes` and the
@@ -65,7 +68,7 @@ def store_and_attend(q: torch.Tensor, k_new: torch.Tensor | None, v_new: torch.T
         new_k, new_v, (rows, starts) = k_new.data_ptr(), v_new.data_ptr(), store_at
     rc = library().decode_attention_bf16(q.data_ptr(), new_k, new_v, rows, starts, k_cache, v_cache, *ranges,
                                          *ids, B, H, Hkv, R, N, D, scale, torch.get_num_threads(), out.data_ptr(),
-                                         lse.data_ptr())
+                                         lse.data_ptr(), *estimate)
     if rc > 0:
         raise ValueError(f"decode attention: {rc} new token(s), visible range(s) or listed token id(s) of the step "
                          f"lie outside the cache's {R} rows of {N} tokens")

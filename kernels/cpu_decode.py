@@ -25,8 +25,10 @@ import threading
 
 import numba
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange, types
-from numba.extending import overload
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
 
 from .reference import KV_CODE_MAX, KV_SCALE_FLOOR
 
@@ -40,6 +42,37 @@ BLOCK_TOKENS = 256
 LINE_BYTES = 64
 # Below any score: the running max of a split before its first key (finite, as fastmath assumes).
 NO_SCORE = np.float32(-3.0e38)
+# Entries a loop over listed rows prefetches ahead (ids known in advance: a search's clusters and
+# zone): a cold row is a DRAM round trip, and the loop's own work hides only one or two of them.
+PREFETCH_AHEAD = 8
+
+
+def _prefetch_codegen(context, builder, signature, args):
+    """llvm.prefetch (read, keep in all cache levels) of the element of an array at the given indices."""
+    arrty, *index_types = signature.args
+    ary = context.make_array(arrty)(context, builder, args[0])
+    inds = [context.cast(builder, value, ty, types.intp) for value, ty in zip(args[1:], index_types)]
+    inds += [context.get_constant(types.intp, 0)] * (arrty.ndim - len(inds))
+    ptr = cgutils.get_item_pointer2(context, builder, data=ary.data, shape=cgutils.unpack_tuple(builder, ary.shape),
+                                    strides=cgutils.unpack_tuple(builder, ary.strides), layout=arrty.layout, inds=inds)
+    i32, byte_ptr = ir.IntType(32), ir.IntType(8).as_pointer()
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [byte_ptr, i32, i32, i32]),
+                                        "llvm.prefetch.p0")
+    builder.call(fn, [builder.bitcast(ptr, byte_ptr), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+    return context.get_dummy_value()
+
+
+@intrinsic
+def prefetch(typingctx, arr, i):
+    """Start loading the cache line of arr[i] (of row i, for an array of more dimensions): a hint,
+    no fault for an index the loop will not read (it must lie inside the array)."""
+    return types.void(arr, i), _prefetch_codegen
+
+
+@intrinsic
+def prefetch2(typingctx, arr, i, j):
+    """:func:`prefetch` of arr[i, j] (a row's later cache line)."""
+    return types.void(arr, i, j), _prefetch_codegen
 
 
 # exp(x) = 2^k e^f: k = round(x log2 e), f = x - k ln 2 (ln 2 in two parts, Cody and Waite, so f

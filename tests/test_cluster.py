@@ -507,3 +507,37 @@ def test_an_adaptive_budget_visits_the_supers_that_hold_its_share(monkeypatch):
         got = set(tree.ids[h, :tree.counts[h]].tolist())
         assert got == set(flat.ids[h, :flat.counts[h]].tolist())
         assert got and got <= set(torch.nonzero(labels[h] == 7).flatten().tolist())  # p0.5: part of the topic
+
+
+@pytest.mark.parametrize("kernel", ["c", "numba"])
+def test_the_cpu_decode_merges_the_estimate_where_it_attends(tiny_models, monkeypatch, kernel):
+    """A bf16 decode with the cluster policy on the CPU: the gather merges each layer's estimate (the
+    C kernel as it finishes, before rounding; numba's kernel's result merged in one compiled pass),
+    add_estimate's merge after the attention is not called. Both give the logits of the plain-torch
+    step (the generic forward, torch's gather and add_estimate's tensor merge) to bf16 rounding."""
+    from test_decode_step import _decode_logits
+
+    from offload.indexes import cluster
+    from offload.kernels import cpu_attention
+
+    if kernel == "c" and not cpu_attention.chosen():
+        pytest.skip("the C kernels do not build here")
+    folder, _ = tiny_models["llama"]
+    prompt = [(7 * i + 3) % 290 + 3 for i in range(300)]
+    monkeypatch.setenv(cpu_attention.KERNEL_ENV, kernel)
+    cpu_attention.chosen.cache_clear()
+    try:
+        llm = LLM(folder, dtype="bfloat16", max_context=320, kv_policy="cluster", kv_budget=0.1, dense_layers=1,
+                  sink=4, window=16, verbose=False)
+        merges_after = []  # add_estimate's compiled merges (after the attention; loading warmed it once)
+        merge = cluster.merge_estimate
+        monkeypatch.setattr(cluster, "merge_estimate", lambda *a: merges_after.append(1) or merge(*a))
+        got = _decode_logits(llm, [prompt], 4, bound=True)
+        assert not merges_after
+        llm.engine.backend.kernel_backend = "torch"
+        want = _decode_logits(llm, [prompt], 4, bound=False)
+    finally:
+        monkeypatch.delenv(cpu_attention.KERNEL_ENV)
+        cpu_attention.chosen.cache_clear()
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2)

@@ -136,6 +136,46 @@ def test_the_gather_attends_the_listed_tokens_as_numba_does(H, Hkv, D):
         arrays.gather(q, dense, selected, counts, D ** -0.5)
 
 
+@pytest.mark.parametrize("kernel", ["c", "numba"])
+def test_the_gather_merges_an_estimate_as_the_reference_merges_two_parts(kernel, monkeypatch):
+    """A cluster index's estimate of what its selection left out (out, lse per query; -inf: none for
+    that query) merged by the gather: the exact part over the lists and the estimate merged by the
+    plain-torch log-sum-exp merge, to bf16 rounding; a query without an estimate keeps its exact
+    part; a NaN estimate reaches the output; an estimate of the wrong shape is refused in one line."""
+    from offload.kernels.reference import merge_attention_ref
+
+    if kernel == "c" and not cpu_attention.chosen():
+        pytest.skip("the C kernels do not build here")
+    monkeypatch.setenv(cpu_attention.KERNEL_ENV, kernel)
+    cpu_attention.chosen.cache_clear()
+    try:
+        B, H, Hkv, D, N = 2, 9, 3, 64, 200
+        k, v = _cache(B, Hkv, N, D, seed=11)
+        g = torch.Generator().manual_seed(12)
+        q = torch.randn(B, H, D, generator=g).to(torch.bfloat16)
+        dense = torch.tensor([[0, 1, 190, 191], [0, 1, 120, 121]], dtype=torch.int32).numpy()  # [B, Nd]
+        selected = torch.randint(2, 110, (B, Hkv, 30), generator=g, dtype=torch.int32).numpy()  # [B, Hkv, S]
+        counts = torch.full((B, Hkv), 30, dtype=torch.int32).numpy()  # [B, Hkv]
+        est_out = torch.randn(B, H, D, generator=g)  # [B, H, D]
+        est_lse = torch.randn(B, H, generator=g) * 3 + 2  # [B, H]
+        est_lse[1, 4] = float("-inf")  # this query has nothing estimated
+        arrays = CacheArrays(k, v)
+        exact, exact_lse = arrays.gather(q, dense, selected, counts, D ** -0.5)
+        got, lse = arrays.gather(q, dense, selected, counts, D ** -0.5, (est_out.numpy(), est_lse.numpy()))
+        want, want_lse = merge_attention_ref(torch.stack([exact.float(), est_out]), torch.stack([exact_lse, est_lse]))
+        assert (got.float() - want.float()).abs().max().item() <= 1.6e-2
+        assert torch.allclose(lse, want_lse, atol=1e-4)
+        assert torch.equal(got[1, 4], exact[1, 4]) and lse[1, 4].item() == pytest.approx(exact_lse[1, 4].item(), abs=1e-6)
+        est_lse[0, 2] = float("nan")
+        nan_out, nan_lse = arrays.gather(q, dense, selected, counts, D ** -0.5, (est_out.numpy(), est_lse.numpy()))
+        assert nan_out[0, 2].isnan().all() and nan_lse[0, 2].isnan() and nan_out[0, 3].isfinite().all()
+        with pytest.raises(ValueError, match="gather's estimate needs C-contiguous fp32"):
+            arrays.gather(q, dense, selected, counts, D ** -0.5, (est_out[:, :3].numpy(), est_lse.numpy()))
+    finally:
+        monkeypatch.delenv(cpu_attention.KERNEL_ENV)
+        cpu_attention.chosen.cache_clear()
+
+
 def test_the_benchmark_writes_its_table_json_and_plot(tmp_path):
     """`python -m offload.profiles.bench_cpu_decode`: numba's and (where built) the C kernels on the
     default model's attention (dense and a sparse list) and int8 products; JSON and PNG written
