@@ -186,18 +186,24 @@ def _has_effort(policy: str) -> bool:
 
 
 def run_context(llm, ctx: int, policies: list[str], config, steps: int, telemetry_steps: int,
-                efforts: list[float | None] = (None,), head_splits: list[float | None] = (None,)) -> list[dict]:
+                efforts: list[float | None] = (None,), head_splits: list[float | None] = (None,),
+                rounds: int = 1) -> list[dict]:
+    """Every policy (and effort, head split) over one shared prefill of ``ctx`` tokens of real text:
+    ``steps`` timed decode steps each, then ``telemetry_steps`` measuring the selection. ``rounds`` >
+    1 takes the timed steps in turns (each policy ``steps / rounds`` steps a round, all backends
+    built first): on a machine whose speed drifts over minutes, policies timed minutes apart compare
+    the drift, not the policies. The turns write the same decode positions of the shared cache (the
+    speed is the same; the telemetry steps after are each policy's own)."""
     from offload.indexes.base import SelectionConfig, policy_class
-    from offload.indexes.telemetry import Telemetry
 
     ids = _real_text_ids(llm.tokenizer, ctx)
     splitting = any(s is not None for s in head_splits)  # the shared prefill keeps the prompt's last queries
     shared, logits, prefill_s = prefill_shared(llm, ids, ctx + steps + telemetry_steps + 1,
                                                dataclasses.replace(config, head_split=0.5) if splitting else config)
     first = int(logits.argmax())
-    rows = []
     runs = [(p, e, s) for p in policies for e in (efforts if _has_effort(p.split(":")[0]) else [None])
             for s in (head_splits if p.split(":")[0] not in ("dense", "streaming") else [None])]
+    rows, turns = [], []  # turns: [row, backend, next token, position] of each run timed in rounds
     for spec, effort, split in runs:
         policy, _, budget = spec.partition(":")  # "cluster:p0.9": a policy with its own budget
         default_effort = policy_class(policy).effort if policy != "dense" else None
@@ -206,26 +212,51 @@ def run_context(llm, ctx: int, policies: list[str], config, steps: int, telemetr
         if budget:
             size, mass = SelectionConfig.parse_budget(budget)
             run_config = dataclasses.replace(run_config, budget=size, mass=mass)
-        backend, build_s, (times, token, n) = build_and_decode(llm, policy, shared, run_config, ctx, first, steps)
         row = {"context": ctx, "policy": spec, "prefill_s": prefill_s, "prefill_tok_s": ctx / prefill_s,
-               "build_s": build_s, "decode_ms": 1e3 * statistics.median(times),
-               "decode_ms_runs": [1e3 * t for t in times],
-               "beyond_trained_context": ctx > llm.args.max_position_embeddings}
+               "beyond_trained_context": ctx > llm.args.max_position_embeddings,
+               "effort": effort if effort is not None else default_effort, "head_split": split}
+        if rounds == 1:  # one policy at a time: its backend (and index) freed before the next is built
+            backend, row["build_s"], (row["decode_s"], token, n) = build_and_decode(
+                llm, policy, shared, run_config, ctx, first, steps)
+            rows.append(_finish_row(llm, row, backend, token, n, telemetry_steps))
+            del backend
+            continue
+        backend = backend_for(policy, llm, shared, run_config)
+        t0 = time.perf_counter()
         if policy != "dense":
-            row["index_bytes"] = sum(ix.nbytes() for ix in backend.indexes.values())
-            if telemetry_steps:
-                backend.telemetry = Telemetry()
-                decode(llm, backend, n, token, telemetry_steps)
-                s = backend.telemetry.summary()
-                row.update(mass=s["mass"], recall=s["recall"], output_error=s["output_error"], selected=s["selected"],
-                           streaming=s["streaming"])
-            scored = [ix.last_scored / ix.n for ix in backend.indexes.values() if hasattr(ix, "last_scored")]
-            row["scored_fraction"] = sum(scored) / len(scored) if scored else None
-        row["effort"] = effort if effort is not None else default_effort
-        row["head_split"] = split
-        rows.append(row)
+            backend.build_indexes(0, ctx)
+        row["build_s"], row["decode_s"] = time.perf_counter() - t0, []
+        turns.append([row, backend, first, ctx])
+    for _ in range(rounds if turns else 0):
+        for turn in turns:
+            times, turn[2], turn[3] = decode(llm, turn[1], turn[3], turn[2], max(1, steps // rounds))
+            turn[0]["decode_s"] += times
+    while turns:
+        row, backend, token, n = turns.pop(0)
+        rows.append(_finish_row(llm, row, backend, token, n, telemetry_steps))
         del backend
     return rows
+
+
+def _finish_row(llm, row: dict, backend, token: int, n: int, telemetry_steps: int) -> dict:
+    """A run's row from its timed steps (row["decode_s"]): their median, and for a sparse policy its
+    index's size, the selection's telemetry over ``telemetry_steps`` more steps and the keys scored."""
+    from offload.indexes.telemetry import Telemetry
+
+    times = row.pop("decode_s")
+    row["decode_ms"] = 1e3 * statistics.median(times)
+    row["decode_ms_runs"] = [1e3 * t for t in times]
+    if row["policy"] != "dense":
+        row["index_bytes"] = sum(ix.nbytes() for ix in backend.indexes.values())
+        if telemetry_steps:
+            backend.telemetry = Telemetry()
+            decode(llm, backend, n, token, telemetry_steps)
+            s = backend.telemetry.summary()
+            row.update(mass=s["mass"], recall=s["recall"], output_error=s["output_error"], selected=s["selected"],
+                       streaming=s["streaming"])
+        scored = [ix.last_scored / ix.n for ix in backend.indexes.values() if hasattr(ix, "last_scored")]
+        row["scored_fraction"] = sum(scored) / len(scored) if scored else None
+    return row
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -267,6 +298,9 @@ def main(argv=None) -> int:
     p.add_argument("--dense-layers", type=int, default=DENSE_LAYERS)
     p.add_argument("--steps", type=int, default=8, help="timed decode steps per policy (median reported)")
     p.add_argument("--telemetry-steps", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="take the timed steps in this many turns across the policies (each steps / rounds a turn), "
+                        "so that a machine's drift over minutes falls on every policy alike")
     p.add_argument("--prefill-chunk", type=int, default=1024)
     p.add_argument("--extend", choices=["none", "yarn"], default="none",
                    help="contexts beyond the trained length: plain RoPE positions, or YaRN with factor "
@@ -278,6 +312,8 @@ def main(argv=None) -> int:
                    "+ window keep only those (kv_head_split; 'none': no split); one row per value and sparse policy")
     p.add_argument("--out", default=None, help="JSON path; the plot goes next to it (.png)")
     args = p.parse_args(argv)
+    if not 1 <= args.rounds <= args.steps:
+        p.error(f"--rounds must be between 1 and --steps ({args.steps}), got {args.rounds}")
 
     from offload import LLM, openmp
     from offload.indexes import SelectionConfig
@@ -303,7 +339,7 @@ def main(argv=None) -> int:
     rows = []
     for ctx in tqdm(args.contexts, desc="contexts", disable=None):
         ctx_rows = run_context(llm, ctx, args.policies, config, args.steps, args.telemetry_steps, args.efforts,
-                               args.head_splits)
+                               args.head_splits, args.rounds)
         dense = next((r["decode_ms"] for r in ctx_rows if r["policy"] == "dense"), None)
         for r in ctx_rows:
             r["speedup_vs_dense"] = dense / r["decode_ms"] if dense else None

@@ -138,3 +138,22 @@ def test_kv_in_the_host_tier_gives_the_same_tokens(tiny_models, policy):
 def test_kv_offload_needs_a_sparse_policy(tiny_models):
     with pytest.raises(OffloadError, match="sparse kv_policy"):
         LLM(tiny_models["llama"][0], kv_offload=True, verbose=False)
+
+
+@pytest.mark.parametrize("rounds", [1, 2])
+def test_bench_context_times_every_policy_over_one_prefill(smollm_path, rounds):
+    """profiles.bench_context over 600 tokens of real text: a row per policy with its timed steps
+    (in one go, or in turns across the policies: `--rounds`), and a sparse policy's telemetry (the
+    attention mass its selection captures: below dense's 1, above sinks + window's)."""
+    from offload.indexes import SelectionConfig
+    from offload.profiles.bench_context import main, run_context
+
+    llm = LLM(smollm_path, max_context=640, verbose=False)
+    rows = run_context(llm, 600, ["dense", "cluster:0.1", "streaming"], SelectionConfig(), steps=4,
+                       telemetry_steps=1, rounds=rounds)
+    assert [r["policy"] for r in rows] == ["dense", "cluster:0.1", "streaming"]
+    assert all(len(r["decode_ms_runs"]) == 4 and r["decode_ms"] > 0 for r in rows)
+    mass = {r["policy"]: r.get("mass") for r in rows}
+    assert mass["dense"] is None and 0 < mass["streaming"] < mass["cluster:0.1"] < 1
+    with pytest.raises(SystemExit):
+        main(["--contexts", "600", "--steps", "2", "--rounds", "3"])
