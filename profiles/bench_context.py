@@ -8,7 +8,9 @@ exact attention, keys scored per search), and the index's memory. Writes JSON, a
 and a plot of ms/token against context per policy.
 
 Contexts beyond the model's trained positions (SmolLM2: 8,192) are allowed here for speed and
-index measurements; they are flagged in the output.
+index measurements; they are flagged in the output. ``--rounds R`` times the policies in turns (each
+``steps / R`` steps a turn, every backend built first): on a machine whose speed drifts over minutes,
+policies timed one after another compare the drift.
 
     python -m offload.profiles.bench_context --contexts 4096 8192 16384 32768 \\
         --policies dense retrieval shadowkv quest streaming sentence --out bench_context.json
