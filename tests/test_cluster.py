@@ -509,8 +509,8 @@ def test_an_adaptive_budget_visits_the_supers_that_hold_its_share(monkeypatch):
         assert got and got <= set(torch.nonzero(labels[h] == 7).flatten().tolist())  # p0.5: part of the topic
 
 
-@pytest.mark.parametrize("kernel", ["c", "numba"])
-def test_the_cpu_decode_merges_the_estimate_where_it_attends(tiny_models, monkeypatch, kernel):
+@pytest.mark.parametrize("kernel,rows", [("c", 1), ("numba", 1), ("c", 2)])
+def test_the_cpu_decode_merges_the_estimate_where_it_attends(tiny_models, monkeypatch, kernel, rows):
     """A bf16 decode with the cluster policy on the CPU: the gather merges each layer's estimate (the
     C kernel as it finishes, before rounding; numba's kernel's result merged in one compiled pass),
     add_estimate's merge after the attention is not called. Both give the logits of the plain-torch
@@ -523,7 +523,7 @@ def test_the_cpu_decode_merges_the_estimate_where_it_attends(tiny_models, monkey
     if kernel == "c" and not cpu_attention.chosen():
         pytest.skip("the C kernels do not build here")
     folder, _ = tiny_models["llama"]
-    prompt = [(7 * i + 3) % 290 + 3 for i in range(300)]
+    prompts = [[(7 * i + 3 + r) % 290 + 3 for i in range(300 - 40 * r)] for r in range(rows)]  # rows of two lengths
     monkeypatch.setenv(cpu_attention.KERNEL_ENV, kernel)
     cpu_attention.chosen.cache_clear()
     try:
@@ -532,10 +532,10 @@ def test_the_cpu_decode_merges_the_estimate_where_it_attends(tiny_models, monkey
         merges_after = []  # add_estimate's compiled merges (after the attention; loading warmed it once)
         merge = cluster.merge_estimate
         monkeypatch.setattr(cluster, "merge_estimate", lambda *a: merges_after.append(1) or merge(*a))
-        got = _decode_logits(llm, [prompt], 4, bound=True)
+        got = _decode_logits(llm, prompts, 4, bound=True)
         assert not merges_after
         llm.engine.backend.kernel_backend = "torch"
-        want = _decode_logits(llm, [prompt], 4, bound=False)
+        want = _decode_logits(llm, prompts, 4, bound=False)
     finally:
         monkeypatch.delenv(cpu_attention.KERNEL_ENV)
         cpu_attention.chosen.cache_clear()
