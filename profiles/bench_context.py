@@ -194,8 +194,9 @@ def run_context(llm, ctx: int, policies: list[str], config, steps: int, telemetr
     ``steps`` timed decode steps each, then ``telemetry_steps`` measuring the selection. ``rounds`` >
     1 takes the timed steps in turns (each policy ``steps / rounds`` steps a round, all backends
     built first): on a machine whose speed drifts over minutes, policies timed minutes apart compare
-    the drift, not the policies. The turns write the same decode positions of the shared cache (the
-    speed is the same; the telemetry steps after are each policy's own)."""
+    the drift, not the policies. Then each policy's telemetry steps come first, one policy after
+    another from the prefill (each reads only the tokens it wrote), and the turns after them write
+    the same decode positions of the shared cache (the speed is the same whoever wrote them)."""
     from offload.indexes.base import SelectionConfig, policy_class
 
     ids = _real_text_ids(llm.tokenizer, ctx)
@@ -227,35 +228,42 @@ def run_context(llm, ctx: int, policies: list[str], config, steps: int, telemetr
         t0 = time.perf_counter()
         if policy != "dense":
             backend.build_indexes(0, ctx)
-        row["build_s"], row["decode_s"] = time.perf_counter() - t0, []
-        turns.append([row, backend, first, ctx])
+        row["build_s"] = time.perf_counter() - t0
+        row.update(_telemetry(llm, spec, backend, ctx, first, telemetry_steps))
+        turns.append([row, backend, first, ctx + telemetry_steps])
     for _ in range(rounds if turns else 0):
         for turn in turns:
             times, turn[2], turn[3] = decode(llm, turn[1], turn[3], turn[2], max(1, steps // rounds))
-            turn[0]["decode_s"] += times
+            turn[0].setdefault("decode_s", []).extend(times)
     while turns:
         row, backend, token, n = turns.pop(0)
-        rows.append(_finish_row(llm, row, backend, token, n, telemetry_steps))
+        rows.append(_finish_row(llm, row, backend, token, n, 0))
         del backend
     return rows
+
+
+def _telemetry(llm, policy: str, backend, n: int, token: int, steps: int) -> dict:
+    """A sparse policy's selection measured over ``steps`` decode steps from position n: attention
+    mass, recall, output error against exact attention, tokens selected, streaming heads."""
+    from offload.indexes.telemetry import Telemetry
+
+    if policy == "dense" or not steps:
+        return {}
+    backend.telemetry = Telemetry()
+    decode(llm, backend, n, token, steps)
+    backend.telemetry, s = None, backend.telemetry.summary()
+    return {key: s[key] for key in ("mass", "recall", "output_error", "selected", "streaming")}
 
 
 def _finish_row(llm, row: dict, backend, token: int, n: int, telemetry_steps: int) -> dict:
     """A run's row from its timed steps (row["decode_s"]): their median, and for a sparse policy its
     index's size, the selection's telemetry over ``telemetry_steps`` more steps and the keys scored."""
-    from offload.indexes.telemetry import Telemetry
-
     times = row.pop("decode_s")
     row["decode_ms"] = 1e3 * statistics.median(times)
     row["decode_ms_runs"] = [1e3 * t for t in times]
+    row.update(_telemetry(llm, row["policy"], backend, n, token, telemetry_steps))
     if row["policy"] != "dense":
         row["index_bytes"] = sum(ix.nbytes() for ix in backend.indexes.values())
-        if telemetry_steps:
-            backend.telemetry = Telemetry()
-            decode(llm, backend, n, token, telemetry_steps)
-            s = backend.telemetry.summary()
-            row.update(mass=s["mass"], recall=s["recall"], output_error=s["output_error"], selected=s["selected"],
-                       streaming=s["streaming"])
         scored = [ix.last_scored / ix.n for ix in backend.indexes.values() if hasattr(ix, "last_scored")]
         row["scored_fraction"] = sum(scored) / len(scored) if scored else None
     return row
