@@ -64,8 +64,9 @@ def _prefetch_codegen(context, builder, signature, args):
 
 @intrinsic
 def prefetch(typingctx, arr, i):
-    """Start loading the cache line of arr[i] (of row i, for an array of more dimensions): a hint,
-    no fault for an index the loop will not read (it must lie inside the array)."""
+    """Start loading the cache line of arr[i] (of row i, for an array of more dimensions): a hint the
+    loop may never follow up with a read; the index must lie inside the array (its address is
+    computed unchecked)."""
     return types.void(arr, i), _prefetch_codegen
 
 
